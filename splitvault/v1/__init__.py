@@ -1,0 +1,1 @@
+"""Generated protobuf modules (package splitvault.v1). Do not edit."""

@@ -1,0 +1,116 @@
+from splitvault.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Decision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DECISION_UNSPECIFIED: _ClassVar[Decision]
+    DECISION_MATCH: _ClassVar[Decision]
+    DECISION_NO_MATCH: _ClassVar[Decision]
+DECISION_UNSPECIFIED: Decision
+DECISION_MATCH: Decision
+DECISION_NO_MATCH: Decision
+
+class EnrollRequest(_message.Message):
+    __slots__ = ("subject", "template", "request_id", "replace")
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    subject: str
+    template: _containers.RepeatedScalarFieldContainer[float]
+    request_id: str
+    replace: bool
+    def __init__(self, subject: _Optional[str] = ..., template: _Optional[_Iterable[float]] = ..., request_id: _Optional[str] = ..., replace: _Optional[bool] = ...) -> None: ...
+
+class EnrollResponse(_message.Message):
+    __slots__ = ("subject", "request_id", "epoch", "already_enrolled")
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_ENROLLED_FIELD_NUMBER: _ClassVar[int]
+    subject: str
+    request_id: str
+    epoch: int
+    already_enrolled: bool
+    def __init__(self, subject: _Optional[str] = ..., request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., already_enrolled: _Optional[bool] = ...) -> None: ...
+
+class EnrollStreamRequest(_message.Message):
+    __slots__ = ("subject", "template", "request_id", "replace")
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    subject: str
+    template: _containers.RepeatedScalarFieldContainer[float]
+    request_id: str
+    replace: bool
+    def __init__(self, subject: _Optional[str] = ..., template: _Optional[_Iterable[float]] = ..., request_id: _Optional[str] = ..., replace: _Optional[bool] = ...) -> None: ...
+
+class EnrollStreamResponse(_message.Message):
+    __slots__ = ("subject", "request_id", "code", "message")
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    subject: str
+    request_id: str
+    code: int
+    message: str
+    def __init__(self, subject: _Optional[str] = ..., request_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class VerifyRequest(_message.Message):
+    __slots__ = ("subject", "probe", "ticket")
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    PROBE_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    subject: str
+    probe: _containers.RepeatedScalarFieldContainer[float]
+    ticket: _common_pb2.VerificationTicket
+    def __init__(self, subject: _Optional[str] = ..., probe: _Optional[_Iterable[float]] = ..., ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ...) -> None: ...
+
+class VerifyResponse(_message.Message):
+    __slots__ = ("decision", "decision_id", "score", "epoch")
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    DECISION_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    decision: Decision
+    decision_id: str
+    score: float
+    epoch: int
+    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., decision_id: _Optional[str] = ..., score: _Optional[float] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class DeleteRequest(_message.Message):
+    __slots__ = ("subject", "request_id")
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    subject: str
+    request_id: str
+    def __init__(self, subject: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ShareholderOutcome(_message.Message):
+    __slots__ = ("shareholder", "code", "message")
+    SHAREHOLDER_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    shareholder: str
+    code: int
+    message: str
+    def __init__(self, shareholder: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class DeleteResponse(_message.Message):
+    __slots__ = ("subject", "complete", "outcomes")
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    subject: str
+    complete: bool
+    outcomes: _containers.RepeatedCompositeFieldContainer[ShareholderOutcome]
+    def __init__(self, subject: _Optional[str] = ..., complete: _Optional[bool] = ..., outcomes: _Optional[_Iterable[_Union[ShareholderOutcome, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,120 @@
+from splitvault.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class StoreSharesRequest(_message.Message):
+    __slots__ = ("records", "replace")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[_common_pb2.ShareRecord]
+    replace: bool
+    def __init__(self, records: _Optional[_Iterable[_Union[_common_pb2.ShareRecord, _Mapping]]] = ..., replace: _Optional[bool] = ...) -> None: ...
+
+class StoreSharesResponse(_message.Message):
+    __slots__ = ("stored", "already_stored")
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_STORED_FIELD_NUMBER: _ClassVar[int]
+    stored: int
+    already_stored: int
+    def __init__(self, stored: _Optional[int] = ..., already_stored: _Optional[int] = ...) -> None: ...
+
+class StoreShareStreamRequest(_message.Message):
+    __slots__ = ("records", "replace")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[_common_pb2.ShareRecord]
+    replace: bool
+    def __init__(self, records: _Optional[_Iterable[_Union[_common_pb2.ShareRecord, _Mapping]]] = ..., replace: _Optional[bool] = ...) -> None: ...
+
+class StoreShareStreamResponse(_message.Message):
+    __slots__ = ("stored", "already_stored")
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_STORED_FIELD_NUMBER: _ClassVar[int]
+    stored: int
+    already_stored: int
+    def __init__(self, stored: _Optional[int] = ..., already_stored: _Optional[int] = ...) -> None: ...
+
+class ReleaseShareRequest(_message.Message):
+    __slots__ = ("ticket",)
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    ticket: _common_pb2.VerificationTicket
+    def __init__(self, ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ...) -> None: ...
+
+class ReleaseShareResponse(_message.Message):
+    __slots__ = ("shares", "audit_seq")
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    shares: _containers.RepeatedCompositeFieldContainer[_common_pb2.ShareRecord]
+    audit_seq: int
+    def __init__(self, shares: _Optional[_Iterable[_Union[_common_pb2.ShareRecord, _Mapping]]] = ..., audit_seq: _Optional[int] = ...) -> None: ...
+
+class DeleteSharesRequest(_message.Message):
+    __slots__ = ("tenant", "subject", "request_id")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    subject: str
+    request_id: str
+    def __init__(self, tenant: _Optional[str] = ..., subject: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class DeleteSharesResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: int
+    def __init__(self, deleted: _Optional[int] = ...) -> None: ...
+
+class DescribeRecordsRequest(_message.Message):
+    __slots__ = ("tenant", "subject")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    subject: str
+    def __init__(self, tenant: _Optional[str] = ..., subject: _Optional[str] = ...) -> None: ...
+
+class DescribeRecordsResponse(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[_common_pb2.RecordInfo]
+    def __init__(self, records: _Optional[_Iterable[_Union[_common_pb2.RecordInfo, _Mapping]]] = ...) -> None: ...
+
+class GetNodeInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetNodeInfoResponse(_message.Message):
+    __slots__ = ("name", "index", "epoch", "kek_version", "audit_public_key", "records", "audit_head_seq")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    KEK_VERSION_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_HEAD_SEQ_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    index: int
+    epoch: int
+    kek_version: int
+    audit_public_key: bytes
+    records: int
+    audit_head_seq: int
+    def __init__(self, name: _Optional[str] = ..., index: _Optional[int] = ..., epoch: _Optional[int] = ..., kek_version: _Optional[int] = ..., audit_public_key: _Optional[bytes] = ..., records: _Optional[int] = ..., audit_head_seq: _Optional[int] = ...) -> None: ...
+
+class ReadAuditLogRequest(_message.Message):
+    __slots__ = ("from_seq",)
+    FROM_SEQ_FIELD_NUMBER: _ClassVar[int]
+    from_seq: int
+    def __init__(self, from_seq: _Optional[int] = ...) -> None: ...
+
+class ReadAuditLogResponse(_message.Message):
+    __slots__ = ("entry", "checkpoint")
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    entry: _common_pb2.AuditEntry
+    checkpoint: _common_pb2.AuditCheckpoint
+    def __init__(self, entry: _Optional[_Union[_common_pb2.AuditEntry, _Mapping]] = ..., checkpoint: _Optional[_Union[_common_pb2.AuditCheckpoint, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""vaultctl: the one command-line tool for providers, operators and auditors."""
