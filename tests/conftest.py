@@ -1,0 +1,38 @@
+"""Shared fixtures: a dev PKI written to a temporary folder (real X.509, real
+mTLS on loopback)."""
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from vault import pki
+from vaultrpc.tls import TlsFiles
+
+
+class DevPki:
+    """A CA and on-demand party certificates under one folder."""
+
+    def __init__(self, root: pathlib.Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.ca_cert, self.ca_key = pki.make_ca()
+        (root / "ca.pem").write_bytes(self.ca_cert)
+
+    def files(self, role: str, name: str) -> TlsFiles:
+        cert = self.root / f"{role}-{name}.pem"
+        key = self.root / f"{role}-{name}.key"
+        if not cert.exists():
+            c, k = pki.issue_cert(self.ca_cert, self.ca_key, role, name)
+            cert.write_bytes(c)
+            key.write_bytes(k)
+            key.chmod(0o600)
+        return TlsFiles(str(self.root / "ca.pem"), str(cert), str(key))
+
+    def tls(self, role: str, name: str):
+        return self.files(role, name).load()
+
+
+@pytest.fixture(scope="session")
+def dev_pki(tmp_path_factory) -> DevPki:
+    return DevPki(tmp_path_factory.mktemp("pki"))

@@ -1,0 +1,225 @@
+"""Server assembly: one interceptor doing, in order, authentication (role
+from the client certificate), exception-to-status, logging and metrics;
+health and reflection; graceful shutdown on SIGTERM/SIGINT."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter, Histogram
+
+from vault.pki import Identity, identity_from_pem
+from vaultrpc import logs, status
+from vaultrpc.tls import MAX_MESSAGE_BYTES, TlsMaterial
+
+RPC_TOTAL = Counter("splitvault_rpc_total", "RPCs handled, by method and status code.", ["method", "code"])
+RPC_SECONDS = Histogram(
+    "splitvault_rpc_seconds",
+    "RPC handling time in seconds, by method.",
+    ["method"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+# Methods every authenticated party may call.
+OPEN_METHODS = frozenset(
+    {
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.health.v1.Health/List",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    }
+)
+
+_log = logging.getLogger("vaultrpc")
+
+
+def caller(context: grpc.ServicerContext) -> Identity | None:
+    """The caller's identity from its verified client certificate."""
+    pems = context.auth_context().get("x509_pem_cert")
+    if not pems:
+        return None
+    return identity_from_pem(pems[0])
+
+
+class RoleInterceptor(grpc.ServerInterceptor):
+    """Authorise by role, map exceptions to statuses, log and count every call.
+
+    ``roles`` maps a full method name to the roles allowed to call it; a
+    method missing from the table is refused (deny by default).
+    """
+
+    def __init__(self, roles: Mapping[str, frozenset[str]], logger: logging.Logger):
+        self._roles = roles
+        self._log = logger
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        allowed = self._roles.get(method)
+        open_method = method in OPEN_METHODS
+        log = self._log
+
+        def authorise(context) -> Identity:
+            who = caller(context)
+            if who is None:
+                raise status.Unauthenticated("The client certificate carries no splitvault identity.")
+            if not open_method and (allowed is None or who.role not in allowed):
+                raise status.PermissionDenied(f"Role {who.role!r} may not call {method.rsplit('/', 1)[-1]}.")
+            return who
+
+        def finish(context, who, started, exc):
+            if exc is None:
+                code = grpc.StatusCode.OK
+            else:
+                code, message = status.to_status(exc)
+                if code == grpc.StatusCode.INTERNAL and not isinstance(exc, status.RpcError):
+                    log.error(
+                        "unhandled error",
+                        exc_info=(type(exc), exc, None),
+                        extra={"fields": {"method": method, "caller": str(who) if who else None}},
+                    )
+            elapsed = time.perf_counter() - started
+            RPC_TOTAL.labels(method, code.name).inc()
+            RPC_SECONDS.labels(method).observe(elapsed)
+            if not open_method:
+                logs.event(
+                    log,
+                    "rpc",
+                    logging.INFO if code == grpc.StatusCode.OK else logging.WARNING,
+                    method=method,
+                    caller=str(who) if who else None,
+                    code=code.name,
+                    ms=round(elapsed * 1000, 3),
+                )
+            if exc is not None:
+                context.abort(code, message)
+
+        def unary_response(behaviour):
+            def wrapped(request, context):
+                started, who, exc = time.perf_counter(), None, None
+                try:
+                    who = authorise(context)
+                    return behaviour(request, context)
+                except Exception as e:  # noqa: BLE001 - mapped to a status below
+                    exc = e
+                finally:
+                    if exc is None or not _is_abort(exc, context):
+                        finish(context, who, started, exc)
+
+            return wrapped
+
+        def stream_response(behaviour):
+            def wrapped(request, context):
+                started, who, exc = time.perf_counter(), None, None
+                try:
+                    who = authorise(context)
+                    yield from behaviour(request, context)
+                except Exception as e:  # noqa: BLE001
+                    exc = e
+                finally:
+                    if exc is None or not _is_abort(exc, context):
+                        finish(context, who, started, exc)
+
+            return wrapped
+
+        kwargs = dict(
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary), **kwargs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(unary_response(handler.stream_unary), **kwargs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(stream_response(handler.unary_stream), **kwargs)
+        return grpc.stream_stream_rpc_method_handler(stream_response(handler.stream_stream), **kwargs)
+
+
+def _is_abort(exc: BaseException, context) -> bool:
+    # context.abort() raises a bare Exception after setting the status; let it through.
+    return type(exc) is Exception and context.code() is not None
+
+
+@dataclass
+class Running:
+    """A started server: its bound port and how to stop it."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    service_names: tuple[str, ...]
+    on_stop: list[Callable[[], None]] = field(default_factory=list)
+    _stopped: threading.Event = field(default_factory=threading.Event)
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        for name in self.service_names + ("",):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.server.stop(grace).wait()
+        for hook in self.on_stop:
+            hook()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+def start(
+    *,
+    listen: str,
+    tls: TlsMaterial,
+    register: Iterable[Callable[[grpc.Server], None]],
+    service_names: tuple[str, ...],
+    roles: Mapping[str, frozenset[str]],
+    logger: logging.Logger,
+    max_workers: int = 32,
+) -> Running:
+    """Build, bind and start a server; ``listen`` may use port 0."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+        interceptors=[RoleInterceptor(roles, logger)],
+        options=(
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ),
+        maximum_concurrent_rpcs=max_workers * 8,
+    )
+    for add in register:
+        add(server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        service_names + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_secure_port(listen, tls.server_credentials())
+    if port == 0:
+        raise ValueError(f"Cannot listen on {listen}.")
+    server.start()
+    for name in service_names + ("",):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return Running(server, port, health_servicer, service_names)
+
+
+def run_until_signalled(running: Running, grace: float = 5.0) -> None:
+    """Block until SIGTERM/SIGINT, then drain in-flight calls and stop."""
+    done = threading.Event()
+
+    def handle(signum, frame):  # noqa: ARG001
+        done.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    done.wait()
+    running.stop(grace)
