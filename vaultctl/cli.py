@@ -1,0 +1,510 @@
+"""``vaultctl``: the command line of providers, node operators and auditors.
+
+I/O only: commands parse arguments, call ``vaultctl.cluster`` or the
+payment provider's client, and print either readable text (default) or one
+JSON object on stdout (``--format json``).
+
+Exit status (docs/contracts.md): 0 done (a NO_MATCH is a completed
+verification), 1 usage or local error, 2 remote/unavailable. Errors are one
+sentence on stderr (and, with ``--format json``, ``{"error": {...}}`` on
+stdout); a traceback only with ``--debug`` or ``VAULTCTL_DEBUG=1``.
+
+Adding a command: decorate a function ``run(args) -> Result`` with
+``@command("rotate", "kek", help=..., arguments=...)`` in a module listed in
+``COMMAND_MODULES``. ``target="dir"`` gives it ``--dir`` only, ``"any"``
+``--dir`` or ``--config``, ``"none"`` neither; ``client_from_args`` and
+``load_client_config`` resolve them.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pathlib
+import sys
+import traceback
+import tomllib
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+EXIT_OK = 0
+EXIT_LOCAL = 1
+EXIT_REMOTE = 2
+
+# Modules that register further commands with @command (imported before the
+# parser is built). The core commands live in this module.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+class CliError(Exception):
+    """A usage or local error: exit 1 with this one-sentence message."""
+
+    exit_code = EXIT_LOCAL
+
+    def __init__(self, message: str, **details):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class RemoteError(CliError):
+    """The remote side failed or is unavailable: exit 2."""
+
+    exit_code = EXIT_REMOTE
+
+
+@dataclass
+class Result:
+    """What a command produced: ``data`` for JSON, ``lines`` for people."""
+
+    data: dict
+    lines: list[str] = field(default_factory=list)
+    exit_code: int = EXIT_OK
+
+
+@dataclass(frozen=True)
+class Command:
+    words: tuple[str, ...]
+    help: str
+    run: Callable[[argparse.Namespace], Result]
+    arguments: Callable[[argparse.ArgumentParser], None]
+    target: str
+
+
+_COMMANDS: dict[tuple[str, ...], Command] = {}
+_GROUP_HELP = {
+    "cluster": "a local development cluster (start, inspect, stop)",
+    "rotate": "key rotation",
+    "audit": "audit-log checks",
+}
+
+
+def command(*words: str, help: str, arguments: Callable[[argparse.ArgumentParser], None] | None = None, target: str = "any"):
+    """Register ``run(args) -> Result`` as ``vaultctl <words...>``."""
+    if target not in ("dir", "any", "none"):
+        raise ValueError("target must be 'dir', 'any' or 'none'.")
+
+    def register(run):
+        if words in _COMMANDS:
+            raise ValueError(f"vaultctl {' '.join(words)} is registered twice.")
+        _COMMANDS[words] = Command(words, help, run, arguments or (lambda p: None), target)
+        return run
+
+    return register
+
+
+# ---------------------------------------------------------------- parsing
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would exit 2, which means "remote" here
+        self.print_usage(sys.stderr)
+        raise CliError(f"{message[:1].upper()}{message[1:]}.")
+
+
+def _common(target: str) -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--format", choices=("text", "json"), default="text", help="output format (default text)")
+    common.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    if target == "dir":
+        common.add_argument("--dir", required=True, type=pathlib.Path, help="cluster directory made by `cluster up`")
+    elif target == "any":
+        where = common.add_mutually_exclusive_group(required=True)
+        where.add_argument("--dir", type=pathlib.Path, help="cluster directory made by `cluster up`")
+        where.add_argument("--config", type=pathlib.Path, help="client config TOML of a real deployment (docs/operations.md)")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    for module in COMMAND_MODULES:
+        importlib.import_module(module)
+    parser = _Parser(
+        prog="vaultctl",
+        description="splitvault: split-custody biometric template vault.",
+        epilog="Exit status: 0 done (NO_MATCH included), 1 usage or local error, 2 remote/unavailable.",
+    )
+    top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[tuple[str, ...], argparse._SubParsersAction] = {(): top}
+    for words, cmd in sorted(_COMMANDS.items()):
+        for depth in range(1, len(words)):
+            prefix = words[:depth]
+            if prefix not in groups:
+                group = groups[prefix[:-1]].add_parser(prefix[-1], help=_GROUP_HELP.get(prefix[-1], ""))
+                groups[prefix] = group.add_subparsers(dest="_".join(prefix), metavar="COMMAND", required=True)
+        leaf = groups[words[:-1]].add_parser(
+            words[-1], help=cmd.help, description=cmd.help, parents=[_common(cmd.target)]
+        )
+        cmd.arguments(leaf)
+        leaf.set_defaults(_command=cmd)
+    return parser
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def remote_error(exc: Exception) -> RemoteError:
+    """A RemoteError from a gRPC error (or anything with code()/details())."""
+    code = getattr(exc, "code", None)
+    code = code() if callable(code) else code
+    name = getattr(code, "name", None) or (str(code) if code is not None else "UNKNOWN")
+    details = getattr(exc, "details", None)
+    details = details() if callable(details) else details
+    details = (details or str(exc) or "no details").strip()
+    return RemoteError(f"The server answered {name}: {details.rstrip('.')}.", status=name)
+
+
+def load_vector(path: pathlib.Path):
+    """A template or probe file: ``.npy`` (float, 1-D) or ``.json`` (a list of numbers)."""
+    import numpy as np
+
+    suffix = path.suffix.lower()
+    if suffix not in (".npy", ".json"):
+        raise CliError(f"The template file {path} must be .npy (float32, 1-D) or .json (a list of numbers).")
+    try:
+        if suffix == ".npy":
+            try:
+                arr = np.load(path, allow_pickle=False)
+            except (ValueError, EOFError):
+                raise CliError(f"The file {path} is not a readable .npy array.") from None
+            if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f":
+                raise CliError(f"The array in {path} must hold floats (float32), not {getattr(arr, 'dtype', 'an archive')}.")
+        else:
+            try:
+                values = json.loads(path.read_text())
+            except (ValueError, UnicodeDecodeError):
+                raise CliError(f"The file {path} is not valid JSON.") from None
+            if not isinstance(values, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+            ):
+                raise CliError(f"The JSON in {path} must be one flat list of numbers.")
+            arr = np.asarray(values, dtype=np.float64)
+    except OSError as exc:
+        raise CliError(f"Cannot read the template file {path}: {exc.strerror}.") from None
+    if arr.ndim != 1 or arr.size == 0:
+        raise CliError(f"The template in {path} must be a non-empty 1-D vector, not shape {tuple(arr.shape)}.")
+    with np.errstate(over="ignore"):
+        vec = arr.astype(np.float32)
+    if not np.isfinite(vec).all():
+        raise CliError(f"The template in {path} contains NaN or infinite values (or values too large for float32).")
+    return vec
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """The ``--config`` file of a real deployment (docs/operations.md, "Client")."""
+
+    address: str
+    ca: str
+    cert: str
+    key: str
+    tenant: str
+    ticket_key: str
+    key_id: str
+    timeout_s: float = 10.0
+
+
+def load_client_config(path: pathlib.Path) -> ClientConfig:
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise CliError(f"Cannot read the config file {path}: {exc.strerror}.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CliError(f"The config file {path} is not valid TOML: {exc}.") from None
+    base = path.resolve().parent
+
+    def need(section: str, key: str, is_path: bool = False) -> str:
+        value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+        if not isinstance(value, str) or not value:
+            raise CliError(f"The config file {path} is missing {section}.{key}.")
+        return str(base / pathlib.Path(value).expanduser()) if is_path else value
+
+    timeout = data.get("matcher", {}).get("timeout_s", 10.0) if isinstance(data.get("matcher"), dict) else 10.0
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise CliError(f"The config value matcher.timeout_s in {path} must be a positive number.")
+    tenant = need("tenant", "id")
+    return ClientConfig(
+        address=need("matcher", "address"),
+        ca=need("tls", "ca", True),
+        cert=need("tls", "cert", True),
+        key=need("tls", "key", True),
+        tenant=tenant,
+        ticket_key=need("tenant", "ticket_key", True),
+        key_id=data.get("tenant", {}).get("key_id") or f"{tenant}-1",
+        timeout_s=float(timeout),
+    )
+
+
+def client_from_args(args: argparse.Namespace):
+    """A ``MatcherClient`` for ``--dir`` (the dev cluster) or ``--config``."""
+    from vault import pki
+    from vaultctl import cluster
+    from vaultctl.client import MatcherClient
+    from vaultrpc.tls import TlsFiles
+
+    timeout = getattr(args, "timeout", None)
+    try:
+        if args.dir is not None:
+            spec = cluster.load_spec(args.dir)
+            tenant = getattr(args, "tenant", None) or spec.tenant
+            if tenant not in spec.tenants:
+                raise CliError(f"The cluster has no tenant {tenant!r}; it has {', '.join(spec.tenants)}.")
+            ready = cluster.Paths(args.dir).ready(spec, spec.matcher)
+            if not ready.exists():
+                raise RemoteError(f"The matcher of {args.dir} is not running; run `vaultctl cluster up --dir {args.dir}`.")
+            client = MatcherClient.from_cluster_dir(args.dir, tenant=tenant)
+            if timeout is not None and hasattr(client, "timeout_s"):
+                client.timeout_s = timeout
+            return client
+        cfg = load_client_config(args.config)
+        try:
+            ticket_key = pki.load_signing_key(pathlib.Path(cfg.ticket_key).read_bytes())
+        except OSError as exc:
+            raise CliError(f"Cannot read the ticket key {cfg.ticket_key}: {exc.strerror}.") from None
+        return MatcherClient(
+            cfg.address,
+            TlsFiles(cfg.ca, cfg.cert, cfg.key).load(),
+            tenant=cfg.tenant,
+            ticket_key=ticket_key,
+            key_id=cfg.key_id,
+            timeout_s=timeout or cfg.timeout_s,
+        )
+    except cluster.ClusterError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _close(client) -> None:
+    close = getattr(client, "close", None)
+    if callable(close):
+        close()
+
+
+def _call(fn, *a, **kw):
+    """Call the matcher; turn its gRPC failure into a RemoteError (exit 2)."""
+    import grpc
+
+    try:
+        return fn(*a, **kw)
+    except grpc.RpcError as exc:
+        raise remote_error(exc) from None
+
+
+def _check_dimension(args, vector, what: str) -> None:
+    if args.dir is None:
+        return
+    from vaultctl import cluster
+
+    dim = cluster.load_spec(args.dir).dim
+    if vector.size != dim:
+        raise CliError(f"The {what} has {vector.size} values; this cluster's templates have {dim}.")
+
+
+def _tenant_and_timeout(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tenant", help="tenant (PSP) of a cluster dir with several (default: its first)")
+    p.add_argument("--timeout", type=float, default=None, metavar="S", help="deadline of each call in seconds")
+
+
+# ---------------------------------------------------------------- cluster
+
+
+def _cluster_lines(info: dict, verb: str) -> list[str]:
+    spec = info["spec"]
+    lines = [
+        f"cluster {info['dir']} {verb}: {spec['shareholders']} shareholders, threshold {spec['threshold']}, "
+        f"dimension {spec['dim']}, tenant {', '.join(spec['tenants'])}"
+    ]
+    for p in [info["matcher"], *info["shareholders"]]:
+        pid = f"pid {p['pid']}" if p["pid"] else "-"
+        lines.append(f"  {p['name']:<10} {p['address'] or '-':<22} {pid:<11} {p['health']}")
+    tls = info["tls"]
+    lines.append(f"  CA {tls['ca']}")
+    lines.append(f"  PSP {tls['psp']['tenant']}: {tls['psp']['cert']} {tls['psp']['key']}")
+    lines.append(f"  auditor: {tls['auditor']['cert']} {tls['auditor']['key']}")
+    return lines
+
+
+def _cluster_size(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shareholders", type=int, default=None, metavar="N", help="number of nodes n (default 3)")
+    p.add_argument("--threshold", type=int, default=None, metavar="K", help="shares needed k (default 2)")
+    p.add_argument("--dim", type=int, default=None, metavar="D", help="template dimension (default 512)")
+    p.add_argument("--timeout", type=float, default=None, metavar="S", help="start-up deadline in seconds (default 30)")
+
+
+@command("cluster", "up", help="create (first time) and start a local cluster in the background", arguments=_cluster_size, target="dir")
+def _cluster_up(args) -> Result:
+    from vaultctl import cluster
+
+    kwargs = {"timeout_s": args.timeout} if args.timeout else {}
+    try:
+        info = cluster.up(args.dir, args.shareholders, args.threshold, args.dim, **kwargs)
+    except cluster.ClusterError as exc:
+        raise CliError(str(exc)) from None
+    return Result(info, _cluster_lines(info, "is up"))
+
+
+@command("cluster", "status", help="health and process id of every process of a local cluster", target="dir")
+def _cluster_status(args) -> Result:
+    from vaultctl import cluster
+
+    try:
+        info = cluster.status(args.dir)
+    except cluster.ClusterError as exc:
+        raise CliError(str(exc)) from None
+    if info["healthy"]:
+        verb, code = "is healthy", EXIT_OK
+    elif info["running"]:
+        verb, code = "is NOT healthy", EXIT_REMOTE
+    else:
+        verb, code = "is stopped", EXIT_REMOTE
+    return Result(info, _cluster_lines(info, verb), code)
+
+
+@command("cluster", "down", help="stop every process of a local cluster", target="dir")
+def _cluster_down(args) -> Result:
+    from vaultctl import cluster
+
+    try:
+        info = cluster.down(args.dir)
+    except cluster.ClusterError as exc:
+        raise CliError(str(exc)) from None
+    lines = [f"cluster {info['dir']} is down"] + [
+        f"  {p['name']:<10} {p['result']}" + (f" (pid {p['pid']})" if p["pid"] else "") for p in info["processes"]
+    ]
+    return Result(info, lines)
+
+
+# ---------------------------------------------------------------- payment provider
+
+
+def _enroll_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--subject", required=True, help="subject (customer) id")
+    p.add_argument("--template", required=True, type=pathlib.Path, help=".npy float32 1-D or .json list of numbers")
+    p.add_argument("--request-id", default=None, help="idempotency key (default: a fresh one)")
+    p.add_argument("--replace", action="store_true", help="overwrite an enrolled subject")
+    _tenant_and_timeout(p)
+
+
+@command("enroll", help="split a template and store one share on every shareholder", arguments=_enroll_args)
+def _enroll(args) -> Result:
+    template = load_vector(args.template)
+    _check_dimension(args, template, "template")
+    request_id = args.request_id or f"enroll-{uuid.uuid4().hex}"
+    client = client_from_args(args)
+    try:
+        reply = _call(client.enroll, args.subject, template, request_id=request_id, replace=args.replace)
+    finally:
+        _close(client)
+    data = {
+        "subject": args.subject,
+        "request_id": getattr(reply, "request_id", None) or request_id,
+        "enrolled": True,
+        "epoch": getattr(reply, "epoch", None),
+        "already_enrolled": bool(getattr(reply, "already_enrolled", False)),
+    }
+    note = " (already enrolled by this request id)" if data["already_enrolled"] else ""
+    return Result(data, [f"enrolled {args.subject}{note}, epoch {data['epoch']}, request {data['request_id']}"])
+
+
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--subject", required=True, help="subject (customer) id")
+    p.add_argument("--probe", required=True, type=pathlib.Path, help=".npy float32 1-D or .json list of numbers")
+    _tenant_and_timeout(p)
+
+
+@command("verify", help="verify a probe against a subject: MATCH or NO_MATCH", arguments=_verify_args)
+def _verify(args) -> Result:
+    probe = load_vector(args.probe)
+    _check_dimension(args, probe, "probe")
+    client = client_from_args(args)
+    try:
+        reply = _call(client.verify, args.subject, probe)
+    finally:
+        _close(client)
+    decision = str(reply.decision)
+    if decision not in ("MATCH", "NO_MATCH"):  # fail closed on anything unexpected
+        raise RemoteError(f"The matcher returned no decision ({decision}).")
+    data = {"decision": decision, "subject": args.subject, "decision_id": reply.decision_id, "epoch": reply.epoch}
+    if getattr(reply, "score", None) is not None:
+        data["score"] = reply.score
+    score = f", score {reply.score:.4f}" if data.get("score") is not None else ""
+    return Result(data, [f"{decision} for {args.subject} (decision {reply.decision_id}, epoch {reply.epoch}{score})"])
+
+
+def _delete_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--subject", required=True, help="subject (customer) id")
+    _tenant_and_timeout(p)
+
+
+@command("delete", help="erase a subject's shares on every shareholder", arguments=_delete_args)
+def _delete(args) -> Result:
+    client = client_from_args(args)
+    try:
+        reply = _call(client.delete, args.subject)
+    finally:
+        _close(client)
+    outcomes = [
+        {"shareholder": o.shareholder, "code": o.code, "message": o.message}
+        for o in getattr(reply, "outcomes", ()) or ()
+    ]
+    complete = bool(getattr(reply, "complete", True))
+    data = {"subject": args.subject, "deleted": complete, "complete": complete, "outcomes": outcomes}
+    if complete:
+        return Result(data, [f"deleted {args.subject} on every shareholder"])
+    missing = ", ".join(o["shareholder"] for o in outcomes if o["code"] != 0) or "some shareholders"
+    return Result(
+        data,
+        [f"deleted {args.subject} only partly: {missing} did not confirm; run the delete again"],
+        EXIT_REMOTE,
+    )
+
+
+# ---------------------------------------------------------------- main
+
+
+def _emit_error(fmt: str, exc: CliError) -> int:
+    print(f"vaultctl: error: {exc.message}", file=sys.stderr)
+    if fmt == "json":
+        print(json.dumps({"error": {"message": exc.message, "exit": exc.exit_code, **exc.details}}))
+    return exc.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = os.environ.get("VAULTCTL_DEBUG") == "1" or "--debug" in argv
+    fmt = "json" if any(a == "--format=json" for a in argv) or (
+        "--format" in argv and argv.index("--format") + 1 < len(argv) and argv[argv.index("--format") + 1] == "json"
+    ) else "text"
+    try:
+        args = build_parser().parse_args(argv)
+        fmt = args.format
+        result = args._command.run(args)
+    except CliError as exc:
+        if debug:
+            traceback.print_exc()
+        return _emit_error(fmt, exc)
+    except KeyboardInterrupt:
+        print("vaultctl: interrupted.", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as exc:  # config, TLS and file errors carry a sentence
+        if debug:
+            traceback.print_exc()
+        message = str(exc).strip() or type(exc).__name__
+        return _emit_error(fmt, CliError(message if message.endswith(".") else message + "."))
+    except Exception as exc:  # noqa: BLE001 - never a traceback for users
+        if debug:
+            traceback.print_exc()
+        kind = type(exc).__name__
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else "no details"
+        hint = "" if debug else " (rerun with --debug for details)"
+        return _emit_error(fmt, CliError(f"Unexpected {kind}: {message.rstrip('.')}{hint}."))
+    if fmt == "json":
+        print(json.dumps(result.data, default=str))
+    else:
+        for line in result.lines:
+            print(line)
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,711 @@
+"""A local development cluster: N shareholder nodes and one matcher, each a
+background process on a free loopback port, under one cluster directory.
+
+Layout and formats are fixed in docs/contracts.md ("Cluster directory"):
+
+    D/cluster.json                 the spec (n, k, dim, tenants, node names)
+    D/pki/ca.pem, ca.key           dev CA
+    D/pki/<role>-<name>.pem/.key   one certificate per party
+    D/psp/<tenant>.ticket.key      the provider's Ed25519 ticket key ("<tenant>-1")
+    D/nodes/<name>/node.toml, kek.json, audit.key, shares.db*, node.log, ready.json
+    D/matcher/matcher.toml, matcher.log, ready.json
+
+Besides those, each process has a ``pid`` file next to its ready file,
+written when it is spawned, so that ``down`` can stop a process that never
+became ready.
+
+The first ``up`` creates everything; a later ``up`` reuses the PKI, keys,
+node configs and data (only the matcher config is rewritten, because the
+nodes get new ports). Every secret file is written 0600.
+
+Python API (used by the CLI, the demo and the tests): ``ClusterSpec``,
+``up(dir, ...)``, ``status(dir)``, ``down(dir)``, ``kill_node(dir, name, sig)``,
+``cluster_files(dir)``. They raise ``ClusterError`` with one sentence (plus,
+when a process failed to start, the tail of its log).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from vault import pki
+from vaultrpc.tls import TlsFiles, secure_channel
+
+SPEC_VERSION = 1
+DEFAULT_SHAREHOLDERS = 3
+DEFAULT_THRESHOLD = 2
+DEFAULT_DIMENSION = 512
+DEFAULT_TENANT = "demo-psp"
+DEFAULT_AUDITOR = "auditor"
+MATCHER_NAME = "matcher"
+# Cosine on quantised vectors above which a probe matches (dev cluster).
+DEFAULT_MATCH_THRESHOLD = 0.80
+# Shamir x-coordinates the matcher accepts are 1..255.
+MAX_SHAREHOLDERS = 255
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+HEALTH_TIMEOUT_S = 2.0
+LOG_TAIL_LINES = 15
+# The dev cluster ignores SPLITVAULT_* overrides in the caller's environment:
+# a stray SPLITVAULT_KEK_JSON would otherwise give every node the same key.
+_ENV_PREFIX = "SPLITVAULT_"
+_PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
+# What `python -m <module> --config <file>` starts each kind of process.
+SERVER_MODULES = {"shareholder": "shareholders", "matcher": "matcher"}
+
+# Processes this Python process spawned, kept so that they are reaped (no
+# zombies, no "still running" warnings) when they stop.
+_CHILDREN: dict[int, subprocess.Popen] = {}
+
+
+class ClusterError(Exception):
+    """A cluster operation failed; the message says which process and why."""
+
+
+def node_names(n: int) -> list[str]:
+    """bank-a, bank-b, ..., bank-z, bank-aa, ... (docs/contracts.md)."""
+    names = []
+    for i in range(n):
+        suffix, j = "", i
+        while True:
+            suffix = chr(ord("a") + j % 26) + suffix
+            j = j // 26 - 1
+            if j < 0:
+                break
+        names.append(f"bank-{suffix}")
+    return names
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """What a cluster is made of; stored as D/cluster.json."""
+
+    shareholders: int = DEFAULT_SHAREHOLDERS
+    threshold: int = DEFAULT_THRESHOLD
+    dim: int = DEFAULT_DIMENSION
+    tenants: tuple[str, ...] = (DEFAULT_TENANT,)
+    nodes: tuple[str, ...] = ()
+    auditor: str = DEFAULT_AUDITOR
+    matcher: str = MATCHER_NAME
+    match_threshold: float = DEFAULT_MATCH_THRESHOLD
+
+    def __post_init__(self):
+        if isinstance(self.shareholders, bool) or not isinstance(self.shareholders, int) or not 2 <= self.shareholders <= MAX_SHAREHOLDERS:
+            raise ClusterError(f"The number of shareholders must be between 2 and {MAX_SHAREHOLDERS}.")
+        # k >= 2: with k = 1 every node would hold the template itself.
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int) or not 2 <= self.threshold <= self.shareholders:
+            raise ClusterError(
+                f"The threshold must be between 2 and the number of shareholders ({self.shareholders})."
+            )
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
+            raise ClusterError("The template dimension must be a positive integer.")
+        if not self.tenants:
+            raise ClusterError("A cluster needs at least one tenant.")
+        if not self.nodes:
+            object.__setattr__(self, "nodes", tuple(node_names(self.shareholders)))
+        if len(self.nodes) != self.shareholders or len(set(self.nodes)) != len(self.nodes):
+            raise ClusterError("The cluster spec must name each shareholder once.")
+        for name in (*self.nodes, *self.tenants, self.auditor, self.matcher):
+            try:
+                pki.check_name(name)
+            except ValueError as exc:
+                raise ClusterError(f"The name {name!r} in the cluster spec is invalid: {exc}") from None
+
+    @property
+    def tenant(self) -> str:
+        """The default tenant (the first one)."""
+        return self.tenants[0]
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["tenants"] = list(self.tenants)
+        data["nodes"] = list(self.nodes)
+        return {"version": SPEC_VERSION, **data}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ClusterSpec":
+        if not isinstance(data, dict) or data.get("version") != SPEC_VERSION:
+            raise ClusterError(f"The cluster spec is not version {SPEC_VERSION} of cluster.json.")
+        try:
+            return cls(
+                shareholders=data["shareholders"],
+                threshold=data["threshold"],
+                dim=data["dim"],
+                tenants=tuple(data["tenants"]),
+                nodes=tuple(data["nodes"]),
+                auditor=data.get("auditor", DEFAULT_AUDITOR),
+                matcher=data.get("matcher", MATCHER_NAME),
+                match_threshold=float(data.get("match_threshold", DEFAULT_MATCH_THRESHOLD)),
+            )
+        except (KeyError, TypeError, ValueError):
+            raise ClusterError("The cluster spec cluster.json is missing a field or has a wrong type.") from None
+
+
+class Paths:
+    """Where every file of a cluster directory lives (docs/contracts.md)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = pathlib.Path(root).expanduser().resolve()
+
+    spec = property(lambda self: self.root / "cluster.json")
+    pki = property(lambda self: self.root / "pki")
+    ca = property(lambda self: self.pki / "ca.pem")
+    ca_key = property(lambda self: self.pki / "ca.key")
+    matcher_dir = property(lambda self: self.root / "matcher")
+
+    def cert(self, role: str, name: str) -> pathlib.Path:
+        return self.pki / f"{role}-{name}.pem"
+
+    def key(self, role: str, name: str) -> pathlib.Path:
+        return self.pki / f"{role}-{name}.key"
+
+    def tls(self, role: str, name: str) -> TlsFiles:
+        return TlsFiles(str(self.ca), str(self.cert(role, name)), str(self.key(role, name)))
+
+    def ticket_key(self, tenant: str) -> pathlib.Path:
+        return self.root / "psp" / f"{tenant}.ticket.key"
+
+    def node_dir(self, name: str) -> pathlib.Path:
+        return self.root / "nodes" / name
+
+    def process_dir(self, spec: ClusterSpec, name: str) -> pathlib.Path:
+        return self.matcher_dir if name == spec.matcher else self.node_dir(name)
+
+    def config(self, spec: ClusterSpec, name: str) -> pathlib.Path:
+        d = self.process_dir(spec, name)
+        return d / ("matcher.toml" if name == spec.matcher else "node.toml")
+
+    def log(self, spec: ClusterSpec, name: str) -> pathlib.Path:
+        d = self.process_dir(spec, name)
+        return d / ("matcher.log" if name == spec.matcher else "node.log")
+
+    def ready(self, spec: ClusterSpec, name: str) -> pathlib.Path:
+        return self.process_dir(spec, name) / "ready.json"
+
+    def pid(self, spec: ClusterSpec, name: str) -> pathlib.Path:
+        return self.process_dir(spec, name) / "pid"
+
+
+def key_id(tenant: str) -> str:
+    """The dev cluster's ticket key id for a tenant (docs/contracts.md)."""
+    return f"{tenant}-1"
+
+
+# ---------------------------------------------------------------- files
+
+
+def _write(path: pathlib.Path, data: bytes | str, secret: bool = False) -> None:
+    """Write atomically (tmp + rename); secret files are 0600 from the start."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode() if isinstance(data, str) else data
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if secret else 0o644)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(raw)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _toml_str(value: str) -> str:
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def load_spec(root: str | os.PathLike) -> ClusterSpec:
+    paths = Paths(root)
+    if not paths.spec.exists():
+        raise ClusterError(f"{paths.root} is not a cluster directory (no cluster.json); run `vaultctl cluster up --dir {root}` first.")
+    try:
+        data = json.loads(paths.spec.read_text())
+    except (OSError, ValueError):
+        raise ClusterError(f"Cannot read the cluster spec {paths.spec}.") from None
+    return ClusterSpec.from_json(data)
+
+
+def _ticket_public_hex(paths: Paths, tenant: str) -> str:
+    key = pki.load_signing_key(paths.ticket_key(tenant).read_bytes())
+    return pki.public_key_raw(key).hex()
+
+
+def _tenants_toml(paths: Paths, spec: ClusterSpec, matcher: bool) -> str:
+    out = []
+    for tenant in spec.tenants:
+        out.append(f"\n[tenants.{_toml_str(tenant)}]")
+        if matcher:
+            out.append(f"match_threshold = {spec.match_threshold!r}")
+            out.append("score_allowed = false")
+        out.append(f"ticket_keys = {{ {_toml_str(key_id(tenant))} = {_toml_str(_ticket_public_hex(paths, tenant))} }}")
+    return "\n".join(out) + "\n"
+
+
+def _tls_toml(paths: Paths, role: str, name: str) -> str:
+    return (
+        "[tls]\n"
+        f"ca = {_toml_str(paths.ca)}\n"
+        f"cert = {_toml_str(paths.cert(role, name))}\n"
+        f"key = {_toml_str(paths.key(role, name))}\n"
+    )
+
+
+def node_config_text(paths: Paths, spec: ClusterSpec, name: str) -> str:
+    d = paths.node_dir(name)
+    return (
+        "# Shareholder node of a local splitvault dev cluster (docs/contracts.md).\n"
+        "[node]\n"
+        f"name = {_toml_str(name)}\n"
+        f"index = {spec.nodes.index(name) + 1}\n"
+        'listen = "127.0.0.1:0"\n'
+        f"data_dir = {_toml_str(d)}\n"
+        f"ready_file = {_toml_str(d / 'ready.json')}\n"
+        'log_level = "INFO"\n\n'
+        + _tls_toml(paths, pki.ROLE_SHAREHOLDER, name)
+        + "\n[keys]\n"
+        f"kek_file = {_toml_str(d / 'kek.json')}\n"
+        f"audit_key_file = {_toml_str(d / 'audit.key')}\n\n"
+        "[metrics]\n"
+        'host = "127.0.0.1"\n'
+        "port = 0\n\n"
+        "[limits]\n"
+        "attempts_per_subject = 10\n"
+        "attempt_window_s = 60\n"
+        + _tenants_toml(paths, spec, matcher=False)
+    )
+
+
+def matcher_config_text(paths: Paths, spec: ClusterSpec, addresses: dict[str, str]) -> str:
+    d = paths.matcher_dir
+    nodes = "".join(
+        f"\n[[shareholders]]\nname = {_toml_str(name)}\nindex = {i}\naddress = {_toml_str(addresses[name])}\n"
+        for i, name in enumerate(spec.nodes, start=1)
+    )
+    return (
+        "# Matcher of a local splitvault dev cluster (docs/contracts.md).\n"
+        "# Rewritten by every `vaultctl cluster up`: the nodes' ports change.\n"
+        "[matcher]\n"
+        'listen = "127.0.0.1:0"\n'
+        f"ready_file = {_toml_str(d / 'ready.json')}\n"
+        f"dimension = {spec.dim}\n"
+        f"threshold = {spec.threshold}\n"
+        "call_timeout_ms = 2000\n"
+        'log_level = "INFO"\n\n'
+        + _tls_toml(paths, pki.ROLE_MATCHER, spec.matcher)
+        + "\n[metrics]\n"
+        'host = "127.0.0.1"\n'
+        "port = 0\n"
+        + nodes
+        + _tenants_toml(paths, spec, matcher=True)
+    )
+
+
+def _parties(spec: ClusterSpec) -> list[tuple[str, str]]:
+    return (
+        [(pki.ROLE_SHAREHOLDER, n) for n in spec.nodes]
+        + [(pki.ROLE_MATCHER, spec.matcher), (pki.ROLE_AUDITOR, spec.auditor)]
+        + [(pki.ROLE_PSP, t) for t in spec.tenants]
+    )
+
+
+def init(root: str | os.PathLike, spec: ClusterSpec) -> Paths:
+    """Create whatever is missing: spec, PKI, keys and node configs. Never
+    overwrites an existing file (a second ``up`` keeps the same identities
+    and data)."""
+    paths = Paths(root)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    if not paths.spec.exists():
+        _write(paths.spec, json.dumps(spec.to_json(), indent=2) + "\n")
+
+    if not paths.ca.exists() or not paths.ca_key.exists():
+        ca_cert, ca_key = pki.make_ca()
+        _write(paths.ca_key, ca_key, secret=True)
+        _write(paths.ca, ca_cert)
+    ca_cert, ca_key = paths.ca.read_bytes(), paths.ca_key.read_bytes()
+    for role, name in _parties(spec):
+        if not paths.cert(role, name).exists() or not paths.key(role, name).exists():
+            cert, key = pki.issue_cert(ca_cert, ca_key, role, name)
+            _write(paths.key(role, name), key, secret=True)
+            _write(paths.cert(role, name), cert)
+
+    for tenant in spec.tenants:
+        if not paths.ticket_key(tenant).exists():
+            private_pem, _public = pki.new_signing_key()
+            _write(paths.ticket_key(tenant), private_pem, secret=True)
+
+    for name in spec.nodes:
+        d = paths.node_dir(name)
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o700)
+        if not (d / "kek.json").exists():
+            kek = {"active": 1, "keys": {"1": secrets.token_bytes(32).hex()}}
+            _write(d / "kek.json", json.dumps(kek) + "\n", secret=True)
+        if not (d / "audit.key").exists():
+            private_pem, _public = pki.new_signing_key()
+            _write(d / "audit.key", private_pem, secret=True)
+        if not (d / "node.toml").exists():
+            _write(d / "node.toml", node_config_text(paths, spec, name))
+    paths.matcher_dir.mkdir(parents=True, exist_ok=True)
+    return paths
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _read_json(path: pathlib.Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _read_pid(path: pathlib.Path) -> int | None:
+    try:
+        pid = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid > 0 else None
+
+
+def _alive(pid: int, config: pathlib.Path) -> bool:
+    """Whether ``pid`` is a running process of ours: started with ``config``
+    on its command line (so a recycled pid is never signalled)."""
+    child = _CHILDREN.get(pid)
+    if child is not None and child.poll() is not None:
+        _CHILDREN.pop(pid, None)
+        return False
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return False
+        cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return str(config).encode() in cmdline
+
+
+def _log_tail(path: pathlib.Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    tail = text.rstrip("\n").splitlines()[-lines:]
+    return "\n".join("    " + line for line in tail) or "    (empty log)"
+
+
+def _spawn(paths: Paths, spec: ClusterSpec, name: str) -> int:
+    module = SERVER_MODULES["matcher" if name == spec.matcher else "shareholder"]
+    config = paths.config(spec, name)
+    paths.ready(spec, name).unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_ENV_PREFIX)}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    log_path = paths.log(spec, name)
+    with open(log_path, "ab") as log:
+        log.write(f"--- vaultctl: starting {module} {name} at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, "--config", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=str(paths.process_dir(spec, name)),
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+        )
+    _CHILDREN[proc.pid] = proc
+    _write(paths.pid(spec, name), f"{proc.pid}\n")
+    return proc.pid
+
+
+def _wait_ready(paths: Paths, spec: ClusterSpec, pids: dict[str, int], deadline: float) -> dict[str, dict]:
+    """Wait for every named process's ready file; fail fast if one exits."""
+    ready: dict[str, dict] = {}
+    while True:
+        for name, pid in pids.items():
+            if name in ready:
+                continue
+            data = _read_json(paths.ready(spec, name))
+            if data and data.get("pid") == pid and data.get("address"):
+                ready[name] = data
+                continue
+            if not _alive(pid, paths.config(spec, name)):
+                raise ClusterError(
+                    f"{_label(spec, name)} (pid {pid}) exited during start-up; the end of "
+                    f"{paths.log(spec, name)}:\n{_log_tail(paths.log(spec, name))}"
+                )
+        if len(ready) == len(pids):
+            return ready
+        if time.monotonic() > deadline:
+            late = [n for n in pids if n not in ready]
+            name = late[0]
+            raise ClusterError(
+                f"{_label(spec, name)} (pid {pids[name]}) did not become ready in time; the end of "
+                f"{paths.log(spec, name)}:\n{_log_tail(paths.log(spec, name))}"
+            )
+        time.sleep(0.05)
+
+
+def _label(spec: ClusterSpec, name: str) -> str:
+    return "The matcher" if name == spec.matcher else f"Shareholder {name}"
+
+
+def check_health(address: str, tls: TlsFiles, timeout_s: float = HEALTH_TIMEOUT_S) -> str:
+    """grpc.health.v1 Check over mTLS: SERVING, NOT_SERVING, ... or UNREACHABLE."""
+    try:
+        material = tls.load()
+    except ValueError:
+        return "UNREACHABLE"
+    channel = secure_channel(address, material)
+    try:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    except grpc.RpcError:
+        return "UNREACHABLE"
+    finally:
+        channel.close()
+
+
+def _wait_healthy(paths: Paths, spec: ClusterSpec, ready: dict[str, dict], deadline: float) -> None:
+    tls = paths.tls(pki.ROLE_AUDITOR, spec.auditor)
+    for name, data in ready.items():
+        while True:
+            state = check_health(data["address"], tls, min(HEALTH_TIMEOUT_S, max(0.1, deadline - time.monotonic())))
+            if state == "SERVING":
+                break
+            if time.monotonic() > deadline:
+                raise ClusterError(
+                    f"{_label(spec, name)} at {data['address']} is not healthy ({state}); the end of "
+                    f"{paths.log(spec, name)}:\n{_log_tail(paths.log(spec, name))}"
+                )
+            time.sleep(0.1)
+
+
+def _running(paths: Paths, spec: ClusterSpec) -> dict[str, int]:
+    """The processes of this cluster that are alive: name -> pid."""
+    alive = {}
+    for name in (*spec.nodes, spec.matcher):
+        pid = _read_pid(paths.pid(spec, name))
+        if pid is not None and _alive(pid, paths.config(spec, name)):
+            alive[name] = pid
+    return alive
+
+
+def up(
+    root: str | os.PathLike,
+    shareholders: int | None = None,
+    threshold: int | None = None,
+    dim: int | None = None,
+    *,
+    timeout_s: float = START_TIMEOUT_S,
+) -> dict:
+    """Create (first time) and start the cluster; return ``status(root)``.
+
+    On a directory that already holds a cluster, the stored spec is used and
+    any explicitly given size must agree with it.
+    """
+    paths = Paths(root)
+    if paths.spec.exists():
+        spec = load_spec(root)
+        for label, given, stored in (
+            ("shareholders", shareholders, spec.shareholders),
+            ("threshold", threshold, spec.threshold),
+            ("dim", dim, spec.dim),
+        ):
+            if given is not None and given != stored:
+                raise ClusterError(
+                    f"{paths.root} already holds a cluster with {label} = {stored}; "
+                    f"use another --dir or omit --{label}."
+                )
+        running = _running(paths, spec)
+        if running:
+            names = ", ".join(f"{n} (pid {p})" for n, p in running.items())
+            raise ClusterError(f"The cluster in {paths.root} is already running: {names}; run `vaultctl cluster down` first.")
+    else:
+        n = DEFAULT_SHAREHOLDERS if shareholders is None else shareholders
+        k = DEFAULT_THRESHOLD if threshold is None else threshold
+        spec = ClusterSpec(shareholders=n, threshold=k, dim=DEFAULT_DIMENSION if dim is None else dim)
+    init(root, spec)
+
+    deadline = time.monotonic() + timeout_s
+    started: dict[str, int] = {}
+    try:
+        for name in spec.nodes:
+            started[name] = _spawn(paths, spec, name)
+        ready = _wait_ready(paths, spec, dict(started), deadline)
+        _wait_healthy(paths, spec, ready, deadline)
+        addresses = {name: ready[name]["address"] for name in spec.nodes}
+        _write(paths.config(spec, spec.matcher), matcher_config_text(paths, spec, addresses))
+        started[spec.matcher] = _spawn(paths, spec, spec.matcher)
+        matcher_ready = _wait_ready(paths, spec, {spec.matcher: started[spec.matcher]}, deadline)
+        _wait_healthy(paths, spec, matcher_ready, deadline)
+    except BaseException:
+        _stop(paths, spec, started)
+        raise
+    return status(root)
+
+
+def status(root: str | os.PathLike) -> dict:
+    """Every process of the cluster: pid, address, health; and every file a
+    client needs (CA, certificates and keys of each role, ticket keys)."""
+    paths = Paths(root)
+    spec = load_spec(root)
+    auditor_tls = paths.tls(pki.ROLE_AUDITOR, spec.auditor)
+
+    def process(name: str) -> dict:
+        pid = _read_pid(paths.pid(spec, name))
+        alive = pid is not None and _alive(pid, paths.config(spec, name))
+        ready = _read_json(paths.ready(spec, name)) if alive else None
+        if ready and ready.get("pid") != pid:
+            ready = None
+        address = ready.get("address") if ready else None
+        if not alive:
+            health = "STOPPED"
+        elif address is None:
+            health = "STARTING"
+        else:
+            health = check_health(address, auditor_tls)
+        role = pki.ROLE_MATCHER if name == spec.matcher else pki.ROLE_SHAREHOLDER
+        entry = {
+            "name": name,
+            "address": address,
+            "pid": pid if alive else None,
+            "health": health,
+            "metrics_port": ready.get("metrics_port") if ready else None,
+            "cert": str(paths.cert(role, name)),
+            "key": str(paths.key(role, name)),
+            "config": str(paths.config(spec, name)),
+            "log": str(paths.log(spec, name)),
+        }
+        if role == pki.ROLE_SHAREHOLDER:
+            entry = {"index": spec.nodes.index(name) + 1, **entry, "data_dir": str(paths.node_dir(name))}
+        return entry
+
+    nodes = [process(name) for name in spec.nodes]
+    matcher = process(spec.matcher)
+    everything = [*nodes, matcher]
+
+    def files(role: str, name: str) -> dict:
+        return {"name": name, "cert": str(paths.cert(role, name)), "key": str(paths.key(role, name))}
+
+    tenant = spec.tenant
+    return {
+        "dir": str(paths.root),
+        "running": any(p["pid"] for p in everything),
+        "healthy": all(p["health"] == "SERVING" for p in everything),
+        "spec": {
+            "shareholders": spec.shareholders,
+            "threshold": spec.threshold,
+            "dim": spec.dim,
+            "tenants": list(spec.tenants),
+        },
+        "matcher": matcher,
+        "shareholders": nodes,
+        "tls": {
+            "ca": str(paths.ca),
+            "psp": {**files(pki.ROLE_PSP, tenant), "tenant": tenant},
+            "auditor": files(pki.ROLE_AUDITOR, spec.auditor),
+            "matcher": files(pki.ROLE_MATCHER, spec.matcher),
+            "shareholders": {n: files(pki.ROLE_SHAREHOLDER, n) for n in spec.nodes},
+        },
+        "tickets": {t: {"key": str(paths.ticket_key(t)), "key_id": key_id(t)} for t in spec.tenants},
+    }
+
+
+def _wait_exit(pid: int, config: pathlib.Path, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid, config):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _stop(paths: Paths, spec: ClusterSpec, pids: dict[str, int], timeout_s: float = STOP_TIMEOUT_S) -> dict[str, str]:
+    """SIGTERM the matcher, then the nodes; SIGKILL whatever outlives the
+    timeout; remove pid and ready files. Returns name -> how it stopped."""
+    outcome: dict[str, str] = {}
+    order = [n for n in (spec.matcher, *spec.nodes) if n in pids]
+    for name in order:
+        if _alive(pids[name], paths.config(spec, name)):
+            _signal(pids[name], signal.SIGTERM)
+            outcome[name] = "stopped"
+        else:
+            outcome[name] = "not running"
+    deadline = time.monotonic() + timeout_s
+    for name in order:
+        config = paths.config(spec, name)
+        if not _wait_exit(pids[name], config, max(0.0, deadline - time.monotonic())):
+            _signal(pids[name], signal.SIGKILL)
+            _wait_exit(pids[name], config, 5.0)
+            outcome[name] = "killed"
+        _CHILDREN.pop(pids[name], None)
+    for name in (spec.matcher, *spec.nodes):
+        if not _alive(pids.get(name, -1), paths.config(spec, name)):
+            paths.pid(spec, name).unlink(missing_ok=True)
+            paths.ready(spec, name).unlink(missing_ok=True)
+    return outcome
+
+
+def down(root: str | os.PathLike, *, timeout_s: float = STOP_TIMEOUT_S) -> dict:
+    """Stop every process of the cluster; returns ``{"dir", "processes": [...]}``."""
+    paths = Paths(root)
+    spec = load_spec(root)
+    pids = {}
+    for name in (spec.matcher, *spec.nodes):
+        pid = _read_pid(paths.pid(spec, name))
+        if pid is not None:
+            pids[name] = pid
+    outcome = _stop(paths, spec, pids, timeout_s)
+    return {
+        "dir": str(paths.root),
+        "processes": [
+            {"name": name, "pid": pids.get(name), "result": outcome.get(name, "not running")}
+            for name in (spec.matcher, *spec.nodes)
+        ],
+    }
+
+
+def kill_node(root: str | os.PathLike, name: str, sig: int = signal.SIGKILL, *, wait_s: float = 10.0) -> int:
+    """Send ``sig`` to one process of the cluster (a node name or the
+    matcher's) and, for SIGKILL/SIGTERM, wait until it is gone. Returns its pid."""
+    paths = Paths(root)
+    spec = load_spec(root)
+    if name not in (*spec.nodes, spec.matcher):
+        raise ClusterError(f"The cluster has no process named {name!r}; it has {', '.join((*spec.nodes, spec.matcher))}.")
+    pid = _read_pid(paths.pid(spec, name))
+    config = paths.config(spec, name)
+    if pid is None or not _alive(pid, config):
+        raise ClusterError(f"{_label(spec, name)} is not running.")
+    _signal(pid, sig)
+    if sig in (signal.SIGKILL, signal.SIGTERM):
+        if not _wait_exit(pid, config, wait_s):
+            raise ClusterError(f"{_label(spec, name)} (pid {pid}) did not exit after signal {signal.Signals(sig).name}.")
+        _CHILDREN.pop(pid, None)
+    return pid
+
+
+def cluster_files(root: str | os.PathLike) -> list[pathlib.Path]:
+    """Every regular file under the cluster directory."""
+    return sorted(p for p in Paths(root).root.rglob("*") if p.is_file() and not p.is_symlink())
