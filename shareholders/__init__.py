@@ -1,0 +1,10 @@
+"""One institution's shareholder node: it stores one share of every template,
+sealed under the institution's own keys, and releases it only for a
+verification a payment provider signed, logging every step in its own
+hash-chained audit log.
+
+Modules: ``config`` (TOML -> NodeConfig, key files), ``store`` (SQLite
+schema and queries), ``audit_log`` (the single writer: group commit and the
+hash chain), ``service`` (the ``Shareholder`` gRPC servicer), ``server``
+(``serve(config) -> NodeRunning``), ``__main__`` (``python -m shareholders``).
+"""

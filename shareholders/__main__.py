@@ -1,0 +1,44 @@
+"""``python -m shareholders --config node.toml``: run one node until SIGTERM.
+
+Exit status: 0 after a clean shutdown, 1 when the node cannot start (bad
+config, unreadable or exposed key file, port in use, database of another
+node): the reason is one JSON log line on stderr, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sqlite3
+import sys
+
+from shareholders.config import ConfigError, load_config
+from shareholders.server import serve
+from shareholders.store import SchemaError
+from vaultrpc import logs
+from vaultrpc.server import run_until_signalled
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shareholders", description="Run a splitvault shareholder node.")
+    parser.add_argument("--config", required=True, help="the node's TOML config file")
+    parser.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get on SIGTERM")
+    args = parser.parse_args(argv)
+
+    log = logs.setup("shareholders")
+    try:
+        cfg = load_config(args.config)
+        logging.getLogger().setLevel(cfg.log_level)
+        running = serve(cfg)
+    except (ConfigError, SchemaError) as exc:
+        logs.event(log, "cannot start", logging.ERROR, error=str(exc))
+        return 1
+    except (OSError, ValueError, RuntimeError, sqlite3.Error) as exc:
+        # Port in use, unwritable data directory, ...: say what, not where.
+        logs.event(log, "cannot start", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+        return 1
+    run_until_signalled(running.rpc, args.grace)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

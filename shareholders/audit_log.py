@@ -1,0 +1,248 @@
+"""The node's single database writer: the audit hash chain and group commit.
+
+Every change to the node (a store, a release, a delete, a denial, a start)
+is a *job*: a function run inside a write transaction that changes share
+rows and appends audit entries through ``Tx.append``. RPC threads submit
+jobs and wait on a future; one writer thread takes everything queued,
+runs each job in its own SAVEPOINT (a failing job rolls back alone, the
+others still commit), and COMMITs the lot in one transaction: one fsync
+for many concurrent releases. A caller is answered only after its audit
+entry is durable, so nothing is released that the log does not show.
+
+The chain head (seq, hash) lives in this thread only, and is rolled back
+with a job or a failed commit. Every ``checkpoint_every`` entries, or
+``checkpoint_interval_s`` seconds after the first unsigned entry, and on
+close, the head is signed with the node's Ed25519 audit key
+(``vault.audit.sign_checkpoint``) and stored beside the chain.
+"""
+from __future__ import annotations
+
+import logging
+import pathlib
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from splitvault.v1 import common_pb2
+from vault import audit
+from shareholders import store
+
+T = TypeVar("T")
+_log = logging.getLogger("shareholders.audit")
+# Most jobs in one transaction: bounds the latency one commit adds.
+MAX_GROUP = 2048
+_STOP = object()
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class WriterClosed(RuntimeError):
+    """The writer has stopped; nothing more can be committed."""
+
+
+class Tx:
+    """What a job sees: the write connection and the audit chain."""
+
+    __slots__ = ("conn", "_writer")
+
+    def __init__(self, conn: sqlite3.Connection, writer: "AuditWriter"):
+        self.conn = conn
+        self._writer = writer
+
+    def append(
+        self,
+        event: str,
+        *,
+        actor: str = "",
+        request_id: str = "",
+        tenant: str = "",
+        subject: str = "",
+        details: dict | None = None,
+    ) -> common_pb2.AuditEntry:
+        return self._writer._append(event, actor, request_id, tenant, subject, details)
+
+
+class AuditWriter:
+    """Owns the write connection; see the module docstring."""
+
+    def __init__(
+        self,
+        db_path: str | pathlib.Path,
+        node: str,
+        audit_key: ed25519.Ed25519PrivateKey,
+        *,
+        checkpoint_every: int = 1000,
+        checkpoint_interval_s: float = 60.0,
+        clock: Callable[[], int] = now_ms,
+        on_commit: Callable[[int], None] | None = None,
+    ):
+        self.node = node
+        self._key = audit_key
+        self._every = checkpoint_every
+        self._interval = checkpoint_interval_s
+        self._clock = clock
+        self._on_commit = on_commit
+        self._conn = store.connect(db_path)
+        store.migrate(self._conn)
+        seq, head = store.audit_head(self._conn)
+        self._seq = seq
+        self._hash = head or audit.GENESIS_HASH
+        self._signed_seq = store.last_checkpoint_seq(self._conn)
+        self._unsigned_since: float | None = time.monotonic() if self._seq > self._signed_seq else None
+        self._committed_seq = seq
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"audit-writer-{node}", daemon=True)
+        self._thread.start()
+
+    @property
+    def conn_for_setup(self) -> sqlite3.Connection:
+        """The write connection, for start-up work before any job runs."""
+        return self._conn
+
+    @property
+    def head_seq(self) -> int:
+        """The last committed entry's sequence number."""
+        return self._committed_seq
+
+    def submit(self, job: Callable[[Tx], T]) -> "Future[T]":
+        fut: Future = Future()
+        if self._closed.is_set():
+            fut.set_exception(WriterClosed("The node is shutting down."))
+            return fut
+        self._queue.put((job, fut))
+        return fut
+
+    def run(self, job: Callable[[Tx], T]) -> T:
+        """Run ``job`` in the next group commit and return its result once durable."""
+        return self.submit(job).result()
+
+    def close(self, final: Callable[[Tx], Any] | None = None) -> None:
+        """Commit what is queued (and ``final``), sign the head, stop the thread."""
+        if self._closed.is_set():
+            return
+        if final is not None:
+            self.submit(final)
+        self._closed.set()
+        self._queue.put(_STOP)
+        self._thread.join()
+        self._conn.close()
+
+    # --- the writer thread --------------------------------------------------------
+
+    def _append(self, event, actor, request_id, tenant, subject, details) -> common_pb2.AuditEntry:
+        entry = audit.make_entry(
+            seq=self._seq + 1, prev_hash=self._hash, time_ms=self._clock(), node=self.node, event=event,
+            actor=actor, request_id=request_id, tenant=tenant, subject=subject, details=details,
+        )
+        store.insert_entry(self._conn, entry)
+        self._seq = entry.seq
+        self._hash = entry.entry_hash
+        if self._unsigned_since is None:
+            self._unsigned_since = time.monotonic()
+        return entry
+
+    def _checkpoint_due(self, force: bool) -> bool:
+        if self._seq <= self._signed_seq:
+            return False
+        if force or self._seq - self._signed_seq >= self._every:
+            return True
+        return self._unsigned_since is not None and time.monotonic() - self._unsigned_since >= self._interval
+
+    def _sign_head(self) -> None:
+        cp = audit.sign_checkpoint(self._key, self.node, self._seq, self._hash, self._clock())
+        store.insert_checkpoint(self._conn, cp)
+
+    def _run(self) -> None:
+        conn = self._conn
+        stopping = False
+        while not stopping:
+            timeout = None
+            if self._unsigned_since is not None:
+                timeout = max(0.0, self._interval - (time.monotonic() - self._unsigned_since))
+            try:
+                first = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                first = None
+            batch = []
+            if first is _STOP:
+                stopping = True
+            elif first is not None:
+                batch.append(first)
+            while len(batch) < MAX_GROUP and not stopping:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True
+                else:
+                    batch.append(item)
+            if not batch and not self._checkpoint_due(stopping):
+                continue
+            self._commit(conn, batch, force_checkpoint=stopping)
+        # Anything that raced in after the stop marker is refused.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                item[1].set_exception(WriterClosed("The node is shutting down."))
+
+    def _commit(self, conn: sqlite3.Connection, batch: list, force_checkpoint: bool) -> None:
+        start_seq, start_hash, start_unsigned = self._seq, self._hash, self._unsigned_since
+        outcomes: list[tuple[Future, Any, BaseException | None]] = []
+        tx = Tx(conn, self)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job, fut in batch:
+                if not fut.set_running_or_notify_cancel():
+                    continue
+                mark = (self._seq, self._hash, self._unsigned_since)
+                conn.execute("SAVEPOINT job")
+                try:
+                    result = job(tx)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    self._seq, self._hash, self._unsigned_since = mark
+                    outcomes.append((fut, None, exc))
+                else:
+                    conn.execute("RELEASE job")
+                    outcomes.append((fut, result, None))
+            signed = self._checkpoint_due(force_checkpoint)
+            if signed:
+                self._sign_head()
+            conn.execute("COMMIT")
+        except BaseException as exc:  # noqa: BLE001 - the whole group failed
+            _log.error("audit commit failed", exc_info=(type(exc), exc, None))
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            self._seq, self._hash, self._unsigned_since = start_seq, start_hash, start_unsigned
+            failure = WriterClosed("The node could not commit to its database.")
+            for job, fut in batch:
+                if not fut.done():
+                    fut.set_exception(failure)
+            return
+        if signed:
+            self._signed_seq = self._seq
+            self._unsigned_since = None
+        self._committed_seq = self._seq
+        if self._on_commit is not None:
+            self._on_commit(self._seq)
+        for fut, result, exc in outcomes:
+            if exc is None:
+                fut.set_result(result)
+            else:
+                fut.set_exception(exc)

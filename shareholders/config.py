@@ -1,0 +1,225 @@
+"""The node's configuration (docs/contracts.md, "Node config") and its keys.
+
+``load_config`` turns the TOML file (with ``SPLITVAULT_<SECTION>__<KEY>``
+environment overrides) into a checked ``NodeConfig``; ``load_keys`` reads the
+KEK ring and the audit signing key. Both raise ``ConfigError`` with one
+sentence naming the key or file at fault, which ``python -m shareholders``
+prints before exiting 1.
+
+Key files must not be readable by group or others (mode & 0o077 == 0): a
+node refuses to start on a KEK or audit key another local user could read.
+The KEK may instead come from the environment variable SPLITVAULT_KEK_JSON,
+holding the same JSON as the file; it then takes precedence.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import stat
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from vault import pki
+from vault.envelope import KEY_BYTES, KekRing
+from vaultrpc import config as rpcconfig
+from vaultrpc.config import ConfigError
+from vaultrpc.tls import TlsFiles
+
+__all__ = ["ConfigError", "NodeConfig", "NodeKeys", "load_config", "load_keys", "parse_kek_json"]
+
+KEK_ENV = "SPLITVAULT_KEK_JSON"
+MAX_INDEX = 255  # vault.sharing.MAX_SHAREHOLDERS
+_LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    index: int
+    listen: str
+    data_dir: pathlib.Path
+    tls: TlsFiles
+    audit_key_file: str
+    kek_file: str | None = None
+    ready_file: pathlib.Path | None = None
+    log_level: str = "INFO"
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = -1
+    attempts_per_subject: int = 10
+    attempt_window_s: float = 60.0
+    # tenant id -> key id -> the provider's Ed25519 ticket public key
+    tenants: dict[str, dict[str, ed25519.Ed25519PublicKey]] = field(default_factory=dict)
+    # Sign the audit chain head after this many entries or seconds, whichever first.
+    checkpoint_every: int = 1000
+    checkpoint_interval_s: float = 60.0
+    # Records per transaction (and per audit entry) for StoreShareStream.
+    stream_batch: int = 1000
+    max_workers: int = 32
+
+    @property
+    def db_path(self) -> pathlib.Path:
+        return self.data_dir / "shares.db"
+
+
+@dataclass(frozen=True)
+class NodeKeys:
+    kek: KekRing
+    audit_key: ed25519.Ed25519PrivateKey = field(repr=False)
+
+
+def _abs_path(value: str, key: str, base: pathlib.Path) -> pathlib.Path:
+    if not value:
+        raise ConfigError(f"The config value {key} is empty.")
+    path = pathlib.Path(value).expanduser()
+    return path if path.is_absolute() else (base / path)
+
+
+def _positive(data: dict[str, Any], key: str, default, kind=int):
+    value = rpcconfig.get(data, key, default, (int, float) if kind is float else int)
+    if isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"The config value {key} must be a positive number.")
+    return kind(value)
+
+
+def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> NodeConfig:
+    """Read and check a node config file; relative paths are taken from its folder."""
+    env = dict(os.environ) if env is None else env
+    # The KEK variable holds JSON for load_keys, not a config override.
+    data = rpcconfig.load(path, {k: v for k, v in env.items() if k != KEK_ENV})
+    base = pathlib.Path(path).resolve().parent
+
+    name = rpcconfig.need(data, "node.name")
+    try:
+        pki.check_name(name)
+    except ValueError as exc:
+        raise ConfigError(f"The config value node.name is invalid: {exc}") from None
+    index = rpcconfig.need(data, "node.index", int)
+    if not 1 <= index <= MAX_INDEX:
+        raise ConfigError(f"The config value node.index must be from 1 to {MAX_INDEX} (a Shamir x-coordinate, never 0).")
+    listen = rpcconfig.need(data, "node.listen")
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError("The config value node.listen must be HOST:PORT (port 0 picks a free port).")
+    data_dir = _abs_path(rpcconfig.need(data, "node.data_dir"), "node.data_dir", base)
+    ready = rpcconfig.get(data, "node.ready_file", None, str)
+    log_level = rpcconfig.get(data, "node.log_level", "INFO").upper()
+    if log_level not in _LOG_LEVELS:
+        raise ConfigError(f"The config value node.log_level must be one of {sorted(_LOG_LEVELS)}.")
+
+    tls = TlsFiles(
+        str(_abs_path(rpcconfig.need(data, "tls.ca"), "tls.ca", base)),
+        str(_abs_path(rpcconfig.need(data, "tls.cert"), "tls.cert", base)),
+        str(_abs_path(rpcconfig.need(data, "tls.key"), "tls.key", base)),
+    )
+    kek_file = rpcconfig.get(data, "keys.kek_file", None, str)
+    if kek_file is None and KEK_ENV not in env:
+        raise ConfigError(f"The config is missing keys.kek_file (or set the environment variable {KEK_ENV}).")
+    audit_key_file = rpcconfig.need(data, "keys.audit_key_file")
+
+    metrics_port = rpcconfig.get(data, "metrics.port", -1)
+    if isinstance(metrics_port, bool) or not -1 <= metrics_port <= 65535:
+        raise ConfigError("The config value metrics.port must be from -1 (disabled) to 65535.")
+
+    tenants_raw = rpcconfig.get(data, "tenants", {}, dict)
+    tenants: dict[str, dict[str, ed25519.Ed25519PublicKey]] = {}
+    for tenant, section in tenants_raw.items():
+        try:
+            pki.check_name(tenant)
+        except ValueError:
+            raise ConfigError(f"The tenant id {tenant!r} in [tenants] is not a valid name.") from None
+        keys = section.get("ticket_keys") if isinstance(section, dict) else None
+        if not isinstance(keys, dict) or not keys:
+            raise ConfigError(f"The config value tenants.{tenant}.ticket_keys must map key ids to public keys.")
+        parsed = {}
+        for key_id, hex_key in keys.items():
+            try:
+                parsed[str(key_id)] = pki.load_public_key(str(hex_key))
+            except ValueError:
+                raise ConfigError(
+                    f"The ticket key tenants.{tenant}.ticket_keys.{key_id} is not 64 hex characters of an Ed25519 public key."
+                ) from None
+        tenants[tenant] = parsed
+
+    return NodeConfig(
+        name=name,
+        index=index,
+        listen=listen,
+        data_dir=data_dir,
+        tls=tls,
+        kek_file=str(_abs_path(kek_file, "keys.kek_file", base)) if kek_file is not None else None,
+        audit_key_file=str(_abs_path(audit_key_file, "keys.audit_key_file", base)),
+        ready_file=_abs_path(ready, "node.ready_file", base) if ready else None,
+        log_level=log_level,
+        metrics_host=rpcconfig.get(data, "metrics.host", "127.0.0.1"),
+        metrics_port=metrics_port,
+        attempts_per_subject=_positive(data, "limits.attempts_per_subject", 10),
+        attempt_window_s=_positive(data, "limits.attempt_window_s", 60.0, float),
+        tenants=tenants,
+        checkpoint_every=_positive(data, "audit.checkpoint_every", 1000),
+        checkpoint_interval_s=_positive(data, "audit.checkpoint_interval_s", 60.0, float),
+        stream_batch=_positive(data, "store.stream_batch", 1000),
+        max_workers=_positive(data, "node.max_workers", 32),
+    )
+
+
+def read_secret_file(path: str, label: str) -> bytes:
+    """A key file's bytes, refusing one that group or others may read."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"The {label} file {path} is not a regular file.")
+        if st.st_mode & 0o077:
+            raise ConfigError(
+                f"The {label} file {path} is readable by other users (mode {stat.S_IMODE(st.st_mode):04o}); "
+                f"restrict it with chmod 600."
+            )
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise ConfigError(f"Cannot read the {label} file {path}: {exc.strerror}.") from None
+
+
+def parse_kek_json(text: str | bytes, source: str) -> KekRing:
+    """A KekRing from ``{"active": 2, "keys": {"1": "<64 hex>", "2": "<64 hex>"}}``."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise ConfigError(f"The KEK in {source} is not valid JSON.") from None
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), dict) or not data["keys"]:
+        raise ConfigError(f'The KEK in {source} must be {{"active": N, "keys": {{"N": "<64 hex>"}}}}.')
+    active = data.get("active")
+    if isinstance(active, bool) or not isinstance(active, int):
+        raise ConfigError(f"The KEK in {source} must name its active version as an integer.")
+    keys: dict[int, bytes] = {}
+    for version, hex_key in data["keys"].items():
+        try:
+            v = int(version)
+            raw = bytes.fromhex(hex_key)
+        except (TypeError, ValueError):
+            raise ConfigError(f"KEK version {version!r} in {source} is not a version number with a hex key.") from None
+        if len(raw) != KEY_BYTES:
+            raise ConfigError(f"KEK version {version} in {source} is not {KEY_BYTES} bytes (64 hex characters).")
+        keys[v] = raw
+    try:
+        return KekRing(keys, active)
+    except ValueError as exc:
+        raise ConfigError(f"The KEK in {source} is invalid: {exc}") from None
+
+
+def load_keys(cfg: NodeConfig, env: dict[str, str] | None = None) -> NodeKeys:
+    env = os.environ if env is None else env
+    if KEK_ENV in env:
+        ring = parse_kek_json(env[KEK_ENV], f"the environment variable {KEK_ENV}")
+    else:
+        assert cfg.kek_file is not None
+        ring = parse_kek_json(read_secret_file(cfg.kek_file, "KEK"), cfg.kek_file)
+    pem = read_secret_file(cfg.audit_key_file, "audit key")
+    try:
+        audit_key = pki.load_signing_key(pem)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ConfigError(f"The audit key file {cfg.audit_key_file} does not hold an Ed25519 private key in PEM.") from None
+    return NodeKeys(ring, audit_key)

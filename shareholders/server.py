@@ -1,0 +1,146 @@
+"""Assemble and start a node: ``serve(config) -> NodeRunning``.
+
+Usable in-process (tests, benchmarks: ``listen = "127.0.0.1:0"``) and by
+``python -m shareholders``. Start-up order: keys and TLS material are read
+(ConfigError on any problem), the database is opened and migrated, the
+node's identity checked against it, the replay set and attempt counters
+rebuilt from the audit log, a ``start`` entry committed, the gRPC server
+bound and started, metrics served, and only then the ready file written
+(atomically). ``stop()`` drains in-flight calls, commits a ``stop`` entry,
+signs the audit head and closes the database.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+from dataclasses import dataclass, field
+
+from shareholders import store
+from shareholders.audit_log import AuditWriter, Tx, now_ms
+from shareholders.config import ConfigError, NodeConfig, NodeKeys, load_keys
+from shareholders.service import AUDIT_HEAD, ROLES, SERVICE, ShareholderService
+from splitvault.v1 import shareholder_pb2_grpc
+from vaultrpc import logs
+from vaultrpc import server as rpcserver
+from vaultrpc.metrics import serve_metrics
+
+_log = logging.getLogger("shareholders")
+
+
+@dataclass
+class NodeRunning:
+    """A started node."""
+
+    cfg: NodeConfig
+    rpc: rpcserver.Running
+    service: ShareholderService
+    metrics_port: int | None
+    address: str
+    _extra_stops: list = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.rpc.port
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop serving (in-flight calls get ``grace`` seconds), then close the log cleanly."""
+        self.rpc.stop(grace)
+
+    def wait(self) -> None:
+        self.rpc.wait()
+
+
+def _advertised(listen: str, port: int) -> str:
+    host = listen.rpartition(":")[0].strip("[]")
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def write_ready_file(path: pathlib.Path, info: dict) -> None:
+    """Write JSON atomically: a reader sees the old file, none, or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(info, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _remove_stale(path: pathlib.Path | None) -> None:
+    if path is not None:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def serve(cfg: NodeConfig, *, keys: NodeKeys | None = None, env: dict[str, str] | None = None) -> NodeRunning:
+    """Start a node from its config; raises ConfigError for bad keys or TLS files."""
+    keys = keys or load_keys(cfg, env)
+    try:
+        tls = cfg.tls.load()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    # A ready file from a previous run must not point anyone at a dead port.
+    _remove_stale(cfg.ready_file)
+    try:
+        cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise ConfigError(f"Cannot create the data directory {cfg.data_dir}: {exc.strerror}.") from None
+
+    head_gauge = AUDIT_HEAD.labels(cfg.name)
+    writer = AuditWriter(
+        cfg.db_path, cfg.name, keys.audit_key,
+        checkpoint_every=cfg.checkpoint_every, checkpoint_interval_s=cfg.checkpoint_interval_s,
+        on_commit=head_gauge.set,
+    )
+    try:
+        state = store.init_node_state(writer.conn_for_setup, cfg.name, cfg.index, now_ms())
+        service = ShareholderService(cfg, keys, writer, state)
+        rebuilt = service.rebuild_guard()
+        actor = f"shareholder/{cfg.name}"
+        writer.run(lambda tx: tx.append(
+            "start", actor=actor,
+            details={"index": cfg.index, "epoch": state.current_epoch, "kek_version": keys.kek.active,
+                     "kek_versions": list(keys.kek.versions), "tenants": sorted(cfg.tenants)[:64]},
+        ))
+        head_gauge.set(writer.head_seq)
+        rpc = rpcserver.start(
+            listen=cfg.listen,
+            tls=tls,
+            register=(lambda s: shareholder_pb2_grpc.add_ShareholderServicer_to_server(service, s),),
+            service_names=(SERVICE,),
+            roles=ROLES,
+            logger=_log,
+            max_workers=cfg.max_workers,
+        )
+    except BaseException:
+        writer.close()
+        raise
+
+    def close_log() -> None:
+        writer.close(final=lambda tx: tx.append("stop", actor=actor))
+        service.close_readers()
+        _remove_stale(cfg.ready_file)
+        logs.event(_log, "node stopped", node=cfg.name, audit_head_seq=writer.head_seq)
+
+    rpc.on_stop.append(close_log)
+    try:
+        metrics_port = serve_metrics(cfg.metrics_host, cfg.metrics_port)
+    except OSError as exc:
+        rpc.stop(0)
+        raise ConfigError(f"Cannot serve metrics on {cfg.metrics_host}:{cfg.metrics_port}: {exc.strerror}.") from None
+    address = _advertised(cfg.listen, rpc.port)
+    running = NodeRunning(cfg, rpc, service, metrics_port, address)
+    if cfg.ready_file is not None:
+        write_ready_file(cfg.ready_file, {
+            "name": cfg.name, "address": address, "port": rpc.port, "metrics_port": metrics_port, "pid": os.getpid(),
+        })
+    logs.event(_log, "node serving", node=cfg.name, index=cfg.index, address=address, metrics_port=metrics_port,
+               audit_head_seq=writer.head_seq, replay_entries=rebuilt, kek_version=keys.kek.active)
+    return running

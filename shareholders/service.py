@@ -1,0 +1,510 @@
+"""The ``splitvault.v1.Shareholder`` servicer: one institution's share store.
+
+Who may call what is decided before any handler runs (``ROLES``, enforced by
+``vaultrpc.server``); the handlers check everything else themselves:
+
+- StoreShares / StoreShareStream: each record is validated
+  (``vault.record.validate_record``), must carry this node's index, and is
+  sealed (``vault.envelope``) before it reaches the writer thread.
+  StoreShares is one transaction with one audit entry per record.
+  StoreShareStream commits every ``stream_batch`` records as one transaction
+  with ONE audit entry for the batch (counts, tenants and a SHA-256 over the
+  batch's sorted (tenant, subject, epoch, request id) lines) so that bulk
+  migrations keep their rate; a failing batch is rolled back whole and ends
+  the stream, batches committed before it stay (retrying is safe: stores are
+  idempotent per request id).
+- ReleaseShare: the node verifies the provider's ticket itself (tenant from
+  the ticket body, which must be registered here; Ed25519 signature with
+  that tenant's keys; expiry), refuses a ticket it has seen before (replay
+  set), and counts every attempt with a valid signature against the
+  subject's limit (``attempts_per_subject`` per ``attempt_window_s``). The
+  replay set and the attempt counters live in memory and are rebuilt from
+  the audit log at start-up, so a restart reopens neither. Every release
+  and every refusal is an audit entry, committed before the caller hears
+  back. A sealed share that does not open is DATA_LOSS, never a wrong share.
+- Tenants are kept apart by scoping every query by tenant.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError
+from prometheus_client import Counter, Gauge
+
+from shareholders import store
+from shareholders.audit_log import AuditWriter, Tx, WriterClosed, now_ms
+from shareholders.config import NodeConfig, NodeKeys
+from splitvault.v1 import common_pb2, shareholder_pb2, shareholder_pb2_grpc
+from vault import envelope, pki, record
+from vault import ticket as tickets
+from vault.errors import EnvelopeError, InvalidShares, InvalidTicket
+from vaultrpc import logs, status
+from vaultrpc.server import caller
+
+SERVICE = "splitvault.v1.Shareholder"
+_M = f"/{SERVICE}/"
+ROLES = {
+    _M + "StoreShares": frozenset({pki.ROLE_MATCHER}),
+    _M + "StoreShareStream": frozenset({pki.ROLE_MATCHER}),
+    _M + "ReleaseShare": frozenset({pki.ROLE_MATCHER}),
+    _M + "DeleteShares": frozenset({pki.ROLE_MATCHER}),
+    _M + "DescribeRecords": frozenset({pki.ROLE_MATCHER, pki.ROLE_AUDITOR}),
+    _M + "GetNodeInfo": pki.ROLES,
+    _M + "ReadAuditLog": frozenset({pki.ROLE_AUDITOR}),
+}
+
+RELEASES = Counter("splitvault_node_releases_total", "Shares released for a verification.", ["node"])
+DENIALS = Counter("splitvault_node_denials_total", "Release attempts refused, by reason.", ["node", "reason"])
+STORED = Counter("splitvault_node_stored_records_total", "Share records written.", ["node"])
+DELETED = Counter("splitvault_node_deleted_records_total", "Share records erased.", ["node"])
+AUDIT_HEAD = Gauge("splitvault_node_audit_head_seq", "Sequence number of the last committed audit entry.", ["node"])
+
+MAX_REQUEST_ID = 128
+# Most stream batches sealed and queued ahead of the writer (bounds memory).
+_STREAM_INFLIGHT = 2
+# Claimed (unverified) names are logged, cut to this length.
+_CLAIM_CHARS = 128
+
+
+def _check_request_id(value: str, what: str = "request id") -> str:
+    if not value or len(value) > MAX_REQUEST_ID or not value.isascii() or not value.isprintable():
+        raise status.InvalidArgument(f"The {what} must be 1 to {MAX_REQUEST_ID} printable ASCII characters.")
+    return value
+
+
+def _check_name(value: str, what: str) -> str:
+    try:
+        record.record_identity(value, "x", 1, 0) if what == "tenant" else record.record_identity("x", value, 1, 0)
+    except InvalidShares:
+        raise status.InvalidArgument(f"The {what} must be 1 to 128 bytes of UTF-8 without control characters.") from None
+    return value
+
+
+@dataclass(frozen=True)
+class _Sealed:
+    """A validated record, sealed, ready for the writer."""
+
+    tenant: str
+    subject: str
+    epoch: int
+    request_id: str
+    row: tuple
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A job's outcome that is an error for the caller yet committed: the
+    refusal's audit entry stays in the log (a raised exception would roll
+    the job back, entry and all)."""
+
+    error: status.RpcError
+    reason: str
+    seq: int
+
+
+class ReleaseGuard:
+    """Replay set and per-subject attempt counters (in memory, rebuilt from the log)."""
+
+    def __init__(self, limit: int, window_ms: int):
+        self.limit = limit
+        self.window_ms = window_ms
+        self._lock = threading.Lock()
+        self._used: dict[str, int] = {}  # ticket id -> expiry (ms)
+        self._attempts: dict[tuple[str, str], deque] = {}
+        self._next_prune = 0
+
+    def record(self, tenant: str, subject: str, ticket_id: str | None, expires_ms: int, at_ms: int) -> None:
+        """Replay a past attempt from the audit log (start-up)."""
+        if ticket_id is not None and expires_ms > at_ms - self.window_ms:
+            self._used[ticket_id] = expires_ms
+        self._attempts.setdefault((tenant, subject), deque()).append(at_ms)
+
+    def admit(self, tenant: str, subject: str, ticket_id: str, expires_ms: int, now: int) -> str | None:
+        """Count one attempt; the reason to refuse it, or None to go ahead."""
+        with self._lock:
+            if now >= self._next_prune:
+                self._prune(now)
+            verdict = None
+            if ticket_id in self._used:
+                verdict = "replayed"
+            else:
+                self._used[ticket_id] = expires_ms
+            times = self._attempts.get((tenant, subject))
+            if times is None:
+                times = self._attempts[(tenant, subject)] = deque()
+            cutoff = now - self.window_ms
+            while times and times[0] <= cutoff:
+                times.popleft()
+            if verdict is None and len(times) >= self.limit:
+                verdict = "rate_limited"
+            times.append(now)
+            return verdict
+
+    def _prune(self, now: int) -> None:
+        # Expired tickets can no longer verify, so forgetting them reopens nothing.
+        self._used = {t: e for t, e in self._used.items() if e > now}
+        cutoff = now - self.window_ms
+        self._attempts = {k: v for k, v in self._attempts.items() if v and v[-1] > cutoff}
+        self._next_prune = now + 10_000
+
+
+class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
+    def __init__(self, cfg: NodeConfig, keys: NodeKeys, writer: AuditWriter, state: store.NodeState):
+        self.cfg = cfg
+        self.keys = keys
+        self.writer = writer
+        self.state = state
+        self.name = cfg.name
+        self.index = cfg.index
+        self._log = logging.getLogger("shareholders")
+        self._audit_public = pki.public_key_raw(keys.audit_key)
+        self._local = threading.local()
+        self._readers: list = []
+        self._readers_lock = threading.Lock()
+        self.guard = ReleaseGuard(cfg.attempts_per_subject, int(cfg.attempt_window_s * 1000))
+        self._releases = RELEASES.labels(cfg.name)
+        self._stored = STORED.labels(cfg.name)
+        self._deleted = DELETED.labels(cfg.name)
+
+    # --- plumbing ---------------------------------------------------------------
+
+    def rebuild_guard(self, now: int | None = None) -> int:
+        """Reload replay and attempt state from recent audit entries; returns how many."""
+        now = now_ms() if now is None else now
+        horizon = max(self.guard.window_ms, tickets.MAX_TTL_MS + tickets.CLOCK_SKEW_MS)
+        rows = store.entries_since(self._reader(), now - horizon, ("release", "deny"))
+        n = 0
+        for time_ms, _event, request_id, tenant, subject, details_json in rows:
+            details = json.loads(details_json)
+            if not details.get("counted"):
+                continue
+            n += 1
+            tid = tickets.ticket_id(common_pb2.TicketBody(tenant=tenant, request_id=request_id))
+            self.guard.record(tenant, subject, tid, int(details.get("ticket_expires_ms") or 0), time_ms)
+        return n
+
+    def _reader(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = store.connect(self.cfg.db_path)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def close_readers(self) -> None:
+        with self._readers_lock:
+            for conn in self._readers:
+                try:
+                    conn.close()
+                except Exception:  # noqa: BLE001 - closing at shutdown
+                    pass
+            self._readers.clear()
+
+    def _commit(self, job) -> object:
+        """Run a job in the next group commit; its result once durable."""
+        try:
+            result = self.writer.run(job)
+        except WriterClosed as exc:
+            raise status.Unavailable(str(exc)) from None
+        if isinstance(result, Refused):
+            raise result.error
+        return result
+
+    # --- store ------------------------------------------------------------------
+
+    def _seal(self, records, seen: set) -> list[_Sealed]:
+        ring = self.keys.kek
+        out = []
+        stored_ms = now_ms()
+        for rec in records:
+            record.validate_record(rec)  # InvalidShares -> INVALID_ARGUMENT
+            if rec.index != self.index:
+                raise status.InvalidArgument(
+                    f"A record for shareholder index {rec.index} was sent to node {self.name!r}, which holds index {self.index}."
+                )
+            _check_request_id(rec.request_id)
+            if rec.epoch >= 2**63:
+                raise status.InvalidArgument("The record's epoch is out of range.")
+            key = (rec.tenant, rec.subject)
+            if key in seen:
+                raise status.InvalidArgument("The batch holds two records for the same subject.")
+            seen.add(key)
+            aad = record.record_identity(rec.tenant, rec.subject, rec.index, rec.epoch)
+            sealed = envelope.seal(ring, aad, rec.values)
+            out.append(
+                _Sealed(
+                    rec.tenant, rec.subject, rec.epoch, rec.request_id,
+                    (rec.tenant, rec.subject, rec.epoch, rec.index, rec.threshold, rec.shareholders, rec.dimension,
+                     rec.codec_version, rec.mac_count, rec.request_id, sealed.kek_version, sealed.wrapped_dk,
+                     sealed.nonce, sealed.ciphertext, stored_ms),
+                )
+            )
+        return out
+
+    def _store_job(self, items: list[_Sealed], replace: bool, actor: str, per_record: bool):
+        kek_version = self.keys.kek.active
+
+        def job(tx: Tx) -> tuple[int, int]:
+            conn = tx.conn
+            retries = replaced = 0
+            flags = []
+            for item in items:
+                existing = store.subject_request_ids(conn, item.tenant, item.subject)
+                retry = bool(existing) and existing == {item.request_id}
+                if existing and not retry and not replace:
+                    # Raised: the whole job (every record of the request) rolls back.
+                    raise status.AlreadyExists(
+                        f"Subject {item.subject!r} of tenant {item.tenant!r} is already enrolled under another "
+                        "request id; store with replace to overwrite it."
+                    )
+                if existing:
+                    store.delete_subject(conn, item.tenant, item.subject)
+                retries += retry
+                replaced += bool(existing) and not retry
+                flags.append((retry, bool(existing) and not retry))
+            store.insert_shares(conn, (i.row for i in items))
+            if per_record:
+                for item, (retry, repl) in zip(items, flags):
+                    tx.append(
+                        "store", actor=actor, request_id=item.request_id, tenant=item.tenant, subject=item.subject,
+                        details={"epoch": item.epoch, "kek_version": kek_version, "retry": retry, "replaced": repl},
+                    )
+            else:
+                lines = sorted(f"{i.tenant}\x00{i.subject}\x00{i.epoch}\x00{i.request_id}" for i in items)
+                digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+                tenants = sorted({i.tenant for i in items})
+                tx.append(
+                    "store_batch", actor=actor, tenant=tenants[0] if len(tenants) == 1 else "",
+                    details={
+                        "records": len(items), "request_ids": len({i.request_id for i in items}),
+                        "tenants": tenants[:64], "records_sha256": digest, "kek_version": kek_version,
+                        "retries": retries, "replaced": replaced,
+                    },
+                )
+            return len(items), retries
+
+        return job
+
+    def StoreShares(self, request, context):
+        actor = str(caller(context))
+        if not request.records:
+            raise status.InvalidArgument("The request holds no share records.")
+        items = self._seal(request.records, set())
+        stored, retries = self._commit(self._store_job(items, request.replace, actor, per_record=True))
+        self._stored.inc(stored)
+        return shareholder_pb2.StoreSharesResponse(stored=stored, already_stored=retries)
+
+    def StoreShareStream(self, request_iterator, context):
+        actor = str(caller(context))
+        batch_size = self.cfg.stream_batch
+        pending: list = []
+        inflight: deque[Future] = deque()
+        totals = [0, 0]
+        replace = None
+        seen: set = set()
+
+        def settle(fut: Future) -> None:
+            try:
+                stored, retries = fut.result()
+            except WriterClosed as exc:
+                raise status.Unavailable(str(exc)) from None
+            except status.RpcError as exc:
+                raise type(exc)(f"{exc.message} ({totals[0]} records were stored before this batch.)") from None
+            totals[0] += stored
+            totals[1] += retries
+            self._stored.inc(stored)
+
+        def flush() -> None:
+            nonlocal pending
+            if not pending:
+                return
+            try:
+                items = self._seal(pending, seen)
+            except (status.RpcError, InvalidShares) as exc:
+                message = exc.message if isinstance(exc, status.RpcError) else str(exc)
+                # Let the batches already queued land first, then report.
+                while inflight:
+                    settle(inflight.popleft())
+                raise status.InvalidArgument(f"{message} ({totals[0]} records were stored before this batch.)") from None
+            pending = []
+            inflight.append(self.writer.submit(self._store_job(items, bool(replace), actor, per_record=False)))
+            while len(inflight) > _STREAM_INFLIGHT:
+                settle(inflight.popleft())
+
+        try:
+            for message in request_iterator:
+                if replace is None:
+                    replace = message.replace
+                elif message.replace != replace:
+                    raise status.InvalidArgument("Every message of one stream must use the same replace flag.")
+                pending.extend(message.records)
+                if len(pending) >= batch_size:
+                    flush()
+            flush()
+        finally:
+            # Never leave a queued batch unsettled, even when the stream failed.
+            errors = []
+            while inflight:
+                try:
+                    settle(inflight.popleft())
+                except status.RpcError as exc:
+                    errors.append(exc)
+            if errors:
+                raise errors[0]
+        return shareholder_pb2.StoreShareStreamResponse(stored=totals[0], already_stored=totals[1])
+
+    # --- release ----------------------------------------------------------------
+
+    def _deny_now(self, actor: str, reason: str, error: status.RpcError, *, tenant="", subject="", request_id="",
+                  details: dict | None = None):
+        DENIALS.labels(self.name, reason).inc()
+
+        def job(tx: Tx):
+            tx.append("deny", actor=actor, request_id=request_id, tenant=tenant, subject=subject,
+                      details={"reason": reason, **(details or {})})
+
+        self._commit(job)
+        raise error
+
+    def ReleaseShare(self, request, context):
+        actor = str(caller(context))
+        ticket = request.ticket
+        body = common_pb2.TicketBody()
+        try:
+            body.ParseFromString(ticket.body)
+        except DecodeError:
+            body = None
+        if body is None or not body.tenant:
+            self._deny_now(actor, "malformed_ticket",
+                           status.PermissionDenied("The verification ticket is missing or cannot be parsed."),
+                           details={"counted": False})
+        keys = self.cfg.tenants.get(body.tenant)
+        claimed = {
+            "claimed_tenant": body.tenant[:_CLAIM_CHARS],
+            "claimed_subject": body.subject[:_CLAIM_CHARS],
+            "claimed_request_id": body.request_id[:_CLAIM_CHARS],
+            "key_id": ticket.key_id[:_CLAIM_CHARS],
+            "counted": False,
+        }
+        if keys is None:
+            self._deny_now(actor, "unknown_tenant",
+                           status.PermissionDenied("The verification ticket names a tenant not registered at this node."),
+                           details=claimed)
+        try:
+            body = tickets.verify(ticket, keys, tenant=body.tenant)
+        except InvalidTicket as exc:
+            self._deny_now(actor, "invalid_ticket", status.PermissionDenied(str(exc)),
+                           details={**claimed, "why": str(exc)})
+        tenant, subject, request_id = body.tenant, body.subject, body.request_id
+        now = now_ms()
+        verdict = self.guard.admit(tenant, subject, tickets.ticket_id(body), body.expires_at_ms, now)
+        base = {"counted": True, "ticket_expires_ms": body.expires_at_ms, "key_id": ticket.key_id}
+        who = dict(actor=actor, tenant=tenant, subject=subject, request_id=request_id)
+        if verdict == "replayed":
+            self._deny_now(actor, verdict, status.PermissionDenied("The verification ticket was already used at this node."),
+                           tenant=tenant, subject=subject, request_id=request_id, details=base)
+        if verdict == "rate_limited":
+            self._deny_now(actor, verdict, status.ResourceExhausted(
+                "Too many verification attempts for this subject; try again later."),
+                tenant=tenant, subject=subject, request_id=request_id, details=base)
+
+        ring = self.keys.kek
+        index = self.index
+
+        def job(tx: Tx):
+            rows = store.subject_rows(tx.conn, tenant, subject)
+            if not rows:
+                entry = tx.append("deny", **who, details={**base, "reason": "not_found"})
+                return Refused(status.NotFound("No share is stored for this subject."), "not_found", entry.seq)
+            shares = []
+            for row in rows:
+                try:
+                    if row.index != index:
+                        raise EnvelopeError("index")
+                    values = envelope.open(ring, record.record_identity(tenant, subject, row.index, row.epoch), row.sealed)
+                    if len(values) != 4 * (row.dimension + 2 * row.mac_count):
+                        raise EnvelopeError("length")
+                except EnvelopeError:
+                    entry = tx.append("deny", **who, details={**base, "reason": "data_loss", "epoch": row.epoch})
+                    return Refused(status.DataLoss("This node's stored share for the subject is damaged."),
+                                   "data_loss", entry.seq)
+                shares.append(row.record(values))
+            entry = tx.append("release", **who, details={**base, "epochs": [r.epoch for r in rows]})
+            return entry.seq, shares
+
+        try:
+            result = self.writer.run(job)
+        except WriterClosed as exc:
+            raise status.Unavailable(str(exc)) from None
+        if isinstance(result, Refused):
+            DENIALS.labels(self.name, result.reason).inc()
+            if result.reason == "data_loss":
+                logs.event(self._log, "stored share failed to open", logging.ERROR, tenant=tenant, subject=subject,
+                           request_id=request_id, audit_seq=result.seq)
+            raise result.error
+        seq, shares = result
+        self._releases.inc()
+        return shareholder_pb2.ReleaseShareResponse(shares=shares, audit_seq=seq)
+
+    # --- delete and describe ----------------------------------------------------
+
+    def DeleteShares(self, request, context):
+        actor = str(caller(context))
+        tenant = _check_name(request.tenant, "tenant")
+        subject = _check_name(request.subject, "subject")
+        request_id = _check_request_id(request.request_id)
+
+        def job(tx: Tx) -> int:
+            epochs = [r.epoch for r in store.subject_rows(tx.conn, tenant, subject)]
+            deleted = store.delete_subject(tx.conn, tenant, subject)
+            tx.append("delete", actor=actor, request_id=request_id, tenant=tenant, subject=subject,
+                      details={"deleted": deleted, "epochs": epochs[:64]})
+            return deleted
+
+        deleted = self._commit(job)
+        self._deleted.inc(deleted)
+        return shareholder_pb2.DeleteSharesResponse(deleted=deleted)
+
+    def DescribeRecords(self, request, context):
+        tenant = _check_name(request.tenant, "tenant")
+        subject = _check_name(request.subject, "subject")
+        rows = store.subject_rows(self._reader(), tenant, subject)
+        return shareholder_pb2.DescribeRecordsResponse(records=[r.info() for r in rows])
+
+    def GetNodeInfo(self, request, context):
+        conn = self._reader()
+        state = store.node_state(conn)
+        return shareholder_pb2.GetNodeInfoResponse(
+            name=self.name, index=state.index, epoch=state.current_epoch, kek_version=self.keys.kek.active,
+            audit_public_key=self._audit_public, records=store.count_records(conn),
+            audit_head_seq=self.writer.head_seq,
+        )
+
+    def ReadAuditLog(self, request, context) -> Iterator[shareholder_pb2.ReadAuditLogResponse]:
+        from_seq = max(1, request.from_seq)
+        conn = store.connect(self.cfg.db_path)  # its own snapshot, however long the stream takes
+        try:
+            conn.execute("BEGIN")
+            cps = deque(store.checkpoints(conn, from_seq))
+            for row in store.iter_entries(conn, from_seq):
+                entry = common_pb2.AuditEntry(
+                    seq=row[0], time_ms=row[1], node=row[2], event=row[3], actor=row[4], request_id=row[5],
+                    tenant=row[6], subject=row[7], details_json=row[8], prev_hash=bytes(row[9]),
+                    entry_hash=bytes(row[10]),
+                )
+                while cps and cps[0].seq < entry.seq:
+                    yield shareholder_pb2.ReadAuditLogResponse(checkpoint=cps.popleft())
+                yield shareholder_pb2.ReadAuditLogResponse(entry=entry)
+            while cps:
+                yield shareholder_pb2.ReadAuditLogResponse(checkpoint=cps.popleft())
+            conn.execute("COMMIT")
+        finally:
+            conn.close()

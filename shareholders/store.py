@@ -1,0 +1,291 @@
+"""The node's SQLite database: schema, migrations and queries.
+
+One file, ``<data_dir>/shares.db``, in WAL mode with ``synchronous=FULL``: a
+transaction that returned COMMIT is on disk and survives a kill -9 or a
+power cut. Only the audit writer thread (``shareholders.audit_log``) writes;
+readers use their own connections and see committed snapshots.
+
+Share rows hold only the sealed form of a share (``vault.envelope``): the
+KEK that wraps the data keys never enters this file. Each row keeps its KEK
+version and epoch so that a key rotation (re-wrap every data key) and a
+proactive refresh (a prepared epoch beside the current one, then a switch)
+can proceed row by row and resume after a crash. ``node_state`` records
+which node this database belongs to and its current epoch and committee.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import sqlite3
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from splitvault.v1 import common_pb2
+from vault.envelope import SealedShare
+
+# Each migration takes the schema from version i-1 to i, in one transaction.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE node_state (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            name TEXT NOT NULL,
+            idx INTEGER NOT NULL,
+            current_epoch INTEGER NOT NULL,
+            committee_json TEXT NOT NULL,
+            updated_ms INTEGER NOT NULL
+        )""",
+        """CREATE TABLE shares (
+            tenant TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            idx INTEGER NOT NULL,
+            threshold INTEGER NOT NULL,
+            n INTEGER NOT NULL,
+            dimension INTEGER NOT NULL,
+            codec_version INTEGER NOT NULL,
+            mac_count INTEGER NOT NULL,
+            request_id TEXT NOT NULL,
+            kek_version INTEGER NOT NULL,
+            wrapped_dk BLOB NOT NULL,
+            nonce BLOB NOT NULL,
+            ciphertext BLOB NOT NULL,
+            stored_ms INTEGER NOT NULL,
+            PRIMARY KEY (tenant, subject, epoch)
+        )""",
+        # Rotation walks the rows still under an old KEK version.
+        "CREATE INDEX shares_by_kek ON shares (kek_version)",
+        """CREATE TABLE audit_log (
+            seq INTEGER PRIMARY KEY,
+            time_ms INTEGER NOT NULL,
+            node TEXT NOT NULL,
+            event TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            tenant TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            details_json TEXT NOT NULL,
+            prev_hash BLOB NOT NULL,
+            entry_hash BLOB NOT NULL
+        )""",
+        # Start-up rebuilds replay and attempt state from recent entries.
+        "CREATE INDEX audit_by_time ON audit_log (time_ms)",
+        """CREATE TABLE audit_checkpoints (
+            seq INTEGER PRIMARY KEY,
+            entry_hash BLOB NOT NULL,
+            time_ms INTEGER NOT NULL,
+            node TEXT NOT NULL,
+            signature BLOB NOT NULL
+        )""",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+# A new node starts in epoch 1; a proactive refresh moves it on.
+FIRST_EPOCH = 1
+
+SHARE_COLUMNS = (
+    "tenant, subject, epoch, idx, threshold, n, dimension, codec_version, mac_count, "
+    "request_id, kek_version, wrapped_dk, nonce, ciphertext, stored_ms"
+)
+AUDIT_COLUMNS = "seq, time_ms, node, event, actor, request_id, tenant, subject, details_json, prev_hash, entry_hash"
+
+
+class SchemaError(RuntimeError):
+    """The database is from a newer version of the node, or belongs to another node."""
+
+
+@dataclass(frozen=True)
+class ShareRow:
+    """One stored record: its metadata and the sealed share."""
+
+    tenant: str
+    subject: str
+    epoch: int
+    index: int
+    threshold: int
+    shareholders: int
+    dimension: int
+    codec_version: int
+    mac_count: int
+    request_id: str
+    kek_version: int
+    wrapped_dk: bytes
+    nonce: bytes
+    ciphertext: bytes
+    stored_ms: int
+
+    @property
+    def sealed(self) -> SealedShare:
+        return SealedShare(self.kek_version, self.wrapped_dk, self.nonce, self.ciphertext)
+
+    def info(self) -> common_pb2.RecordInfo:
+        return common_pb2.RecordInfo(
+            tenant=self.tenant, subject=self.subject, index=self.index, epoch=self.epoch,
+            threshold=self.threshold, shareholders=self.shareholders, dimension=self.dimension,
+            codec_version=self.codec_version, request_id=self.request_id, kek_version=self.kek_version,
+        )
+
+    def record(self, values: bytes) -> common_pb2.ShareRecord:
+        return common_pb2.ShareRecord(
+            tenant=self.tenant, subject=self.subject, index=self.index, epoch=self.epoch,
+            threshold=self.threshold, shareholders=self.shareholders, dimension=self.dimension,
+            codec_version=self.codec_version, mac_count=self.mac_count, values=values,
+            request_id=self.request_id,
+        )
+
+
+@dataclass(frozen=True)
+class NodeState:
+    name: str
+    index: int
+    current_epoch: int
+    committee: dict
+
+
+def connect(path: str | pathlib.Path) -> sqlite3.Connection:
+    """A connection in autocommit mode: callers issue BEGIN/COMMIT themselves."""
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema to SCHEMA_VERSION; returns the version found before."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = conn.execute("SELECT version FROM schema_version").fetchone()
+        found = row[0] if row else 0
+        if row is None:
+            conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+        if found > SCHEMA_VERSION:
+            raise SchemaError(
+                f"The database has schema version {found}, newer than this node's {SCHEMA_VERSION}; upgrade the node."
+            )
+        for version in range(found + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[version - 1]:
+                conn.execute(statement)
+            conn.execute("UPDATE schema_version SET version = ?", (version,))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return found
+
+
+def init_node_state(conn: sqlite3.Connection, name: str, index: int, now_ms: int) -> NodeState:
+    """This database's node identity; written on first start, checked after."""
+    row = conn.execute("SELECT name, idx, current_epoch, committee_json FROM node_state WHERE id = 1").fetchone()
+    if row is None:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(
+            "INSERT INTO node_state (id, name, idx, current_epoch, committee_json, updated_ms) VALUES (1, ?, ?, ?, ?, ?)",
+            (name, index, FIRST_EPOCH, "{}", now_ms),
+        )
+        conn.execute("COMMIT")
+        return NodeState(name, index, FIRST_EPOCH, {})
+    state = NodeState(row[0], row[1], row[2], json.loads(row[3]))
+    if state.name != name or state.index != index:
+        raise SchemaError(
+            f"The database belongs to node {state.name!r} with index {state.index}, "
+            f"but the config names node {name!r} with index {index}."
+        )
+    return state
+
+
+def _share_row(r) -> ShareRow:
+    return ShareRow(*r[:11], bytes(r[11]), bytes(r[12]), bytes(r[13]), r[14])
+
+
+def subject_rows(conn: sqlite3.Connection, tenant: str, subject: str) -> list[ShareRow]:
+    """Every epoch's row of one subject of one tenant, oldest epoch first."""
+    rows = conn.execute(
+        f"SELECT {SHARE_COLUMNS} FROM shares WHERE tenant = ? AND subject = ? ORDER BY epoch", (tenant, subject)
+    ).fetchall()
+    return [_share_row(r) for r in rows]
+
+
+def subject_request_ids(conn: sqlite3.Connection, tenant: str, subject: str) -> set[str]:
+    return {r[0] for r in conn.execute(
+        "SELECT request_id FROM shares WHERE tenant = ? AND subject = ?", (tenant, subject))}
+
+
+def insert_shares(conn: sqlite3.Connection, rows: Iterable[tuple]) -> None:
+    """Insert or overwrite rows given as tuples in SHARE_COLUMNS order."""
+    conn.executemany(f"INSERT OR REPLACE INTO shares ({SHARE_COLUMNS}) VALUES ({','.join('?' * 15)})", rows)
+
+
+def delete_subject(conn: sqlite3.Connection, tenant: str, subject: str) -> int:
+    return conn.execute("DELETE FROM shares WHERE tenant = ? AND subject = ?", (tenant, subject)).rowcount
+
+
+def count_records(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT COUNT(*) FROM shares").fetchone()[0]
+
+
+def node_state(conn: sqlite3.Connection) -> NodeState:
+    row = conn.execute("SELECT name, idx, current_epoch, committee_json FROM node_state WHERE id = 1").fetchone()
+    return NodeState(row[0], row[1], row[2], json.loads(row[3]))
+
+
+# --- audit tables ---------------------------------------------------------------
+
+
+def insert_entry(conn: sqlite3.Connection, e: common_pb2.AuditEntry) -> None:
+    conn.execute(
+        f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        (e.seq, e.time_ms, e.node, e.event, e.actor, e.request_id, e.tenant, e.subject, e.details_json,
+         e.prev_hash, e.entry_hash),
+    )
+
+
+def insert_checkpoint(conn: sqlite3.Connection, cp: common_pb2.AuditCheckpoint) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO audit_checkpoints (seq, entry_hash, time_ms, node, signature) VALUES (?,?,?,?,?)",
+        (cp.seq, cp.entry_hash, cp.time_ms, cp.node, cp.signature),
+    )
+
+
+def audit_head(conn: sqlite3.Connection) -> tuple[int, bytes | None]:
+    """(seq, entry_hash) of the last entry; (0, None) for an empty log."""
+    row = conn.execute("SELECT seq, entry_hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
+    return (row[0], bytes(row[1])) if row else (0, None)
+
+
+def last_checkpoint_seq(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT MAX(seq) FROM audit_checkpoints").fetchone()
+    return row[0] or 0
+
+
+def iter_entries(conn: sqlite3.Connection, from_seq: int = 1, page: int = 1000) -> Iterator[tuple]:
+    """Stored entry rows in seq order (as written, whatever they now hold)."""
+    seq = from_seq - 1
+    while True:
+        rows = conn.execute(
+            f"SELECT {AUDIT_COLUMNS} FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?", (seq, page)
+        ).fetchall()
+        if not rows:
+            return
+        yield from rows
+        seq = rows[-1][0]
+
+
+def checkpoints(conn: sqlite3.Connection, from_seq: int = 1) -> list[common_pb2.AuditCheckpoint]:
+    return [
+        common_pb2.AuditCheckpoint(seq=r[0], entry_hash=bytes(r[1]), time_ms=r[2], node=r[3], signature=bytes(r[4]))
+        for r in conn.execute(
+            "SELECT seq, entry_hash, time_ms, node, signature FROM audit_checkpoints WHERE seq >= ? ORDER BY seq",
+            (from_seq,),
+        )
+    ]
+
+
+def entries_since(conn: sqlite3.Connection, time_ms: int, events: tuple[str, ...]) -> list[tuple]:
+    """(time_ms, event, request_id, tenant, subject, details_json) of recent entries."""
+    marks = ",".join("?" * len(events))
+    return conn.execute(
+        f"SELECT time_ms, event, request_id, tenant, subject, details_json FROM audit_log "
+        f"WHERE time_ms >= ? AND event IN ({marks}) ORDER BY seq",
+        (time_ms, *events),
+    ).fetchall()
