@@ -1,0 +1,272 @@
+"""vault.record: packing, record identity, validation, join() bookkeeping, wipe."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from splitvault.v1 import common_pb2
+from vault import codec, integrity, record, sharing
+from vault.errors import IntegrityError, InvalidShares
+from vault.field import FIELD_DTYPE, P
+
+L = integrity.MAC_COUNT
+D = 16
+
+
+def _records(k: int = 2, n: int = 3, d: int = D, seed: int = 0, **overrides):
+    # A fresh enrolment's records and its int8 code.
+    x = np.random.default_rng(seed).normal(size=d)  # test data only
+    codes = codec.encode(x, d)
+    shares = sharing.split(integrity.extend(codec.to_field(codes)), k, n)[:, 0, :]
+    fields = dict(tenant="psp-1", subject="alice", epoch=3, threshold=k, shareholders=n, dimension=d, request_id="r-1")
+    fields.update(overrides)
+    return record.make_records(shares=shares, **fields), codes[0]
+
+
+def _copy(rec, **changes):
+    out = common_pb2.ShareRecord()
+    out.CopyFrom(rec)
+    for name, value in changes.items():
+        setattr(out, name, value)
+    return out
+
+
+# --- packing ----------------------------------------------------------------------------
+
+
+@given(st.lists(st.integers(0, P - 1), max_size=64))
+def test_pack_unpack_round_trip(values):
+    arr = np.array(values, dtype=FIELD_DTYPE)
+    data = record.pack_values(arr)
+    assert data == b"".join(v.to_bytes(4, "little") for v in values)
+    back = record.unpack_values(data, len(values))
+    assert back.tolist() == values and back.dtype == FIELD_DTYPE
+    assert back.flags.writeable
+
+
+@pytest.mark.parametrize(
+    "values",
+    [np.array([P], dtype=np.uint32), np.array([-1]), np.array([[1]], dtype=np.uint32), np.array([1.0])],
+)
+def test_pack_rejects(values):
+    with pytest.raises(InvalidShares):
+        record.pack_values(values)
+
+
+def test_unpack_rejects():
+    with pytest.raises(InvalidShares, match="length"):
+        record.unpack_values(b"\x00" * 7, 2)
+    with pytest.raises(InvalidShares, match="outside"):
+        record.unpack_values(b"\xff\xff\xff\x7f", 1)
+
+
+# --- identity -----------------------------------------------------------------------------
+
+
+def test_record_identity_layout():
+    got = record.record_identity("t", "sü", 2, 2**40)
+    assert got == (
+        b"splitvault/record/v1\x00"
+        + b"\x00\x00\x00\x01t"
+        + b"\x00\x00\x00\x03s\xc3\xbc"
+        + b"\x00\x00\x00\x02"
+        + (2**40).to_bytes(8, "big")
+    )
+
+
+def test_record_identity_is_unambiguous():
+    ids = {
+        record.record_identity("ab", "c", 1, 1),
+        record.record_identity("a", "bc", 1, 1),
+        record.record_identity("a", "bc", 2, 1),
+        record.record_identity("a", "bc", 1, 2),
+        record.record_identity("a", "bc", 256, 1),
+    }
+    assert len(ids) == 5
+
+
+@pytest.mark.parametrize(
+    "tenant,subject,index,epoch",
+    [("", "s", 1, 0), ("t", "", 1, 0), ("t\n", "s", 1, 0), ("t", "x" * 129, 1, 0), ("t", "s", -1, 0), ("t", "s", 1, 2**64)],
+)
+def test_record_identity_rejects(tenant, subject, index, epoch):
+    with pytest.raises(InvalidShares):
+        record.record_identity(tenant, subject, index, epoch)
+
+
+# --- make_records / validate_record -----------------------------------------------------
+
+
+def test_make_records_fields():
+    recs, _ = _records(k=3, n=5)
+    assert [r.index for r in recs] == [1, 2, 3, 4, 5]
+    for r in recs:
+        assert (r.tenant, r.subject, r.epoch, r.threshold, r.shareholders, r.dimension) == ("psp-1", "alice", 3, 3, 5, D)
+        assert r.codec_version == codec.CODEC_VERSION and r.mac_count == L
+        assert len(r.values) == 4 * (D + 2 * L) and r.request_id == "r-1"
+        record.validate_record(r)
+
+
+def test_make_records_rejects_wrong_shape():
+    shares = np.zeros((3, D + 2 * L), dtype=FIELD_DTYPE)
+    with pytest.raises(InvalidShares, match="shape"):
+        record.make_records(
+            tenant="t", subject="s", epoch=0, threshold=2, shareholders=4, dimension=D, request_id="r", shares=shares
+        )
+    with pytest.raises(InvalidShares):
+        record.make_records(
+            tenant="t", subject="", epoch=0, threshold=2, shareholders=3, dimension=D, request_id="r", shares=shares
+        )
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"index": 0}, "index"),
+        ({"index": 4}, "index"),
+        ({"threshold": 1}, "threshold"),
+        ({"threshold": 4}, "threshold"),
+        ({"shareholders": 256, "threshold": 2}, "threshold"),
+        ({"dimension": 0}, "dimension"),
+        ({"dimension": codec.MAX_DIMENSION + 1}, "dimension"),
+        ({"mac_count": 3}, "MAC count"),
+        ({"codec_version": 2}, "codec version"),
+        ({"values": b"\x00" * 8}, "length"),
+        ({"values": b"\xff\xff\xff\xff" * (D + 2 * L)}, "outside the field"),
+        ({"tenant": ""}, "tenant"),
+        ({"subject": ""}, "subject"),
+        ({"subject": "a\x00b"}, "control"),
+        ({"tenant": "a\tb"}, "control"),
+        ({"subject": "é" * 65}, "128 bytes"),
+    ],
+)
+def test_validate_record_rejects(changes, message):
+    recs, _ = _records()
+    with pytest.raises(InvalidShares, match=message):
+        record.validate_record(_copy(recs[0], **changes))
+
+
+def test_validate_record_accepts_limits():
+    recs, _ = _records()
+    record.validate_record(_copy(recs[0], subject="é" * 64, tenant="x" * 128))
+    with pytest.raises(InvalidShares):
+        record.validate_record("not a record")
+
+
+# --- join ---------------------------------------------------------------------------------
+
+
+def test_join_basic():
+    recs, codes = _records(k=3, n=5)
+    result = record.join(recs[2:])
+    assert np.array_equal(result.template, codes)
+    assert result.template.dtype == np.int8 and result.template.shape == (D,)
+    assert result.used == (3, 4, 5) and result.suspects == () and result.epoch == 3
+
+
+def test_join_reports_an_extra_inconsistent_share_even_when_first_k_pass():
+    recs, codes = _records(k=2, n=4)
+    values = record.unpack_values(recs[3].values, D + 2 * L)
+    values[0] = (int(values[0]) + 1) % P
+    bad = _copy(recs[3], values=record.pack_values(values))
+    result = record.join([recs[0], recs[1], bad])
+    assert np.array_equal(result.template, codes)
+    assert result.used == (1, 2) and result.suspects == (4,)
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("tenant", "psp-2"),
+        ("subject", "bob"),
+        ("epoch", 4),
+        ("threshold", 3),
+        ("shareholders", 4),
+        ("codec_version", 1),  # equal: must not be reported
+    ],
+)
+def test_join_requires_agreement(name, value):
+    recs, _ = _records(k=2, n=3)
+    other = _copy(recs[1], **{name: value})
+    if getattr(recs[0], name) == value:
+        record.join([recs[0], other])
+        return
+    with pytest.raises(InvalidShares) as info:
+        record.join([recs[0], other])
+    assert name.replace("_", " ") in str(info.value)
+    # The message names the field, never the values.
+    assert str(value) not in str(info.value).replace(name, "")
+
+
+def test_join_dimension_disagreement():
+    a, _ = _records(d=D)
+    b, _ = _records(d=D + 1)
+    with pytest.raises(InvalidShares, match="dimension"):
+        record.join([a[0], _copy(b[1], subject="alice")])
+
+
+def test_join_bookkeeping_errors():
+    recs, _ = _records(k=3, n=5)
+    with pytest.raises(InvalidShares, match="No share records"):
+        record.join([])
+    with pytest.raises(InvalidShares, match="Fewer"):
+        record.join(recs[:2])
+    with pytest.raises(InvalidShares, match="distinct"):
+        record.join([recs[0], recs[0], recs[1]])
+    with pytest.raises(InvalidShares, match="outside the field"):
+        record.join([recs[0], recs[1], _copy(recs[2], values=b"\xff" * len(recs[2].values))])
+
+
+def test_join_with_two_bad_shares_and_enough_good_ones():
+    recs, codes = _records(k=2, n=5)
+    tampered = []
+    for r in recs:
+        if r.index in (1, 3):
+            v = record.unpack_values(r.values, D + 2 * L)
+            v[D] = (int(v[D]) + 5) % P
+            r = _copy(r, values=record.pack_values(v))
+        tampered.append(r)
+    result = record.join(tampered)
+    assert np.array_equal(result.template, codes)
+    assert result.used == (2, 4) and result.suspects == (1, 3)
+
+
+def test_join_gives_up_after_max_subset_trials(monkeypatch):
+    recs, _ = _records(k=2, n=5)
+    v = record.unpack_values(recs[0].values, D + 2 * L)
+    v[0] = (int(v[0]) + 1) % P
+    bad = _copy(recs[0], values=record.pack_values(v))
+    monkeypatch.setattr(record, "MAX_SUBSET_TRIALS", 1)
+    with pytest.raises(IntegrityError):
+        record.join([bad] + recs[1:])
+    monkeypatch.setattr(record, "MAX_SUBSET_TRIALS", 1024)
+    assert record.join([bad] + recs[1:]).suspects == (1,)
+
+
+def test_join_wipes_its_intermediates(monkeypatch):
+    seen = []
+    real = record.wipe
+
+    def spy(*arrays):
+        seen.extend(a for a in arrays if a is not None)
+        real(*arrays)
+
+    monkeypatch.setattr(record, "wipe", spy)
+    recs, _ = _records(k=2, n=3)
+    record.join(recs)
+    # The stacked shares, the rejoined extended vector and every unpacked copy.
+    assert len(seen) >= 3 + 2
+    assert all(not a.any() for a in seen)
+
+
+def test_wipe():
+    a = np.arange(10, dtype=np.uint32)
+    b = np.ones((2, 2), dtype=np.int8)
+    record.wipe(a, None, b)
+    assert not a.any() and not b.any()
+    record.wipe(np.frombuffer(b"\x01\x02", dtype=np.uint8))  # read-only: skipped
+    with pytest.raises(TypeError):
+        record.wipe([1, 2])
