@@ -1,0 +1,40 @@
+"""``python -m matcher --config matcher.toml``: run the matcher until SIGTERM/SIGINT.
+
+A bad config or unreadable TLS file ends the process with one sentence on
+stderr and exit status 1 (no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from matcher import config as matcher_config
+from matcher.server import harden_process, serve
+from vaultrpc import logs
+from vaultrpc.server import run_until_signalled
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m matcher", description="Run the splitvault matcher.")
+    parser.add_argument("--config", required=True, help="path to matcher.toml")
+    args = parser.parse_args(argv)
+    # Before anything secret can be in memory.
+    hardened = harden_process()
+    try:
+        cfg = matcher_config.load(args.config)
+    except matcher_config.ConfigError as exc:
+        print(f"matcher: {exc}", file=sys.stderr)
+        return 1
+    log = logs.setup("matcher", cfg.log_level)
+    logs.event(log, "process hardened", **hardened)
+    try:
+        running = serve(cfg, logger=log, harden=False)
+    except (ValueError, OSError) as exc:
+        print(f"matcher: cannot start: {exc}", file=sys.stderr)
+        return 1
+    run_until_signalled(running)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

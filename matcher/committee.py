@@ -1,0 +1,169 @@
+"""The matcher's view of the shareholder committee: one long-lived mutual-TLS
+channel and stub per node, and parallel calls with a deadline on every one
+(Python gRPC does not propagate deadlines, so each outgoing call carries its
+own ``call_timeout_ms``).
+
+Calls go out as gRPC futures: no thread per call, answers are consumed in
+the order they arrive (``Gather``), so a Verify can go on as soon as k shares
+are in hand while slower nodes are still answering.
+"""
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from matcher.config import ShareholderEndpoint
+from splitvault.v1 import shareholder_pb2_grpc
+from vaultrpc.tls import TlsMaterial, secure_channel
+
+# Reconnect quickly to a node that comes back (gRPC's default backoff grows
+# to two minutes, which would keep a restarted node out of the quorum).
+_CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
+# Transport-level failures: the node did not really answer.
+TRANSPORT_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One node's answer to one call: a response, or a status code and message."""
+
+    node: ShareholderEndpoint
+    response: Any = None
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.code == grpc.StatusCode.OK
+
+
+class Gather:
+    """Answers of one fan-out, in arrival order, until every call has ended.
+
+    Every call carries its own deadline, so every future completes by then;
+    the Gather's own deadline (one second later) only guards against a
+    callback that never fires.
+    """
+
+    def __init__(self, targets: tuple[ShareholderEndpoint, ...], deadline: float):
+        self._queue: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+        self._targets = targets
+        self._left = len(targets)
+        self._deadline = deadline
+        self.outcomes: list[Outcome] = []
+
+    def _put(self, outcome: Outcome) -> None:
+        self._queue.put(outcome)
+
+    @property
+    def pending(self) -> int:
+        return self._left
+
+    def next(self) -> Outcome | None:
+        """The next answer, or None when all calls have ended (or the deadline passed)."""
+        if self._left <= 0:
+            return None
+        timeout = max(0.0, self._deadline - time.monotonic())
+        try:
+            outcome = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        self._left -= 1
+        self.outcomes.append(outcome)
+        return outcome
+
+    def __iter__(self) -> Iterator[Outcome]:
+        while (outcome := self.next()) is not None:
+            yield outcome
+
+    def all(self) -> list[Outcome]:
+        """Wait for every answer; nodes that never answered count as DEADLINE_EXCEEDED."""
+        for _ in self:
+            pass
+        answered = {o.node.name for o in self.outcomes}
+        for node in self._targets:
+            if node.name not in answered:
+                self.outcomes.append(Outcome(node, None, grpc.StatusCode.DEADLINE_EXCEEDED, "No answer in time."))
+        self._left = 0
+        return self.outcomes
+
+
+class Committee:
+    """Channels and stubs to every shareholder, opened once and reused."""
+
+    def __init__(self, endpoints: tuple[ShareholderEndpoint, ...], tls: TlsMaterial, timeout_s: float):
+        self.endpoints = endpoints
+        self.timeout_s = timeout_s
+        self._channels = {e.name: secure_channel(e.address, tls, _CHANNEL_OPTIONS) for e in endpoints}
+        self._stubs = {name: shareholder_pb2_grpc.ShareholderStub(ch) for name, ch in self._channels.items()}
+
+    def __len__(self) -> int:
+        return len(self.endpoints)
+
+    def by_index(self, index: int) -> ShareholderEndpoint | None:
+        for e in self.endpoints:
+            if e.index == index:
+                return e
+        return None
+
+    def fan_out(
+        self,
+        method: str,
+        request_for: Callable[[ShareholderEndpoint], Any] | Any,
+        *,
+        nodes: tuple[ShareholderEndpoint, ...] | None = None,
+        timeout_s: float | None = None,
+    ) -> Gather:
+        """Start ``method`` on every node (or ``nodes``) at once; answers arrive in a Gather.
+
+        ``request_for`` is either one request for all nodes or a function of
+        the node giving its request. A streaming-request method takes an
+        iterator as its request.
+        """
+        targets = self.endpoints if nodes is None else nodes
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        gather = Gather(tuple(targets), time.monotonic() + timeout + 1.0)
+        for node in targets:
+            request = request_for(node) if callable(request_for) else request_for
+            rpc = getattr(self._stubs[node.name], method)
+            try:
+                future = rpc.future(request, timeout=timeout)
+            except Exception as exc:  # noqa: BLE001 - a failed start is a failed call
+                gather._put(Outcome(node, None, grpc.StatusCode.UNAVAILABLE, type(exc).__name__))
+                continue
+            future.add_done_callback(lambda f, node=node: gather._put(_outcome(node, f)))
+        return gather
+
+    def call_all(self, method: str, request_for, **kw) -> list[Outcome]:
+        """Fan out and wait for every answer; results in committee order."""
+        outcomes = self.fan_out(method, request_for, **kw).all()
+        order = {e.name: i for i, e in enumerate(self.endpoints)}
+        return sorted(outcomes, key=lambda o: order[o.node.name])
+
+    def close(self) -> None:
+        for ch in self._channels.values():
+            ch.close()
+
+
+def _outcome(node: ShareholderEndpoint, future: grpc.Future) -> Outcome:
+    try:
+        return Outcome(node, future.result())
+    except grpc.RpcError as err:
+        code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
+        details = err.details() if callable(getattr(err, "details", None)) else ""
+        return Outcome(node, None, code or grpc.StatusCode.UNKNOWN, details or "")
+    except grpc.FutureCancelledError:
+        return Outcome(node, None, grpc.StatusCode.CANCELLED, "The call was cancelled.")
+    except Exception as exc:  # noqa: BLE001
+        return Outcome(node, None, grpc.StatusCode.UNKNOWN, type(exc).__name__)

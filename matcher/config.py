@@ -1,0 +1,183 @@
+"""The matcher's configuration (docs/contracts.md, "Matcher config"), loaded
+and checked once at start-up so that a bad file fails with one clear
+sentence instead of at the first payment."""
+from __future__ import annotations
+
+import os
+import pathlib
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from vault import pki
+from vaultrpc import config as rpcconfig
+from vaultrpc.config import ConfigError
+from vaultrpc.tls import TlsFiles
+
+__all__ = ["ConfigError", "MatcherConfig", "ShareholderEndpoint", "TenantPolicy", "load", "from_dict"]
+
+
+@dataclass(frozen=True)
+class ShareholderEndpoint:
+    """One node of the committee: its name (certificate name), Shamir index and address."""
+
+    name: str
+    index: int
+    address: str
+
+
+@dataclass(frozen=True)
+class TenantPolicy:
+    """What one payment provider is registered with."""
+
+    name: str
+    match_threshold: float
+    score_allowed: bool
+    ticket_keys: dict[str, ed25519.Ed25519PublicKey]
+
+
+@dataclass(frozen=True)
+class MatcherConfig:
+    listen: str
+    dimension: int
+    threshold: int
+    shareholders: tuple[ShareholderEndpoint, ...]
+    tenants: dict[str, TenantPolicy]
+    tls: TlsFiles
+    ready_file: str | None = None
+    call_timeout_ms: int = 2000
+    log_level: str = "INFO"
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
+    # Server threads; each in-flight RPC holds one while it waits for nodes.
+    max_workers: int = 64
+    # Templates per vectorised split / per node write in EnrollStream.
+    enroll_batch: int = 512
+
+    @property
+    def call_timeout_s(self) -> float:
+        return self.call_timeout_ms / 1000.0
+
+    @property
+    def n(self) -> int:
+        return len(self.shareholders)
+
+
+def load(path: str | os.PathLike, env: dict[str, str] | None = None) -> MatcherConfig:
+    """Read and check ``matcher.toml`` (environment overrides as in vaultrpc.config)."""
+    data = rpcconfig.load(path, env=env)
+    return from_dict(data, base=pathlib.Path(path).resolve().parent)
+
+
+def _path(value: str, base: pathlib.Path | None) -> str:
+    p = pathlib.Path(value)
+    if not p.is_absolute() and base is not None:
+        p = base / p
+    return str(p)
+
+
+def from_dict(data: dict[str, Any], base: pathlib.Path | None = None) -> MatcherConfig:
+    """Build a checked MatcherConfig from parsed TOML; relative paths are
+    taken relative to ``base`` (the config file's folder)."""
+    need, get = rpcconfig.need, rpcconfig.get
+    listen = need(data, "matcher.listen")
+    dimension = need(data, "matcher.dimension", int)
+    threshold = need(data, "matcher.threshold", int)
+    call_timeout_ms = get(data, "matcher.call_timeout_ms", 2000, int)
+    log_level = get(data, "matcher.log_level", "INFO", str)
+    ready_file = get(data, "matcher.ready_file", None, str)
+    max_workers = get(data, "matcher.max_workers", 64, int)
+    enroll_batch = get(data, "matcher.enroll_batch", 512, int)
+    if not 0 < dimension <= 66_572:
+        raise ConfigError("The config value matcher.dimension must be between 1 and 66572.")
+    if not 50 <= call_timeout_ms <= 600_000:
+        raise ConfigError("The config value matcher.call_timeout_ms must be between 50 and 600000.")
+    if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError("The config value matcher.log_level must be DEBUG, INFO, WARNING or ERROR.")
+    if not 4 <= max_workers <= 1024:
+        raise ConfigError("The config value matcher.max_workers must be between 4 and 1024.")
+    if not 1 <= enroll_batch <= 8192:
+        raise ConfigError("The config value matcher.enroll_batch must be between 1 and 8192.")
+
+    tls = TlsFiles(
+        ca=_path(need(data, "tls.ca"), base),
+        cert=_path(need(data, "tls.cert"), base),
+        key=_path(need(data, "tls.key"), base),
+    )
+
+    raw_nodes = data.get("shareholders")
+    if not isinstance(raw_nodes, list) or not raw_nodes:
+        raise ConfigError("The config needs at least one [[shareholders]] entry.")
+    nodes = []
+    for i, raw in enumerate(raw_nodes):
+        if not isinstance(raw, dict):
+            raise ConfigError(f"The config entry shareholders[{i}] is not a table.")
+        wrapped = {"s": raw}
+        name = need(wrapped, "s.name")
+        try:
+            pki.check_name(name)
+        except ValueError as exc:
+            raise ConfigError(f"The config value shareholders[{i}].name is invalid: {exc}") from None
+        index = need(wrapped, "s.index", int)
+        address = need(wrapped, "s.address")
+        if not 1 <= index <= 255:
+            raise ConfigError(f"The config value shareholders[{i}].index must be between 1 and 255.")
+        if ":" not in address:
+            raise ConfigError(f"The config value shareholders[{i}].address must be host:port.")
+        nodes.append(ShareholderEndpoint(name, index, address))
+    if len({n.name for n in nodes}) != len(nodes):
+        raise ConfigError("Two [[shareholders]] entries have the same name.")
+    if len({n.index for n in nodes}) != len(nodes):
+        raise ConfigError("Two [[shareholders]] entries have the same index.")
+    if sorted(n.index for n in nodes) != list(range(1, len(nodes) + 1)):
+        raise ConfigError("The [[shareholders]] indices must be 1 to n, one per node (the Shamir x-coordinates).")
+    if not 2 <= threshold <= len(nodes):
+        raise ConfigError(
+            f"The config value matcher.threshold must be between 2 and the number of shareholders ({len(nodes)})."
+        )
+
+    raw_tenants = data.get("tenants", {})
+    if not isinstance(raw_tenants, dict):
+        raise ConfigError("The config section [tenants] must be a table of tables.")
+    tenants: dict[str, TenantPolicy] = {}
+    for name, raw in raw_tenants.items():
+        try:
+            pki.check_name(name)
+        except ValueError as exc:
+            raise ConfigError(f"The tenant name {name!r} is invalid: {exc}") from None
+        wrapped = {"t": raw}
+        match_threshold = need(wrapped, "t.match_threshold", (int, float))
+        if isinstance(match_threshold, bool) or not -1.0 <= float(match_threshold) <= 1.0:
+            raise ConfigError(f"The config value tenants.{name}.match_threshold must be between -1 and 1.")
+        score_allowed = get(wrapped, "t.score_allowed", False, bool)
+        raw_keys = get(wrapped, "t.ticket_keys", {}, dict)
+        if not raw_keys:
+            raise ConfigError(f"The tenant {name} has no ticket_keys.")
+        keys = {}
+        for key_id, hex_key in raw_keys.items():
+            if not isinstance(hex_key, str):
+                raise ConfigError(f"The ticket key {key_id} of tenant {name} must be 64 hex characters.")
+            try:
+                keys[key_id] = pki.load_public_key(hex_key)
+            except ValueError:
+                raise ConfigError(
+                    f"The ticket key {key_id} of tenant {name} is not a 32-byte Ed25519 key in hex."
+                ) from None
+        tenants[name] = TenantPolicy(name, float(match_threshold), score_allowed, keys)
+
+    return MatcherConfig(
+        listen=listen,
+        dimension=dimension,
+        threshold=threshold,
+        shareholders=tuple(sorted(nodes, key=lambda n: n.index)),
+        tenants=tenants,
+        tls=tls,
+        ready_file=_path(ready_file, base) if ready_file else None,
+        call_timeout_ms=call_timeout_ms,
+        log_level=log_level.upper(),
+        metrics_host=get(data, "metrics.host", "127.0.0.1", str),
+        metrics_port=get(data, "metrics.port", 0, int),
+        max_workers=max_workers,
+        enroll_batch=enroll_batch,
+    )

@@ -1,0 +1,594 @@
+"""The ``Matcher`` gRPC servicer: enrol, verify, delete, bulk enrol.
+
+The matcher is stateless. It holds a template only inside one Verify (rejoin,
+compare, wipe) or one Enroll (encode, split, send, wipe); everything durable
+lives, split, at the shareholders. The tenant is always the caller's
+certificate name (``vaultrpc.server.caller``), never a request field.
+
+Fail closed: every path that does not end in a successful MAC check and a
+score at or above the tenant's threshold ends in NO_MATCH or an error status.
+A shareholder whose share is inconsistent is named in this process's JSON log
+and in a metric, never to the caller.
+
+Wiping: every numpy buffer that held the template, the probe encoding or a
+share is overwritten (``record.wipe``) before the answer leaves. Protobuf's
+byte strings (the request's floats, the shares' ``values``) are immutable and
+cannot be overwritten from Python; they are dropped as soon as possible, and
+core dumps are disabled for the process (``matcher.server.harden_process``).
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import Counter as Tally
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from matcher import metrics
+from matcher.committee import TRANSPORT_CODES, Committee, Outcome
+from matcher.config import MatcherConfig, ShareholderEndpoint, TenantPolicy
+from splitvault.v1 import common_pb2, matcher_pb2, matcher_pb2_grpc, shareholder_pb2
+from vault import codec, integrity, record, sharing, ticket
+from vault.errors import IntegrityError, InvalidShares, InvalidTemplate, InvalidTicket
+from vaultrpc import logs, status
+from vaultrpc.server import caller
+
+MAX_ID_BYTES = 128
+# Node answers that settle a verification without k shares, in the order
+# they are considered when several apply.
+_DEFINITIVE = (
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.NOT_FOUND,
+)
+_DEFINITIVE_MESSAGE = {
+    grpc.StatusCode.PERMISSION_DENIED: "The shareholders refused the verification ticket.",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "Too many verification attempts for this subject; try again later.",
+    grpc.StatusCode.NOT_FOUND: "The subject is not enrolled.",
+}
+_OK = grpc.StatusCode.OK
+
+
+def check_id(value: str, what: str, *, ascii_only: bool = False) -> str:
+    """A subject (1-128 bytes of printable UTF-8) or request id (1-128 printable ASCII characters)."""
+    raw = value.encode("utf-8", "surrogatepass")
+    if not 1 <= len(raw) <= MAX_ID_BYTES:
+        raise status.InvalidArgument(f"The {what} must be 1 to {MAX_ID_BYTES} bytes long.")
+    if not value.isprintable() or (ascii_only and not value.isascii()):
+        kind = "printable ASCII" if ascii_only else "printable text"
+        raise status.InvalidArgument(f"The {what} must be {kind} without control characters.")
+    return value
+
+
+def _vector(values, dimension: int, what: str) -> np.ndarray:
+    # The float32 vector of a request, checked (dimension, finite, non-zero).
+    arr = np.array(values, dtype=np.float32)
+    if arr.shape != (dimension,):
+        arr.fill(0)
+        raise status.InvalidArgument(f"The {what} must have exactly {dimension} values.")
+    if not np.isfinite(arr).all():
+        arr.fill(0)
+        raise status.InvalidArgument(f"The {what} contains a non-finite value (NaN or infinity).")
+    if not arr.any():
+        raise status.InvalidArgument(f"The {what} is the zero vector.")
+    return arr
+
+
+@dataclass
+class _Item:
+    """One EnrollStream request on its way through a batch."""
+
+    position: int
+    subject: str
+    request_id: str
+    replace: bool
+    vector: np.ndarray | None = None
+    code: grpc.StatusCode | None = None
+    message: str = ""
+
+
+class MatcherService(matcher_pb2_grpc.MatcherServicer):
+    def __init__(self, config: MatcherConfig, committee: Committee, logger: logging.Logger):
+        self.cfg = config
+        self.committee = committee
+        self.log = logger
+        self.k = config.threshold
+        self.n = config.n
+        self.d = config.dimension
+        self.width = config.dimension + 2 * integrity.MAC_COUNT
+        self._by_index = {e.index: e for e in config.shareholders}
+
+    # --- helpers ------------------------------------------------------------
+
+    def _tenant(self, context) -> TenantPolicy:
+        who = caller(context)
+        policy = self.cfg.tenants.get(who.name) if who is not None else None
+        if policy is None:
+            raise status.PermissionDenied("The caller's tenant is not registered with this matcher.")
+        return policy
+
+    def _node_failed(self, outcome: Outcome, method: str) -> None:
+        metrics.NODE_ERRORS.labels(outcome.node.name, method, outcome.code.name).inc()
+        logs.event(
+            self.log,
+            "shareholder call failed",
+            logging.WARNING,
+            node=outcome.node.name,
+            method=method,
+            code=outcome.code.name,
+            detail=outcome.message[:200],
+        )
+
+    def _suspect(self, node: ShareholderEndpoint, reason: str, **fields) -> None:
+        metrics.SUSPECTS.labels(node.name).inc()
+        logs.event(self.log, "inconsistent share", logging.WARNING, node=node.name, reason=reason, **fields)
+
+    # --- Enroll -------------------------------------------------------------
+
+    def Enroll(self, request, context):
+        tenant = self._tenant(context)
+        subject = check_id(request.subject, "subject")
+        request_id = check_id(request.request_id, "request id", ascii_only=True)
+        vector = _vector(request.template, self.d, "template")
+        try:
+            epoch, already = self._enrol_one(tenant.name, subject, request_id, vector, request.replace)
+        except status.RpcError as exc:
+            metrics.ENROLMENTS.labels(exc.code.name).inc()
+            raise
+        finally:
+            record.wipe(vector)
+        metrics.ENROLMENTS.labels("already_enrolled" if already else "enrolled").inc()
+        logs.event(
+            self.log, "enrolled", tenant=tenant.name, subject=subject, request_id=request_id,
+            epoch=epoch, already_enrolled=already, replace=request.replace,
+        )
+        return matcher_pb2.EnrollResponse(
+            subject=subject, request_id=request_id, epoch=epoch, already_enrolled=already
+        )
+
+    def _enrol_one(
+        self, tenant: str, subject: str, request_id: str, vector: np.ndarray, replace: bool
+    ) -> tuple[int, bool]:
+        """Enrol one checked template; (epoch, already_enrolled). Raises status errors."""
+        describe = shareholder_pb2.DescribeRecordsRequest(tenant=tenant, subject=subject)
+        gather_describe = self.committee.fan_out("DescribeRecords", describe)
+        gather_info = self.committee.fan_out("GetNodeInfo", shareholder_pb2.GetNodeInfoRequest())
+        described, infos = gather_describe.all(), gather_info.all()
+        failed = [o for o in described + infos if not o.ok]
+        for o in failed:
+            self._node_failed(o, "DescribeRecords" if o in described else "GetNodeInfo")
+        if failed:
+            names = sorted({o.node.name for o in failed})
+            raise status.Unavailable(
+                f"Cannot enrol: {len(names)} of {self.n} shareholders did not answer; nothing was stored."
+            )
+        held = {o.node.name: list(o.response.records) for o in described}
+        # Already enrolled by this very request: every node holds it at one epoch.
+        common = None
+        for records in held.values():
+            epochs = {r.epoch for r in records if r.request_id == request_id}
+            common = epochs if common is None else common & epochs
+        if common:
+            return max(common), True
+        others = {r.request_id for records in held.values() for r in records if r.request_id != request_id}
+        if others and not replace:
+            raise status.AlreadyExists(
+                "The subject is already enrolled; set replace to overwrite it."
+            )
+        existing = any(held.values())
+        epoch = self._cluster_epoch([o.response.epoch for o in infos])
+        encoded = field_values = extended = shares = None
+        try:
+            encoded = codec.encode(vector, self.d)
+            field_values = codec.to_field(encoded)
+            extended = integrity.extend(field_values)
+            shares = sharing.split(extended, self.k, self.n)
+            records = record.make_records(
+                tenant=tenant, subject=subject, epoch=epoch, threshold=self.k, shareholders=self.n,
+                dimension=self.d, request_id=request_id, shares=shares[:, 0, :],
+            )
+        finally:
+            record.wipe(encoded, field_values, extended, shares)
+        by_index = {r.index: r for r in records}
+        # Overwrite our own leftovers from an earlier attempt of this request
+        # too, so that all n shares come from this one split.
+        store_replace = replace or existing
+        outcomes = self.committee.call_all(
+            "StoreShares",
+            lambda node: shareholder_pb2.StoreSharesRequest(records=[by_index[node.index]], replace=store_replace),
+        )
+        del records, by_index
+        failed = [o for o in outcomes if not o.ok]
+        if not failed:
+            return epoch, False
+        for o in failed:
+            self._node_failed(o, "StoreShares")
+        # Undo on every node that stored or may have stored (a timed-out call
+        # may still have committed). Nodes that refused did not store.
+        undo = tuple(o.node for o in outcomes if o.ok or o.code in TRANSPORT_CODES)
+        if replace or existing:
+            undo = self.cfg.shareholders  # a half-replaced subject must not stay half old, half new
+        not_undone = self._compensate(tenant, subject, request_id, undo)
+        if all(o.code == grpc.StatusCode.ALREADY_EXISTS for o in failed) and not not_undone:
+            raise status.AlreadyExists(
+                "The subject was enrolled concurrently by another request; set replace to overwrite it."
+            )
+        msg = f"Enrolment failed: {len(failed)} of {self.n} shareholders did not store the share"
+        if not_undone:
+            msg += (
+                f", and {len(not_undone)} shareholder(s) did not confirm the clean-up; "
+                "retry with the same request id to overwrite every share."
+            )
+        else:
+            msg += "; nothing was kept, so the subject is not enrolled."
+        raise status.Unavailable(msg)
+
+    def _cluster_epoch(self, epochs: list[int]) -> int:
+        # New shares go to the committee's current epoch; while a refresh is
+        # switching over the nodes may briefly differ, and the newest wins.
+        return max(epochs) if epochs else 0
+
+    def _compensate(
+        self, tenant: str, subject: str, request_id: str, nodes: tuple[ShareholderEndpoint, ...]
+    ) -> list[str]:
+        """Delete the subject on ``nodes``; the names of those that did not confirm."""
+        if not nodes:
+            return []
+        req = shareholder_pb2.DeleteSharesRequest(tenant=tenant, subject=subject, request_id=request_id)
+        outcomes = self.committee.call_all("DeleteShares", req, nodes=nodes)
+        failed = [o for o in outcomes if not o.ok]
+        for o in failed:
+            self._node_failed(o, "DeleteShares")
+        if failed:
+            logs.event(
+                self.log, "enrolment clean-up incomplete", logging.ERROR, tenant=tenant, subject=subject,
+                request_id=request_id, nodes=[o.node.name for o in failed],
+            )
+        return [o.node.name for o in failed]
+
+    # --- EnrollStream -------------------------------------------------------
+
+    def EnrollStream(self, request_iterator, context):
+        tenant = self._tenant(context)
+        batch_size = self.cfg.enroll_batch
+        # One batch is prepared while the previous one is being stored: at
+        # most two batches are in memory, whatever the stream's length.
+        in_flight = None
+        for batch in _batches(request_iterator, batch_size, self.d):
+            prepared = self._prepare_batch(tenant.name, batch)
+            if in_flight is not None:
+                yield from self._finish_batch(tenant.name, *in_flight)
+            in_flight = (batch, self._send_batch(prepared))
+            if not context.is_active():
+                return
+        if in_flight is not None:
+            yield from self._finish_batch(tenant.name, *in_flight)
+
+    def _prepare_batch(self, tenant: str, batch: list[_Item]):
+        """Check, encode, MAC and split the valid, first-in-batch items: (items, records per node)."""
+        # The batch goes to the nodes as one all-or-nothing write per node,
+        # with one replace flag: items with the other flag, and repeats of a
+        # subject within the batch, are enrolled one by one afterwards.
+        seen: set[str] = set()
+        fast: list[_Item] = []
+        replace = None
+        for item in batch:
+            if item.code is not None or item.subject in seen:
+                continue
+            if replace is None:
+                replace = item.replace
+            if item.replace != replace:
+                continue
+            seen.add(item.subject)
+            fast.append(item)
+        if not fast:
+            return [], {}, False
+        epoch_infos = self.committee.call_all("GetNodeInfo", shareholder_pb2.GetNodeInfoRequest())
+        if not all(o.ok for o in epoch_infos):
+            for o in epoch_infos:
+                if not o.ok:
+                    self._node_failed(o, "GetNodeInfo")
+            for item in fast:
+                item.code, item.message = grpc.StatusCode.UNAVAILABLE, (
+                    "Not every shareholder answered; the template was not stored."
+                )
+            return [], {}, False
+        epoch = self._cluster_epoch([o.response.epoch for o in epoch_infos])
+        vectors = np.stack([item.vector for item in fast])
+        encoded = field_values = extended = shares = None
+        try:
+            encoded = codec.encode(vectors, self.d)
+            field_values = codec.to_field(encoded)
+            extended = integrity.extend(field_values)
+            shares = sharing.split(extended, self.k, self.n)
+            per_node: dict[int, list[common_pb2.ShareRecord]] = {e.index: [] for e in self.cfg.shareholders}
+            for b, item in enumerate(fast):
+                for rec in record.make_records(
+                    tenant=tenant, subject=item.subject, epoch=epoch, threshold=self.k,
+                    shareholders=self.n, dimension=self.d, request_id=item.request_id, shares=shares[:, b, :],
+                ):
+                    per_node[rec.index].append(rec)
+        finally:
+            record.wipe(vectors, encoded, field_values, extended, shares)
+        return fast, per_node, bool(replace)
+
+    def _send_batch(self, prepared):
+        fast, per_node, replace = prepared
+        if not fast:
+            return prepared, None
+        gather = self.committee.fan_out(
+            "StoreShares",
+            lambda node: shareholder_pb2.StoreSharesRequest(records=per_node[node.index], replace=replace),
+            timeout_s=self._batch_timeout(len(fast)),
+        )
+        return prepared, gather
+
+    def _batch_timeout(self, count: int) -> float:
+        # A batch write may take longer than one call; allow 2 ms per record on top.
+        return self.cfg.call_timeout_s + 0.002 * count
+
+    def _finish_batch(self, tenant: str, batch: list[_Item], sent) -> Iterator[matcher_pb2.EnrollStreamResponse]:
+        (fast, per_node, replace), gather = sent
+        if gather is not None:
+            self._settle_batch(tenant, fast, per_node, replace, gather.all())
+        # Repeated subjects of the batch, and items the batch could not settle,
+        # go through the one-by-one path, in order.
+        for item in batch:
+            if item.code is None:
+                self._enrol_item(tenant, item)
+            metrics.ENROLMENTS.labels(
+                "enrolled" if item.code == _OK else item.code.name
+            ).inc()
+            record.wipe(item.vector)
+            item.vector = None
+            yield matcher_pb2.EnrollStreamResponse(
+                subject=item.subject, request_id=item.request_id,
+                code=status.code_value(item.code), message=item.message,
+            )
+        for records in per_node.values():
+            records.clear()
+
+    def _settle_batch(self, tenant, fast, per_node, replace, outcomes: list[Outcome]) -> None:
+        # A node stores a batch all or nothing, and a record whose request id
+        # it already holds is overwritten, so when every node confirmed, all
+        # n shares of every item come from this one split.
+        failed = [o for o in outcomes if not o.ok]
+        if not failed:
+            for item in fast:
+                item.code, item.message = _OK, ""
+            return
+        for o in failed:
+            self._node_failed(o, "StoreShares")
+        if all(o.code == grpc.StatusCode.ALREADY_EXISTS for o in failed) and not any(o.ok for o in outcomes):
+            # Nothing was stored anywhere: settle each item one by one, which
+            # names the duplicates and enrols the rest.
+            return
+        # Undo on every node that stored the batch or may have (a timed-out
+        # call may still commit); nodes that refused stored nothing.
+        undo = tuple(o.node for o in outcomes if o.ok or o.code in TRANSPORT_CODES)
+        not_undone: set[str] = set()
+        for item in fast:
+            not_undone.update(self._compensate(tenant, item.subject, item.request_id, undo))
+        message = f"{len(failed)} of {self.n} shareholders did not store the batch"
+        if not_undone:
+            message += (
+                f", and {len(not_undone)} did not confirm the clean-up; "
+                "retry with the same request id to overwrite every share."
+            )
+        else:
+            message += "; nothing was kept, so the subject is not enrolled."
+        for item in fast:
+            item.code, item.message = grpc.StatusCode.UNAVAILABLE, message
+
+    def _enrol_item(self, tenant: str, item: _Item) -> None:
+        # The one-by-one path for stream items the batch did not settle.
+        try:
+            if item.vector is None:
+                raise status.Unavailable("The template was not kept for a retry; send it again.")
+            _, already = self._enrol_one(tenant, item.subject, item.request_id, item.vector, item.replace)
+            item.code, item.message = _OK, ("Already enrolled by this request id." if already else "")
+        except status.RpcError as exc:
+            item.code, item.message = exc.code, exc.message
+        except (InvalidTemplate, InvalidShares) as exc:
+            item.code, item.message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        finally:
+            record.wipe(item.vector)
+            item.vector = None
+
+    # --- Verify -------------------------------------------------------------
+
+    def Verify(self, request, context):
+        tenant = self._tenant(context)
+        subject = check_id(request.subject, "subject")
+        probe = _vector(request.probe, self.d, "probe")
+        probe_code = None
+        decision_id = str(uuid.uuid4())
+        outcome_label = "INTERNAL"
+        try:
+            body = self._check_ticket(request, tenant, subject, probe)
+            probe_code = codec.encode(probe, self.d)
+            joined = self._rejoin(tenant.name, subject, request.ticket, decision_id, body.request_id)
+            try:
+                score = codec.cosine(probe_code, joined.template)
+            finally:
+                record.wipe(joined.template)
+            match = score >= tenant.match_threshold
+            decision = matcher_pb2.DECISION_MATCH if match else matcher_pb2.DECISION_NO_MATCH
+            outcome_label = "MATCH" if match else "NO_MATCH"
+            used = [self._by_index[i].name for i in joined.used]
+            logs.event(
+                self.log, "verified", decision=outcome_label, decision_id=decision_id, tenant=tenant.name,
+                subject=subject, request_id=body.request_id, epoch=joined.epoch, nodes_used=used,
+            )
+            response = matcher_pb2.VerifyResponse(decision=decision, decision_id=decision_id, epoch=joined.epoch)
+            if tenant.score_allowed:
+                response.score = float(score)
+            del score
+            return response
+        except status.RpcError as exc:
+            outcome_label = exc.code.name
+            logs.event(
+                self.log, "verification without decision", logging.WARNING, code=exc.code.name,
+                decision_id=decision_id, tenant=tenant.name, subject=subject,
+            )
+            raise
+        finally:
+            record.wipe(probe, probe_code)
+            metrics.VERIFICATIONS.labels(outcome_label).inc()
+
+    def _check_ticket(self, request, tenant: TenantPolicy, subject: str, probe: np.ndarray):
+        if not request.HasField("ticket"):
+            raise status.PermissionDenied("A verification needs the provider's signed ticket.")
+        try:
+            body = ticket.verify(request.ticket, tenant.ticket_keys, tenant=tenant.name)
+        except InvalidTicket as exc:
+            raise status.PermissionDenied(str(exc)) from None
+        if body.subject != subject:
+            raise status.PermissionDenied("The verification ticket was issued for another subject.")
+        if not ticket.probe_matches(body, probe):
+            raise status.PermissionDenied("The probe is not the one the verification ticket authorises.")
+        return body
+
+    def _share_problem(self, share: common_pb2.ShareRecord, node: ShareholderEndpoint, tenant: str, subject: str):
+        # Why a released share cannot be used as node's share of this subject, or None.
+        if share.tenant != tenant or share.subject != subject:
+            return "share labelled for another subject"
+        if share.index != node.index:
+            return "share carries another shareholder's index"
+        if share.threshold != self.k or share.shareholders != self.n or share.dimension != self.d:
+            return "share does not fit the configured committee or dimension"
+        try:
+            record.validate_record(share)
+        except InvalidShares:
+            return "share is malformed"
+        return None
+
+    def _rejoin(self, tenant: str, subject: str, ticket_msg, decision_id: str, request_id: str) -> record.JoinResult:
+        """Release shares from every node, rejoin from k consistent ones (fail closed)."""
+        gather = self.committee.fan_out("ReleaseShare", shareholder_pb2.ReleaseShareRequest(ticket=ticket_msg))
+        by_epoch: dict[int, dict[int, common_pb2.ShareRecord]] = {}
+        failures: list[Outcome] = []
+        tried: set[frozenset] = set()
+        integrity_failed = False
+        for outcome in gather:
+            node = outcome.node
+            if not outcome.ok:
+                self._node_failed(outcome, "ReleaseShare")
+                failures.append(outcome)
+                continue
+            shares = list(outcome.response.shares)
+            if not shares:
+                failures.append(Outcome(node, None, grpc.StatusCode.NOT_FOUND, "no share"))
+                continue
+            for share in shares:
+                problem = self._share_problem(share, node, tenant, subject)
+                if problem:
+                    self._suspect(node, problem, decision_id=decision_id, tenant=tenant, subject=subject)
+                    continue
+                by_epoch.setdefault(share.epoch, {})[node.index] = share
+            ready = [e for e, group in by_epoch.items() if len(group) >= self.k]
+            if not ready:
+                continue
+            epoch = max(ready)
+            group = by_epoch[epoch]
+            if frozenset(group) in tried:
+                continue
+            tried.add(frozenset(group))
+            try:
+                result = record.join(list(group.values()))
+            except (IntegrityError, InvalidShares):
+                integrity_failed = True
+                logs.event(
+                    self.log, "shares do not rejoin consistently; waiting for more", logging.WARNING,
+                    decision_id=decision_id, tenant=tenant, subject=subject, epoch=epoch,
+                    nodes=[self._by_index[i].name for i in sorted(group)],
+                )
+                continue
+            for index in result.suspects:
+                self._suspect(
+                    self._by_index[index], "share outvoted by the others",
+                    decision_id=decision_id, tenant=tenant, subject=subject, epoch=epoch,
+                )
+            return result
+        if integrity_failed:
+            logs.event(
+                self.log, "inconsistent shares could not be outvoted", logging.ERROR,
+                decision_id=decision_id, tenant=tenant, subject=subject,
+                nodes=sorted({self._by_index[i].name for g in by_epoch.values() for i in g}),
+            )
+            raise status.DataLoss(
+                "The subject's shares are inconsistent; no decision was made and the operators are alerted."
+            )
+        raise self._no_quorum(failures, max((len(g) for g in by_epoch.values()), default=0))
+
+    def _no_quorum(self, failures: list[Outcome], best: int) -> status.RpcError:
+        # Fewer than k usable shares: say why, as definitely as the answers allow.
+        codes = Tally(o.code for o in failures)
+        enough_to_rule_out = self.n - self.k + 1  # this many refusals leave fewer than k possible shares
+        for code in _DEFINITIVE:
+            if codes[code] >= enough_to_rule_out:
+                return _STATUS_BY_CODE[code](_DEFINITIVE_MESSAGE[code])
+        answered = {o.code for o in failures if o.code not in TRANSPORT_CODES}
+        if best == 0 and len(answered) == 1:
+            (code,) = answered
+            if code in _DEFINITIVE_MESSAGE:
+                return _STATUS_BY_CODE[code](_DEFINITIVE_MESSAGE[code])
+        return status.Unavailable(
+            f"Fewer than k = {self.k} shareholders answered with a share; no decision was made."
+        )
+
+    # --- Delete -------------------------------------------------------------
+
+    def Delete(self, request, context):
+        tenant = self._tenant(context)
+        subject = check_id(request.subject, "subject")
+        request_id = check_id(request.request_id, "request id", ascii_only=True) if request.request_id else str(uuid.uuid4())
+        req = shareholder_pb2.DeleteSharesRequest(tenant=tenant.name, subject=subject, request_id=request_id)
+        outcomes = self.committee.call_all("DeleteShares", req)
+        response = matcher_pb2.DeleteResponse(subject=subject, complete=all(o.ok for o in outcomes))
+        for o in outcomes:
+            if o.ok:
+                message = f"Erased {o.response.deleted} record(s)."
+            else:
+                self._node_failed(o, "DeleteShares")
+                message = o.message[:200] or "The shareholder did not confirm."
+            response.outcomes.add(shareholder=o.node.name, code=status.code_value(o.code), message=message)
+        logs.event(
+            self.log, "deleted", logging.INFO if response.complete else logging.WARNING, tenant=tenant.name,
+            subject=subject, request_id=request_id, complete=response.complete,
+            not_confirmed=[o.node.name for o in outcomes if not o.ok],
+        )
+        return response
+
+
+_STATUS_BY_CODE = {
+    grpc.StatusCode.PERMISSION_DENIED: status.PermissionDenied,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: status.ResourceExhausted,
+    grpc.StatusCode.NOT_FOUND: status.NotFound,
+}
+
+
+def _batches(requests: Iterable, size: int, dimension: int) -> Iterator[list[_Item]]:
+    """Read the stream ``size`` requests at a time, checking each one."""
+    batch: list[_Item] = []
+    for position, req in enumerate(requests):
+        batch.append(_check_stream_item(position, req, dimension))
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _check_stream_item(position: int, req, dimension: int) -> _Item:
+    item = _Item(position, req.subject, req.request_id, req.replace)
+    try:
+        check_id(req.subject, "subject")
+        check_id(req.request_id, "request id", ascii_only=True)
+        item.vector = _vector(req.template, dimension, "template")
+    except status.RpcError as exc:
+        item.code, item.message = exc.code, exc.message
+    return item

@@ -1,0 +1,318 @@
+"""The matcher test harness (shared by tests/test_matcher_*.py and
+tests/test_client.py) and the tests of the matcher's configuration.
+
+``Committee`` starts real shareholder nodes in-process
+(``shareholders.server.serve`` on port 0, each with its own data dir and
+keys) and a real matcher (``matcher.server.serve``), all over mutual TLS on
+loopback with the session's dev PKI. ``ProxyNode`` stands in for one node:
+it forwards to a real node and can corrupt or delay what it returns.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import secrets
+import subprocess
+import sys
+import textwrap
+import time
+from contextlib import suppress
+
+import grpc
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from matcher import config as matcher_config
+from matcher.server import serve as serve_matcher
+from shareholders.config import NodeConfig, NodeKeys
+from shareholders.server import serve as serve_node
+from splitvault.v1 import shareholder_pb2_grpc
+from vault import pki
+from vault.envelope import KekRing
+from vaultctl.client import MatcherClient
+from vaultrpc import server as rpcserver
+from vaultrpc.tls import secure_channel
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DIM = 128
+SHAREHOLDER_SERVICE = "splitvault.v1.Shareholder"
+
+
+def unit(rng: np.random.Generator, dim: int = DIM) -> np.ndarray:
+    v = rng.standard_normal(dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def noisy(template: np.ndarray, rng: np.random.Generator, sigma: float = 0.3) -> np.ndarray:
+    """A genuine probe: the unit template plus noise of norm ~sigma (cosine ~0.96 at 0.3)."""
+    noise = rng.standard_normal(template.shape) * sigma / np.sqrt(template.size)
+    return (template + noise).astype(np.float32)
+
+
+class Tenant:
+    def __init__(self, name: str, match_threshold: float = 0.8, score_allowed: bool = False):
+        self.name = name
+        self.match_threshold = match_threshold
+        self.score_allowed = score_allowed
+        self.key = ed25519.Ed25519PrivateKey.generate()
+        self.key_id = f"{name}-1"
+
+    @property
+    def public_hex(self) -> str:
+        return pki.public_key_raw(self.key).hex()
+
+
+def node_config(pki_: "DevPki", root: pathlib.Path, name: str, index: int, tenants, *, listen="127.0.0.1:0",
+                attempts: int = 1000) -> NodeConfig:
+    files = pki_.files("shareholder", name)
+    data = root / name
+    data.mkdir(parents=True, exist_ok=True)
+    return NodeConfig(
+        name=name, index=index, listen=listen, data_dir=data, tls=files,
+        audit_key_file=str(data / "audit.key"), kek_file=str(data / "kek.json"),
+        metrics_port=-1, attempts_per_subject=attempts, attempt_window_s=60.0,
+        tenants={t.name: {t.key_id: t.key.public_key()} for t in tenants},
+        max_workers=16,
+    )
+
+
+def node_keys() -> NodeKeys:
+    return NodeKeys(KekRing({1: secrets.token_bytes(32)}, 1), ed25519.Ed25519PrivateKey.generate())
+
+
+def matcher_dict(pki_, endpoints, tenants, *, k: int, dim: int = DIM, call_timeout_ms: int = 2000,
+                 ready_file: str | None = None, listen: str = "127.0.0.1:0", enroll_batch: int = 256) -> dict:
+    files = pki_.files("matcher", "matcher")
+    data = {
+        "matcher": {"listen": listen, "dimension": dim, "threshold": k, "call_timeout_ms": call_timeout_ms,
+                    "log_level": "INFO", "enroll_batch": enroll_batch},
+        "tls": {"ca": files.ca, "cert": files.cert, "key": files.key},
+        "metrics": {"host": "127.0.0.1", "port": -1},
+        "shareholders": [{"name": n, "index": i, "address": a} for n, i, a in endpoints],
+        "tenants": {
+            t.name: {"match_threshold": t.match_threshold, "score_allowed": t.score_allowed,
+                     "ticket_keys": {t.key_id: t.public_hex}}
+            for t in tenants
+        },
+    }
+    if ready_file:
+        data["matcher"]["ready_file"] = ready_file
+    return data
+
+
+class Committee:
+    """n in-process nodes and one in-process matcher; ``close()`` stops all."""
+
+    def __init__(self, pki_, root: pathlib.Path, *, n: int = 3, k: int = 2, tenants=None, attempts: int = 1000,
+                 call_timeout_ms: int = 2000, enroll_batch: int = 256):
+        self.pki = pki_
+        self.root = root
+        self.n, self.k = n, k
+        self.tenants = {t.name: t for t in (tenants or [Tenant("acme")])}
+        self.names = [f"bank-{chr(ord('a') + i)}" for i in range(n)]
+        self.nodes = {}
+        self.proxies = {}
+        self.addresses = {}
+        self.call_timeout_ms = call_timeout_ms
+        self.enroll_batch = enroll_batch
+        self.matcher = None
+        self._clients = []
+        for i, name in enumerate(self.names, start=1):
+            cfg = node_config(pki_, root, name, i, self.tenants.values(), attempts=attempts)
+            running = serve_node(cfg, keys=node_keys())
+            self.nodes[name] = running
+            self.addresses[name] = running.address
+
+    def endpoints(self):
+        return [(name, i, self.addresses[name]) for i, name in enumerate(self.names, start=1)]
+
+    def start_matcher(self, **overrides):
+        data = matcher_dict(self.pki, self.endpoints(), self.tenants.values(), k=self.k,
+                            call_timeout_ms=self.call_timeout_ms, enroll_batch=self.enroll_batch, **overrides)
+        cfg = matcher_config.from_dict(data)
+        self.matcher = serve_matcher(cfg, harden=False)
+        return self.matcher
+
+    def proxy(self, name: str, **behaviour) -> "ProxyNode":
+        """Put a proxy in front of node ``name``; call before start_matcher."""
+        proxy = ProxyNode(self.pki, name, self.addresses[name], **behaviour)
+        self.proxies[name] = proxy
+        self.addresses[name] = proxy.address
+        return proxy
+
+    def client(self, tenant: str = "acme", **kw) -> MatcherClient:
+        t = self.tenants[tenant]
+        c = MatcherClient(f"127.0.0.1:{self.matcher.port}", self.pki.tls("psp", t.name), tenant=t.name,
+                          ticket_key=t.key, key_id=t.key_id, **kw)
+        self._clients.append(c)
+        return c
+
+    def stop_node(self, name: str) -> None:
+        self.nodes[name].stop(0)
+
+    def close(self) -> None:
+        for c in self._clients:
+            c.close()
+        if self.matcher is not None:
+            self.matcher.stop(0)
+        for p in self.proxies.values():
+            p.stop()
+        for node in self.nodes.values():
+            with suppress(Exception):
+                node.stop(0)
+
+
+class ProxyNode(shareholder_pb2_grpc.ShareholderServicer):
+    """A shareholder that forwards to a real node, optionally misbehaving.
+
+    corrupt: "flip" adds 1 to some released share values; "swap:<subject>"
+    returns the share of another subject that it saw released earlier,
+    relabelled as the one asked for;
+    delay_s: sleep before answering ReleaseShare (a hung node);
+    fail_store: answer StoreShares with UNAVAILABLE without storing.
+    """
+
+    def __init__(self, pki_, name: str, upstream: str, *, corrupt: str | None = None, delay_s: float = 0.0,
+                 fail_store: bool = False):
+        self.corrupt = corrupt
+        self.delay_s = delay_s
+        self.fail_store = fail_store
+        self.name = name
+        self._channel = secure_channel(upstream, pki_.tls("matcher", "matcher"))
+        self._up = shareholder_pb2_grpc.ShareholderStub(self._channel)
+        self._pki = pki_
+        self.releases = 0
+        self.captured: dict[str, bytes] = {}
+        methods = ("StoreShares", "StoreShareStream", "ReleaseShare", "DeleteShares", "DescribeRecords", "GetNodeInfo")
+        self.running = rpcserver.start(
+            listen="127.0.0.1:0", tls=pki_.tls("shareholder", name),
+            register=(lambda s: shareholder_pb2_grpc.add_ShareholderServicer_to_server(self, s),),
+            service_names=(SHAREHOLDER_SERVICE,),
+            roles={f"/{SHAREHOLDER_SERVICE}/{m}": frozenset({"matcher"}) for m in methods},
+            logger=logging.getLogger(f"proxy.{name}"), max_workers=8,
+        )
+        self.address = f"127.0.0.1:{self.running.port}"
+
+    def stop(self):
+        self.running.stop(0)
+        self._channel.close()
+
+    def _forward(self, method, request, context):
+        try:
+            return getattr(self._up, method)(request, timeout=10)
+        except grpc.RpcError as err:
+            context.abort(err.code(), err.details())
+
+    def StoreShares(self, request, context):
+        if self.fail_store:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "proxy refuses to store")
+        return self._forward("StoreShares", request, context)
+
+    def DeleteShares(self, request, context):
+        return self._forward("DeleteShares", request, context)
+
+    def DescribeRecords(self, request, context):
+        return self._forward("DescribeRecords", request, context)
+
+    def GetNodeInfo(self, request, context):
+        return self._forward("GetNodeInfo", request, context)
+
+    def ReleaseShare(self, request, context):
+        self.releases += 1
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        reply = self._forward("ReleaseShare", request, context)
+        for share in reply.shares:
+            self.captured.setdefault(share.subject, share.values)
+        if self.corrupt == "flip":
+            for share in reply.shares:
+                values = np.frombuffer(share.values, dtype="<u4").copy()
+                values[:8] = (values[:8] + 1) % (2**31 - 1)
+                share.values = values.astype("<u4").tobytes()
+        elif self.corrupt and self.corrupt.startswith("swap:"):
+            # Another subject's share (released to an earlier verification),
+            # relabelled as the one asked for.
+            stolen = self.captured[self.corrupt.split(":", 1)[1]]
+            for share in reply.shares:
+                share.values = stolen
+        return reply
+
+
+# --- the matcher's configuration -------------------------------------------------
+
+
+def _toml_for(tmp_path, pki_, **edit) -> pathlib.Path:
+    t = Tenant("acme")
+    data = matcher_dict(pki_, [("bank-a", 1, "127.0.0.1:1"), ("bank-b", 2, "127.0.0.1:2")], [t], k=2)
+    for dotted, value in edit.items():
+        section, _, key = dotted.partition("__")
+        if value is None:
+            data[section].pop(key, None)
+        else:
+            data[section][key] = value
+    lines = []
+    for section in ("matcher", "tls", "metrics"):
+        lines.append(f"[{section}]")
+        for key, value in data[section].items():
+            lines.append(f"{key} = {_toml_value(value)}")
+    for sh in data["shareholders"]:
+        lines.append("[[shareholders]]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in sh.items()]
+    for name, tenant in data["tenants"].items():
+        lines.append(f"[tenants.{name}]")
+        lines.append(f"match_threshold = {tenant['match_threshold']}")
+        lines.append(f"score_allowed = {str(tenant['score_allowed']).lower()}")
+        keys = ", ".join(f'"{k}" = "{v}"' for k, v in tenant["ticket_keys"].items())
+        lines.append(f"ticket_keys = {{ {keys} }}")
+    path = tmp_path / "matcher.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)
+
+
+def test_config_loads_the_contract_format(tmp_path, dev_pki):
+    cfg = matcher_config.load(_toml_for(tmp_path, dev_pki))
+    assert cfg.threshold == 2 and cfg.n == 2 and cfg.dimension == DIM
+    assert [e.name for e in cfg.shareholders] == ["bank-a", "bank-b"]
+    assert cfg.tenants["acme"].match_threshold == 0.8 and not cfg.tenants["acme"].score_allowed
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        ({"matcher__threshold": 3}, "threshold"),
+        ({"matcher__threshold": 1}, "threshold"),
+        ({"matcher__dimension": 0}, "dimension"),
+        ({"matcher__listen": None}, "matcher.listen"),
+        ({"matcher__call_timeout_ms": "soon"}, "call_timeout_ms"),
+    ],
+)
+def test_bad_config_is_one_sentence(tmp_path, dev_pki, edit, words):
+    with pytest.raises(matcher_config.ConfigError, match=words):
+        matcher_config.load(_toml_for(tmp_path, dev_pki, **edit))
+
+
+def test_python_m_matcher_bad_config_exits_1_without_traceback(tmp_path, dev_pki):
+    path = _toml_for(tmp_path, dev_pki, matcher__threshold=5)
+    proc = subprocess.run([sys.executable, "-m", "matcher", "--config", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert "threshold" in proc.stderr
+
+
+def test_python_m_matcher_missing_tls_file_exits_1(tmp_path, dev_pki):
+    path = _toml_for(tmp_path, dev_pki, tls__key=str(tmp_path / "missing.key"))
+    proc = subprocess.run([sys.executable, "-m", "matcher", "--config", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "missing.key" in proc.stderr

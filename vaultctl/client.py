@@ -1,0 +1,171 @@
+"""The payment provider's client for the matcher.
+
+    with MatcherClient.from_cluster_dir("cluster") as client:
+        client.enroll("alice", template)
+        result = client.verify("alice", probe)      # VerifyResult(decision="MATCH", ...)
+        client.delete("alice")
+
+Every verification carries a fresh ticket signed with the provider's Ed25519
+ticket key (``vault.ticket.issue``): the matcher and every shareholder check
+it, and its probe digest binds it to this one probe. The tenant is the name
+in the client certificate; there is no tenant field to get wrong. Failures
+surface as ``grpc.RpcError`` (status code and a one-sentence message); a
+NO_MATCH is a completed verification, not an error.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from splitvault.v1 import matcher_pb2, matcher_pb2_grpc
+from vault import pki, ticket
+from vaultrpc.tls import TlsFiles, TlsMaterial, secure_channel
+
+_DECISIONS = {matcher_pb2.DECISION_MATCH: "MATCH", matcher_pb2.DECISION_NO_MATCH: "NO_MATCH"}
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """The outcome of one verification."""
+
+    decision: str  # "MATCH" or "NO_MATCH"
+    decision_id: str
+    score: float | None
+    epoch: int
+
+    @property
+    def matched(self) -> bool:
+        return self.decision == "MATCH"
+
+
+def _floats(vector, what: str) -> np.ndarray:
+    arr = np.asarray(vector, dtype=np.float32)
+    if arr.ndim != 1:
+        raise ValueError(f"The {what} must be a 1-D vector of numbers.")
+    return arr
+
+
+class MatcherClient:
+    """A connection to the matcher as one payment provider (tenant)."""
+
+    def __init__(
+        self,
+        address: str,
+        tls: TlsMaterial,
+        *,
+        tenant: str,
+        ticket_key: ed25519.Ed25519PrivateKey,
+        key_id: str,
+        timeout_s: float = 10.0,
+        ticket_ttl_ms: int = 60_000,
+    ):
+        self.address = address
+        self.tenant = pki.check_name(tenant)
+        self.key_id = key_id
+        self.timeout_s = timeout_s
+        self.ticket_ttl_ms = ticket_ttl_ms
+        self._ticket_key = ticket_key
+        self._channel = secure_channel(address, tls)
+        self._stub = matcher_pb2_grpc.MatcherStub(self._channel)
+
+    @classmethod
+    def from_cluster_dir(cls, path: str | pathlib.Path, tenant: str = "demo-psp", **kwargs) -> "MatcherClient":
+        """A client for a local cluster made by ``vaultctl cluster up --dir path``."""
+        root = pathlib.Path(path)
+        ready = root / "matcher" / "ready.json"
+        try:
+            address = json.loads(ready.read_text())["address"]
+        except FileNotFoundError:
+            raise ValueError(f"No matcher is running for {root} ({ready} is missing); run `vaultctl cluster up`.") from None
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"The matcher's ready file {ready} is not valid.") from None
+        tls = TlsFiles(
+            str(root / "pki" / "ca.pem"), str(root / "pki" / f"psp-{tenant}.pem"), str(root / "pki" / f"psp-{tenant}.key")
+        ).load()
+        key_file = root / "psp" / f"{tenant}.ticket.key"
+        try:
+            key = pki.load_signing_key(key_file.read_bytes())
+        except OSError as exc:
+            raise ValueError(f"Cannot read the ticket key {key_file}: {exc.strerror}.") from None
+        return cls(address, tls, tenant=tenant, ticket_key=key, key_id=f"{tenant}-1", **kwargs)
+
+    # --- calls ----------------------------------------------------------------
+
+    def enroll(
+        self, subject: str, template, *, request_id: str | None = None, replace: bool = False
+    ) -> matcher_pb2.EnrollResponse:
+        """Enrol one template; idempotent per request id (pass the same one to retry)."""
+        request = matcher_pb2.EnrollRequest(
+            subject=subject,
+            template=_floats(template, "template"),
+            request_id=request_id or str(uuid.uuid4()),
+            replace=replace,
+        )
+        return self._stub.Enroll(request, timeout=self.timeout_s)
+
+    def enroll_many(
+        self, items: Iterable[tuple[str, object]], *, replace: bool = False, timeout_s: float | None = None
+    ) -> Iterator[matcher_pb2.EnrollStreamResponse]:
+        """Bulk enrolment: one EnrollStreamResponse per (subject, template), in order.
+
+        Requests are produced lazily from ``items`` as gRPC flow control
+        allows, so a gallery of any size streams in bounded memory. The
+        stream's deadline is ``timeout_s`` (default: none, bulk jobs are long).
+        """
+
+        def requests():
+            for subject, template in items:
+                yield matcher_pb2.EnrollStreamRequest(
+                    subject=subject,
+                    template=_floats(template, "template"),
+                    request_id=str(uuid.uuid4()),
+                    replace=replace,
+                )
+
+        return iter(self._stub.EnrollStream(requests(), timeout=timeout_s))
+
+    def verify(self, subject: str, probe, *, request_id: str | None = None) -> VerifyResult:
+        """Verify a probe against the subject's template with a freshly signed ticket."""
+        vector = _floats(probe, "probe")
+        signed = ticket.issue(
+            self._ticket_key,
+            self.key_id,
+            tenant=self.tenant,
+            subject=subject,
+            request_id=request_id or str(uuid.uuid4()),
+            probe=vector,
+            ttl_ms=self.ticket_ttl_ms,
+        )
+        reply = self._stub.Verify(
+            matcher_pb2.VerifyRequest(subject=subject, probe=vector, ticket=signed), timeout=self.timeout_s
+        )
+        return VerifyResult(
+            decision=_DECISIONS.get(reply.decision, "NO_MATCH"),
+            decision_id=reply.decision_id,
+            score=reply.score if reply.HasField("score") else None,
+            epoch=reply.epoch,
+        )
+
+    def delete(self, subject: str, *, request_id: str | None = None) -> matcher_pb2.DeleteResponse:
+        """Erase the subject on every shareholder; ``complete`` says whether all confirmed."""
+        return self._stub.Delete(
+            matcher_pb2.DeleteRequest(subject=subject, request_id=request_id or str(uuid.uuid4())),
+            timeout=self.timeout_s,
+        )
+
+    # --- lifetime ---------------------------------------------------------------
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "MatcherClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
