@@ -152,7 +152,7 @@ def remote_error(exc: Exception) -> RemoteError:
     details = getattr(exc, "details", None)
     details = details() if callable(details) else details
     details = (details or str(exc) or "no details").strip()
-    return RemoteError(f"The server answered {name}: {details.rstrip('.')}.", status=name)
+    return RemoteError(f"The call failed with status {name}: {details.rstrip('.')}.", status=name)
 
 
 def load_vector(path: pathlib.Path):
