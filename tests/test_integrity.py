@@ -62,7 +62,7 @@ def test_keys_are_fresh_per_template():
 
 
 def test_large_batches_are_chunked_correctly(monkeypatch):
-    monkeypatch.setattr(integrity, "_CHUNK_ELEMENTS", 3 * L * 22)  # 3 rows per chunk
+    monkeypatch.setattr(integrity, "_CHUNK_ELEMENTS", 2 * L * 24)  # d=20: 3 blocks of 8, so 2 rows per chunk
     s = rng.random_field((10, 20))
     ext = integrity.extend(s)
     assert integrity.check(ext).all()

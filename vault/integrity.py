@@ -115,39 +115,64 @@ def _check_field(values: np.ndarray, what: str) -> np.ndarray:
 
 def _tags(s: np.ndarray, keys: np.ndarray) -> np.ndarray:
     # t_l = a_l^(d+2) + sum_{m=1..d} s_m a_l^m (mod P) for each row, (B, L).
+    #
+    # Written as sum_{m=0..W-1} c_m a^m with c = [0, s_1..s_d, 0, 1, 0...]
+    # (padded to W = blocks * b) and evaluated in blocks ("baby steps, giant
+    # steps"): with m = i b + j,
+    #     t = sum_i (a^b)^i * (sum_j c_{ib+j} a^j)
+    # which needs only the powers a^0..a^(b-1) and (a^b)^0..(a^b)^(blocks-1)
+    # (about 2 sqrt(d) of them instead of d), and the same d products.
     batch, d = s.shape
-    width = d + 2  # powers a^1 .. a^(d+2)
-    rows = max(1, _CHUNK_ELEMENTS // (MAC_COUNT * width))
+    b = max(8, 1 << (int(np.ceil(np.sqrt(d + 3))) - 1).bit_length())
+    blocks = -(-(d + 3) // b)
+    rows = max(1, _CHUNK_ELEMENTS // (MAC_COUNT * blocks * b))
     out = np.empty((batch, MAC_COUNT), dtype=FIELD_DTYPE)
-    powers = np.empty((min(rows, batch), MAC_COUNT, width), dtype=np.uint64)
-    prod = np.empty((min(rows, batch), MAC_COUNT, d), dtype=np.uint64)
+    coeffs = np.zeros((min(rows, batch), blocks * b), dtype=FIELD_DTYPE)
+    prod = np.empty((min(rows, batch), MAC_COUNT, blocks, b), dtype=np.uint64)
     for start in range(0, batch, rows):
         stop = min(start + rows, batch)
         c = stop - start
-        pw, pr = powers[:c], prod[:c]
-        _powers(keys[start:stop], pw)
-        # s_m * a^m < 2**62; one fold each keeps it < 2**32, so the sum of
-        # d <= 66,572 < 2**17 terms is < 2**49 and cannot overflow.
-        np.multiply(s[start:stop, np.newaxis, :], pw[:, :, :d], out=pr, dtype=np.uint64)
+        cf, pr = coeffs[:c], prod[:c]
+        cf[:, 1 : d + 1] = s[start:stop]
+        cf[:, d + 2] = 1
+        baby = _powers(keys[start:stop], b + 1)  # a^0 .. a^b
+        giant = _powers(baby[:, :, b], blocks)  # (a^b)^0 .. (a^b)^(blocks-1)
+        # Inner sums: c_{ib+j} a^j < 2**62, one fold each leaves < 2**32, and
+        # b <= 2**9 terms sum to < 2**41; reduced to [0, P) before reuse.
+        np.multiply(
+            cf.reshape(c, 1, blocks, b), baby[:, :, np.newaxis, :b], out=pr, dtype=np.uint64
+        )
         field._fold(pr)
-        acc = pr.sum(axis=2, dtype=np.uint64)
-        acc += pw[:, :, d + 1]  # + a^(d+2)
+        inner = pr.sum(axis=3, dtype=np.uint64)
+        field._reduce_u64_inplace(inner)
+        # Outer sum: inner_i (a^b)^i < 2**62, folded to < 2**32, at most
+        # 2**13 blocks sum to < 2**45; then the final reduction.
+        np.multiply(inner, giant, out=inner)
+        field._fold(inner)
+        acc = inner.sum(axis=2, dtype=np.uint64)
         field._reduce_u64_inplace(acc)
         out[start:stop] = acc
-        acc.fill(0)
-    powers.fill(0)
+        for arr in (baby, giant, inner, acc):
+            arr.fill(0)
+    coeffs.fill(0)
     prod.fill(0)
     return out
 
 
-def _powers(keys: np.ndarray, pw: np.ndarray) -> None:
-    # Fill pw (c, L, w) with a^1 .. a^w by repeated doubling: from a^1..a^h,
-    # a^(h+i) = a^i * a^h for i = 1..h (each product < 2**62, then reduced).
-    w = pw.shape[2]
-    pw[:, :, 0] = keys
-    have = 1
-    while have < w:
-        step = min(have, w - have)
-        np.multiply(pw[:, :, :step], pw[:, :, have - 1 : have], out=pw[:, :, have : have + step])
-        field._canon(pw[:, :, have : have + step])
+def _powers(base: np.ndarray, count: int) -> np.ndarray:
+    # base^0 .. base^(count-1) along a new last axis, uint64 in [0, P), by
+    # repeated doubling: with base^0..base^(h-1) known,
+    #     base^(h-1+i) = base^i * base^(h-1)   for i = 1..h-1
+    # (each product < 2**62, then reduced), so h grows 2, 3, 5, 9, 17, 33, ...
+    pw = np.empty(base.shape + (count,), dtype=np.uint64)
+    pw[..., 0] = 1
+    if count > 1:
+        pw[..., 1] = base
+    have = min(2, count)
+    while have < count:
+        step = min(have - 1, count - have)
+        block = pw[..., have : have + step]
+        np.multiply(pw[..., 1 : step + 1], pw[..., have - 1 : have], out=block)
+        field._canon(block)
         have += step
+    return pw
