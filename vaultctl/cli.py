@@ -223,12 +223,14 @@ def load_client_config(path: pathlib.Path) -> ClientConfig:
     timeout = data.get("matcher", {}).get("timeout_s", 10.0) if isinstance(data.get("matcher"), dict) else 10.0
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise CliError(f"The config value matcher.timeout_s in {path} must be a positive number.")
+    address = need("matcher", "address")
+    ca, cert, key = need("tls", "ca", True), need("tls", "cert", True), need("tls", "key", True)
     tenant = need("tenant", "id")
     return ClientConfig(
-        address=need("matcher", "address"),
-        ca=need("tls", "ca", True),
-        cert=need("tls", "cert", True),
-        key=need("tls", "key", True),
+        address=address,
+        ca=ca,
+        cert=cert,
+        key=key,
         tenant=tenant,
         ticket_key=need("tenant", "ticket_key", True),
         key_id=data.get("tenant", {}).get("key_id") or f"{tenant}-1",

@@ -59,6 +59,16 @@ def noisy_copy(template: np.ndarray, seed: int, sigma: float = PROBE_NOISE) -> n
     return (probe / np.linalg.norm(probe)).astype(np.float32)
 
 
+def story_vectors(subjects: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(templates, genuine probe, impostor probe, index of the genuine subject):
+    everything the demo sends, reproducible from the seed."""
+    templates = synthetic_templates(subjects, dim, seed)
+    genuine_i = subjects // 3
+    genuine = noisy_copy(templates[genuine_i], seed + 1)
+    impostor = synthetic_templates(1, dim, seed + 2)[0]
+    return templates, genuine, impostor, genuine_i
+
+
 def subject_id(i: int) -> str:
     return f"subject-{i:04d}"
 
@@ -207,15 +217,12 @@ def _try_verify(client, subject: str, probe: np.ndarray, request_id: str | None 
         return None, _status_code(exc)
 
 
-def run(root: pathlib.Path, subjects: int, seed: int, console) -> int:
+def run(root: pathlib.Path, subjects: int, seed: int, console, debug: bool = False) -> int:
     from vaultctl.client import MatcherClient
 
     story = Story(console)
     n, k, dim = 3, 2, 512
-    templates = synthetic_templates(subjects, dim, seed)
-    genuine_i = subjects // 3
-    genuine = noisy_copy(templates[genuine_i], seed + 1)
-    impostor = synthetic_templates(1, dim, seed + 2)[0]
+    templates, genuine, impostor, genuine_i = story_vectors(subjects, dim, seed)
     who = subject_id(genuine_i)
     client = None
     audited_request = ""
@@ -291,7 +298,7 @@ def run(root: pathlib.Path, subjects: int, seed: int, console) -> int:
             f"expected MATCH after the restart, got {err or result.decision}",
         )
 
-        story.step(f"Read each node's own audit log (auditor certificate) for the verification of step 3")
+        story.step("Read each node's own audit log (auditor certificate) for the verification of step 3")
         _show_audit(story, root, info, audited_request, k)
 
         story.step("Stop the cluster")
@@ -312,7 +319,7 @@ def run(root: pathlib.Path, subjects: int, seed: int, console) -> int:
         )
     except Exception as exc:  # noqa: BLE001 - the story reports and stops cleanly
         story.fail(f"{type(exc).__name__}: {exc}")
-        if "--debug" in sys.argv:
+        if debug:
             traceback.print_exc()
     finally:
         if client is not None:
@@ -354,7 +361,8 @@ def _show_audit(story: Story, root: pathlib.Path, info: dict, request_id: str, k
         try:
             entries, checkpoints = read_audit_log(root, name)
         except Exception as exc:  # noqa: BLE001
-            story.fail(f"{name}: cannot read the audit log ({_status_code(exc)}: {getattr(exc, 'details', lambda: exc)()})")
+            details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
+            story.fail(f"{name}: cannot read the audit log ({_status_code(exc)}: {details})")
             continue
         report = audit.verify_chain(entries, checkpoints, node_audit_public_key(root, name), node=name)
         mine = [e for e in entries if e.request_id == request_id or request_id in e.details_json]
@@ -394,21 +402,27 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console(highlight=False, soft_wrap=True)
     root = args.dir.expanduser().resolve()
-    if (root / "cluster.json").exists():
-        try:
-            cluster.down(root)  # a previous demo left running processes
-        except cluster.ClusterError:
-            pass
-    if root.exists():
-        if not (root / "cluster.json").exists() and any(root.iterdir()):
-            console.print(f"[red]{root} exists and is not a cluster directory; refusing to remove it.[/red]")
-            return 1
-        shutil.rmtree(root)
-    console.print(
-        "[bold]splitvault demo[/bold]: every template is split into shares held by different institutions "
-        "and rejoined only for the milliseconds of a verification."
-    )
-    return run(root, args.subjects, args.seed, console)
+    try:
+        if (root / "cluster.json").exists():
+            try:
+                cluster.down(root)  # a previous demo may have left processes running
+            except cluster.ClusterError:
+                pass
+        if root.exists():
+            if not (root / "cluster.json").exists() and any(root.iterdir()):
+                console.print(f"[red]{root} exists and is not a cluster directory; refusing to remove it.[/red]")
+                return 1
+            shutil.rmtree(root)
+        console.print(
+            "[bold]splitvault demo[/bold]: every template is split into shares held by different institutions "
+            "and rejoined only for the milliseconds of a verification."
+        )
+        return run(root, args.subjects, args.seed, console, args.debug)
+    except Exception as exc:  # noqa: BLE001 - one sentence, never a traceback
+        if args.debug:
+            traceback.print_exc()
+        console.print(f"[bold red]The demo could not run:[/bold red] {type(exc).__name__}: {exc}")
+        return 1
 
 
 if __name__ == "__main__":
