@@ -83,6 +83,19 @@ class Gather:
         self.outcomes.append(outcome)
         return outcome
 
+    def arrived(self) -> list[Outcome]:
+        """The answers that have already arrived, without waiting."""
+        out = []
+        while self._left > 0:
+            try:
+                outcome = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self._left -= 1
+            self.outcomes.append(outcome)
+            out.append(outcome)
+        return out
+
     def __iter__(self) -> Iterator[Outcome]:
         while (outcome := self.next()) is not None:
             yield outcome

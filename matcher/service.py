@@ -351,26 +351,41 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         for records in per_node.values():
             records.clear()
 
-    def _settle_batch(self, tenant, fast, per_node, replace, outcomes: list[Outcome]) -> None:
+    def _settle_batch(self, tenant, fast, per_node, replace, outcomes: list[Outcome], lo: int = 0,
+                      hi: int | None = None) -> None:
+        """Set the outcome of items fast[lo:hi] from the nodes' answers to their write."""
         # A node stores a batch all or nothing, and a record whose request id
         # it already holds is overwritten, so when every node confirmed, all
         # n shares of every item come from this one split.
+        hi = len(fast) if hi is None else hi
         failed = [o for o in outcomes if not o.ok]
         if not failed:
-            for item in fast:
+            for item in fast[lo:hi]:
                 item.code, item.message = _OK, ""
+            return
+        if all(o.code == grpc.StatusCode.ALREADY_EXISTS for o in failed) and not any(o.ok for o in outcomes):
+            # Nothing was stored anywhere, because some subject is already
+            # enrolled: halve the batch until the duplicates stand alone
+            # (about 2 log2(batch) writes per duplicate); a lone duplicate is
+            # left to the one-by-one path, which names it.
+            if hi - lo > 1:
+                mid = (lo + hi) // 2
+                for a, b in ((lo, mid), (mid, hi)):
+                    retry = self.committee.call_all(
+                        "StoreShares",
+                        lambda node: shareholder_pb2.StoreSharesRequest(
+                            records=per_node[node.index][a:b], replace=replace),
+                        timeout_s=self._batch_timeout(b - a),
+                    )
+                    self._settle_batch(tenant, fast, per_node, replace, retry, a, b)
             return
         for o in failed:
             self._node_failed(o, "StoreShares")
-        if all(o.code == grpc.StatusCode.ALREADY_EXISTS for o in failed) and not any(o.ok for o in outcomes):
-            # Nothing was stored anywhere: settle each item one by one, which
-            # names the duplicates and enrols the rest.
-            return
         # Undo on every node that stored the batch or may have (a timed-out
         # call may still commit); nodes that refused stored nothing.
         undo = tuple(o.node for o in outcomes if o.ok or o.code in TRANSPORT_CODES)
         not_undone: set[str] = set()
-        for item in fast:
+        for item in fast[lo:hi]:
             not_undone.update(self._compensate(tenant, item.subject, item.request_id, undo))
         message = f"{len(failed)} of {self.n} shareholders did not store the batch"
         if not_undone:
@@ -380,7 +395,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             )
         else:
             message += "; nothing was kept, so the subject is not enrolled."
-        for item in fast:
+        for item in fast[lo:hi]:
             item.code, item.message = grpc.StatusCode.UNAVAILABLE, message
 
     def _enrol_item(self, tenant: str, item: _Item) -> None:
@@ -473,27 +488,31 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         failures: list[Outcome] = []
         tried: set[frozenset] = set()
         integrity_failed = False
-        for outcome in gather:
+
+        def take(outcome: Outcome) -> None:
             node = outcome.node
             if not outcome.ok:
                 self._node_failed(outcome, "ReleaseShare")
                 failures.append(outcome)
-                continue
+                return
             shares = list(outcome.response.shares)
             if not shares:
                 failures.append(Outcome(node, None, grpc.StatusCode.NOT_FOUND, "no share"))
-                continue
+                return
             for share in shares:
                 problem = self._share_problem(share, node, tenant, subject)
                 if problem:
                     self._suspect(node, problem, decision_id=decision_id, tenant=tenant, subject=subject)
                     continue
                 by_epoch.setdefault(share.epoch, {})[node.index] = share
+
+        for outcome in gather:
+            take(outcome)
             ready = [e for e, group in by_epoch.items() if len(group) >= self.k]
             if not ready:
                 continue
             epoch = max(ready)
-            group = by_epoch[epoch]
+            group = dict(by_epoch[epoch])
             if frozenset(group) in tried:
                 continue
             tried.add(frozenset(group))
@@ -507,6 +526,23 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
                     nodes=[self._by_index[i].name for i in sorted(group)],
                 )
                 continue
+            # Shares that arrived meanwhile are checked against the polynomial
+            # too (no waiting): a lying node is named even when it was not
+            # needed for this decision.
+            for late in gather.arrived():
+                take(late)
+            if len(by_epoch[epoch]) > len(group):
+                # The shares that just passed come first, so join keeps them
+                # and only tests the late ones against their polynomial.
+                try:
+                    wider = record.join(list(group.values()) + [
+                        share for index, share in by_epoch[epoch].items() if index not in group
+                    ])
+                except (IntegrityError, InvalidShares):  # cannot happen: the first k pass
+                    wider = None
+                if wider is not None:
+                    record.wipe(result.template)
+                    result = wider
             for index in result.suspects:
                 self._suspect(
                     self._by_index[index], "share outvoted by the others",

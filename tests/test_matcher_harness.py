@@ -171,12 +171,14 @@ class ProxyNode(shareholder_pb2_grpc.ShareholderServicer):
     returns the share of another subject that it saw released earlier,
     relabelled as the one asked for;
     delay_s: sleep before answering ReleaseShare (a hung node);
-    fail_store: answer StoreShares with UNAVAILABLE without storing.
+    fail_store: answer StoreShares with UNAVAILABLE without storing;
+    store_delay_s: sleep before forwarding StoreShares (a slow disk).
     """
 
     def __init__(self, pki_, name: str, upstream: str, *, corrupt: str | None = None, delay_s: float = 0.0,
-                 fail_store: bool = False):
+                 fail_store: bool = False, store_delay_s: float = 0.0):
         self.corrupt = corrupt
+        self.store_delay_s = store_delay_s
         self.delay_s = delay_s
         self.fail_store = fail_store
         self.name = name
@@ -208,6 +210,8 @@ class ProxyNode(shareholder_pb2_grpc.ShareholderServicer):
     def StoreShares(self, request, context):
         if self.fail_store:
             context.abort(grpc.StatusCode.UNAVAILABLE, "proxy refuses to store")
+        if self.store_delay_s:
+            time.sleep(self.store_delay_s)
         return self._forward("StoreShares", request, context)
 
     def DeleteShares(self, request, context):
