@@ -32,14 +32,13 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge
 
 from shareholders import store
-from shareholders.audit_log import AuditWriter, Tx, WriterClosed, now_ms
+from shareholders.audit_log import AuditWriter, Pending, Tx, WriterClosed, now_ms
 from shareholders.config import NodeConfig, NodeKeys
 from splitvault.v1 import common_pb2, shareholder_pb2, shareholder_pb2_grpc
 from vault import envelope, pki, record
@@ -306,12 +305,12 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         actor = str(caller(context))
         batch_size = self.cfg.stream_batch
         pending: list = []
-        inflight: deque[Future] = deque()
+        inflight: deque[Pending] = deque()
         totals = [0, 0]
         replace = None
         seen: set = set()
 
-        def settle(fut: Future) -> None:
+        def settle(fut: Pending) -> None:
             try:
                 stored, retries = fut.result()
             except WriterClosed as exc:

@@ -10,14 +10,32 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from collections.abc import Mapping
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
+import grpc
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from splitvault.v1 import common_pb2
-from vault import envelope, integrity, pki, record
+from splitvault.v1 import common_pb2, shareholder_pb2_grpc
+from vault import envelope, integrity, pki, record, ticket
 from vault.field import P
-from vaultrpc.tls import TlsFiles
+from vaultrpc.tls import TlsFiles, secure_channel
+
+
+def write_dev_pki(folder: pathlib.Path, parties: list[tuple[str, str]]) -> dict[tuple[str, str], TlsFiles]:
+    """A throw-away CA and one certificate per (role, name), keys at 0600."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_cert, ca_key = pki.make_ca()
+    (folder / "ca.pem").write_bytes(ca_cert)
+    out = {}
+    for role, name in parties:
+        cert, key = pki.issue_cert(ca_cert, ca_key, role, name)
+        (folder / f"{role}-{name}.pem").write_bytes(cert)
+        _write_secret(folder / f"{role}-{name}.key", key)
+        out[(role, name)] = TlsFiles(str(folder / "ca.pem"), str(folder / f"{role}-{name}.pem"), str(folder / f"{role}-{name}.key"))
+    return out
 
 
 def _write_secret(path: pathlib.Path, data: bytes) -> None:
@@ -115,3 +133,79 @@ def sample_records(
         )
         out.append(recs[index - 1])
     return out
+
+
+@dataclass
+class Provider:
+    """A payment provider's ticket signing key (the PSP's side of a ticket)."""
+
+    tenant: str
+    key_id: str
+    key: ed25519.Ed25519PrivateKey
+    public: bytes
+
+    @classmethod
+    def new(cls, tenant: str, key_id: str | None = None) -> "Provider":
+        pem, public = pki.new_signing_key()
+        return cls(tenant, key_id or f"{tenant}-1", pki.load_signing_key(pem), public)
+
+    def ticket(
+        self, subject: str, request_id: str | None = None, *, tenant: str | None = None, ttl_ms: int = 60_000,
+        issued_at_ms: int | None = None,
+    ) -> common_pb2.VerificationTicket:
+        return ticket.issue(
+            self.key, self.key_id, tenant=tenant or self.tenant, subject=subject,
+            request_id=request_id or f"verify-{secrets.token_hex(8)}", probe=np.zeros(4, dtype=np.float32),
+            ttl_ms=ttl_ms, issued_at_ms=issued_at_ms,
+        )
+
+
+class NodeHarness:
+    """One node's files under a folder, started in-process, with role stubs.
+
+    ``tls_files(role, name) -> TlsFiles`` hands out certificates (the tests'
+    DevPki). Every channel opened through ``stub`` is closed by ``close``.
+    """
+
+    def __init__(
+        self, folder: pathlib.Path, tls_files: Callable[[str, str], TlsFiles], providers: list[Provider], *,
+        name: str = "bank-a", index: int = 1, **node_options,
+    ):
+        self.folder = folder
+        self.tls_files = tls_files
+        self.name = name
+        self.config_path = write_node_files(
+            folder, name=name, index=index, tls=tls_files("shareholder", name),
+            tenants={p.tenant: {p.key_id: p.public} for p in providers}, **node_options,
+        )
+        self.running = None
+        self._channels: list[grpc.Channel] = []
+
+    @property
+    def db_path(self) -> pathlib.Path:
+        return self.folder / "data" / "shares.db"
+
+    def start(self, env: dict[str, str] | None = None):
+        from shareholders.config import load_config
+        from shareholders.server import serve
+
+        self.running = serve(load_config(self.config_path, env=env or {}), env=env or {})
+        return self.running
+
+    def stop(self) -> None:
+        for ch in self._channels:
+            ch.close()
+        self._channels.clear()
+        if self.running is not None:
+            self.running.stop(0)
+            self.running = None
+
+    close = stop
+
+    def stub(self, role: str, name: str = "t1") -> shareholder_pb2_grpc.ShareholderStub:
+        ch = secure_channel(self.running.address, self.tls_files(role, name).load())
+        self._channels.append(ch)
+        return shareholder_pb2_grpc.ShareholderStub(ch)
+
+    def audit_public_key(self) -> bytes:
+        return pki.public_key_raw(pki.load_signing_key((self.folder / "audit.key").read_bytes()))

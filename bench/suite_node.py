@@ -1,0 +1,301 @@
+"""Benchmark: one shareholder node on loopback over mutual TLS.
+
+Measures, in one run and against a bare gRPC echo of the same payload sizes
+over the same mTLS (the baseline each figure's ``ratio`` is taken against):
+
+- ``release_per_s``: ReleaseShare calls per second with the full ticket
+  check (Ed25519 signature, tenant, expiry, replay set, attempt counter), the
+  AES-GCM open of a 512-d share record, and a durable audit entry each
+  (group commit, synchronous=FULL). Tickets are signed before the clock
+  starts (signing is the payment provider's cost, not the node's).
+- ``stream_store_per_s``: share records per second through one
+  StoreShareStream (100 records per message, committed 1000 per
+  transaction with one audit entry per batch), validated and sealed.
+
+The node and the echo server each run in their own process (``python -m
+shareholders`` and ``python -m bench.suite_node echo-server``), the clients
+in this one with grpc.aio, so neither side's GIL slows the other. Nothing is
+mocked; errors are counted and a run with any error reports no figure.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import numpy as np
+
+from shareholders import testing
+from splitvault.v1 import common_pb2, shareholder_pb2
+from vault import pki, ticket
+from vault.field import P
+from vault.integrity import MAC_COUNT
+from vaultrpc.tls import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, TlsFiles
+
+SUITE = "node"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DIM = 512
+TENANT = "bench-psp"
+KEY_ID = "bench-psp-1"
+ECHO_UNARY = "/bench.Echo/Unary"
+ECHO_STREAM = "/bench.Echo/Stream"
+RELEASE = "/splitvault.v1.Shareholder/ReleaseShare"
+STORE_STREAM = "/splitvault.v1.Shareholder/StoreShareStream"
+TARGETS = {"release_per_s": 2000.0, "stream_store_per_s": 20000.0}
+
+
+# --- the baseline: a bare echo service (generic handlers, no interceptor) -------
+
+
+def _echo_server(args) -> None:
+    reply = bytes(args.reply_bytes)
+
+    def unary(request: bytes, context) -> bytes:
+        return reply
+
+    def stream(request_iterator, context) -> bytes:
+        n = 0
+        for message in request_iterator:
+            n += len(message)
+        return n.to_bytes(8, "big")
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo",
+        {
+            "Unary": grpc.unary_unary_rpc_method_handler(unary),
+            "Stream": grpc.stream_unary_rpc_method_handler(stream),
+        },
+    )
+    tls = TlsFiles(args.ca, args.cert, args.key).load()
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=32),
+        handlers=(handler,),
+        options=(
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ),
+        maximum_concurrent_rpcs=256,
+    )
+    port = server.add_secure_port("127.0.0.1:0", tls.server_credentials())
+    server.start()
+    tmp = pathlib.Path(args.ready + ".tmp")
+    tmp.write_text(json.dumps({"port": port, "pid": os.getpid()}))
+    os.replace(tmp, args.ready)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    server.stop(1).wait()
+
+
+# --- process management ------------------------------------------------------------
+
+
+def _wait_ready(path: pathlib.Path, proc: subprocess.Popen, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[2]} exited with {proc.returncode} before it was ready.")
+        if path.exists():
+            return json.loads(path.read_text())
+        time.sleep(0.05)
+    raise RuntimeError("A benchmark server did not become ready in time.")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# --- workloads ------------------------------------------------------------------------
+
+
+def _records(subjects: list[str], index: int, rng: np.random.Generator) -> list[common_pb2.ShareRecord]:
+    values = rng.integers(0, P, size=(len(subjects), DIM + 2 * MAC_COUNT), dtype=np.uint32).astype("<u4")
+    return [
+        common_pb2.ShareRecord(
+            tenant=TENANT, subject=s, index=index, epoch=1, threshold=2, shareholders=3, dimension=DIM,
+            codec_version=1, mac_count=MAC_COUNT, values=values[i].tobytes(), request_id=f"enrol-{s}",
+        )
+        for i, s in enumerate(subjects)
+    ]
+
+
+def _stream_messages(records, per_message: int = 100) -> list[bytes]:
+    return [
+        shareholder_pb2.StoreShareStreamRequest(records=records[i : i + per_message]).SerializeToString()
+        for i in range(0, len(records), per_message)
+    ]
+
+
+async def _unary_rate(channel, method: str, payloads: list[bytes], concurrency: int) -> tuple[float, int]:
+    call = channel.unary_unary(method)
+    it = iter(payloads)
+    errors = 0
+
+    async def worker():
+        nonlocal errors
+        for payload in it:
+            try:
+                await call(payload, timeout=30)
+            except grpc.aio.AioRpcError:
+                errors += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return len(payloads) / (time.perf_counter() - started), errors
+
+
+async def _stream_rate(channel, method: str, messages: list[bytes], records: int) -> float:
+    call = channel.stream_unary(method)
+
+    async def gen():
+        for m in messages:
+            yield m
+
+    started = time.perf_counter()
+    await call(gen(), timeout=600)
+    return records / (time.perf_counter() - started)
+
+
+def _secure_aio(address: str, tls) -> grpc.aio.Channel:
+    return grpc.aio.secure_channel(address, tls.channel_credentials(), options=CHANNEL_OPTIONS)
+
+
+def _result(name, params, value, unit, baseline_name, baseline_value):
+    return {
+        "suite": SUITE,
+        "name": name,
+        "params": params,
+        "value": round(value, 1) if value is not None else None,
+        "unit": unit,
+        "baseline": baseline_name,
+        "baseline_value": round(baseline_value, 1),
+        "ratio": round(value / baseline_value, 3) if value else None,
+        "higher_is_better": True,
+        "target": TARGETS.get(name),
+    }
+
+
+def run(quick: bool) -> list[dict]:
+    n_releases = 3000 if quick else 12000
+    n_stream = 5000 if quick else 40000
+    concurrency = 64
+    rng = np.random.default_rng()
+    with tempfile.TemporaryDirectory(prefix="sv-bench-node-") as tmp:
+        root = pathlib.Path(tmp)
+        files = testing.write_dev_pki(
+            root / "pki", [("shareholder", "bank-a"), ("matcher", "bench"), ("shareholder", "echo")]
+        )
+        ticket_pem, ticket_pub = pki.new_signing_key()
+        ticket_key = pki.load_signing_key(ticket_pem)
+        cfg = testing.write_node_files(
+            root / "bank-a", name="bank-a", index=1, tls=files[("shareholder", "bank-a")],
+            tenants={TENANT: {KEY_ID: ticket_pub}}, attempts_per_subject=1_000_000,
+        )
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        node = subprocess.Popen(
+            [sys.executable, "-m", "shareholders", "--config", str(cfg)], cwd=ROOT, env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        echo_ready = root / "echo.json"
+        echo_tls = files[("shareholder", "echo")]
+        try:
+            node_info = _wait_ready(root / "bank-a" / "ready.json", node)
+            # Payload sizes of the real calls, so the echo moves the same bytes.
+            subjects = [f"subject-{i:06d}" for i in range(n_stream)]
+            records = _records(subjects, 1, rng)
+            sample_release = shareholder_pb2.ReleaseShareResponse(shares=[records[0]], audit_seq=123456)
+            echo = subprocess.Popen(
+                [sys.executable, "-m", "bench.suite_node", "echo-server", "--ca", echo_tls.ca, "--cert",
+                 echo_tls.cert, "--key", echo_tls.key, "--ready", str(echo_ready), "--reply-bytes",
+                 str(sample_release.ByteSize())],
+                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            try:
+                echo_info = _wait_ready(echo_ready, echo)
+                return asyncio.run(
+                    _measure(node_info, echo_info, files[("matcher", "bench")].load(), ticket_key, records,
+                             n_releases, concurrency, quick)
+                )
+            finally:
+                _stop(echo)
+        finally:
+            _stop(node)
+
+
+async def _measure(node_info, echo_info, tls, ticket_key, records, n_releases, concurrency, quick):
+    node_addr = node_info["address"]
+    echo_addr = f"127.0.0.1:{echo_info['port']}"
+    results = []
+    messages = _stream_messages(records)
+    async with _secure_aio(node_addr, tls) as node_ch, _secure_aio(echo_addr, tls) as echo_ch:
+        # Bulk store: the node first, then the echo of the same messages.
+        store_rate = await _stream_rate(node_ch, STORE_STREAM, messages, len(records))
+        echo_stream_rate = await _stream_rate(echo_ch, ECHO_STREAM, messages, len(records))
+        results.append(_result(
+            "stream_store_per_s",
+            {"records": len(records), "dimension": DIM, "records_per_message": 100, "quick": quick},
+            store_rate, "records/s", "bare gRPC stream echo, same messages, same mTLS", echo_stream_rate,
+        ))
+
+        # Releases: subjects cycle, every ticket fresh, all signed before timing.
+        n_subjects = min(len(records), 2000)
+        probe = np.zeros(DIM, dtype=np.float32)
+        tickets = [
+            shareholder_pb2.ReleaseShareRequest(ticket=ticket.issue(
+                ticket_key, KEY_ID, tenant=TENANT, subject=records[i % n_subjects].subject,
+                request_id=f"verify-{i}", probe=probe, ttl_ms=120_000,
+            )).SerializeToString()
+            for i in range(n_releases + 500)
+        ]
+        warm, timed = tickets[:500], tickets[500:]
+        _, errors = await _unary_rate(node_ch, RELEASE, warm, concurrency)
+        release_rate, errors = await _unary_rate(node_ch, RELEASE, timed, concurrency)
+        await _unary_rate(echo_ch, ECHO_UNARY, warm, concurrency)
+        echo_rate, echo_errors = await _unary_rate(echo_ch, ECHO_UNARY, timed, concurrency)
+        results.append(_result(
+            "release_per_s",
+            {"releases": len(timed), "concurrency": concurrency, "dimension": DIM, "ticket_check": True,
+             "durable_audit": True, "errors": errors, "quick": quick},
+            release_rate if errors == 0 else None, "releases/s",
+            "bare gRPC unary echo, same request and response sizes, same mTLS", echo_rate,
+        ))
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.suite_node")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("echo-server", help="(internal) the baseline echo server")
+    for flag in ("--ca", "--cert", "--key", "--ready"):
+        e.add_argument(flag, required=True)
+    e.add_argument("--reply-bytes", type=int, required=True)
+    r = sub.add_parser("run", help="run the suite and print its results as JSON")
+    r.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.cmd == "echo-server":
+        _echo_server(args)
+    else:
+        print(json.dumps(run(args.quick), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
