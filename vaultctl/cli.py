@@ -11,7 +11,10 @@ stdout); a traceback only with ``--debug`` or ``VAULTCTL_DEBUG=1``.
 
 Adding a command: decorate a function ``run(args) -> Result`` with
 ``@command("rotate", "kek", help=..., arguments=...)`` in a module listed in
-``COMMAND_MODULES``. ``target="dir"`` gives it ``--dir`` only, ``"any"``
+``COMMAND_MODULES`` (run the CLI as ``vaultctl`` or ``python -m vaultctl``,
+never ``python -m vaultctl.cli``, so that the registry is one module).
+Raise ``CliError`` (exit 1) or ``RemoteError`` / ``remote_error(grpc_error)``
+(exit 2) with one sentence. ``target="dir"`` gives it ``--dir`` only, ``"any"``
 ``--dir`` or ``--config``, ``"none"`` neither; ``client_from_args`` and
 ``load_client_config`` resolve them.
 """
@@ -506,7 +509,3 @@ def main(argv: list[str] | None = None) -> int:
         for line in result.lines:
             print(line)
     return result.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -336,7 +336,7 @@ def run(root: pathlib.Path, subjects: int, seed: int, console, debug: bool = Fal
             console.print(f"  - {f}", highlight=False)
         return 1
     console.print(
-        "[bold green]Done.[/bold green] No single institution ever held a template; "
+        "[bold green]Done.[/bold green] No node ever held a whole template, and none was written to disk; "
         f"the cluster files stay in {root} (start it again with `vaultctl cluster up --dir {root}`)."
     )
     return 0
@@ -368,8 +368,9 @@ def _show_audit(story: Story, root: pathlib.Path, info: dict, request_id: str, k
         mine = [e for e in entries if e.request_id == request_id or request_id in e.details_json]
         if mine:
             with_entries += 1
+        signed = f"signed up to #{report.signed_seq}" if report.signed_seq else "no checkpoint signed yet"
         chain = (
-            f"chain of {report.entries} entries verifies, {report.checkpoints} signed checkpoint(s)"
+            f"hash chain of {report.entries} entries intact, {signed}"
             if report.ok
             else f"CHAIN BROKEN at {report.broken_seq}: {report.reason}"
         )
