@@ -2,7 +2,7 @@
 
 Exit status: 0 after a clean shutdown, 1 when the node cannot start (bad
 config, unreadable or exposed key file, port in use, database of another
-node): the reason is one JSON log line on stderr, never a traceback.
+node, an audit log cut short or rewritten at its end): the reason is one JSON log line on stderr, never a traceback.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import sys
 from shareholders.config import ConfigError, load_config
 from shareholders.server import serve
 from shareholders.store import SchemaError
+from vault.errors import AuditChainError
 from vaultrpc import logs
 from vaultrpc.server import run_until_signalled
 
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         logging.getLogger().setLevel(cfg.log_level)
         running = serve(cfg)
-    except (ConfigError, SchemaError) as exc:
+    except (ConfigError, SchemaError, AuditChainError) as exc:
         logs.event(log, "cannot start", logging.ERROR, error=str(exc))
         return 1
     except (OSError, ValueError, RuntimeError, sqlite3.Error) as exc:

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from splitvault.v1 import common_pb2
 from vault import audit
+from vault.errors import AuditChainError
 from shareholders import store
 
 T = TypeVar("T")
@@ -42,6 +43,41 @@ _STOP = object()
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def check_tail(conn: sqlite3.Connection, public_key, node: str) -> None:
+    """Refuse to extend a chain whose end contradicts the node's own last
+    checkpoint (entries cut off or rewritten) or whose head does not hash.
+
+    Cheap (a few rows), so it runs at every start; the whole chain is
+    checked by ``vault.audit.verify_chain`` (``vaultctl audit verify``).
+    Raises AuditChainError naming the first entry found broken.
+    """
+    seq, head = store.audit_head(conn)
+    cps = store.checkpoints(conn, store.last_checkpoint_seq(conn)) if store.last_checkpoint_seq(conn) else []
+    tail = audit.load_entries(list(store.iter_entries(conn, max(1, seq - 1))))
+    start = tail[0].seq if tail else 1
+    prev = audit.GENESIS_HASH
+    if start > 1:
+        row = conn.execute("SELECT entry_hash FROM audit_log WHERE seq = ?", (start - 1,)).fetchone()
+        prev = bytes(row[0]) if row else b""
+    report = audit.verify_chain(tail, [], public_key, node=node, start_seq=start, start_prev_hash=prev)
+    if not report.ok:
+        raise AuditChainError(f"The audit log is damaged: {report.reason} Run vaultctl audit verify.", report.broken_seq)
+    for cp in cps:
+        at = conn.execute("SELECT seq, time_ms, node, event, actor, request_id, tenant, subject, details_json, "
+                          "prev_hash, entry_hash FROM audit_log WHERE seq = ?", (cp.seq,)).fetchone()
+        entries = audit.load_entries([at]) if at else []
+        check = audit.verify_chain(
+            entries, [cp], public_key, node=node, start_seq=cp.seq,
+            start_prev_hash=entries[0].prev_hash if entries else audit.GENESIS_HASH,
+        )
+        if not check.ok:
+            raise AuditChainError(
+                f"The audit log is damaged: it does not match the node's last signed checkpoint (entry {cp.seq}). "
+                "Run vaultctl audit verify.",
+                min(cp.seq, seq + 1),
+            )
 
 
 class WriterClosed(RuntimeError):
@@ -125,6 +161,11 @@ class AuditWriter:
         self._on_commit = on_commit
         self._conn = store.connect(db_path)
         store.migrate(self._conn)
+        try:
+            check_tail(self._conn, audit_key.public_key(), node)
+        except BaseException:
+            self._conn.close()
+            raise
         seq, head = store.audit_head(self._conn)
         self._seq = seq
         self._hash = head or audit.GENESIS_HASH
@@ -135,11 +176,6 @@ class AuditWriter:
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"audit-writer-{node}", daemon=True)
         self._thread.start()
-
-    @property
-    def conn_for_setup(self) -> sqlite3.Connection:
-        """The write connection, for start-up work before any job runs."""
-        return self._conn
 
     @property
     def head_seq(self) -> int:
@@ -273,3 +309,13 @@ class AuditWriter:
             self._on_commit(self._seq)
         for pending, result, exc in outcomes:
             pending._settle(result, exc)
+
+
+def verify_database(db_path: str | pathlib.Path, public_key, node: str | None = None) -> audit.VerifyReport:
+    """Verify a node's stored audit chain offline (the node may be stopped)."""
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        entries, cps = store.read_chain(conn)
+    finally:
+        conn.close()
+    return audit.verify_chain(entries, cps, public_key, node=node)

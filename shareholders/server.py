@@ -93,6 +93,13 @@ def serve(cfg: NodeConfig, *, keys: NodeKeys | None = None, env: dict[str, str] 
     except OSError as exc:
         raise ConfigError(f"Cannot create the data directory {cfg.data_dir}: {exc.strerror}.") from None
 
+    # Whose database is this? Checked before anything else reads it.
+    conn = store.connect(cfg.db_path)
+    try:
+        store.migrate(conn)
+        state = store.init_node_state(conn, cfg.name, cfg.index, now_ms())
+    finally:
+        conn.close()
     head_gauge = AUDIT_HEAD.labels(cfg.name)
     writer = AuditWriter(
         cfg.db_path, cfg.name, keys.audit_key,
@@ -100,7 +107,6 @@ def serve(cfg: NodeConfig, *, keys: NodeKeys | None = None, env: dict[str, str] 
         on_commit=head_gauge.set,
     )
     try:
-        state = store.init_node_state(writer.conn_for_setup, cfg.name, cfg.index, now_ms())
         service = ShareholderService(cfg, keys, writer, state)
         rebuilt = service.rebuild_guard()
         actor = f"shareholder/{cfg.name}"

@@ -289,3 +289,10 @@ def entries_since(conn: sqlite3.Connection, time_ms: int, events: tuple[str, ...
         f"WHERE time_ms >= ? AND event IN ({marks}) ORDER BY seq",
         (time_ms, *events),
     ).fetchall()
+
+
+def read_chain(conn: sqlite3.Connection) -> tuple[list[common_pb2.AuditEntry], list[common_pb2.AuditCheckpoint]]:
+    """The whole stored audit log and its checkpoints, as stored."""
+    from vault.audit import load_entries
+
+    return load_entries(list(iter_entries(conn))), checkpoints(conn)
