@@ -174,10 +174,13 @@ class NodeHarness:
         self.folder = folder
         self.tls_files = tls_files
         self.name = name
-        self.config_path = write_node_files(
-            folder, name=name, index=index, tls=tls_files("shareholder", name),
-            tenants={p.tenant: {p.key_id: p.public} for p in providers}, **node_options,
-        )
+        if (folder / "node.toml").exists() and not node_options.pop("fresh", False):
+            self.config_path = folder / "node.toml"  # an existing node: keep its keys and data
+        else:
+            self.config_path = write_node_files(
+                folder, name=name, index=index, tls=tls_files("shareholder", name),
+                tenants={p.tenant: {p.key_id: p.public} for p in providers}, **node_options,
+            )
         self.running = None
         self._channels: list[grpc.Channel] = []
 

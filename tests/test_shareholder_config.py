@@ -1,0 +1,120 @@
+"""Node config and key files: clear ConfigError messages for every mistake."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import pytest
+
+from shareholders import config
+from shareholders.config import ConfigError, load_config, load_keys
+from shareholders.testing import Provider, kek_json, write_node_files
+from vault import envelope
+
+ACME = Provider.new("acme")
+
+
+@pytest.fixture()
+def cfg_path(tmp_path, dev_pki) -> pathlib.Path:
+    return write_node_files(tmp_path / "n", name="bank-a", index=2, tls=dev_pki.files("shareholder", "bank-a"),
+                            tenants={"acme": {"acme-1": ACME.public}}, attempts_per_subject=5)
+
+
+def test_good_config(cfg_path):
+    cfg = load_config(cfg_path, env={})
+    assert (cfg.name, cfg.index, cfg.attempts_per_subject, cfg.metrics_port) == ("bank-a", 2, 5, -1)
+    assert cfg.db_path == cfg_path.parent / "data" / "shares.db"
+    assert set(cfg.tenants) == {"acme"} and set(cfg.tenants["acme"]) == {"acme-1"}
+    keys = load_keys(cfg, env={})
+    assert keys.kek.active == 1
+    assert "audit_key" not in repr(keys)
+
+
+def test_environment_overrides(cfg_path):
+    cfg = load_config(cfg_path, env={"SPLITVAULT_LIMITS__ATTEMPTS_PER_SUBJECT": "9", "SPLITVAULT_NODE__LISTEN": "127.0.0.1:7000"})
+    assert cfg.attempts_per_subject == 9 and cfg.listen == "127.0.0.1:7000"
+
+
+def test_kek_from_the_environment_wins(cfg_path):
+    cfg = load_config(cfg_path, env={})
+    ring = load_keys(cfg, env={config.KEK_ENV: kek_json({4: envelope.new_kek(), 5: envelope.new_kek()}, 5)}).kek
+    assert ring.active == 5 and ring.versions == (4, 5)
+
+
+def test_kek_file_may_be_omitted_when_the_environment_has_it(cfg_path):
+    text = cfg_path.read_text().replace(f'kek_file = "{cfg_path.parent / "kek.json"}"\n', "")
+    cfg_path.write_text(text)
+    with pytest.raises(ConfigError, match="kek_file"):
+        load_config(cfg_path, env={})
+    cfg = load_config(cfg_path, env={config.KEK_ENV: kek_json({1: bytes(32)}, 1)})
+    assert cfg.kek_file is None
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ('name = "bank-a"', 'name = "../bank"', "node.name"),
+    ("index = 2", "index = 0", "node.index"),
+    ("index = 2", 'index = "two"', "node.index"),
+    ('listen = "127.0.0.1:0"', 'listen = "nowhere"', "node.listen"),
+    ('log_level = "WARNING"', 'log_level = "LOUD"', "log_level"),
+    ("attempts_per_subject = 5", "attempts_per_subject = 0", "attempts_per_subject"),
+    ("[tls]", "[tls_typo]", "tls.ca"),
+    ('ticket_keys = { "acme-1"', 'ticket_keys = { "acme-1" = "zz", "x"', "ticket key"),
+    ("port = -1", "port = 70000", "metrics.port"),
+    ("[node]", "[node\n", "not valid TOML"),
+])
+def test_bad_config_values(cfg_path, old, new, message):
+    cfg_path.write_text(cfg_path.read_text().replace(old, new, 1))
+    with pytest.raises(ConfigError, match=message):
+        load_config(cfg_path, env={})
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="Cannot read the config file"):
+        load_config(tmp_path / "absent.toml", env={})
+
+
+def test_world_readable_key_files_are_refused(cfg_path):
+    cfg = load_config(cfg_path, env={})
+    for name in ("kek.json", "audit.key"):
+        path = cfg_path.parent / name
+        path.chmod(0o644)
+        with pytest.raises(ConfigError, match="readable by other users.*chmod 600"):
+            load_keys(cfg, env={})
+        path.chmod(0o600)
+    load_keys(cfg, env={})
+
+
+def test_unreadable_or_missing_key_files_are_refused(cfg_path):
+    cfg = load_config(cfg_path, env={})
+    (cfg_path.parent / "audit.key").unlink()
+    with pytest.raises(ConfigError, match="Cannot read the audit key file"):
+        load_keys(cfg, env={})
+
+
+@pytest.mark.parametrize("text, message", [
+    ("not json", "not valid JSON"),
+    ('{"active": 1}', "must be"),
+    ('{"active": "1", "keys": {"1": "' + "00" * 32 + '"}}', "active version"),
+    ('{"active": 2, "keys": {"1": "' + "00" * 32 + '"}}', "invalid"),
+    ('{"active": 1, "keys": {"1": "abcd"}}', "32 bytes"),
+    ('{"active": 1, "keys": {"one": "' + "00" * 32 + '"}}', "version number"),
+])
+def test_bad_kek_files(cfg_path, text, message):
+    cfg = load_config(cfg_path, env={})
+    (cfg_path.parent / "kek.json").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_keys(cfg, env={})
+
+
+def test_audit_key_must_be_ed25519_pem(cfg_path):
+    cfg = load_config(cfg_path, env={})
+    (cfg_path.parent / "audit.key").write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(ConfigError, match="Ed25519"):
+        load_keys(cfg, env={})
+
+
+def test_kek_file_format_matches_the_contract(cfg_path):
+    data = json.loads((cfg_path.parent / "kek.json").read_text())
+    assert data["active"] == 1 and len(data["keys"]["1"]) == 64
+    assert oct(os.stat(cfg_path.parent / "kek.json").st_mode & 0o777) == "0o600"
