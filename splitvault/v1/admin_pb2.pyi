@@ -1,0 +1,270 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SessionKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SESSION_KIND_UNSPECIFIED: _ClassVar[SessionKind]
+    SESSION_KIND_REFRESH: _ClassVar[SessionKind]
+    SESSION_KIND_RESHARE: _ClassVar[SessionKind]
+
+class SessionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SESSION_STATE_UNSPECIFIED: _ClassVar[SessionState]
+    SESSION_STATE_BEGUN: _ClassVar[SessionState]
+    SESSION_STATE_PREPARED: _ClassVar[SessionState]
+    SESSION_STATE_COMMITTED: _ClassVar[SessionState]
+    SESSION_STATE_FINALIZED: _ClassVar[SessionState]
+    SESSION_STATE_ABORTED: _ClassVar[SessionState]
+SESSION_KIND_UNSPECIFIED: SessionKind
+SESSION_KIND_REFRESH: SessionKind
+SESSION_KIND_RESHARE: SessionKind
+SESSION_STATE_UNSPECIFIED: SessionState
+SESSION_STATE_BEGUN: SessionState
+SESSION_STATE_PREPARED: SessionState
+SESSION_STATE_COMMITTED: SessionState
+SESSION_STATE_FINALIZED: SessionState
+SESSION_STATE_ABORTED: SessionState
+
+class Member(_message.Message):
+    __slots__ = ("name", "index", "address")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    index: int
+    address: str
+    def __init__(self, name: _Optional[str] = ..., index: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
+
+class BeginSessionRequest(_message.Message):
+    __slots__ = ("session_id", "kind", "from_epoch", "new_epoch", "old_committee", "new_committee", "old_threshold", "new_threshold", "senders")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    FROM_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    NEW_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    OLD_COMMITTEE_FIELD_NUMBER: _ClassVar[int]
+    NEW_COMMITTEE_FIELD_NUMBER: _ClassVar[int]
+    OLD_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    NEW_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    SENDERS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    kind: SessionKind
+    from_epoch: int
+    new_epoch: int
+    old_committee: _containers.RepeatedCompositeFieldContainer[Member]
+    new_committee: _containers.RepeatedCompositeFieldContainer[Member]
+    old_threshold: int
+    new_threshold: int
+    senders: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., kind: _Optional[_Union[SessionKind, str]] = ..., from_epoch: _Optional[int] = ..., new_epoch: _Optional[int] = ..., old_committee: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., new_committee: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., old_threshold: _Optional[int] = ..., new_threshold: _Optional[int] = ..., senders: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SessionStatus(_message.Message):
+    __slots__ = ("session_id", "kind", "state", "from_epoch", "new_epoch", "actor", "started_ms", "updated_ms", "records_old", "records_prepared", "records_new", "records_skipped", "in_new_committee", "new_index")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    FROM_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    NEW_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    STARTED_MS_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_MS_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_OLD_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_PREPARED_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_NEW_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    IN_NEW_COMMITTEE_FIELD_NUMBER: _ClassVar[int]
+    NEW_INDEX_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    kind: SessionKind
+    state: SessionState
+    from_epoch: int
+    new_epoch: int
+    actor: str
+    started_ms: int
+    updated_ms: int
+    records_old: int
+    records_prepared: int
+    records_new: int
+    records_skipped: int
+    in_new_committee: bool
+    new_index: int
+    def __init__(self, session_id: _Optional[str] = ..., kind: _Optional[_Union[SessionKind, str]] = ..., state: _Optional[_Union[SessionState, str]] = ..., from_epoch: _Optional[int] = ..., new_epoch: _Optional[int] = ..., actor: _Optional[str] = ..., started_ms: _Optional[int] = ..., updated_ms: _Optional[int] = ..., records_old: _Optional[int] = ..., records_prepared: _Optional[int] = ..., records_new: _Optional[int] = ..., records_skipped: _Optional[int] = ..., in_new_committee: _Optional[bool] = ..., new_index: _Optional[int] = ...) -> None: ...
+
+class BeginSessionResponse(_message.Message):
+    __slots__ = ("status",)
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    status: SessionStatus
+    def __init__(self, status: _Optional[_Union[SessionStatus, _Mapping]] = ...) -> None: ...
+
+class PrepareSessionRequest(_message.Message):
+    __slots__ = ("session_id", "peers")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    peers: _containers.RepeatedCompositeFieldContainer[Member]
+    def __init__(self, session_id: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[Member, _Mapping]]] = ...) -> None: ...
+
+class PrepareSessionResponse(_message.Message):
+    __slots__ = ("done", "total", "status")
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    done: int
+    total: int
+    status: SessionStatus
+    def __init__(self, done: _Optional[int] = ..., total: _Optional[int] = ..., status: _Optional[_Union[SessionStatus, _Mapping]] = ...) -> None: ...
+
+class CheckRefreshRequest(_message.Message):
+    __slots__ = ("session_id", "challenges", "peers")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGES_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    challenges: _containers.RepeatedScalarFieldContainer[bytes]
+    peers: _containers.RepeatedCompositeFieldContainer[Member]
+    def __init__(self, session_id: _Optional[str] = ..., challenges: _Optional[_Iterable[bytes]] = ..., peers: _Optional[_Iterable[_Union[Member, _Mapping]]] = ...) -> None: ...
+
+class CheckRefreshResponse(_message.Message):
+    __slots__ = ("values", "records")
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[int]
+    records: int
+    def __init__(self, values: _Optional[_Iterable[int]] = ..., records: _Optional[int] = ...) -> None: ...
+
+class CommitSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class CommitSessionResponse(_message.Message):
+    __slots__ = ("done", "total", "status")
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    done: int
+    total: int
+    status: SessionStatus
+    def __init__(self, done: _Optional[int] = ..., total: _Optional[int] = ..., status: _Optional[_Union[SessionStatus, _Mapping]] = ...) -> None: ...
+
+class FinalizeSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class FinalizeSessionResponse(_message.Message):
+    __slots__ = ("done", "total", "status")
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    done: int
+    total: int
+    status: SessionStatus
+    def __init__(self, done: _Optional[int] = ..., total: _Optional[int] = ..., status: _Optional[_Union[SessionStatus, _Mapping]] = ...) -> None: ...
+
+class AbortSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class AbortSessionResponse(_message.Message):
+    __slots__ = ("status",)
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    status: SessionStatus
+    def __init__(self, status: _Optional[_Union[SessionStatus, _Mapping]] = ...) -> None: ...
+
+class GetSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class GetSessionResponse(_message.Message):
+    __slots__ = ("found", "status")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    status: SessionStatus
+    def __init__(self, found: _Optional[bool] = ..., status: _Optional[_Union[SessionStatus, _Mapping]] = ...) -> None: ...
+
+class RecordKey(_message.Message):
+    __slots__ = ("tenant", "subject", "threshold", "width")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    subject: str
+    threshold: int
+    width: int
+    def __init__(self, tenant: _Optional[str] = ..., subject: _Optional[str] = ..., threshold: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
+
+class GetRefreshDeltasRequest(_message.Message):
+    __slots__ = ("session_id", "keys", "mask_challenges", "mask_threshold")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    MASK_CHALLENGES_FIELD_NUMBER: _ClassVar[int]
+    MASK_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    keys: _containers.RepeatedCompositeFieldContainer[RecordKey]
+    mask_challenges: _containers.RepeatedScalarFieldContainer[bytes]
+    mask_threshold: int
+    def __init__(self, session_id: _Optional[str] = ..., keys: _Optional[_Iterable[_Union[RecordKey, _Mapping]]] = ..., mask_challenges: _Optional[_Iterable[bytes]] = ..., mask_threshold: _Optional[int] = ...) -> None: ...
+
+class GetRefreshDeltasResponse(_message.Message):
+    __slots__ = ("values", "masks")
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    MASKS_FIELD_NUMBER: _ClassVar[int]
+    values: bytes
+    masks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, values: _Optional[bytes] = ..., masks: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class GetReshareSharesRequest(_message.Message):
+    __slots__ = ("session_id", "after_tenant", "after_subject", "limit", "keys")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_TENANT_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    after_tenant: str
+    after_subject: str
+    limit: int
+    keys: _containers.RepeatedCompositeFieldContainer[RecordKey]
+    def __init__(self, session_id: _Optional[str] = ..., after_tenant: _Optional[str] = ..., after_subject: _Optional[str] = ..., limit: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[RecordKey, _Mapping]]] = ...) -> None: ...
+
+class ReshareItem(_message.Message):
+    __slots__ = ("tenant", "subject", "dimension", "codec_version", "mac_count", "request_id", "threshold", "values")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    CODEC_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAC_COUNT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    subject: str
+    dimension: int
+    codec_version: int
+    mac_count: int
+    request_id: str
+    threshold: int
+    values: bytes
+    def __init__(self, tenant: _Optional[str] = ..., subject: _Optional[str] = ..., dimension: _Optional[int] = ..., codec_version: _Optional[int] = ..., mac_count: _Optional[int] = ..., request_id: _Optional[str] = ..., threshold: _Optional[int] = ..., values: _Optional[bytes] = ...) -> None: ...
+
+class GetReshareSharesResponse(_message.Message):
+    __slots__ = ("items", "more")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ReshareItem]
+    more: bool
+    def __init__(self, items: _Optional[_Iterable[_Union[ReshareItem, _Mapping]]] = ..., more: _Optional[bool] = ...) -> None: ...
