@@ -77,6 +77,64 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             signature BLOB NOT NULL
         )""",
     ),
+    # 2: maintenance sessions (shareholders.epochs): one row per refresh or
+    # reshare session (the lock is the row in an open state), and the
+    # prepared shares of the new epoch, sealed like shares and not served
+    # until the session commits.
+    (
+        """CREATE TABLE maintenance_sessions (
+            session_id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            state TEXT NOT NULL,
+            from_epoch INTEGER NOT NULL,
+            new_epoch INTEGER NOT NULL,
+            plan_json TEXT NOT NULL,
+            seed_kek_version INTEGER,
+            seed_wrapped_dk BLOB,
+            seed_nonce BLOB,
+            seed_ciphertext BLOB,
+            skipped INTEGER NOT NULL DEFAULT 0,
+            actor TEXT NOT NULL,
+            started_ms INTEGER NOT NULL,
+            updated_ms INTEGER NOT NULL
+        )""",
+        "CREATE INDEX maintenance_by_state ON maintenance_sessions (state)",
+        """CREATE TABLE prepared_shares (
+            tenant TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            idx INTEGER NOT NULL,
+            threshold INTEGER NOT NULL,
+            n INTEGER NOT NULL,
+            dimension INTEGER NOT NULL,
+            codec_version INTEGER NOT NULL,
+            mac_count INTEGER NOT NULL,
+            request_id TEXT NOT NULL,
+            kek_version INTEGER NOT NULL,
+            wrapped_dk BLOB NOT NULL,
+            nonce BLOB NOT NULL,
+            ciphertext BLOB NOT NULL,
+            stored_ms INTEGER NOT NULL,
+            PRIMARY KEY (tenant, subject, epoch)
+        )""",
+    ),
+    (
+        # Long auditor jobs (rotate kek, refresh, reshare) are sessions: a
+        # random id chosen by the orchestrator, kept after the job ends so a
+        # rerun with the same id learns it is done. At most one session per
+        # node is open (holds the node's maintenance lock) at a time.
+        """CREATE TABLE maintenance_sessions (
+            session_id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            state TEXT NOT NULL,
+            open INTEGER NOT NULL,
+            actor TEXT NOT NULL,
+            params_json TEXT NOT NULL,
+            started_ms INTEGER NOT NULL,
+            updated_ms INTEGER NOT NULL
+        )""",
+        "CREATE UNIQUE INDEX maintenance_one_open ON maintenance_sessions (open) WHERE open = 1",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # A new node starts in epoch 1; a proactive refresh moves it on.
@@ -296,3 +354,81 @@ def read_chain(conn: sqlite3.Connection) -> tuple[list[common_pb2.AuditEntry], l
     from vault.audit import load_entries
 
     return load_entries(list(iter_entries(conn))), checkpoints(conn)
+
+
+# --- maintenance sessions (the node's lock for long auditor jobs) ---------------------
+
+
+class SessionBusy(RuntimeError):
+    """Another maintenance session holds the node's lock."""
+
+    def __init__(self, session: "MaintenanceSession"):
+        super().__init__(
+            f"Node {session.kind} session {session.session_id!r} (started by {session.actor}) is still open; "
+            "finish it (rerun with its session id) or abort it first."
+        )
+        self.session = session
+
+
+@dataclass(frozen=True)
+class MaintenanceSession:
+    session_id: str
+    kind: str  # kek_rotate, refresh, reshare
+    state: str  # kind-specific
+    open: bool  # holds the node's maintenance lock
+    actor: str
+    params: dict
+    started_ms: int
+    updated_ms: int
+
+
+_SESSION_COLUMNS = "session_id, kind, state, open, actor, params_json, started_ms, updated_ms"
+
+
+def _session(r) -> MaintenanceSession:
+    return MaintenanceSession(r[0], r[1], r[2], bool(r[3]), r[4], json.loads(r[5]), r[6], r[7])
+
+
+def open_session(conn: sqlite3.Connection) -> MaintenanceSession | None:
+    """The session holding the node's maintenance lock, if any."""
+    r = conn.execute(f"SELECT {_SESSION_COLUMNS} FROM maintenance_sessions WHERE open = 1").fetchone()
+    return _session(r) if r else None
+
+
+def get_session(conn: sqlite3.Connection, session_id: str) -> MaintenanceSession | None:
+    r = conn.execute(f"SELECT {_SESSION_COLUMNS} FROM maintenance_sessions WHERE session_id = ?", (session_id,)).fetchone()
+    return _session(r) if r else None
+
+
+def begin_session(
+    conn: sqlite3.Connection, session_id: str, kind: str, actor: str, params: dict, state: str, now_ms: int
+) -> MaintenanceSession:
+    """Open a new session (inside the caller's write transaction); raises
+    SessionBusy when another one is open, ValueError when the id was used."""
+    busy = open_session(conn)
+    if busy is not None:
+        raise SessionBusy(busy)
+    if get_session(conn, session_id) is not None:
+        raise ValueError(f"Session id {session_id!r} was already used on this node.")
+    conn.execute(
+        f"INSERT INTO maintenance_sessions ({_SESSION_COLUMNS}) VALUES (?,?,?,1,?,?,?,?)",
+        (session_id, kind, state, actor, json.dumps(params, sort_keys=True), now_ms, now_ms),
+    )
+    return MaintenanceSession(session_id, kind, state, True, actor, dict(params), now_ms, now_ms)
+
+
+def update_session(
+    conn: sqlite3.Connection, session_id: str, now_ms: int, *, state: str | None = None, params: dict | None = None,
+    close: bool = False,
+) -> None:
+    """Change a session's state or params; ``close`` releases the node's lock."""
+    sets, values = ["updated_ms = ?"], [now_ms]
+    if state is not None:
+        sets.append("state = ?")
+        values.append(state)
+    if params is not None:
+        sets.append("params_json = ?")
+        values.append(json.dumps(params, sort_keys=True))
+    if close:
+        sets.append("open = 0")
+    conn.execute(f"UPDATE maintenance_sessions SET {', '.join(sets)} WHERE session_id = ?", (*values, session_id))

@@ -120,22 +120,26 @@ class PrepareSessionResponse(_message.Message):
     def __init__(self, done: _Optional[int] = ..., total: _Optional[int] = ..., status: _Optional[_Union[SessionStatus, _Mapping]] = ...) -> None: ...
 
 class CheckRefreshRequest(_message.Message):
-    __slots__ = ("session_id", "challenges", "peers")
+    __slots__ = ("session_id", "challenges", "peers", "exclude")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CHALLENGES_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     challenges: _containers.RepeatedScalarFieldContainer[bytes]
     peers: _containers.RepeatedCompositeFieldContainer[Member]
-    def __init__(self, session_id: _Optional[str] = ..., challenges: _Optional[_Iterable[bytes]] = ..., peers: _Optional[_Iterable[_Union[Member, _Mapping]]] = ...) -> None: ...
+    exclude: _containers.RepeatedCompositeFieldContainer[RecordKey]
+    def __init__(self, session_id: _Optional[str] = ..., challenges: _Optional[_Iterable[bytes]] = ..., peers: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., exclude: _Optional[_Iterable[_Union[RecordKey, _Mapping]]] = ...) -> None: ...
 
 class CheckRefreshResponse(_message.Message):
-    __slots__ = ("values", "records")
+    __slots__ = ("values", "records", "keys_sha256")
     VALUES_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_SHA256_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedScalarFieldContainer[int]
     records: int
-    def __init__(self, values: _Optional[_Iterable[int]] = ..., records: _Optional[int] = ...) -> None: ...
+    keys_sha256: str
+    def __init__(self, values: _Optional[_Iterable[int]] = ..., records: _Optional[int] = ..., keys_sha256: _Optional[str] = ...) -> None: ...
 
 class CommitSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -194,6 +198,26 @@ class GetSessionResponse(_message.Message):
     found: bool
     status: SessionStatus
     def __init__(self, found: _Optional[bool] = ..., status: _Optional[_Union[SessionStatus, _Mapping]] = ...) -> None: ...
+
+class ListSessionKeysRequest(_message.Message):
+    __slots__ = ("session_id", "after_tenant", "after_subject", "limit")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_TENANT_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    after_tenant: str
+    after_subject: str
+    limit: int
+    def __init__(self, session_id: _Optional[str] = ..., after_tenant: _Optional[str] = ..., after_subject: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListSessionKeysResponse(_message.Message):
+    __slots__ = ("keys", "more")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedCompositeFieldContainer[RecordKey]
+    more: bool
+    def __init__(self, keys: _Optional[_Iterable[_Union[RecordKey, _Mapping]]] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class RecordKey(_message.Message):
     __slots__ = ("tenant", "subject", "threshold", "width")

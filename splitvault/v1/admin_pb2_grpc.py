@@ -84,6 +84,11 @@ class ShareholderAdminStub:
                 request_serializer=splitvault_dot_v1_dot_admin__pb2.GetSessionRequest.SerializeToString,
                 response_deserializer=splitvault_dot_v1_dot_admin__pb2.GetSessionResponse.FromString,
                 _registered_method=True)
+        self.ListSessionKeys = channel.unary_unary(
+                '/splitvault.v1.ShareholderAdmin/ListSessionKeys',
+                request_serializer=splitvault_dot_v1_dot_admin__pb2.ListSessionKeysRequest.SerializeToString,
+                response_deserializer=splitvault_dot_v1_dot_admin__pb2.ListSessionKeysResponse.FromString,
+                _registered_method=True)
         self.GetRefreshDeltas = channel.unary_unary(
                 '/splitvault.v1.ShareholderAdmin/GetRefreshDeltas',
                 request_serializer=splitvault_dot_v1_dot_admin__pb2.GetRefreshDeltasRequest.SerializeToString,
@@ -173,6 +178,15 @@ class ShareholderAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSessionKeys(self, request, context):
+        """The (tenant, subject) keys this node holds at the session's from_epoch,
+        a page at a time, never share values: lets the auditor exclude records
+        not held by every node from the check. Role: auditor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetRefreshDeltas(self, request, context):
         """Peer to peer (refresh): this node's zero-sharing values delta_i(j) for
         the calling node j, for a batch of records. Role: shareholder.
@@ -227,6 +241,11 @@ def add_ShareholderAdminServicer_to_server(servicer, server):
                     servicer.GetSession,
                     request_deserializer=splitvault_dot_v1_dot_admin__pb2.GetSessionRequest.FromString,
                     response_serializer=splitvault_dot_v1_dot_admin__pb2.GetSessionResponse.SerializeToString,
+            ),
+            'ListSessionKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessionKeys,
+                    request_deserializer=splitvault_dot_v1_dot_admin__pb2.ListSessionKeysRequest.FromString,
+                    response_serializer=splitvault_dot_v1_dot_admin__pb2.ListSessionKeysResponse.SerializeToString,
             ),
             'GetRefreshDeltas': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRefreshDeltas,
@@ -443,6 +462,33 @@ class ShareholderAdmin:
             '/splitvault.v1.ShareholderAdmin/GetSession',
             splitvault_dot_v1_dot_admin__pb2.GetSessionRequest.SerializeToString,
             splitvault_dot_v1_dot_admin__pb2.GetSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessionKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitvault.v1.ShareholderAdmin/ListSessionKeys',
+            splitvault_dot_v1_dot_admin__pb2.ListSessionKeysRequest.SerializeToString,
+            splitvault_dot_v1_dot_admin__pb2.ListSessionKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,
