@@ -118,23 +118,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (tenant, subject, epoch)
         )""",
     ),
-    (
-        # Long auditor jobs (rotate kek, refresh, reshare) are sessions: a
-        # random id chosen by the orchestrator, kept after the job ends so a
-        # rerun with the same id learns it is done. At most one session per
-        # node is open (holds the node's maintenance lock) at a time.
-        """CREATE TABLE maintenance_sessions (
-            session_id TEXT PRIMARY KEY,
-            kind TEXT NOT NULL,
-            state TEXT NOT NULL,
-            open INTEGER NOT NULL,
-            actor TEXT NOT NULL,
-            params_json TEXT NOT NULL,
-            started_ms INTEGER NOT NULL,
-            updated_ms INTEGER NOT NULL
-        )""",
-        "CREATE UNIQUE INDEX maintenance_one_open ON maintenance_sessions (open) WHERE open = 1",
-    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # A new node starts in epoch 1; a proactive refresh moves it on.
@@ -357,6 +340,13 @@ def read_chain(conn: sqlite3.Connection) -> tuple[list[common_pb2.AuditEntry], l
 
 
 # --- maintenance sessions (the node's lock for long auditor jobs) ---------------------
+#
+# One row per session of any kind (kek_rotate, refresh, reshare). A session
+# whose state is not closed holds the node's maintenance lock: at most one
+# at a time. Rows stay after a session closes, so a rerun with the same id
+# learns that it is done.
+
+CLOSED_STATES = ("finalized", "aborted")
 
 
 class SessionBusy(RuntimeError):
@@ -364,8 +354,8 @@ class SessionBusy(RuntimeError):
 
     def __init__(self, session: "MaintenanceSession"):
         super().__init__(
-            f"Node {session.kind} session {session.session_id!r} (started by {session.actor}) is still open; "
-            "finish it (rerun with its session id) or abort it first."
+            f"The node has an open {session.kind} session {session.session_id!r} (started by {session.actor}, "
+            f"state {session.state}); finish it by rerunning with that session id, or abort it, first."
         )
         self.session = session
 
@@ -373,25 +363,31 @@ class SessionBusy(RuntimeError):
 @dataclass(frozen=True)
 class MaintenanceSession:
     session_id: str
-    kind: str  # kek_rotate, refresh, reshare
-    state: str  # kind-specific
-    open: bool  # holds the node's maintenance lock
+    kind: str
+    state: str
     actor: str
-    params: dict
+    plan: dict
     started_ms: int
     updated_ms: int
 
+    @property
+    def open(self) -> bool:
+        return self.state not in CLOSED_STATES
 
-_SESSION_COLUMNS = "session_id, kind, state, open, actor, params_json, started_ms, updated_ms"
+
+_SESSION_COLUMNS = "session_id, kind, state, actor, plan_json, started_ms, updated_ms"
+_OPEN = f"state NOT IN ({','.join(repr(s) for s in CLOSED_STATES)})"
 
 
 def _session(r) -> MaintenanceSession:
-    return MaintenanceSession(r[0], r[1], r[2], bool(r[3]), r[4], json.loads(r[5]), r[6], r[7])
+    return MaintenanceSession(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6])
 
 
 def open_session(conn: sqlite3.Connection) -> MaintenanceSession | None:
     """The session holding the node's maintenance lock, if any."""
-    r = conn.execute(f"SELECT {_SESSION_COLUMNS} FROM maintenance_sessions WHERE open = 1").fetchone()
+    r = conn.execute(
+        f"SELECT {_SESSION_COLUMNS} FROM maintenance_sessions WHERE {_OPEN} ORDER BY started_ms LIMIT 1"
+    ).fetchone()
     return _session(r) if r else None
 
 
@@ -401,34 +397,34 @@ def get_session(conn: sqlite3.Connection, session_id: str) -> MaintenanceSession
 
 
 def begin_session(
-    conn: sqlite3.Connection, session_id: str, kind: str, actor: str, params: dict, state: str, now_ms: int
+    conn: sqlite3.Connection, session_id: str, kind: str, actor: str, plan: dict, state: str, now_ms: int,
+    *, epoch: int = 0,
 ) -> MaintenanceSession:
-    """Open a new session (inside the caller's write transaction); raises
-    SessionBusy when another one is open, ValueError when the id was used."""
+    """Open a session for a job that keeps its epoch (kek_rotate), inside
+    the caller's write transaction. Raises SessionBusy when another session
+    is open, ValueError when the id was used before."""
     busy = open_session(conn)
     if busy is not None:
         raise SessionBusy(busy)
     if get_session(conn, session_id) is not None:
         raise ValueError(f"Session id {session_id!r} was already used on this node.")
     conn.execute(
-        f"INSERT INTO maintenance_sessions ({_SESSION_COLUMNS}) VALUES (?,?,?,1,?,?,?,?)",
-        (session_id, kind, state, actor, json.dumps(params, sort_keys=True), now_ms, now_ms),
+        "INSERT INTO maintenance_sessions (session_id, kind, state, from_epoch, new_epoch, plan_json, actor, "
+        "started_ms, updated_ms) VALUES (?,?,?,?,?,?,?,?,?)",
+        (session_id, kind, state, epoch, epoch, json.dumps(plan, sort_keys=True), actor, now_ms, now_ms),
     )
-    return MaintenanceSession(session_id, kind, state, True, actor, dict(params), now_ms, now_ms)
+    return MaintenanceSession(session_id, kind, state, actor, dict(plan), now_ms, now_ms)
 
 
 def update_session(
-    conn: sqlite3.Connection, session_id: str, now_ms: int, *, state: str | None = None, params: dict | None = None,
-    close: bool = False,
+    conn: sqlite3.Connection, session_id: str, now_ms: int, *, state: str | None = None, plan: dict | None = None,
 ) -> None:
-    """Change a session's state or params; ``close`` releases the node's lock."""
+    """Change a session's state or plan (a state in CLOSED_STATES releases the lock)."""
     sets, values = ["updated_ms = ?"], [now_ms]
     if state is not None:
         sets.append("state = ?")
         values.append(state)
-    if params is not None:
-        sets.append("params_json = ?")
-        values.append(json.dumps(params, sort_keys=True))
-    if close:
-        sets.append("open = 0")
+    if plan is not None:
+        sets.append("plan_json = ?")
+        values.append(json.dumps(plan, sort_keys=True))
     conn.execute(f"UPDATE maintenance_sessions SET {', '.join(sets)} WHERE session_id = ?", (*values, session_id))
