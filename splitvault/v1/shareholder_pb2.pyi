@@ -1,5 +1,6 @@
 from splitvault.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -118,3 +119,51 @@ class ReadAuditLogResponse(_message.Message):
     entry: _common_pb2.AuditEntry
     checkpoint: _common_pb2.AuditCheckpoint
     def __init__(self, entry: _Optional[_Union[_common_pb2.AuditEntry, _Mapping]] = ..., checkpoint: _Optional[_Union[_common_pb2.AuditCheckpoint, _Mapping]] = ...) -> None: ...
+
+class RotateKekRequest(_message.Message):
+    __slots__ = ("session_id", "batch_size", "pause_ms")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_MS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    batch_size: int
+    pause_ms: int
+    def __init__(self, session_id: _Optional[str] = ..., batch_size: _Optional[int] = ..., pause_ms: _Optional[int] = ...) -> None: ...
+
+class RotateKekResponse(_message.Message):
+    __slots__ = ("phase", "session_id", "node", "to_version", "from_versions", "total", "rewrapped", "batches", "resumed", "retired_versions", "already_done", "audit_seq")
+    class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        PHASE_UNSPECIFIED: _ClassVar[RotateKekResponse.Phase]
+        PHASE_STARTED: _ClassVar[RotateKekResponse.Phase]
+        PHASE_REWRAPPING: _ClassVar[RotateKekResponse.Phase]
+        PHASE_DONE: _ClassVar[RotateKekResponse.Phase]
+    PHASE_UNSPECIFIED: RotateKekResponse.Phase
+    PHASE_STARTED: RotateKekResponse.Phase
+    PHASE_REWRAPPING: RotateKekResponse.Phase
+    PHASE_DONE: RotateKekResponse.Phase
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    REWRAPPED_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
+    RETIRED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_DONE_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    phase: RotateKekResponse.Phase
+    session_id: str
+    node: str
+    to_version: int
+    from_versions: _containers.RepeatedScalarFieldContainer[int]
+    total: int
+    rewrapped: int
+    batches: int
+    resumed: bool
+    retired_versions: _containers.RepeatedScalarFieldContainer[int]
+    already_done: bool
+    audit_seq: int
+    def __init__(self, phase: _Optional[_Union[RotateKekResponse.Phase, str]] = ..., session_id: _Optional[str] = ..., node: _Optional[str] = ..., to_version: _Optional[int] = ..., from_versions: _Optional[_Iterable[int]] = ..., total: _Optional[int] = ..., rewrapped: _Optional[int] = ..., batches: _Optional[int] = ..., resumed: _Optional[bool] = ..., retired_versions: _Optional[_Iterable[int]] = ..., already_done: _Optional[bool] = ..., audit_seq: _Optional[int] = ...) -> None: ...

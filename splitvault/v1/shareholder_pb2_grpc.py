@@ -73,6 +73,11 @@ class ShareholderStub:
                 request_serializer=splitvault_dot_v1_dot_shareholder__pb2.ReadAuditLogRequest.SerializeToString,
                 response_deserializer=splitvault_dot_v1_dot_shareholder__pb2.ReadAuditLogResponse.FromString,
                 _registered_method=True)
+        self.RotateKek = channel.unary_stream(
+                '/splitvault.v1.Shareholder/RotateKek',
+                request_serializer=splitvault_dot_v1_dot_shareholder__pb2.RotateKekRequest.SerializeToString,
+                response_deserializer=splitvault_dot_v1_dot_shareholder__pb2.RotateKekResponse.FromString,
+                _registered_method=True)
 
 
 class ShareholderServicer:
@@ -134,6 +139,20 @@ class ShareholderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateKek(self, request, context):
+        """Rotate the node's key-encryption key: the node generates a new KEK
+        version itself (the key never travels), re-wraps every data key under
+        it in batches (one transaction each; share ciphertexts are untouched),
+        then retires the older versions from its KEK file. Runs on the node as
+        a maintenance session (kind kek_rotate): it goes on if the caller
+        disconnects; calling again with the same session id resumes an
+        unfinished rotation or reports a finished one; another open session
+        gives FAILED_PRECONDITION naming it. Streams progress. Role: auditor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShareholderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -171,6 +190,11 @@ def add_ShareholderServicer_to_server(servicer, server):
                     servicer.ReadAuditLog,
                     request_deserializer=splitvault_dot_v1_dot_shareholder__pb2.ReadAuditLogRequest.FromString,
                     response_serializer=splitvault_dot_v1_dot_shareholder__pb2.ReadAuditLogResponse.SerializeToString,
+            ),
+            'RotateKek': grpc.unary_stream_rpc_method_handler(
+                    servicer.RotateKek,
+                    request_deserializer=splitvault_dot_v1_dot_shareholder__pb2.RotateKekRequest.FromString,
+                    response_serializer=splitvault_dot_v1_dot_shareholder__pb2.RotateKekResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -366,6 +390,33 @@ class Shareholder:
             '/splitvault.v1.Shareholder/ReadAuditLog',
             splitvault_dot_v1_dot_shareholder__pb2.ReadAuditLogRequest.SerializeToString,
             splitvault_dot_v1_dot_shareholder__pb2.ReadAuditLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateKek(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/splitvault.v1.Shareholder/RotateKek',
+            splitvault_dot_v1_dot_shareholder__pb2.RotateKekRequest.SerializeToString,
+            splitvault_dot_v1_dot_shareholder__pb2.RotateKekResponse.FromString,
             options,
             channel_credentials,
             insecure,
