@@ -79,7 +79,9 @@ def serve(config: MatcherConfig, *, logger: logging.Logger | None = None, harden
     if harden:
         harden_process(log)
     tls = config.tls.load()
-    committee = Committee(config.shareholders, tls, config.call_timeout_s)
+    committee = Committee(
+        config.shareholders, tls, config.call_timeout_s, max_in_flight=min(512, config.max_workers * config.n)
+    )
     service = MatcherService(config, committee, log)
     try:
         running = rpcserver.start(

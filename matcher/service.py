@@ -475,11 +475,37 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             return "share carries another shareholder's index"
         if share.threshold != self.k or share.shareholders != self.n or share.dimension != self.d:
             return "share does not fit the configured committee or dimension"
-        try:
-            record.validate_record(share)
-        except InvalidShares:
-            return "share is malformed"
+        if share.mac_count != integrity.MAC_COUNT or len(share.values) != 4 * self.width:
+            return "share has the wrong length"
+        # The values' range is checked by record.join, and by
+        # validate_record only when join refuses (to name the culprit).
         return None
+
+    def _off_polynomial(self, used: list[common_pb2.ShareRecord], late: list[common_pb2.ShareRecord]) -> list[int]:
+        """Indices of late shares that are not on the polynomial of the shares that passed."""
+        xs = [int(r.index) for r in used]
+        ys = np.empty((len(used), 1, self.width), dtype=np.uint32)
+        scratch = [ys]
+        try:
+            for j, r in enumerate(used):
+                values = record.unpack_values(r.values, self.width)
+                ys[j, 0] = values
+                record.wipe(values)
+            off = []
+            for r in late:
+                expected = sharing.interpolate_at(xs, ys, int(r.index))
+                scratch.append(expected)
+                try:
+                    got = record.unpack_values(r.values, self.width)
+                except InvalidShares:
+                    off.append(int(r.index))
+                    continue
+                scratch.append(got)
+                if not np.array_equal(expected[0], got):
+                    off.append(int(r.index))
+            return off
+        finally:
+            record.wipe(*scratch)
 
     def _rejoin(self, tenant: str, subject: str, ticket_msg, decision_id: str, request_id: str) -> record.JoinResult:
         """Release shares from every node, rejoin from k consistent ones (fail closed)."""
@@ -506,47 +532,59 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
                     continue
                 by_epoch.setdefault(share.epoch, {})[node.index] = share
 
+        def attempt() -> record.JoinResult | None:
+            # Rejoin the newest epoch with k shares in hand, if not tried yet.
+            nonlocal integrity_failed
+            while True:
+                ready = [e for e, group in by_epoch.items() if len(group) >= self.k]
+                if not ready:
+                    return None
+                epoch = max(ready)
+                group = dict(by_epoch[epoch])
+                if frozenset(group) in tried:
+                    return None
+                tried.add(frozenset(group))
+                try:
+                    return record.join(list(group.values()))
+                except InvalidShares:
+                    # Out-of-range values: find the share, name its node, drop it, go on.
+                    integrity_failed = True
+                    for index, share in group.items():
+                        try:
+                            record.validate_record(share)
+                        except InvalidShares:
+                            self._suspect(self._by_index[index], "share is malformed", decision_id=decision_id,
+                                          tenant=tenant, subject=subject)
+                            del by_epoch[epoch][index]
+                except IntegrityError:
+                    integrity_failed = True
+                    logs.event(
+                        self.log, "shares do not rejoin consistently; waiting for more", logging.WARNING,
+                        decision_id=decision_id, tenant=tenant, subject=subject, epoch=epoch,
+                        nodes=[self._by_index[i].name for i in sorted(group)],
+                    )
+                    return None
+
         for outcome in gather:
             take(outcome)
-            ready = [e for e, group in by_epoch.items() if len(group) >= self.k]
-            if not ready:
-                continue
-            epoch = max(ready)
-            group = dict(by_epoch[epoch])
-            if frozenset(group) in tried:
-                continue
-            tried.add(frozenset(group))
-            try:
-                result = record.join(list(group.values()))
-            except (IntegrityError, InvalidShares):
-                integrity_failed = True
-                logs.event(
-                    self.log, "shares do not rejoin consistently; waiting for more", logging.WARNING,
-                    decision_id=decision_id, tenant=tenant, subject=subject, epoch=epoch,
-                    nodes=[self._by_index[i].name for i in sorted(group)],
-                )
+            result = attempt()
+            if result is None:
                 continue
             # Shares that arrived meanwhile are checked against the polynomial
-            # too (no waiting): a lying node is named even when it was not
-            # needed for this decision.
+            # of the ones that passed (no waiting, no second MAC check): a
+            # lying node is named even when it was not needed for this decision.
             for late in gather.arrived():
                 take(late)
-            if len(by_epoch[epoch]) > len(group):
-                # The shares that just passed come first, so join keeps them
-                # and only tests the late ones against their polynomial.
-                try:
-                    wider = record.join(list(group.values()) + [
-                        share for index, share in by_epoch[epoch].items() if index not in group
-                    ])
-                except (IntegrityError, InvalidShares):  # cannot happen: the first k pass
-                    wider = None
-                if wider is not None:
-                    record.wipe(result.template)
-                    result = wider
-            for index in result.suspects:
+            used = by_epoch[result.epoch]
+            late = [share for index, share in used.items() if index not in result.used]
+            suspects = list(result.suspects)
+            if late:
+                suspects += [i for i in self._off_polynomial([used[i] for i in result.used], late)
+                             if i not in suspects]
+            for index in suspects:
                 self._suspect(
                     self._by_index[index], "share outvoted by the others",
-                    decision_id=decision_id, tenant=tenant, subject=subject, epoch=epoch,
+                    decision_id=decision_id, tenant=tenant, subject=subject, epoch=result.epoch,
                 )
             return result
         if integrity_failed:

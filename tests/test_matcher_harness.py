@@ -167,7 +167,8 @@ class Committee:
 class ProxyNode(shareholder_pb2_grpc.ShareholderServicer):
     """A shareholder that forwards to a real node, optionally misbehaving.
 
-    corrupt: "flip" adds 1 to some released share values; "swap:<subject>"
+    corrupt: "flip" adds 1 to some released share values; "range" puts a
+    value outside the field; "swap:<subject>"
     returns the share of another subject that it saw released earlier,
     relabelled as the one asked for;
     delay_s: sleep before answering ReleaseShare (a hung node);
@@ -235,6 +236,11 @@ class ProxyNode(shareholder_pb2_grpc.ShareholderServicer):
                 values = np.frombuffer(share.values, dtype="<u4").copy()
                 values[:8] = (values[:8] + 1) % (2**31 - 1)
                 share.values = values.astype("<u4").tobytes()
+        elif self.corrupt == "range":
+            for share in reply.shares:
+                values = np.frombuffer(share.values, dtype="<u4").copy()
+                values[3] = 0xFFFFFFFF  # not a field element
+                share.values = values.tobytes()
         elif self.corrupt and self.corrupt.startswith("swap:"):
             # Another subject's share (released to an earlier verification),
             # relabelled as the one asked for.

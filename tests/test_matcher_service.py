@@ -280,7 +280,7 @@ def test_failed_replace_does_not_leave_a_mixed_subject(committee, rng):
     assert code_of(lambda: client.verify("mixed", noisy(old, rng))) == grpc.StatusCode.NOT_FOUND
 
 
-@pytest.mark.parametrize("corruption", ["flip", "swap"])
+@pytest.mark.parametrize("corruption", ["flip", "swap", "range"])
 def test_corrupt_share_is_outvoted_and_named(committee, rng, caplog, corruption):
     c = committee()
     proxy = c.proxy("bank-b")
@@ -291,7 +291,7 @@ def test_corrupt_share_is_outvoted_and_named(committee, rng, caplog, corruption)
     client.enroll("alice", alice)
     client.enroll("bob", bob)
     assert client.verify("bob", noisy(bob, rng)).decision == "MATCH"  # the proxy sees bob's share
-    proxy.corrupt = "flip" if corruption == "flip" else "swap:bob"
+    proxy.corrupt = "swap:bob" if corruption == "swap" else corruption
     # bank-c answers last, so the first two shares (one of them bad) fail
     # the MAC check and the matcher must wait for the third to outvote.
     slow.delay_s = 0.05
@@ -306,7 +306,7 @@ def test_corrupt_share_is_outvoted_and_named(committee, rng, caplog, corruption)
     assert suspects("bank-a") == suspects("bank-c") == 0
 
 
-@pytest.mark.parametrize("corruption", ["flip", "swap"])
+@pytest.mark.parametrize("corruption", ["flip", "swap", "range"])
 def test_corrupt_share_that_cannot_be_outvoted_fails_closed(committee, rng, corruption):
     c = committee()
     proxy = c.proxy("bank-b")
@@ -316,7 +316,7 @@ def test_corrupt_share_that_cannot_be_outvoted_fails_closed(committee, rng, corr
     client.enroll("alice", alice)
     client.enroll("bob", bob)
     assert client.verify("bob", noisy(bob, rng)).decision == "MATCH"
-    proxy.corrupt = "flip" if corruption == "flip" else "swap:bob"
+    proxy.corrupt = "swap:bob" if corruption == "swap" else corruption
     c.stop_node("bank-c")  # only the liar and one honest node answer
     for probe in (noisy(alice, rng), alice, noisy(bob, rng)):
         try:
@@ -472,3 +472,19 @@ def test_enroll_stream_applies_back_pressure(committee, rng):
     held_back = produced
     replies.cancel()
     assert held_back < total / 2, held_back
+
+
+def test_late_shares_are_checked_against_the_polynomial_that_passed(shared):
+    # The check the matcher runs on shares that arrive after the decision's k.
+    from vault import codec, integrity, record, sharing
+
+    service = shared.matcher.service
+    code = codec.encode(np.linspace(-1, 1, DIM), DIM)
+    shares = sharing.split(integrity.extend(codec.to_field(code)), 2, 3)
+    good = record.make_records(tenant="acme", subject="s", epoch=1, threshold=2, shareholders=3, dimension=DIM,
+                               request_id="r", shares=shares[:, 0, :])
+    other = record.make_records(tenant="acme", subject="s", epoch=1, threshold=2, shareholders=3, dimension=DIM,
+                                request_id="r", shares=sharing.split(integrity.extend(codec.to_field(code)), 2, 3)[:, 0, :])
+    assert service._off_polynomial(good[:2], [good[2]]) == []
+    assert service._off_polynomial(good[:2], [other[2]]) == [3]
+    assert service._off_polynomial([good[0], good[2]], [other[1]]) == [2]

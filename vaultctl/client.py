@@ -45,6 +45,8 @@ class VerifyResult:
 
 
 def _floats(vector, what: str) -> np.ndarray:
+    # (Callers pass .tolist() to protobuf: filling a repeated float field
+    # from a list is ~10x faster than from a numpy array.)
     arr = np.asarray(vector, dtype=np.float32)
     if arr.ndim != 1:
         raise ValueError(f"The {what} must be a 1-D vector of numbers.")
@@ -103,7 +105,7 @@ class MatcherClient:
         """Enrol one template; idempotent per request id (pass the same one to retry)."""
         request = matcher_pb2.EnrollRequest(
             subject=subject,
-            template=_floats(template, "template"),
+            template=_floats(template, "template").tolist(),
             request_id=request_id or str(uuid.uuid4()),
             replace=replace,
         )
@@ -123,7 +125,7 @@ class MatcherClient:
             for subject, template in items:
                 yield matcher_pb2.EnrollStreamRequest(
                     subject=subject,
-                    template=_floats(template, "template"),
+                    template=_floats(template, "template").tolist(),
                     request_id=str(uuid.uuid4()),
                     replace=replace,
                 )
@@ -143,7 +145,7 @@ class MatcherClient:
             ttl_ms=self.ticket_ttl_ms,
         )
         reply = self._stub.Verify(
-            matcher_pb2.VerifyRequest(subject=subject, probe=vector, ticket=signed), timeout=self.timeout_s
+            matcher_pb2.VerifyRequest(subject=subject, probe=vector.tolist(), ticket=signed), timeout=self.timeout_s
         )
         return VerifyResult(
             decision=_DECISIONS.get(reply.decision, "NO_MATCH"),
