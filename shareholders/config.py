@@ -65,10 +65,15 @@ class NodeConfig:
         return self.data_dir / "shares.db"
 
 
-@dataclass(frozen=True)
+@dataclass
 class NodeKeys:
+    # A KEK rotation (shareholders.rotation) replaces ``kek`` in place: read
+    # ``keys.kek`` where a ring is needed, never keep the ring itself.
     kek: KekRing
     audit_key: ed25519.Ed25519PrivateKey = field(repr=False)
+    # The ring came from SPLITVAULT_KEK_JSON, not the node's KEK file: the
+    # node cannot rotate it itself.
+    kek_from_env: bool = False
 
 
 def _abs_path(value: str, key: str, base: pathlib.Path) -> pathlib.Path:
@@ -212,7 +217,8 @@ def parse_kek_json(text: str | bytes, source: str) -> KekRing:
 
 def load_keys(cfg: NodeConfig, env: dict[str, str] | None = None) -> NodeKeys:
     env = os.environ if env is None else env
-    if KEK_ENV in env:
+    from_env = KEK_ENV in env
+    if from_env:
         ring = parse_kek_json(env[KEK_ENV], f"the environment variable {KEK_ENV}")
     else:
         assert cfg.kek_file is not None
@@ -222,4 +228,4 @@ def load_keys(cfg: NodeConfig, env: dict[str, str] | None = None) -> NodeKeys:
         audit_key = pki.load_signing_key(pem)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         raise ConfigError(f"The audit key file {cfg.audit_key_file} does not hold an Ed25519 private key in PEM.") from None
-    return NodeKeys(ring, audit_key)
+    return NodeKeys(ring, audit_key, kek_from_env=from_env)

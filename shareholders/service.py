@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge
 
-from shareholders import store
+from shareholders import rotation, store
 from shareholders.audit_log import AuditWriter, Pending, Tx, WriterClosed, now_ms
 from shareholders.config import NodeConfig, NodeKeys
 from splitvault.v1 import common_pb2, shareholder_pb2, shareholder_pb2_grpc
@@ -57,6 +57,7 @@ ROLES = {
     _M + "DescribeRecords": frozenset({pki.ROLE_MATCHER, pki.ROLE_AUDITOR}),
     _M + "GetNodeInfo": pki.ROLES,
     _M + "ReadAuditLog": frozenset({pki.ROLE_AUDITOR}),
+    _M + "RotateKek": frozenset({pki.ROLE_AUDITOR}),
 }
 
 RELEASES = Counter("splitvault_node_releases_total", "Shares released for a verification.", ["node"])
@@ -269,7 +270,9 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                 retries += retry
                 replaced += bool(existing) and not retry
                 flags.append((retry, bool(existing) and not retry))
-            store.insert_shares(conn, (i.row for i in items))
+            # Under the KEK as it is now: a rotation may have begun since sealing.
+            ring = self.keys.kek
+            store.insert_shares(conn, (rotation.current_wrap(ring, i.row) for i in items))
             if per_record:
                 for item, (retry, repl) in zip(items, flags):
                     tx.append(
@@ -415,10 +418,10 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                 "Too many verification attempts for this subject; try again later."),
                 tenant=tenant, subject=subject, request_id=request_id, details=base)
 
-        ring = self.keys.kek
         index = self.index
 
         def job(tx: Tx):
+            ring = self.keys.kek  # as it is now: a KEK rotation re-wraps rows as it goes
             rows = store.subject_rows(tx.conn, tenant, subject)
             if not rows:
                 entry = tx.append("deny", **who, details={**base, "reason": "not_found"})
@@ -436,7 +439,9 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                     return Refused(status.DataLoss("This node's stored share for the subject is damaged."),
                                    "data_loss", entry.seq)
                 shares.append(row.record(values))
-            entry = tx.append("release", **who, details={**base, "epochs": [r.epoch for r in rows]})
+            # The ticket itself, so that `vaultctl audit reconcile` can re-verify the provider's signature.
+            entry = tx.append("release", **who, details={**base, "epochs": [r.epoch for r in rows],
+                                                         **tickets.audit_details(ticket)})
             return entry.seq, shares
 
         try:
@@ -507,3 +512,8 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             conn.execute("COMMIT")
         finally:
             conn.close()
+
+    # --- key rotation -------------------------------------------------------------
+
+    def RotateKek(self, request, context) -> Iterator[shareholder_pb2.RotateKekResponse]:
+        return rotation.rotator(self).stream(request, context, str(caller(context)))

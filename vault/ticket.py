@@ -8,6 +8,7 @@ without a provider's authorisation.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import secrets
@@ -129,3 +130,33 @@ def probe_matches(body: common_pb2.TicketBody, probe) -> bool:
 def ticket_id(body: common_pb2.TicketBody) -> str:
     """Replay key: one ticket is honoured once per shareholder."""
     return f"{body.tenant}\x00{body.request_id}"
+
+
+# A release's audit entry records the ticket it was made for, so that an
+# auditor can re-verify the provider's signature later (``vaultctl audit
+# reconcile``). The body holds only ids, the salted probe digest, a nonce and
+# times; no biometric data. Base64 strings cut to fit ``vault.audit``'s
+# per-value limit.
+_AUDIT_CHUNK = 480
+
+
+def audit_details(ticket: common_pb2.VerificationTicket) -> dict:
+    """``{"ticket": [base64 chunks of the body], "ticket_sig": base64}``."""
+    body = base64.b64encode(ticket.body).decode("ascii")
+    return {
+        "ticket": [body[i:i + _AUDIT_CHUNK] for i in range(0, len(body), _AUDIT_CHUNK)],
+        "ticket_sig": base64.b64encode(ticket.signature).decode("ascii"),
+    }
+
+
+def from_audit_details(details: Mapping) -> common_pb2.VerificationTicket | None:
+    """The ticket a release entry's details record, or None if they hold none."""
+    chunks, sig, key_id = details.get("ticket"), details.get("ticket_sig"), details.get("key_id")
+    if not isinstance(chunks, list) or not all(isinstance(c, str) for c in chunks) or not isinstance(sig, str):
+        return None
+    try:
+        body = base64.b64decode("".join(chunks), validate=True)
+        signature = base64.b64decode(sig, validate=True)
+    except (ValueError, TypeError):
+        return None
+    return common_pb2.VerificationTicket(body=body, signature=signature, key_id=key_id if isinstance(key_id, str) else "")
