@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from shareholders import store
 from shareholders.audit_log import AuditWriter, Tx, now_ms
 from shareholders.config import ConfigError, NodeConfig, NodeKeys, load_keys
+from shareholders import epochs
 from shareholders.service import AUDIT_HEAD, ROLES, SERVICE, ShareholderService
-from splitvault.v1 import shareholder_pb2_grpc
+from splitvault.v1 import admin_pb2_grpc, shareholder_pb2_grpc
 from vaultrpc import logs
 from vaultrpc import server as rpcserver
 from vaultrpc.metrics import serve_metrics
@@ -116,12 +117,17 @@ def serve(cfg: NodeConfig, *, keys: NodeKeys | None = None, env: dict[str, str] 
                      "kek_versions": list(keys.kek.versions), "tenants": sorted(cfg.tenants)[:64]},
         ))
         head_gauge.set(writer.head_seq)
+        # Refresh and reshare sessions (shareholders.epochs): auditor and peer RPCs.
+        maintenance = epochs.MaintenanceService(service)
         rpc = rpcserver.start(
             listen=cfg.listen,
             tls=tls,
-            register=(lambda s: shareholder_pb2_grpc.add_ShareholderServicer_to_server(service, s),),
-            service_names=(SERVICE,),
-            roles=ROLES,
+            register=(
+                lambda s: shareholder_pb2_grpc.add_ShareholderServicer_to_server(service, s),
+                lambda s: admin_pb2_grpc.add_ShareholderAdminServicer_to_server(maintenance, s),
+            ),
+            service_names=(SERVICE, epochs.SERVICE),
+            roles={**ROLES, **epochs.ROLES},
             logger=_log,
             max_workers=cfg.max_workers,
         )
@@ -130,6 +136,7 @@ def serve(cfg: NodeConfig, *, keys: NodeKeys | None = None, env: dict[str, str] 
         raise
 
     def close_log() -> None:
+        maintenance.close()
         writer.close(final=lambda tx: tx.append("stop", actor=actor))
         service.close_readers()
         _remove_stale(cfg.ready_file)

@@ -38,6 +38,7 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge
 
 from shareholders import rotation, store
+from shareholders.epochs import guard_delete, guard_store
 from shareholders.audit_log import AuditWriter, Pending, Tx, WriterClosed, now_ms
 from shareholders.config import NodeConfig, NodeKeys
 from splitvault.v1 import common_pb2, shareholder_pb2, shareholder_pb2_grpc
@@ -254,6 +255,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
 
         def job(tx: Tx) -> tuple[int, int]:
             conn = tx.conn
+            guard_store(conn)  # no enrolment while a refresh or reshare is open
             retries = replaced = 0
             flags = []
             for item in items:
@@ -467,6 +469,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         request_id = _check_request_id(request.request_id)
 
         def job(tx: Tx) -> int:
+            guard_delete(tx.conn, tenant, subject)  # prepared rows go too; refused during a reshare
             epochs = [r.epoch for r in store.subject_rows(tx.conn, tenant, subject)]
             deleted = store.delete_subject(tx.conn, tenant, subject)
             tx.append("delete", actor=actor, request_id=request_id, tenant=tenant, subject=subject,

@@ -1,0 +1,1182 @@
+"""The node's side of proactive refresh and resharing: ``splitvault.v1.ShareholderAdmin``.
+
+A maintenance job is a *session* (``maintenance_sessions``): its row in an
+open state (begun, prepared, committed) is the node's maintenance lock, so
+one session runs per node at a time; a request naming another session gets
+FAILED_PRECONDITION naming the open one, and the same id resumes. Every step
+is an audit entry, committed with the change it describes.
+
+Phases (docs/operations.md):
+
+1. **Begin**: lock, and draw this node's dealing seed (``vault.proactive``),
+   sealed under the node's KEK like a share.
+2. **Prepare**: the new epoch's shares are computed and written, sealed, to
+   ``prepared_shares`` (not served).
+   - Refresh: for each record it holds, node j asks every peer i for
+     delta_i(j) (``GetRefreshDeltas``, node to node, over mTLS with the
+     nodes' own certificates) and writes y_j + sum_i delta_i(j).
+   - Reshare: each new member j' pages through the records of the lead
+     sender and asks every sender i in S for g_i(j') (``GetReshareShares``),
+     then writes sum_i lambda_i^S g_i(j') with its new index.
+   Peers deal deterministically from their seed, so asking again after a
+   crash returns the same values: prepare just continues where the
+   prepared rows stop, with no staging of dealt values. A peer only ever
+   answers for the caller's own index (from its certificate name), so no
+   party sees what another node was dealt.
+3. **Commit**: prepared rows move into ``shares`` in chunks, and the node
+   serves both epochs (``ReleaseShare`` returns one share per epoch; the
+   matcher rejoins the newest epoch with k shares).
+4. **Finalize** (once every node committed): the old epoch's rows (on a
+   node leaving the committee: every row) and the seed are deleted with
+   SQLite's secure_delete, then the WAL is truncated.
+   **Abort** (only before any node committed): prepared rows and seed go.
+
+While a session is open the node refuses new enrolments
+(FAILED_PRECONDITION, "retry"): a record stored after the dealing started
+would miss its refresh. Deletions stay allowed during a refresh (the
+subject's prepared row goes too) and are refused during a reshare (new
+members outside the old committee would keep the subject).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from shareholders import store
+from shareholders.audit_log import Tx, WriterClosed, now_ms
+from splitvault.v1 import admin_pb2, admin_pb2_grpc, common_pb2
+from vault import envelope, field, pki, proactive, record
+from vault.envelope import SealedShare
+from vault.errors import EnvelopeError, InvalidShares
+from vault.field import FIELD_DTYPE, P
+from vaultrpc import logs, status
+from vaultrpc.server import caller
+from vaultrpc.tls import secure_channel
+
+SERVICE = "splitvault.v1.ShareholderAdmin"
+_M = f"/{SERVICE}/"
+_AUDITOR = frozenset({pki.ROLE_AUDITOR})
+_PEER = frozenset({pki.ROLE_SHAREHOLDER})
+ROLES = {
+    _M + "BeginSession": _AUDITOR,
+    _M + "PrepareSession": _AUDITOR,
+    _M + "CheckRefresh": _AUDITOR,
+    _M + "CommitSession": _AUDITOR,
+    _M + "FinalizeSession": _AUDITOR,
+    _M + "AbortSession": _AUDITOR,
+    _M + "GetSession": _AUDITOR,
+    _M + "ListSessionKeys": _AUDITOR,
+    _M + "GetRefreshDeltas": _PEER,
+    _M + "GetReshareShares": _PEER,
+}
+
+REFRESH, RESHARE = "refresh", "reshare"
+BEGUN, PREPARED, COMMITTED, FINALIZED, ABORTED = "begun", "prepared", "committed", "finalized", "aborted"
+OPEN_STATES = (BEGUN, PREPARED, COMMITTED)
+_KIND = {REFRESH: admin_pb2.SESSION_KIND_REFRESH, RESHARE: admin_pb2.SESSION_KIND_RESHARE}
+_KIND_NAME = {v: k for k, v in _KIND.items()}
+_STATE = {
+    BEGUN: admin_pb2.SESSION_STATE_BEGUN,
+    PREPARED: admin_pb2.SESSION_STATE_PREPARED,
+    COMMITTED: admin_pb2.SESSION_STATE_COMMITTED,
+    FINALIZED: admin_pb2.SESSION_STATE_FINALIZED,
+    ABORTED: admin_pb2.SESSION_STATE_ABORTED,
+}
+
+# Records per prepare step (one peer call, one transaction, one audit entry).
+CHUNK = 256
+# Rows moved or deleted per transaction in commit and finalize: small enough
+# that verifications committing beside them are not held up.
+MOVE_CHUNK = 512
+# Most records one peer call may ask for.
+MAX_KEYS = 4096
+# Deadline of a node-to-node call.
+PEER_TIMEOUT_S = 60.0
+_SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{7,63}$")
+_SEED_DOMAIN = b"splitvault/session-seed/v1\x00"
+_log = logging.getLogger("shareholders.epochs")
+
+
+# --- the session row ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Who holds what before and after: name -> index, thresholds, senders."""
+
+    old: dict[str, int]
+    new: dict[str, int]
+    old_threshold: int
+    new_threshold: int
+    senders: tuple[int, ...]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"old": self.old, "new": self.new, "old_threshold": self.old_threshold,
+             "new_threshold": self.new_threshold, "senders": list(self.senders)},
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        d = json.loads(text)
+        return cls(dict(d["old"]), dict(d["new"]), int(d["old_threshold"]), int(d["new_threshold"]),
+                   tuple(int(x) for x in d["senders"]))
+
+
+@dataclass(frozen=True)
+class Session:
+    session_id: str
+    kind: str
+    state: str
+    from_epoch: int
+    new_epoch: int
+    plan: Plan
+    sealed_seed: SealedShare | None
+    skipped: int
+    actor: str
+    started_ms: int
+    updated_ms: int
+
+    @property
+    def open(self) -> bool:
+        return self.state not in store.CLOSED_STATES
+
+
+_SESSION_COLUMNS = (
+    "session_id, kind, state, from_epoch, new_epoch, plan_json, seed_kek_version, seed_wrapped_dk, seed_nonce, "
+    "seed_ciphertext, skipped, actor, started_ms, updated_ms"
+)
+
+
+def _session(row) -> Session:
+    sealed = None
+    if row[6] is not None:
+        sealed = SealedShare(row[6], bytes(row[7]), bytes(row[8]), bytes(row[9]))
+    return Session(row[0], row[1], row[2], row[3], row[4], Plan.from_json(row[5]), sealed, row[10], row[11],
+                   row[12], row[13])
+
+
+def load_session(conn: sqlite3.Connection, session_id: str) -> Session | None:
+    """A refresh or reshare session by id (None if absent; other kinds raise)."""
+    row = conn.execute(
+        f"SELECT {_SESSION_COLUMNS} FROM maintenance_sessions WHERE session_id = ?", (session_id,)
+    ).fetchone()
+    if row is None:
+        return None
+    if row[1] not in (REFRESH, RESHARE):
+        raise status.FailedPrecondition(f"Session {session_id} is a {row[1]} session, not a refresh or reshare.")
+    return _session(row)
+
+
+def open_session(conn: sqlite3.Connection):
+    """The session holding the node's maintenance lock (of any kind: refresh,
+    reshare, kek_rotate), as ``store.MaintenanceSession``, if any."""
+    return store.open_session(conn)
+
+
+def _describe(s) -> str:
+    return f"{s.kind} session {s.session_id} (state {s.state}, begun by {s.actor or 'unknown'})"
+
+
+# --- hooks for the Shareholder service (called inside its writer jobs) ------------------
+
+
+def guard_store(conn: sqlite3.Connection) -> None:
+    """Refuse an enrolment while a session is open (inside the store job)."""
+    s = open_session(conn)
+    if s is not None and s.kind in (REFRESH, RESHARE):
+        raise status.FailedPrecondition(
+            f"Maintenance in progress on this node ({_describe(s)}); enrolment is paused until it ends. Retry later."
+        )
+
+
+def guard_delete(conn: sqlite3.Connection, tenant: str, subject: str) -> None:
+    """Inside the delete job: during a refresh drop the subject's prepared row
+    too; during a reshare refuse (a new member could keep the subject)."""
+    s = open_session(conn)
+    if s is None or s.kind not in (REFRESH, RESHARE):
+        return
+    if s.kind == RESHARE:
+        raise status.FailedPrecondition(
+            f"Maintenance in progress on this node ({_describe(s)}); deletion is paused until the committee "
+            "change ends. Retry later."
+        )
+    conn.execute("DELETE FROM prepared_shares WHERE tenant = ? AND subject = ?", (tenant, subject))
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def _seed_aad(node: str, session_id: str) -> bytes:
+    n, s = node.encode(), session_id.encode()
+    return _SEED_DOMAIN + len(n).to_bytes(4, "big") + n + len(s).to_bytes(4, "big") + s
+
+
+def _members(items, what: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for m in items:
+        try:
+            pki.check_name(m.name)
+        except ValueError:
+            raise status.InvalidArgument(f"The {what} names an invalid node {m.name[:64]!r}.") from None
+        if not 1 <= m.index <= 255:
+            raise status.InvalidArgument(f"The {what} gives node {m.name} index {m.index}; indices are 1 to 255.")
+        if m.name in out:
+            raise status.InvalidArgument(f"The {what} names node {m.name} twice.")
+        out[m.name] = int(m.index)
+    if len(set(out.values())) != len(out):
+        raise status.InvalidArgument(f"The {what} gives two nodes the same index.")
+    return out
+
+
+def _keys_digest(keys: list[tuple[str, str]]) -> hashlib._Hash:
+    h = hashlib.sha256()
+    for t, s in keys:
+        h.update(proactive.record_label(b"", t, s))
+    return h
+
+
+def _key_lines(keys) -> str:
+    return hashlib.sha256("\n".join(f"{t}\x00{s}" for t, s in keys).encode()).hexdigest()
+
+
+class _Peers:
+    """Channels to other nodes, with this node's own certificate."""
+
+    def __init__(self, tls):
+        self._tls = tls
+        self._lock = threading.Lock()
+        self._stubs: dict[str, tuple[grpc.Channel, admin_pb2_grpc.ShareholderAdminStub]] = {}
+
+    def stub(self, address: str) -> admin_pb2_grpc.ShareholderAdminStub:
+        with self._lock:
+            entry = self._stubs.get(address)
+            if entry is None:
+                channel = secure_channel(address, self._tls)
+                entry = (channel, admin_pb2_grpc.ShareholderAdminStub(channel))
+                self._stubs[address] = entry
+            return entry[1]
+
+    def close(self) -> None:
+        with self._lock:
+            for channel, _ in self._stubs.values():
+                channel.close()
+            self._stubs.clear()
+
+
+def _peer_error(name: str, exc: grpc.RpcError) -> status.RpcError:
+    code = exc.code() if callable(getattr(exc, "code", None)) else None
+    details = (exc.details() if callable(getattr(exc, "details", None)) else "") or "no details"
+    cls = status.FailedPrecondition if code == grpc.StatusCode.FAILED_PRECONDITION else status.Unavailable
+    return cls(f"Peer {name} did not deal its values ({getattr(code, 'name', 'UNKNOWN')}: {details.rstrip('.')}).")
+
+
+# --- the servicer -----------------------------------------------------------------------
+
+
+class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
+    """Refresh and reshare sessions on one node; shares the node's writer,
+    keys and reader connections with its ``ShareholderService``."""
+
+    def __init__(self, shareholder):
+        self.sh = shareholder
+        self.cfg = shareholder.cfg
+        self.name = shareholder.name
+        self.index = shareholder.index
+        self.writer = shareholder.writer
+        self.peers = _Peers(self.cfg.tls.load())
+        self._seeds: dict[str, bytes] = {}
+        self._seeds_lock = threading.Lock()
+        # One long phase (prepare, commit, finalize) at a time: a rerun whose
+        # predecessor's stream was cut waits for it to notice and stop.
+        self._phase_lock = threading.Lock()
+        self._pool = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="epochs")
+
+    def close(self) -> None:
+        self.peers.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._seeds_lock:
+            self._seeds.clear()
+
+    # --- plumbing ----------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        return self.sh._reader()
+
+    def _commit(self, job):
+        return self.sh._commit(job)
+
+    def _session(self, session_id: str, *, states: tuple[str, ...] | None = None) -> Session:
+        if not session_id:
+            raise status.InvalidArgument("The request names no session id.")
+        s = load_session(self._conn(), session_id)
+        if s is None:
+            current = open_session(self._conn())
+            extra = f"; the open one is {_describe(current)}" if current else ""
+            raise status.NotFound(f"This node has no session {session_id[:64]}{extra}.")
+        if states is not None and s.state not in states:
+            raise status.FailedPrecondition(
+                f"Session {s.session_id} is {s.state} on this node; this step needs it {' or '.join(states)}."
+            )
+        return s
+
+    def _seed(self, s: Session) -> bytes:
+        with self._seeds_lock:
+            seed = self._seeds.get(s.session_id)
+            if seed is not None:
+                return seed
+        if s.sealed_seed is None:
+            raise status.FailedPrecondition(f"Session {s.session_id} has no dealing seed left on this node.")
+        try:
+            seed = envelope.open(self.sh.keys.kek, _seed_aad(self.name, s.session_id), s.sealed_seed)
+        except EnvelopeError:
+            raise status.DataLoss("This node's sealed session seed does not open.") from None
+        with self._seeds_lock:
+            self._seeds[s.session_id] = seed
+        return seed
+
+    def _forget_seed(self, session_id: str) -> None:
+        with self._seeds_lock:
+            self._seeds.pop(session_id, None)
+
+    def _status(self, s: Session) -> admin_pb2.SessionStatus:
+        conn = self._conn()
+        old = conn.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (s.from_epoch,)).fetchone()[0]
+        new = conn.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
+        prepared = conn.execute("SELECT COUNT(*) FROM prepared_shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
+        new_index = s.plan.new.get(self.name, 0)
+        return admin_pb2.SessionStatus(
+            session_id=s.session_id, kind=_KIND[s.kind], state=_STATE[s.state], from_epoch=s.from_epoch,
+            new_epoch=s.new_epoch, actor=s.actor, started_ms=s.started_ms, updated_ms=s.updated_ms,
+            records_old=old, records_prepared=prepared, records_new=new, records_skipped=s.skipped,
+            in_new_committee=new_index > 0, new_index=new_index,
+        )
+
+    def _check_peers(self, s: Session, peers, committee: dict[str, int]) -> dict[str, tuple[int, str]]:
+        """name -> (index, address) for the session's members, from the request."""
+        given = {}
+        for m in peers:
+            if m.name in committee:
+                if m.index != committee[m.name]:
+                    raise status.InvalidArgument(
+                        f"The request gives node {m.name} index {m.index}; the session has it at {committee[m.name]}."
+                    )
+                if not m.address and m.name != self.name:
+                    raise status.InvalidArgument(f"The request gives no address for node {m.name}.")
+                given[m.name] = (int(m.index), m.address)
+        return given
+
+    # --- orchestration -----------------------------------------------------------
+
+    def BeginSession(self, request, context):
+        actor = str(caller(context))
+        sid = request.session_id
+        if not _SESSION_ID.match(sid or ""):
+            raise status.InvalidArgument("A session id is 8 to 64 characters: letters, digits, '-' and '_'.")
+        kind = _KIND_NAME.get(request.kind)
+        if kind is None:
+            raise status.InvalidArgument("The session kind must be REFRESH or RESHARE.")
+        old = _members(request.old_committee, "old committee")
+        new = _members(request.new_committee, "new committee")
+        k_old, k_new = int(request.old_threshold), int(request.new_threshold)
+        if not 2 <= k_old <= len(old) or not 2 <= k_new <= len(new):
+            raise status.InvalidArgument("Each threshold must be from 2 to the size of its committee.")
+        if not 1 <= request.from_epoch < request.new_epoch < 2**62:
+            raise status.InvalidArgument("The new epoch must come after the epoch being renewed.")
+        senders = tuple(int(x) for x in request.senders)
+        if kind == REFRESH:
+            if old != new or k_old != k_new:
+                raise status.InvalidArgument("A refresh keeps the committee and the threshold; use a reshare to change them.")
+            senders = ()
+        else:
+            if len(senders) != k_old or len(set(senders)) != k_old or not set(senders) <= set(old.values()):
+                raise status.InvalidArgument("A reshare names exactly k distinct old indices as senders.")
+        if self.name not in old and self.name not in new:
+            raise status.InvalidArgument(f"Node {self.name} is in neither committee of this session.")
+        for committee in (old, new):
+            if self.name in committee and committee[self.name] != self.index:
+                raise status.InvalidArgument(
+                    f"The session gives node {self.name} index {committee[self.name]}, but it holds index "
+                    f"{self.index}; a node keeps its index across sessions."
+                )
+        plan = Plan(old, new, k_old, k_new, senders)
+        ring = self.sh.keys.kek
+
+        def job(tx: Tx):
+            conn = tx.conn
+            existing = load_session(conn, sid)
+            if existing is not None:
+                if existing.kind != kind or existing.plan != plan or existing.new_epoch != request.new_epoch \
+                        or existing.from_epoch != request.from_epoch:
+                    raise status.FailedPrecondition(
+                        f"Session {sid} exists on this node with another plan; start a new session."
+                    )
+                if existing.open:
+                    tx.append("maintenance_resume", actor=actor, request_id=sid, details={"kind": kind, "state": existing.state})
+                return existing
+            current = open_session(conn)
+            if current is not None:
+                raise status.FailedPrecondition(
+                    f"Another maintenance session is open on this node: {_describe(current)}. Finish it "
+                    f"(rerun the command that started it) or abort it first."
+                )
+            state = store.node_state(conn)
+            newest = conn.execute("SELECT MAX(epoch) FROM shares").fetchone()[0] or 0
+            if request.new_epoch <= max(state.current_epoch, newest):
+                raise status.FailedPrecondition(
+                    f"This node already holds epoch {max(state.current_epoch, newest)}; the new epoch must be later."
+                )
+            other = conn.execute("SELECT COUNT(*) FROM shares WHERE epoch != ?", (request.from_epoch,)).fetchone()[0]
+            if other:
+                raise status.FailedPrecondition(
+                    f"This node holds {other} share(s) outside epoch {request.from_epoch}; finish the previous session first."
+                )
+            seed = proactive.new_seed()
+            sealed = envelope.seal(ring, _seed_aad(self.name, sid), seed)
+            now = now_ms()
+            conn.execute(
+                f"INSERT INTO maintenance_sessions ({_SESSION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (sid, kind, BEGUN, request.from_epoch, request.new_epoch, plan.to_json(), sealed.kek_version,
+                 sealed.wrapped_dk, sealed.nonce, sealed.ciphertext, 0, actor, now, now),
+            )
+            tx.append("maintenance_begin", actor=actor, request_id=sid, details={
+                "kind": kind, "from_epoch": request.from_epoch, "new_epoch": request.new_epoch,
+                "old_committee": [f"{n}={i}" for n, i in sorted(old.items(), key=lambda x: x[1])],
+                "new_committee": [f"{n}={i}" for n, i in sorted(new.items(), key=lambda x: x[1])],
+                "old_threshold": k_old, "new_threshold": k_new, "senders": list(senders),
+            })
+            return load_session(conn, sid)
+
+        s = self._commit(job)
+        return admin_pb2.BeginSessionResponse(status=self._status(s))
+
+    def GetSession(self, request, context):
+        conn = self._conn()
+        if request.session_id:
+            s = load_session(conn, request.session_id)
+        else:
+            current = open_session(conn)
+            s = load_session(conn, current.session_id) if current is not None else None
+        if s is None:
+            return admin_pb2.GetSessionResponse(found=False)
+        return admin_pb2.GetSessionResponse(found=True, status=self._status(s))
+
+    def ListSessionKeys(self, request, context):
+        s = self._session(request.session_id)
+        limit = max(1, min(int(request.limit or 1000), 10_000))
+        rows = self._conn().execute(
+            "SELECT tenant, subject, threshold, dimension, mac_count FROM shares WHERE epoch = ? AND (tenant, subject) > (?, ?) "
+            "ORDER BY tenant, subject LIMIT ?",
+            (s.from_epoch, request.after_tenant, request.after_subject, limit + 1),
+        ).fetchall()
+        keys = [admin_pb2.RecordKey(tenant=r[0], subject=r[1], threshold=r[2], width=r[3] + 2 * r[4]) for r in rows[:limit]]
+        return admin_pb2.ListSessionKeysResponse(keys=keys, more=len(rows) > limit)
+
+    def AbortSession(self, request, context):
+        actor = str(caller(context))
+        s = self._session(request.session_id)
+        if s.state in (ABORTED,):
+            return admin_pb2.AbortSessionResponse(status=self._status(s))
+        if s.state in (COMMITTED, FINALIZED):
+            raise status.FailedPrecondition(
+                f"Session {s.session_id} is already {s.state} on this node; it can only be completed, not rolled back."
+            )
+        with self._phase_lock:
+            self._delete_chunks(
+                "SELECT rowid FROM prepared_shares WHERE epoch = ? LIMIT ?", (s.new_epoch,),
+                "DELETE FROM prepared_shares WHERE rowid IN ({})", "maintenance_abort_batch", s, actor,
+            )
+
+            def job(tx: Tx):
+                conn = tx.conn
+                cur = load_session(conn, s.session_id)
+                if cur.state in (COMMITTED, FINALIZED):
+                    raise status.FailedPrecondition(f"Session {s.session_id} was committed meanwhile.")
+                conn.execute("DELETE FROM prepared_shares WHERE epoch = ?", (s.new_epoch,))
+                _close_session(conn, s.session_id, ABORTED)
+                tx.append("maintenance_abort", actor=actor, request_id=s.session_id, details={"kind": s.kind, "was": cur.state})
+                return load_session(conn, s.session_id)
+
+            done = self._commit(job)
+        self._forget_seed(s.session_id)
+        _checkpoint_wal(self.cfg.db_path)
+        return admin_pb2.AbortSessionResponse(status=self._status(done))
+
+    # --- prepare -----------------------------------------------------------------
+
+    def PrepareSession(self, request, context) -> Iterator[admin_pb2.PrepareSessionResponse]:
+        actor = str(caller(context))
+        s = self._session(request.session_id, states=(BEGUN, PREPARED, COMMITTED, FINALIZED))
+        if s.state != BEGUN:
+            yield admin_pb2.PrepareSessionResponse(status=self._status(s))
+            return
+        if not self._phase_lock.acquire(timeout=PEER_TIMEOUT_S):
+            raise status.Aborted("Another step of this session is still running on this node; retry.")
+        try:
+            if s.kind == REFRESH:
+                yield from self._prepare_refresh(s, request, context, actor)
+            else:
+                yield from self._prepare_reshare(s, request, context, actor)
+        finally:
+            self._phase_lock.release()
+
+    def _prepare_refresh(self, s: Session, request, context, actor: str):
+        peers = self._check_peers(s, request.peers, s.plan.new)
+        missing = sorted(set(s.plan.new) - set(peers) - {self.name})
+        if missing:
+            raise status.InvalidArgument(f"The request gives no address for {', '.join(missing)}.")
+        reader = store.connect(self.cfg.db_path)
+        try:
+            total = reader.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (s.from_epoch,)).fetchone()[0]
+            done = reader.execute("SELECT COUNT(*) FROM prepared_shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
+            yield admin_pb2.PrepareSessionResponse(done=done, total=total)
+            seed = self._seed(s)
+            cursor = ("", "")
+            inflight: list = []
+            while True:
+                if not context.is_active():
+                    return
+                rows = reader.execute(
+                    f"SELECT {store.SHARE_COLUMNS} FROM shares s WHERE s.epoch = ? AND (s.tenant, s.subject) > (?, ?) "
+                    "AND NOT EXISTS (SELECT 1 FROM prepared_shares p WHERE p.tenant = s.tenant AND p.subject = s.subject "
+                    "AND p.epoch = ?) ORDER BY s.tenant, s.subject LIMIT ?",
+                    (s.from_epoch, *cursor, s.new_epoch, CHUNK),
+                ).fetchall()
+                if not rows:
+                    break
+                share_rows = [store._share_row(r) for r in rows]
+                cursor = (share_rows[-1].tenant, share_rows[-1].subject)
+                items = self._refresh_chunk(s, seed, share_rows, peers)
+                inflight.append(self.writer.submit(self._prepared_job(s, items, actor, check_old=True)))
+                while len(inflight) > 1:
+                    done += self._settle(inflight.pop(0))
+                    yield admin_pb2.PrepareSessionResponse(done=done, total=total)
+            while inflight:
+                done += self._settle(inflight.pop(0))
+            final = self._commit(self._prepared_state_job(s, actor))
+            yield admin_pb2.PrepareSessionResponse(done=done, total=total, status=self._status(final))
+        finally:
+            reader.close()
+
+    def _settle(self, pending) -> int:
+        try:
+            return pending.result()
+        except WriterClosed as exc:
+            raise status.Unavailable(str(exc)) from None
+
+    def _refresh_chunk(self, s: Session, seed: bytes, rows: list[store.ShareRow], peers) -> list[tuple]:
+        """New sealed rows for one chunk: y + sum of every node's delta for this index."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault((row.threshold, row.dimension + 2 * row.mac_count), []).append(i)
+        out: list[tuple | None] = [None] * len(rows)
+        ring = self.sh.keys.kek
+        for (k, width), positions in groups.items():
+            keys = [(rows[i].tenant, rows[i].subject) for i in positions]
+            req = admin_pb2.GetRefreshDeltasRequest(
+                session_id=s.session_id,
+                keys=[admin_pb2.RecordKey(tenant=t, subject=sub, threshold=k, width=width) for t, sub in keys],
+            )
+            calls = {
+                name: self.peers.stub(addr).GetRefreshDeltas.future(req, timeout=PEER_TIMEOUT_S)
+                for name, (_, addr) in peers.items() if name != self.name
+            }
+            old = np.empty((len(positions), width), dtype=FIELD_DTYPE)
+            scratch = [old]
+            try:
+                for j, i in enumerate(positions):
+                    old[j] = self._open(rows[i], width)
+                deltas = [proactive.refresh_deltas(seed, keys, k, width, self.index)]
+                scratch.extend(deltas)
+                for name, call in calls.items():
+                    try:
+                        reply = call.result()
+                    except grpc.RpcError as exc:
+                        raise _peer_error(name, exc) from None
+                    if len(reply.values) != 4 * width * len(keys):
+                        raise status.Unavailable(f"Peer {name} dealt values of the wrong length.")
+                    d = np.frombuffer(reply.values, dtype="<u4").astype(FIELD_DTYPE).reshape(len(keys), width)
+                    if d.size and int(d.max()) >= P:
+                        raise status.Unavailable(f"Peer {name} dealt values outside the field.")
+                    deltas.append(d)
+                    scratch.append(d)
+                new = proactive.add_rows(old, *deltas)
+                scratch.append(new)
+                stored_ms = now_ms()
+                for j, i in enumerate(positions):
+                    row = rows[i]
+                    sealed = envelope.seal(
+                        ring, record.record_identity(row.tenant, row.subject, row.index, s.new_epoch),
+                        record.pack_values(new[j]),
+                    )
+                    out[i] = (row.tenant, row.subject, s.new_epoch, row.index, row.threshold, row.shareholders,
+                              row.dimension, row.codec_version, row.mac_count, row.request_id, sealed.kek_version,
+                              sealed.wrapped_dk, sealed.nonce, sealed.ciphertext, stored_ms)
+            finally:
+                for call in calls.values():
+                    call.cancel()
+                record.wipe(*scratch)
+        return [o for o in out if o is not None]
+
+    def _open(self, row: store.ShareRow, width: int) -> np.ndarray:
+        try:
+            if row.index != self.index:
+                raise EnvelopeError("index")
+            values = envelope.open(
+                self.sh.keys.kek, record.record_identity(row.tenant, row.subject, row.index, row.epoch), row.sealed
+            )
+            return record.unpack_values(values, width)
+        except (EnvelopeError, InvalidShares):
+            raise status.DataLoss(
+                f"This node's stored share of subject {row.subject!r} (tenant {row.tenant!r}) does not open; "
+                "repair the node before renewing its shares."
+            ) from None
+
+    def _prepared_job(self, s: Session, items: list[tuple], actor: str, check_old: bool):
+        def job(tx: Tx) -> int:
+            conn = tx.conn
+            cur = load_session(conn, s.session_id)
+            if cur is None or cur.state != BEGUN:
+                raise status.FailedPrecondition(f"Session {s.session_id} is no longer being prepared on this node.")
+            kept = []
+            for item in items:
+                if check_old:
+                    # A subject deleted meanwhile stays deleted.
+                    alive = conn.execute(
+                        "SELECT 1 FROM shares WHERE tenant = ? AND subject = ? AND epoch = ? AND request_id = ?",
+                        (item[0], item[1], s.from_epoch, item[9]),
+                    ).fetchone()
+                    if not alive:
+                        continue
+                kept.append(item)
+            conn.executemany(
+                f"INSERT OR REPLACE INTO prepared_shares ({store.SHARE_COLUMNS}) VALUES ({','.join('?' * 15)})", kept
+            )
+            if kept:
+                tx.append("epoch_prepare_batch", actor=actor, request_id=s.session_id, details={
+                    "kind": s.kind, "new_epoch": s.new_epoch, "records": len(kept),
+                    "records_sha256": _key_lines((i[0], i[1]) for i in kept),
+                })
+            return len(kept)
+
+        return job
+
+    def _prepared_state_job(self, s: Session, actor: str, skipped: int = 0, check_complete: bool = True):
+        def job(tx: Tx) -> Session:
+            conn = tx.conn
+            cur = load_session(conn, s.session_id)
+            if cur.state != BEGUN:
+                return cur
+            if check_complete:
+                left = conn.execute(
+                    "SELECT COUNT(*) FROM shares s WHERE s.epoch = ? AND NOT EXISTS (SELECT 1 FROM prepared_shares p "
+                    "WHERE p.tenant = s.tenant AND p.subject = s.subject AND p.epoch = ?)",
+                    (s.from_epoch, s.new_epoch),
+                ).fetchone()[0]
+                if left:
+                    raise status.Aborted(f"{left} record(s) are not prepared yet; run the step again.")
+            prepared = conn.execute("SELECT COUNT(*) FROM prepared_shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
+            conn.execute(
+                "UPDATE maintenance_sessions SET state = ?, skipped = ?, updated_ms = ? WHERE session_id = ?",
+                (PREPARED, skipped, now_ms(), s.session_id),
+            )
+            tx.append("epoch_prepare", actor=actor, request_id=s.session_id, details={
+                "kind": s.kind, "new_epoch": s.new_epoch, "prepared": prepared, "skipped": skipped,
+            })
+            return load_session(conn, s.session_id)
+
+        return job
+
+    def _prepare_reshare(self, s: Session, request, context, actor: str):
+        if self.name not in s.plan.new:
+            # Leaving the committee: nothing to prepare.
+            final = self._commit(self._prepared_state_job(s, actor, check_complete=False))
+            yield admin_pb2.PrepareSessionResponse(status=self._status(final))
+            return
+        peers = self._check_peers(s, request.peers, s.plan.old)
+        by_index = {idx: name for name, idx in s.plan.old.items()}
+        senders = [(x, by_index[x]) for x in s.plan.senders]
+        missing = [name for _, name in senders if name not in peers]
+        if missing:
+            raise status.InvalidArgument(f"The request gives no address for sender(s) {', '.join(missing)}.")
+        xs = [x for x, _ in senders]
+        lead_name = senders[0][1]
+        k_new, n_new = s.plan.new_threshold, len(s.plan.new)
+        reader = store.connect(self.cfg.db_path)
+        try:
+            done = reader.execute("SELECT COUNT(*) FROM prepared_shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
+            last = reader.execute(
+                "SELECT tenant, subject FROM prepared_shares WHERE epoch = ? ORDER BY tenant DESC, subject DESC LIMIT 1",
+                (s.new_epoch,),
+            ).fetchone()
+            skipped = s.skipped
+            cursor = (last[0], last[1]) if last else ("", "")
+            yield admin_pb2.PrepareSessionResponse(done=done)
+            ring = self.sh.keys.kek
+            inflight: list = []
+            more = True
+            while more:
+                if not context.is_active():
+                    return
+                try:
+                    page = self.peers.stub(peers[lead_name][1]).GetReshareShares(
+                        admin_pb2.GetReshareSharesRequest(
+                            session_id=s.session_id, after_tenant=cursor[0], after_subject=cursor[1], limit=CHUNK,
+                        ),
+                        timeout=PEER_TIMEOUT_S,
+                    )
+                except grpc.RpcError as exc:
+                    raise _peer_error(lead_name, exc) from None
+                more = page.more
+                if not page.items:
+                    break
+                keys = [admin_pb2.RecordKey(tenant=i.tenant, subject=i.subject) for i in page.items]
+                calls = {
+                    name: self.peers.stub(peers[name][1]).GetReshareShares.future(
+                        admin_pb2.GetReshareSharesRequest(session_id=s.session_id, keys=keys), timeout=PEER_TIMEOUT_S)
+                    for _, name in senders[1:]
+                }
+                answers = {lead_name: {(i.tenant, i.subject): i for i in page.items}}
+                try:
+                    for name, call in calls.items():
+                        try:
+                            answers[name] = {(i.tenant, i.subject): i for i in call.result().items}
+                        except grpc.RpcError as exc:
+                            raise _peer_error(name, exc) from None
+                finally:
+                    for call in calls.values():
+                        call.cancel()
+                cursor = (page.items[-1].tenant, page.items[-1].subject)
+                rows, chunk_skipped = self._reshare_rows(s, page.items, answers, senders, xs, k_new, n_new, ring)
+                skipped += chunk_skipped
+                inflight.append(self.writer.submit(self._prepared_job(s, rows, actor, check_old=False)))
+                while len(inflight) > 1:
+                    done += self._settle(inflight.pop(0))
+                    yield admin_pb2.PrepareSessionResponse(done=done)
+            while inflight:
+                done += self._settle(inflight.pop(0))
+            final = self._commit(self._prepared_state_job(s, actor, skipped=skipped, check_complete=False))
+            yield admin_pb2.PrepareSessionResponse(done=done, status=self._status(final))
+        finally:
+            reader.close()
+
+    def _reshare_rows(self, s, lead_items, answers, senders, xs, k_new, n_new, ring) -> tuple[list[tuple], int]:
+        rows: list[tuple] = []
+        skipped = 0
+        groups: dict[int, list] = {}
+        for item in lead_items:
+            key = (item.tenant, item.subject)
+            parts = [answers[name].get(key) for _, name in senders]
+            width = item.dimension + 2 * item.mac_count
+            if any(
+                p is None or p.dimension != item.dimension or p.mac_count != item.mac_count
+                or p.codec_version != item.codec_version or p.request_id != item.request_id
+                or p.threshold > len(senders) or len(p.values) != 4 * width
+                for p in parts
+            ):
+                skipped += 1
+                continue
+            groups.setdefault(width, []).append((item, parts))
+        stored_ms = now_ms()
+        for width, entries in groups.items():
+            stacked = np.empty((len(senders), len(entries), width), dtype=FIELD_DTYPE)
+            try:
+                for b, (_, parts) in enumerate(entries):
+                    for a, p in enumerate(parts):
+                        stacked[a, b] = record.unpack_values(p.values, width)
+                new = proactive.combine(xs, stacked)
+            except InvalidShares:
+                raise status.Unavailable("A sender dealt values outside the field.") from None
+            try:
+                for b, (item, _) in enumerate(entries):
+                    sealed = envelope.seal(
+                        ring, record.record_identity(item.tenant, item.subject, self.index, s.new_epoch),
+                        record.pack_values(new[b]),
+                    )
+                    rows.append((item.tenant, item.subject, s.new_epoch, self.index, k_new, n_new, item.dimension,
+                                 item.codec_version, item.mac_count, item.request_id, sealed.kek_version,
+                                 sealed.wrapped_dk, sealed.nonce, sealed.ciphertext, stored_ms))
+            finally:
+                record.wipe(stacked, new)
+        return rows, skipped
+
+    # --- peer RPCs -----------------------------------------------------------------
+
+    def _peer_index(self, s: Session, context, committee: dict[str, int]) -> tuple[str, int]:
+        who = caller(context)
+        if who is None or who.name not in committee:
+            raise status.PermissionDenied(
+                f"Node {getattr(who, 'name', '?')} is not a member of session {s.session_id}'s committee."
+            )
+        return who.name, committee[who.name]
+
+    def GetRefreshDeltas(self, request, context):
+        s = self._session(request.session_id, states=(BEGUN, PREPARED, COMMITTED))
+        if s.kind != REFRESH:
+            raise status.FailedPrecondition(f"Session {s.session_id} is not a refresh.")
+        peer, x = self._peer_index(s, context, s.plan.new)
+        if len(request.keys) > MAX_KEYS:
+            raise status.InvalidArgument(f"At most {MAX_KEYS} records per call.")
+        seed = self._seed(s)
+        parts = []
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, key in enumerate(request.keys):
+            if not 2 <= key.threshold <= 255 or not 1 <= key.width <= 70_000:
+                raise status.InvalidArgument("A record key has an invalid threshold or width.")
+            groups.setdefault((key.threshold, key.width), []).append(i)
+        values = [None] * len(request.keys)
+        for (k, width), positions in groups.items():
+            keys = [(request.keys[i].tenant, request.keys[i].subject) for i in positions]
+            deltas = proactive.refresh_deltas(seed, keys, k, width, x)
+            for j, i in enumerate(positions):
+                values[i] = deltas[j].astype("<u4").tobytes()
+            record.wipe(deltas)
+        parts = b"".join(values)
+        masks: list[int] = []
+        if request.mask_challenges:
+            if s.state not in (PREPARED, COMMITTED):
+                raise status.FailedPrecondition("Check masks are dealt only once the session is prepared.")
+            if not 2 <= request.mask_threshold <= 255 or len(request.mask_challenges) > 64:
+                raise status.InvalidArgument("The check asks for an invalid mask.")
+            masks = [int(v) for v in proactive.check_masks(seed, list(request.mask_challenges), request.mask_threshold, x)]
+        if request.keys or masks:
+            def job(tx: Tx):
+                tx.append("refresh_deal", actor=f"shareholder/{peer}", request_id=s.session_id, details={
+                    "to": peer, "to_index": x, "records": len(request.keys), "masks": len(masks),
+                    "records_sha256": _key_lines((k.tenant, k.subject) for k in request.keys),
+                })
+            self._commit(job)
+        return admin_pb2.GetRefreshDeltasResponse(values=parts, masks=masks)
+
+    def GetReshareShares(self, request, context):
+        s = self._session(request.session_id, states=(BEGUN, PREPARED))
+        if s.kind != RESHARE:
+            raise status.FailedPrecondition(f"Session {s.session_id} is not a reshare.")
+        if self.index not in s.plan.senders or s.plan.old.get(self.name) != self.index:
+            raise status.FailedPrecondition(f"Node {self.name} is not a sender of session {s.session_id}.")
+        peer, x = self._peer_index(s, context, s.plan.new)
+        conn = self._conn()
+        if request.keys:
+            if len(request.keys) > MAX_KEYS:
+                raise status.InvalidArgument(f"At most {MAX_KEYS} records per call.")
+            rows = []
+            for key in request.keys:
+                r = conn.execute(f"SELECT {store.SHARE_COLUMNS} FROM shares WHERE tenant = ? AND subject = ? AND epoch = ?",
+                                 (key.tenant, key.subject, s.from_epoch)).fetchone()
+                if r is not None:
+                    rows.append(store._share_row(r))
+            more = False
+        else:
+            limit = max(1, min(int(request.limit or CHUNK), MAX_KEYS))
+            raw = conn.execute(
+                f"SELECT {store.SHARE_COLUMNS} FROM shares WHERE epoch = ? AND (tenant, subject) > (?, ?) "
+                "ORDER BY tenant, subject LIMIT ?",
+                (s.from_epoch, request.after_tenant, request.after_subject, limit + 1),
+            ).fetchall()
+            more = len(raw) > limit
+            rows = [store._share_row(r) for r in raw[:limit]]
+        seed = self._seed(s)
+        items = []
+        by_width: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):
+            by_width.setdefault(row.dimension + 2 * row.mac_count, []).append(i)
+        values: list[bytes | None] = [None] * len(rows)
+        for width, positions in by_width.items():
+            shares = np.empty((len(positions), width), dtype=FIELD_DTYPE)
+            dealt = None
+            try:
+                for j, i in enumerate(positions):
+                    shares[j] = self._open(rows[i], width)
+                keys = [(rows[i].tenant, rows[i].subject) for i in positions]
+                dealt = proactive.reshare_values(seed, keys, shares, s.plan.new_threshold, x)
+                for j, i in enumerate(positions):
+                    values[i] = dealt[j].astype("<u4").tobytes()
+            finally:
+                record.wipe(shares, dealt)
+        for row, v in zip(rows, values):
+            items.append(admin_pb2.ReshareItem(
+                tenant=row.tenant, subject=row.subject, dimension=row.dimension, codec_version=row.codec_version,
+                mac_count=row.mac_count, request_id=row.request_id, threshold=row.threshold, values=v,
+            ))
+        if items:
+            def job(tx: Tx):
+                tx.append("reshare_deal", actor=f"shareholder/{peer}", request_id=s.session_id, details={
+                    "to": peer, "to_index": x, "records": len(items),
+                    "records_sha256": _key_lines((i.tenant, i.subject) for i in items),
+                })
+            self._commit(job)
+        return admin_pb2.GetReshareSharesResponse(items=items, more=more)
+
+    # --- check ---------------------------------------------------------------------
+
+    def CheckRefresh(self, request, context):
+        s = self._session(request.session_id, states=(PREPARED, COMMITTED))
+        if s.kind != REFRESH:
+            raise status.FailedPrecondition("The check applies to a refresh session.")
+        challenges = [bytes(c) for c in request.challenges]
+        if not challenges or len(challenges) > 16 or any(len(c) != 16 for c in challenges):
+            raise status.InvalidArgument("The check takes 1 to 16 challenges of 16 bytes.")
+        peers = self._check_peers(s, request.peers, s.plan.new)
+        missing = sorted(set(s.plan.new) - set(peers) - {self.name})
+        if missing:
+            raise status.InvalidArgument(f"The request gives no address for {', '.join(missing)}.")
+        k = s.plan.new_threshold
+        mask_req = admin_pb2.GetRefreshDeltasRequest(session_id=s.session_id, mask_challenges=challenges, mask_threshold=k)
+        calls = {
+            name: self.peers.stub(addr).GetRefreshDeltas.future(mask_req, timeout=PEER_TIMEOUT_S)
+            for name, (_, addr) in peers.items() if name != self.name
+        }
+        exclude = {(e.tenant, e.subject) for e in request.exclude}
+        totals = [0] * len(challenges)
+        digest = hashlib.sha256()
+        count = 0
+        reader = store.connect(self.cfg.db_path)
+        try:
+            cursor = ("", "")
+            while True:
+                rows = reader.execute(
+                    f"SELECT {store.SHARE_COLUMNS} FROM shares WHERE epoch = ? AND (tenant, subject) > (?, ?) "
+                    "ORDER BY tenant, subject LIMIT ?",
+                    (s.from_epoch, *cursor, CHUNK),
+                ).fetchall()
+                if not rows:
+                    break
+                olds = [store._share_row(r) for r in rows]
+                first = (olds[0].tenant, olds[0].subject)
+                cursor = (olds[-1].tenant, olds[-1].subject)
+                olds = [r for r in olds if (r.tenant, r.subject) not in exclude]
+                news = {}
+                for table in ("shares", "prepared_shares"):
+                    for r in reader.execute(
+                        f"SELECT {store.SHARE_COLUMNS} FROM {table} WHERE epoch = ? AND (tenant, subject) >= (?, ?) "
+                        "AND (tenant, subject) <= (?, ?)",
+                        (s.new_epoch, *first, *cursor),
+                    ):
+                        row = store._share_row(r)
+                        news[(row.tenant, row.subject)] = row
+                by_width: dict[int, list] = {}
+                for old in olds:
+                    new = news.get((old.tenant, old.subject))
+                    if new is None:
+                        raise status.FailedPrecondition(
+                            f"Subject {old.subject!r} has no share in epoch {s.new_epoch} on this node; prepare first."
+                        )
+                    by_width.setdefault(old.dimension + 2 * old.mac_count, []).append((old, new))
+                for width, pairs in by_width.items():
+                    a = np.empty((len(pairs), width), dtype=FIELD_DTYPE)
+                    b = np.empty((len(pairs), width), dtype=FIELD_DTYPE)
+                    try:
+                        for j, (old, new) in enumerate(pairs):
+                            a[j] = self._open(old, width)
+                            b[j] = self._open(new, width)
+                        diff = field.sub(b, a)
+                        keys = [(old.tenant, old.subject) for old, _ in pairs]
+                        for c, challenge in enumerate(challenges):
+                            coeffs = proactive.challenge_coefficients(challenge, keys, width)
+                            totals[c] = (totals[c] + proactive.weighted_sum(coeffs, diff)) % P
+                        record.wipe(diff)
+                    finally:
+                        record.wipe(a, b)
+                    count += len(pairs)
+                for old in olds:
+                    digest.update(proactive.record_label(b"", old.tenant, old.subject))
+            masks = [int(v) for v in proactive.check_masks(self._seed(s), challenges, k, self.index)]
+            for name, call in calls.items():
+                try:
+                    reply = call.result()
+                except grpc.RpcError as exc:
+                    raise _peer_error(name, exc) from None
+                if len(reply.masks) != len(challenges):
+                    raise status.Unavailable(f"Peer {name} dealt the wrong number of check masks.")
+                masks = [(m + int(v)) % P for m, v in zip(masks, reply.masks)]
+        finally:
+            reader.close()
+            for call in calls.values():
+                call.cancel()
+        values = [(t + m) % P for t, m in zip(totals, masks)]
+        actor = str(caller(context))
+
+        def job(tx: Tx):
+            tx.append("refresh_check", actor=actor, request_id=s.session_id, details={
+                "records": count, "challenges": len(challenges), "excluded": len(exclude),
+            })
+        self._commit(job)
+        return admin_pb2.CheckRefreshResponse(values=values, records=count, keys_sha256=digest.hexdigest())
+
+    # --- commit and finalize ---------------------------------------------------------------
+
+    def CommitSession(self, request, context):
+        actor = str(caller(context))
+        s = self._session(request.session_id, states=(PREPARED, COMMITTED, FINALIZED))
+        if s.state != PREPARED:
+            yield admin_pb2.CommitSessionResponse(status=self._status(s))
+            return
+        if not self._phase_lock.acquire(timeout=PEER_TIMEOUT_S):
+            raise status.Aborted("Another step of this session is still running on this node; retry.")
+        try:
+            conn = self._conn()
+            total = conn.execute("SELECT COUNT(*) FROM prepared_shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
+            done = 0
+            yield admin_pb2.CommitSessionResponse(done=done, total=total)
+
+            def move(tx: Tx) -> int:
+                c = tx.conn
+                cur = load_session(c, s.session_id)
+                if cur.state != PREPARED:
+                    return 0
+                ids = [r[0] for r in c.execute(
+                    "SELECT rowid FROM prepared_shares WHERE epoch = ? LIMIT ?", (s.new_epoch, MOVE_CHUNK))]
+                if not ids:
+                    return 0
+                marks = ",".join("?" * len(ids))
+                c.execute(f"INSERT OR REPLACE INTO shares ({store.SHARE_COLUMNS}) SELECT {store.SHARE_COLUMNS} "
+                          f"FROM prepared_shares WHERE rowid IN ({marks})", ids)
+                c.execute(f"DELETE FROM prepared_shares WHERE rowid IN ({marks})", ids)
+                tx.append("epoch_commit_batch", actor=actor, request_id=s.session_id,
+                          details={"kind": s.kind, "new_epoch": s.new_epoch, "records": len(ids)})
+                return len(ids)
+
+            while True:
+                if not context.is_active():
+                    return
+                moved = self._commit(move)
+                if not moved:
+                    break
+                done += moved
+                yield admin_pb2.CommitSessionResponse(done=done, total=total)
+            plan = s.plan
+
+            def finish(tx: Tx) -> Session:
+                c = tx.conn
+                cur = load_session(c, s.session_id)
+                if cur.state != PREPARED:
+                    return cur
+                left = c.execute("SELECT COUNT(*) FROM prepared_shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
+                if left:
+                    raise status.Aborted("Prepared rows remain; run the step again.")
+                c.execute("UPDATE maintenance_sessions SET state = ?, updated_ms = ? WHERE session_id = ?",
+                          (COMMITTED, now_ms(), s.session_id))
+                if self.name in plan.new:
+                    committee = {"members": plan.new, "threshold": plan.new_threshold}
+                    c.execute("UPDATE node_state SET current_epoch = ?, committee_json = ?, updated_ms = ? WHERE id = 1",
+                              (s.new_epoch, json.dumps(committee, sort_keys=True), now_ms()))
+                served = c.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
+                tx.append("epoch_commit", actor=actor, request_id=s.session_id, details={
+                    "kind": s.kind, "from_epoch": s.from_epoch, "new_epoch": s.new_epoch, "records_new": served,
+                    "serving": [s.from_epoch, s.new_epoch] if self.name in plan.new else [s.from_epoch],
+                })
+                return load_session(c, s.session_id)
+
+            final = self._commit(finish)
+            yield admin_pb2.CommitSessionResponse(done=done, total=total, status=self._status(final))
+        finally:
+            self._phase_lock.release()
+
+    def FinalizeSession(self, request, context):
+        actor = str(caller(context))
+        s = self._session(request.session_id, states=(COMMITTED, FINALIZED))
+        if s.state == FINALIZED:
+            yield admin_pb2.FinalizeSessionResponse(status=self._status(s))
+            return
+        if not self._phase_lock.acquire(timeout=PEER_TIMEOUT_S):
+            raise status.Aborted("Another step of this session is still running on this node; retry.")
+        try:
+            conn = self._conn()
+            total = conn.execute("SELECT COUNT(*) FROM shares WHERE epoch < ?", (s.new_epoch,)).fetchone()[0]
+            yield admin_pb2.FinalizeSessionResponse(done=0, total=total)
+            done = 0
+            for removed in self._delete_chunks(
+                "SELECT rowid FROM shares WHERE epoch < ? LIMIT ?", (s.new_epoch,),
+                "DELETE FROM shares WHERE rowid IN ({})", "epoch_destroy_batch", s, actor, context=context,
+            ):
+                done += removed
+                yield admin_pb2.FinalizeSessionResponse(done=done, total=total)
+            if not context.is_active():
+                return
+
+            def finish(tx: Tx) -> Session:
+                c = tx.conn
+                cur = load_session(c, s.session_id)
+                if cur.state != COMMITTED:
+                    return cur
+                c.execute("PRAGMA secure_delete = ON")
+                left = c.execute("SELECT COUNT(*) FROM shares WHERE epoch < ?", (s.new_epoch,)).fetchone()[0]
+                if left:
+                    raise status.Aborted("Old-epoch rows remain; run the step again.")
+                c.execute("DELETE FROM prepared_shares WHERE epoch <= ?", (s.new_epoch,))
+                _close_session(c, s.session_id, FINALIZED)
+                served = c.execute("SELECT COUNT(*) FROM shares").fetchone()[0]
+                tx.append("epoch_finalize", actor=actor, request_id=s.session_id, details={
+                    "kind": s.kind, "destroyed_epoch": s.from_epoch, "epoch": s.new_epoch, "records": served,
+                    "left_committee": self.name not in s.plan.new,
+                })
+                return load_session(c, s.session_id)
+
+            final = self._commit(finish)
+            self._forget_seed(s.session_id)
+            _checkpoint_wal(self.cfg.db_path)
+            yield admin_pb2.FinalizeSessionResponse(done=done, total=total, status=self._status(final))
+        finally:
+            self._phase_lock.release()
+
+    def _delete_chunks(self, select_sql, params, delete_sql, event, s: Session, actor: str, context=None):
+        """Delete rows chunk by chunk (secure_delete on): yields how many each time."""
+        def job(tx: Tx) -> int:
+            c = tx.conn
+            c.execute("PRAGMA secure_delete = ON")
+            ids = [r[0] for r in c.execute(select_sql, (*params, MOVE_CHUNK))]
+            if not ids:
+                return 0
+            c.execute(delete_sql.format(",".join("?" * len(ids))), ids)
+            tx.append(event, actor=actor, request_id=s.session_id, details={"kind": s.kind, "records": len(ids)})
+            return len(ids)
+
+        def run():
+            while True:
+                if context is not None and not context.is_active():
+                    return
+                n = self._commit(job)
+                if not n:
+                    return
+                yield n
+
+        if context is None:
+            for _ in run():
+                pass
+            return None
+        return run()
+
+
+def _close_session(conn: sqlite3.Connection, session_id: str, state: str) -> None:
+    # The seed is overwritten, then the columns cleared (secure_delete zeroes freed space).
+    conn.execute("PRAGMA secure_delete = ON")
+    conn.execute(
+        "UPDATE maintenance_sessions SET state = ?, seed_kek_version = NULL, seed_wrapped_dk = NULL, seed_nonce = NULL, "
+        "seed_ciphertext = NULL, updated_ms = ? WHERE session_id = ?",
+        (state, now_ms(), session_id),
+    )
+
+
+def _checkpoint_wal(db_path) -> None:
+    """Copy the WAL into the database and truncate it, so deleted rows' old
+    pages do not linger in the log (best effort: readers may hold it)."""
+    try:
+        conn = store.connect(db_path)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        logs.event(_log, "wal checkpoint skipped", logging.WARNING, error=str(exc))

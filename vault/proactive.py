@@ -1,0 +1,270 @@
+"""The math of proactive refresh and resharing (pure: no I/O).
+
+Both operations are linear maps on the sharing, so the extended vector
+[template | MAC keys | MAC tags] is unchanged and the MACs stay valid
+(``vault.integrity``). Nothing here ever rejoins a template.
+
+**Refresh** (Herzberg, Jarecki, Krawczyk and Yung, CRYPTO 1995). Every node i
+deals, for every record, a random sharing of ZERO of degree k - 1,
+
+    delta_i(X) = c_1 X + c_2 X^2 + ... + c_{k-1} X^{k-1}      (mod P)
+
+(one independent polynomial per element of the d + 2L vector), and node j's
+new share is  y_j' = y_j + sum_i delta_i(j).  The new shares lie on
+f(X) + sum_i delta_i(X), which has the same value at 0: the same secret.
+Shares of the old epoch and of the new one lie on different polynomials, so
+a mix of them rejoins to garbage (which the MACs reject).
+
+**Resharing** (Desmedt and Jajodia 1997; Wong, Wang and Wing 2002). k old
+shareholders S each re-share their own share y_i with a fresh polynomial of
+the NEW degree k' - 1,  g_i(X) = y_i + c_1 X + ... + c_{k'-1} X^{k'-1},
+and new member j' keeps
+
+    y'_{j'} = sum_{i in S} lambda_i^S * g_i(j')                (mod P)
+
+where lambda_i^S are the Lagrange coefficients at 0 over S. Then
+y'_{j'} = G(j') with G = sum lambda_i g_i, of degree k' - 1 and
+G(0) = sum lambda_i y_i = f(0): a fresh (k', n') sharing of the same vector.
+
+**Deterministic dealing.** A node draws its polynomial coefficients from a
+per-session secret seed (32 bytes from ``vault.rng``, sealed at rest by the
+node and destroyed when the session ends) expanded with AES-256 in counter
+mode, one stream per record label: an AES-CTR DRBG keyed from the OS
+CSPRNG. Asking again for the same record gives the same polynomial, so a
+receiver that crashed half-way simply asks again: no staging of deltas, and
+no way for a retry to mix two different dealings of one record.
+
+**The check** (``vaultctl refresh --check``). For a public random challenge,
+node j reports  v_j = sum_{r,m} c_{r,m} (y'_{r,m}(j) - y_{r,m}(j)) + rho(j)
+with coefficients c from the challenge and rho a fresh joint sharing of zero
+of degree k - 1 (every node deals one more zero polynomial for the
+challenge). If every record was refreshed correctly the n values lie on a
+polynomial of degree <= k - 1 that is 0 at 0; a wrong element of one record
+survives with probability 1/P per challenge. Because rho is a uniformly
+random zero polynomial, the reported values are a uniformly random point of
+that space: they reveal nothing about the deltas, the shares or the
+templates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from vault import field, rng, sharing
+from vault.errors import InvalidShares
+from vault.field import FIELD_DTYPE, P
+
+SEED_BYTES = 32
+# Domain separation of the streams one seed feeds.
+REFRESH_DOMAIN = b"splitvault/refresh/v1\x00"
+RESHARE_DOMAIN = b"splitvault/reshare/v1\x00"
+MASK_DOMAIN = b"splitvault/refresh-check-mask/v1\x00"
+CHALLENGE_DOMAIN = b"splitvault/refresh-check/v1\x00"
+_NONCE_BYTES = 12
+_MASK31 = np.uint32(0x7FFFFFFF)
+
+
+def new_seed() -> bytes:
+    """A fresh session seed from the randomness seam (the OS CSPRNG)."""
+    seed = rng.RANDOM_BYTES(SEED_BYTES)
+    if len(seed) != SEED_BYTES:
+        raise RuntimeError("The random source returned the wrong number of bytes.")
+    return seed
+
+
+def record_label(domain: bytes, tenant: str, subject: str, *params: int) -> bytes:
+    """Canonical label of one record's stream: domain || lp(tenant) || lp(subject) || u32 params."""
+    t, s = tenant.encode("utf-8"), subject.encode("utf-8")
+    return b"".join(
+        (domain, struct.pack(">I", len(t)), t, struct.pack(">I", len(s)), s, *(struct.pack(">I", p) for p in params))
+    )
+
+
+def derive_field(seed: bytes, labels: Sequence[bytes], count: int) -> np.ndarray:
+    """``count`` uniform field elements per label, deterministic in (seed, label): (B, count).
+
+    Stream of a label: AES-256-CTR under ``seed`` with the 16-byte counter
+    block  SHA-256(label)[:12] || u32 counter  (counter from 0), read as
+    little-endian uint32, masked to 31 bits, the value P skipped (so the
+    elements are exactly uniform on [0, P)). All labels of a batch are
+    encrypted in one AES-ECB call over their counter blocks.
+    """
+    if len(seed) != SEED_BYTES:
+        raise ValueError("A session seed is 32 bytes.")
+    batch = len(labels)
+    if count <= 0 or batch == 0:
+        return np.zeros((batch, max(count, 0)), dtype=FIELD_DTYPE)
+    nblocks = -(-count // 4)  # 4 elements per 16-byte block
+    nonces = np.frombuffer(
+        b"".join(hashlib.sha256(label).digest()[:_NONCE_BYTES] for label in labels), dtype=np.uint8
+    ).reshape(batch, _NONCE_BYTES)
+    blocks = np.empty((batch, nblocks, 16), dtype=np.uint8)
+    blocks[:, :, :_NONCE_BYTES] = nonces[:, np.newaxis, :]
+    counters = np.arange(nblocks, dtype=">u4").view(np.uint8).reshape(nblocks, 4)
+    blocks[:, :, _NONCE_BYTES:] = counters[np.newaxis, :, :]
+    encryptor = Cipher(algorithms.AES(seed), modes.ECB()).encryptor()
+    stream = encryptor.update(blocks.tobytes()) + encryptor.finalize()
+    values = np.frombuffer(stream, dtype="<u4").reshape(batch, nblocks * 4)[:, :count].astype(FIELD_DTYPE)
+    np.bitwise_and(values, _MASK31, out=values)
+    for row in np.flatnonzero((values == P).any(axis=1)):
+        # Rare (2**-31 per element): redo this row with the same stream, skipping P.
+        values[row] = _derive_row_slow(seed, labels[row], count)
+    return values
+
+
+def _derive_row_slow(seed: bytes, label: bytes, count: int) -> np.ndarray:
+    # One label's stream, read until ``count`` values other than P were found.
+    nonce = hashlib.sha256(label).digest()[:_NONCE_BYTES] + bytes(4)
+    encryptor = Cipher(algorithms.AES(seed), modes.CTR(nonce)).encryptor()
+    out: list[np.ndarray] = []
+    have = 0
+    while have < count:
+        chunk = np.frombuffer(encryptor.update(bytes(4 * count)), dtype="<u4").astype(FIELD_DTYPE) & _MASK31
+        chunk = chunk[chunk != P]
+        out.append(chunk)
+        have += chunk.size
+    return np.concatenate(out)[:count]
+
+
+def _coefficients(seed: bytes, labels: Sequence[bytes], degree: int, width: int) -> np.ndarray:
+    # (degree, B, width): c_1 .. c_degree of every element of every record.
+    flat = derive_field(seed, labels, degree * width)
+    return np.ascontiguousarray(flat.reshape(len(labels), degree, width).transpose(1, 0, 2))
+
+
+def evaluate_at(coeffs: np.ndarray, constant: np.ndarray | None, x: int) -> np.ndarray:
+    """constant + c_1 x + ... + c_t x^t for coefficients (t, B, w), at 1 <= x <= 255: (B, w)."""
+    degree, batch, width = coeffs.shape
+    if not 1 <= int(x) <= sharing.MAX_SHAREHOLDERS:
+        raise InvalidShares("Shares are evaluated at x-coordinates 1 to 255.")
+    const = np.zeros((batch, width), dtype=FIELD_DTYPE) if constant is None else np.asarray(constant, dtype=FIELD_DTYPE)
+    if degree == 0:
+        return const.copy()
+    flat_c = coeffs.reshape(degree, -1)
+    flat_k = const.reshape(-1)
+    total = batch * width
+    out = np.empty(total, dtype=FIELD_DTYPE)
+    acc = np.empty(min(total, sharing.CHUNK_ELEMENTS), dtype=np.uint64)
+    # In cache-sized chunks, as vault.sharing.split does.
+    for start in range(0, total, sharing.CHUNK_ELEMENTS):
+        stop = min(start + sharing.CHUNK_ELEMENTS, total)
+        sharing._evaluate(flat_c[:, start:stop], flat_k[start:stop], int(x), acc[: stop - start], out[start:stop])
+    acc.fill(0)
+    return out.reshape(batch, width)
+
+
+def refresh_deltas(seed: bytes, keys: Sequence[tuple[str, str]], threshold: int, width: int, x: int) -> np.ndarray:
+    """delta_i(x) of this dealer (seed) for each record key: (B, width).
+
+    One zero-sharing polynomial of degree k - 1 per element; the label binds
+    the record, k and the width so that two receivers can never be handed
+    different polynomials for one record.
+    """
+    labels = [record_label(REFRESH_DOMAIN, t, s, threshold, width) for t, s in keys]
+    coeffs = _coefficients(seed, labels, threshold - 1, width)
+    try:
+        return evaluate_at(coeffs, None, x)
+    finally:
+        coeffs.fill(0)
+
+
+def check_masks(seed: bytes, challenges: Sequence[bytes], threshold: int, x: int) -> np.ndarray:
+    """This dealer's zero-sharing masks rho_i(x), one per challenge: (len(challenges),)."""
+    labels = [MASK_DOMAIN + struct.pack(">I", threshold) + bytes(c) for c in challenges]
+    coeffs = _coefficients(seed, labels, threshold - 1, 1)
+    return evaluate_at(coeffs, None, x)[:, 0]
+
+
+def reshare_values(
+    seed: bytes, keys: Sequence[tuple[str, str]], shares: np.ndarray, new_threshold: int, x: int
+) -> np.ndarray:
+    """g_i(x) = y_i + c_1 x + ... + c_{k'-1} x^{k'-1} for each record: (B, width)."""
+    shares = np.asarray(shares, dtype=FIELD_DTYPE)
+    batch, width = shares.shape
+    labels = [record_label(RESHARE_DOMAIN, t, s, new_threshold, width) for t, s in keys]
+    coeffs = _coefficients(seed, labels, new_threshold - 1, width)
+    try:
+        return evaluate_at(coeffs, shares, x)
+    finally:
+        coeffs.fill(0)
+
+
+def combine(xs: Sequence[int], values: np.ndarray) -> np.ndarray:
+    """sum_i lambda_i^S * values_i with Lagrange coefficients at 0 over xs: (B, width).
+
+    ``values`` is (len(xs), B, width): the g_i(j') received from each old
+    shareholder i in S (in the order of ``xs``).
+    """
+    key = tuple(int(x) for x in xs)
+    if len(set(key)) != len(key) or any(not 1 <= x <= sharing.MAX_SHAREHOLDERS for x in key):
+        raise InvalidShares("The old shareholders' x-coordinates must be distinct, from 1 to 255.")
+    stacked = np.ascontiguousarray(values, dtype=FIELD_DTYPE)
+    if stacked.ndim != 3 or stacked.shape[0] != len(key):
+        raise InvalidShares("Reshare values must have shape (old shareholders, batch, width).")
+    return sharing._combine(stacked, field.lagrange_at_zero(key))
+
+
+def add_rows(*arrays: np.ndarray) -> np.ndarray:
+    """Elementwise sum mod P of equally shaped field arrays."""
+    total = np.zeros(np.shape(arrays[0]), dtype=np.uint64)
+    for i, arr in enumerate(arrays):
+        np.add(total, np.asarray(arr, dtype=np.uint64), out=total)
+        if i % 1024 == 1023:
+            field._fold(total)
+    field._reduce_u64_inplace(total)
+    return total.astype(FIELD_DTYPE)
+
+
+# --- the refresh check -----------------------------------------------------------
+
+
+def new_challenge() -> bytes:
+    """A fresh public challenge (16 random bytes)."""
+    return rng.RANDOM_BYTES(16)
+
+
+def challenge_coefficients(challenge: bytes, keys: Sequence[tuple[str, str]], width: int) -> np.ndarray:
+    """Public coefficients c_{r,m} of one challenge for a batch of records: (B, width)."""
+    key = hashlib.sha256(CHALLENGE_DOMAIN + bytes(challenge)).digest()
+    labels = [record_label(CHALLENGE_DOMAIN, t, s, width) for t, s in keys]
+    return derive_field(key, labels, width)
+
+
+def weighted_sum(coefficients: np.ndarray, values: np.ndarray) -> int:
+    """sum c * v over every element (mod P), as an int."""
+    prod = np.multiply(np.asarray(coefficients, dtype=np.uint64), np.asarray(values, dtype=np.uint64))
+    field._fold(prod)  # < 2**32 + 2**31 each after one fold
+    total = 0
+    # Sums of up to 2**30 folded values fit in 64 bits; do it in slices.
+    flat = prod.reshape(-1)
+    for start in range(0, flat.size, 1 << 30):
+        total = (total + int(flat[start : start + (1 << 30)].sum(dtype=np.uint64))) % P
+    prod.fill(0)
+    return total
+
+
+def on_zero_polynomial(xs: Sequence[int], values: Sequence[int], threshold: int) -> bool:
+    """Whether the points (x_j, v_j) lie on a polynomial of degree <= k - 1 with value 0 at 0.
+
+    The point (0, 0) and the first k - 1 points determine the polynomial;
+    every other point must agree with it (n - k + 1 independent checks).
+    """
+    pts = [int(x) for x in xs]
+    vals = [int(v) % P for v in values]
+    if len(pts) != len(vals) or len(set(pts)) != len(pts) or 0 in pts:
+        raise InvalidShares("The check needs distinct non-zero x-coordinates, one value each.")
+    if len(pts) < threshold:
+        raise InvalidShares("The check needs at least k values.")
+    base_x = (0, *pts[: threshold - 1])
+    base_y = (0, *vals[: threshold - 1])
+    for x, v in zip(pts[threshold - 1 :], vals[threshold - 1 :]):
+        lam = field.lagrange_at(base_x, x)
+        expected = sum(int(l) * y for l, y in zip(lam, base_y)) % P
+        if expected != v:
+            return False
+    return True
