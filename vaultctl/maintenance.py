@@ -1,0 +1,324 @@
+"""What ``vaultctl refresh`` and ``vaultctl reshare`` share: the nodes'
+maintenance API seen from the auditor, the local session file, progress
+display and the test seam for crash injection.
+
+- ``Admin``: one mTLS channel per node with the auditor's certificate;
+  ``ShareholderAdmin`` and ``Shareholder.GetNodeInfo`` calls with deadlines,
+  fanned out in parallel; streaming phases report progress.
+- ``SessionFile``: ``<state dir>/session.json`` names the session this
+  auditor workstation is driving (written BEFORE any node hears of it, so a
+  CLI killed at any point finds it again), guarded by an ``flock`` so that
+  two vaultctl processes never drive a session at once (the lock dies with
+  the process, kill -9 included).
+- ``Progress``: a rich progress bar on a terminal (stderr), silent otherwise
+  (``--format json`` prints one object at the end).
+- ``fault(phase, count)``: crash injection for the tests only, driven by the
+  environment variable VAULTCTL_FAULT="<phase>:<count>:<action>", e.g.
+  ``prepare:1:self`` (kill -9 this CLI once one node has prepared) or
+  ``commit:1:node=bank-b`` (kill -9 node bank-b once one node committed).
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pathlib
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent import futures
+from dataclasses import asdict, dataclass, field
+
+import grpc
+
+from splitvault.v1 import admin_pb2, admin_pb2_grpc, shareholder_pb2, shareholder_pb2_grpc
+from vaultrpc.tls import TlsMaterial, secure_channel
+
+FAULT_ENV = "VAULTCTL_FAULT"
+# Deadlines: quick calls, and the long streaming phases (per message gap is
+# what matters there, the whole phase may take minutes).
+CALL_TIMEOUT_S = 30.0
+PHASE_TIMEOUT_S = 3600.0
+STATE_NAMES = {v: k.removeprefix("SESSION_STATE_").lower() for k, v in admin_pb2.SessionState.items()}
+KIND_NAMES = {v: k.removeprefix("SESSION_KIND_").lower() for k, v in admin_pb2.SessionKind.items()}
+
+
+class MaintenanceError(Exception):
+    """A maintenance step failed; ``remote`` says whether a node (exit 2) or
+    the local side (exit 1) is at fault."""
+
+    def __init__(self, message: str, *, remote: bool = True, **details):
+        super().__init__(message)
+        self.message = message
+        self.remote = remote
+        self.details = details
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    index: int
+    address: str
+
+    def member(self) -> admin_pb2.Member:
+        return admin_pb2.Member(name=self.name, index=self.index, address=self.address)
+
+
+def rpc_message(exc: grpc.RpcError) -> str:
+    code = exc.code() if callable(getattr(exc, "code", None)) else None
+    details = (exc.details() if callable(getattr(exc, "details", None)) else "") or "no details"
+    return f"{getattr(code, 'name', 'UNKNOWN')}: {details.rstrip('.')}"
+
+
+def rpc_code(exc: grpc.RpcError):
+    return exc.code() if callable(getattr(exc, "code", None)) else None
+
+
+class Admin:
+    """The auditor's channels to a set of nodes (by name)."""
+
+    def __init__(self, nodes: Iterable[Node], tls: TlsMaterial):
+        self.tls = tls
+        self.nodes: dict[str, Node] = {}
+        self._channels: dict[str, grpc.Channel] = {}
+        self._admin: dict[str, admin_pb2_grpc.ShareholderAdminStub] = {}
+        self._info: dict[str, shareholder_pb2_grpc.ShareholderStub] = {}
+        self._pool = futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="vaultctl")
+        for node in nodes:
+            self.add(node)
+
+    def add(self, node: Node) -> None:
+        if node.name in self._channels:
+            self._channels[node.name].close()
+        self.nodes[node.name] = node
+        channel = secure_channel(node.address, self.tls)
+        self._channels[node.name] = channel
+        self._admin[node.name] = admin_pb2_grpc.ShareholderAdminStub(channel)
+        self._info[node.name] = shareholder_pb2_grpc.ShareholderStub(channel)
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def members(self, names: Iterable[str]) -> list[admin_pb2.Member]:
+        return [self.nodes[n].member() for n in names]
+
+    def call(self, name: str, method: str, request, timeout: float = CALL_TIMEOUT_S):
+        try:
+            return getattr(self._admin[name], method)(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise MaintenanceError(f"Node {name} refused {method} ({rpc_message(exc)}).", node=name,
+                                   status=getattr(rpc_code(exc), "name", "UNKNOWN")) from None
+
+    def each(self, names: Iterable[str], fn: Callable[[str], object]) -> dict[str, object]:
+        """fn(name) on every node in parallel; the first failure is raised after all ended."""
+        names = list(names)
+        jobs = {name: self._pool.submit(fn, name) for name in names}
+        results, errors = {}, []
+        for name, job in jobs.items():
+            try:
+                results[name] = job.result()
+            except MaintenanceError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+        return results
+
+    def node_info(self, names: Iterable[str]) -> dict[str, shareholder_pb2.GetNodeInfoResponse]:
+        def one(name):
+            try:
+                return self._info[name].GetNodeInfo(shareholder_pb2.GetNodeInfoRequest(), timeout=CALL_TIMEOUT_S)
+            except grpc.RpcError as exc:
+                raise MaintenanceError(
+                    f"Node {name} at {self.nodes[name].address} did not answer ({rpc_message(exc)}); start it and "
+                    "run the command again.", node=name) from None
+        return self.each(names, one)
+
+    def session(self, name: str, session_id: str = "") -> admin_pb2.SessionStatus | None:
+        reply = self.call(name, "GetSession", admin_pb2.GetSessionRequest(session_id=session_id))
+        return reply.status if reply.found else None
+
+    def stream(self, name: str, method: str, request, on_progress: Callable[[str, int, int], None]):
+        """Run a streaming phase on one node; the final SessionStatus."""
+        final = None
+        try:
+            for msg in getattr(self._admin[name], method)(request, timeout=PHASE_TIMEOUT_S):
+                on_progress(name, msg.done, msg.total)
+                if msg.HasField("status"):
+                    final = msg.status
+        except grpc.RpcError as exc:
+            raise MaintenanceError(f"Node {name} failed {method} ({rpc_message(exc)}).", node=name,
+                                   status=getattr(rpc_code(exc), "name", "UNKNOWN")) from None
+        if final is None:
+            raise MaintenanceError(f"Node {name} ended {method} without a result; run the command again.", node=name)
+        return final
+
+
+# --- the local session file -----------------------------------------------------------
+
+
+@dataclass
+class SessionRecord:
+    """What the auditor's side remembers of the session it drives."""
+
+    session_id: str
+    kind: str
+    from_epoch: int
+    new_epoch: int
+    old: list[list]  # [[name, index], ...]
+    new: list[list]
+    old_threshold: int
+    new_threshold: int
+    senders: list[int] = field(default_factory=list)
+    started: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+class SessionFile:
+    """``session.json`` in a state folder, under an exclusive flock."""
+
+    def __init__(self, folder: pathlib.Path):
+        self.folder = pathlib.Path(folder)
+        self.path = self.folder / "session.json"
+        self._lock_fd: int | None = None
+
+    def lock(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise MaintenanceError(
+                f"Another vaultctl maintenance command is running on {self.folder.parent} (lock {self.folder / 'lock'}); "
+                "wait for it to end.", remote=False) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def load(self) -> SessionRecord | None:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            raise MaintenanceError(f"The session file {self.path} is unreadable; inspect it.", remote=False) from None
+        try:
+            return SessionRecord(**data)
+        except TypeError:
+            raise MaintenanceError(f"The session file {self.path} has unknown fields.", remote=False) from None
+
+    def save(self, rec: SessionRecord) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".session.{os.getpid()}.tmp")
+        with open(tmp, "w") as fh:
+            fh.write(json.dumps(asdict(rec), indent=2, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        _fsync_dir(self.folder)
+
+    def clear(self) -> None:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            return
+        _fsync_dir(self.folder)
+
+
+def _fsync_dir(folder: pathlib.Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def new_session_id(kind: str) -> str:
+    return f"{kind}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.urandom(6).hex()}"
+
+
+# --- progress -------------------------------------------------------------------------
+
+
+class Progress:
+    """One progress bar per (phase, node) on a terminal; silent otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._lock = threading.Lock()
+        self._tasks: dict[tuple[str, str], int] = {}
+        self._progress = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+
+            self._progress = RichProgress(
+                TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=Console(stderr=True), transient=False,
+            )
+            self._progress.start()
+
+    def update(self, phase: str, node: str, done: int, total: int) -> None:
+        if self._progress is None:
+            return
+        with self._lock:
+            key = (phase, node)
+            if key not in self._tasks:
+                self._tasks[key] = self._progress.add_task(f"{phase} {node}", total=total or None)
+            self._progress.update(self._tasks[key], completed=done, total=total or None)
+
+    def note(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(text)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def progress_enabled(fmt: str) -> bool:
+    return fmt != "json" and sys.stderr.isatty()
+
+
+# --- crash injection (tests) ---------------------------------------------------------------
+
+
+class Faults:
+    """``VAULTCTL_FAULT=<phase>:<count>:<action>``; see the module docstring."""
+
+    def __init__(self, spec: str | None, kill_node: Callable[[str], None] | None = None):
+        self.phase = self.count = self.action = None
+        self.kill_node = kill_node
+        self._seen: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._fired = False
+        if spec:
+            phase, count, action = spec.split(":", 2)
+            self.phase, self.count, self.action = phase, int(count), action
+
+    @classmethod
+    def from_env(cls, kill_node=None) -> "Faults":
+        return cls(os.environ.get(FAULT_ENV), kill_node)
+
+    def step(self, phase: str) -> None:
+        """One node finished ``phase``; fire when the configured count is reached."""
+        if self.phase != phase:
+            return
+        with self._lock:
+            self._seen[phase] = self._seen.get(phase, 0) + 1
+            if self._fired or self._seen[phase] < self.count:
+                return
+            self._fired = True
+        if self.action == "self":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif self.action.startswith("node=") and self.kill_node is not None:
+            self.kill_node(self.action.split("=", 1)[1])

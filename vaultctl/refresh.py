@@ -1,0 +1,375 @@
+"""``vaultctl refresh``: proactive share refresh to a new epoch (Herzberg et al.).
+
+    vaultctl refresh --dir D [--check] [--no-check] [--abort] [--format json]
+
+Every template keeps its value; every share changes, so shares stolen
+before the refresh are worthless after it. The steps (docs/operations.md):
+
+1. begin   every node takes its maintenance lock for one session id and
+           draws its dealing seed; the session id is written to
+           D/maintenance/session.json first, so a rerun finds it;
+2. prepare every node pulls its zero-sharing values from every peer (node to
+           node) and writes its new shares beside the old ones, unserved;
+3. check   (default on) the auditor sends random public challenges; each
+           node answers one masked field element per challenge; the values
+           must lie on a polynomial of degree k - 1 through 0 (see
+           vault.proactive): templates unchanged, nothing rejoined;
+4. commit  every node serves the new epoch beside the old;
+5. finalize once ALL nodes serve it (and in-flight verifications drained),
+           every node destroys the old epoch and its seed.
+
+Rerunning the same command resumes the open session wherever it stopped: a
+session that no node has committed is prepared again (idempotent) and goes
+on; a committed one is rolled forward. ``--abort`` rolls back a session no
+node has committed. ``--check`` alone prepares (or resumes), checks and
+stops before the switch, leaving the session for a later ``vaultctl
+refresh`` (commit) or ``--abort``.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import time
+
+from splitvault.v1 import admin_pb2
+from vault import proactive
+from vaultctl.cli import CliError, RemoteError, Result, command
+from vaultctl.maintenance import (
+    KIND_NAMES, STATE_NAMES, Admin, Faults, MaintenanceError, Node, Progress, SessionFile, SessionRecord,
+    new_session_id, progress_enabled,
+)
+
+CHECK_CHALLENGES = 3
+# Verifications started before the last node committed finish within the
+# matcher's call deadline; the old epoch is destroyed only after it.
+DEFAULT_DRAIN_S = 2.0
+
+_S = admin_pb2
+
+
+def _state(st) -> str:
+    return STATE_NAMES.get(st.state, "unknown") if st is not None else "none"
+
+
+def refresh_session(
+    admin: Admin,
+    committee: list[Node],
+    threshold: int,
+    sessions: SessionFile,
+    *,
+    check: bool = True,
+    check_only: bool = False,
+    abort: bool = False,
+    challenges: int = CHECK_CHALLENGES,
+    drain_s: float = DEFAULT_DRAIN_S,
+    progress: Progress | None = None,
+    faults: Faults | None = None,
+) -> dict:
+    """Drive (start, resume, check-only or abort) a refresh; returns the report."""
+    progress = progress or Progress(False)
+    faults = faults or Faults(None)
+    names = [n.name for n in sorted(committee, key=lambda n: n.index)]
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    saved = sessions.load()
+    if saved is not None and saved.kind != "refresh":
+        raise MaintenanceError(
+            f"A {saved.kind} session ({saved.session_id}) is open from this cluster directory; run "
+            f"`vaultctl {saved.kind}` again to finish it, or abort it, first.", remote=False)
+    open_now = admin.each(names, lambda name: admin.session(name))
+    if saved is None:
+        foreign = {n: s for n, s in open_now.items() if s is not None}
+        if foreign:
+            name, s = next(iter(foreign.items()))
+            raise MaintenanceError(
+                f"Node {name} has another open {KIND_NAMES.get(s.kind, '?')} session {s.session_id} "
+                f"(state {_state(s)}, begun by {s.actor}); it is not this workstation's. Finish it where it was "
+                "started, or abort it there.", status="FAILED_PRECONDITION")
+        if abort:
+            return {"action": "abort", "session_id": None, "state": "none", "message": "No refresh session is open."}
+        infos = admin.node_info(names)
+        epochs = {info.epoch for info in infos.values()}
+        if len(epochs) != 1:
+            raise MaintenanceError(
+                f"The nodes disagree on the current epoch ({', '.join(f'{n}: {i.epoch}' for n, i in infos.items())}); "
+                "finish the session that left them so first.")
+        from_epoch = epochs.pop()
+        members = [[n.name, n.index] for n in sorted(committee, key=lambda n: n.index)]
+        saved = SessionRecord(
+            session_id=new_session_id("refresh"), kind="refresh", from_epoch=from_epoch, new_epoch=from_epoch + 1,
+            old=members, new=members, old_threshold=threshold, new_threshold=threshold,
+            started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        sessions.save(saved)  # before any node hears of it
+        resumed = False
+    else:
+        foreign = {n: s for n, s in open_now.items() if s is not None and s.session_id != saved.session_id}
+        if foreign:
+            name, s = next(iter(foreign.items()))
+            raise MaintenanceError(
+                f"Node {name} has another open session {s.session_id}; this workstation drives {saved.session_id}.",
+                status="FAILED_PRECONDITION")
+        resumed = True
+    sid = saved.session_id
+    plan_members = [_S.Member(name=n, index=i) for n, i in saved.old]
+    begin = _S.BeginSessionRequest(
+        session_id=sid, kind=_S.SESSION_KIND_REFRESH, from_epoch=saved.from_epoch, new_epoch=saved.new_epoch,
+        old_committee=plan_members, new_committee=plan_members, old_threshold=saved.old_threshold,
+        new_threshold=saved.new_threshold,
+    )
+
+    def state_of(name):
+        return admin.session(name, sid)
+
+    states = admin.each(names, state_of)
+    committed = [n for n, s in states.items() if s is not None and s.state in (_S.SESSION_STATE_COMMITTED, _S.SESSION_STATE_FINALIZED)]
+    report: dict = {
+        "action": "refresh", "session_id": sid, "from_epoch": saved.from_epoch, "new_epoch": saved.new_epoch,
+        "resumed": resumed, "nodes": names,
+    }
+
+    if abort:
+        if committed:
+            raise MaintenanceError(
+                f"Session {sid} is already committed on {', '.join(committed)}; it cannot be rolled back. Run "
+                "`vaultctl refresh` again to complete it.", status="FAILED_PRECONDITION")
+        present = [n for n, s in states.items() if s is not None]
+        admin.each(present, lambda name: admin.call(name, "AbortSession", _S.AbortSessionRequest(session_id=sid)))
+        sessions.clear()
+        return {**report, "action": "abort", "state": "aborted"}
+
+    # 1. begin (idempotent: resumes on nodes that know the session)
+    t = time.monotonic()
+    admin.each(names, lambda name: admin.call(name, "BeginSession", begin))
+    timings["begin_s"] = time.monotonic() - t
+    peers = admin.members(names)
+
+    if not committed:
+        # 2. prepare, in parallel on every node
+        t = time.monotonic()
+
+        def prepare(name):
+            final = admin.stream(name, "PrepareSession", _S.PrepareSessionRequest(session_id=sid, peers=peers),
+                                 lambda n, d, tot: progress.update("prepare", n, d, tot))
+            faults.step("prepare")
+            return final
+
+        prepared = admin.each(names, prepare)
+        timings["prepare_s"] = time.monotonic() - t
+        report["records"] = {n: int(s.records_prepared + s.records_new) for n, s in prepared.items()}
+        # 3. check
+        if check or check_only:
+            t = time.monotonic()
+            report["check"] = run_check(admin, names, sid, saved.new_threshold, challenges, peers)
+            timings["check_s"] = time.monotonic() - t
+            if not report["check"]["passed"]:
+                admin.each(names, lambda name: admin.call(name, "AbortSession", _S.AbortSessionRequest(session_id=sid)))
+                sessions.clear()
+                raise MaintenanceError(
+                    f"The refresh check failed ({report['check']['reason']}); session {sid} was rolled back on every "
+                    "node and the old shares stay in service. Inspect the nodes' logs before trying again.",
+                    check=report["check"])
+        if check_only:
+            return {**report, "action": "check", "state": "prepared", "timings": _round(timings),
+                    "message": f"Session {sid} is prepared and checked; run `vaultctl refresh` to switch to epoch "
+                               f"{saved.new_epoch}, or `vaultctl refresh --abort` to discard it."}
+    elif check_only:
+        report["check"] = run_check(admin, names, sid, saved.new_threshold, challenges, peers)
+        return {**report, "action": "check", "state": "committed", "timings": _round(timings)}
+
+    # 4. commit on every node
+    t = time.monotonic()
+
+    def commit(name):
+        final = admin.stream(name, "CommitSession", _S.CommitSessionRequest(session_id=sid),
+                             lambda n, d, tot: progress.update("commit", n, d, tot))
+        faults.step("commit")
+        return final
+
+    admin.each(names, commit)
+    timings["commit_s"] = time.monotonic() - t
+    if drain_s > 0:
+        time.sleep(drain_s)
+
+    # 5. finalize: the old epoch is destroyed everywhere
+    t = time.monotonic()
+
+    def finalize(name):
+        final = admin.stream(name, "FinalizeSession", _S.FinalizeSessionRequest(session_id=sid),
+                             lambda n, d, tot: progress.update("finalize", n, d, tot))
+        faults.step("finalize")
+        return final
+
+    finals = admin.each(names, finalize)
+    timings["finalize_s"] = time.monotonic() - t
+    sessions.clear()
+    report["records"] = {n: int(s.records_new) for n, s in finals.items()}
+    report["state"] = "finalized"
+    timings["total_s"] = time.monotonic() - started
+    report["timings"] = _round(timings)
+    total = max(report["records"].values(), default=0)
+    report["templates_per_s"] = round(total / timings["total_s"], 1) if timings["total_s"] > 0 else None
+    return report
+
+
+def _round(t: dict) -> dict:
+    return {k: round(v, 3) for k, v in t.items()}
+
+
+def run_check(admin: Admin, names: list[str], sid: str, threshold: int, count: int, peers) -> dict:
+    """Challenge every node; the masked values must lie on a degree k-1 polynomial through 0."""
+    challenges = [proactive.new_challenge() for _ in range(count)]
+    xs = {n: admin.nodes[n].index for n in names}
+
+    def ask(exclude):
+        req = _S.CheckRefreshRequest(session_id=sid, challenges=challenges, peers=peers, exclude=exclude)
+        return admin.each(names, lambda name: admin.call(name, "CheckRefresh", req, timeout=600))
+
+    answers = ask([])
+    excluded = 0
+    if len({a.keys_sha256 for a in answers.values()}) != 1:
+        # The nodes hold different records (a half-done enrolment or
+        # deletion): leave out those not held by every node.
+        sets = {name: _session_keys(admin, name, sid) for name in names}
+        common = set.intersection(*(set(s) for s in sets.values()))
+        union = set().union(*(set(s) for s in sets.values()))
+        exclude = [_S.RecordKey(tenant=t, subject=s) for t, s in sorted(union - common)]
+        excluded = len(exclude)
+        answers = ask(exclude)
+        if len({a.keys_sha256 for a in answers.values()}) != 1:
+            return {"passed": False, "reason": "the nodes' records changed during the check", "challenges": count,
+                    "excluded": excluded}
+    ordered = sorted(names, key=lambda n: xs[n])
+    passed = all(
+        proactive.on_zero_polynomial([xs[n] for n in ordered], [answers[n].values[c] for n in ordered], threshold)
+        for c in range(count)
+    )
+    records = answers[ordered[0]].records
+    return {
+        "passed": passed,
+        "reason": "" if passed else "the new shares do not differ from the old by a sharing of zero",
+        "challenges": count,
+        "records": int(records),
+        "excluded": excluded,
+        "soundness": f"a wrong element survives each challenge with probability 1/(2^31-1); {count} challenges",
+        "reveals": "one uniformly random field element per node per challenge (masked by a joint sharing of zero)",
+    }
+
+
+def _session_keys(admin: Admin, name: str, sid: str) -> list[tuple[str, str]]:
+    out = []
+    after = ("", "")
+    while True:
+        reply = admin.call(name, "ListSessionKeys", _S.ListSessionKeysRequest(
+            session_id=sid, after_tenant=after[0], after_subject=after[1], limit=10_000))
+        out.extend((k.tenant, k.subject) for k in reply.keys)
+        if not reply.more or not reply.keys:
+            return out
+        after = (reply.keys[-1].tenant, reply.keys[-1].subject)
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def cluster_nodes(root: pathlib.Path) -> tuple[list[Node], int, object]:
+    """The committee of a local cluster directory: nodes (with addresses), k, auditor TLS."""
+    from vault import pki
+    from vaultctl import cluster
+
+    spec = cluster.load_spec(root)
+    paths = cluster.Paths(root)
+    nodes = []
+    for i, name in enumerate(spec.nodes, start=1):
+        ready = cluster._read_json(paths.ready(spec, name))
+        if not ready or not ready.get("address"):
+            raise MaintenanceError(
+                f"Shareholder {name} of {root} is not running; start the cluster (`vaultctl cluster up --dir {root}`) "
+                "and run the command again.", node=name)
+        nodes.append(Node(name, i, ready["address"]))
+    tls = paths.tls(pki.ROLE_AUDITOR, spec.auditor).load()
+    return nodes, spec.threshold, tls
+
+
+def state_dir(root: pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(root).expanduser().resolve() / "maintenance"
+
+
+def kill_node_for(root: pathlib.Path):
+    def kill(name: str) -> None:
+        from vaultctl import cluster
+
+        cluster.kill_node(root, name)
+    return kill
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--check", action="store_true",
+                   help="prepare (or resume), check that the templates are unchanged, and stop before the switch")
+    p.add_argument("--no-check", action="store_true", help="skip the check (not recommended)")
+    p.add_argument("--abort", action="store_true", help="roll back the open session (only before any node committed)")
+    p.add_argument("--challenges", type=int, default=CHECK_CHALLENGES, metavar="N", help="check challenges (default 3)")
+    p.add_argument("--drain", type=float, default=DEFAULT_DRAIN_S, metavar="S",
+                   help="seconds between the last commit and destroying the old epoch (default 2)")
+
+
+def _lines(report: dict) -> list[str]:
+    action = report.get("action")
+    if action == "abort":
+        return [report.get("message") or f"refresh session {report['session_id']} rolled back; the old shares stay in service"]
+    lines = []
+    chk = report.get("check")
+    if chk:
+        verdict = "PASSED" if chk["passed"] else "FAILED"
+        lines.append(f"check {verdict}: {chk['challenges']} challenges over {chk.get('records', '?')} records"
+                     + (f" ({chk['excluded']} not held by every node left out)" if chk.get("excluded") else "")
+                     + "; nothing was rejoined")
+    if action == "check":
+        lines.append(report.get("message", ""))
+        return lines
+    recs = report.get("records", {})
+    lines.insert(0, f"refreshed {max(recs.values(), default=0)} templates to epoch {report['new_epoch']} on "
+                    f"{', '.join(report['nodes'])}" + (" (resumed)" if report.get("resumed") else ""))
+    t = report.get("timings", {})
+    if t:
+        lines.append(f"  {t.get('total_s', 0):.1f} s" + (f", {report['templates_per_s']} templates/s" if report.get('templates_per_s') else "")
+                     + "; the old epoch's shares are destroyed")
+    return lines
+
+
+@command("refresh", help="proactive share refresh to a new epoch (resumable)", arguments=_args, target="dir")
+def _refresh(args) -> Result:
+    import os
+
+    if args.check and args.no_check:
+        raise CliError("--check and --no-check contradict each other.")
+    if args.abort and (args.check or args.no_check):
+        raise CliError("--abort takes no check option.")
+    if not 1 <= args.challenges <= 16:
+        raise CliError("--challenges must be from 1 to 16.")
+    from vaultctl import cluster
+
+    try:
+        nodes, k, tls = cluster_nodes(args.dir)
+    except cluster.ClusterError as exc:
+        raise CliError(str(exc)) from None
+    except MaintenanceError as exc:
+        raise RemoteError(exc.message, **exc.details) from None
+    sessions = SessionFile(state_dir(args.dir))
+    admin = Admin(nodes, tls)
+    progress = Progress(progress_enabled(args.format))
+    try:
+        sessions.lock()
+        report = refresh_session(
+            admin, nodes, k, sessions, check=not args.no_check, check_only=args.check, abort=args.abort,
+            challenges=args.challenges, drain_s=args.drain, progress=progress,
+            faults=Faults.from_env(kill_node_for(args.dir)),
+        )
+    except MaintenanceError as exc:
+        cls = RemoteError if exc.remote else CliError
+        raise cls(exc.message, **{k: v for k, v in exc.details.items() if isinstance(v, (str, int, bool, dict))}) from None
+    finally:
+        progress.close()
+        admin.close()
+        sessions.unlock()
+    exit_code = 0
+    return Result(report, _lines(report), exit_code)
