@@ -261,6 +261,40 @@ def _gallery(count: int, seed: int = 20240601) -> tuple[np.ndarray, np.ndarray]:
     return templates, probes.astype(np.float32)
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (Linux /proc)."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _CpuMeter:
+    """CPU time per operation of each bench process: the cost of a design,
+    independent of how busy the machine is."""
+
+    GROUPS = {"split": {"client": ("client",), "matcher": ("matcher",), "nodes": NODES},
+              "single": {"client": ("client",), "verifier": ("verifier",), "store": ("store",)},
+              "one_hop": {"client": ("client",), "verifier": ("memory",)}}
+
+    def __init__(self, procs: "Processes"):
+        self.pids = {name: proc.pid for name, proc in procs.procs.items()}
+
+    def snapshot(self) -> dict[str, float]:
+        snap = {"client": time.process_time()}
+        for name, pid in self.pids.items():
+            try:
+                snap[name] = _cpu_s(pid)
+            except (OSError, IndexError, ValueError):
+                snap[name] = 0.0
+        return snap
+
+    def per_op_us(self, system: str, before: dict, after: dict, ops: int) -> dict[str, int]:
+        out = {}
+        for group, names in self.GROUPS[system].items():
+            out[group] = round(sum(after[n] - before[n] for n in names) / max(1, ops) * 1e6)
+        out["total"] = sum(out.values())
+        return out
+
+
 def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
@@ -308,16 +342,18 @@ class _Systems:
         self.memory.channel.close()
 
 
-def _latencies(systems: _Systems, names: tuple[str, ...], calls: int, subjects: int, start: int):
+def _latencies(systems: _Systems, names: tuple[str, ...], calls: int, subjects: int, start: int, meter=None):
     # Sequential calls, interleaved in rounds so drift hits every system alike.
     lat = {name: [] for name in names}
     errors = {name: 0 for name in names}
     matches = {name: 0 for name in names}
+    cpu = {name: {} for name in names}
     rounds = 10
     i = start
     for _ in range(rounds):
         for name in names:
             fn = getattr(systems, name)
+            before = meter.snapshot() if meter else None
             for _ in range(calls // rounds):
                 t0 = time.perf_counter()
                 try:
@@ -328,7 +364,12 @@ def _latencies(systems: _Systems, names: tuple[str, ...], calls: int, subjects: 
                     lat[name].append(time.perf_counter() - t0)
                     matches[name] += decision == 1
                 i += 1
-    return lat, errors, matches, i
+            if meter:
+                used = meter.per_op_us(name, before, meter.snapshot(), calls // rounds)
+                for group, us in used.items():
+                    cpu[name][group] = cpu[name].get(group, 0) + us / rounds
+    cpu = {name: {g: round(v) for g, v in groups.items()} for name, groups in cpu.items()}
+    return lat, errors, matches, i, cpu
 
 
 def _throughput(fn, *, seconds: float, concurrency: int, subjects: int, start: int) -> tuple[float, int, int]:
@@ -366,6 +407,7 @@ def run(quick: bool) -> list[dict]:
     seconds = 3.0 if quick else 10.0
     concurrency = 16
     templates, probes = _gallery(subjects)
+    load_before = round(os.getloadavg()[0], 2)
     codes = codec.encode(templates, DIM)
     results = []
     with tempfile.TemporaryDirectory(prefix="splitvault-bench-") as tmp:
@@ -411,15 +453,18 @@ def run(quick: bool) -> list[dict]:
 
                 # Warm up every path (channels, caches), then latency.
                 next_i = 0
+                meter = _CpuMeter(procs)
                 _latencies(systems, ("split", "single", "one_hop"), 60, subjects, next_i)
                 next_i += 60 * 3
-                lat, errors, matches, next_i = _latencies(
-                    systems, ("split", "single", "one_hop"), latency_calls, subjects, next_i)
+                lat, errors, matches, next_i, cpu = _latencies(
+                    systems, ("split", "single", "one_hop"), latency_calls, subjects, next_i, meter)
                 p = {name: (_percentile(v, 50) * 1000, _percentile(v, 99) * 1000) for name, v in lat.items()}
                 common = {"n": len(NODES), "k": K, "dim": DIM, "calls": latency_calls, "concurrency": 1,
                           "subjects": subjects, "attempts_per_subject": ATTEMPTS_PER_SUBJECT,
                           "errors": errors["split"], "baseline_errors": errors["single"],
-                          "genuine_match_rate": round(matches["split"] / max(1, len(lat["split"])), 4)}
+                          "genuine_match_rate": round(matches["split"] / max(1, len(lat["split"])), 4),
+                          "cpu_us_per_verify": cpu["split"], "baseline_cpu_us_per_verify": cpu["single"],
+                          "loadavg_1m_before": load_before}
                 results.append(_result("verify_p50", {**common, "target": "<= 1.5x baseline"}, p["split"][0], "ms",
                                        BASELINE, p["single"][0], False))
                 results.append(_result("verify_p99", common, p["split"][1], "ms", BASELINE, p["single"][1], False))
@@ -429,8 +474,13 @@ def run(quick: bool) -> list[dict]:
                                        p["one_hop"][0], False))
 
                 # Throughput with concurrent clients.
+                before = meter.snapshot()
+                t0 = time.perf_counter()
                 rate, errs, next_i = _throughput(systems.split, seconds=seconds, concurrency=concurrency,
                                                  subjects=subjects, start=next_i)
+                after = meter.snapshot()
+                split_cpu = meter.per_op_us("split", before, after, int(rate * (time.perf_counter() - t0)))
+                busy = round(sum(after[k] - before[k] for k in after) / (time.perf_counter() - t0), 2)
                 base_rate, base_errs, next_i = _throughput(systems.single, seconds=seconds, concurrency=concurrency,
                                                            subjects=subjects, start=next_i)
                 results.append(_result(
@@ -438,6 +488,8 @@ def run(quick: bool) -> list[dict]:
                     {"n": len(NODES), "k": K, "dim": DIM, "concurrency": concurrency, "seconds": seconds,
                      "subjects": subjects, "attempts_per_subject": ATTEMPTS_PER_SUBJECT, "errors": errs,
                      "baseline_errors": base_errs, "cpus": os.cpu_count(),
+                     "cpu_us_per_verify": split_cpu, "bench_processes_cores_busy": busy,
+                     "loadavg_1m_before": load_before,
                      "target": f">= {TARGETS['verify_per_s']:.0f}"},
                     rate, "verifications/s", BASELINE, base_rate, True,
                 ))

@@ -158,7 +158,10 @@ class Committee:
         for node in targets:
             request = request_for(node) if callable(request_for) else request_for
             rpc = getattr(self._stubs[node.name], method)
-            self._pool.submit(_call, gather, node, rpc, request, timeout)
+            try:
+                self._pool.submit(_call, gather, node, rpc, request, timeout)
+            except RuntimeError:  # the pool is shut down: the matcher is stopping
+                gather._put(Outcome(node, None, grpc.StatusCode.UNAVAILABLE, "The matcher is stopping."))
         return gather
 
     def call_all(self, method: str, request_for, **kw) -> list[Outcome]:

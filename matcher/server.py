@@ -23,7 +23,7 @@ SERVICE_NAME = matcher_pb2.DESCRIPTOR.services_by_name["Matcher"].full_name
 # Deny by default: only payment providers call the matcher.
 ROLES = {
     f"/{SERVICE_NAME}/{method}": frozenset({ROLE_PSP})
-    for method in ("Enroll", "EnrollStream", "Verify", "Delete")
+    for method in ("Enroll", "EnrollStream", "EnrollBatches", "Verify", "Delete")
 }
 _PR_SET_DUMPABLE = 4
 

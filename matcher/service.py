@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import Counter as Tally
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -50,6 +51,8 @@ _DEFINITIVE_MESSAGE = {
     grpc.StatusCode.NOT_FOUND: "The subject is not enrolled.",
 }
 _OK = grpc.StatusCode.OK
+# Bulk enrolment: batches being stored while the next one is prepared.
+_PIPELINE_DEPTH = 2
 
 
 def check_id(value: str, what: str, *, ascii_only: bool = False) -> str:
@@ -249,25 +252,43 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             )
         return [o.node.name for o in failed]
 
-    # --- EnrollStream -------------------------------------------------------
+    # --- EnrollStream and EnrollBatches -------------------------------------
 
     def EnrollStream(self, request_iterator, context):
         tenant = self._tenant(context)
-        batch_size = self.cfg.enroll_batch
-        # One batch is prepared while the previous one is being stored: at
-        # most two batches are in memory, whatever the stream's length.
-        in_flight = None
-        for batch in _batches(request_iterator, batch_size, self.d):
-            prepared = self._prepare_batch(tenant.name, batch)
-            if in_flight is not None:
-                yield from self._finish_batch(tenant.name, *in_flight)
-            in_flight = (batch, self._send_batch(prepared))
+        for results in self._bulk(tenant.name, request_iterator, context):
+            yield from results
+
+    def EnrollBatches(self, request_iterator, context):
+        tenant = self._tenant(context)
+        items = (item for message in request_iterator for item in message.items)
+        for results in self._bulk(tenant.name, items, context):
+            yield matcher_pb2.EnrollBatchesResponse(results=results)
+
+    def _bulk(self, tenant: str, requests, context) -> Iterator[list[matcher_pb2.EnrollStreamResponse]]:
+        """Enrol a stream of EnrollStreamRequests batch by batch; the results of each batch, in order.
+
+        The stream is read one batch at a time; up to _PIPELINE_DEPTH
+        batches are being stored while the next is prepared, so at most
+        _PIPELINE_DEPTH + 1 batches are in memory whatever the stream's
+        length, and gRPC flow control holds the sender back while the nodes
+        write (back-pressure). A subject that is in a batch still in flight
+        is enrolled one by one once that batch is settled, so two writes of
+        one subject never race.
+        """
+        in_flight: deque = deque()
+        for batch in _batches(requests, self.cfg.enroll_batch, self.d):
+            busy = {item.subject for sent_batch, _ in in_flight for item in sent_batch}
+            prepared = self._prepare_batch(tenant, batch, busy)
+            in_flight.append((batch, self._send_batch(prepared)))
+            while len(in_flight) > _PIPELINE_DEPTH:
+                yield self._finish_batch(tenant, *in_flight.popleft())
             if not context.is_active():
                 return
-        if in_flight is not None:
-            yield from self._finish_batch(tenant.name, *in_flight)
+        while in_flight:
+            yield self._finish_batch(tenant, *in_flight.popleft())
 
-    def _prepare_batch(self, tenant: str, batch: list[_Item]):
+    def _prepare_batch(self, tenant: str, batch: list[_Item], busy: set[str] = frozenset()):
         """Check, encode, MAC and split the valid, first-in-batch items: (items, records per node)."""
         # The batch goes to the nodes as one all-or-nothing write per node,
         # with one replace flag: items with the other flag, and repeats of a
@@ -276,7 +297,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         fast: list[_Item] = []
         replace = None
         for item in batch:
-            if item.code is not None or item.subject in seen:
+            if item.code is not None or item.subject in seen or item.subject in busy:
                 continue
             if replace is None:
                 replace = item.replace
@@ -286,17 +307,8 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             fast.append(item)
         if not fast:
             return [], {}, False
-        epoch_infos = self.committee.call_all("GetNodeInfo", shareholder_pb2.GetNodeInfoRequest())
-        if not all(o.ok for o in epoch_infos):
-            for o in epoch_infos:
-                if not o.ok:
-                    self._node_failed(o, "GetNodeInfo")
-            for item in fast:
-                item.code, item.message = grpc.StatusCode.UNAVAILABLE, (
-                    "Not every shareholder answered; the template was not stored."
-                )
-            return [], {}, False
-        epoch = self._cluster_epoch([o.response.epoch for o in epoch_infos])
+        # The nodes' epoch is asked for while the batch is being split.
+        epoch_gather = self.committee.fan_out("GetNodeInfo", shareholder_pb2.GetNodeInfoRequest())
         vectors = np.stack([item.vector for item in fast])
         encoded = field_values = extended = shares = None
         try:
@@ -304,52 +316,93 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             field_values = codec.to_field(encoded)
             extended = integrity.extend(field_values)
             shares = sharing.split(extended, self.k, self.n)
-            per_node: dict[int, list[common_pb2.ShareRecord]] = {e.index: [] for e in self.cfg.shareholders}
-            for b, item in enumerate(fast):
-                for rec in record.make_records(
-                    tenant=tenant, subject=item.subject, epoch=epoch, threshold=self.k,
-                    shareholders=self.n, dimension=self.d, request_id=item.request_id, shares=shares[:, b, :],
-                ):
-                    per_node[rec.index].append(rec)
+            epoch_infos = epoch_gather.all()
+            if not all(o.ok for o in epoch_infos):
+                for o in epoch_infos:
+                    if not o.ok:
+                        self._node_failed(o, "GetNodeInfo")
+                for item in fast:
+                    item.code, item.message = grpc.StatusCode.UNAVAILABLE, (
+                        "Not every shareholder answered; the template was not stored."
+                    )
+                return [], {}, False
+            epoch = self._cluster_epoch([o.response.epoch for o in epoch_infos])
+            per_node = self._batch_records(tenant, fast, epoch, shares)
         finally:
             record.wipe(vectors, encoded, field_values, extended, shares)
         return fast, per_node, bool(replace)
+
+    def _batch_records(self, tenant: str, fast: list[_Item], epoch: int, shares: np.ndarray):
+        """ShareRecords of a batch, per node index: record.make_records' format, built directly.
+
+        make_records re-validates tenant and subject for each of the n records
+        of each template, which cost ~80% of building them here; the ids are
+        checked on the way in (check_id), every record is validated again by
+        the node, and the first of each batch is checked against
+        record.validate_record so a format drift cannot pass silently.
+        """
+        common = dict(
+            tenant=tenant, epoch=int(epoch), threshold=self.k, shareholders=self.n, dimension=self.d,
+            codec_version=codec.CODEC_VERSION, mac_count=integrity.MAC_COUNT,
+        )
+        per_node: dict[int, list[common_pb2.ShareRecord]] = {}
+        for i, node in enumerate(self.cfg.shareholders):
+            node_shares = shares[i]
+            per_node[node.index] = [
+                common_pb2.ShareRecord(
+                    subject=item.subject, request_id=item.request_id, index=node.index,
+                    values=np.ascontiguousarray(node_shares[b], dtype="<u4").tobytes(), **common,
+                )
+                for b, item in enumerate(fast)
+            ]
+        record.validate_record(per_node[self.cfg.shareholders[0].index][0])
+        return per_node
+
+    def _store_batch(self, per_node, lo: int, hi: int, replace: bool, nodes=None):
+        # One StoreShareStream call per node carrying the whole batch in one
+        # message: the node commits it as one transaction with one audit
+        # entry (all or nothing while enroll_batch <= the nodes' stream_batch).
+        return self.committee.fan_out(
+            "StoreShareStream",
+            lambda node: iter([shareholder_pb2.StoreShareStreamRequest(
+                records=per_node[node.index][lo:hi], replace=replace)]),
+            nodes=nodes,
+            timeout_s=self._batch_timeout(hi - lo),
+        )
 
     def _send_batch(self, prepared):
         fast, per_node, replace = prepared
         if not fast:
             return prepared, None
-        gather = self.committee.fan_out(
-            "StoreShares",
-            lambda node: shareholder_pb2.StoreSharesRequest(records=per_node[node.index], replace=replace),
-            timeout_s=self._batch_timeout(len(fast)),
-        )
-        return prepared, gather
+        return prepared, self._store_batch(per_node, 0, len(fast), replace)
 
     def _batch_timeout(self, count: int) -> float:
         # A batch write may take longer than one call; allow 2 ms per record on top.
         return self.cfg.call_timeout_s + 0.002 * count
 
-    def _finish_batch(self, tenant: str, batch: list[_Item], sent) -> Iterator[matcher_pb2.EnrollStreamResponse]:
+    def _finish_batch(self, tenant: str, batch: list[_Item], sent) -> list[matcher_pb2.EnrollStreamResponse]:
         (fast, per_node, replace), gather = sent
         if gather is not None:
             self._settle_batch(tenant, fast, per_node, replace, gather.all())
         # Repeated subjects of the batch, and items the batch could not settle,
         # go through the one-by-one path, in order.
+        results = []
+        outcomes: Tally = Tally()
         for item in batch:
             if item.code is None:
                 self._enrol_item(tenant, item)
-            metrics.ENROLMENTS.labels(
-                "enrolled" if item.code == _OK else item.code.name
-            ).inc()
+            outcomes["enrolled" if item.code == _OK else item.code.name] += 1
             record.wipe(item.vector)
             item.vector = None
-            yield matcher_pb2.EnrollStreamResponse(
+            results.append(matcher_pb2.EnrollStreamResponse(
                 subject=item.subject, request_id=item.request_id,
                 code=status.code_value(item.code), message=item.message,
-            )
+            ))
+        for label, count in outcomes.items():
+            metrics.ENROLMENTS.labels(label).inc(count)
         for records in per_node.values():
             records.clear()
+        return results
 
     def _settle_batch(self, tenant, fast, per_node, replace, outcomes: list[Outcome], lo: int = 0,
                       hi: int | None = None) -> None:
@@ -371,16 +424,11 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             if hi - lo > 1:
                 mid = (lo + hi) // 2
                 for a, b in ((lo, mid), (mid, hi)):
-                    retry = self.committee.call_all(
-                        "StoreShares",
-                        lambda node: shareholder_pb2.StoreSharesRequest(
-                            records=per_node[node.index][a:b], replace=replace),
-                        timeout_s=self._batch_timeout(b - a),
-                    )
+                    retry = self._store_batch(per_node, a, b, replace).all()
                     self._settle_batch(tenant, fast, per_node, replace, retry, a, b)
             return
         for o in failed:
-            self._node_failed(o, "StoreShares")
+            self._node_failed(o, "StoreShareStream")
         # Undo on every node that stored the batch or may have (a timed-out
         # call may still commit); nodes that refused stored nothing.
         undo = tuple(o.node for o in outcomes if o.ok or o.code in TRANSPORT_CODES)

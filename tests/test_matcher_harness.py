@@ -172,8 +172,8 @@ class ProxyNode(shareholder_pb2_grpc.ShareholderServicer):
     returns the share of another subject that it saw released earlier,
     relabelled as the one asked for;
     delay_s: sleep before answering ReleaseShare (a hung node);
-    fail_store: answer StoreShares with UNAVAILABLE without storing;
-    store_delay_s: sleep before forwarding StoreShares (a slow disk).
+    fail_store: answer StoreShares/StoreShareStream with UNAVAILABLE without
+    storing; store_delay_s: sleep before forwarding them (a slow disk).
     """
 
     def __init__(self, pki_, name: str, upstream: str, *, corrupt: str | None = None, delay_s: float = 0.0,
@@ -214,6 +214,17 @@ class ProxyNode(shareholder_pb2_grpc.ShareholderServicer):
         if self.store_delay_s:
             time.sleep(self.store_delay_s)
         return self._forward("StoreShares", request, context)
+
+    def StoreShareStream(self, request_iterator, context):
+        if self.fail_store:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "proxy refuses to store")
+        messages = list(request_iterator)
+        if self.store_delay_s:
+            time.sleep(self.store_delay_s)
+        try:
+            return self._up.StoreShareStream(iter(messages), timeout=30)
+        except grpc.RpcError as err:
+            context.abort(err.code(), err.details())
 
     def DeleteShares(self, request, context):
         return self._forward("DeleteShares", request, context)

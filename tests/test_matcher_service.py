@@ -488,3 +488,28 @@ def test_late_shares_are_checked_against_the_polynomial_that_passed(shared):
     assert service._off_polynomial(good[:2], [good[2]]) == []
     assert service._off_polynomial(good[:2], [other[2]]) == [3]
     assert service._off_polynomial([good[0], good[2]], [other[1]]) == [2]
+
+
+def test_enroll_stream_one_template_per_message(shared, rng):
+    # The plain EnrollStream (grpcurl, other languages): same results as EnrollBatches.
+    templates = [unit(rng) for _ in range(300)]
+    requests = [matcher_pb2.EnrollStreamRequest(subject=f"plain-{i}", template=t.tolist(), request_id=f"p-{i}")
+                for i, t in enumerate(templates)]
+    requests.insert(5, matcher_pb2.EnrollStreamRequest(subject="plain-bad", template=[0.0] * DIM, request_id="pb"))
+    with secure_channel(f"127.0.0.1:{shared.matcher.port}", shared.pki.tls("psp", "acme")) as ch:
+        replies = list(matcher_pb2_grpc.MatcherStub(ch).EnrollStream(iter(requests), timeout=60))
+    assert [r.subject for r in replies] == [r.subject for r in requests]
+    assert [r.code for r in replies if r.subject == "plain-bad"] == [grpc.StatusCode.INVALID_ARGUMENT.value[0]]
+    assert sum(r.code == 0 for r in replies) == 300
+    assert shared.client().verify("plain-299", noisy(templates[299], rng)).decision == "MATCH"
+
+
+def test_enroll_stream_partial_store_failure_is_cleaned_up(committee, rng):
+    c = committee(enroll_batch=50)
+    c.proxy("bank-b", fail_store=True)
+    c.start_matcher()
+    replies = list(c.client().enroll_many((f"p{i}", unit(rng)) for i in range(120)))
+    assert len(replies) == 120 and {r.code for r in replies} == {grpc.StatusCode.UNAVAILABLE.value[0]}
+    assert "not enrolled" in replies[0].message
+    for subject in ("p0", "p77", "p119"):
+        assert records_at(c, "acme", subject) == {name: 0 for name in c.names}

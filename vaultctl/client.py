@@ -53,6 +53,27 @@ def _floats(vector, what: str) -> np.ndarray:
     return arr
 
 
+class _Flatten:
+    """The per-template results of an EnrollBatches call, one at a time (cancel() ends the call)."""
+
+    def __init__(self, call):
+        self._call = call
+        self._results = iter(())
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> matcher_pb2.EnrollStreamResponse:
+        while True:
+            result = next(self._results, None)
+            if result is not None:
+                return result
+            self._results = iter(next(self._call).results)
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
 class MatcherClient:
     """A connection to the matcher as one payment provider (tenant)."""
 
@@ -112,25 +133,39 @@ class MatcherClient:
         return self._stub.Enroll(request, timeout=self.timeout_s)
 
     def enroll_many(
-        self, items: Iterable[tuple[str, object]], *, replace: bool = False, timeout_s: float | None = None
+        self,
+        items: Iterable[tuple[str, object]],
+        *,
+        replace: bool = False,
+        timeout_s: float | None = None,
+        per_message: int = 128,
     ) -> Iterator[matcher_pb2.EnrollStreamResponse]:
         """Bulk enrolment: one EnrollStreamResponse per (subject, template), in order.
 
         Requests are produced lazily from ``items`` as gRPC flow control
-        allows, so a gallery of any size streams in bounded memory. The
+        allows, so a gallery of any size streams in bounded memory. They go
+        ``per_message`` templates to a message (the matcher's EnrollBatches;
+        gRPC's per-message cost dominated one-template messages). The
         stream's deadline is ``timeout_s`` (default: none, bulk jobs are long).
         """
 
         def requests():
+            chunk = []
             for subject, template in items:
-                yield matcher_pb2.EnrollStreamRequest(
+                chunk.append(matcher_pb2.EnrollStreamRequest(
                     subject=subject,
                     template=_floats(template, "template").tolist(),
                     request_id=str(uuid.uuid4()),
                     replace=replace,
-                )
+                ))
+                if len(chunk) >= per_message:
+                    yield matcher_pb2.EnrollBatchesRequest(items=chunk)
+                    chunk = []
+            if chunk:
+                yield matcher_pb2.EnrollBatchesRequest(items=chunk)
 
-        return iter(self._stub.EnrollStream(requests(), timeout=timeout_s))
+        call = self._stub.EnrollBatches(requests(), timeout=timeout_s)
+        return _Flatten(call)
 
     def verify(self, subject: str, probe, *, request_id: str | None = None) -> VerifyResult:
         """Verify a probe against the subject's template with a freshly signed ticket."""

@@ -65,6 +65,18 @@ class EnrollStreamResponse(_message.Message):
     message: str
     def __init__(self, subject: _Optional[str] = ..., request_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
+class EnrollBatchesRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[EnrollStreamRequest]
+    def __init__(self, items: _Optional[_Iterable[_Union[EnrollStreamRequest, _Mapping]]] = ...) -> None: ...
+
+class EnrollBatchesResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[EnrollStreamResponse]
+    def __init__(self, results: _Optional[_Iterable[_Union[EnrollStreamResponse, _Mapping]]] = ...) -> None: ...
+
 class VerifyRequest(_message.Message):
     __slots__ = ("subject", "probe", "ticket")
     SUBJECT_FIELD_NUMBER: _ClassVar[int]

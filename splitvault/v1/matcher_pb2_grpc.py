@@ -47,6 +47,11 @@ class MatcherStub:
                 request_serializer=splitvault_dot_v1_dot_matcher__pb2.EnrollStreamRequest.SerializeToString,
                 response_deserializer=splitvault_dot_v1_dot_matcher__pb2.EnrollStreamResponse.FromString,
                 _registered_method=True)
+        self.EnrollBatches = channel.stream_stream(
+                '/splitvault.v1.Matcher/EnrollBatches',
+                request_serializer=splitvault_dot_v1_dot_matcher__pb2.EnrollBatchesRequest.SerializeToString,
+                response_deserializer=splitvault_dot_v1_dot_matcher__pb2.EnrollBatchesResponse.FromString,
+                _registered_method=True)
         self.Verify = channel.unary_unary(
                 '/splitvault.v1.Matcher/Verify',
                 request_serializer=splitvault_dot_v1_dot_matcher__pb2.VerifyRequest.SerializeToString,
@@ -81,6 +86,16 @@ class MatcherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EnrollBatches(self, request_iterator, context):
+        """Bulk enrolment with many templates per message: the semantics of
+        EnrollStream (one result per template, in request order) with gRPC's
+        per-message cost paid once per batch. How results are grouped into
+        response messages is not tied to how requests were grouped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Verify(self, request, context):
         """Rejoin the subject's template for an instant, compare, wipe, decide.
         """
@@ -107,6 +122,11 @@ def add_MatcherServicer_to_server(servicer, server):
                     servicer.EnrollStream,
                     request_deserializer=splitvault_dot_v1_dot_matcher__pb2.EnrollStreamRequest.FromString,
                     response_serializer=splitvault_dot_v1_dot_matcher__pb2.EnrollStreamResponse.SerializeToString,
+            ),
+            'EnrollBatches': grpc.stream_stream_rpc_method_handler(
+                    servicer.EnrollBatches,
+                    request_deserializer=splitvault_dot_v1_dot_matcher__pb2.EnrollBatchesRequest.FromString,
+                    response_serializer=splitvault_dot_v1_dot_matcher__pb2.EnrollBatchesResponse.SerializeToString,
             ),
             'Verify': grpc.unary_unary_rpc_method_handler(
                     servicer.Verify,
@@ -176,6 +196,33 @@ class Matcher:
             '/splitvault.v1.Matcher/EnrollStream',
             splitvault_dot_v1_dot_matcher__pb2.EnrollStreamRequest.SerializeToString,
             splitvault_dot_v1_dot_matcher__pb2.EnrollStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnrollBatches(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/splitvault.v1.Matcher/EnrollBatches',
+            splitvault_dot_v1_dot_matcher__pb2.EnrollBatchesRequest.SerializeToString,
+            splitvault_dot_v1_dot_matcher__pb2.EnrollBatchesResponse.FromString,
             options,
             channel_credentials,
             insecure,
