@@ -10,6 +10,11 @@ Layout and formats are fixed in docs/contracts.md ("Cluster directory"):
     D/nodes/<name>/node.toml, kek.json, audit.key, shares.db*, node.log, ready.json
     D/matcher/matcher.toml, matcher.log, ready.json
 
+cluster.json also holds ``trust``: each node's audit public key and each
+tenant's ticket public key, recorded when the keys are made
+(``record_trust``); ``vaultctl audit`` checks against these, never against
+what a node says about itself.
+
 Besides those, each process has a ``pid`` file next to its ready file,
 written when it is spawned, so that ``down`` can stop a process that never
 became ready.
@@ -357,7 +362,48 @@ def init(root: str | os.PathLike, spec: ClusterSpec) -> Paths:
         if not (d / "node.toml").exists():
             _write(d / "node.toml", node_config_text(paths, spec, name))
     paths.matcher_dir.mkdir(parents=True, exist_ok=True)
+    record_trust(paths, spec)
     return paths
+
+
+# ---------------------------------------------------------------- trust anchors
+
+
+def record_trust(paths: Paths, spec: ClusterSpec) -> dict:
+    """Record in cluster.json, once, each node's audit public key and each
+    tenant's ticket public key: the auditor's trust anchors (``vaultctl
+    audit``), fixed when the keys are made, so that a node or a file changed
+    later cannot vouch for itself. Existing entries are never overwritten;
+    other fields of cluster.json are kept."""
+    data = json.loads(paths.spec.read_text())
+    trust = data.setdefault("trust", {})
+    audit_keys = trust.setdefault("audit_keys", {})
+    ticket_keys = trust.setdefault("ticket_keys", {})
+    changed = False
+    for name in spec.nodes:
+        key_file = paths.node_dir(name) / "audit.key"
+        if name not in audit_keys and key_file.exists():
+            audit_keys[name] = pki.public_key_raw(pki.load_signing_key(key_file.read_bytes())).hex()
+            changed = True
+    for tenant in spec.tenants:
+        keys = ticket_keys.setdefault(tenant, {})
+        if key_id(tenant) not in keys and paths.ticket_key(tenant).exists():
+            keys[key_id(tenant)] = _ticket_public_hex(paths, tenant)
+            changed = True
+    if changed:
+        _write(paths.spec, json.dumps(data, indent=2) + "\n")
+    return trust
+
+
+def load_trust(root: str | os.PathLike) -> dict:
+    """``{"audit_keys": {node: hex}, "ticket_keys": {tenant: {key_id: hex}}}``
+    from cluster.json (empty maps when none were recorded)."""
+    try:
+        data = json.loads(Paths(root).spec.read_text())
+    except (OSError, ValueError):
+        raise ClusterError(f"Cannot read the cluster spec {Paths(root).spec}.") from None
+    trust = data.get("trust") if isinstance(data.get("trust"), dict) else {}
+    return {"audit_keys": dict(trust.get("audit_keys") or {}), "ticket_keys": dict(trust.get("ticket_keys") or {})}
 
 
 # ---------------------------------------------------------------- processes

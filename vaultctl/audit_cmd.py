@@ -1,0 +1,390 @@
+"""``vaultctl audit verify`` and ``vaultctl audit reconcile``.
+
+**verify** fetches each node's audit log and signed checkpoints
+(``ReadAuditLog``, auditor certificate) and checks them with the node's audit
+public key *as recorded* in cluster.json's ``trust`` (or the auditor config),
+never the key the node reports now (a mismatch is itself a finding). It names
+the first broken entry: an edited entry (hash), a removed or reordered one
+(sequence, links), a rewritten tail (a signed checkpoint disagrees), a tail
+cut below a signed checkpoint. Entries after a node's last signed checkpoint
+can be cut without a trace in the log itself; two things narrow that gap:
+the node's live head (``GetNodeInfo``) must be in the log it streams, and
+each clean run records every node's head in the auditor's witness file
+(``<state>/audit-witness.json``), which later runs hold the log to.
+With ``--dir`` a node that is not running is read from its database file
+(read-only), so a node that refuses to start over a damaged log can still
+be examined; ``--db FILE`` reads a copy of a node's database.
+
+**reconcile** verifies every chain, then checks each ``release`` entry of
+every node against the provider-signed ticket it records: signature under
+the tenant's ticket key as recorded (cluster.json / auditor config), the
+ticket naming the same tenant, subject and request id, valid at the time of
+the release, the node a member of the committee, the caller a matcher, and
+one release per node per verification. Verifications (tenant + request id)
+that released fewer than k shares are reported (a verification that could
+not complete), as are denials; neither is an error.
+
+Exit status: 0 clean; 3 a broken chain or an unexplained release; 2 a node
+could not be read; 1 a usage or local error (e.g. no recorded key).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sqlite3
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from vaultctl import auditor
+from vaultctl.cli import EXIT_LOCAL, EXIT_OK, EXIT_REMOTE, CliError, Result, command
+
+# The check ran and found a problem (contracts.md, exit codes).
+EXIT_FINDING = 3
+# Items listed in full in JSON; text shows the first few.
+MAX_LISTED = 1000
+TEXT_LISTED = 10
+WITNESS_FILE = "audit-witness.json"
+
+
+@dataclass
+class NodeLog:
+    """One node's log as read, and how."""
+
+    node: auditor.NodeRef
+    source: str = ""  # "rpc", "file <path>"
+    entries: list = field(default_factory=list)
+    checkpoints: list = field(default_factory=list)
+    reported_head: int | None = None
+    reported_key: bytes | None = None
+    error: str | None = None  # could not be read
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_database(path: pathlib.Path):
+    """(entries, checkpoints) from a node's database file, read-only."""
+    from shareholders import store
+
+    if not path.exists():
+        raise FileNotFoundError(f"There is no database at {path}.")
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return store.read_chain(conn)
+    finally:
+        conn.close()
+
+
+def read_node(target: auditor.AuditorTarget, node: auditor.NodeRef, db: pathlib.Path | None = None) -> NodeLog:
+    import grpc
+
+    from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
+
+    log = NodeLog(node)
+    offline = db or (node.db_path if node.address is None else None)
+    if offline is not None:
+        log.source = f"file {offline}"
+        try:
+            log.entries, log.checkpoints = read_database(pathlib.Path(offline))
+        except (OSError, sqlite3.Error) as exc:
+            log.error = f"cannot read {offline}: {exc}"
+        return log
+    if node.address is None:
+        log.error = "not running"
+        return log
+    log.source = f"rpc {node.address}"
+    try:
+        channel = auditor.channel(target, node)
+    except (auditor.TargetError, ValueError) as exc:
+        log.error = str(exc)
+        return log
+    try:
+        stub = shareholder_pb2_grpc.ShareholderStub(channel)
+        info = stub.GetNodeInfo(shareholder_pb2.GetNodeInfoRequest(), timeout=target.timeout_s)
+        log.reported_head, log.reported_key = info.audit_head_seq, bytes(info.audit_public_key)
+        # Taken after the head: the streamed log must reach at least that far.
+        for item in stub.ReadAuditLog(shareholder_pb2.ReadAuditLogRequest(from_seq=1), timeout=max(600.0, target.timeout_s)):
+            if item.WhichOneof("item") == "entry":
+                log.entries.append(item.entry)
+            else:
+                log.checkpoints.append(item.checkpoint)
+    except grpc.RpcError as exc:
+        log.error = f"{exc.code().name}: {exc.details()}"
+    finally:
+        channel.close()
+    return log
+
+
+# ---------------------------------------------------------------- verify
+
+
+def _witness_path(target: auditor.AuditorTarget) -> pathlib.Path:
+    return target.state_dir / WITNESS_FILE
+
+
+def _load_witness(target: auditor.AuditorTarget) -> dict:
+    try:
+        data = json.loads(_witness_path(target).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _save_witness(target: auditor.AuditorTarget, data: dict) -> None:
+    path = _witness_path(target)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _when(ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
+
+
+def verify_log(log: NodeLog, witness: dict | None) -> dict:
+    """One node's verdict as a dict (``ok``, ``broken_seq``, ``reason``, ...)."""
+    from vault import audit
+
+    node = log.node
+    out = {"name": node.name, "source": log.source, "ok": False, "state": "", "entries": len(log.entries),
+           "checkpoints": len(log.checkpoints), "head_seq": 0, "signed_seq": 0, "unsigned_tail": 0,
+           "broken_seq": None, "reason": None, "problems": [], "warnings": []}
+    if log.error is not None:
+        out.update(state="unreadable", reason=f"The log of {node.name} could not be read: {log.error}.")
+        return out
+    if node.audit_key is None:
+        out.update(state="no_key", reason=f"No audit public key is recorded for {node.name}; nothing to check it against.")
+        return out
+    report = audit.verify_chain(log.entries, log.checkpoints, node.audit_key, node=node.name)
+    problems = list(report.problems)
+    head = report.head_seq
+    if log.reported_key is not None and log.reported_key != node.audit_key:
+        problems.append((0, f"Node {node.name} presents an audit key other than the recorded one."))
+    if report.ok and log.reported_head is not None and head < log.reported_head:
+        problems.append((head + 1, f"The log ends at entry {head} but the node reports its head at entry "
+                                   f"{log.reported_head}: entries were removed from the database."))
+    if witness and report.ok:
+        seen_seq, seen_hash = int(witness.get("seq", 0)), witness.get("hash", "")
+        when = _when(int(witness.get("at_ms", 0)))
+        if seen_seq > head:
+            problems.append((head + 1, f"The log ends at entry {head}, but audit verify saw it reach entry {seen_seq} "
+                                       f"on {when}: entries were removed."))
+        elif seen_seq and log.entries[seen_seq - 1].entry_hash.hex() != seen_hash:
+            problems.append((seen_seq, f"Entry {seen_seq} differs from the one audit verify saw on {when}: the log "
+                                       "was rewritten up to there."))
+    problems.sort(key=lambda p: p[0])
+    ok = not problems
+    signed = report.signed_seq
+    out.update(
+        ok=ok, state="ok" if ok else "broken", head_seq=head, head_hash=report.head_hash.hex() if ok else None,
+        signed_seq=signed, unsigned_tail=max(0, head - signed) if ok else 0,
+        broken_seq=problems[0][0] if problems else None, reason=problems[0][1] if problems else None,
+        problems=[{"seq": s, "reason": r} for s, r in problems[:MAX_LISTED]],
+    )
+    if ok and head > signed:
+        out["warnings"].append(
+            f"{head - signed} entries after the last signed checkpoint (entry {signed}) are vouched for by no "
+            "signature yet: cutting them would leave no trace in this log."
+        )
+    return out
+
+
+def _exit_code(verdicts: list[dict], unexplained: int = 0) -> int:
+    states = {v["state"] for v in verdicts}
+    if "broken" in states or unexplained:
+        return EXIT_FINDING
+    if "unreadable" in states:
+        return EXIT_REMOTE
+    if "no_key" in states:
+        return EXIT_LOCAL
+    return EXIT_OK
+
+
+def _target(args) -> auditor.AuditorTarget:
+    try:
+        target = auditor.from_args(args)
+        if getattr(args, "node", None):
+            target.node(args.node)
+    except auditor.TargetError as exc:
+        raise CliError(str(exc)) from None
+    return target
+
+
+def verify(target: auditor.AuditorTarget, node: str | None = None, db: pathlib.Path | None = None,
+           update_witness: bool = True) -> tuple[list[dict], list[NodeLog]]:
+    """Verdicts and logs of the selected nodes (the Python API)."""
+    witness = _load_witness(target)
+    verdicts, logs = [], []
+    for ref in target.select(node):
+        log = read_node(target, ref, db)
+        verdict = verify_log(log, witness.get(ref.name))
+        verdicts.append(verdict)
+        logs.append(log)
+        if verdict["ok"] and update_witness and db is None:
+            witness[ref.name] = {"seq": verdict["head_seq"], "hash": verdict["head_hash"],
+                                 "signed_seq": verdict["signed_seq"], "at_ms": int(time.time() * 1000)}
+    if update_witness and db is None and any(v["ok"] for v in verdicts):
+        _save_witness(target, witness)
+    return verdicts, logs
+
+
+def _verify_args(p) -> None:
+    p.add_argument("--node", default=None, help="check this node only (default: every node)")
+    p.add_argument("--db", type=pathlib.Path, default=None, metavar="FILE",
+                   help="read this copy of the node's database instead of asking the node (needs --node)")
+
+
+@command("audit", "verify", help="check each node's audit chain and signed checkpoints; exit 3 on any break",
+         arguments=_verify_args)
+def _audit_verify(args) -> Result:
+    if args.db is not None and not args.node:
+        raise CliError("--db needs --node: a database file belongs to one node.")
+    target = _target(args)
+    verdicts, _logs = verify(target, args.node, args.db)
+    code = _exit_code(verdicts)
+    lines = [f"{'node':<10} {'entries':>8} {'signed to':>10} {'unsigned':>9}  result"]
+    for v in verdicts:
+        result = "OK" if v["ok"] else (
+            f"BROKEN at entry {v['broken_seq']}: {v['reason']}" if v["state"] == "broken" else v["reason"])
+        lines.append(f"{v['name']:<10} {v['entries']:>8} {v['signed_seq']:>10} {v['unsigned_tail']:>9}  {result}")
+        for w in v["warnings"]:
+            lines.append(f"{'':<10} note: {w}")
+        if v["source"].startswith("file"):
+            lines.append(f"{'':<10} read offline from {v['source'][5:]}")
+    lines.append("every chain verifies" if code == EXIT_OK else "the audit logs do NOT all verify")
+    return Result({"ok": code == EXIT_OK, "nodes": verdicts}, lines, code)
+
+
+# ---------------------------------------------------------------- reconcile
+
+
+def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list[dict]) -> dict:
+    """Cross-check releases against provider-signed tickets (the Python API)."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from vault import pki
+    from vault import ticket as tickets
+    from vault.errors import InvalidTicket
+
+    committee = {n.name for n in target.nodes}
+    keys = {t: {kid: pki.load_public_key(raw) for kid, raw in ks.items()} for t, ks in target.ticket_keys.items()}
+    releases: dict[tuple[str, str], dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    bodies: dict[tuple[str, str], set] = defaultdict(set)
+    unexplained: list[dict] = []
+    denials: Counter = Counter()
+    denied: list[dict] = []
+    per_node = []
+    for log, verdict in zip(logs, verdicts):
+        # Only what the chain vouches for: entries up to the first break.
+        usable = log.entries if verdict["ok"] else log.entries[: max(0, (verdict["broken_seq"] or 1) - 1)]
+        n_rel = n_deny = 0
+        for e in usable:
+            if e.event == "deny":
+                n_deny += 1
+                details = json.loads(e.details_json or "{}")
+                denials[details.get("reason", "unknown")] += 1
+                if len(denied) < MAX_LISTED:
+                    denied.append({"node": log.node.name, "seq": e.seq, "tenant": e.tenant, "subject": e.subject,
+                                   "request_id": e.request_id, "reason": details.get("reason")})
+                continue
+            if e.event != "release":
+                continue
+            n_rel += 1
+            item = {"node": log.node.name, "seq": e.seq, "tenant": e.tenant, "subject": e.subject,
+                    "request_id": e.request_id, "time_ms": e.time_ms}
+            why = None
+            details = json.loads(e.details_json or "{}")
+            ticket = tickets.from_audit_details(details)
+            tenant_keys: dict[str, ed25519.Ed25519PublicKey] | None = keys.get(e.tenant)
+            if log.node.name not in committee:
+                why = f"node {log.node.name} is not a member of the committee"
+            elif not e.actor.startswith("matcher/"):
+                why = f"the share went to {e.actor or 'an unnamed caller'}, not a matcher"
+            elif ticket is None:
+                why = "the release records no ticket"
+            elif tenant_keys is None:
+                why = f"no ticket key is recorded for tenant {e.tenant!r}"
+            else:
+                try:
+                    body = tickets.verify(ticket, tenant_keys, tenant=e.tenant, at_ms=e.time_ms)
+                except InvalidTicket as exc:
+                    why = str(exc).rstrip(".").lower()
+                else:
+                    if (body.subject, body.request_id) != (e.subject, e.request_id):
+                        why = "the ticket is for another subject or request than the release names"
+                    else:
+                        bodies[(e.tenant, e.request_id)].add(ticket.body)
+            if why is not None:
+                unexplained.append({**item, "reason": why})
+                continue
+            releases[(e.tenant, e.request_id)][log.node.name].append(item)
+        per_node.append({"name": log.node.name, "source": log.source, "chain_ok": verdict["ok"],
+                         "broken_seq": verdict["broken_seq"], "error": verdict["reason"] if verdict["state"] in
+                         ("unreadable", "no_key") else None, "entries": len(log.entries), "releases": n_rel,
+                         "denials": n_deny})
+
+    incomplete, conflicting = [], []
+    complete = 0
+    for (tenant, request_id), by_node in sorted(releases.items()):
+        for node, items in by_node.items():
+            for extra in items[1:]:  # one share per node per verification
+                unexplained.append({**extra, "reason": f"node {node} released a second share for one verification"})
+        if len(bodies[(tenant, request_id)]) > 1:
+            conflicting.append({"tenant": tenant, "request_id": request_id, "tickets": len(bodies[(tenant, request_id)])})
+        if len(by_node) >= target.threshold:
+            complete += 1
+        else:
+            if len(incomplete) < MAX_LISTED:
+                first = next(iter(by_node.values()))[0]
+                incomplete.append({"tenant": tenant, "request_id": request_id, "subject": first["subject"],
+                                   "nodes": sorted(by_node), "released": len(by_node), "needed": target.threshold})
+    unexplained.sort(key=lambda u: (u["node"], u["seq"]))
+    return {
+        "nodes": per_node,
+        "threshold": target.threshold,
+        "verifications": len(releases),
+        "complete": complete,
+        "incomplete_count": len(releases) - complete,
+        "incomplete": incomplete,
+        "unexplained_count": len(unexplained),
+        "unexplained": unexplained[:MAX_LISTED],
+        "conflicting": conflicting[:MAX_LISTED],
+        "denials": dict(sorted(denials.items())),
+        "denied": denied,
+    }
+
+
+@command("audit", "reconcile", help="cross-check every share release against provider-signed verifications; "
+         "exit 3 on any unexplained release")
+def _audit_reconcile(args) -> Result:
+    target = _target(args)
+    verdicts, logs = verify(target)
+    data = reconcile(target, logs, verdicts)
+    code = _exit_code(verdicts, data["unexplained_count"])
+    data = {"ok": code == EXIT_OK, **data, "chains": verdicts}
+    lines = [f"{'node':<10} {'entries':>8} {'releases':>9} {'denials':>8}  chain"]
+    for n, v in zip(data["nodes"], verdicts):
+        chain = "OK" if v["ok"] else (f"BROKEN at entry {v['broken_seq']}" if v["state"] == "broken" else v["reason"])
+        lines.append(f"{n['name']:<10} {n['entries']:>8} {n['releases']:>9} {n['denials']:>8}  {chain}")
+    lines.append(
+        f"verifications: {data['verifications']} ({data['complete']} released >= k = {data['threshold']} shares, "
+        f"{data['incomplete_count']} fewer: did not complete)"
+    )
+    if data["denials"]:
+        lines.append("denials: " + ", ".join(f"{r} {c}" for r, c in data["denials"].items()))
+    for item in data["incomplete"][:TEXT_LISTED]:
+        lines.append(f"  incomplete: {item['tenant']}/{item['request_id']} ({item['subject']}): "
+                     f"{item['released']} of {item['needed']} shares ({', '.join(item['nodes'])})")
+    for item in data["conflicting"][:TEXT_LISTED]:
+        lines.append(f"  note: request {item['tenant']}/{item['request_id']} was signed as {item['tickets']} different tickets")
+    lines.append(f"unexplained releases: {data['unexplained_count']}")
+    for u in data["unexplained"][:TEXT_LISTED]:
+        lines.append(f"  {u['node']} entry {u['seq']}: {u['tenant']}/{u['subject']} request {u['request_id']!r}: {u['reason']}")
+    if data["unexplained_count"] > TEXT_LISTED:
+        lines.append(f"  ... and {data['unexplained_count'] - TEXT_LISTED} more (--format json lists them)")
+    lines.append("every release is explained" if code == EXIT_OK else "reconciliation FAILED" if code == EXIT_FINDING
+                 else "reconciliation incomplete: a node could not be read")
+    return Result(data, lines, code)
