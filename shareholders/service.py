@@ -32,6 +32,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
@@ -39,7 +40,7 @@ from prometheus_client import Counter, Gauge
 
 from shareholders import rotation, store
 from shareholders.epochs import guard_delete, guard_store
-from shareholders.audit_log import AuditWriter, Pending, Tx, WriterClosed, now_ms
+from shareholders.audit_log import AuditWriter, Tx, WriterClosed, now_ms
 from shareholders.config import NodeConfig, NodeKeys
 from splitvault.v1 import common_pb2, shareholder_pb2, shareholder_pb2_grpc
 from vault import envelope, pki, record
@@ -310,12 +311,12 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         actor = str(caller(context))
         batch_size = self.cfg.stream_batch
         pending: list = []
-        inflight: deque[Pending] = deque()
+        inflight: deque[Future] = deque()
         totals = [0, 0]
         replace = None
         seen: set = set()
 
-        def settle(fut: Pending) -> None:
+        def settle(fut: Future) -> None:
             try:
                 stored, retries = fut.result()
             except WriterClosed as exc:
