@@ -23,6 +23,8 @@ from shareholders.config import ConfigError, NodeConfig, NodeKeys, load_keys
 from shareholders import epochs
 from shareholders.service import AUDIT_HEAD, ROLES, SERVICE, ShareholderService
 from splitvault.v1 import admin_pb2_grpc, shareholder_pb2_grpc
+from vault import envelope, record
+from vault.errors import EnvelopeError
 from vaultrpc import logs
 from vaultrpc import server as rpcserver
 from vaultrpc.metrics import serve_metrics
@@ -80,6 +82,39 @@ def _remove_stale(path: pathlib.Path | None) -> None:
             pass
 
 
+def check_kek(conn, keys: NodeKeys, cfg: NodeConfig) -> None:
+    """Refuse to start on a KEK ring that opens none of the sampled stored
+    shares of some KEK version in use.
+
+    Without this, a node restarted with the wrong key file (or with a key
+    retired too early) starts, answers every release with DATA_LOSS and,
+    worse, seals NEW enrolments under the wrong key with the same version
+    number, so that they become unreadable once the right file is back
+    (tests/test_faults_nodes.py). Up to eight rows per version, spread over
+    the table, are tried and one that opens is enough: damaged rows never
+    stop a node; they stay DATA_LOSS at release. A lone row that does not
+    open cannot tell a wrong key from a damaged row, so it is only logged.
+    """
+    def opens(row: store.ShareRow) -> bool:
+        try:
+            envelope.open(keys.kek, record.record_identity(row.tenant, row.subject, row.index, row.epoch), row.sealed)
+        except (EnvelopeError, ValueError):
+            return False
+        return True
+
+    source = cfg.kek_file or "the environment variable SPLITVAULT_KEK_JSON"
+    for version, rows in store.sample_rows_by_kek(conn).items():
+        if any(opens(row) for row in rows):
+            continue
+        message = (
+            f"The KEK ring from {source} opens none of the {len(rows)} sampled stored shares under KEK version "
+            f"{version}; the key file is wrong or that version was retired too early."
+        )
+        if len(rows) >= 2:
+            raise ConfigError(message)
+        logs.event(_log, "stored share does not open at start-up", logging.ERROR, node=cfg.name, detail=message)
+
+
 def serve(cfg: NodeConfig, *, keys: NodeKeys | None = None, env: dict[str, str] | None = None) -> NodeRunning:
     """Start a node from its config; raises ConfigError for bad keys or TLS files."""
     keys = keys or load_keys(cfg, env)
@@ -99,6 +134,7 @@ def serve(cfg: NodeConfig, *, keys: NodeKeys | None = None, env: dict[str, str] 
     try:
         store.migrate(conn)
         state = store.init_node_state(conn, cfg.name, cfg.index, now_ms())
+        check_kek(conn, keys, cfg)
     finally:
         conn.close()
     head_gauge = AUDIT_HEAD.labels(cfg.name)

@@ -265,6 +265,25 @@ def count_records(conn: sqlite3.Connection) -> int:
     return conn.execute("SELECT COUNT(*) FROM shares").fetchone()[0]
 
 
+def sample_rows_by_kek(conn: sqlite3.Connection, per_version: int = 8) -> dict[int, list[ShareRow]]:
+    """Up to ``per_version`` rows under each KEK version in use, spread evenly
+    over the table (rowid lookups on the kek_version index: cheap at any size)."""
+    out: dict[int, list[ShareRow]] = {}
+    spans = conn.execute("SELECT kek_version, MIN(rowid), MAX(rowid) FROM shares GROUP BY kek_version").fetchall()
+    for version, lo, hi in spans:
+        rows: dict[int, ShareRow] = {}
+        for i in range(per_version):
+            at = lo + (hi - lo) * i // max(1, per_version - 1)
+            r = conn.execute(
+                f"SELECT rowid, {SHARE_COLUMNS} FROM shares WHERE kek_version = ? AND rowid >= ? ORDER BY rowid LIMIT 1",
+                (version, at),
+            ).fetchone()
+            if r is not None:
+                rows[r[0]] = _share_row(r[1:])
+        out[version] = list(rows.values())
+    return out
+
+
 def node_state(conn: sqlite3.Connection) -> NodeState:
     row = conn.execute("SELECT name, idx, current_epoch, committee_json FROM node_state WHERE id = 1").fetchone()
     return NodeState(row[0], row[1], row[2], json.loads(row[3]))
