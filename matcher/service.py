@@ -115,10 +115,12 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
 
     def _node_failed(self, outcome: Outcome, method: str) -> None:
         metrics.NODE_ERRORS.labels(outcome.node.name, method, outcome.code.name).inc()
+        # A node's considered refusal (not enrolled, ticket refused, limit
+        # reached) is an answer, not a fault.
         logs.event(
             self.log,
             "shareholder call failed",
-            logging.WARNING,
+            logging.INFO if outcome.code in _DEFINITIVE else logging.WARNING,
             node=outcome.node.name,
             method=method,
             code=outcome.code.name,
@@ -219,7 +221,11 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             raise status.AlreadyExists(
                 "The subject was enrolled concurrently by another request; set replace to overwrite it."
             )
-        msg = f"Enrolment failed: {len(failed)} of {self.n} shareholders did not store the share"
+        paused = all(o.code == grpc.StatusCode.FAILED_PRECONDITION for o in failed)
+        msg = (
+            "Enrolment is paused: a shareholder is in maintenance (share refresh or reshare); retry later"
+            if paused else f"Enrolment failed: {len(failed)} of {self.n} shareholders did not store the share"
+        )
         if not_undone:
             msg += (
                 f", and {len(not_undone)} shareholder(s) did not confirm the clean-up; "
@@ -227,7 +233,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             )
         else:
             msg += "; nothing was kept, so the subject is not enrolled."
-        raise status.Unavailable(msg)
+        raise (status.FailedPrecondition if paused else status.Unavailable)(msg)
 
     def _cluster_epoch(self, epochs: list[int]) -> int:
         # New shares go to the committee's current epoch; while a refresh is
@@ -435,7 +441,11 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         not_undone: set[str] = set()
         for item in fast[lo:hi]:
             not_undone.update(self._compensate(tenant, item.subject, item.request_id, undo))
-        message = f"{len(failed)} of {self.n} shareholders did not store the batch"
+        paused = all(o.code == grpc.StatusCode.FAILED_PRECONDITION for o in failed)
+        message = (
+            "Enrolment is paused: a shareholder is in maintenance (share refresh or reshare); retry later"
+            if paused else f"{len(failed)} of {self.n} shareholders did not store the batch"
+        )
         if not_undone:
             message += (
                 f", and {len(not_undone)} did not confirm the clean-up; "
@@ -443,8 +453,9 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             )
         else:
             message += "; nothing was kept, so the subject is not enrolled."
+        code = grpc.StatusCode.FAILED_PRECONDITION if paused else grpc.StatusCode.UNAVAILABLE
         for item in fast[lo:hi]:
-            item.code, item.message = grpc.StatusCode.UNAVAILABLE, message
+            item.code, item.message = code, message
 
     def _enrol_item(self, tenant: str, item: _Item) -> None:
         # The one-by-one path for stream items the batch did not settle.

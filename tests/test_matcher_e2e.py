@@ -180,6 +180,12 @@ def test_payment_story_over_real_processes(processes):
         if path.is_file():
             data = path.read_bytes()
             assert not any(n in data for n in needles), path
+    # Core dumps are off in the matcher process.
+    limits = pathlib.Path(f"/proc/{p.procs['matcher'].pid}/limits").read_text()
+    assert [line.split()[4:6] for line in limits.splitlines() if line.startswith("Max core file size")] == [["0", "0"]]
+    # SIGTERM stops it cleanly.
+    p.procs["matcher"].send_signal(signal.SIGTERM)
+    assert p.procs["matcher"].wait(timeout=15) == 0
     # The matcher logged decisions with ids, never a score.
     log = p.matcher_log()
     decisions = [e for e in log if e.get("msg") == "verified"]

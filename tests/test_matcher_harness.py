@@ -172,8 +172,8 @@ class ProxyNode(shareholder_pb2_grpc.ShareholderServicer):
     returns the share of another subject that it saw released earlier,
     relabelled as the one asked for;
     delay_s: sleep before answering ReleaseShare (a hung node);
-    fail_store: answer StoreShares/StoreShareStream with UNAVAILABLE without
-    storing; store_delay_s: sleep before forwarding them (a slow disk).
+    fail_store: answer StoreShares/StoreShareStream with UNAVAILABLE (or the
+    StatusCode given) without storing; store_delay_s: sleep before forwarding them (a slow disk).
     """
 
     def __init__(self, pki_, name: str, upstream: str, *, corrupt: str | None = None, delay_s: float = 0.0,
@@ -210,14 +210,16 @@ class ProxyNode(shareholder_pb2_grpc.ShareholderServicer):
 
     def StoreShares(self, request, context):
         if self.fail_store:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "proxy refuses to store")
+            code = self.fail_store if isinstance(self.fail_store, grpc.StatusCode) else grpc.StatusCode.UNAVAILABLE
+            context.abort(code, "proxy refuses to store")
         if self.store_delay_s:
             time.sleep(self.store_delay_s)
         return self._forward("StoreShares", request, context)
 
     def StoreShareStream(self, request_iterator, context):
         if self.fail_store:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "proxy refuses to store")
+            code = self.fail_store if isinstance(self.fail_store, grpc.StatusCode) else grpc.StatusCode.UNAVAILABLE
+            context.abort(code, "proxy refuses to store")
         messages = list(request_iterator)
         if self.store_delay_s:
             time.sleep(self.store_delay_s)

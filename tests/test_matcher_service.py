@@ -74,7 +74,12 @@ def suspects(node: str) -> float:
 # --- decisions --------------------------------------------------------------------
 
 
+def decisions(label: str) -> float:
+    return REGISTRY.get_sample_value("splitvault_matcher_verifications_total", {"decision": label}) or 0.0
+
+
 def test_genuine_probe_matches_and_impostor_does_not(shared, rng):
+    before = decisions("MATCH"), decisions("NO_MATCH")
     client = shared.client()
     template = unit(rng)
     reply = client.enroll("alice", template)
@@ -84,6 +89,7 @@ def test_genuine_probe_matches_and_impostor_does_not(shared, rng):
     assert client.verify("alice", unit(rng)).decision == "NO_MATCH"
     # Every decision has its own id.
     assert client.verify("alice", noisy(template, rng)).decision_id != result.decision_id
+    assert (decisions("MATCH"), decisions("NO_MATCH")) == (before[0] + 2, before[1] + 1)
 
 
 def test_score_only_for_a_score_allowed_tenant(shared, rng):
@@ -513,3 +519,15 @@ def test_enroll_stream_partial_store_failure_is_cleaned_up(committee, rng):
     assert "not enrolled" in replies[0].message
     for subject in ("p0", "p77", "p119"):
         assert records_at(c, "acme", subject) == {name: 0 for name in c.names}
+
+
+def test_enrolment_paused_by_node_maintenance_is_failed_precondition(committee, rng):
+    c = committee()
+    c.proxy("bank-a", fail_store=grpc.StatusCode.FAILED_PRECONDITION)
+    c.start_matcher()
+    client = c.client()
+    err = pytest.raises(grpc.RpcError, client.enroll, "paused", unit(rng)).value
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "maintenance" in err.details()
+    assert records_at(c, "acme", "paused") == {name: 0 for name in c.names}
+    replies = list(client.enroll_many((f"pz{i}", unit(rng)) for i in range(10)))
+    assert {r.code for r in replies} == {grpc.StatusCode.FAILED_PRECONDITION.value[0]}
