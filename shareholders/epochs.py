@@ -46,6 +46,7 @@ import re
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -95,10 +96,12 @@ _STATE = {
 }
 
 # Records per prepare step (one peer call, one transaction, one audit entry).
-CHUNK = 256
+CHUNK = 512
+# Chunks whose peer calls are under way while the current one is sealed.
+PIPELINE = 3
 # Rows moved or deleted per transaction in commit and finalize: small enough
 # that verifications committing beside them are not held up.
-MOVE_CHUNK = 512
+MOVE_CHUNK = 1024
 # Most records one peer call may ask for.
 MAX_KEYS = 4096
 # Deadline of a node-to-node call.
@@ -538,36 +541,55 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         if missing:
             raise status.InvalidArgument(f"The request gives no address for {', '.join(missing)}.")
         reader = store.connect(self.cfg.db_path)
+        launched: deque = deque()
         try:
             total = reader.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (s.from_epoch,)).fetchone()[0]
             done = reader.execute("SELECT COUNT(*) FROM prepared_shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
             yield admin_pb2.PrepareSessionResponse(done=done, total=total)
             seed = self._seed(s)
-            cursor = ("", "")
-            inflight: list = []
-            while True:
-                if not context.is_active():
-                    return
+            cursor = [("", "")]
+
+            def launch() -> bool:
+                # Read the next chunk not yet prepared and ask every peer for
+                # its deltas at once; the answers arrive while earlier chunks
+                # are being sealed and written.
                 rows = reader.execute(
                     f"SELECT {store.SHARE_COLUMNS} FROM shares s WHERE s.epoch = ? AND (s.tenant, s.subject) > (?, ?) "
                     "AND NOT EXISTS (SELECT 1 FROM prepared_shares p WHERE p.tenant = s.tenant AND p.subject = s.subject "
                     "AND p.epoch = ?) ORDER BY s.tenant, s.subject LIMIT ?",
-                    (s.from_epoch, *cursor, s.new_epoch, CHUNK),
+                    (s.from_epoch, *cursor[0], s.new_epoch, CHUNK),
                 ).fetchall()
                 if not rows:
-                    break
+                    return False
                 share_rows = [store._share_row(r) for r in rows]
-                cursor = (share_rows[-1].tenant, share_rows[-1].subject)
-                items = self._refresh_chunk(s, seed, share_rows, peers)
+                cursor[0] = (share_rows[-1].tenant, share_rows[-1].subject)
+                launched.append(self._launch_refresh_chunk(s, share_rows, peers))
+                return True
+
+            more = True
+            while more and len(launched) < PIPELINE:
+                more = launch()
+            inflight: deque = deque()
+            while launched:
+                if not context.is_active():
+                    return
+                chunk = launched.popleft()
+                if more:
+                    more = launch()
+                items = self._finish_refresh_chunk(s, seed, chunk)
                 inflight.append(self.writer.submit(self._prepared_job(s, items, actor, check_old=True)))
                 while len(inflight) > 1:
-                    done += self._settle(inflight.pop(0))
+                    done += self._settle(inflight.popleft())
                     yield admin_pb2.PrepareSessionResponse(done=done, total=total)
             while inflight:
-                done += self._settle(inflight.pop(0))
+                done += self._settle(inflight.popleft())
             final = self._commit(self._prepared_state_job(s, actor))
             yield admin_pb2.PrepareSessionResponse(done=done, total=total, status=self._status(final))
         finally:
+            for chunk in launched:
+                for group in chunk:
+                    for call in group[3].values():
+                        call.cancel()
             reader.close()
 
     def _settle(self, pending) -> int:
@@ -576,28 +598,35 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         except WriterClosed as exc:
             raise status.Unavailable(str(exc)) from None
 
-    def _refresh_chunk(self, s: Session, seed: bytes, rows: list[store.ShareRow], peers) -> list[tuple]:
-        """New sealed rows for one chunk: y + sum of every node's delta for this index."""
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, row in enumerate(rows):
-            groups.setdefault((row.threshold, row.dimension + 2 * row.mac_count), []).append(i)
-        out: list[tuple | None] = [None] * len(rows)
-        ring = self.sh.keys.kek
-        for (k, width), positions in groups.items():
-            keys = [(rows[i].tenant, rows[i].subject) for i in positions]
+    def _launch_refresh_chunk(self, s: Session, rows: list[store.ShareRow], peers) -> list[tuple]:
+        """Group a chunk by (k, width) and start the peers' delta calls: [(k, width, rows, calls)]."""
+        groups: dict[tuple[int, int], list[store.ShareRow]] = {}
+        for row in rows:
+            groups.setdefault((row.threshold, row.dimension + 2 * row.mac_count), []).append(row)
+        out = []
+        for (k, width), members in groups.items():
             req = admin_pb2.GetRefreshDeltasRequest(
                 session_id=s.session_id,
-                keys=[admin_pb2.RecordKey(tenant=t, subject=sub, threshold=k, width=width) for t, sub in keys],
+                keys=[admin_pb2.RecordKey(tenant=r.tenant, subject=r.subject, threshold=k, width=width) for r in members],
             )
             calls = {
                 name: self.peers.stub(addr).GetRefreshDeltas.future(req, timeout=PEER_TIMEOUT_S)
                 for name, (_, addr) in peers.items() if name != self.name
             }
-            old = np.empty((len(positions), width), dtype=FIELD_DTYPE)
+            out.append((k, width, members, calls))
+        return out
+
+    def _finish_refresh_chunk(self, s: Session, seed: bytes, chunk: list[tuple]) -> list[tuple]:
+        """New sealed rows for one chunk: y + sum of every node's delta for this index."""
+        out: list[tuple] = []
+        ring = self.sh.keys.kek
+        for k, width, rows, calls in chunk:
+            keys = [(r.tenant, r.subject) for r in rows]
+            old = np.empty((len(rows), width), dtype=FIELD_DTYPE)
             scratch = [old]
             try:
-                for j, i in enumerate(positions):
-                    old[j] = self._open(rows[i], width)
+                for j, row in enumerate(rows):
+                    old[j] = self._open(row, width)
                 deltas = [proactive.refresh_deltas(seed, keys, k, width, self.index)]
                 scratch.extend(deltas)
                 for name, call in calls.items():
@@ -615,20 +644,19 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 new = proactive.add_rows(old, *deltas)
                 scratch.append(new)
                 stored_ms = now_ms()
-                for j, i in enumerate(positions):
-                    row = rows[i]
+                for j, row in enumerate(rows):
                     sealed = envelope.seal(
                         ring, record.record_identity(row.tenant, row.subject, row.index, s.new_epoch),
                         record.pack_values(new[j]),
                     )
-                    out[i] = (row.tenant, row.subject, s.new_epoch, row.index, row.threshold, row.shareholders,
-                              row.dimension, row.codec_version, row.mac_count, row.request_id, sealed.kek_version,
-                              sealed.wrapped_dk, sealed.nonce, sealed.ciphertext, stored_ms)
+                    out.append((row.tenant, row.subject, s.new_epoch, row.index, row.threshold, row.shareholders,
+                                row.dimension, row.codec_version, row.mac_count, row.request_id, sealed.kek_version,
+                                sealed.wrapped_dk, sealed.nonce, sealed.ciphertext, stored_ms))
             finally:
                 for call in calls.values():
                     call.cancel()
                 record.wipe(*scratch)
-        return [o for o in out if o is not None]
+        return out
 
     def _open(self, row: store.ShareRow, width: int) -> np.ndarray:
         try:
@@ -983,9 +1011,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                             b[j] = self._open(new, width)
                         diff = field.sub(b, a)
                         keys = [(old.tenant, old.subject) for old, _ in pairs]
-                        for c, challenge in enumerate(challenges):
-                            coeffs = proactive.challenge_coefficients(challenge, keys, width)
-                            totals[c] = (totals[c] + proactive.weighted_sum(coeffs, diff)) % P
+                        for c, v in enumerate(proactive.check_combinations(challenges, keys, diff)):
+                            totals[c] = (totals[c] + v) % P
                         record.wipe(diff)
                     finally:
                         record.wipe(a, b)

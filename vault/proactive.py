@@ -36,11 +36,12 @@ no way for a retry to mix two different dealings of one record.
 
 **The check** (``vaultctl refresh --check``). For a public random challenge,
 node j reports  v_j = sum_{r,m} c_{r,m} (y'_{r,m}(j) - y_{r,m}(j)) + rho(j)
-with coefficients c from the challenge and rho a fresh joint sharing of zero
-of degree k - 1 (every node deals one more zero polynomial for the
-challenge). If every record was refreshed correctly the n values lie on a
-polynomial of degree <= k - 1 that is 0 at 0; a wrong element of one record
-survives with probability 1/P per challenge. Because rho is a uniformly
+with public coefficients c_{r,m} = alpha_r beta^m from the challenge and rho
+a fresh joint sharing of zero of degree k - 1 (every node deals one more
+zero polynomial for the challenge). If every record was refreshed correctly
+the n values lie on a polynomial of degree <= k - 1 that is 0 at 0; any
+wrong element survives one challenge with probability at most w/P (about
+2.4e-7 for d = 512), and independent challenges multiply. Because rho is a uniformly
 random zero polynomial, the reported values are a uniformly random point of
 that space: they reveal nothing about the deltas, the shares or the
 templates.
@@ -55,7 +56,7 @@ from collections.abc import Sequence
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from vault import field, rng, sharing
+from vault import field, integrity, rng, sharing
 from vault.errors import InvalidShares
 from vault.field import FIELD_DTYPE, P
 
@@ -228,11 +229,42 @@ def new_challenge() -> bytes:
     return rng.RANDOM_BYTES(16)
 
 
-def challenge_coefficients(challenge: bytes, keys: Sequence[tuple[str, str]], width: int) -> np.ndarray:
-    """Public coefficients c_{r,m} of one challenge for a batch of records: (B, width)."""
-    key = hashlib.sha256(CHALLENGE_DOMAIN + bytes(challenge)).digest()
-    labels = [record_label(CHALLENGE_DOMAIN, t, s, width) for t, s in keys]
-    return derive_field(key, labels, width)
+def check_combinations(challenges: Sequence[bytes], keys: Sequence[tuple[str, str]], diff: np.ndarray) -> list[int]:
+    """For each challenge: sum_r alpha_r * sum_m beta^m * diff[r, m]  (mod P).
+
+    The public coefficients are c_{r,m} = alpha_r * beta^m, with beta and one
+    alpha per record derived from the challenge (far cheaper than one random
+    coefficient per element, and nearly as sound): for a non-zero error E,
+    sum_r alpha_r e_r(beta) with e_r(X) = sum_m E_{r,m} X^m vanishes with
+    probability at most (w - 1)/P (beta a root of a non-zero e_r) + 1/P.
+
+    The inner sums are exact float64 matrix products on 16-bit limbs:
+    (2**16)**2 * w < 2**53 for any width up to 2**21.
+    """
+    diff = np.asarray(diff, dtype=FIELD_DTYPE)
+    batch, width = diff.shape
+    count = len(challenges)
+    # One key for the whole (public, random) set of challenges; column c of
+    # every derived table belongs to challenge c.
+    key = hashlib.sha256(CHALLENGE_DOMAIN + b"".join(bytes(c) for c in challenges)).digest()
+    betas = derive_field(key, [CHALLENGE_DOMAIN + b"beta"], count)[0].astype(np.uint64)
+    pw = np.ascontiguousarray(integrity._powers(betas, width).T)  # (w, C): beta_c^0 .. beta_c^(w-1)
+    alphas = derive_field(key, [record_label(CHALLENGE_DOMAIN, t, s, width) for t, s in keys], count).astype(np.uint64)
+    d_lo = (diff & 0xFFFF).astype(np.float64)
+    d_hi = (diff >> 16).astype(np.float64)
+    p_lo = (pw & np.uint64(0xFFFF)).astype(np.float64)
+    p_hi = (pw >> np.uint64(16)).astype(np.float64)
+    # sum_m d*p = LL + (LH + HL) 2^16 + HH 2^32, each product sum < 2^32 * w < 2^53: exact.
+    ll = (d_lo @ p_lo).astype(np.uint64)
+    mid = (d_lo @ p_hi).astype(np.uint64) + (d_hi @ p_lo).astype(np.uint64)
+    hh = (d_hi @ p_hi).astype(np.uint64)
+    field._reduce_u64_inplace(mid)
+    field._reduce_u64_inplace(hh)
+    per_record = ll + (mid << np.uint64(16)) + (hh << np.uint64(32))  # < 2^42 + 2^47 + 2^63
+    field._reduce_u64_inplace(per_record)
+    for arr in (d_lo, d_hi, ll, mid, hh):
+        arr.fill(0)
+    return [weighted_sum(alphas[:, c], per_record[:, c]) for c in range(count)]
 
 
 def weighted_sum(coefficients: np.ndarray, values: np.ndarray) -> int:

@@ -251,7 +251,7 @@ def run_check(admin: Admin, names: list[str], sid: str, threshold: int, count: i
         "challenges": count,
         "records": int(records),
         "excluded": excluded,
-        "soundness": f"a wrong element survives each challenge with probability 1/(2^31-1); {count} challenges",
+        "soundness": f"a wrong element survives each challenge with probability <= (d + 2L)/(2^31-1); {count} independent challenges",
         "reveals": "one uniformly random field element per node per challenge (masked by a joint sharing of zero)",
     }
 
