@@ -6,7 +6,12 @@ stderr and exit status 1 (no traceback).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import logging
+import pathlib
+import signal
 import sys
+import threading
 
 from matcher import config as matcher_config
 from matcher.server import harden_process, serve
@@ -28,12 +33,26 @@ def main(argv: list[str] | None = None) -> int:
     log = logs.setup("matcher", cfg.log_level)
     logs.event(log, "process hardened", **hardened)
     try:
-        running = serve(cfg, logger=log, harden=False)
+        running = serve(cfg, logger=log, harden=False, config_sha256=_digest(args.config))
     except (ValueError, OSError) as exc:
         print(f"matcher: cannot start: {exc}", file=sys.stderr)
         return 1
+
+    def reload() -> None:
+        # SIGHUP: re-read the config and switch committee (vaultctl reshare).
+        try:
+            digest = _digest(args.config)
+            running.reload(matcher_config.load(args.config), config_sha256=digest)
+        except (matcher_config.ConfigError, ValueError, OSError) as exc:
+            logs.event(log, "reload refused; the old config stays in force", logging.ERROR, error=str(exc))
+
+    signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(target=reload, daemon=True).start())
     run_until_signalled(running)
     return 0
+
+
+def _digest(path: str) -> str:
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
 if __name__ == "__main__":

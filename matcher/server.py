@@ -8,7 +8,8 @@ import logging
 import os
 import pathlib
 import resource
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 from matcher.committee import Committee
 from matcher.config import MatcherConfig
@@ -28,16 +29,72 @@ ROLES = {
 _PR_SET_DUMPABLE = 4
 
 
+class _Switch(matcher_pb2_grpc.MatcherServicer):
+    """The servicer gRPC calls: it hands each call to the current
+    MatcherService, so that a reload (a new committee after a reshare)
+    swaps the service between calls and a call in flight finishes on the
+    committee it started with."""
+
+    def __init__(self, service: MatcherService):
+        self.current = service
+
+
+for _method in matcher_pb2.DESCRIPTOR.services_by_name["Matcher"].methods:
+    setattr(_Switch, _method.name,
+            lambda self, request, context, _name=_method.name: getattr(self.current, _name)(request, context))
+
+
 @dataclass
 class MatcherRunning(rpcserver.Running):
     """A started matcher: its port, metrics port and servicer, and how to stop it."""
 
     metrics_port: int | None = None
     service: MatcherService | None = None
+    _switch: _Switch | None = None
+    _ready: dict = field(default_factory=dict)
+    _logger: logging.Logger | None = None
+    _reload_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def reload(self, config: MatcherConfig, *, config_sha256: str | None = None) -> None:
+        """Switch to a new committee, threshold and tenant table (SIGHUP).
+
+        A new MatcherService with its own channels takes every call from now
+        on; calls already running finish on the old one, whose channels close
+        once its call deadline has passed. listen, TLS and metrics settings
+        need a restart. The ready file is rewritten with the new committee
+        and config digest, which is how ``vaultctl reshare`` sees the switch.
+        """
+        log = self._logger or logging.getLogger("matcher")
+        with self._reload_lock:
+            tls = config.tls.load()
+            committee = Committee(
+                config.shareholders, tls, config.call_timeout_s, max_in_flight=min(512, config.max_workers * config.n)
+            )
+            new = MatcherService(config, committee, log)
+            old = self._switch.current
+            self._switch.current = new
+            self.service = new
+            timer = threading.Timer(old.cfg.call_timeout_s + 5.0, old.committee.close)
+            timer.daemon = True
+            timer.start()
+            self.on_stop.append(new.committee.close)
+            if config.ready_file:
+                self._ready.update(_committee_fields(config, config_sha256))
+                write_ready_file(config.ready_file, self._ready)
+        logs.event(log, "matcher reloaded", threshold=config.threshold,
+                   shareholders=[e.name for e in config.shareholders], config_sha256=config_sha256)
+
+
+def _committee_fields(config: MatcherConfig, config_sha256: str | None) -> dict:
+    return {
+        "threshold": config.threshold,
+        "committee": [{"name": e.name, "index": e.index, "address": e.address} for e in config.shareholders],
+        "config_sha256": config_sha256,
+    }
 
 
 def harden_process(logger: logging.Logger | None = None) -> dict[str, bool]:
@@ -73,7 +130,8 @@ def write_ready_file(path: str, payload: dict) -> None:
     os.replace(tmp, target)
 
 
-def serve(config: MatcherConfig, *, logger: logging.Logger | None = None, harden: bool = True) -> MatcherRunning:
+def serve(config: MatcherConfig, *, logger: logging.Logger | None = None, harden: bool = True,
+          config_sha256: str | None = None) -> MatcherRunning:
     """Start a matcher (``listen`` may use port 0) and return it running."""
     log = logger or logging.getLogger("matcher")
     if harden:
@@ -83,11 +141,12 @@ def serve(config: MatcherConfig, *, logger: logging.Logger | None = None, harden
         config.shareholders, tls, config.call_timeout_s, max_in_flight=min(512, config.max_workers * config.n)
     )
     service = MatcherService(config, committee, log)
+    switch = _Switch(service)
     try:
         running = rpcserver.start(
             listen=config.listen,
             tls=tls,
-            register=(lambda server: matcher_pb2_grpc.add_MatcherServicer_to_server(service, server),),
+            register=(lambda server: matcher_pb2_grpc.add_MatcherServicer_to_server(switch, server),),
             service_names=(SERVICE_NAME,),
             roles=ROLES,
             logger=log,
@@ -99,19 +158,17 @@ def serve(config: MatcherConfig, *, logger: logging.Logger | None = None, harden
     metrics_port = serve_metrics(config.metrics_host, config.metrics_port)
     result = MatcherRunning(
         running.server, running.port, running.health, running.service_names,
-        metrics_port=metrics_port, service=service,
+        metrics_port=metrics_port, service=service, _switch=switch, _logger=log,
     )
     result.on_stop.append(committee.close)
     host = config.listen.rpartition(":")[0] or "127.0.0.1"
     if host in ("0.0.0.0", "[::]", "::"):
         host = "127.0.0.1"
     address = f"{host}:{running.port}"
+    result._ready = {"name": "matcher", "address": address, "port": running.port, "metrics_port": metrics_port,
+                     "pid": os.getpid(), **_committee_fields(config, config_sha256)}
     if config.ready_file:
-        write_ready_file(
-            config.ready_file,
-            {"name": "matcher", "address": address, "port": running.port, "metrics_port": metrics_port,
-             "pid": os.getpid()},
-        )
+        write_ready_file(config.ready_file, result._ready)
     logs.event(
         log, "matcher serving", address=address, metrics_port=metrics_port, threshold=config.threshold,
         shareholders=[e.name for e in config.shareholders], dimension=config.dimension,

@@ -585,6 +585,9 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
                 failures.append(Outcome(node, None, grpc.StatusCode.NOT_FOUND, "no share"))
                 return
             for share in shares:
+                if share.threshold != self.k or share.shareholders != self.n:
+                    # Another committee's epoch, served while a reshare switches over: not ours, not a fault.
+                    continue
                 problem = self._share_problem(share, node, tenant, subject)
                 if problem:
                     self._suspect(node, problem, decision_id=decision_id, tenant=tenant, subject=subject)

@@ -259,8 +259,9 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             guard_store(conn)  # no enrolment while a refresh or reshare is open
             retries = replaced = 0
             flags = []
+            stored = store.request_ids_of(conn, [(i.tenant, i.subject) for i in items])
             for item in items:
-                existing = store.subject_request_ids(conn, item.tenant, item.subject)
+                existing = stored.get((item.tenant, item.subject))
                 retry = bool(existing) and existing == {item.request_id}
                 if existing and not retry and not replace:
                     # Raised: the whole job (every record of the request) rolls back.

@@ -252,6 +252,25 @@ def subject_request_ids(conn: sqlite3.Connection, tenant: str, subject: str) -> 
         "SELECT request_id FROM shares WHERE tenant = ? AND subject = ?", (tenant, subject))}
 
 
+def request_ids_of(conn: sqlite3.Connection, keys: list[tuple[str, str]], chunk: int = 400) -> dict[tuple[str, str], set[str]]:
+    """The stored request ids of many (tenant, subject) pairs at once (only
+    pairs that have rows appear): one query per ``chunk`` pairs, not one each."""
+    found: dict[tuple[str, str], set[str]] = {}
+    for i in range(0, len(keys), chunk):
+        part = keys[i:i + chunk]
+        marks = ",".join("(?,?)" for _ in part)
+        args = [v for pair in part for v in pair]
+        # CROSS JOIN keeps the pairs as the outer loop, so each is one primary-key
+        # lookup (a row-value IN over VALUES would scan the whole table).
+        for tenant, subject, request_id in conn.execute(
+            f"WITH k(t, s) AS (VALUES {marks}) SELECT shares.tenant, shares.subject, shares.request_id "
+            "FROM k CROSS JOIN shares ON shares.tenant = k.t AND shares.subject = k.s",
+            args,
+        ):
+            found.setdefault((tenant, subject), set()).add(request_id)
+    return found
+
+
 def insert_shares(conn: sqlite3.Connection, rows: Iterable[tuple]) -> None:
     """Insert or overwrite rows given as tuples in SHARE_COLUMNS order."""
     conn.executemany(f"INSERT OR REPLACE INTO shares ({SHARE_COLUMNS}) VALUES ({','.join('?' * 15)})", rows)
