@@ -69,6 +69,14 @@ _log = logging.getLogger("shareholders.rotation")
 _attach_lock = threading.Lock()
 
 
+def crash_point(name: str) -> None:
+    """Called at every point where a crash leaves a distinct state on disk
+    (``begin:key_written``, ``begin:committed``, ``batch:committed``,
+    ``retire:key_written``, ``retire:committed``). A no-op; tests replace it
+    with one that raises there, which, like a kill -9, loses the open
+    transaction and keeps whatever the KEK file already holds."""
+
+
 def rotator(service) -> "Rotator":
     """The node's one Rotator (made on first use)."""
     with _attach_lock:
@@ -248,6 +256,7 @@ class Rotation:
         svc = self.service
         writer = svc.writer
         began = writer.run(self._begin_job)
+        crash_point("begin:committed")
         if began["done"] is not None:
             self._publish(**began["done"])
             return
@@ -274,6 +283,7 @@ class Rotation:
                     if done is None:
                         continue  # a row under an old version appeared meanwhile
                     retired, kept, seq = done
+                    crash_point("retire:committed")
                     svc.keys.kek = KekRing(kept, target)
                     self._publish(phase=Phase.PHASE_DONE, rewrapped=rewrapped, batches=batches,
                                   retired_versions=retired, audit_seq=seq)
@@ -282,6 +292,7 @@ class Rotation:
                     return
                 updates = self._rewrap(rows, svc.keys.kek, target)
                 changed, seq = writer.run(self._batch_job(updates, target, batches + 1))
+                crash_point("batch:committed")
                 stalled = stalled + 1 if changed == 0 else 0
                 if stalled > 3:
                     raise status.Aborted(
@@ -381,6 +392,7 @@ class Rotation:
             # Durable before this transaction commits: no row is ever wrapped
             # under a version the file does not hold.
             write_kek_file(svc.cfg.kek_file, keys, target)
+            crash_point("begin:key_written")
         return {"done": None, "target": target, "ring": KekRing(keys, target), "from_versions": from_versions,
                 "pending": pending, "resumed": resumed, "seq": entry.seq}
 
@@ -431,6 +443,7 @@ class Rotation:
             store.update_session(conn, self.session_id, now_ms(), state=STATE_DONE, plan=plan)
             if retired:
                 write_kek_file(svc.cfg.kek_file, kept, target)
+                crash_point("retire:key_written")
             return retired, kept, entry.seq
 
         return job
