@@ -178,8 +178,14 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             common = epochs if common is None else common & epochs
         if common:
             return max(common), True
-        others = {r.request_id for records in held.values() for r in records if r.request_id != request_id}
-        if others and not replace:
+        # Another request's records make the subject "already enrolled" only
+        # when at least k nodes hold them, i.e. it can be verified. Fewer are
+        # the residue of a failed attempt (a write that landed after this
+        # matcher gave up on it, or a matcher killed mid-way): the caller was
+        # told nothing was kept, so they are overwritten like our own
+        # leftovers (tests/test_faults_enrolment.py).
+        holders = Tally(rid for records in held.values() for rid in {r.request_id for r in records} if rid != request_id)
+        if not replace and any(count >= self.k for count in holders.values()):
             raise status.AlreadyExists(
                 "The subject is already enrolled; set replace to overwrite it."
             )

@@ -134,7 +134,9 @@ class GateProxy(ProxyNode):
     hang_release: ReleaseShare waits until ``release_gate`` is set (never
     answers within any deadline); hang_store: StoreShares waits until
     ``store_gate`` is set and then, if ``drop_store``, answers UNAVAILABLE
-    without forwarding (the write never reached the node).
+    without forwarding (the write never reached the node);
+    swap_unlabelled = S: ReleaseShare answers with subject S's share as
+    released earlier, still labelled S.
     """
 
     def __init__(self, pki_, name: str, upstream: str, *, hang_release: bool = False, hang_store: bool = False,
@@ -146,11 +148,22 @@ class GateProxy(ProxyNode):
         self.release_gate = threading.Event()
         self.store_gate = threading.Event()
         self.store_arrived = threading.Event()
+        self.swap_unlabelled: str | None = None
+        self.records: dict[str, object] = {}
 
     def ReleaseShare(self, request, context):
         if self.hang_release:
             self.release_gate.wait(60)
-        return super().ReleaseShare(request, context)
+        reply = super().ReleaseShare(request, context)
+        if not self.corrupt:
+            for share in reply.shares:
+                copy = type(share)()
+                copy.CopyFrom(share)
+                self.records.setdefault(share.subject, copy)
+        if self.swap_unlabelled:
+            del reply.shares[:]
+            reply.shares.append(self.records[self.swap_unlabelled])
+        return reply
 
     def StoreShares(self, request, context):
         if self.hang_store:
