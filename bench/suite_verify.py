@@ -27,6 +27,13 @@ size. Nodes keep their default attempt limit (10 per subject per 60 s); the
 bench stays under it by spreading verifications over many enrolled subjects
 (``subjects`` in the params). All processes log at WARNING. Errors are
 counted; a figure measured with errors says so in its params.
+
+Because the machine may be shared, every Verify figure also carries the CPU
+time each process spent per verification (``cpu_us_per_verify``: client,
+matcher, the three nodes together; the baseline's client, verifier and
+store), read from /proc around the measurement, and the load average before
+the run: CPU per verification is what a design costs whatever else runs,
+and 2 cores divided by it bounds the throughput any run could reach.
 """
 from __future__ import annotations
 
