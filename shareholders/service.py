@@ -34,6 +34,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge
@@ -89,9 +90,8 @@ def _check_name(value: str, what: str) -> str:
     return value
 
 
-@dataclass(frozen=True)
-class _Sealed:
-    """A validated record, sealed, ready for the writer."""
+class _Sealed(NamedTuple):
+    """A validated record, sealed, ready for the writer (a tuple: one per record of a bulk store)."""
 
     tenant: str
     subject: str
