@@ -38,7 +38,7 @@ EXIT_REMOTE = 2
 
 # Modules that register further commands with @command (imported before the
 # parser is built). The core commands live in this module.
-COMMAND_MODULES: tuple[str, ...] = ("vaultctl.refresh", "vaultctl.rotate", "vaultctl.audit_cmd")
+COMMAND_MODULES: tuple[str, ...] = ("vaultctl.refresh", "vaultctl.reshare", "vaultctl.rotate", "vaultctl.audit_cmd")
 
 
 class CliError(Exception):

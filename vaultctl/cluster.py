@@ -724,11 +724,15 @@ def down(root: str | os.PathLike, *, timeout_s: float = STOP_TIMEOUT_S) -> dict:
         if pid is not None:
             pids[name] = pid
     outcome = _stop(paths, spec, pids, timeout_s)
+    # Nodes outside the spec (joining or leaving during a reshare) stop too.
+    extra = [n for n in _node_dirs(paths) if n not in spec.nodes and paths.pid(spec, n).exists()]
+    if extra:
+        outcome.update(stop_processes(root, extra, timeout_s=timeout_s))
     return {
         "dir": str(paths.root),
         "processes": [
             {"name": name, "pid": pids.get(name), "result": outcome.get(name, "not running")}
-            for name in (spec.matcher, *spec.nodes)
+            for name in (spec.matcher, *spec.nodes, *extra)
         ],
     }
 
@@ -738,7 +742,7 @@ def kill_node(root: str | os.PathLike, name: str, sig: int = signal.SIGKILL, *, 
     matcher's) and, for SIGKILL/SIGTERM, wait until it is gone. Returns its pid."""
     paths = Paths(root)
     spec = load_spec(root)
-    if name not in (*spec.nodes, spec.matcher):
+    if name not in (*spec.nodes, spec.matcher) and not (paths.node_dir(name) / "node.toml").exists():
         raise ClusterError(f"The cluster has no process named {name!r}; it has {', '.join((*spec.nodes, spec.matcher))}.")
     pid = _read_pid(paths.pid(spec, name))
     config = paths.config(spec, name)
@@ -755,3 +759,155 @@ def kill_node(root: str | os.PathLike, name: str, sig: int = signal.SIGKILL, *, 
 def cluster_files(root: str | os.PathLike) -> list[pathlib.Path]:
     """Every regular file under the cluster directory."""
     return sorted(p for p in Paths(root).root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+# ---------------------------------------------------------------- committee changes (vaultctl reshare)
+
+
+def _node_dirs(paths: Paths) -> list[str]:
+    folder = paths.root / "nodes"
+    return sorted(p.name for p in folder.iterdir() if (p / "node.toml").exists()) if folder.is_dir() else []
+
+
+def write_spec(root: str | os.PathLike, spec: ClusterSpec, *, retired: list[str] | None = None) -> None:
+    """Rewrite the spec fields of cluster.json (n, k, node names, ...),
+    keeping every other field (``trust``); ``retired`` names are added to
+    its ``retired`` list (nodes that left the committee: their folders and
+    audit logs stay)."""
+    paths = Paths(root)
+    data = json.loads(paths.spec.read_text())
+    data.update(spec.to_json())
+    if retired:
+        data["retired"] = sorted(set(data.get("retired") or []) | set(retired))
+    _write(paths.spec, json.dumps(data, indent=2) + "\n")
+
+
+def add_nodes(root: str | os.PathLike, spec: ClusterSpec) -> Paths:
+    """Certificates, KEK, audit key and node.toml for every node of ``spec``
+    that has none yet (its index is its position in ``spec.nodes``); records
+    the new audit keys in cluster.json's trust anchors. Never touches an
+    existing file."""
+    paths = Paths(root)
+    ca_cert, ca_key = paths.ca.read_bytes(), paths.ca_key.read_bytes()
+    for name in spec.nodes:
+        role = pki.ROLE_SHAREHOLDER
+        if not paths.cert(role, name).exists() or not paths.key(role, name).exists():
+            cert, key = pki.issue_cert(ca_cert, ca_key, role, name)
+            _write(paths.key(role, name), key, secret=True)
+            _write(paths.cert(role, name), cert)
+        d = paths.node_dir(name)
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o700)
+        if not (d / "kek.json").exists():
+            kek = {"active": 1, "keys": {"1": secrets.token_bytes(32).hex()}}
+            _write(d / "kek.json", json.dumps(kek) + "\n", secret=True)
+        if not (d / "audit.key").exists():
+            private_pem, _public = pki.new_signing_key()
+            _write(d / "audit.key", private_pem, secret=True)
+        if not (d / "node.toml").exists():
+            _write(d / "node.toml", node_config_text(paths, spec, name))
+    record_trust(paths, spec)
+    return paths
+
+
+def start_processes(root: str | os.PathLike, names: list[str], *, timeout_s: float = START_TIMEOUT_S) -> dict[str, dict]:
+    """Start the named nodes that are not running (any node folder, in the
+    spec or not) and wait until each is ready and healthy; returns every
+    named node's ready file."""
+    paths = Paths(root)
+    spec = load_spec(root)
+    deadline = time.monotonic() + timeout_s
+    started: dict[str, int] = {}
+    ready: dict[str, dict] = {}
+    try:
+        for name in names:
+            pid = _read_pid(paths.pid(spec, name))
+            if pid is not None and _alive(pid, paths.config(spec, name)):
+                data = _read_json(paths.ready(spec, name))
+                if data and data.get("pid") == pid and data.get("address"):
+                    ready[name] = data
+                    continue
+                started[name] = pid  # starting: wait for it
+                continue
+            started[name] = _spawn(paths, spec, name)
+        fresh = _wait_ready(paths, spec, started, deadline)
+        _wait_healthy(paths, spec, fresh, deadline)
+    except BaseException:
+        stop_processes(root, list(started))
+        raise
+    ready.update(fresh)
+    return ready
+
+
+def stop_processes(root: str | os.PathLike, names: list[str], *, timeout_s: float = STOP_TIMEOUT_S) -> dict[str, str]:
+    """SIGTERM the named nodes (any node folder), SIGKILL after ``timeout_s``."""
+    paths = Paths(root)
+    spec = load_spec(root)
+    outcome: dict[str, str] = {}
+    pids = {}
+    for name in names:
+        pid = _read_pid(paths.pid(spec, name))
+        if pid is not None and _alive(pid, paths.config(spec, name)):
+            _signal(pid, signal.SIGTERM)
+            pids[name] = pid
+            outcome[name] = "stopped"
+        else:
+            outcome[name] = "not running"
+    deadline = time.monotonic() + timeout_s
+    for name, pid in pids.items():
+        config = paths.config(spec, name)
+        if not _wait_exit(pid, config, max(0.0, deadline - time.monotonic())):
+            _signal(pid, signal.SIGKILL)
+            _wait_exit(pid, config, 5.0)
+            outcome[name] = "killed"
+        _CHILDREN.pop(pid, None)
+    for name in names:
+        paths.pid(spec, name).unlink(missing_ok=True)
+        paths.ready(spec, name).unlink(missing_ok=True)
+    return outcome
+
+
+def switch_matcher(root: str | os.PathLike, spec: ClusterSpec, addresses: dict[str, str], *,
+                   timeout_s: float = START_TIMEOUT_S) -> dict:
+    """Point the running matcher at ``spec``'s committee: rewrite matcher.toml,
+    SIGHUP it, and wait until its ready file shows the new config's digest."""
+    import hashlib
+
+    paths = Paths(root)
+    current = load_spec(root)
+    config = paths.config(current, current.matcher)
+    text = matcher_config_text(paths, spec, addresses)
+    _write(config, text)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    pid = _read_pid(paths.pid(current, current.matcher))
+    if pid is None or not _alive(pid, config):
+        raise ClusterError("The matcher is not running; start the cluster and run the command again.")
+    _signal(pid, signal.SIGHUP)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        data = _read_json(paths.ready(current, current.matcher))
+        if data and data.get("pid") == pid and data.get("config_sha256") == digest:
+            return data
+        if time.monotonic() > deadline:
+            raise ClusterError(
+                f"The matcher did not take the new committee in time; the end of {paths.log(current, current.matcher)}:\n"
+                f"{_log_tail(paths.log(current, current.matcher))}"
+            )
+        time.sleep(0.05)
+
+
+def restart_node(root: str | os.PathLike, name: str, *, timeout_s: float = START_TIMEOUT_S) -> dict:
+    """Start one node of a running cluster again (after a crash) and point the
+    matcher at its new port; returns the node's ready file."""
+    spec = load_spec(root)
+    ready = start_processes(root, [name], timeout_s=timeout_s)[name]
+    if name in spec.nodes:
+        paths = Paths(root)
+        addresses = {}
+        for n in spec.nodes:
+            data = _read_json(paths.ready(spec, n))
+            if data and data.get("address"):
+                addresses[n] = data["address"]
+        if len(addresses) == len(spec.nodes):
+            switch_matcher(root, spec, addresses, timeout_s=timeout_s)
+    return ready

@@ -1,0 +1,385 @@
+"""``vaultctl reshare``: move every template to a new committee and threshold
+(Desmedt-Jajodia; Wong, Wang and Wing), never rejoining one.
+
+    vaultctl reshare --dir D --shareholders N --threshold K [--format json]
+    vaultctl reshare --dir D --replace NAME
+    vaultctl reshare --dir D --abort
+
+k old nodes S (the first k by index) each re-share their own share of every
+record with a fresh polynomial of the new degree k' - 1 and hand the new
+member j' its value, node to node; j' combines the k values with the
+Lagrange coefficients of S (vault.proactive) into a share of the SAME
+extended vector, so the MACs still verify. Steps (docs/operations.md):
+
+1. plan     new nodes get the next free names (bank-d, ...), and indices after
+            the old ones; shrinking drops the highest indices; ``--replace``
+            gives a new node the replaced one's index. The plan is written to
+            D/maintenance/session.json before anything else happens;
+2. provision new nodes: certificate, KEK, audit key, config; started;
+3. begin    every node of both committees takes its lock for the session;
+4. prepare  every new member pulls its values from the senders;
+5. commit   new members serve the new epoch beside the old one;
+6. switch   cluster.json and the matcher's committee change (SIGHUP; the
+            matcher rejoins the new epoch from then on);
+7. finalize after the drain, every node destroys the old epoch (a node
+            leaving the committee: every share), nodes that left are stopped.
+
+A rerun resumes the open session; ``--abort`` rolls back one that no node
+has committed (new nodes are stopped; their folders stay, empty).
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import time
+
+from splitvault.v1 import admin_pb2
+from vaultctl.cli import CliError, RemoteError, Result, command
+from vaultctl.maintenance import (
+    KIND_NAMES, Admin, Faults, MaintenanceError, Node, Progress, SessionFile, SessionRecord, new_session_id,
+    progress_enabled,
+)
+from vaultctl.refresh import DEFAULT_DRAIN_S, _round, _state, kill_node_for, state_dir
+
+_S = admin_pb2
+
+
+def plan_committee(spec, shareholders: int | None, threshold: int | None, replace: str | None,
+                   taken: set[str]) -> tuple[list[str], int]:
+    """The new committee (names in index order) and threshold."""
+    from vaultctl import cluster
+
+    old = list(spec.nodes)
+    if replace is not None:
+        if replace not in old:
+            raise MaintenanceError(f"The cluster has no shareholder {replace!r}; it has {', '.join(old)}.", remote=False)
+        if shareholders not in (None, len(old)):
+            raise MaintenanceError("--replace keeps the number of shareholders; give --shareholders separately.",
+                                   remote=False)
+        n = len(old)
+    else:
+        n = len(old) if shareholders is None else shareholders
+    k = spec.threshold if threshold is None else threshold
+    if not 2 <= n <= cluster.MAX_SHAREHOLDERS:
+        raise MaintenanceError(f"The number of shareholders must be from 2 to {cluster.MAX_SHAREHOLDERS}.", remote=False)
+    if not 2 <= k <= n:
+        raise MaintenanceError(f"The threshold must be from 2 to the number of shareholders ({n}).", remote=False)
+    fresh = (name for name in cluster.node_names(len(old) + len(taken) + n + 1) if name not in taken and name not in old)
+    if replace is not None:
+        new = [next(fresh) if name == replace else name for name in old]
+    elif n >= len(old):
+        new = old + [next(fresh) for _ in range(n - len(old))]
+    else:
+        new = old[:n]
+    if new == old and k == spec.threshold:
+        raise MaintenanceError(
+            f"The committee already is {', '.join(old)} with threshold {k}; nothing to reshare.", remote=False)
+    return new, k
+
+
+class LocalCluster:
+    """The operations a reshare needs from a local cluster directory."""
+
+    def __init__(self, root: pathlib.Path):
+        from vaultctl import cluster
+
+        self.root = pathlib.Path(root)
+        self.cluster = cluster
+
+    def spec(self):
+        return self.cluster.load_spec(self.root)
+
+    def taken(self) -> set[str]:
+        paths = self.cluster.Paths(self.root)
+        folder = paths.root / "nodes"
+        return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+
+    def provision(self, spec) -> None:
+        self.cluster.add_nodes(self.root, spec)
+
+    def start(self, names: list[str]) -> dict[str, str]:
+        ready = self.cluster.start_processes(self.root, names)
+        return {name: data["address"] for name, data in ready.items()}
+
+    def switch(self, spec, retired: list[str], addresses: dict[str, str]) -> None:
+        self.cluster.write_spec(self.root, spec, retired=retired)
+        self.cluster.switch_matcher(self.root, spec, {n: addresses[n] for n in spec.nodes})
+
+    def retire(self, names: list[str]) -> None:
+        if names:
+            self.cluster.stop_processes(self.root, names)
+
+    def auditor_tls(self):
+        from vault import pki
+
+        spec = self.spec()
+        return self.cluster.Paths(self.root).tls(pki.ROLE_AUDITOR, spec.auditor).load()
+
+
+def reshare_session(
+    ops: LocalCluster,
+    sessions: SessionFile,
+    *,
+    shareholders: int | None = None,
+    threshold: int | None = None,
+    replace: str | None = None,
+    abort: bool = False,
+    allow_loss: bool = False,
+    drain_s: float = DEFAULT_DRAIN_S,
+    progress: Progress | None = None,
+    faults: Faults | None = None,
+) -> dict:
+    """Drive (start, resume or abort) a reshare of a local cluster; returns the report."""
+    from vaultctl.cluster import ClusterSpec
+
+    progress = progress or Progress(False)
+    faults = faults or Faults(None)
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    spec = ops.spec()
+    saved = sessions.load()
+    if saved is not None and saved.kind != "reshare":
+        raise MaintenanceError(
+            f"A {saved.kind} session ({saved.session_id}) is open from this cluster directory; run "
+            f"`vaultctl {saved.kind}` again to finish it, or abort it, first.", remote=False)
+    resumed = saved is not None
+    if saved is None:
+        if abort:
+            return {"action": "abort", "session_id": None, "state": "none", "message": "No reshare session is open."}
+        new_names, k_new = plan_committee(spec, shareholders, threshold, replace, ops.taken())
+        old = [[name, i] for i, name in enumerate(spec.nodes, start=1)]
+        new = [[name, i] for i, name in enumerate(new_names, start=1)]
+        saved = SessionRecord(
+            session_id=new_session_id("reshare"), kind="reshare", from_epoch=0, new_epoch=0, old=old, new=new,
+            old_threshold=spec.threshold, new_threshold=k_new, senders=[i for _, i in old[: spec.threshold]],
+            started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            extra={"added": [n for n in new_names if n not in spec.nodes],
+                   "removed": [n for n in spec.nodes if n not in new_names], "epoch_known": False},
+        )
+    else:
+        wanted = {n for n, _ in saved.new}
+        asked = None
+        if shareholders is not None or threshold is not None or replace is not None:
+            old_spec = ClusterSpec(**{**_spec_fields(spec), "shareholders": len(saved.old), "threshold": saved.old_threshold,
+                                      "nodes": tuple(n for n, _ in saved.old)})
+            try:
+                asked = plan_committee(old_spec, shareholders, threshold, replace, ops.taken() - wanted)
+            except MaintenanceError:
+                asked = None
+            if asked is None or set(asked[0]) != wanted or asked[1] != saved.new_threshold:
+                raise MaintenanceError(
+                    f"Reshare session {saved.session_id} to {', '.join(n for n, _ in saved.new)} (threshold "
+                    f"{saved.new_threshold}) is open; run it again with the same arguments to finish it, or --abort it.",
+                    remote=False)
+    old_names = [n for n, _ in saved.old]
+    new_names = [n for n, _ in saved.new]
+    everyone = list(dict.fromkeys(old_names + new_names))
+    new_spec = ClusterSpec(**{**_spec_fields(spec), "shareholders": len(new_names), "threshold": saved.new_threshold,
+                              "nodes": tuple(new_names)})
+    # 1-2. plan saved before anything else; new nodes provisioned and started.
+    sessions.save(saved)
+    ops.provision(new_spec)
+    t = time.monotonic()
+    addresses = ops.start(everyone)
+    timings["start_s"] = time.monotonic() - t
+    index_old = dict((n, i) for n, i in saved.old)
+    index_new = dict((n, i) for n, i in saved.new)
+    nodes = [Node(n, index_new.get(n) or index_old[n], addresses[n]) for n in everyone]
+    admin = Admin(nodes, ops.auditor_tls())
+    try:
+        return _drive(admin, ops, sessions, saved, new_spec, old_names, new_names, everyone, index_old, index_new,
+                      abort=abort, allow_loss=allow_loss, drain_s=drain_s, progress=progress, faults=faults,
+                      resumed=resumed, started=started, timings=timings, addresses=addresses)
+    finally:
+        admin.close()
+
+
+def _spec_fields(spec) -> dict:
+    return {k: getattr(spec, k) for k in ("shareholders", "threshold", "dim", "tenants", "nodes", "auditor", "matcher",
+                                          "match_threshold")}
+
+
+def _drive(admin, ops, sessions, saved, new_spec, old_names, new_names, everyone, index_old, index_new, *, abort,
+           allow_loss, drain_s, progress, faults, resumed, started, timings, addresses) -> dict:
+    open_now = admin.each(everyone, lambda name: admin.session(name))
+    foreign = {n: s for n, s in open_now.items() if s is not None and s.session_id != saved.session_id}
+    if foreign:
+        name, s = next(iter(foreign.items()))
+        raise MaintenanceError(
+            f"Node {name} has another open {KIND_NAMES.get(s.kind, '?')} session {s.session_id} (state {_state(s)}); "
+            "finish or abort it first.", status="FAILED_PRECONDITION")
+    if not saved.extra.get("epoch_known"):
+        infos = admin.node_info(old_names)
+        epochs = {info.epoch for info in infos.values()}
+        if len(epochs) != 1:
+            raise MaintenanceError(
+                f"The old committee disagrees on the current epoch ({', '.join(f'{n}: {i.epoch}' for n, i in infos.items())}).")
+        saved.from_epoch = epochs.pop()
+        # A joining node starts at epoch 1; the new epoch is later than every node's.
+        saved.new_epoch = max(saved.from_epoch, *(i.epoch for i in admin.node_info(everyone).values())) + 1
+        saved.extra["epoch_known"] = True
+        sessions.save(saved)
+    sid = saved.session_id
+    report: dict = {
+        "action": "reshare", "session_id": sid, "from_epoch": saved.from_epoch, "new_epoch": saved.new_epoch,
+        "resumed": resumed, "old_committee": old_names, "new_committee": new_names,
+        "old_threshold": saved.old_threshold, "new_threshold": saved.new_threshold,
+        "added": saved.extra.get("added", []), "removed": saved.extra.get("removed", []),
+    }
+    states = admin.each(everyone, lambda name: admin.session(name, sid))
+    committed = [n for n, s in states.items()
+                 if s is not None and s.state in (_S.SESSION_STATE_COMMITTED, _S.SESSION_STATE_FINALIZED)]
+    if abort:
+        if committed:
+            raise MaintenanceError(
+                f"Session {sid} is already committed on {', '.join(committed)}; it cannot be rolled back. Run "
+                "`vaultctl reshare` again to complete it.", status="FAILED_PRECONDITION")
+        present = [n for n, s in states.items() if s is not None]
+        admin.each(present, lambda name: admin.call(name, "AbortSession", _S.AbortSessionRequest(session_id=sid)))
+        ops.retire(saved.extra.get("added", []))
+        sessions.clear()
+        return {**report, "action": "abort", "state": "aborted"}
+
+    old_members = [_S.Member(name=n, index=index_old[n]) for n in old_names]
+    new_members = [_S.Member(name=n, index=index_new[n]) for n in new_names]
+    begin = _S.BeginSessionRequest(
+        session_id=sid, kind=_S.SESSION_KIND_RESHARE, from_epoch=saved.from_epoch, new_epoch=saved.new_epoch,
+        old_committee=old_members, new_committee=new_members, old_threshold=saved.old_threshold,
+        new_threshold=saved.new_threshold, senders=saved.senders,
+    )
+    t = time.monotonic()
+    admin.each(everyone, lambda name: admin.call(name, "BeginSession", begin))
+    timings["begin_s"] = time.monotonic() - t
+    peers = [_S.Member(name=n, index=index_old[n], address=addresses[n]) for n in old_names]
+    lead = next(n for n in old_names if index_old[n] == saved.senders[0])
+
+    if not committed:
+        total = admin.session(lead, sid).records_old
+        t = time.monotonic()
+
+        def prepare(name):
+            final = admin.stream(name, "PrepareSession", _S.PrepareSessionRequest(session_id=sid, peers=peers),
+                                 lambda n, d, tot: progress.update("prepare", n, d, tot or total))
+            faults.step("prepare")
+            return final
+
+        prepared = admin.each(everyone, prepare)
+        timings["prepare_s"] = time.monotonic() - t
+        counts = {n: int(prepared[n].records_prepared + prepared[n].records_new) for n in new_names}
+        skipped = max((int(prepared[n].records_skipped) for n in new_names), default=0)
+        report["records"] = counts
+        report["skipped"] = skipped
+        if len(set(counts.values())) != 1:
+            raise MaintenanceError(
+                f"The new members prepared different numbers of records ({counts}); run the command again.")
+        if skipped and not allow_loss:
+            admin.each(everyone, lambda name: admin.call(name, "AbortSession", _S.AbortSessionRequest(session_id=sid)))
+            ops.retire(saved.extra.get("added", []))
+            sessions.clear()
+            raise MaintenanceError(
+                f"{skipped} record(s) are not held by every sender (half-done enrolments or deletions); the reshare "
+                "was rolled back. Repair those subjects (enrol again or delete), or rerun with --allow-loss to "
+                "drop them.", skipped=skipped)
+
+    # 5. commit on every node (new members start serving the new epoch)
+    t = time.monotonic()
+
+    def commit(name):
+        final = admin.stream(name, "CommitSession", _S.CommitSessionRequest(session_id=sid),
+                             lambda n, d, tot: progress.update("commit", n, d, tot))
+        faults.step("commit")
+        return final
+
+    admin.each(everyone, commit)
+    timings["commit_s"] = time.monotonic() - t
+
+    # 6. switch: cluster.json and the matcher follow the new committee
+    t = time.monotonic()
+    ops.switch(new_spec, saved.extra.get("removed", []), addresses)
+    faults.step("switch")
+    timings["switch_s"] = time.monotonic() - t
+    if drain_s > 0:
+        time.sleep(drain_s)
+
+    # 7. finalize everywhere: old epoch destroyed; nodes that left hold nothing
+    t = time.monotonic()
+
+    def finalize(name):
+        final = admin.stream(name, "FinalizeSession", _S.FinalizeSessionRequest(session_id=sid),
+                             lambda n, d, tot: progress.update("finalize", n, d, tot))
+        faults.step("finalize")
+        return final
+
+    finals = admin.each(everyone, finalize)
+    timings["finalize_s"] = time.monotonic() - t
+    ops.retire(saved.extra.get("removed", []))
+    sessions.clear()
+    report["records"] = {n: int(finals[n].records_new) for n in new_names}
+    report["destroyed"] = {n: True for n in saved.extra.get("removed", [])}
+    report["state"] = "finalized"
+    timings["total_s"] = time.monotonic() - started
+    report["timings"] = _round(timings)
+    total = max(report["records"].values(), default=0)
+    report["templates_per_s"] = round(total / timings["total_s"], 1) if timings["total_s"] > 0 else None
+    return report
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shareholders", type=int, default=None, metavar="N", help="size of the new committee n'")
+    p.add_argument("--threshold", type=int, default=None, metavar="K", help="threshold of the new committee k'")
+    p.add_argument("--replace", default=None, metavar="NAME", help="replace this node by a new one (same index)")
+    p.add_argument("--abort", action="store_true", help="roll back the open session (only before any node committed)")
+    p.add_argument("--allow-loss", action="store_true",
+                   help="go on even if some records are not held by every sender (they are dropped)")
+    p.add_argument("--drain", type=float, default=DEFAULT_DRAIN_S, metavar="S",
+                   help="seconds between the matcher's switch and destroying the old epoch (default 2)")
+
+
+def _lines(report: dict) -> list[str]:
+    if report.get("action") == "abort":
+        return [report.get("message") or f"reshare session {report['session_id']} rolled back; the old committee stays"]
+    recs = report.get("records", {})
+    lines = [
+        f"reshared {max(recs.values(), default=0)} templates to {', '.join(report['new_committee'])} "
+        f"(threshold {report['new_threshold']}), epoch {report['new_epoch']}" + (" (resumed)" if report.get("resumed") else ""),
+    ]
+    if report.get("added"):
+        lines.append(f"  joined: {', '.join(report['added'])}")
+    if report.get("removed"):
+        lines.append(f"  left (shares destroyed, process stopped): {', '.join(report['removed'])}")
+    t = report.get("timings", {})
+    if t:
+        lines.append(f"  {t.get('total_s', 0):.1f} s" + (f", {report['templates_per_s']} templates/s" if report.get("templates_per_s") else "")
+                     + "; no template was rejoined")
+    return lines
+
+
+@command("reshare", help="move every template to a new committee and threshold (resumable)", arguments=_args, target="dir")
+def _reshare(args) -> Result:
+    from vaultctl import cluster
+
+    if args.abort and (args.shareholders or args.threshold or args.replace):
+        raise CliError("--abort takes no committee option.")
+    sessions = SessionFile(state_dir(args.dir))
+    progress = Progress(progress_enabled(args.format))
+    try:
+        ops = LocalCluster(args.dir)
+        ops.spec()
+        sessions.lock()
+        report = reshare_session(
+            ops, sessions, shareholders=args.shareholders, threshold=args.threshold, replace=args.replace,
+            abort=args.abort, allow_loss=args.allow_loss, drain_s=args.drain, progress=progress,
+            faults=Faults.from_env(kill_node_for(args.dir)),
+        )
+    except cluster.ClusterError as exc:
+        raise CliError(str(exc)) from None
+    except MaintenanceError as exc:
+        cls = RemoteError if exc.remote else CliError
+        raise cls(exc.message, **{k: v for k, v in exc.details.items() if isinstance(v, (str, int, bool, dict))}) from None
+    finally:
+        progress.close()
+        sessions.unlock()
+    return Result(report, _lines(report))
