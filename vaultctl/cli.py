@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="vaultctl",
         description="splitvault: split-custody biometric template vault.",
-        epilog="Exit status: 0 done (NO_MATCH included), 1 usage or local error, 2 remote/unavailable.",
+        epilog="Exit status: 0 done (NO_MATCH included), 1 usage or local error, 2 remote/unavailable, "
+        "3 an audit check found a problem.",
     )
     top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups: dict[tuple[str, ...], argparse._SubParsersAction] = {(): top}
