@@ -88,7 +88,12 @@ class ShareholderServicer:
     """
 
     def StoreShares(self, request, context):
-        """Store a batch of share records atomically (all or nothing). Role: matcher.
+        """Store a batch of share records atomically (all or nothing), one audit
+        entry per record. Each record must carry this node's index
+        (INVALID_ARGUMENT otherwise). A subject already stored under another
+        request id gives ALREADY_EXISTS unless `replace`; under the same request
+        id the record is overwritten (the matcher re-splits on a retry) and
+        counted in `already_stored`. Role: matcher.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,7 +101,11 @@ class ShareholderServicer:
 
     def StoreShareStream(self, request_iterator, context):
         """Bulk store for large galleries: many small messages, committed in
-        batches; the response counts what was stored. Role: matcher.
+        transactions of a configured size (1000 records by default), each with
+        ONE audit entry (counts, tenants and a SHA-256 over the batch's sorted
+        tenant/subject/epoch/request id lines). A failing batch is rolled back
+        whole and ends the stream with its error, whose message says how many
+        records were stored before it; retrying the stream is safe. Role: matcher.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,8 +113,13 @@ class ShareholderServicer:
 
     def ReleaseShare(self, request, context):
         """Release this node's share of one subject for one provider-signed
-        verification. The node checks the ticket itself, enforces the
-        per-subject attempt limit and logs the release. Role: matcher.
+        verification. The node checks the ticket itself (tenant registered
+        here, signature, expiry: PERMISSION_DENIED), refuses a ticket it has
+        honoured before (PERMISSION_DENIED "already used"), enforces the
+        per-subject attempt limit (RESOURCE_EXHAUSTED; every attempt with a
+        valid signature counts), and logs the release or the refusal before it
+        answers. NOT_FOUND when it holds no share of the subject; DATA_LOSS
+        when a stored share fails to open (never a wrong share). Role: matcher.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
