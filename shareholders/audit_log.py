@@ -313,7 +313,11 @@ class AuditWriter:
                 store.insert_checkpoint(conn, cp)
             conn.execute("COMMIT")
         except BaseException as exc:  # noqa: BLE001 - the whole group failed
-            _log.error("audit commit failed", exc_info=(type(exc), exc, None))
+            # SQLite's reason ("database or disk is full", "attempt to write
+            # a readonly database", "disk I/O error") carries no data and is
+            # what the operator must act on (tests/test_faults_disk.py).
+            reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, sqlite3.Error) else type(exc).__name__
+            _log.error("audit commit failed", exc_info=(type(exc), exc, None), extra={"fields": {"error": reason}})
             try:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:

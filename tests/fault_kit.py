@@ -219,18 +219,19 @@ def template_intact(result: record.JoinResult, template: np.ndarray) -> bool:
 
 
 def wait_until_used(p: "FaultProcesses", client, name: str, subject: str, template: np.ndarray,
-                    timeout_s: float = 10.0) -> int:
+                    timeout_s: float = 10.0, db: pathlib.Path | None = None) -> int:
     """Verify ``subject`` until node ``name`` logs a release for it: the
     matcher has reconnected to a restarted node (its channel backs off up to
     2 s). Returns how many verifications it took."""
     rng = np.random.default_rng(0)
-    seen = len(audit_events(p.db(name)))
+    db = db or p.db(name)
+    seen = len(audit_events(db))
     deadline = time.monotonic() + timeout_s
     tries = 0
     while time.monotonic() < deadline:
         tries += 1
         assert client.verify(subject, noisy(template, rng)).decision == "MATCH"
-        if any(e["event"] == "release" for e in audit_events(p.db(name))[seen:]):
+        if any(e["event"] == "release" for e in audit_events(db)[seen:]):
             return tries
         time.sleep(0.2)
     raise AssertionError(f"the matcher did not use {name} again within {timeout_s} s")
