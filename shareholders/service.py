@@ -123,9 +123,10 @@ class ReleaseGuard:
         self._next_prune = 0
 
     def record(self, tenant: str, subject: str, ticket_id: str | None, expires_ms: int, at_ms: int) -> None:
-        """Replay a past attempt from the audit log (start-up)."""
-        if ticket_id is not None and expires_ms > at_ms - self.window_ms:
-            self._used[ticket_id] = expires_ms
+        """Replay a past attempt from the audit log (start-up); expired
+        tickets and attempts outside the window are pruned on first use."""
+        if ticket_id is not None:
+            self._used[ticket_id] = max(expires_ms, self._used.get(ticket_id, 0))
         self._attempts.setdefault((tenant, subject), deque()).append(at_ms)
 
     def admit(self, tenant: str, subject: str, ticket_id: str, expires_ms: int, now: int) -> str | None:
@@ -393,22 +394,26 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                            status.PermissionDenied("The verification ticket is missing or cannot be parsed."),
                            details={"counted": False})
         keys = self.cfg.tenants.get(body.tenant)
-        claimed = {
-            "claimed_tenant": body.tenant[:_CLAIM_CHARS],
-            "claimed_subject": body.subject[:_CLAIM_CHARS],
-            "claimed_request_id": body.request_id[:_CLAIM_CHARS],
-            "key_id": ticket.key_id[:_CLAIM_CHARS],
-            "counted": False,
-        }
+
+        def claimed(**more) -> dict:
+            # What an unverified ticket claims: in the details, never in the entry's own fields.
+            return {
+                "claimed_tenant": body.tenant[:_CLAIM_CHARS],
+                "claimed_subject": body.subject[:_CLAIM_CHARS],
+                "claimed_request_id": body.request_id[:_CLAIM_CHARS],
+                "key_id": ticket.key_id[:_CLAIM_CHARS],
+                "counted": False,
+                **more,
+            }
+
         if keys is None:
             self._deny_now(actor, "unknown_tenant",
                            status.PermissionDenied("The verification ticket names a tenant not registered at this node."),
-                           details=claimed)
+                           details=claimed())
         try:
             body = tickets.verify(ticket, keys, tenant=body.tenant)
         except InvalidTicket as exc:
-            self._deny_now(actor, "invalid_ticket", status.PermissionDenied(str(exc)),
-                           details={**claimed, "why": str(exc)})
+            self._deny_now(actor, "invalid_ticket", status.PermissionDenied(str(exc)), details=claimed(why=str(exc)))
         tenant, subject, request_id = body.tenant, body.subject, body.request_id
         now = now_ms()
         verdict = self.guard.admit(tenant, subject, tickets.ticket_id(body), body.expires_at_ms, now)
