@@ -149,7 +149,7 @@ def verify_log(log: NodeLog, witness: dict | None) -> dict:
     from vault import audit
 
     node = log.node
-    out = {"name": node.name, "source": log.source, "ok": False, "state": "", "entries": len(log.entries),
+    out = {"name": node.name, "retired": node.retired, "source": log.source, "ok": False, "state": "", "entries": len(log.entries),
            "checkpoints": len(log.checkpoints), "head_seq": 0, "signed_seq": 0, "unsigned_tail": 0,
            "broken_seq": None, "reason": None, "problems": [], "warnings": []}
     if log.error is not None:
@@ -219,6 +219,8 @@ def verify(target: auditor.AuditorTarget, node: str | None = None, db: pathlib.P
     witness = _load_witness(target)
     verdicts, logs = [], []
     for ref in target.select(node):
+        if ref.retired and node is None and ref.address is None and not (ref.db_path and ref.db_path.exists()):
+            continue  # a retired node whose data is gone: nothing left to check
         log = read_node(target, ref, db)
         verdict = verify_log(log, witness.get(ref.name))
         verdicts.append(verdict)
@@ -249,7 +251,8 @@ def _audit_verify(args) -> Result:
     for v in verdicts:
         result = "OK" if v["ok"] else (
             f"BROKEN at entry {v['broken_seq']}: {v['reason']}" if v["state"] == "broken" else v["reason"])
-        lines.append(f"{v['name']:<10} {v['entries']:>8} {v['signed_seq']:>10} {v['unsigned_tail']:>9}  {result}")
+        name = v["name"] + (" (retired)" if v.get("retired") else "")
+        lines.append(f"{name:<10} {v['entries']:>8} {v['signed_seq']:>10} {v['unsigned_tail']:>9}  {result}")
         for w in v["warnings"]:
             lines.append(f"{'':<10} note: {w}")
         if v["source"].startswith("file"):
@@ -269,6 +272,8 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
     from vault import ticket as tickets
     from vault.errors import InvalidTicket
 
+    # Members past and present: a node retired by a reshare released shares
+    # while it was one.
     committee = {n.name for n in target.nodes}
     keys = {t: {kid: pki.load_public_key(raw) for kid, raw in ks.items()} for t, ks in target.ticket_keys.items()}
     releases: dict[tuple[str, str], dict[str, list]] = defaultdict(lambda: defaultdict(list))

@@ -29,6 +29,7 @@ never what a node reports about itself.
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import tomllib
@@ -51,6 +52,7 @@ class NodeRef:
     address: str | None  # None: not running (cluster dir)
     audit_key: bytes | None  # raw Ed25519 public key recorded for it
     db_path: pathlib.Path | None = None  # a dev cluster's database, for offline reads
+    retired: bool = False  # left the committee (reshare); its log stays auditable
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,12 @@ def from_cluster_dir(root: str | os.PathLike) -> AuditorTarget:
     except cluster.ClusterError as exc:
         raise TargetError(str(exc)) from None
     paths = cluster.Paths(root)
+    try:
+        retired = [n for n in json.loads(paths.spec.read_text()).get("retired") or [] if n not in spec.nodes]
+    except (OSError, ValueError, AttributeError):
+        retired = []
     nodes = []
-    for i, name in enumerate(spec.nodes, start=1):
+    for i, name in [*enumerate(spec.nodes, start=1), *((0, n) for n in retired)]:
         ready = cluster._read_json(paths.ready(spec, name))
         pid = cluster._read_pid(paths.pid(spec, name))
         alive = pid is not None and cluster._alive(pid, paths.config(spec, name))
@@ -104,7 +110,7 @@ def from_cluster_dir(root: str | os.PathLike) -> AuditorTarget:
         recorded = trust["audit_keys"].get(name)
         nodes.append(NodeRef(
             name, i, address, _hex_key(recorded, f"audit key of {name} in cluster.json") if recorded else None,
-            paths.node_dir(name) / "shares.db",
+            paths.node_dir(name) / "shares.db", retired=i == 0,
         ))
     tickets = {
         tenant: {kid: _hex_key(v, f"ticket key {kid} in cluster.json") for kid, v in keys.items()}
