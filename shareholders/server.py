@@ -143,6 +143,7 @@ def serve(cfg: NodeConfig, *, keys: NodeKeys | None = None, env: dict[str, str] 
         checkpoint_every=cfg.checkpoint_every, checkpoint_interval_s=cfg.checkpoint_interval_s,
         on_commit=head_gauge.set,
     )
+    service = None
     try:
         service = ShareholderService(cfg, keys, writer, state)
         rebuilt = service.rebuild_guard()
@@ -169,6 +170,8 @@ def serve(cfg: NodeConfig, *, keys: NodeKeys | None = None, env: dict[str, str] 
         )
     except BaseException:
         writer.close()
+        if service is not None:
+            service.close_readers()
         raise
 
     def close_log() -> None:
