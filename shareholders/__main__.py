@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     log = logs.setup("shareholders")
+    cfg = None
     try:
         cfg = load_config(args.config)
         logging.getLogger().setLevel(cfg.log_level)
@@ -35,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (OSError, ValueError, RuntimeError, sqlite3.Error) as exc:
         # Port in use, unwritable data directory, ...: say what, not where.
-        logs.event(log, "cannot start", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+        if cfg is not None and isinstance(exc, (RuntimeError, ValueError)) and "bind" in str(exc).lower() + " ":
+            error = f"Cannot listen on {cfg.listen}: the address is in use or not available here."
+        else:
+            error = f"{type(exc).__name__}: {exc}"
+        logs.event(log, "cannot start", logging.ERROR, error=error)
         return 1
     run_until_signalled(running.rpc, args.grace)
     return 0

@@ -81,6 +81,8 @@ def test_sigterm_shuts_down_cleanly(harness, dev_pki):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
     assert not (h.folder / "ready.json").exists()
+    while _held:
+        _held.pop().close()
     logs = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
     assert any(line["msg"] == "node stopped" for line in logs)
     report = verify_database(h.db_path, h.audit_public_key(), node="bank-a")
@@ -120,7 +122,22 @@ def test_kill_9_after_a_store_returned_loses_nothing(harness, dev_pki):
     assert report.head_seq == 27 and report.signed_seq == 27
 
 
+def _hold_port(h):
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    _held.append(sock)
+    text = h.config_path.read_text().replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{sock.getsockname()[1]}"')
+    h.config_path.write_text(text)
+
+
+_held: list = []
+
+
 @pytest.mark.parametrize("breakage, message", [
+    (_hold_port, "Cannot listen"),
     (lambda h: h.config_path.write_text(h.config_path.read_text().replace("index = 1", "index = -3")), "node.index"),
     (lambda h: (h.folder / "kek.json").chmod(0o644), "readable by other users"),
     (lambda h: (h.folder / "audit.key").unlink(), "Cannot read the audit key file"),
@@ -133,6 +150,9 @@ def test_start_up_errors_exit_1_with_one_clear_line(harness, breakage, message):
     assert proc.wait(timeout=30) == 1
     err = proc.stderr.read()
     assert "Traceback" not in err
-    [line] = [json.loads(x) for x in err.splitlines() if x.strip()]
+    # One JSON line (gRPC's core may add its own plain-text line before it).
+    [line] = [json.loads(x) for x in err.splitlines() if x.startswith("{")]
     assert line["level"] == "error" and line["msg"] == "cannot start" and message in line["error"]
     assert not (h.folder / "ready.json").exists()
+    while _held:
+        _held.pop().close()
