@@ -1,0 +1,89 @@
+"""Helpers shared by the refresh and reshare tests (tests/test_refresh_*.py,
+tests/test_reshare_*.py): raw share releases as the matcher would do them,
+reading a node's database, running vaultctl as a real process, and checking
+that every enrolled template still verifies."""
+from __future__ import annotations
+
+import json
+import pathlib
+import sqlite3
+import subprocess
+import sys
+import uuid
+
+import grpc
+import numpy as np
+
+from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
+from vault import ticket
+from vaultrpc.tls import secure_channel
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def release(address: str, matcher_tls, tenant_key, key_id: str, tenant: str, subject: str, probe) -> list:
+    """A node's share records of one subject, released for a freshly signed ticket (as the matcher asks)."""
+    signed = ticket.issue(tenant_key, key_id, tenant=tenant, subject=subject, request_id=str(uuid.uuid4()),
+                          probe=np.asarray(probe, dtype=np.float32))
+    channel = secure_channel(address, matcher_tls)
+    try:
+        reply = shareholder_pb2_grpc.ShareholderStub(channel).ReleaseShare(
+            shareholder_pb2.ReleaseShareRequest(ticket=signed), timeout=10)
+        return list(reply.shares)
+    finally:
+        channel.close()
+
+
+def epochs_held(db: pathlib.Path) -> dict[int, int]:
+    """epoch -> number of share rows, read straight from a node's database."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        return dict(conn.execute("SELECT epoch, COUNT(*) FROM shares GROUP BY epoch").fetchall())
+    finally:
+        conn.close()
+
+
+def prepared_rows(db: pathlib.Path) -> int:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        return conn.execute("SELECT COUNT(*) FROM prepared_shares").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def audit_events(db: pathlib.Path) -> list[str]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        return [r[0] for r in conn.execute("SELECT event FROM audit_log ORDER BY seq")]
+    finally:
+        conn.close()
+
+
+def vaultctl(*args, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    import os
+
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("VAULTCTL_FAULT", None) if not env or "VAULTCTL_FAULT" not in env else None
+    return subprocess.run([sys.executable, "-m", "vaultctl", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=str(ROOT))
+
+
+def json_out(result: subprocess.CompletedProcess) -> dict:
+    lines = result.stdout.strip().splitlines()
+    assert lines, f"no output (exit {result.returncode}); stderr: {result.stderr[-2000:]}"
+    return json.loads(lines[-1])
+
+
+def verify_all(client, templates: dict[str, np.ndarray], subjects, impostor: np.ndarray, noise_seed: int = 0) -> None:
+    """Genuine probe -> MATCH, impostor -> NO_MATCH for every named subject."""
+    from vaultctl.demo import noisy_copy
+
+    for i, s in enumerate(subjects):
+        genuine = client.verify(s, noisy_copy(templates[s], seed=noise_seed + i))
+        assert genuine.decision == "MATCH", (s, genuine)
+        other = client.verify(s, impostor)
+        assert other.decision == "NO_MATCH", (s, other)
+
+
+def rpc_code(exc: grpc.RpcError):
+    return exc.code()

@@ -1,0 +1,226 @@
+"""Refresh on in-process nodes over real mTLS: the node's side of the session
+(lock, roles, enrolment paused, deletions, the check, abort) and proactive
+security (a share from before a refresh does not rejoin with shares after)."""
+from __future__ import annotations
+
+import sqlite3
+
+import grpc
+import numpy as np
+import pytest
+
+from maintenance_kit import audit_events, epochs_held, prepared_rows, release, verify_all
+from splitvault.v1 import admin_pb2, admin_pb2_grpc
+from test_matcher_harness import Committee, Tenant, unit
+from vault import envelope, record
+from vault.errors import IntegrityError
+from vault.field import P
+from vaultctl.maintenance import Admin, MaintenanceError, Node, SessionFile
+from vaultctl.refresh import refresh_session
+from vaultrpc.tls import secure_channel
+
+SUBJECTS = [f"subject-{i:03d}" for i in range(24)]
+
+
+@pytest.fixture
+def vault(dev_pki, tmp_path):
+    c = Committee(dev_pki, tmp_path, n=3, k=2, tenants=[Tenant("acme")])
+    try:
+        c.start_matcher()
+        client = c.client()
+        rng = np.random.default_rng(11)
+        templates = {s: unit(rng) for s in SUBJECTS}
+        for reply in client.enroll_many(templates.items()):
+            assert reply.code == 0, reply
+        nodes = [Node(n, i, a) for n, i, a in c.endpoints()]
+        admin = Admin(nodes, dev_pki.tls("auditor", "auditor"))
+        c.templates, c.admin, c.nodes_list, c.client_ = templates, admin, nodes, client
+        c.impostor = unit(rng)
+        c.sessions = SessionFile(tmp_path / "state")
+        yield c
+        admin.close()
+    finally:
+        c.close()
+
+
+def _db(c, name):
+    return c.nodes[name].cfg.db_path
+
+
+def _refresh(c, **kw):
+    return refresh_session(c.admin, c.nodes_list, 2, c.sessions, drain_s=0, **kw)
+
+
+def _begin(c, sid="session-under-test-1", names=None):
+    members = [admin_pb2.Member(name=n.name, index=n.index) for n in c.nodes_list]
+    req = admin_pb2.BeginSessionRequest(session_id=sid, kind=admin_pb2.SESSION_KIND_REFRESH, from_epoch=1, new_epoch=2,
+                                        old_committee=members, new_committee=members, old_threshold=2, new_threshold=2)
+    for n in names or [n.name for n in c.nodes_list]:
+        c.admin.call(n, "BeginSession", req)
+    return sid
+
+
+def test_refresh_keeps_every_template_and_leaves_one_epoch(vault):
+    c = vault
+    report = _refresh(c)
+    assert report["state"] == "finalized" and report["new_epoch"] == 2
+    assert report["check"]["passed"] and report["check"]["records"] == len(SUBJECTS)
+    for name in c.names:
+        assert epochs_held(_db(c, name)) == {2: len(SUBJECTS)}
+        assert prepared_rows(_db(c, name)) == 0
+        events = audit_events(_db(c, name))
+        for event in ("maintenance_begin", "epoch_prepare_batch", "epoch_prepare", "refresh_deal", "refresh_check",
+                      "epoch_commit_batch", "epoch_commit", "epoch_destroy_batch", "epoch_finalize"):
+            assert event in events, (name, event)
+    verify_all(c.client_, c.templates, SUBJECTS[:6], c.impostor)
+    assert c.client_.verify(SUBJECTS[0], c.templates[SUBJECTS[0]]).epoch == 2
+    # A second refresh moves on again.
+    assert _refresh(c)["new_epoch"] == 3
+    verify_all(c.client_, c.templates, SUBJECTS[6:9], c.impostor, noise_seed=50)
+
+
+def test_a_share_from_before_a_refresh_does_not_rejoin_with_shares_after(vault, dev_pki):
+    c = vault
+    t = c.tenants["acme"]
+    subject = SUBJECTS[3]
+    probe = c.templates[subject]
+    mtls = dev_pki.tls("matcher", "matcher")
+    stolen = release(c.addresses["bank-a"], mtls, t.key, t.key_id, "acme", subject, probe)
+    before_b = release(c.addresses["bank-b"], mtls, t.key, t.key_id, "acme", subject, probe)
+    assert [s.epoch for s in stolen] == [1]
+    assert record.join([stolen[0], before_b[0]]).epoch == 1  # control: same epoch rejoins
+    _refresh(c)
+    after_b = release(c.addresses["bank-b"], mtls, t.key, t.key_id, "acme", subject, probe)
+    after_c = release(c.addresses["bank-c"], mtls, t.key, t.key_id, "acme", subject, probe)
+    assert [s.epoch for s in after_b] == [2] and [s.epoch for s in after_c] == [2]
+    assert record.join([after_b[0], after_c[0]]).epoch == 2
+    assert after_b[0].values != before_b[0].values  # every share changed
+    # The thief relabels the old share with the new epoch: the MACs reject it.
+    old = type(stolen[0])()
+    old.CopyFrom(stolen[0])
+    old.epoch = 2
+    with pytest.raises(IntegrityError):
+        record.join([old, after_b[0]])
+    with pytest.raises(IntegrityError):
+        record.join([old, after_c[0]])
+    # And the old share is gone from the node that held it.
+    assert epochs_held(_db(c, "bank-a")) == {2: len(SUBJECTS)}
+
+
+def test_one_session_at_a_time_enrolment_paused_and_abort(vault):
+    c = vault
+    sid = _begin(c)
+    with pytest.raises(MaintenanceError) as err:
+        _begin(c, sid="another-session-22")
+    assert err.value.details["status"] == "FAILED_PRECONDITION" and sid in err.value.message
+    _begin(c, sid)  # the same id resumes
+    with pytest.raises(grpc.RpcError) as rpc:
+        c.client_.enroll("newcomer", unit(np.random.default_rng(1)))
+    assert rpc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "maintenance" in rpc.value.details().lower()
+    verify_all(c.client_, c.templates, SUBJECTS[:2], c.impostor)  # verification goes on
+    for node in c.nodes_list:
+        c.admin.call(node.name, "AbortSession", admin_pb2.AbortSessionRequest(session_id=sid))
+    c.client_.enroll("newcomer", unit(np.random.default_rng(1)))
+    assert epochs_held(_db(c, "bank-a")) == {1: len(SUBJECTS) + 1}
+
+
+def test_roles_and_peer_identity(vault, dev_pki):
+    c = vault
+    sid = _begin(c)
+    key = admin_pb2.RecordKey(tenant="acme", subject=SUBJECTS[0], threshold=2, width=136)
+    req = admin_pb2.GetRefreshDeltasRequest(session_id=sid, keys=[key])
+
+    def call(role, name, method, request):
+        channel = secure_channel(c.addresses["bank-a"], dev_pki.tls(role, name))
+        try:
+            return getattr(admin_pb2_grpc.ShareholderAdminStub(channel), method)(request, timeout=10)
+        finally:
+            channel.close()
+
+    # The auditor orchestrates but never sees a dealt value.
+    with pytest.raises(grpc.RpcError) as err:
+        call("auditor", "auditor", "GetRefreshDeltas", req)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # A shareholder certificate outside the committee gets nothing.
+    with pytest.raises(grpc.RpcError) as err:
+        call("shareholder", "bank-z", "GetRefreshDeltas", req)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # Peers deal; but cannot drive sessions. The matcher can do neither.
+    assert len(call("shareholder", "bank-b", "GetRefreshDeltas", req).values) == 4 * 136
+    for role, name in (("shareholder", "bank-b"), ("matcher", "matcher"), ("psp", "acme")):
+        with pytest.raises(grpc.RpcError) as err:
+            call(role, name, "GetSession", admin_pb2.GetSessionRequest())
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # Deals are deterministic (a retry gets the same values) and per caller index.
+    again = call("shareholder", "bank-b", "GetRefreshDeltas", req).values
+    assert again == call("shareholder", "bank-b", "GetRefreshDeltas", req).values
+    assert again != call("shareholder", "bank-c", "GetRefreshDeltas", req).values
+    for node in c.nodes_list:
+        c.admin.call(node.name, "AbortSession", admin_pb2.AbortSessionRequest(session_id=sid))
+
+
+def test_check_catches_a_damaged_prepared_share_and_rolls_back(vault):
+    c = vault
+    # Prepare only (the check stops before the switch), then damage one
+    # prepared share at bank-b: resealed properly, one value off by one.
+    report = _refresh(c, check_only=True)
+    assert report["state"] == "prepared" and report["check"]["passed"]
+    sid = report["session_id"]
+    node = c.nodes["bank-b"]
+    ring = node.service.keys.kek
+    conn = sqlite3.connect(node.cfg.db_path)
+    row = conn.execute("SELECT tenant, subject, epoch, idx, kek_version, wrapped_dk, nonce, ciphertext, dimension, "
+                       "mac_count FROM prepared_shares ORDER BY subject LIMIT 1").fetchone()
+    aad = record.record_identity(row[0], row[1], row[3], row[2])
+    values = record.unpack_values(envelope.open(ring, aad, envelope.SealedShare(row[4], row[5], row[6], row[7])),
+                                  row[8] + 2 * row[9])
+    values[5] = (int(values[5]) + 1) % P
+    sealed = envelope.seal(ring, aad, record.pack_values(values))
+    conn.execute("UPDATE prepared_shares SET kek_version=?, wrapped_dk=?, nonce=?, ciphertext=? WHERE tenant=? AND subject=?",
+                 (sealed.kek_version, sealed.wrapped_dk, sealed.nonce, sealed.ciphertext, row[0], row[1]))
+    conn.commit()
+    conn.close()
+    with pytest.raises(MaintenanceError) as err:
+        _refresh(c)  # resumes the prepared session, checks again
+    assert "check failed" in err.value.message and "rolled back" in err.value.message
+    for name in c.names:
+        assert epochs_held(_db(c, name)) == {1: len(SUBJECTS)}
+        assert prepared_rows(_db(c, name)) == 0
+        st = c.admin.session(name, sid)
+        assert admin_pb2.SessionState.Name(st.state) == "SESSION_STATE_ABORTED"
+    verify_all(c.client_, c.templates, SUBJECTS[:3], c.impostor)
+    assert _refresh(c)["check"]["passed"]  # a fresh session goes through
+
+
+def test_deletion_during_a_refresh(vault):
+    c = vault
+    report = _refresh(c, check_only=True)
+    assert report["state"] == "prepared"
+    gone = SUBJECTS[5]
+    reply = c.client_.delete(gone)
+    assert reply.complete
+    for name in c.names:
+        assert prepared_rows(_db(c, name)) == len(SUBJECTS) - 1
+    final = _refresh(c)
+    assert final["state"] == "finalized"
+    for name in c.names:
+        assert epochs_held(_db(c, name)) == {2: len(SUBJECTS) - 1}
+    with pytest.raises(grpc.RpcError) as err:
+        c.client_.verify(gone, c.templates[gone])
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    verify_all(c.client_, c.templates, SUBJECTS[6:8], c.impostor)
+
+
+def test_check_leaves_out_records_not_held_everywhere(vault, dev_pki):
+    c = vault
+    # A half-done enrolment: one subject only on bank-a and bank-b.
+    from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
+
+    channel = secure_channel(c.addresses["bank-c"], dev_pki.tls("matcher", "matcher"))
+    shareholder_pb2_grpc.ShareholderStub(channel).DeleteShares(
+        shareholder_pb2.DeleteSharesRequest(tenant="acme", subject=SUBJECTS[1], request_id="half-done"), timeout=10)
+    channel.close()
+    report = _refresh(c)
+    assert report["check"]["passed"] and report["check"]["excluded"] == 1
+    verify_all(c.client_, c.templates, SUBJECTS[1:3], c.impostor)  # 2 of 3 shares still verify
