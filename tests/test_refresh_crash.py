@@ -1,0 +1,141 @@
+"""Crash safety of `vaultctl refresh` over real processes: kill -9 the CLI, or
+a node, at several points of a refresh, then rerun the same command. It
+completes (or, with --abort, rolls back); every enrolled template still
+verifies (genuine -> MATCH, impostor -> NO_MATCH); no template is lost and
+none is left in two epochs.
+
+The crash points come from the CLI's test seam VAULTCTL_FAULT
+("<phase>:<count>:<action>": after <count> nodes finished <phase>, kill -9
+the CLI itself, or node=<name>)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from maintenance_kit import epochs_held, json_out, prepared_rows, vaultctl, verify_all
+from vaultctl import cluster
+from vaultctl.client import MatcherClient
+from vaultctl.demo import synthetic_templates
+
+pytestmark = pytest.mark.e2e
+
+DIM = 128
+COUNT = 300
+
+
+
+def _sample(state, count: int = 4) -> list[str]:
+    # Fresh subjects each time: every node limits attempts per subject.
+    start = state["next"]
+    state["next"] = start + count
+    return [f"s{(start + i) * 7 % COUNT:04d}" for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory):
+    root = tmp_path_factory.mktemp("refresh-crash") / "cluster"
+    try:
+        cluster.up(root, dim=DIM)
+        templates = synthetic_templates(COUNT + 1, DIM, seed=5)
+        named = {f"s{i:04d}": templates[i] for i in range(COUNT)}
+        with MatcherClient.from_cluster_dir(root) as client:
+            for reply in client.enroll_many(named.items()):
+                assert reply.code == 0, reply
+        yield {"root": root, "templates": named, "impostor": templates[COUNT], "epoch": 1, "next": 0}
+    finally:
+        if (root / "cluster.json").exists():
+            cluster.down(root)
+
+
+def _assert_whole(state, note=""):
+    root = state["root"]
+    spec = cluster.load_spec(root)
+    for name in spec.nodes:
+        db = root / "nodes" / name / "shares.db"
+        assert epochs_held(db) == {state["epoch"]: COUNT}, (note, name, epochs_held(db))
+        assert prepared_rows(db) == 0, (note, name)
+    assert not (root / "maintenance" / "session.json").exists()
+    sample = _sample(state)
+    with MatcherClient.from_cluster_dir(root) as client:
+        verify_all(client, state["templates"], sample, state["impostor"], noise_seed=state["epoch"] * 10)
+        assert client.verify(sample[0], state["templates"][sample[0]]).epoch == state["epoch"]
+
+
+def _refresh(state, fault=None):
+    env = {"VAULTCTL_FAULT": fault} if fault else None
+    return vaultctl("refresh", "--dir", state["root"], "--format", "json", "--drain", "0.2", env=env)
+
+
+@pytest.mark.parametrize("fault", [
+    "prepare:1:self",          # the CLI dies with one node prepared (others mid-way)
+    "commit:1:self",           # the CLI dies with one node serving both epochs
+    "finalize:1:self",         # the CLI dies while the old epoch is being destroyed
+])
+def test_cli_killed_then_rerun_completes(running, fault):
+    state = running
+    first = _refresh(state, fault)
+    assert first.returncode == -9, (first.returncode, first.stderr[-1500:])
+    assert (state["root"] / "maintenance" / "session.json").exists()
+    with MatcherClient.from_cluster_dir(state["root"]) as client:  # verification goes on meanwhile
+        verify_all(client, state["templates"], _sample(state, 2), state["impostor"], noise_seed=99)
+    second = _refresh(state)
+    assert second.returncode == 0, second.stderr[-2000:]
+    report = json_out(second)
+    assert report["resumed"] is True and report["state"] == "finalized"
+    state["epoch"] = report["new_epoch"]
+    _assert_whole(state, fault)
+
+
+@pytest.mark.parametrize("fault,victim", [
+    ("prepare:1:node=bank-c", "bank-c"),   # a node dies during prepare
+    ("commit:1:node=bank-b", "bank-b"),    # a node dies after another one committed
+    ("finalize:1:node=bank-a", "bank-a"),  # a node dies during finalize
+])
+def test_node_killed_then_restarted_and_rerun_completes(running, fault, victim):
+    state = running
+    first = _refresh(state, fault)
+    assert first.returncode == 2, (first.returncode, first.stderr[-1500:])
+    assert "bank" in json_out(first)["error"]["message"]
+    with MatcherClient.from_cluster_dir(state["root"]) as client:  # 2 of 3 nodes still verify
+        verify_all(client, state["templates"], _sample(state, 2), state["impostor"], noise_seed=77)
+    cluster.restart_node(state["root"], victim)
+    second = _refresh(state)
+    assert second.returncode == 0, second.stderr[-2000:]
+    report = json_out(second)
+    assert report["resumed"] is True and report["state"] == "finalized"
+    state["epoch"] = report["new_epoch"]
+    _assert_whole(state, fault)
+
+
+def test_abort_rolls_back_a_session_no_node_committed(running):
+    state = running
+    first = _refresh(state, "prepare:2:self")
+    assert first.returncode == -9
+    # A second auditor workstation (no session file) is refused, naming the session.
+    import shutil
+
+    moved = state["root"] / "maintenance" / "session.json.elsewhere"
+    shutil.move(state["root"] / "maintenance" / "session.json", moved)
+    other = _refresh(state)
+    assert other.returncode == 2 and "refresh-" in json_out(other)["error"]["message"]
+    shutil.move(moved, state["root"] / "maintenance" / "session.json")
+    aborted = vaultctl("refresh", "--dir", state["root"], "--abort", "--format", "json")
+    assert aborted.returncode == 0, aborted.stderr
+    assert json_out(aborted)["state"] == "aborted"
+    _assert_whole(state, "abort")  # same epoch as before, nothing prepared left
+    again = _refresh(state)
+    assert again.returncode == 0, again.stderr[-2000:]
+    state["epoch"] = json_out(again)["new_epoch"]
+    _assert_whole(state, "after abort")
+
+
+def test_committed_session_cannot_be_aborted(running):
+    state = running
+    first = _refresh(state, "commit:1:self")
+    assert first.returncode == -9
+    refused = vaultctl("refresh", "--dir", state["root"], "--abort", "--format", "json")
+    assert refused.returncode == 2 and "cannot be rolled back" in json_out(refused)["error"]["message"]
+    done = _refresh(state)
+    assert done.returncode == 0, done.stderr[-2000:]
+    state["epoch"] = json_out(done)["new_epoch"]
+    _assert_whole(state, "forward")
