@@ -87,6 +87,26 @@ class Gather:
         self.outcomes.append(outcome)
         return outcome
 
+    def poll(self, timeout: float) -> Outcome | None:
+        """The next answer if one arrives within ``timeout`` seconds, else None
+        (calls may still be pending: see ``pending``)."""
+        if self._left <= 0:
+            return None
+        timeout = max(0.0, min(timeout, self._deadline - time.monotonic()))
+        try:
+            outcome = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        self._left -= 1
+        self.outcomes.append(outcome)
+        return outcome
+
+    def _add(self, targets: tuple[ShareholderEndpoint, ...], deadline: float) -> None:
+        # More calls joining this gather (a hedged fan-out asking the other nodes).
+        self._targets = self._targets + targets
+        self._left += len(targets)
+        self._deadline = max(self._deadline, deadline)
+
     def arrived(self) -> list[Outcome]:
         """The answers that have already arrived, without waiting."""
         out = []
@@ -145,16 +165,22 @@ class Committee:
         *,
         nodes: tuple[ShareholderEndpoint, ...] | None = None,
         timeout_s: float | None = None,
+        into: Gather | None = None,
     ) -> Gather:
         """Start ``method`` on every node (or ``nodes``) at once; answers arrive in a Gather.
 
         ``request_for`` is either one request for all nodes or a function of
         the node giving its request. A streaming-request method takes an
-        iterator as its request.
+        iterator as its request. With ``into``, the calls join that gather.
         """
-        targets = self.endpoints if nodes is None else nodes
+        targets = tuple(self.endpoints if nodes is None else nodes)
         timeout = self.timeout_s if timeout_s is None else timeout_s
-        gather = Gather(tuple(targets), time.monotonic() + timeout + 1.0)
+        deadline = time.monotonic() + timeout + 1.0
+        if into is None:
+            gather = Gather(targets, deadline)
+        else:
+            gather = into
+            gather._add(targets, deadline)
         for node in targets:
             request = request_for(node) if callable(request_for) else request_for
             rpc = getattr(self._stubs[node.name], method)

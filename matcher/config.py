@@ -54,6 +54,10 @@ class MatcherConfig:
     max_workers: int = 64
     # Templates per vectorised split / per node write in EnrollStream.
     enroll_batch: int = 512
+    # Verify asks k nodes for shares first and the others only when one of
+    # those fails, a share does not rejoin, or k shares are not in hand after
+    # this many milliseconds. 0 asks every node at once.
+    hedge_ms: int = 150
 
     @property
     def call_timeout_s(self) -> float:
@@ -89,6 +93,7 @@ def from_dict(data: dict[str, Any], base: pathlib.Path | None = None) -> Matcher
     ready_file = get(data, "matcher.ready_file", None, str)
     max_workers = get(data, "matcher.max_workers", 64, int)
     enroll_batch = get(data, "matcher.enroll_batch", 512, int)
+    hedge_ms = get(data, "matcher.hedge_ms", 150, int)
     if not 0 < dimension <= 66_572:
         raise ConfigError("The config value matcher.dimension must be between 1 and 66572.")
     if not 50 <= call_timeout_ms <= 600_000:
@@ -97,6 +102,8 @@ def from_dict(data: dict[str, Any], base: pathlib.Path | None = None) -> Matcher
         raise ConfigError("The config value matcher.log_level must be DEBUG, INFO, WARNING or ERROR.")
     if not 4 <= max_workers <= 1024:
         raise ConfigError("The config value matcher.max_workers must be between 4 and 1024.")
+    if not 0 <= hedge_ms <= 60_000:
+        raise ConfigError("The config value matcher.hedge_ms must be between 0 and 60000.")
     if not 1 <= enroll_batch <= 8192:
         raise ConfigError("The config value matcher.enroll_batch must be between 1 and 8192.")
 
@@ -180,4 +187,5 @@ def from_dict(data: dict[str, Any], base: pathlib.Path | None = None) -> Matcher
         metrics_port=get(data, "metrics.port", 0, int),
         max_workers=max_workers,
         enroll_batch=enroll_batch,
+        hedge_ms=hedge_ms,
     )

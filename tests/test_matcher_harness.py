@@ -83,7 +83,8 @@ def node_keys() -> NodeKeys:
 
 
 def matcher_dict(pki_, endpoints, tenants, *, k: int, dim: int = DIM, call_timeout_ms: int = 2000,
-                 ready_file: str | None = None, listen: str = "127.0.0.1:0", enroll_batch: int = 256) -> dict:
+                 ready_file: str | None = None, listen: str = "127.0.0.1:0", enroll_batch: int = 256,
+                 hedge_ms: int | None = None) -> dict:
     files = pki_.files("matcher", "matcher")
     data = {
         "matcher": {"listen": listen, "dimension": dim, "threshold": k, "call_timeout_ms": call_timeout_ms,
@@ -99,6 +100,8 @@ def matcher_dict(pki_, endpoints, tenants, *, k: int, dim: int = DIM, call_timeo
     }
     if ready_file:
         data["matcher"]["ready_file"] = ready_file
+    if hedge_ms is not None:
+        data["matcher"]["hedge_ms"] = hedge_ms
     return data
 
 
