@@ -19,7 +19,9 @@ core dumps are disabled for the process (``matcher.server.harden_process``).
 from __future__ import annotations
 
 import logging
+import time
 import uuid
+import zlib
 from collections import Counter as Tally
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -53,6 +55,11 @@ _DEFINITIVE_MESSAGE = {
 _OK = grpc.StatusCode.OK
 # Bulk enrolment: batches being stored while the next one is prepared.
 _PIPELINE_DEPTH = 2
+# A node's considered refusal of this verification (attempt limit reached,
+# ticket refused) is not worked around by asking the other nodes.
+_NO_HEDGE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.PERMISSION_DENIED})
+# How long a node that failed at transport level is asked last.
+_DOWN_MEMORY_S = 5.0
 
 
 def check_id(value: str, what: str, *, ascii_only: bool = False) -> str:
@@ -68,10 +75,12 @@ def check_id(value: str, what: str, *, ascii_only: bool = False) -> str:
 
 def _vector(values, dimension: int, what: str) -> np.ndarray:
     # The float32 vector of a request, checked (dimension, finite, non-zero).
-    arr = np.array(values, dtype=np.float32)
-    if arr.shape != (dimension,):
-        arr.fill(0)
+    # The length is checked before any conversion: a 60 MB message of
+    # floats (under the 64 MiB limit) used to cost ~300 MB and 0.7 s of
+    # conversion just to be refused (tests/test_hostile_matcher.py).
+    if len(values) != dimension:
         raise status.InvalidArgument(f"The {what} must have exactly {dimension} values.")
+    arr = np.array(values, dtype=np.float32)
     if not np.isfinite(arr).all():
         arr.fill(0)
         raise status.InvalidArgument(f"The {what} contains a non-finite value (NaN or infinity).")
@@ -103,6 +112,8 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         self.d = config.dimension
         self.width = config.dimension + 2 * integrity.MAC_COUNT
         self._by_index = {e.index: e for e in config.shareholders}
+        # Hedged release: nodes recently unreachable are asked last.
+        self._down_since: dict[str, float] = {}
 
     # --- helpers ------------------------------------------------------------
 
@@ -572,9 +583,45 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         finally:
             record.wipe(*scratch)
 
+    def _release_order(self, tenant: str, subject: str) -> tuple[tuple[ShareholderEndpoint, ...], tuple[ShareholderEndpoint, ...]]:
+        """(the k nodes to ask first, the others): nodes seen up first.
+
+        The start in the committee is a hash of the subject, so load spreads
+        over the nodes while one subject's attempts go to the same k nodes
+        and meet their attempt limits as if every node were asked (rotating
+        per call would let n/k times more attempts through).
+        """
+        nodes = self.cfg.shareholders
+        if self.cfg.hedge_ms == 0 or len(nodes) <= self.k:
+            return tuple(nodes), ()
+        start = zlib.crc32(f"{tenant}\x00{subject}".encode()) % len(nodes)
+        rotated = nodes[start:] + nodes[:start]
+        now = time.monotonic()
+        # A node that failed at transport level in the last few seconds is asked last.
+        ordered = sorted(rotated, key=lambda e: now - self._down_since.get(e.name, -1e9) < _DOWN_MEMORY_S)
+        return tuple(ordered[: self.k]), tuple(ordered[self.k:])
+
     def _rejoin(self, tenant: str, subject: str, ticket_msg, decision_id: str, request_id: str) -> record.JoinResult:
-        """Release shares from every node, rejoin from k consistent ones (fail closed)."""
-        gather = self.committee.fan_out("ReleaseShare", shareholder_pb2.ReleaseShareRequest(ticket=ticket_msg))
+        """Release shares from k nodes (more only if needed), rejoin from k consistent ones (fail closed).
+
+        Hedged fan-out: k nodes are asked first, so a verification releases
+        only the shares it needs; the other nodes are asked as soon as one
+        of the first fails or sends an unusable share, the shares do not
+        rejoin, or ``hedge_ms`` passes without k shares in hand.
+        """
+        request = shareholder_pb2.ReleaseShareRequest(ticket=ticket_msg)
+        first, rest = self._release_order(tenant, subject)
+        gather = self.committee.fan_out("ReleaseShare", request, nodes=first)
+        started = time.monotonic()
+        hedge_s = self.cfg.hedge_ms / 1000.0
+        suspected = [0]
+
+        def ask_rest() -> None:
+            nonlocal rest
+            if rest:
+                self.committee.fan_out("ReleaseShare", request, nodes=rest, into=gather)
+                rest = ()
+
         by_epoch: dict[int, dict[int, common_pb2.ShareRecord]] = {}
         failures: list[Outcome] = []
         tried: set[frozenset] = set()
@@ -584,8 +631,11 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             node = outcome.node
             if not outcome.ok:
                 self._node_failed(outcome, "ReleaseShare")
+                if outcome.code in TRANSPORT_CODES:
+                    self._down_since[node.name] = time.monotonic()
                 failures.append(outcome)
                 return
+            self._down_since.pop(node.name, None)
             shares = list(outcome.response.shares)
             if not shares:
                 failures.append(Outcome(node, None, grpc.StatusCode.NOT_FOUND, "no share"))
@@ -597,6 +647,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
                 problem = self._share_problem(share, node, tenant, subject)
                 if problem:
                     self._suspect(node, problem, decision_id=decision_id, tenant=tenant, subject=subject)
+                    suspected[0] += 1
                     continue
                 by_epoch.setdefault(share.epoch, {})[node.index] = share
 
@@ -633,10 +684,27 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
                     )
                     return None
 
-        for outcome in gather:
+        while True:
+            if rest:
+                outcome = gather.poll(max(0.0, started + hedge_s - time.monotonic()))
+                if outcome is None:
+                    if gather.pending == 0 and any(f.code in _NO_HEDGE for f in failures):
+                        break  # the first k answered and one refused this verification
+                    ask_rest()  # hedge time passed, or no epoch has k shares yet
+                    continue
+            else:
+                outcome = gather.next()
+                if outcome is None:
+                    break
+            failed_before, suspected_before = len(failures), suspected[0]
             take(outcome)
+            refused = len(failures) > failed_before and failures[-1].code in _NO_HEDGE
+            if (len(failures) > failed_before and not refused) or suspected[0] > suspected_before:
+                ask_rest()
             result = attempt()
             if result is None:
+                if integrity_failed:
+                    ask_rest()
                 continue
             # Shares that arrived meanwhile are checked against the polynomial
             # of the ones that passed (no waiting, no second MAC check): a
