@@ -89,7 +89,7 @@ def test_cli_killed_then_rerun_completes(running, fault):
 @pytest.mark.parametrize("fault,victim", [
     ("prepare:1:node=bank-c", "bank-c"),   # a node dies during prepare
     ("commit:1:node=bank-b", "bank-b"),    # a node dies after another one committed
-    ("finalize:1:node=bank-a", "bank-a"),  # a node dies during finalize
+    ("finalize-start:1:node=bank-a", "bank-a"),  # a node dies as finalize starts: the others destroy epoch e
 ])
 def test_node_killed_then_restarted_and_rerun_completes(running, fault, victim):
     state = running

@@ -15,7 +15,8 @@ display and the test seam for crash injection.
 - ``fault(phase, count)``: crash injection for the tests only, driven by the
   environment variable VAULTCTL_FAULT="<phase>:<count>:<action>", e.g.
   ``prepare:1:self`` (kill -9 this CLI once one node has prepared) or
-  ``commit:1:node=bank-b`` (kill -9 node bank-b once one node committed).
+  ``commit:1:node=bank-b`` (kill -9 node bank-b once one node committed);
+  ``<phase>-start:1:...`` fires once, just before the phase begins anywhere.
 """
 from __future__ import annotations
 

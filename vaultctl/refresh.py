@@ -154,6 +154,7 @@ def refresh_session(
             faults.step("prepare")
             return final
 
+        faults.step("prepare-start")
         prepared = admin.each(names, prepare)
         timings["prepare_s"] = time.monotonic() - t
         report["records"] = {n: int(s.records_prepared + s.records_new) for n, s in prepared.items()}
@@ -186,6 +187,7 @@ def refresh_session(
         faults.step("commit")
         return final
 
+    faults.step("commit-start")
     admin.each(names, commit)
     timings["commit_s"] = time.monotonic() - t
     if drain_s > 0:
@@ -200,6 +202,7 @@ def refresh_session(
         faults.step("finalize")
         return final
 
+    faults.step("finalize-start")
     finals = admin.each(names, finalize)
     timings["finalize_s"] = time.monotonic() - t
     sessions.clear()

@@ -263,6 +263,7 @@ def _drive(admin, ops, sessions, saved, new_spec, old_names, new_names, everyone
             faults.step("prepare")
             return final
 
+        faults.step("prepare-start")
         prepared = admin.each(everyone, prepare)
         timings["prepare_s"] = time.monotonic() - t
         counts = {n: int(prepared[n].records_prepared + prepared[n].records_new) for n in new_names}
@@ -290,6 +291,7 @@ def _drive(admin, ops, sessions, saved, new_spec, old_names, new_names, everyone
         faults.step("commit")
         return final
 
+    faults.step("commit-start")
     admin.each(everyone, commit)
     timings["commit_s"] = time.monotonic() - t
 
@@ -310,6 +312,7 @@ def _drive(admin, ops, sessions, saved, new_spec, old_names, new_names, everyone
         faults.step("finalize")
         return final
 
+    faults.step("finalize-start")
     finals = admin.each(everyone, finalize)
     timings["finalize_s"] = time.monotonic() - t
     ops.retire(saved.extra.get("removed", []))
