@@ -12,10 +12,10 @@ over the same mTLS (the baseline each figure's ``ratio`` is taken against):
   StoreShareStream (100 records per message, committed 1000 per
   transaction with one audit entry per batch), validated and sealed.
 
-Each figure is the best of ``rounds`` (1 quick, 3 full) node-then-echo
-pairs; every round is listed in ``params`` with the CPU microseconds the
-node (and the echo) spent per operation, a figure that a loaded machine
-distorts much less than a rate. On a 2-core machine the client and the
+Each figure is the best of 1 (quick) or 3 node-then-echo rounds; every
+round's rate is listed in ``params``, with the CPU microseconds the node
+(and the echo server) spent per operation in the best round, a figure that
+a loaded machine distorts much less than a rate. On a 2-core machine the client and the
 server share the cores, so rates here are a floor for a real deployment.
 
 The node and the echo server each run in their own process (``python -m
@@ -337,15 +337,21 @@ async def _measure(node_info, echo_info, node_pid, echo_pid, tls, ticket_key, re
         _result(
             "stream_store_per_s",
             {**common, "records": len(record_sets[0]), "records_per_message": 100, "records_per_commit": 1000,
-             "rounds": store_rounds, **{k: v for k, v in best_store.items() if k.endswith("per_record")}},
+             "round_rates": [r["rate"] for r in store_rounds],
+             "round_echo_rates": [r["echo_rate"] for r in store_rounds],
+             "node_cpu_us_per_record": best_store["node_cpu_us_per_record"],
+             "echo_cpu_us_per_record": best_store["echo_cpu_us_per_record"]},
             best_store["rate"], "records/s", "bare gRPC stream echo, same messages, same mTLS",
             best_store["echo_rate"],
         ),
         _result(
             "release_per_s",
             {**common, "releases": n_releases, "concurrency": concurrency, "ticket_check": True,
-             "durable_audit": True, "rounds": release_rounds,
-             **{k: v for k, v in best_release.items() if k.startswith(("node_cpu", "echo_cpu", "errors"))}},
+             "durable_audit": True, "errors": sum(r["errors"] for r in release_rounds),
+             "round_rates": [r["rate"] for r in release_rounds],
+             "round_echo_rates": [r["echo_rate"] for r in release_rounds],
+             "node_cpu_us_per_release": best_release["node_cpu_us_per_release"],
+             "echo_cpu_us_per_call": best_release["echo_cpu_us_per_call"]},
             best_release["rate"] if best_release["errors"] == 0 else None, "releases/s",
             "bare gRPC unary echo, same request and response sizes, same mTLS", best_release["echo_rate"],
         ),
