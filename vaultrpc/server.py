@@ -40,6 +40,36 @@ OPEN_METHODS = frozenset(
 
 _log = logging.getLogger("vaultrpc")
 
+# A request that does not parse reaches the handler as this marker and is
+# refused AFTER authorisation with INVALID_ARGUMENT. (Left to grpc, it is
+# INTERNAL "Exception deserializing request!", a server-side traceback,
+# and a wrong-role caller learns nothing of its role: tests/test_hostile_*.py.)
+_UNPARSEABLE = object()
+
+
+def _tolerant(deserialize):
+    if deserialize is None:
+        return None
+
+    def parse(data):
+        try:
+            return deserialize(data)
+        except Exception:  # noqa: BLE001 - protobuf's DecodeError and kin
+            return _UNPARSEABLE
+
+    return parse
+
+
+def _parsed(request):
+    if request is _UNPARSEABLE:
+        raise status.InvalidArgument("The request is not a well-formed message of this method's type.")
+    return request
+
+
+def _parsed_stream(requests):
+    for request in requests:
+        yield _parsed(request)
+
 
 def caller(context: grpc.ServicerContext) -> Identity | None:
     """The caller's identity from its verified client certificate."""
@@ -104,11 +134,12 @@ class RoleInterceptor(grpc.ServerInterceptor):
             if exc is not None:
                 context.abort(code, message)
 
-        def unary_response(behaviour):
+        def unary_response(behaviour, stream_in: bool):
             def wrapped(request, context):
                 started, who, exc = time.perf_counter(), None, None
                 try:
                     who = authorise(context)
+                    request = _parsed_stream(request) if stream_in else _parsed(request)
                     return behaviour(request, context)
                 except Exception as e:  # noqa: BLE001 - mapped to a status below
                     exc = e
@@ -118,11 +149,12 @@ class RoleInterceptor(grpc.ServerInterceptor):
 
             return wrapped
 
-        def stream_response(behaviour):
+        def stream_response(behaviour, stream_in: bool):
             def wrapped(request, context):
                 started, who, exc = time.perf_counter(), None, None
                 try:
                     who = authorise(context)
+                    request = _parsed_stream(request) if stream_in else _parsed(request)
                     yield from behaviour(request, context)
                 except Exception as e:  # noqa: BLE001
                     exc = e
@@ -133,16 +165,16 @@ class RoleInterceptor(grpc.ServerInterceptor):
             return wrapped
 
         kwargs = dict(
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary), **kwargs)
+            return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary, False), **kwargs)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(unary_response(handler.stream_unary), **kwargs)
+            return grpc.stream_unary_rpc_method_handler(unary_response(handler.stream_unary, True), **kwargs)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(stream_response(handler.unary_stream), **kwargs)
-        return grpc.stream_stream_rpc_method_handler(stream_response(handler.stream_stream), **kwargs)
+            return grpc.unary_stream_rpc_method_handler(stream_response(handler.unary_stream, False), **kwargs)
+        return grpc.stream_stream_rpc_method_handler(stream_response(handler.stream_stream, True), **kwargs)
 
 
 def _is_abort(exc: BaseException, context) -> bool:
