@@ -139,7 +139,7 @@ def test_rotate_kek_end_to_end(gallery):
 def test_kill_the_node_during_a_rotation_then_rerun(gallery, node, when):
     root, templates = gallery
     start = kek(root, node)["active"]
-    proc = vaultctl("rotate", "kek", "--dir", str(root), "--node", node, "--batch-size", "50", "--pause-ms", "25")
+    proc = vaultctl("rotate", "kek", "--dir", str(root), "--node", node, "--batch-size", "50", "--pause-ms", "40")
     try:
         if when == "mid-rewrap":
             wait_for(lambda: versions(root, node).get(start + 1, 0) >= 300)
@@ -169,7 +169,7 @@ def test_kill_the_cli_during_a_rotation_then_rerun(gallery):
     root, templates = gallery
     node = "bank-a"
     start = kek(root, node)["active"]
-    proc = vaultctl("rotate", "kek", "--dir", str(root), "--node", node, "--batch-size", "50", "--pause-ms", "25")
+    proc = vaultctl("rotate", "kek", "--dir", str(root), "--node", node, "--batch-size", "50", "--pause-ms", "40")
     try:
         wait_for(lambda: versions(root, node).get(start + 1, 0) >= 200)
     finally:
