@@ -130,6 +130,12 @@ def test_audit_verify_with_an_auditor_config(story, tmp_path, capsys):
     config.write_text("\n".join(lines))
     code, out = run(capsys, "audit", "verify", "--config", str(config), "--node", "bank-b")
     assert code == 0 and [n["name"] for n in out["nodes"]] == ["bank-b"]
+    # The auditor's other command on the same config: a KEK rotation, then a clean chain.
+    code, out = run(capsys, "rotate", "kek", "--config", str(config), "--node", "bank-c")
+    assert code == 0 and (out["to_version"], out["retired_versions"]) == (2, [1])
+    assert list((tmp_path / "state").glob("rotate-kek-*")) == []  # done: no session left to resume
+    code, out = run(capsys, "audit", "verify", "--config", str(config), "--node", "bank-c")
+    assert code == 0
     # A wrong recorded key is a finding: the node cannot vouch for itself.
     config.write_text(config.read_text().replace(trust["audit_keys"]["bank-b"], trust["audit_keys"]["bank-c"]))
     code, out = run(capsys, "audit", "verify", "--config", str(config), "--node", "bank-b")
