@@ -10,8 +10,10 @@ Phases (docs/operations.md):
 
 1. **Begin**: lock, and draw this node's dealing seed (``vault.proactive``),
    sealed under the node's KEK like a share.
-2. **Prepare**: the new epoch's shares are computed and written, sealed, to
-   ``prepared_shares`` (not served).
+2. **Prepare**: the new epoch's shares are computed and written, sealed,
+   beside the old ones in ``shares`` under the new epoch. They are not
+   served: a node releases rows up to its current epoch only
+   (``ShareholderService.serving_epoch``).
    - Refresh: for each record it holds, node j asks every peer i for
      delta_i(j) (``GetRefreshDeltas``, node to node, over mTLS with the
      nodes' own certificates) and writes y_j + sum_i delta_i(j).
@@ -23,19 +25,20 @@ Phases (docs/operations.md):
    prepared rows stop, with no staging of dealt values. A peer only ever
    answers for the caller's own index (from its certificate name), so no
    party sees what another node was dealt.
-3. **Commit**: prepared rows move into ``shares`` in chunks, and the node
-   serves both epochs (``ReleaseShare`` returns one share per epoch; the
-   matcher rejoins the newest epoch with k shares).
+3. **Commit**: one transaction moves the node's current epoch on: it serves
+   both epochs (``ReleaseShare`` returns one share per epoch; the matcher
+   rejoins the newest epoch with k shares).
 4. **Finalize** (once every node committed): the old epoch's rows (on a
    node leaving the committee: every row) and the seed are deleted with
    SQLite's secure_delete, then the WAL is truncated.
-   **Abort** (only before any node committed): prepared rows and seed go.
+   **Abort** (only before any node committed): the unserved rows and the
+   seed go.
 
 While a session is open the node refuses new enrolments
 (FAILED_PRECONDITION, "retry"): a record stored after the dealing started
-would miss its refresh. Deletions stay allowed during a refresh (the
-subject's prepared row goes too) and are refused during a reshare (new
-members outside the old committee would keep the subject).
+would miss its refresh. Deletions stay allowed during a refresh (every
+epoch of the subject goes, prepared or not) and are refused during a
+reshare (new members outside the old committee would keep the subject).
 """
 from __future__ import annotations
 
@@ -206,17 +209,14 @@ def guard_store(conn: sqlite3.Connection) -> None:
 
 
 def guard_delete(conn: sqlite3.Connection, tenant: str, subject: str) -> None:
-    """Inside the delete job: during a refresh drop the subject's prepared row
-    too; during a reshare refuse (a new member could keep the subject)."""
+    """Inside the delete job: refused during a reshare (a new member could keep
+    the subject); during a refresh the delete takes every epoch, prepared too."""
     s = open_session(conn)
-    if s is None or s.kind not in (REFRESH, RESHARE):
-        return
-    if s.kind == RESHARE:
+    if s is not None and s.kind == RESHARE:
         raise status.FailedPrecondition(
             f"Maintenance in progress on this node ({_describe(s)}); deletion is paused until the committee "
             "change ends. Retry later."
         )
-    conn.execute("DELETE FROM prepared_shares WHERE tenant = ? AND subject = ?", (tenant, subject))
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -358,7 +358,9 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         conn = self._conn()
         old = conn.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (s.from_epoch,)).fetchone()[0]
         new = conn.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
-        prepared = conn.execute("SELECT COUNT(*) FROM prepared_shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
+        prepared = 0
+        if s.state in (BEGUN, PREPARED, ABORTED):
+            prepared, new = new, 0
         new_index = s.plan.new.get(self.name, 0)
         return admin_pb2.SessionStatus(
             session_id=s.session_id, kind=_KIND[s.kind], state=_STATE[s.state], from_epoch=s.from_epoch,
@@ -498,8 +500,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             )
         with self._phase_lock:
             self._delete_chunks(
-                "SELECT rowid FROM prepared_shares WHERE epoch = ? LIMIT ?", (s.new_epoch,),
-                "DELETE FROM prepared_shares WHERE rowid IN ({})", "maintenance_abort_batch", s, actor,
+                "SELECT rowid FROM shares WHERE epoch = ? LIMIT ?", (s.new_epoch,),
+                "DELETE FROM shares WHERE rowid IN ({})", "maintenance_abort_batch", s, actor,
             )
 
             def job(tx: Tx):
@@ -507,7 +509,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 cur = load_session(conn, s.session_id)
                 if cur.state in (COMMITTED, FINALIZED):
                     raise status.FailedPrecondition(f"Session {s.session_id} was committed meanwhile.")
-                conn.execute("DELETE FROM prepared_shares WHERE epoch = ?", (s.new_epoch,))
+                conn.execute("DELETE FROM shares WHERE epoch = ?", (s.new_epoch,))
                 _close_session(conn, s.session_id, ABORTED)
                 tx.append("maintenance_abort", actor=actor, request_id=s.session_id, details={"kind": s.kind, "was": cur.state})
                 return load_session(conn, s.session_id)
@@ -544,7 +546,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         launched: deque = deque()
         try:
             total = reader.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (s.from_epoch,)).fetchone()[0]
-            done = reader.execute("SELECT COUNT(*) FROM prepared_shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
+            done = reader.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
             yield admin_pb2.PrepareSessionResponse(done=done, total=total)
             seed = self._seed(s)
             cursor = [("", "")]
@@ -555,7 +557,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 # are being sealed and written.
                 rows = reader.execute(
                     f"SELECT {store.SHARE_COLUMNS} FROM shares s WHERE s.epoch = ? AND (s.tenant, s.subject) > (?, ?) "
-                    "AND NOT EXISTS (SELECT 1 FROM prepared_shares p WHERE p.tenant = s.tenant AND p.subject = s.subject "
+                    "AND NOT EXISTS (SELECT 1 FROM shares p WHERE p.tenant = s.tenant AND p.subject = s.subject "
                     "AND p.epoch = ?) ORDER BY s.tenant, s.subject LIMIT ?",
                     (s.from_epoch, *cursor[0], s.new_epoch, CHUNK),
                 ).fetchall()
@@ -678,19 +680,17 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             cur = load_session(conn, s.session_id)
             if cur is None or cur.state != BEGUN:
                 raise status.FailedPrecondition(f"Session {s.session_id} is no longer being prepared on this node.")
-            kept = []
-            for item in items:
-                if check_old:
-                    # A subject deleted meanwhile stays deleted.
-                    alive = conn.execute(
-                        "SELECT 1 FROM shares WHERE tenant = ? AND subject = ? AND epoch = ? AND request_id = ?",
-                        (item[0], item[1], s.from_epoch, item[9]),
-                    ).fetchone()
-                    if not alive:
-                        continue
-                kept.append(item)
+            kept = items
+            if check_old and items:
+                # A subject deleted meanwhile stays deleted (items are in key order).
+                alive = set(conn.execute(
+                    "SELECT tenant, subject, request_id FROM shares WHERE epoch = ? AND (tenant, subject) >= (?, ?) "
+                    "AND (tenant, subject) <= (?, ?)",
+                    (s.from_epoch, items[0][0], items[0][1], items[-1][0], items[-1][1]),
+                ))
+                kept = [item for item in items if (item[0], item[1], item[9]) in alive]
             conn.executemany(
-                f"INSERT OR REPLACE INTO prepared_shares ({store.SHARE_COLUMNS}) VALUES ({','.join('?' * 15)})", kept
+                f"INSERT OR REPLACE INTO shares ({store.SHARE_COLUMNS}) VALUES ({','.join('?' * 15)})", kept
             )
             if kept:
                 tx.append("epoch_prepare_batch", actor=actor, request_id=s.session_id, details={
@@ -709,13 +709,13 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 return cur
             if check_complete:
                 left = conn.execute(
-                    "SELECT COUNT(*) FROM shares s WHERE s.epoch = ? AND NOT EXISTS (SELECT 1 FROM prepared_shares p "
+                    "SELECT COUNT(*) FROM shares s WHERE s.epoch = ? AND NOT EXISTS (SELECT 1 FROM shares p "
                     "WHERE p.tenant = s.tenant AND p.subject = s.subject AND p.epoch = ?)",
                     (s.from_epoch, s.new_epoch),
                 ).fetchone()[0]
                 if left:
                     raise status.Aborted(f"{left} record(s) are not prepared yet; run the step again.")
-            prepared = conn.execute("SELECT COUNT(*) FROM prepared_shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
+            prepared = conn.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
             conn.execute(
                 "UPDATE maintenance_sessions SET state = ?, skipped = ?, updated_ms = ? WHERE session_id = ?",
                 (PREPARED, skipped, now_ms(), s.session_id),
@@ -744,9 +744,9 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         k_new, n_new = s.plan.new_threshold, len(s.plan.new)
         reader = store.connect(self.cfg.db_path)
         try:
-            done = reader.execute("SELECT COUNT(*) FROM prepared_shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
+            done = reader.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
             last = reader.execute(
-                "SELECT tenant, subject FROM prepared_shares WHERE epoch = ? ORDER BY tenant DESC, subject DESC LIMIT 1",
+                "SELECT tenant, subject FROM shares WHERE epoch = ? ORDER BY tenant DESC, subject DESC LIMIT 1",
                 (s.new_epoch,),
             ).fetchone()
             skipped = s.skipped
@@ -986,14 +986,13 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 cursor = (olds[-1].tenant, olds[-1].subject)
                 olds = [r for r in olds if (r.tenant, r.subject) not in exclude]
                 news = {}
-                for table in ("shares", "prepared_shares"):
-                    for r in reader.execute(
-                        f"SELECT {store.SHARE_COLUMNS} FROM {table} WHERE epoch = ? AND (tenant, subject) >= (?, ?) "
-                        "AND (tenant, subject) <= (?, ?)",
-                        (s.new_epoch, *first, *cursor),
-                    ):
-                        row = store._share_row(r)
-                        news[(row.tenant, row.subject)] = row
+                for r in reader.execute(
+                    f"SELECT {store.SHARE_COLUMNS} FROM shares WHERE epoch = ? AND (tenant, subject) >= (?, ?) "
+                    "AND (tenant, subject) <= (?, ?)",
+                    (s.new_epoch, *first, *cursor),
+                ):
+                    row = store._share_row(r)
+                    news[(row.tenant, row.subject)] = row
                 by_width: dict[int, list] = {}
                 for old in olds:
                     new = news.get((old.tenant, old.subject))
@@ -1047,69 +1046,39 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
     def CommitSession(self, request, context):
         actor = str(caller(context))
         s = self._session(request.session_id, states=(PREPARED, COMMITTED, FINALIZED))
+        serves_new = self.name in s.plan.new
         if s.state != PREPARED:
+            if serves_new and s.state == COMMITTED:
+                self.sh.serving_epoch = max(self.sh.serving_epoch, s.new_epoch)
             yield admin_pb2.CommitSessionResponse(status=self._status(s))
             return
-        if not self._phase_lock.acquire(timeout=PEER_TIMEOUT_S):
-            raise status.Aborted("Another step of this session is still running on this node; retry.")
-        try:
-            conn = self._conn()
-            total = conn.execute("SELECT COUNT(*) FROM prepared_shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
-            done = 0
-            yield admin_pb2.CommitSessionResponse(done=done, total=total)
+        plan = s.plan
 
-            def move(tx: Tx) -> int:
-                c = tx.conn
-                cur = load_session(c, s.session_id)
-                if cur.state != PREPARED:
-                    return 0
-                ids = [r[0] for r in c.execute(
-                    "SELECT rowid FROM prepared_shares WHERE epoch = ? LIMIT ?", (s.new_epoch, MOVE_CHUNK))]
-                if not ids:
-                    return 0
-                marks = ",".join("?" * len(ids))
-                c.execute(f"INSERT OR REPLACE INTO shares ({store.SHARE_COLUMNS}) SELECT {store.SHARE_COLUMNS} "
-                          f"FROM prepared_shares WHERE rowid IN ({marks})", ids)
-                c.execute(f"DELETE FROM prepared_shares WHERE rowid IN ({marks})", ids)
-                tx.append("epoch_commit_batch", actor=actor, request_id=s.session_id,
-                          details={"kind": s.kind, "new_epoch": s.new_epoch, "records": len(ids)})
-                return len(ids)
+        def job(tx: Tx) -> Session:
+            # One transaction: the prepared rows are already in place, the
+            # node's current epoch moves on and it serves both epochs.
+            c = tx.conn
+            cur = load_session(c, s.session_id)
+            if cur.state != PREPARED:
+                return cur
+            c.execute("UPDATE maintenance_sessions SET state = ?, updated_ms = ? WHERE session_id = ?",
+                      (COMMITTED, now_ms(), s.session_id))
+            if serves_new:
+                committee = {"members": plan.new, "threshold": plan.new_threshold}
+                c.execute("UPDATE node_state SET current_epoch = ?, committee_json = ?, updated_ms = ? WHERE id = 1",
+                          (s.new_epoch, json.dumps(committee, sort_keys=True), now_ms()))
+            served = c.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
+            tx.append("epoch_commit", actor=actor, request_id=s.session_id, details={
+                "kind": s.kind, "from_epoch": s.from_epoch, "new_epoch": s.new_epoch, "records_new": served,
+                "serving": [s.from_epoch, s.new_epoch] if serves_new else [s.from_epoch],
+            })
+            return load_session(c, s.session_id)
 
-            while True:
-                if not context.is_active():
-                    return
-                moved = self._commit(move)
-                if not moved:
-                    break
-                done += moved
-                yield admin_pb2.CommitSessionResponse(done=done, total=total)
-            plan = s.plan
-
-            def finish(tx: Tx) -> Session:
-                c = tx.conn
-                cur = load_session(c, s.session_id)
-                if cur.state != PREPARED:
-                    return cur
-                left = c.execute("SELECT COUNT(*) FROM prepared_shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
-                if left:
-                    raise status.Aborted("Prepared rows remain; run the step again.")
-                c.execute("UPDATE maintenance_sessions SET state = ?, updated_ms = ? WHERE session_id = ?",
-                          (COMMITTED, now_ms(), s.session_id))
-                if self.name in plan.new:
-                    committee = {"members": plan.new, "threshold": plan.new_threshold}
-                    c.execute("UPDATE node_state SET current_epoch = ?, committee_json = ?, updated_ms = ? WHERE id = 1",
-                              (s.new_epoch, json.dumps(committee, sort_keys=True), now_ms()))
-                served = c.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
-                tx.append("epoch_commit", actor=actor, request_id=s.session_id, details={
-                    "kind": s.kind, "from_epoch": s.from_epoch, "new_epoch": s.new_epoch, "records_new": served,
-                    "serving": [s.from_epoch, s.new_epoch] if self.name in plan.new else [s.from_epoch],
-                })
-                return load_session(c, s.session_id)
-
-            final = self._commit(finish)
-            yield admin_pb2.CommitSessionResponse(done=done, total=total, status=self._status(final))
-        finally:
-            self._phase_lock.release()
+        final = self._commit(job)
+        if serves_new:
+            self.sh.serving_epoch = max(self.sh.serving_epoch, s.new_epoch)
+        st = self._status(final)
+        yield admin_pb2.CommitSessionResponse(done=st.records_new, total=st.records_new, status=st)
 
     def FinalizeSession(self, request, context):
         actor = str(caller(context))
@@ -1142,7 +1111,6 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 left = c.execute("SELECT COUNT(*) FROM shares WHERE epoch < ?", (s.new_epoch,)).fetchone()[0]
                 if left:
                     raise status.Aborted("Old-epoch rows remain; run the step again.")
-                c.execute("DELETE FROM prepared_shares WHERE epoch <= ?", (s.new_epoch,))
                 _close_session(c, s.session_id, FINALIZED)
                 served = c.execute("SELECT COUNT(*) FROM shares").fetchone()[0]
                 tx.append("epoch_finalize", actor=actor, request_id=s.session_id, details={

@@ -164,6 +164,10 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         self.keys = keys
         self.writer = writer
         self.state = state
+        # The newest epoch this node serves. Rows of a later epoch are being
+        # prepared by a refresh or reshare (shareholders.epochs) and are not
+        # released until that session commits, which moves this on.
+        self.serving_epoch = state.current_epoch
         self.name = cfg.name
         self.index = cfg.index
         self._log = logging.getLogger("shareholders")
@@ -431,7 +435,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
 
         def job(tx: Tx):
             ring = self.keys.kek  # as it is now: a KEK rotation re-wraps rows as it goes
-            rows = store.subject_rows(tx.conn, tenant, subject)
+            rows = [r for r in store.subject_rows(tx.conn, tenant, subject) if r.epoch <= self.serving_epoch]
             if not rows:
                 entry = tx.append("deny", **who, details={**base, "reason": "not_found"})
                 return Refused(status.NotFound("No share is stored for this subject."), "not_found", entry.seq)

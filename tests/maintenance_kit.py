@@ -44,9 +44,11 @@ def epochs_held(db: pathlib.Path) -> dict[int, int]:
 
 
 def prepared_rows(db: pathlib.Path) -> int:
+    """Rows of an epoch the node does not serve yet (prepared by an open session)."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
     try:
-        return conn.execute("SELECT COUNT(*) FROM prepared_shares").fetchone()[0]
+        return conn.execute(
+            "SELECT COUNT(*) FROM shares WHERE epoch > (SELECT current_epoch FROM node_state WHERE id = 1)").fetchone()[0]
     finally:
         conn.close()
 

@@ -70,7 +70,7 @@ def test_refresh_keeps_every_template_and_leaves_one_epoch(vault):
         assert prepared_rows(_db(c, name)) == 0
         events = audit_events(_db(c, name))
         for event in ("maintenance_begin", "epoch_prepare_batch", "epoch_prepare", "refresh_deal", "refresh_check",
-                      "epoch_commit_batch", "epoch_commit", "epoch_destroy_batch", "epoch_finalize"):
+                      "epoch_commit", "epoch_destroy_batch", "epoch_finalize"):
             assert event in events, (name, event)
     verify_all(c.client_, c.templates, SUBJECTS[:6], c.impostor)
     assert c.client_.verify(SUBJECTS[0], c.templates[SUBJECTS[0]]).epoch == 2
@@ -171,14 +171,14 @@ def test_check_catches_a_damaged_prepared_share_and_rolls_back(vault):
     ring = node.service.keys.kek
     conn = sqlite3.connect(node.cfg.db_path)
     row = conn.execute("SELECT tenant, subject, epoch, idx, kek_version, wrapped_dk, nonce, ciphertext, dimension, "
-                       "mac_count FROM prepared_shares ORDER BY subject LIMIT 1").fetchone()
+                       "mac_count FROM shares WHERE epoch = 2 ORDER BY subject LIMIT 1").fetchone()
     aad = record.record_identity(row[0], row[1], row[3], row[2])
     values = record.unpack_values(envelope.open(ring, aad, envelope.SealedShare(row[4], row[5], row[6], row[7])),
                                   row[8] + 2 * row[9])
     values[5] = (int(values[5]) + 1) % P
     sealed = envelope.seal(ring, aad, record.pack_values(values))
-    conn.execute("UPDATE prepared_shares SET kek_version=?, wrapped_dk=?, nonce=?, ciphertext=? WHERE tenant=? AND subject=?",
-                 (sealed.kek_version, sealed.wrapped_dk, sealed.nonce, sealed.ciphertext, row[0], row[1]))
+    conn.execute("UPDATE shares SET kek_version=?, wrapped_dk=?, nonce=?, ciphertext=? WHERE tenant=? AND subject=? "
+                 "AND epoch = 2", (sealed.kek_version, sealed.wrapped_dk, sealed.nonce, sealed.ciphertext, row[0], row[1]))
     conn.commit()
     conn.close()
     with pytest.raises(MaintenanceError) as err:
@@ -197,6 +197,10 @@ def test_deletion_during_a_refresh(vault):
     c = vault
     report = _refresh(c, check_only=True)
     assert report["state"] == "prepared"
+    for name in c.names:  # prepared beside the old epoch, not served
+        assert epochs_held(_db(c, name)) == {1: len(SUBJECTS), 2: len(SUBJECTS)}
+        assert prepared_rows(_db(c, name)) == len(SUBJECTS)
+    assert c.client_.verify(SUBJECTS[0], c.templates[SUBJECTS[0]]).epoch == 1
     gone = SUBJECTS[5]
     reply = c.client_.delete(gone)
     assert reply.complete
