@@ -4,7 +4,9 @@ verification a payment provider signed, logging every step in its own
 hash-chained audit log.
 
 Modules: ``config`` (TOML -> NodeConfig, key files), ``store`` (SQLite
-schema and queries), ``audit_log`` (the single writer: group commit and the
-hash chain), ``service`` (the ``Shareholder`` gRPC servicer), ``server``
-(``serve(config) -> NodeRunning``), ``__main__`` (``python -m shareholders``).
+schema, migrations and queries), ``audit_log`` (the database writer: group
+commit and the hash chain), ``service`` (the ``Shareholder`` gRPC servicer),
+``rotation`` (KEK rotation), ``epochs`` (refresh and reshare sessions),
+``server`` (``serve(config) -> NodeRunning``), ``__main__`` (``python -m
+shareholders``), ``testing`` (throw-away nodes for tests and benchmarks).
 """
