@@ -45,6 +45,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import queue
 import re
 import sqlite3
 import threading
@@ -102,13 +104,18 @@ _STATE = {
 CHUNK = 512
 # Chunks whose peer calls are under way while the current one is sealed.
 PIPELINE = 3
+# Prepared rows per transaction: short enough that a verification's audit
+# entry, committed in the same group, is not held up for long.
+WRITE_CHUNK = 128
 # Rows moved or deleted per transaction in commit and finalize: small enough
 # that verifications committing beside them are not held up.
-MOVE_CHUNK = 1024
+MOVE_CHUNK = 256
 # Most records one peer call may ask for.
 MAX_KEYS = 4096
 # Deadline of a node-to-node call.
 PEER_TIMEOUT_S = 60.0
+# Niceness of the maintenance worker threads (RPC threads stay at 0).
+WORKER_NICE = 10
 _SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{7,63}$")
 _SEED_DOMAIN = b"splitvault/session-seed/v1\x00"
 _log = logging.getLogger("shareholders.epochs")
@@ -305,7 +312,11 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         # One long phase (prepare, commit, finalize) at a time: a rerun whose
         # predecessor's stream was cut waits for it to notice and stop.
         self._phase_lock = threading.Lock()
-        self._pool = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="epochs")
+        # The heavy work (dealing, preparing, checking) runs in these threads,
+        # at a lower CPU priority than the node's RPC threads, so that
+        # verifications keep their latency while a refresh runs beside them.
+        self._pool = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="epochs",
+                                                initializer=_lower_priority)
 
     def close(self) -> None:
         self.peers.close()
@@ -314,6 +325,46 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             self._seeds.clear()
 
     # --- plumbing ----------------------------------------------------------------
+
+    def _background(self, fn, *args):
+        """Run fn(*args) in a low-priority worker and return its result here."""
+        return self._pool.submit(fn, *args).result()
+
+    def _stream_background(self, gen_fn, *args):
+        """Run a generator in a low-priority worker; yield its items here."""
+        items: queue.Queue = queue.Queue(maxsize=16)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    items.put(item, timeout=0.5)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def run() -> None:
+            try:
+                for value in gen_fn(*args):
+                    if not put(("item", value)):
+                        return
+                put(("end", None))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the RPC thread
+                put(("error", exc))
+
+        self._pool.submit(run)
+        try:
+            while True:
+                kind, value = items.get()
+                if kind == "item":
+                    yield value
+                elif kind == "end":
+                    return
+                else:
+                    raise value
+        finally:
+            stop.set()
 
     def _conn(self) -> sqlite3.Connection:
         return self.sh._reader()
@@ -530,10 +581,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         if not self._phase_lock.acquire(timeout=PEER_TIMEOUT_S):
             raise status.Aborted("Another step of this session is still running on this node; retry.")
         try:
-            if s.kind == REFRESH:
-                yield from self._prepare_refresh(s, request, context, actor)
-            else:
-                yield from self._prepare_reshare(s, request, context, actor)
+            work = self._prepare_refresh if s.kind == REFRESH else self._prepare_reshare
+            yield from self._stream_background(work, s, request, context, actor)
         finally:
             self._phase_lock.release()
 
@@ -579,8 +628,10 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 if more:
                     more = launch()
                 items = self._finish_refresh_chunk(s, seed, chunk)
-                inflight.append(self.writer.submit(self._prepared_job(s, items, actor, check_old=True)))
-                while len(inflight) > 1:
+                for lo in range(0, len(items), WRITE_CHUNK):
+                    inflight.append(self.writer.submit(
+                        self._prepared_job(s, items[lo : lo + WRITE_CHUNK], actor, check_old=True)))
+                while len(inflight) > 4:
                     done += self._settle(inflight.popleft())
                     yield admin_pb2.PrepareSessionResponse(done=done, total=total)
             while inflight:
@@ -789,8 +840,10 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 cursor = (page.items[-1].tenant, page.items[-1].subject)
                 rows, chunk_skipped = self._reshare_rows(s, page.items, answers, senders, xs, k_new, n_new, ring)
                 skipped += chunk_skipped
-                inflight.append(self.writer.submit(self._prepared_job(s, rows, actor, check_old=False)))
-                while len(inflight) > 1:
+                for lo in range(0, len(rows), WRITE_CHUNK):
+                    inflight.append(self.writer.submit(
+                        self._prepared_job(s, rows[lo : lo + WRITE_CHUNK], actor, check_old=False)))
+                while len(inflight) > 4:
                     done += self._settle(inflight.pop(0))
                     yield admin_pb2.PrepareSessionResponse(done=done)
             while inflight:
@@ -851,6 +904,9 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         return who.name, committee[who.name]
 
     def GetRefreshDeltas(self, request, context):
+        return self._background(self._get_refresh_deltas, request, context)
+
+    def _get_refresh_deltas(self, request, context):
         s = self._session(request.session_id, states=(BEGUN, PREPARED, COMMITTED))
         if s.kind != REFRESH:
             raise status.FailedPrecondition(f"Session {s.session_id} is not a refresh.")
@@ -889,6 +945,9 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         return admin_pb2.GetRefreshDeltasResponse(values=parts, masks=masks)
 
     def GetReshareShares(self, request, context):
+        return self._background(self._get_reshare_shares, request, context)
+
+    def _get_reshare_shares(self, request, context):
         s = self._session(request.session_id, states=(BEGUN, PREPARED))
         if s.kind != RESHARE:
             raise status.FailedPrecondition(f"Session {s.session_id} is not a reshare.")
@@ -950,6 +1009,9 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
     # --- check ---------------------------------------------------------------------
 
     def CheckRefresh(self, request, context):
+        return self._background(self._check_refresh, request, context)
+
+    def _check_refresh(self, request, context):
         s = self._session(request.session_id, states=(PREPARED, COMMITTED))
         if s.kind != REFRESH:
             raise status.FailedPrecondition("The check applies to a refresh session.")
@@ -1162,6 +1224,14 @@ def _close_session(conn: sqlite3.Connection, session_id: str, state: str) -> Non
         "seed_ciphertext = NULL, updated_ms = ? WHERE session_id = ?",
         (state, now_ms(), session_id),
     )
+
+
+def _lower_priority() -> None:
+    # Linux schedules threads as tasks: nice this worker thread only.
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
+    except (OSError, AttributeError):
+        pass
 
 
 def _checkpoint_wal(db_path) -> None:
