@@ -54,7 +54,7 @@ def _assert_whole(state, note=""):
         db = root / "nodes" / name / "shares.db"
         assert epochs_held(db) == {state["epoch"]: COUNT}, (note, name, epochs_held(db))
         assert prepared_rows(db) == 0, (note, name)
-    assert not (root / "maintenance" / "session.json").exists()
+    assert not (root / "maintenance" / "epoch-session.json").exists()
     sample = _sample(state)
     with MatcherClient.from_cluster_dir(root) as client:
         verify_all(client, state["templates"], sample, state["impostor"], noise_seed=state["epoch"] * 10)
@@ -75,7 +75,7 @@ def test_cli_killed_then_rerun_completes(running, fault):
     state = running
     first = _refresh(state, fault)
     assert first.returncode == -9, (first.returncode, first.stderr[-1500:])
-    assert (state["root"] / "maintenance" / "session.json").exists()
+    assert (state["root"] / "maintenance" / "epoch-session.json").exists()
     with MatcherClient.from_cluster_dir(state["root"]) as client:  # verification goes on meanwhile
         verify_all(client, state["templates"], _sample(state, 2), state["impostor"], noise_seed=99)
     second = _refresh(state)
@@ -114,11 +114,11 @@ def test_abort_rolls_back_a_session_no_node_committed(running):
     # A second auditor workstation (no session file) is refused, naming the session.
     import shutil
 
-    moved = state["root"] / "maintenance" / "session.json.elsewhere"
-    shutil.move(state["root"] / "maintenance" / "session.json", moved)
+    moved = state["root"] / "maintenance" / "epoch-session.json.elsewhere"
+    shutil.move(state["root"] / "maintenance" / "epoch-session.json", moved)
     other = _refresh(state)
     assert other.returncode == 2 and "refresh-" in json_out(other)["error"]["message"]
-    shutil.move(moved, state["root"] / "maintenance" / "session.json")
+    shutil.move(moved, state["root"] / "maintenance" / "epoch-session.json")
     aborted = vaultctl("refresh", "--dir", state["root"], "--abort", "--format", "json")
     assert aborted.returncode == 0, aborted.stderr
     assert json_out(aborted)["state"] == "aborted"
@@ -139,3 +139,28 @@ def test_committed_session_cannot_be_aborted(running):
     assert done.returncode == 0, done.stderr[-2000:]
     state["epoch"] = json_out(done)["new_epoch"]
     _assert_whole(state, "forward")
+
+
+def test_refresh_with_an_auditor_config(running, tmp_path):
+    """A real deployment's form: `--config` naming the nodes, TLS and a state folder."""
+    state = running
+    info = cluster.status(state["root"])
+    lines = [
+        "[auditor]", "threshold = 2", f'state_dir = "{tmp_path / "state"}"', "",
+        "[tls]", f'ca = "{info["tls"]["ca"]}"', f'cert = "{info["tls"]["auditor"]["cert"]}"',
+        f'key = "{info["tls"]["auditor"]["key"]}"', "",
+    ]
+    for n in info["shareholders"]:
+        lines += ["[[shareholders]]", f'name = "{n["name"]}"', f'index = {n["index"]}', f'address = "{n["address"]}"', ""]
+    config = tmp_path / "auditor.toml"
+    config.write_text("\n".join(lines))
+    env = {"VAULTCTL_FAULT": "commit:1:self"}
+    first = vaultctl("refresh", "--config", config, "--format", "json", "--drain", "0", env=env)
+    assert first.returncode == -9
+    assert (tmp_path / "state" / "epoch-session.json").exists()
+    done = vaultctl("refresh", "--config", config, "--format", "json", "--drain", "0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json_out(done)
+    assert report["resumed"] and report["state"] == "finalized"
+    state["epoch"] = report["new_epoch"]
+    _assert_whole(state, "--config")

@@ -63,7 +63,7 @@ def _assert_committee(state, nodes: list[str], k: int, gone: list[str], note="")
         db = root / "nodes" / name / "shares.db"
         assert epochs_held(db) == {}, (note, name)  # the old committee's shares are destroyed
         assert not (root / "nodes" / name / "pid").exists()
-    assert not (root / "maintenance" / "session.json").exists()
+    assert not (root / "maintenance" / "epoch-session.json").exists()
     matcher = json.loads((root / "matcher" / "ready.json").read_text())
     assert [m["name"] for m in matcher["committee"]] == nodes and matcher["threshold"] == k
     sample = _sample(state)

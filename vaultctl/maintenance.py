@@ -5,7 +5,7 @@ display and the test seam for crash injection.
 - ``Admin``: one mTLS channel per node with the auditor's certificate;
   ``ShareholderAdmin`` and ``Shareholder.GetNodeInfo`` calls with deadlines,
   fanned out in parallel; streaming phases report progress.
-- ``SessionFile``: ``<state dir>/session.json`` names the session this
+- ``SessionFile``: ``<state dir>/epoch-session.json`` names the session this
   auditor workstation is driving (written BEFORE any node hears of it, so a
   CLI killed at any point finds it again), guarded by an ``flock`` so that
   two vaultctl processes never drive a session at once (the lock dies with
@@ -179,22 +179,22 @@ class SessionRecord:
 
 
 class SessionFile:
-    """``session.json`` in a state folder, under an exclusive flock."""
+    """``epoch-session.json`` in a state folder, under an exclusive flock."""
 
     def __init__(self, folder: pathlib.Path):
         self.folder = pathlib.Path(folder)
-        self.path = self.folder / "session.json"
+        self.path = self.folder / "epoch-session.json"
         self._lock_fd: int | None = None
 
     def lock(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self.folder / "epoch-session.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise MaintenanceError(
-                f"Another vaultctl maintenance command is running on {self.folder.parent} (lock {self.folder / 'lock'}); "
+                f"Another vaultctl refresh or reshare is running from {self.folder} (lock {self.folder / 'epoch-session.lock'}); "
                 "wait for it to end.", remote=False) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())

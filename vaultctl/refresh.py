@@ -7,7 +7,7 @@ before the refresh are worthless after it. The steps (docs/operations.md):
 
 1. begin   every node takes its maintenance lock for one session id and
            draws its dealing seed; the session id is written to
-           D/maintenance/session.json first, so a rerun finds it;
+           D/maintenance/epoch-session.json first, so a rerun finds it;
 2. prepare every node pulls its zero-sharing values from every peer (node to
            node) and writes its new shares beside the old ones, unserved;
 3. check   (default on) the auditor sends random public challenges; each
@@ -274,23 +274,29 @@ def _session_keys(admin: Admin, name: str, sid: str) -> list[tuple[str, str]]:
 # --- the command ------------------------------------------------------------------------------
 
 
-def cluster_nodes(root: pathlib.Path) -> tuple[list[Node], int, object]:
-    """The committee of a local cluster directory: nodes (with addresses), k, auditor TLS."""
-    from vault import pki
-    from vaultctl import cluster
+def target_nodes(args) -> tuple[list[Node], int, object, pathlib.Path]:
+    """The committee of ``--dir`` or ``--config``: nodes (with addresses), k,
+    the auditor's TLS material and the state folder (vaultctl.auditor)."""
+    from vaultctl import auditor
 
-    spec = cluster.load_spec(root)
-    paths = cluster.Paths(root)
+    try:
+        target = auditor.from_args(args)
+    except auditor.TargetError as exc:
+        raise MaintenanceError(str(exc), remote=False) from None
     nodes = []
-    for i, name in enumerate(spec.nodes, start=1):
-        ready = cluster._read_json(paths.ready(spec, name))
-        if not ready or not ready.get("address"):
-            raise MaintenanceError(
-                f"Shareholder {name} of {root} is not running; start the cluster (`vaultctl cluster up --dir {root}`) "
-                "and run the command again.", node=name)
-        nodes.append(Node(name, i, ready["address"]))
-    tls = paths.tls(pki.ROLE_AUDITOR, spec.auditor).load()
-    return nodes, spec.threshold, tls
+    for ref in target.nodes:
+        if ref.retired:
+            continue
+        if not ref.address:
+            hint = f"`vaultctl cluster up --dir {args.dir}`" if args.dir is not None else "it"
+            raise MaintenanceError(f"Shareholder {ref.name} is not running; start {hint} and run the command again.",
+                                   node=ref.name)
+        nodes.append(Node(ref.name, ref.index, ref.address))
+    try:
+        tls = target.tls.load()
+    except ValueError as exc:
+        raise MaintenanceError(str(exc), remote=False) from None
+    return nodes, target.threshold, tls, pathlib.Path(target.state_dir)
 
 
 def state_dir(root: pathlib.Path) -> pathlib.Path:
@@ -339,7 +345,7 @@ def _lines(report: dict) -> list[str]:
     return lines
 
 
-@command("refresh", help="proactive share refresh to a new epoch (resumable)", arguments=_args, target="dir")
+@command("refresh", help="proactive share refresh to a new epoch (resumable)", arguments=_args, target="any")
 def _refresh(args) -> Result:
     import os
 
@@ -349,15 +355,11 @@ def _refresh(args) -> Result:
         raise CliError("--abort takes no check option.")
     if not 1 <= args.challenges <= 16:
         raise CliError("--challenges must be from 1 to 16.")
-    from vaultctl import cluster
-
     try:
-        nodes, k, tls = cluster_nodes(args.dir)
-    except cluster.ClusterError as exc:
-        raise CliError(str(exc)) from None
+        nodes, k, tls, folder = target_nodes(args)
     except MaintenanceError as exc:
-        raise RemoteError(exc.message, **exc.details) from None
-    sessions = SessionFile(state_dir(args.dir))
+        raise (RemoteError if exc.remote else CliError)(exc.message, **exc.details) from None
+    sessions = SessionFile(folder)
     admin = Admin(nodes, tls)
     progress = Progress(progress_enabled(args.format))
     try:
@@ -365,7 +367,7 @@ def _refresh(args) -> Result:
         report = refresh_session(
             admin, nodes, k, sessions, check=not args.no_check, check_only=args.check, abort=args.abort,
             challenges=args.challenges, drain_s=args.drain, progress=progress,
-            faults=Faults.from_env(kill_node_for(args.dir)),
+            faults=Faults.from_env(kill_node_for(args.dir) if args.dir is not None else None),
         )
     except MaintenanceError as exc:
         cls = RemoteError if exc.remote else CliError

@@ -14,7 +14,7 @@ extended vector, so the MACs still verify. Steps (docs/operations.md):
 1. plan     new nodes get the next free names (bank-d, ...), and indices after
             the old ones; shrinking drops the highest indices; ``--replace``
             gives a new node the replaced one's index. The plan is written to
-            D/maintenance/session.json before anything else happens;
+            D/maintenance/epoch-session.json before anything else happens;
 2. provision new nodes: certificate, KEK, audit key, config; started;
 3. begin    every node of both committees takes its lock for the session;
 4. prepare  every new member pulls its values from the senders;
