@@ -9,6 +9,8 @@ The crash points come from the CLI's test seam VAULTCTL_FAULT
 the CLI itself, or node=<name>)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -117,9 +119,12 @@ def test_abort_rolls_back_a_session_no_node_committed(running):
     moved = state["root"] / "maintenance" / "epoch-session.json.elsewhere"
     shutil.move(state["root"] / "maintenance" / "epoch-session.json", moved)
     other = _refresh(state)
-    assert other.returncode == 2 and "refresh-" in json_out(other)["error"]["message"]
-    shutil.move(moved, state["root"] / "maintenance" / "epoch-session.json")
-    aborted = vaultctl("refresh", "--dir", state["root"], "--abort", "--format", "json")
+    message = json_out(other)["error"]["message"]
+    assert other.returncode == 2 and "refresh-" in message and "--session" in message
+    sid = json.loads(moved.read_text())["session_id"]
+    moved.unlink()
+    # That workstation takes the session over by id and rolls it back.
+    aborted = vaultctl("refresh", "--dir", state["root"], "--abort", "--session", sid, "--format", "json")
     assert aborted.returncode == 0, aborted.stderr
     assert json_out(aborted)["state"] == "aborted"
     _assert_whole(state, "abort")  # same epoch as before, nothing prepared left

@@ -64,8 +64,12 @@ def refresh_session(
     drain_s: float = DEFAULT_DRAIN_S,
     progress: Progress | None = None,
     faults: Faults | None = None,
+    adopt: str | None = None,
 ) -> dict:
-    """Drive (start, resume, check-only or abort) a refresh; returns the report."""
+    """Drive (start, resume, check-only or abort) a refresh; returns the report.
+
+    ``adopt`` takes over an open session by id when this workstation has no
+    session file for it (another auditor's, or a lost state folder)."""
     progress = progress or Progress(False)
     faults = faults or Faults(None)
     names = [n.name for n in sorted(committee, key=lambda n: n.index)]
@@ -77,6 +81,19 @@ def refresh_session(
             f"A {saved.kind} session ({saved.session_id}) is open from this cluster directory; run "
             f"`vaultctl {saved.kind}` again to finish it, or abort it, first.", remote=False)
     open_now = admin.each(names, lambda name: admin.session(name))
+    if saved is None and adopt:
+        found = [s for s in admin.each(names, lambda name: admin.session(name, adopt)).values() if s is not None]
+        if not found:
+            raise MaintenanceError(f"No node knows session {adopt}.", remote=False)
+        if any(s.kind != _S.SESSION_KIND_REFRESH for s in found):
+            raise MaintenanceError(f"Session {adopt} is not a refresh.", remote=False)
+        members = [[n.name, n.index] for n in sorted(committee, key=lambda n: n.index)]
+        saved = SessionRecord(
+            session_id=adopt, kind="refresh", from_epoch=int(found[0].from_epoch), new_epoch=int(found[0].new_epoch),
+            old=members, new=members, old_threshold=threshold, new_threshold=threshold,
+            started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), extra={"adopted": True},
+        )
+        sessions.save(saved)
     if saved is None:
         foreign = {n: s for n, s in open_now.items() if s is not None}
         if foreign:
@@ -84,7 +101,8 @@ def refresh_session(
             raise MaintenanceError(
                 f"Node {name} has another open {KIND_NAMES.get(s.kind, '?')} session {s.session_id} "
                 f"(state {_state(s)}, begun by {s.actor}); it is not this workstation's. Finish it where it was "
-                "started, or abort it there.", status="FAILED_PRECONDITION")
+                f"started, or take it over with `--session {s.session_id}` (add --abort to roll it back).",
+                status="FAILED_PRECONDITION")
         if abort:
             return {"action": "abort", "session_id": None, "state": "none", "message": "No refresh session is open."}
         infos = admin.node_info(names)
@@ -316,6 +334,8 @@ def _args(p: argparse.ArgumentParser) -> None:
                    help="prepare (or resume), check that the templates are unchanged, and stop before the switch")
     p.add_argument("--no-check", action="store_true", help="skip the check (not recommended)")
     p.add_argument("--abort", action="store_true", help="roll back the open session (only before any node committed)")
+    p.add_argument("--session", default=None, metavar="ID",
+                   help="take over the open session ID (another workstation's, or a lost state folder)")
     p.add_argument("--challenges", type=int, default=CHECK_CHALLENGES, metavar="N", help="check challenges (default 3)")
     p.add_argument("--drain", type=float, default=DEFAULT_DRAIN_S, metavar="S",
                    help="seconds between the last commit and destroying the old epoch (default 2)")
@@ -366,7 +386,7 @@ def _refresh(args) -> Result:
         sessions.lock()
         report = refresh_session(
             admin, nodes, k, sessions, check=not args.no_check, check_only=args.check, abort=args.abort,
-            challenges=args.challenges, drain_s=args.drain, progress=progress,
+            challenges=args.challenges, drain_s=args.drain, progress=progress, adopt=args.session,
             faults=Faults.from_env(kill_node_for(args.dir) if args.dir is not None else None),
         )
     except MaintenanceError as exc:
