@@ -77,10 +77,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             signature BLOB NOT NULL
         )""",
     ),
-    # 2: maintenance sessions (shareholders.epochs): one row per refresh or
-    # reshare session (the lock is the row in an open state), and the
-    # prepared shares of the new epoch, sealed like shares and not served
-    # until the session commits.
+    # 2: maintenance sessions (shareholders.epochs, shareholders.rotation):
+    # one row per session; the row in an open state is the node's lock.
+    # (Prepared shares of a new epoch live in ``shares`` under that epoch,
+    # not served until the session commits: see ShareholderService.serving_epoch.)
     (
         """CREATE TABLE maintenance_sessions (
             session_id TEXT PRIMARY KEY,
@@ -99,24 +99,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             updated_ms INTEGER NOT NULL
         )""",
         "CREATE INDEX maintenance_by_state ON maintenance_sessions (state)",
-        """CREATE TABLE prepared_shares (
-            tenant TEXT NOT NULL,
-            subject TEXT NOT NULL,
-            epoch INTEGER NOT NULL,
-            idx INTEGER NOT NULL,
-            threshold INTEGER NOT NULL,
-            n INTEGER NOT NULL,
-            dimension INTEGER NOT NULL,
-            codec_version INTEGER NOT NULL,
-            mac_count INTEGER NOT NULL,
-            request_id TEXT NOT NULL,
-            kek_version INTEGER NOT NULL,
-            wrapped_dk BLOB NOT NULL,
-            nonce BLOB NOT NULL,
-            ciphertext BLOB NOT NULL,
-            stored_ms INTEGER NOT NULL,
-            PRIMARY KEY (tenant, subject, epoch)
-        )""",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
