@@ -3,32 +3,13 @@ only when one of those fails, lies or is slow (real nodes, real mTLS)."""
 from __future__ import annotations
 
 import time
-import zlib
 
 import grpc
 import numpy as np
 import pytest
 
-from test_matcher_harness import Committee, Tenant, noisy, unit
-
-
-@pytest.fixture()
-def rng(request):
-    return np.random.default_rng(zlib.crc32(request.node.name.encode()))
-
-
-@pytest.fixture()
-def committee(dev_pki, tmp_path):
-    made = []
-
-    def make(**kw):
-        c = Committee(dev_pki, tmp_path / f"c{len(made)}", **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
+from test_matcher_harness import Committee, noisy, unit
+from test_matcher_service import committee, rng  # noqa: F401 - shared fixtures
 
 
 def proxies_for_all(c: Committee, **behaviour):
