@@ -12,8 +12,13 @@
 7. restart the cluster on the same data -> MATCH again;
 8. each node's own audit log shows the verification of step 3 (read with
    the auditor's certificate; the chain is checked against the node's key);
-9. stop the cluster;
-10. scan every file the cluster wrote for any enrolled template or probe in
+9. the auditor refreshes every share to a new epoch (`vaultctl refresh`,
+   checked without rejoining any template) and the genuine probe still
+   MATCHes;
+10. the auditor verifies every node's audit chain and reconciles every share
+    release with a provider-signed ticket (`vaultctl audit verify/reconcile`);
+11. stop the cluster;
+12. scan every file the cluster wrote for any enrolled template or probe in
     the clear (float32, int8-quantised and field-encoded bytes).
 
 Exit status 0 only if every step behaved as expected. Processes are stopped
@@ -22,9 +27,11 @@ even when a step fails.
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import shutil
 import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -301,6 +308,38 @@ def run(root: pathlib.Path, subjects: int, seed: int, console, debug: bool = Fal
         story.step("Read each node's own audit log (auditor certificate) for the verification of step 3")
         _show_audit(story, root, info, audited_request, k)
 
+        story.step("Auditor: `vaultctl refresh` moves every share to a new epoch (same templates, none rejoined)")
+        refreshed, err = _vaultctl(root, "refresh")
+        check = (refreshed or {}).get("check") or {}
+        story.expect(
+            refreshed is not None and refreshed.get("state") == "finalized" and check.get("passed") is True,
+            f"epoch {refreshed and refreshed.get('from_epoch')} -> {refreshed and refreshed.get('new_epoch')}: "
+            f"{sum((refreshed or {}).get('records', {}).values())} shares re-randomised, check passed "
+            f"({check.get('challenges')} challenges) without rejoining a template; old shares destroyed",
+            f"refresh did not complete: {err or refreshed}",
+        )
+        result, err = _try_verify(client, who, genuine)
+        story.expect(
+            result is not None and result.decision == "MATCH" and result.epoch == (refreshed or {}).get("new_epoch"),
+            f"the genuine probe still MATCHes, now from epoch {getattr(result, 'epoch', '?')} shares",
+            f"expected MATCH after the refresh, got {err or result.decision}",
+        )
+
+        story.step("Auditor: `vaultctl audit verify` and `audit reconcile` over every node")
+        verified, err = _vaultctl(root, "audit", "verify")
+        story.expect(
+            verified is not None and verified.get("ok") is True,
+            "every node's hash chain and signed checkpoints verify against the keys recorded at set-up",
+            f"audit verify found a problem: {err or verified}",
+        )
+        reconciled, err = _vaultctl(root, "audit", "reconcile")
+        story.expect(
+            reconciled is not None and reconciled.get("ok") is True,
+            f"{reconciled and reconciled.get('verifications')} verifications reconciled: every share release "
+            "carries a provider-signed ticket, at most one share per node",
+            f"audit reconcile found a problem: {err or reconciled}",
+        )
+
         story.step("Stop the cluster")
         _close(client)
         client = None
@@ -342,6 +381,37 @@ def run(root: pathlib.Path, subjects: int, seed: int, console, debug: bool = Fal
     return 0
 
 
+def _brief(details_json: str) -> str:
+    """An audit entry's details for a reader: the provider-signed ticket it keeps
+    (for `audit reconcile`) is named, not dumped."""
+    try:
+        details = json.loads(details_json)
+    except json.JSONDecodeError:
+        return details_json[:120]
+    if isinstance(details, dict) and "ticket" in details:
+        key = details.get("key_id", "?")
+        details = {k: v for k, v in details.items() if k not in ("ticket", "ticket_sig", "ticket_expires_ms")}
+        details["ticket"] = f"signed by {key}, kept for reconcile"
+        details.pop("key_id", None)
+    return json.dumps(details, separators=(", ", ": "))
+
+
+def _vaultctl(root: pathlib.Path, *command: str, timeout_s: float = 300.0) -> tuple[dict | None, str]:
+    """Run one auditor command as a user would (``vaultctl ... --format json``): (its JSON, error)."""
+    argv = [sys.executable, "-m", "vaultctl", *command, "--dir", str(root), "--format", "json"]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return None, f"`vaultctl {' '.join(command)}` did not finish in {timeout_s:.0f} s"
+    try:
+        out = json.loads(done.stdout) if done.stdout.strip() else None
+    except json.JSONDecodeError:
+        out = None
+    if done.returncode != 0:
+        return None, f"`vaultctl {' '.join(command)}` exited {done.returncode}: {(done.stdout or done.stderr).strip()[:300]}"
+    return out, ""
+
+
 def _close(client) -> None:
     close = getattr(client, "close", None)
     if callable(close):
@@ -379,7 +449,7 @@ def _show_audit(story: Story, root: pathlib.Path, info: dict, request_id: str, k
         story.info(f"[bold]{name}[/bold] ({chain})")
         for e in mine:
             when = time.strftime("%H:%M:%S", time.localtime(e.time_ms / 1000))
-            story.info(f"  #{e.seq} {when} {e.event:<8} {e.tenant}/{e.subject} by {e.actor}  {e.details_json}")
+            story.info(f"  #{e.seq} {when} {e.event:<8} {e.tenant}/{e.subject} by {e.actor}  {_brief(e.details_json)}")
         if not mine:
             story.info("  (no entry: this node's share was not needed or it did not answer)")
     story.expect(
