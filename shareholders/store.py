@@ -79,8 +79,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # 2: maintenance sessions (shareholders.epochs, shareholders.rotation):
     # one row per session; the row in an open state is the node's lock.
-    # (Prepared shares of a new epoch live in ``shares`` under that epoch,
-    # not served until the session commits: see ShareholderService.serving_epoch.)
+    # prepared_shares is no longer written (prepared rows of a new epoch live
+    # in ``shares``, unserved until the session commits); it stays for the
+    # databases that have it, and rotation still checks it is empty of old KEKs.
     (
         """CREATE TABLE maintenance_sessions (
             session_id TEXT PRIMARY KEY,
@@ -99,6 +100,24 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             updated_ms INTEGER NOT NULL
         )""",
         "CREATE INDEX maintenance_by_state ON maintenance_sessions (state)",
+        """CREATE TABLE prepared_shares (
+            tenant TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            idx INTEGER NOT NULL,
+            threshold INTEGER NOT NULL,
+            n INTEGER NOT NULL,
+            dimension INTEGER NOT NULL,
+            codec_version INTEGER NOT NULL,
+            mac_count INTEGER NOT NULL,
+            request_id TEXT NOT NULL,
+            kek_version INTEGER NOT NULL,
+            wrapped_dk BLOB NOT NULL,
+            nonce BLOB NOT NULL,
+            ciphertext BLOB NOT NULL,
+            stored_ms INTEGER NOT NULL,
+            PRIMARY KEY (tenant, subject, epoch)
+        )""",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
