@@ -621,6 +621,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             while more and len(launched) < PIPELINE:
                 more = launch()
             inflight: deque = deque()
+            pace = _Pace(request.max_records_per_s)
             while launched:
                 if not context.is_active():
                     return
@@ -628,6 +629,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 if more:
                     more = launch()
                 items = self._finish_refresh_chunk(s, seed, chunk)
+                pace.step(len(items))
                 for lo in range(0, len(items), WRITE_CHUNK):
                     inflight.append(self.writer.submit(
                         self._prepared_job(s, items[lo : lo + WRITE_CHUNK], actor, check_old=True)))
@@ -806,9 +808,11 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             ring = self.sh.keys.kek
             inflight: list = []
             more = True
+            pace = _Pace(request.max_records_per_s)
             while more:
                 if not context.is_active():
                     return
+                pace.step(0)
                 try:
                     page = self.peers.stub(peers[lead_name][1]).GetReshareShares(
                         admin_pb2.GetReshareSharesRequest(
@@ -838,6 +842,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                     for call in calls.values():
                         call.cancel()
                 cursor = (page.items[-1].tenant, page.items[-1].subject)
+                pace.count += len(page.items)
                 rows, chunk_skipped = self._reshare_rows(s, page.items, answers, senders, xs, k_new, n_new, ring)
                 skipped += chunk_skipped
                 for lo in range(0, len(rows), WRITE_CHUNK):
@@ -1224,6 +1229,22 @@ def _close_session(conn: sqlite3.Connection, session_id: str, state: str) -> Non
         "seed_ciphertext = NULL, updated_ms = ? WHERE session_id = ?",
         (state, now_ms(), session_id),
     )
+
+
+class _Pace:
+    """Sleep as needed to stay under ``rate`` records per second (0: no limit)."""
+
+    def __init__(self, rate: int):
+        self.rate = int(rate)
+        self.count = 0
+        self.start = time.monotonic()
+
+    def step(self, records: int) -> None:
+        self.count += records
+        if self.rate > 0:
+            ahead = self.count / self.rate - (time.monotonic() - self.start)
+            if ahead > 0:
+                time.sleep(ahead)
 
 
 def _lower_priority() -> None:

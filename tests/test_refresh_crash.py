@@ -169,3 +169,14 @@ def test_refresh_with_an_auditor_config(running, tmp_path):
     assert report["resumed"] and report["state"] == "finalized"
     state["epoch"] = report["new_epoch"]
     _assert_whole(state, "--config")
+
+
+def test_paced_refresh(running):
+    """--pace caps each node's prepare rate (an operator's lever on a busy machine)."""
+    state = running
+    done = vaultctl("refresh", "--dir", state["root"], "--format", "json", "--drain", "0", "--pace", "400")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json_out(done)
+    assert report["timings"]["prepare_s"] >= COUNT / 400 * 0.8
+    state["epoch"] = report["new_epoch"]
+    _assert_whole(state, "paced")

@@ -65,6 +65,7 @@ def refresh_session(
     progress: Progress | None = None,
     faults: Faults | None = None,
     adopt: str | None = None,
+    pace: int = 0,
 ) -> dict:
     """Drive (start, resume, check-only or abort) a refresh; returns the report.
 
@@ -167,7 +168,8 @@ def refresh_session(
         t = time.monotonic()
 
         def prepare(name):
-            final = admin.stream(name, "PrepareSession", _S.PrepareSessionRequest(session_id=sid, peers=peers),
+            final = admin.stream(name, "PrepareSession",
+                                 _S.PrepareSessionRequest(session_id=sid, peers=peers, max_records_per_s=pace),
                                  lambda n, d, tot: progress.update("prepare", n, d, tot))
             faults.step("prepare")
             return final
@@ -337,6 +339,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session", default=None, metavar="ID",
                    help="take over the open session ID (another workstation's, or a lost state folder)")
     p.add_argument("--challenges", type=int, default=CHECK_CHALLENGES, metavar="N", help="check challenges (default 3)")
+    p.add_argument("--pace", type=int, default=0, metavar="R",
+                   help="at most R records per second per node while preparing (default: no limit)")
     p.add_argument("--drain", type=float, default=DEFAULT_DRAIN_S, metavar="S",
                    help="seconds between the last commit and destroying the old epoch (default 2)")
 
@@ -386,7 +390,7 @@ def _refresh(args) -> Result:
         sessions.lock()
         report = refresh_session(
             admin, nodes, k, sessions, check=not args.no_check, check_only=args.check, abort=args.abort,
-            challenges=args.challenges, drain_s=args.drain, progress=progress, adopt=args.session,
+            challenges=args.challenges, drain_s=args.drain, progress=progress, adopt=args.session, pace=max(0, args.pace),
             faults=Faults.from_env(kill_node_for(args.dir) if args.dir is not None else None),
         )
     except MaintenanceError as exc:

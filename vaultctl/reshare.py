@@ -128,6 +128,7 @@ def reshare_session(
     drain_s: float = DEFAULT_DRAIN_S,
     progress: Progress | None = None,
     faults: Faults | None = None,
+    pace: int = 0,
 ) -> dict:
     """Drive (start, resume or abort) a reshare of a local cluster; returns the report."""
     from vaultctl.cluster import ClusterSpec
@@ -189,7 +190,7 @@ def reshare_session(
     try:
         return _drive(admin, ops, sessions, saved, new_spec, old_names, new_names, everyone, index_old, index_new,
                       abort=abort, allow_loss=allow_loss, drain_s=drain_s, progress=progress, faults=faults,
-                      resumed=resumed, started=started, timings=timings, addresses=addresses)
+                      resumed=resumed, started=started, timings=timings, addresses=addresses, pace=pace)
     finally:
         admin.close()
 
@@ -200,7 +201,7 @@ def _spec_fields(spec) -> dict:
 
 
 def _drive(admin, ops, sessions, saved, new_spec, old_names, new_names, everyone, index_old, index_new, *, abort,
-           allow_loss, drain_s, progress, faults, resumed, started, timings, addresses) -> dict:
+           allow_loss, drain_s, progress, faults, resumed, started, timings, addresses, pace) -> dict:
     open_now = admin.each(everyone, lambda name: admin.session(name))
     foreign = {n: s for n, s in open_now.items() if s is not None and s.session_id != saved.session_id}
     if foreign:
@@ -258,7 +259,8 @@ def _drive(admin, ops, sessions, saved, new_spec, old_names, new_names, everyone
         t = time.monotonic()
 
         def prepare(name):
-            final = admin.stream(name, "PrepareSession", _S.PrepareSessionRequest(session_id=sid, peers=peers),
+            final = admin.stream(name, "PrepareSession",
+                                 _S.PrepareSessionRequest(session_id=sid, peers=peers, max_records_per_s=pace),
                                  lambda n, d, tot: progress.update("prepare", n, d, tot or total))
             faults.step("prepare")
             return final
@@ -337,6 +339,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--abort", action="store_true", help="roll back the open session (only before any node committed)")
     p.add_argument("--allow-loss", action="store_true",
                    help="go on even if some records are not held by every sender (they are dropped)")
+    p.add_argument("--pace", type=int, default=0, metavar="R",
+                   help="at most R records per second per new member while preparing (default: no limit)")
     p.add_argument("--drain", type=float, default=DEFAULT_DRAIN_S, metavar="S",
                    help="seconds between the matcher's switch and destroying the old epoch (default 2)")
 
@@ -375,7 +379,7 @@ def _reshare(args) -> Result:
         report = reshare_session(
             ops, sessions, shareholders=args.shareholders, threshold=args.threshold, replace=args.replace,
             abort=args.abort, allow_loss=args.allow_loss, drain_s=args.drain, progress=progress,
-            faults=Faults.from_env(kill_node_for(args.dir)),
+            faults=Faults.from_env(kill_node_for(args.dir)), pace=max(0, args.pace),
         )
     except cluster.ClusterError as exc:
         raise CliError(str(exc)) from None

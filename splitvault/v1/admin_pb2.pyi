@@ -102,12 +102,14 @@ class BeginSessionResponse(_message.Message):
     def __init__(self, status: _Optional[_Union[SessionStatus, _Mapping]] = ...) -> None: ...
 
 class PrepareSessionRequest(_message.Message):
-    __slots__ = ("session_id", "peers")
+    __slots__ = ("session_id", "peers", "max_records_per_s")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RECORDS_PER_S_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     peers: _containers.RepeatedCompositeFieldContainer[Member]
-    def __init__(self, session_id: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[Member, _Mapping]]] = ...) -> None: ...
+    max_records_per_s: int
+    def __init__(self, session_id: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., max_records_per_s: _Optional[int] = ...) -> None: ...
 
 class PrepareSessionResponse(_message.Message):
     __slots__ = ("done", "total", "status")
