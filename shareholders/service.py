@@ -507,7 +507,9 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         )
 
     def ReadAuditLog(self, request, context) -> Iterator[shareholder_pb2.ReadAuditLogResponse]:
-        from_seq = max(1, request.from_seq)
+        # uint64 on the wire, int64 in SQLite: a from_seq past 2^63 - 1 used to
+        # be INTERNAL (OverflowError); nothing lies beyond it anyway.
+        from_seq = min(max(1, request.from_seq), 2**63 - 1)
         conn = store.connect(self.cfg.db_path)  # its own snapshot, however long the stream takes
         try:
             conn.execute("BEGIN")
