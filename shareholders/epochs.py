@@ -345,13 +345,16 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             return False
 
         def run() -> None:
+            gen = gen_fn(*args)
             try:
-                for value in gen_fn(*args):
+                for value in gen:
                     if not put(("item", value)):
                         return
                 put(("end", None))
             except BaseException as exc:  # noqa: BLE001 - re-raised in the RPC thread
                 put(("error", exc))
+            finally:
+                gen.close()  # runs the generator's finally (locks, readers) now
 
         self._pool.submit(run)
         try:
@@ -578,11 +581,21 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         if s.state != BEGUN:
             yield admin_pb2.PrepareSessionResponse(status=self._status(s))
             return
+        work = self._prepare_refresh if s.kind == REFRESH else self._prepare_reshare
+        yield from self._stream_background(self._locked, work, s, request, context, actor)
+
+    def _locked(self, work, s: Session, request, context, actor: str):
+        # The worker holds the phase lock until it really stops (a cut
+        # stream's worker finishes its chunk first), so two prepares of one
+        # node never overlap.
         if not self._phase_lock.acquire(timeout=PEER_TIMEOUT_S):
             raise status.Aborted("Another step of this session is still running on this node; retry.")
         try:
-            work = self._prepare_refresh if s.kind == REFRESH else self._prepare_reshare
-            yield from self._stream_background(work, s, request, context, actor)
+            current = self._session(s.session_id)
+            if current.state != BEGUN:  # a predecessor finished meanwhile
+                yield admin_pb2.PrepareSessionResponse(status=self._status(current))
+                return
+            yield from work(current, request, context, actor)
         finally:
             self._phase_lock.release()
 
