@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import pathlib
 import sys
@@ -306,9 +307,26 @@ def _check_dimension(args, vector, what: str) -> None:
         raise CliError(f"The {what} has {vector.size} values; this cluster's templates have {dim}.")
 
 
+def seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds.
+
+    Plain ``float`` let ``--timeout 0`` be ignored (falsy: the default was
+    used), and ``-5`` or ``nan`` reach gRPC as a deadline already past, so a
+    usage mistake came back as DEADLINE_EXCEEDED from the "remote", exit 2
+    (tests/test_hostile_cli.py).
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 def _tenant_and_timeout(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tenant", help="tenant (PSP) of a cluster dir with several (default: its first)")
-    p.add_argument("--timeout", type=float, default=None, metavar="S", help="deadline of each call in seconds")
+    p.add_argument("--timeout", type=seconds, default=None, metavar="S", help="deadline of each call in seconds")
 
 
 # ---------------------------------------------------------------- cluster
@@ -334,7 +352,7 @@ def _cluster_size(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shareholders", type=int, default=None, metavar="N", help="number of nodes n (default 3)")
     p.add_argument("--threshold", type=int, default=None, metavar="K", help="shares needed k (default 2)")
     p.add_argument("--dim", type=int, default=None, metavar="D", help="template dimension (default 512)")
-    p.add_argument("--timeout", type=float, default=None, metavar="S", help="start-up deadline in seconds (default 30)")
+    p.add_argument("--timeout", type=seconds, default=None, metavar="S", help="start-up deadline in seconds (default 30)")
 
 
 @command("cluster", "up", help="create (first time) and start a local cluster in the background", arguments=_cluster_size, target="dir")
