@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sqlite3
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -489,6 +490,17 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
 
         deleted = self._commit(job)
         self._deleted.inc(deleted)
+        if deleted:
+            # The erased rows' bytes are zeroed (secure_delete) in the pages
+            # the delete wrote, but the main file and the WAL still hold the
+            # older images until a checkpoint: flush them now, so that
+            # "erased" holds for the files on disk when the caller hears it.
+            try:
+                if not store.truncate_wal(self._reader()):
+                    logs.event(self._log, "erasure checkpoint busy; completed by the next checkpoint",
+                               logging.WARNING, tenant=tenant, subject=subject)
+            except sqlite3.Error as exc:
+                logs.event(self._log, "erasure checkpoint failed", logging.WARNING, error=str(exc))
         return shareholder_pb2.DeleteSharesResponse(deleted=deleted)
 
     def DescribeRecords(self, request, context):

@@ -189,7 +189,26 @@ def connect(path: str | pathlib.Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=30000")
+    # Deleted and overwritten content is zeroed, not left in free pages
+    # and freeblocks: an erased share, a replaced epoch or a re-wrapped data
+    # key must not stay readable in the file. (This build of SQLite defaults
+    # to it; others do not.)
+    conn.execute("PRAGMA secure_delete=ON")
     return conn
+
+
+def truncate_wal(conn: sqlite3.Connection) -> bool:
+    """Checkpoint the WAL into the database and truncate it to zero bytes.
+
+    In WAL mode the main file keeps the old page images until a checkpoint,
+    and the WAL keeps old frames until it is overwritten: a share deleted a
+    moment ago is still readable in both (tests/test_at_rest_scan.py). Run
+    after an erasure or a key rotation. True when done; False if readers
+    kept it from finishing within the busy timeout (the next checkpoint
+    completes it).
+    """
+    busy, _log_frames, _done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    return busy == 0
 
 
 def migrate(conn: sqlite3.Connection) -> int:
