@@ -833,6 +833,17 @@ def start_processes(root: str | os.PathLike, names: list[str], *, timeout_s: flo
         fresh = _wait_ready(paths, spec, started, deadline)
         _wait_healthy(paths, spec, fresh, deadline)
     except BaseException:
+        # Stop what this call spawned through its process handle (not only
+        # by the pid file), so that nothing outlives a failed start.
+        for name, pid in started.items():
+            child = _CHILDREN.pop(pid, None)
+            if child is not None and child.poll() is None:
+                child.terminate()
+                try:
+                    child.wait(STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
         stop_processes(root, list(started))
         raise
     ready.update(fresh)
