@@ -103,11 +103,18 @@ def memory_summary(samples: list[tuple[float, float]], warmup_s: float) -> dict:
     t = np.array([s[0] for s in steady])
     m = np.array([s[1] for s in steady])
     slope = float(np.polyfit(t, m, 1)[0]) * 60 if len(steady) >= 3 and np.ptp(t) > 0 else 0.0
+    # The second half alone: whether memory has levelled off (caches and the
+    # replay sets fill during the first minutes, then stay).
+    half = [(a, b) for a, b in samples if a >= samples[-1][0] / 2]
+    th, mh = np.array([s[0] for s in half]), np.array([s[1] for s in half])
+    slope_half = float(np.polyfit(th, mh, 1)[0]) * 60 if len(half) >= 3 and np.ptp(th) > 0 else 0.0
     return {
         "first_mb": round(samples[0][1], 1), "after_warmup_mb": round(steady[0][1], 1),
         "last_mb": round(samples[-1][1], 1), "max_mb": round(max(s[1] for s in samples), 1),
         "growth_after_warmup_mb": round(steady[-1][1] - steady[0][1], 1),
         "slope_mb_per_min": round(slope, 3),
+        "second_half_slope_mb_per_min": round(slope_half, 3),
+        "second_half_growth_mb": round(half[-1][1] - half[0][1], 1) if half else 0.0,
         "samples": [[round(a, 1), round(b, 1)] for a, b in samples],
     }
 
@@ -339,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         f"soak: {s['completed']}/{s['scheduled']} verifications in {s['sending_s']} s = {s['throughput_per_s']}/s; "
         f"latency p50 {s['latency_from_due_ms'].get('p50')} ms, p99 {s['latency_from_due_ms'].get('p99')} ms; "
         f"errors {s['errors_by_status'] or 0}; false matches {s['false_match']}; "
-        + "; ".join(f"{n} RSS {m.get('after_warmup_mb')}->{m.get('last_mb')} MB ({m.get('slope_mb_per_min')} MB/min)"
+        + "; ".join(f"{n} RSS {m.get('after_warmup_mb')}->{m.get('last_mb')} MB ({m.get('slope_mb_per_min')} MB/min, "
+                    f"second half {m.get('second_half_slope_mb_per_min')} MB/min)"
                     for n, m in s["memory"].items())
         + f"; wrote {args.out}",
         flush=True,

@@ -54,7 +54,7 @@ def wait_for(predicate, timeout_s: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("stored_before_kill", [["bank-a", "bank-b"], ["bank-a"]])
+@pytest.mark.parametrize("stored_before_kill", [["bank-a", "bank-b"], ["bank-a"]], ids=["k-of-n-written", "one-written"])
 def test_matcher_killed_mid_enrolment_then_retry_with_the_same_request_id(cluster, dev_pki, stored_before_kill):
     p, proxies, address = cluster
     rng = np.random.default_rng(81)

@@ -234,7 +234,8 @@ def test_cli_commands(world, tmp_path_factory, command, subject, kind, vector, r
     (["verify", "--config", "CONFIG", "--subject", "victim-0", "--probe", "PROBE", "--timeout", "nan"], 1),
     (["verify", "--config", "CONFIG", "--subject", "victim-0", "--probe", "PROBE", "--timeout", "abc"], 1),
     (["verify", "--config", "CONFIG", "--subject", "victim-0", "--probe", "PROBE", "--format", "yaml"], 1),
-])
+], ids=["no-config", "missing-config", "unknown-command", "timeout-0", "timeout-negative", "timeout-nan",
+        "timeout-text", "format-yaml"])
 def test_cli_usage_errors(world, tmp_path, argv, expected):
     probe = tmp_path / "probe.npy"
     np.save(probe, noisy(world.templates["victim-0"], np.random.default_rng(1)))
@@ -249,7 +250,7 @@ def test_cli_usage_errors(world, tmp_path, argv, expected):
     ("é" * 70, 2),               # 140 bytes: INVALID_ARGUMENT
     ("rtl\u202eevil", 2),        # invisible control of text direction: INVALID_ARGUMENT
     ("victim-0", 0),
-])
+], ids=["emoji", "140-bytes", "rtl-override", "enrolled"])
 def test_real_vaultctl_process(world, tmp_path, subject, expected):
     probe = tmp_path / "probe.json"
     probe.write_text(json.dumps(noisy(world.templates["victim-0"], np.random.default_rng(2)).tolist()))

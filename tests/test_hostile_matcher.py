@@ -146,7 +146,6 @@ def test_enroll_stream_and_batches(world, items, batches, split):
     expected = [world.expect_enrol(s, r, t, rep)[0] for s, r, t, rep in items]
     reqs = [matcher_pb2.EnrollStreamRequest(subject=s, template=t, request_id=r, replace=rep) for s, r, t, rep in items]
     if batches:
-        groups = [reqs[i::split] for i in range(split)] if reqs else []
         groups = [reqs[i:i + split] for i in range(0, len(reqs), split)]
         replies = [r for m in world.stub.EnrollBatches(iter(matcher_pb2.EnrollBatchesRequest(items=g) for g in groups),
                                                       timeout=30) for r in m.results]
