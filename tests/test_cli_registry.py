@@ -51,3 +51,21 @@ def test_remote_error_names_the_grpc_status():
     err = cli.remote_error(Fake())
     assert err.exit_code == 2 and err.details["status"] == "DEADLINE_EXCEEDED"
     assert err.message == "The call failed with status DEADLINE_EXCEEDED: Deadline Exceeded."
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["refresh", "--dir", "/nonexistent", "--drain", "nan"],
+        ["refresh", "--dir", "/nonexistent", "--drain", "-1"],
+        ["refresh", "--dir", "/nonexistent", "--pace", "-5"],
+        ["reshare", "--dir", "/nonexistent", "--drain", "inf"],
+        ["reshare", "--dir", "/nonexistent", "--pace", "x"],
+    ],
+)
+def test_maintenance_pauses_and_paces_are_checked_locally(argv, capsys):
+    # A bad pause or pace is a usage error (exit 1) before any node is asked.
+    from vaultctl import cli
+
+    assert cli.main(argv) == 1
+    assert "Traceback" not in capsys.readouterr().err

@@ -324,6 +324,28 @@ def seconds(text: str) -> float:
     return value
 
 
+def seconds_or_zero(text: str) -> float:
+    """An argparse type: a finite number of seconds, 0 or more (a pause that may be skipped)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds of 0 or more")
+    return value
+
+
+def count(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
+
+
 def _tenant_and_timeout(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tenant", help="tenant (PSP) of a cluster dir with several (default: its first)")
     p.add_argument("--timeout", type=seconds, default=None, metavar="S", help="deadline of each call in seconds")

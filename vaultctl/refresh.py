@@ -33,7 +33,7 @@ import time
 
 from splitvault.v1 import admin_pb2
 from vault import proactive
-from vaultctl.cli import CliError, RemoteError, Result, command
+from vaultctl.cli import CliError, RemoteError, Result, command, count, seconds_or_zero
 from vaultctl.maintenance import (
     KIND_NAMES, STATE_NAMES, Admin, Faults, MaintenanceError, Node, Progress, SessionFile, SessionRecord,
     new_session_id, progress_enabled,
@@ -339,9 +339,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session", default=None, metavar="ID",
                    help="take over the open session ID (another workstation's, or a lost state folder)")
     p.add_argument("--challenges", type=int, default=CHECK_CHALLENGES, metavar="N", help="check challenges (default 3)")
-    p.add_argument("--pace", type=int, default=0, metavar="R",
+    p.add_argument("--pace", type=count, default=0, metavar="R",
                    help="at most R records per second per node while preparing (default: no limit)")
-    p.add_argument("--drain", type=float, default=DEFAULT_DRAIN_S, metavar="S",
+    p.add_argument("--drain", type=seconds_or_zero, default=DEFAULT_DRAIN_S, metavar="S",
                    help="seconds between the last commit and destroying the old epoch (default 2)")
 
 

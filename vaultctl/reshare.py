@@ -34,7 +34,7 @@ import pathlib
 import time
 
 from splitvault.v1 import admin_pb2
-from vaultctl.cli import CliError, RemoteError, Result, command
+from vaultctl.cli import CliError, RemoteError, Result, command, count, seconds_or_zero
 from vaultctl.maintenance import (
     KIND_NAMES, Admin, Faults, MaintenanceError, Node, Progress, SessionFile, SessionRecord, new_session_id,
     progress_enabled,
@@ -339,9 +339,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--abort", action="store_true", help="roll back the open session (only before any node committed)")
     p.add_argument("--allow-loss", action="store_true",
                    help="go on even if some records are not held by every sender (they are dropped)")
-    p.add_argument("--pace", type=int, default=0, metavar="R",
+    p.add_argument("--pace", type=count, default=0, metavar="R",
                    help="at most R records per second per new member while preparing (default: no limit)")
-    p.add_argument("--drain", type=float, default=DEFAULT_DRAIN_S, metavar="S",
+    p.add_argument("--drain", type=seconds_or_zero, default=DEFAULT_DRAIN_S, metavar="S",
                    help="seconds between the matcher's switch and destroying the old epoch (default 2)")
 
 
