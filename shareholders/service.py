@@ -312,6 +312,9 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         items = self._seal(request.records, set())
         stored, retries = self._commit(self._store_job(items, request.replace, actor, per_record=True))
         self._stored.inc(stored)
+        if request.replace or retries:
+            # Rows may have been overwritten: their old sealed bytes must leave the files too.
+            self._flush_erased("replacement")
         return shareholder_pb2.StoreSharesResponse(stored=stored, already_stored=retries)
 
     def StoreShareStream(self, request_iterator, context):
@@ -491,17 +494,20 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         deleted = self._commit(job)
         self._deleted.inc(deleted)
         if deleted:
-            # The erased rows' bytes are zeroed (secure_delete) in the pages
-            # the delete wrote, but the main file and the WAL still hold the
-            # older images until a checkpoint: flush them now, so that
-            # "erased" holds for the files on disk when the caller hears it.
-            try:
-                if not store.truncate_wal(self._reader()):
-                    logs.event(self._log, "erasure checkpoint busy; completed by the next checkpoint",
-                               logging.WARNING, tenant=tenant, subject=subject)
-            except sqlite3.Error as exc:
-                logs.event(self._log, "erasure checkpoint failed", logging.WARNING, error=str(exc))
+            self._flush_erased("erasure", tenant=tenant, subject=subject)
         return shareholder_pb2.DeleteSharesResponse(deleted=deleted)
+
+    def _flush_erased(self, what: str, **fields) -> None:
+        # Erased or overwritten rows' bytes are zeroed (secure_delete) in the
+        # pages the write touched, but the main file and the WAL still hold
+        # the older images until a checkpoint: flush them now, so that
+        # "erased" holds for the files on disk when the caller hears it.
+        try:
+            if not store.truncate_wal(self._reader()):
+                logs.event(self._log, f"{what} checkpoint busy; completed by the next checkpoint",
+                           logging.WARNING, **fields)
+        except sqlite3.Error as exc:
+            logs.event(self._log, f"{what} checkpoint failed", logging.WARNING, error=str(exc))
 
     def DescribeRecords(self, request, context):
         tenant = _check_name(request.tenant, "tenant")

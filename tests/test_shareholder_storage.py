@@ -234,3 +234,19 @@ def test_database_of_another_node_is_refused(node, tmp_path, dev_pki):
     with pytest.raises(SchemaError, match="index 1"):
         other.start()
     other.stop()
+
+
+def test_replaced_shares_leave_the_files_when_the_call_returns(node):
+    # Enrolment with replace overwrites a subject's row; the old sealed bytes
+    # must be gone from the main file and the WAL when StoreShares returns,
+    # as for an erasure (found by the at-rest campaign, docs/reliability.md).
+    store(node, ["alice", "bob"], dimension=256)
+    conn = sqlite3.connect(node.db_path)
+    old = conn.execute("SELECT ciphertext FROM shares WHERE subject = 'alice'").fetchone()[0]
+    conn.close()
+    assert any(old in data for data in raw_files(node).values())
+    recs = sample_records("acme", ["alice"], index=1, dimension=256, request_id="replacement")
+    node.stub("matcher").StoreShares(pb.StoreSharesRequest(records=recs, replace=True), timeout=10)
+    for name, data in raw_files(node).items():
+        assert old not in data, name
+    assert release(node, "alice").shares[0].values == recs[0].values
