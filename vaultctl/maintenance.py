@@ -157,6 +157,23 @@ class Admin:
             raise MaintenanceError(f"Node {name} ended {method} without a result; run the command again.", node=name)
         return final
 
+    def phase(self, names: Iterable[str], label: str, method: str, request, progress: "Progress",
+              faults: "Faults", total: int | None = None) -> dict[str, object]:
+        """Run one streaming session phase on every node in parallel: {node: final SessionStatus}.
+
+        ``label`` names the phase in the progress bar and the crash-injection
+        points (``<label>-start`` before any node is asked, ``<label>`` after
+        each node's phase ended); ``total`` stands in when a node reports none.
+        """
+        def one(name: str):
+            final = self.stream(name, method, request,
+                                lambda n, done, tot: progress.update(label, n, done, tot or total or 0))
+            faults.step(label)
+            return final
+
+        faults.step(f"{label}-start")
+        return self.each(names, one)
+
 
 # --- the local session file -----------------------------------------------------------
 

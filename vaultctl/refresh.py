@@ -166,16 +166,8 @@ def refresh_session(
     if not committed:
         # 2. prepare, in parallel on every node
         t = time.monotonic()
-
-        def prepare(name):
-            final = admin.stream(name, "PrepareSession",
-                                 _S.PrepareSessionRequest(session_id=sid, peers=peers, max_records_per_s=pace),
-                                 lambda n, d, tot: progress.update("prepare", n, d, tot))
-            faults.step("prepare")
-            return final
-
-        faults.step("prepare-start")
-        prepared = admin.each(names, prepare)
+        prepare = _S.PrepareSessionRequest(session_id=sid, peers=peers, max_records_per_s=pace)
+        prepared = admin.phase(names, "prepare", "PrepareSession", prepare, progress, faults)
         timings["prepare_s"] = time.monotonic() - t
         report["records"] = {n: int(s.records_prepared + s.records_new) for n, s in prepared.items()}
         # 3. check
@@ -200,30 +192,15 @@ def refresh_session(
 
     # 4. commit on every node
     t = time.monotonic()
-
-    def commit(name):
-        final = admin.stream(name, "CommitSession", _S.CommitSessionRequest(session_id=sid),
-                             lambda n, d, tot: progress.update("commit", n, d, tot))
-        faults.step("commit")
-        return final
-
-    faults.step("commit-start")
-    admin.each(names, commit)
+    admin.phase(names, "commit", "CommitSession", _S.CommitSessionRequest(session_id=sid), progress, faults)
     timings["commit_s"] = time.monotonic() - t
     if drain_s > 0:
         time.sleep(drain_s)
 
     # 5. finalize: the old epoch is destroyed everywhere
     t = time.monotonic()
-
-    def finalize(name):
-        final = admin.stream(name, "FinalizeSession", _S.FinalizeSessionRequest(session_id=sid),
-                             lambda n, d, tot: progress.update("finalize", n, d, tot))
-        faults.step("finalize")
-        return final
-
-    faults.step("finalize-start")
-    finals = admin.each(names, finalize)
+    finals = admin.phase(names, "finalize", "FinalizeSession", _S.FinalizeSessionRequest(session_id=sid),
+                         progress, faults)
     timings["finalize_s"] = time.monotonic() - t
     sessions.clear()
     report["records"] = {n: int(s.records_new) for n, s in finals.items()}

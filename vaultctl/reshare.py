@@ -257,16 +257,8 @@ def _drive(admin, ops, sessions, saved, new_spec, old_names, new_names, everyone
     if not committed:
         total = admin.session(lead, sid).records_old
         t = time.monotonic()
-
-        def prepare(name):
-            final = admin.stream(name, "PrepareSession",
-                                 _S.PrepareSessionRequest(session_id=sid, peers=peers, max_records_per_s=pace),
-                                 lambda n, d, tot: progress.update("prepare", n, d, tot or total))
-            faults.step("prepare")
-            return final
-
-        faults.step("prepare-start")
-        prepared = admin.each(everyone, prepare)
+        prepare = _S.PrepareSessionRequest(session_id=sid, peers=peers, max_records_per_s=pace)
+        prepared = admin.phase(everyone, "prepare", "PrepareSession", prepare, progress, faults, total=total)
         timings["prepare_s"] = time.monotonic() - t
         counts = {n: int(prepared[n].records_prepared + prepared[n].records_new) for n in new_names}
         skipped = max((int(prepared[n].records_skipped) for n in new_names), default=0)
@@ -286,15 +278,7 @@ def _drive(admin, ops, sessions, saved, new_spec, old_names, new_names, everyone
 
     # 5. commit on every node (new members start serving the new epoch)
     t = time.monotonic()
-
-    def commit(name):
-        final = admin.stream(name, "CommitSession", _S.CommitSessionRequest(session_id=sid),
-                             lambda n, d, tot: progress.update("commit", n, d, tot))
-        faults.step("commit")
-        return final
-
-    faults.step("commit-start")
-    admin.each(everyone, commit)
+    admin.phase(everyone, "commit", "CommitSession", _S.CommitSessionRequest(session_id=sid), progress, faults)
     timings["commit_s"] = time.monotonic() - t
 
     # 6. switch: cluster.json and the matcher follow the new committee
@@ -307,15 +291,8 @@ def _drive(admin, ops, sessions, saved, new_spec, old_names, new_names, everyone
 
     # 7. finalize everywhere: old epoch destroyed; nodes that left hold nothing
     t = time.monotonic()
-
-    def finalize(name):
-        final = admin.stream(name, "FinalizeSession", _S.FinalizeSessionRequest(session_id=sid),
-                             lambda n, d, tot: progress.update("finalize", n, d, tot))
-        faults.step("finalize")
-        return final
-
-    faults.step("finalize-start")
-    finals = admin.each(everyone, finalize)
+    finals = admin.phase(everyone, "finalize", "FinalizeSession", _S.FinalizeSessionRequest(session_id=sid),
+                         progress, faults)
     timings["finalize_s"] = time.monotonic() - t
     ops.retire(saved.extra.get("removed", []))
     sessions.clear()
