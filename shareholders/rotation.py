@@ -432,10 +432,10 @@ class Rotation:
             if left:
                 return None
             keys, _active = read_kek_file(svc.cfg.kek_file)
-            # Versions that still seal anything else on the node (prepared
-            # shares or a session seed of a refresh) stay in the file.
-            still = {r[0] for r in conn.execute("SELECT DISTINCT kek_version FROM prepared_shares")}
-            still |= {r[0] for r in conn.execute(
+            # Versions that still seal anything else on the node (the session
+            # seed of a refresh or reshare) stay in the file. Prepared rows of
+            # a new epoch are in ``shares`` and were counted above.
+            still = {r[0] for r in conn.execute(
                 "SELECT DISTINCT seed_kek_version FROM maintenance_sessions WHERE seed_wrapped_dk IS NOT NULL")}
             kept = {v: k for v, k in keys.items() if v == target or v in still}
             retired = sorted(set(keys) - set(kept))

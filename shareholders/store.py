@@ -79,9 +79,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # 2: maintenance sessions (shareholders.epochs, shareholders.rotation):
     # one row per session; the row in an open state is the node's lock.
-    # prepared_shares is no longer written (prepared rows of a new epoch live
-    # in ``shares``, unserved until the session commits); it stays for the
-    # databases that have it, and rotation still checks it is empty of old KEKs.
+    # Prepared rows of a new epoch live in ``shares``, unserved until the
+    # session commits.
     (
         """CREATE TABLE maintenance_sessions (
             session_id TEXT PRIMARY KEY,
@@ -100,24 +99,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             updated_ms INTEGER NOT NULL
         )""",
         "CREATE INDEX maintenance_by_state ON maintenance_sessions (state)",
-        """CREATE TABLE prepared_shares (
-            tenant TEXT NOT NULL,
-            subject TEXT NOT NULL,
-            epoch INTEGER NOT NULL,
-            idx INTEGER NOT NULL,
-            threshold INTEGER NOT NULL,
-            n INTEGER NOT NULL,
-            dimension INTEGER NOT NULL,
-            codec_version INTEGER NOT NULL,
-            mac_count INTEGER NOT NULL,
-            request_id TEXT NOT NULL,
-            kek_version INTEGER NOT NULL,
-            wrapped_dk BLOB NOT NULL,
-            nonce BLOB NOT NULL,
-            ciphertext BLOB NOT NULL,
-            stored_ms INTEGER NOT NULL,
-            PRIMARY KEY (tenant, subject, epoch)
-        )""",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
