@@ -89,3 +89,31 @@ def verify_all(client, templates: dict[str, np.ndarray], subjects, impostor: np.
 
 def rpc_code(exc: grpc.RpcError):
     return exc.code()
+
+
+def enrolled_cluster(root: pathlib.Path, *, dim: int, count: int, seed: int):
+    """Start a local cluster in ``root`` with ``count`` enrolled synthetic
+    templates; yield the test state, stop the cluster afterwards."""
+    from vaultctl import cluster
+    from vaultctl.client import MatcherClient
+    from vaultctl.demo import synthetic_templates
+
+    try:
+        cluster.up(root, dim=dim)
+        templates = synthetic_templates(count + 1, dim, seed=seed)
+        named = {f"s{i:04d}": templates[i] for i in range(count)}
+        with MatcherClient.from_cluster_dir(root) as client:
+            for reply in client.enroll_many(named.items()):
+                assert reply.code == 0, reply
+        yield {"root": root, "templates": named, "impostor": templates[count], "epoch": 1, "next": 0,
+               "count": count}
+    finally:
+        if (root / "cluster.json").exists():
+            cluster.down(root)
+
+
+def fresh_subjects(state: dict, count: int = 4) -> list[str]:
+    """Subjects not verified before in this module: every node limits attempts per subject."""
+    start = state["next"]
+    state["next"] = start + count
+    return [f"s{(start + i) * 7 % state['count']:04d}" for i in range(count)]

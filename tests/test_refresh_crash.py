@@ -14,10 +14,9 @@ import json
 import numpy as np
 import pytest
 
-from maintenance_kit import epochs_held, json_out, prepared_rows, vaultctl, verify_all
+from maintenance_kit import enrolled_cluster, epochs_held, fresh_subjects, json_out, prepared_rows, vaultctl, verify_all
 from vaultctl import cluster
 from vaultctl.client import MatcherClient
-from vaultctl.demo import synthetic_templates
 
 pytestmark = pytest.mark.e2e
 
@@ -25,28 +24,9 @@ DIM = 128
 COUNT = 300
 
 
-
-def _sample(state, count: int = 4) -> list[str]:
-    # Fresh subjects each time: every node limits attempts per subject.
-    start = state["next"]
-    state["next"] = start + count
-    return [f"s{(start + i) * 7 % COUNT:04d}" for i in range(count)]
-
-
 @pytest.fixture(scope="module")
 def running(tmp_path_factory):
-    root = tmp_path_factory.mktemp("refresh-crash") / "cluster"
-    try:
-        cluster.up(root, dim=DIM)
-        templates = synthetic_templates(COUNT + 1, DIM, seed=5)
-        named = {f"s{i:04d}": templates[i] for i in range(COUNT)}
-        with MatcherClient.from_cluster_dir(root) as client:
-            for reply in client.enroll_many(named.items()):
-                assert reply.code == 0, reply
-        yield {"root": root, "templates": named, "impostor": templates[COUNT], "epoch": 1, "next": 0}
-    finally:
-        if (root / "cluster.json").exists():
-            cluster.down(root)
+    yield from enrolled_cluster(tmp_path_factory.mktemp("refresh-crash") / "cluster", dim=DIM, count=COUNT, seed=5)
 
 
 def _assert_whole(state, note=""):
@@ -57,7 +37,7 @@ def _assert_whole(state, note=""):
         assert epochs_held(db) == {state["epoch"]: COUNT}, (note, name, epochs_held(db))
         assert prepared_rows(db) == 0, (note, name)
     assert not (root / "maintenance" / "epoch-session.json").exists()
-    sample = _sample(state)
+    sample = fresh_subjects(state)
     with MatcherClient.from_cluster_dir(root) as client:
         verify_all(client, state["templates"], sample, state["impostor"], noise_seed=state["epoch"] * 10)
         assert client.verify(sample[0], state["templates"][sample[0]]).epoch == state["epoch"]
@@ -79,7 +59,7 @@ def test_cli_killed_then_rerun_completes(running, fault):
     assert first.returncode == -9, (first.returncode, first.stderr[-1500:])
     assert (state["root"] / "maintenance" / "epoch-session.json").exists()
     with MatcherClient.from_cluster_dir(state["root"]) as client:  # verification goes on meanwhile
-        verify_all(client, state["templates"], _sample(state, 2), state["impostor"], noise_seed=99)
+        verify_all(client, state["templates"], fresh_subjects(state, 2), state["impostor"], noise_seed=99)
     second = _refresh(state)
     assert second.returncode == 0, second.stderr[-2000:]
     report = json_out(second)
@@ -99,7 +79,7 @@ def test_node_killed_then_restarted_and_rerun_completes(running, fault, victim):
     assert first.returncode == 2, (first.returncode, first.stderr[-1500:])
     assert "bank" in json_out(first)["error"]["message"]
     with MatcherClient.from_cluster_dir(state["root"]) as client:  # 2 of 3 nodes still verify
-        verify_all(client, state["templates"], _sample(state, 2), state["impostor"], noise_seed=77)
+        verify_all(client, state["templates"], fresh_subjects(state, 2), state["impostor"], noise_seed=77)
     cluster.restart_node(state["root"], victim)
     second = _refresh(state)
     assert second.returncode == 0, second.stderr[-2000:]

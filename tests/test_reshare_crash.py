@@ -10,10 +10,9 @@ import shutil
 
 import pytest
 
-from maintenance_kit import epochs_held, json_out, prepared_rows, vaultctl, verify_all
+from maintenance_kit import enrolled_cluster, epochs_held, fresh_subjects, json_out, prepared_rows, vaultctl, verify_all
 from vaultctl import cluster
 from vaultctl.client import MatcherClient
-from vaultctl.demo import synthetic_templates
 
 pytestmark = pytest.mark.e2e
 
@@ -23,24 +22,7 @@ COUNT = 240
 
 @pytest.fixture(scope="module")
 def running(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reshare-crash") / "cluster"
-    try:
-        cluster.up(root, dim=DIM)
-        templates = synthetic_templates(COUNT + 1, DIM, seed=9)
-        named = {f"s{i:04d}": templates[i] for i in range(COUNT)}
-        with MatcherClient.from_cluster_dir(root) as client:
-            for reply in client.enroll_many(named.items()):
-                assert reply.code == 0, reply
-        yield {"root": root, "templates": named, "impostor": templates[COUNT], "epoch": 1, "next": 0}
-    finally:
-        if (root / "cluster.json").exists():
-            cluster.down(root)
-
-
-def _sample(state, count: int = 4) -> list[str]:
-    start = state["next"]
-    state["next"] = start + count
-    return [f"s{(start + i) * 7 % COUNT:04d}" for i in range(count)]
+    yield from enrolled_cluster(tmp_path_factory.mktemp("reshare-crash") / "cluster", dim=DIM, count=COUNT, seed=9)
 
 
 def _reshare(state, *args, fault=None):
@@ -66,7 +48,7 @@ def _assert_committee(state, nodes: list[str], k: int, gone: list[str], note="")
     assert not (root / "maintenance" / "epoch-session.json").exists()
     matcher = json.loads((root / "matcher" / "ready.json").read_text())
     assert [m["name"] for m in matcher["committee"]] == nodes and matcher["threshold"] == k
-    sample = _sample(state)
+    sample = fresh_subjects(state)
     with MatcherClient.from_cluster_dir(root) as client:
         verify_all(client, state["templates"], sample, state["impostor"], noise_seed=state["epoch"] * 10)
         assert client.verify(sample[0], state["templates"][sample[0]]).epoch == state["epoch"]
@@ -86,7 +68,7 @@ def test_grow_with_the_cli_killed_after_prepare(running):
     first = _reshare(state, "--shareholders", "4", "--threshold", "3", fault="prepare:2:self")
     assert first.returncode == -9, first.stderr[-1500:]
     with MatcherClient.from_cluster_dir(state["root"]) as client:
-        verify_all(client, state["templates"], _sample(state, 2), state["impostor"], noise_seed=3)
+        verify_all(client, state["templates"], fresh_subjects(state, 2), state["impostor"], noise_seed=3)
     # Another command while the session is open is refused with its name.
     other = _reshare(state, "--shareholders", "5")
     assert other.returncode == 1 and "is open" in json_out(other)["error"]["message"]
@@ -100,7 +82,7 @@ def test_replace_with_the_new_node_killed_after_a_commit(running):
     first = _reshare(state, "--replace", "bank-b", fault="commit:1:node=bank-e")
     assert first.returncode == 2, (first.returncode, first.stderr[-1500:])
     with MatcherClient.from_cluster_dir(state["root"]) as client:  # the old committee still verifies
-        verify_all(client, state["templates"], _sample(state, 2), state["impostor"], noise_seed=4)
+        verify_all(client, state["templates"], fresh_subjects(state, 2), state["impostor"], noise_seed=4)
     cluster.restart_node(state["root"], "bank-e")
     report = _finish(state, "--replace", "bank-b")
     assert report["resumed"] and report["removed"] == ["bank-b"] and report["added"] == ["bank-e"]
@@ -113,7 +95,7 @@ def test_shrink_with_the_cli_killed_after_the_switch(running):
     assert first.returncode == -9
     # The matcher already uses the new committee; the old epoch is still there.
     with MatcherClient.from_cluster_dir(state["root"]) as client:
-        verify_all(client, state["templates"], _sample(state, 2), state["impostor"], noise_seed=5)
+        verify_all(client, state["templates"], fresh_subjects(state, 2), state["impostor"], noise_seed=5)
     report = _finish(state, "--shareholders", "3", "--threshold", "2")
     assert report["resumed"] and report["removed"] == ["bank-d"]
     _assert_committee(state, ["bank-a", "bank-e", "bank-c"], 2, ["bank-b", "bank-d"], "shrink")
