@@ -19,8 +19,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from splitvault.v1 import common_pb2, shareholder_pb2_grpc
-from vault import envelope, integrity, pki, record, ticket
-from vault.field import P
+from vault import envelope, integrity, pki, record, rng, ticket
 from vaultrpc.tls import TlsFiles, secure_channel
 
 
@@ -119,14 +118,13 @@ def sample_records(
     dimension: int = 16,
     epoch: int = 1,
     request_id: str | None = None,
-    rng: np.random.Generator | None = None,
 ) -> list[common_pb2.ShareRecord]:
-    """One well-formed record per subject for shareholder ``index`` (random values)."""
-    rng = rng or np.random.default_rng()
+    """One well-formed record per subject for shareholder ``index`` (uniform
+    field elements from the CSPRNG seam, like every share value)."""
     width = dimension + 2 * integrity.MAC_COUNT
     out = []
     for subject in subjects:
-        shares = rng.integers(0, P, size=(shareholders, width), dtype=np.uint32)
+        shares = rng.random_field((shareholders, width))
         recs = record.make_records(
             tenant=tenant, subject=subject, epoch=epoch, threshold=threshold, shareholders=shareholders,
             dimension=dimension, request_id=request_id or f"enrol-{subject}", shares=shares,

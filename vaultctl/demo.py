@@ -52,7 +52,12 @@ PROBE_NOISE = 0.015
 
 
 def synthetic_templates(count: int, dim: int, seed: int) -> np.ndarray:
-    """``count`` random unit vectors (float32): stand-ins for face embeddings."""
+    """``count`` random unit vectors (float32): stand-ins for face embeddings.
+
+    Seeded numpy on purpose: this is the demo's camera, reproducible from
+    ``--seed``; no share or key comes from it (the matcher splits these with
+    coefficients from the OS CSPRNG, ``vault.rng``).
+    """
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((count, dim))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
