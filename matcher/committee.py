@@ -76,16 +76,7 @@ class Gather:
 
     def next(self) -> Outcome | None:
         """The next answer, or None when all calls have ended (or the deadline passed)."""
-        if self._left <= 0:
-            return None
-        timeout = max(0.0, self._deadline - time.monotonic())
-        try:
-            outcome = self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        self._left -= 1
-        self.outcomes.append(outcome)
-        return outcome
+        return self.poll(float("inf"))
 
     def poll(self, timeout: float) -> Outcome | None:
         """The next answer if one arrives within ``timeout`` seconds, else None
