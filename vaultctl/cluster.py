@@ -350,23 +350,29 @@ def init(root: str | os.PathLike, spec: ClusterSpec) -> Paths:
             _write(paths.ticket_key(tenant), private_pem, secret=True)
 
     for name in spec.nodes:
-        d = paths.node_dir(name)
-        d.mkdir(parents=True, exist_ok=True)
-        os.chmod(d, 0o700)
-        if not (d / "kek.json").exists():
-            kek = {"active": 1, "keys": {"1": secrets.token_bytes(32).hex()}}
-            _write(d / "kek.json", json.dumps(kek) + "\n", secret=True)
-        if not (d / "audit.key").exists():
-            private_pem, _public = pki.new_signing_key()
-            _write(d / "audit.key", private_pem, secret=True)
-        if not (d / "node.toml").exists():
-            _write(d / "node.toml", node_config_text(paths, spec, name))
+        _make_node_files(paths, spec, name)
     paths.matcher_dir.mkdir(parents=True, exist_ok=True)
     record_trust(paths, spec)
     return paths
 
 
 # ---------------------------------------------------------------- trust anchors
+
+
+def _make_node_files(paths: Paths, spec: ClusterSpec, name: str) -> None:
+    """A node's folder (0700), KEK file and audit key (0600, OS CSPRNG) and
+    config; what exists already is kept (a second `up` reuses it)."""
+    d = paths.node_dir(name)
+    d.mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
+    if not (d / "kek.json").exists():
+        kek = {"active": 1, "keys": {"1": secrets.token_bytes(32).hex()}}
+        _write(d / "kek.json", json.dumps(kek) + "\n", secret=True)
+    if not (d / "audit.key").exists():
+        private_pem, _public = pki.new_signing_key()
+        _write(d / "audit.key", private_pem, secret=True)
+    if not (d / "node.toml").exists():
+        _write(d / "node.toml", node_config_text(paths, spec, name))
 
 
 def record_trust(paths: Paths, spec: ClusterSpec) -> dict:
@@ -795,17 +801,7 @@ def add_nodes(root: str | os.PathLike, spec: ClusterSpec) -> Paths:
             cert, key = pki.issue_cert(ca_cert, ca_key, role, name)
             _write(paths.key(role, name), key, secret=True)
             _write(paths.cert(role, name), cert)
-        d = paths.node_dir(name)
-        d.mkdir(parents=True, exist_ok=True)
-        os.chmod(d, 0o700)
-        if not (d / "kek.json").exists():
-            kek = {"active": 1, "keys": {"1": secrets.token_bytes(32).hex()}}
-            _write(d / "kek.json", json.dumps(kek) + "\n", secret=True)
-        if not (d / "audit.key").exists():
-            private_pem, _public = pki.new_signing_key()
-            _write(d / "audit.key", private_pem, secret=True)
-        if not (d / "node.toml").exists():
-            _write(d / "node.toml", node_config_text(paths, spec, name))
+        _make_node_files(paths, spec, name)
     record_trust(paths, spec)
     return paths
 
