@@ -24,7 +24,7 @@ import uuid
 import zlib
 from collections import Counter as Tally
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -495,13 +495,15 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         tenant = self._tenant(context)
         subject = check_id(request.subject, "subject")
         probe = _vector(request.probe, self.d, "probe")
-        probe_code = None
+        codes: list[np.ndarray] = []
         decision_id = str(uuid.uuid4())
         outcome_label = "INTERNAL"
         try:
             body = self._check_ticket(request, tenant, subject, probe)
-            probe_code = codec.encode(probe, self.d)
-            joined = self._rejoin(tenant.name, subject, request.ticket, decision_id, body.request_id)
+            # The probe is encoded while the nodes work on their releases.
+            joined = self._rejoin(tenant.name, subject, request.ticket, decision_id, body.request_id,
+                                  meanwhile=lambda: codes.append(codec.encode(probe, self.d)))
+            probe_code = codes[0]
             try:
                 score = codec.cosine(probe_code, joined.template)
             finally:
@@ -527,7 +529,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             )
             raise
         finally:
-            record.wipe(probe, probe_code)
+            record.wipe(probe, *codes)
             metrics.VERIFICATIONS.labels(outcome_label).inc()
 
     def _check_ticket(self, request, tenant: TenantPolicy, subject: str, probe: np.ndarray):
@@ -601,17 +603,21 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         ordered = sorted(rotated, key=lambda e: now - self._down_since.get(e.name, -1e9) < _DOWN_MEMORY_S)
         return tuple(ordered[: self.k]), tuple(ordered[self.k:])
 
-    def _rejoin(self, tenant: str, subject: str, ticket_msg, decision_id: str, request_id: str) -> record.JoinResult:
+    def _rejoin(self, tenant: str, subject: str, ticket_msg, decision_id: str, request_id: str,
+                meanwhile: Callable[[], object] | None = None) -> record.JoinResult:
         """Release shares from k nodes (more only if needed), rejoin from k consistent ones (fail closed).
 
         Hedged fan-out: k nodes are asked first, so a verification releases
         only the shares it needs; the other nodes are asked as soon as one
         of the first fails or sends an unusable share, the shares do not
         rejoin, or ``hedge_ms`` passes without k shares in hand.
+        ``meanwhile`` runs once the first calls are on their way.
         """
         request = shareholder_pb2.ReleaseShareRequest(ticket=ticket_msg)
         first, rest = self._release_order(tenant, subject)
         gather = self.committee.fan_out("ReleaseShare", request, nodes=first)
+        if meanwhile is not None:
+            meanwhile()
         started = time.monotonic()
         hedge_s = self.cfg.hedge_ms / 1000.0
         suspected = [0]
