@@ -26,6 +26,13 @@ FIELD_DTYPE = np.uint32
 _P64 = np.uint64(P)
 _S31 = np.uint64(31)
 _ONE64 = np.uint64(1)
+# The same constants as 0-d uint64 arrays: as ufunc operands they cost about
+# half the per-call overhead of numpy scalars, which dominates on the small
+# arrays of a single-template join. Read-only; used by the private helpers.
+_P0 = np.array(P, dtype=np.uint64)
+_S31_0 = np.array(31, dtype=np.uint64)
+_P0.setflags(write=False)
+_S31_0.setflags(write=False)
 # Half-range used by to_signed: values above it stand for negatives.
 _HALF = (P - 1) // 2
 
@@ -43,9 +50,27 @@ def _as_u64(x: np.ndarray) -> np.ndarray:
 def _fold(x: np.ndarray) -> np.ndarray:
     # One Mersenne fold, in place: x = (x & P) + (x >> 31) = x (mod P).
     # For x < 2**64 the result is < 2**31 + 2**33 < 2**34.
-    hi = x >> _S31
-    np.bitwise_and(x, _P64, out=x)
+    hi = x >> _S31_0
+    np.bitwise_and(x, _P0, out=x)
     np.add(x, hi, out=x)
+    return x
+
+
+def _fold_with(x: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    # _fold with a caller-owned scratch buffer of x's shape (uint64) for the
+    # high part instead of a fresh temporary; the caller wipes it. Same bounds.
+    np.right_shift(x, _S31_0, scratch)
+    np.bitwise_and(x, _P0, x)
+    np.add(x, scratch, x)
+    return x
+
+
+def _canon_with(x: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    # _canon (x <= 2**62 - 2 -> x mod P) with a caller-owned scratch buffer of
+    # x's shape (uint64), which the caller wipes: no temporaries are allocated.
+    _fold_with(x, scratch)  # x <= (P - 1) + P < 2P
+    np.subtract(x, _P0, scratch)  # wraps to > 2**63 when x < P
+    np.minimum(x, scratch, out=x)
     return x
 
 
@@ -56,7 +81,7 @@ def _canon(x: np.ndarray) -> np.ndarray:
     _fold(x)
     # Branch-free conditional subtract: in unsigned arithmetic x - P wraps to a
     # huge value when x < P, so min(x, x - P) is x if x < P else x - P.
-    np.minimum(x, x - _P64, out=x)
+    np.minimum(x, x - _P0, out=x)
     return x
 
 

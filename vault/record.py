@@ -19,8 +19,9 @@ buffers behind our back. Wiping narrows the window; it is not a guarantee.
 from __future__ import annotations
 
 import itertools
+import operator
+import re
 import struct
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,6 +41,23 @@ MAX_NAME_BYTES = 128
 MAX_SUBSET_TRIALS = 1024
 # Domain separation for record_identity.
 _IDENTITY_DOMAIN = b"splitvault/record/v1\x00"
+# The fields every record given to join must agree on, in the order join names them.
+_AGREEING_FIELDS = (
+    "tenant",
+    "subject",
+    "epoch",
+    "threshold",
+    "shareholders",
+    "dimension",
+    "codec_version",
+    "mac_count",
+)
+_agreeing_fields = operator.attrgetter(*_AGREEING_FIELDS)
+# Unicode general category Cc is exactly U+0000..U+001F and U+007F..U+009F
+# (an immutable property under Unicode's stability policy), so this matches
+# the characters with unicodedata.category(ch) == "Cc" without a per-character
+# Python loop (tests/test_join_fastpath.py checks every code point).
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True, eq=False)
@@ -161,18 +179,13 @@ def join(records: Sequence[common_pb2.ShareRecord]) -> JoinResult:
     for rec in recs:
         _validate_metadata(rec)
     first = recs[0]
-    for name in (
-        "tenant",
-        "subject",
-        "epoch",
-        "threshold",
-        "shareholders",
-        "dimension",
-        "codec_version",
-        "mac_count",
-    ):
-        if any(getattr(rec, name) != getattr(first, name) for rec in recs[1:]):
-            raise InvalidShares(f"The share records disagree on the {name.replace('_', ' ')}.")
+    # One tuple comparison per record; on a mismatch, name the first field
+    # (in _AGREEING_FIELDS order) that any record disagrees on.
+    first_fields = _agreeing_fields(first)
+    if any(_agreeing_fields(rec) != first_fields for rec in recs[1:]):
+        for name in _AGREEING_FIELDS:
+            if any(getattr(rec, name) != getattr(first, name) for rec in recs[1:]):
+                raise InvalidShares(f"The share records disagree on the {name.replace('_', ' ')}.")
     xs = [int(rec.index) for rec in recs]
     if len(set(xs)) != len(xs):
         raise InvalidShares("The share records must come from distinct shareholders.")
@@ -180,14 +193,22 @@ def join(records: Sequence[common_pb2.ShareRecord]) -> JoinResult:
     if len(recs) < k:
         raise InvalidShares("Fewer share records than the threshold were given.")
     width = int(first.dimension) + 2 * int(first.mac_count)
+    if len(recs) == k and MAX_SUBSET_TRIALS >= 1:
+        return _join_exactly_k(recs, xs, int(first.dimension), int(first.epoch))
 
     ys = np.empty((len(recs), 1, width), dtype=FIELD_DTYPE)
     scratch: list[np.ndarray] = [ys]
     try:
         for j, rec in enumerate(recs):
-            values = unpack_values(rec.values, width)
+            # As unpack_values, with the range checked once for all records
+            # below (_validate_metadata has checked every length).
+            values = np.frombuffer(rec.values, dtype="<u4").astype(FIELD_DTYPE)
             ys[j, 0] = values
             wipe(values)
+        if ys.max() >= P:
+            raise InvalidShares("Share values contain values outside the field.")
+        # From here on xs are distinct ints in [1, 255] and ys field elements:
+        # the sharing and integrity helpers that skip re-validation are safe.
         found = _find_consistent_subset(xs, ys, k, scratch)
         if found is None:
             raise IntegrityError("The share records do not rejoin to a consistent template.")
@@ -200,11 +221,12 @@ def join(records: Sequence[common_pb2.ShareRecord]) -> JoinResult:
             if j in used:
                 continue
             # Where shareholder x's share should be, given the good subset.
-            expected = sharing.interpolate_at(used_xs, used_ys, x)
+            expected = sharing._interpolate_valid(used_xs, used_ys, x)
             scratch.append(expected)
             if not np.array_equal(expected, ys[j]):
                 suspects.append(x)
-        template = codec.from_field(integrity.template_part(extended)[0])
+        # extended is FIELD_DTYPE in [0, P) (sharing._combine's output).
+        template = codec._from_canonical(extended[0, : int(first.dimension)])
         return JoinResult(
             template=template,
             used=used_xs,
@@ -233,18 +255,48 @@ def wipe(*arrays: np.ndarray | None) -> None:
 # --- private helpers ----------------------------------------------------------
 
 
+def _join_exactly_k(recs: list[common_pb2.ShareRecord], xs: list[int], dimension: int, epoch: int) -> JoinResult:
+    # join() when exactly k records were given (the matcher's usual call): the
+    # only subset is all of them and there is nobody left to suspect, so this
+    # is the general path with its bookkeeping removed. Same checks in the same
+    # order, same exceptions, same result. The shares are read through
+    # read-only views of the records' bytes, so no copy of a share is made;
+    # the rejoined vector is wiped like every intermediate of the general path.
+    views = [np.frombuffer(rec.values, dtype="<u4") for rec in recs]
+    for view in views:
+        if view.max() >= P:
+            raise InvalidShares("Share values contain values outside the field.")
+    # xs are distinct ints in [1, 255] and the views field elements: the
+    # sharing and integrity helpers that skip re-validation are safe.
+    extended = sharing._reconstruct_rows(tuple(xs), views)
+    try:
+        if not integrity._check_valid(extended)[0]:
+            raise IntegrityError("The share records do not rejoin to a consistent template.")
+        # extended is FIELD_DTYPE in [0, P) (sharing._combine_rows' output).
+        template = codec._from_canonical(extended[0, :dimension])
+        return JoinResult(template=template, used=tuple(xs), suspects=(), epoch=epoch)
+    finally:
+        wipe(extended)
+
+
 def _find_consistent_subset(
     xs: list[int], ys: np.ndarray, k: int, scratch: list[np.ndarray]
 ) -> tuple[tuple[int, ...], np.ndarray] | None:
     # The positions of the first k-subset (in combinations order, so the first
     # k records first) whose rejoined vector passes the MAC check, and that
     # vector; None if no subset passes within MAX_SUBSET_TRIALS.
+    # ys and xs are validated by join, so the unchecked helpers are used.
     for trial, subset in enumerate(itertools.combinations(range(len(xs)), k)):
         if trial >= MAX_SUBSET_TRIALS:
             break
-        extended = sharing.reconstruct([xs[j] for j in subset], ys[list(subset)])
+        if subset[-1] == k - 1:
+            chosen = ys[:k]  # the first k records: a view, nothing to copy
+        else:
+            chosen = ys[list(subset)]
+            scratch.append(chosen)
+        extended = sharing._reconstruct_valid(tuple(xs[j] for j in subset), chosen)
         scratch.append(extended)
-        if bool(integrity.check(extended)[0]):
+        if bool(integrity._check_valid(extended)[0]):
             return subset, extended
     return None
 
@@ -253,7 +305,7 @@ def _name_bytes(value: str, what: str) -> bytes:
     # UTF-8 of a tenant or subject id: non-empty, <= 128 bytes, no control characters.
     if not isinstance(value, str) or not value:
         raise InvalidShares(f"The {what} must be a non-empty string.")
-    if any(unicodedata.category(ch) == "Cc" for ch in value):
+    if _CONTROL_CHARACTER.search(value):
         raise InvalidShares(f"The {what} must not contain control characters.")
     try:
         raw = value.encode("utf-8")

@@ -1,0 +1,328 @@
+"""The single-template fast paths of join: vault.integrity._tags_one,
+vault.sharing._combine_rows, vault.codec._from_canonical and
+vault.record._join_exactly_k, each checked against the general path it
+replaces and against plain Python integers, on random inputs including
+tampered and out-of-field shares."""
+
+from __future__ import annotations
+
+import sys
+import unicodedata
+from unittest import mock
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from splitvault.v1 import common_pb2
+from vault import codec, field, integrity, record, sharing
+from vault.errors import IntegrityError, InvalidShares
+from vault.field import FIELD_DTYPE, P
+
+L = integrity.MAC_COUNT
+# Widths around the baby-step/giant-step shape changes (d + 3 = 64, 65, 256,
+# 257, 1024, 1025), the matcher's 512, and beyond the per-thread plan cache.
+EDGE_WIDTHS = (1, 2, 5, 61, 62, 253, 254, 512, 1021, 1022, 4097)
+
+
+def _python_tags(s: list[int], keys: list[int]) -> list[int]:
+    # t = a^(d+2) + sum_{m=1..d} s_m a^m by Horner over c = [0, s, 0, 1].
+    coeffs = [0, *s, 0, 1]
+    out = []
+    for a in keys:
+        acc = 0
+        for c in reversed(coeffs):
+            acc = (acc * a + c) % P
+        out.append(acc)
+    return out
+
+
+field_values = st.one_of(st.integers(0, P - 1), st.sampled_from([0, 1, 2, 127, P - 127, P - 2, P - 1]))
+
+
+# --- _tags_one against _tags_chunked and Python --------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(d=st.integers(1, 300), data=st.data())
+def test_tags_one_matches_the_chunked_path_and_python(d, data):
+    s = np.array(data.draw(st.lists(field_values, min_size=d, max_size=d)), dtype=FIELD_DTYPE)[np.newaxis, :]
+    keys = np.array(data.draw(st.lists(field_values, min_size=L, max_size=L)), dtype=FIELD_DTYPE)[np.newaxis, :]
+    fast = integrity._tags(s, keys)  # batch 1: the fast path
+    slow = integrity._tags_chunked(s, keys)
+    assert fast.shape == slow.shape == (1, L) and fast.dtype == slow.dtype == FIELD_DTYPE
+    assert fast.tolist() == slow.tolist() == [_python_tags(s[0].tolist(), keys[0].tolist())]
+
+
+@pytest.mark.parametrize("d", EDGE_WIDTHS)
+@pytest.mark.parametrize("fill", [0, 1, P - 1, None])
+def test_tags_one_at_shape_edges_and_extreme_values(d, fill):
+    gen = np.random.default_rng(d)
+    s = gen.integers(0, P, size=(1, d), dtype=np.uint64).astype(FIELD_DTYPE)
+    if fill is not None:
+        s[:] = fill
+    for keys in ([[0, 1, P - 1, 2]], [[P - 1] * L], gen.integers(0, P, size=(1, L))):
+        keys = np.array(keys, dtype=FIELD_DTYPE)
+        fast = integrity._tags_one(s[0], keys[0])
+        assert fast.tolist() == integrity._tags_chunked(s, keys).tolist()
+        if d <= 254:
+            assert fast.tolist() == [_python_tags(s[0].tolist(), keys[0].tolist())]
+
+
+def test_tags_one_wipes_its_workspace_and_does_not_share_a_busy_one():
+    s = np.arange(1, 513, dtype=FIELD_DTYPE)
+    keys = np.array([3, 5, 7, 11], dtype=FIELD_DTYPE)
+    want = integrity._tags_chunked(s[np.newaxis, :], keys[np.newaxis, :]).tolist()
+    assert integrity._tags_one(s, keys).tolist() == want
+    plan = integrity._one_row_plan(512)
+    assert not plan.busy and not plan.ws.any()  # zeros between calls
+    plan.busy = True  # as if a call were in progress on this thread
+    try:
+        assert integrity._one_row_plan(512) is not plan
+        assert integrity._tags_one(s, keys).tolist() == want
+        assert not plan.ws.any()  # the busy workspace was not touched
+    finally:
+        plan.busy = False
+
+
+def test_check_uses_the_fast_path_for_one_row_and_agrees_with_batches():
+    ext = integrity.extend(np.arange(40, dtype=FIELD_DTYPE).reshape(4, 10))
+    assert integrity.check(ext).tolist() == [True] * 4
+    for row in range(4):
+        assert integrity.check(ext[row : row + 1]).tolist() == [True]
+        bad = ext[row : row + 1].copy()
+        bad[0, 3] = (int(bad[0, 3]) + 1) % P
+        assert integrity.check(bad).tolist() == [False]
+        assert integrity._tags_chunked(bad[:, :10], bad[:, 10 : 10 + L]).tolist() != bad[:, 10 + L :].tolist()
+
+
+# --- field helpers, _combine_rows, _from_canonical ------------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, (1 << 62) - 2), min_size=1, max_size=40))
+def test_canon_with_and_fold_with_match_the_allocating_versions(values):
+    x = np.array(values, dtype=np.uint64)
+    scratch = np.empty_like(x)
+    assert field._canon_with(x.copy(), scratch).tolist() == [v % P for v in values]
+    assert field._fold_with(x.copy(), scratch).tolist() == field._fold(x.copy()).tolist()
+
+
+@settings(max_examples=100, deadline=None)
+@given(k=st.integers(2, 7), width=st.integers(1, 30), data=st.data())
+def test_combine_rows_matches_the_chunked_combine(k, width, data):
+    xs = tuple(data.draw(st.lists(st.integers(1, 255), min_size=k, max_size=k, unique=True)))
+    ys = np.array(data.draw(st.lists(field_values, min_size=k * width, max_size=k * width)), dtype=np.uint64)
+    ys = ys.reshape(k, 1, width).astype(FIELD_DTYPE)
+    fast = sharing.reconstruct(xs, ys)  # one chunk: _combine_rows
+    with mock.patch.object(sharing, "CHUNK_ELEMENTS", 7):  # the chunked loop
+        slow = sharing.reconstruct(xs, ys)
+    assert fast.dtype == slow.dtype == FIELD_DTYPE
+    assert fast.tolist() == slow.tolist()
+    lam = [int(v) for v in field.lagrange_at_zero(xs)]
+    want = [sum(lam[j] * int(ys[j, 0, i]) for j in range(k)) % P for i in range(width)]
+    assert fast[0].tolist() == want
+    assert sharing._reconstruct_rows(xs, list(ys[:, 0, :])).tolist() == [want]
+    # vault.proactive passes field.lagrange_at's int64 array, not the 0-d tuple.
+    assert sharing._combine(ys, field.lagrange_at_zero(xs)).tolist() == [want]
+
+
+def _old_from_field(values: np.ndarray) -> np.ndarray:
+    # The decoder before the fast path: centred signed values, then int8.
+    signed = field.to_signed(values)
+    if signed.size and (signed.min() < -codec.QMAX or signed.max() > codec.QMAX):
+        raise IntegrityError("The rejoined vector is not a valid template encoding.")
+    return signed.astype(np.int8)
+
+
+@pytest.mark.parametrize("v", [0, 1, 126, 127, 128, 129, 254, 255, P // 2, P - 129, P - 128, P - 127, P - 126, P - 1])
+def test_from_canonical_at_the_code_boundaries(v):
+    arr = np.array([v, 3], dtype=FIELD_DTYPE)
+    try:
+        want = _old_from_field(arr)
+    except IntegrityError:
+        with pytest.raises(IntegrityError, match="not a valid template encoding"):
+            codec._from_canonical(arr)
+        with pytest.raises(IntegrityError, match="not a valid template encoding"):
+            codec.from_field(arr)
+    else:
+        got = codec._from_canonical(arr)
+        assert got.dtype == np.int8 and got.tolist() == want.tolist()
+        assert codec.from_field(arr).tolist() == want.tolist()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(-127, 127), max_size=50), st.lists(field_values, max_size=3))
+def test_from_canonical_matches_the_old_decoder(codes, noise):
+    arr = codec.to_field(np.array(codes + [0], dtype=np.int8))
+    assert codec._from_canonical(arr).tolist() == _old_from_field(arr).tolist() == codes + [0]
+    mixed = np.concatenate([arr, np.array(noise, dtype=FIELD_DTYPE)])
+    try:
+        want = _old_from_field(mixed).tolist()
+    except IntegrityError:
+        with pytest.raises(IntegrityError):
+            codec._from_canonical(mixed)
+    else:
+        assert codec._from_canonical(mixed).tolist() == want
+
+
+def test_control_character_pattern_is_exactly_category_cc():
+    pattern = record._CONTROL_CHARACTER
+    for cp in range(sys.maxunicode + 1):
+        ch = chr(cp)
+        assert bool(pattern.search(ch)) == (unicodedata.category(ch) == "Cc"), hex(cp)
+
+
+# --- join: exactly k records (fast) against the general path and Python --------------
+
+
+def _records(seed: int, k: int, n: int, d: int):
+    x = np.random.default_rng(seed).normal(size=d)  # test data only
+    codes = codec.encode(x, d)
+    shares = sharing.split(integrity.extend(codec.to_field(codes)), k, n)[:, 0, :]
+    recs = record.make_records(
+        tenant="psp-1", subject="alice", epoch=7, threshold=k, shareholders=n, dimension=d, request_id="r", shares=shares
+    )
+    return recs, codes[0]
+
+
+def _copy(rec, **changes):
+    out = common_pb2.ShareRecord()
+    out.CopyFrom(rec)
+    for name, value in changes.items():
+        setattr(out, name, value)
+    return out
+
+
+def _python_join(recs) -> list[int]:
+    # Lagrange at 0, the MAC check and the decoding, all in Python integers;
+    # raises IntegrityError as join must.
+    first = recs[0]
+    d, width = first.dimension, first.dimension + 2 * L
+    xs = [r.index for r in recs]
+    ys = [[int.from_bytes(r.values[4 * i : 4 * i + 4], "little") for i in range(width)] for r in recs]
+    lam = []
+    for j, xj in enumerate(xs):
+        num = den = 1
+        for i, xi in enumerate(xs):
+            if i != j:
+                num, den = num * xi % P, den * (xi - xj) % P
+        lam.append(num * pow(den, P - 2, P) % P)
+    ext = [sum(lam[j] * ys[j][i] for j in range(len(xs))) % P for i in range(width)]
+    if _python_tags(ext[:d], ext[d : d + L]) != ext[d + L :]:
+        raise IntegrityError("MAC")
+    if any(127 < v < P - 127 for v in ext[:d]):
+        raise IntegrityError("encoding")
+    return [v if v <= 127 else v - P for v in ext[:d]]
+
+
+def _tamper(rec, position: int, delta: int):
+    width = len(rec.values) // 4
+    v = record.unpack_values(rec.values, width)
+    v[position] = (int(v[position]) + delta) % P
+    return _copy(rec, values=record.pack_values(v))
+
+
+schemes = st.sampled_from([(2, 3), (2, 2), (3, 5), (4, 4), (2, 5)])
+widths = st.sampled_from([1, 3, 16, 61, 128, 512])
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), scheme=schemes, d=widths, data=st.data())
+def test_join_of_exactly_k_matches_the_general_path_and_python(seed, scheme, d, data):
+    k, n = scheme
+    recs, codes = _records(seed, k, n, d)
+    chosen = data.draw(st.permutations(recs))[:k]
+    with mock.patch.object(record, "_join_exactly_k", wraps=record._join_exactly_k) as fast:
+        result = record.join(chosen)
+    assert fast.call_count == 1
+    assert result.template.dtype == np.int8
+    assert result.template.tolist() == codes.tolist() == _python_join(chosen)
+    assert result.used == tuple(r.index for r in chosen) and result.suspects == () and result.epoch == 7
+    if k < n:
+        # The general path (more than k records) rejoins the same first k.
+        extra = next(r for r in recs if r.index not in result.used)
+        general = record.join(chosen + [extra])
+        assert general.template.tolist() == result.template.tolist()
+        assert general.used == result.used and general.suspects == ()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    scheme=schemes,
+    d=widths,
+    part=st.sampled_from(["template", "key", "tag"]),
+    delta=st.one_of(st.integers(1, P - 1), st.sampled_from([1, P - 1])),
+    data=st.data(),
+)
+def test_join_of_exactly_k_rejects_tampered_shares(seed, scheme, d, part, delta, data):
+    k, n = scheme
+    recs, codes = _records(seed, k, n, d)
+    chosen = list(data.draw(st.permutations(recs))[:k])
+    column = {
+        "template": data.draw(st.integers(0, d - 1)),
+        "key": d + data.draw(st.integers(0, L - 1)),
+        "tag": d + L + data.draw(st.integers(0, L - 1)),
+    }[part]
+    victim = data.draw(st.integers(0, k - 1))
+    chosen[victim] = _tamper(chosen[victim], column, delta)
+    with pytest.raises(IntegrityError):
+        _python_join(chosen)
+    with pytest.raises(IntegrityError, match="do not rejoin"):
+        record.join(chosen)
+    # The general path agrees: with an honest extra record it finds the honest
+    # subset and names the tampered shareholder; without one it fails closed.
+    if k < n:
+        extra = next(r for r in recs if r.index not in {c.index for c in chosen})
+        general = record.join(chosen + [extra])
+        assert general.template.tolist() == codes.tolist()
+        assert general.suspects == (chosen[victim].index,)
+        with mock.patch.object(record, "MAX_SUBSET_TRIALS", 1):
+            with pytest.raises(IntegrityError, match="do not rejoin"):
+                record.join(chosen + [extra])
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_join_rejects_out_of_field_shares_on_both_paths(count):
+    recs, _ = _records(1, 2, 3, 16)
+    bad = list(recs[:count])
+    v = bytearray(bad[-1].values)
+    v[4 * 5 : 4 * 6] = (P).to_bytes(4, "little")
+    bad[-1] = _copy(bad[-1], values=bytes(v))
+    with pytest.raises(InvalidShares, match="outside the field"):
+        record.join(bad)
+
+
+def test_join_of_exactly_k_wipes_the_rejoined_vector(monkeypatch):
+    seen = []
+    real = record.wipe
+
+    def spy(*arrays):
+        seen.extend(a for a in arrays if a is not None)
+        real(*arrays)
+
+    monkeypatch.setattr(record, "wipe", spy)
+    recs, codes = _records(2, 2, 3, 512)
+    assert record.join(recs[:2]).template.tolist() == codes.tolist()
+    assert [a.shape for a in seen] == [(1, 512 + 2 * L)]
+    assert not seen[0].any()
+    seen.clear()
+    bad = [_tamper(recs[0], 3, 1), recs[1]]
+    with pytest.raises(IntegrityError):
+        record.join(bad)
+    assert len(seen) == 1 and not seen[0].any()
+
+
+def test_join_agreement_errors_name_the_first_disagreeing_field():
+    recs, _ = _records(3, 2, 3, 16)
+    for name, value in (("subject", "bob"), ("epoch", 8), ("dimension", 17)):
+        changed = _copy(recs[1], **{name: value})
+        if name == "dimension":
+            changed = _copy(changed, values=changed.values + b"\x00" * 4)
+        with pytest.raises(InvalidShares, match=f"disagree on the {name}"):
+            record.join([recs[0], changed])
+    both = _copy(recs[1], epoch=8, subject="bob")  # subject comes first
+    with pytest.raises(InvalidShares, match="disagree on the subject"):
+        record.join([recs[0], both, recs[2]])
