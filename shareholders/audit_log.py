@@ -245,13 +245,13 @@ class AuditWriter:
                 self._leading = False
 
     def _append(self, event, actor, request_id, tenant, subject, details) -> common_pb2.AuditEntry:
-        entry = audit.make_entry(
+        entry, row = audit.make_entry_row(
             seq=self._seq + 1, prev_hash=self._hash, time_ms=self._clock(), node=self.node, event=event,
             actor=actor, request_id=request_id, tenant=tenant, subject=subject, details=details,
         )
-        store.insert_entry(self._conn, entry)
-        self._seq = entry.seq
-        self._hash = entry.entry_hash
+        store.insert_entry_row(self._conn, row)
+        self._seq = row[0]
+        self._hash = row[10]
         if self._unsigned_since is None:
             self._unsigned_since = time.monotonic()
         return entry

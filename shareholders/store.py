@@ -312,12 +312,20 @@ def node_state(conn: sqlite3.Connection) -> NodeState:
 # --- audit tables ---------------------------------------------------------------
 
 
+_INSERT_ENTRY = f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+
+
 def insert_entry(conn: sqlite3.Connection, e: common_pb2.AuditEntry) -> None:
     conn.execute(
-        f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        _INSERT_ENTRY,
         (e.seq, e.time_ms, e.node, e.event, e.actor, e.request_id, e.tenant, e.subject, e.details_json,
          e.prev_hash, e.entry_hash),
     )
+
+
+def insert_entry_row(conn: sqlite3.Connection, row: tuple) -> None:
+    """Insert an entry given as a row in AUDIT_COLUMNS order (``vault.audit.make_entry_row``)."""
+    conn.execute(_INSERT_ENTRY, row)
 
 
 def insert_checkpoint(conn: sqlite3.Connection, cp: common_pb2.AuditCheckpoint) -> None:

@@ -48,6 +48,7 @@ _CHECKPOINT_DOMAIN = b"splitvault/audit/checkpoint/v1\x00"
 _U64 = struct.Struct(">Q")
 _I64 = struct.Struct(">q")
 _U32 = struct.Struct(">I")
+_SEQ_TIME = struct.Struct(">Qq")  # u64 seq || i64 time_ms, as _U64 then _I64
 # Longest string a details value may be: ids and reasons, never payloads.
 MAX_DETAIL_CHARS = 512
 MAX_DETAIL_ITEMS = 64
@@ -76,41 +77,54 @@ def _check_scalar(key: str, value) -> None:
     )
 
 
+# What json.dumps(details, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+# allow_nan=False) builds on every call; it keeps no state between calls.
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def canonical_details(details: Details | None) -> str:
     """Canonical JSON of an entry's details: sorted keys, no spaces, checked types."""
     if not details:
         return "{}"
-    if not isinstance(details, Mapping):
+    if type(details) is not dict and not isinstance(details, Mapping):
         raise ValueError("Audit details must be a mapping of names to values.")
     for key, value in details.items():
-        if not isinstance(key, str):
+        if type(key) is not str and not isinstance(key, str):
             raise ValueError("Audit detail names must be strings.")
-        if isinstance(value, (list, tuple)):
+        kind = type(value)
+        # The common exact types first; anything else takes the general checks.
+        if kind is str:
+            if len(value) > MAX_DETAIL_CHARS:
+                raise ValueError(f"Audit detail {key!r} is longer than {MAX_DETAIL_CHARS} characters.")
+        elif kind is int or kind is bool or value is None:
+            pass
+        elif isinstance(value, (list, tuple)):
             if len(value) > MAX_DETAIL_ITEMS:
                 raise ValueError(f"Audit detail {key!r} lists more than {MAX_DETAIL_ITEMS} items.")
             for item in value:
                 _check_scalar(key, item)
         else:
             _check_scalar(key, value)
-    return json.dumps(details, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _CANONICAL_JSON.encode(details)
+
+
+def _encode_entry(seq, time_ms, node, event, actor, request_id, tenant, subject, details_json, prev_hash) -> bytes:
+    parts = [_ENTRY_DOMAIN, _SEQ_TIME.pack(seq, time_ms)]
+    append = parts.append
+    for text in (node, event, actor, request_id, tenant, subject, details_json):
+        data = text.encode("utf-8")
+        append(_U32.pack(len(data)))
+        append(data)
+    append(_U32.pack(len(prev_hash)))
+    append(prev_hash)
+    return b"".join(parts)
 
 
 def entry_bytes(entry: common_pb2.AuditEntry) -> bytes:
     """The canonical encoding hashed into ``entry_hash`` (every field but it)."""
-    return b"".join(
-        (
-            _ENTRY_DOMAIN,
-            _U64.pack(entry.seq),
-            _I64.pack(entry.time_ms),
-            _lps(entry.node),
-            _lps(entry.event),
-            _lps(entry.actor),
-            _lps(entry.request_id),
-            _lps(entry.tenant),
-            _lps(entry.subject),
-            _lps(entry.details_json),
-            _lp(entry.prev_hash),
-        )
+    return _encode_entry(
+        entry.seq, entry.time_ms, entry.node, entry.event, entry.actor, entry.request_id, entry.tenant,
+        entry.subject, entry.details_json, entry.prev_hash,
     )
 
 
@@ -132,12 +146,36 @@ def make_entry(
     details: Details | None = None,
 ) -> common_pb2.AuditEntry:
     """A new entry, hashed and linked to ``prev_hash``."""
+    return make_entry_row(
+        seq=seq, prev_hash=prev_hash, time_ms=time_ms, node=node, event=event, actor=actor, request_id=request_id,
+        tenant=tenant, subject=subject, details=details,
+    )[0]
+
+
+def make_entry_row(
+    *,
+    seq: int,
+    prev_hash: bytes,
+    time_ms: int,
+    node: str,
+    event: str,
+    actor: str = "",
+    request_id: str = "",
+    tenant: str = "",
+    subject: str = "",
+    details: Details | None = None,
+) -> tuple[common_pb2.AuditEntry, tuple]:
+    """``make_entry``, and the entry as a stored row: (seq, time_ms, node,
+    event, actor, request_id, tenant, subject, details_json, prev_hash,
+    entry_hash), the values the message holds (``load_entries`` order)."""
     if seq < 1:
         raise ValueError("Audit sequence numbers start at 1.")
     if len(prev_hash) != HASH_BYTES:
         raise ValueError("An audit entry's previous hash is 32 bytes.")
     if not event:
         raise ValueError("An audit entry needs an event name.")
+    details_json = canonical_details(details)
+    # The message first: it refuses what it cannot hold, as it always has.
     entry = common_pb2.AuditEntry(
         seq=seq,
         time_ms=time_ms,
@@ -147,11 +185,22 @@ def make_entry(
         request_id=request_id,
         tenant=tenant,
         subject=subject,
-        details_json=canonical_details(details),
+        details_json=details_json,
         prev_hash=prev_hash,
     )
-    entry.entry_hash = entry_hash(entry)
-    return entry
+    str_ = str
+    if (type(seq) is int and type(time_ms) is int and type(prev_hash) is bytes and type(node) is str_
+            and type(event) is str_ and type(actor) is str_ and type(request_id) is str_
+            and type(tenant) is str_ and type(subject) is str_):
+        # What the message holds is exactly what was given: hash and store
+        # the arguments rather than read every field back out of it.
+        row = (seq, time_ms, node, event, actor, request_id, tenant, subject, details_json, prev_hash)
+    else:
+        row = (entry.seq, entry.time_ms, entry.node, entry.event, entry.actor, entry.request_id, entry.tenant,
+               entry.subject, entry.details_json, entry.prev_hash)
+    digest = hashlib.sha256(_encode_entry(*row)).digest()
+    entry.entry_hash = digest
+    return entry, row + (digest,)
 
 
 def checkpoint_message(node: str, seq: int, entry_hash: bytes, time_ms: int) -> bytes:
