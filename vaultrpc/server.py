@@ -71,12 +71,24 @@ def _parsed_stream(requests):
         yield _parsed(request)
 
 
-def caller(context: grpc.ServicerContext) -> Identity | None:
-    """The caller's identity from its verified client certificate."""
+# The identity the interceptor authorised, kept on the call's own context so
+# that a handler asking again does not rebuild grpc's auth context dict.
+_IDENTITY_ATTR = "_splitvault_identity"
+
+
+def _peer_identity(context: grpc.ServicerContext) -> Identity | None:
     pems = context.auth_context().get("x509_pem_cert")
     if not pems:
         return None
     return identity_from_pem(pems[0])
+
+
+def caller(context: grpc.ServicerContext) -> Identity | None:
+    """The caller's identity from its verified client certificate."""
+    who = getattr(context, _IDENTITY_ATTR, None)
+    if type(who) is Identity:
+        return who
+    return _peer_identity(context)
 
 
 class RoleInterceptor(grpc.ServerInterceptor):
@@ -84,32 +96,57 @@ class RoleInterceptor(grpc.ServerInterceptor):
 
     ``roles`` maps a full method name to the roles allowed to call it; a
     method missing from the table is refused (deny by default).
+
+    The wrapped handler of a method is built once and reused for every call
+    that resolves to the same handler (it holds no per-call state).
     """
+
+    # Bounds the cache; only methods a registered handler answers are cached.
+    _MAX_CACHED = 1024
 
     def __init__(self, roles: Mapping[str, frozenset[str]], logger: logging.Logger):
         self._roles = roles
         self._log = logger
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        if method in self._wrapped or len(self._wrapped) < self._MAX_CACHED:
+            self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         allowed = self._roles.get(method)
         open_method = method in OPEN_METHODS
         log = self._log
+        short_name = method.rsplit("/", 1)[-1]
+        # This method's metric children, made on first use (labels() takes the
+        # metric's lock and builds a key on every call).
+        children: dict = {}
+        ok = grpc.StatusCode.OK
 
         def authorise(context) -> Identity:
-            who = caller(context)
+            who = _peer_identity(context)
             if who is None:
                 raise status.Unauthenticated("The client certificate carries no splitvault identity.")
             if not open_method and (allowed is None or who.role not in allowed):
-                raise status.PermissionDenied(f"Role {who.role!r} may not call {method.rsplit('/', 1)[-1]}.")
+                raise status.PermissionDenied(f"Role {who.role!r} may not call {short_name}.")
+            try:
+                setattr(context, _IDENTITY_ATTR, who)
+            except AttributeError:  # a context that takes no attributes: caller() asks grpc again
+                pass
             return who
 
         def finish(context, who, started, exc):
             if exc is None:
-                code = grpc.StatusCode.OK
+                code = ok
             else:
                 code, message = status.to_status(exc)
                 if code == grpc.StatusCode.INTERNAL and not isinstance(exc, status.RpcError):
@@ -119,13 +156,19 @@ class RoleInterceptor(grpc.ServerInterceptor):
                         extra={"fields": {"method": method, "caller": str(who) if who else None}},
                     )
             elapsed = time.perf_counter() - started
-            RPC_TOTAL.labels(method, code.name).inc()
-            RPC_SECONDS.labels(method).observe(elapsed)
+            counter = children.get(code)
+            if counter is None:
+                counter = children[code] = RPC_TOTAL.labels(method, code.name)
+            counter.inc()
+            seconds = children.get(None)
+            if seconds is None:
+                seconds = children[None] = RPC_SECONDS.labels(method)
+            seconds.observe(elapsed)
             if not open_method:
                 logs.event(
                     log,
                     "rpc",
-                    logging.INFO if code == grpc.StatusCode.OK else logging.WARNING,
+                    logging.INFO if code is ok else logging.WARNING,
                     method=method,
                     caller=str(who) if who else None,
                     code=code.name,
