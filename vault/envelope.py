@@ -45,6 +45,7 @@ WRAPPED_BYTES = NONCE_BYTES + KEY_BYTES + TAG_BYTES
 _SHARE_DOMAIN = b"splitvault/envelope/share/v1\x00"
 _WRAP_DOMAIN = b"splitvault/envelope/wrap/v1\x00"
 _MAX_VERSION = 2**32 - 1
+_U32 = struct.Struct(">I")
 
 
 class SealedShare(NamedTuple):
@@ -104,7 +105,7 @@ class KekRing:
 
 def _wrap_aad(aad: bytes, version: int) -> bytes:
     # domain || len(aad) || aad || version: unambiguous whatever aad holds.
-    return _WRAP_DOMAIN + struct.pack(">I", len(aad)) + aad + struct.pack(">I", version)
+    return _WRAP_DOMAIN + _U32.pack(len(aad)) + aad + _U32.pack(version)
 
 
 def _wrap(ring: KekRing, aad: bytes, dk: bytes, nonce: bytes | None = None) -> bytes:

@@ -90,34 +90,37 @@ def verify(
     tenant is None, to all tenants' keys: the key id then decides the tenant
     and the body must name it). Raises InvalidTicket with a short reason.
     """
-    if not ticket.body or not ticket.signature or not ticket.key_id:
+    # Each field read once: a protobuf bytes field is a fresh copy per read.
+    raw, signature, key_id = ticket.body, ticket.signature, ticket.key_id
+    if not raw or not signature or not key_id:
         raise InvalidTicket("The verification ticket is missing its body, signature or key id.")
-    key = keys.get(ticket.key_id)
+    key = keys.get(key_id)
     if key is None:
         raise InvalidTicket("The verification ticket is signed with a key not registered for this tenant.")
     try:
-        key.verify(ticket.signature, SIGNATURE_CONTEXT + ticket.body)
+        key.verify(signature, SIGNATURE_CONTEXT + raw)
     except InvalidSignature:
         raise InvalidTicket("The verification ticket's signature does not verify.") from None
     body = common_pb2.TicketBody()
     try:
-        body.ParseFromString(ticket.body)
+        body.ParseFromString(raw)
     except DecodeError:
         raise InvalidTicket("The verification ticket's body cannot be parsed.") from None
-    if tenant is not None and body.tenant != tenant:
+    body_tenant = body.tenant
+    if tenant is not None and body_tenant != tenant:
         raise InvalidTicket("The verification ticket was issued for another tenant.")
-    for name in ("tenant", "subject", "request_id"):
-        value = getattr(body, name)
+    for name, value in (("tenant", body_tenant), ("subject", body.subject), ("request_id", body.request_id)):
         if not value or len(value.encode()) > MAX_ID_BYTES:
             raise InvalidTicket(f"The verification ticket's {name} is empty or longer than {MAX_ID_BYTES} bytes.")
     if len(body.nonce) != NONCE_BYTES or len(body.probe_digest) != 32:
         raise InvalidTicket("The verification ticket's nonce or probe digest has the wrong length.")
     now = now_ms() if at_ms is None else at_ms
-    if body.expires_at_ms <= body.issued_at_ms or body.expires_at_ms - body.issued_at_ms > MAX_TTL_MS:
+    issued, expires = body.issued_at_ms, body.expires_at_ms
+    if expires <= issued or expires - issued > MAX_TTL_MS:
         raise InvalidTicket("The verification ticket's validity window is invalid or too long.")
-    if body.issued_at_ms > now + CLOCK_SKEW_MS:
+    if issued > now + CLOCK_SKEW_MS:
         raise InvalidTicket("The verification ticket is issued in the future.")
-    if now >= body.expires_at_ms:
+    if now >= expires:
         raise InvalidTicket("The verification ticket has expired.")
     return body
 
