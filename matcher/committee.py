@@ -3,24 +3,22 @@ channel and stub per node, and parallel calls with a deadline on every one
 (Python gRPC does not propagate deadlines, so each outgoing call carries its
 own ``call_timeout_ms``).
 
-Calls to the nodes are made with grpc.aio on one event loop, on one thread
-for the whole process (``_Loop``); a caller (an RPC thread of the matcher)
-starts them and consumes their answers in the order they arrive
-(``Gather``), so a Verify goes on as soon as k shares are in hand while
-slower nodes are still answering. Measured on the Verify path, this costs
-less CPU than a blocking call on a pool thread per node call (no thread
-hand-over per call; docs/benchmarks.md), and far less than
-``stub.Method.future()``, whose Python layer starts a channel-spin thread
-whenever its channel has no call in flight.
+Calls run as blocking gRPC calls on one long-lived thread pool and their
+answers are consumed in the order they arrive (``Gather``), so a Verify can
+go on as soon as k shares are in hand while slower nodes are still
+answering. (``stub.Method.future()`` was measured slower: grpc's Python
+layer starts a channel-spin thread for a future whenever its channel has
+no call in flight, which cost more than the whole rejoin. grpc.aio calls on
+one event-loop thread were measured too: over six interleaved rounds of
+``python -m bench.suite_verify run --quick`` they made no difference to
+throughput, latency or CPU per verification, so the simpler pool stays.)
 """
 from __future__ import annotations
 
-import asyncio
 import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +26,7 @@ import grpc
 
 from matcher.config import ShareholderEndpoint
 from splitvault.v1 import shareholder_pb2_grpc
-from vaultrpc.tls import CHANNEL_OPTIONS, TlsMaterial
+from vaultrpc.tls import TlsMaterial, secure_channel
 
 # Reconnect quickly to a node that comes back (gRPC's default backoff grows
 # to two minutes, which would keep a restarted node out of the quorum).
@@ -132,22 +130,6 @@ class Gather:
         return self.outcomes
 
 
-class _Loop:
-    """The process's event loop for calls to the nodes, on its own daemon thread."""
-
-    _lock = threading.Lock()
-    _loop: asyncio.AbstractEventLoop | None = None
-
-    @classmethod
-    def get(cls) -> asyncio.AbstractEventLoop:
-        with cls._lock:
-            if cls._loop is None or cls._loop.is_closed():
-                loop = asyncio.new_event_loop()
-                threading.Thread(target=loop.run_forever, name="node-calls", daemon=True).start()
-                cls._loop = loop
-            return cls._loop
-
-
 class Committee:
     """Channels and stubs to every shareholder, opened once and reused."""
 
@@ -155,23 +137,11 @@ class Committee:
                  max_in_flight: int = 192):
         self.endpoints = endpoints
         self.timeout_s = timeout_s
-        self._loop = _Loop.get()
-        self._closed = False
-        # Calls beyond ``max_in_flight`` wait (in the loop) for one to end;
-        # a hung node holds its slots only until the calls' deadline.
-        self._slots, self._channels = asyncio.run_coroutine_threadsafe(
-            self._open(tls, max_in_flight), self._loop
-        ).result()
+        # One thread per outgoing call in flight; a hung node holds its
+        # threads only until the call's deadline.
+        self._pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="node-call")
+        self._channels = {e.name: secure_channel(e.address, tls, _CHANNEL_OPTIONS) for e in endpoints}
         self._stubs = {name: shareholder_pb2_grpc.ShareholderStub(ch) for name, ch in self._channels.items()}
-
-    async def _open(self, tls: TlsMaterial, max_in_flight: int):
-        # aio channels (and the semaphore) belong to the loop they are made on.
-        options = CHANNEL_OPTIONS + _CHANNEL_OPTIONS
-        channels = {
-            e.name: grpc.aio.secure_channel(e.address, tls.channel_credentials(), options=options)
-            for e in self.endpoints
-        }
-        return asyncio.Semaphore(max_in_flight), channels
 
     def __len__(self) -> int:
         return len(self.endpoints)
@@ -195,8 +165,7 @@ class Committee:
 
         ``request_for`` is either one request for all nodes or a function of
         the node giving its request. A streaming-request method takes an
-        iterator as its request (consumed on the loop's thread: it must not
-        block). With ``into``, the calls join that gather.
+        iterator as its request. With ``into``, the calls join that gather.
         """
         targets = tuple(self.endpoints if nodes is None else nodes)
         timeout = self.timeout_s if timeout_s is None else timeout_s
@@ -206,31 +175,14 @@ class Committee:
         else:
             gather = into
             gather._add(targets, deadline)
-        calls = [
-            (node, getattr(self._stubs[node.name], method), request_for(node) if callable(request_for) else request_for)
-            for node in targets
-        ]
-        try:
-            if self._closed:
-                raise RuntimeError("closed")
-            self._loop.call_soon_threadsafe(self._start, gather, calls, timeout)
-        except RuntimeError:  # closed, or the loop is gone: the matcher is stopping
-            for node, _, _ in calls:
+        for node in targets:
+            request = request_for(node) if callable(request_for) else request_for
+            rpc = getattr(self._stubs[node.name], method)
+            try:
+                self._pool.submit(_call, gather, node, rpc, request, timeout)
+            except RuntimeError:  # the pool is shut down: the matcher is stopping
                 gather._put(Outcome(node, None, grpc.StatusCode.UNAVAILABLE, "The matcher is stopping."))
         return gather
-
-    def _start(self, gather: Gather, calls, timeout: float) -> None:
-        # On the loop: one task per call.
-        for node, rpc, request in calls:
-            self._loop.create_task(self._call(gather, node, rpc, request, timeout))
-
-    async def _call(self, gather: Gather, node: ShareholderEndpoint, rpc, request, timeout: float) -> None:
-        outcome = Outcome(node, None, grpc.StatusCode.CANCELLED, "The call was cancelled.")
-        try:
-            async with self._slots:
-                outcome = await _outcome(node, rpc, request, timeout)
-        finally:
-            gather._put(outcome)
 
     def call_all(self, method: str, request_for, **kw) -> list[Outcome]:
         """Fan out and wait for every answer; results in committee order."""
@@ -239,23 +191,18 @@ class Committee:
         return sorted(outcomes, key=lambda o: order[o.node.name])
 
     def close(self) -> None:
-        """Close the channels: calls still running end CANCELLED (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-
-        async def close_all():
-            await asyncio.gather(*(ch.close() for ch in self._channels.values()), return_exceptions=True)
-
-        try:
-            asyncio.run_coroutine_threadsafe(close_all(), self._loop).result(timeout=5.0)
-        except (RuntimeError, FutureTimeout):
-            pass  # the loop is gone or a channel would not close: the process is stopping
+        for ch in self._channels.values():
+            ch.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-async def _outcome(node: ShareholderEndpoint, rpc, request, timeout: float) -> Outcome:
+def _call(gather: Gather, node: ShareholderEndpoint, rpc, request, timeout: float) -> None:
+    gather._put(_outcome(node, rpc, request, timeout))
+
+
+def _outcome(node: ShareholderEndpoint, rpc, request, timeout: float) -> Outcome:
     try:
-        return Outcome(node, await rpc(request, timeout=timeout))
+        return Outcome(node, rpc(request, timeout=timeout))
     except grpc.RpcError as err:
         code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
         details = err.details() if callable(getattr(err, "details", None)) else ""

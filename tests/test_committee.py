@@ -1,5 +1,5 @@
-"""matcher.committee: node calls over grpc.aio on the loop thread, consumed
-from an RPC thread through a Gather. Real gRPC servers over real mTLS on
+"""matcher.committee: node calls on the committee's pool, consumed from an
+RPC thread through a Gather. Real gRPC servers over real mTLS on
 loopback whose GetNodeInfo answers after a chosen delay (the node's answer
 itself is not what is tested here: deadlines, arrival order, closing and
 unreachable nodes are)."""
@@ -148,16 +148,3 @@ def test_calls_beyond_max_in_flight_wait_for_a_slot(dev_pki, nodes):
         assert time.monotonic() - started >= 0.85
     finally:
         committee.close()
-
-
-def test_committees_share_one_loop_and_close_independently(dev_pki, nodes):
-    node = nodes("bank-a", 1)
-    a, b = _committee(dev_pki, [node.endpoint]), _committee(dev_pki, [node.endpoint])
-    try:
-        assert a._loop is b._loop
-        a.close()
-        [ok] = b.call_all("GetNodeInfo", shareholder_pb2.GetNodeInfoRequest())
-        assert ok.ok
-    finally:
-        a.close()
-        b.close()
