@@ -160,11 +160,7 @@ def make_records(
 def validate_record(rec: common_pb2.ShareRecord) -> None:
     """Raise InvalidShares unless the record's fields are sane (values included)."""
     _validate_metadata(rec)  # includes the values' length
-    # The range, read through a read-only view of the record's own bytes: no
-    # copy of the share is made, so there is none to wipe.
-    view = np.frombuffer(rec.values, dtype="<u4")
-    if view.size and view.max() >= P:
-        raise InvalidShares("Share values contain values outside the field.")
+    _field_view(rec)
 
 
 def join(records: Sequence[common_pb2.ShareRecord]) -> JoinResult:
@@ -197,7 +193,7 @@ def join(records: Sequence[common_pb2.ShareRecord]) -> JoinResult:
     if len(recs) < k:
         raise InvalidShares("Fewer share records than the threshold were given.")
     width = int(first.dimension) + 2 * int(first.mac_count)
-    if len(recs) == k and MAX_SUBSET_TRIALS >= 1:
+    if len(recs) == k:
         return _join_exactly_k(recs, xs, int(first.dimension), int(first.epoch))
 
     ys = np.empty((len(recs), 1, width), dtype=FIELD_DTYPE)
@@ -259,6 +255,16 @@ def wipe(*arrays: np.ndarray | None) -> None:
 # --- private helpers ----------------------------------------------------------
 
 
+def _field_view(rec: common_pb2.ShareRecord) -> np.ndarray:
+    # A read-only view of the record's values (their length already checked
+    # by _validate_metadata), refused unless every value is a field element.
+    # No copy of the share is made, so there is none to wipe.
+    view = np.frombuffer(rec.values, dtype="<u4")
+    if view.size and view.max() >= P:
+        raise InvalidShares("Share values contain values outside the field.")
+    return view
+
+
 def _join_exactly_k(recs: list[common_pb2.ShareRecord], xs: list[int], dimension: int, epoch: int) -> JoinResult:
     # join() when exactly k records were given (the matcher's usual call): the
     # only subset is all of them and there is nobody left to suspect, so this
@@ -266,10 +272,7 @@ def _join_exactly_k(recs: list[common_pb2.ShareRecord], xs: list[int], dimension
     # order, same exceptions, same result. The shares are read through
     # read-only views of the records' bytes, so no copy of a share is made;
     # the rejoined vector is wiped like every intermediate of the general path.
-    views = [np.frombuffer(rec.values, dtype="<u4") for rec in recs]
-    for view in views:
-        if view.max() >= P:
-            raise InvalidShares("Share values contain values outside the field.")
+    views = [_field_view(rec) for rec in recs]
     # xs are distinct ints in [1, 255] and the views field elements: the
     # sharing and integrity helpers that skip re-validation are safe.
     extended = sharing._reconstruct_rows(tuple(xs), views)
