@@ -181,16 +181,9 @@ def make_entry_row(
         details_json=details_json,
         prev_hash=prev_hash,
     )
-    str_ = str
-    if (type(seq) is int and type(time_ms) is int and type(prev_hash) is bytes and type(node) is str_
-            and type(event) is str_ and type(actor) is str_ and type(request_id) is str_
-            and type(tenant) is str_ and type(subject) is str_):
-        # What the message holds is exactly what was given: hash and store
-        # the arguments rather than read every field back out of it.
-        row = (seq, time_ms, node, event, actor, request_id, tenant, subject, details_json, prev_hash)
-    else:
-        row = (entry.seq, entry.time_ms, entry.node, entry.event, entry.actor, entry.request_id, entry.tenant,
-               entry.subject, entry.details_json, entry.prev_hash)
+    # Hashed and stored as the message holds them (what a reader loads back).
+    row = (entry.seq, entry.time_ms, entry.node, entry.event, entry.actor, entry.request_id, entry.tenant,
+           entry.subject, entry.details_json, entry.prev_hash)
     digest = hashlib.sha256(_encode_entry(*row)).digest()
     entry.entry_hash = digest
     return entry, row + (digest,)
