@@ -316,11 +316,8 @@ _INSERT_ENTRY = f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,
 
 
 def insert_entry(conn: sqlite3.Connection, e: common_pb2.AuditEntry) -> None:
-    conn.execute(
-        _INSERT_ENTRY,
-        (e.seq, e.time_ms, e.node, e.event, e.actor, e.request_id, e.tenant, e.subject, e.details_json,
-         e.prev_hash, e.entry_hash),
-    )
+    insert_entry_row(conn, (e.seq, e.time_ms, e.node, e.event, e.actor, e.request_id, e.tenant, e.subject,
+                            e.details_json, e.prev_hash, e.entry_hash))
 
 
 def insert_entry_row(conn: sqlite3.Connection, row: tuple) -> None:
