@@ -46,7 +46,7 @@ from splitvault.v1 import common_pb2, shareholder_pb2
 from vault import pki, ticket
 from vault.field import P
 from vault.integrity import MAC_COUNT
-from vaultrpc.tls import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, TlsFiles
+from vaultrpc.tls import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, TlsFiles, identity_options
 
 SUITE = "node"
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -180,8 +180,9 @@ async def _stream_rate(channel, method: str, messages: list[bytes], records: int
     return records / (time.perf_counter() - started)
 
 
-def _secure_aio(address: str, tls) -> grpc.aio.Channel:
-    return grpc.aio.secure_channel(address, tls.channel_credentials(), options=CHANNEL_OPTIONS)
+def _secure_aio(address: str, tls, expect: pki.Identity) -> grpc.aio.Channel:
+    options = CHANNEL_OPTIONS + identity_options(expect)
+    return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)
 
 
 def _result(name, params, value, unit, baseline_name, baseline_value):
@@ -285,7 +286,8 @@ async def _measure(node_info, echo_info, node_pid, echo_pid, tls, ticket_key, re
     echo_addr = f"127.0.0.1:{echo_info['port']}"
     load_before = round(os.getloadavg()[0], 2)
     store_rounds, release_rounds = [], []
-    async with _secure_aio(node_addr, tls) as node_ch, _secure_aio(echo_addr, tls) as echo_ch:
+    async with _secure_aio(node_addr, tls, pki.Identity("shareholder", "bank-a")) as node_ch, \
+            _secure_aio(echo_addr, tls, pki.Identity("shareholder", "echo")) as echo_ch:
         # Bulk store: the node first, then the echo of the same messages.
         for records in record_sets:
             messages = _stream_messages(records)

@@ -108,7 +108,7 @@ def _serve(args) -> None:
 
     store = None
     if args.kind == "verifier":
-        store = _Stub(secure_channel(args.store, tls), STORE_SERVICE, "Fetch",
+        store = _Stub(secure_channel(args.store, tls, expect=pki.Identity("shareholder", "store")), STORE_SERVICE, "Fetch",
                       shareholder_pb2.DescribeRecordsRequest, common_pb2.ShareRecord)
 
     def verify(request, context):
@@ -161,6 +161,10 @@ def _serve(args) -> None:
     rpcserver.run_until_signalled(running, grace=1.0)
 
 
+# The one-hop baseline serves under a server certificate of its own.
+MEMORY = pki.Identity("matcher", "memory")
+
+
 class _Stub:
     """A unary call on a generic service: (request, timeout) -> response."""
 
@@ -186,7 +190,7 @@ class Processes:
         self.files = testing.write_dev_pki(
             root / "pki",
             [("shareholder", n) for n in NODES] + [("matcher", "matcher"), ("psp", TENANT),
-                                                  ("shareholder", "store"), ("psp", "verifier")],
+                                                  ("shareholder", "store"), ("matcher", "memory")],
         )
         self.ticket_key = pki.load_signing_key(pki.new_signing_key()[0])
 
@@ -215,7 +219,7 @@ class Processes:
             )
             self._spawn(name, ["-m", "shareholders", "--config", str(cfg)])
         for kind in ("store", "memory"):
-            files = self.files[("shareholder", "store")] if kind == "store" else self.files[("psp", "verifier")]
+            files = self.files[("shareholder", "store")] if kind == "store" else self.files[("matcher", "memory")]
             self._spawn(kind, ["-m", "bench.suite_verify", "serve", "--kind", kind, "--ca", files.ca, "--cert",
                                files.cert, "--key", files.key, "--ready", str(self.root / f"{kind}.ready")])
         addresses = {name: self._ready(name, self.root / name / "ready.json") for name in NODES}
@@ -327,10 +331,10 @@ class _Systems:
         self.probes = probes
         psp = procs.files[("psp", TENANT)].load()
         self.client = MatcherClient(addresses["matcher"], psp, tenant=TENANT, ticket_key=procs.ticket_key,
-                                    key_id=KEY_ID, timeout_s=10.0)
-        self.plain = _Stub(secure_channel(addresses["verifier"], psp), VERIFIER_SERVICE, "Verify",
+                                    key_id=KEY_ID, matcher="matcher", timeout_s=10.0)
+        self.plain = _Stub(secure_channel(addresses["verifier"], psp, expect=pki.Identity("matcher", "matcher")), VERIFIER_SERVICE, "Verify",
                            matcher_pb2.VerifyRequest, matcher_pb2.VerifyResponse)
-        self.memory = _Stub(secure_channel(addresses["memory"], psp), VERIFIER_SERVICE, "Verify",
+        self.memory = _Stub(secure_channel(addresses["memory"], psp, expect=MEMORY), VERIFIER_SERVICE, "Verify",
                             matcher_pb2.VerifyRequest, matcher_pb2.VerifyResponse)
 
     def split(self, i: int) -> int:
@@ -429,10 +433,11 @@ def run(quick: bool) -> list[dict]:
                 failed = sum(1 for r in replies if r.code != 0)
                 enrol_rate = subjects / (time.perf_counter() - t0)
                 # ... against loading the same codes into the single store and the one-hop service.
-                put_store = _Stub(secure_channel(addresses["store"], procs.files[("matcher", "matcher")].load()),
+                put_store = _Stub(secure_channel(addresses["store"], procs.files[("matcher", "matcher")].load(),
+                                                 expect=pki.Identity("shareholder", "store")),
                                   STORE_SERVICE, "Put", shareholder_pb2.StoreSharesRequest,
                                   shareholder_pb2.StoreSharesResponse)
-                put_memory = _Stub(secure_channel(addresses["memory"], procs.files[("psp", TENANT)].load()),
+                put_memory = _Stub(secure_channel(addresses["memory"], procs.files[("psp", TENANT)].load(), expect=MEMORY),
                                    VERIFIER_SERVICE, "Put", shareholder_pb2.StoreSharesRequest,
                                    shareholder_pb2.StoreSharesResponse)
                 t0 = time.perf_counter()

@@ -26,6 +26,7 @@ import grpc
 
 from matcher.config import ShareholderEndpoint
 from splitvault.v1 import shareholder_pb2_grpc
+from vault.pki import ROLE_SHAREHOLDER, Identity
 from vaultrpc.tls import TlsMaterial, secure_channel
 
 # Reconnect quickly to a node that comes back (gRPC's default backoff grows
@@ -140,7 +141,8 @@ class Committee:
         # One thread per outgoing call in flight; a hung node holds its
         # threads only until the call's deadline.
         self._pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="node-call")
-        self._channels = {e.name: secure_channel(e.address, tls, _CHANNEL_OPTIONS) for e in endpoints}
+        self._channels = {e.name: secure_channel(e.address, tls, expect=Identity(ROLE_SHAREHOLDER, e.name),
+                                                   extra_options=_CHANNEL_OPTIONS) for e in endpoints}
         self._stubs = {name: shareholder_pb2_grpc.ShareholderStub(ch) for name, ch in self._channels.items()}
 
     def __len__(self) -> int:

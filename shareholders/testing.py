@@ -190,7 +190,7 @@ class NodeHarness:
         from shareholders.config import load_config
         from shareholders.server import serve
 
-        self.running = serve(load_config(self.config_path, env=env or {}), env=env or {})
+        self.running = serve(load_config(self.config_path, env=env or {}), env=env or {}, harden=False)
         return self.running
 
     def stop(self) -> None:
@@ -204,7 +204,8 @@ class NodeHarness:
     close = stop
 
     def stub(self, role: str, name: str = "t1") -> shareholder_pb2_grpc.ShareholderStub:
-        ch = secure_channel(self.running.address, self.tls_files(role, name).load())
+        ch = secure_channel(self.running.address, self.tls_files(role, name).load(),
+                            expect=pki.Identity(pki.ROLE_SHAREHOLDER, self.name))
         self._channels.append(ch)
         return shareholder_pb2_grpc.ShareholderStub(ch)
 

@@ -186,7 +186,7 @@ def holdings(pki_, addresses: dict[str, str], tenant: str, subjects) -> dict[str
     """node -> subject -> [(request id, epoch)] of its records (DescribeRecords as the auditor)."""
     out: dict[str, dict[str, list[tuple[str, int]]]] = {}
     for name, address in addresses.items():
-        with secure_channel(address, pki_.tls("auditor", "auditor")) as ch:
+        with secure_channel(address, pki_.tls("auditor", "auditor"), expect=pki.Identity("shareholder", name)) as ch:
             stub = shareholder_pb2_grpc.ShareholderStub(ch)
             out[name] = {}
             for s in subjects:
@@ -203,7 +203,7 @@ def rejoin_everywhere(pki_, addresses: dict[str, str], tenant: Tenant, subject: 
     for name, address in addresses.items():
         t = ticket.issue(tenant.key, tenant.key_id, tenant=tenant.name, subject=subject,
                          request_id=f"check-{uuid.uuid4().hex}", probe=np.zeros(4, np.float32))
-        with secure_channel(address, pki_.tls("matcher", "matcher")) as ch:
+        with secure_channel(address, pki_.tls("matcher", "matcher"), expect=pki.Identity("shareholder", name)) as ch:
             reply = shareholder_pb2_grpc.ShareholderStub(ch).ReleaseShare(
                 shareholder_pb2.ReleaseShareRequest(ticket=t), timeout=10)
         assert len(reply.shares) == 1, (name, len(reply.shares))

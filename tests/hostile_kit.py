@@ -239,7 +239,8 @@ class Snapshot:
 
     def __init__(self, dev_pki, addresses: dict[str, str], tenant: str, victims: list[str]):
         self.pki, self.addresses, self.tenant, self.victims = dev_pki, addresses, tenant, victims
-        self._channels = {n: secure_channel(a, dev_pki.tls("auditor", "auditor")) for n, a in addresses.items()}
+        self._channels = {n: secure_channel(a, dev_pki.tls("auditor", "auditor"), expect=pki.Identity("shareholder", n))
+                          for n, a in addresses.items()}
 
     def take(self) -> dict:
         out = {}

@@ -16,16 +16,17 @@ import numpy as np
 
 from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
 from vault import ticket
+from vault.pki import Identity
 from vaultrpc.tls import secure_channel
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def release(address: str, matcher_tls, tenant_key, key_id: str, tenant: str, subject: str, probe) -> list:
+def release(address: str, matcher_tls, tenant_key, key_id: str, tenant: str, subject: str, probe, *, node: str) -> list:
     """A node's share records of one subject, released for a freshly signed ticket (as the matcher asks)."""
     signed = ticket.issue(tenant_key, key_id, tenant=tenant, subject=subject, request_id=str(uuid.uuid4()),
                           probe=np.asarray(probe, dtype=np.float32))
-    channel = secure_channel(address, matcher_tls)
+    channel = secure_channel(address, matcher_tls, expect=Identity("shareholder", node))
     try:
         reply = shareholder_pb2_grpc.ShareholderStub(channel).ReleaseShare(
             shareholder_pb2.ReleaseShareRequest(ticket=signed), timeout=10)

@@ -21,6 +21,7 @@ from shareholders.store import connect
 from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
 from test_matcher_harness import DIM, Committee, Tenant, noisy, unit
 from vault import ticket
+from vault.pki import Identity
 from vaultrpc.tls import secure_channel
 
 LIMIT = 8           # attempts per subject per window, at every node
@@ -123,7 +124,7 @@ def test_a_compromised_matcher_going_straight_to_the_nodes_is_stopped_at_each(co
     its own: at most N shares of a subject per node per window."""
     acme = committee.tenants["acme"]
     for name, node in committee.nodes.items():
-        with secure_channel(node.address, dev_pki.tls("matcher", "matcher")) as ch:
+        with secure_channel(node.address, dev_pki.tls("matcher", "matcher"), expect=Identity("shareholder", name)) as ch:
             stub = shareholder_pb2_grpc.ShareholderStub(ch)
             codes = []
             for i in range(LIMIT + EXTRA):

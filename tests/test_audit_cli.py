@@ -63,7 +63,7 @@ def release_direct(root, node: str, ticket):
     """A ReleaseShare straight to one node with the matcher's certificate."""
     paths, spec = cluster.Paths(root), cluster.load_spec(root)
     address = json.loads(paths.ready(spec, node).read_text())["address"]
-    with secure_channel(address, paths.tls("matcher", spec.matcher).load()) as channel:
+    with secure_channel(address, paths.tls("matcher", spec.matcher).load(), expect=pki.Identity("shareholder", node)) as channel:
         return shareholder_pb2_grpc.ShareholderStub(channel).ReleaseShare(pb.ReleaseShareRequest(ticket=ticket), timeout=10)
 
 

@@ -73,7 +73,8 @@ def test_errors_surface_as_rpc_errors(committee):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # A ticket key the matcher does not know: refused, not matched.
     wrong = MatcherClient(f"127.0.0.1:{committee.matcher.port}", committee.pki.tls("psp", "acme"), tenant="acme",
-                          ticket_key=pki.load_signing_key(pki.new_signing_key()[0]), key_id=t.key_id)
+                          ticket_key=pki.load_signing_key(pki.new_signing_key()[0]), key_id=t.key_id,
+                          matcher="matcher")
     with wrong, pytest.raises(grpc.RpcError) as err:
         wrong.verify("nobody", np.ones(128, dtype=np.float32))
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED

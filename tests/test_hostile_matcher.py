@@ -30,7 +30,10 @@ from hostile_kit import (
 from splitvault.v1 import matcher_pb2, matcher_pb2_grpc
 from test_matcher_harness import DIM, Committee, Tenant, noisy, unit
 from vault import codec
+from vault.pki import Identity
 from vaultrpc.tls import secure_channel
+
+MATCHER = Identity("matcher", "matcher")
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -47,7 +50,7 @@ class World:
         self.committee = Committee(dev_pki, root, tenants=[ACME, Tenant("beta")], attempts=10**6)
         self.committee.start_matcher()
         self.address = f"127.0.0.1:{self.committee.matcher.port}"
-        self.channel = secure_channel(self.address, dev_pki.tls("psp", "acme"))
+        self.channel = secure_channel(self.address, dev_pki.tls("psp", "acme"), expect=MATCHER)
         self.stub = matcher_pb2_grpc.MatcherStub(self.channel)
         rng = np.random.default_rng(5)
         self.templates = {v: unit(rng) for v in VICTIMS}
@@ -273,7 +276,7 @@ def test_unparseable_bytes_are_invalid_argument(world, method, kind):
 
 
 def test_unknown_tenant_is_refused_on_every_method(world, dev_pki):
-    with secure_channel(world.address, dev_pki.tls("psp", "ghost")) as ch:
+    with secure_channel(world.address, dev_pki.tls("psp", "ghost"), expect=MATCHER) as ch:
         stub = matcher_pb2_grpc.MatcherStub(ch)
         t = mutate_ticket("valid", key=ACME.key, key_id=ACME.key_id, tenant="acme", subject="victim-0",
                           probe=world.templates["victim-0"], used=[])

@@ -53,6 +53,10 @@ def _address(c, server: str) -> str:
     return f"127.0.0.1:{c.matcher.port}" if server == "matcher" else c.addresses["bank-a"]
 
 
+def _identity(server: str) -> pki.Identity:
+    return pki.Identity("matcher", "matcher") if server == "matcher" else pki.Identity("shareholder", "bank-a")
+
+
 def test_every_method_is_in_a_role_table():
     # Deny by default: a method missing from its table would be refused to
     # everyone, which the matrix below would not notice.
@@ -66,7 +70,7 @@ def test_wrong_roles_and_wrong_certificates(committee, dev_pki, method, kind, ta
     allowed = table[method]
     for role in sorted(pki.ROLES - allowed):
         name = "acme" if role == pki.ROLE_PSP else f"intruder-{role}"
-        with secure_channel(address, dev_pki.tls(role, name)) as ch:
+        with secure_channel(address, dev_pki.tls(role, name), expect=_identity(server)) as ch:
             for payload in (b"", b"\xff\xff\xff\xff"):   # an empty request, and one that does not parse
                 code, details = status_of(lambda: raw_call(ch, method, payload, stream=kind, timeout=10))
                 assert code == grpc.StatusCode.PERMISSION_DENIED, (role, payload, code, details)

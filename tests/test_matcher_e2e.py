@@ -101,7 +101,8 @@ class Processes:
 
     def client(self, address: str) -> MatcherClient:
         t = self.tenant
-        return MatcherClient(address, self.pki.tls("psp", t.name), tenant=t.name, ticket_key=t.key, key_id=t.key_id)
+        return MatcherClient(address, self.pki.tls("psp", t.name), tenant=t.name, ticket_key=t.key, key_id=t.key_id,
+                             matcher="matcher")
 
     def kill(self, name: str) -> None:
         proc = self.procs[name]

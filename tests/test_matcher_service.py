@@ -15,7 +15,10 @@ from prometheus_client import REGISTRY
 from splitvault.v1 import matcher_pb2, matcher_pb2_grpc, shareholder_pb2, shareholder_pb2_grpc
 from test_matcher_harness import DIM, Committee, Tenant, noisy, unit
 from vault import ticket
+from vault.pki import Identity
 from vaultrpc.tls import secure_channel
+
+MATCHER = Identity("matcher", "matcher")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +57,7 @@ def records_at(c: Committee, tenant: str, subject: str) -> dict[str, int]:
     """How many records each real node holds for the subject (read as the matcher would)."""
     out = {}
     for name, node in c.nodes.items():
-        with secure_channel(node.address, c.pki.tls("auditor", "auditor")) as ch:
+        with secure_channel(node.address, c.pki.tls("auditor", "auditor"), expect=Identity("shareholder", name)) as ch:
             stub = shareholder_pb2_grpc.ShareholderStub(ch)
             reply = stub.DescribeRecords(shareholder_pb2.DescribeRecordsRequest(tenant=tenant, subject=subject), timeout=5)
         out[name] = len(reply.records)
@@ -163,7 +166,7 @@ def _raw_verify(c: Committee, tenant: str, subject: str, probe, signed_over, *, 
     t = c.tenants[tenant]
     signed = ticket.issue(key or t.key, t.key_id, tenant=tenant, subject=subject_in_ticket or subject,
                           request_id=f"raw-{time.monotonic_ns()}", probe=signed_over)
-    with secure_channel(f"127.0.0.1:{c.matcher.port}", c.pki.tls("psp", tenant)) as ch:
+    with secure_channel(f"127.0.0.1:{c.matcher.port}", c.pki.tls("psp", tenant), expect=MATCHER) as ch:
         return matcher_pb2_grpc.MatcherStub(ch).Verify(
             matcher_pb2.VerifyRequest(subject=subject, probe=probe, ticket=signed), timeout=10
         )
@@ -186,7 +189,7 @@ def test_ticket_must_match_probe_subject_and_key(shared, rng):
     for name, call in cases.items():
         assert code_of(call) == grpc.StatusCode.PERMISSION_DENIED, name
     # Unsigned: no ticket at all.
-    with secure_channel(f"127.0.0.1:{shared.matcher.port}", shared.pki.tls("psp", "acme")) as ch:
+    with secure_channel(f"127.0.0.1:{shared.matcher.port}", shared.pki.tls("psp", "acme"), expect=MATCHER) as ch:
         stub = matcher_pb2_grpc.MatcherStub(ch)
         assert code_of(lambda: stub.Verify(matcher_pb2.VerifyRequest(subject="ticketed", probe=probe), timeout=5)) \
             == grpc.StatusCode.PERMISSION_DENIED
@@ -201,7 +204,7 @@ def test_replayed_ticket_is_refused_by_the_nodes(shared, rng):
     t = shared.tenants["acme"]
     signed = ticket.issue(t.key, t.key_id, tenant="acme", subject="replay", request_id="once", probe=probe)
     request = matcher_pb2.VerifyRequest(subject="replay", probe=probe, ticket=signed)
-    with secure_channel(f"127.0.0.1:{shared.matcher.port}", shared.pki.tls("psp", "acme")) as ch:
+    with secure_channel(f"127.0.0.1:{shared.matcher.port}", shared.pki.tls("psp", "acme"), expect=MATCHER) as ch:
         stub = matcher_pb2_grpc.MatcherStub(ch)
         assert stub.Verify(request, timeout=10).decision == matcher_pb2.DECISION_MATCH
         assert code_of(lambda: stub.Verify(request, timeout=10)) == grpc.StatusCode.PERMISSION_DENIED
@@ -210,7 +213,7 @@ def test_replayed_ticket_is_refused_by_the_nodes(shared, rng):
 @pytest.mark.parametrize("role, name", [("matcher", "matcher"), ("auditor", "auditor"), ("shareholder", "bank-a"),
                                         ("psp", "unregistered")])
 def test_only_registered_payment_providers_may_call(shared, role, name):
-    with secure_channel(f"127.0.0.1:{shared.matcher.port}", shared.pki.tls(role, name)) as ch:
+    with secure_channel(f"127.0.0.1:{shared.matcher.port}", shared.pki.tls(role, name), expect=MATCHER) as ch:
         stub = matcher_pb2_grpc.MatcherStub(ch)
         request = matcher_pb2.EnrollRequest(subject="x", template=[1.0] * DIM, request_id="r")
         assert code_of(lambda: stub.Enroll(request, timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
@@ -428,7 +431,7 @@ def records_at_live(c: Committee, tenant: str, subject: str) -> int:
     for name, node in c.nodes.items():
         if name == "bank-c":
             continue
-        with secure_channel(node.address, c.pki.tls("auditor", "auditor")) as ch:
+        with secure_channel(node.address, c.pki.tls("auditor", "auditor"), expect=Identity("shareholder", name)) as ch:
             stub = shareholder_pb2_grpc.ShareholderStub(ch)
             total += len(stub.DescribeRecords(
                 shareholder_pb2.DescribeRecordsRequest(tenant=tenant, subject=subject), timeout=5).records)
@@ -503,7 +506,7 @@ def test_enroll_stream_one_template_per_message(shared, rng):
     requests = [matcher_pb2.EnrollStreamRequest(subject=f"plain-{i}", template=t.tolist(), request_id=f"p-{i}")
                 for i, t in enumerate(templates)]
     requests.insert(5, matcher_pb2.EnrollStreamRequest(subject="plain-bad", template=[0.0] * DIM, request_id="pb"))
-    with secure_channel(f"127.0.0.1:{shared.matcher.port}", shared.pki.tls("psp", "acme")) as ch:
+    with secure_channel(f"127.0.0.1:{shared.matcher.port}", shared.pki.tls("psp", "acme"), expect=MATCHER) as ch:
         replies = list(matcher_pb2_grpc.MatcherStub(ch).EnrollStream(iter(requests), timeout=60))
     assert [r.subject for r in replies] == [r.subject for r in requests]
     assert [r.code for r in replies if r.subject == "plain-bad"] == [grpc.StatusCode.INVALID_ARGUMENT.value[0]]

@@ -17,6 +17,7 @@ from vault.errors import IntegrityError
 from vault.field import P
 from vaultctl.maintenance import Admin, MaintenanceError, Node, SessionFile
 from vaultctl.refresh import refresh_session
+from vault.pki import Identity
 from vaultrpc.tls import secure_channel
 
 SUBJECTS = [f"subject-{i:03d}" for i in range(24)]
@@ -85,13 +86,13 @@ def test_a_share_from_before_a_refresh_does_not_rejoin_with_shares_after(vault, 
     subject = SUBJECTS[3]
     probe = c.templates[subject]
     mtls = dev_pki.tls("matcher", "matcher")
-    stolen = release(c.addresses["bank-a"], mtls, t.key, t.key_id, "acme", subject, probe)
-    before_b = release(c.addresses["bank-b"], mtls, t.key, t.key_id, "acme", subject, probe)
+    stolen = release(c.addresses["bank-a"], mtls, t.key, t.key_id, "acme", subject, probe, node="bank-a")
+    before_b = release(c.addresses["bank-b"], mtls, t.key, t.key_id, "acme", subject, probe, node="bank-b")
     assert [s.epoch for s in stolen] == [1]
     assert record.join([stolen[0], before_b[0]]).epoch == 1  # control: same epoch rejoins
     _refresh(c)
-    after_b = release(c.addresses["bank-b"], mtls, t.key, t.key_id, "acme", subject, probe)
-    after_c = release(c.addresses["bank-c"], mtls, t.key, t.key_id, "acme", subject, probe)
+    after_b = release(c.addresses["bank-b"], mtls, t.key, t.key_id, "acme", subject, probe, node="bank-b")
+    after_c = release(c.addresses["bank-c"], mtls, t.key, t.key_id, "acme", subject, probe, node="bank-c")
     assert [s.epoch for s in after_b] == [2] and [s.epoch for s in after_c] == [2]
     assert record.join([after_b[0], after_c[0]]).epoch == 2
     assert after_b[0].values != before_b[0].values  # every share changed
@@ -132,7 +133,7 @@ def test_roles_and_peer_identity(vault, dev_pki):
     req = admin_pb2.GetRefreshDeltasRequest(session_id=sid, keys=[key])
 
     def call(role, name, method, request):
-        channel = secure_channel(c.addresses["bank-a"], dev_pki.tls(role, name))
+        channel = secure_channel(c.addresses["bank-a"], dev_pki.tls(role, name), expect=Identity("shareholder", "bank-a"))
         try:
             return getattr(admin_pb2_grpc.ShareholderAdminStub(channel), method)(request, timeout=10)
         finally:
@@ -221,7 +222,7 @@ def test_check_leaves_out_records_not_held_everywhere(vault, dev_pki):
     # A half-done enrolment: one subject only on bank-a and bank-b.
     from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
 
-    channel = secure_channel(c.addresses["bank-c"], dev_pki.tls("matcher", "matcher"))
+    channel = secure_channel(c.addresses["bank-c"], dev_pki.tls("matcher", "matcher"), expect=Identity("shareholder", "bank-c"))
     shareholder_pb2_grpc.ShareholderStub(channel).DeleteShares(
         shareholder_pb2.DeleteSharesRequest(tenant="acme", subject=SUBJECTS[1], request_id="half-done"), timeout=10)
     channel.close()

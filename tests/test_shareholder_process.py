@@ -19,6 +19,7 @@ from shareholders.audit_log import verify_database
 from shareholders.testing import NodeHarness, Provider, sample_records
 from splitvault.v1 import shareholder_pb2 as pb
 from splitvault.v1 import shareholder_pb2_grpc as rpc
+from vault.pki import Identity
 from vaultrpc.tls import secure_channel
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -46,6 +47,9 @@ def wait_ready(proc: subprocess.Popen, ready: pathlib.Path, timeout: float = 30)
     raise AssertionError("node never wrote its ready file")
 
 
+BANK_A = Identity("shareholder", "bank-a")
+
+
 @pytest.fixture()
 def harness(tmp_path, dev_pki):
     h = NodeHarness(tmp_path / "bank-a", dev_pki.files, [ACME], metrics_port=0)
@@ -66,11 +70,11 @@ def test_sigterm_shuts_down_cleanly(harness, dev_pki):
     procs.append(proc)
     info = wait_ready(proc, h.folder / "ready.json")
     assert info["name"] == "bank-a" and info["pid"] == proc.pid and info["address"].endswith(f":{info['port']}")
-    with secure_channel(info["address"], dev_pki.tls("auditor", "au")) as ch:
+    with secure_channel(info["address"], dev_pki.tls("auditor", "au"), expect=BANK_A) as ch:
         health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         assert rpc.ShareholderStub(ch).GetNodeInfo(pb.GetNodeInfoRequest(), timeout=10).name == "bank-a"
-    with secure_channel(info["address"], dev_pki.tls("matcher", "m")) as ch:
+    with secure_channel(info["address"], dev_pki.tls("matcher", "m"), expect=BANK_A) as ch:
         recs = sample_records("acme", ["alice"], index=1)
         rpc.ShareholderStub(ch).StoreShares(pb.StoreSharesRequest(records=recs), timeout=10)
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{info['metrics_port']}/metrics", timeout=10).read().decode()
@@ -96,7 +100,7 @@ def test_kill_9_after_a_store_returned_loses_nothing(harness, dev_pki):
     info = wait_ready(proc, h.folder / "ready.json")
     recs = sample_records("acme", [f"s{i}" for i in range(40)], index=1, dimension=128)
     ticket = ACME.ticket("s0")
-    with secure_channel(info["address"], dev_pki.tls("matcher", "m")) as ch:
+    with secure_channel(info["address"], dev_pki.tls("matcher", "m"), expect=BANK_A) as ch:
         stub = rpc.ShareholderStub(ch)
         for i in range(0, 20, 5):
             stub.StoreShares(pb.StoreSharesRequest(records=recs[i:i + 5]), timeout=10)

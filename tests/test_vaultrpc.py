@@ -29,7 +29,8 @@ def health_only(dev_pki):
 
 
 def test_health_over_mtls(dev_pki, health_only):
-    with secure_channel(f"localhost:{health_only.port}", dev_pki.tls("auditor", "alice")) as ch:
+    with secure_channel(f"localhost:{health_only.port}", dev_pki.tls("auditor", "alice"),
+                        expect=pki.Identity("shareholder", "node-a")) as ch:
         reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 

@@ -5,6 +5,13 @@ Every party authenticates with an X.509 client certificate under the cluster
 CA. Its role and name travel in one URI subject-alternative name,
 ``spiffe://splitvault/<role>/<name>``, which servers read to decide what the
 caller may do. Keys are ECDSA P-256 (what every TLS stack accepts).
+
+Servers (matcher, shareholder) also carry their identity as one DNS name,
+``<name>.<role>.splitvault.invalid`` (``server_dns_name``): a client names
+the server it expects and TLS host-name verification checks that name, so a
+certificate of any other party fails the handshake. Only server roles get
+that name and the serverAuth key usage; a PSP's or auditor's certificate is
+for TLS clients only.
 """
 from __future__ import annotations
 
@@ -25,6 +32,14 @@ ROLE_PSP = "psp"
 ROLE_AUDITOR = "auditor"
 ROLE_SHAREHOLDER = "shareholder"
 ROLES = frozenset({ROLE_MATCHER, ROLE_PSP, ROLE_AUDITOR, ROLE_SHAREHOLDER})
+# Roles that serve gRPC and so get serverAuth and an identity DNS name.
+SERVER_ROLES = frozenset({ROLE_MATCHER, ROLE_SHAREHOLDER})
+
+# ".invalid" (RFC 2606) never resolves: the name is an identity, not a host.
+SERVER_DNS_SUFFIX = ".splitvault.invalid"
+# A server name as a DNS name: lowercase labels, so that case-insensitive
+# host-name matching can never make two names one.
+_DNS_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$")
 
 URI_PREFIX = "spiffe://splitvault/"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -52,6 +67,21 @@ def check_name(name: str) -> str:
             "A name must be 1 to 63 characters of letters, digits, '.', '_' or '-', starting with a letter or digit."
         )
     return name
+
+
+def server_dns_name(identity: Identity) -> str:
+    """The DNS name that carries a server's identity in its certificate and
+    that a client verifies: ``<name>.<role>.splitvault.invalid``. Parsed from
+    the right (the role has no dot), it names exactly one identity."""
+    if identity.role not in SERVER_ROLES:
+        raise ValueError(f"Role {identity.role!r} does not serve; only {sorted(SERVER_ROLES)} have server names.")
+    check_name(identity.name)
+    if not _DNS_NAME.match(identity.name):
+        raise ValueError(
+            f"Server name {identity.name!r} cannot be a DNS name: use lowercase letters, digits, '-' and '.' "
+            "(no '_', no label starting or ending with '-')."
+        )
+    return f"{identity.name}.{identity.role}{SERVER_DNS_SUFFIX}"
 
 
 def identity_uri(role: str, name: str) -> str:
@@ -119,18 +149,27 @@ def issue_cert(
     hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
     days: int = 825,
 ) -> tuple[bytes, bytes]:
-    """A leaf certificate for one party, usable as TLS client and server:
-    (certificate PEM, private key PEM)."""
+    """A leaf certificate for one party: (certificate PEM, private key PEM).
+
+    A server role (matcher, shareholder) gets TLS server and client use, its
+    identity DNS name (``server_dns_name``) and ``hosts``; a PSP or auditor
+    gets TLS client use only and no host names, so it can never serve."""
+    identity = Identity(role, name)
+    alt: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity_uri(role, name))]
+    if role in SERVER_ROLES:
+        alt.append(x509.DNSName(server_dns_name(identity)))
+        for host in hosts:
+            try:
+                alt.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                alt.append(x509.DNSName(host))
+        usage = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    else:
+        usage = [ExtendedKeyUsageOID.CLIENT_AUTH]
     ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
     ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
-    alt: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity_uri(role, name))]
-    for host in hosts:
-        try:
-            alt.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            alt.append(x509.DNSName(host))
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{role}/{name}")]))
@@ -141,10 +180,7 @@ def issue_cert(
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(alt), critical=False)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
-        )
+        .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
         .add_extension(
             x509.KeyUsage(True, False, True, False, False, False, False, False, False), critical=True
         )

@@ -183,8 +183,9 @@ def from_args(args) -> AuditorTarget:
 
 def channel(target: AuditorTarget, node: NodeRef):
     """An mTLS channel to ``node`` with the auditor's certificate."""
+    from vault.pki import ROLE_SHAREHOLDER, Identity
     from vaultrpc.tls import secure_channel
 
     if node.address is None:
         raise TargetError(f"Shareholder {node.name} is not running.")
-    return secure_channel(node.address, target.tls.load())
+    return secure_channel(node.address, target.tls.load(), expect=Identity(ROLE_SHAREHOLDER, node.name))

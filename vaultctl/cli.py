@@ -201,6 +201,7 @@ class ClientConfig:
     """The ``--config`` file of a real deployment (docs/operations.md, "Client")."""
 
     address: str
+    matcher: str
     ca: str
     cert: str
     key: str
@@ -229,10 +230,12 @@ def load_client_config(path: pathlib.Path) -> ClientConfig:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise CliError(f"The config value matcher.timeout_s in {path} must be a positive number.")
     address = need("matcher", "address")
+    matcher = need("matcher", "name")  # the identity the matcher's certificate must carry
     ca, cert, key = need("tls", "ca", True), need("tls", "cert", True), need("tls", "key", True)
     tenant = need("tenant", "id")
     return ClientConfig(
         address=address,
+        matcher=matcher,
         ca=ca,
         cert=cert,
         key=key,
@@ -275,6 +278,7 @@ def client_from_args(args: argparse.Namespace):
             tenant=cfg.tenant,
             ticket_key=ticket_key,
             key_id=cfg.key_id,
+            matcher=cfg.matcher,
             timeout_s=timeout or cfg.timeout_s,
         )
     except cluster.ClusterError as exc:

@@ -85,6 +85,7 @@ class MatcherClient:
         tenant: str,
         ticket_key: ed25519.Ed25519PrivateKey,
         key_id: str,
+        matcher: str,
         timeout_s: float = 10.0,
         ticket_ttl_ms: int = 60_000,
     ):
@@ -94,12 +95,14 @@ class MatcherClient:
         self.timeout_s = timeout_s
         self.ticket_ttl_ms = ticket_ttl_ms
         self._ticket_key = ticket_key
-        self._channel = secure_channel(address, tls)
+        self._channel = secure_channel(address, tls, expect=pki.Identity(pki.ROLE_MATCHER, matcher))
         self._stub = matcher_pb2_grpc.MatcherStub(self._channel)
 
     @classmethod
     def from_cluster_dir(cls, path: str | pathlib.Path, tenant: str = "demo-psp", **kwargs) -> "MatcherClient":
         """A client for a local cluster made by ``vaultctl cluster up --dir path``."""
+        from vaultctl import cluster
+
         root = pathlib.Path(path)
         ready = root / "matcher" / "ready.json"
         try:
@@ -108,6 +111,12 @@ class MatcherClient:
             raise ValueError(f"No matcher is running for {root} ({ready} is missing); run `vaultctl cluster up`.") from None
         except (ValueError, KeyError, TypeError):
             raise ValueError(f"The matcher's ready file {ready} is not valid.") from None
+        # The identity the matcher must prove: the spec's matcher name (a
+        # directory without a spec has the dev cluster's default one).
+        try:
+            matcher = cluster.load_spec(root).matcher if (root / "cluster.json").exists() else cluster.MATCHER_NAME
+        except cluster.ClusterError as exc:
+            raise ValueError(str(exc)) from None
         tls = TlsFiles(
             str(root / "pki" / "ca.pem"), str(root / "pki" / f"psp-{tenant}.pem"), str(root / "pki" / f"psp-{tenant}.key")
         ).load()
@@ -116,7 +125,7 @@ class MatcherClient:
             key = pki.load_signing_key(key_file.read_bytes())
         except OSError as exc:
             raise ValueError(f"Cannot read the ticket key {key_file}: {exc.strerror}.") from None
-        return cls(address, tls, tenant=tenant, ticket_key=key, key_id=f"{tenant}-1", **kwargs)
+        return cls(address, tls, tenant=tenant, ticket_key=key, key_id=f"{tenant}-1", matcher=matcher, **kwargs)
 
     # --- calls ----------------------------------------------------------------
 

@@ -149,6 +149,7 @@ def scan_for_vectors(paths: Iterable[pathlib.Path], forms: Sequence[bytes], wind
 def read_audit_log(root: pathlib.Path, node: str, timeout_s: float = 10.0):
     """(entries, checkpoints) of one node, read with the auditor's certificate."""
     from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
+    from vault import pki
     from vaultrpc.tls import secure_channel
 
     info = cluster.status(root)
@@ -159,7 +160,7 @@ def read_audit_log(root: pathlib.Path, node: str, timeout_s: float = 10.0):
     spec = cluster.load_spec(root)
     tls = paths.tls("auditor", spec.auditor).load()
     entries, checkpoints = [], []
-    with secure_channel(entry["address"], tls) as channel:
+    with secure_channel(entry["address"], tls, expect=pki.Identity(pki.ROLE_SHAREHOLDER, node)) as channel:
         stub = shareholder_pb2_grpc.ShareholderStub(channel)
         for item in stub.ReadAuditLog(shareholder_pb2.ReadAuditLogRequest(from_seq=1), timeout=timeout_s):
             which = item.WhichOneof("item")

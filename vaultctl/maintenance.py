@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 import grpc
 
 from splitvault.v1 import admin_pb2, admin_pb2_grpc, shareholder_pb2, shareholder_pb2_grpc
+from vault.pki import ROLE_SHAREHOLDER, Identity
 from vaultrpc.tls import TlsMaterial, secure_channel
 
 FAULT_ENV = "VAULTCTL_FAULT"
@@ -94,7 +95,7 @@ class Admin:
         if node.name in self._channels:
             self._channels[node.name].close()
         self.nodes[node.name] = node
-        channel = secure_channel(node.address, self.tls)
+        channel = secure_channel(node.address, self.tls, expect=Identity(ROLE_SHAREHOLDER, node.name))
         self._channels[node.name] = channel
         self._admin[node.name] = admin_pb2_grpc.ShareholderAdminStub(channel)
         self._info[node.name] = shareholder_pb2_grpc.ShareholderStub(channel)
