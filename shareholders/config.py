@@ -10,6 +10,14 @@ Key files must not be readable by group or others (mode & 0o077 == 0): a
 node refuses to start on a KEK or audit key another local user could read.
 The KEK may instead come from the environment variable SPLITVAULT_KEK_JSON,
 holding the same JSON as the file; it then takes precedence.
+
+``[peers]`` is the node's own table of the other nodes' addresses
+(``"bank-b" = "HOST:PORT"``). A refresh or reshare dials a known member only
+at the address in this table, never at one the auditor's request names, and
+expects that member's certificate identity ``shareholder/<name>``.
+``load_peers`` reads the table again from the file, so that an operator (or
+``vaultctl cluster up``, whose nodes take new ports) can update addresses
+without a restart.
 """
 from __future__ import annotations
 
@@ -29,7 +37,7 @@ from vaultrpc import config as rpcconfig
 from vaultrpc.config import ConfigError
 from vaultrpc.tls import TlsFiles
 
-__all__ = ["ConfigError", "NodeConfig", "NodeKeys", "load_config", "load_keys", "parse_kek_json"]
+__all__ = ["ConfigError", "NodeConfig", "NodeKeys", "load_config", "load_keys", "load_peers", "parse_kek_json"]
 
 KEK_ENV = "SPLITVAULT_KEK_JSON"
 MAX_INDEX = 255  # vault.sharing.MAX_SHAREHOLDERS
@@ -59,6 +67,10 @@ class NodeConfig:
     # Records per transaction (and per audit entry) for StoreShareStream.
     stream_batch: int = 1000
     max_workers: int = 32
+    # peer node name -> "HOST:PORT", from [peers]; see load_peers.
+    peers: dict[str, str] = field(default_factory=dict)
+    # The file this came from: load_peers reads its [peers] again.
+    path: pathlib.Path | None = None
 
     @property
     def db_path(self) -> pathlib.Path:
@@ -88,6 +100,35 @@ def _positive(data: dict[str, Any], key: str, default, kind=int):
     if isinstance(value, bool) or value <= 0:
         raise ConfigError(f"The config value {key} must be a positive number.")
     return kind(value)
+
+
+def _host_port(value, key: str) -> str:
+    host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"The config value {key} must be HOST:PORT.")
+    return value
+
+
+def _parse_peers(data: dict[str, Any]) -> dict[str, str]:
+    table = rpcconfig.get(data, "peers", {}, dict)
+    peers = {}
+    for name, address in table.items():
+        try:
+            pki.check_name(name)
+        except ValueError:
+            raise ConfigError(f"The peer name {name!r} in [peers] is not a valid name.") from None
+        peers[name] = _host_port(address, f"peers.{name}")
+        if peers[name].endswith(":0"):
+            raise ConfigError(f"The config value peers.{name} must name the peer's real port, not 0.")
+    return peers
+
+
+def load_peers(cfg: NodeConfig, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The node's peer table as its config file holds it now (peer name -> HOST:PORT)."""
+    if cfg.path is None:
+        return dict(cfg.peers)
+    env = dict(os.environ) if env is None else env
+    return _parse_peers(rpcconfig.load(cfg.path, {k: v for k, v in env.items() if k != KEK_ENV}))
 
 
 def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> NodeConfig:
@@ -168,6 +209,8 @@ def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> N
         checkpoint_interval_s=_positive(data, "audit.checkpoint_interval_s", 60.0, float),
         stream_batch=_positive(data, "store.stream_batch", 1000),
         max_workers=_positive(data, "node.max_workers", 32),
+        peers=_parse_peers(data),
+        path=pathlib.Path(path).resolve(),
     )
 
 

@@ -61,6 +61,7 @@ import numpy as np
 
 from shareholders import store
 from shareholders.audit_log import Tx, WriterClosed, now_ms
+from shareholders.config import ConfigError, load_peers
 from splitvault.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 from vault import envelope, field, pki, proactive, record
 from vault.envelope import SealedShare
@@ -263,20 +264,21 @@ def _key_lines(keys) -> str:
 
 
 class _Peers:
-    """Channels to other nodes, with this node's own certificate."""
+    """Channels to other nodes, with this node's own certificate; each one
+    accepts only the certificate of the member it is for (shareholder/<name>)."""
 
     def __init__(self, tls):
         self._tls = tls
         self._lock = threading.Lock()
-        self._stubs: dict[str, tuple[grpc.Channel, admin_pb2_grpc.ShareholderAdminStub]] = {}
+        self._stubs: dict[tuple[str, str], tuple[grpc.Channel, admin_pb2_grpc.ShareholderAdminStub]] = {}
 
-    def stub(self, address: str) -> admin_pb2_grpc.ShareholderAdminStub:
+    def stub(self, name: str, address: str) -> admin_pb2_grpc.ShareholderAdminStub:
         with self._lock:
-            entry = self._stubs.get(address)
+            entry = self._stubs.get((name, address))
             if entry is None:
-                channel = secure_channel(address, self._tls)
+                channel = secure_channel(address, self._tls, expect=pki.Identity(pki.ROLE_SHAREHOLDER, name))
                 entry = (channel, admin_pb2_grpc.ShareholderAdminStub(channel))
-                self._stubs[address] = entry
+                self._stubs[(name, address)] = entry
             return entry[1]
 
     def close(self) -> None:
@@ -424,7 +426,17 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         )
 
     def _check_peers(self, s: Session, peers, committee: dict[str, int]) -> dict[str, tuple[int, str]]:
-        """name -> (index, address) for the session's members, from the request."""
+        """name -> (index, address) for the session's members. A member in
+        this node's own peer table is dialled at the table's address, and a
+        request naming another address for it is refused (and logged): a
+        silent fallback would hide a wrong or hostile orchestrator. A member
+        the table does not know (a new member of a reshare) is dialled at the
+        request's address; either way the channel accepts only that member's
+        certificate (``_Peers``)."""
+        try:
+            table = load_peers(self.cfg)
+        except ConfigError as exc:
+            raise status.FailedPrecondition(f"This node cannot read its peer table: {exc}") from None
         given = {}
         for m in peers:
             if m.name in committee:
@@ -434,8 +446,21 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                     )
                 if not m.address and m.name != self.name:
                     raise status.InvalidArgument(f"The request gives no address for node {m.name}.")
-                given[m.name] = (int(m.index), m.address)
+                known = table.get(m.name)
+                if known is not None and m.name != self.name and m.address != known:
+                    self._refuse_peer_address(s, m.name, m.address, known)
+                given[m.name] = (int(m.index), known or m.address)
         return given
+
+    def _refuse_peer_address(self, s: Session, name: str, address: str, known: str):
+        message = f"The request gives node {name} an address that is not the one in this node's peer table."
+
+        def job(tx: Tx):
+            tx.append("deny", actor=s.actor, request_id=s.session_id, details={
+                "reason": "peer_address", "peer": name, "given": address, "configured": known})
+
+        self._commit(job)
+        raise status.InvalidArgument(message)
 
     # --- orchestration -----------------------------------------------------------
 
@@ -678,7 +703,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 keys=[admin_pb2.RecordKey(tenant=r.tenant, subject=r.subject, threshold=k, width=width) for r in members],
             )
             calls = {
-                name: self.peers.stub(addr).GetRefreshDeltas.future(req, timeout=PEER_TIMEOUT_S)
+                name: self.peers.stub(name, addr).GetRefreshDeltas.future(req, timeout=PEER_TIMEOUT_S)
                 for name, (_, addr) in peers.items() if name != self.name
             }
             out.append((k, width, members, calls))
@@ -827,7 +852,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                     return
                 pace.step(0)
                 try:
-                    page = self.peers.stub(peers[lead_name][1]).GetReshareShares(
+                    page = self.peers.stub(lead_name, peers[lead_name][1]).GetReshareShares(
                         admin_pb2.GetReshareSharesRequest(
                             session_id=s.session_id, after_tenant=cursor[0], after_subject=cursor[1], limit=CHUNK,
                         ),
@@ -840,7 +865,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                     break
                 keys = [admin_pb2.RecordKey(tenant=i.tenant, subject=i.subject) for i in page.items]
                 calls = {
-                    name: self.peers.stub(peers[name][1]).GetReshareShares.future(
+                    name: self.peers.stub(name, peers[name][1]).GetReshareShares.future(
                         admin_pb2.GetReshareSharesRequest(session_id=s.session_id, keys=keys), timeout=PEER_TIMEOUT_S)
                     for _, name in senders[1:]
                 }
@@ -1043,7 +1068,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         k = s.plan.new_threshold
         mask_req = admin_pb2.GetRefreshDeltasRequest(session_id=s.session_id, mask_challenges=challenges, mask_threshold=k)
         calls = {
-            name: self.peers.stub(addr).GetRefreshDeltas.future(mask_req, timeout=PEER_TIMEOUT_S)
+            name: self.peers.stub(name, addr).GetRefreshDeltas.future(mask_req, timeout=PEER_TIMEOUT_S)
             for name, (_, addr) in peers.items() if name != self.name
         }
         exclude = {(e.tenant, e.subject) for e in request.exclude}

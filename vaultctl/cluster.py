@@ -20,8 +20,9 @@ written when it is spawned, so that ``down`` can stop a process that never
 became ready.
 
 The first ``up`` creates everything; a later ``up`` reuses the PKI, keys,
-node configs and data (only the matcher config is rewritten, because the
-nodes get new ports). Every secret file is written 0600.
+node configs and data (only the matcher config and the nodes' ``[peers]``
+tables are rewritten, because the nodes get new ports). Every secret file,
+log and pid file is written 0600.
 
 Python API (used by the CLI, the demo and the tests): ``ClusterSpec``,
 ``up(dir, ...)``, ``status(dir)``, ``down(dir)``, ``kill_node(dir, name, sig)``,
@@ -125,6 +126,12 @@ class ClusterSpec:
                 pki.check_name(name)
             except ValueError as exc:
                 raise ClusterError(f"The name {name!r} in the cluster spec is invalid: {exc}") from None
+        for identity in (pki.Identity(pki.ROLE_MATCHER, self.matcher),
+                         *(pki.Identity(pki.ROLE_SHAREHOLDER, n) for n in self.nodes)):
+            try:
+                pki.server_dns_name(identity)  # servers carry their name as a DNS name
+            except ValueError as exc:
+                raise ClusterError(f"The server name {identity.name!r} in the cluster spec is invalid: {exc}") from None
 
     @property
     def tenant(self) -> str:
@@ -289,6 +296,31 @@ def node_config_text(paths: Paths, spec: ClusterSpec, name: str) -> str:
         "attempt_window_s = 60\n"
         + _tenants_toml(paths, spec, matcher=False)
     )
+
+
+PEERS_HEADER = "\n# The other nodes' addresses; rewritten whenever a node of the cluster starts.\n[peers]\n"
+
+
+def write_peer_tables(root: str | os.PathLike) -> None:
+    """Give every node's config the addresses of the other running nodes
+    (its ``[peers]`` table, which the node reads at each maintenance step):
+    a node dials its peers there, not where an auditor's request says."""
+    paths = Paths(root)
+    spec = load_spec(root)
+    addresses = {}
+    for name in _node_dirs(paths):
+        pid = _read_pid(paths.pid(spec, name))
+        data = _read_json(paths.ready(spec, name)) if pid is not None else None
+        if data and data.get("pid") == pid and data.get("address") and _alive(pid, paths.config(spec, name)):
+            addresses[name] = data["address"]
+    for name in _node_dirs(paths):
+        config = paths.config(spec, name)
+        text = config.read_text()
+        head = text.split(PEERS_HEADER, 1)[0]
+        table = "".join(f"{_toml_str(n)} = {_toml_str(a)}\n" for n, a in sorted(addresses.items()) if n != name)
+        new = head + PEERS_HEADER + table
+        if new != text:
+            _write(config, new)
 
 
 def matcher_config_text(paths: Paths, spec: ClusterSpec, addresses: dict[str, str]) -> str:
@@ -465,7 +497,10 @@ def _spawn(paths: Paths, spec: ClusterSpec, name: str) -> int:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     log_path = paths.log(spec, name)
-    with open(log_path, "ab") as log:
+    # Logs name subjects, tenants and peers: owner-only, like the data.
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "ab") as log:
         log.write(f"--- vaultctl: starting {module} {name} at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode())
         log.flush()
         proc = subprocess.Popen(
@@ -479,7 +514,7 @@ def _spawn(paths: Paths, spec: ClusterSpec, name: str) -> int:
             close_fds=True,
         )
     _CHILDREN[proc.pid] = proc
-    _write(paths.pid(spec, name), f"{proc.pid}\n")
+    _write(paths.pid(spec, name), f"{proc.pid}\n", secret=True)
     return proc.pid
 
 
@@ -511,17 +546,22 @@ def _wait_ready(paths: Paths, spec: ClusterSpec, pids: dict[str, int], deadline:
         time.sleep(0.05)
 
 
+def _identity(spec: ClusterSpec, name: str) -> pki.Identity:
+    """The server identity a client must find at process ``name``."""
+    return pki.Identity(pki.ROLE_MATCHER if name == spec.matcher else pki.ROLE_SHAREHOLDER, name)
+
+
 def _label(spec: ClusterSpec, name: str) -> str:
     return "The matcher" if name == spec.matcher else f"Shareholder {name}"
 
 
-def check_health(address: str, tls: TlsFiles, timeout_s: float = HEALTH_TIMEOUT_S) -> str:
+def check_health(address: str, tls: TlsFiles, expect: pki.Identity, timeout_s: float = HEALTH_TIMEOUT_S) -> str:
     """grpc.health.v1 Check over mTLS: SERVING, NOT_SERVING, ... or UNREACHABLE."""
     try:
         material = tls.load()
     except ValueError:
         return "UNREACHABLE"
-    channel = secure_channel(address, material)
+    channel = secure_channel(address, material, expect=expect)
     try:
         stub = health_pb2_grpc.HealthStub(channel)
         reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
@@ -536,7 +576,7 @@ def _wait_healthy(paths: Paths, spec: ClusterSpec, ready: dict[str, dict], deadl
     tls = paths.tls(pki.ROLE_AUDITOR, spec.auditor)
     for name, data in ready.items():
         while True:
-            state = check_health(data["address"], tls, min(HEALTH_TIMEOUT_S, max(0.1, deadline - time.monotonic())))
+            state = check_health(data["address"], tls, _identity(spec, name), min(HEALTH_TIMEOUT_S, max(0.1, deadline - time.monotonic())))
             if state == "SERVING":
                 break
             if time.monotonic() > deadline:
@@ -600,6 +640,7 @@ def up(
             started[name] = _spawn(paths, spec, name)
         ready = _wait_ready(paths, spec, dict(started), deadline)
         _wait_healthy(paths, spec, ready, deadline)
+        write_peer_tables(root)
         addresses = {name: ready[name]["address"] for name in spec.nodes}
         _write(paths.config(spec, spec.matcher), matcher_config_text(paths, spec, addresses))
         started[spec.matcher] = _spawn(paths, spec, spec.matcher)
@@ -630,7 +671,7 @@ def status(root: str | os.PathLike) -> dict:
         elif address is None:
             health = "STARTING"
         else:
-            health = check_health(address, auditor_tls)
+            health = check_health(address, auditor_tls, _identity(spec, name))
         role = pki.ROLE_MATCHER if name == spec.matcher else pki.ROLE_SHAREHOLDER
         entry = {
             "name": name,
@@ -843,6 +884,8 @@ def start_processes(root: str | os.PathLike, names: list[str], *, timeout_s: flo
         stop_processes(root, list(started))
         raise
     ready.update(fresh)
+    if fresh:
+        write_peer_tables(root)
     return ready
 
 
