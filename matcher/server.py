@@ -2,12 +2,10 @@
 serve ``splitvault.v1.Matcher`` over mutual TLS and write the ready file."""
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
 import pathlib
-import resource
 import threading
 from dataclasses import dataclass, field
 
@@ -19,14 +17,28 @@ from vault.pki import ROLE_PSP
 from vaultrpc import logs
 from vaultrpc import server as rpcserver
 from vaultrpc.metrics import serve_metrics
+from vaultrpc.server import harden_process
+from vaultrpc.tls import MAX_MESSAGE_BYTES
 
 SERVICE_NAME = matcher_pb2.DESCRIPTOR.services_by_name["Matcher"].full_name
+# The largest legitimate message on the public port is an EnrollBatches
+# request: up to this many templates (vaultctl's client sends 128) of
+# ``dimension`` floats, at most 4 bytes each plus ids and framing.
+MAX_TEMPLATES_PER_MESSAGE = 256
+_PER_TEMPLATE_OVERHEAD = 512
+_MIN_RECEIVE_BYTES = 4 * 1024 * 1024  # gRPC's own default
+
+
+def max_receive_bytes(dimension: int) -> int:
+    """The matcher's receive limit: the largest legitimate request, not 64 MiB,
+    so that a PSP's many concurrent calls cannot pin gigabytes."""
+    largest = MAX_TEMPLATES_PER_MESSAGE * (4 * int(dimension) + _PER_TEMPLATE_OVERHEAD)
+    return min(MAX_MESSAGE_BYTES, max(_MIN_RECEIVE_BYTES, largest))
 # Deny by default: only payment providers call the matcher.
 ROLES = {
     f"/{SERVICE_NAME}/{method}": frozenset({ROLE_PSP})
     for method in ("Enroll", "EnrollStream", "EnrollBatches", "Verify", "Delete")
 }
-_PR_SET_DUMPABLE = 4
 
 
 class _Switch(matcher_pb2_grpc.MatcherServicer):
@@ -97,30 +109,6 @@ def _committee_fields(config: MatcherConfig, config_sha256: str | None) -> dict:
     }
 
 
-def harden_process(logger: logging.Logger | None = None) -> dict[str, bool]:
-    """Keep rejoined templates out of core files (best effort, documented).
-
-    RLIMIT_CORE = 0 stops the kernel writing a core file; PR_SET_DUMPABLE = 0
-    (Linux) also refuses core dumps and ptrace attachment by other processes
-    of the same user. Either may be unavailable; what took effect is returned
-    and logged.
-    """
-    done = {"rlimit_core": False, "not_dumpable": False}
-    try:
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        done["rlimit_core"] = True
-    except (ValueError, OSError):
-        pass
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        done["not_dumpable"] = libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        pass
-    if logger is not None:
-        logs.event(logger, "process hardened", **done)
-    return done
-
-
 def write_ready_file(path: str, payload: dict) -> None:
     """Write JSON atomically (tmp + rename) so a reader never sees half a file."""
     target = pathlib.Path(path)
@@ -151,6 +139,7 @@ def serve(config: MatcherConfig, *, logger: logging.Logger | None = None, harden
             roles=ROLES,
             logger=log,
             max_workers=config.max_workers,
+            max_receive_bytes=max_receive_bytes(config.dimension),
         )
     except Exception:
         committee.close()

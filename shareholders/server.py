@@ -115,8 +115,15 @@ def check_kek(conn, keys: NodeKeys, cfg: NodeConfig) -> None:
         logs.event(_log, "stored share does not open at start-up", logging.ERROR, node=cfg.name, detail=message)
 
 
-def serve(cfg: NodeConfig, *, keys: NodeKeys | None = None, env: dict[str, str] | None = None) -> NodeRunning:
-    """Start a node from its config; raises ConfigError for bad keys or TLS files."""
+def serve(cfg: NodeConfig, *, keys: NodeKeys | None = None, env: dict[str, str] | None = None,
+          harden: bool = True) -> NodeRunning:
+    """Start a node from its config; raises ConfigError for bad keys or TLS files.
+
+    ``harden`` disables core dumps first (``vaultrpc.server.harden_process``):
+    a node holds its KEK ring and opens shares in memory. In-process test
+    nodes pass False, so as not to change the test runner's own process."""
+    if harden:
+        rpcserver.harden_process(_log)
     keys = keys or load_keys(cfg, env)
     try:
         tls = cfg.tls.load()

@@ -33,6 +33,7 @@ from vault import pki
 from vault.envelope import KekRing
 from vaultctl.client import MatcherClient
 from vaultrpc import server as rpcserver
+from vault.pki import Identity
 from vaultrpc.tls import secure_channel
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -124,7 +125,7 @@ class Committee:
         self._clients = []
         for i, name in enumerate(self.names, start=1):
             cfg = node_config(pki_, root, name, i, self.tenants.values(), attempts=attempts)
-            running = serve_node(cfg, keys=node_keys())
+            running = serve_node(cfg, keys=node_keys(), harden=False)
             self.nodes[name] = running
             self.addresses[name] = running.address
 
@@ -148,7 +149,7 @@ class Committee:
     def client(self, tenant: str = "acme", **kw) -> MatcherClient:
         t = self.tenants[tenant]
         c = MatcherClient(f"127.0.0.1:{self.matcher.port}", self.pki.tls("psp", t.name), tenant=t.name,
-                          ticket_key=t.key, key_id=t.key_id, **kw)
+                          ticket_key=t.key, key_id=t.key_id, matcher="matcher", **kw)
         self._clients.append(c)
         return c
 
@@ -186,7 +187,7 @@ class ProxyNode(shareholder_pb2_grpc.ShareholderServicer):
         self.delay_s = delay_s
         self.fail_store = fail_store
         self.name = name
-        self._channel = secure_channel(upstream, pki_.tls("matcher", "matcher"))
+        self._channel = secure_channel(upstream, pki_.tls("matcher", "matcher"), expect=Identity("shareholder", name))
         self._up = shareholder_pb2_grpc.ShareholderStub(self._channel)
         self._pki = pki_
         self.releases = 0

@@ -3,7 +3,9 @@ from the client certificate), exception-to-status, logging and metrics;
 health and reflection; graceful shutdown on SIGTERM/SIGINT."""
 from __future__ import annotations
 
+import ctypes
 import logging
+import resource
 import signal
 import threading
 import time
@@ -39,6 +41,7 @@ OPEN_METHODS = frozenset(
 )
 
 _log = logging.getLogger("vaultrpc")
+_PR_SET_DUMPABLE = 4
 
 # A request that does not parse reaches the handler as this marker and is
 # refused AFTER authorisation with INVALID_ARGUMENT. (Left to grpc, it is
@@ -225,6 +228,12 @@ def _is_abort(exc: BaseException, context) -> bool:
     return type(exc) is Exception and context.code() is not None
 
 
+def max_concurrent_rpcs(max_workers: int) -> int:
+    """Calls a server admits at once: queued calls beyond its threads wait,
+    calls beyond this are refused RESOURCE_EXHAUSTED."""
+    return max_workers * 8
+
+
 @dataclass
 class Running:
     """A started server: its bound port and how to stop it."""
@@ -259,17 +268,23 @@ def start(
     roles: Mapping[str, frozenset[str]],
     logger: logging.Logger,
     max_workers: int = 32,
+    max_receive_bytes: int = MAX_MESSAGE_BYTES,
 ) -> Running:
-    """Build, bind and start a server; ``listen`` may use port 0."""
+    """Build, bind and start a server; ``listen`` may use port 0.
+
+    What callers can make it hold at once is bounded: at most
+    ``max_workers * 8`` calls (more get RESOURCE_EXHAUSTED), each with at
+    most one received message of ``max_receive_bytes`` in memory
+    (docs/operations.md, "Server identity and exposure")."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
         interceptors=[RoleInterceptor(roles, logger)],
         options=(
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", min(max_receive_bytes, MAX_MESSAGE_BYTES)),
             ("grpc.so_reuseport", 0),
         ),
-        maximum_concurrent_rpcs=max_workers * 8,
+        maximum_concurrent_rpcs=max_concurrent_rpcs(max_workers),
     )
     for add in register:
         add(server)
@@ -285,6 +300,31 @@ def start(
     for name in service_names + ("",):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return Running(server, port, health_servicer, service_names)
+
+
+def harden_process(logger: logging.Logger | None = None) -> dict[str, bool]:
+    """Keep secrets (rejoined templates, opened shares, keys) out of core files
+    (best effort, documented); the matcher and every node call it.
+
+    RLIMIT_CORE = 0 stops the kernel writing a core file; PR_SET_DUMPABLE = 0
+    (Linux) also refuses core dumps and ptrace attachment by other processes
+    of the same user. Either may be unavailable; what took effect is returned
+    and logged.
+    """
+    done = {"rlimit_core": False, "not_dumpable": False}
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        done["rlimit_core"] = True
+    except (ValueError, OSError):
+        pass
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        done["not_dumpable"] = libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        pass
+    if logger is not None:
+        logs.event(logger, "process hardened", **done)
+    return done
 
 
 def run_until_signalled(running: Running, grace: float = 5.0) -> None:
