@@ -280,3 +280,36 @@ def test_server_names_are_one_per_identity():
             pki.server_dns_name(bad)
     with pytest.raises(TypeError):
         secure_channel("127.0.0.1:1", None, expect="shareholder/bank-a")  # type: ignore[arg-type]
+
+
+# --- the dev cluster writes what the nodes need --------------------------------------------
+
+
+def test_cluster_up_gives_each_node_its_peer_table_and_private_logs(tmp_path):
+    """`vaultctl cluster up` puts the other running nodes' addresses into
+    each node's [peers] (so the nodes, not the auditor, decide where peers
+    are), and writes logs and pid files 0600; a restarted node's new address
+    reaches its peers' tables."""
+    import os
+    import stat
+
+    from shareholders.config import load_config, load_peers
+    from vaultctl import cluster
+
+    root = tmp_path / "cluster"
+    try:
+        info = cluster.up(root, shareholders=3, threshold=2, dim=8)
+        addresses = {p["name"]: p["address"] for p in info["shareholders"]}
+        for p in info["shareholders"]:
+            cfg = load_config(p["config"], env={})
+            assert cfg.peers == {n: a for n, a in addresses.items() if n != p["name"]}
+            for path in (p["log"], cluster.Paths(root).pid(cluster.load_spec(root), p["name"])):
+                assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+        assert stat.S_IMODE(os.stat(info["matcher"]["log"]).st_mode) == 0o600
+        cluster.kill_node(root, "bank-b")
+        moved = cluster.restart_node(root, "bank-b")["address"]
+        cfg_a = load_config(info["shareholders"][0]["config"], env={})
+        assert load_peers(cfg_a, env={})["bank-b"] == moved
+    finally:
+        if (root / "cluster.json").exists():
+            cluster.down(root)

@@ -140,6 +140,7 @@ def test_config_file_instead_of_dir(running, files, tmp_path):
     config.write_text(
         "[matcher]\n"
         f'address = "{info["matcher"]["address"]}"\n'
+        'name = "matcher"\n'
         "timeout_s = 5\n\n"
         "[tls]\n"
         f'ca = "{info["tls"]["ca"]}"\n'

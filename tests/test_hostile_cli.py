@@ -50,7 +50,7 @@ class World:
         key.chmod(0o600)
         self.config = root / "client.toml"
         self.config.write_text(
-            f'[matcher]\naddress = "127.0.0.1:{self.committee.matcher.port}"\ntimeout_s = 10\n\n'
+            f'[matcher]\naddress = "127.0.0.1:{self.committee.matcher.port}"\nname = "matcher"\ntimeout_s = 10\n\n'
             f'[tls]\nca = "{files.ca}"\ncert = "{files.cert}"\nkey = "{files.key}"\n\n'
             f'[tenant]\nid = "acme"\nticket_key = "{key}"\nkey_id = "{ACME.key_id}"\n'
         )
