@@ -450,6 +450,9 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 if known is not None and m.name != self.name and m.address != known:
                     self._refuse_peer_address(s, m.name, m.address, known)
                 given[m.name] = (int(m.index), known or m.address)
+        for name, index in committee.items():  # known members the request left out
+            if name not in given and name in table and name != self.name:
+                given[name] = (index, table[name])
         return given
 
     def _refuse_peer_address(self, s: Session, name: str, address: str, known: str):

@@ -27,6 +27,7 @@ from hostile_kit import (
     TICKET_MUTATIONS, Snapshot, clean_details, hostile_ids, mutate_ticket, raw_call, request_id_ok, status_of,
     subject_ok, valid_request_ids, valid_subjects, varint, vector_ok, vectors,
 )
+from matcher.server import max_receive_bytes
 from splitvault.v1 import matcher_pb2, matcher_pb2_grpc
 from test_matcher_harness import DIM, Committee, Tenant, noisy, unit
 from vault import codec
@@ -248,12 +249,16 @@ def test_messages_over_the_size_limit_and_huge_vectors(world, dev_pki):
     opts = (("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20))
     ch = grpc.secure_channel(world.address, dev_pki.tls("psp", "acme").channel_credentials(), options=opts)
     try:
-        for megabytes, expected in ((60, INVALID), (65, grpc.StatusCode.RESOURCE_EXHAUSTED)):
-            floats = np.ones((megabytes << 20) // 4, dtype="<f4").tobytes()
+        # The public port takes messages up to its largest legitimate request
+        # (matcher.server.max_receive_bytes), not 64 MiB.
+        limit = max_receive_bytes(DIM)
+        for size, expected in ((limit - (64 << 10), INVALID), (limit + (1 << 20), grpc.StatusCode.RESOURCE_EXHAUSTED),
+                               (65 << 20, grpc.StatusCode.RESOURCE_EXHAUSTED)):
+            floats = np.ones(size // 4, dtype="<f4").tobytes()
             message = b"\x0a\x05alice" + b"\x12" + varint(len(floats)) + floats + b"\x1a\x02r1"
             started = time.perf_counter()
             code, details = status_of(lambda: raw_call(ch, "/splitvault.v1.Matcher/Enroll", message))
-            assert code == expected, (megabytes, code, details)
+            assert code == expected, (size, code, details)
             assert clean_details(details)
             # Refused on its length before any conversion (matcher._vector).
             assert time.perf_counter() - started < 5

@@ -230,8 +230,8 @@ def load_client_config(path: pathlib.Path) -> ClientConfig:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise CliError(f"The config value matcher.timeout_s in {path} must be a positive number.")
     address = need("matcher", "address")
-    matcher = need("matcher", "name")  # the identity the matcher's certificate must carry
     ca, cert, key = need("tls", "ca", True), need("tls", "cert", True), need("tls", "key", True)
+    matcher = need("matcher", "name")  # the identity the matcher's certificate must carry
     tenant = need("tenant", "id")
     return ClientConfig(
         address=address,
