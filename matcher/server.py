@@ -13,7 +13,7 @@ from matcher.committee import Committee
 from matcher.config import MatcherConfig
 from matcher.service import MatcherService
 from splitvault.v1 import matcher_pb2, matcher_pb2_grpc
-from vault.pki import ROLE_PSP
+from vault.pki import ROLE_MATCHER, ROLE_PSP, server_identity_from_pem
 from vaultrpc import logs
 from vaultrpc import server as rpcserver
 from vaultrpc.metrics import serve_metrics
@@ -125,6 +125,12 @@ def serve(config: MatcherConfig, *, logger: logging.Logger | None = None, harden
     if harden:
         harden_process(log)
     tls = config.tls.load()
+    served = server_identity_from_pem(tls.cert)
+    if served is None or served.role != ROLE_MATCHER:
+        raise ValueError(
+            f"The certificate {config.tls.cert} is not a matcher server certificate (URI and DNS identity names "
+            f"and serverAuth): clients would refuse it (docs/operations.md, Server identity)."
+        )
     committee = Committee(
         config.shareholders, tls, config.call_timeout_s, max_in_flight=min(512, config.max_workers * config.n)
     )

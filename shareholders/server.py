@@ -23,7 +23,7 @@ from shareholders.config import ConfigError, NodeConfig, NodeKeys, load_keys
 from shareholders import epochs
 from shareholders.service import AUDIT_HEAD, ROLES, SERVICE, ShareholderService
 from splitvault.v1 import admin_pb2_grpc, shareholder_pb2_grpc
-from vault import envelope, record
+from vault import envelope, pki, record
 from vault.errors import EnvelopeError
 from vaultrpc import logs
 from vaultrpc import server as rpcserver
@@ -129,6 +129,11 @@ def serve(cfg: NodeConfig, *, keys: NodeKeys | None = None, env: dict[str, str] 
         tls = cfg.tls.load()
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if pki.server_identity_from_pem(tls.cert) != pki.Identity(pki.ROLE_SHAREHOLDER, cfg.name):
+        raise ConfigError(
+            f"The certificate {cfg.tls.cert} is not a server certificate of shareholder/{cfg.name} (its URI and "
+            f"DNS identity names and serverAuth): clients would refuse it (docs/operations.md, Server identity)."
+        )
     # A ready file from a previous run must not point anyone at a dead port.
     _remove_stale(cfg.ready_file)
     try:

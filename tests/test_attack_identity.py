@@ -313,3 +313,21 @@ def test_cluster_up_gives_each_node_its_peer_table_and_private_logs(tmp_path):
     finally:
         if (root / "cluster.json").exists():
             cluster.down(root)
+
+
+@pytest.mark.parametrize("role, name", [("psp", "acme"), ("auditor", "auditor"), ("shareholder", "bank-b")])
+def test_a_node_refuses_to_serve_under_a_certificate_that_is_not_its_own(dev_pki, tmp_path, role, name):
+    """A node configured with a client-only certificate or another node's
+    does not start: its clients would refuse it anyway, so say so at once."""
+    from shareholders.config import ConfigError, load_config
+    from shareholders.server import serve
+    from shareholders.testing import write_node_files
+
+    config = write_node_files(tmp_path / "bank-a", name="bank-a", index=1, tls=dev_pki.files(role, name),
+                              tenants={ACME.name: {ACME.key_id: pki.public_key_raw(ACME.key)}})
+    with pytest.raises(ConfigError, match="not a server certificate of shareholder/bank-a"):
+        serve(load_config(config, env={}), env={}, harden=False)
+    ca, key = pki.make_ca()
+    assert pki.server_identity_from_pem(pki.issue_cert(ca, key, "shareholder", "bank-a")[0]) == \
+        pki.Identity("shareholder", "bank-a")
+    assert pki.server_identity_from_pem(pki.issue_cert(ca, key, "psp", "acme")[0]) is None

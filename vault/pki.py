@@ -112,6 +112,26 @@ def identity_from_pem(cert_pem: bytes) -> Identity | None:
     return found.pop() if len(found) == 1 else None
 
 
+def server_identity_from_pem(cert_pem: bytes) -> Identity | None:
+    """The identity a certificate can serve as, or None: it needs one
+    splitvault URI of a server role, the DNS name of that same identity and
+    no other name under splitvault.invalid, and the serverAuth key usage."""
+    identity = identity_from_pem(cert_pem)
+    if identity is None or identity.role not in SERVER_ROLES:
+        return None
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        dns = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        expected = server_dns_name(identity)
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    ours = {d.lower() for d in dns if d.lower().endswith(SERVER_DNS_SUFFIX)}
+    if ours != {expected} or ExtendedKeyUsageOID.SERVER_AUTH not in usage:
+        return None
+    return identity
+
+
 def _key_pem(key) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
