@@ -576,7 +576,8 @@ def _wait_healthy(paths: Paths, spec: ClusterSpec, ready: dict[str, dict], deadl
     tls = paths.tls(pki.ROLE_AUDITOR, spec.auditor)
     for name, data in ready.items():
         while True:
-            state = check_health(data["address"], tls, _identity(spec, name), min(HEALTH_TIMEOUT_S, max(0.1, deadline - time.monotonic())))
+            left = min(HEALTH_TIMEOUT_S, max(0.1, deadline - time.monotonic()))
+            state = check_health(data["address"], tls, _identity(spec, name), left)
             if state == "SERVING":
                 break
             if time.monotonic() > deadline:
