@@ -118,3 +118,19 @@ def test_kek_file_format_matches_the_contract(cfg_path):
     data = json.loads((cfg_path.parent / "kek.json").read_text())
     assert data["active"] == 1 and len(data["keys"]["1"]) == 64
     assert oct(os.stat(cfg_path.parent / "kek.json").st_mode & 0o777) == "0o600"
+
+
+def test_peer_table(cfg_path):
+    """[peers]: the node's own addresses of the other nodes, read again on demand."""
+    assert load_config(cfg_path, env={}).peers == {}
+    text = cfg_path.read_text()
+    cfg_path.write_text(text + '\n[peers]\n"bank-b" = "127.0.0.1:7001"\n')
+    cfg = load_config(cfg_path, env={})
+    assert cfg.peers == {"bank-b": "127.0.0.1:7001"}
+    cfg_path.write_text(text + '\n[peers]\n"bank-b" = "127.0.0.1:7002"\n"bank-c" = "10.0.0.3:7443"\n')
+    assert config.load_peers(cfg, env={}) == {"bank-b": "127.0.0.1:7002", "bank-c": "10.0.0.3:7443"}
+    for bad, message in (('"bank-b" = "nowhere"', "peers.bank-b"), ('"bank-b" = "127.0.0.1:0"', "real port"),
+                         ('"../x" = "127.0.0.1:1"', "peer name")):
+        cfg_path.write_text(text + f"\n[peers]\n{bad}\n")
+        with pytest.raises(ConfigError, match=message):
+            load_config(cfg_path, env={})
