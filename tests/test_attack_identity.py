@@ -16,7 +16,9 @@ receive the call, so "nothing arrived" means "refused at the handshake".
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import stat
 import threading
 import time
 from concurrent import futures
@@ -28,16 +30,36 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from maintenance_kit import audit_events
+from shareholders.config import ConfigError, load_config, load_peers
+from shareholders.server import serve
+from shareholders.testing import write_node_files
 from splitvault.v1 import admin_pb2, admin_pb2_grpc
 from test_matcher_e2e import NAMES, Processes
 from test_matcher_harness import Tenant, unit
 from vault import pki
+from vaultctl import cluster
 from vaultctl.client import MatcherClient
 from vaultrpc.tls import secure_channel
 
 pytestmark = pytest.mark.e2e
 
 ACME = Tenant("acme")
+
+
+class _Recorder(grpc.GenericRpcHandler):
+    """Takes every method (unary or streaming alike on the wire), notes it, refuses it."""
+
+    def __init__(self, impostor: "Impostor"):
+        self.impostor = impostor
+
+    def service(self, details):
+        with self.impostor._lock:
+            self.impostor.calls.append(details.method)
+
+        def refuse(requests, context):
+            context.abort(grpc.StatusCode.UNAVAILABLE, "impostor")
+
+        return grpc.stream_stream_rpc_method_handler(refuse)
 
 
 class Impostor:
@@ -48,20 +70,8 @@ class Impostor:
         self.calls: list[str] = []
         self._lock = threading.Lock()
         tls = dev_pki.tls(role, name)
-        outer = self
-
-        class Record(grpc.GenericRpcHandler):
-            def service(self, details):
-                with outer._lock:
-                    outer.calls.append(details.method)
-
-                def answer(request, context):
-                    context.abort(grpc.StatusCode.UNAVAILABLE, "impostor")
-
-                return grpc.stream_stream_rpc_method_handler(lambda it, ctx: answer(None, ctx))
-
         self.server = grpc.server(futures.ThreadPoolExecutor(4))
-        self.server.add_generic_rpc_handlers((Record(),))
+        self.server.add_generic_rpc_handlers((_Recorder(self),))
         creds = grpc.ssl_server_credentials([(tls.key, tls.cert)], root_certificates=tls.ca, require_client_auth=False)
         self.port = self.server.add_secure_port("127.0.0.1:0", creds)
         self.address = f"127.0.0.1:{self.port}"
@@ -290,12 +300,6 @@ def test_cluster_up_gives_each_node_its_peer_table_and_private_logs(tmp_path):
     each node's [peers] (so the nodes, not the auditor, decide where peers
     are), and writes logs and pid files 0600; a restarted node's new address
     reaches its peers' tables."""
-    import os
-    import stat
-
-    from shareholders.config import load_config, load_peers
-    from vaultctl import cluster
-
     root = tmp_path / "cluster"
     try:
         info = cluster.up(root, shareholders=3, threshold=2, dim=8)
@@ -319,10 +323,6 @@ def test_cluster_up_gives_each_node_its_peer_table_and_private_logs(tmp_path):
 def test_a_node_refuses_to_serve_under_a_certificate_that_is_not_its_own(dev_pki, tmp_path, role, name):
     """A node configured with a client-only certificate or another node's
     does not start: its clients would refuse it anyway, so say so at once."""
-    from shareholders.config import ConfigError, load_config
-    from shareholders.server import serve
-    from shareholders.testing import write_node_files
-
     config = write_node_files(tmp_path / "bank-a", name="bank-a", index=1, tls=dev_pki.files(role, name),
                               tenants={ACME.name: {ACME.key_id: pki.public_key_raw(ACME.key)}})
     with pytest.raises(ConfigError, match="not a server certificate of shareholder/bank-a"):
