@@ -33,7 +33,6 @@ from vault import pki
 from vault.envelope import KekRing
 from vaultctl.client import MatcherClient
 from vaultrpc import server as rpcserver
-from vault.pki import Identity
 from vaultrpc.tls import secure_channel
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -187,7 +186,7 @@ class ProxyNode(shareholder_pb2_grpc.ShareholderServicer):
         self.delay_s = delay_s
         self.fail_store = fail_store
         self.name = name
-        self._channel = secure_channel(upstream, pki_.tls("matcher", "matcher"), expect=Identity("shareholder", name))
+        self._channel = secure_channel(upstream, pki_.tls("matcher", "matcher"), expect=pki.Identity("shareholder", name))
         self._up = shareholder_pb2_grpc.ShareholderStub(self._channel)
         self._pki = pki_
         self.releases = 0

@@ -15,9 +15,9 @@ from test_matcher_harness import Committee, Tenant, unit
 from vault import envelope, record
 from vault.errors import IntegrityError
 from vault.field import P
+from vault.pki import Identity
 from vaultctl.maintenance import Admin, MaintenanceError, Node, SessionFile
 from vaultctl.refresh import refresh_session
-from vault.pki import Identity
 from vaultrpc.tls import secure_channel
 
 SUBJECTS = [f"subject-{i:03d}" for i in range(24)]
