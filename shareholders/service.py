@@ -374,6 +374,10 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                     settle(inflight.popleft())
                 except status.RpcError as exc:
                     errors.append(exc)
+            if replace or totals[1]:
+                # As StoreShares: overwritten rows' old sealed bytes leave the
+                # files too, also when a later batch failed.
+                self._flush_erased("replacement")
             if errors:
                 raise errors[0]
         return shareholder_pb2.StoreShareStreamResponse(stored=totals[0], already_stored=totals[1])
