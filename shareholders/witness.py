@@ -54,6 +54,9 @@ _log = logging.getLogger("shareholders.witness")
 RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 30.0
 CALL_TIMEOUT_S = 5.0
+# Answers that a retry of the same checkpoint cannot change.
+_REFUSALS = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+                       grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED})
 
 
 # ---------------------------------------------------------------- receiving
@@ -169,7 +172,7 @@ class Publisher:
                     if self._closing:
                         return
                     cp, made = self._latest, self._made
-                error = None
+                error, refused = None, False
                 try:
                     now = self._address(peer)
                     if now != address or channel is None:
@@ -181,6 +184,7 @@ class Publisher:
                                            timeout=CALL_TIMEOUT_S)
                 except grpc.RpcError as exc:
                     error = exc.code().name
+                    refused = exc.code() in _REFUSALS
                 except (OSError, ValueError) as exc:
                     error = f"no address: {type(exc).__name__}"
                 if error is None:
@@ -198,10 +202,16 @@ class Publisher:
                     logs.event(_log, "checkpoint not witnessed yet; retrying", logging.WARNING, node=self.node,
                                peer=peer.name, seq=cp.seq, error=error)
                 failing = True
+                # A refusal (the peer does not list this node, or runs without the
+                # RPC) is not retried, each try being a deny entry there: the next
+                # checkpoint tries again.
                 until = time.monotonic() + delay
-                with self._cond:  # until the delay is up, a newer checkpoint comes, or closing
-                    while not self._closing and self._made == made and (left := until - time.monotonic()) > 0:
-                        self._cond.wait(left)
+                with self._cond:  # until the delay is up (never after a refusal), a newer checkpoint comes, or closing
+                    while not self._closing and self._made == made:
+                        left = until - time.monotonic()
+                        if not refused and left <= 0:
+                            break
+                        self._cond.wait(None if refused else left)
                     if self._closing:
                         return
                 delay = min(delay * 2, RETRY_MAX_S)
