@@ -86,7 +86,8 @@ class CheckpointWitness:
             self._deny(actor, "witness_other_node", status.PermissionDenied(
                 "A node may publish only its own audit checkpoints."), details=claimed)
         if not 1 <= cp.seq < 2**63 or len(cp.entry_hash) != audit.HASH_BYTES or len(cp.signature) != 64:
-            raise status.InvalidArgument("The checkpoint needs a sequence number, a 32-byte hash and a 64-byte signature.")
+            raise status.InvalidArgument(
+                "The checkpoint needs a sequence number, a 32-byte hash and a 64-byte signature.")
         if not audit.checkpoint_valid(cp, peer.audit_key):
             self._deny(actor, "witness_bad_signature", status.PermissionDenied(
                 "The checkpoint's signature does not verify under the audit key this node pins for its sender."),

@@ -10,7 +10,13 @@ cut below a signed checkpoint. Entries after a node's last signed checkpoint
 can be cut without a trace in the log itself; two things narrow that gap:
 the node's live head (``GetNodeInfo``) must be in the log it streams, and
 each clean run records every node's head in the auditor's witness file
-(``<state>/audit-witness.json``), which later runs hold the log to.
+(``<state>/audit-witness.json``), which later runs hold the log to. Signed
+heads also leave the node as they are made: its peers record them in their
+own chains (``witness`` entries, shareholders.witness), and every node's
+chain must still hold each checkpoint its peers witnessed (same sequence
+number, same hash), so a cut or a re-signed rewrite of signed entries is a
+finding even when the node's own file shows nothing. Every node's log is
+read for that, also with ``--node``.
 With ``--dir`` a node that is not running is read from its database file
 (read-only), so a node that refuses to start over a damaged log can still
 be examined; ``--db FILE`` reads a copy of a node's database.
@@ -151,7 +157,8 @@ def verify_log(log: NodeLog, witness: dict | None) -> dict:
     node = log.node
     out = {"name": node.name, "retired": node.retired, "source": log.source, "ok": False, "state": "", "entries": len(log.entries),
            "checkpoints": len(log.checkpoints), "head_seq": 0, "signed_seq": 0, "unsigned_tail": 0,
-           "broken_seq": None, "reason": None, "problems": [], "warnings": [], "witnessed_seq": 0, "witnessed_by": {}}
+           "broken_seq": None, "reason": None, "problems": [], "warnings": [],
+           "witnessed_seq": 0, "witnessed_by": {}}
     if log.error is not None:
         out.update(state="unreadable", reason=f"The log of {node.name} could not be read: {log.error}.")
         return out
@@ -278,7 +285,8 @@ def verify(target: auditor.AuditorTarget, node: str | None = None, db: pathlib.P
     selected = [ref.name for ref in target.select(node)]
     logs: dict[str, NodeLog] = {}
     for ref in target.nodes:
-        if ref.retired and node is None and ref.address is None and not (ref.db_path and ref.db_path.exists()):
+        gone = ref.address is None and not (ref.db_path and ref.db_path.exists())
+        if ref.retired and gone and ref.name not in selected:
             continue  # a retired node whose data is gone: nothing left to check
         logs[ref.name] = read_node(target, ref, db if ref.name in selected else None)
     verdicts = {name: verify_log(log, witness.get(name)) for name, log in logs.items()}
