@@ -197,7 +197,16 @@ def test_only_a_pinned_peer_can_have_its_checkpoints_witnessed(root, tmp_path):
     reasons = {(d["actor"], d["reason"]) for d in denied}
     assert {("shareholder/bank-z", "witness_unknown_peer"), ("shareholder/bank-a", "witness_bad_signature"),
             ("shareholder/bank-a", "witness_other_node")} <= reasons
-    # None of them was recorded as witnessed.
+    # A genuine checkpoint sent twice (a retry whose answer was lost) is recorded once.
+    with closing(sqlite3.connect(f"file:{paths.node_dir('bank-a') / 'shares.db'}?mode=ro", uri=True)) as conn:
+        genuine = store.checkpoints(conn)[0]
+    address = json.loads(paths.ready(spec, "bank-b").read_text())["address"]
+    with secure_channel(address, own) as channel:
+        stub = shareholder_pb2_grpc.ShareholderStub(channel)
+        first = stub.WitnessCheckpoint(pb.WitnessCheckpointRequest(checkpoint=genuine), timeout=10)
+        again = stub.WitnessCheckpoint(pb.WitnessCheckpointRequest(checkpoint=genuine), timeout=10)
+    assert not first.already_witnessed and again.already_witnessed and again.audit_seq == first.audit_seq
+    # None of the forged ones was recorded as witnessed.
     assert not [e for e in _read_log(root, "bank-b") if e.event == "witness"
                 and audit.witnessed_checkpoint(e.details_json).seq == 99]
 
