@@ -22,7 +22,8 @@ rolled back with a job or a failed commit. Every ``checkpoint_every``
 entries, or ``checkpoint_interval_s`` seconds after the first unsigned entry
 (a small timer thread), and on close, the head is signed with the node's
 Ed25519 audit key (``vault.audit.sign_checkpoint``) and stored beside the
-chain in the same transaction.
+chain in the same transaction; once committed it is handed to
+``on_checkpoint`` (shareholders.witness publishes it to the peers).
 """
 from __future__ import annotations
 
@@ -144,6 +145,7 @@ class AuditWriter:
         checkpoint_interval_s: float = 60.0,
         clock: Callable[[], int] = now_ms,
         on_commit: Callable[[int], None] | None = None,
+        on_checkpoint: Callable[[common_pb2.AuditCheckpoint], None] | None = None,
     ):
         self.node = node
         self._key = audit_key
@@ -151,6 +153,7 @@ class AuditWriter:
         self._interval = checkpoint_interval_s
         self._clock = clock
         self._on_commit = on_commit
+        self._on_checkpoint = on_checkpoint
         self._conn = store.connect(db_path)
         try:
             store.migrate(self._conn)
@@ -162,6 +165,9 @@ class AuditWriter:
         self._seq = seq
         self._hash = head or audit.GENESIS_HASH
         self._signed_seq = store.last_checkpoint_seq(self._conn)
+        if on_checkpoint is not None and self._signed_seq:
+            # The newest signed head so far: its publishing may not have finished before the last stop.
+            on_checkpoint(store.checkpoints(self._conn, self._signed_seq)[-1])
         self._unsigned_since: float | None = time.monotonic() if self._seq > self._signed_seq else None
         self._committed_seq = seq
         self._mutex = threading.Lock()  # guards the queue and the closed flag
@@ -330,6 +336,8 @@ class AuditWriter:
         if signed:
             self._signed_seq = self._seq
             self._unsigned_since = None
+            if self._on_checkpoint is not None:
+                self._on_checkpoint(cp)
         self._committed_seq = self._seq
         if self._on_commit is not None:
             self._on_commit(self._seq)

@@ -37,11 +37,25 @@ from vaultrpc import config as rpcconfig
 from vaultrpc.config import ConfigError
 from vaultrpc.tls import TlsFiles
 
-__all__ = ["ConfigError", "NodeConfig", "NodeKeys", "load_config", "load_keys", "load_peers", "parse_kek_json"]
+__all__ = [
+    "ConfigError", "NodeConfig", "NodeKeys", "WitnessPeer", "load_config", "load_keys", "load_peers", "parse_kek_json",
+]
 
 KEK_ENV = "SPLITVAULT_KEK_JSON"
 MAX_INDEX = 255  # vault.sharing.MAX_SHAREHOLDERS
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+
+
+@dataclass(frozen=True)
+class WitnessPeer:
+    """A committee peer that witnesses this node's signed audit checkpoints
+    and whose checkpoints this node witnesses (shareholders.witness)."""
+
+    name: str
+    audit_key: ed25519.Ed25519PublicKey  # the peer's checkpoint key, pinned here
+    address: str | None = None
+    # Dev clusters pick ports at start: the address is read from the peer's ready file.
+    ready_file: pathlib.Path | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +85,8 @@ class NodeConfig:
     peers: dict[str, str] = field(default_factory=dict)
     # The file this came from: load_peers reads its [peers] again.
     path: pathlib.Path | None = None
+    # peer name -> its pinned checkpoint key and address ([[witness.peers]]).
+    witness_peers: dict[str, WitnessPeer] = field(default_factory=dict)
 
     @property
     def db_path(self) -> pathlib.Path:
@@ -211,7 +227,36 @@ def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> N
         max_workers=_positive(data, "node.max_workers", 32),
         peers=_parse_peers(data),
         path=pathlib.Path(path).resolve(),
+        witness_peers=_witness_peers(data, name, base),
     )
+
+
+def _witness_peers(data: dict[str, Any], own: str, base: pathlib.Path) -> dict[str, WitnessPeer]:
+    """``[[witness.peers]]``: name, audit_public_key, and address or ready_file."""
+    raw = rpcconfig.get(data, "witness.peers", [], list)
+    peers: dict[str, WitnessPeer] = {}
+    for i, item in enumerate(raw, start=1):
+        where = f"witness.peers[{i}]"
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ConfigError(f"The config value {where} needs a name.")
+        name = item["name"]
+        try:
+            pki.check_name(name)
+        except ValueError:
+            raise ConfigError(f"The config value {where}.name is not a valid node name.") from None
+        if name == own or name in peers:
+            raise ConfigError(f"The config value {where}.name repeats {name!r}: each peer once, never the node itself.")
+        try:
+            key = pki.load_public_key(str(item.get("audit_public_key", "")))
+        except ValueError:
+            raise ConfigError(
+                f"The config value {where}.audit_public_key is not 64 hex characters of an Ed25519 public key."
+            ) from None
+        address, ready = item.get("address"), item.get("ready_file")
+        if (address is None) == (ready is None) or not isinstance(address or ready, str):
+            raise ConfigError(f"The config value {where} needs exactly one of address and ready_file.")
+        peers[name] = WitnessPeer(name, key, address, _abs_path(ready, f"{where}.ready_file", base) if ready else None)
+    return peers
 
 
 def read_secret_file(path: str, label: str) -> bytes:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from shareholders import store
 from shareholders.audit_log import AuditWriter, Tx, now_ms
 from shareholders.config import ConfigError, NodeConfig, NodeKeys, load_keys
-from shareholders import epochs
+from shareholders import epochs, witness
 from shareholders.service import AUDIT_HEAD, ROLES, SERVICE, ShareholderService
 from splitvault.v1 import admin_pb2_grpc, shareholder_pb2_grpc
 from vault import envelope, pki, record
@@ -150,10 +150,12 @@ def serve(cfg: NodeConfig, *, keys: NodeKeys | None = None, env: dict[str, str] 
     finally:
         conn.close()
     head_gauge = AUDIT_HEAD.labels(cfg.name)
+    # Signed checkpoints go to the peers as they are made (shareholders.witness).
+    publisher = witness.Publisher(cfg.name, cfg.witness_peers, tls)
     writer = AuditWriter(
         cfg.db_path, cfg.name, keys.audit_key,
         checkpoint_every=cfg.checkpoint_every, checkpoint_interval_s=cfg.checkpoint_interval_s,
-        on_commit=head_gauge.set,
+        on_commit=head_gauge.set, on_checkpoint=publisher.offer,
     )
     service = None
     try:
@@ -182,6 +184,7 @@ def serve(cfg: NodeConfig, *, keys: NodeKeys | None = None, env: dict[str, str] 
         )
     except BaseException:
         writer.close()
+        publisher.close(0)
         if service is not None:
             service.close_readers()
         raise
@@ -189,11 +192,13 @@ def serve(cfg: NodeConfig, *, keys: NodeKeys | None = None, env: dict[str, str] 
     def close_log() -> None:
         maintenance.close()
         writer.close(final=lambda tx: tx.append("stop", actor=actor))
+        publisher.close()  # the head signed just now, if the peers answer within a moment
         service.close_readers()
         _remove_stale(cfg.ready_file)
         logs.event(_log, "node stopped", node=cfg.name, audit_head_seq=writer.head_seq)
 
     rpc.on_stop.append(close_log)
+    publisher.start()
     try:
         metrics_port = serve_metrics(cfg.metrics_host, cfg.metrics_port)
     except OSError as exc:

@@ -40,7 +40,7 @@ from typing import NamedTuple
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge
 
-from shareholders import rotation, store
+from shareholders import rotation, store, witness
 from shareholders.epochs import guard_delete, guard_store
 from shareholders.audit_log import AuditWriter, Tx, WriterClosed, now_ms
 from shareholders.config import NodeConfig, NodeKeys
@@ -62,6 +62,7 @@ ROLES = {
     _M + "GetNodeInfo": pki.ROLES,
     _M + "ReadAuditLog": frozenset({pki.ROLE_AUDITOR}),
     _M + "RotateKek": frozenset({pki.ROLE_AUDITOR}),
+    _M + "WitnessCheckpoint": frozenset({pki.ROLE_SHAREHOLDER}),
 }
 
 RELEASES = Counter("splitvault_node_releases_total", "Shares released for a verification.", ["node"])
@@ -180,6 +181,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         self._releases = RELEASES.labels(cfg.name)
         self._stored = STORED.labels(cfg.name)
         self._deleted = DELETED.labels(cfg.name)
+        self.witness = witness.CheckpointWitness(cfg.name, cfg.witness_peers, self._commit, self._deny_now)
 
     # --- plumbing ---------------------------------------------------------------
 
@@ -372,6 +374,10 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                     settle(inflight.popleft())
                 except status.RpcError as exc:
                     errors.append(exc)
+            if replace or totals[1]:
+                # As StoreShares: overwritten rows' old sealed bytes leave the
+                # files too, also when a later batch failed.
+                self._flush_erased("replacement")
             if errors:
                 raise errors[0]
         return shareholder_pb2.StoreShareStreamResponse(stored=totals[0], already_stored=totals[1])
@@ -546,6 +552,9 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             conn.execute("COMMIT")
         finally:
             conn.close()
+
+    def WitnessCheckpoint(self, request, context):
+        return self.witness.receive(request, caller(context))
 
     # --- key rotation -------------------------------------------------------------
 

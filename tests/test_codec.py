@@ -205,3 +205,26 @@ def test_quantisation_does_not_change_match_decisions():
     for decide in (exact, quant):
         assert ((decide >= threshold) & ~labels).sum() == 0  # impostors stay out
     assert abs(int((exact >= threshold).sum()) - int((quant >= threshold).sum())) <= flips.sum()
+
+
+@pytest.mark.parametrize("vectors", [
+    np.linspace(-3.0, 5.0, 64, dtype=np.float32),  # encoded
+    np.array([1.0, np.nan] + [0.5] * 62),  # refused: not finite
+    np.zeros(64),  # refused: no direction
+])
+def test_encode_wipes_its_float_copies(monkeypatch, vectors):
+    # The matcher's review finding: encode left float64 copies of the
+    # template or probe behind. Every float buffer it takes must be zeros
+    # once it returns or refuses (the caller wipes its own input and code).
+    taken = []
+
+    def buffer(shape):
+        taken.append(np.empty(shape, dtype=np.float64))
+        return taken[-1]
+
+    monkeypatch.setattr(codec, "_float_buffer", buffer)
+    try:
+        codec.encode(vectors, 64)
+    except InvalidTemplate:
+        pass
+    assert len(taken) == 2 and all(buf.shape == (1, 64) and not buf.any() for buf in taken)

@@ -134,3 +134,33 @@ def test_peer_table(cfg_path):
         cfg_path.write_text(text + f"\n[peers]\n{bad}\n")
         with pytest.raises(ConfigError, match=message):
             load_config(cfg_path, env={})
+
+
+@pytest.mark.parametrize("peers, message", [
+    ([], None),
+    ([{"name": "bank-b", "audit_public_key": ACME.public.hex(), "address": "10.0.0.2:7443"},
+      {"name": "bank-c", "audit_public_key": ACME.public.hex(), "ready_file": "../c/ready.json"}], None),
+    ([{"name": "bank-a", "audit_public_key": ACME.public.hex(), "address": "x:1"}], "never the node itself"),
+    ([{"name": "bank-b", "audit_public_key": ACME.public.hex(), "address": "x:1"}] * 2, "each peer once"),
+    ([{"name": "bank-b", "audit_public_key": "zz", "address": "x:1"}], "audit_public_key"),
+    ([{"name": "bank-b", "audit_public_key": ACME.public.hex()}], "exactly one of address and ready_file"),
+    ([{"name": "bank-b", "audit_public_key": ACME.public.hex(), "address": "x:1", "ready_file": "r"}],
+     "exactly one of address and ready_file"),
+    ([{"name": "../b", "audit_public_key": ACME.public.hex(), "address": "x:1"}], "not a valid node name"),
+])
+def test_witness_peers(cfg_path, peers, message):
+    lines = []
+    for p in peers:
+        lines.append("\n[[witness.peers]]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in p.items()]
+    cfg_path.write_text(cfg_path.read_text() + "\n".join(lines) + "\n")
+    if message is not None:
+        with pytest.raises(ConfigError, match=message):
+            load_config(cfg_path, env={})
+        return
+    cfg = load_config(cfg_path, env={})
+    assert list(cfg.witness_peers) == [p["name"] for p in peers]
+    if peers:
+        b, c = cfg.witness_peers["bank-b"], cfg.witness_peers["bank-c"]
+        assert (b.address, b.ready_file) == ("10.0.0.2:7443", None)
+        assert c.address is None and c.ready_file == cfg_path.parent / "../c/ready.json"

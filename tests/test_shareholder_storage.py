@@ -250,3 +250,22 @@ def test_replaced_shares_leave_the_files_when_the_call_returns(node):
     for name, data in raw_files(node).items():
         assert old not in data, name
     assert release(node, "alice").shares[0].values == recs[0].values
+
+
+def test_bulk_replaced_shares_leave_the_files_when_the_stream_returns(node):
+    # The same for a replacing StoreShareStream (bulk migrations): the old
+    # sealed bytes must leave the main file and the WAL before it answers.
+    store(node, ["alice", "bob", "carol"], dimension=256)
+    conn = sqlite3.connect(node.db_path)
+    old = [row[0] for row in conn.execute("SELECT ciphertext FROM shares ORDER BY subject")]
+    conn.close()
+    assert all(any(o in data for data in raw_files(node).values()) for o in old)
+    recs = sample_records("acme", ["alice", "bob", "carol"], index=1, dimension=256, request_id="bulk-replacement")
+    reply = node.stub("matcher").StoreShareStream(
+        iter([pb.StoreShareStreamRequest(records=recs[:2], replace=True),
+              pb.StoreShareStreamRequest(records=recs[2:], replace=True)]), timeout=10)
+    assert reply.stored == 3
+    for name, data in raw_files(node).items():
+        for o in old:
+            assert o not in data, name
+    assert release(node, "bob").shares[0].values == recs[1].values

@@ -206,6 +206,38 @@ def sign_checkpoint(
     )
 
 
+# The event a node records when it witnesses a peer's signed checkpoint
+# (shareholders.witness); its details hold the whole checkpoint.
+WITNESS_EVENT = "witness"
+
+
+def witness_details(cp: common_pb2.AuditCheckpoint) -> dict:
+    """A witness entry's details: the peer's checkpoint, enough to verify it again."""
+    return {"node": cp.node, "seq": cp.seq, "entry_hash": cp.entry_hash.hex(), "time_ms": cp.time_ms,
+            "signature": cp.signature.hex()}
+
+
+def witnessed_checkpoint(details_json: str) -> common_pb2.AuditCheckpoint | None:
+    """The checkpoint a witness entry records, or None when it is malformed."""
+    try:
+        d = json.loads(details_json or "{}")
+        return common_pb2.AuditCheckpoint(node=d["node"], seq=int(d["seq"]), entry_hash=bytes.fromhex(d["entry_hash"]),
+                                          time_ms=int(d["time_ms"]), signature=bytes.fromhex(d["signature"]))
+    except (ValueError, KeyError, TypeError, OverflowError, AttributeError):
+        return None
+
+
+def checkpoint_valid(cp: common_pb2.AuditCheckpoint, public_key: ed25519.Ed25519PublicKey | bytes) -> bool:
+    """Whether ``cp`` carries a valid signature under ``public_key``."""
+    if isinstance(public_key, (bytes, bytearray)):
+        public_key = ed25519.Ed25519PublicKey.from_public_bytes(bytes(public_key))
+    try:
+        public_key.verify(cp.signature, checkpoint_message(cp.node, cp.seq, cp.entry_hash, cp.time_ms))
+    except InvalidSignature:
+        return False
+    return True
+
+
 @dataclass
 class VerifyReport:
     """The outcome of ``verify_chain``.

@@ -64,20 +64,40 @@ def encode(vectors: np.ndarray, dimension: int) -> np.ndarray:
         raise InvalidTemplate("The batch of templates is empty.")
     if arr.shape[1] != dimension:
         raise InvalidTemplate(f"A template must have exactly {int(dimension)} values.")
-    x = arr.astype(np.float64)
-    if not np.isfinite(x).all():
-        raise InvalidTemplate("A template contains a non-finite value (NaN or infinity).")
-    peak = np.abs(x).max(axis=1, keepdims=True)
-    if (peak == 0).any():
-        raise InvalidTemplate("A template is the zero vector and has no direction.")
-    # Unit L2 length first (scale x first so huge-but-finite inputs cannot
-    # overflow the sum of squares), then 127 / max|x_i| per vector.
-    x /= peak
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    x *= QMAX / np.abs(x).max(axis=1, keepdims=True)
-    q = np.rint(x)
-    np.clip(q, -QMAX, QMAX, out=q)
-    return q.astype(np.int8)
+    # Every float buffer holding (a function of) the template is ours and
+    # overwritten before returning, also on a refusal: two full-size ones,
+    # all arithmetic in place, and (B, 1) per-vector scales.
+    x = _float_buffer(arr.shape)
+    scratch = _float_buffer(arr.shape)
+    scales: list[np.ndarray] = []
+    try:
+        x[...] = arr
+        if not np.isfinite(x).all():
+            raise InvalidTemplate("A template contains a non-finite value (NaN or infinity).")
+        peak = np.abs(x, out=scratch).max(axis=1, keepdims=True)
+        scales.append(peak)
+        if (peak == 0).any():
+            raise InvalidTemplate("A template is the zero vector and has no direction.")
+        # Unit L2 length first (scale x first so huge-but-finite inputs cannot
+        # overflow the sum of squares), then 127 / max|x_i| per vector.
+        x /= peak
+        norm = np.sqrt(np.einsum("ij,ij->i", x, x))[:, np.newaxis]
+        scales.append(norm)
+        x /= norm
+        factor = QMAX / np.abs(x, out=scratch).max(axis=1, keepdims=True)
+        scales.append(factor)
+        x *= factor
+        np.rint(x, out=x)
+        np.clip(x, -QMAX, QMAX, out=x)
+        return x.astype(np.int8)
+    finally:
+        for buf in (x, scratch, *scales):
+            buf.fill(0)
+
+
+def _float_buffer(shape: tuple[int, ...]) -> np.ndarray:
+    # encode's float64 working memory (a seam: tests/test_codec.py checks it is wiped).
+    return np.empty(shape, dtype=np.float64)
 
 
 def to_field(codes: np.ndarray) -> np.ndarray:
@@ -133,12 +153,17 @@ def _from_canonical(values: np.ndarray) -> np.ndarray:
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Cosine similarity of two int8 codes, from exact integer inner products."""
-    a64 = np.asarray(a, dtype=np.int64).reshape(-1)
-    b64 = np.asarray(b, dtype=np.int64).reshape(-1)
-    if a64.shape != b64.shape:
-        raise InvalidTemplate("Templates of different dimensions cannot be compared.")
-    # <a,b>, <a,a>, <b,b> are exact integers (|.| <= d * 127**2 < 2**31).
-    ab, aa, bb = int(a64 @ b64), int(a64 @ a64), int(b64 @ b64)
+    # Copies (np.array always copies), wiped below: they hold the template and the probe.
+    a64 = np.array(a, dtype=np.int64).reshape(-1)
+    b64 = np.array(b, dtype=np.int64).reshape(-1)
+    try:
+        if a64.shape != b64.shape:
+            raise InvalidTemplate("Templates of different dimensions cannot be compared.")
+        # <a,b>, <a,a>, <b,b> are exact integers (|.| <= d * 127**2 < 2**31).
+        ab, aa, bb = int(a64 @ b64), int(a64 @ a64), int(b64 @ b64)
+    finally:
+        a64.fill(0)
+        b64.fill(0)
     if aa == 0 or bb == 0:
         raise InvalidTemplate("A zero vector has no cosine similarity.")
     return ab / (aa * bb) ** 0.5

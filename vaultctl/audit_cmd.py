@@ -10,7 +10,13 @@ cut below a signed checkpoint. Entries after a node's last signed checkpoint
 can be cut without a trace in the log itself; two things narrow that gap:
 the node's live head (``GetNodeInfo``) must be in the log it streams, and
 each clean run records every node's head in the auditor's witness file
-(``<state>/audit-witness.json``), which later runs hold the log to.
+(``<state>/audit-witness.json``), which later runs hold the log to. Signed
+heads also leave the node as they are made: its peers record them in their
+own chains (``witness`` entries, shareholders.witness), and every node's
+chain must still hold each checkpoint its peers witnessed (same sequence
+number, same hash), so a cut or a re-signed rewrite of signed entries is a
+finding even when the node's own file shows nothing. Every node's log is
+read for that, also with ``--node``.
 With ``--dir`` a node that is not running is read from its database file
 (read-only), so a node that refuses to start over a damaged log can still
 be examined; ``--db FILE`` reads a copy of a node's database.
@@ -151,7 +157,8 @@ def verify_log(log: NodeLog, witness: dict | None) -> dict:
     node = log.node
     out = {"name": node.name, "retired": node.retired, "source": log.source, "ok": False, "state": "", "entries": len(log.entries),
            "checkpoints": len(log.checkpoints), "head_seq": 0, "signed_seq": 0, "unsigned_tail": 0,
-           "broken_seq": None, "reason": None, "problems": [], "warnings": []}
+           "broken_seq": None, "reason": None, "problems": [], "warnings": [],
+           "witnessed_seq": 0, "witnessed_by": {}}
     if log.error is not None:
         out.update(state="unreadable", reason=f"The log of {node.name} could not be read: {log.error}.")
         return out
@@ -213,24 +220,102 @@ def _target(args) -> auditor.AuditorTarget:
     return target
 
 
+def _witnessed(logs: dict[str, NodeLog], verdicts: dict[str, dict]) -> dict[str, list[tuple[str, object, int]]]:
+    """node -> [(witness, checkpoint, time witnessed)]: the peers' checkpoints
+    each chain records, from the part of it that verifies."""
+    from vault import audit
+
+    out: dict[str, list] = defaultdict(list)
+    for name, log in logs.items():
+        verdict = verdicts[name]
+        if verdict["state"] not in ("ok", "broken"):
+            continue
+        usable = log.entries if verdict["ok"] else log.entries[: max(0, (verdict["broken_seq"] or 1) - 1)]
+        for e in usable:
+            if e.event == audit.WITNESS_EVENT:
+                cp = audit.witnessed_checkpoint(e.details_json)
+                if cp is not None and cp.node != name:
+                    out[cp.node].append((name, cp, e.time_ms))
+    return out
+
+
+def hold_to_witnesses(verdict: dict, log: NodeLog, witnessed: list) -> bool:
+    """Check one node's chain against the checkpoints its peers witnessed: each
+    must still be in the chain, with the same hash. Adds the findings to
+    ``verdict``; True when one is a witnessed entry past the end of the log."""
+    from vault import audit
+
+    if verdict["state"] not in ("ok", "broken") or log.node.audit_key is None:
+        return False
+    name, head, intact = log.node.name, verdict["head_seq"], verdict["ok"]
+    problems, beyond, by = [], False, {}
+    for peer, cp, at_ms in witnessed:
+        if not audit.checkpoint_valid(cp, log.node.audit_key):
+            verdict["warnings"].append(f"{peer} recorded a checkpoint of {name} (entry {cp.seq}) whose signature does "
+                                       "not verify under the recorded key; it was ignored.")
+            continue
+        when = _when(at_ms)
+        if cp.seq > head:
+            if intact:
+                beyond = True
+                problems.append((head + 1, f"The log ends at entry {head}, but {peer} witnessed a signed checkpoint of "
+                                           f"entry {cp.seq} on {when}: entries were removed."))
+        elif log.entries[cp.seq - 1].entry_hash != cp.entry_hash:
+            problems.append((cp.seq, f"Entry {cp.seq} differs from the signed checkpoint {peer} witnessed on {when}: "
+                                     "the log was rewritten and signed again."))
+        else:
+            by[peer] = max(by.get(peer, 0), cp.seq)
+    verdict["witnessed_seq"] = max(by.values(), default=0)
+    verdict["witnessed_by"] = dict(sorted(by.items()))
+    if problems:
+        merged = sorted([(p["seq"], p["reason"]) for p in verdict["problems"]] + problems, key=lambda p: p[0])
+        verdict.update(ok=False, state="broken", head_hash=None, unsigned_tail=0, broken_seq=merged[0][0],
+                       reason=merged[0][1], problems=[{"seq": q, "reason": r} for q, r in merged[:MAX_LISTED]])
+    return beyond
+
+
 def verify(target: auditor.AuditorTarget, node: str | None = None, db: pathlib.Path | None = None,
            update_witness: bool = True) -> tuple[list[dict], list[NodeLog]]:
-    """Verdicts and logs of the selected nodes (the Python API)."""
+    """Verdicts and logs of the selected nodes (the Python API).
+
+    Every node's log is read, the selected ones' and their peers' (whose
+    witness entries the selected chains are held to).
+    """
     witness = _load_witness(target)
-    verdicts, logs = [], []
-    for ref in target.select(node):
-        if ref.retired and node is None and ref.address is None and not (ref.db_path and ref.db_path.exists()):
+    selected = [ref.name for ref in target.select(node)]
+    logs: dict[str, NodeLog] = {}
+    for ref in target.nodes:
+        gone = ref.address is None and not (ref.db_path and ref.db_path.exists())
+        if ref.retired and gone and ref.name not in selected:
             continue  # a retired node whose data is gone: nothing left to check
-        log = read_node(target, ref, db)
-        verdict = verify_log(log, witness.get(ref.name))
-        verdicts.append(verdict)
-        logs.append(log)
+        logs[ref.name] = read_node(target, ref, db if ref.name in selected else None)
+    verdicts = {name: verify_log(log, witness.get(name)) for name, log in logs.items()}
+    seen = _witnessed(logs, verdicts)
+    for name in selected:
+        if name not in logs:
+            continue
+        if hold_to_witnesses(verdicts[name], logs[name], seen.get(name, [])) and logs[name].source.startswith("rpc"):
+            # A live node may have signed (and been witnessed) after its log was read: read it once more.
+            logs[name] = read_node(target, logs[name].node)
+            verdicts[name] = verify_log(logs[name], witness.get(name))
+            hold_to_witnesses(verdicts[name], logs[name], seen.get(name, []))
+        unread = [peer for peer, log in logs.items() if peer != name and log.error is not None]
+        if unread and verdicts[name]["state"] in ("ok", "broken"):
+            verdicts[name]["warnings"].append(
+                f"The logs of {', '.join(unread)} could not be read: what they witnessed of {name} was not checked.")
+    out_verdicts, out_logs = [], []
+    for name in selected:
+        if name not in logs:
+            continue
+        verdict = verdicts[name]
+        out_verdicts.append(verdict)
+        out_logs.append(logs[name])
         if verdict["ok"] and update_witness and db is None:
-            witness[ref.name] = {"seq": verdict["head_seq"], "hash": verdict["head_hash"],
-                                 "signed_seq": verdict["signed_seq"], "at_ms": int(time.time() * 1000)}
-    if update_witness and db is None and any(v["ok"] for v in verdicts):
+            witness[name] = {"seq": verdict["head_seq"], "hash": verdict["head_hash"],
+                             "signed_seq": verdict["signed_seq"], "at_ms": int(time.time() * 1000)}
+    if update_witness and db is None and any(v["ok"] for v in out_verdicts):
         _save_witness(target, witness)
-    return verdicts, logs
+    return out_verdicts, out_logs
 
 
 def _verify_args(p) -> None:
@@ -247,12 +332,13 @@ def _audit_verify(args) -> Result:
     target = _target(args)
     verdicts, _logs = verify(target, args.node, args.db)
     code = _exit_code(verdicts)
-    lines = [f"{'node':<10} {'entries':>8} {'signed to':>10} {'unsigned':>9}  result"]
+    lines = [f"{'node':<10} {'entries':>8} {'signed to':>10} {'unsigned':>9} {'witnessed':>10}  result"]
     for v in verdicts:
         result = "OK" if v["ok"] else (
             f"BROKEN at entry {v['broken_seq']}: {v['reason']}" if v["state"] == "broken" else v["reason"])
         name = v["name"] + (" (retired)" if v.get("retired") else "")
-        lines.append(f"{name:<10} {v['entries']:>8} {v['signed_seq']:>10} {v['unsigned_tail']:>9}  {result}")
+        lines.append(f"{name:<10} {v['entries']:>8} {v['signed_seq']:>10} {v['unsigned_tail']:>9} "
+                     f"{v['witnessed_seq']:>10}  {result}")
         for w in v["warnings"]:
             lines.append(f"{'':<10} note: {w}")
         if v["source"].startswith("file"):

@@ -295,6 +295,7 @@ def node_config_text(paths: Paths, spec: ClusterSpec, name: str) -> str:
         "attempts_per_subject = 10\n"
         "attempt_window_s = 60\n"
         + _tenants_toml(paths, spec, matcher=False)
+        + _witness_toml(paths, spec, name)
     )
 
 
@@ -321,6 +322,21 @@ def write_peer_tables(root: str | os.PathLike) -> None:
         new = head + PEERS_HEADER + table
         if new != text:
             _write(config, new)
+def _witness_toml(paths: Paths, spec: ClusterSpec, name: str) -> str:
+    # The committee peers that witness this node's signed audit checkpoints
+    # (shareholders.witness), their checkpoint keys pinned; ports are picked
+    # at start, so the address comes from each peer's ready file.
+    out = []
+    for peer in spec.nodes:
+        if peer == name:
+            continue
+        key = pki.load_signing_key((paths.node_dir(peer) / "audit.key").read_bytes())
+        out.append(
+            f"\n[[witness.peers]]\nname = {_toml_str(peer)}\n"
+            f"audit_public_key = {_toml_str(pki.public_key_raw(key).hex())}\n"
+            f"ready_file = {_toml_str(paths.ready(spec, peer))}\n"
+        )
+    return "".join(out)
 
 
 def matcher_config_text(paths: Paths, spec: ClusterSpec, addresses: dict[str, str]) -> str:
@@ -383,6 +399,8 @@ def init(root: str | os.PathLike, spec: ClusterSpec) -> Paths:
 
     for name in spec.nodes:
         _make_node_files(paths, spec, name)
+    for name in spec.nodes:  # once every audit key exists: each config pins its peers'
+        _write_node_config(paths, spec, name)
     paths.matcher_dir.mkdir(parents=True, exist_ok=True)
     record_trust(paths, spec)
     return paths
@@ -392,8 +410,9 @@ def init(root: str | os.PathLike, spec: ClusterSpec) -> Paths:
 
 
 def _make_node_files(paths: Paths, spec: ClusterSpec, name: str) -> None:
-    """A node's folder (0700), KEK file and audit key (0600, OS CSPRNG) and
-    config; what exists already is kept (a second `up` reuses it)."""
+    """A node's folder (0700), KEK file and audit key (0600, OS CSPRNG); what
+    exists already is kept (a second `up` reuses it). Its config is written
+    by ``_write_node_config`` once every node's audit key exists."""
     d = paths.node_dir(name)
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
@@ -403,8 +422,12 @@ def _make_node_files(paths: Paths, spec: ClusterSpec, name: str) -> None:
     if not (d / "audit.key").exists():
         private_pem, _public = pki.new_signing_key()
         _write(d / "audit.key", private_pem, secret=True)
-    if not (d / "node.toml").exists():
-        _write(d / "node.toml", node_config_text(paths, spec, name))
+
+
+def _write_node_config(paths: Paths, spec: ClusterSpec, name: str) -> None:
+    config = paths.node_dir(name) / "node.toml"
+    if not config.exists():
+        _write(config, node_config_text(paths, spec, name))
 
 
 def record_trust(paths: Paths, spec: ClusterSpec) -> dict:
@@ -844,6 +867,8 @@ def add_nodes(root: str | os.PathLike, spec: ClusterSpec) -> Paths:
             _write(paths.key(role, name), key, secret=True)
             _write(paths.cert(role, name), cert)
         _make_node_files(paths, spec, name)
+    for name in spec.nodes:
+        _write_node_config(paths, spec, name)
     record_trust(paths, spec)
     return paths
 

@@ -167,3 +167,17 @@ class RotateKekResponse(_message.Message):
     already_done: bool
     audit_seq: int
     def __init__(self, phase: _Optional[_Union[RotateKekResponse.Phase, str]] = ..., session_id: _Optional[str] = ..., node: _Optional[str] = ..., to_version: _Optional[int] = ..., from_versions: _Optional[_Iterable[int]] = ..., total: _Optional[int] = ..., rewrapped: _Optional[int] = ..., batches: _Optional[int] = ..., resumed: _Optional[bool] = ..., retired_versions: _Optional[_Iterable[int]] = ..., already_done: _Optional[bool] = ..., audit_seq: _Optional[int] = ...) -> None: ...
+
+class WitnessCheckpointRequest(_message.Message):
+    __slots__ = ("checkpoint",)
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: _common_pb2.AuditCheckpoint
+    def __init__(self, checkpoint: _Optional[_Union[_common_pb2.AuditCheckpoint, _Mapping]] = ...) -> None: ...
+
+class WitnessCheckpointResponse(_message.Message):
+    __slots__ = ("audit_seq", "already_witnessed")
+    AUDIT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_WITNESSED_FIELD_NUMBER: _ClassVar[int]
+    audit_seq: int
+    already_witnessed: bool
+    def __init__(self, audit_seq: _Optional[int] = ..., already_witnessed: _Optional[bool] = ...) -> None: ...

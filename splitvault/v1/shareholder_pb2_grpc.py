@@ -78,6 +78,11 @@ class ShareholderStub:
                 request_serializer=splitvault_dot_v1_dot_shareholder__pb2.RotateKekRequest.SerializeToString,
                 response_deserializer=splitvault_dot_v1_dot_shareholder__pb2.RotateKekResponse.FromString,
                 _registered_method=True)
+        self.WitnessCheckpoint = channel.unary_unary(
+                '/splitvault.v1.Shareholder/WitnessCheckpoint',
+                request_serializer=splitvault_dot_v1_dot_shareholder__pb2.WitnessCheckpointRequest.SerializeToString,
+                response_deserializer=splitvault_dot_v1_dot_shareholder__pb2.WitnessCheckpointResponse.FromString,
+                _registered_method=True)
 
 
 class ShareholderServicer:
@@ -167,6 +172,19 @@ class ShareholderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WitnessCheckpoint(self, request, context):
+        """Witness a peer's signed audit checkpoint, sent by that peer as it makes
+        it: the node checks the signature under the peer's audit key pinned in
+        its own config and records (node, seq, head hash, signature) as a
+        "witness" entry in its OWN audit log, so that the peer cannot later cut
+        or rewrite what it signed without `vaultctl audit verify` seeing it.
+        The checkpoint must name the caller. Role: shareholder, a peer listed
+        in the node's config (PERMISSION_DENIED otherwise, with a deny entry).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShareholderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -209,6 +227,11 @@ def add_ShareholderServicer_to_server(servicer, server):
                     servicer.RotateKek,
                     request_deserializer=splitvault_dot_v1_dot_shareholder__pb2.RotateKekRequest.FromString,
                     response_serializer=splitvault_dot_v1_dot_shareholder__pb2.RotateKekResponse.SerializeToString,
+            ),
+            'WitnessCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.WitnessCheckpoint,
+                    request_deserializer=splitvault_dot_v1_dot_shareholder__pb2.WitnessCheckpointRequest.FromString,
+                    response_serializer=splitvault_dot_v1_dot_shareholder__pb2.WitnessCheckpointResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -431,6 +454,33 @@ class Shareholder:
             '/splitvault.v1.Shareholder/RotateKek',
             splitvault_dot_v1_dot_shareholder__pb2.RotateKekRequest.SerializeToString,
             splitvault_dot_v1_dot_shareholder__pb2.RotateKekResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WitnessCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitvault.v1.Shareholder/WitnessCheckpoint',
+            splitvault_dot_v1_dot_shareholder__pb2.WitnessCheckpointRequest.SerializeToString,
+            splitvault_dot_v1_dot_shareholder__pb2.WitnessCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,
