@@ -154,7 +154,8 @@ def test_a_peer_down_blocks_nothing_and_is_caught_up_later(root):
 def _read_log(root, node: str) -> list[common_pb2.AuditEntry]:
     paths, spec = cluster.Paths(root), cluster.load_spec(root)
     address = json.loads(paths.ready(spec, node).read_text())["address"]
-    with secure_channel(address, paths.tls("auditor", spec.auditor).load()) as channel:
+    with secure_channel(address, paths.tls("auditor", spec.auditor).load(),
+                        expect=pki.Identity(pki.ROLE_SHAREHOLDER, node)) as channel:
         stub = shareholder_pb2_grpc.ShareholderStub(channel)
         return [i.entry for i in stub.ReadAuditLog(pb.ReadAuditLogRequest(from_seq=1), timeout=30)
                 if i.WhichOneof("item") == "entry"]
@@ -163,7 +164,7 @@ def _read_log(root, node: str) -> list[common_pb2.AuditEntry]:
 def _witness_call(root, node: str, tls, cp) -> grpc.RpcError:
     paths, spec = cluster.Paths(root), cluster.load_spec(root)
     address = json.loads(paths.ready(spec, node).read_text())["address"]
-    with secure_channel(address, tls) as channel:
+    with secure_channel(address, tls, expect=pki.Identity(pki.ROLE_SHAREHOLDER, node)) as channel:
         with pytest.raises(grpc.RpcError) as info:
             shareholder_pb2_grpc.ShareholderStub(channel).WitnessCheckpoint(
                 pb.WitnessCheckpointRequest(checkpoint=cp), timeout=10)
@@ -201,7 +202,7 @@ def test_only_a_pinned_peer_can_have_its_checkpoints_witnessed(root, tmp_path):
     with closing(sqlite3.connect(f"file:{paths.node_dir('bank-a') / 'shares.db'}?mode=ro", uri=True)) as conn:
         genuine = store.checkpoints(conn)[0]
     address = json.loads(paths.ready(spec, "bank-b").read_text())["address"]
-    with secure_channel(address, own) as channel:
+    with secure_channel(address, own, expect=pki.Identity(pki.ROLE_SHAREHOLDER, "bank-b")) as channel:
         stub = shareholder_pb2_grpc.ShareholderStub(channel)
         first = stub.WitnessCheckpoint(pb.WitnessCheckpointRequest(checkpoint=genuine), timeout=10)
         again = stub.WitnessCheckpoint(pb.WitnessCheckpointRequest(checkpoint=genuine), timeout=10)
