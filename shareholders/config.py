@@ -59,6 +59,14 @@ class NodeConfig:
     # Records per transaction (and per audit entry) for StoreShareStream.
     stream_batch: int = 1000
     max_workers: int = 32
+    # Committee changes (docs/architecture.md, "Committee changes need the
+    # operators"): member node name -> its operator's Ed25519 public key,
+    # pinned here; a reshare begins only on a plan k current operators signed.
+    operators: dict[str, ed25519.Ed25519PublicKey] = field(default_factory=dict)
+    # The founding committee (name -> index) and threshold, used until the
+    # node has committed a session (then node_state.committee_json holds it).
+    committee: dict[str, int] = field(default_factory=dict)
+    committee_threshold: int = 0
 
     @property
     def db_path(self) -> pathlib.Path:
@@ -149,6 +157,9 @@ def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> N
                 ) from None
         tenants[tenant] = parsed
 
+    operators = _operators(rpcconfig.get(data, "operators", {}, dict))
+    committee, committee_threshold = _committee(rpcconfig.get(data, "committee", {}, dict))
+
     return NodeConfig(
         name=name,
         index=index,
@@ -168,7 +179,47 @@ def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> N
         checkpoint_interval_s=_positive(data, "audit.checkpoint_interval_s", 60.0, float),
         stream_batch=_positive(data, "store.stream_batch", 1000),
         max_workers=_positive(data, "node.max_workers", 32),
+        operators=operators,
+        committee=committee,
+        committee_threshold=committee_threshold,
     )
+
+
+def _operators(raw: dict) -> dict[str, ed25519.Ed25519PublicKey]:
+    out = {}
+    for node, hex_key in raw.items():
+        try:
+            pki.check_name(node)
+            out[node] = pki.load_public_key(str(hex_key))
+        except ValueError:
+            raise ConfigError(
+                f"The config value operators.{str(node)[:64]} must be 64 hex characters of an Ed25519 public key "
+                "under a valid node name."
+            ) from None
+    return out
+
+
+def _committee(raw: dict) -> tuple[dict[str, int], int]:
+    if not raw:
+        return {}, 0
+    members = raw.get("members")
+    threshold = raw.get("threshold")
+    if not isinstance(members, dict) or not members or isinstance(threshold, bool) or not isinstance(threshold, int):
+        raise ConfigError("The config section [committee] needs threshold (an integer) and members (name = index).")
+    out: dict[str, int] = {}
+    for node, index in members.items():
+        try:
+            pki.check_name(node)
+        except ValueError:
+            raise ConfigError(f"The config value committee.members names an invalid node {str(node)[:64]!r}.") from None
+        if isinstance(index, bool) or not isinstance(index, int) or not 1 <= index <= MAX_INDEX:
+            raise ConfigError(f"The config value committee.members.{node} must be an index from 1 to {MAX_INDEX}.")
+        out[node] = index
+    if len(set(out.values())) != len(out):
+        raise ConfigError("The config value committee.members gives two nodes the same index.")
+    if not 2 <= threshold <= len(out):
+        raise ConfigError("The config value committee.threshold must be from 2 to the number of members.")
+    return out, threshold
 
 
 def read_secret_file(path: str, label: str) -> bytes:
