@@ -640,6 +640,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 "old_committee": [f"{n}={i}" for n, i in sorted(old.items(), key=lambda x: x[1])],
                 "new_committee": [f"{n}={i}" for n, i in sorted(new.items(), key=lambda x: x[1])],
                 "old_threshold": k_old, "new_threshold": k_new, "senders": list(senders),
+                "plan_sha256": plan.plan_sha256 or None,
+                "approved_by": sorted((plan.approved or {}).get("approvals") or {}),
             })
             return load_session(conn, sid)
 
