@@ -522,6 +522,11 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         if differs:
             raise refuse(status.PermissionDenied, "plan_mismatch",
                          f"The request differs from the approved plan in its {', '.join(differs)}.")
+        existing = load_session(self._conn(), sid)
+        if existing is not None and existing.kind == RESHARE and existing.plan.plan_sha256 == approved.digest():
+            # Resuming the session this plan began (it may have committed here
+            # since, so the node's committee already is the new one).
+            return existing.plan
         if members:
             if approved.old_committee != members or approved.old_threshold != k:
                 raise refuse(status.PermissionDenied, "old_committee",
@@ -550,7 +555,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             raise refuse(status.PermissionDenied, "quorum",
                          f"The plan carries {len(good)} valid approval(s) of current node operators; this node's "
                          f"committee needs {k}.")
-        if load_session(self._conn(), sid) is None:
+        if existing is None:
             try:
                 committee_plan.check_window(approved)
             except committee_plan.InvalidPlan as exc:
