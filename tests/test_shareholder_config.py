@@ -118,3 +118,24 @@ def test_kek_file_format_matches_the_contract(cfg_path):
     data = json.loads((cfg_path.parent / "kek.json").read_text())
     assert data["active"] == 1 and len(data["keys"]["1"]) == 64
     assert oct(os.stat(cfg_path.parent / "kek.json").st_mode & 0o777) == "0o600"
+
+
+def test_operators_and_founding_committee(cfg_path):
+    from vault import pki
+
+    operator = pki.public_key_raw(pki.load_signing_key(pki.new_signing_key()[0])).hex()
+    base = cfg_path.read_text()
+    cfg_path.write_text(base + f'\n[operators]\n"bank-a" = "{operator}"\n\n[committee]\nthreshold = 2\n'
+                        'members = { "bank-a" = 2, "bank-b" = 1 }\n')
+    cfg = load_config(cfg_path, env={})
+    assert set(cfg.operators) == {"bank-a"} and cfg.committee == {"bank-a": 2, "bank-b": 1}
+    assert cfg.committee_threshold == 2
+    for extra, message in (
+        ('\n[operators]\n"bank-a" = "zz"\n', "operators.bank-a"),
+        ('\n[committee]\nthreshold = 3\nmembers = { "bank-a" = 2, "bank-b" = 1 }\n', "committee.threshold"),
+        ('\n[committee]\nthreshold = 2\nmembers = { "bank-a" = 1, "bank-b" = 1 }\n', "same index"),
+        ('\n[committee]\nthreshold = 2\n', r"\[committee\]"),
+    ):
+        cfg_path.write_text(base + extra)
+        with pytest.raises(ConfigError, match=message):
+            load_config(cfg_path, env={})
