@@ -200,6 +200,11 @@ def test_a_minted_certificate_with_a_pinned_name_gets_no_reshare_values(vault):
     assert proposed.returncode == 0, proposed.stderr[-2000:]
     for name in ("bank-a", "bank-b", "bank-c"):
         assert vaultctl("reshare", "approve", "--dir", root, "--operator", name).returncode == 0
+    newcomer_approves = vaultctl("reshare", "approve", "--dir", root, "--operator", "bank-e")
+    assert newcomer_approves.returncode == 1 and "not a member" in newcomer_approves.stderr
+    # The run refuses without a plan; the nodes would refuse one with too few approvals.
+    no_plan = vaultctl("reshare", "--dir", root, "--shareholders", "5", "--format", "json")
+    assert no_plan.returncode == 1 and "approved by k current node operators" in no_plan.stdout + no_plan.stderr
     document = json.loads((root / "maintenance" / "reshare-plan.json").read_text())
     body, approvals = committee_plan.from_document(document)
     p = committee_plan.parse(body)

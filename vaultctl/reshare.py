@@ -198,6 +198,11 @@ def approve(document: dict, operator: str, key_pem: bytes) -> dict:
     from vault import pki
 
     body, approvals = committee_plan.from_document(document)
+    old = committee_plan.parse(body).old_committee
+    if operator not in old:
+        raise MaintenanceError(
+            f"Operator {operator} is not a member of the plan's old committee ({', '.join(sorted(old, key=old.get))}); "
+            "only current members' operators approve a committee change.", remote=False)
     try:
         key = pki.load_signing_key(key_pem)
     except (ValueError, TypeError):
