@@ -273,8 +273,8 @@ def reshare_session(
                 "another committee.", remote=False)
         if p.old_committee != {n: i for i, n in enumerate(spec.nodes, start=1)} or p.old_threshold != spec.threshold:
             raise MaintenanceError(
-                f"The plan starts from {', '.join(sorted(p.old_committee, key=p.old_committee.get))} (threshold {p.old_threshold}), not from this "
-                "cluster's committee; propose a new plan.", remote=False)
+                f"The plan starts from {', '.join(sorted(p.old_committee, key=p.old_committee.get))} (threshold "
+                f"{p.old_threshold}), not from this cluster's committee; propose a new plan.", remote=False)
         old = [[name, i] for name, i in sorted(p.old_committee.items(), key=lambda x: x[1])]
         new = [[m.name, m.index] for m in p.new_committee]
         saved = SessionRecord(
@@ -285,7 +285,7 @@ def reshare_session(
                    "removed": [n for n in spec.nodes if n not in new_names], "epoch_known": True, "plan": plan},
         )
     else:
-        if plan is not None and plan.get("plan", {}).get("session_id") != saved.session_id:
+        if plan is not None and committee_plan.parse(committee_plan.from_document(plan)[0]).session_id != saved.session_id:
             raise MaintenanceError(
                 f"Reshare session {saved.session_id} is open; run it again with its own plan (or none) to finish "
                 "it, or --abort it.", remote=False)
