@@ -167,7 +167,7 @@ def run(quick: bool) -> list[dict]:
                  "refresh_s": paced["timings"]["total_s"], "client_threads": 2},
                 paced_p99, "ms", "Verify p99 on the idle cluster", idle_p99, False))
 
-            reshare = _vaultctl("reshare", "--dir", root, "--replace", "bank-b", "--drain", "0")
+            reshare = _vaultctl("reshare", "--dir", root, "--replace", "bank-b", "--approve-with-dev-operators", "--drain", "0")
             rate = count / reshare["timings"]["total_s"]
             results.append(_result(
                 "reshare_per_s", {**base, "replace": "bank-b", **reshare["timings"]},

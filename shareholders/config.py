@@ -87,6 +87,14 @@ class NodeConfig:
     path: pathlib.Path | None = None
     # peer name -> its pinned checkpoint key and address ([[witness.peers]]).
     witness_peers: dict[str, WitnessPeer] = field(default_factory=dict)
+    # Committee changes (docs/architecture.md, "Committee changes need the
+    # operators"): member node name -> its operator's Ed25519 public key,
+    # pinned here; a reshare begins only on a plan k current operators signed.
+    operators: dict[str, ed25519.Ed25519PublicKey] = field(default_factory=dict)
+    # The founding committee (name -> index) and threshold, used until the
+    # node has committed a session (then node_state.committee_json holds it).
+    committee: dict[str, int] = field(default_factory=dict)
+    committee_threshold: int = 0
 
     @property
     def db_path(self) -> pathlib.Path:
@@ -206,6 +214,9 @@ def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> N
                 ) from None
         tenants[tenant] = parsed
 
+    operators = _operators(rpcconfig.get(data, "operators", {}, dict))
+    committee, committee_threshold = _committee(rpcconfig.get(data, "committee", {}, dict))
+
     return NodeConfig(
         name=name,
         index=index,
@@ -228,6 +239,9 @@ def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> N
         peers=_parse_peers(data),
         path=pathlib.Path(path).resolve(),
         witness_peers=_witness_peers(data, name, base),
+        operators=operators,
+        committee=committee,
+        committee_threshold=committee_threshold,
     )
 
 
@@ -257,6 +271,43 @@ def _witness_peers(data: dict[str, Any], own: str, base: pathlib.Path) -> dict[s
             raise ConfigError(f"The config value {where} needs exactly one of address and ready_file.")
         peers[name] = WitnessPeer(name, key, address, _abs_path(ready, f"{where}.ready_file", base) if ready else None)
     return peers
+
+
+def _operators(raw: dict) -> dict[str, ed25519.Ed25519PublicKey]:
+    out = {}
+    for node, hex_key in raw.items():
+        try:
+            pki.check_name(node)
+            out[node] = pki.load_public_key(str(hex_key))
+        except ValueError:
+            raise ConfigError(
+                f"The config value operators.{str(node)[:64]} must be 64 hex characters of an Ed25519 public key "
+                "under a valid node name."
+            ) from None
+    return out
+
+
+def _committee(raw: dict) -> tuple[dict[str, int], int]:
+    if not raw:
+        return {}, 0
+    members = raw.get("members")
+    threshold = raw.get("threshold")
+    if not isinstance(members, dict) or not members or isinstance(threshold, bool) or not isinstance(threshold, int):
+        raise ConfigError("The config section [committee] needs threshold (an integer) and members (name = index).")
+    out: dict[str, int] = {}
+    for node, index in members.items():
+        try:
+            pki.check_name(node)
+        except ValueError:
+            raise ConfigError(f"The config value committee.members names an invalid node {str(node)[:64]!r}.") from None
+        if isinstance(index, bool) or not isinstance(index, int) or not 1 <= index <= MAX_INDEX:
+            raise ConfigError(f"The config value committee.members.{node} must be an index from 1 to {MAX_INDEX}.")
+        out[node] = index
+    if len(set(out.values())) != len(out):
+        raise ConfigError("The config value committee.members gives two nodes the same index.")
+    if not 2 <= threshold <= len(out):
+        raise ConfigError("The config value committee.threshold must be from 2 to the number of members.")
+    return out, threshold
 
 
 def read_secret_file(path: str, label: str) -> bytes:

@@ -54,7 +54,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dc_field
 
 import grpc
 import numpy as np
@@ -64,6 +64,7 @@ from shareholders.audit_log import Tx, WriterClosed, now_ms
 from shareholders.config import ConfigError, load_peers
 from splitvault.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 from vault import envelope, field, pki, proactive, record
+from vault import plan as committee_plan
 from vault.envelope import SealedShare
 from vault.errors import EnvelopeError, InvalidShares
 from vault.field import FIELD_DTYPE, P
@@ -127,18 +128,29 @@ _log = logging.getLogger("shareholders.epochs")
 
 @dataclass(frozen=True)
 class Plan:
-    """Who holds what before and after: name -> index, thresholds, senders."""
+    """Who holds what before and after: name -> index, thresholds, senders.
+
+    A reshare also keeps the operator-approved plan it was begun on
+    (vault/plan.py): its digest, each new member's pinned certificate-key
+    fingerprint and operator key, and the signed document itself
+    (``approved``: the body and the approvals, kept for the record).
+    """
 
     old: dict[str, int]
     new: dict[str, int]
     old_threshold: int
     new_threshold: int
     senders: tuple[int, ...]
+    plan_sha256: str = ""
+    pins: dict[str, str] = dc_field(default_factory=dict)
+    operators: dict[str, str] = dc_field(default_factory=dict)
+    approved: dict = dc_field(default_factory=dict, compare=False)
 
     def to_json(self) -> str:
         return json.dumps(
             {"old": self.old, "new": self.new, "old_threshold": self.old_threshold,
-             "new_threshold": self.new_threshold, "senders": list(self.senders)},
+             "new_threshold": self.new_threshold, "senders": list(self.senders), "plan_sha256": self.plan_sha256,
+             "pins": self.pins, "operators": self.operators, "approved": self.approved},
             sort_keys=True,
         )
 
@@ -146,7 +158,8 @@ class Plan:
     def from_json(cls, text: str) -> "Plan":
         d = json.loads(text)
         return cls(dict(d["old"]), dict(d["new"]), int(d["old_threshold"]), int(d["new_threshold"]),
-                   tuple(int(x) for x in d["senders"]))
+                   tuple(int(x) for x in d["senders"]), str(d.get("plan_sha256", "")), dict(d.get("pins") or {}),
+                   dict(d.get("operators") or {}), dict(d.get("approved") or {}))
 
 
 @dataclass(frozen=True)
@@ -309,6 +322,9 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         self.index = shareholder.index
         self.writer = shareholder.writer
         self.peers = _Peers(self.cfg.tls.load())
+        # The cluster a committee-change plan must name as its audience.
+        with open(self.cfg.tls.ca, "rb") as fh:
+            self.audience = committee_plan.spki_sha256(fh.read())
         self._seeds: dict[str, bytes] = {}
         self._seeds_lock = threading.Lock()
         # One long phase (prepare, commit, finalize) at a time: a rerun whose
@@ -464,6 +480,118 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
 
         self._commit(job)
         raise status.InvalidArgument(message)
+    # --- committee changes need the operators ---------------------------------------
+
+    def _current_committee(self) -> tuple[dict[str, int], int, dict[str, str]]:
+        """(members name -> index, threshold, operator keys hex) this node holds
+        now: as recorded by its last committed session, else as its config
+        founded it; ({}, 0, {}) when neither says."""
+        recorded = store.node_state(self._conn()).committee
+        if recorded.get("members"):
+            return (dict(recorded["members"]), int(recorded.get("threshold") or 0),
+                    dict(recorded.get("operators") or {}))
+        return dict(self.cfg.committee), int(self.cfg.committee_threshold), {}
+
+    def _refuse(self, exc: status.RpcError, actor: str, sid: str, kind: str, reason: str) -> status.RpcError:
+        """Record a refused session request in the audit log; return exc to raise."""
+        message = str(exc)
+
+        def job(tx: Tx):
+            tx.append("maintenance_refused", actor=actor, request_id=sid if _SESSION_ID.match(sid or "") else "",
+                      details={"kind": kind, "reason": reason, "message": message[:400]})
+        self._commit(job)
+        logs.event(_log, "maintenance refused", logging.WARNING, actor=actor, kind=kind, reason=reason)
+        return exc
+
+    def _authorise(self, request, kind: str, plan: Plan, actor: str, sid: str) -> Plan:
+        """The session's plan, once this node accepts who asked for it.
+
+        A refresh must keep the node's current committee and threshold
+        exactly. A reshare needs an operator-approved plan (vault/plan.py) for
+        this cluster, equal to the request, over this node's current committee,
+        with valid signatures of at least k_old (the current threshold)
+        distinct current members' operators, whose keys this node pins."""
+        members, k, recorded_ops = self._current_committee()
+
+        def refuse(cls, reason: str, message: str):
+            return self._refuse(cls(message), actor, sid, kind, reason)
+
+        if kind == REFRESH:
+            if not members:
+                raise refuse(status.FailedPrecondition, "no_committee",
+                             f"Node {self.name} has no committee recorded or configured ([committee]), so it cannot "
+                             "check that a refresh keeps it.")
+            if plan.old != members or plan.old_threshold != k:
+                raise refuse(status.PermissionDenied, "refresh_committee",
+                             f"A refresh keeps this node's committee ({', '.join(sorted(members))}) and threshold "
+                             f"{k} exactly; the request names another, which needs an operator-approved reshare.")
+            return plan
+        signed = request.plan
+        if not signed.body:
+            raise refuse(status.PermissionDenied, "no_plan",
+                         "A reshare needs a committee-change plan approved by k current node operators; the "
+                         "request carries none.")
+        try:
+            approved = committee_plan.parse(bytes(signed.body))
+        except committee_plan.InvalidPlan as exc:
+            raise refuse(status.PermissionDenied, "bad_plan", f"The committee-change plan is refused: {exc}")
+        if approved.audience != self.audience:
+            raise refuse(status.PermissionDenied, "audience",
+                         "The committee-change plan is for another cluster (its audience is not this node's CA).")
+        differs = [name for name, same in (
+            ("session id", approved.session_id == sid), ("kind", approved.kind == kind),
+            ("epochs", (approved.from_epoch, approved.new_epoch) == (request.from_epoch, request.new_epoch)),
+            ("old committee", approved.old_committee == plan.old),
+            ("new committee", approved.new_indices == plan.new),
+            ("thresholds", (approved.old_threshold, approved.new_threshold) == (plan.old_threshold, plan.new_threshold)),
+            ("senders", approved.senders == plan.senders),
+        ) if not same]
+        if differs:
+            raise refuse(status.PermissionDenied, "plan_mismatch",
+                         f"The request differs from the approved plan in its {', '.join(differs)}.")
+        existing = load_session(self._conn(), sid)
+        if existing is not None and existing.kind == RESHARE and existing.plan.plan_sha256 == approved.digest():
+            # Resuming the session this plan began (it may have committed here
+            # since, so the node's committee already is the new one).
+            return existing.plan
+        if members:
+            if approved.old_committee != members or approved.old_threshold != k:
+                raise refuse(status.PermissionDenied, "old_committee",
+                             f"The plan's old committee is not this node's current committee "
+                             f"({', '.join(sorted(members))}, threshold {k}).")
+        elif self.name in approved.old_committee:
+            raise refuse(status.FailedPrecondition, "no_committee",
+                         f"Node {self.name} has no committee recorded or configured ([committee]), so it cannot "
+                         "check a plan that changes it.")
+        else:
+            # A joining node with no committee of its own yet: it holds no
+            # shares; the senders check the plan against theirs.
+            members, k = approved.old_committee, approved.old_threshold
+        keys = {}
+        for name in members:
+            key = self.cfg.operators.get(name)
+            if key is None and name in recorded_ops:
+                key = pki.load_public_key(recorded_ops[name])
+            if key is not None:
+                keys[name] = key
+        approvals: dict[str, bytes] = {}
+        for a in signed.approvals:
+            approvals.setdefault(a.operator, bytes(a.signature))
+        good = committee_plan.approved_by(bytes(signed.body), approvals, keys)
+        if len(good) < k:
+            raise refuse(status.PermissionDenied, "quorum",
+                         f"The plan carries {len(good)} valid approval(s) of current node operators; this node's "
+                         f"committee needs {k}.")
+        if existing is None:
+            try:
+                committee_plan.check_window(approved)
+            except committee_plan.InvalidPlan as exc:
+                raise refuse(status.FailedPrecondition, "expired", f"The committee-change plan is refused: {exc}")
+        return Plan(plan.old, plan.new, plan.old_threshold, plan.new_threshold, plan.senders,
+                    plan_sha256=approved.digest(), pins=approved.pins,
+                    operators={m.name: m.operator_key for m in approved.new_committee},
+                    approved={"body": bytes(signed.body).decode("ascii"),
+                              "approvals": {n: approvals[n].hex() for n in sorted(good)}})
 
     # --- orchestration -----------------------------------------------------------
 
@@ -499,6 +627,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                     f"{self.index}; a node keeps its index across sessions."
                 )
         plan = Plan(old, new, k_old, k_new, senders)
+        plan = self._authorise(request, kind, plan, actor, sid)
         ring = self.sh.keys.kek
 
         def job(tx: Tx):
@@ -543,6 +672,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 "old_committee": [f"{n}={i}" for n, i in sorted(old.items(), key=lambda x: x[1])],
                 "new_committee": [f"{n}={i}" for n, i in sorted(new.items(), key=lambda x: x[1])],
                 "old_threshold": k_old, "new_threshold": k_new, "senders": list(senders),
+                "plan_sha256": plan.plan_sha256 or None,
+                "approved_by": sorted((plan.approved or {}).get("approvals") or {}),
             })
             return load_session(conn, sid)
 
@@ -949,6 +1080,28 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             )
         return who.name, committee[who.name]
 
+    def _check_pin(self, s: Session, peer: str, context) -> None:
+        """A reshare deals only to the certificate key the approved plan pins
+        for that member: a CA holder can mint the name, not the key."""
+        pems = context.auth_context().get("x509_pem_cert")
+        try:
+            presented = committee_plan.spki_sha256(pems[0]) if pems else ""
+        except committee_plan.InvalidPlan:
+            presented = ""
+        pinned = s.plan.pins.get(peer, "")
+        if pinned and presented == pinned:
+            return
+        message = (f"The certificate presented as node {peer} is not the one session {s.session_id}'s approved "
+                   "plan pins for it.")
+
+        def job(tx: Tx):
+            tx.append("reshare_refused", actor=f"shareholder/{peer}", request_id=s.session_id, details={
+                "to": peer, "reason": "pin_mismatch" if pinned else "no_pin", "presented_spki_sha256": presented,
+            })
+        self._commit(job)
+        logs.event(_log, "reshare dealing refused", logging.WARNING, peer=peer, session=s.session_id)
+        raise status.PermissionDenied(message)
+
     def GetRefreshDeltas(self, request, context):
         return self._background(self._get_refresh_deltas, request, context)
 
@@ -1000,6 +1153,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         if self.index not in s.plan.senders or s.plan.old.get(self.name) != self.index:
             raise status.FailedPrecondition(f"Node {self.name} is not a sender of session {s.session_id}.")
         peer, x = self._peer_index(s, context, s.plan.new)
+        self._check_pin(s, peer, context)
         conn = self._conn()
         if request.keys:
             if len(request.keys) > MAX_KEYS:
@@ -1173,6 +1327,13 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                       (COMMITTED, now_ms(), s.session_id))
             if serves_new:
                 committee = {"members": plan.new, "threshold": plan.new_threshold}
+                # Operator keys a committed plan introduced stay known to the
+                # members they belong to (a refresh introduces none).
+                known = dict(store.node_state(c).committee.get("operators") or {})
+                known.update(plan.operators)
+                known = {n: key for n, key in known.items() if n in plan.new}
+                if known:
+                    committee["operators"] = known
                 c.execute("UPDATE node_state SET current_epoch = ?, committee_json = ?, updated_ms = ? WHERE id = 1",
                           (s.new_epoch, json.dumps(committee, sort_keys=True), now_ms()))
             served = c.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]

@@ -65,7 +65,8 @@ class Tenant:
 
 
 def node_config(pki_: "DevPki", root: pathlib.Path, name: str, index: int, tenants, *, listen="127.0.0.1:0",
-                attempts: int = 1000) -> NodeConfig:
+                attempts: int = 1000, committee: dict | None = None, threshold: int = 0,
+                operators: dict | None = None) -> NodeConfig:
     files = pki_.files("shareholder", name)
     data = root / name
     data.mkdir(parents=True, exist_ok=True)
@@ -74,7 +75,8 @@ def node_config(pki_: "DevPki", root: pathlib.Path, name: str, index: int, tenan
         audit_key_file=str(data / "audit.key"), kek_file=str(data / "kek.json"),
         metrics_port=-1, attempts_per_subject=attempts, attempt_window_s=60.0,
         tenants={t.name: {t.key_id: t.key.public_key()} for t in tenants},
-        max_workers=16,
+        max_workers=16, committee=dict(committee or {}), committee_threshold=threshold,
+        operators=dict(operators or {}),
     )
 
 
@@ -123,7 +125,8 @@ class Committee:
         self.matcher = None
         self._clients = []
         for i, name in enumerate(self.names, start=1):
-            cfg = node_config(pki_, root, name, i, self.tenants.values(), attempts=attempts)
+            cfg = node_config(pki_, root, name, i, self.tenants.values(), attempts=attempts,
+                              committee={m: j for j, m in enumerate(self.names, start=1)}, threshold=k)
             running = serve_node(cfg, keys=node_keys(), harden=False)
             self.nodes[name] = running
             self.addresses[name] = running.address

@@ -104,7 +104,8 @@ def test_no_failed_verification_during_a_reshare_that_replaces_a_node(loaded):
     root, templates, impostor = loaded
     with Verifiers(root, templates, impostor) as v:
         time.sleep(0.5)
-        result = vaultctl("reshare", "--dir", root, "--replace", "bank-b", "--format", "json", timeout=300)
+        result = vaultctl("reshare", "--dir", root, "--replace", "bank-b", "--approve-with-dev-operators", "--format", "json",
+                          timeout=300)
         time.sleep(1.0)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json_out(result)

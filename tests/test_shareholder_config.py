@@ -164,3 +164,22 @@ def test_witness_peers(cfg_path, peers, message):
         b, c = cfg.witness_peers["bank-b"], cfg.witness_peers["bank-c"]
         assert (b.address, b.ready_file) == ("10.0.0.2:7443", None)
         assert c.address is None and c.ready_file == cfg_path.parent / "../c/ready.json"
+def test_operators_and_founding_committee(cfg_path):
+    from vault import pki
+
+    operator = pki.public_key_raw(pki.load_signing_key(pki.new_signing_key()[0])).hex()
+    base = cfg_path.read_text()
+    cfg_path.write_text(base + f'\n[operators]\n"bank-a" = "{operator}"\n\n[committee]\nthreshold = 2\n'
+                        'members = { "bank-a" = 2, "bank-b" = 1 }\n')
+    cfg = load_config(cfg_path, env={})
+    assert set(cfg.operators) == {"bank-a"} and cfg.committee == {"bank-a": 2, "bank-b": 1}
+    assert cfg.committee_threshold == 2
+    for extra, message in (
+        ('\n[operators]\n"bank-a" = "zz"\n', "operators.bank-a"),
+        ('\n[committee]\nthreshold = 3\nmembers = { "bank-a" = 2, "bank-b" = 1 }\n', "committee.threshold"),
+        ('\n[committee]\nthreshold = 2\nmembers = { "bank-a" = 1, "bank-b" = 1 }\n', "same index"),
+        ('\n[committee]\nthreshold = 2\n', r"\[committee\]"),
+    ):
+        cfg_path.write_text(base + extra)
+        with pytest.raises(ConfigError, match=message):
+            load_config(cfg_path, env={})

@@ -9,6 +9,10 @@ Layout and formats are fixed in docs/contracts.md ("Cluster directory"):
     D/psp/<tenant>.ticket.key      the provider's Ed25519 ticket key ("<tenant>-1")
     D/nodes/<name>/node.toml, kek.json, audit.key, shares.db*, node.log, ready.json
     D/matcher/matcher.toml, matcher.log, ready.json
+    D/operators/<name>.key         dev only: the Ed25519 key of each node's
+                                   operator, which approves committee changes
+                                   (``vaultctl reshare approve``); pinned in
+                                   every node.toml's [operators]
 
 cluster.json also holds ``trust``: each node's audit public key and each
 tenant's ticket public key, recorded when the keys are made
@@ -187,6 +191,11 @@ class Paths:
     def ticket_key(self, tenant: str) -> pathlib.Path:
         return self.root / "psp" / f"{tenant}.ticket.key"
 
+    def operator_key(self, name: str) -> pathlib.Path:
+        """A node operator's Ed25519 approval key (dev cluster only: a real
+        operator keeps it in its own institution)."""
+        return self.root / "operators" / f"{name}.key"
+
     def node_dir(self, name: str) -> pathlib.Path:
         return self.root / "nodes" / name
 
@@ -273,7 +282,29 @@ def _tls_toml(paths: Paths, role: str, name: str) -> str:
     )
 
 
-def node_config_text(paths: Paths, spec: ClusterSpec, name: str) -> str:
+def operator_public_hex(paths: Paths, name: str) -> str:
+    return pki.public_key_raw(pki.load_signing_key(paths.operator_key(name).read_bytes())).hex()
+
+
+def _make_operator_key(paths: Paths, name: str) -> None:
+    if not paths.operator_key(name).exists():
+        private_pem, _public = pki.new_signing_key()
+        _write(paths.operator_key(name), private_pem, secret=True)
+
+
+def _operators_toml(paths: Paths, spec: ClusterSpec, founding: bool) -> str:
+    """[operators]: every dev operator key made so far; [committee]: the
+    founding committee (a node joining by a reshare has none of its own yet)."""
+    folder = paths.root / "operators"
+    names = sorted(p.stem for p in folder.glob("*.key")) if folder.is_dir() else []
+    out = "\n[operators]\n" + "".join(f"{_toml_str(n)} = {_toml_str(operator_public_hex(paths, n))}\n" for n in names)
+    if founding:
+        members = ", ".join(f"{_toml_str(n)} = {i}" for i, n in enumerate(spec.nodes, start=1))
+        out += f"\n[committee]\nthreshold = {spec.threshold}\nmembers = {{ {members} }}\n"
+    return out
+
+
+def node_config_text(paths: Paths, spec: ClusterSpec, name: str, founding: bool = True) -> str:
     d = paths.node_dir(name)
     return (
         "# Shareholder node of a local splitvault dev cluster (docs/contracts.md).\n"
@@ -296,6 +327,7 @@ def node_config_text(paths: Paths, spec: ClusterSpec, name: str) -> str:
         "attempt_window_s = 60\n"
         + _tenants_toml(paths, spec, matcher=False)
         + _witness_toml(paths, spec, name)
+        + _operators_toml(paths, spec, founding)
     )
 
 
@@ -398,6 +430,8 @@ def init(root: str | os.PathLike, spec: ClusterSpec) -> Paths:
             _write(paths.ticket_key(tenant), private_pem, secret=True)
 
     for name in spec.nodes:
+        _make_operator_key(paths, name)
+    for name in spec.nodes:
         _make_node_files(paths, spec, name)
     for name in spec.nodes:  # once every audit key exists: each config pins its peers'
         _write_node_config(paths, spec, name)
@@ -424,10 +458,10 @@ def _make_node_files(paths: Paths, spec: ClusterSpec, name: str) -> None:
         _write(d / "audit.key", private_pem, secret=True)
 
 
-def _write_node_config(paths: Paths, spec: ClusterSpec, name: str) -> None:
+def _write_node_config(paths: Paths, spec: ClusterSpec, name: str, founding: bool = True) -> None:
     config = paths.node_dir(name) / "node.toml"
     if not config.exists():
-        _write(config, node_config_text(paths, spec, name))
+        _write(config, node_config_text(paths, spec, name, founding))
 
 
 def record_trust(paths: Paths, spec: ClusterSpec) -> dict:
@@ -861,6 +895,8 @@ def add_nodes(root: str | os.PathLike, spec: ClusterSpec) -> Paths:
     paths = Paths(root)
     ca_cert, ca_key = paths.ca.read_bytes(), paths.ca_key.read_bytes()
     for name in spec.nodes:
+        _make_operator_key(paths, name)
+    for name in spec.nodes:
         role = pki.ROLE_SHAREHOLDER
         if not paths.cert(role, name).exists() or not paths.key(role, name).exists():
             cert, key = pki.issue_cert(ca_cert, ca_key, role, name)
@@ -868,7 +904,7 @@ def add_nodes(root: str | os.PathLike, spec: ClusterSpec) -> Paths:
             _write(paths.cert(role, name), cert)
         _make_node_files(paths, spec, name)
     for name in spec.nodes:
-        _write_node_config(paths, spec, name)
+        _write_node_config(paths, spec, name, founding=False)
     record_trust(paths, spec)
     return paths
 

@@ -15,10 +15,14 @@
 9. the auditor refreshes every share to a new epoch (`vaultctl refresh`,
    checked without rejoining any template) and the genuine probe still
    MATCHes;
-10. the auditor verifies every node's audit chain and reconciles every share
+10. the committee grows to 4 nodes with threshold 3 (`vaultctl reshare`):
+    the auditor proposes the plan, the nodes refuse it unapproved, two node
+    operators (k = 2) approve it with their own keys, and it runs; the
+    genuine probe MATCHes from the new committee's shares;
+11. the auditor verifies every node's audit chain and reconciles every share
     release with a provider-signed ticket (`vaultctl audit verify/reconcile`);
-11. stop the cluster;
-12. scan every file the cluster wrote for any enrolled template or probe in
+12. stop the cluster;
+13. scan every file the cluster wrote for any enrolled template or probe in
     the clear (float32, int8-quantised and field-encoded bytes).
 
 Exit status 0 only if every step behaved as expected. Processes are stopped
@@ -331,6 +335,8 @@ def run(root: pathlib.Path, subjects: int, seed: int, console, debug: bool = Fal
             f"expected MATCH after the refresh, got {err or result.decision}",
         )
 
+        _show_reshare(story, root, client, who, genuine)
+
         story.step("Auditor: `vaultctl audit verify` and `audit reconcile` over every node")
         verified, err = _vaultctl(root, "audit", "verify")
         story.expect(
@@ -416,6 +422,47 @@ def _vaultctl(root: pathlib.Path, *command: str, timeout_s: float = 300.0) -> tu
     if done.returncode != 0:
         return None, f"`vaultctl {' '.join(command)}` exited {done.returncode}: {(done.stdout or done.stderr).strip()[:300]}"
     return out, ""
+
+
+def _show_reshare(story: Story, root: pathlib.Path, client, who: str, genuine) -> None:
+    """Propose -> (refused unapproved) -> approve by k operators -> run."""
+    story.step("Auditor: `vaultctl reshare propose` a committee of 4 with threshold 3 (bank-d joins)")
+    proposed, err = _vaultctl(root, "reshare", "propose", "--shareholders", "4", "--threshold", "3")
+    plan = (proposed or {}).get("plan_file", "")
+    story.expect(
+        proposed is not None and proposed.get("approvals") == [],
+        f"plan {proposed and proposed.get('session_id')} written: {', '.join((proposed or {}).get('new_committee', []))}"
+        f" (k={proposed and proposed.get('new_threshold')}), each new member pinned by its certificate key; "
+        f"{proposed and proposed.get('needed')} operator approvals needed",
+        f"propose failed: {err or proposed}",
+    )
+    refused, err = _vaultctl(root, "reshare", "--plan", plan, "--drain", "0")
+    story.expect(
+        refused is None and "PERMISSION_DENIED" in err,
+        "run without approvals: the nodes themselves refuse it (PERMISSION_DENIED), the auditor alone cannot "
+        "change the committee",
+        f"expected the nodes to refuse an unapproved plan, got {err or refused}",
+    )
+    approvals = []
+    for operator in ("bank-a", "bank-b"):
+        approved, err = _vaultctl(root, "reshare", "approve", "--plan", plan, "--operator", operator)
+        approvals = (approved or {}).get("approvals", approvals)
+        story.expect(approved is not None, f"operator of {operator} approves with its own key",
+                     f"approve failed: {err or approved}")
+    reshared, err = _vaultctl(root, "reshare", "--plan", plan, "--drain", "0")
+    story.expect(
+        reshared is not None and reshared.get("state") == "finalized",
+        f"approved by {', '.join(approvals)}: {max((reshared or {}).get('records', {}).values(), default=0)} "
+        f"templates moved to {', '.join((reshared or {}).get('new_committee', []))} (k="
+        f"{reshared and reshared.get('new_threshold')}), epoch {reshared and reshared.get('new_epoch')}, none rejoined",
+        f"reshare did not complete: {err or reshared}",
+    )
+    result, err = _try_verify(client, who, genuine)
+    story.expect(
+        result is not None and result.decision == "MATCH" and result.epoch == (reshared or {}).get("new_epoch"),
+        f"the genuine probe MATCHes from the new committee (epoch {getattr(result, 'epoch', '?')})",
+        f"expected MATCH after the reshare, got {err or result.decision}",
+    )
 
 
 def _close(client) -> None:

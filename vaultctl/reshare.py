@@ -1,9 +1,19 @@
 """``vaultctl reshare``: move every template to a new committee and threshold
 (Desmedt-Jajodia; Wong, Wang and Wing), never rejoining one.
 
-    vaultctl reshare --dir D --shareholders N --threshold K [--format json]
-    vaultctl reshare --dir D --replace NAME
+    vaultctl reshare propose --dir D --shareholders N --threshold K   (or --replace NAME)
+    vaultctl reshare approve --dir D --plan FILE --operator NAME      (k current operators)
+    vaultctl reshare --dir D --plan FILE [--format json]              (run the approved plan)
     vaultctl reshare --dir D --abort
+
+A committee change runs only on a plan that k current node operators
+approved with their own keys (vault/plan.py); the nodes check it, not only
+this command (docs/architecture.md, "Committee changes need the operators").
+``propose`` provisions and starts the new nodes (the plan pins their
+certificate keys and addresses) and writes the plan file (default
+D/maintenance/reshare-plan.json); ``approve`` adds one operator's signature.
+On the local dev cluster ``--approve-with-dev-operators`` does propose and
+approve with every dev operator key in one go.
 
 k old nodes S (the first k by index) each re-share their own share of every
 record with a fresh polynomial of the new degree k' - 1 and hand the new
@@ -11,10 +21,11 @@ member j' its value, node to node; j' combines the k values with the
 Lagrange coefficients of S (vault.proactive) into a share of the SAME
 extended vector, so the MACs still verify. Steps (docs/operations.md):
 
-1. plan     new nodes get the next free names (bank-d, ...), and indices after
-            the old ones; shrinking drops the highest indices; ``--replace``
-            gives a new node the replaced one's index. The plan is written to
-            D/maintenance/epoch-session.json before anything else happens;
+1. plan     (``propose``) new nodes get the next free names (bank-d, ...), and
+            indices after the old ones; shrinking drops the highest indices;
+            ``--replace`` gives a new node the replaced one's index. The
+            approved plan is written to D/maintenance/epoch-session.json
+            before anything else happens;
 2. provision new nodes: certificate, KEK, audit key, config; started;
 3. begin    every node of both committees takes its lock for the session;
 4. prepare  every new member pulls its values from the senders;
@@ -34,6 +45,7 @@ import pathlib
 import time
 
 from splitvault.v1 import admin_pb2
+from vault import plan as committee_plan
 from vaultctl.cli import CliError, RemoteError, Result, command, count, seconds_or_zero
 from vaultctl.maintenance import (
     KIND_NAMES, Admin, Faults, MaintenanceError, Node, Progress, SessionFile, SessionRecord, new_session_id,
@@ -115,6 +127,101 @@ class LocalCluster:
         spec = self.spec()
         return self.cluster.Paths(self.root).tls(pki.ROLE_AUDITOR, spec.auditor).load()
 
+    def audience(self) -> str:
+        """The plan audience: the SHA-256 of the cluster CA's public key."""
+        return committee_plan.spki_sha256(self.cluster.Paths(self.root).ca.read_bytes())
+
+    def cert_fingerprint(self, name: str) -> str:
+        from vault import pki
+
+        return committee_plan.spki_sha256(self.cluster.Paths(self.root).cert(pki.ROLE_SHAREHOLDER, name).read_bytes())
+
+    def operator_public(self, name: str) -> str:
+        return self.cluster.operator_public_hex(self.cluster.Paths(self.root), name)
+
+    def operator_key_pem(self, name: str) -> bytes:
+        path = self.cluster.Paths(self.root).operator_key(name)
+        try:
+            return path.read_bytes()
+        except OSError:
+            raise MaintenanceError(f"This cluster directory has no dev operator key for {name} ({path}).",
+                                   remote=False) from None
+
+
+def plan_file(root) -> pathlib.Path:
+    """Where ``propose`` writes the plan unless told otherwise."""
+    return state_dir(root) / "reshare-plan.json"
+
+
+def propose(ops: LocalCluster, *, shareholders: int | None = None, threshold: int | None = None,
+            replace: str | None = None, ttl_s: float | None = None) -> dict:
+    """A committee-change plan for the local cluster (no approvals yet), as the plan file's JSON.
+
+    The new nodes are provisioned and started first: the plan pins each new
+    member's certificate key and address."""
+    from vaultctl.cluster import ClusterSpec
+
+    spec = ops.spec()
+    new_names, k_new = plan_committee(spec, shareholders, threshold, replace, ops.taken())
+    old_names = list(spec.nodes)
+    new_spec = ClusterSpec(**{**_spec_fields(spec), "shareholders": len(new_names), "threshold": k_new,
+                              "nodes": tuple(new_names)})
+    ops.provision(new_spec)
+    everyone = list(dict.fromkeys(old_names + new_names))
+    addresses = ops.start(everyone)
+    index_old = {n: i for i, n in enumerate(old_names, start=1)}
+    index_new = {n: i for i, n in enumerate(new_names, start=1)}
+    admin = Admin([Node(n, index_new.get(n) or index_old[n], addresses[n]) for n in everyone], ops.auditor_tls())
+    try:
+        infos = admin.node_info(old_names)
+        epochs = {info.epoch for info in infos.values()}
+        if len(epochs) != 1:
+            raise MaintenanceError(
+                f"The old committee disagrees on the current epoch ({', '.join(f'{n}: {i.epoch}' for n, i in infos.items())}).")
+        from_epoch = epochs.pop()
+        new_epoch = max(from_epoch, *(i.epoch for i in admin.node_info(everyone).values())) + 1
+    finally:
+        admin.close()
+    members = [committee_plan.NewMember(n, index_new[n], addresses[n], ops.cert_fingerprint(n), ops.operator_public(n))
+               for n in new_names]
+    plan = committee_plan.make(
+        audience=ops.audience(), session_id=new_session_id("reshare"), from_epoch=from_epoch, new_epoch=new_epoch,
+        old_committee=index_old, old_threshold=spec.threshold, new_committee=members, new_threshold=k_new,
+        senders=[index_old[n] for n in old_names[: spec.threshold]],
+        **({"ttl_ms": int(ttl_s * 1000)} if ttl_s else {}),
+    )
+    return committee_plan.document(plan.body(), {})
+
+
+def approve(document: dict, operator: str, key_pem: bytes) -> dict:
+    """The plan file's JSON with one more operator's approval."""
+    from vault import pki
+
+    body, approvals = committee_plan.from_document(document)
+    old = committee_plan.parse(body).old_committee
+    if operator not in old:
+        raise MaintenanceError(
+            f"Operator {operator} is not a member of the plan's old committee ({', '.join(sorted(old, key=old.get))}); "
+            "only current members' operators approve a committee change.", remote=False)
+    try:
+        key = pki.load_signing_key(key_pem)
+    except (ValueError, TypeError):
+        raise MaintenanceError(f"The approval key of operator {operator} is not an Ed25519 private key.",
+                               remote=False) from None
+    approvals[operator] = committee_plan.sign(body, key)
+    return committee_plan.document(body, approvals)
+
+
+def _plan_summary(document: dict) -> dict:
+    p = document["plan"]
+    return {
+        "session_id": p["session_id"], "from_epoch": p["from_epoch"], "new_epoch": p["new_epoch"],
+        "old_committee": sorted(p["old_committee"], key=p["old_committee"].get), "old_threshold": p["old_threshold"],
+        "new_committee": [m["name"] for m in p["new_committee"]], "new_threshold": p["new_threshold"],
+        "expires_at_ms": p["expires_at_ms"], "approvals": sorted(document.get("approvals") or {}),
+        "needed": p["old_threshold"],
+    }
+
 
 def reshare_session(
     ops: LocalCluster,
@@ -129,6 +236,7 @@ def reshare_session(
     progress: Progress | None = None,
     faults: Faults | None = None,
     pace: int = 0,
+    plan: dict | None = None,
 ) -> dict:
     """Drive (start, resume or abort) a reshare of a local cluster; returns the report."""
     from vaultctl.cluster import ClusterSpec
@@ -147,17 +255,42 @@ def reshare_session(
     if saved is None:
         if abort:
             return {"action": "abort", "session_id": None, "state": "none", "message": "No reshare session is open."}
-        new_names, k_new = plan_committee(spec, shareholders, threshold, replace, ops.taken())
-        old = [[name, i] for i, name in enumerate(spec.nodes, start=1)]
-        new = [[name, i] for i, name in enumerate(new_names, start=1)]
+        if plan is None:
+            raise MaintenanceError(
+                "A reshare runs only on a plan approved by k current node operators: `vaultctl reshare propose`, "
+                "then `vaultctl reshare approve` by each operator, then `vaultctl reshare --plan FILE`.", remote=False)
+        try:
+            body, _approvals = committee_plan.from_document(plan)
+            p = committee_plan.parse(body)
+        except committee_plan.InvalidPlan as exc:
+            raise MaintenanceError(f"The plan file is refused: {exc}", remote=False) from None
+        new_names = [m.name for m in p.new_committee]
+        if (shareholders is not None and shareholders != len(new_names)) or \
+                (threshold is not None and threshold != p.new_threshold) or \
+                (replace is not None and replace in new_names):
+            raise MaintenanceError(
+                f"The plan moves to {', '.join(new_names)} (threshold {p.new_threshold}); the arguments ask for "
+                "another committee.", remote=False)
+        if p.old_committee != {n: i for i, n in enumerate(spec.nodes, start=1)} or p.old_threshold != spec.threshold:
+            raise MaintenanceError(
+                f"The plan starts from {', '.join(sorted(p.old_committee, key=p.old_committee.get))} (threshold "
+                f"{p.old_threshold}), not from this cluster's committee; propose a new plan.", remote=False)
+        old = [[name, i] for name, i in sorted(p.old_committee.items(), key=lambda x: x[1])]
+        new = [[m.name, m.index] for m in p.new_committee]
         saved = SessionRecord(
-            session_id=new_session_id("reshare"), kind="reshare", from_epoch=0, new_epoch=0, old=old, new=new,
-            old_threshold=spec.threshold, new_threshold=k_new, senders=[i for _, i in old[: spec.threshold]],
+            session_id=p.session_id, kind="reshare", from_epoch=p.from_epoch, new_epoch=p.new_epoch, old=old, new=new,
+            old_threshold=p.old_threshold, new_threshold=p.new_threshold, senders=list(p.senders),
             started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             extra={"added": [n for n in new_names if n not in spec.nodes],
-                   "removed": [n for n in spec.nodes if n not in new_names], "epoch_known": False},
+                   "removed": [n for n in spec.nodes if n not in new_names], "epoch_known": True, "plan": plan},
         )
     else:
+        if plan is not None and committee_plan.parse(committee_plan.from_document(plan)[0]).session_id != saved.session_id:
+            raise MaintenanceError(
+                f"Reshare session {saved.session_id} is open; run it again with its own plan (or none) to finish "
+                "it, or --abort it.", remote=False)
+        if plan is not None:
+            saved.extra["plan"] = plan  # the same plan, perhaps with more approvals since
         wanted = {n for n, _ in saved.new}
         asked = None
         if shareholders is not None or threshold is not None or replace is not None:
@@ -243,10 +376,13 @@ def _drive(admin, ops, sessions, saved, new_spec, old_names, new_names, everyone
 
     old_members = [_S.Member(name=n, index=index_old[n]) for n in old_names]
     new_members = [_S.Member(name=n, index=index_new[n]) for n in new_names]
+    body, approvals = committee_plan.from_document(saved.extra.get("plan") or {})
     begin = _S.BeginSessionRequest(
         session_id=sid, kind=_S.SESSION_KIND_RESHARE, from_epoch=saved.from_epoch, new_epoch=saved.new_epoch,
         old_committee=old_members, new_committee=new_members, old_threshold=saved.old_threshold,
         new_threshold=saved.new_threshold, senders=saved.senders,
+        plan=_S.CommitteePlan(body=body, approvals=[_S.PlanApproval(operator=n, signature=sig)
+                                                    for n, sig in sorted(approvals.items())]),
     )
     t = time.monotonic()
     admin.each(everyone, lambda name: admin.call(name, "BeginSession", begin))
@@ -310,9 +446,23 @@ def _drive(admin, ops, sessions, saved, new_spec, old_names, new_names, everyone
 
 
 def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", nargs="?", choices=("propose", "approve"), default=None,
+                   help="propose: write a committee-change plan; approve: sign it as one node operator; "
+                        "none: run the approved plan (--plan)")
     p.add_argument("--shareholders", type=int, default=None, metavar="N", help="size of the new committee n'")
     p.add_argument("--threshold", type=int, default=None, metavar="K", help="threshold of the new committee k'")
     p.add_argument("--replace", default=None, metavar="NAME", help="replace this node by a new one (same index)")
+    p.add_argument("--plan", type=pathlib.Path, default=None, metavar="FILE",
+                   help="the plan file (propose writes it, default D/maintenance/reshare-plan.json; approve signs "
+                        "it; a run needs it approved by k current node operators)")
+    p.add_argument("--operator", default=None, metavar="NAME", help="approve: the node whose operator signs")
+    p.add_argument("--key", type=pathlib.Path, default=None, metavar="FILE",
+                   help="approve: the operator's Ed25519 key (PEM); default the dev key D/operators/NAME.key")
+    p.add_argument("--ttl", type=seconds_or_zero, default=None, metavar="S",
+                   help="propose: seconds the plan stays valid (default one day, at most seven)")
+    p.add_argument("--approve-with-dev-operators", action="store_true",
+                   help="DEV CLUSTER ONLY: propose and approve with every dev operator key of the cluster "
+                        "directory in one go, then run (a real deployment has each operator approve)")
     p.add_argument("--abort", action="store_true", help="roll back the open session (only before any node committed)")
     p.add_argument("--allow-loss", action="store_true",
                    help="go on even if some records are not held by every sender (they are dropped)")
@@ -320,6 +470,46 @@ def _args(p: argparse.ArgumentParser) -> None:
                    help="at most R records per second per new member while preparing (default: no limit)")
     p.add_argument("--drain", type=seconds_or_zero, default=DEFAULT_DRAIN_S, metavar="S",
                    help="seconds between the matcher's switch and destroying the old epoch (default 2)")
+
+
+def _read_plan(path: pathlib.Path) -> dict:
+    import json
+
+    try:
+        data = json.loads(pathlib.Path(path).read_text())
+        committee_plan.from_document(data)
+    except OSError as exc:
+        raise CliError(f"Cannot read the plan file {path}: {exc.strerror}.") from None
+    except (ValueError, committee_plan.InvalidPlan) as exc:
+        raise CliError(f"The plan file {path} is not a committee-change plan: {exc}") from None
+    return data
+
+
+def _write_plan(path: pathlib.Path, document: dict) -> None:
+    import json
+
+    from vaultctl import cluster
+
+    cluster._write(pathlib.Path(path), json.dumps(document, indent=2, sort_keys=True) + "\n")
+
+
+def _plan_lines(path, document: dict, what: str) -> list[str]:
+    s = _plan_summary(document)
+    return [
+        f"{what} {path}",
+        f"  session {s['session_id']}: {', '.join(s['old_committee'])} (k={s['old_threshold']}) -> "
+        f"{', '.join(s['new_committee'])} (k={s['new_threshold']}), epoch {s['from_epoch']} -> {s['new_epoch']}",
+        f"  approvals: {', '.join(s['approvals']) or 'none'} ({len(s['approvals'])} of {s['needed']} needed)",
+    ]
+
+
+def _propose_and_approve_dev(ops: LocalCluster, args) -> dict:
+    document = propose(ops, shareholders=args.shareholders, threshold=args.threshold, replace=args.replace,
+                       ttl_s=args.ttl)
+    for name in ops.spec().nodes:
+        document = approve(document, name, ops.operator_key_pem(name))
+    _write_plan(args.plan or plan_file(args.dir), document)
+    return document
 
 
 def _lines(report: dict) -> list[str]:
@@ -341,22 +531,51 @@ def _lines(report: dict) -> list[str]:
     return lines
 
 
-@command("reshare", help="move every template to a new committee and threshold (resumable)", arguments=_args, target="dir")
+@command("reshare", help="change the committee and threshold on an operator-approved plan: propose, approve, "
+                    "run (resumable)", arguments=_args, target="dir")
 def _reshare(args) -> Result:
     from vaultctl import cluster
 
-    if args.abort and (args.shareholders or args.threshold or args.replace):
-        raise CliError("--abort takes no committee option.")
+    if args.abort and (args.shareholders or args.threshold or args.replace or args.action or args.plan):
+        raise CliError("--abort takes no committee option and no plan.")
+    try:
+        if args.action == "propose":
+            ops = LocalCluster(args.dir)
+            document = propose(ops, shareholders=args.shareholders, threshold=args.threshold, replace=args.replace,
+                               ttl_s=args.ttl)
+            path = args.plan or plan_file(args.dir)
+            _write_plan(path, document)
+            return Result({"action": "propose", "plan_file": str(path), **_plan_summary(document),
+                           "document": document}, _plan_lines(path, document, "plan written to"))
+        if args.action == "approve":
+            if not args.operator:
+                raise CliError("approve needs --operator NAME (the node whose operator signs).")
+            path = args.plan or plan_file(args.dir)
+            key_pem = args.key.read_bytes() if args.key else LocalCluster(args.dir).operator_key_pem(args.operator)
+            document = approve(_read_plan(path), args.operator, key_pem)
+            _write_plan(path, document)
+            return Result({"action": "approve", "plan_file": str(path), "operator": args.operator,
+                           **_plan_summary(document)}, _plan_lines(path, document, f"approved by {args.operator}:"))
+    except OSError as exc:
+        raise CliError(f"Cannot read the key file {args.key}: {exc.strerror}.") from None
+    except cluster.ClusterError as exc:
+        raise CliError(str(exc)) from None
+    except MaintenanceError as exc:
+        cls = RemoteError if exc.remote else CliError
+        raise cls(exc.message, **{k: v for k, v in exc.details.items() if isinstance(v, (str, int, bool, dict))}) from None
     sessions = SessionFile(state_dir(args.dir))
     progress = Progress(progress_enabled(args.format))
     try:
         ops = LocalCluster(args.dir)
         ops.spec()
         sessions.lock()
+        document = _read_plan(args.plan) if args.plan else None
+        if document is None and args.approve_with_dev_operators and not args.abort and sessions.load() is None:
+            document = _propose_and_approve_dev(ops, args)
         report = reshare_session(
             ops, sessions, shareholders=args.shareholders, threshold=args.threshold, replace=args.replace,
             abort=args.abort, allow_loss=args.allow_loss, drain_s=args.drain, progress=progress,
-            faults=Faults.from_env(kill_node_for(args.dir)), pace=max(0, args.pace),
+            faults=Faults.from_env(kill_node_for(args.dir)), pace=max(0, args.pace), plan=document,
         )
     except cluster.ClusterError as exc:
         raise CliError(str(exc)) from None

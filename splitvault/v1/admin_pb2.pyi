@@ -42,7 +42,7 @@ class Member(_message.Message):
     def __init__(self, name: _Optional[str] = ..., index: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
 
 class BeginSessionRequest(_message.Message):
-    __slots__ = ("session_id", "kind", "from_epoch", "new_epoch", "old_committee", "new_committee", "old_threshold", "new_threshold", "senders")
+    __slots__ = ("session_id", "kind", "from_epoch", "new_epoch", "old_committee", "new_committee", "old_threshold", "new_threshold", "senders", "plan")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     FROM_EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class BeginSessionRequest(_message.Message):
     OLD_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     NEW_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     SENDERS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     kind: SessionKind
     from_epoch: int
@@ -61,7 +62,24 @@ class BeginSessionRequest(_message.Message):
     old_threshold: int
     new_threshold: int
     senders: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., kind: _Optional[_Union[SessionKind, str]] = ..., from_epoch: _Optional[int] = ..., new_epoch: _Optional[int] = ..., old_committee: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., new_committee: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., old_threshold: _Optional[int] = ..., new_threshold: _Optional[int] = ..., senders: _Optional[_Iterable[int]] = ...) -> None: ...
+    plan: CommitteePlan
+    def __init__(self, session_id: _Optional[str] = ..., kind: _Optional[_Union[SessionKind, str]] = ..., from_epoch: _Optional[int] = ..., new_epoch: _Optional[int] = ..., old_committee: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., new_committee: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., old_threshold: _Optional[int] = ..., new_threshold: _Optional[int] = ..., senders: _Optional[_Iterable[int]] = ..., plan: _Optional[_Union[CommitteePlan, _Mapping]] = ...) -> None: ...
+
+class CommitteePlan(_message.Message):
+    __slots__ = ("body", "approvals")
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    APPROVALS_FIELD_NUMBER: _ClassVar[int]
+    body: bytes
+    approvals: _containers.RepeatedCompositeFieldContainer[PlanApproval]
+    def __init__(self, body: _Optional[bytes] = ..., approvals: _Optional[_Iterable[_Union[PlanApproval, _Mapping]]] = ...) -> None: ...
+
+class PlanApproval(_message.Message):
+    __slots__ = ("operator", "signature")
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    operator: str
+    signature: bytes
+    def __init__(self, operator: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class SessionStatus(_message.Message):
     __slots__ = ("session_id", "kind", "state", "from_epoch", "new_epoch", "actor", "started_ms", "updated_ms", "records_old", "records_prepared", "records_new", "records_skipped", "in_new_committee", "new_index")
