@@ -76,6 +76,8 @@ class Processes:
                 + f'\n[keys]\nkek_file = "{d / "kek.json"}"\naudit_key_file = "{d / "audit.key"}"\n'
                 + '\n[metrics]\nport = -1\n\n[limits]\nattempts_per_subject = 100\nattempt_window_s = 60\n'
                 + f'\n[tenants.{tenant.name}]\nticket_keys = {{ "{tenant.key_id}" = "{tenant.public_hex}" }}\n'
+                + '\n[committee]\nthreshold = 2\nmembers = { '
+                + ", ".join(f'"{n}" = {i}' for i, n in enumerate(NAMES, start=1)) + ' }\n'
             )
             self._spawn(name, "shareholders", d / "node.toml")
         for name in NAMES:
