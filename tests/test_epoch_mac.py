@@ -240,6 +240,21 @@ def test_every_k_subset_rejoins_key_and_passes_before_and_after_renewal(k, n):
     assert np.array_equal(ext[:, :D], s) and epoch_mac.check(ext, b).all()
 
 
+def test_renewal_by_more_than_2k_minus_1_dealers_is_the_same():
+    # The product has degree 2k - 2: Lagrange over all n >= 2k - 1 points gives the same value.
+    k, n = 2, 5
+    s = _templates(4)
+    nodes, _ = _cluster(n, k, s)
+    new_keys = _deal_keys(nodes, 2, k, D)
+    every = tuple(range(1, n + 1))
+    h = {nd.x: epoch_mac.product_share(nd.records, nd.key, new_keys[nd.x - 1]) for nd in nodes}
+    subjects = _subjects(4)
+    t_all = [epoch_mac.renewed_tags(every, np.stack([epoch_mac.renewal_values(nodes[j - 1].seed, subjects, 2, k, h[j], x)
+                                                     for j in every]), k) for x in (1, 2)]
+    b2 = sharing.reconstruct([1, 2], np.stack(new_keys[:2]))
+    assert np.array_equal(sharing.reconstruct([1, 2], np.stack(t_all)), epoch_mac.tags(s, b2))
+
+
 def test_k_minus_1_shares_do_not_rejoin_the_key():
     nodes, key = _cluster(5, 3, _templates(2))
     ext, b = _rejoin(nodes, (1, 2))
@@ -430,8 +445,9 @@ def test_past_matcher_plus_one_node_forges_in_the_epoch_it_saw():
     assert codec.cosine(codec.from_field(ext[:1, :D]), codec.from_field(face[:1])) > 0.999
 
 
-def test_the_same_forgery_fails_after_one_renewal():
-    s, face = _templates(TRIALS, seed=1), _templates(TRIALS, seed=2)
+@pytest.mark.parametrize("cluster_seed", range(10))  # 10 independent key histories x 200 records
+def test_the_same_forgery_fails_after_one_renewal(cluster_seed):
+    s, face = _templates(TRIALS, seed=100 + cluster_seed), _templates(TRIALS, seed=200 + cluster_seed)
     subjects = _subjects(TRIALS)
     nodes, _ = _cluster(3, 2, s)
     seen_ext, seen_key = _rejoin(nodes, (1, 2))
@@ -445,11 +461,12 @@ def test_the_same_forgery_fails_after_one_renewal():
         "zero": np.zeros_like(seen_key),
     }
     honest = nodes[0].records.copy()
-    for name, guess in guesses.items():
-        nodes[0].records = field.add(honest, _forge(seen_ext, seen_key, face, (1, 2), 1, guess))
-        ext, key = _rejoin(nodes, (1, 2))
-        assert np.array_equal(ext[:, :D], face)  # the template was shifted ...
-        assert not epoch_mac.check(ext, key).any(), name  # ... and every tag of every trial fails
+    for subset in ((1, 2), (1, 3)):
+        for name, guess in guesses.items():
+            nodes[0].records = field.add(honest, _forge(seen_ext, seen_key, face, subset, 1, guess))
+            ext, key = _rejoin(nodes, subset)
+            assert np.array_equal(ext[:, :D], face)  # the template was shifted ...
+            assert not epoch_mac.check(ext, key).any(), name  # ... and every tag of every trial fails
     nodes[0].records = honest
     ext, key = _rejoin(nodes, (1, 2))
     assert epoch_mac.check(ext, key).all()  # control: honest shares still pass

@@ -291,8 +291,11 @@ def renewed_tags(xs: Sequence[int], values: np.ndarray, threshold: int) -> np.nd
     ``xs`` is T (at least 2k - 1 dealers) and ``values`` (|T|, B, L) the
     g_j(i) received from each, in the order of ``xs``.
     """
-    if len(tuple(xs)) < 2 * int(threshold) - 1:
+    xs = tuple(xs)
+    if len(xs) < 2 * int(threshold) - 1:
         raise InvalidShares("Renewing the MAC keys needs the values of at least 2k - 1 nodes.")
+    if np.ndim(values) != 3 or np.shape(values)[2] != TAG_COUNT:
+        raise InvalidShares(f"Renewal values must have shape (dealers, records, {TAG_COUNT}).")
     return proactive.combine(xs, values)
 
 
