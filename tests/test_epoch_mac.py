@@ -255,6 +255,62 @@ def test_renewal_by_more_than_2k_minus_1_dealers_is_the_same():
     assert np.array_equal(sharing.reconstruct([1, 2], np.stack(t_all)), epoch_mac.tags(s, b2))
 
 
+def _reshare(nodes: list[Node], k: int, k2: int, n2: int, epoch: int, subjects, tamper=None) -> list[Node]:
+    # k old nodes move records and key shares to a new committee of n2 (same epoch key).
+    tamper = tamper or (lambda kind, dealer, receiver, value: value)
+    senders = nodes[:k]
+    xs = [nd.x for nd in senders]
+    new_nodes = [Node(x) for x in range(1, n2 + 1)]
+    for nd in new_nodes:
+        nd.records = proactive.combine(xs, np.stack([
+            tamper("record", sd.x, nd.x, proactive.reshare_values(sd.seed, subjects, sd.records, k2, nd.x)) for sd in senders
+        ]))
+        nd.key = proactive.combine(xs, np.stack([
+            epoch_mac.reshare_key_values(sd.seed, epoch, sd.key, k2, nd.x) for sd in senders
+        ]))
+    return new_nodes
+
+
+@pytest.mark.parametrize("k,n,k2,n2", [(2, 3, 3, 5), (3, 5, 2, 3), (2, 3, 2, 4)])
+def test_reshare_moves_key_and_records_and_the_next_refresh_renews(k, n, k2, n2):
+    s = _templates(6)
+    subjects = _subjects(6)
+    nodes, key = _cluster(n, k, s)
+    new_nodes = _reshare(nodes, k, k2, n2, 1, subjects)
+    for subset in itertools.combinations(range(1, n2 + 1), k2):
+        ext, b = _rejoin(new_nodes, subset)
+        assert np.array_equal(b, key) and np.array_equal(ext[:, :D], s)  # same key, same tags
+        assert epoch_mac.check(ext, b).all()
+    _refresh(new_nodes, k2, 2, subjects)
+    ext, b = _rejoin(new_nodes, range(1, k2 + 1))
+    assert not np.array_equal(b, key) and np.array_equal(ext[:, :D], s) and epoch_mac.check(ext, b).all()
+    # The key reshare stream is not a record's: same seed, different values.
+    seed = proactive.new_seed()
+    assert not np.array_equal(epoch_mac.reshare_key_values(seed, 1, key, 2, 1),
+                              proactive.reshare_values(seed, [("acme", "x")] * L, key, 2, 1))
+
+
+def test_limit_a_reshare_during_a_matcher_compromise_keeps_a_substitution():
+    # The documented limit (docs/architecture.md): a reshare keeps the epoch's
+    # key, so a CURRENT matcher (who knows it) plus one sending node can deal a
+    # consistent substitution with valid tags, and renewal carries it on.
+    s, face = _templates(20, seed=1), _templates(20, seed=2)
+    subjects = _subjects(20)
+    nodes, key = _cluster(3, 2, s)
+    e = field.sub(face, s)
+    lam = int(field.lagrange_at_zero((1, 2))[0])
+    shift = field.mul(np.concatenate([e, epoch_mac.inner_products(e, key)], axis=1),
+                      np.full(1, field.inv(lam), dtype=FIELD_DTYPE))
+
+    def tamper(kind, dealer, receiver, value):
+        return field.add(value, shift) if kind == "record" and dealer == 1 else value
+
+    new_nodes = _reshare(nodes, 2, 2, 3, 1, subjects, tamper)
+    _refresh(new_nodes, 2, 2, subjects)
+    ext, b = _rejoin(new_nodes, (2, 3))
+    assert np.array_equal(ext[:, :D], face) and epoch_mac.check(ext, b).all()
+
+
 def test_k_minus_1_shares_do_not_rejoin_the_key():
     nodes, key = _cluster(5, 3, _templates(2))
     ext, b = _rejoin(nodes, (1, 2))

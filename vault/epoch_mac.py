@@ -83,6 +83,7 @@ TAG_COUNT = 3
 # Domain separation of the streams a session seed feeds (vault.proactive has the others).
 KEY_DOMAIN = b"splitvault/epoch-mac-key/v1\x00"
 RENEW_DOMAIN = b"splitvault/epoch-mac-renew/v1\x00"
+KEY_RESHARE_DOMAIN = b"splitvault/epoch-mac-key-reshare/v1\x00"
 
 # Exact inner products on float64 BLAS: the key is split into 3 limbs of 11
 # bits, so each product value * limb is < 2**31 * 2**11 = 2**42 and a sum of
@@ -130,6 +131,28 @@ def key_share(contributions: Sequence[np.ndarray]) -> np.ndarray:
 def rejoin_key(xs: Sequence[int], key_shares: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
     """The epoch's key b from k key shares (the matcher's side): (L, d)."""
     return sharing.reconstruct(xs, key_shares)
+
+
+def reshare_key_values(seed: bytes, epoch: int, key_share_values: np.ndarray, new_threshold: int, x: int) -> np.ndarray:
+    """An old shareholder's reshare of its key share to new member x: (L, d).
+
+    The key moves to a new committee as a record does (``proactive``'s
+    Desmedt-Jajodia resharing: g(x) = [b]_i + c_1 x + ... + c_{k'-1}
+    x^{k'-1}, combined by the new member with ``proactive.combine``); the key
+    itself is unchanged and the next refresh renews it. Coefficients from the
+    session seed under KEY_RESHARE_DOMAIN || u64 epoch || u32 k' || u32 d || u32 l,
+    a stream no record's reshare label can share.
+    """
+    b = _key(key_share_values)
+    k2, d = _check_shape_parameters(new_threshold, b.shape[1])
+    labels = [KEY_RESHARE_DOMAIN + struct.pack(">QIII", _epoch(epoch), k2, d, l) for l in range(TAG_COUNT)]
+    flat = proactive.derive_field(seed, labels, (k2 - 1) * d)
+    coeffs = np.ascontiguousarray(flat.reshape(TAG_COUNT, k2 - 1, d).transpose(1, 0, 2))
+    try:
+        return proactive.evaluate_at(coeffs, b, x)
+    finally:
+        flat.fill(0)
+        coeffs.fill(0)
 
 
 # --- tags and the matcher's check ------------------------------------------------
