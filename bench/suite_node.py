@@ -143,9 +143,18 @@ def _records(subjects: list[str], index: int, rng: np.random.Generator) -> list[
     ]
 
 
-def _stream_messages(records, per_message: int = 100) -> list[bytes]:
+def _stream_messages(records, ticket_key, per_message: int = 100) -> list[bytes]:
+    # Each record carries the provider's ENROLL ticket, as the matcher forwards
+    # it (signed here, before the clock starts: the node's cost is the check).
+    tickets = [
+        ticket.issue(ticket_key, KEY_ID, tenant=TENANT, subject=r.subject, request_id=r.request_id,
+                     audience=testing.CLUSTER_ID, operation=ticket.ENROLL, template=np.zeros(4, np.float32),
+                     ttl_ms=240_000)
+        for r in records
+    ]
     return [
-        shareholder_pb2.StoreShareStreamRequest(records=records[i : i + per_message]).SerializeToString()
+        shareholder_pb2.StoreShareStreamRequest(
+            records=records[i : i + per_message], tickets=tickets[i : i + per_message]).SerializeToString()
         for i in range(0, len(records), per_message)
     ]
 
@@ -288,7 +297,7 @@ async def _measure(node_info, echo_info, node_pid, echo_pid, tls, ticket_key, re
     async with _secure_aio(node_addr, tls) as node_ch, _secure_aio(echo_addr, tls) as echo_ch:
         # Bulk store: the node first, then the echo of the same messages.
         for records in record_sets:
-            messages = _stream_messages(records)
+            messages = _stream_messages(records, ticket_key)
             with _Meter(node_pid) as m_node:
                 rate = await _stream_rate(node_ch, STORE_STREAM, messages, len(records))
             with _Meter(echo_pid) as m_echo:
@@ -308,7 +317,7 @@ async def _measure(node_info, echo_info, node_pid, echo_pid, tls, ticket_key, re
             return [
                 shareholder_pb2.ReleaseShareRequest(ticket=ticket.issue(
                     ticket_key, KEY_ID, tenant=TENANT, subject=subjects[i % len(subjects)],
-                    request_id=f"verify-{i}", probe=probe, ttl_ms=240_000,
+                    request_id=f"verify-{i}", probe=probe, ttl_ms=240_000, audience=testing.CLUSTER_ID,
                 )).SerializeToString()
                 for i in (next(counter) for _ in range(n))
             ]

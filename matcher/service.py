@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from matcher import metrics
 from matcher.committee import TRANSPORT_CODES, Committee, Outcome
@@ -97,6 +98,7 @@ class _Item:
     subject: str
     request_id: str
     replace: bool
+    ticket: common_pb2.VerificationTicket
     vector: np.ndarray | None = None
     code: grpc.StatusCode | None = None
     message: str = ""
@@ -150,7 +152,8 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         request_id = check_id(request.request_id, "request id", ascii_only=True)
         vector = _vector(request.template, self.d, "template")
         try:
-            epoch, already = self._enrol_one(tenant.name, subject, request_id, vector, request.replace)
+            self._check_write_ticket(request, tenant, subject, request_id, _write_ops(request.replace), vector)
+            epoch, already = self._enrol_one(tenant.name, subject, request_id, vector, request.replace, request.ticket)
         except status.RpcError as exc:
             metrics.ENROLMENTS.labels(exc.code.name).inc()
             raise
@@ -166,9 +169,10 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         )
 
     def _enrol_one(
-        self, tenant: str, subject: str, request_id: str, vector: np.ndarray, replace: bool
+        self, tenant: str, subject: str, request_id: str, vector: np.ndarray, replace: bool,
+        write_ticket: common_pb2.VerificationTicket,
     ) -> tuple[int, bool]:
-        """Enrol one checked template; (epoch, already_enrolled). Raises status errors."""
+        """Enrol one checked template under its checked write ticket; (epoch, already_enrolled). Raises status errors."""
         describe = shareholder_pb2.DescribeRecordsRequest(tenant=tenant, subject=subject)
         gather_describe = self.committee.fan_out("DescribeRecords", describe)
         gather_info = self.committee.fan_out("GetNodeInfo", shareholder_pb2.GetNodeInfoRequest())
@@ -215,12 +219,14 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         finally:
             record.wipe(encoded, field_values, extended, shares)
         by_index = {r.index: r for r in records}
-        # Overwrite our own leftovers from an earlier attempt of this request
-        # too, so that all n shares come from this one split.
-        store_replace = replace or existing
+        # Our own leftovers from an earlier attempt of this request are
+        # overwritten by the nodes (same request id), so that all n shares
+        # come from this one split; another request's leftovers only with
+        # replace (an ENROLL ticket cannot replace, and the nodes check it).
         outcomes = self.committee.call_all(
             "StoreShares",
-            lambda node: shareholder_pb2.StoreSharesRequest(records=[by_index[node.index]], replace=store_replace),
+            lambda node: shareholder_pb2.StoreSharesRequest(
+                records=[by_index[node.index]], replace=replace, tickets=[write_ticket]),
         )
         del records, by_index
         failed = [o for o in outcomes if not o.ok]
@@ -233,7 +239,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         undo = tuple(o.node for o in outcomes if o.ok or o.code in TRANSPORT_CODES)
         if replace or existing:
             undo = self.cfg.shareholders  # a half-replaced subject must not stay half old, half new
-        not_undone = self._compensate(tenant, subject, request_id, undo)
+        not_undone = self._compensate(tenant, subject, request_id, undo, write_ticket)
         if all(o.code == grpc.StatusCode.ALREADY_EXISTS for o in failed) and not not_undone:
             raise status.AlreadyExists(
                 "The subject was enrolled concurrently by another request; set replace to overwrite it."
@@ -258,12 +264,16 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         return max(epochs) if epochs else 0
 
     def _compensate(
-        self, tenant: str, subject: str, request_id: str, nodes: tuple[ShareholderEndpoint, ...]
+        self, tenant: str, subject: str, request_id: str, nodes: tuple[ShareholderEndpoint, ...],
+        write_ticket: common_pb2.VerificationTicket,
     ) -> list[str]:
-        """Delete the subject on ``nodes``; the names of those that did not confirm."""
+        """Undo a failed enrolment on ``nodes`` under its own write ticket (the
+        nodes erase only what that ticket may have written); the names of those
+        that did not confirm."""
         if not nodes:
             return []
-        req = shareholder_pb2.DeleteSharesRequest(tenant=tenant, subject=subject, request_id=request_id)
+        req = shareholder_pb2.DeleteSharesRequest(tenant=tenant, subject=subject, request_id=request_id,
+                                                  ticket=write_ticket)
         outcomes = self.committee.call_all("DeleteShares", req, nodes=nodes)
         failed = [o for o in outcomes if not o.ok]
         for o in failed:
@@ -300,7 +310,12 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         one subject never race.
         """
         in_flight: deque = deque()
-        for batch in _batches(requests, self.cfg.enroll_batch, self.d):
+        policy = self.cfg.tenants[tenant]
+
+        def check(req, vector: np.ndarray) -> None:
+            self._check_write_ticket(req, policy, req.subject, req.request_id, _write_ops(req.replace), vector)
+
+        for batch in _batches(requests, self.cfg.enroll_batch, self.d, check):
             busy = {item.subject for sent_batch, _ in in_flight for item in sent_batch}
             prepared = self._prepare_batch(tenant, batch, busy)
             in_flight.append((batch, self._send_batch(prepared)))
@@ -381,14 +396,15 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         record.validate_record(per_node[self.cfg.shareholders[0].index][0])
         return per_node
 
-    def _store_batch(self, per_node, lo: int, hi: int, replace: bool, nodes=None):
+    def _store_batch(self, fast: list[_Item], per_node, lo: int, hi: int, replace: bool, nodes=None):
         # One StoreShareStream call per node carrying the whole batch in one
         # message: the node commits it as one transaction with one audit
         # entry (all or nothing while enroll_batch <= the nodes' stream_batch).
+        write_tickets = [item.ticket for item in fast[lo:hi]]
         return self.committee.fan_out(
             "StoreShareStream",
             lambda node: iter([shareholder_pb2.StoreShareStreamRequest(
-                records=per_node[node.index][lo:hi], replace=replace)]),
+                records=per_node[node.index][lo:hi], replace=replace, tickets=write_tickets)]),
             nodes=nodes,
             timeout_s=self._batch_timeout(hi - lo),
         )
@@ -397,7 +413,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         fast, per_node, replace = prepared
         if not fast:
             return prepared, None
-        return prepared, self._store_batch(per_node, 0, len(fast), replace)
+        return prepared, self._store_batch(fast, per_node, 0, len(fast), replace)
 
     def _batch_timeout(self, count: int) -> float:
         # A batch write may take longer than one call; allow 2 ms per record on top.
@@ -447,7 +463,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             if hi - lo > 1:
                 mid = (lo + hi) // 2
                 for a, b in ((lo, mid), (mid, hi)):
-                    retry = self._store_batch(per_node, a, b, replace).all()
+                    retry = self._store_batch(fast, per_node, a, b, replace).all()
                     self._settle_batch(tenant, fast, per_node, replace, retry, a, b)
             return
         for o in failed:
@@ -457,7 +473,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         undo = tuple(o.node for o in outcomes if o.ok or o.code in TRANSPORT_CODES)
         not_undone: set[str] = set()
         for item in fast[lo:hi]:
-            not_undone.update(self._compensate(tenant, item.subject, item.request_id, undo))
+            not_undone.update(self._compensate(tenant, item.subject, item.request_id, undo, item.ticket))
         paused = all(o.code == grpc.StatusCode.FAILED_PRECONDITION for o in failed)
         message = (
             "Enrolment is paused: a shareholder is in maintenance (share refresh or reshare); retry later"
@@ -479,7 +495,8 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         try:
             if item.vector is None:
                 raise status.Unavailable("The template was not kept for a retry; send it again.")
-            _, already = self._enrol_one(tenant, item.subject, item.request_id, item.vector, item.replace)
+            _, already = self._enrol_one(tenant, item.subject, item.request_id, item.vector, item.replace,
+                                         item.ticket)
             item.code, item.message = _OK, ("Already enrolled by this request id." if already else "")
         except status.RpcError as exc:
             item.code, item.message = exc.code, exc.message
@@ -532,11 +549,29 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             record.wipe(probe, *codes)
             metrics.VERIFICATIONS.labels(outcome_label).inc()
 
+    def _check_write_ticket(self, request, tenant: TenantPolicy, subject: str, request_id: str,
+                            operations: tuple[int, ...], template: np.ndarray | None):
+        """The provider's write ticket of an enrolment or delete, checked here
+        (the nodes check it again, all but the template digest)."""
+        if not request.HasField("ticket"):
+            raise status.PermissionDenied("A write needs the provider's signed ticket.")
+        try:
+            body = ticket.verify(request.ticket, tenant.ticket_keys, tenant=tenant.name, audience=self.cfg.cluster_id,
+                                 operations=operations)
+        except InvalidTicket as exc:
+            raise status.PermissionDenied(str(exc)) from None
+        if body.subject != subject or body.request_id != request_id:
+            raise status.PermissionDenied("The ticket was issued for another subject or request id.")
+        if template is not None and not ticket.template_matches(body, template):
+            raise status.PermissionDenied("The template is not the one the ticket authorises.")
+        return body
+
     def _check_ticket(self, request, tenant: TenantPolicy, subject: str, probe: np.ndarray):
         if not request.HasField("ticket"):
             raise status.PermissionDenied("A verification needs the provider's signed ticket.")
         try:
-            body = ticket.verify(request.ticket, tenant.ticket_keys, tenant=tenant.name)
+            body = ticket.verify(request.ticket, tenant.ticket_keys, tenant=tenant.name, audience=self.cfg.cluster_id,
+                                 operations=(ticket.VERIFY,))
         except InvalidTicket as exc:
             raise status.PermissionDenied(str(exc)) from None
         if body.subject != subject:
@@ -761,8 +796,13 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
     def Delete(self, request, context):
         tenant = self._tenant(context)
         subject = check_id(request.subject, "subject")
-        request_id = check_id(request.request_id, "request id", ascii_only=True) if request.request_id else str(uuid.uuid4())
-        req = shareholder_pb2.DeleteSharesRequest(tenant=tenant.name, subject=subject, request_id=request_id)
+        if not request.HasField("ticket"):
+            raise status.PermissionDenied("A delete needs the provider's signed ticket.")
+        request_id = request.request_id or _claimed_request_id(request.ticket)
+        request_id = check_id(request_id, "request id", ascii_only=True)
+        self._check_write_ticket(request, tenant, subject, request_id, (ticket.DELETE,), None)
+        req = shareholder_pb2.DeleteSharesRequest(tenant=tenant.name, subject=subject, request_id=request_id,
+                                                  ticket=request.ticket)
         outcomes = self.committee.call_all("DeleteShares", req)
         response = matcher_pb2.DeleteResponse(subject=subject, complete=all(o.ok for o in outcomes))
         for o in outcomes:
@@ -770,7 +810,9 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
                 message = f"Erased {o.response.deleted} record(s)."
             else:
                 self._node_failed(o, "DeleteShares")
-                message = o.message[:200] or "The shareholder did not confirm."
+                # The node's own words stay in this log: they may name node
+                # internals (a maintenance session) that are no PSP's business.
+                message = _DELETE_MESSAGE.get(o.code, "The shareholder did not confirm.")
             response.outcomes.add(shareholder=o.node.name, code=status.code_value(o.code), message=message)
         logs.event(
             self.log, "deleted", logging.INFO if response.complete else logging.WARNING, tenant=tenant.name,
@@ -780,6 +822,28 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         return response
 
 
+_DELETE_MESSAGE = {
+    grpc.StatusCode.FAILED_PRECONDITION: "The shareholder is in maintenance; retry the deletion later.",
+    grpc.StatusCode.PERMISSION_DENIED: "The shareholder refused the ticket.",
+}
+
+
+def _write_ops(replace: bool) -> tuple[int, ...]:
+    """The ticket operation an enrolment with this replace flag needs."""
+    return (ticket.write_operation(replace),)
+
+
+def _claimed_request_id(signed: common_pb2.VerificationTicket) -> str:
+    # The request id a delete ticket names, read before it is checked (the
+    # check then compares it with the signed body).
+    body = common_pb2.TicketBody()
+    try:
+        body.ParseFromString(signed.body)
+    except DecodeError:
+        return ""
+    return body.request_id
+
+
 _STATUS_BY_CODE = {
     grpc.StatusCode.PERMISSION_DENIED: status.PermissionDenied,
     grpc.StatusCode.RESOURCE_EXHAUSTED: status.ResourceExhausted,
@@ -787,11 +851,11 @@ _STATUS_BY_CODE = {
 }
 
 
-def _batches(requests: Iterable, size: int, dimension: int) -> Iterator[list[_Item]]:
+def _batches(requests: Iterable, size: int, dimension: int, check_ticket) -> Iterator[list[_Item]]:
     """Read the stream ``size`` requests at a time, checking each one."""
     batch: list[_Item] = []
     for position, req in enumerate(requests):
-        batch.append(_check_stream_item(position, req, dimension))
+        batch.append(_check_stream_item(position, req, dimension, check_ticket))
         if len(batch) >= size:
             yield batch
             batch = []
@@ -799,12 +863,16 @@ def _batches(requests: Iterable, size: int, dimension: int) -> Iterator[list[_It
         yield batch
 
 
-def _check_stream_item(position: int, req, dimension: int) -> _Item:
-    item = _Item(position, req.subject, req.request_id, req.replace)
+def _check_stream_item(position: int, req, dimension: int, check_ticket) -> _Item:
+    item = _Item(position, req.subject, req.request_id, req.replace, req.ticket)
     try:
         check_id(req.subject, "subject")
         check_id(req.request_id, "request id", ascii_only=True)
         item.vector = _vector(req.template, dimension, "template")
+        check_ticket(req, item.vector)
     except status.RpcError as exc:
         item.code, item.message = exc.code, exc.message
+        if item.vector is not None:
+            record.wipe(item.vector)
+            item.vector = None
     return item

@@ -22,6 +22,16 @@ Who may call what is decided before any handler runs (``ROLES``, enforced by
   the audit log at start-up, so a restart reopens neither. Every release
   and every refusal is an audit entry, committed before the caller hears
   back. A sealed share that does not open is DATA_LOSS, never a wrong share.
+- Writes (StoreShares, StoreShareStream, DeleteShares) need the provider's
+  signed ticket too (docs/contracts.md "Provider-signed writes"): one per
+  record for a store (operation ENROLL, or REPLACE when the call replaces),
+  one for a delete (DELETE; or the ENROLL / REPLACE ticket of a failed
+  enrolment, undoing only that enrolment). The node checks signature under
+  the tenant's registered key, tenant, subject, request id, operation,
+  audience (its cluster id), expiry and replay (a write ticket is honoured
+  once per node and purpose) BEFORE it stores or erases anything; a refusal
+  is PERMISSION_DENIED with a committed ``deny`` entry. Store and delete
+  entries record the ticket that authorised them.
 - Tenants are kept apart by scoping every query by tenant.
 """
 from __future__ import annotations
@@ -59,7 +69,8 @@ ROLES = {
     _M + "ReleaseShare": frozenset({pki.ROLE_MATCHER}),
     _M + "DeleteShares": frozenset({pki.ROLE_MATCHER}),
     _M + "DescribeRecords": frozenset({pki.ROLE_MATCHER, pki.ROLE_AUDITOR}),
-    _M + "GetNodeInfo": pki.ROLES,
+    # Not the PSP: a provider has no business with node internals.
+    _M + "GetNodeInfo": frozenset({pki.ROLE_MATCHER, pki.ROLE_AUDITOR, pki.ROLE_SHAREHOLDER}),
     _M + "ReadAuditLog": frozenset({pki.ROLE_AUDITOR}),
     _M + "RotateKek": frozenset({pki.ROLE_AUDITOR}),
 }
@@ -89,6 +100,19 @@ def _check_name(value: str, what: str) -> str:
     except InvalidShares:
         raise status.InvalidArgument(f"The {what} must be 1 to 128 bytes of UTF-8 without control characters.") from None
     return value
+
+
+def _write_ticket_details(ticket: common_pb2.VerificationTicket, body: common_pb2.TicketBody) -> dict:
+    """What a store or delete entry records of the ticket that authorised it
+    (``vaultctl audit reconcile`` re-verifies the provider's signature)."""
+    return {"operation": tickets.OPERATION_NAMES[body.operation], "key_id": ticket.key_id,
+            "ticket_expires_ms": body.expires_at_ms, "ticket_sha256": tickets.ticket_digest(ticket),
+            **tickets.audit_details(ticket)}
+
+
+def _tickets_sha256(checked) -> str:
+    """SHA-256 over a batch's sorted write-ticket digests."""
+    return hashlib.sha256("\n".join(sorted(tickets.ticket_digest(t) for t, _ in checked)).encode()).hexdigest()
 
 
 class _Sealed(NamedTuple):
@@ -159,6 +183,39 @@ class ReleaseGuard:
         self._next_prune = now + 10_000
 
 
+class WriteGuard:
+    """Write tickets honoured at this node (in memory, rebuilt from the log):
+    each is good once per purpose ("store", "erase") until it expires, so a
+    captured DELETE cannot erase a re-enrolment and a used ENROLL cannot
+    plant again."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._used: dict[str, int] = {}  # "<ticket sha256>:<purpose>" -> expiry (ms)
+        self._next_prune = 0
+
+    def reserve(self, keys: dict[str, int], now: int) -> str | None:
+        """Take every key or none; the first one already taken, else None."""
+        with self._lock:
+            if now >= self._next_prune:
+                self._used = {k: e for k, e in self._used.items() if e > now}
+                self._next_prune = now + 10_000
+            for key in keys:
+                if key in self._used:
+                    return key
+            self._used.update(keys)
+            return None
+
+    def release(self, keys) -> None:
+        """Give back keys whose write did not commit."""
+        with self._lock:
+            for key in keys:
+                self._used.pop(key, None)
+
+    def record(self, key: str, expires_ms: int) -> None:
+        self._used[key] = max(expires_ms, self._used.get(key, 0))
+
+
 class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
     def __init__(self, cfg: NodeConfig, keys: NodeKeys, writer: AuditWriter, state: store.NodeState):
         self.cfg = cfg
@@ -177,6 +234,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         self._readers: list = []
         self._readers_lock = threading.Lock()
         self.guard = ReleaseGuard(cfg.attempts_per_subject, int(cfg.attempt_window_s * 1000))
+        self.write_guard = WriteGuard()
         self._releases = RELEASES.labels(cfg.name)
         self._stored = STORED.labels(cfg.name)
         self._deleted = DELETED.labels(cfg.name)
@@ -196,6 +254,17 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             n += 1
             tid = tickets.ticket_id(common_pb2.TicketBody(tenant=tenant, request_id=request_id))
             self.guard.record(tenant, subject, tid, int(details.get("ticket_expires_ms") or 0), time_ms)
+        # Write tickets used recently (a bulk store's batch entry names its
+        # tickets by one digest only: those are not rebuilt).
+        for _time_ms, event, _rid, _tenant, _subject, details_json in store.entries_since(
+            self._reader(), now - horizon, ("store", "delete")
+        ):
+            details = json.loads(details_json)
+            digest = details.get("ticket_sha256")
+            if isinstance(digest, str):
+                purpose = "store" if event == "store" else "erase"
+                self.write_guard.record(f"{digest}:{purpose}", int(details.get("ticket_expires_ms") or 0))
+                n += 1
         return n
 
     def _reader(self):
@@ -228,6 +297,50 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
 
     # --- store ------------------------------------------------------------------
 
+    # --- write tickets --------------------------------------------------------------
+
+    def _check_write(self, actor: str, ticket, *, tenant: str, subject: str, request_id: str,
+                     operations: tuple[int, ...], call: str) -> common_pb2.TicketBody:
+        """The provider's write ticket, checked (PERMISSION_DENIED with a committed deny entry otherwise)."""
+        keys = self.cfg.tenants.get(tenant)
+        why = None
+        if keys is None:
+            why = ("unknown_tenant", "The ticket names a tenant not registered at this node.")
+        else:
+            try:
+                body = tickets.verify(ticket, keys, tenant=tenant, audience=self.cfg.cluster_id, operations=operations)
+            except InvalidTicket as exc:
+                why = ("invalid_ticket", str(exc))
+            else:
+                if body.subject != subject or body.request_id != request_id:
+                    why = ("ticket_mismatch", "The ticket was issued for another subject or request id.")
+        if why is not None:
+            self._deny_now(actor, why[0], status.PermissionDenied(why[1]), details={
+                "call": call, "why": why[1], "counted": False, "claimed_tenant": tenant[:_CLAIM_CHARS],
+                "claimed_subject": subject[:_CLAIM_CHARS], "claimed_request_id": request_id[:_CLAIM_CHARS],
+                "key_id": ticket.key_id[:_CLAIM_CHARS],
+            })
+        return body
+
+    def _store_tickets(self, actor: str, pairs, replace: bool) -> list[tuple[common_pb2.VerificationTicket, common_pb2.TicketBody]]:
+        """Check the write ticket of every (record, ticket) pair before anything is sealed."""
+        operation = tickets.write_operation(replace)
+        out = []
+        for rec, ticket in pairs:
+            body = self._check_write(actor, ticket, tenant=rec.tenant, subject=rec.subject, request_id=rec.request_id,
+                                     operations=(operation,), call="store")
+            out.append((ticket, body))
+        return out
+
+    def _reserve(self, actor: str, checked, purpose: str, *, tenant="", subject="", request_id="") -> dict[str, int]:
+        """Mark write tickets used (refusing a replay) before the write; give them back if it fails."""
+        keys = {f"{tickets.ticket_digest(t)}:{purpose}": b.expires_at_ms for t, b in checked}
+        if self.write_guard.reserve(keys, now_ms()) is not None:
+            self._deny_now(actor, "replayed", status.PermissionDenied("The write ticket was already used at this node."),
+                           tenant=tenant, subject=subject, request_id=request_id,
+                           details={"call": purpose, "counted": False})
+        return keys
+
     def _seal(self, records, seen: set) -> list[_Sealed]:
         ring = self.keys.kek
         out = []
@@ -257,7 +370,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             )
         return out
 
-    def _store_job(self, items: list[_Sealed], replace: bool, actor: str, per_record: bool):
+    def _store_job(self, items: list[_Sealed], replace: bool, actor: str, per_record: bool, checked):
         kek_version = self.keys.kek.active
 
         def job(tx: Tx) -> tuple[int, int]:
@@ -284,10 +397,11 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             ring = self.keys.kek
             store.insert_shares(conn, (rotation.current_wrap(ring, i.row) for i in items))
             if per_record:
-                for item, (retry, repl) in zip(items, flags):
+                for item, (retry, repl), (ticket, body) in zip(items, flags, checked):
                     tx.append(
                         "store", actor=actor, request_id=item.request_id, tenant=item.tenant, subject=item.subject,
-                        details={"epoch": item.epoch, "kek_version": kek_version, "retry": retry, "replaced": repl},
+                        details={"epoch": item.epoch, "kek_version": kek_version, "retry": retry, "replaced": repl,
+                                 **_write_ticket_details(ticket, body)},
                     )
             else:
                 lines = sorted(f"{i.tenant}\x00{i.subject}\x00{i.epoch}\x00{i.request_id}" for i in items)
@@ -299,6 +413,8 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                         "records": len(items), "request_ids": len({i.request_id for i in items}),
                         "tenants": tenants[:64], "records_sha256": digest, "kek_version": kek_version,
                         "retries": retries, "replaced": replaced,
+                        # Every record's write ticket, by digest: vaultctl audit reconcile compares them across nodes.
+                        "tickets": len(checked), "tickets_sha256": _tickets_sha256(checked),
                     },
                 )
             return len(items), retries
@@ -309,8 +425,18 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         actor = str(caller(context))
         if not request.records:
             raise status.InvalidArgument("The request holds no share records.")
-        items = self._seal(request.records, set())
-        stored, retries = self._commit(self._store_job(items, request.replace, actor, per_record=True))
+        if len(request.tickets) != len(request.records):
+            self._deny_now(actor, "missing_ticket", status.PermissionDenied(
+                "Every share record needs the provider's write ticket."), details={"call": "store", "counted": False})
+        items = self._seal(request.records, set())  # well-formed records first (INVALID_ARGUMENT)
+        checked = self._store_tickets(actor, zip(request.records, request.tickets), request.replace)
+        reserved = self._reserve(actor, checked, "store")
+        try:
+            stored, retries = self._commit(self._store_job(items, request.replace, actor, per_record=True,
+                                                           checked=checked))
+        except BaseException:
+            self.write_guard.release(reserved)
+            raise
         self._stored.inc(stored)
         if request.replace or retries:
             # Rows may have been overwritten: their old sealed bytes must leave the files too.
@@ -342,15 +468,24 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             if not pending:
                 return
             try:
-                items = self._seal(pending, seen)
+                items = self._seal([rec for rec, _ in pending], seen)
             except (status.RpcError, InvalidShares) as exc:
                 message = exc.message if isinstance(exc, status.RpcError) else str(exc)
                 # Let the batches already queued land first, then report.
                 while inflight:
                     settle(inflight.popleft())
                 raise status.InvalidArgument(f"{message} ({totals[0]} records were stored before this batch.)") from None
+            try:
+                checked = self._store_tickets(actor, pending, bool(replace))
+            except status.RpcError:
+                while inflight:
+                    settle(inflight.popleft())
+                raise
             pending = []
-            inflight.append(self.writer.submit(self._store_job(items, bool(replace), actor, per_record=False)))
+            reserved = self._reserve(actor, checked, "store")
+            future = self.writer.submit(self._store_job(items, bool(replace), actor, per_record=False, checked=checked))
+            future.add_done_callback(lambda f: self.write_guard.release(reserved) if f.exception() else None)
+            inflight.append(future)
             while len(inflight) > _STREAM_INFLIGHT:
                 settle(inflight.popleft())
 
@@ -360,7 +495,11 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                     replace = message.replace
                 elif message.replace != replace:
                     raise status.InvalidArgument("Every message of one stream must use the same replace flag.")
-                pending.extend(message.records)
+                if len(message.tickets) != len(message.records):
+                    self._deny_now(actor, "missing_ticket", status.PermissionDenied(
+                        "Every share record needs the provider's write ticket."),
+                        details={"call": "store", "counted": False})
+                pending.extend(zip(message.records, message.tickets))
                 if len(pending) >= batch_size:
                     flush()
             flush()
@@ -419,7 +558,8 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                            status.PermissionDenied("The verification ticket names a tenant not registered at this node."),
                            details=claimed())
         try:
-            body = tickets.verify(ticket, keys, tenant=body.tenant)
+            body = tickets.verify(ticket, keys, tenant=body.tenant, audience=self.cfg.cluster_id,
+                                  operations=(tickets.VERIFY,))
         except InvalidTicket as exc:
             self._deny_now(actor, "invalid_ticket", status.PermissionDenied(str(exc)), details=claimed(why=str(exc)))
         tenant, subject, request_id = body.tenant, body.subject, body.request_id
@@ -482,16 +622,28 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         tenant = _check_name(request.tenant, "tenant")
         subject = _check_name(request.subject, "subject")
         request_id = _check_request_id(request.request_id)
+        ticket = request.ticket
+        body = self._check_write(actor, ticket, tenant=tenant, subject=subject, request_id=request_id,
+                                 operations=(tickets.DELETE, *tickets.WRITES), call="delete")
+        # An ENROLL ticket undoes only its own enrolment (records of its request id).
+        own_only = body.operation == tickets.ENROLL
+        reserved = self._reserve(actor, [(ticket, body)], "erase", tenant=tenant, subject=subject, request_id=request_id)
 
         def job(tx: Tx) -> int:
             guard_delete(tx.conn, tenant, subject)  # prepared rows go too; refused during a reshare
-            epochs = [r.epoch for r in store.subject_rows(tx.conn, tenant, subject)]
-            deleted = store.delete_subject(tx.conn, tenant, subject)
+            rows = store.subject_rows(tx.conn, tenant, subject)
+            kept = own_only and any(r.request_id != request_id for r in rows)
+            deleted = 0 if kept else store.delete_subject(tx.conn, tenant, subject)
             tx.append("delete", actor=actor, request_id=request_id, tenant=tenant, subject=subject,
-                      details={"deleted": deleted, "epochs": epochs[:64]})
+                      details={"deleted": deleted, "epochs": [r.epoch for r in rows][:64],
+                               "kept_other_request": kept, **_write_ticket_details(ticket, body)})
             return deleted
 
-        deleted = self._commit(job)
+        try:
+            deleted = self._commit(job)
+        except BaseException:
+            self.write_guard.release(reserved)
+            raise
         self._deleted.inc(deleted)
         if deleted:
             self._flush_erased("erasure", tenant=tenant, subject=subject)

@@ -56,7 +56,7 @@ def run(capsys, *args: str) -> tuple[int, dict]:
 def psp_ticket(root, subject: str, request_id: str, key=None):
     key = key or pki.load_signing_key(cluster.Paths(root).ticket_key(TENANT).read_bytes())
     return tickets.issue(key, cluster.key_id(TENANT), tenant=TENANT, subject=subject, request_id=request_id,
-                         probe=np.zeros(DIM, dtype=np.float32))
+                         probe=np.zeros(DIM, dtype=np.float32), audience=cluster.cluster_id(root))
 
 
 def release_direct(root, node: str, ticket):
@@ -295,7 +295,7 @@ def test_forged_releases_pass_the_chain_but_not_reconciliation(offline, capsys):
     capsys.readouterr()
     assert main(["audit", "reconcile", "--dir", str(root)]) == 3
     text = capsys.readouterr().out
-    assert "unexplained releases: 3" in text and "reconciliation FAILED" in text
+    assert "unexplained releases and writes: 3" in text and "reconciliation FAILED" in text
 
 
 def test_a_forged_release_without_the_audit_key_is_caught_by_the_chain_first(offline, capsys):

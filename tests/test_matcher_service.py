@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from shareholders.testing import CLUSTER_ID
 from splitvault.v1 import matcher_pb2, matcher_pb2_grpc, shareholder_pb2, shareholder_pb2_grpc
 from test_matcher_harness import DIM, Committee, Tenant, noisy, unit
 from vault import ticket
@@ -162,7 +163,7 @@ def test_never_enrolled_is_not_found(shared, rng):
 def _raw_verify(c: Committee, tenant: str, subject: str, probe, signed_over, *, subject_in_ticket=None, key=None):
     t = c.tenants[tenant]
     signed = ticket.issue(key or t.key, t.key_id, tenant=tenant, subject=subject_in_ticket or subject,
-                          request_id=f"raw-{time.monotonic_ns()}", probe=signed_over)
+                          request_id=f"raw-{time.monotonic_ns()}", probe=signed_over, audience=CLUSTER_ID)
     with secure_channel(f"127.0.0.1:{c.matcher.port}", c.pki.tls("psp", tenant)) as ch:
         return matcher_pb2_grpc.MatcherStub(ch).Verify(
             matcher_pb2.VerifyRequest(subject=subject, probe=probe, ticket=signed), timeout=10
@@ -199,7 +200,8 @@ def test_replayed_ticket_is_refused_by_the_nodes(shared, rng):
     client.enroll("replay", template)
     probe = noisy(template, rng)
     t = shared.tenants["acme"]
-    signed = ticket.issue(t.key, t.key_id, tenant="acme", subject="replay", request_id="once", probe=probe)
+    signed = ticket.issue(t.key, t.key_id, tenant="acme", subject="replay", request_id="once", probe=probe,
+                          audience=CLUSTER_ID)
     request = matcher_pb2.VerifyRequest(subject="replay", probe=probe, ticket=signed)
     with secure_channel(f"127.0.0.1:{shared.matcher.port}", shared.pki.tls("psp", "acme")) as ch:
         stub = matcher_pb2_grpc.MatcherStub(ch)
@@ -500,9 +502,12 @@ def test_late_shares_are_checked_against_the_polynomial_that_passed(shared):
 def test_enroll_stream_one_template_per_message(shared, rng):
     # The plain EnrollStream (grpcurl, other languages): same results as EnrollBatches.
     templates = [unit(rng) for _ in range(300)]
-    requests = [matcher_pb2.EnrollStreamRequest(subject=f"plain-{i}", template=t.tolist(), request_id=f"p-{i}")
+    acme = shared.tenants["acme"]
+    requests = [matcher_pb2.EnrollStreamRequest(subject=f"plain-{i}", template=t.tolist(), request_id=f"p-{i}",
+                                                ticket=acme.enroll_ticket(f"plain-{i}", f"p-{i}", t))
                 for i, t in enumerate(templates)]
-    requests.insert(5, matcher_pb2.EnrollStreamRequest(subject="plain-bad", template=[0.0] * DIM, request_id="pb"))
+    requests.insert(5, matcher_pb2.EnrollStreamRequest(subject="plain-bad", template=[0.0] * DIM, request_id="pb",
+                                                       ticket=acme.enroll_ticket("plain-bad", "pb", [0.0] * DIM)))
     with secure_channel(f"127.0.0.1:{shared.matcher.port}", shared.pki.tls("psp", "acme")) as ch:
         replies = list(matcher_pb2_grpc.MatcherStub(ch).EnrollStream(iter(requests), timeout=60))
     assert [r.subject for r in replies] == [r.subject for r in requests]
