@@ -204,6 +204,14 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             raise status.AlreadyExists(
                 "The subject is already enrolled; set replace to overwrite it."
             )
+        if not replace and holders:
+            # Fewer than k nodes hold another request's records (an earlier
+            # enrolment that did not finish): an ENROLL ticket cannot
+            # overwrite them (the nodes refuse it), so say so before writing.
+            raise status.AlreadyExists(
+                "An unfinished earlier enrolment of this subject is held by some shareholders; "
+                "retry it with its request id, or set replace to overwrite it."
+            )
         existing = any(held.values())
         epoch = self._cluster_epoch([o.response.epoch for o in infos])
         encoded = field_values = extended = shares = None

@@ -187,24 +187,31 @@ class WriteGuard:
     """Write tickets honoured at this node (in memory, rebuilt from the log):
     each is good once per purpose ("store", "erase") until it expires, so a
     captured DELETE cannot erase a re-enrolment and a used ENROLL cannot
-    plant again."""
+    plant again; and an enrolment's ticket that undid it ("erase") can no
+    longer store, so a write that arrives after the matcher gave up on it
+    (and told the provider nothing was kept) is refused, not left behind."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._used: dict[str, int] = {}  # "<ticket sha256>:<purpose>" -> expiry (ms)
         self._next_prune = 0
 
-    def reserve(self, keys: dict[str, int], now: int) -> str | None:
-        """Take every key or none; the first one already taken, else None."""
+    def reserve(self, keys: dict[str, int], now: int, blocked_by: dict[str, str] | None = None) -> str | None:
+        """Take every key or none; the first key refused (taken, or its
+        ``blocked_by`` key taken), else None."""
         with self._lock:
             if now >= self._next_prune:
                 self._used = {k: e for k, e in self._used.items() if e > now}
                 self._next_prune = now + 10_000
             for key in keys:
-                if key in self._used:
+                if key in self._used or (blocked_by and blocked_by.get(key) in self._used):
                     return key
             self._used.update(keys)
             return None
+
+    def holds(self, key: str) -> bool:
+        with self._lock:
+            return key in self._used
 
     def release(self, keys) -> None:
         """Give back keys whose write did not commit."""
@@ -332,13 +339,21 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             out.append((ticket, body))
         return out
 
-    def _reserve(self, actor: str, checked, purpose: str, *, tenant="", subject="", request_id="") -> dict[str, int]:
+    def _reserve(self, actor: str, checked, purpose: str) -> dict[str, int]:
         """Mark write tickets used (refusing a replay) before the write; give them back if it fails."""
-        keys = {f"{tickets.ticket_digest(t)}:{purpose}": b.expires_at_ms for t, b in checked}
-        if self.write_guard.reserve(keys, now_ms()) is not None:
-            self._deny_now(actor, "replayed", status.PermissionDenied("The write ticket was already used at this node."),
-                           tenant=tenant, subject=subject, request_id=request_id,
-                           details={"call": purpose, "counted": False})
+        digests = {f"{tickets.ticket_digest(t)}:{purpose}": (tickets.ticket_digest(t), b) for t, b in checked}
+        keys = {key: b.expires_at_ms for key, (_, b) in digests.items()}
+        # A store is also refused once its ticket has undone the enrolment.
+        blocked_by = {key: f"{d}:erase" for key, (d, _) in digests.items()} if purpose == "store" else None
+        refused = self.write_guard.reserve(keys, now_ms(), blocked_by)
+        if refused is not None:
+            digest, body = digests[refused]
+            undone = blocked_by is not None and not self.write_guard.holds(refused)
+            message = ("The enrolment this ticket authorised was already undone at this node." if undone
+                       else "The write ticket was already used at this node.")
+            self._deny_now(actor, "undone" if undone else "replayed", status.PermissionDenied(message),
+                           tenant=body.tenant, subject=body.subject, request_id=body.request_id,
+                           details={"call": purpose, "counted": False, "ticket_sha256": digest})
         return keys
 
     def _seal(self, records, seen: set) -> list[_Sealed]:
@@ -627,7 +642,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                                  operations=(tickets.DELETE, *tickets.WRITES), call="delete")
         # An ENROLL ticket undoes only its own enrolment (records of its request id).
         own_only = body.operation == tickets.ENROLL
-        reserved = self._reserve(actor, [(ticket, body)], "erase", tenant=tenant, subject=subject, request_id=request_id)
+        reserved = self._reserve(actor, [(ticket, body)], "erase")
 
         def job(tx: Tx) -> int:
             guard_delete(tx.conn, tenant, subject)  # prepared rows go too; refused during a reshare
