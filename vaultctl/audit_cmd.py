@@ -298,7 +298,7 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
         if not e.actor.startswith("matcher/"):
             return f"the call came from {e.actor or 'an unnamed caller'}, not a matcher", None
         if ticket is None:
-            return f"the {e.event} records no provider ticket", None
+            return f"the {e.event} records no ticket", None
         if tenant_keys is None:
             return f"no ticket key is recorded for tenant {e.tenant!r}", None
         try:
