@@ -196,8 +196,9 @@ class ProxyNode(shareholder_pb2_grpc.ShareholderServicer):
     """
 
     def __init__(self, pki_, name: str, upstream: str, *, corrupt: str | None = None, delay_s: float = 0.0,
-                 fail_store: bool = False, store_delay_s: float = 0.0):
+                 fail_store: bool = False, store_delay_s: float = 0.0, fail_delete: str | None = None):
         self.corrupt = corrupt
+        self.fail_delete = fail_delete  # refuse DeleteShares with FAILED_PRECONDITION and this message
         self.store_delay_s = store_delay_s
         self.delay_s = delay_s
         self.fail_store = fail_store
@@ -248,6 +249,8 @@ class ProxyNode(shareholder_pb2_grpc.ShareholderServicer):
             context.abort(err.code(), err.details())
 
     def DeleteShares(self, request, context):
+        if self.fail_delete:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, self.fail_delete)
         return self._forward("DeleteShares", request, context)
 
     def DescribeRecords(self, request, context):

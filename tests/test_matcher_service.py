@@ -537,3 +537,39 @@ def test_enrolment_paused_by_node_maintenance_is_failed_precondition(committee, 
     assert records_at(c, "acme", "paused") == {name: 0 for name in c.names}
     replies = list(client.enroll_many((f"pz{i}", unit(rng)) for i in range(10)))
     assert {r.code for r in replies} == {grpc.StatusCode.FAILED_PRECONDITION.value[0]}
+
+
+def test_delete_outcomes_do_not_show_node_internals_to_the_provider(committee, rng):
+    # A node in maintenance refuses the delete naming its session (epochs.guard_delete);
+    # the provider is told the node is in maintenance, not which session, state or actor.
+    c = committee()
+    internal = ("Maintenance in progress on this node (reshare session sess-7f3a (state prepared, begun by "
+                "auditor/alice)); deletion is paused until the committee change ends. Retry later.")
+    c.proxy("bank-b", fail_delete=internal)
+    c.start_matcher()
+    client = c.client()
+    client.enroll("quiet", unit(rng))
+    reply = client.delete("quiet")
+    assert not reply.complete
+    by_node = {o.shareholder: o for o in reply.outcomes}
+    assert by_node["bank-b"].code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    for o in reply.outcomes:
+        assert "sess-7f3a" not in o.message and "auditor" not in o.message and "prepared" not in o.message
+    assert "maintenance" in by_node["bank-b"].message
+
+
+def test_a_delete_needs_the_providers_delete_ticket(shared, rng):
+    # A DELETE ticket for another subject, or none at all, erases nothing.
+    client = shared.client("acme")
+    template = unit(rng)
+    client.enroll("keep", template)
+    t = shared.tenants["acme"]
+    with secure_channel(f"127.0.0.1:{shared.matcher.port}", shared.pki.tls("psp", "acme")) as ch:
+        stub = matcher_pb2_grpc.MatcherStub(ch)
+        for request in (matcher_pb2.DeleteRequest(subject="keep", request_id="d-1"),
+                        matcher_pb2.DeleteRequest(subject="keep", request_id="d-2",
+                                                  ticket=t.delete_ticket("someone-else", "d-2")),
+                        matcher_pb2.DeleteRequest(subject="keep", request_id="d-3",
+                                                  ticket=t.delete_ticket("keep", "d-other"))):
+            assert code_of(lambda: stub.Delete(request, timeout=10)) == grpc.StatusCode.PERMISSION_DENIED
+    assert client.verify("keep", noisy(template, rng)).decision == "MATCH"
