@@ -98,7 +98,9 @@ class _Item:
     subject: str
     request_id: str
     replace: bool
-    ticket: common_pb2.VerificationTicket
+    # The provider's authority for this write: its own ticket, or the batch
+    # ticket (with every item) of the EnrollBatches message it came in.
+    auth: common_pb2.VerificationTicket | common_pb2.WriteBatch
     vector: np.ndarray | None = None
     code: grpc.StatusCode | None = None
     message: str = ""
@@ -153,7 +155,8 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         vector = _vector(request.template, self.d, "template")
         try:
             self._check_write_ticket(request, tenant, subject, request_id, _write_ops(request.replace), vector)
-            epoch, already = self._enrol_one(tenant.name, subject, request_id, vector, request.replace, request.ticket)
+            epoch, already = self._enrol_one(tenant.name, subject, request_id, vector, request.replace,
+                                             request.ticket)
         except status.RpcError as exc:
             metrics.ENROLMENTS.labels(exc.code.name).inc()
             raise
@@ -170,7 +173,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
 
     def _enrol_one(
         self, tenant: str, subject: str, request_id: str, vector: np.ndarray, replace: bool,
-        write_ticket: common_pb2.VerificationTicket,
+        auth: common_pb2.VerificationTicket | common_pb2.WriteBatch,
     ) -> tuple[int, bool]:
         """Enrol one checked template under its checked write ticket; (epoch, already_enrolled). Raises status errors."""
         describe = shareholder_pb2.DescribeRecordsRequest(tenant=tenant, subject=subject)
@@ -234,7 +237,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         outcomes = self.committee.call_all(
             "StoreShares",
             lambda node: shareholder_pb2.StoreSharesRequest(
-                records=[by_index[node.index]], replace=replace, tickets=[write_ticket]),
+                records=[by_index[node.index]], replace=replace, **_store_auth([auth])),
         )
         del records, by_index
         failed = [o for o in outcomes if not o.ok]
@@ -247,7 +250,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         undo = tuple(o.node for o in outcomes if o.ok or o.code in TRANSPORT_CODES)
         if replace or existing:
             undo = self.cfg.shareholders  # a half-replaced subject must not stay half old, half new
-        not_undone = self._compensate(tenant, subject, request_id, undo, write_ticket)
+        not_undone = self._compensate(tenant, subject, request_id, undo, auth)
         if all(o.code == grpc.StatusCode.ALREADY_EXISTS for o in failed) and not not_undone:
             raise status.AlreadyExists(
                 "The subject was enrolled concurrently by another request; set replace to overwrite it."
@@ -273,15 +276,15 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
 
     def _compensate(
         self, tenant: str, subject: str, request_id: str, nodes: tuple[ShareholderEndpoint, ...],
-        write_ticket: common_pb2.VerificationTicket,
+        auth: common_pb2.VerificationTicket | common_pb2.WriteBatch,
     ) -> list[str]:
         """Undo a failed enrolment on ``nodes`` under its own write ticket (the
         nodes erase only what that ticket may have written); the names of those
         that did not confirm."""
         if not nodes:
             return []
-        req = shareholder_pb2.DeleteSharesRequest(tenant=tenant, subject=subject, request_id=request_id,
-                                                  ticket=write_ticket)
+        undo_auth = {"batch": auth} if isinstance(auth, common_pb2.WriteBatch) else {"ticket": auth}
+        req = shareholder_pb2.DeleteSharesRequest(tenant=tenant, subject=subject, request_id=request_id, **undo_auth)
         outcomes = self.committee.call_all("DeleteShares", req, nodes=nodes)
         failed = [o for o in outcomes if not o.ok]
         for o in failed:
@@ -297,14 +300,40 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
 
     def EnrollStream(self, request_iterator, context):
         tenant = self._tenant(context)
-        for results in self._bulk(tenant.name, request_iterator, context):
+        for results in self._bulk(tenant.name, ((req, None) for req in request_iterator), context):
             yield from results
 
     def EnrollBatches(self, request_iterator, context):
         tenant = self._tenant(context)
-        items = (item for message in request_iterator for item in message.items)
-        for results in self._bulk(tenant.name, items, context):
+
+        def items():
+            for message in request_iterator:
+                # A batch ticket is checked once for the message: then every item is one the provider signed.
+                authority = self._check_batch_ticket(message, tenant) if message.HasField("batch_ticket") else None
+                for item in message.items:
+                    yield item, authority
+
+        for results in self._bulk(tenant.name, items(), context):
             yield matcher_pb2.EnrollBatchesResponse(results=results)
+
+    def _check_batch_ticket(self, message, tenant: TenantPolicy) -> "_BatchAuth | status.RpcError":
+        """The message's batch ticket, checked against its templates: its authority, or the refusal for every item."""
+        try:
+            body = ticket.verify(message.batch_ticket, tenant.ticket_keys, tenant=tenant.name,
+                                 audience=self.cfg.cluster_id, operations=ticket.WRITES, batch=True)
+        except InvalidTicket as exc:
+            return status.PermissionDenied(str(exc))
+        nonce = body.nonce
+        with np.errstate(over="ignore", invalid="ignore"):
+            items = [
+                common_pb2.WriteItem(subject=i.subject, request_id=i.request_id,
+                                     template_digest=ticket.item_digest(np.asarray(i.template, dtype=np.float32),
+                                                                        nonce, i.request_id))
+                for i in message.items
+            ]
+        if not ticket.batch_matches(body, items):
+            return status.PermissionDenied("The templates are not the ones the batch ticket authorises.")
+        return _BatchAuth(common_pb2.WriteBatch(ticket=message.batch_ticket, items=items), body.operation)
 
     def _bulk(self, tenant: str, requests, context) -> Iterator[list[matcher_pb2.EnrollStreamResponse]]:
         """Enrol a stream of EnrollStreamRequests batch by batch; the results of each batch, in order.
@@ -320,8 +349,14 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         in_flight: deque = deque()
         policy = self.cfg.tenants[tenant]
 
-        def check(req, vector: np.ndarray) -> None:
-            self._check_write_ticket(req, policy, req.subject, req.request_id, _write_ops(req.replace), vector)
+        def check(req, vector: np.ndarray, authority) -> None:
+            if authority is None:
+                self._check_write_ticket(req, policy, req.subject, req.request_id, _write_ops(req.replace), vector)
+            elif isinstance(authority, status.RpcError):
+                raise authority
+            elif authority.operation != ticket.write_operation(req.replace):
+                raise status.PermissionDenied(
+                    f"The batch ticket authorises {ticket.OPERATION_NAMES[authority.operation]}, not this item.")
 
         for batch in _batches(requests, self.cfg.enroll_batch, self.d, check):
             busy = {item.subject for sent_batch, _ in in_flight for item in sent_batch}
@@ -408,11 +443,11 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         # One StoreShareStream call per node carrying the whole batch in one
         # message: the node commits it as one transaction with one audit
         # entry (all or nothing while enroll_batch <= the nodes' stream_batch).
-        write_tickets = [item.ticket for item in fast[lo:hi]]
+        authority = _store_auth([item.auth for item in fast[lo:hi]])
         return self.committee.fan_out(
             "StoreShareStream",
             lambda node: iter([shareholder_pb2.StoreShareStreamRequest(
-                records=per_node[node.index][lo:hi], replace=replace, tickets=write_tickets)]),
+                records=per_node[node.index][lo:hi], replace=replace, **authority)]),
             nodes=nodes,
             timeout_s=self._batch_timeout(hi - lo),
         )
@@ -481,7 +516,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         undo = tuple(o.node for o in outcomes if o.ok or o.code in TRANSPORT_CODES)
         not_undone: set[str] = set()
         for item in fast[lo:hi]:
-            not_undone.update(self._compensate(tenant, item.subject, item.request_id, undo, item.ticket))
+            not_undone.update(self._compensate(tenant, item.subject, item.request_id, undo, item.auth))
         paused = all(o.code == grpc.StatusCode.FAILED_PRECONDITION for o in failed)
         message = (
             "Enrolment is paused: a shareholder is in maintenance (share refresh or reshare); retry later"
@@ -504,7 +539,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             if item.vector is None:
                 raise status.Unavailable("The template was not kept for a retry; send it again.")
             _, already = self._enrol_one(tenant, item.subject, item.request_id, item.vector, item.replace,
-                                         item.ticket)
+                                         item.auth)
             item.code, item.message = _OK, ("Already enrolled by this request id." if already else "")
         except status.RpcError as exc:
             item.code, item.message = exc.code, exc.message
@@ -830,6 +865,30 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         return response
 
 
+@dataclass(frozen=True)
+class _BatchAuth:
+    """A checked batch ticket of one EnrollBatches message."""
+
+    batch: common_pb2.WriteBatch
+    operation: int
+
+
+def _store_auth(auths) -> dict:
+    """StoreShares / StoreShareStream fields for these items' authorities, in
+    record order: each ticket, or a blank one for an item of a batch ticket
+    (each batch sent once)."""
+    blank = common_pb2.VerificationTicket()
+    batches: dict[int, common_pb2.WriteBatch] = {}
+    write_tickets = []
+    for auth in auths:
+        if isinstance(auth, common_pb2.WriteBatch):
+            batches.setdefault(id(auth), auth)
+            write_tickets.append(blank)
+        else:
+            write_tickets.append(auth)
+    return {"tickets": write_tickets, "batches": list(batches.values())}
+
+
 _DELETE_MESSAGE = {
     grpc.StatusCode.FAILED_PRECONDITION: "The shareholder is in maintenance; retry the deletion later.",
     grpc.StatusCode.PERMISSION_DENIED: "The shareholder refused the ticket.",
@@ -860,10 +919,10 @@ _STATUS_BY_CODE = {
 
 
 def _batches(requests: Iterable, size: int, dimension: int, check_ticket) -> Iterator[list[_Item]]:
-    """Read the stream ``size`` requests at a time, checking each one."""
+    """Read the stream of (request, batch authority) ``size`` requests at a time, checking each one."""
     batch: list[_Item] = []
-    for position, req in enumerate(requests):
-        batch.append(_check_stream_item(position, req, dimension, check_ticket))
+    for position, (req, authority) in enumerate(requests):
+        batch.append(_check_stream_item(position, req, dimension, check_ticket, authority))
         if len(batch) >= size:
             yield batch
             batch = []
@@ -871,13 +930,14 @@ def _batches(requests: Iterable, size: int, dimension: int, check_ticket) -> Ite
         yield batch
 
 
-def _check_stream_item(position: int, req, dimension: int, check_ticket) -> _Item:
-    item = _Item(position, req.subject, req.request_id, req.replace, req.ticket)
+def _check_stream_item(position: int, req, dimension: int, check_ticket, authority) -> _Item:
+    auth = authority.batch if isinstance(authority, _BatchAuth) else req.ticket
+    item = _Item(position, req.subject, req.request_id, req.replace, auth)
     try:
         check_id(req.subject, "subject")
         check_id(req.request_id, "request id", ascii_only=True)
         item.vector = _vector(req.template, dimension, "template")
-        check_ticket(req, item.vector)
+        check_ticket(req, item.vector, authority)
     except status.RpcError as exc:
         item.code, item.message = exc.code, exc.message
         if item.vector is not None:

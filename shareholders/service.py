@@ -84,6 +84,8 @@ AUDIT_HEAD = Gauge("splitvault_node_audit_head_seq", "Sequence number of the las
 MAX_REQUEST_ID = 128
 # Most stream batches sealed and queued ahead of the writer (bounds memory).
 _STREAM_INFLIGHT = 2
+# Batch tickets one StoreShareStream may carry (each checked once per flush).
+_MAX_STREAM_BATCHES = 4096
 # Claimed (unverified) names are logged, cut to this length.
 _CLAIM_CHARS = 128
 
@@ -102,17 +104,43 @@ def _check_name(value: str, what: str) -> str:
     return value
 
 
-def _write_ticket_details(ticket: common_pb2.VerificationTicket, body: common_pb2.TicketBody) -> dict:
+class WriteAuth(NamedTuple):
+    """The checked provider ticket behind one write: a ticket of its own, or
+    a batch ticket and the item (request id) of it that the write is."""
+
+    ticket: common_pb2.VerificationTicket
+    body: common_pb2.TicketBody
+    item: str = ""
+
+    @property
+    def key(self) -> str:
+        """Names the authority in the replay set and in audit entries."""
+        digest = tickets.ticket_digest(self.ticket)
+        return f"{digest}/{self.item}" if self.item else digest
+
+
+def _write_ticket_details(auth: WriteAuth) -> dict:
     """What a store or delete entry records of the ticket that authorised it
     (``vaultctl audit reconcile`` re-verifies the provider's signature)."""
-    return {"operation": tickets.OPERATION_NAMES[body.operation], "key_id": ticket.key_id,
-            "ticket_expires_ms": body.expires_at_ms, "ticket_sha256": tickets.ticket_digest(ticket),
-            **tickets.audit_details(ticket)}
+    more = {"batch_item": auth.item} if auth.item else {}
+    return {"operation": tickets.OPERATION_NAMES[auth.body.operation], "key_id": auth.ticket.key_id,
+            "ticket_expires_ms": auth.body.expires_at_ms, "ticket_sha256": auth.key, **more,
+            **tickets.audit_details(auth.ticket)}
 
 
-def _tickets_sha256(checked) -> str:
-    """SHA-256 over a batch's sorted write-ticket digests."""
-    return hashlib.sha256("\n".join(sorted(tickets.ticket_digest(t) for t, _ in checked)).encode()).hexdigest()
+def _tickets_sha256(checked: list[WriteAuth]) -> str:
+    """SHA-256 over a batch's sorted write authorities."""
+    return hashlib.sha256("\n".join(sorted(a.key for a in checked)).encode()).hexdigest()
+
+
+def _batch_tickets(checked: list[WriteAuth]) -> list[str]:
+    """The distinct batch tickets of a bulk store, as "<key id>.<body b64>.<signature b64>" (at most 64)."""
+    seen: dict[bytes, str] = {}
+    for a in checked:
+        if a.item and a.ticket.signature not in seen and len(seen) < 64:
+            d = tickets.audit_details(a.ticket)
+            seen[a.ticket.signature] = f"{a.ticket.key_id}.{''.join(d['ticket'])}.{d['ticket_sig']}"
+    return list(seen.values())
 
 
 class _Sealed(NamedTuple):
@@ -329,31 +357,81 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             })
         return body
 
-    def _store_tickets(self, actor: str, pairs, replace: bool) -> list[tuple[common_pb2.VerificationTicket, common_pb2.TicketBody]]:
-        """Check the write ticket of every (record, ticket) pair before anything is sealed."""
+    def _check_batch(self, actor: str, batch: common_pb2.WriteBatch, operations: tuple[int, ...],
+                     call: str) -> tuple[common_pb2.TicketBody, dict[tuple[str, str], str]]:
+        """A batch ticket and its items, checked once: (body, {(subject, request id): request id})."""
+        ticket = batch.ticket
+        claimed = common_pb2.TicketBody()
+        try:
+            claimed.ParseFromString(ticket.body)
+        except DecodeError:
+            claimed = common_pb2.TicketBody()
+        keys = self.cfg.tenants.get(claimed.tenant)
+        why = None
+        if keys is None:
+            why = ("unknown_tenant", "The batch ticket names a tenant not registered at this node.")
+        else:
+            try:
+                body = tickets.verify(ticket, keys, tenant=claimed.tenant, audience=self.cfg.cluster_id,
+                                      operations=operations, batch=True)
+            except InvalidTicket as exc:
+                why = ("invalid_ticket", str(exc))
+            else:
+                if not tickets.batch_matches(body, batch.items):
+                    why = ("ticket_mismatch", "The batch's items are not the ones its ticket signs.")
+        if why is not None:
+            self._deny_now(actor, why[0], status.PermissionDenied(why[1]), details={
+                "call": call, "why": why[1], "counted": False, "claimed_tenant": claimed.tenant[:_CLAIM_CHARS],
+                "claimed_request_id": claimed.request_id[:_CLAIM_CHARS], "key_id": ticket.key_id[:_CLAIM_CHARS],
+                "batch_items": len(batch.items),
+            })
+        return body, {(i.subject, i.request_id): i.request_id for i in batch.items}
+
+    def _store_tickets(self, actor: str, records, ticket_list, batches, replace: bool) -> list[WriteAuth]:
+        """Check the write ticket of every record before anything is stored: its own ticket, or
+        (empty ticket) an item of one of ``batches``, each batch ticket checked once."""
         operation = tickets.write_operation(replace)
+        if ticket_list and len(ticket_list) != len(records):
+            self._deny_now(actor, "missing_ticket", status.PermissionDenied(
+                "Every share record needs the provider's write ticket."), details={"call": "store", "counted": False})
+        covered: dict[tuple[str, str, str], WriteAuth] = {}
+        for batch in batches:
+            body, items = self._check_batch(actor, batch, (operation,), "store")
+            for (subject, request_id) in items:
+                covered.setdefault((body.tenant, subject, request_id), WriteAuth(batch.ticket, body, request_id))
         out = []
-        for rec, ticket in pairs:
-            body = self._check_write(actor, ticket, tenant=rec.tenant, subject=rec.subject, request_id=rec.request_id,
-                                     operations=(operation,), call="store")
-            out.append((ticket, body))
+        for i, rec in enumerate(records):
+            ticket = ticket_list[i] if ticket_list else None
+            if ticket is not None and ticket.body:
+                body = self._check_write(actor, ticket, tenant=rec.tenant, subject=rec.subject,
+                                         request_id=rec.request_id, operations=(operation,), call="store")
+                out.append(WriteAuth(ticket, body))
+                continue
+            auth = covered.get((rec.tenant, rec.subject, rec.request_id))
+            if auth is None:
+                self._deny_now(actor, "missing_ticket", status.PermissionDenied(
+                    "A share record has no provider ticket of its own or in the batch."), details={
+                    "call": "store", "counted": False, "claimed_tenant": rec.tenant[:_CLAIM_CHARS],
+                    "claimed_subject": rec.subject[:_CLAIM_CHARS], "claimed_request_id": rec.request_id[:_CLAIM_CHARS],
+                })
+            out.append(auth)
         return out
 
-    def _reserve(self, actor: str, checked, purpose: str) -> dict[str, int]:
+    def _reserve(self, actor: str, checked: list[WriteAuth], purpose: str) -> dict[str, int]:
         """Mark write tickets used (refusing a replay) before the write; give them back if it fails."""
-        digests = {f"{tickets.ticket_digest(t)}:{purpose}": (tickets.ticket_digest(t), b) for t, b in checked}
-        keys = {key: b.expires_at_ms for key, (_, b) in digests.items()}
+        by_key = {f"{a.key}:{purpose}": a for a in checked}
+        keys = {key: a.body.expires_at_ms for key, a in by_key.items()}
         # A store is also refused once its ticket has undone the enrolment.
-        blocked_by = {key: f"{d}:erase" for key, (d, _) in digests.items()} if purpose == "store" else None
+        blocked_by = {key: f"{a.key}:erase" for key, a in by_key.items()} if purpose == "store" else None
         refused = self.write_guard.reserve(keys, now_ms(), blocked_by)
         if refused is not None:
-            digest, body = digests[refused]
+            a = by_key[refused]
             undone = blocked_by is not None and not self.write_guard.holds(refused)
             message = ("The enrolment this ticket authorised was already undone at this node." if undone
                        else "The write ticket was already used at this node.")
             self._deny_now(actor, "undone" if undone else "replayed", status.PermissionDenied(message),
-                           tenant=body.tenant, subject=body.subject, request_id=body.request_id,
-                           details={"call": purpose, "counted": False, "ticket_sha256": digest})
+                           tenant=a.body.tenant, subject=a.body.subject, request_id=a.item or a.body.request_id,
+                           details={"call": purpose, "counted": False, "ticket_sha256": a.key})
         return keys
 
     def _seal(self, records, seen: set) -> list[_Sealed]:
@@ -412,11 +490,11 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             ring = self.keys.kek
             store.insert_shares(conn, (rotation.current_wrap(ring, i.row) for i in items))
             if per_record:
-                for item, (retry, repl), (ticket, body) in zip(items, flags, checked):
+                for item, (retry, repl), auth in zip(items, flags, checked):
                     tx.append(
                         "store", actor=actor, request_id=item.request_id, tenant=item.tenant, subject=item.subject,
                         details={"epoch": item.epoch, "kek_version": kek_version, "retry": retry, "replaced": repl,
-                                 **_write_ticket_details(ticket, body)},
+                                 **_write_ticket_details(auth)},
                     )
             else:
                 lines = sorted(f"{i.tenant}\x00{i.subject}\x00{i.epoch}\x00{i.request_id}" for i in items)
@@ -430,6 +508,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                         "retries": retries, "replaced": replaced,
                         # Every record's write ticket, by digest: vaultctl audit reconcile compares them across nodes.
                         "tickets": len(checked), "tickets_sha256": _tickets_sha256(checked),
+                        "batch_tickets": _batch_tickets(checked),
                     },
                 )
             return len(items), retries
@@ -440,11 +519,8 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         actor = str(caller(context))
         if not request.records:
             raise status.InvalidArgument("The request holds no share records.")
-        if len(request.tickets) != len(request.records):
-            self._deny_now(actor, "missing_ticket", status.PermissionDenied(
-                "Every share record needs the provider's write ticket."), details={"call": "store", "counted": False})
         items = self._seal(request.records, set())  # well-formed records first (INVALID_ARGUMENT)
-        checked = self._store_tickets(actor, zip(request.records, request.tickets), request.replace)
+        checked = self._store_tickets(actor, request.records, request.tickets, request.batches, request.replace)
         reserved = self._reserve(actor, checked, "store")
         try:
             stored, retries = self._commit(self._store_job(items, request.replace, actor, per_record=True,
@@ -466,6 +542,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         totals = [0, 0]
         replace = None
         seen: set = set()
+        batches: list = []  # the stream's batch tickets: a record may be an item of any of them
 
         def settle(fut: Future) -> None:
             try:
@@ -491,7 +568,8 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                     settle(inflight.popleft())
                 raise status.InvalidArgument(f"{message} ({totals[0]} records were stored before this batch.)") from None
             try:
-                checked = self._store_tickets(actor, pending, bool(replace))
+                checked = self._store_tickets(actor, [rec for rec, _ in pending], [t for _, t in pending],
+                                              batches, bool(replace))
             except status.RpcError:
                 while inflight:
                     settle(inflight.popleft())
@@ -510,11 +588,15 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                     replace = message.replace
                 elif message.replace != replace:
                     raise status.InvalidArgument("Every message of one stream must use the same replace flag.")
-                if len(message.tickets) != len(message.records):
+                if message.tickets and len(message.tickets) != len(message.records):
                     self._deny_now(actor, "missing_ticket", status.PermissionDenied(
                         "Every share record needs the provider's write ticket."),
                         details={"call": "store", "counted": False})
-                pending.extend(zip(message.records, message.tickets))
+                if len(batches) + len(message.batches) > _MAX_STREAM_BATCHES:
+                    raise status.InvalidArgument(f"A stream may carry at most {_MAX_STREAM_BATCHES} batch tickets.")
+                batches.extend(message.batches)
+                blank = common_pb2.VerificationTicket()
+                pending.extend(zip(message.records, message.tickets or [blank] * len(message.records)))
                 if len(pending) >= batch_size:
                     flush()
             flush()
@@ -637,12 +719,22 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         tenant = _check_name(request.tenant, "tenant")
         subject = _check_name(request.subject, "subject")
         request_id = _check_request_id(request.request_id)
-        ticket = request.ticket
-        body = self._check_write(actor, ticket, tenant=tenant, subject=subject, request_id=request_id,
-                                 operations=(tickets.DELETE, *tickets.WRITES), call="delete")
+        if request.HasField("batch") and request.batch.ticket.body:
+            # The batch ticket of a failed bulk enrolment: undoes that one item.
+            body, items = self._check_batch(actor, request.batch, tickets.WRITES, "delete")
+            if body.tenant != tenant or (subject, request_id) not in items:
+                self._deny_now(actor, "ticket_mismatch", status.PermissionDenied(
+                    "The batch ticket does not cover this subject and request id."), details={
+                    "call": "delete", "counted": False, "claimed_subject": subject[:_CLAIM_CHARS],
+                    "claimed_request_id": request_id[:_CLAIM_CHARS]})
+            auth = WriteAuth(request.batch.ticket, body, request_id)
+        else:
+            body = self._check_write(actor, request.ticket, tenant=tenant, subject=subject, request_id=request_id,
+                                     operations=(tickets.DELETE, *tickets.WRITES), call="delete")
+            auth = WriteAuth(request.ticket, body)
         # An ENROLL ticket undoes only its own enrolment (records of its request id).
         own_only = body.operation == tickets.ENROLL
-        reserved = self._reserve(actor, [(ticket, body)], "erase")
+        reserved = self._reserve(actor, [auth], "erase")
 
         def job(tx: Tx) -> int:
             guard_delete(tx.conn, tenant, subject)  # prepared rows go too; refused during a reshare
@@ -651,7 +743,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             deleted = 0 if kept else store.delete_subject(tx.conn, tenant, subject)
             tx.append("delete", actor=actor, request_id=request_id, tenant=tenant, subject=subject,
                       details={"deleted": deleted, "epochs": [r.epoch for r in rows][:64],
-                               "kept_other_request": kept, **_write_ticket_details(ticket, body)})
+                               "kept_other_request": kept, **_write_ticket_details(auth)})
             return deleted
 
         try:

@@ -573,3 +573,47 @@ def test_a_delete_needs_the_providers_delete_ticket(shared, rng):
                                                   ticket=t.delete_ticket("keep", "d-other"))):
             assert code_of(lambda: stub.Delete(request, timeout=10)) == grpc.StatusCode.PERMISSION_DENIED
     assert client.verify("keep", noisy(template, rng)).decision == "MATCH"
+
+
+def _batch_message(t, items, op=None, key=None, replace=False):
+    """An EnrollBatchesRequest of (subject, request id, template) items under one batch ticket."""
+    signed = ticket.issue_batch(key or t.key, t.key_id, tenant=t.name, audience=CLUSTER_ID, batch_id="b-1",
+                                operation=op or ticket.write_operation(replace), items=items)
+    return matcher_pb2.EnrollBatchesRequest(
+        items=[matcher_pb2.EnrollStreamRequest(subject=s, request_id=r, template=v.tolist(), replace=replace)
+               for s, r, v in items],
+        batch_ticket=signed.ticket)
+
+
+def _batch_codes(c, messages) -> list[tuple[str, int, str]]:
+    with secure_channel(f"127.0.0.1:{c.matcher.port}", c.pki.tls("psp", "acme")) as ch:
+        replies = matcher_pb2_grpc.MatcherStub(ch).EnrollBatches(iter(messages), timeout=30)
+        return [(r.subject, r.code, r.message) for m in replies for r in m.results]
+
+
+def test_a_batch_ticket_signs_exactly_its_templates(shared, rng):
+    t = shared.tenants["acme"]
+    items = [(f"bt-{i}", f"bt-r{i}", unit(rng)) for i in range(5)]
+    good = _batch_message(t, items)
+    # The same ticket over one swapped template: every item of the message is refused, nothing stored.
+    tampered = _batch_message(t, [(f"bx-{i}", f"bx-r{i}", unit(rng)) for i in range(3)])
+    tampered.items[1].template[:] = unit(rng).tolist()
+    forged = _batch_message(t, [("by-0", "by-r0", unit(rng))], key=ed25519_key())
+    got = _batch_codes(shared, [good, tampered, forged])
+    ok, denied = grpc.StatusCode.OK.value[0], grpc.StatusCode.PERMISSION_DENIED.value[0]
+    assert [code for _, code, _ in got] == [ok] * 5 + [denied] * 4, got
+    assert "batch ticket" in got[5][2] and "signature" in got[8][2]
+    client = shared.client("acme")
+    assert client.verify("bt-3", noisy(items[3][2], rng)).decision == "MATCH"
+    assert records_at(shared, "acme", "bx-1") == {name: 0 for name in shared.names}
+    # An ENROLL batch cannot carry a replace.
+    again = _batch_message(t, [("bt-0", "bt-r0b", unit(rng))], op=ticket.ENROLL)
+    again.items[0].replace = True
+    [(_, code, message)] = _batch_codes(shared, [again])
+    assert code == denied and "not this item" in message
+    assert client.verify("bt-0", noisy(items[0][2], rng)).decision == "MATCH"
+
+
+def ed25519_key():
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    return ed25519.Ed25519PrivateKey.generate()

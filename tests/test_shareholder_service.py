@@ -8,7 +8,7 @@ import json
 import grpc
 import pytest
 
-from shareholders.testing import NodeHarness, Provider, sample_records
+from shareholders.testing import CLUSTER_ID, NodeHarness, Provider, sample_records
 from splitvault.v1 import common_pb2
 from splitvault.v1 import shareholder_pb2 as pb
 from vault import audit
@@ -302,3 +302,44 @@ def audit_now() -> int:
     from vault.ticket import now_ms
 
     return now_ms()
+
+
+# --- batch tickets at the node ---------------------------------------------------------
+
+
+def _batch_for(records, provider=ACME, op=None):
+    from vault import ticket
+    return ticket.issue_batch(provider.key, provider.key_id, tenant=provider.tenant, audience=CLUSTER_ID,
+                              batch_id="b-1", operation=op or ticket.ENROLL,
+                              items=[(r.subject, r.request_id, [0.0] * 4) for r in records])
+
+
+def test_a_stream_store_under_a_batch_ticket(node):
+    recs = sample_records("acme", [f"bk{i}" for i in range(10)], index=1)
+    batch = _batch_for(recs)
+    s = node.stub("matcher")
+    reply = s.StoreShareStream(iter([pb.StoreShareStreamRequest(records=recs, batches=[batch])]), timeout=10)
+    assert reply.stored == 10
+    entries, _ = audit_entries(node)
+    [entry] = [e for e in entries if e.event == "store_batch"]
+    details = json.loads(entry.details_json)
+    assert details["tickets"] == 10 and len(details["batch_tickets"]) == 1
+    # The same batch items again: each is honoured once (a retry is signed afresh).
+    again = sample_records("acme", [f"bk{i}" for i in range(10)], index=1)
+    assert code_of(s.StoreShareStream, iter([pb.StoreShareStreamRequest(records=again, batches=[batch])])) \
+        == grpc.StatusCode.PERMISSION_DENIED
+    # A record that is not an item of the batch, and items edited after signing, are refused.
+    other = sample_records("acme", ["not-in-batch"], index=1)
+    assert code_of(s.StoreShares, pb.StoreSharesRequest(records=other, batches=[_batch_for(recs[:1])])) \
+        == grpc.StatusCode.PERMISSION_DENIED
+    edited = _batch_for(other)
+    edited.items[0].subject = "someone-else"
+    assert code_of(s.StoreShares, pb.StoreSharesRequest(records=other, batches=[edited])) \
+        == grpc.StatusCode.PERMISSION_DENIED
+    assert not s.DescribeRecords(pb.DescribeRecordsRequest(tenant="acme", subject="not-in-batch"), timeout=10).records
+    reasons = [json.loads(e.details_json).get("reason") for e in audit_entries(node)[0] if e.event == "deny"]
+    assert reasons == ["replayed", "missing_ticket", "ticket_mismatch"]
+    # The batch undoes its own item (the matcher's clean-up), and that item can no longer be stored.
+    undo = pb.DeleteSharesRequest(tenant="acme", subject="bk3", request_id=recs[3].request_id, batch=batch)
+    assert s.DeleteShares(undo, timeout=10).deleted == 1
+    assert code_of(s.DeleteShares, undo) == grpc.StatusCode.PERMISSION_DENIED  # once

@@ -119,3 +119,50 @@ def test_issue_refuses_a_vector_in_the_wrong_slot(key):
         make(key, operation=ticket.ENROLL)  # a probe, no template
     with pytest.raises(ValueError):
         make(key, probe=None, template=PROBE, operation=ticket.DELETE)
+
+
+# --- batch tickets (bulk enrolment) ---------------------------------------------
+
+def make_batch(key, items=None, op=ticket.ENROLL, **kw):
+    items = items or [("alice", "r1", PROBE), ("bob", "r2", PROBE * 2)]
+    return ticket.issue_batch(key, "k1", tenant="acme", audience=AUD, batch_id="b1", operation=op, items=items,
+                              issued_at_ms=1_000_000, **kw)
+
+
+def test_batch_ticket_round_trip(key):
+    batch = make_batch(key)
+    body = check(batch.ticket, key, operations=ticket.WRITES, batch=True)
+    assert body.operation == ticket.ENROLL and not body.subject and len(body.batch_digest) == 32
+    assert ticket.batch_matches(body, batch.items)
+    assert [(i.subject, i.request_id) for i in batch.items] == [("alice", "r1"), ("bob", "r2")]
+    # Item digests are salted per item: equal templates do not give equal digests.
+    same = make_batch(key, items=[("a", "r1", PROBE), ("b", "r2", PROBE)])
+    assert same.items[0].template_digest != same.items[1].template_digest
+
+
+@pytest.mark.parametrize("edit", [
+    lambda items: items.pop(),                                        # an item left out
+    lambda items: setattr(items[0], "subject", "mallory"),            # another subject
+    lambda items: setattr(items[1], "request_id", "r9"),              # another request
+    lambda items: setattr(items[0], "template_digest", bytes(32)),    # another template
+    lambda items: items.reverse(),                                    # reordered
+])
+def test_batch_items_must_be_the_signed_ones(key, edit):
+    batch = make_batch(key)
+    body = check(batch.ticket, key, operations=ticket.WRITES, batch=True)
+    items = list(batch.items)
+    edit(items)
+    assert not ticket.batch_matches(body, items)
+
+
+def test_batch_and_single_tickets_do_not_stand_for_each_other(key):
+    batch = make_batch(key)
+    with pytest.raises(InvalidTicket, match="batch"):
+        check(batch.ticket, key, operations=ticket.WRITES)  # a batch ticket where one write is expected
+    single = make(key, probe=None, template=PROBE, operation=ticket.ENROLL)
+    with pytest.raises(InvalidTicket, match="batch"):
+        check(single, key, operations=ticket.WRITES, batch=True)
+    with pytest.raises(InvalidTicket, match="not this call"):
+        check(make_batch(key, op=ticket.ENROLL).ticket, key, operations=(ticket.REPLACE,), batch=True)
+    with pytest.raises(ValueError):
+        make_batch(key, op=ticket.DELETE)

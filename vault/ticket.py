@@ -29,6 +29,9 @@ from vault.errors import InvalidTicket
 SIGNATURE_CONTEXT = b"splitvault/ticket/v1\x00"
 PROBE_CONTEXT = b"splitvault/probe/v1\x00"
 TEMPLATE_CONTEXT = b"splitvault/template/v1\x00"
+BATCH_CONTEXT = b"splitvault/batch/v1\x00"
+# Most templates one batch ticket may cover (bounds a node's work per batch).
+MAX_BATCH_ITEMS = 10_000
 
 VERIFY = common_pb2.TICKET_OPERATION_VERIFY
 ENROLL = common_pb2.TICKET_OPERATION_ENROLL
@@ -69,6 +72,21 @@ def template_digest(template, nonce: bytes) -> bytes:
     """SHA-256(context || nonce || template as float32 little-endian): as the
     probe digest, under its own context so neither stands for the other."""
     return _vector_digest(TEMPLATE_CONTEXT, template, nonce)
+
+
+def item_digest(template, nonce: bytes, request_id: str) -> bytes:
+    """A batch item's template digest: salted with the batch ticket's nonce and the item's request id."""
+    return template_digest(template, nonce + request_id.encode())
+
+
+def batch_digest(items) -> bytes:
+    """SHA-256 over a batch's WriteItems in order (each field length-prefixed)."""
+    h = hashlib.sha256(BATCH_CONTEXT)
+    for item in items:
+        for part in (item.subject.encode(), item.request_id.encode(), item.template_digest):
+            h.update(len(part).to_bytes(4, "big"))
+            h.update(part)
+    return h.digest()
 
 
 def _vector_digest(context: bytes, vector, nonce: bytes) -> bytes:
@@ -121,6 +139,45 @@ def issue(
     )
 
 
+def issue_batch(
+    signing_key: ed25519.Ed25519PrivateKey,
+    key_id: str,
+    *,
+    tenant: str,
+    audience: str,
+    batch_id: str,
+    operation: int,
+    items,
+    ttl_ms: int = 60_000,
+    issued_at_ms: int | None = None,
+) -> common_pb2.WriteBatch:
+    """Sign one ticket for a bulk enrolment of ``items`` ((subject, request id,
+    template) triples, in order): ENROLL or REPLACE for all of them."""
+    if operation not in WRITES:
+        raise ValueError("A batch ticket authorises ENROLL or REPLACE.")
+    issued = now_ms() if issued_at_ms is None else issued_at_ms
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    write_items = [
+        common_pb2.WriteItem(subject=subject, request_id=request_id,
+                             template_digest=item_digest(template, nonce, request_id))
+        for subject, request_id, template in items
+    ]
+    if not 1 <= len(write_items) <= MAX_BATCH_ITEMS:
+        raise ValueError(f"A batch ticket covers 1 to {MAX_BATCH_ITEMS} templates.")
+    body = common_pb2.TicketBody(
+        tenant=tenant, request_id=batch_id, nonce=nonce, issued_at_ms=issued, expires_at_ms=issued + ttl_ms,
+        operation=operation, audience=audience, batch_digest=batch_digest(write_items),
+    )
+    raw = body.SerializeToString(deterministic=True)
+    signed = common_pb2.VerificationTicket(body=raw, signature=signing_key.sign(SIGNATURE_CONTEXT + raw), key_id=key_id)
+    return common_pb2.WriteBatch(ticket=signed, items=write_items)
+
+
+def batch_matches(body: common_pb2.TicketBody, items) -> bool:
+    """Whether ``items`` are exactly the ones the batch ticket signs (constant-time compare)."""
+    return len(items) <= MAX_BATCH_ITEMS and hmac.compare_digest(batch_digest(items), body.batch_digest)
+
+
 def verify(
     ticket: common_pb2.VerificationTicket,
     keys: Mapping[str, ed25519.Ed25519PublicKey],
@@ -128,6 +185,7 @@ def verify(
     tenant: str | None = None,
     audience: str,
     operations: Collection[int] = (VERIFY,),
+    batch: bool = False,
     at_ms: int | None = None,
 ) -> common_pb2.TicketBody:
     """Check a ticket's signature, shape, operation, audience and validity
@@ -137,7 +195,9 @@ def verify(
     tenant is None, to all tenants' keys: the key id then decides the tenant
     and the body must name it). ``audience`` is the checker's cluster id (an
     empty one accepts nothing); ``operations`` the operations the call may
-    perform. Raises InvalidTicket with a short reason.
+    perform; ``batch`` whether the call takes a batch ticket (which names
+    no subject) instead of a single one. Raises InvalidTicket with a short
+    reason.
     """
     # Each field read once: a protobuf bytes field is a fresh copy per read.
     raw, signature, key_id = ticket.body, ticket.signature, ticket.key_id
@@ -158,7 +218,15 @@ def verify(
     body_tenant = body.tenant
     if tenant is not None and body_tenant != tenant:
         raise InvalidTicket("The verification ticket was issued for another tenant.")
-    for name, value in (("tenant", body_tenant), ("subject", body.subject), ("request_id", body.request_id)):
+    if bool(body.batch_digest) != batch:
+        raise InvalidTicket("A batch ticket stands only for the items of a bulk enrolment."
+                            if body.batch_digest else "The call needs a batch ticket.")
+    names = (("tenant", body_tenant), ("request_id", body.request_id))
+    if not batch:
+        names += (("subject", body.subject),)
+    elif body.subject:
+        raise InvalidTicket("A batch ticket names no subject.")
+    for name, value in names:
         if not value or len(value.encode()) > MAX_ID_BYTES:
             raise InvalidTicket(f"The verification ticket's {name} is empty or longer than {MAX_ID_BYTES} bytes.")
     operation = body.operation
@@ -168,8 +236,10 @@ def verify(
         )
     if not audience or body.audience != audience:
         raise InvalidTicket("The ticket was issued for another cluster (its audience is not this cluster id).")
-    want_probe, want_template = (32 if operation == VERIFY else 0), (32 if operation in WRITES else 0)
-    if len(body.nonce) != NONCE_BYTES or len(body.probe_digest) != want_probe or len(body.template_digest) != want_template:
+    want_probe = 32 if operation == VERIFY else 0
+    want_template = 32 if operation in WRITES and not batch else 0
+    if (len(body.nonce) != NONCE_BYTES or len(body.probe_digest) != want_probe
+            or len(body.template_digest) != want_template or len(body.batch_digest) != (32 if batch else 0)):
         raise InvalidTicket("The ticket's nonce, probe digest or template digest has the wrong length.")
     now = now_ms() if at_ms is None else at_ms
     issued, expires = body.issued_at_ms, body.expires_at_ms

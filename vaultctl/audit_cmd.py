@@ -277,6 +277,7 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
     """Cross-check releases against provider-signed tickets (the Python API)."""
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
+    from splitvault.v1 import common_pb2
     from vault import pki
     from vault import ticket as tickets
     from vault.errors import InvalidTicket
@@ -291,9 +292,11 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
     writes: Counter = Counter()
     write_tickets: dict[tuple[str, str, str], set] = defaultdict(set)
 
-    def check_ticket(e, details: dict, operations: tuple) -> tuple[str | None, object]:
+    def check_ticket(e, details: dict, operations: tuple, ticket=None, batch: bool = False) -> tuple[str | None, object]:
         # Why the ticket an entry records does not authorise it (None: it does), and its body.
-        ticket = tickets.from_audit_details(details)
+        # A batch ticket names no subject: that the record is one of its items the node checked
+        # against the items it was sent, which the entry does not carry.
+        ticket = tickets.from_audit_details(details) if ticket is None else ticket
         tenant_keys: dict[str, ed25519.Ed25519PublicKey] | None = keys.get(e.tenant)
         if not e.actor.startswith("matcher/"):
             return f"the call came from {e.actor or 'an unnamed caller'}, not a matcher", None
@@ -303,10 +306,10 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
             return f"no ticket key is recorded for tenant {e.tenant!r}", None
         try:
             body = tickets.verify(ticket, tenant_keys, tenant=e.tenant, audience=target.cluster_id,
-                                  operations=operations, at_ms=e.time_ms)
+                                  operations=operations, batch=batch, at_ms=e.time_ms)
         except InvalidTicket as exc:
             return str(exc).rstrip(".").lower(), None
-        if (body.subject, body.request_id) != (e.subject, e.request_id):
+        if not batch and (body.subject, body.request_id) != (e.subject, e.request_id):
             return f"the ticket is for another subject or request than the {e.event} names", None
         return None, body
 
@@ -316,12 +319,25 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
         if e.event == "store_batch":
             ok = isinstance(details.get("tickets_sha256"), str) and details.get("tickets") == details.get("records")
             why = None if ok else "the bulk store records no digest of its records' provider tickets"
+            operations = (tickets.REPLACE,) if details.get("replaced") else tickets.WRITES
+            for packed in (details.get("batch_tickets") or []) if why is None else []:
+                key_id, _, rest = str(packed).partition(".")
+                body_b64, _, sig_b64 = rest.partition(".")
+                recorded = tickets.from_audit_details({"ticket": [body_b64], "ticket_sig": sig_b64, "key_id": key_id})
+                why, _ = check_ticket(e, {}, operations, ticket=recorded or common_pb2.VerificationTicket(),
+                                      batch=True)
+                if why is not None:
+                    why = f"a batch ticket of the bulk store: {why}"
+                    break
         else:
             if e.event == "store":
                 operations = (tickets.REPLACE,) if details.get("replaced") else tickets.WRITES
             else:
                 operations = (tickets.DELETE, *tickets.WRITES)
-            why, body = check_ticket(e, details, operations)
+            batch_item = details.get("batch_item")
+            why, body = check_ticket(e, details, operations, batch=bool(batch_item))
+            if why is None and batch_item is not None and batch_item != e.request_id:
+                why = f"the batch item the {e.event} names is another request than its own"
             if why is None:
                 write_tickets[(e.event, e.tenant, e.request_id)].add(tickets.ticket_digest(tickets.from_audit_details(details)))
         if why is not None:

@@ -165,24 +165,30 @@ class MatcherClient:
         stream's deadline is ``timeout_s`` (default: none, bulk jobs are long).
         """
 
+        operation = ticket.write_operation(replace)
+
+        def message(chunk) -> matcher_pb2.EnrollBatchesRequest:
+            # One batch ticket signs the message's templates (one Ed25519
+            # signature, and one check per node, instead of one per template).
+            signed = ticket.issue_batch(
+                self._ticket_key, self.key_id, tenant=self.tenant, audience=self.cluster_id,
+                batch_id=str(uuid.uuid4()), operation=operation, ttl_ms=self.ticket_ttl_ms,
+                items=[(r.subject, r.request_id, vector) for r, vector in chunk],
+            )
+            return matcher_pb2.EnrollBatchesRequest(items=[r for r, _ in chunk], batch_ticket=signed.ticket)
+
         def requests():
             chunk = []
-            operation = ticket.write_operation(replace)
             for subject, template in items:
                 vector = _floats(template, "template")
-                request_id = str(uuid.uuid4())
-                chunk.append(matcher_pb2.EnrollStreamRequest(
-                    subject=subject,
-                    template=vector.tolist(),
-                    request_id=request_id,
-                    replace=replace,
-                    ticket=self.ticket(operation, subject, request_id, template=vector),
-                ))
+                chunk.append((matcher_pb2.EnrollStreamRequest(
+                    subject=subject, template=vector.tolist(), request_id=str(uuid.uuid4()), replace=replace,
+                ), vector))
                 if len(chunk) >= per_message:
-                    yield matcher_pb2.EnrollBatchesRequest(items=chunk)
+                    yield message(chunk)
                     chunk = []
             if chunk:
-                yield matcher_pb2.EnrollBatchesRequest(items=chunk)
+                yield message(chunk)
 
         call = self._stub.EnrollBatches(requests(), timeout=timeout_s)
         return _Flatten(call)

@@ -70,10 +70,12 @@ class EnrollStreamResponse(_message.Message):
     def __init__(self, subject: _Optional[str] = ..., request_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class EnrollBatchesRequest(_message.Message):
-    __slots__ = ("items",)
+    __slots__ = ("items", "batch_ticket")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_TICKET_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[EnrollStreamRequest]
-    def __init__(self, items: _Optional[_Iterable[_Union[EnrollStreamRequest, _Mapping]]] = ...) -> None: ...
+    batch_ticket: _common_pb2.VerificationTicket
+    def __init__(self, items: _Optional[_Iterable[_Union[EnrollStreamRequest, _Mapping]]] = ..., batch_ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ...) -> None: ...
 
 class EnrollBatchesResponse(_message.Message):
     __slots__ = ("results",)
