@@ -327,7 +327,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         with np.errstate(over="ignore", invalid="ignore"):
             items = [
                 common_pb2.WriteItem(subject=i.subject, request_id=i.request_id,
-                                     template_digest=ticket.item_digest(np.asarray(i.template, dtype=np.float32),
+                                     template_digest=ticket.item_digest(np.array(i.template, dtype=np.float32),
                                                                         nonce, i.request_id))
                 for i in message.items
             ]
