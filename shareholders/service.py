@@ -25,7 +25,8 @@ Who may call what is decided before any handler runs (``ROLES``, enforced by
 - Writes (StoreShares, StoreShareStream, DeleteShares) need the provider's
   signed ticket too (docs/contracts.md "Provider-signed writes"): one per
   record for a store (operation ENROLL, or REPLACE when the call replaces),
-  one for a delete (DELETE; or the ENROLL / REPLACE ticket of a failed
+  or a batch ticket whose signed items include the record (bulk), one for a
+  delete (DELETE; or the ENROLL / REPLACE ticket of a failed
   enrolment, undoing only that enrolment). The node checks signature under
   the tenant's registered key, tenant, subject, request id, operation,
   audience (its cluster id), expiry and replay (a write ticket is honoured
@@ -44,7 +45,7 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from google.protobuf.message import DecodeError
@@ -141,6 +142,14 @@ def _batch_tickets(checked: list[WriteAuth]) -> list[str]:
             d = tickets.audit_details(a.ticket)
             seen[a.ticket.signature] = f"{a.ticket.key_id}.{''.join(d['ticket'])}.{d['ticket_sig']}"
     return list(seen.values())
+
+
+@dataclass
+class _Covered:
+    """Batch tickets checked so far in one call, and the items they cover."""
+
+    items: dict = field(default_factory=dict)  # (tenant, subject, request id) -> WriteAuth
+    checked: set = field(default_factory=set)  # signatures of the batch tickets checked
 
 
 class _Sealed(NamedTuple):
@@ -387,18 +396,23 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             })
         return body, {(i.subject, i.request_id): i.request_id for i in batch.items}
 
-    def _store_tickets(self, actor: str, records, ticket_list, batches, replace: bool) -> list[WriteAuth]:
+    def _store_tickets(self, actor: str, records, ticket_list, batches, replace: bool,
+                       covered: "_Covered | None" = None) -> list[WriteAuth]:
         """Check the write ticket of every record before anything is stored: its own ticket, or
-        (empty ticket) an item of one of ``batches``, each batch ticket checked once."""
+        (empty ticket) an item of one of ``batches``, each batch ticket checked once (``covered``
+        keeps the items of batches already checked, across a stream's flushes)."""
         operation = tickets.write_operation(replace)
         if ticket_list and len(ticket_list) != len(records):
             self._deny_now(actor, "missing_ticket", status.PermissionDenied(
                 "Every share record needs the provider's write ticket."), details={"call": "store", "counted": False})
-        covered: dict[tuple[str, str, str], WriteAuth] = {}
+        covered = _Covered() if covered is None else covered
         for batch in batches:
+            if batch.ticket.signature in covered.checked:
+                continue
             body, items = self._check_batch(actor, batch, (operation,), "store")
+            covered.checked.add(batch.ticket.signature)
             for (subject, request_id) in items:
-                covered.setdefault((body.tenant, subject, request_id), WriteAuth(batch.ticket, body, request_id))
+                covered.items.setdefault((body.tenant, subject, request_id), WriteAuth(batch.ticket, body, request_id))
         out = []
         for i, rec in enumerate(records):
             ticket = ticket_list[i] if ticket_list else None
@@ -407,7 +421,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                                          request_id=rec.request_id, operations=(operation,), call="store")
                 out.append(WriteAuth(ticket, body))
                 continue
-            auth = covered.get((rec.tenant, rec.subject, rec.request_id))
+            auth = covered.items.get((rec.tenant, rec.subject, rec.request_id))
             if auth is None:
                 self._deny_now(actor, "missing_ticket", status.PermissionDenied(
                     "A share record has no provider ticket of its own or in the batch."), details={
@@ -506,7 +520,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                         "records": len(items), "request_ids": len({i.request_id for i in items}),
                         "tenants": tenants[:64], "records_sha256": digest, "kek_version": kek_version,
                         "retries": retries, "replaced": replaced,
-                        # Every record's write ticket, by digest: vaultctl audit reconcile compares them across nodes.
+                        # Every record's authority by digest, and the batch tickets themselves (audit reconcile).
                         "tickets": len(checked), "tickets_sha256": _tickets_sha256(checked),
                         "batch_tickets": _batch_tickets(checked),
                     },
@@ -543,6 +557,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         replace = None
         seen: set = set()
         batches: list = []  # the stream's batch tickets: a record may be an item of any of them
+        covered = _Covered()  # items of the batch tickets checked so far
 
         def settle(fut: Future) -> None:
             try:
@@ -569,7 +584,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                 raise status.InvalidArgument(f"{message} ({totals[0]} records were stored before this batch.)") from None
             try:
                 checked = self._store_tickets(actor, [rec for rec, _ in pending], [t for _, t in pending],
-                                              batches, bool(replace))
+                                              batches, bool(replace), covered)
             except status.RpcError:
                 while inflight:
                     settle(inflight.popleft())
