@@ -343,3 +343,18 @@ def test_a_stream_store_under_a_batch_ticket(node):
     undo = pb.DeleteSharesRequest(tenant="acme", subject="bk3", request_id=recs[3].request_id, batch=batch)
     assert s.DeleteShares(undo, timeout=10).deleted == 1
     assert code_of(s.DeleteShares, undo) == grpc.StatusCode.PERMISSION_DENIED  # once
+
+
+def test_a_used_write_ticket_stays_used_across_a_restart(node):
+    # The replay set is rebuilt from the audit log: a DELETE ticket honoured
+    # before a restart cannot erase a re-enrolment after it.
+    s = node.stub("matcher")
+    store(node, subjects=("kim",))
+    erase = ACME.delete_request("kim", "erase-kim")
+    assert s.DeleteShares(erase, timeout=10).deleted == 1
+    node.stop()
+    node.start()
+    s = node.stub("matcher")
+    store(node, subjects=("kim",))
+    assert code_of(s.DeleteShares, erase) == grpc.StatusCode.PERMISSION_DENIED
+    assert s.DescribeRecords(pb.DescribeRecordsRequest(tenant="acme", subject="kim"), timeout=10).records
