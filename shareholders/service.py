@@ -134,14 +134,24 @@ def _tickets_sha256(checked: list[WriteAuth]) -> str:
     return hashlib.sha256("\n".join(sorted(a.key for a in checked)).encode()).hexdigest()
 
 
-def _batch_tickets(checked: list[WriteAuth]) -> list[str]:
-    """The distinct batch tickets of a bulk store, as "<key id>.<body b64>.<signature b64>" (at most 64)."""
-    seen: dict[bytes, str] = {}
+# Batch tickets a bulk store's audit entry records in full (a matcher sends a
+# handful per node batch; more are counted, not recorded).
+_RECORDED_BATCH_TICKETS = 32
+
+
+def _batch_tickets(checked: list[WriteAuth]) -> dict:
+    """The distinct batch tickets of a bulk store: ``batch_tickets`` (how
+    many) and ``batch_ticket_<i>`` = [key id, signature b64, body b64
+    chunks...] for the first _RECORDED_BATCH_TICKETS."""
+    seen: dict[bytes, common_pb2.VerificationTicket] = {}
     for a in checked:
-        if a.item and a.ticket.signature not in seen and len(seen) < 64:
-            d = tickets.audit_details(a.ticket)
-            seen[a.ticket.signature] = f"{a.ticket.key_id}.{''.join(d['ticket'])}.{d['ticket_sig']}"
-    return list(seen.values())
+        if a.item:
+            seen.setdefault(a.ticket.signature, a.ticket)
+    out: dict = {"batch_tickets": len(seen)}
+    for i, t in enumerate(list(seen.values())[:_RECORDED_BATCH_TICKETS]):
+        d = tickets.audit_details(t)
+        out[f"batch_ticket_{i}"] = [t.key_id, d["ticket_sig"], *d["ticket"]]
+    return out
 
 
 @dataclass
@@ -522,7 +532,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                         "retries": retries, "replaced": replaced,
                         # Every record's authority by digest, and the batch tickets themselves (audit reconcile).
                         "tickets": len(checked), "tickets_sha256": _tickets_sha256(checked),
-                        "batch_tickets": _batch_tickets(checked),
+                        **_batch_tickets(checked),
                     },
                 )
             return len(items), retries

@@ -331,6 +331,13 @@ def test_forged_writes_pass_the_chain_but_not_reconciliation(offline, capsys):
         return {"key_id": cluster.key_id(TENANT), **tickets.audit_details(t)}
 
     zeros = np.zeros(DIM, dtype=np.float32)
+
+    def forged_batch():
+        stranger = pki.load_signing_key(pki.new_signing_key()[0])
+        b = tickets.issue_batch(stranger, cluster.key_id(TENANT), tenant=TENANT, audience=aud, batch_id="b-x",
+                                operation=tickets.ENROLL, items=[("s7", "plant-3", zeros)])
+        d = tickets.audit_details(b.ticket)
+        return [b.ticket.key_id, d["ticket_sig"], *d["ticket"]]
     with db(root, "bank-a") as conn:
         found_expected = {
             _append(conn, key, "bank-a", event="store", request_id="plant-1", subject="s3",
@@ -347,6 +354,11 @@ def test_forged_writes_pass_the_chain_but_not_reconciliation(offline, capsys):
             _append(conn, key, "bank-a", event="delete", request_id="erase-9", subject="s6",
                     details={"deleted": 1, **signed("s6", "erase-9", tickets.DELETE, audience="elsewhere")}, **who):
                 "another cluster",
+            # A bulk store under a batch ticket signed by a key the provider never registered.
+            _append(conn, key, "bank-a", event="store_batch", request_id="", subject="",
+                    details={"records": 1, "tickets": 1, "tickets_sha256": "0" * 64, "batch_tickets": 1,
+                             "batch_ticket_0": forged_batch(), "records_sha256": "0" * 64}, **who):
+                "signature does not verify",
             # A bulk store that names no tickets.
             _append(conn, key, "bank-a", event="store_batch", request_id="", subject="",
                     details={"records": 5, "records_sha256": "0" * 64}, **who): "no digest",

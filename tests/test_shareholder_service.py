@@ -323,7 +323,8 @@ def test_a_stream_store_under_a_batch_ticket(node):
     entries, _ = audit_entries(node)
     [entry] = [e for e in entries if e.event == "store_batch"]
     details = json.loads(entry.details_json)
-    assert details["tickets"] == 10 and len(details["batch_tickets"]) == 1
+    assert details["tickets"] == 10 and details["batch_tickets"] == 1
+    assert details["batch_ticket_0"][0] == ACME.key_id and "batch_ticket_1" not in details
     # The same batch items again: each is honoured once (a retry is signed afresh).
     again = sample_records("acme", [f"bk{i}" for i in range(10)], index=1)
     assert code_of(s.StoreShareStream, iter([pb.StoreShareStreamRequest(records=again, batches=[batch])])) \

@@ -320,11 +320,12 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
             ok = isinstance(details.get("tickets_sha256"), str) and details.get("tickets") == details.get("records")
             why = None if ok else "the bulk store records no digest of its records' provider tickets"
             operations = (tickets.REPLACE,) if details.get("replaced") else tickets.WRITES
-            for packed in (details.get("batch_tickets") or []) if why is None else []:
-                key_id, _, rest = str(packed).partition(".")
-                body_b64, _, sig_b64 = rest.partition(".")
-                recorded = tickets.from_audit_details({"ticket": [body_b64], "ticket_sig": sig_b64, "key_id": key_id})
-                why, _ = check_ticket(e, {}, operations, ticket=recorded or common_pb2.VerificationTicket(),
+            recorded = [details[k] for k in sorted(details) if k.startswith("batch_ticket_")]
+            for packed in recorded if why is None else []:
+                parts = packed if isinstance(packed, list) and len(packed) >= 3 else ["", "", ""]
+                batch_ticket = tickets.from_audit_details({"key_id": parts[0], "ticket_sig": parts[1],
+                                                           "ticket": list(parts[2:])})
+                why, _ = check_ticket(e, {}, operations, ticket=batch_ticket or common_pb2.VerificationTicket(),
                                       batch=True)
                 if why is not None:
                     why = f"a batch ticket of the bulk store: {why}"
