@@ -238,7 +238,7 @@ class Processes:
         matcher_toml.write_text(
             f'[matcher]\nlisten = "127.0.0.1:0"\nready_file = "{self.root / "matcher.ready"}"\n'
             f'dimension = {DIM}\nthreshold = {K}\ncall_timeout_ms = 2000\nlog_level = "WARNING"\n'
-            f'enroll_batch = {ENROLL_BATCH}\n\n'
+            f'enroll_batch = {ENROLL_BATCH}\ncluster_id = "{testing.CLUSTER_ID}"\n\n'
             f'[tls]\nca = "{m.ca}"\ncert = "{m.cert}"\nkey = "{m.key}"\n\n[metrics]\nport = -1\n\n{nodes}'
             f'[tenants.{TENANT}]\nmatch_threshold = {MATCH_THRESHOLD}\nscore_allowed = false\n'
             f'ticket_keys = {{ "{KEY_ID}" = "{public.hex()}" }}\n'
@@ -331,8 +331,9 @@ class _Systems:
         self.probes = probes
         psp = procs.files[("psp", TENANT)].load()
         self.client = MatcherClient(addresses["matcher"], psp, tenant=TENANT, ticket_key=procs.ticket_key,
-                                    key_id=KEY_ID, matcher="matcher", timeout_s=10.0)
-        self.plain = _Stub(secure_channel(addresses["verifier"], psp, expect=pki.Identity("matcher", "matcher")), VERIFIER_SERVICE, "Verify",
+                                    key_id=KEY_ID, matcher="matcher", cluster_id=testing.CLUSTER_ID, timeout_s=10.0)
+        self.plain = _Stub(secure_channel(addresses["verifier"], psp, expect=pki.Identity("matcher", "matcher")),
+                           VERIFIER_SERVICE, "Verify",
                            matcher_pb2.VerifyRequest, matcher_pb2.VerifyResponse)
         self.memory = _Stub(secure_channel(addresses["memory"], psp, expect=MEMORY), VERIFIER_SERVICE, "Verify",
                             matcher_pb2.VerifyRequest, matcher_pb2.VerifyResponse)

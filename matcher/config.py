@@ -10,7 +10,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from vault import pki
+from vault import pki, ticket
 from vaultrpc import config as rpcconfig
 from vaultrpc.config import ConfigError
 from vaultrpc.tls import TlsFiles
@@ -45,6 +45,8 @@ class MatcherConfig:
     shareholders: tuple[ShareholderEndpoint, ...]
     tenants: dict[str, TenantPolicy]
     tls: TlsFiles
+    # The cluster id: the audience every provider ticket must name.
+    cluster_id: str
     ready_file: str | None = None
     call_timeout_ms: int = 2000
     log_level: str = "INFO"
@@ -94,6 +96,10 @@ def from_dict(data: dict[str, Any], base: pathlib.Path | None = None) -> Matcher
     max_workers = get(data, "matcher.max_workers", 64, int)
     enroll_batch = get(data, "matcher.enroll_batch", 512, int)
     hedge_ms = get(data, "matcher.hedge_ms", 150, int)
+    try:
+        cluster_id = ticket.check_audience(need(data, "matcher.cluster_id"))
+    except ValueError as exc:
+        raise ConfigError(f"The config value matcher.cluster_id is invalid: {exc}") from None
     if not 0 < dimension <= 66_572:
         raise ConfigError("The config value matcher.dimension must be between 1 and 66572.")
     if not 50 <= call_timeout_ms <= 600_000:
@@ -155,8 +161,12 @@ def from_dict(data: dict[str, Any], base: pathlib.Path | None = None) -> Matcher
             raise ConfigError(f"The tenant name {name!r} is invalid: {exc}") from None
         wrapped = {"t": raw}
         match_threshold = need(wrapped, "t.match_threshold", (int, float))
-        if isinstance(match_threshold, bool) or not -1.0 <= float(match_threshold) <= 1.0:
-            raise ConfigError(f"The config value tenants.{name}.match_threshold must be between -1 and 1.")
+        # Cosine similarity: a threshold at or below 0 (or NaN) would let
+        # unrelated vectors match; above 1 nothing could.
+        if isinstance(match_threshold, bool) or not 0.0 < float(match_threshold) <= 1.0:
+            raise ConfigError(
+                f"The config value tenants.{name}.match_threshold must be above 0 and at most 1 (cosine similarity)."
+            )
         score_allowed = get(wrapped, "t.score_allowed", False, bool)
         raw_keys = get(wrapped, "t.ticket_keys", {}, dict)
         if not raw_keys:
@@ -180,6 +190,7 @@ def from_dict(data: dict[str, Any], base: pathlib.Path | None = None) -> Matcher
         shareholders=tuple(sorted(nodes, key=lambda n: n.index)),
         tenants=tenants,
         tls=tls,
+        cluster_id=cluster_id,
         ready_file=_path(ready_file, base) if ready_file else None,
         call_timeout_ms=call_timeout_ms,
         log_level=log_level.upper(),

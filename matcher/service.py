@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from matcher import metrics
 from matcher.committee import TRANSPORT_CODES, Committee, Outcome
@@ -97,6 +98,9 @@ class _Item:
     subject: str
     request_id: str
     replace: bool
+    # The provider's authority for this write: its own ticket, or the batch
+    # ticket (with every item) of the EnrollBatches message it came in.
+    auth: common_pb2.VerificationTicket | common_pb2.WriteBatch
     vector: np.ndarray | None = None
     code: grpc.StatusCode | None = None
     message: str = ""
@@ -150,7 +154,9 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         request_id = check_id(request.request_id, "request id", ascii_only=True)
         vector = _vector(request.template, self.d, "template")
         try:
-            epoch, already = self._enrol_one(tenant.name, subject, request_id, vector, request.replace)
+            self._check_write_ticket(request, tenant, subject, request_id, _write_ops(request.replace), vector)
+            epoch, already = self._enrol_one(tenant.name, subject, request_id, vector, request.replace,
+                                             request.ticket)
         except status.RpcError as exc:
             metrics.ENROLMENTS.labels(exc.code.name).inc()
             raise
@@ -166,9 +172,10 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         )
 
     def _enrol_one(
-        self, tenant: str, subject: str, request_id: str, vector: np.ndarray, replace: bool
+        self, tenant: str, subject: str, request_id: str, vector: np.ndarray, replace: bool,
+        auth: common_pb2.VerificationTicket | common_pb2.WriteBatch,
     ) -> tuple[int, bool]:
-        """Enrol one checked template; (epoch, already_enrolled). Raises status errors."""
+        """Enrol one checked template under its checked write ticket; (epoch, already_enrolled). Raises status errors."""
         describe = shareholder_pb2.DescribeRecordsRequest(tenant=tenant, subject=subject)
         gather_describe = self.committee.fan_out("DescribeRecords", describe)
         gather_info = self.committee.fan_out("GetNodeInfo", shareholder_pb2.GetNodeInfoRequest())
@@ -200,6 +207,14 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             raise status.AlreadyExists(
                 "The subject is already enrolled; set replace to overwrite it."
             )
+        if not replace and holders:
+            # Fewer than k nodes hold another request's records (an earlier
+            # enrolment that did not finish): an ENROLL ticket cannot
+            # overwrite them (the nodes refuse it), so say so before writing.
+            raise status.AlreadyExists(
+                "An unfinished earlier enrolment of this subject is held by some shareholders; "
+                "retry it with its request id, or set replace to overwrite it."
+            )
         existing = any(held.values())
         epoch = self._cluster_epoch([o.response.epoch for o in infos])
         encoded = field_values = extended = shares = None
@@ -215,12 +230,14 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         finally:
             record.wipe(encoded, field_values, extended, shares)
         by_index = {r.index: r for r in records}
-        # Overwrite our own leftovers from an earlier attempt of this request
-        # too, so that all n shares come from this one split.
-        store_replace = replace or existing
+        # Our own leftovers from an earlier attempt of this request are
+        # overwritten by the nodes (same request id), so that all n shares
+        # come from this one split; another request's leftovers only with
+        # replace (an ENROLL ticket cannot replace, and the nodes check it).
         outcomes = self.committee.call_all(
             "StoreShares",
-            lambda node: shareholder_pb2.StoreSharesRequest(records=[by_index[node.index]], replace=store_replace),
+            lambda node: shareholder_pb2.StoreSharesRequest(
+                records=[by_index[node.index]], replace=replace, **_store_auth([auth])),
         )
         del records, by_index
         failed = [o for o in outcomes if not o.ok]
@@ -233,7 +250,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         undo = tuple(o.node for o in outcomes if o.ok or o.code in TRANSPORT_CODES)
         if replace or existing:
             undo = self.cfg.shareholders  # a half-replaced subject must not stay half old, half new
-        not_undone = self._compensate(tenant, subject, request_id, undo)
+        not_undone = self._compensate(tenant, subject, request_id, undo, auth)
         if all(o.code == grpc.StatusCode.ALREADY_EXISTS for o in failed) and not not_undone:
             raise status.AlreadyExists(
                 "The subject was enrolled concurrently by another request; set replace to overwrite it."
@@ -258,12 +275,16 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         return max(epochs) if epochs else 0
 
     def _compensate(
-        self, tenant: str, subject: str, request_id: str, nodes: tuple[ShareholderEndpoint, ...]
+        self, tenant: str, subject: str, request_id: str, nodes: tuple[ShareholderEndpoint, ...],
+        auth: common_pb2.VerificationTicket | common_pb2.WriteBatch,
     ) -> list[str]:
-        """Delete the subject on ``nodes``; the names of those that did not confirm."""
+        """Undo a failed enrolment on ``nodes`` under its own write ticket (the
+        nodes erase only what that ticket may have written); the names of those
+        that did not confirm."""
         if not nodes:
             return []
-        req = shareholder_pb2.DeleteSharesRequest(tenant=tenant, subject=subject, request_id=request_id)
+        undo_auth = {"batch": auth} if isinstance(auth, common_pb2.WriteBatch) else {"ticket": auth}
+        req = shareholder_pb2.DeleteSharesRequest(tenant=tenant, subject=subject, request_id=request_id, **undo_auth)
         outcomes = self.committee.call_all("DeleteShares", req, nodes=nodes)
         failed = [o for o in outcomes if not o.ok]
         for o in failed:
@@ -279,14 +300,40 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
 
     def EnrollStream(self, request_iterator, context):
         tenant = self._tenant(context)
-        for results in self._bulk(tenant.name, request_iterator, context):
+        for results in self._bulk(tenant.name, ((req, None) for req in request_iterator), context):
             yield from results
 
     def EnrollBatches(self, request_iterator, context):
         tenant = self._tenant(context)
-        items = (item for message in request_iterator for item in message.items)
-        for results in self._bulk(tenant.name, items, context):
+
+        def items():
+            for message in request_iterator:
+                # A batch ticket is checked once for the message: then every item is one the provider signed.
+                authority = self._check_batch_ticket(message, tenant) if message.HasField("batch_ticket") else None
+                for item in message.items:
+                    yield item, authority
+
+        for results in self._bulk(tenant.name, items(), context):
             yield matcher_pb2.EnrollBatchesResponse(results=results)
+
+    def _check_batch_ticket(self, message, tenant: TenantPolicy) -> "_BatchAuth | status.RpcError":
+        """The message's batch ticket, checked against its templates: its authority, or the refusal for every item."""
+        try:
+            body = ticket.verify(message.batch_ticket, tenant.ticket_keys, tenant=tenant.name,
+                                 audience=self.cfg.cluster_id, operations=ticket.WRITES, batch=True)
+        except InvalidTicket as exc:
+            return status.PermissionDenied(str(exc))
+        nonce = body.nonce
+        with np.errstate(over="ignore", invalid="ignore"):
+            items = [
+                common_pb2.WriteItem(subject=i.subject, request_id=i.request_id,
+                                     template_digest=ticket.item_digest(np.array(i.template, dtype=np.float32),
+                                                                        nonce, i.request_id))
+                for i in message.items
+            ]
+        if not ticket.batch_matches(body, items):
+            return status.PermissionDenied("The templates are not the ones the batch ticket authorises.")
+        return _BatchAuth(common_pb2.WriteBatch(ticket=message.batch_ticket, items=items), body.operation)
 
     def _bulk(self, tenant: str, requests, context) -> Iterator[list[matcher_pb2.EnrollStreamResponse]]:
         """Enrol a stream of EnrollStreamRequests batch by batch; the results of each batch, in order.
@@ -300,7 +347,18 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         one subject never race.
         """
         in_flight: deque = deque()
-        for batch in _batches(requests, self.cfg.enroll_batch, self.d):
+        policy = self.cfg.tenants[tenant]
+
+        def check(req, vector: np.ndarray, authority) -> None:
+            if authority is None:
+                self._check_write_ticket(req, policy, req.subject, req.request_id, _write_ops(req.replace), vector)
+            elif isinstance(authority, status.RpcError):
+                raise authority
+            elif authority.operation != ticket.write_operation(req.replace):
+                raise status.PermissionDenied(
+                    f"The batch ticket authorises {ticket.OPERATION_NAMES[authority.operation]}, not this item.")
+
+        for batch in _batches(requests, self.cfg.enroll_batch, self.d, check):
             busy = {item.subject for sent_batch, _ in in_flight for item in sent_batch}
             prepared = self._prepare_batch(tenant, batch, busy)
             in_flight.append((batch, self._send_batch(prepared)))
@@ -381,14 +439,15 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         record.validate_record(per_node[self.cfg.shareholders[0].index][0])
         return per_node
 
-    def _store_batch(self, per_node, lo: int, hi: int, replace: bool, nodes=None):
+    def _store_batch(self, fast: list[_Item], per_node, lo: int, hi: int, replace: bool, nodes=None):
         # One StoreShareStream call per node carrying the whole batch in one
         # message: the node commits it as one transaction with one audit
         # entry (all or nothing while enroll_batch <= the nodes' stream_batch).
+        authority = _store_auth([item.auth for item in fast[lo:hi]])
         return self.committee.fan_out(
             "StoreShareStream",
             lambda node: iter([shareholder_pb2.StoreShareStreamRequest(
-                records=per_node[node.index][lo:hi], replace=replace)]),
+                records=per_node[node.index][lo:hi], replace=replace, **authority)]),
             nodes=nodes,
             timeout_s=self._batch_timeout(hi - lo),
         )
@@ -397,7 +456,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         fast, per_node, replace = prepared
         if not fast:
             return prepared, None
-        return prepared, self._store_batch(per_node, 0, len(fast), replace)
+        return prepared, self._store_batch(fast, per_node, 0, len(fast), replace)
 
     def _batch_timeout(self, count: int) -> float:
         # A batch write may take longer than one call; allow 2 ms per record on top.
@@ -447,7 +506,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             if hi - lo > 1:
                 mid = (lo + hi) // 2
                 for a, b in ((lo, mid), (mid, hi)):
-                    retry = self._store_batch(per_node, a, b, replace).all()
+                    retry = self._store_batch(fast, per_node, a, b, replace).all()
                     self._settle_batch(tenant, fast, per_node, replace, retry, a, b)
             return
         for o in failed:
@@ -457,7 +516,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         undo = tuple(o.node for o in outcomes if o.ok or o.code in TRANSPORT_CODES)
         not_undone: set[str] = set()
         for item in fast[lo:hi]:
-            not_undone.update(self._compensate(tenant, item.subject, item.request_id, undo))
+            not_undone.update(self._compensate(tenant, item.subject, item.request_id, undo, item.auth))
         paused = all(o.code == grpc.StatusCode.FAILED_PRECONDITION for o in failed)
         message = (
             "Enrolment is paused: a shareholder is in maintenance (share refresh or reshare); retry later"
@@ -479,7 +538,8 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         try:
             if item.vector is None:
                 raise status.Unavailable("The template was not kept for a retry; send it again.")
-            _, already = self._enrol_one(tenant, item.subject, item.request_id, item.vector, item.replace)
+            _, already = self._enrol_one(tenant, item.subject, item.request_id, item.vector, item.replace,
+                                         item.auth)
             item.code, item.message = _OK, ("Already enrolled by this request id." if already else "")
         except status.RpcError as exc:
             item.code, item.message = exc.code, exc.message
@@ -532,11 +592,29 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             record.wipe(probe, *codes)
             metrics.VERIFICATIONS.labels(outcome_label).inc()
 
+    def _check_write_ticket(self, request, tenant: TenantPolicy, subject: str, request_id: str,
+                            operations: tuple[int, ...], template: np.ndarray | None):
+        """The provider's write ticket of an enrolment or delete, checked here
+        (the nodes check it again, all but the template digest)."""
+        if not request.HasField("ticket"):
+            raise status.PermissionDenied("A write needs the provider's signed ticket.")
+        try:
+            body = ticket.verify(request.ticket, tenant.ticket_keys, tenant=tenant.name, audience=self.cfg.cluster_id,
+                                 operations=operations)
+        except InvalidTicket as exc:
+            raise status.PermissionDenied(str(exc)) from None
+        if body.subject != subject or body.request_id != request_id:
+            raise status.PermissionDenied("The ticket was issued for another subject or request id.")
+        if template is not None and not ticket.template_matches(body, template):
+            raise status.PermissionDenied("The template is not the one the ticket authorises.")
+        return body
+
     def _check_ticket(self, request, tenant: TenantPolicy, subject: str, probe: np.ndarray):
         if not request.HasField("ticket"):
             raise status.PermissionDenied("A verification needs the provider's signed ticket.")
         try:
-            body = ticket.verify(request.ticket, tenant.ticket_keys, tenant=tenant.name)
+            body = ticket.verify(request.ticket, tenant.ticket_keys, tenant=tenant.name, audience=self.cfg.cluster_id,
+                                 operations=(ticket.VERIFY,))
         except InvalidTicket as exc:
             raise status.PermissionDenied(str(exc)) from None
         if body.subject != subject:
@@ -761,8 +839,13 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
     def Delete(self, request, context):
         tenant = self._tenant(context)
         subject = check_id(request.subject, "subject")
-        request_id = check_id(request.request_id, "request id", ascii_only=True) if request.request_id else str(uuid.uuid4())
-        req = shareholder_pb2.DeleteSharesRequest(tenant=tenant.name, subject=subject, request_id=request_id)
+        if not request.HasField("ticket"):
+            raise status.PermissionDenied("A delete needs the provider's signed ticket.")
+        request_id = request.request_id or _claimed_request_id(request.ticket)
+        request_id = check_id(request_id, "request id", ascii_only=True)
+        self._check_write_ticket(request, tenant, subject, request_id, (ticket.DELETE,), None)
+        req = shareholder_pb2.DeleteSharesRequest(tenant=tenant.name, subject=subject, request_id=request_id,
+                                                  ticket=request.ticket)
         outcomes = self.committee.call_all("DeleteShares", req)
         response = matcher_pb2.DeleteResponse(subject=subject, complete=all(o.ok for o in outcomes))
         for o in outcomes:
@@ -770,7 +853,9 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
                 message = f"Erased {o.response.deleted} record(s)."
             else:
                 self._node_failed(o, "DeleteShares")
-                message = o.message[:200] or "The shareholder did not confirm."
+                # The node's own words stay in this log: they may name node
+                # internals (a maintenance session) that are no PSP's business.
+                message = _DELETE_MESSAGE.get(o.code, "The shareholder did not confirm.")
             response.outcomes.add(shareholder=o.node.name, code=status.code_value(o.code), message=message)
         logs.event(
             self.log, "deleted", logging.INFO if response.complete else logging.WARNING, tenant=tenant.name,
@@ -780,6 +865,52 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         return response
 
 
+@dataclass(frozen=True)
+class _BatchAuth:
+    """A checked batch ticket of one EnrollBatches message."""
+
+    batch: common_pb2.WriteBatch
+    operation: int
+
+
+def _store_auth(auths) -> dict:
+    """StoreShares / StoreShareStream fields for these items' authorities, in
+    record order: each ticket, or a blank one for an item of a batch ticket
+    (each batch sent once)."""
+    blank = common_pb2.VerificationTicket()
+    batches: dict[int, common_pb2.WriteBatch] = {}
+    write_tickets = []
+    for auth in auths:
+        if isinstance(auth, common_pb2.WriteBatch):
+            batches.setdefault(id(auth), auth)
+            write_tickets.append(blank)
+        else:
+            write_tickets.append(auth)
+    return {"tickets": write_tickets, "batches": list(batches.values())}
+
+
+_DELETE_MESSAGE = {
+    grpc.StatusCode.FAILED_PRECONDITION: "The shareholder is in maintenance; retry the deletion later.",
+    grpc.StatusCode.PERMISSION_DENIED: "The shareholder refused the ticket.",
+}
+
+
+def _write_ops(replace: bool) -> tuple[int, ...]:
+    """The ticket operation an enrolment with this replace flag needs."""
+    return (ticket.write_operation(replace),)
+
+
+def _claimed_request_id(signed: common_pb2.VerificationTicket) -> str:
+    # The request id a delete ticket names, read before it is checked (the
+    # check then compares it with the signed body).
+    body = common_pb2.TicketBody()
+    try:
+        body.ParseFromString(signed.body)
+    except DecodeError:
+        return ""
+    return body.request_id
+
+
 _STATUS_BY_CODE = {
     grpc.StatusCode.PERMISSION_DENIED: status.PermissionDenied,
     grpc.StatusCode.RESOURCE_EXHAUSTED: status.ResourceExhausted,
@@ -787,11 +918,11 @@ _STATUS_BY_CODE = {
 }
 
 
-def _batches(requests: Iterable, size: int, dimension: int) -> Iterator[list[_Item]]:
-    """Read the stream ``size`` requests at a time, checking each one."""
+def _batches(requests: Iterable, size: int, dimension: int, check_ticket) -> Iterator[list[_Item]]:
+    """Read the stream of (request, batch authority) ``size`` requests at a time, checking each one."""
     batch: list[_Item] = []
-    for position, req in enumerate(requests):
-        batch.append(_check_stream_item(position, req, dimension))
+    for position, (req, authority) in enumerate(requests):
+        batch.append(_check_stream_item(position, req, dimension, check_ticket, authority))
         if len(batch) >= size:
             yield batch
             batch = []
@@ -799,12 +930,17 @@ def _batches(requests: Iterable, size: int, dimension: int) -> Iterator[list[_It
         yield batch
 
 
-def _check_stream_item(position: int, req, dimension: int) -> _Item:
-    item = _Item(position, req.subject, req.request_id, req.replace)
+def _check_stream_item(position: int, req, dimension: int, check_ticket, authority) -> _Item:
+    auth = authority.batch if isinstance(authority, _BatchAuth) else req.ticket
+    item = _Item(position, req.subject, req.request_id, req.replace, auth)
     try:
         check_id(req.subject, "subject")
         check_id(req.request_id, "request id", ascii_only=True)
         item.vector = _vector(req.template, dimension, "template")
+        check_ticket(req, item.vector, authority)
     except status.RpcError as exc:
         item.code, item.message = exc.code, exc.message
+        if item.vector is not None:
+            record.wipe(item.vector)
+            item.vector = None
     return item

@@ -31,7 +31,7 @@ from typing import Any
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from vault import pki
+from vault import pki, ticket
 from vault.envelope import KEY_BYTES, KekRing
 from vaultrpc import config as rpcconfig
 from vaultrpc.config import ConfigError
@@ -75,6 +75,9 @@ class NodeConfig:
     attempt_window_s: float = 60.0
     # tenant id -> key id -> the provider's Ed25519 ticket public key
     tenants: dict[str, dict[str, ed25519.Ed25519PublicKey]] = field(default_factory=dict)
+    # The cluster this node belongs to: the audience every ticket must name
+    # (empty accepts no ticket; the loader requires it).
+    cluster_id: str = ""
     # Sign the audit chain head after this many entries or seconds, whichever first.
     checkpoint_every: int = 1000
     checkpoint_interval_s: float = 60.0
@@ -167,6 +170,10 @@ def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> N
         pki.check_name(name)
     except ValueError as exc:
         raise ConfigError(f"The config value node.name is invalid: {exc}") from None
+    try:
+        cluster_id = ticket.check_audience(rpcconfig.need(data, "node.cluster_id"))
+    except ValueError as exc:
+        raise ConfigError(f"The config value node.cluster_id is invalid: {exc}") from None
     index = rpcconfig.need(data, "node.index", int)
     if not 1 <= index <= MAX_INDEX:
         raise ConfigError(f"The config value node.index must be from 1 to {MAX_INDEX} (a Shamir x-coordinate, never 0).")
@@ -232,6 +239,7 @@ def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> N
         attempts_per_subject=_positive(data, "limits.attempts_per_subject", 10),
         attempt_window_s=_positive(data, "limits.attempt_window_s", 60.0, float),
         tenants=tenants,
+        cluster_id=cluster_id,
         checkpoint_every=_positive(data, "audit.checkpoint_every", 1000),
         checkpoint_interval_s=_positive(data, "audit.checkpoint_interval_s", 60.0, float),
         stream_batch=_positive(data, "store.stream_batch", 1000),

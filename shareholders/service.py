@@ -22,6 +22,17 @@ Who may call what is decided before any handler runs (``ROLES``, enforced by
   the audit log at start-up, so a restart reopens neither. Every release
   and every refusal is an audit entry, committed before the caller hears
   back. A sealed share that does not open is DATA_LOSS, never a wrong share.
+- Writes (StoreShares, StoreShareStream, DeleteShares) need the provider's
+  signed ticket too (docs/contracts.md "Provider-signed writes"): one per
+  record for a store (operation ENROLL, or REPLACE when the call replaces),
+  or a batch ticket whose signed items include the record (bulk), one for a
+  delete (DELETE; or the ENROLL / REPLACE ticket of a failed
+  enrolment, undoing only that enrolment). The node checks signature under
+  the tenant's registered key, tenant, subject, request id, operation,
+  audience (its cluster id), expiry and replay (a write ticket is honoured
+  once per node and purpose) BEFORE it stores or erases anything; a refusal
+  is PERMISSION_DENIED with a committed ``deny`` entry. Store and delete
+  entries record the ticket that authorised them.
 - Tenants are kept apart by scoping every query by tenant.
 """
 from __future__ import annotations
@@ -34,7 +45,7 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from google.protobuf.message import DecodeError
@@ -59,7 +70,8 @@ ROLES = {
     _M + "ReleaseShare": frozenset({pki.ROLE_MATCHER}),
     _M + "DeleteShares": frozenset({pki.ROLE_MATCHER}),
     _M + "DescribeRecords": frozenset({pki.ROLE_MATCHER, pki.ROLE_AUDITOR}),
-    _M + "GetNodeInfo": pki.ROLES,
+    # Not the PSP: a provider has no business with node internals.
+    _M + "GetNodeInfo": frozenset({pki.ROLE_MATCHER, pki.ROLE_AUDITOR, pki.ROLE_SHAREHOLDER}),
     _M + "ReadAuditLog": frozenset({pki.ROLE_AUDITOR}),
     _M + "RotateKek": frozenset({pki.ROLE_AUDITOR}),
     _M + "WitnessCheckpoint": frozenset({pki.ROLE_SHAREHOLDER}),
@@ -74,6 +86,8 @@ AUDIT_HEAD = Gauge("splitvault_node_audit_head_seq", "Sequence number of the las
 MAX_REQUEST_ID = 128
 # Most stream batches sealed and queued ahead of the writer (bounds memory).
 _STREAM_INFLIGHT = 2
+# Batch tickets one StoreShareStream may carry (each checked once per flush).
+_MAX_STREAM_BATCHES = 4096
 # Claimed (unverified) names are logged, cut to this length.
 _CLAIM_CHARS = 128
 
@@ -90,6 +104,63 @@ def _check_name(value: str, what: str) -> str:
     except InvalidShares:
         raise status.InvalidArgument(f"The {what} must be 1 to 128 bytes of UTF-8 without control characters.") from None
     return value
+
+
+class WriteAuth(NamedTuple):
+    """The checked provider ticket behind one write: a ticket of its own, or
+    a batch ticket and the item (request id) of it that the write is."""
+
+    ticket: common_pb2.VerificationTicket
+    body: common_pb2.TicketBody
+    item: str = ""
+
+    @property
+    def key(self) -> str:
+        """Names the authority in the replay set and in audit entries."""
+        digest = tickets.ticket_digest(self.ticket)
+        return f"{digest}/{self.item}" if self.item else digest
+
+
+def _write_ticket_details(auth: WriteAuth) -> dict:
+    """What a store or delete entry records of the ticket that authorised it
+    (``vaultctl audit reconcile`` re-verifies the provider's signature)."""
+    more = {"batch_item": auth.item} if auth.item else {}
+    return {"operation": tickets.OPERATION_NAMES[auth.body.operation], "key_id": auth.ticket.key_id,
+            "ticket_expires_ms": auth.body.expires_at_ms, "ticket_sha256": auth.key, **more,
+            **tickets.audit_details(auth.ticket)}
+
+
+def _tickets_sha256(checked: list[WriteAuth]) -> str:
+    """SHA-256 over a batch's sorted write authorities."""
+    return hashlib.sha256("\n".join(sorted(a.key for a in checked)).encode()).hexdigest()
+
+
+# Batch tickets a bulk store's audit entry records in full (a matcher sends a
+# handful per node batch; more are counted, not recorded).
+_RECORDED_BATCH_TICKETS = 32
+
+
+def _batch_tickets(checked: list[WriteAuth]) -> dict:
+    """The distinct batch tickets of a bulk store: ``batch_tickets`` (how
+    many) and ``batch_ticket_<i>`` = [key id, signature b64, body b64
+    chunks...] for the first _RECORDED_BATCH_TICKETS."""
+    seen: dict[bytes, common_pb2.VerificationTicket] = {}
+    for a in checked:
+        if a.item:
+            seen.setdefault(a.ticket.signature, a.ticket)
+    out: dict = {"batch_tickets": len(seen)}
+    for i, t in enumerate(list(seen.values())[:_RECORDED_BATCH_TICKETS]):
+        d = tickets.audit_details(t)
+        out[f"batch_ticket_{i}"] = [t.key_id, d["ticket_sig"], *d["ticket"]]
+    return out
+
+
+@dataclass
+class _Covered:
+    """Batch tickets checked so far in one call, and the items they cover."""
+
+    items: dict = field(default_factory=dict)  # (tenant, subject, request id) -> WriteAuth
+    checked: set = field(default_factory=set)  # signatures of the batch tickets checked
 
 
 class _Sealed(NamedTuple):
@@ -160,6 +231,46 @@ class ReleaseGuard:
         self._next_prune = now + 10_000
 
 
+class WriteGuard:
+    """Write tickets honoured at this node (in memory, rebuilt from the log):
+    each is good once per purpose ("store", "erase") until it expires, so a
+    captured DELETE cannot erase a re-enrolment and a used ENROLL cannot
+    plant again; and an enrolment's ticket that undid it ("erase") can no
+    longer store, so a write that arrives after the matcher gave up on it
+    (and told the provider nothing was kept) is refused, not left behind."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._used: dict[str, int] = {}  # "<ticket sha256>:<purpose>" -> expiry (ms)
+        self._next_prune = 0
+
+    def reserve(self, keys: dict[str, int], now: int, blocked_by: dict[str, str] | None = None) -> str | None:
+        """Take every key or none; the first key refused (taken, or its
+        ``blocked_by`` key taken), else None."""
+        with self._lock:
+            if now >= self._next_prune:
+                self._used = {k: e for k, e in self._used.items() if e > now}
+                self._next_prune = now + 10_000
+            for key in keys:
+                if key in self._used or (blocked_by and blocked_by.get(key) in self._used):
+                    return key
+            self._used.update(keys)
+            return None
+
+    def holds(self, key: str) -> bool:
+        with self._lock:
+            return key in self._used
+
+    def release(self, keys) -> None:
+        """Give back keys whose write did not commit."""
+        with self._lock:
+            for key in keys:
+                self._used.pop(key, None)
+
+    def record(self, key: str, expires_ms: int) -> None:
+        self._used[key] = max(expires_ms, self._used.get(key, 0))
+
+
 class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
     def __init__(self, cfg: NodeConfig, keys: NodeKeys, writer: AuditWriter, state: store.NodeState):
         self.cfg = cfg
@@ -178,6 +289,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         self._readers: list = []
         self._readers_lock = threading.Lock()
         self.guard = ReleaseGuard(cfg.attempts_per_subject, int(cfg.attempt_window_s * 1000))
+        self.write_guard = WriteGuard()
         self._releases = RELEASES.labels(cfg.name)
         self._stored = STORED.labels(cfg.name)
         self._deleted = DELETED.labels(cfg.name)
@@ -198,6 +310,17 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             n += 1
             tid = tickets.ticket_id(common_pb2.TicketBody(tenant=tenant, request_id=request_id))
             self.guard.record(tenant, subject, tid, int(details.get("ticket_expires_ms") or 0), time_ms)
+        # Write tickets used recently (a bulk store's batch entry names its
+        # tickets by one digest only: those are not rebuilt).
+        for _time_ms, event, _rid, _tenant, _subject, details_json in store.entries_since(
+            self._reader(), now - horizon, ("store", "delete")
+        ):
+            details = json.loads(details_json)
+            digest = details.get("ticket_sha256")
+            if isinstance(digest, str):
+                purpose = "store" if event == "store" else "erase"
+                self.write_guard.record(f"{digest}:{purpose}", int(details.get("ticket_expires_ms") or 0))
+                n += 1
         return n
 
     def _reader(self):
@@ -230,6 +353,113 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
 
     # --- store ------------------------------------------------------------------
 
+    # --- write tickets --------------------------------------------------------------
+
+    def _check_write(self, actor: str, ticket, *, tenant: str, subject: str, request_id: str,
+                     operations: tuple[int, ...], call: str) -> common_pb2.TicketBody:
+        """The provider's write ticket, checked (PERMISSION_DENIED with a committed deny entry otherwise)."""
+        keys = self.cfg.tenants.get(tenant)
+        why = None
+        if keys is None:
+            why = ("unknown_tenant", "The ticket names a tenant not registered at this node.")
+        else:
+            try:
+                body = tickets.verify(ticket, keys, tenant=tenant, audience=self.cfg.cluster_id, operations=operations)
+            except InvalidTicket as exc:
+                why = ("invalid_ticket", str(exc))
+            else:
+                if body.subject != subject or body.request_id != request_id:
+                    why = ("ticket_mismatch", "The ticket was issued for another subject or request id.")
+        if why is not None:
+            self._deny_now(actor, why[0], status.PermissionDenied(why[1]), details={
+                "call": call, "why": why[1], "counted": False, "claimed_tenant": tenant[:_CLAIM_CHARS],
+                "claimed_subject": subject[:_CLAIM_CHARS], "claimed_request_id": request_id[:_CLAIM_CHARS],
+                "key_id": ticket.key_id[:_CLAIM_CHARS],
+            })
+        return body
+
+    def _check_batch(self, actor: str, batch: common_pb2.WriteBatch, operations: tuple[int, ...],
+                     call: str) -> tuple[common_pb2.TicketBody, dict[tuple[str, str], str]]:
+        """A batch ticket and its items, checked once: (body, {(subject, request id): request id})."""
+        ticket = batch.ticket
+        claimed = common_pb2.TicketBody()
+        try:
+            claimed.ParseFromString(ticket.body)
+        except DecodeError:
+            claimed = common_pb2.TicketBody()
+        keys = self.cfg.tenants.get(claimed.tenant)
+        why = None
+        if keys is None:
+            why = ("unknown_tenant", "The batch ticket names a tenant not registered at this node.")
+        else:
+            try:
+                body = tickets.verify(ticket, keys, tenant=claimed.tenant, audience=self.cfg.cluster_id,
+                                      operations=operations, batch=True)
+            except InvalidTicket as exc:
+                why = ("invalid_ticket", str(exc))
+            else:
+                if not tickets.batch_matches(body, batch.items):
+                    why = ("ticket_mismatch", "The batch's items are not the ones its ticket signs.")
+        if why is not None:
+            self._deny_now(actor, why[0], status.PermissionDenied(why[1]), details={
+                "call": call, "why": why[1], "counted": False, "claimed_tenant": claimed.tenant[:_CLAIM_CHARS],
+                "claimed_request_id": claimed.request_id[:_CLAIM_CHARS], "key_id": ticket.key_id[:_CLAIM_CHARS],
+                "batch_items": len(batch.items),
+            })
+        return body, {(i.subject, i.request_id): i.request_id for i in batch.items}
+
+    def _store_tickets(self, actor: str, records, ticket_list, batches, replace: bool,
+                       covered: "_Covered | None" = None) -> list[WriteAuth]:
+        """Check the write ticket of every record before anything is stored: its own ticket, or
+        (empty ticket) an item of one of ``batches``, each batch ticket checked once (``covered``
+        keeps the items of batches already checked, across a stream's flushes)."""
+        operation = tickets.write_operation(replace)
+        if ticket_list and len(ticket_list) != len(records):
+            self._deny_now(actor, "missing_ticket", status.PermissionDenied(
+                "Every share record needs the provider's write ticket."), details={"call": "store", "counted": False})
+        covered = _Covered() if covered is None else covered
+        for batch in batches:
+            if batch.ticket.signature in covered.checked:
+                continue
+            body, items = self._check_batch(actor, batch, (operation,), "store")
+            covered.checked.add(batch.ticket.signature)
+            for (subject, request_id) in items:
+                covered.items.setdefault((body.tenant, subject, request_id), WriteAuth(batch.ticket, body, request_id))
+        out = []
+        for i, rec in enumerate(records):
+            ticket = ticket_list[i] if ticket_list else None
+            if ticket is not None and ticket.body:
+                body = self._check_write(actor, ticket, tenant=rec.tenant, subject=rec.subject,
+                                         request_id=rec.request_id, operations=(operation,), call="store")
+                out.append(WriteAuth(ticket, body))
+                continue
+            auth = covered.items.get((rec.tenant, rec.subject, rec.request_id))
+            if auth is None:
+                self._deny_now(actor, "missing_ticket", status.PermissionDenied(
+                    "A share record has no provider ticket of its own or in the batch."), details={
+                    "call": "store", "counted": False, "claimed_tenant": rec.tenant[:_CLAIM_CHARS],
+                    "claimed_subject": rec.subject[:_CLAIM_CHARS], "claimed_request_id": rec.request_id[:_CLAIM_CHARS],
+                })
+            out.append(auth)
+        return out
+
+    def _reserve(self, actor: str, checked: list[WriteAuth], purpose: str) -> dict[str, int]:
+        """Mark write tickets used (refusing a replay) before the write; give them back if it fails."""
+        by_key = {f"{a.key}:{purpose}": a for a in checked}
+        keys = {key: a.body.expires_at_ms for key, a in by_key.items()}
+        # A store is also refused once its ticket has undone the enrolment.
+        blocked_by = {key: f"{a.key}:erase" for key, a in by_key.items()} if purpose == "store" else None
+        refused = self.write_guard.reserve(keys, now_ms(), blocked_by)
+        if refused is not None:
+            a = by_key[refused]
+            undone = blocked_by is not None and not self.write_guard.holds(refused)
+            message = ("The enrolment this ticket authorised was already undone at this node." if undone
+                       else "The write ticket was already used at this node.")
+            self._deny_now(actor, "undone" if undone else "replayed", status.PermissionDenied(message),
+                           tenant=a.body.tenant, subject=a.body.subject, request_id=a.item or a.body.request_id,
+                           details={"call": purpose, "counted": False, "ticket_sha256": a.key})
+        return keys
+
     def _seal(self, records, seen: set) -> list[_Sealed]:
         ring = self.keys.kek
         out = []
@@ -259,7 +489,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             )
         return out
 
-    def _store_job(self, items: list[_Sealed], replace: bool, actor: str, per_record: bool):
+    def _store_job(self, items: list[_Sealed], replace: bool, actor: str, per_record: bool, checked):
         kek_version = self.keys.kek.active
 
         def job(tx: Tx) -> tuple[int, int]:
@@ -286,10 +516,11 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             ring = self.keys.kek
             store.insert_shares(conn, (rotation.current_wrap(ring, i.row) for i in items))
             if per_record:
-                for item, (retry, repl) in zip(items, flags):
+                for item, (retry, repl), auth in zip(items, flags, checked):
                     tx.append(
                         "store", actor=actor, request_id=item.request_id, tenant=item.tenant, subject=item.subject,
-                        details={"epoch": item.epoch, "kek_version": kek_version, "retry": retry, "replaced": repl},
+                        details={"epoch": item.epoch, "kek_version": kek_version, "retry": retry, "replaced": repl,
+                                 **_write_ticket_details(auth)},
                     )
             else:
                 lines = sorted(f"{i.tenant}\x00{i.subject}\x00{i.epoch}\x00{i.request_id}" for i in items)
@@ -301,6 +532,9 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                         "records": len(items), "request_ids": len({i.request_id for i in items}),
                         "tenants": tenants[:64], "records_sha256": digest, "kek_version": kek_version,
                         "retries": retries, "replaced": replaced,
+                        # Every record's authority by digest, and the batch tickets themselves (audit reconcile).
+                        "tickets": len(checked), "tickets_sha256": _tickets_sha256(checked),
+                        **_batch_tickets(checked),
                     },
                 )
             return len(items), retries
@@ -311,8 +545,15 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         actor = str(caller(context))
         if not request.records:
             raise status.InvalidArgument("The request holds no share records.")
-        items = self._seal(request.records, set())
-        stored, retries = self._commit(self._store_job(items, request.replace, actor, per_record=True))
+        items = self._seal(request.records, set())  # well-formed records first (INVALID_ARGUMENT)
+        checked = self._store_tickets(actor, request.records, request.tickets, request.batches, request.replace)
+        reserved = self._reserve(actor, checked, "store")
+        try:
+            stored, retries = self._commit(self._store_job(items, request.replace, actor, per_record=True,
+                                                           checked=checked))
+        except BaseException:
+            self.write_guard.release(reserved)
+            raise
         self._stored.inc(stored)
         if request.replace or retries:
             # Rows may have been overwritten: their old sealed bytes must leave the files too.
@@ -327,6 +568,8 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         totals = [0, 0]
         replace = None
         seen: set = set()
+        batches: list = []  # the stream's batch tickets: a record may be an item of any of them
+        covered = _Covered()  # items of the batch tickets checked so far
 
         def settle(fut: Future) -> None:
             try:
@@ -344,15 +587,25 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             if not pending:
                 return
             try:
-                items = self._seal(pending, seen)
+                items = self._seal([rec for rec, _ in pending], seen)
             except (status.RpcError, InvalidShares) as exc:
                 message = exc.message if isinstance(exc, status.RpcError) else str(exc)
                 # Let the batches already queued land first, then report.
                 while inflight:
                     settle(inflight.popleft())
                 raise status.InvalidArgument(f"{message} ({totals[0]} records were stored before this batch.)") from None
+            try:
+                checked = self._store_tickets(actor, [rec for rec, _ in pending], [t for _, t in pending],
+                                              batches, bool(replace), covered)
+            except status.RpcError:
+                while inflight:
+                    settle(inflight.popleft())
+                raise
             pending = []
-            inflight.append(self.writer.submit(self._store_job(items, bool(replace), actor, per_record=False)))
+            reserved = self._reserve(actor, checked, "store")
+            future = self.writer.submit(self._store_job(items, bool(replace), actor, per_record=False, checked=checked))
+            future.add_done_callback(lambda f: self.write_guard.release(reserved) if f.exception() else None)
+            inflight.append(future)
             while len(inflight) > _STREAM_INFLIGHT:
                 settle(inflight.popleft())
 
@@ -362,7 +615,15 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                     replace = message.replace
                 elif message.replace != replace:
                     raise status.InvalidArgument("Every message of one stream must use the same replace flag.")
-                pending.extend(message.records)
+                if message.tickets and len(message.tickets) != len(message.records):
+                    self._deny_now(actor, "missing_ticket", status.PermissionDenied(
+                        "Every share record needs the provider's write ticket."),
+                        details={"call": "store", "counted": False})
+                if len(batches) + len(message.batches) > _MAX_STREAM_BATCHES:
+                    raise status.InvalidArgument(f"A stream may carry at most {_MAX_STREAM_BATCHES} batch tickets.")
+                batches.extend(message.batches)
+                blank = common_pb2.VerificationTicket()
+                pending.extend(zip(message.records, message.tickets or [blank] * len(message.records)))
                 if len(pending) >= batch_size:
                     flush()
             flush()
@@ -425,7 +686,8 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                            status.PermissionDenied("The verification ticket names a tenant not registered at this node."),
                            details=claimed())
         try:
-            body = tickets.verify(ticket, keys, tenant=body.tenant)
+            body = tickets.verify(ticket, keys, tenant=body.tenant, audience=self.cfg.cluster_id,
+                                  operations=(tickets.VERIFY,))
         except InvalidTicket as exc:
             self._deny_now(actor, "invalid_ticket", status.PermissionDenied(str(exc)), details=claimed(why=str(exc)))
         tenant, subject, request_id = body.tenant, body.subject, body.request_id
@@ -488,16 +750,38 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         tenant = _check_name(request.tenant, "tenant")
         subject = _check_name(request.subject, "subject")
         request_id = _check_request_id(request.request_id)
+        if request.HasField("batch") and request.batch.ticket.body:
+            # The batch ticket of a failed bulk enrolment: undoes that one item.
+            body, items = self._check_batch(actor, request.batch, tickets.WRITES, "delete")
+            if body.tenant != tenant or (subject, request_id) not in items:
+                self._deny_now(actor, "ticket_mismatch", status.PermissionDenied(
+                    "The batch ticket does not cover this subject and request id."), details={
+                    "call": "delete", "counted": False, "claimed_subject": subject[:_CLAIM_CHARS],
+                    "claimed_request_id": request_id[:_CLAIM_CHARS]})
+            auth = WriteAuth(request.batch.ticket, body, request_id)
+        else:
+            body = self._check_write(actor, request.ticket, tenant=tenant, subject=subject, request_id=request_id,
+                                     operations=(tickets.DELETE, *tickets.WRITES), call="delete")
+            auth = WriteAuth(request.ticket, body)
+        # An ENROLL ticket undoes only its own enrolment (records of its request id).
+        own_only = body.operation == tickets.ENROLL
+        reserved = self._reserve(actor, [auth], "erase")
 
         def job(tx: Tx) -> int:
             guard_delete(tx.conn, tenant, subject)  # prepared rows go too; refused during a reshare
-            epochs = [r.epoch for r in store.subject_rows(tx.conn, tenant, subject)]
-            deleted = store.delete_subject(tx.conn, tenant, subject)
+            rows = store.subject_rows(tx.conn, tenant, subject)
+            kept = own_only and any(r.request_id != request_id for r in rows)
+            deleted = 0 if kept else store.delete_subject(tx.conn, tenant, subject)
             tx.append("delete", actor=actor, request_id=request_id, tenant=tenant, subject=subject,
-                      details={"deleted": deleted, "epochs": epochs[:64]})
+                      details={"deleted": deleted, "epochs": [r.epoch for r in rows][:64],
+                               "kept_other_request": kept, **_write_ticket_details(auth)})
             return deleted
 
-        deleted = self._commit(job)
+        try:
+            deleted = self._commit(job)
+        except BaseException:
+            self.write_guard.release(reserved)
+            raise
         self._deleted.inc(deleted)
         if deleted:
             self._flush_erased("erasure", tenant=tenant, subject=subject)

@@ -18,9 +18,12 @@ import grpc
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from splitvault.v1 import common_pb2, shareholder_pb2_grpc
+from splitvault.v1 import common_pb2, shareholder_pb2, shareholder_pb2_grpc
 from vault import envelope, integrity, pki, record, rng, ticket
 from vaultrpc.tls import TlsFiles, secure_channel
+
+# The cluster id (tickets' audience) of throw-away nodes.
+CLUSTER_ID = "test-cluster"
 
 
 def write_dev_pki(folder: pathlib.Path, parties: list[tuple[str, str]]) -> dict[tuple[str, str], TlsFiles]:
@@ -63,6 +66,7 @@ def write_node_files(
     extra: str = "",
     kek: Mapping[int, bytes] | None = None,
     kek_active: int | None = None,
+    cluster_id: str = CLUSTER_ID,
 ) -> pathlib.Path:
     """Write a node's config and keys under ``folder``; returns the node.toml path.
 
@@ -76,6 +80,7 @@ def write_node_files(
     lines = [
         "[node]",
         f'name = "{name}"',
+        f'cluster_id = "{cluster_id}"',
         f"index = {index}",
         f'listen = "{listen}"',
         f'data_dir = "{folder / "data"}"',
@@ -149,13 +154,50 @@ class Provider:
 
     def ticket(
         self, subject: str, request_id: str | None = None, *, tenant: str | None = None, ttl_ms: int = 60_000,
-        issued_at_ms: int | None = None,
+        issued_at_ms: int | None = None, audience: str = CLUSTER_ID,
     ) -> common_pb2.VerificationTicket:
         return ticket.issue(
             self.key, self.key_id, tenant=tenant or self.tenant, subject=subject,
             request_id=request_id or f"verify-{secrets.token_hex(8)}", probe=np.zeros(4, dtype=np.float32),
-            ttl_ms=ttl_ms, issued_at_ms=issued_at_ms,
+            ttl_ms=ttl_ms, issued_at_ms=issued_at_ms, audience=audience,
         )
+
+    def write_ticket(
+        self, operation: int, subject: str, request_id: str, *, template=None, tenant: str | None = None,
+        audience: str = CLUSTER_ID, ttl_ms: int = 60_000,
+    ) -> common_pb2.VerificationTicket:
+        """An ENROLL / REPLACE (binding ``template``, zeros by default) or DELETE ticket."""
+        if operation in ticket.WRITES and template is None:
+            template = np.zeros(4, dtype=np.float32)
+        return ticket.issue(
+            self.key, self.key_id, tenant=self.tenant if tenant is None else tenant, subject=subject,
+            request_id=request_id, audience=audience, operation=operation, template=template, ttl_ms=ttl_ms,
+        )
+
+    def store_tickets(self, records, replace: bool = False) -> list[common_pb2.VerificationTicket]:
+        """One write ticket per share record (what the matcher forwards with a store)."""
+        op = ticket.write_operation(replace)
+        return [self.write_ticket(op, r.subject, r.request_id, tenant=r.tenant) for r in records]
+
+    def store_request(self, records, replace: bool = False) -> shareholder_pb2.StoreSharesRequest:
+        """A StoreSharesRequest carrying this provider's write ticket for each record."""
+        records = list(records)
+        return shareholder_pb2.StoreSharesRequest(records=records, replace=replace,
+                                                  tickets=self.store_tickets(records, replace))
+
+    def stream_request(self, records, replace: bool = False) -> shareholder_pb2.StoreShareStreamRequest:
+        """One StoreShareStream message, with a write ticket for each record."""
+        records = list(records)
+        return shareholder_pb2.StoreShareStreamRequest(records=records, replace=replace,
+                                                       tickets=self.store_tickets(records, replace))
+
+    def delete_request(self, subject: str, request_id: str, *, tenant: str | None = None,
+                       **kw) -> shareholder_pb2.DeleteSharesRequest:
+        """A DeleteSharesRequest with this provider's DELETE ticket."""
+        tenant = self.tenant if tenant is None else tenant
+        return shareholder_pb2.DeleteSharesRequest(
+            tenant=tenant, subject=subject, request_id=request_id,
+            ticket=self.write_ticket(ticket.DELETE, subject, request_id, tenant=tenant, **kw))
 
 
 class NodeHarness:

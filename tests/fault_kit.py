@@ -38,6 +38,7 @@ import grpc
 import numpy as np
 
 from shareholders.audit_log import verify_database
+from shareholders.testing import CLUSTER_ID
 from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
 from test_matcher_e2e import NAMES, ROOT, Processes
 from test_matcher_harness import DIM, ProxyNode, Tenant, noisy, unit
@@ -202,7 +203,7 @@ def rejoin_everywhere(pki_, addresses: dict[str, str], tenant: Tenant, subject: 
     shares = []
     for name, address in addresses.items():
         t = ticket.issue(tenant.key, tenant.key_id, tenant=tenant.name, subject=subject,
-                         request_id=f"check-{uuid.uuid4().hex}", probe=np.zeros(4, np.float32))
+                         request_id=f"check-{uuid.uuid4().hex}", probe=np.zeros(4, np.float32), audience=CLUSTER_ID)
         with secure_channel(address, pki_.tls("matcher", "matcher"), expect=pki.Identity("shareholder", name)) as ch:
             reply = shareholder_pb2_grpc.ShareholderStub(ch).ReleaseShare(
                 shareholder_pb2.ReleaseShareRequest(ticket=t), timeout=10)

@@ -29,6 +29,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import strategies as st
 
 from fault_kit import clean_details
+from shareholders.testing import CLUSTER_ID
 from splitvault.v1 import common_pb2, shareholder_pb2, shareholder_pb2_grpc
 from vault import pki, ticket
 from vaultrpc.tls import TlsMaterial, secure_channel
@@ -123,7 +124,8 @@ def mutate_ticket(kind: str, *, key, key_id: str, tenant: str, subject: str, pro
     now = ticket.now_ms()
 
     def issue(**kw):
-        args = dict(tenant=tenant, subject=subject, request_id=f"hostile-{uuid.uuid4().hex}", probe=probe)
+        args = dict(tenant=tenant, subject=subject, request_id=f"hostile-{uuid.uuid4().hex}", probe=probe,
+                    audience=CLUSTER_ID)
         args.update(kw)
         return ticket.issue(key, key_id, **args)
 

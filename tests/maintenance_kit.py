@@ -14,6 +14,7 @@ import uuid
 import grpc
 import numpy as np
 
+from shareholders.testing import CLUSTER_ID
 from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
 from vault import ticket
 from vault.pki import Identity
@@ -22,10 +23,11 @@ from vaultrpc.tls import secure_channel
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def release(address: str, matcher_tls, tenant_key, key_id: str, tenant: str, subject: str, probe, *, node: str) -> list:
+def release(address: str, matcher_tls, tenant_key, key_id: str, tenant: str, subject: str, probe,
+            audience: str = CLUSTER_ID, *, node: str) -> list:
     """A node's share records of one subject, released for a freshly signed ticket (as the matcher asks)."""
     signed = ticket.issue(tenant_key, key_id, tenant=tenant, subject=subject, request_id=str(uuid.uuid4()),
-                          probe=np.asarray(probe, dtype=np.float32))
+                          probe=np.asarray(probe, dtype=np.float32), audience=audience)
     channel = secure_channel(address, matcher_tls, expect=Identity("shareholder", node))
     try:
         reply = shareholder_pb2_grpc.ShareholderStub(channel).ReleaseShare(

@@ -18,6 +18,7 @@ import pytest
 
 from fault_kit import clean_details
 from shareholders.store import connect
+from shareholders.testing import CLUSTER_ID
 from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
 from test_matcher_harness import DIM, Committee, Tenant, noisy, unit
 from vault import ticket
@@ -129,7 +130,7 @@ def test_a_compromised_matcher_going_straight_to_the_nodes_is_stopped_at_each(co
             codes = []
             for i in range(LIMIT + EXTRA):
                 t = ticket.issue(acme.key, acme.key_id, tenant="acme", subject="carol", request_id=f"direct-{name}-{i}",
-                                 probe=np.zeros(4, np.float32))
+                                 probe=np.zeros(4, np.float32), audience=CLUSTER_ID)
                 try:
                     stub.ReleaseShare(shareholder_pb2.ReleaseShareRequest(ticket=t), timeout=10)
                     codes.append(grpc.StatusCode.OK)

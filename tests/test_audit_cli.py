@@ -56,7 +56,7 @@ def run(capsys, *args: str) -> tuple[int, dict]:
 def psp_ticket(root, subject: str, request_id: str, key=None):
     key = key or pki.load_signing_key(cluster.Paths(root).ticket_key(TENANT).read_bytes())
     return tickets.issue(key, cluster.key_id(TENANT), tenant=TENANT, subject=subject, request_id=request_id,
-                         probe=np.zeros(DIM, dtype=np.float32))
+                         probe=np.zeros(DIM, dtype=np.float32), audience=cluster.cluster_id(root))
 
 
 def release_direct(root, node: str, ticket):
@@ -83,6 +83,10 @@ def story(tmp_path_factory):
                 assert client.verify(f"s{i}", noisy_copy(templates[i], i)).decision == "MATCH"
             for i in range(2):
                 assert client.verify(f"s{i}", impostor).decision == "NO_MATCH"
+            # Writes one at a time too (per-record store entries, a replace, a delete), each under its ticket.
+            client.enroll("w1", templates[0], request_id="enrol-w1")
+            client.enroll("w1", templates[1], request_id="enrol-w1b", replace=True)
+            assert client.delete("w1", request_id="erase-w1").complete
         # A verification that reached one node only: it released fewer than k shares.
         release_direct(root, "bank-a", psp_ticket(root, "s5", "lonely-1"))
         # A ticket signed by a key the provider never registered: refused and logged.
@@ -150,6 +154,8 @@ def test_audit_reconcile_clean(story):
     assert out["verifications"] == 7 and out["complete"] == 6 and out["incomplete_count"] == 1
     assert out["incomplete"][0]["request_id"] == "lonely-1" and out["incomplete"][0]["nodes"] == ["bank-a"]
     assert out["denials"] == {"invalid_ticket": 1}
+    # Every store, bulk store and delete is explained by the provider's ticket too.
+    assert out["writes"] == {"delete": 3, "store": 6, "store_batch": 3}, out["writes"]
     # The matcher asks k nodes or all n: between k and n releases per verification.
     assert 6 * 2 + 1 <= sum(n["releases"] for n in out["nodes"]) <= 6 * 3 + 1
 
@@ -301,7 +307,7 @@ def test_forged_releases_pass_the_chain_but_not_reconciliation(offline, capsys):
     capsys.readouterr()
     assert main(["audit", "reconcile", "--dir", str(root)]) == 3
     text = capsys.readouterr().out
-    assert "unexplained releases: 3" in text and "reconciliation FAILED" in text
+    assert "unexplained releases and writes: 3" in text and "reconciliation FAILED" in text
 
 
 def test_a_forged_release_without_the_audit_key_is_caught_by_the_chain_first(offline, capsys):
@@ -315,3 +321,60 @@ def test_a_forged_release_without_the_audit_key_is_caught_by_the_chain_first(off
     # Reconciliation reports the break and trusts nothing from it on.
     assert code == 3 and out["unexplained_count"] == 0
     assert {n["name"]: n["broken_seq"] for n in out["nodes"]}["bank-c"] == seq
+
+
+def test_forged_writes_pass_the_chain_but_not_reconciliation(offline, capsys):
+    # An insider with bank-a's audit key writes entries for writes no provider signed.
+    root = offline
+    key = pki.load_signing_key((cluster.Paths(root).node_dir("bank-a") / "audit.key").read_bytes())
+    provider = pki.load_signing_key(cluster.Paths(root).ticket_key(TENANT).read_bytes())
+    aud = cluster.cluster_id(root)
+    who = dict(actor="matcher/matcher", tenant=TENANT)
+
+    def signed(subject, request_id, operation, audience=aud, **vectors):
+        t = tickets.issue(provider, cluster.key_id(TENANT), tenant=TENANT, subject=subject, request_id=request_id,
+                          audience=audience, operation=operation, **vectors)
+        return {"key_id": cluster.key_id(TENANT), **tickets.audit_details(t)}
+
+    zeros = np.zeros(DIM, dtype=np.float32)
+
+    def forged_batch():
+        stranger = pki.load_signing_key(pki.new_signing_key()[0])
+        b = tickets.issue_batch(stranger, cluster.key_id(TENANT), tenant=TENANT, audience=aud, batch_id="b-x",
+                                operation=tickets.ENROLL, items=[("s7", "plant-3", zeros)])
+        d = tickets.audit_details(b.ticket)
+        return [b.ticket.key_id, d["ticket_sig"], *d["ticket"]]
+    with db(root, "bank-a") as conn:
+        found_expected = {
+            _append(conn, key, "bank-a", event="store", request_id="plant-1", subject="s3",
+                    details={"epoch": 1, "replaced": True}, **who): "records no ticket",
+            # The provider's genuine VERIFY ticket recorded as the authority for a delete.
+            _append(conn, key, "bank-a", event="delete", request_id="pay-9", subject="s4",
+                    details={"deleted": 1, **signed("s4", "pay-9", tickets.VERIFY, probe=zeros)}, **who):
+                "authorises verify",
+            # A genuine ENROLL ticket behind a store that replaced another request's records.
+            _append(conn, key, "bank-a", event="store", request_id="plant-2", subject="s5",
+                    details={"epoch": 1, "replaced": True, **signed("s5", "plant-2", tickets.ENROLL, template=zeros)},
+                    **who): "authorises enroll",
+            # A ticket for another cluster.
+            _append(conn, key, "bank-a", event="delete", request_id="erase-9", subject="s6",
+                    details={"deleted": 1, **signed("s6", "erase-9", tickets.DELETE, audience="elsewhere")}, **who):
+                "another cluster",
+            # A bulk store under a batch ticket signed by a key the provider never registered.
+            _append(conn, key, "bank-a", event="store_batch", request_id="", subject="",
+                    details={"records": 1, "tickets": 1, "tickets_sha256": "0" * 64, "batch_tickets": 1,
+                             "batch_ticket_0": forged_batch(), "records_sha256": "0" * 64}, **who):
+                "signature does not verify",
+            # A bulk store that names no tickets.
+            _append(conn, key, "bank-a", event="store_batch", request_id="", subject="",
+                    details={"records": 5, "records_sha256": "0" * 64}, **who): "no digest",
+        }
+    code, out = run(capsys, "audit", "verify", "--dir", str(root))
+    assert code == 0, out  # the insider re-signed the chain: it verifies
+    code, out = run(capsys, "audit", "reconcile", "--dir", str(root))
+    assert code == 3 and not out["ok"]
+    found = {u["seq"]: u for u in out["unexplained"] if u["node"] == "bank-a"}
+    assert out["unexplained_count"] == len(found_expected) and set(found) == set(found_expected), out["unexplained"]
+    for seq, words in found_expected.items():
+        assert words in found[seq]["reason"], (words, found[seq])
+        assert found[seq]["event"] in ("store", "delete", "store_batch")

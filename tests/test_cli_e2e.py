@@ -141,7 +141,8 @@ def test_config_file_instead_of_dir(running, files, tmp_path):
         "[matcher]\n"
         f'address = "{info["matcher"]["address"]}"\n'
         'name = "matcher"\n'
-        "timeout_s = 5\n\n"
+        "timeout_s = 5\n"
+        f'cluster_id = "{info["cluster_id"]}"\n\n'
         "[tls]\n"
         f'ca = "{info["tls"]["ca"]}"\n'
         f'cert = "{info["tls"]["psp"]["cert"]}"\n'

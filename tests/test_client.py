@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
+from shareholders.testing import CLUSTER_ID
 from test_matcher_harness import Committee, Tenant, noisy, unit
 from vault import pki
 from vaultctl.client import MatcherClient, VerifyResult
@@ -39,6 +40,7 @@ def cluster_dir(c: Committee, root, tenant: str = "demo-psp"):
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     (root / "psp" / f"{tenant}.ticket.key").write_bytes(pem)
+    (root / "psp" / "cluster_id").write_text(CLUSTER_ID + "\n")
     return root
 
 
@@ -55,6 +57,22 @@ def test_from_cluster_dir_round_trip(committee, tmp_path):
         assert result.score is None and uuid.UUID(result.decision_id)
         assert client.verify("carol", unit(rng)).decision == "NO_MATCH"
         assert client.delete("carol").complete
+
+
+def test_from_cluster_dir_signs_for_its_cluster(committee, tmp_path):
+    # The provider's material names the cluster: a client holding another
+    # cluster's id signs tickets this one refuses, for writes and verifications.
+    rng = np.random.default_rng(3)
+    root = cluster_dir(committee, tmp_path / "D")
+    (root / "psp" / "cluster_id").write_text("another-cluster\n")
+    with MatcherClient.from_cluster_dir(root) as client:
+        assert client.cluster_id == "another-cluster"
+        for call in (lambda: client.enroll("erin", unit(rng)), lambda: client.delete("erin"),
+                     lambda: client.verify("erin", unit(rng))):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "another cluster" in err.value.details()
 
 
 def test_from_cluster_dir_without_a_running_matcher(tmp_path):
@@ -74,7 +92,7 @@ def test_errors_surface_as_rpc_errors(committee):
     # A ticket key the matcher does not know: refused, not matched.
     wrong = MatcherClient(f"127.0.0.1:{committee.matcher.port}", committee.pki.tls("psp", "acme"), tenant="acme",
                           ticket_key=pki.load_signing_key(pki.new_signing_key()[0]), key_id=t.key_id,
-                          matcher="matcher")
+                          cluster_id=CLUSTER_ID, matcher="matcher")
     with wrong, pytest.raises(grpc.RpcError) as err:
         wrong.verify("nobody", np.ones(128, dtype=np.float32))
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED

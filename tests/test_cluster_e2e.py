@@ -171,3 +171,25 @@ def test_bad_sizes_are_local_errors(tmp_path):
     assert r.returncode == 1 and "threshold" in r.stderr and "Traceback" not in r.stderr
     r = vaultctl("cluster", "status", "--dir", str(tmp_path / "nothing"))
     assert r.returncode == 1 and "not a cluster directory" in r.stderr
+
+
+@pytest.mark.parametrize("threshold", [0.0, -0.2, 1.5, float("nan")])
+def test_a_match_threshold_that_would_match_everything_is_refused(threshold):
+    with pytest.raises(cluster.ClusterError, match="match threshold"):
+        cluster.ClusterSpec(match_threshold=threshold)
+
+
+def test_one_cluster_id_in_every_config_and_the_providers_material(cluster_dir):
+    paths = cluster.init(cluster_dir, cluster.ClusterSpec(dim=32))
+    cid = cluster.cluster_id(cluster_dir)
+    assert cid.startswith("splitvault-") and len(cid) == len("splitvault-") + 32
+    assert (cluster_dir / "psp" / "cluster_id").read_text().strip() == cid
+    for name in cluster.load_spec(cluster_dir).nodes:
+        assert f'cluster_id = "{cid}"' in (paths.node_dir(name) / "node.toml").read_text()
+    # A second init keeps the id (the nodes' configs are never rewritten).
+    cluster.init(cluster_dir, cluster.ClusterSpec(dim=32))
+    assert cluster.cluster_id(cluster_dir) == cid
+    # Another cluster gets another id: tickets for one are refused by the other.
+    other = cluster_dir.parent / "other"
+    cluster.init(other, cluster.ClusterSpec(dim=32))
+    assert cluster.cluster_id(other) != cid

@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hostile_kit import Snapshot, hostile_ids, request_id_ok, subject_ok, valid_subjects, vector_ok
+from shareholders.testing import CLUSTER_ID
 from test_matcher_harness import DIM, Committee, Tenant, noisy, unit
 from vaultctl import cli
 
@@ -50,7 +51,7 @@ class World:
         key.chmod(0o600)
         self.config = root / "client.toml"
         self.config.write_text(
-            f'[matcher]\naddress = "127.0.0.1:{self.committee.matcher.port}"\nname = "matcher"\ntimeout_s = 10\n\n'
+            f'[matcher]\naddress = "127.0.0.1:{self.committee.matcher.port}"\nname = "matcher"\ntimeout_s = 10\ncluster_id = "{CLUSTER_ID}"\n\n'
             f'[tls]\nca = "{files.ca}"\ncert = "{files.cert}"\nkey = "{files.key}"\n\n'
             f'[tenant]\nid = "acme"\nticket_key = "{key}"\nkey_id = "{ACME.key_id}"\n'
         )

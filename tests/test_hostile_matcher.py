@@ -16,6 +16,7 @@ Example counts are bounded (``SETTINGS``) so the module runs in seconds.
 from __future__ import annotations
 
 import time
+import uuid
 
 import grpc
 import numpy as np
@@ -124,7 +125,8 @@ def test_enroll(world, subject, request_id, template, replace):
     if subject in VICTIMS:
         replace = False
     expected, already = world.expect_enrol(subject, request_id, template, replace)
-    request = matcher_pb2.EnrollRequest(subject=subject, template=template, request_id=request_id, replace=replace)
+    request = matcher_pb2.EnrollRequest(subject=subject, template=template, request_id=request_id, replace=replace,
+                                        ticket=ACME.enroll_ticket(subject, request_id, template, replace))
     reply = {}
     code, details = status_of(lambda: reply.setdefault("r", world.stub.Enroll(request, timeout=20)))
     assert_status(code, details, expected)
@@ -148,7 +150,8 @@ stream_items = st.lists(
 def test_enroll_stream_and_batches(world, items, batches, split):
     items = [(s, r, t, False if s in VICTIMS else rep) for s, r, t, rep in items]
     expected = [world.expect_enrol(s, r, t, rep)[0] for s, r, t, rep in items]
-    reqs = [matcher_pb2.EnrollStreamRequest(subject=s, template=t, request_id=r, replace=rep) for s, r, t, rep in items]
+    reqs = [matcher_pb2.EnrollStreamRequest(subject=s, template=t, request_id=r, replace=rep,
+                                            ticket=ACME.enroll_ticket(s, r, t, rep)) for s, r, t, rep in items]
     if batches:
         groups = [reqs[i:i + split] for i in range(0, len(reqs), split)]
         replies = [r for m in world.stub.EnrollBatches(iter(matcher_pb2.EnrollBatchesRequest(items=g) for g in groups),
@@ -234,7 +237,9 @@ def test_delete(world, subject, request_id):
         world.enrolled.pop(subject, None)
     reply = {}
     code, details = status_of(lambda: reply.setdefault(
-        "r", world.stub.Delete(matcher_pb2.DeleteRequest(subject=subject, request_id=request_id), timeout=20)))
+        "r", world.stub.Delete(matcher_pb2.DeleteRequest(
+            subject=subject, request_id=request_id,
+            ticket=ACME.delete_ticket(subject, request_id or f"del-{uuid.uuid4().hex}")), timeout=20)))
     assert_status(code, details, expected)
     if code == OK:
         assert reply["r"].complete and [o.code for o in reply["r"].outcomes] == [0, 0, 0]

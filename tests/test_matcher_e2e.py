@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
+from shareholders.testing import CLUSTER_ID
 from test_matcher_harness import DIM, ProxyNode, Tenant, noisy, unit
 from vault import codec, pki
 from vaultctl.client import MatcherClient
@@ -71,7 +72,7 @@ class Processes:
             _secret(d / "kek.json", json.dumps({"active": 1, "keys": {"1": secrets.token_hex(32)}}).encode())
             _secret(d / "audit.key", pki.new_signing_key()[0])
             (d / "node.toml").write_text(
-                f'[node]\nname = "{name}"\nindex = {index}\nlisten = "127.0.0.1:0"\ndata_dir = "{d}"\n'
+                f'[node]\nname = "{name}"\ncluster_id = "{CLUSTER_ID}"\nindex = {index}\nlisten = "127.0.0.1:0"\ndata_dir = "{d}"\n'
                 f'ready_file = "{d / "ready.json"}"\n\n' + _tls(self.pki.files("shareholder", name))
                 + f'\n[keys]\nkek_file = "{d / "kek.json"}"\naudit_key_file = "{d / "audit.key"}"\n'
                 + '\n[metrics]\nport = -1\n\n[limits]\nattempts_per_subject = 100\nattempt_window_s = 60\n'
@@ -93,7 +94,7 @@ class Processes:
         )
         (d / "matcher.toml").write_text(
             f'[matcher]\nlisten = "127.0.0.1:0"\nready_file = "{d / "ready.json"}"\ndimension = {DIM}\n'
-            f'threshold = 2\ncall_timeout_ms = {call_timeout_ms}\nlog_level = "INFO"\n\n'
+            f'threshold = 2\ncall_timeout_ms = {call_timeout_ms}\nlog_level = "INFO"\ncluster_id = "{CLUSTER_ID}"\n\n'
             + _tls(self.pki.files("matcher", "matcher")) + '\n[metrics]\nport = -1\n' + nodes
             + f'\n[tenants.{t.name}]\nmatch_threshold = {t.match_threshold}\nscore_allowed = false\n'
             f'ticket_keys = {{ "{t.key_id}" = "{t.public_hex}" }}\n'
@@ -104,7 +105,7 @@ class Processes:
     def client(self, address: str) -> MatcherClient:
         t = self.tenant
         return MatcherClient(address, self.pki.tls("psp", t.name), tenant=t.name, ticket_key=t.key, key_id=t.key_id,
-                             matcher="matcher")
+                             cluster_id=CLUSTER_ID, matcher="matcher")
 
     def kill(self, name: str) -> None:
         proc = self.procs[name]

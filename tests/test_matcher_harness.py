@@ -28,8 +28,9 @@ from matcher import config as matcher_config
 from matcher.server import serve as serve_matcher
 from shareholders.config import NodeConfig, NodeKeys
 from shareholders.server import serve as serve_node
+from shareholders.testing import CLUSTER_ID
 from splitvault.v1 import shareholder_pb2_grpc
-from vault import pki
+from vault import pki, ticket
 from vault.envelope import KekRing
 from vaultctl.client import MatcherClient
 from vaultrpc import server as rpcserver
@@ -63,6 +64,21 @@ class Tenant:
     def public_hex(self) -> str:
         return pki.public_key_raw(self.key).hex()
 
+    def write_ticket(self, operation: int, subject: str, request_id: str, template=None, *,
+                     audience: str = CLUSTER_ID, key=None):
+        """This provider's ENROLL / REPLACE (binding ``template``) or DELETE ticket."""
+        if template is not None:
+            with np.errstate(over="ignore", invalid="ignore"):
+                template = np.asarray(template, dtype=np.float32)
+        return ticket.issue(key or self.key, self.key_id, tenant=self.name, subject=subject, request_id=request_id,
+                            audience=audience, operation=operation, template=template)
+
+    def enroll_ticket(self, subject: str, request_id: str, template, replace: bool = False, **kw):
+        return self.write_ticket(ticket.write_operation(replace), subject, request_id, template, **kw)
+
+    def delete_ticket(self, subject: str, request_id: str, **kw):
+        return self.write_ticket(ticket.DELETE, subject, request_id, **kw)
+
 
 def node_config(pki_: "DevPki", root: pathlib.Path, name: str, index: int, tenants, *, listen="127.0.0.1:0",
                 attempts: int = 1000, committee: dict | None = None, threshold: int = 0,
@@ -75,7 +91,7 @@ def node_config(pki_: "DevPki", root: pathlib.Path, name: str, index: int, tenan
         audit_key_file=str(data / "audit.key"), kek_file=str(data / "kek.json"),
         metrics_port=-1, attempts_per_subject=attempts, attempt_window_s=60.0,
         tenants={t.name: {t.key_id: t.key.public_key()} for t in tenants},
-        max_workers=16, committee=dict(committee or {}), committee_threshold=threshold,
+        max_workers=16, cluster_id=CLUSTER_ID, committee=dict(committee or {}), committee_threshold=threshold,
         operators=dict(operators or {}),
     )
 
@@ -90,7 +106,7 @@ def matcher_dict(pki_, endpoints, tenants, *, k: int, dim: int = DIM, call_timeo
     files = pki_.files("matcher", "matcher")
     data = {
         "matcher": {"listen": listen, "dimension": dim, "threshold": k, "call_timeout_ms": call_timeout_ms,
-                    "log_level": "INFO", "enroll_batch": enroll_batch},
+                    "log_level": "INFO", "enroll_batch": enroll_batch, "cluster_id": CLUSTER_ID},
         "tls": {"ca": files.ca, "cert": files.cert, "key": files.key},
         "metrics": {"host": "127.0.0.1", "port": -1},
         "shareholders": [{"name": n, "index": i, "address": a} for n, i, a in endpoints],
@@ -151,7 +167,7 @@ class Committee:
     def client(self, tenant: str = "acme", **kw) -> MatcherClient:
         t = self.tenants[tenant]
         c = MatcherClient(f"127.0.0.1:{self.matcher.port}", self.pki.tls("psp", t.name), tenant=t.name,
-                          ticket_key=t.key, key_id=t.key_id, matcher="matcher", **kw)
+                          ticket_key=t.key, key_id=t.key_id, matcher="matcher", cluster_id=kw.pop("cluster_id", CLUSTER_ID), **kw)
         self._clients.append(c)
         return c
 
@@ -183,8 +199,9 @@ class ProxyNode(shareholder_pb2_grpc.ShareholderServicer):
     """
 
     def __init__(self, pki_, name: str, upstream: str, *, corrupt: str | None = None, delay_s: float = 0.0,
-                 fail_store: bool = False, store_delay_s: float = 0.0):
+                 fail_store: bool = False, store_delay_s: float = 0.0, fail_delete: str | None = None):
         self.corrupt = corrupt
+        self.fail_delete = fail_delete  # refuse DeleteShares with FAILED_PRECONDITION and this message
         self.store_delay_s = store_delay_s
         self.delay_s = delay_s
         self.fail_store = fail_store
@@ -235,6 +252,8 @@ class ProxyNode(shareholder_pb2_grpc.ShareholderServicer):
             context.abort(err.code(), err.details())
 
     def DeleteShares(self, request, context):
+        if self.fail_delete:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, self.fail_delete)
         return self._forward("DeleteShares", request, context)
 
     def DescribeRecords(self, request, context):
@@ -323,11 +342,22 @@ def test_config_loads_the_contract_format(tmp_path, dev_pki):
         ({"matcher__dimension": 0}, "dimension"),
         ({"matcher__listen": None}, "matcher.listen"),
         ({"matcher__call_timeout_ms": "soon"}, "call_timeout_ms"),
+        ({"matcher__cluster_id": None}, "matcher.cluster_id"),
+        ({"matcher__cluster_id": "bad\tid"}, "matcher.cluster_id"),
     ],
 )
 def test_bad_config_is_one_sentence(tmp_path, dev_pki, edit, words):
     with pytest.raises(matcher_config.ConfigError, match=words):
         matcher_config.load(_toml_for(tmp_path, dev_pki, **edit))
+
+
+@pytest.mark.parametrize("threshold", [0, 0.0, -0.5, -1, 1.01, float("nan"), float("inf"), True])
+def test_match_threshold_that_would_match_everything_is_a_config_error(dev_pki, threshold):
+    # At or below 0 unrelated templates match; NaN compares false both ways; above 1 nothing can.
+    data = matcher_dict(dev_pki, [("bank-a", 1, "127.0.0.1:1"), ("bank-b", 2, "127.0.0.1:2")], [Tenant("acme")], k=2)
+    data["tenants"]["acme"]["match_threshold"] = threshold
+    with pytest.raises(matcher_config.ConfigError, match="match_threshold"):
+        matcher_config.from_dict(data)
 
 
 def test_python_m_matcher_bad_config_exits_1_without_traceback(tmp_path, dev_pki):

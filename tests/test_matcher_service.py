@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from shareholders.testing import CLUSTER_ID
 from splitvault.v1 import matcher_pb2, matcher_pb2_grpc, shareholder_pb2, shareholder_pb2_grpc
 from test_matcher_harness import DIM, Committee, Tenant, noisy, unit
 from vault import ticket
@@ -165,7 +166,7 @@ def test_never_enrolled_is_not_found(shared, rng):
 def _raw_verify(c: Committee, tenant: str, subject: str, probe, signed_over, *, subject_in_ticket=None, key=None):
     t = c.tenants[tenant]
     signed = ticket.issue(key or t.key, t.key_id, tenant=tenant, subject=subject_in_ticket or subject,
-                          request_id=f"raw-{time.monotonic_ns()}", probe=signed_over)
+                          request_id=f"raw-{time.monotonic_ns()}", probe=signed_over, audience=CLUSTER_ID)
     with secure_channel(f"127.0.0.1:{c.matcher.port}", c.pki.tls("psp", tenant), expect=MATCHER) as ch:
         return matcher_pb2_grpc.MatcherStub(ch).Verify(
             matcher_pb2.VerifyRequest(subject=subject, probe=probe, ticket=signed), timeout=10
@@ -202,7 +203,8 @@ def test_replayed_ticket_is_refused_by_the_nodes(shared, rng):
     client.enroll("replay", template)
     probe = noisy(template, rng)
     t = shared.tenants["acme"]
-    signed = ticket.issue(t.key, t.key_id, tenant="acme", subject="replay", request_id="once", probe=probe)
+    signed = ticket.issue(t.key, t.key_id, tenant="acme", subject="replay", request_id="once", probe=probe,
+                          audience=CLUSTER_ID)
     request = matcher_pb2.VerifyRequest(subject="replay", probe=probe, ticket=signed)
     with secure_channel(f"127.0.0.1:{shared.matcher.port}", shared.pki.tls("psp", "acme"), expect=MATCHER) as ch:
         stub = matcher_pb2_grpc.MatcherStub(ch)
@@ -503,9 +505,12 @@ def test_late_shares_are_checked_against_the_polynomial_that_passed(shared):
 def test_enroll_stream_one_template_per_message(shared, rng):
     # The plain EnrollStream (grpcurl, other languages): same results as EnrollBatches.
     templates = [unit(rng) for _ in range(300)]
-    requests = [matcher_pb2.EnrollStreamRequest(subject=f"plain-{i}", template=t.tolist(), request_id=f"p-{i}")
+    acme = shared.tenants["acme"]
+    requests = [matcher_pb2.EnrollStreamRequest(subject=f"plain-{i}", template=t.tolist(), request_id=f"p-{i}",
+                                                ticket=acme.enroll_ticket(f"plain-{i}", f"p-{i}", t))
                 for i, t in enumerate(templates)]
-    requests.insert(5, matcher_pb2.EnrollStreamRequest(subject="plain-bad", template=[0.0] * DIM, request_id="pb"))
+    requests.insert(5, matcher_pb2.EnrollStreamRequest(subject="plain-bad", template=[0.0] * DIM, request_id="pb",
+                                                       ticket=acme.enroll_ticket("plain-bad", "pb", [0.0] * DIM)))
     with secure_channel(f"127.0.0.1:{shared.matcher.port}", shared.pki.tls("psp", "acme"), expect=MATCHER) as ch:
         replies = list(matcher_pb2_grpc.MatcherStub(ch).EnrollStream(iter(requests), timeout=60))
     assert [r.subject for r in replies] == [r.subject for r in requests]
@@ -535,3 +540,83 @@ def test_enrolment_paused_by_node_maintenance_is_failed_precondition(committee, 
     assert records_at(c, "acme", "paused") == {name: 0 for name in c.names}
     replies = list(client.enroll_many((f"pz{i}", unit(rng)) for i in range(10)))
     assert {r.code for r in replies} == {grpc.StatusCode.FAILED_PRECONDITION.value[0]}
+
+
+def test_delete_outcomes_do_not_show_node_internals_to_the_provider(committee, rng):
+    # A node in maintenance refuses the delete naming its session (epochs.guard_delete);
+    # the provider is told the node is in maintenance, not which session, state or actor.
+    c = committee()
+    internal = ("Maintenance in progress on this node (reshare session sess-7f3a (state prepared, begun by "
+                "auditor/alice)); deletion is paused until the committee change ends. Retry later.")
+    c.proxy("bank-b", fail_delete=internal)
+    c.start_matcher()
+    client = c.client()
+    client.enroll("quiet", unit(rng))
+    reply = client.delete("quiet")
+    assert not reply.complete
+    by_node = {o.shareholder: o for o in reply.outcomes}
+    assert by_node["bank-b"].code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    for o in reply.outcomes:
+        assert "sess-7f3a" not in o.message and "auditor" not in o.message and "prepared" not in o.message
+    assert "maintenance" in by_node["bank-b"].message
+
+
+def test_a_delete_needs_the_providers_delete_ticket(shared, rng):
+    # A DELETE ticket for another subject, or none at all, erases nothing.
+    client = shared.client("acme")
+    template = unit(rng)
+    client.enroll("keep", template)
+    t = shared.tenants["acme"]
+    with secure_channel(f"127.0.0.1:{shared.matcher.port}", shared.pki.tls("psp", "acme")) as ch:
+        stub = matcher_pb2_grpc.MatcherStub(ch)
+        for request in (matcher_pb2.DeleteRequest(subject="keep", request_id="d-1"),
+                        matcher_pb2.DeleteRequest(subject="keep", request_id="d-2",
+                                                  ticket=t.delete_ticket("someone-else", "d-2")),
+                        matcher_pb2.DeleteRequest(subject="keep", request_id="d-3",
+                                                  ticket=t.delete_ticket("keep", "d-other"))):
+            assert code_of(lambda: stub.Delete(request, timeout=10)) == grpc.StatusCode.PERMISSION_DENIED
+    assert client.verify("keep", noisy(template, rng)).decision == "MATCH"
+
+
+def _batch_message(t, items, op=None, key=None, replace=False):
+    """An EnrollBatchesRequest of (subject, request id, template) items under one batch ticket."""
+    signed = ticket.issue_batch(key or t.key, t.key_id, tenant=t.name, audience=CLUSTER_ID, batch_id="b-1",
+                                operation=op or ticket.write_operation(replace), items=items)
+    return matcher_pb2.EnrollBatchesRequest(
+        items=[matcher_pb2.EnrollStreamRequest(subject=s, request_id=r, template=v.tolist(), replace=replace)
+               for s, r, v in items],
+        batch_ticket=signed.ticket)
+
+
+def _batch_codes(c, messages) -> list[tuple[str, int, str]]:
+    with secure_channel(f"127.0.0.1:{c.matcher.port}", c.pki.tls("psp", "acme")) as ch:
+        replies = matcher_pb2_grpc.MatcherStub(ch).EnrollBatches(iter(messages), timeout=30)
+        return [(r.subject, r.code, r.message) for m in replies for r in m.results]
+
+
+def test_a_batch_ticket_signs_exactly_its_templates(shared, rng):
+    t = shared.tenants["acme"]
+    items = [(f"bt-{i}", f"bt-r{i}", unit(rng)) for i in range(5)]
+    good = _batch_message(t, items)
+    # The same ticket over one swapped template: every item of the message is refused, nothing stored.
+    tampered = _batch_message(t, [(f"bx-{i}", f"bx-r{i}", unit(rng)) for i in range(3)])
+    tampered.items[1].template[:] = unit(rng).tolist()
+    forged = _batch_message(t, [("by-0", "by-r0", unit(rng))], key=ed25519_key())
+    got = _batch_codes(shared, [good, tampered, forged])
+    ok, denied = grpc.StatusCode.OK.value[0], grpc.StatusCode.PERMISSION_DENIED.value[0]
+    assert [code for _, code, _ in got] == [ok] * 5 + [denied] * 4, got
+    assert "batch ticket" in got[5][2] and "signature" in got[8][2]
+    client = shared.client("acme")
+    assert client.verify("bt-3", noisy(items[3][2], rng)).decision == "MATCH"
+    assert records_at(shared, "acme", "bx-1") == {name: 0 for name in shared.names}
+    # An ENROLL batch cannot carry a replace.
+    again = _batch_message(t, [("bt-0", "bt-r0b", unit(rng))], op=ticket.ENROLL)
+    again.items[0].replace = True
+    [(_, code, message)] = _batch_codes(shared, [again])
+    assert code == denied and "not this item" in message
+    assert client.verify("bt-0", noisy(items[0][2], rng)).decision == "MATCH"
+
+
+def ed25519_key():
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    return ed25519.Ed25519PrivateKey.generate()

@@ -224,7 +224,9 @@ def test_check_leaves_out_records_not_held_everywhere(vault, dev_pki):
 
     channel = secure_channel(c.addresses["bank-c"], dev_pki.tls("matcher", "matcher"), expect=Identity("shareholder", "bank-c"))
     shareholder_pb2_grpc.ShareholderStub(channel).DeleteShares(
-        shareholder_pb2.DeleteSharesRequest(tenant="acme", subject=SUBJECTS[1], request_id="half-done"), timeout=10)
+        shareholder_pb2.DeleteSharesRequest(tenant="acme", subject=SUBJECTS[1], request_id="half-done",
+                                            ticket=c.tenants["acme"].delete_ticket(SUBJECTS[1], "half-done")),
+        timeout=10)
     channel.close()
     report = _refresh(c)
     assert report["check"]["passed"] and report["check"]["excluded"] == 1

@@ -39,7 +39,7 @@ def node(tmp_path, dev_pki):
 
 def store_rows(node, count, prefix="s"):
     recs = sample_records("acme", [f"{prefix}{i}" for i in range(count)], index=1)
-    node.stub("matcher").StoreShares(pb.StoreSharesRequest(records=recs), timeout=30)
+    node.stub("matcher").StoreShares(ACME.store_request(recs), timeout=30)
 
 
 def rotate(node, session="sess-1", batch=25, pause_ms=0):

@@ -62,6 +62,8 @@ def test_kek_file_may_be_omitted_when_the_environment_has_it(cfg_path):
     ('ticket_keys = { "acme-1"', 'ticket_keys = { "acme-1" = "zz", "x"', "ticket key"),
     ("port = -1", "port = 70000", "metrics.port"),
     ("[node]", "[node\n", "not valid TOML"),
+    ('cluster_id = "test-cluster"', "", "node.cluster_id"),              # every ticket's audience: required
+    ('cluster_id = "test-cluster"', 'cluster_id = "a\tb"', "node.cluster_id"),
 ])
 def test_bad_config_values(cfg_path, old, new, message):
     cfg_path.write_text(cfg_path.read_text().replace(old, new, 1))

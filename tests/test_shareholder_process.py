@@ -76,7 +76,7 @@ def test_sigterm_shuts_down_cleanly(harness, dev_pki):
         assert rpc.ShareholderStub(ch).GetNodeInfo(pb.GetNodeInfoRequest(), timeout=10).name == "bank-a"
     with secure_channel(info["address"], dev_pki.tls("matcher", "m"), expect=BANK_A) as ch:
         recs = sample_records("acme", ["alice"], index=1)
-        rpc.ShareholderStub(ch).StoreShares(pb.StoreSharesRequest(records=recs), timeout=10)
+        rpc.ShareholderStub(ch).StoreShares(ACME.store_request(recs), timeout=10)
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{info['metrics_port']}/metrics", timeout=10).read().decode()
     assert 'splitvault_node_audit_head_seq{node="bank-a"} 2.0' in metrics
     assert 'splitvault_node_stored_records_total{node="bank-a"} 1.0' in metrics
@@ -103,8 +103,8 @@ def test_kill_9_after_a_store_returned_loses_nothing(harness, dev_pki):
     with secure_channel(info["address"], dev_pki.tls("matcher", "m"), expect=BANK_A) as ch:
         stub = rpc.ShareholderStub(ch)
         for i in range(0, 20, 5):
-            stub.StoreShares(pb.StoreSharesRequest(records=recs[i:i + 5]), timeout=10)
-        stub.StoreShareStream(iter([pb.StoreShareStreamRequest(records=recs[20:])]), timeout=10)
+            stub.StoreShares(ACME.store_request(recs[i:i + 5]), timeout=10)
+        stub.StoreShareStream(iter([ACME.stream_request(recs[20:])]), timeout=10)
         stub.ReleaseShare(pb.ReleaseShareRequest(ticket=ticket), timeout=10)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)

@@ -8,7 +8,7 @@ import json
 import grpc
 import pytest
 
-from shareholders.testing import NodeHarness, Provider, sample_records
+from shareholders.testing import CLUSTER_ID, NodeHarness, Provider, sample_records
 from splitvault.v1 import common_pb2
 from splitvault.v1 import shareholder_pb2 as pb
 from vault import audit
@@ -35,7 +35,7 @@ def code_of(call, *args, **kwargs) -> grpc.StatusCode:
 
 def store(node, tenant="acme", subjects=("alice",), **kw):
     recs = sample_records(tenant, list(subjects), index=1, **kw)
-    node.stub("matcher").StoreShares(pb.StoreSharesRequest(records=recs), timeout=10)
+    node.stub("matcher").StoreShares({"acme": ACME, "globex": GLOBEX}[tenant].store_request(recs), timeout=10)
     return recs
 
 
@@ -51,11 +51,11 @@ def audit_entries(node):
 # --- roles --------------------------------------------------------------------------
 
 CALLS = {
-    "StoreShares": lambda s: s.StoreShares(pb.StoreSharesRequest(records=sample_records("acme", ["r"], index=1)), timeout=10),
+    "StoreShares": lambda s: s.StoreShares(ACME.store_request(sample_records("acme", ["r"], index=1)), timeout=10),
     "StoreShareStream": lambda s: s.StoreShareStream(
-        iter([pb.StoreShareStreamRequest(records=sample_records("acme", ["rs"], index=1))]), timeout=10),
+        iter([ACME.stream_request(sample_records("acme", ["rs"], index=1))]), timeout=10),
     "ReleaseShare": lambda s: s.ReleaseShare(pb.ReleaseShareRequest(ticket=ACME.ticket("alice")), timeout=10),
-    "DeleteShares": lambda s: s.DeleteShares(pb.DeleteSharesRequest(tenant="acme", subject="zz", request_id="d1"), timeout=10),
+    "DeleteShares": lambda s: s.DeleteShares(ACME.delete_request("zz", "d1"), timeout=10),
     "DescribeRecords": lambda s: s.DescribeRecords(pb.DescribeRecordsRequest(tenant="acme", subject="alice"), timeout=10),
     "GetNodeInfo": lambda s: s.GetNodeInfo(pb.GetNodeInfoRequest(), timeout=10),
     "ReadAuditLog": lambda s: list(s.ReadAuditLog(pb.ReadAuditLogRequest(), timeout=10)),
@@ -66,7 +66,7 @@ ALLOWED = {
     "ReleaseShare": {"matcher"},
     "DeleteShares": {"matcher"},
     "DescribeRecords": {"matcher", "auditor"},
-    "GetNodeInfo": {"matcher", "auditor", "psp", "shareholder"},
+    "GetNodeInfo": {"matcher", "auditor", "shareholder"},  # not a provider: node internals
     "ReadAuditLog": {"auditor"},
 }
 
@@ -92,7 +92,7 @@ def test_store_then_describe_and_node_info(node):
     infos = node.stub("auditor").DescribeRecords(pb.DescribeRecordsRequest(tenant="acme", subject="alice"), timeout=10)
     [info] = infos.records
     assert (info.subject, info.index, info.epoch, info.kek_version, info.request_id) == ("alice", 1, 1, 1, recs[0].request_id)
-    ni = node.stub("psp", "acme").GetNodeInfo(pb.GetNodeInfoRequest(), timeout=10)
+    ni = node.stub("auditor").GetNodeInfo(pb.GetNodeInfoRequest(), timeout=10)
     assert (ni.name, ni.index, ni.epoch, ni.kek_version, ni.records) == ("bank-a", 1, 1, 1, 2)
     assert ni.audit_public_key == node.audit_public_key()
     assert ni.audit_head_seq >= 3  # start + two stores
@@ -101,15 +101,15 @@ def test_store_then_describe_and_node_info(node):
 def test_store_is_idempotent_per_request_id_and_refuses_others(node):
     s = node.stub("matcher")
     first = sample_records("acme", ["alice"], index=1, request_id="enrol-1")
-    assert s.StoreShares(pb.StoreSharesRequest(records=first), timeout=10).stored == 1
+    assert s.StoreShares(ACME.store_request(first), timeout=10).stored == 1
     # The matcher re-splits on retry: same request id, new values, overwritten.
     retry = sample_records("acme", ["alice"], index=1, request_id="enrol-1")
-    r = s.StoreShares(pb.StoreSharesRequest(records=retry), timeout=10)
+    r = s.StoreShares(ACME.store_request(retry), timeout=10)
     assert (r.stored, r.already_stored) == (1, 1)
     assert release(node, ACME.ticket("alice")).shares[0].values == retry[0].values
     other = sample_records("acme", ["alice"], index=1, request_id="enrol-2")
-    assert code_of(s.StoreShares, pb.StoreSharesRequest(records=other)) == grpc.StatusCode.ALREADY_EXISTS
-    r = s.StoreShares(pb.StoreSharesRequest(records=other, replace=True), timeout=10)
+    assert code_of(s.StoreShares, ACME.store_request(other)) == grpc.StatusCode.ALREADY_EXISTS
+    r = s.StoreShares(ACME.store_request(other, replace=True), timeout=10)
     assert (r.stored, r.already_stored) == (1, 0)
     assert release(node, ACME.ticket("alice")).shares[0].values == other[0].values
 
@@ -118,7 +118,7 @@ def test_store_batch_is_all_or_nothing(node):
     store(node, subjects=("carol",))
     s = node.stub("matcher")
     batch = sample_records("acme", ["dave", "erin", "carol"], index=1, request_id="batch-2")
-    assert code_of(s.StoreShares, pb.StoreSharesRequest(records=batch)) == grpc.StatusCode.ALREADY_EXISTS
+    assert code_of(s.StoreShares, ACME.store_request(batch)) == grpc.StatusCode.ALREADY_EXISTS
     for subject in ("dave", "erin"):
         assert not s.DescribeRecords(pb.DescribeRecordsRequest(tenant="acme", subject=subject), timeout=10).records
 
@@ -137,7 +137,7 @@ def test_store_batch_is_all_or_nothing(node):
 def test_store_validates_records(node, mutate):
     [rec] = sample_records("acme", ["frank"], index=1)
     mutate(rec)
-    code = code_of(node.stub("matcher").StoreShares, pb.StoreSharesRequest(records=[rec]))
+    code = code_of(node.stub("matcher").StoreShares, ACME.store_request([rec]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -145,19 +145,20 @@ def test_store_refuses_empty_and_duplicate_batches(node):
     s = node.stub("matcher")
     assert code_of(s.StoreShares, pb.StoreSharesRequest()) == grpc.StatusCode.INVALID_ARGUMENT
     recs = sample_records("acme", ["gina"], index=1) * 2
-    assert code_of(s.StoreShares, pb.StoreSharesRequest(records=recs)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(s.StoreShares, ACME.store_request(recs)) == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_stream_store_beyond_one_message_limit(node):
     # ~5.6 MB in total, more than gRPC's default 4 MiB for one message, in 200-record messages.
     recs = sample_records("globex", [f"g{i}" for i in range(2700)], index=1, dimension=512)
-    msgs = [pb.StoreShareStreamRequest(records=recs[i:i + 200]) for i in range(0, len(recs), 200)]
+    msgs = [GLOBEX.stream_request(recs[i:i + 200]) for i in range(0, len(recs), 200)]
     assert sum(m.ByteSize() for m in msgs) > 4 * 1024 * 1024
     reply = node.stub("matcher").StoreShareStream(iter(msgs), timeout=60)
     assert (reply.stored, reply.already_stored) == (2700, 0)
     got = release(node, GLOBEX.ticket("g2699"))
     assert got.shares[0].values == recs[-1].values
-    # Idempotent retry of the whole stream.
+    # Idempotent retry of the whole stream (the provider signs a retry afresh: a used write ticket is spent).
+    msgs = [GLOBEX.stream_request(recs[i:i + 200]) for i in range(0, len(recs), 200)]
     reply = node.stub("matcher").StoreShareStream(iter(msgs), timeout=60)
     assert (reply.stored, reply.already_stored) == (2700, 2700)
     entries, _ = audit_entries(node)
@@ -170,7 +171,7 @@ def test_stream_store_stops_at_a_bad_batch_and_keeps_earlier_ones(node):
     good = sample_records("acme", [f"s{i}" for i in range(1000)], index=1)
     bad = sample_records("acme", ["t1"], index=1)
     bad[0].index = 3
-    msgs = [pb.StoreShareStreamRequest(records=good), pb.StoreShareStreamRequest(records=bad)]
+    msgs = [ACME.stream_request(good), ACME.stream_request(bad)]
     with pytest.raises(grpc.RpcError) as err:
         node.stub("matcher").StoreShareStream(iter(msgs), timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -181,8 +182,8 @@ def test_stream_store_stops_at_a_bad_batch_and_keeps_earlier_ones(node):
 def test_delete_erases_every_epoch(node):
     s = node.stub("matcher")
     store(node, subjects=("hana",))
-    assert s.DeleteShares(pb.DeleteSharesRequest(tenant="acme", subject="hana", request_id="del-1"), timeout=10).deleted == 1
-    assert s.DeleteShares(pb.DeleteSharesRequest(tenant="acme", subject="hana", request_id="del-2"), timeout=10).deleted == 0
+    assert s.DeleteShares(ACME.delete_request("hana", "del-1"), timeout=10).deleted == 1
+    assert s.DeleteShares(ACME.delete_request("hana", "del-2"), timeout=10).deleted == 0
     assert code_of(release, node, ACME.ticket("hana")) == grpc.StatusCode.NOT_FOUND
     assert code_of(s.DeleteShares, pb.DeleteSharesRequest(tenant="acme", subject="hana")) == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -301,3 +302,60 @@ def audit_now() -> int:
     from vault.ticket import now_ms
 
     return now_ms()
+
+
+# --- batch tickets at the node ---------------------------------------------------------
+
+
+def _batch_for(records, provider=ACME, op=None):
+    from vault import ticket
+    return ticket.issue_batch(provider.key, provider.key_id, tenant=provider.tenant, audience=CLUSTER_ID,
+                              batch_id="b-1", operation=op or ticket.ENROLL,
+                              items=[(r.subject, r.request_id, [0.0] * 4) for r in records])
+
+
+def test_a_stream_store_under_a_batch_ticket(node):
+    recs = sample_records("acme", [f"bk{i}" for i in range(10)], index=1)
+    batch = _batch_for(recs)
+    s = node.stub("matcher")
+    reply = s.StoreShareStream(iter([pb.StoreShareStreamRequest(records=recs, batches=[batch])]), timeout=10)
+    assert reply.stored == 10
+    entries, _ = audit_entries(node)
+    [entry] = [e for e in entries if e.event == "store_batch"]
+    details = json.loads(entry.details_json)
+    assert details["tickets"] == 10 and details["batch_tickets"] == 1
+    assert details["batch_ticket_0"][0] == ACME.key_id and "batch_ticket_1" not in details
+    # The same batch items again: each is honoured once (a retry is signed afresh).
+    again = sample_records("acme", [f"bk{i}" for i in range(10)], index=1)
+    assert code_of(s.StoreShareStream, iter([pb.StoreShareStreamRequest(records=again, batches=[batch])])) \
+        == grpc.StatusCode.PERMISSION_DENIED
+    # A record that is not an item of the batch, and items edited after signing, are refused.
+    other = sample_records("acme", ["not-in-batch"], index=1)
+    assert code_of(s.StoreShares, pb.StoreSharesRequest(records=other, batches=[_batch_for(recs[:1])])) \
+        == grpc.StatusCode.PERMISSION_DENIED
+    edited = _batch_for(other)
+    edited.items[0].subject = "someone-else"
+    assert code_of(s.StoreShares, pb.StoreSharesRequest(records=other, batches=[edited])) \
+        == grpc.StatusCode.PERMISSION_DENIED
+    assert not s.DescribeRecords(pb.DescribeRecordsRequest(tenant="acme", subject="not-in-batch"), timeout=10).records
+    reasons = [json.loads(e.details_json).get("reason") for e in audit_entries(node)[0] if e.event == "deny"]
+    assert reasons == ["replayed", "missing_ticket", "ticket_mismatch"]
+    # The batch undoes its own item (the matcher's clean-up), and that item can no longer be stored.
+    undo = pb.DeleteSharesRequest(tenant="acme", subject="bk3", request_id=recs[3].request_id, batch=batch)
+    assert s.DeleteShares(undo, timeout=10).deleted == 1
+    assert code_of(s.DeleteShares, undo) == grpc.StatusCode.PERMISSION_DENIED  # once
+
+
+def test_a_used_write_ticket_stays_used_across_a_restart(node):
+    # The replay set is rebuilt from the audit log: a DELETE ticket honoured
+    # before a restart cannot erase a re-enrolment after it.
+    s = node.stub("matcher")
+    store(node, subjects=("kim",))
+    erase = ACME.delete_request("kim", "erase-kim")
+    assert s.DeleteShares(erase, timeout=10).deleted == 1
+    node.stop()
+    node.start()
+    s = node.stub("matcher")
+    store(node, subjects=("kim",))
+    assert code_of(s.DeleteShares, erase) == grpc.StatusCode.PERMISSION_DENIED
+    assert s.DescribeRecords(pb.DescribeRecordsRequest(tenant="acme", subject="kim"), timeout=10).records

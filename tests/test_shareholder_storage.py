@@ -40,7 +40,7 @@ def release_code(node, subject, t=None):
 
 def store(node, subjects, **kw):
     recs = sample_records("acme", list(subjects), index=1, **kw)
-    node.stub("matcher").StoreShares(pb.StoreSharesRequest(records=recs), timeout=10)
+    node.stub("matcher").StoreShares(ACME.store_request(recs), timeout=10)
     return recs
 
 
@@ -154,7 +154,7 @@ def _chain_activity(node):
     store(node, ["a", "b", "c"])
     release(node, "a")
     release(node, "b")
-    node.stub("matcher").DeleteShares(pb.DeleteSharesRequest(tenant="acme", subject="c", request_id="d1"), timeout=10)
+    node.stub("matcher").DeleteShares(ACME.delete_request("c", "d1"), timeout=10)
     node.stop()
 
 
@@ -246,7 +246,7 @@ def test_replaced_shares_leave_the_files_when_the_call_returns(node):
     conn.close()
     assert any(old in data for data in raw_files(node).values())
     recs = sample_records("acme", ["alice"], index=1, dimension=256, request_id="replacement")
-    node.stub("matcher").StoreShares(pb.StoreSharesRequest(records=recs, replace=True), timeout=10)
+    node.stub("matcher").StoreShares(ACME.store_request(recs, replace=True), timeout=10)
     for name, data in raw_files(node).items():
         assert old not in data, name
     assert release(node, "alice").shares[0].values == recs[0].values

@@ -9,6 +9,7 @@ from vault import ticket
 from vault.errors import InvalidTicket
 
 PROBE = np.linspace(-1, 1, 16, dtype=np.float32)
+AUD = "cluster-1"
 
 
 @pytest.fixture(scope="module")
@@ -17,14 +18,14 @@ def key():
 
 
 def make(key, **kw):
-    args = dict(tenant="acme", subject="alice", request_id="r1", probe=PROBE, issued_at_ms=1_000_000)
+    args = dict(tenant="acme", subject="alice", request_id="r1", probe=PROBE, issued_at_ms=1_000_000, audience=AUD)
     args.update(kw)
     return ticket.issue(key, "k1", **args)
 
 
 def test_round_trip(key):
     t = make(key)
-    body = ticket.verify(t, {"k1": key.public_key()}, tenant="acme", at_ms=1_000_500)
+    body = ticket.verify(t, {"k1": key.public_key()}, tenant="acme", audience=AUD, at_ms=1_000_500)
     assert (body.subject, body.request_id) == ("alice", "r1")
     assert ticket.probe_matches(body, PROBE)
     assert not ticket.probe_matches(body, PROBE + np.float32(1e-6))
@@ -44,19 +45,124 @@ def test_refusals(key, mutate, at_ms):
     t = make(key)
     mutate(t, key)
     with pytest.raises(InvalidTicket):
-        ticket.verify(t, {"k1": key.public_key()}, tenant="acme", at_ms=at_ms)
+        ticket.verify(t, {"k1": key.public_key()}, tenant="acme", audience=AUD, at_ms=at_ms)
 
 
 def test_wrong_tenant_and_signer(key):
     t = make(key)
     with pytest.raises(InvalidTicket, match="another tenant"):
-        ticket.verify(t, {"k1": key.public_key()}, tenant="globex", at_ms=1_000_500)
+        ticket.verify(t, {"k1": key.public_key()}, tenant="globex", audience=AUD, at_ms=1_000_500)
     other = ed25519.Ed25519PrivateKey.generate()
     with pytest.raises(InvalidTicket, match="signature"):
-        ticket.verify(t, {"k1": other.public_key()}, tenant="acme", at_ms=1_000_500)
+        ticket.verify(t, {"k1": other.public_key()}, tenant="acme", audience=AUD, at_ms=1_000_500)
 
 
 def test_overlong_validity_refused(key):
     t = make(key, ttl_ms=ticket.MAX_TTL_MS + 1)
     with pytest.raises(InvalidTicket, match="too long"):
-        ticket.verify(t, {"k1": key.public_key()}, tenant="acme", at_ms=1_000_500)
+        ticket.verify(t, {"k1": key.public_key()}, tenant="acme", audience=AUD, at_ms=1_000_500)
+
+
+# --- provider-signed writes: operation, audience, template digest -------------
+
+def check(t, key, **kw):
+    args = dict(tenant="acme", audience=AUD, at_ms=1_000_500)
+    args.update(kw)
+    return ticket.verify(t, {"k1": key.public_key()}, **args)
+
+
+def test_write_tickets_round_trip(key):
+    for op in (ticket.ENROLL, ticket.REPLACE):
+        t = make(key, probe=None, template=PROBE, operation=op)
+        body = check(t, key, operations=(op,))
+        assert body.operation == op and body.audience == AUD and not body.probe_digest
+        assert ticket.template_matches(body, PROBE)
+        assert not ticket.template_matches(body, PROBE + np.float32(1e-6))
+    body = check(make(key, probe=None, operation=ticket.DELETE), key, operations=(ticket.DELETE,))
+    assert not body.template_digest and not body.probe_digest
+
+
+@pytest.mark.parametrize("op, call", [
+    (ticket.VERIFY, (ticket.DELETE,)),        # a verification cannot delete
+    (ticket.VERIFY, (ticket.REPLACE,)),       # ... or replace
+    (ticket.ENROLL, (ticket.REPLACE,)),       # an enrolment cannot replace
+    (ticket.DELETE, (ticket.VERIFY,)),        # a delete cannot release a share
+    (ticket.REPLACE, (ticket.ENROLL,)),
+])
+def test_operation_must_match_the_call(key, op, call):
+    vectors = {"probe": PROBE} if op == ticket.VERIFY else {"probe": None, "template": PROBE} if op in ticket.WRITES \
+        else {"probe": None}
+    t = make(key, operation=op, **vectors)
+    with pytest.raises(InvalidTicket, match="not this call"):
+        check(t, key, operations=call)
+
+
+def test_other_audience_refused(key):
+    t = make(key)
+    with pytest.raises(InvalidTicket, match="another cluster"):
+        check(t, key, audience="cluster-2")
+    with pytest.raises(InvalidTicket, match="another cluster"):
+        check(t, key, audience="")  # a checker without a cluster id accepts nothing
+
+
+def test_probe_digest_does_not_stand_for_a_template(key):
+    # The two digests use different contexts: a VERIFY ticket's probe digest
+    # moved into the template slot would not match the same vector.
+    t = make(key)
+    body = check(t, key)
+    body.template_digest = body.probe_digest
+    assert not ticket.template_matches(body, PROBE)
+
+
+def test_issue_refuses_a_vector_in_the_wrong_slot(key):
+    with pytest.raises(ValueError):
+        make(key, operation=ticket.ENROLL)  # a probe, no template
+    with pytest.raises(ValueError):
+        make(key, probe=None, template=PROBE, operation=ticket.DELETE)
+
+
+# --- batch tickets (bulk enrolment) ---------------------------------------------
+
+def make_batch(key, items=None, op=ticket.ENROLL, **kw):
+    items = items or [("alice", "r1", PROBE), ("bob", "r2", PROBE * 2)]
+    return ticket.issue_batch(key, "k1", tenant="acme", audience=AUD, batch_id="b1", operation=op, items=items,
+                              issued_at_ms=1_000_000, **kw)
+
+
+def test_batch_ticket_round_trip(key):
+    batch = make_batch(key)
+    body = check(batch.ticket, key, operations=ticket.WRITES, batch=True)
+    assert body.operation == ticket.ENROLL and not body.subject and len(body.batch_digest) == 32
+    assert ticket.batch_matches(body, batch.items)
+    assert [(i.subject, i.request_id) for i in batch.items] == [("alice", "r1"), ("bob", "r2")]
+    # Item digests are salted per item: equal templates do not give equal digests.
+    same = make_batch(key, items=[("a", "r1", PROBE), ("b", "r2", PROBE)])
+    assert same.items[0].template_digest != same.items[1].template_digest
+
+
+@pytest.mark.parametrize("edit", [
+    lambda items: items.pop(),                                        # an item left out
+    lambda items: setattr(items[0], "subject", "mallory"),            # another subject
+    lambda items: setattr(items[1], "request_id", "r9"),              # another request
+    lambda items: setattr(items[0], "template_digest", bytes(32)),    # another template
+    lambda items: items.reverse(),                                    # reordered
+])
+def test_batch_items_must_be_the_signed_ones(key, edit):
+    batch = make_batch(key)
+    body = check(batch.ticket, key, operations=ticket.WRITES, batch=True)
+    items = list(batch.items)
+    edit(items)
+    assert not ticket.batch_matches(body, items)
+
+
+def test_batch_and_single_tickets_do_not_stand_for_each_other(key):
+    batch = make_batch(key)
+    with pytest.raises(InvalidTicket, match="batch"):
+        check(batch.ticket, key, operations=ticket.WRITES)  # a batch ticket where one write is expected
+    single = make(key, probe=None, template=PROBE, operation=ticket.ENROLL)
+    with pytest.raises(InvalidTicket, match="batch"):
+        check(single, key, operations=ticket.WRITES, batch=True)
+    with pytest.raises(InvalidTicket, match="not this call"):
+        check(make_batch(key, op=ticket.ENROLL).ticket, key, operations=(ticket.REPLACE,), batch=True)
+    with pytest.raises(ValueError):
+        make_batch(key, op=ticket.DELETE)

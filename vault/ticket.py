@@ -1,10 +1,13 @@
-"""Verification tickets: a payment provider's signed authorisation of one
-verification of one subject with one probe.
+"""Tickets: a payment provider's signed authorisation of one operation on
+one subject: a verification with one probe, or a write (enrol, replace,
+delete; docs/contracts.md "Provider-signed writes").
 
-The provider signs; the matcher checks the probe digest against the probe it
-was sent; every shareholder checks signature, tenant, expiry and replay
-itself before releasing a share, so a compromised matcher cannot fetch shares
-without a provider's authorisation.
+The provider signs; the matcher checks the probe (or template) digest against
+the vector it was sent; every shareholder checks signature, tenant,
+operation, audience (the cluster id), expiry and replay itself before it
+releases, stores or erases anything, so neither a compromised matcher nor a
+holder of the provider's TLS certificate alone can act without the provider's
+ticket key.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature
@@ -25,12 +28,30 @@ from vault.errors import InvalidTicket
 
 SIGNATURE_CONTEXT = b"splitvault/ticket/v1\x00"
 PROBE_CONTEXT = b"splitvault/probe/v1\x00"
+TEMPLATE_CONTEXT = b"splitvault/template/v1\x00"
+BATCH_CONTEXT = b"splitvault/batch/v1\x00"
+# Most templates one batch ticket may cover (bounds a node's work per batch).
+MAX_BATCH_ITEMS = 10_000
+
+VERIFY = common_pb2.TICKET_OPERATION_VERIFY
+ENROLL = common_pb2.TICKET_OPERATION_ENROLL
+REPLACE = common_pb2.TICKET_OPERATION_REPLACE
+DELETE = common_pb2.TICKET_OPERATION_DELETE
+WRITES = (ENROLL, REPLACE)
+OPERATION_NAMES = {VERIFY: "verify", ENROLL: "enroll", REPLACE: "replace", DELETE: "delete"}
 NONCE_BYTES = 16
 # Longest validity a node accepts, whatever the ticket says.
 MAX_TTL_MS = 5 * 60 * 1000
 # Clock skew tolerated between provider and node.
 CLOCK_SKEW_MS = 30 * 1000
 MAX_ID_BYTES = 128
+
+
+def check_audience(value: str) -> str:
+    """A cluster id, the audience of tickets: 1 to 128 printable ASCII characters."""
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_ID_BYTES or not value.isascii() or not value.isprintable():
+        raise ValueError(f"A cluster id must be 1 to {MAX_ID_BYTES} printable ASCII characters.")
+    return value
 
 
 def now_ms() -> int:
@@ -44,8 +65,33 @@ def probe_digest(probe, nonce: bytes) -> bytes:
     so they cannot test guesses against anything they hold but this digest,
     and a guess would have to match a noisy float32 vector bit for bit.
     """
-    data = np.ascontiguousarray(np.asarray(probe, dtype="<f4"))
-    return hashlib.sha256(PROBE_CONTEXT + nonce + data.tobytes()).digest()
+    return _vector_digest(PROBE_CONTEXT, probe, nonce)
+
+
+def template_digest(template, nonce: bytes) -> bytes:
+    """SHA-256(context || nonce || template as float32 little-endian): as the
+    probe digest, under its own context so neither stands for the other."""
+    return _vector_digest(TEMPLATE_CONTEXT, template, nonce)
+
+
+def item_digest(template, nonce: bytes, request_id: str) -> bytes:
+    """A batch item's template digest: salted with the batch ticket's nonce and the item's request id."""
+    return template_digest(template, nonce + request_id.encode())
+
+
+def batch_digest(items) -> bytes:
+    """SHA-256 over a batch's WriteItems in order (each field length-prefixed)."""
+    h = hashlib.sha256(BATCH_CONTEXT)
+    for item in items:
+        for part in (item.subject.encode(), item.request_id.encode(), item.template_digest):
+            h.update(len(part).to_bytes(4, "big"))
+            h.update(part)
+    return h.digest()
+
+
+def _vector_digest(context: bytes, vector, nonce: bytes) -> bytes:
+    data = np.ascontiguousarray(np.asarray(vector, dtype="<f4"))
+    return hashlib.sha256(context + nonce + data.tobytes()).digest()
 
 
 def issue(
@@ -55,26 +101,81 @@ def issue(
     tenant: str,
     subject: str,
     request_id: str,
-    probe,
+    audience: str,
+    probe=None,
+    template=None,
+    operation: int = VERIFY,
     ttl_ms: int = 60_000,
     issued_at_ms: int | None = None,
 ) -> common_pb2.VerificationTicket:
-    """Sign a ticket for one verification (the provider's side)."""
+    """Sign a ticket for one operation (the provider's side).
+
+    VERIFY binds ``probe``, ENROLL and REPLACE bind ``template``, DELETE
+    binds no vector; ``audience`` is the cluster id of the committee.
+    """
+    if operation not in OPERATION_NAMES:
+        raise ValueError("The ticket operation must be VERIFY, ENROLL, REPLACE or DELETE.")
+    if (probe is not None) != (operation == VERIFY) or (template is not None) != (operation in WRITES):
+        raise ValueError("A VERIFY ticket binds a probe, an ENROLL or REPLACE ticket a template, a DELETE ticket neither.")
     issued = now_ms() if issued_at_ms is None else issued_at_ms
     nonce = secrets.token_bytes(NONCE_BYTES)
     body = common_pb2.TicketBody(
         tenant=tenant,
         subject=subject,
         request_id=request_id,
-        probe_digest=probe_digest(probe, nonce),
         nonce=nonce,
         issued_at_ms=issued,
         expires_at_ms=issued + ttl_ms,
+        operation=operation,
+        audience=audience,
     )
+    if probe is not None:
+        body.probe_digest = probe_digest(probe, nonce)
+    if template is not None:
+        body.template_digest = template_digest(template, nonce)
     raw = body.SerializeToString(deterministic=True)
     return common_pb2.VerificationTicket(
         body=raw, signature=signing_key.sign(SIGNATURE_CONTEXT + raw), key_id=key_id
     )
+
+
+def issue_batch(
+    signing_key: ed25519.Ed25519PrivateKey,
+    key_id: str,
+    *,
+    tenant: str,
+    audience: str,
+    batch_id: str,
+    operation: int,
+    items,
+    ttl_ms: int = 60_000,
+    issued_at_ms: int | None = None,
+) -> common_pb2.WriteBatch:
+    """Sign one ticket for a bulk enrolment of ``items`` ((subject, request id,
+    template) triples, in order): ENROLL or REPLACE for all of them."""
+    if operation not in WRITES:
+        raise ValueError("A batch ticket authorises ENROLL or REPLACE.")
+    issued = now_ms() if issued_at_ms is None else issued_at_ms
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    write_items = [
+        common_pb2.WriteItem(subject=subject, request_id=request_id,
+                             template_digest=item_digest(template, nonce, request_id))
+        for subject, request_id, template in items
+    ]
+    if not 1 <= len(write_items) <= MAX_BATCH_ITEMS:
+        raise ValueError(f"A batch ticket covers 1 to {MAX_BATCH_ITEMS} templates.")
+    body = common_pb2.TicketBody(
+        tenant=tenant, request_id=batch_id, nonce=nonce, issued_at_ms=issued, expires_at_ms=issued + ttl_ms,
+        operation=operation, audience=audience, batch_digest=batch_digest(write_items),
+    )
+    raw = body.SerializeToString(deterministic=True)
+    signed = common_pb2.VerificationTicket(body=raw, signature=signing_key.sign(SIGNATURE_CONTEXT + raw), key_id=key_id)
+    return common_pb2.WriteBatch(ticket=signed, items=write_items)
+
+
+def batch_matches(body: common_pb2.TicketBody, items) -> bool:
+    """Whether ``items`` are exactly the ones the batch ticket signs (constant-time compare)."""
+    return len(items) <= MAX_BATCH_ITEMS and hmac.compare_digest(batch_digest(items), body.batch_digest)
 
 
 def verify(
@@ -82,13 +183,21 @@ def verify(
     keys: Mapping[str, ed25519.Ed25519PublicKey],
     *,
     tenant: str | None = None,
+    audience: str,
+    operations: Collection[int] = (VERIFY,),
+    batch: bool = False,
     at_ms: int | None = None,
 ) -> common_pb2.TicketBody:
-    """Check a ticket's signature, shape and validity window; return its body.
+    """Check a ticket's signature, shape, operation, audience and validity
+    window; return its body.
 
     ``keys`` maps key ids to the public keys registered for ``tenant`` (or, if
     tenant is None, to all tenants' keys: the key id then decides the tenant
-    and the body must name it). Raises InvalidTicket with a short reason.
+    and the body must name it). ``audience`` is the checker's cluster id (an
+    empty one accepts nothing); ``operations`` the operations the call may
+    perform; ``batch`` whether the call takes a batch ticket (which names
+    no subject) instead of a single one. Raises InvalidTicket with a short
+    reason.
     """
     # Each field read once: a protobuf bytes field is a fresh copy per read.
     raw, signature, key_id = ticket.body, ticket.signature, ticket.key_id
@@ -109,11 +218,29 @@ def verify(
     body_tenant = body.tenant
     if tenant is not None and body_tenant != tenant:
         raise InvalidTicket("The verification ticket was issued for another tenant.")
-    for name, value in (("tenant", body_tenant), ("subject", body.subject), ("request_id", body.request_id)):
+    if bool(body.batch_digest) != batch:
+        raise InvalidTicket("A batch ticket stands only for the items of a bulk enrolment."
+                            if body.batch_digest else "The call needs a batch ticket.")
+    names = (("tenant", body_tenant), ("request_id", body.request_id))
+    if not batch:
+        names += (("subject", body.subject),)
+    elif body.subject:
+        raise InvalidTicket("A batch ticket names no subject.")
+    for name, value in names:
         if not value or len(value.encode()) > MAX_ID_BYTES:
             raise InvalidTicket(f"The verification ticket's {name} is empty or longer than {MAX_ID_BYTES} bytes.")
-    if len(body.nonce) != NONCE_BYTES or len(body.probe_digest) != 32:
-        raise InvalidTicket("The verification ticket's nonce or probe digest has the wrong length.")
+    operation = body.operation
+    if operation not in operations:
+        raise InvalidTicket(
+            f"The ticket authorises {OPERATION_NAMES.get(operation, 'no known operation')}, not this call."
+        )
+    if not audience or body.audience != audience:
+        raise InvalidTicket("The ticket was issued for another cluster (its audience is not this cluster id).")
+    want_probe = 32 if operation == VERIFY else 0
+    want_template = 32 if operation in WRITES and not batch else 0
+    if (len(body.nonce) != NONCE_BYTES or len(body.probe_digest) != want_probe
+            or len(body.template_digest) != want_template or len(body.batch_digest) != (32 if batch else 0)):
+        raise InvalidTicket("The ticket's nonce, probe digest or template digest has the wrong length.")
     now = now_ms() if at_ms is None else at_ms
     issued, expires = body.issued_at_ms, body.expires_at_ms
     if expires <= issued or expires - issued > MAX_TTL_MS:
@@ -128,6 +255,22 @@ def verify(
 def probe_matches(body: common_pb2.TicketBody, probe) -> bool:
     """Whether the probe is the one the provider authorised (constant-time compare)."""
     return hmac.compare_digest(probe_digest(probe, body.nonce), body.probe_digest)
+
+
+def template_matches(body: common_pb2.TicketBody, template) -> bool:
+    """Whether the template is the one the provider authorised (constant-time compare)."""
+    return hmac.compare_digest(template_digest(template, body.nonce), body.template_digest)
+
+
+def write_operation(replace: bool) -> int:
+    """The ticket operation of an enrolment with this replace flag."""
+    return REPLACE if replace else ENROLL
+
+
+def ticket_digest(ticket: common_pb2.VerificationTicket) -> str:
+    """Hex SHA-256 over the signed body and signature: names one write
+    ticket in audit entries and in a node's replay set."""
+    return hashlib.sha256(SIGNATURE_CONTEXT + ticket.body + b"\x00" + ticket.signature).hexdigest()
 
 
 def ticket_id(body: common_pb2.TicketBody) -> str:

@@ -30,7 +30,16 @@ one release per node per verification. Verifications (tenant + request id)
 that released fewer than k shares are reported (a verification that could
 not complete), as are denials; neither is an error.
 
-Exit status: 0 clean; 3 a broken chain or an unexplained release; 2 a node
+Writes are held to the same standard (docs/contracts.md, "Provider-signed
+writes"): every ``store`` and ``delete`` entry must record a provider ticket
+that verifies under the recorded key, for this cluster (audience), naming
+the entry's tenant, subject and request id, with an operation that allows
+it (a store that replaced another request's records needs REPLACE; a
+delete needs DELETE, or the ENROLL / REPLACE ticket of the enrolment it
+undid), made by a matcher; every ``store_batch`` entry must name the
+digest of its records' tickets. A write without one is a finding.
+
+Exit status: 0 clean; 3 a broken chain, an unexplained release or write; 2 a node
 could not be read; 1 a usage or local error (e.g. no recorded key).
 """
 from __future__ import annotations
@@ -354,6 +363,7 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
     """Cross-check releases against provider-signed tickets (the Python API)."""
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
+    from splitvault.v1 import common_pb2
     from vault import pki
     from vault import ticket as tickets
     from vault.errors import InvalidTicket
@@ -365,6 +375,63 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
     releases: dict[tuple[str, str], dict[str, list]] = defaultdict(lambda: defaultdict(list))
     bodies: dict[tuple[str, str], set] = defaultdict(set)
     unexplained: list[dict] = []
+    writes: Counter = Counter()
+    write_tickets: dict[tuple[str, str, str], set] = defaultdict(set)
+
+    def check_ticket(e, details: dict, operations: tuple, ticket=None, batch: bool = False) -> tuple[str | None, object]:
+        # Why the ticket an entry records does not authorise it (None: it does), and its body.
+        # A batch ticket names no subject: that the record is one of its items the node checked
+        # against the items it was sent, which the entry does not carry.
+        ticket = tickets.from_audit_details(details) if ticket is None else ticket
+        tenant_keys: dict[str, ed25519.Ed25519PublicKey] | None = keys.get(e.tenant)
+        if not e.actor.startswith("matcher/"):
+            return f"the call came from {e.actor or 'an unnamed caller'}, not a matcher", None
+        if ticket is None:
+            return f"the {e.event} records no ticket", None
+        if tenant_keys is None:
+            return f"no ticket key is recorded for tenant {e.tenant!r}", None
+        try:
+            body = tickets.verify(ticket, tenant_keys, tenant=e.tenant, audience=target.cluster_id,
+                                  operations=operations, batch=batch, at_ms=e.time_ms)
+        except InvalidTicket as exc:
+            return str(exc).rstrip(".").lower(), None
+        if not batch and (body.subject, body.request_id) != (e.subject, e.request_id):
+            return f"the ticket is for another subject or request than the {e.event} names", None
+        return None, body
+
+    def check_write(log: NodeLog, e) -> None:
+        details = json.loads(e.details_json or "{}")
+        writes[e.event] += 1
+        if e.event == "store_batch":
+            ok = isinstance(details.get("tickets_sha256"), str) and details.get("tickets") == details.get("records")
+            why = None if ok else "the bulk store records no digest of its records' provider tickets"
+            operations = (tickets.REPLACE,) if details.get("replaced") else tickets.WRITES
+            recorded = [details[k] for k in sorted(details) if k.startswith("batch_ticket_")]
+            for packed in recorded if why is None else []:
+                parts = packed if isinstance(packed, list) and len(packed) >= 3 else ["", "", ""]
+                batch_ticket = tickets.from_audit_details({"key_id": parts[0], "ticket_sig": parts[1],
+                                                           "ticket": list(parts[2:])})
+                why, _ = check_ticket(e, {}, operations, ticket=batch_ticket or common_pb2.VerificationTicket(),
+                                      batch=True)
+                if why is not None:
+                    why = f"a batch ticket of the bulk store: {why}"
+                    break
+        else:
+            if e.event == "store":
+                operations = (tickets.REPLACE,) if details.get("replaced") else tickets.WRITES
+            else:
+                operations = (tickets.DELETE, *tickets.WRITES)
+            batch_item = details.get("batch_item")
+            why, body = check_ticket(e, details, operations, batch=bool(batch_item))
+            if why is None and batch_item is not None and batch_item != e.request_id:
+                why = f"the batch item the {e.event} names is another request than its own"
+            if why is None:
+                write_tickets[(e.event, e.tenant, e.request_id)].add(tickets.ticket_digest(tickets.from_audit_details(details)))
+        if why is not None:
+            unexplained.append({"node": log.node.name, "seq": e.seq, "event": e.event, "tenant": e.tenant,
+                                "subject": e.subject, "request_id": e.request_id, "time_ms": e.time_ms,
+                                "reason": why})
+
     denials: Counter = Counter()
     denied: list[dict] = []
     per_node = []
@@ -381,6 +448,9 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
                     denied.append({"node": log.node.name, "seq": e.seq, "tenant": e.tenant, "subject": e.subject,
                                    "request_id": e.request_id, "reason": details.get("reason")})
                 continue
+            if e.event in ("store", "store_batch", "delete"):
+                check_write(log, e)
+                continue
             if e.event != "release":
                 continue
             n_rel += 1
@@ -388,26 +458,14 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
                     "request_id": e.request_id, "time_ms": e.time_ms}
             why = None
             details = json.loads(e.details_json or "{}")
-            ticket = tickets.from_audit_details(details)
-            tenant_keys: dict[str, ed25519.Ed25519PublicKey] | None = keys.get(e.tenant)
             if log.node.name not in committee:
                 why = f"node {log.node.name} is not a member of the committee"
             elif not e.actor.startswith("matcher/"):
                 why = f"the share went to {e.actor or 'an unnamed caller'}, not a matcher"
-            elif ticket is None:
-                why = "the release records no ticket"
-            elif tenant_keys is None:
-                why = f"no ticket key is recorded for tenant {e.tenant!r}"
             else:
-                try:
-                    body = tickets.verify(ticket, tenant_keys, tenant=e.tenant, at_ms=e.time_ms)
-                except InvalidTicket as exc:
-                    why = str(exc).rstrip(".").lower()
-                else:
-                    if (body.subject, body.request_id) != (e.subject, e.request_id):
-                        why = "the ticket is for another subject or request than the release names"
-                    else:
-                        bodies[(e.tenant, e.request_id)].add(ticket.body)
+                why, body = check_ticket(e, details, (tickets.VERIFY,))
+                if why is None:
+                    bodies[(e.tenant, e.request_id)].add(tickets.from_audit_details(details).body)
             if why is not None:
                 unexplained.append({**item, "reason": why})
                 continue
@@ -445,6 +503,10 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
         "conflicting": conflicting[:MAX_LISTED],
         "denials": dict(sorted(denials.items())),
         "denied": denied,
+        "writes": dict(sorted(writes.items())),
+        # Writes of one request signed as several tickets (a provider's retry re-signs: a note, not a finding).
+        "write_tickets_differ": [{"event": ev, "tenant": t, "request_id": r, "tickets": len(d)}
+                                 for (ev, t, r), d in sorted(write_tickets.items()) if len(d) > 1][:MAX_LISTED],
     }
 
 
@@ -471,11 +533,14 @@ def _audit_reconcile(args) -> Result:
                      f"{item['released']} of {item['needed']} shares ({', '.join(item['nodes'])})")
     for item in data["conflicting"][:TEXT_LISTED]:
         lines.append(f"  note: request {item['tenant']}/{item['request_id']} was signed as {item['tickets']} different tickets")
-    lines.append(f"unexplained releases: {data['unexplained_count']}")
+    if data["writes"]:
+        lines.append("writes: " + ", ".join(f"{ev} {c}" for ev, c in data["writes"].items()))
+    lines.append(f"unexplained releases and writes: {data['unexplained_count']}")
     for u in data["unexplained"][:TEXT_LISTED]:
-        lines.append(f"  {u['node']} entry {u['seq']}: {u['tenant']}/{u['subject']} request {u['request_id']!r}: {u['reason']}")
+        what = f"{u['event']} " if u.get("event") else ""
+        lines.append(f"  {u['node']} entry {u['seq']}: {what}{u['tenant']}/{u['subject']} request {u['request_id']!r}: {u['reason']}")
     if data["unexplained_count"] > TEXT_LISTED:
         lines.append(f"  ... and {data['unexplained_count'] - TEXT_LISTED} more (--format json lists them)")
-    lines.append("every release is explained" if code == EXIT_OK else "reconciliation FAILED" if code == EXIT_FINDING
+    lines.append("every release and write is explained" if code == EXIT_OK else "reconciliation FAILED" if code == EXIT_FINDING
                  else "reconciliation incomplete: a node could not be read")
     return Result(data, lines, code)

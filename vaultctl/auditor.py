@@ -5,6 +5,7 @@ auditor config of a real deployment (``--config``, docs/operations.md):
 ```toml
 [auditor]
 threshold = 2                       # k of the committee (audit reconcile)
+cluster_id = "splitvault-..."        # the cluster id, the tickets' audience (audit reconcile)
 timeout_s = 30                      # deadline of each unary call (optional)
 state_dir = "/var/lib/vaultctl"     # session ids and audit witnesses (optional)
 
@@ -65,6 +66,8 @@ class AuditorTarget:
     ticket_keys: dict[str, dict[str, bytes]] = field(default_factory=dict)
     state_dir: pathlib.Path = pathlib.Path(".")
     timeout_s: float = DEFAULT_TIMEOUT_S
+    # The tickets' audience (audit reconcile); empty: none is accepted.
+    cluster_id: str = ""
 
     def node(self, name: str) -> NodeRef:
         for node in self.nodes:
@@ -119,6 +122,7 @@ def from_cluster_dir(root: str | os.PathLike) -> AuditorTarget:
     return AuditorTarget(
         source=str(paths.root), tls=paths.tls(pki.ROLE_AUDITOR, spec.auditor), nodes=tuple(nodes),
         threshold=spec.threshold, ticket_keys=tickets, state_dir=paths.root / "maintenance",
+        cluster_id=json.loads(paths.spec.read_text()).get("cluster_id") or "",
     )
 
 
@@ -172,7 +176,7 @@ def from_config(path: str | os.PathLike) -> AuditorTarget:
     )
     return AuditorTarget(
         source=str(path), tls=tls, nodes=tuple(nodes), threshold=threshold, ticket_keys=tickets,
-        state_dir=state_dir, timeout_s=float(timeout),
+        state_dir=state_dir, timeout_s=float(timeout), cluster_id=str(section.get("cluster_id") or ""),
     )
 
 

@@ -208,6 +208,8 @@ class ClientConfig:
     tenant: str
     ticket_key: str
     key_id: str
+    # The cluster id: the audience of every ticket this client signs.
+    cluster_id: str
     timeout_s: float = 10.0
 
 
@@ -242,6 +244,7 @@ def load_client_config(path: pathlib.Path) -> ClientConfig:
         tenant=tenant,
         ticket_key=need("tenant", "ticket_key", True),
         key_id=data.get("tenant", {}).get("key_id") or f"{tenant}-1",
+        cluster_id=need("matcher", "cluster_id"),
         timeout_s=float(timeout),
     )
 
@@ -279,6 +282,7 @@ def client_from_args(args: argparse.Namespace):
             ticket_key=ticket_key,
             key_id=cfg.key_id,
             matcher=cfg.matcher,
+            cluster_id=cfg.cluster_id,
             timeout_s=timeout or cfg.timeout_s,
         )
     except cluster.ClusterError as exc:

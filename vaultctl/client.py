@@ -5,9 +5,11 @@
         result = client.verify("alice", probe)      # VerifyResult(decision="MATCH", ...)
         client.delete("alice")
 
-Every verification carries a fresh ticket signed with the provider's Ed25519
-ticket key (``vault.ticket.issue``): the matcher and every shareholder check
-it, and its probe digest binds it to this one probe. The tenant is the name
+Every call carries a fresh ticket signed with the provider's Ed25519 ticket
+key (``vault.ticket.issue``) for this cluster (its audience, the cluster id):
+the matcher and every shareholder check it. A verification's ticket binds
+its probe; an enrolment's binds the template and says ENROLL or REPLACE; a
+deletion's says DELETE (docs/contracts.md, "Provider-signed writes"). The tenant is the name
 in the client certificate; there is no tenant field to get wrong. Failures
 surface as ``grpc.RpcError`` (status code and a one-sentence message); a
 NO_MATCH is a completed verification, not an error.
@@ -86,12 +88,14 @@ class MatcherClient:
         ticket_key: ed25519.Ed25519PrivateKey,
         key_id: str,
         matcher: str,
+        cluster_id: str,
         timeout_s: float = 10.0,
         ticket_ttl_ms: int = 60_000,
     ):
         self.address = address
         self.tenant = pki.check_name(tenant)
         self.key_id = key_id
+        self.cluster_id = cluster_id
         self.timeout_s = timeout_s
         self.ticket_ttl_ms = ticket_ttl_ms
         self._ticket_key = ticket_key
@@ -121,11 +125,21 @@ class MatcherClient:
             str(root / "pki" / "ca.pem"), str(root / "pki" / f"psp-{tenant}.pem"), str(root / "pki" / f"psp-{tenant}.key")
         ).load()
         key_file = root / "psp" / f"{tenant}.ticket.key"
+        id_file = root / "psp" / "cluster_id"
         try:
             key = pki.load_signing_key(key_file.read_bytes())
+            cluster_id = id_file.read_text().strip()
         except OSError as exc:
-            raise ValueError(f"Cannot read the ticket key {key_file}: {exc.strerror}.") from None
-        return cls(address, tls, tenant=tenant, ticket_key=key, key_id=f"{tenant}-1", matcher=matcher, **kwargs)
+            raise ValueError(f"Cannot read {exc.filename}: {exc.strerror}.") from None
+        return cls(address, tls, tenant=tenant, ticket_key=key, key_id=f"{tenant}-1", cluster_id=cluster_id, matcher=matcher,
+                   **kwargs)
+
+    def ticket(self, operation: int, subject: str, request_id: str, *, probe=None, template=None):
+        """A fresh ticket of this provider for this cluster."""
+        return ticket.issue(
+            self._ticket_key, self.key_id, tenant=self.tenant, subject=subject, request_id=request_id,
+            audience=self.cluster_id, operation=operation, probe=probe, template=template, ttl_ms=self.ticket_ttl_ms,
+        )
 
     # --- calls ----------------------------------------------------------------
 
@@ -133,11 +147,14 @@ class MatcherClient:
         self, subject: str, template, *, request_id: str | None = None, replace: bool = False
     ) -> matcher_pb2.EnrollResponse:
         """Enrol one template; idempotent per request id (pass the same one to retry)."""
+        vector = _floats(template, "template")
+        request_id = request_id or str(uuid.uuid4())
         request = matcher_pb2.EnrollRequest(
             subject=subject,
-            template=_floats(template, "template").tolist(),
-            request_id=request_id or str(uuid.uuid4()),
+            template=vector.tolist(),
+            request_id=request_id,
             replace=replace,
+            ticket=self.ticket(ticket.write_operation(replace), subject, request_id, template=vector),
         )
         return self._stub.Enroll(request, timeout=self.timeout_s)
 
@@ -158,20 +175,30 @@ class MatcherClient:
         stream's deadline is ``timeout_s`` (default: none, bulk jobs are long).
         """
 
+        operation = ticket.write_operation(replace)
+
+        def message(chunk) -> matcher_pb2.EnrollBatchesRequest:
+            # One batch ticket signs the message's templates (one Ed25519
+            # signature, and one check per node, instead of one per template).
+            signed = ticket.issue_batch(
+                self._ticket_key, self.key_id, tenant=self.tenant, audience=self.cluster_id,
+                batch_id=str(uuid.uuid4()), operation=operation, ttl_ms=self.ticket_ttl_ms,
+                items=[(r.subject, r.request_id, vector) for r, vector in chunk],
+            )
+            return matcher_pb2.EnrollBatchesRequest(items=[r for r, _ in chunk], batch_ticket=signed.ticket)
+
         def requests():
             chunk = []
             for subject, template in items:
-                chunk.append(matcher_pb2.EnrollStreamRequest(
-                    subject=subject,
-                    template=_floats(template, "template").tolist(),
-                    request_id=str(uuid.uuid4()),
-                    replace=replace,
-                ))
+                vector = _floats(template, "template")
+                chunk.append((matcher_pb2.EnrollStreamRequest(
+                    subject=subject, template=vector.tolist(), request_id=str(uuid.uuid4()), replace=replace,
+                ), vector))
                 if len(chunk) >= per_message:
-                    yield matcher_pb2.EnrollBatchesRequest(items=chunk)
+                    yield message(chunk)
                     chunk = []
             if chunk:
-                yield matcher_pb2.EnrollBatchesRequest(items=chunk)
+                yield message(chunk)
 
         call = self._stub.EnrollBatches(requests(), timeout=timeout_s)
         return _Flatten(call)
@@ -179,15 +206,7 @@ class MatcherClient:
     def verify(self, subject: str, probe, *, request_id: str | None = None) -> VerifyResult:
         """Verify a probe against the subject's template with a freshly signed ticket."""
         vector = _floats(probe, "probe")
-        signed = ticket.issue(
-            self._ticket_key,
-            self.key_id,
-            tenant=self.tenant,
-            subject=subject,
-            request_id=request_id or str(uuid.uuid4()),
-            probe=vector,
-            ttl_ms=self.ticket_ttl_ms,
-        )
+        signed = self.ticket(ticket.VERIFY, subject, request_id or str(uuid.uuid4()), probe=vector)
         reply = self._stub.Verify(
             matcher_pb2.VerifyRequest(subject=subject, probe=vector.tolist(), ticket=signed), timeout=self.timeout_s
         )
@@ -200,8 +219,10 @@ class MatcherClient:
 
     def delete(self, subject: str, *, request_id: str | None = None) -> matcher_pb2.DeleteResponse:
         """Erase the subject on every shareholder; ``complete`` says whether all confirmed."""
+        request_id = request_id or str(uuid.uuid4())
         return self._stub.Delete(
-            matcher_pb2.DeleteRequest(subject=subject, request_id=request_id or str(uuid.uuid4())),
+            matcher_pb2.DeleteRequest(subject=subject, request_id=request_id,
+                                      ticket=self.ticket(ticket.DELETE, subject, request_id)),
             timeout=self.timeout_s,
         )
 

@@ -7,6 +7,7 @@ Layout and formats are fixed in docs/contracts.md ("Cluster directory"):
     D/pki/ca.pem, ca.key           dev CA
     D/pki/<role>-<name>.pem/.key   one certificate per party
     D/psp/<tenant>.ticket.key      the provider's Ed25519 ticket key ("<tenant>-1")
+    D/psp/cluster_id               the cluster id, the audience of every ticket
     D/nodes/<name>/node.toml, kek.json, audit.key, shares.db*, node.log, ready.json
     D/matcher/matcher.toml, matcher.log, ready.json
     D/operators/<name>.key         dev only: the Ed25519 key of each node's
@@ -121,6 +122,8 @@ class ClusterSpec:
             raise ClusterError("The template dimension must be a positive integer.")
         if not self.tenants:
             raise ClusterError("A cluster needs at least one tenant.")
+        if isinstance(self.match_threshold, bool) or not 0.0 < float(self.match_threshold) <= 1.0:
+            raise ClusterError("The match threshold must be above 0 and at most 1 (cosine similarity).")
         if not self.nodes:
             object.__setattr__(self, "nodes", tuple(node_names(self.shareholders)))
         if len(self.nodes) != self.shareholders or len(set(self.nodes)) != len(self.nodes):
@@ -195,6 +198,8 @@ class Paths:
         """A node operator's Ed25519 approval key (dev cluster only: a real
         operator keeps it in its own institution)."""
         return self.root / "operators" / f"{name}.key"
+    # The cluster id (tickets' audience), for the provider's client.
+    psp_cluster_id = property(lambda self: self.root / "psp" / "cluster_id")
 
     def node_dir(self, name: str) -> pathlib.Path:
         return self.root / "nodes" / name
@@ -310,6 +315,7 @@ def node_config_text(paths: Paths, spec: ClusterSpec, name: str, founding: bool 
         "# Shareholder node of a local splitvault dev cluster (docs/contracts.md).\n"
         "[node]\n"
         f"name = {_toml_str(name)}\n"
+        f"cluster_id = {_toml_str(cluster_id(paths.root))}\n"
         f"index = {spec.nodes.index(name) + 1}\n"
         'listen = "127.0.0.1:0"\n'
         f"data_dir = {_toml_str(d)}\n"
@@ -383,6 +389,7 @@ def matcher_config_text(paths: Paths, spec: ClusterSpec, addresses: dict[str, st
         "[matcher]\n"
         'listen = "127.0.0.1:0"\n'
         f"ready_file = {_toml_str(d / 'ready.json')}\n"
+        f"cluster_id = {_toml_str(cluster_id(paths.root))}\n"
         f"dimension = {spec.dim}\n"
         f"threshold = {spec.threshold}\n"
         "call_timeout_ms = 2000\n"
@@ -428,6 +435,7 @@ def init(root: str | os.PathLike, spec: ClusterSpec) -> Paths:
         if not paths.ticket_key(tenant).exists():
             private_pem, _public = pki.new_signing_key()
             _write(paths.ticket_key(tenant), private_pem, secret=True)
+    _ensure_cluster_id(paths)
 
     for name in spec.nodes:
         _make_operator_key(paths, name)
@@ -488,6 +496,33 @@ def record_trust(paths: Paths, spec: ClusterSpec) -> dict:
     if changed:
         _write(paths.spec, json.dumps(data, indent=2) + "\n")
     return trust
+
+
+def _ensure_cluster_id(paths: Paths) -> str:
+    """Make the cluster's random id once (cluster.json's ``cluster_id``) and
+    hand it to the provider (psp/cluster_id): the audience of every ticket,
+    so one made for this cluster is refused by any other."""
+    data = json.loads(paths.spec.read_text())
+    value = data.get("cluster_id")
+    if not isinstance(value, str) or not value:
+        value = f"splitvault-{secrets.token_hex(16)}"
+        data["cluster_id"] = value
+        _write(paths.spec, json.dumps(data, indent=2) + "\n")
+    if not paths.psp_cluster_id.exists():
+        _write(paths.psp_cluster_id, value + "\n")
+    return value
+
+
+def cluster_id(root: str | os.PathLike) -> str:
+    """The cluster id recorded in cluster.json."""
+    paths = Paths(root)
+    try:
+        value = json.loads(paths.spec.read_text()).get("cluster_id")
+    except (OSError, ValueError, AttributeError):
+        raise ClusterError(f"Cannot read the cluster spec {paths.spec}.") from None
+    if not isinstance(value, str) or not value:
+        raise ClusterError(f"The cluster spec {paths.spec} has no cluster_id; it was made by an older vaultctl.")
+    return value
 
 
 def load_trust(root: str | os.PathLike) -> dict:
@@ -774,6 +809,7 @@ def status(root: str | os.PathLike) -> dict:
             "shareholders": {n: files(pki.ROLE_SHAREHOLDER, n) for n in spec.nodes},
         },
         "tickets": {t: {"key": str(paths.ticket_key(t)), "key_id": key_id(t)} for t in spec.tenants},
+        "cluster_id": cluster_id(paths.root),
     }
 
 

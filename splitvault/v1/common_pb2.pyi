@@ -1,8 +1,24 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class TicketOperation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TICKET_OPERATION_UNSPECIFIED: _ClassVar[TicketOperation]
+    TICKET_OPERATION_VERIFY: _ClassVar[TicketOperation]
+    TICKET_OPERATION_ENROLL: _ClassVar[TicketOperation]
+    TICKET_OPERATION_REPLACE: _ClassVar[TicketOperation]
+    TICKET_OPERATION_DELETE: _ClassVar[TicketOperation]
+TICKET_OPERATION_UNSPECIFIED: TicketOperation
+TICKET_OPERATION_VERIFY: TicketOperation
+TICKET_OPERATION_ENROLL: TicketOperation
+TICKET_OPERATION_REPLACE: TicketOperation
+TICKET_OPERATION_DELETE: TicketOperation
 
 class ShareRecord(_message.Message):
     __slots__ = ("tenant", "subject", "index", "epoch", "threshold", "shareholders", "dimension", "codec_version", "mac_count", "values", "request_id")
@@ -65,7 +81,7 @@ class VerificationTicket(_message.Message):
     def __init__(self, body: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., key_id: _Optional[str] = ...) -> None: ...
 
 class TicketBody(_message.Message):
-    __slots__ = ("tenant", "subject", "request_id", "probe_digest", "nonce", "issued_at_ms", "expires_at_ms")
+    __slots__ = ("tenant", "subject", "request_id", "probe_digest", "nonce", "issued_at_ms", "expires_at_ms", "operation", "audience", "template_digest", "batch_digest")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +89,10 @@ class TicketBody(_message.Message):
     NONCE_FIELD_NUMBER: _ClassVar[int]
     ISSUED_AT_MS_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
+    AUDIENCE_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    BATCH_DIGEST_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     subject: str
     request_id: str
@@ -80,7 +100,29 @@ class TicketBody(_message.Message):
     nonce: bytes
     issued_at_ms: int
     expires_at_ms: int
-    def __init__(self, tenant: _Optional[str] = ..., subject: _Optional[str] = ..., request_id: _Optional[str] = ..., probe_digest: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., issued_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ...) -> None: ...
+    operation: TicketOperation
+    audience: str
+    template_digest: bytes
+    batch_digest: bytes
+    def __init__(self, tenant: _Optional[str] = ..., subject: _Optional[str] = ..., request_id: _Optional[str] = ..., probe_digest: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., issued_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., operation: _Optional[_Union[TicketOperation, str]] = ..., audience: _Optional[str] = ..., template_digest: _Optional[bytes] = ..., batch_digest: _Optional[bytes] = ...) -> None: ...
+
+class WriteItem(_message.Message):
+    __slots__ = ("subject", "request_id", "template_digest")
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    subject: str
+    request_id: str
+    template_digest: bytes
+    def __init__(self, subject: _Optional[str] = ..., request_id: _Optional[str] = ..., template_digest: _Optional[bytes] = ...) -> None: ...
+
+class WriteBatch(_message.Message):
+    __slots__ = ("ticket", "items")
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    ticket: VerificationTicket
+    items: _containers.RepeatedCompositeFieldContainer[WriteItem]
+    def __init__(self, ticket: _Optional[_Union[VerificationTicket, _Mapping]] = ..., items: _Optional[_Iterable[_Union[WriteItem, _Mapping]]] = ...) -> None: ...
 
 class AuditEntry(_message.Message):
     __slots__ = ("seq", "time_ms", "node", "event", "actor", "request_id", "tenant", "subject", "details_json", "prev_hash", "entry_hash")

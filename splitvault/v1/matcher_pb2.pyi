@@ -18,16 +18,18 @@ DECISION_MATCH: Decision
 DECISION_NO_MATCH: Decision
 
 class EnrollRequest(_message.Message):
-    __slots__ = ("subject", "template", "request_id", "replace")
+    __slots__ = ("subject", "template", "request_id", "replace", "ticket")
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
     subject: str
     template: _containers.RepeatedScalarFieldContainer[float]
     request_id: str
     replace: bool
-    def __init__(self, subject: _Optional[str] = ..., template: _Optional[_Iterable[float]] = ..., request_id: _Optional[str] = ..., replace: _Optional[bool] = ...) -> None: ...
+    ticket: _common_pb2.VerificationTicket
+    def __init__(self, subject: _Optional[str] = ..., template: _Optional[_Iterable[float]] = ..., request_id: _Optional[str] = ..., replace: _Optional[bool] = ..., ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
     __slots__ = ("subject", "request_id", "epoch", "already_enrolled")
@@ -42,16 +44,18 @@ class EnrollResponse(_message.Message):
     def __init__(self, subject: _Optional[str] = ..., request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., already_enrolled: _Optional[bool] = ...) -> None: ...
 
 class EnrollStreamRequest(_message.Message):
-    __slots__ = ("subject", "template", "request_id", "replace")
+    __slots__ = ("subject", "template", "request_id", "replace", "ticket")
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
     subject: str
     template: _containers.RepeatedScalarFieldContainer[float]
     request_id: str
     replace: bool
-    def __init__(self, subject: _Optional[str] = ..., template: _Optional[_Iterable[float]] = ..., request_id: _Optional[str] = ..., replace: _Optional[bool] = ...) -> None: ...
+    ticket: _common_pb2.VerificationTicket
+    def __init__(self, subject: _Optional[str] = ..., template: _Optional[_Iterable[float]] = ..., request_id: _Optional[str] = ..., replace: _Optional[bool] = ..., ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ...) -> None: ...
 
 class EnrollStreamResponse(_message.Message):
     __slots__ = ("subject", "request_id", "code", "message")
@@ -66,10 +70,12 @@ class EnrollStreamResponse(_message.Message):
     def __init__(self, subject: _Optional[str] = ..., request_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class EnrollBatchesRequest(_message.Message):
-    __slots__ = ("items",)
+    __slots__ = ("items", "batch_ticket")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_TICKET_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[EnrollStreamRequest]
-    def __init__(self, items: _Optional[_Iterable[_Union[EnrollStreamRequest, _Mapping]]] = ...) -> None: ...
+    batch_ticket: _common_pb2.VerificationTicket
+    def __init__(self, items: _Optional[_Iterable[_Union[EnrollStreamRequest, _Mapping]]] = ..., batch_ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ...) -> None: ...
 
 class EnrollBatchesResponse(_message.Message):
     __slots__ = ("results",)
@@ -100,12 +106,14 @@ class VerifyResponse(_message.Message):
     def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., decision_id: _Optional[str] = ..., score: _Optional[float] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
-    __slots__ = ("subject", "request_id")
+    __slots__ = ("subject", "request_id", "ticket")
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
     subject: str
     request_id: str
-    def __init__(self, subject: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    ticket: _common_pb2.VerificationTicket
+    def __init__(self, subject: _Optional[str] = ..., request_id: _Optional[str] = ..., ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ...) -> None: ...
 
 class ShareholderOutcome(_message.Message):
     __slots__ = ("shareholder", "code", "message")

@@ -9,12 +9,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StoreSharesRequest(_message.Message):
-    __slots__ = ("records", "replace")
+    __slots__ = ("records", "replace", "tickets", "batches")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
+    TICKETS_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[_common_pb2.ShareRecord]
     replace: bool
-    def __init__(self, records: _Optional[_Iterable[_Union[_common_pb2.ShareRecord, _Mapping]]] = ..., replace: _Optional[bool] = ...) -> None: ...
+    tickets: _containers.RepeatedCompositeFieldContainer[_common_pb2.VerificationTicket]
+    batches: _containers.RepeatedCompositeFieldContainer[_common_pb2.WriteBatch]
+    def __init__(self, records: _Optional[_Iterable[_Union[_common_pb2.ShareRecord, _Mapping]]] = ..., replace: _Optional[bool] = ..., tickets: _Optional[_Iterable[_Union[_common_pb2.VerificationTicket, _Mapping]]] = ..., batches: _Optional[_Iterable[_Union[_common_pb2.WriteBatch, _Mapping]]] = ...) -> None: ...
 
 class StoreSharesResponse(_message.Message):
     __slots__ = ("stored", "already_stored")
@@ -25,12 +29,16 @@ class StoreSharesResponse(_message.Message):
     def __init__(self, stored: _Optional[int] = ..., already_stored: _Optional[int] = ...) -> None: ...
 
 class StoreShareStreamRequest(_message.Message):
-    __slots__ = ("records", "replace")
+    __slots__ = ("records", "replace", "tickets", "batches")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
+    TICKETS_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[_common_pb2.ShareRecord]
     replace: bool
-    def __init__(self, records: _Optional[_Iterable[_Union[_common_pb2.ShareRecord, _Mapping]]] = ..., replace: _Optional[bool] = ...) -> None: ...
+    tickets: _containers.RepeatedCompositeFieldContainer[_common_pb2.VerificationTicket]
+    batches: _containers.RepeatedCompositeFieldContainer[_common_pb2.WriteBatch]
+    def __init__(self, records: _Optional[_Iterable[_Union[_common_pb2.ShareRecord, _Mapping]]] = ..., replace: _Optional[bool] = ..., tickets: _Optional[_Iterable[_Union[_common_pb2.VerificationTicket, _Mapping]]] = ..., batches: _Optional[_Iterable[_Union[_common_pb2.WriteBatch, _Mapping]]] = ...) -> None: ...
 
 class StoreShareStreamResponse(_message.Message):
     __slots__ = ("stored", "already_stored")
@@ -55,14 +63,18 @@ class ReleaseShareResponse(_message.Message):
     def __init__(self, shares: _Optional[_Iterable[_Union[_common_pb2.ShareRecord, _Mapping]]] = ..., audit_seq: _Optional[int] = ...) -> None: ...
 
 class DeleteSharesRequest(_message.Message):
-    __slots__ = ("tenant", "subject", "request_id")
+    __slots__ = ("tenant", "subject", "request_id", "ticket", "batch")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     subject: str
     request_id: str
-    def __init__(self, tenant: _Optional[str] = ..., subject: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    ticket: _common_pb2.VerificationTicket
+    batch: _common_pb2.WriteBatch
+    def __init__(self, tenant: _Optional[str] = ..., subject: _Optional[str] = ..., request_id: _Optional[str] = ..., ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ..., batch: _Optional[_Union[_common_pb2.WriteBatch, _Mapping]] = ...) -> None: ...
 
 class DeleteSharesResponse(_message.Message):
     __slots__ = ("deleted",)

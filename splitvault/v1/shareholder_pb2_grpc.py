@@ -131,7 +131,7 @@ class ShareholderServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteShares(self, request, context):
-        """Erase a subject's shares (every epoch). Role: matcher.
+        """Erase a subject's shares (every epoch) on a provider-signed ticket. Role: matcher.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -145,7 +145,7 @@ class ShareholderServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetNodeInfo(self, request, context):
-        """The node's identity, epoch and public keys. Role: any authenticated party.
+        """The node's identity, epoch and public keys. Role: matcher, auditor, shareholder.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
