@@ -32,7 +32,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from maintenance_kit import audit_events
 from shareholders.config import ConfigError, load_config, load_peers
 from shareholders.server import serve
-from shareholders.testing import write_node_files
+from shareholders.testing import CLUSTER_ID, write_node_files
 from splitvault.v1 import admin_pb2, admin_pb2_grpc
 from test_matcher_e2e import NAMES, Processes
 from test_matcher_harness import Tenant, unit
@@ -151,7 +151,7 @@ def test_control_the_matcher_does_reach_an_impostor_holding_the_expected_certifi
 def test_psp_sends_no_probe_to_a_server_that_is_not_its_matcher(dev_pki, impostors, role, name):
     fake = impostors(dev_pki, role, name)
     client = MatcherClient(fake.address, dev_pki.tls("psp", ACME.name), tenant=ACME.name, ticket_key=ACME.key,
-                           key_id=ACME.key_id, matcher="matcher", timeout_s=5)
+                           key_id=ACME.key_id, matcher="matcher", cluster_id=CLUSTER_ID, timeout_s=5)
     with client, pytest.raises(grpc.RpcError) as err:
         client.verify("alice", unit(np.random.default_rng(2)))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -159,7 +159,7 @@ def test_psp_sends_no_probe_to_a_server_that_is_not_its_matcher(dev_pki, imposto
     # Control: the matcher's own certificate is accepted (and the call arrives).
     genuine = impostors(dev_pki, "matcher", "matcher")
     with MatcherClient(genuine.address, dev_pki.tls("psp", ACME.name), tenant=ACME.name, ticket_key=ACME.key,
-                       key_id=ACME.key_id, matcher="matcher", timeout_s=5) as client:
+                       key_id=ACME.key_id, matcher="matcher", cluster_id=CLUSTER_ID, timeout_s=5) as client:
         with pytest.raises(grpc.RpcError):
             client.verify("alice", unit(np.random.default_rng(2)))
     assert [c.rsplit("/", 1)[-1] for c in genuine.calls] == ["Verify"]

@@ -76,7 +76,7 @@ def node_stubs(p, dev_pki):
     """Each node's Shareholder stub over the MATCHER's certificate: more than this attacker holds."""
     out = {}
     for name in NAMES:
-        channel = secure_channel(p.real(name), dev_pki.tls("matcher", "matcher"))
+        channel = secure_channel(p.real(name), dev_pki.tls("matcher", "matcher"), expect=pki.Identity("shareholder", name))
         out[name] = (channel, shareholder_pb2_grpc.ShareholderStub(channel))
     return out
 
@@ -122,7 +122,7 @@ def test_a_psp_certificate_and_a_random_ticket_key_cannot_replace_or_delete(worl
     rogue_key = pki.load_signing_key(pki.new_signing_key()[0])
     # Everything public about the provider: its tenant, key id and the cluster id; only the key is the attacker's.
     with MatcherClient(address, dev_pki.tls("psp", "acme"), tenant="acme", ticket_key=rogue_key,
-                       key_id=TENANT.key_id, cluster_id=CLUSTER_ID) as attacker:
+                       key_id=TENANT.key_id, cluster_id=CLUSTER_ID, matcher="matcher") as attacker:
         why = denied(lambda: attacker.enroll("alice", attacker_face, request_id="swap-1", replace=True))
         assert "signature" in why
         denied(lambda: attacker.enroll("alice", attacker_face, request_id="swap-2"))
@@ -156,7 +156,7 @@ def test_a_genuine_verify_ticket_cannot_delete_or_replace(world, dev_pki):
     # A ticket the provider really signed, for a verification of alice (captured, say, from a checkout).
     verify_ticket = ticket.issue(TENANT.key, TENANT.key_id, tenant="acme", subject="alice", request_id="pay-77",
                                  probe=probe, audience=CLUSTER_ID)
-    with secure_channel(address, dev_pki.tls("psp", "acme")) as channel:
+    with secure_channel(address, dev_pki.tls("psp", "acme"), expect=pki.Identity("matcher", "matcher")) as channel:
         stub = matcher_pb2_grpc.MatcherStub(channel)
         why = denied(lambda: stub.Delete(matcher_pb2.DeleteRequest(subject="alice", ticket=verify_ticket), timeout=10))
         assert "authorises verify" in why
@@ -177,7 +177,8 @@ def test_a_genuine_verify_ticket_cannot_delete_or_replace(world, dev_pki):
             assert sorted(e["d_call"] for e in entries) == calls, (name, request_id, entries)
             assert all("not this call" in e["d_why"] for e in entries)
     # The ENROLL ticket, used without replace, meets an enrolled subject: nothing is overwritten.
-    with secure_channel(p.real("bank-a"), dev_pki.tls("matcher", "matcher")) as channel:
+    with secure_channel(p.real("bank-a"), dev_pki.tls("matcher", "matcher"),
+                        expect=pki.Identity("shareholder", "bank-a")) as channel:
         stub = shareholder_pb2_grpc.ShareholderStub(channel)
         request = shareholder_pb2.StoreSharesRequest(records=forged_records(1, "enrol-again"), tickets=[enrol_ticket])
         with pytest.raises(grpc.RpcError) as err:
@@ -191,7 +192,7 @@ def test_a_ticket_for_another_cluster_is_refused(world, dev_pki):
     other = "another-cluster"
     # The genuine provider's key and certificate, but tickets made for another cluster.
     with MatcherClient(address, dev_pki.tls("psp", "acme"), tenant="acme", ticket_key=TENANT.key,
-                       key_id=TENANT.key_id, cluster_id=other) as elsewhere:
+                       key_id=TENANT.key_id, cluster_id=other, matcher="matcher") as elsewhere:
         for call in (lambda: elsewhere.enroll("alice", attacker_face, request_id="aud-1", replace=True),
                      lambda: elsewhere.delete("alice", request_id="aud-2"),
                      lambda: elsewhere.verify("alice", noisy(alice, rng))):
@@ -205,7 +206,8 @@ def test_a_ticket_for_another_cluster_is_refused(world, dev_pki):
                                    operation=ticket.DELETE),
     )
     # A verification ticket for the other cluster does not release a share either.
-    with secure_channel(p.real("bank-b"), dev_pki.tls("matcher", "matcher")) as channel:
+    with secure_channel(p.real("bank-b"), dev_pki.tls("matcher", "matcher"),
+                        expect=pki.Identity("shareholder", "bank-b")) as channel:
         stub = shareholder_pb2_grpc.ShareholderStub(channel)
         release = shareholder_pb2.ReleaseShareRequest(ticket=ticket.issue(
             TENANT.key, TENANT.key_id, **genuine, request_id=f"aud-{uuid.uuid4().hex}", probe=alice))

@@ -567,7 +567,7 @@ def test_a_delete_needs_the_providers_delete_ticket(shared, rng):
     template = unit(rng)
     client.enroll("keep", template)
     t = shared.tenants["acme"]
-    with secure_channel(f"127.0.0.1:{shared.matcher.port}", shared.pki.tls("psp", "acme")) as ch:
+    with secure_channel(f"127.0.0.1:{shared.matcher.port}", shared.pki.tls("psp", "acme"), expect=MATCHER) as ch:
         stub = matcher_pb2_grpc.MatcherStub(ch)
         for request in (matcher_pb2.DeleteRequest(subject="keep", request_id="d-1"),
                         matcher_pb2.DeleteRequest(subject="keep", request_id="d-2",
@@ -589,7 +589,7 @@ def _batch_message(t, items, op=None, key=None, replace=False):
 
 
 def _batch_codes(c, messages) -> list[tuple[str, int, str]]:
-    with secure_channel(f"127.0.0.1:{c.matcher.port}", c.pki.tls("psp", "acme")) as ch:
+    with secure_channel(f"127.0.0.1:{c.matcher.port}", c.pki.tls("psp", "acme"), expect=MATCHER) as ch:
         replies = matcher_pb2_grpc.MatcherStub(ch).EnrollBatches(iter(messages), timeout=30)
         return [(r.subject, r.code, r.message) for m in replies for r in m.results]
 

@@ -262,8 +262,7 @@ def test_bulk_replaced_shares_leave_the_files_when_the_stream_returns(node):
     assert all(any(o in data for data in raw_files(node).values()) for o in old)
     recs = sample_records("acme", ["alice", "bob", "carol"], index=1, dimension=256, request_id="bulk-replacement")
     reply = node.stub("matcher").StoreShareStream(
-        iter([pb.StoreShareStreamRequest(records=recs[:2], replace=True),
-              pb.StoreShareStreamRequest(records=recs[2:], replace=True)]), timeout=10)
+        iter([ACME.stream_request(recs[:2], replace=True), ACME.stream_request(recs[2:], replace=True)]), timeout=10)
     assert reply.stored == 3
     for name, data in raw_files(node).items():
         for o in old:
