@@ -58,6 +58,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from prometheus_client import Counter
 
 from shareholders import store
 from shareholders.audit_log import Tx, WriterClosed, now_ms
@@ -116,6 +117,12 @@ MAX_KEYS = 4096
 PEER_TIMEOUT_S = 60.0
 # Niceness of the maintenance worker threads (RPC threads stay at 0).
 WORKER_NICE = 10
+# Challenges per check call.
+MAX_CHALLENGES = 16
+# How far back (ms) before a session's start its check claims are looked up
+# in the audit log (the clock may have been stepped back a little since).
+CLAIM_CLOCK_SLACK_MS = 86_400_000
+CHECKS = Counter("splitvault_node_refresh_checks_total", "Refresh check calls, by outcome.", ["node", "outcome"])
 _SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{7,63}$")
 _SEED_DOMAIN = b"splitvault/session-seed/v1\x00"
 _log = logging.getLogger("shareholders.epochs")
@@ -234,6 +241,16 @@ def _seed_aad(node: str, session_id: str) -> bytes:
     return _SEED_DOMAIN + len(n).to_bytes(4, "big") + n + len(s).to_bytes(4, "big") + s
 
 
+def _challenges(items) -> list[bytes]:
+    """The auditor's check challenges: 1 to 16 distinct 16-byte values."""
+    out = [bytes(c) for c in items]
+    if not 1 <= len(out) <= MAX_CHALLENGES or any(len(c) != proactive.CHALLENGE_BYTES for c in out):
+        raise status.InvalidArgument("The check takes 1 to 16 challenges of 16 bytes.")
+    if len(set(out)) != len(out):
+        raise status.InvalidArgument("The check's challenges must be distinct.")
+    return out
+
+
 def _members(items, what: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for m in items:
@@ -309,6 +326,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         self.peers = _Peers(self.cfg.tls.load())
         self._seeds: dict[str, bytes] = {}
         self._seeds_lock = threading.Lock()
+        self._keys_cache: tuple | None = None  # (session id, count), keys, hashes: see _held_keys
         # One long phase (prepare, commit, finalize) at a time: a rerun whose
         # predecessor's stream was cut waits for it to notice and stop.
         self._phase_lock = threading.Lock()
@@ -946,21 +964,71 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 values[i] = deltas[j].astype("<u4").tobytes()
             record.wipe(deltas)
         parts = b"".join(values)
-        masks: list[int] = []
         if request.mask_challenges:
-            if s.state not in (PREPARED, COMMITTED):
-                raise status.FailedPrecondition("Check masks are dealt only once the session is prepared.")
-            if not 2 <= request.mask_threshold <= 255 or len(request.mask_challenges) > 64:
-                raise status.InvalidArgument("The check asks for an invalid mask.")
-            masks = [int(v) for v in proactive.check_masks(seed, list(request.mask_challenges), request.mask_threshold, x)]
-        if request.keys or masks:
+            raise status.FailedPrecondition(
+                "Check masks are bound to a check context; the calling node runs an older protocol. Upgrade it.")
+        if request.check_challenges or request.check_context:
+            if request.keys:
+                raise status.InvalidArgument("A check request carries no record keys.")
+            return self._check_deal(s, request, peer, x, seed)
+        if request.keys:
             def job(tx: Tx):
                 tx.append("refresh_deal", actor=f"shareholder/{peer}", request_id=s.session_id, details={
-                    "to": peer, "to_index": x, "records": len(request.keys), "masks": len(masks),
+                    "to": peer, "to_index": x, "records": len(request.keys), "masks": 0,
                     "records_sha256": _key_lines((k.tenant, k.subject) for k in request.keys),
                 })
             self._commit(job)
-        return admin_pb2.GetRefreshDeltasResponse(values=parts, masks=masks)
+        return admin_pb2.GetRefreshDeltasResponse(values=parts)
+
+    def _check_deal(self, s: Session, request, peer: str, x: int, seed: bytes):
+        """A peer's part of the check: its contribution and record hashes (step 1),
+        or its masks for one check context (step 2); only once prepared, when
+        every delta this node dealt is already in its receivers' hands."""
+        if s.state not in (PREPARED, COMMITTED):
+            raise status.FailedPrecondition(
+                f"Session {s.session_id} is {s.state} on node {self.name}; it takes part in the check once prepared.")
+        reply = admin_pb2.GetRefreshDeltasResponse()
+        if request.check_challenges:
+            challenges = _challenges(request.check_challenges)
+            reply.contribution = proactive.check_contribution(seed, s.session_id, challenges)
+            reply.key_hashes = np.sort(self._held_keys(s)[1]).astype("<u8").tobytes()
+            details = {"to": peer, "to_index": x, "step": "contribution", "challenges": len(challenges)}
+        else:
+            count = int(request.check_count)
+            if len(request.check_context) != 32 or not 1 <= count <= MAX_CHALLENGES:
+                raise status.InvalidArgument("A check context is 32 bytes and covers 1 to 16 challenges.")
+            if request.mask_threshold != s.plan.new_threshold:
+                raise status.InvalidArgument(f"The session's threshold is {s.plan.new_threshold}.")
+            masks = proactive.check_masks(seed, bytes(request.check_context), count, s.plan.new_threshold, x)
+            reply.masks.extend(int(v) for v in masks)
+            details = {"to": peer, "to_index": x, "step": "masks", "masks": count,
+                       "context_sha256": hashlib.sha256(bytes(request.check_context)).hexdigest()}
+
+        def job(tx: Tx):
+            tx.append("refresh_check_deal", actor=f"shareholder/{peer}", request_id=s.session_id, details=details)
+        self._commit(job)
+        return reply
+
+    def _held_keys(self, s: Session) -> tuple[list[tuple[str, str]], np.ndarray]:
+        """The keys this node holds in the session's old epoch, in key order, and their hashes.
+
+        Cached per session and row count: during a session nothing is
+        enrolled, so a deletion is the only change, and it lowers the count.
+        """
+        conn = self._conn()
+        total = conn.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (s.from_epoch,)).fetchone()[0]
+        tag = (s.session_id, total)
+        with self._seeds_lock:
+            cached = self._keys_cache
+        if cached is not None and cached[0] == tag:
+            return cached[1], cached[2]
+        keys = [(r[0], r[1]) for r in conn.execute(
+            "SELECT tenant, subject FROM shares WHERE epoch = ? ORDER BY tenant, subject", (s.from_epoch,))]
+        hashes = proactive.key_hashes(keys)
+        if len(keys) == total:
+            with self._seeds_lock:
+                self._keys_cache = (tag, keys, hashes)
+        return keys, hashes
 
     def GetReshareShares(self, request, context):
         return self._background(self._get_reshare_shares, request, context)
@@ -1030,96 +1098,195 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         return self._background(self._check_refresh, request, context)
 
     def _check_refresh(self, request, context):
+        # Why this reveals nothing however it is called: vault.proactive (the
+        # check). In short: the node decides the records covered (those every
+        # member holds), mixes the auditor's challenges with every node's
+        # contribution, binds the masks to the whole check context and never
+        # answers a challenge twice in a session (claims kept in the audit log).
+        actor = str(caller(context))
         s = self._session(request.session_id, states=(PREPARED, COMMITTED))
         if s.kind != REFRESH:
             raise status.FailedPrecondition("The check applies to a refresh session.")
-        challenges = [bytes(c) for c in request.challenges]
-        if not challenges or len(challenges) > 16 or any(len(c) != 16 for c in challenges):
-            raise status.InvalidArgument("The check takes 1 to 16 challenges of 16 bytes.")
+        challenges = _challenges(request.challenges)
+        if request.exclude:
+            self._refuse_check(s, actor, "exclude", len(challenges))
+            raise status.InvalidArgument(
+                "The nodes decide which records the check covers (those every member holds); a request may not "
+                "exclude records.")
         peers = self._check_peers(s, request.peers, s.plan.new)
         missing = sorted(set(s.plan.new) - set(peers) - {self.name})
         if missing:
             raise status.InvalidArgument(f"The request gives no address for {', '.join(missing)}.")
+        call_no = self._claim_challenges(s, actor, challenges)
         k = s.plan.new_threshold
-        mask_req = admin_pb2.GetRefreshDeltasRequest(session_id=s.session_id, mask_challenges=challenges, mask_threshold=k)
-        calls = {
-            name: self.peers.stub(addr).GetRefreshDeltas.future(mask_req, timeout=PEER_TIMEOUT_S)
-            for name, (_, addr) in peers.items() if name != self.name
-        }
-        exclude = {(e.tenant, e.subject) for e in request.exclude}
+        seed = self._seed(s)
+        others = {name: idx_addr for name, idx_addr in peers.items() if name != self.name}
+
+        def ask(req) -> dict[str, admin_pb2.GetRefreshDeltasResponse]:
+            calls = {name: self.peers.stub(addr).GetRefreshDeltas.future(req, timeout=PEER_TIMEOUT_S)
+                     for name, (_, addr) in others.items()}
+            try:
+                out = {}
+                for name, call in calls.items():
+                    try:
+                        out[name] = call.result()
+                    except grpc.RpcError as exc:
+                        raise _peer_error(name, exc) from None
+                return out
+            finally:
+                for call in calls.values():
+                    call.cancel()
+
+        # Step 1: every node's contribution and the records every member holds.
+        replies = ask(admin_pb2.GetRefreshDeltasRequest(session_id=s.session_id, check_challenges=challenges))
+        keys, hashes = self._held_keys(s)
+        held_by_all = np.ones(len(keys), dtype=bool)
+        contributions = {self.index: proactive.check_contribution(seed, s.session_id, challenges)}
+        for name, reply in replies.items():
+            if len(reply.contribution) != proactive.CHALLENGE_BYTES or len(reply.key_hashes) % 8:
+                raise status.Unavailable(f"Peer {name} answered the check with malformed values.")
+            held_by_all &= np.isin(hashes, np.frombuffer(reply.key_hashes, dtype="<u8"), assume_unique=False)
+            contributions[others[name][0]] = bytes(reply.contribution)
+        left_out = {keys[i] for i in np.flatnonzero(~held_by_all)}
+        mixed = proactive.mixed_challenges(s.session_id, challenges, [contributions[i] for i in sorted(contributions)])
+        totals, count, digest = self._check_totals(s, mixed, left_out)
+        # Step 2: the masks, bound to this check's context.
+        check_ctx = proactive.check_context(s.session_id, k, digest, mixed)
+        masks = [int(v) for v in proactive.check_masks(seed, check_ctx, len(mixed), k, self.index)]
+        replies = ask(admin_pb2.GetRefreshDeltasRequest(
+            session_id=s.session_id, check_context=check_ctx, check_count=len(mixed), mask_threshold=k))
+        for name, reply in replies.items():
+            if len(reply.masks) != len(mixed) or any(v >= P for v in reply.masks):
+                raise status.Unavailable(f"Peer {name} dealt malformed check masks.")
+            masks = [(m + int(v)) % P for m, v in zip(masks, reply.masks)]
+        values = [(t + m) % P for t, m in zip(totals, masks)]
+        context_hex = hashlib.sha256(check_ctx).hexdigest()
+
+        def job(tx: Tx):
+            tx.append("refresh_check", actor=actor, request_id=s.session_id, details={
+                "records": count, "challenges": len(challenges), "excluded": len(left_out), "call": call_no,
+                "context_sha256": context_hex,
+            })
+        self._commit(job)
+        CHECKS.labels(self.name, "answered").inc()
+        logs.event(_log, "refresh check answered", session=s.session_id, call=call_no, records=count,
+                   excluded=len(left_out))
+        return admin_pb2.CheckRefreshResponse(values=values, records=count, keys_sha256=digest,
+                                              context_sha256=context_hex, excluded=len(left_out), call=call_no)
+
+    def _refuse_check(self, s: Session, actor: str, reason: str, challenges: int) -> None:
+        def job(tx: Tx):
+            tx.append("refresh_check_refused", actor=actor, request_id=s.session_id,
+                      details={"reason": reason, "challenges": challenges})
+        self._commit(job)
+        CHECKS.labels(self.name, "refused").inc()
+        logs.event(_log, "refresh check refused", session=s.session_id, reason=reason, actor=actor)
+
+    def _claim_challenges(self, s: Session, actor: str, challenges: list[bytes]) -> int:
+        """Record the challenges as answered (before anything is computed) and
+        return the call's number; a challenge claimed before is refused, and
+        the refusal is an audit entry too. One writer transaction: two calls
+        racing with the same challenge cannot both pass."""
+        wanted = [c.hex() for c in challenges]
+
+        def job(tx: Tx):
+            claimed: set[str] = set()
+            calls = 0
+            for (details,) in tx.conn.execute(
+                "SELECT details_json FROM audit_log WHERE time_ms >= ? AND event = 'refresh_check_begin' "
+                "AND request_id = ?", (s.started_ms - CLAIM_CLOCK_SLACK_MS, s.session_id),
+            ):
+                claimed.update(json.loads(details).get("challenges", []))
+                calls += 1
+            repeated = sorted(set(wanted) & claimed)
+            if repeated:
+                tx.append("refresh_check_refused", actor=actor, request_id=s.session_id, details={
+                    "reason": "repeated_challenge", "challenges": len(wanted), "repeated": len(repeated),
+                })
+                return None
+            tx.append("refresh_check_begin", actor=actor, request_id=s.session_id, details={
+                "call": calls + 1, "challenges": wanted,
+            })
+            return calls + 1
+
+        call_no = self._commit(job)
+        if call_no is None:
+            CHECKS.labels(self.name, "refused").inc()
+            logs.event(_log, "refresh check refused", session=s.session_id, reason="repeated_challenge", actor=actor)
+            raise status.FailedPrecondition(
+                f"This node has already answered one of these challenges in session {s.session_id}; a challenge is "
+                "answered once. Draw fresh ones.")
+        return call_no
+
+    def _check_totals(self, s: Session, challenges: list[bytes], left_out: set) -> tuple[list[int], int, str]:
+        """One pass over the records (old row beside new row, one query per
+        chunk): the challenge combinations of (new - old), how many records
+        they cover, and the digest of the covered keys."""
         totals = [0] * len(challenges)
         digest = hashlib.sha256()
         count = 0
+        ring = self.sh.keys.kek
+        identity = record.record_identity
         reader = store.connect(self.cfg.db_path)
         try:
             cursor = ("", "")
             while True:
                 rows = reader.execute(
-                    f"SELECT {store.SHARE_COLUMNS} FROM shares WHERE epoch = ? AND (tenant, subject) > (?, ?) "
-                    "ORDER BY tenant, subject LIMIT ?",
-                    (s.from_epoch, *cursor, CHUNK),
+                    "SELECT o.tenant, o.subject, o.idx, o.dimension + 2 * o.mac_count, o.kek_version, o.wrapped_dk, "
+                    "o.nonce, o.ciphertext, n.idx, n.kek_version, n.wrapped_dk, n.nonce, n.ciphertext "
+                    "FROM shares o LEFT JOIN shares n ON n.tenant = o.tenant AND n.subject = o.subject "
+                    "AND n.epoch = ? WHERE o.epoch = ? AND (o.tenant, o.subject) > (?, ?) "
+                    "ORDER BY o.tenant, o.subject LIMIT ?",
+                    (s.new_epoch, s.from_epoch, *cursor, CHUNK),
                 ).fetchall()
                 if not rows:
                     break
-                olds = [store._share_row(r) for r in rows]
-                first = (olds[0].tenant, olds[0].subject)
-                cursor = (olds[-1].tenant, olds[-1].subject)
-                olds = [r for r in olds if (r.tenant, r.subject) not in exclude]
-                news = {}
-                for r in reader.execute(
-                    f"SELECT {store.SHARE_COLUMNS} FROM shares WHERE epoch = ? AND (tenant, subject) >= (?, ?) "
-                    "AND (tenant, subject) <= (?, ?)",
-                    (s.new_epoch, *first, *cursor),
-                ):
-                    row = store._share_row(r)
-                    news[(row.tenant, row.subject)] = row
+                cursor = (rows[-1][0], rows[-1][1])
                 by_width: dict[int, list] = {}
-                for old in olds:
-                    new = news.get((old.tenant, old.subject))
-                    if new is None:
+                for r in rows:
+                    if left_out and (r[0], r[1]) in left_out:
+                        continue
+                    if r[8] is None:
                         raise status.FailedPrecondition(
-                            f"Subject {old.subject!r} has no share in epoch {s.new_epoch} on this node; prepare first."
-                        )
-                    by_width.setdefault(old.dimension + 2 * old.mac_count, []).append((old, new))
-                for width, pairs in by_width.items():
-                    a = np.empty((len(pairs), width), dtype=FIELD_DTYPE)
-                    b = np.empty((len(pairs), width), dtype=FIELD_DTYPE)
+                            f"Subject {r[1]!r} has no share in epoch {s.new_epoch} on this node; prepare first.")
+                    by_width.setdefault(r[3], []).append(r)
+                for width, group in by_width.items():
+                    a = np.empty((len(group), width), dtype=FIELD_DTYPE)
+                    b = np.empty((len(group), width), dtype=FIELD_DTYPE)
+                    diff = None
                     try:
-                        for j, (old, new) in enumerate(pairs):
-                            a[j] = self._open(old, width)
-                            b[j] = self._open(new, width)
+                        for j, r in enumerate(group):
+                            tenant, subject = r[0], r[1]
+                            try:
+                                if r[2] != self.index or r[8] != self.index:
+                                    raise EnvelopeError("index")
+                                old = envelope.open(ring, identity(tenant, subject, r[2], s.from_epoch),
+                                                    SealedShare(r[4], r[5], r[6], r[7]))
+                                new = envelope.open(ring, identity(tenant, subject, r[8], s.new_epoch),
+                                                    SealedShare(r[9], r[10], r[11], r[12]))
+                                if len(old) != 4 * width or len(new) != 4 * width:
+                                    raise EnvelopeError("length")
+                            except (EnvelopeError, InvalidShares):
+                                raise status.DataLoss(
+                                    f"This node's stored share of subject {subject!r} (tenant {tenant!r}) does not "
+                                    "open; repair the node before renewing its shares.") from None
+                            a[j] = np.frombuffer(old, dtype="<u4")
+                            b[j] = np.frombuffer(new, dtype="<u4")
+                        if (a.size and int(a.max()) >= P) or (b.size and int(b.max()) >= P):
+                            raise status.DataLoss("A stored share of this node holds values outside the field.")
                         diff = field.sub(b, a)
-                        keys = [(old.tenant, old.subject) for old, _ in pairs]
+                        keys = [(r[0], r[1]) for r in group]
                         for c, v in enumerate(proactive.check_combinations(challenges, keys, diff)):
                             totals[c] = (totals[c] + v) % P
-                        record.wipe(diff)
                     finally:
-                        record.wipe(a, b)
-                    count += len(pairs)
-                for old in olds:
-                    digest.update(proactive.record_label(b"", old.tenant, old.subject))
-            masks = [int(v) for v in proactive.check_masks(self._seed(s), challenges, k, self.index)]
-            for name, call in calls.items():
-                try:
-                    reply = call.result()
-                except grpc.RpcError as exc:
-                    raise _peer_error(name, exc) from None
-                if len(reply.masks) != len(challenges):
-                    raise status.Unavailable(f"Peer {name} dealt the wrong number of check masks.")
-                masks = [(m + int(v)) % P for m, v in zip(masks, reply.masks)]
+                        record.wipe(a, b, diff)
+                    count += len(group)
+                for r in rows:
+                    if not (left_out and (r[0], r[1]) in left_out):
+                        digest.update(proactive.record_label(b"", r[0], r[1]))
         finally:
             reader.close()
-            for call in calls.values():
-                call.cancel()
-        values = [(t + m) % P for t, m in zip(totals, masks)]
-        actor = str(caller(context))
-
-        def job(tx: Tx):
-            tx.append("refresh_check", actor=actor, request_id=s.session_id, details={
-                "records": count, "challenges": len(challenges), "excluded": len(exclude),
-            })
-        self._commit(job)
-        return admin_pb2.CheckRefreshResponse(values=values, records=count, keys_sha256=digest.hexdigest())
+        return totals, count, digest.hexdigest()
 
     # --- commit and finalize ---------------------------------------------------------------
 
