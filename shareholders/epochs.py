@@ -49,6 +49,7 @@ import os
 import queue
 import re
 import sqlite3
+import struct
 import threading
 import time
 from collections import deque
@@ -117,6 +118,10 @@ MAX_KEYS = 4096
 PEER_TIMEOUT_S = 60.0
 # Niceness of the maintenance worker threads (RPC threads stay at 0).
 WORKER_NICE = 10
+# Records per step of the check's pass, and the reader's memory map (the
+# pass reads both epochs of every record once, in key order).
+CHECK_CHUNK = 2048
+CHECK_MMAP_BYTES = 1 << 30
 # Challenges per check call.
 MAX_CHALLENGES = 16
 # How far back (ms) before a session's start its check claims are looked up
@@ -1226,9 +1231,10 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         digest = hashlib.sha256()
         count = 0
         ring = self.sh.keys.kek
-        identity = record.record_identity
+        new_epoch = struct.pack(">Q", s.new_epoch)
         reader = store.connect(self.cfg.db_path)
         try:
+            reader.execute(f"PRAGMA mmap_size = {CHECK_MMAP_BYTES}")
             cursor = ("", "")
             while True:
                 rows = reader.execute(
@@ -1237,7 +1243,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                     "FROM shares o LEFT JOIN shares n ON n.tenant = o.tenant AND n.subject = o.subject "
                     "AND n.epoch = ? WHERE o.epoch = ? AND (o.tenant, o.subject) > (?, ?) "
                     "ORDER BY o.tenant, o.subject LIMIT ?",
-                    (s.new_epoch, s.from_epoch, *cursor, CHUNK),
+                    (s.new_epoch, s.from_epoch, *cursor, CHECK_CHUNK),
                 ).fetchall()
                 if not rows:
                     break
@@ -1249,44 +1255,49 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                     if r[8] is None:
                         raise status.FailedPrecondition(
                             f"Subject {r[1]!r} has no share in epoch {s.new_epoch} on this node; prepare first.")
+                    digest.update(proactive.record_label(b"", r[0], r[1]))
                     by_width.setdefault(r[3], []).append(r)
                 for width, group in by_width.items():
-                    a = np.empty((len(group), width), dtype=FIELD_DTYPE)
-                    b = np.empty((len(group), width), dtype=FIELD_DTYPE)
-                    diff = None
-                    try:
-                        for j, r in enumerate(group):
-                            tenant, subject = r[0], r[1]
-                            try:
-                                if r[2] != self.index or r[8] != self.index:
-                                    raise EnvelopeError("index")
-                                old = envelope.open(ring, identity(tenant, subject, r[2], s.from_epoch),
-                                                    SealedShare(r[4], r[5], r[6], r[7]))
-                                new = envelope.open(ring, identity(tenant, subject, r[8], s.new_epoch),
-                                                    SealedShare(r[9], r[10], r[11], r[12]))
-                                if len(old) != 4 * width or len(new) != 4 * width:
-                                    raise EnvelopeError("length")
-                            except (EnvelopeError, InvalidShares):
-                                raise status.DataLoss(
-                                    f"This node's stored share of subject {subject!r} (tenant {tenant!r}) does not "
-                                    "open; repair the node before renewing its shares.") from None
-                            a[j] = np.frombuffer(old, dtype="<u4")
-                            b[j] = np.frombuffer(new, dtype="<u4")
-                        if (a.size and int(a.max()) >= P) or (b.size and int(b.max()) >= P):
-                            raise status.DataLoss("A stored share of this node holds values outside the field.")
-                        diff = field.sub(b, a)
-                        keys = [(r[0], r[1]) for r in group]
-                        for c, v in enumerate(proactive.check_combinations(challenges, keys, diff)):
-                            totals[c] = (totals[c] + v) % P
-                    finally:
-                        record.wipe(a, b, diff)
+                    self._check_group(s, ring, new_epoch, width, group, challenges, totals)
                     count += len(group)
-                for r in rows:
-                    if not (left_out and (r[0], r[1]) in left_out):
-                        digest.update(proactive.record_label(b"", r[0], r[1]))
         finally:
             reader.close()
         return totals, count, digest.hexdigest()
+
+    def _check_group(self, s: Session, ring, new_epoch: bytes, width: int, group: list, challenges, totals) -> None:
+        """Add one chunk's combinations (records of one width) to ``totals``."""
+        size = 4 * width
+        # Both epochs' values straight into two wipeable buffers, one row each.
+        old_buf, new_buf = bytearray(size * len(group)), bytearray(size * len(group))
+        a = np.frombuffer(old_buf, dtype="<u4").reshape(len(group), width)
+        b = np.frombuffer(new_buf, dtype="<u4").reshape(len(group), width)
+        diff = None
+        try:
+            at = 0
+            for r in group:
+                try:
+                    if r[2] != self.index or r[8] != self.index:
+                        raise EnvelopeError("index")
+                    aad = record.record_identity(r[0], r[1], r[2], s.from_epoch)
+                    # The identity ends with the 8-byte epoch (vault.record).
+                    old = envelope.open(ring, aad, SealedShare(r[4], r[5], r[6], r[7]))
+                    new = envelope.open(ring, aad[:-8] + new_epoch, SealedShare(r[9], r[10], r[11], r[12]))
+                    if len(old) != size or len(new) != size:
+                        raise EnvelopeError("length")
+                except (EnvelopeError, InvalidShares):
+                    raise status.DataLoss(
+                        f"This node's stored share of subject {r[1]!r} (tenant {r[0]!r}) does not open; repair the "
+                        "node before renewing its shares.") from None
+                old_buf[at : at + size] = old
+                new_buf[at : at + size] = new
+                at += size
+            if int(a.max()) >= P or int(b.max()) >= P:
+                raise status.DataLoss("A stored share of this node holds values outside the field.")
+            diff = field.sub(b, a)
+            for c, v in enumerate(proactive.check_combinations(challenges, [(r[0], r[1]) for r in group], diff)):
+                totals[c] = (totals[c] + v) % P
+        finally:
+            record.wipe(a, b, diff)
 
     # --- commit and finalize ---------------------------------------------------------------
 

@@ -310,8 +310,10 @@ def check_combinations(challenges: Sequence[bytes], keys: Sequence[tuple[str, st
     sum_r alpha_r e_r(beta) with e_r(X) = sum_m E_{r,m} X^m vanishes with
     probability at most (w - 1)/P (beta a root of a non-zero e_r) + 1/P.
 
-    The inner sums are exact float64 matrix products on 16-bit limbs:
-    (2**16)**2 * w < 2**53 for any width up to 2**21.
+    The inner sums are one exact float64 matrix product: diff (31-bit
+    values) against the powers cut into limbs of ``bits`` bits, chosen so
+    that every partial sum stays below 2**53 (2**31 * 2**bits * w):
+    e_r(beta) = sum_l 2**(bits * l) * sum_m diff[r, m] * limb_l(beta^m).
     """
     diff = np.asarray(diff, dtype=FIELD_DTYPE)
     batch, width = diff.shape
@@ -322,20 +324,24 @@ def check_combinations(challenges: Sequence[bytes], keys: Sequence[tuple[str, st
     betas = derive_field(key, [CHALLENGE_DOMAIN + b"beta"], count)[0].astype(np.uint64)
     pw = np.ascontiguousarray(integrity._powers(betas, width).T)  # (w, C): beta_c^0 .. beta_c^(w-1)
     alphas = derive_field(key, [record_label(CHALLENGE_DOMAIN, t, s, width) for t, s in keys], count).astype(np.uint64)
-    d_lo = (diff & 0xFFFF).astype(np.float64)
-    d_hi = (diff >> 16).astype(np.float64)
-    p_lo = (pw & np.uint64(0xFFFF)).astype(np.float64)
-    p_hi = (pw >> np.uint64(16)).astype(np.float64)
-    # sum_m d*p = LL + (LH + HL) 2^16 + HH 2^32, each product sum < 2^32 * w < 2^53: exact.
-    ll = (d_lo @ p_lo).astype(np.uint64)
-    mid = (d_lo @ p_hi).astype(np.uint64) + (d_hi @ p_lo).astype(np.uint64)
-    hh = (d_hi @ p_hi).astype(np.uint64)
-    field._reduce_u64_inplace(mid)
-    field._reduce_u64_inplace(hh)
-    per_record = ll + (mid << np.uint64(16)) + (hh << np.uint64(32))  # < 2^42 + 2^47 + 2^63
+    bits = 53 - 31 - max(1, int(width)).bit_length()
+    if bits < 1:
+        raise ValueError("A record is too wide for the check.")
+    limbs = -(-31 // bits)
+    mask = np.uint64((1 << bits) - 1)
+    d = diff.astype(np.float64)
+    per_record = np.zeros((batch, count), dtype=np.uint64)
+    for l in range(limbs):
+        # One product per limb (narrow products stay on BLAS's fast path).
+        cut = ((pw >> np.uint64(bits * l)) & mask).astype(np.float64)  # (w, C)
+        part = (d @ cut).astype(np.uint64)  # each < 2**53: exact
+        field._reduce_u64_inplace(part)
+        # (x mod P) * 2**(bits l): a 31-bit value shifted by < 31 bits fits in 64.
+        part <<= np.uint64(bits * l)
+        field._reduce_u64_inplace(part)
+        per_record += part  # <= limbs * P < 2**34
     field._reduce_u64_inplace(per_record)
-    for arr in (d_lo, d_hi, ll, mid, hh):
-        arr.fill(0)
+    d.fill(0)
     return [weighted_sum(alphas[:, c], per_record[:, c]) for c in range(count)]
 
 
