@@ -49,7 +49,6 @@ import os
 import queue
 import re
 import sqlite3
-import struct
 import threading
 import time
 from collections import deque
@@ -118,10 +117,11 @@ MAX_KEYS = 4096
 PEER_TIMEOUT_S = 60.0
 # Niceness of the maintenance worker threads (RPC threads stay at 0).
 WORKER_NICE = 10
-# Records per step of the check's pass, and the reader's memory map (the
-# pass reads both epochs of every record once, in key order).
-CHECK_CHUNK = 2048
+# The reader's memory map for the check's pass over the sealed batches.
 CHECK_MMAP_BYTES = 1 << 30
+# Sealed check batches deleted per transaction (each holds up to
+# WRITE_CHUNK records' values).
+DIFF_DELETE_CHUNK = 8
 # Challenges per check call.
 MAX_CHALLENGES = 16
 # How far back (ms) before a session's start its check claims are looked up
@@ -130,6 +130,7 @@ CLAIM_CLOCK_SLACK_MS = 86_400_000
 CHECKS = Counter("splitvault_node_refresh_checks_total", "Refresh check calls, by outcome.", ["node", "outcome"])
 _SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{7,63}$")
 _SEED_DOMAIN = b"splitvault/session-seed/v1\x00"
+_DIFF_DOMAIN = b"splitvault/refresh-check-diff/v1\x00"
 _log = logging.getLogger("shareholders.epochs")
 
 
@@ -244,6 +245,39 @@ def guard_delete(conn: sqlite3.Connection, tenant: str, subject: str) -> None:
 def _seed_aad(node: str, session_id: str) -> bytes:
     n, s = node.encode(), session_id.encode()
     return _SEED_DOMAIN + len(n).to_bytes(4, "big") + n + len(s).to_bytes(4, "big") + s
+
+
+def _diff_aad(session_id: str, first: tuple[str, str], width: int, keys_json: str, fingerprints: bytes) -> bytes:
+    # Binds a sealed batch of check values to its session, place, exact keys
+    # and the fingerprints of the new rows they belong to.
+    return _DIFF_DOMAIN + b"".join(
+        len(v).to_bytes(4, "big") + v
+        for v in (session_id.encode(), first[0].encode(), first[1].encode(), str(width).encode(),
+                  hashlib.sha256(keys_json.encode()).digest(), hashlib.sha256(fingerprints).digest())
+    )
+
+
+def _row_fingerprint(wrapped_dk: bytes, nonce: bytes, ciphertext: bytes) -> bytes:
+    # 16 bytes naming one sealed row exactly: any later change of it (bit rot,
+    # a reseal) changes them.
+    return hashlib.sha256(
+        len(wrapped_dk).to_bytes(4, "big") + wrapped_dk + len(nonce).to_bytes(4, "big") + nonce + ciphertext
+    ).digest()[:16]
+
+
+def _store_diff(conn: sqlite3.Connection, ring, session_id: str, items: list[tuple], diff: np.ndarray) -> None:
+    """Seal one prepared batch's new-minus-old values (for the check) beside
+    its rows (``items`` in SHARE_COLUMNS order), with the new rows' fingerprints."""
+    width = int(diff.shape[1])
+    keys_json = json.dumps([[i[0], i[1]] for i in items], separators=(",", ":"))
+    prints = b"".join(_row_fingerprint(i[11], i[12], i[13]) for i in items)
+    first = (items[0][0], items[0][1])
+    sealed = envelope.seal(ring, _diff_aad(session_id, first, width, keys_json, prints), diff.astype("<u4").tobytes())
+    conn.execute(
+        "INSERT OR REPLACE INTO refresh_check_diffs (session_id, first_tenant, first_subject, width, keys_json, "
+        "fingerprints, kek_version, wrapped_dk, nonce, ciphertext) VALUES (?,?,?,?,?,?,?,?,?,?)",
+        (session_id, *first, width, keys_json, prints, *sealed),
+    )
 
 
 def _challenges(items) -> list[bytes]:
@@ -430,6 +464,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
     def _forget_seed(self, session_id: str) -> None:
         with self._seeds_lock:
             self._seeds.pop(session_id, None)
+            self._keys_cache = None
 
     def _status(self, s: Session) -> admin_pb2.SessionStatus:
         conn = self._conn()
@@ -577,6 +612,11 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             )
         with self._phase_lock:
             self._delete_chunks(
+                "SELECT rowid FROM refresh_check_diffs WHERE session_id = ? LIMIT ?", (s.session_id,),
+                "DELETE FROM refresh_check_diffs WHERE rowid IN ({})", "maintenance_abort_batch", s, actor,
+                limit=DIFF_DELETE_CHUNK,
+            )
+            self._delete_chunks(
                 "SELECT rowid FROM shares WHERE epoch = ? LIMIT ?", (s.new_epoch,),
                 "DELETE FROM shares WHERE rowid IN ({})", "maintenance_abort_batch", s, actor,
             )
@@ -664,11 +704,12 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 chunk = launched.popleft()
                 if more:
                     more = launch()
-                items = self._finish_refresh_chunk(s, seed, chunk)
-                pace.step(len(items))
-                for lo in range(0, len(items), WRITE_CHUNK):
-                    inflight.append(self.writer.submit(
-                        self._prepared_job(s, items[lo : lo + WRITE_CHUNK], actor, check_old=True)))
+                groups = self._finish_refresh_chunk(s, seed, chunk)
+                pace.step(sum(len(items) for items, _ in groups))
+                for items, diff in groups:
+                    for lo in range(0, len(items), WRITE_CHUNK):
+                        inflight.append(self.writer.submit(self._prepared_job(
+                            s, items[lo : lo + WRITE_CHUNK], actor, check_old=True, diff=diff[lo : lo + WRITE_CHUNK])))
                 while len(inflight) > 4:
                     done += self._settle(inflight.popleft())
                     yield admin_pb2.PrepareSessionResponse(done=done, total=total)
@@ -708,10 +749,13 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         return out
 
     def _finish_refresh_chunk(self, s: Session, seed: bytes, chunk: list[tuple]) -> list[tuple]:
-        """New sealed rows for one chunk: y + sum of every node's delta for this index."""
-        out: list[tuple] = []
+        """New sealed rows for one chunk: y + sum of every node's delta for this
+        index; per group of one width, (rows, new - old) -- the check's input,
+        taken from the very values sealed (the caller's job wipes it)."""
+        groups: list[tuple] = []
         ring = self.sh.keys.kek
         for k, width, rows, calls in chunk:
+            out: list[tuple] = []
             keys = [(r.tenant, r.subject) for r in rows]
             old = np.empty((len(rows), width), dtype=FIELD_DTYPE)
             scratch = [old]
@@ -734,6 +778,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                     scratch.append(d)
                 new = proactive.add_rows(old, *deltas)
                 scratch.append(new)
+                groups.append((out, field.sub(new, old)))
                 stored_ms = now_ms()
                 for j, row in enumerate(rows):
                     sealed = envelope.seal(
@@ -747,7 +792,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 for call in calls.values():
                     call.cancel()
                 record.wipe(*scratch)
-        return out
+        return groups
 
     def _open(self, row: store.ShareRow, width: int) -> np.ndarray:
         try:
@@ -763,8 +808,14 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 "repair the node before renewing its shares."
             ) from None
 
-    def _prepared_job(self, s: Session, items: list[tuple], actor: str, check_old: bool):
+    def _prepared_job(self, s: Session, items: list[tuple], actor: str, check_old: bool, diff=None):
         def job(tx: Tx) -> int:
+            try:
+                return run(tx)
+            finally:
+                record.wipe(diff)
+
+        def run(tx: Tx) -> int:
             conn = tx.conn
             cur = load_session(conn, s.session_id)
             if cur is None or cur.state != BEGUN:
@@ -781,6 +832,15 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             conn.executemany(
                 f"INSERT OR REPLACE INTO shares ({store.SHARE_COLUMNS}) VALUES ({','.join('?' * 15)})", kept
             )
+            if diff is not None and kept:
+                values = diff
+                if len(kept) != len(items):
+                    keep = {id(item) for item in kept}
+                    values = diff[[i for i, item in enumerate(items) if id(item) in keep]]
+                try:
+                    _store_diff(conn, self.sh.keys.kek, s.session_id, kept, values)
+                finally:
+                    record.wipe(values)
             if kept:
                 tx.append("epoch_prepare_batch", actor=actor, request_id=s.session_id, details={
                     "kind": s.kind, "new_epoch": s.new_epoch, "records": len(kept),
@@ -1152,9 +1212,10 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 raise status.Unavailable(f"Peer {name} answered the check with malformed values.")
             held_by_all &= np.isin(hashes, np.frombuffer(reply.key_hashes, dtype="<u8"), assume_unique=False)
             contributions[others[name][0]] = bytes(reply.contribution)
-        left_out = {keys[i] for i in np.flatnonzero(~held_by_all)}
+        covered = [keys[i] for i in np.flatnonzero(held_by_all)]
+        left_out = len(keys) - len(covered)
         mixed = proactive.mixed_challenges(s.session_id, challenges, [contributions[i] for i in sorted(contributions)])
-        totals, count, digest = self._check_totals(s, mixed, left_out)
+        totals, count, digest = self._check_totals(s, mixed, covered)
         # Step 2: the masks, bound to this check's context.
         check_ctx = proactive.check_context(s.session_id, k, digest, mixed)
         masks = [int(v) for v in proactive.check_masks(seed, check_ctx, len(mixed), k, self.index)]
@@ -1169,15 +1230,15 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
 
         def job(tx: Tx):
             tx.append("refresh_check", actor=actor, request_id=s.session_id, details={
-                "records": count, "challenges": len(challenges), "excluded": len(left_out), "call": call_no,
+                "records": count, "challenges": len(challenges), "excluded": left_out, "call": call_no,
                 "context_sha256": context_hex,
             })
         self._commit(job)
         CHECKS.labels(self.name, "answered").inc()
         logs.event(_log, "refresh check answered", session=s.session_id, call=call_no, records=count,
-                   excluded=len(left_out))
+                   excluded=left_out)
         return admin_pb2.CheckRefreshResponse(values=values, records=count, keys_sha256=digest,
-                                              context_sha256=context_hex, excluded=len(left_out), call=call_no)
+                                              context_sha256=context_hex, excluded=left_out, call=call_no)
 
     def _refuse_check(self, s: Session, actor: str, reason: str, challenges: int) -> None:
         def job(tx: Tx):
@@ -1223,81 +1284,74 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 "answered once. Draw fresh ones.")
         return call_no
 
-    def _check_totals(self, s: Session, challenges: list[bytes], left_out: set) -> tuple[list[int], int, str]:
-        """One pass over the records (old row beside new row, one query per
-        chunk): the challenge combinations of (new - old), how many records
-        they cover, and the digest of the covered keys."""
+    def _check_totals(self, s: Session, challenges: list[bytes], covered: list[tuple[str, str]]) -> tuple[list[int], int, str]:
+        """The challenge combinations of (new - old) over exactly the covered
+        records, the count and the digest of the covered keys.
+
+        The values come from the batches of new-minus-old sealed when the
+        records were prepared, computed from the very arrays sealed into the
+        new rows (one open per batch instead of two per record); each new row
+        must still be exactly the one prepared (its fingerprint), so a share
+        damaged or replaced since fails the check (DATA_LOSS)."""
         totals = [0] * len(challenges)
-        digest = hashlib.sha256()
-        count = 0
+        wanted = set(covered)
+        found = 0
         ring = self.sh.keys.kek
-        new_epoch = struct.pack(">Q", s.new_epoch)
         reader = store.connect(self.cfg.db_path)
         try:
             reader.execute(f"PRAGMA mmap_size = {CHECK_MMAP_BYTES}")
-            cursor = ("", "")
-            while True:
-                rows = reader.execute(
-                    "SELECT o.tenant, o.subject, o.idx, o.dimension + 2 * o.mac_count, o.kek_version, o.wrapped_dk, "
-                    "o.nonce, o.ciphertext, n.idx, n.kek_version, n.wrapped_dk, n.nonce, n.ciphertext "
-                    "FROM shares o LEFT JOIN shares n ON n.tenant = o.tenant AND n.subject = o.subject "
-                    "AND n.epoch = ? WHERE o.epoch = ? AND (o.tenant, o.subject) > (?, ?) "
-                    "ORDER BY o.tenant, o.subject LIMIT ?",
-                    (s.new_epoch, s.from_epoch, *cursor, CHECK_CHUNK),
-                ).fetchall()
-                if not rows:
-                    break
-                cursor = (rows[-1][0], rows[-1][1])
-                by_width: dict[int, list] = {}
-                for r in rows:
-                    if left_out and (r[0], r[1]) in left_out:
+            batches = reader.execute(
+                "SELECT first_tenant, first_subject, width, keys_json, fingerprints, kek_version, wrapped_dk, nonce, "
+                "ciphertext FROM refresh_check_diffs WHERE session_id = ? ORDER BY first_tenant, first_subject",
+                (s.session_id,),
+            )
+            for first_t, first_s, width, keys_json, prints, *sealed in batches:
+                keys = [tuple(k) for k in json.loads(keys_json)]
+                try:
+                    data = envelope.open(ring, _diff_aad(s.session_id, (first_t, first_s), width, keys_json, prints),
+                                         SealedShare(*sealed))
+                except EnvelopeError:
+                    raise status.DataLoss(
+                        "This node's sealed check values do not open; abort the session and refresh again.") from None
+                if len(data) != 4 * width * len(keys) or len(prints) != 16 * len(keys):
+                    raise status.DataLoss("This node's sealed check values have the wrong length.")
+                diff = np.frombuffer(bytearray(data), dtype="<u4").reshape(len(keys), width)
+                try:
+                    if diff.size and int(diff.max()) >= P:
+                        raise status.DataLoss("This node's sealed check values hold values outside the field.")
+                    rows = [i for i, k in enumerate(keys) if k in wanted]
+                    if not rows:
                         continue
-                    if r[8] is None:
-                        raise status.FailedPrecondition(
-                            f"Subject {r[1]!r} has no share in epoch {s.new_epoch} on this node; prepare first.")
-                    digest.update(proactive.record_label(b"", r[0], r[1]))
-                    by_width.setdefault(r[3], []).append(r)
-                for width, group in by_width.items():
-                    self._check_group(s, ring, new_epoch, width, group, challenges, totals)
-                    count += len(group)
+                    self._check_fingerprints(reader, s, keys, rows, prints)
+                    if len(rows) != len(keys):  # deleted since, or held by some members only
+                        diff = diff[rows]
+                    for c, v in enumerate(proactive.check_combinations(challenges, [keys[i] for i in rows], diff)):
+                        totals[c] = (totals[c] + v) % P
+                    found += len(rows)
+                finally:
+                    record.wipe(diff)
         finally:
             reader.close()
-        return totals, count, digest.hexdigest()
+        if found != len(covered):
+            raise status.FailedPrecondition(
+                f"{len(covered) - found} record(s) of this node have no prepared check values in session "
+                f"{s.session_id}; abort the session and refresh again.")
+        digest = hashlib.sha256()
+        for tenant, subject in covered:
+            digest.update(proactive.record_label(b"", tenant, subject))
+        return totals, found, digest.hexdigest()
 
-    def _check_group(self, s: Session, ring, new_epoch: bytes, width: int, group: list, challenges, totals) -> None:
-        """Add one chunk's combinations (records of one width) to ``totals``."""
-        size = 4 * width
-        # Both epochs' values straight into two wipeable buffers, one row each.
-        old_buf, new_buf = bytearray(size * len(group)), bytearray(size * len(group))
-        a = np.frombuffer(old_buf, dtype="<u4").reshape(len(group), width)
-        b = np.frombuffer(new_buf, dtype="<u4").reshape(len(group), width)
-        diff = None
-        try:
-            at = 0
-            for r in group:
-                try:
-                    if r[2] != self.index or r[8] != self.index:
-                        raise EnvelopeError("index")
-                    aad = record.record_identity(r[0], r[1], r[2], s.from_epoch)
-                    # The identity ends with the 8-byte epoch (vault.record).
-                    old = envelope.open(ring, aad, SealedShare(r[4], r[5], r[6], r[7]))
-                    new = envelope.open(ring, aad[:-8] + new_epoch, SealedShare(r[9], r[10], r[11], r[12]))
-                    if len(old) != size or len(new) != size:
-                        raise EnvelopeError("length")
-                except (EnvelopeError, InvalidShares):
-                    raise status.DataLoss(
-                        f"This node's stored share of subject {r[1]!r} (tenant {r[0]!r}) does not open; repair the "
-                        "node before renewing its shares.") from None
-                old_buf[at : at + size] = old
-                new_buf[at : at + size] = new
-                at += size
-            if int(a.max()) >= P or int(b.max()) >= P:
-                raise status.DataLoss("A stored share of this node holds values outside the field.")
-            diff = field.sub(b, a)
-            for c, v in enumerate(proactive.check_combinations(challenges, [(r[0], r[1]) for r in group], diff)):
-                totals[c] = (totals[c] + v) % P
-        finally:
-            record.wipe(a, b, diff)
+    def _check_fingerprints(self, reader, s: Session, keys: list, rows: list[int], prints: bytes) -> None:
+        """DATA_LOSS unless each of these records' new rows is the one prepared."""
+        lo, hi = keys[rows[0]], keys[rows[-1]]
+        stored = {(r[0], r[1]): _row_fingerprint(r[2], r[3], r[4]) for r in reader.execute(
+            "SELECT tenant, subject, wrapped_dk, nonce, ciphertext FROM shares WHERE epoch = ? "
+            "AND (tenant, subject) >= (?, ?) AND (tenant, subject) <= (?, ?)", (s.new_epoch, *lo, *hi))}
+        for i in rows:
+            if stored.get(keys[i]) != prints[16 * i : 16 * i + 16]:
+                raise status.DataLoss(
+                    f"The prepared share of subject {keys[i][1]!r} (tenant {keys[i][0]!r}) on this node changed "
+                    "after it was prepared; the refresh cannot be trusted. Abort it and repair the node.")
 
     # --- commit and finalize ---------------------------------------------------------------
 
@@ -1351,6 +1405,13 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             total = conn.execute("SELECT COUNT(*) FROM shares WHERE epoch < ?", (s.new_epoch,)).fetchone()[0]
             yield admin_pb2.FinalizeSessionResponse(done=0, total=total)
             done = 0
+            # The check's sealed values first (they go with the old epoch).
+            for _ in self._delete_chunks(
+                "SELECT rowid FROM refresh_check_diffs WHERE session_id = ? LIMIT ?", (s.session_id,),
+                "DELETE FROM refresh_check_diffs WHERE rowid IN ({})", "epoch_destroy_batch", s, actor,
+                context=context, limit=DIFF_DELETE_CHUNK,
+            ):
+                pass
             for removed in self._delete_chunks(
                 "SELECT rowid FROM shares WHERE epoch < ? LIMIT ?", (s.new_epoch,),
                 "DELETE FROM shares WHERE rowid IN ({})", "epoch_destroy_batch", s, actor, context=context,
@@ -1384,12 +1445,13 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         finally:
             self._phase_lock.release()
 
-    def _delete_chunks(self, select_sql, params, delete_sql, event, s: Session, actor: str, context=None):
+    def _delete_chunks(self, select_sql, params, delete_sql, event, s: Session, actor: str, context=None,
+                       limit: int = MOVE_CHUNK):
         """Delete rows chunk by chunk (secure_delete on): yields how many each time."""
         def job(tx: Tx) -> int:
             c = tx.conn
             c.execute("PRAGMA secure_delete = ON")
-            ids = [r[0] for r in c.execute(select_sql, (*params, MOVE_CHUNK))]
+            ids = [r[0] for r in c.execute(select_sql, (*params, limit))]
             if not ids:
                 return 0
             c.execute(delete_sql.format(",".join("?" * len(ids))), ids)
@@ -1415,6 +1477,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
 def _close_session(conn: sqlite3.Connection, session_id: str, state: str) -> None:
     # The seed is overwritten, then the columns cleared (secure_delete zeroes freed space).
     conn.execute("PRAGMA secure_delete = ON")
+    conn.execute("DELETE FROM refresh_check_diffs WHERE session_id = ?", (session_id,))
     conn.execute(
         "UPDATE maintenance_sessions SET state = ?, seed_kek_version = NULL, seed_wrapped_dk = NULL, seed_nonce = NULL, "
         "seed_ciphertext = NULL, updated_ms = ? WHERE session_id = ?",

@@ -232,7 +232,13 @@ def run_check(admin: Admin, names: list[str], sid: str, threshold: int, count: i
         attempts += 1
         challenges = [proactive.new_challenge() for _ in range(count)]
         req = _S.CheckRefreshRequest(session_id=sid, challenges=challenges, peers=peers)
-        answers = admin.each(names, lambda name: admin.call(name, "CheckRefresh", req, timeout=600))
+        try:
+            answers = admin.each(names, lambda name: admin.call(name, "CheckRefresh", req, timeout=600))
+        except MaintenanceError as exc:
+            if exc.details.get("status") != "DATA_LOSS":
+                raise
+            # A node found a prepared share damaged or replaced since it was prepared.
+            return {"passed": False, "reason": exc.message, "challenges": count, "excluded": 0, "attempts": attempts}
         agreed = len({(a.keys_sha256, a.context_sha256) for a in answers.values()}) == 1
         if agreed or attempts >= 2:
             break
