@@ -25,11 +25,51 @@ Phases (docs/operations.md):
    prepared rows stop, with no staging of dealt values. A peer only ever
    answers for the caller's own index (from its certificate name), so no
    party sees what another node was dealt.
+   With each batch of prepared rows (one transaction) a refresh also
+   writes, sealed like a share, the batch's new-minus-old values and the
+   fingerprints of its new rows (``refresh_check_diffs``): the input of the
+   check, taken from the very arrays sealed into the rows.
+   **The check** (``CheckRefresh``, between prepare and commit; the math
+   and why the answers reveal nothing: ``vault.proactive``):
+   - *Records covered*: decided by the nodes, never the caller. The node
+     asked fetches every peer's 64-bit record hashes (node to node) and
+     covers exactly the records that every member holds in the old epoch;
+     ``exclude`` is refused. So two calls can differ in their records only
+     if the nodes' holdings changed (a deletion), and that changes the
+     context that the masks are bound to.
+   - *Challenges*: the auditor's, each hashed with every node's
+     contribution (a PRF of its seed and the auditor's challenges, revealed
+     to a peer only once this node is prepared, i.e. once every delta it is
+     owed is in hand). The mixed challenges need every node's
+     contribution, so nobody knows them before every node holds every
+     delta (and has sealed its new-minus-old values): no dealer knows them
+     while it can still deal. The auditor alone does not choose them. (A dishonest node revealing its contribution
+     last could try contributions until its faulty dealing passes; with 3
+     challenges each try passes with probability about (w/P)^3, ~1e-20.)
+   - *Masks*: a joint zero sharing derived from every node's seed for the
+     check context (session, k, the covered records' digest, every mixed
+     challenge): any two answers of a node carry independent masks.
+   - *Once*: before computing anything the node records the challenges as
+     claimed in its audit log (``refresh_check_begin``, in the same writer
+     transaction that looks for earlier claims in this session); a
+     challenge seen before is refused and the refusal logged
+     (``refresh_check_refused``). The log survives restarts. Calls are
+     counted (the ``call`` number, ``splitvault_node_refresh_checks_total``).
+   - *Soundness and speed*: the values combined are the sealed
+     new-minus-old batches, one open per batch (128 records) instead of two
+     per record; every covered record must have its values (no sampling),
+     and each covered record's new row must still match the fingerprint
+     taken when it was sealed, so a share damaged or replaced after prepare
+     fails the check (DATA_LOSS; the CLI rolls the session back). What this
+     no longer re-derives is new = old + diff from the stored rows: that
+     holds by construction (both come from one array, in one step), and an
+     old row damaged after prepare is destroyed at finalize anyway.
 3. **Commit**: one transaction moves the node's current epoch on: it serves
    both epochs (``ReleaseShare`` returns one share per epoch; the matcher
    rejoins the newest epoch with k shares).
-4. **Finalize** (once every node committed): the old epoch's rows (on a
-   node leaving the committee: every row) and the seed are deleted with
+4. **Finalize** (once every node committed): the check's sealed batches,
+   the old epoch's rows (on a node leaving the committee: every row) and
+   the seed are deleted with
    SQLite's secure_delete, then the WAL is truncated.
    **Abort** (only before any node committed): the unserved rows and the
    seed go.

@@ -59,6 +59,11 @@ the session (shareholders.epochs keeps them in its audit log). Any two
 answers a node gives therefore carry independent masks, and every answer
 set an auditor collects is uniform and independent of the templates.
 
+Each node computes its answer from the new-minus-old values it kept,
+sealed, when it prepared each batch (shareholders.epochs): the challenge
+is drawn after every node finished preparing, so no dealer knew it when it
+dealt, and the check stays a test of every record (no sampling).
+
 The challenges a node uses are *mixed* (``mixed_challenges``): the
 auditor's 16-byte challenges hashed with every node's contribution
 (``check_contribution``, a PRF of the node's secret seed and the auditor's
