@@ -156,6 +156,17 @@ def test_roles_and_peer_identity(vault, dev_pki):
     again = call("shareholder", "bank-b", "GetRefreshDeltas", req).values
     assert again == call("shareholder", "bank-b", "GetRefreshDeltas", req).values
     assert again != call("shareholder", "bank-c", "GetRefreshDeltas", req).values
+    # The check's node-to-node part: nothing before this node is prepared
+    # (its contribution would reveal the challenges while deltas are still
+    # being dealt), and the old protocol's per-challenge masks never.
+    challenge = bytes(range(16))
+    for bad in (admin_pb2.GetRefreshDeltasRequest(session_id=sid, check_challenges=[challenge]),
+                admin_pb2.GetRefreshDeltasRequest(session_id=sid, check_context=bytes(32), check_count=1,
+                                                  mask_threshold=2),
+                admin_pb2.GetRefreshDeltasRequest(session_id=sid, mask_challenges=[challenge], mask_threshold=2)):
+        with pytest.raises(grpc.RpcError) as err:
+            call("shareholder", "bank-b", "GetRefreshDeltas", bad)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     for node in c.nodes_list:
         c.admin.call(node.name, "AbortSession", admin_pb2.AbortSessionRequest(session_id=sid))
 
