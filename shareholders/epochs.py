@@ -43,9 +43,10 @@ Phases (docs/operations.md):
      owed is in hand). The mixed challenges need every node's
      contribution, so nobody knows them before every node holds every
      delta (and has sealed its new-minus-old values): no dealer knows them
-     while it can still deal. The auditor alone does not choose them. (A dishonest node revealing its contribution
-     last could try contributions until its faulty dealing passes; with 3
-     challenges each try passes with probability about (w/P)^3, ~1e-20.)
+     while it can still deal. The auditor alone does not choose them. (A
+     dishonest node revealing its contribution last could try
+     contributions until its faulty dealing passes; with 3 challenges each
+     try passes with probability about (w/P)^3, ~1e-20.)
    - *Masks*: a joint zero sharing derived from every node's seed for the
      check context (session, k, the covered records' digest, every mixed
      challenge): any two answers of a node carry independent masks.
