@@ -799,44 +799,48 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         taken from the very values sealed (the caller's job wipes it)."""
         groups: list[tuple] = []
         ring = self.sh.keys.kek
-        for k, width, rows, calls in chunk:
-            out: list[tuple] = []
-            keys = [(r.tenant, r.subject) for r in rows]
-            old = np.empty((len(rows), width), dtype=FIELD_DTYPE)
-            scratch = [old]
-            try:
-                for j, row in enumerate(rows):
-                    old[j] = self._open(row, width)
-                deltas = [proactive.refresh_deltas(seed, keys, k, width, self.index)]
-                scratch.extend(deltas)
-                for name, call in calls.items():
-                    try:
-                        reply = call.result()
-                    except grpc.RpcError as exc:
-                        raise _peer_error(name, exc) from None
-                    if len(reply.values) != 4 * width * len(keys):
-                        raise status.Unavailable(f"Peer {name} dealt values of the wrong length.")
-                    d = np.frombuffer(reply.values, dtype="<u4").astype(FIELD_DTYPE).reshape(len(keys), width)
-                    if d.size and int(d.max()) >= P:
-                        raise status.Unavailable(f"Peer {name} dealt values outside the field.")
-                    deltas.append(d)
-                    scratch.append(d)
-                new = proactive.add_rows(old, *deltas)
-                scratch.append(new)
-                groups.append((out, field.sub(new, old)))
-                stored_ms = now_ms()
-                for j, row in enumerate(rows):
-                    sealed = envelope.seal(
-                        ring, record.record_identity(row.tenant, row.subject, row.index, s.new_epoch),
-                        record.pack_values(new[j]),
-                    )
-                    out.append((row.tenant, row.subject, s.new_epoch, row.index, row.threshold, row.shareholders,
-                                row.dimension, row.codec_version, row.mac_count, row.request_id, sealed.kek_version,
-                                sealed.wrapped_dk, sealed.nonce, sealed.ciphertext, stored_ms))
-            finally:
-                for call in calls.values():
-                    call.cancel()
-                record.wipe(*scratch)
+        try:
+            for k, width, rows, calls in chunk:
+                out: list[tuple] = []
+                keys = [(r.tenant, r.subject) for r in rows]
+                old = np.empty((len(rows), width), dtype=FIELD_DTYPE)
+                scratch = [old]
+                try:
+                    for j, row in enumerate(rows):
+                        old[j] = self._open(row, width)
+                    deltas = [proactive.refresh_deltas(seed, keys, k, width, self.index)]
+                    scratch.extend(deltas)
+                    for name, call in calls.items():
+                        try:
+                            reply = call.result()
+                        except grpc.RpcError as exc:
+                            raise _peer_error(name, exc) from None
+                        if len(reply.values) != 4 * width * len(keys):
+                            raise status.Unavailable(f"Peer {name} dealt values of the wrong length.")
+                        d = np.frombuffer(reply.values, dtype="<u4").astype(FIELD_DTYPE).reshape(len(keys), width)
+                        if d.size and int(d.max()) >= P:
+                            raise status.Unavailable(f"Peer {name} dealt values outside the field.")
+                        deltas.append(d)
+                        scratch.append(d)
+                    new = proactive.add_rows(old, *deltas)
+                    scratch.append(new)
+                    groups.append((out, field.sub(new, old)))
+                    stored_ms = now_ms()
+                    for j, row in enumerate(rows):
+                        sealed = envelope.seal(
+                            ring, record.record_identity(row.tenant, row.subject, row.index, s.new_epoch),
+                            record.pack_values(new[j]),
+                        )
+                        out.append((row.tenant, row.subject, s.new_epoch, row.index, row.threshold, row.shareholders,
+                                    row.dimension, row.codec_version, row.mac_count, row.request_id, sealed.kek_version,
+                                    sealed.wrapped_dk, sealed.nonce, sealed.ciphertext, stored_ms))
+                finally:
+                    for call in calls.values():
+                        call.cancel()
+                    record.wipe(*scratch)
+        except BaseException:
+            record.wipe(*(diff for _, diff in groups))
+            raise
         return groups
 
     def _open(self, row: store.ShareRow, width: int) -> np.ndarray:
