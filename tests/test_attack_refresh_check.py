@@ -154,3 +154,6 @@ def test_the_auditor_cannot_cancel_the_masks(prepared):
     assert report["state"] == "finalized" and report["check"]["passed"] and report["check"]["attempts"] == 1
     with MatcherClient.from_cluster_dir(root) as client:
         verify_all(client, state["templates"], fresh_subjects(state, 3), state["impostor"])
+    # The refusals sit in an intact audit chain.
+    audit = vaultctl("audit", "verify", "--dir", root, "--format", "json")
+    assert audit.returncode == 0, audit.stdout[-1500:] + audit.stderr[-1500:]
