@@ -100,6 +100,23 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX maintenance_by_state ON maintenance_sessions (state)",
     ),
+    (
+        # A refresh's new-minus-old values, sealed per prepared batch, for the
+        # check (shareholders.epochs); deleted with the session's old epoch.
+        """CREATE TABLE refresh_check_diffs (
+            session_id TEXT NOT NULL,
+            first_tenant TEXT NOT NULL,
+            first_subject TEXT NOT NULL,
+            width INTEGER NOT NULL,
+            keys_json TEXT NOT NULL,
+            fingerprints BLOB NOT NULL,
+            kek_version INTEGER NOT NULL,
+            wrapped_dk BLOB NOT NULL,
+            nonce BLOB NOT NULL,
+            ciphertext BLOB NOT NULL,
+            PRIMARY KEY (session_id, first_tenant, first_subject, width)
+        )""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # A new node starts in epoch 1; a proactive refresh moves it on.

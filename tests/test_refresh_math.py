@@ -139,7 +139,9 @@ def _check_values(old, new, keys, seeds, challenges, k):
     for j in range(1, n + 1):
         diff = field.sub(new[j - 1], old[j - 1])
         combo = proactive.check_combinations(challenges, keys, diff)
-        masks = [sum(int(proactive.check_masks(s, challenges, k, j)[c]) for s in seeds) % P for c in range(len(challenges))]
+        ctx = proactive.check_context("session-0001", k, "digest", challenges)
+        masks = [sum(int(proactive.check_masks(s, ctx, len(challenges), k, j)[c]) for s in seeds) % P
+                 for c in range(len(challenges))]
         out.append([(a + b) % P for a, b in zip(combo, masks)])
     return out
 
@@ -181,6 +183,59 @@ def test_check_values_are_masked():
     assert [v[0] for v in a] != [v[0] for v in b]
     unmasked = [proactive.check_combinations(challenge, keys, field.sub(new[j], old[j]))[0] for j in range(n)]
     assert [v[0] for v in a] != unmasked
+
+
+def test_masks_are_bound_to_the_whole_check_context():
+    # The review's attack at the level of the math: one node's answers to
+    # the same challenges over record sets differing by one record. With
+    # masks bound to (challenges) only, the difference is record r's
+    # combination; bound to the context (which names the records covered),
+    # it is uniformly random.
+    k, n = 2, 3
+    ext = _extended(batch=5)
+    keys = _keys(5)
+    old = sharing.split(ext, k, n)
+    seeds = [proactive.new_seed() for _ in range(n)]
+    new = _refresh(old, k, seeds, keys)
+    challenges = [proactive.new_challenge()]
+    j = 1
+    diff = field.sub(new[j - 1], old[j - 1])
+
+    def answer(rows, digest):
+        ctx = proactive.check_context("session-0001", k, digest, challenges)
+        combo = proactive.check_combinations(challenges, [keys[r] for r in rows], diff[rows])[0]
+        return (combo + sum(int(proactive.check_masks(s, ctx, 1, k, j)[0]) for s in seeds)) % P
+
+    full, less = answer([0, 1, 2, 3, 4], "all"), answer([0, 1, 2, 3], "all-but-4")
+    leaked = proactive.check_combinations(challenges, [keys[4]], diff[[4]])[0]
+    assert (full - less) % P != leaked
+    # Another context (other challenges, other k, other session) never repeats a mask.
+    ctxs = {proactive.check_context(sid, kk, "d", ch) for sid in ("session-0001", "session-0002") for kk in (2, 3)
+            for ch in (challenges, [proactive.new_challenge()], challenges + [proactive.new_challenge()])}
+    assert len(ctxs) == 12
+    masks = {int(proactive.check_masks(seeds[0], c, 1, 2, 1)[0]) for c in ctxs}
+    assert len(masks) == 12
+
+
+def test_mixed_challenges_depend_on_every_contribution():
+    sid, ch = "session-0001", [proactive.new_challenge(), proactive.new_challenge()]
+    seeds = [proactive.new_seed() for _ in range(3)]
+    contribs = [proactive.check_contribution(s, sid, ch) for s in seeds]
+    assert contribs == [proactive.check_contribution(s, sid, ch) for s in seeds]  # stable on retry
+    mixed = proactive.mixed_challenges(sid, ch, contribs)
+    assert len(mixed) == 2 and len(set(mixed)) == 2 and not set(mixed) & set(ch)
+    for i in range(3):
+        other = list(contribs)
+        other[i] = proactive.check_contribution(proactive.new_seed(), sid, ch)
+        assert not set(proactive.mixed_challenges(sid, ch, other)) & set(mixed)
+    assert proactive.check_contribution(seeds[0], sid, ch[:1]) != contribs[0]
+
+
+def test_key_hashes_are_stable_and_distinct():
+    keys = _keys(50)
+    h = proactive.key_hashes(keys)
+    assert h.dtype == np.uint64 and len(set(h.tolist())) == 50
+    assert (proactive.key_hashes(keys[10:20]) == h[10:20]).all()
 
 
 def test_check_combination_is_exact_against_plain_integers():

@@ -48,6 +48,14 @@ def _db(c, name):
     return c.nodes[name].cfg.db_path
 
 
+def _check_batches(c, name) -> int:
+    conn = sqlite3.connect(f"file:{_db(c, name)}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT COUNT(*) FROM refresh_check_diffs").fetchone()[0]
+    finally:
+        conn.close()
+
+
 def _refresh(c, **kw):
     return refresh_session(c.admin, c.nodes_list, 2, c.sessions, drain_s=0, **kw)
 
@@ -69,6 +77,7 @@ def test_refresh_keeps_every_template_and_leaves_one_epoch(vault):
     for name in c.names:
         assert epochs_held(_db(c, name)) == {2: len(SUBJECTS)}
         assert prepared_rows(_db(c, name)) == 0
+        assert _check_batches(c, name) == 0  # the check's sealed values went with the old epoch
         events = audit_events(_db(c, name))
         for event in ("maintenance_begin", "epoch_prepare_batch", "epoch_prepare", "refresh_deal", "refresh_check",
                       "epoch_commit", "epoch_destroy_batch", "epoch_finalize"):
@@ -157,6 +166,17 @@ def test_roles_and_peer_identity(vault, dev_pki):
     again = call("shareholder", "bank-b", "GetRefreshDeltas", req).values
     assert again == call("shareholder", "bank-b", "GetRefreshDeltas", req).values
     assert again != call("shareholder", "bank-c", "GetRefreshDeltas", req).values
+    # The check's node-to-node part: nothing before this node is prepared
+    # (its contribution would reveal the challenges while deltas are still
+    # being dealt), and the old protocol's per-challenge masks never.
+    challenge = bytes(range(16))
+    for bad in (admin_pb2.GetRefreshDeltasRequest(session_id=sid, check_challenges=[challenge]),
+                admin_pb2.GetRefreshDeltasRequest(session_id=sid, check_context=bytes(32), check_count=1,
+                                                  mask_threshold=2),
+                admin_pb2.GetRefreshDeltasRequest(session_id=sid, mask_challenges=[challenge], mask_threshold=2)):
+        with pytest.raises(grpc.RpcError) as err:
+            call("shareholder", "bank-b", "GetRefreshDeltas", bad)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     for node in c.nodes_list:
         c.admin.call(node.name, "AbortSession", admin_pb2.AbortSessionRequest(session_id=sid))
 
@@ -188,6 +208,7 @@ def test_check_catches_a_damaged_prepared_share_and_rolls_back(vault):
     for name in c.names:
         assert epochs_held(_db(c, name)) == {1: len(SUBJECTS)}
         assert prepared_rows(_db(c, name)) == 0
+        assert _check_batches(c, name) == 0
         st = c.admin.session(name, sid)
         assert admin_pb2.SessionState.Name(st.state) == "SESSION_STATE_ABORTED"
     verify_all(c.client_, c.templates, SUBJECTS[:3], c.impostor)
@@ -201,6 +222,7 @@ def test_deletion_during_a_refresh(vault):
     for name in c.names:  # prepared beside the old epoch, not served
         assert epochs_held(_db(c, name)) == {1: len(SUBJECTS), 2: len(SUBJECTS)}
         assert prepared_rows(_db(c, name)) == len(SUBJECTS)
+        assert _check_batches(c, name) >= 1
     assert c.client_.verify(SUBJECTS[0], c.templates[SUBJECTS[0]]).epoch == 1
     gone = SUBJECTS[5]
     reply = c.client_.delete(gone)

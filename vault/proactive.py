@@ -37,19 +37,44 @@ no way for a retry to mix two different dealings of one record.
 **The check** (``vaultctl refresh --check``). For a public random challenge,
 node j reports  v_j = sum_{r,m} c_{r,m} (y'_{r,m}(j) - y_{r,m}(j)) + rho(j)
 with public coefficients c_{r,m} = alpha_r beta^m from the challenge and rho
-a fresh joint sharing of zero of degree k - 1 (every node deals one more
-zero polynomial for the challenge). If every record was refreshed correctly
-the n values lie on a polynomial of degree <= k - 1 that is 0 at 0; any
-wrong element survives one challenge with probability at most w/P (about
-2.4e-7 for d = 512), and independent challenges multiply. Because rho is a uniformly
-random zero polynomial, the reported values are a uniformly random point of
-that space: they reveal nothing about the deltas, the shares or the
-templates.
+a joint sharing of zero of degree k - 1 (every node deals one more zero
+polynomial for the check). If every record was refreshed correctly the n
+values lie on a polynomial of degree <= k - 1 that is 0 at 0; any wrong
+element survives one challenge with probability at most w/P (about 2.4e-7
+for d = 512), and independent challenges multiply.
+
+What the check reveals, however it is called. For one answered challenge
+the n values are  L(diff(j)) + rho(j); rho is a uniformly random zero
+polynomial as long as one dealer's seed is secret, so the n values are a
+uniformly random point of the space of zero polynomials of degree k - 1:
+nothing about the deltas. That holds for a *set* of answers only if no two
+answers share a mask: two answers with the same rho and different
+coefficient sets (say, the same challenge over record sets that differ by
+one record) subtract to  alpha_r e_r(beta)(j)  -- a linear function of one
+record's delta; ~33 such pairs give the whole delta. So the masks here are
+bound to the whole *check context* (``check_context``): the session, k, the
+set of records covered (its digest) and the full list of mixed challenges,
+and the node that answers refuses any challenge it has answered before in
+the session (shareholders.epochs keeps them in its audit log). Any two
+answers a node gives therefore carry independent masks, and every answer
+set an auditor collects is uniform and independent of the templates.
+
+Each node computes its answer from the new-minus-old values it kept,
+sealed, when it prepared each batch (shareholders.epochs): the challenge
+is drawn after every node finished preparing, so no dealer knew it when it
+dealt, and the check stays a test of every record (no sampling).
+
+The challenges a node uses are *mixed* (``mixed_challenges``): the
+auditor's 16-byte challenges hashed with every node's contribution
+(``check_contribution``, a PRF of the node's secret seed and the auditor's
+challenges), so the auditor alone does not choose the coefficients, and a
+node's contribution is fixed by a seed it drew before any dealing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import struct
 from collections.abc import Sequence
 
@@ -66,6 +91,10 @@ REFRESH_DOMAIN = b"splitvault/refresh/v1\x00"
 RESHARE_DOMAIN = b"splitvault/reshare/v1\x00"
 MASK_DOMAIN = b"splitvault/refresh-check-mask/v1\x00"
 CHALLENGE_DOMAIN = b"splitvault/refresh-check/v1\x00"
+CONTEXT_DOMAIN = b"splitvault/refresh-check-context/v1\x00"
+CONTRIBUTION_DOMAIN = b"splitvault/refresh-check-contribution/v1\x00"
+KEY_HASH_DOMAIN = b"splitvault/refresh-check-keys/v1\x00"
+CHALLENGE_BYTES = 16
 _NONCE_BYTES = 12
 _MASK31 = np.uint32(0x7FFFFFFF)
 
@@ -174,9 +203,16 @@ def refresh_deltas(seed: bytes, keys: Sequence[tuple[str, str]], threshold: int,
         coeffs.fill(0)
 
 
-def check_masks(seed: bytes, challenges: Sequence[bytes], threshold: int, x: int) -> np.ndarray:
-    """This dealer's zero-sharing masks rho_i(x), one per challenge: (len(challenges),)."""
-    labels = [MASK_DOMAIN + struct.pack(">I", threshold) + bytes(c) for c in challenges]
+def check_masks(seed: bytes, context: bytes, count: int, threshold: int, x: int) -> np.ndarray:
+    """This dealer's zero-sharing masks rho_i(x) for one check context, one per challenge: (count,).
+
+    The label binds the context (``check_context``: session, k, records
+    covered, every mixed challenge) and the challenge's position, so two
+    different checks never share a mask.
+    """
+    if len(context) != 32 or not 1 <= count <= 64:
+        raise ValueError("A check context is 32 bytes and covers 1 to 64 challenges.")
+    labels = [MASK_DOMAIN + bytes(context) + struct.pack(">II", threshold, c) for c in range(count)]
     coeffs = _coefficients(seed, labels, threshold - 1, 1)
     return evaluate_at(coeffs, None, x)[:, 0]
 
@@ -226,7 +262,48 @@ def add_rows(*arrays: np.ndarray) -> np.ndarray:
 
 def new_challenge() -> bytes:
     """A fresh public challenge (16 random bytes)."""
-    return rng.RANDOM_BYTES(16)
+    return rng.RANDOM_BYTES(CHALLENGE_BYTES)
+
+
+def _lp(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def check_contribution(seed: bytes, session_id: str, challenges: Sequence[bytes]) -> bytes:
+    """This node's 16-byte contribution to the mixed challenges of one check.
+
+    HMAC-SHA-256 under the session seed (drawn at begin, before any dealing)
+    of the session and the auditor's challenges: unknown to everyone else
+    until the node reveals it, and the same on every retry.
+    """
+    if len(seed) != SEED_BYTES:
+        raise ValueError("A session seed is 32 bytes.")
+    msg = CONTRIBUTION_DOMAIN + _lp(session_id.encode()) + b"".join(_lp(bytes(c)) for c in challenges)
+    return hmac.new(seed, msg, hashlib.sha256).digest()[:CHALLENGE_BYTES]
+
+
+def mixed_challenges(session_id: str, challenges: Sequence[bytes], contributions: Sequence[bytes]) -> list[bytes]:
+    """The challenges the nodes really use: each auditor challenge hashed with
+    every node's contribution (in index order), so no single party picks them."""
+    mix = b"".join(_lp(bytes(c)) for c in contributions)
+    base = CHALLENGE_DOMAIN + b"mix" + _lp(session_id.encode()) + mix
+    return [hashlib.sha256(base + struct.pack(">I", i) + _lp(bytes(c))).digest()[:CHALLENGE_BYTES]
+            for i, c in enumerate(challenges)]
+
+
+def check_context(session_id: str, threshold: int, keys_sha256: str, mixed: Sequence[bytes]) -> bytes:
+    """32 bytes naming one check: session, k, records covered (digest) and every mixed challenge."""
+    return hashlib.sha256(
+        CONTEXT_DOMAIN + _lp(session_id.encode()) + struct.pack(">I", threshold) + _lp(keys_sha256.encode())
+        + b"".join(_lp(bytes(c)) for c in mixed)
+    ).digest()
+
+
+def key_hashes(keys: Sequence[tuple[str, str]]) -> np.ndarray:
+    """A 64-bit hash of each record key (uint64, in the keys' order): what
+    nodes exchange to agree on the records every member holds."""
+    raw = b"".join(hashlib.sha256(record_label(KEY_HASH_DOMAIN, t, s)).digest()[:8] for t, s in keys)
+    return np.frombuffer(raw, dtype="<u8").astype(np.uint64)
 
 
 def check_combinations(challenges: Sequence[bytes], keys: Sequence[tuple[str, str]], diff: np.ndarray) -> list[int]:
@@ -238,8 +315,10 @@ def check_combinations(challenges: Sequence[bytes], keys: Sequence[tuple[str, st
     sum_r alpha_r e_r(beta) with e_r(X) = sum_m E_{r,m} X^m vanishes with
     probability at most (w - 1)/P (beta a root of a non-zero e_r) + 1/P.
 
-    The inner sums are exact float64 matrix products on 16-bit limbs:
-    (2**16)**2 * w < 2**53 for any width up to 2**21.
+    The inner sums are one exact float64 matrix product: diff (31-bit
+    values) against the powers cut into limbs of ``bits`` bits, chosen so
+    that every partial sum stays below 2**53 (2**31 * 2**bits * w):
+    e_r(beta) = sum_l 2**(bits * l) * sum_m diff[r, m] * limb_l(beta^m).
     """
     diff = np.asarray(diff, dtype=FIELD_DTYPE)
     batch, width = diff.shape
@@ -250,20 +329,24 @@ def check_combinations(challenges: Sequence[bytes], keys: Sequence[tuple[str, st
     betas = derive_field(key, [CHALLENGE_DOMAIN + b"beta"], count)[0].astype(np.uint64)
     pw = np.ascontiguousarray(integrity._powers(betas, width).T)  # (w, C): beta_c^0 .. beta_c^(w-1)
     alphas = derive_field(key, [record_label(CHALLENGE_DOMAIN, t, s, width) for t, s in keys], count).astype(np.uint64)
-    d_lo = (diff & 0xFFFF).astype(np.float64)
-    d_hi = (diff >> 16).astype(np.float64)
-    p_lo = (pw & np.uint64(0xFFFF)).astype(np.float64)
-    p_hi = (pw >> np.uint64(16)).astype(np.float64)
-    # sum_m d*p = LL + (LH + HL) 2^16 + HH 2^32, each product sum < 2^32 * w < 2^53: exact.
-    ll = (d_lo @ p_lo).astype(np.uint64)
-    mid = (d_lo @ p_hi).astype(np.uint64) + (d_hi @ p_lo).astype(np.uint64)
-    hh = (d_hi @ p_hi).astype(np.uint64)
-    field._reduce_u64_inplace(mid)
-    field._reduce_u64_inplace(hh)
-    per_record = ll + (mid << np.uint64(16)) + (hh << np.uint64(32))  # < 2^42 + 2^47 + 2^63
+    bits = 53 - 31 - max(1, int(width)).bit_length()
+    if bits < 1:
+        raise ValueError("A record is too wide for the check.")
+    limbs = -(-31 // bits)
+    mask = np.uint64((1 << bits) - 1)
+    d = diff.astype(np.float64)
+    per_record = np.zeros((batch, count), dtype=np.uint64)
+    for l in range(limbs):
+        # One product per limb (narrow products stay on BLAS's fast path).
+        cut = ((pw >> np.uint64(bits * l)) & mask).astype(np.float64)  # (w, C)
+        part = (d @ cut).astype(np.uint64)  # each < 2**53: exact
+        field._reduce_u64_inplace(part)
+        # (x mod P) * 2**(bits l): a 31-bit value shifted by < 31 bits fits in 64.
+        part <<= np.uint64(bits * l)
+        field._reduce_u64_inplace(part)
+        per_record += part  # <= limbs * P < 2**34
     field._reduce_u64_inplace(per_record)
-    for arr in (d_lo, d_hi, ll, mid, hh):
-        arr.fill(0)
+    d.fill(0)
     return [weighted_sum(alphas[:, c], per_record[:, c]) for c in range(count)]
 
 

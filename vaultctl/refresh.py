@@ -10,10 +10,13 @@ before the refresh are worthless after it. The steps (docs/operations.md):
            D/maintenance/epoch-session.json first, so a rerun finds it;
 2. prepare every node pulls its zero-sharing values from every peer (node to
            node) and writes its new shares beside the old ones, unserved;
-3. check   (default on) the auditor sends random public challenges; each
-           node answers one masked field element per challenge; the values
-           must lie on a polynomial of degree k - 1 through 0 (see
-           vault.proactive): templates unchanged, nothing rejoined;
+3. check   (default on) the auditor sends fresh random challenges, which
+           the nodes mix with their own contributions; each node answers
+           one masked field element per challenge over the records every
+           member holds (the nodes decide); the values must lie on a
+           polynomial of degree k - 1 through 0 (see vault.proactive):
+           templates unchanged, nothing rejoined. A node answers a
+           challenge once, so every run (and a resumed one) draws new ones;
 4. commit  every node serves the new epoch beside the old;
 5. finalize once ALL nodes serve it (and in-flight verifications drained),
            every node destroys the old epoch and its seed.
@@ -217,28 +220,32 @@ def _round(t: dict) -> dict:
 
 
 def run_check(admin: Admin, names: list[str], sid: str, threshold: int, count: int, peers) -> dict:
-    """Challenge every node; the masked values must lie on a degree k-1 polynomial through 0."""
-    challenges = [proactive.new_challenge() for _ in range(count)]
+    """Challenge every node; the masked values must lie on a degree k-1 polynomial through 0.
+
+    Every attempt draws fresh challenges (a node answers a challenge once per
+    session), and the nodes decide the records covered: those every member
+    holds. A second attempt is made only when the nodes' record sets changed
+    during the first (a deletion in flight)."""
     xs = {n: admin.nodes[n].index for n in names}
-
-    def ask(exclude):
-        req = _S.CheckRefreshRequest(session_id=sid, challenges=challenges, peers=peers, exclude=exclude)
-        return admin.each(names, lambda name: admin.call(name, "CheckRefresh", req, timeout=600))
-
-    answers = ask([])
-    excluded = 0
-    if len({a.keys_sha256 for a in answers.values()}) != 1:
-        # The nodes hold different records (a half-done enrolment or
-        # deletion): leave out those not held by every node.
-        sets = {name: _session_keys(admin, name, sid) for name in names}
-        common = set.intersection(*(set(s) for s in sets.values()))
-        union = set().union(*(set(s) for s in sets.values()))
-        exclude = [_S.RecordKey(tenant=t, subject=s) for t, s in sorted(union - common)]
-        excluded = len(exclude)
-        answers = ask(exclude)
-        if len({a.keys_sha256 for a in answers.values()}) != 1:
-            return {"passed": False, "reason": "the nodes' records changed during the check", "challenges": count,
-                    "excluded": excluded}
+    attempts = 0
+    while True:
+        attempts += 1
+        challenges = [proactive.new_challenge() for _ in range(count)]
+        req = _S.CheckRefreshRequest(session_id=sid, challenges=challenges, peers=peers)
+        try:
+            answers = admin.each(names, lambda name: admin.call(name, "CheckRefresh", req, timeout=600))
+        except MaintenanceError as exc:
+            if exc.details.get("status") != "DATA_LOSS":
+                raise
+            # A node found a prepared share damaged or replaced since it was prepared.
+            return {"passed": False, "reason": exc.message, "challenges": count, "excluded": 0, "attempts": attempts}
+        agreed = len({(a.keys_sha256, a.context_sha256) for a in answers.values()}) == 1
+        if agreed or attempts >= 2:
+            break
+    excluded = max((int(a.excluded) for a in answers.values()), default=0)
+    if not agreed:
+        return {"passed": False, "reason": "the nodes' records changed during the check", "challenges": count,
+                "excluded": excluded, "attempts": attempts}
     ordered = sorted(names, key=lambda n: xs[n])
     passed = all(
         proactive.on_zero_polynomial([xs[n] for n in ordered], [answers[n].values[c] for n in ordered], threshold)
@@ -251,21 +258,11 @@ def run_check(admin: Admin, names: list[str], sid: str, threshold: int, count: i
         "challenges": count,
         "records": int(records),
         "excluded": excluded,
+        "attempts": attempts,
         "soundness": f"a wrong element survives each challenge with probability <= (d + 2L)/(2^31-1); {count} independent challenges",
-        "reveals": "one uniformly random field element per node per challenge (masked by a joint sharing of zero)",
+        "reveals": "one uniformly random field element per node per challenge (masks bound to the check; no "
+                   "challenge answered twice)",
     }
-
-
-def _session_keys(admin: Admin, name: str, sid: str) -> list[tuple[str, str]]:
-    out = []
-    after = ("", "")
-    while True:
-        reply = admin.call(name, "ListSessionKeys", _S.ListSessionKeysRequest(
-            session_id=sid, after_tenant=after[0], after_subject=after[1], limit=10_000))
-        out.extend((k.tenant, k.subject) for k in reply.keys)
-        if not reply.more or not reply.keys:
-            return out
-        after = (reply.keys[-1].tenant, reply.keys[-1].subject)
 
 
 # --- the command ------------------------------------------------------------------------------

@@ -152,14 +152,20 @@ class CheckRefreshRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., challenges: _Optional[_Iterable[bytes]] = ..., peers: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., exclude: _Optional[_Iterable[_Union[RecordKey, _Mapping]]] = ...) -> None: ...
 
 class CheckRefreshResponse(_message.Message):
-    __slots__ = ("values", "records", "keys_sha256")
+    __slots__ = ("values", "records", "keys_sha256", "context_sha256", "excluded", "call")
     VALUES_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     KEYS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDED_FIELD_NUMBER: _ClassVar[int]
+    CALL_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedScalarFieldContainer[int]
     records: int
     keys_sha256: str
-    def __init__(self, values: _Optional[_Iterable[int]] = ..., records: _Optional[int] = ..., keys_sha256: _Optional[str] = ...) -> None: ...
+    context_sha256: str
+    excluded: int
+    call: int
+    def __init__(self, values: _Optional[_Iterable[int]] = ..., records: _Optional[int] = ..., keys_sha256: _Optional[str] = ..., context_sha256: _Optional[str] = ..., excluded: _Optional[int] = ..., call: _Optional[int] = ...) -> None: ...
 
 class CommitSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -252,24 +258,34 @@ class RecordKey(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., subject: _Optional[str] = ..., threshold: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
 
 class GetRefreshDeltasRequest(_message.Message):
-    __slots__ = ("session_id", "keys", "mask_challenges", "mask_threshold")
+    __slots__ = ("session_id", "keys", "mask_challenges", "mask_threshold", "check_challenges", "check_context", "check_count")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     MASK_CHALLENGES_FIELD_NUMBER: _ClassVar[int]
     MASK_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    CHECK_CHALLENGES_FIELD_NUMBER: _ClassVar[int]
+    CHECK_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    CHECK_COUNT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     keys: _containers.RepeatedCompositeFieldContainer[RecordKey]
     mask_challenges: _containers.RepeatedScalarFieldContainer[bytes]
     mask_threshold: int
-    def __init__(self, session_id: _Optional[str] = ..., keys: _Optional[_Iterable[_Union[RecordKey, _Mapping]]] = ..., mask_challenges: _Optional[_Iterable[bytes]] = ..., mask_threshold: _Optional[int] = ...) -> None: ...
+    check_challenges: _containers.RepeatedScalarFieldContainer[bytes]
+    check_context: bytes
+    check_count: int
+    def __init__(self, session_id: _Optional[str] = ..., keys: _Optional[_Iterable[_Union[RecordKey, _Mapping]]] = ..., mask_challenges: _Optional[_Iterable[bytes]] = ..., mask_threshold: _Optional[int] = ..., check_challenges: _Optional[_Iterable[bytes]] = ..., check_context: _Optional[bytes] = ..., check_count: _Optional[int] = ...) -> None: ...
 
 class GetRefreshDeltasResponse(_message.Message):
-    __slots__ = ("values", "masks")
+    __slots__ = ("values", "masks", "contribution", "key_hashes")
     VALUES_FIELD_NUMBER: _ClassVar[int]
     MASKS_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    KEY_HASHES_FIELD_NUMBER: _ClassVar[int]
     values: bytes
     masks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, values: _Optional[bytes] = ..., masks: _Optional[_Iterable[int]] = ...) -> None: ...
+    contribution: bytes
+    key_hashes: bytes
+    def __init__(self, values: _Optional[bytes] = ..., masks: _Optional[_Iterable[int]] = ..., contribution: _Optional[bytes] = ..., key_hashes: _Optional[bytes] = ...) -> None: ...
 
 class GetReshareSharesRequest(_message.Message):
     __slots__ = ("session_id", "after_tenant", "after_subject", "limit", "keys")

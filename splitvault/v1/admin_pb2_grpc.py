@@ -138,9 +138,11 @@ class ShareholderAdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CheckRefresh(self, request, context):
-        """The refresh check: for each public challenge, a random linear
-        combination of (new - old) over every record, masked by a joint zero
-        sharing; no share or template leaves the node. Role: auditor.
+        """The refresh check: for each public challenge (mixed with every node's
+        contribution), a random linear combination of (new - old) over every
+        record that every member holds (the nodes decide), masked by a joint
+        zero sharing bound to this check; a challenge is answered once per
+        session. No share or template leaves the node. Role: auditor.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
