@@ -24,7 +24,7 @@ import pytest
 
 from maintenance_kit import enrolled_cluster, json_out, vaultctl, verify_all, fresh_subjects
 from splitvault.v1 import admin_pb2, admin_pb2_grpc
-from vault import proactive
+from vault import pki, proactive
 from vaultctl import auditor, cluster
 from vaultctl.client import MatcherClient
 from vaultrpc.tls import secure_channel
@@ -55,7 +55,7 @@ class _Auditor:
         self.tls = self.target.tls.load()
         self.nodes = {n.name: n for n in self.target.nodes}
         self.peers = [admin_pb2.Member(name=n.name, index=n.index, address=n.address) for n in self.target.nodes]
-        self.channels = {n.name: secure_channel(n.address, self.tls) for n in self.target.nodes}
+        self.channels = {n.name: secure_channel(n.address, self.tls, expect=pki.Identity("shareholder", n.name)) for n in self.target.nodes}
 
     def stub(self, name):
         return admin_pb2_grpc.ShareholderAdminStub(self.channels[name])
