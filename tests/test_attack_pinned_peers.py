@@ -144,3 +144,95 @@ def test_commit_records_the_pins(refreshing):
         finally:
             conn.close()
         assert committee["pins"] == expected
+
+
+# --- a new member of a reshare dials only addresses it knows -----------------------------
+
+
+class _Minted:
+    """A dev_pki stand-in for test_attack_identity.Impostor: serves a CA-minted certificate."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def tls(self, role: str, name: str) -> TlsMaterial:
+        return _minted(self.paths, name)
+
+
+def _members(committee: dict[str, int], addresses: dict[str, str] | None = None):
+    return [admin_pb2.Member(name=n, index=i, address=(addresses or {}).get(n, "")) for n, i in committee.items()]
+
+
+def test_a_new_member_dials_senders_only_where_its_table_or_the_plan_says(tmp_path_factory):
+    """The auditor's request points the joining node at an impostor holding a
+    CA-minted certificate named like a sender. With the sender missing from the
+    joiner's [peers] table, the joiner takes the approved plan's address (and
+    refuses the request's); a member neither names is not dialled at all."""
+    from test_attack_identity import Impostor
+
+    root = tmp_path_factory.mktemp("pinned-reshare") / "cluster"
+    try:
+        info = cluster.up(root, shareholders=3, threshold=2, dim=DIM)
+        addresses = {s["name"]: s["address"] for s in info["shareholders"]}
+        old = {n: i for i, n in enumerate(sorted(addresses), start=1)}
+        assert vaultctl("reshare", "propose", "--dir", root, "--shareholders", "4").returncode == 0
+        for name in sorted(old)[:2]:
+            assert vaultctl("reshare", "approve", "--dir", root, "--operator", name).returncode == 0
+        body, approvals = committee_plan.from_document(
+            json.loads((root / "maintenance" / "reshare-plan.json").read_text()))
+        p = committee_plan.parse(body)
+        newcomer = next(m.name for m in p.new_committee if m.name not in old)
+        addresses[newcomer] = p.member(newcomer).address
+        state = {"addresses": addresses}
+        auditor_tls = cluster.Paths(root).tls(pki.ROLE_AUDITOR, "auditor").load()
+        request = admin_pb2.BeginSessionRequest(
+            session_id=p.session_id, kind=admin_pb2.SESSION_KIND_RESHARE, from_epoch=p.from_epoch,
+            new_epoch=p.new_epoch, old_committee=_members(p.old_committee), new_committee=_members(p.new_indices),
+            old_threshold=p.old_threshold, new_threshold=p.new_threshold, senders=list(p.senders),
+            plan=admin_pb2.CommitteePlan(body=body, approvals=[
+                admin_pb2.PlanApproval(operator=n, signature=s) for n, s in approvals.items()]))
+
+        def admin(node, method, req):
+            channel = secure_channel(addresses[node], auditor_tls, expect=pki.Identity(pki.ROLE_SHAREHOLDER, node))
+            try:
+                reply = getattr(admin_pb2_grpc.ShareholderAdminStub(channel), method)(req, timeout=30)
+                return list(reply) if method == "PrepareSession" else reply
+            finally:
+                channel.close()
+
+        for node in [*old, newcomer]:
+            admin(node, "BeginSession", request)
+        sender = next(n for n, i in old.items() if i == p.senders[0])
+        # The joiner's own table forgets the sender (as if its operator never listed it).
+        config = cluster.Paths(root).node_dir(newcomer) / "node.toml"
+        head, _, table = config.read_text().partition(cluster.PEERS_HEADER)
+        config.write_text(head + cluster.PEERS_HEADER + "".join(
+            line + "\n" for line in table.splitlines() if not line.startswith(f'"{sender}"')))
+        impostor = Impostor(_Minted(cluster.Paths(root)), pki.ROLE_SHAREHOLDER, sender)
+        try:
+            lure = _members(p.old_committee, {**addresses, sender: impostor.address})
+            with pytest.raises(grpc.RpcError) as err:
+                admin(newcomer, "PrepareSession", admin_pb2.PrepareSessionRequest(session_id=p.session_id, peers=lure))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+            assert impostor.calls == []
+            db = root / "nodes" / newcomer / "shares.db"
+            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+            try:
+                denied = [json.loads(d) for (d,) in conn.execute(
+                    "SELECT details_json FROM audit_log WHERE event = 'deny' ORDER BY seq")]
+            finally:
+                conn.close()
+            assert denied[-1] == {"reason": "peer_address", "peer": sender, "given": impostor.address,
+                                  "configured": p.member(sender).address}
+            # Control: the plan's address is dialled, and the joiner prepares.
+            done = admin(newcomer, "PrepareSession", admin_pb2.PrepareSessionRequest(
+                session_id=p.session_id, peers=_members(p.old_committee, addresses)))
+            assert done[-1].status.state == admin_pb2.SESSION_STATE_PREPARED
+            assert impostor.calls == []
+        finally:
+            impostor.close()
+        for node in [*old, newcomer]:
+            admin(node, "AbortSession", admin_pb2.AbortSessionRequest(session_id=p.session_id))
+    finally:
+        if (root / "cluster.json").exists():
+            cluster.down(root)
