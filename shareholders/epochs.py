@@ -623,12 +623,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         return dict(self.cfg.committee), int(self.cfg.committee_threshold), {}
 
     def _current_pins(self) -> dict[str, str]:
-        """Member name -> the SHA-256 of its certificate's public key (hex), for
-        the committee ``_current_committee`` returns; {} when unpinned."""
-        recorded = store.node_state(self._conn()).committee
-        if recorded.get("members"):
-            return dict(recorded.get("pins") or {})
-        return dict(self.cfg.committee_pins)
+        return committee_pins(self._conn(), self.cfg)
 
     def _refuse(self, exc: status.RpcError, actor: str, sid: str, kind: str, reason: str) -> status.RpcError:
         """Record a refused session request in the audit log; return exc to raise."""
@@ -1254,7 +1249,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         member's name, not its key."""
         if not s.plan.pins:
             return
-        presented = _presented_spki(context)
+        presented = presented_spki(context)
         pinned = s.plan.pins.get(peer, "")
         if pinned and presented == pinned:
             return
@@ -1273,7 +1268,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
     def _check_pin(self, s: Session, peer: str, context) -> None:
         """A reshare deals only to the certificate key the approved plan pins
         for that member: a CA holder can mint the name, not the key."""
-        presented = _presented_spki(context)
+        presented = presented_spki(context)
         pinned = s.plan.pins.get(peer, "")
         if pinned and presented == pinned:
             return
@@ -1772,7 +1767,17 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         return run()
 
 
-def _presented_spki(context) -> str:
+def committee_pins(conn: sqlite3.Connection, cfg) -> dict[str, str]:
+    """Member name -> the SHA-256 of its certificate's public key (hex), for
+    the node's current committee: as its last committed session recorded it,
+    else as its config founded it ([committee] pins); {} when unpinned."""
+    recorded = store.node_state(conn).committee
+    if recorded.get("members"):
+        return dict(recorded.get("pins") or {})
+    return dict(cfg.committee_pins)
+
+
+def presented_spki(context) -> str:
     """The SHA-256 (hex) of the caller's certificate public key; "" if none."""
     pems = context.auth_context().get("x509_pem_cert")
     try:

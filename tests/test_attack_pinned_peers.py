@@ -128,6 +128,51 @@ def test_a_minted_member_gets_no_refresh_deltas(refreshing):
     assert len(_denials(state, target)) == before + 2
 
 
+def test_a_minted_member_cannot_publish_checkpoints(refreshing):
+    """WitnessCheckpoint, the other peer-only call: a minted certificate with a
+    member's name is refused before its checkpoint is even read."""
+    from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
+    from vault import audit
+
+    state = refreshing
+    victim, target = state["nodes"][1], state["nodes"][0]
+    db = state["root"] / "nodes" / victim / "shares.db"
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        seq, entry_hash, time_ms = conn.execute(
+            "SELECT seq, entry_hash, time_ms FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
+    finally:
+        conn.close()
+    # A genuine signed head of the victim's log (as the victim itself publishes
+    # them), which the attacker would replay or withhold under the victim's name.
+    key = pki.load_signing_key((state["paths"].node_dir(victim) / "audit.key").read_bytes())
+    genuine = audit.sign_checkpoint(key, victim, seq, bytes(entry_hash), time_ms)
+
+    def publish(tls):
+        channel = secure_channel(state["addresses"][target], tls, expect=pki.Identity(pki.ROLE_SHAREHOLDER, target))
+        try:
+            return shareholder_pb2_grpc.ShareholderStub(channel).WitnessCheckpoint(
+                shareholder_pb2.WitnessCheckpointRequest(checkpoint=genuine), timeout=30)
+        finally:
+            channel.close()
+
+    minted = _minted(state["paths"], victim)
+    with pytest.raises(grpc.RpcError) as err:
+        publish(minted)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "pins" in err.value.details()
+    db = state["root"] / "nodes" / target / "shares.db"
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        last = json.loads(conn.execute("SELECT details_json FROM audit_log WHERE event = 'deny' "
+                                       "ORDER BY seq DESC LIMIT 1").fetchone()[0])
+    finally:
+        conn.close()
+    assert last["reason"] == "witness_pin_mismatch"
+    assert last["presented_spki_sha256"] == committee_plan.spki_sha256(minted.cert)
+    # Control: the member's own certificate publishes the same checkpoint.
+    publish(state["paths"].tls(pki.ROLE_SHAREHOLDER, victim).load())
+
+
 def test_commit_records_the_pins(refreshing):
     """The refresh completes, and the committee each node records keeps the pins,
     so the next session is pinned too."""
