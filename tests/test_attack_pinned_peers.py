@@ -281,3 +281,16 @@ def test_a_new_member_dials_senders_only_where_its_table_or_the_plan_says(tmp_pa
     finally:
         if (root / "cluster.json").exists():
             cluster.down(root)
+
+
+def test_a_committee_without_pins_warns_at_start(dev_pki, tmp_path, caplog):
+    """An old config (no [committee] pins) keeps name-only checking, and says so when the node starts."""
+    import logging
+
+    from test_matcher_harness import Committee, Tenant
+
+    with caplog.at_level(logging.WARNING, logger="shareholders.epochs"):
+        c = Committee(dev_pki, tmp_path, n=3, k=2, tenants=[Tenant("acme")])
+        c.close()
+    warned = [r for r in caplog.records if r.name == "shareholders.epochs" and "without key pins" in r.getMessage()]
+    assert len(warned) == 3
