@@ -16,6 +16,7 @@ mints a shareholder certificate named ``bank-b``. Control: the genuine
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 
@@ -294,3 +295,33 @@ def test_a_committee_without_pins_warns_at_start(dev_pki, tmp_path, caplog):
         c.close()
     warned = [r for r in caplog.records if r.name == "shareholders.epochs" and "without key pins" in r.getMessage()]
     assert len(warned) == 3
+
+
+def test_a_sender_neither_table_nor_plan_names_is_not_dialled(tmp_path):
+    """A reshare that retires a sender: the plan carries no address for it, so a
+    joiner whose [peers] table lacks it refuses rather than dial the request's."""
+    import types
+
+    from shareholders import epochs
+    from shareholders.config import NodeConfig
+    from vaultrpc import status
+    from vaultrpc.tls import TlsFiles
+
+    body = json.dumps({"new_committee": [
+        {"name": "bank-a", "index": 1, "address": "127.0.0.1:7001"},
+        {"name": "bank-e", "index": 5, "address": "127.0.0.1:7005"}]})
+    plan = epochs.Plan({"bank-a": 1, "bank-b": 2}, {"bank-a": 1, "bank-e": 5}, 2, 2, (1, 2),
+                       approved={"body": body, "approvals": {}})
+    s = epochs.Session("reshare-unit-0001", epochs.RESHARE, epochs.BEGUN, 1, 2, plan, None, 0, "auditor", 0, 0)
+    cfg = NodeConfig(name="bank-e", index=5, listen="127.0.0.1:0", data_dir=tmp_path, tls=TlsFiles("", "", ""),
+                     audit_key_file="", peers={})
+    node = types.SimpleNamespace(cfg=cfg, name="bank-e")
+    given = [admin_pb2.Member(name="bank-a", index=1, address="127.0.0.1:7001"),
+             admin_pb2.Member(name="bank-b", index=2, address="127.0.0.1:6666")]
+    with pytest.raises(status.FailedPrecondition, match="knows no address for node.s. bank-b"):
+        epochs.MaintenanceService._check_peers(node, s, given, plan.old)
+    # With bank-b in its own table, both are dialled where this node knows them.
+    node.cfg = dataclasses.replace(cfg, peers={"bank-b": "127.0.0.1:7002"})
+    given[1].address = "127.0.0.1:7002"
+    assert epochs.MaintenanceService._check_peers(node, s, given, plan.old) == {
+        "bank-a": (1, "127.0.0.1:7001"), "bank-b": (2, "127.0.0.1:7002")}
