@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import pathlib
 import stat
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ __all__ = [
 
 KEK_ENV = "SPLITVAULT_KEK_JSON"
 MAX_INDEX = 255  # vault.sharing.MAX_SHAREHOLDERS
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 
 
@@ -98,6 +100,10 @@ class NodeConfig:
     # node has committed a session (then node_state.committee_json holds it).
     committee: dict[str, int] = field(default_factory=dict)
     committee_threshold: int = 0
+    # Each founding member's certificate key (the SHA-256 of its SPKI, hex),
+    # from [committee] pins: peer-only calls are answered only to that key.
+    # Empty for an old config: callers are then checked by name only.
+    committee_pins: dict[str, str] = field(default_factory=dict)
 
     @property
     def db_path(self) -> pathlib.Path:
@@ -222,7 +228,7 @@ def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> N
         tenants[tenant] = parsed
 
     operators = _operators(rpcconfig.get(data, "operators", {}, dict))
-    committee, committee_threshold = _committee(rpcconfig.get(data, "committee", {}, dict))
+    committee, committee_threshold, committee_pins = _committee(rpcconfig.get(data, "committee", {}, dict))
 
     return NodeConfig(
         name=name,
@@ -250,6 +256,7 @@ def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> N
         operators=operators,
         committee=committee,
         committee_threshold=committee_threshold,
+        committee_pins=committee_pins,
     )
 
 
@@ -295,9 +302,9 @@ def _operators(raw: dict) -> dict[str, ed25519.Ed25519PublicKey]:
     return out
 
 
-def _committee(raw: dict) -> tuple[dict[str, int], int]:
+def _committee(raw: dict) -> tuple[dict[str, int], int, dict[str, str]]:
     if not raw:
-        return {}, 0
+        return {}, 0, {}
     members = raw.get("members")
     threshold = raw.get("threshold")
     if not isinstance(members, dict) or not members or isinstance(threshold, bool) or not isinstance(threshold, int):
@@ -315,7 +322,24 @@ def _committee(raw: dict) -> tuple[dict[str, int], int]:
         raise ConfigError("The config value committee.members gives two nodes the same index.")
     if not 2 <= threshold <= len(out):
         raise ConfigError("The config value committee.threshold must be from 2 to the number of members.")
-    return out, threshold
+    return out, threshold, _committee_pins(raw.get("pins"), out)
+
+
+def _committee_pins(raw, members: dict[str, int]) -> dict[str, str]:
+    """``pins = { name = "<SHA-256 of the member certificate's SPKI, hex>" }``:
+    none (an old config) or one for every member, never some."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or set(raw) != set(members):
+        raise ConfigError("The config value committee.pins must give every committee member's key fingerprint, "
+                          "and only theirs.")
+    pins = {}
+    for node, value in raw.items():
+        if not isinstance(value, str) or not _HEX64.match(value):
+            raise ConfigError(f"The config value committee.pins.{node} must be 64 lowercase hex characters "
+                              "(the SHA-256 of the member certificate's public key).")
+        pins[node] = value
+    return pins
 
 
 def read_secret_file(path: str, label: str) -> bytes:

@@ -95,6 +95,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent import futures
+import dataclasses
 from dataclasses import dataclass, field as dc_field
 
 import grpc
@@ -192,6 +193,9 @@ class Plan:
     (vault/plan.py): its digest, each new member's pinned certificate-key
     fingerprint and operator key, and the signed document itself
     (``approved``: the body and the approvals, kept for the record).
+    A refresh keeps in ``pins`` the current members' fingerprints (from the
+    recorded committee or the config's [committee] pins), if the node has
+    them: peer calls of the session are answered only to those keys.
     """
 
     old: dict[str, int]
@@ -211,6 +215,13 @@ class Plan:
              "pins": self.pins, "operators": self.operators, "approved": self.approved},
             sort_keys=True,
         )
+
+    def addresses(self) -> dict[str, str]:
+        """The new members' addresses in the approved plan (a reshare's), by name."""
+        body = (self.approved or {}).get("body")
+        if not body:
+            return {}
+        return {m["name"]: m["address"] for m in json.loads(body).get("new_committee", [])}
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
@@ -437,6 +448,10 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         # verifications keep their latency while a refresh runs beside them.
         self._pool = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="epochs",
                                                 initializer=_lower_priority)
+        members = self._current_committee()[0]
+        if members and not self._current_pins():
+            logs.event(_log, "committee without key pins: peer calls are checked by certificate name only; "
+                       "add [committee] pins to the config", logging.WARNING, node=self.name)
 
     def close(self) -> None:
         self.peers.close()
@@ -551,11 +566,17 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         silent fallback would hide a wrong or hostile orchestrator. A member
         the table does not know (a new member of a reshare) is dialled at the
         request's address; either way the channel accepts only that member's
-        certificate (``_Peers``)."""
+        certificate (``_Peers``).
+
+        A reshare dials only addresses this node knows: its table's, else the
+        approved plan's (each new member's); a member neither names is
+        refused, whatever the request says."""
         try:
             table = load_peers(self.cfg)
         except ConfigError as exc:
             raise status.FailedPrecondition(f"This node cannot read its peer table: {exc}") from None
+        if s.kind == RESHARE:
+            table = {**s.plan.addresses(), **table}
         given = {}
         for m in peers:
             if m.name in committee:
@@ -572,6 +593,12 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         for name, index in committee.items():  # known members the request left out
             if name not in given and name in table and name != self.name:
                 given[name] = (index, table[name])
+        if s.kind == RESHARE:
+            unknown = sorted(n for n in given if n != self.name and n not in table)
+            if unknown:
+                raise status.FailedPrecondition(
+                    f"This node knows no address for node(s) {', '.join(unknown)}: neither its [peers] table nor "
+                    "the approved plan names one, and it does not dial an address the request alone gives.")
         return given
 
     def _refuse_peer_address(self, s: Session, name: str, address: str, known: str):
@@ -594,6 +621,9 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             return (dict(recorded["members"]), int(recorded.get("threshold") or 0),
                     dict(recorded.get("operators") or {}))
         return dict(self.cfg.committee), int(self.cfg.committee_threshold), {}
+
+    def _current_pins(self) -> dict[str, str]:
+        return committee_pins(self._conn(), self.cfg)
 
     def _refuse(self, exc: status.RpcError, actor: str, sid: str, kind: str, reason: str) -> status.RpcError:
         """Record a refused session request in the audit log; return exc to raise."""
@@ -628,7 +658,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 raise refuse(status.PermissionDenied, "refresh_committee",
                              f"A refresh keeps this node's committee ({', '.join(sorted(members))}) and threshold "
                              f"{k} exactly; the request names another, which needs an operator-approved reshare.")
-            return plan
+            pins = self._current_pins()
+            return dataclasses.replace(plan, pins={n: pins[n] for n in members if n in pins})
         signed = request.plan
         if not signed.body:
             raise refuse(status.PermissionDenied, "no_plan",
@@ -1212,14 +1243,32 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             )
         return who.name, committee[who.name]
 
+    def _check_peer_key(self, s: Session, peer: str, context) -> None:
+        """A refresh answers a member only at the certificate key its committee
+        pins for it (none pinned: by name, as before): a CA holder can mint a
+        member's name, not its key."""
+        if not s.plan.pins:
+            return
+        presented = presented_spki(context)
+        pinned = s.plan.pins.get(peer, "")
+        if pinned and presented == pinned:
+            return
+
+        def job(tx: Tx):
+            tx.append("deny", actor=f"shareholder/{peer}", request_id=s.session_id, details={
+                "reason": "pin_mismatch" if pinned else "no_pin", "peer": peer, "rpc": "GetRefreshDeltas",
+                "presented_spki_sha256": presented,
+            })
+        self._commit(job)
+        logs.event(_log, "peer call refused: certificate key not pinned", logging.WARNING, peer=peer,
+                   session=s.session_id)
+        raise status.PermissionDenied(
+            f"The certificate presented as node {peer} does not carry the key this node's committee pins for it.")
+
     def _check_pin(self, s: Session, peer: str, context) -> None:
         """A reshare deals only to the certificate key the approved plan pins
         for that member: a CA holder can mint the name, not the key."""
-        pems = context.auth_context().get("x509_pem_cert")
-        try:
-            presented = committee_plan.spki_sha256(pems[0]) if pems else ""
-        except committee_plan.InvalidPlan:
-            presented = ""
+        presented = presented_spki(context)
         pinned = s.plan.pins.get(peer, "")
         if pinned and presented == pinned:
             return
@@ -1242,6 +1291,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         if s.kind != REFRESH:
             raise status.FailedPrecondition(f"Session {s.session_id} is not a refresh.")
         peer, x = self._peer_index(s, context, s.plan.new)
+        self._check_peer_key(s, peer, context)
         if len(request.keys) > MAX_KEYS:
             raise status.InvalidArgument(f"At most {MAX_KEYS} records per call.")
         seed = self._seed(s)
@@ -1615,6 +1665,11 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 known = {n: key for n, key in known.items() if n in plan.new}
                 if known:
                     committee["operators"] = known
+                # The members' certificate-key pins (a reshare's from its
+                # approved plan, a refresh's those it began with).
+                pins = {n: plan.pins[n] for n in plan.new if n in plan.pins}
+                if pins:
+                    committee["pins"] = pins
                 c.execute("UPDATE node_state SET current_epoch = ?, committee_json = ?, updated_ms = ? WHERE id = 1",
                           (s.new_epoch, json.dumps(committee, sort_keys=True), now_ms()))
             served = c.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
@@ -1710,6 +1765,25 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 pass
             return None
         return run()
+
+
+def committee_pins(conn: sqlite3.Connection, cfg) -> dict[str, str]:
+    """Member name -> the SHA-256 of its certificate's public key (hex), for
+    the node's current committee: as its last committed session recorded it,
+    else as its config founded it ([committee] pins); {} when unpinned."""
+    recorded = store.node_state(conn).committee
+    if recorded.get("members"):
+        return dict(recorded.get("pins") or {})
+    return dict(cfg.committee_pins)
+
+
+def presented_spki(context) -> str:
+    """The SHA-256 (hex) of the caller's certificate public key; "" if none."""
+    pems = context.auth_context().get("x509_pem_cert")
+    try:
+        return committee_plan.spki_sha256(pems[0]) if pems else ""
+    except committee_plan.InvalidPlan:
+        return ""
 
 
 def _close_session(conn: sqlite3.Connection, session_id: str, state: str) -> None:

@@ -52,7 +52,7 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge
 
 from shareholders import rotation, store, witness
-from shareholders.epochs import guard_delete, guard_store
+from shareholders.epochs import committee_pins, guard_delete, guard_store, presented_spki
 from shareholders.audit_log import AuditWriter, Tx, WriterClosed, now_ms
 from shareholders.config import NodeConfig, NodeKeys
 from splitvault.v1 import common_pb2, shareholder_pb2, shareholder_pb2_grpc
@@ -293,7 +293,8 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         self._releases = RELEASES.labels(cfg.name)
         self._stored = STORED.labels(cfg.name)
         self._deleted = DELETED.labels(cfg.name)
-        self.witness = witness.CheckpointWitness(cfg.name, cfg.witness_peers, self._commit, self._deny_now)
+        self.witness = witness.CheckpointWitness(cfg.name, cfg.witness_peers, self._commit, self._deny_now,
+                                                 pins=lambda: committee_pins(self._reader(), cfg))
 
     # --- plumbing ---------------------------------------------------------------
 
@@ -838,7 +839,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             conn.close()
 
     def WitnessCheckpoint(self, request, context):
-        return self.witness.receive(request, caller(context))
+        return self.witness.receive(request, caller(context), presented_spki(context))
 
     # --- key rotation -------------------------------------------------------------
 

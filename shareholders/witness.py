@@ -65,8 +65,11 @@ _REFUSALS = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTH
 class CheckpointWitness:
     """The ``WitnessCheckpoint`` handler's logic: check, then record."""
 
-    def __init__(self, node: str, peers: dict[str, WitnessPeer], commit: Callable, deny: Callable):
+    def __init__(self, node: str, peers: dict[str, WitnessPeer], commit: Callable, deny: Callable,
+                 pins: Callable[[], dict[str, str]] = dict):
         self.node = node
+        # The committee's certificate-key pins (name -> SPKI SHA-256), read per call.
+        self._pins = pins
         self._peers = peers
         self._commit = commit  # ShareholderService._commit
         self._deny = deny  # ShareholderService._deny_now: commits a deny entry, raises
@@ -74,7 +77,8 @@ class CheckpointWitness:
         # peer -> (seq, entry_hash, audit seq) of the last checkpoint recorded: a retry is answered, not re-recorded.
         self._last: dict[str, tuple[int, bytes, int]] = {}
 
-    def receive(self, request: shareholder_pb2.WitnessCheckpointRequest, who: pki.Identity | None):
+    def receive(self, request: shareholder_pb2.WitnessCheckpointRequest, who: pki.Identity | None,
+                presented_spki: str = ""):
         actor = str(who)
         cp = request.checkpoint
         peer = self._peers.get(who.name) if who is not None and who.role == pki.ROLE_SHAREHOLDER else None
@@ -82,6 +86,11 @@ class CheckpointWitness:
         if peer is None:
             self._deny(actor, "witness_unknown_peer", status.PermissionDenied(
                 "Only a peer named in this node's config may publish audit checkpoints here."), details=claimed)
+        pinned = self._pins().get(peer.name)
+        if pinned and presented_spki != pinned:
+            self._deny(actor, "witness_pin_mismatch", status.PermissionDenied(
+                f"The certificate presented as node {peer.name} does not carry the key this node's committee pins "
+                "for it."), details={**claimed, "presented_spki_sha256": presented_spki})
         if cp.node != peer.name:
             self._deny(actor, "witness_other_node", status.PermissionDenied(
                 "A node may publish only its own audit checkpoints."), details=claimed)

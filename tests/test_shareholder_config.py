@@ -185,3 +185,22 @@ def test_operators_and_founding_committee(cfg_path):
         cfg_path.write_text(base + extra)
         with pytest.raises(ConfigError, match=message):
             load_config(cfg_path, env={})
+
+
+def test_committee_pins(cfg_path):
+    """[committee] pins: each member's certificate-key fingerprint, all or none."""
+    a, b = "ab" * 32, "cd" * 32
+    base = cfg_path.read_text() + '\n[committee]\nthreshold = 2\nmembers = { "bank-a" = 2, "bank-b" = 1 }\n'
+    cfg_path.write_text(base)
+    assert load_config(cfg_path, env={}).committee_pins == {}
+    cfg_path.write_text(base + f'pins = {{ "bank-a" = "{a}", "bank-b" = "{b}" }}\n')
+    assert load_config(cfg_path, env={}).committee_pins == {"bank-a": a, "bank-b": b}
+    for pins, message in (
+        (f'{{ "bank-a" = "{a}" }}', "every committee member"),
+        (f'{{ "bank-a" = "{a}", "bank-b" = "{b}", "bank-c" = "{a}" }}', "every committee member"),
+        (f'{{ "bank-a" = "{a}", "bank-b" = "{b.upper()}" }}', "committee.pins.bank-b"),
+        (f'{{ "bank-a" = "{a}", "bank-b" = 7 }}', "committee.pins.bank-b"),
+    ):
+        cfg_path.write_text(base + f"pins = {pins}\n")
+        with pytest.raises(ConfigError, match=message):
+            load_config(cfg_path, env={})

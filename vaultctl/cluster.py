@@ -50,6 +50,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vault import pki
+from vault import plan as committee_plan
 from vaultrpc.tls import TlsFiles, secure_channel
 
 SPEC_VERSION = 1
@@ -305,7 +306,13 @@ def _operators_toml(paths: Paths, spec: ClusterSpec, founding: bool) -> str:
     out = "\n[operators]\n" + "".join(f"{_toml_str(n)} = {_toml_str(operator_public_hex(paths, n))}\n" for n in names)
     if founding:
         members = ", ".join(f"{_toml_str(n)} = {i}" for i, n in enumerate(spec.nodes, start=1))
-        out += f"\n[committee]\nthreshold = {spec.threshold}\nmembers = {{ {members} }}\n"
+        # Each member's certificate key, from the certificate issued above:
+        # peer calls are answered only to that key, not to any certificate
+        # the CA could mint with the member's name.
+        pins = ", ".join(
+            f"{_toml_str(n)} = {_toml_str(committee_plan.spki_sha256(paths.cert(pki.ROLE_SHAREHOLDER, n).read_bytes()))}"
+            for n in spec.nodes)
+        out += f"\n[committee]\nthreshold = {spec.threshold}\nmembers = {{ {members} }}\npins = {{ {pins} }}\n"
     return out
 
 
