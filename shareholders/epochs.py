@@ -967,11 +967,20 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             for k, width, rows, calls in chunk:
                 out: list[tuple] = []
                 keys = [(r.tenant, r.subject) for r in rows]
-                old = np.empty((len(rows), width), dtype=FIELD_DTYPE)
-                scratch = [old]
+                # The opened shares go into one buffer and are read and
+                # range-checked as one array (not one array per row).
+                size = 4 * width
+                opened = bytearray(size * len(rows))
+                raw = np.frombuffer(opened, dtype="<u4").reshape(len(rows), width)
+                scratch = [raw]
                 try:
                     for j, row in enumerate(rows):
-                        old[j] = self._open(row, width)
+                        opened[j * size : (j + 1) * size] = self._open_bytes(row, size)
+                    old = raw.astype(FIELD_DTYPE)
+                    scratch.append(old)
+                    bad = np.flatnonzero((old >= P).any(axis=1)) if old.size else ()
+                    if len(bad):
+                        raise self._data_loss(rows[int(bad[0])])
                     deltas = [proactive.refresh_deltas(seed, keys, k, width, self.index)]
                     scratch.extend(deltas)
                     for name, call in calls.items():
@@ -989,11 +998,14 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                     new = proactive.add_rows(old, *deltas)
                     scratch.append(new)
                     groups.append((out, field.sub(new, old)))
+                    # add_rows reduces mod P; packed once for the whole group.
+                    packed = new.astype("<u4")
+                    scratch.append(packed)
                     stored_ms = now_ms()
                     for j, row in enumerate(rows):
                         sealed = envelope.seal(
                             ring, record.record_identity(row.tenant, row.subject, row.index, s.new_epoch),
-                            record.pack_values(new[j]),
+                            packed[j].tobytes(),
                         )
                         out.append((row.tenant, row.subject, s.new_epoch, row.index, row.threshold, row.shareholders,
                                     row.dimension, row.codec_version, row.mac_count, row.request_id, sealed.kek_version,
@@ -1009,17 +1021,30 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
 
     def _open(self, row: store.ShareRow, width: int) -> np.ndarray:
         try:
+            return record.unpack_values(self._open_bytes(row, 4 * width), width)
+        except InvalidShares:
+            raise self._data_loss(row) from None
+
+    def _open_bytes(self, row: store.ShareRow, size: int) -> bytes:
+        """The row's opened share (``size`` bytes; the caller range-checks the values)."""
+        try:
             if row.index != self.index:
                 raise EnvelopeError("index")
             values = envelope.open(
                 self.sh.keys.kek, record.record_identity(row.tenant, row.subject, row.index, row.epoch), row.sealed
             )
-            return record.unpack_values(values, width)
-        except (EnvelopeError, InvalidShares):
-            raise status.DataLoss(
-                f"This node's stored share of subject {row.subject!r} (tenant {row.tenant!r}) does not open; "
-                "repair the node before renewing its shares."
-            ) from None
+        except EnvelopeError:
+            raise self._data_loss(row) from None
+        if len(values) != size:
+            raise self._data_loss(row)
+        return values
+
+    @staticmethod
+    def _data_loss(row: store.ShareRow) -> status.RpcError:
+        return status.DataLoss(
+            f"This node's stored share of subject {row.subject!r} (tenant {row.tenant!r}) does not open; "
+            "repair the node before renewing its shares."
+        )
 
     def _prepared_job(self, s: Session, items: list[tuple], actor: str, check_old: bool, diff=None):
         def job(tx: Tx) -> int:
