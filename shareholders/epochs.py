@@ -57,7 +57,7 @@ Phases (docs/operations.md):
      (``refresh_check_refused``). The log survives restarts. Calls are
      counted (the ``call`` number, ``splitvault_node_refresh_checks_total``).
    - *Soundness and speed*: the values combined are the sealed
-     new-minus-old batches, one open per batch (512 records) instead of two
+     new-minus-old batches, one open per batch (128 records) instead of two
      per record; every covered record must have its values (no sampling),
      and each covered record's new row must still match the fingerprint
      taken when it was sealed, so a share damaged or replaced after prepare
@@ -152,16 +152,14 @@ CHUNK = 512
 REFRESH_CHUNK = 2048
 # Chunks whose peer calls are under way while the current one is sealed.
 PIPELINE = 3
-# Prepared rows per transaction (and records per sealed check batch): 512
-# rows (~1.1 MB of sealed shares plus their check values) hold up a
-# verification's audit entry committed in the same group by a few tens of
-# ms, and a refresh commits, appends audit entries and seals check batches
-# 4x less often than with 128 (fewer fsyncs and per-transaction costs).
-WRITE_CHUNK = 512
-# Rows moved or deleted per transaction in commit and finalize: 1024 rows
-# (secure_delete zeroes ~2-4 MB of pages) per commit, so a verification
-# committing beside them waits tens of ms at most, with 4x fewer commits and
-# audit entries than 256.
+# Prepared rows per transaction (and records per sealed check batch): short
+# enough that a verification's audit entry, committed in the same group, is
+# not held up for long. (512 was tried: no faster refresh on this machine,
+# and Verify's p99 during a refresh of 20,000 rose from ~150 to ~210 ms.)
+WRITE_CHUNK = 128
+# Rows deleted per transaction in finalize (secure_delete zeroes their
+# pages): 1024 rows, 4x fewer commits and audit entries than 256, with
+# Verify's p99 during a refresh unchanged (measured at 20,000 templates).
 MOVE_CHUNK = 1024
 # Most records one peer call may ask for.
 MAX_KEYS = 4096
@@ -172,8 +170,8 @@ WORKER_NICE = 10
 # The reader's memory map for the check's pass over the sealed batches.
 CHECK_MMAP_BYTES = 1 << 30
 # Sealed check batches deleted per transaction (each holds up to
-# WRITE_CHUNK records' values: 2 x 512 records, like MOVE_CHUNK rows).
-DIFF_DELETE_CHUNK = 2
+# WRITE_CHUNK records' values: 8 x 128 records, like MOVE_CHUNK rows).
+DIFF_DELETE_CHUNK = 8
 # Challenges per check call.
 MAX_CHALLENGES = 16
 # How far back (ms) before a session's start its check claims are looked up
