@@ -253,3 +253,43 @@ def test_check_leaves_out_records_not_held_everywhere(vault, dev_pki):
     report = _refresh(c)
     assert report["check"]["passed"] and report["check"]["excluded"] == 1
     verify_all(c.client_, c.templates, SUBJECTS[1:3], c.impostor)  # 2 of 3 shares still verify
+
+
+@pytest.mark.parametrize("damage", ["flipped_byte", "value_outside_field"])
+def test_prepare_refuses_a_damaged_old_share_and_writes_nothing_for_its_chunk(vault, damage):
+    # bank-b's stored (old-epoch) share of one subject is damaged: a flipped
+    # ciphertext byte (does not open), or resealed with a value outside the
+    # field (opens, but is no share). Prepare reads a chunk's shares as one
+    # array: the damaged one must still be named, and nothing of its chunk
+    # written.
+    c = vault
+    node = c.nodes["bank-b"]
+    conn = sqlite3.connect(node.cfg.db_path)
+    row = conn.execute("SELECT tenant, subject, epoch, idx, kek_version, wrapped_dk, nonce, ciphertext, dimension, "
+                       "mac_count FROM shares WHERE epoch = 1 ORDER BY subject LIMIT 1 OFFSET 3").fetchone()
+    if damage == "flipped_byte":
+        ciphertext = bytearray(row[7])
+        ciphertext[40] ^= 0x01
+        update = (row[4], row[5], row[6], bytes(ciphertext))
+    else:
+        ring = node.service.keys.kek
+        aad = record.record_identity(row[0], row[1], row[3], row[2])
+        values = np.frombuffer(envelope.open(ring, aad, envelope.SealedShare(row[4], row[5], row[6], row[7])),
+                               dtype="<u4").copy()
+        values[7] = P  # outside [0, P)
+        update = tuple(envelope.seal(ring, aad, values.tobytes()))
+    conn.execute("UPDATE shares SET kek_version=?, wrapped_dk=?, nonce=?, ciphertext=? WHERE tenant=? AND subject=? "
+                 "AND epoch = 1", (*update, row[0], row[1]))
+    conn.commit()
+    conn.close()
+    with pytest.raises(MaintenanceError) as err:
+        _refresh(c)
+    assert "DATA_LOSS" in err.value.message or "does not open" in err.value.message, err.value.message
+    assert row[1] in err.value.message and "repair the node" in err.value.message
+    assert prepared_rows(_db(c, "bank-b")) == 0
+    assert _check_batches(c, "bank-b") == 0
+    assert epochs_held(_db(c, "bank-b")) == {1: len(SUBJECTS)}
+    _refresh(c, abort=True)
+    for name in c.names:
+        assert epochs_held(_db(c, name)) == {1: len(SUBJECTS)}
+    verify_all(c.client_, c.templates, SUBJECTS[:3], c.impostor)

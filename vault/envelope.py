@@ -21,6 +21,12 @@ AES-GCM nonces are 96 random bits. A data key seals exactly one share, and a
 KEK wraps one data key per record: at 2**32 wraps per KEK the birthday bound
 on nonce collisions is still below 2**-32, far beyond any node's record count
 between rotations.
+
+A data key per record is kept in bulk paths too (refresh, reshare, bulk
+enrolment): sealing a 512-d share costs ~6 us and opening one ~4 us on the
+development machine, of which a data key shared by a batch would save ~2 us
+(one wrap and one AESGCM key schedule), against ~130 us of node CPU per record
+in a refresh. Not worth a second envelope format.
 """
 from __future__ import annotations
 
