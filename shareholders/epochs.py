@@ -92,7 +92,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from concurrent import futures
 import dataclasses
@@ -426,6 +426,60 @@ def _peer_error(name: str, exc: grpc.RpcError) -> status.RpcError:
 # --- the servicer -----------------------------------------------------------------------
 
 
+class _Dealings:
+    """This node's zero-sharing coefficients for the chunks being prepared,
+    derived once and evaluated at every receiver's x.
+
+    Every node walks the same records in the same order and chunks, so its
+    own prepare and each peer's GetRefreshDeltas ask for the same chunk at
+    about the same time: one derivation of the dealer's stream serves all n
+    receivers instead of one derivation each. The dealing is deterministic in
+    (seed, record), so a miss (another chunk boundary, an evicted entry, a
+    retry) only costs the derivation again and gives the same values. An
+    entry is wiped once every receiver had its values and nobody is
+    evaluating it; entries beyond ``size`` are dropped, oldest first (and
+    wiped by their last reader).
+    """
+
+    def __init__(self, size: int):
+        self._lock = threading.Lock()
+        self._entries: OrderedDict = OrderedDict()
+        self._size = size
+
+    def deltas(self, seed: bytes, session_id: str, keys: list[tuple[str, str]], k: int, width: int, x: int,
+               receivers: frozenset[int]) -> np.ndarray:
+        key = (session_id, k, width, tuple(keys))
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                entry["active"] += 1
+        if entry is None:
+            fresh = {"coeffs": proactive.refresh_coefficients(seed, keys, k, width), "served": set(), "active": 1}
+            with self._lock:
+                entry = self._entries.setdefault(key, fresh)
+                if entry is not fresh:  # another thread derived it first
+                    entry["active"] += 1
+                while len(self._entries) > self._size:
+                    _, old = self._entries.popitem(last=False)
+                    if old["active"] == 0:
+                        old["coeffs"].fill(0)
+            if entry is not fresh:
+                fresh["coeffs"].fill(0)
+        try:
+            return proactive.evaluate_at(entry["coeffs"], None, x)
+        finally:
+            with self._lock:
+                entry["active"] -= 1
+                entry["served"].add(x)
+                listed = self._entries.get(key) is entry
+                done = entry["active"] == 0 and (not listed or receivers <= entry["served"])
+                if done and listed:
+                    del self._entries[key]
+            if done:
+                entry["coeffs"].fill(0)
+
+
 class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
     """Refresh and reshare sessions on one node; shares the node's writer,
     keys and reader connections with its ``ShareholderService``."""
@@ -437,6 +491,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         self.index = shareholder.index
         self.writer = shareholder.writer
         self.peers = _Peers(self.cfg.tls.load())
+        self._dealings = _Dealings(size=4 * PIPELINE)
         # The cluster a committee-change plan must name as its audience.
         with open(self.cfg.tls.ca, "rb") as fh:
             self.audience = committee_plan.spki_sha256(fh.read())
@@ -1010,7 +1065,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                     bad = np.flatnonzero((old >= P).any(axis=1)) if old.size else ()
                     if len(bad):
                         raise self._data_loss(rows[int(bad[0])])
-                    deltas = [proactive.refresh_deltas(seed, keys, k, width, self.index)]
+                    deltas = [self._dealings.deltas(seed, s.session_id, keys, k, width, self.index,
+                                                    frozenset(s.plan.new.values()))]
                     scratch.extend(deltas)
                     for name, call in calls.items():
                         try:
@@ -1332,10 +1388,11 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         values = [None] * len(request.keys)
         for (k, width), positions in groups.items():
             keys = [(request.keys[i].tenant, request.keys[i].subject) for i in positions]
-            deltas = proactive.refresh_deltas(seed, keys, k, width, x)
+            deltas = self._dealings.deltas(seed, s.session_id, keys, k, width, x, frozenset(s.plan.new.values()))
+            packed = deltas.astype("<u4")
             for j, i in enumerate(positions):
-                values[i] = deltas[j].astype("<u4").tobytes()
-            record.wipe(deltas)
+                values[i] = packed[j].tobytes()
+            record.wipe(deltas, packed)
         parts = b"".join(values)
         if request.mask_challenges:
             raise status.FailedPrecondition(

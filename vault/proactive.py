@@ -131,16 +131,18 @@ def derive_field(seed: bytes, labels: Sequence[bytes], count: int) -> np.ndarray
         return np.zeros((batch, max(count, 0)), dtype=FIELD_DTYPE)
     nblocks = -(-count // 4)  # 4 elements per 16-byte block
     nonces = np.frombuffer(
-        b"".join(hashlib.sha256(label).digest()[:_NONCE_BYTES] for label in labels), dtype=np.uint8
-    ).reshape(batch, _NONCE_BYTES)
-    blocks = np.empty((batch, nblocks, 16), dtype=np.uint8)
-    blocks[:, :, :_NONCE_BYTES] = nonces[:, np.newaxis, :]
-    counters = np.arange(nblocks, dtype=">u4").view(np.uint8).reshape(nblocks, 4)
-    blocks[:, :, _NONCE_BYTES:] = counters[np.newaxis, :, :]
+        b"".join(hashlib.sha256(label).digest()[:_NONCE_BYTES] for label in labels), dtype=np.uint32
+    ).reshape(batch, 1, _NONCE_BYTES // 4)
+    # The counter blocks as 32-bit words (the same bytes, written four at a
+    # time): nonce words, then the big-endian block counter.
+    blocks = np.empty((batch, nblocks, 4), dtype=np.uint32)
+    blocks[:, :, : _NONCE_BYTES // 4] = nonces
+    blocks[:, :, 3] = np.arange(nblocks, dtype=">u4").view(np.uint32)
     encryptor = Cipher(algorithms.AES(seed), modes.ECB()).encryptor()
-    stream = encryptor.update(blocks.tobytes()) + encryptor.finalize()
-    values = np.frombuffer(stream, dtype="<u4").reshape(batch, nblocks * 4)[:, :count].astype(FIELD_DTYPE)
-    np.bitwise_and(values, _MASK31, out=values)
+    stream = encryptor.update(memoryview(blocks).cast("B")) + encryptor.finalize()
+    values = np.bitwise_and(
+        np.frombuffer(stream, dtype="<u4").reshape(batch, nblocks * 4)[:, :count], _MASK31, dtype=FIELD_DTYPE
+    )
     for row in np.flatnonzero((values == P).any(axis=1)):
         # Rare (2**-31 per element): redo this row with the same stream, skipping P.
         values[row] = _derive_row_slow(seed, labels[row], count)
@@ -172,31 +174,39 @@ def evaluate_at(coeffs: np.ndarray, constant: np.ndarray | None, x: int) -> np.n
     degree, batch, width = coeffs.shape
     if not 1 <= int(x) <= sharing.MAX_SHAREHOLDERS:
         raise InvalidShares("Shares are evaluated at x-coordinates 1 to 255.")
-    const = np.zeros((batch, width), dtype=FIELD_DTYPE) if constant is None else np.asarray(constant, dtype=FIELD_DTYPE)
+    const = None if constant is None else np.asarray(constant, dtype=FIELD_DTYPE).reshape(-1)
     if degree == 0:
-        return const.copy()
+        return np.zeros((batch, width), dtype=FIELD_DTYPE) if const is None else const.reshape(batch, width).copy()
     flat_c = coeffs.reshape(degree, -1)
-    flat_k = const.reshape(-1)
     total = batch * width
     out = np.empty(total, dtype=FIELD_DTYPE)
     acc = np.empty(min(total, sharing.CHUNK_ELEMENTS), dtype=np.uint64)
-    # In cache-sized chunks, as vault.sharing.split does.
+    # In cache-sized chunks, as vault.sharing.split does; a zero-sharing (no
+    # constant) skips the constant term.
     for start in range(0, total, sharing.CHUNK_ELEMENTS):
         stop = min(start + sharing.CHUNK_ELEMENTS, total)
-        sharing._evaluate(flat_c[:, start:stop], flat_k[start:stop], int(x), acc[: stop - start], out[start:stop])
+        sharing._evaluate(flat_c[:, start:stop], 0 if const is None else const[start:stop], int(x),
+                          acc[: stop - start], out[start:stop])
     acc.fill(0)
     return out.reshape(batch, width)
 
 
-def refresh_deltas(seed: bytes, keys: Sequence[tuple[str, str]], threshold: int, width: int, x: int) -> np.ndarray:
-    """delta_i(x) of this dealer (seed) for each record key: (B, width).
+def refresh_coefficients(seed: bytes, keys: Sequence[tuple[str, str]], threshold: int, width: int) -> np.ndarray:
+    """This dealer's zero-sharing polynomials for each record key: coefficients
+    c_1 .. c_{k-1} of every element, (k - 1, B, width).
 
-    One zero-sharing polynomial of degree k - 1 per element; the label binds
-    the record, k and the width so that two receivers can never be handed
-    different polynomials for one record.
+    One polynomial of degree k - 1 per element; the label binds the record, k
+    and the width so that two receivers can never be handed different
+    polynomials for one record. ``evaluate_at(coeffs, None, x)`` gives a
+    receiver's deltas; the caller wipes the coefficients.
     """
     labels = [record_label(REFRESH_DOMAIN, t, s, threshold, width) for t, s in keys]
-    coeffs = _coefficients(seed, labels, threshold - 1, width)
+    return _coefficients(seed, labels, threshold - 1, width)
+
+
+def refresh_deltas(seed: bytes, keys: Sequence[tuple[str, str]], threshold: int, width: int, x: int) -> np.ndarray:
+    """delta_i(x) of this dealer (seed) for each record key: (B, width)."""
+    coeffs = refresh_coefficients(seed, keys, threshold, width)
     try:
         return evaluate_at(coeffs, None, x)
     finally:
