@@ -48,12 +48,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from vault import pki
 from vault import plan as committee_plan
-from vaultrpc.tls import TlsFiles, secure_channel
+from vaultrpc import probe
+from vaultrpc.tls import TlsFiles
 
 SPEC_VERSION = 1
 DEFAULT_SHAREHOLDERS = 3
@@ -658,19 +656,7 @@ def _label(spec: ClusterSpec, name: str) -> str:
 
 def check_health(address: str, tls: TlsFiles, expect: pki.Identity, timeout_s: float = HEALTH_TIMEOUT_S) -> str:
     """grpc.health.v1 Check over mTLS: SERVING, NOT_SERVING, ... or UNREACHABLE."""
-    try:
-        material = tls.load()
-    except ValueError:
-        return "UNREACHABLE"
-    channel = secure_channel(address, material, expect=expect)
-    try:
-        stub = health_pb2_grpc.HealthStub(channel)
-        reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    except grpc.RpcError:
-        return "UNREACHABLE"
-    finally:
-        channel.close()
+    return probe.check(address, tls, expect, timeout_s)
 
 
 def _wait_healthy(paths: Paths, spec: ClusterSpec, ready: dict[str, dict], deadline: float) -> None:
