@@ -17,6 +17,7 @@ to them by name. Errors are one sentence on stderr, exit 1.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 import sys
@@ -78,9 +79,15 @@ def _tls_toml() -> str:
 def node_config(values: dict) -> str:
     """The node's config.toml (docs/contracts.md, "Node config") for its container."""
     name = _need(values, "institution.name")
-    committee = _need(values, "committee", dict)
-    members = ", ".join(f"{_q(k)} = {int(v)}" for k, v in _need(committee, "members", dict).items())
-    pins = ", ".join(f"{_q(k)} = {_q(v)}" for k, v in _need(committee, "pins", dict).items())
+    # A founding member names the committee; a node joining by a reshare has
+    # none of its own yet (it learns it from the approved plan).
+    committee_toml = ""
+    if "committee" in values:
+        committee = _need(values, "committee", dict)
+        members = ", ".join(f"{_q(k)} = {int(v)}" for k, v in _need(committee, "members", dict).items())
+        pins = ", ".join(f"{_q(k)} = {_q(v)}" for k, v in _need(committee, "pins", dict).items())
+        committee_toml = (f"\n[committee]\nthreshold = {_need(committee, 'threshold', int)}\nmembers = {{ {members} }}\n"
+                          f"pins = {{ {pins} }}\n")
     limits = values.get("limits", {})
     witness = "".join(
         f"\n[[witness.peers]]\nname = {_q(_need(w, 'name'))}\naudit_public_key = {_q(_need(w, 'audit_public_key'))}\n"
@@ -98,8 +105,7 @@ def node_config(values: dict) -> str:
         + _tenants(values, matcher=False)
         + witness
         + _table("operators", _need(values, "operators", dict))
-        + f"\n[committee]\nthreshold = {_need(committee, 'threshold', int)}\nmembers = {{ {members} }}\n"
-          f"pins = {{ {pins} }}\n"
+        + committee_toml
         + _table("peers", _need(values, "peers", dict))
     )
 
@@ -173,7 +179,10 @@ def render(values: dict) -> list[dict]:
                             "capabilities": {"drop": ["ALL"]}},
     }
     pod = {
-        "metadata": {"labels": labels},
+        # A changed config changes the pod template, so `kubectl apply` rolls
+        # the server (a subPath-mounted file is not updated in a running pod).
+        "metadata": {"labels": labels,
+                     "annotations": {"splitvault.io/config-sha256": hashlib.sha256(config.encode()).hexdigest()}},
         "spec": {
             "serviceAccountName": "splitvault",
             "automountServiceAccountToken": False,

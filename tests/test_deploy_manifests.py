@@ -118,6 +118,25 @@ def test_no_two_institutions_share_a_namespace_or_a_volume():
             seen_volumes.add(key)
 
 
+def test_a_joining_node_has_no_committee_of_its_own(tmp_path):
+    """A node that joins by a reshare learns the committee from the approved
+    plan: its values have no [committee], and its config still loads."""
+    values = render.load_values(DEPLOY / "values" / "bank-a.toml")
+    founding = load_config(_config_file(render.render(values), tmp_path / "founding.toml"), env={})
+    del values["committee"]
+    joining = load_config(_config_file(render.render(values), tmp_path / "joining.toml"), env={})
+    # A changed config rolls the pod: its template carries the config's digest.
+    digest = lambda objects: workload(objects)["spec"]["template"]["metadata"]["annotations"]["splitvault.io/config-sha256"]  # noqa: E731
+    assert digest(render.render(values)) != digest(render.render(render.load_values(DEPLOY / "values" / "bank-a.toml")))
+    assert founding.committee_threshold == 2 and founding.committee == {"bank-a": 1, "bank-b": 2, "bank-c": 3}
+    assert joining.committee == {} and joining.committee_pins == {}
+
+
+def _config_file(objects: list[dict], path: pathlib.Path) -> pathlib.Path:
+    path.write_text([o for o in objects if o["kind"] == "ConfigMap"][0]["data"]["config.toml"])
+    return path
+
+
 def test_a_values_file_missing_a_key_is_one_sentence(tmp_path):
     text = (DEPLOY / "values" / "bank-a.toml").read_text()
     broken = tmp_path / "broken.toml"
