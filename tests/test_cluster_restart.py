@@ -98,6 +98,17 @@ def test_up_brings_back_a_killed_node_on_its_data_and_leaves_the_rest_alone(root
         cluster.kill_node(root, "bank-c", signal.SIGKILL)  # now a and b must answer
         assert client.verify("ann", noisy_copy(templates[0], seed=5)).decision == "MATCH"
 
+    # The matcher killed too: `up` starts it and bank-c, on the nodes' addresses.
+    running = _pids(cluster.status(root))
+    cluster.kill_node(root, "matcher", signal.SIGKILL)
+    info = cluster.up(root)
+    acts = _actions(info)
+    assert acts["matcher"]["result"] == "started" and acts["bank-c"]["result"] == "started"
+    assert acts["bank-a"] == {"name": "bank-a", "result": "already running", "pid": running["bank-a"]}
+    assert acts["bank-b"] == {"name": "bank-b", "result": "already running", "pid": running["bank-b"]}
+    with MatcherClient.from_cluster_dir(root) as client:
+        assert client.verify("bo", noisy_copy(templates[1], seed=6)).decision == "MATCH"
+
 
 def test_up_with_everything_running_changes_nothing(root):
     first = cluster.up(root, 3, 2, DIM)
