@@ -64,13 +64,17 @@ class Hosts:
         self.namespaces: list[str] = []
         self.hosts: dict[str, tuple[str, str, str]] = {}  # name -> (namespace, ip, hub-side veth)
         self.procs: list[subprocess.Popen] = []
-        self._add_namespace(self.hub)
-        _ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
-        _ip("-n", self.hub, "link", "set", "br0", "up")
+        try:
+            self._add_namespace(self.hub)
+            _ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
+            _ip("-n", self.hub, "link", "set", "br0", "up")
+        except BaseException:
+            self.close()
+            raise
 
     def _add_namespace(self, ns: str) -> None:
+        self.namespaces.append(ns)  # first: close() deletes it even if adding failed half-way
         _ip("netns", "add", ns)
-        self.namespaces.append(ns)
         _ip("-n", ns, "link", "set", "lo", "up")
 
     def add_host(self, name: str) -> str:
@@ -142,12 +146,10 @@ class Hosts:
                     os.kill(int(pid), signal.SIGKILL)
                 except (ProcessLookupError, ValueError):
                     pass
-        left = []
         for ns in reversed(self.namespaces):
-            if _ip("netns", "del", ns, check=False).returncode != 0:
-                left.append(ns)
-        existing = _ip("netns", "list", check=False).stdout
-        return left + [ns for ns in self.namespaces if ns in existing.split()]
+            _ip("netns", "del", ns, check=False)
+        existing = _ip("netns", "list", check=False).stdout.split()
+        return [ns for ns in self.namespaces if ns in existing]
 
 
 def wait_file(path: pathlib.Path, proc: subprocess.Popen, log: pathlib.Path, timeout_s: float = START_TIMEOUT_S) -> dict:

@@ -28,8 +28,8 @@ import netns_kit
 from vaultctl import cluster
 from vaultctl.demo import noisy_copy, synthetic_templates
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(netns_kit.available() is not None,
-                                                  reason=netns_kit.available() or "")]
+_UNAVAILABLE = netns_kit.available()
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(_UNAVAILABLE is not None, reason=_UNAVAILABLE or "")]
 
 DIM = 64
 SUBJECTS = 30
@@ -73,6 +73,7 @@ def _node_config(paths: cluster.Paths, spec: cluster.ClusterSpec, name: str, hos
         if peer != name:
             text = text.replace(f"ready_file = {_q(paths.ready(spec, peer))}", f"address = {_q(hosts.public(peer))}")
     assert f"listen = \"127.0.0.1:{netns_kit.LOCAL_PORT}\"" in text and "127.0.0.1:0" not in text
+    assert text.count("[[witness.peers]]") == text.count("\naddress = ") == len(spec.nodes) - 1
     text += cluster.PEERS_HEADER + "".join(f"{_q(p)} = {_q(hosts.public(p))}\n" for p in spec.nodes if p != name)
     config.write_text(text)
 
