@@ -394,7 +394,11 @@ def _cluster_up(args) -> Result:
         info = cluster.up(args.dir, args.shareholders, args.threshold, args.dim, **kwargs)
     except cluster.ClusterError as exc:
         raise CliError(str(exc)) from None
-    return Result(info, _cluster_lines(info, "is up"))
+    lines = _cluster_lines(info, "is up")
+    for a in info["actions"]:
+        stale = f" (stale pid file of {a['stale_pid']} replaced)" if a.get("stale_pid") else ""
+        lines.append(f"  {a['name']}: {a['result']}{stale}")
+    return Result(info, lines)
 
 
 @command("cluster", "status", help="health and process id of every process of a local cluster", target="dir")

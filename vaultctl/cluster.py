@@ -26,7 +26,9 @@ became ready.
 
 The first ``up`` creates everything; a later ``up`` reuses the PKI, keys,
 node configs and data (only the matcher config and the nodes' ``[peers]``
-tables are rewritten, because the nodes get new ports). Every secret file,
+tables are rewritten, because the nodes get new ports). On a cluster that
+is partly running, ``up`` starts only what is stopped and leaves the rest
+alone (a running matcher is sent the new node addresses by SIGHUP). Every secret file,
 log and pid file is written 0600.
 
 Python API (used by the CLI, the demo and the tests): ``ClusterSpec``,
@@ -46,12 +48,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from vault import pki
 from vault import plan as committee_plan
-from vaultrpc.tls import TlsFiles, secure_channel
+from vaultrpc import probe
+from vaultrpc.tls import TlsFiles
 
 SPEC_VERSION = 1
 DEFAULT_SHAREHOLDERS = 3
@@ -656,19 +656,7 @@ def _label(spec: ClusterSpec, name: str) -> str:
 
 def check_health(address: str, tls: TlsFiles, expect: pki.Identity, timeout_s: float = HEALTH_TIMEOUT_S) -> str:
     """grpc.health.v1 Check over mTLS: SERVING, NOT_SERVING, ... or UNREACHABLE."""
-    try:
-        material = tls.load()
-    except ValueError:
-        return "UNREACHABLE"
-    channel = secure_channel(address, material, expect=expect)
-    try:
-        stub = health_pb2_grpc.HealthStub(channel)
-        reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    except grpc.RpcError:
-        return "UNREACHABLE"
-    finally:
-        channel.close()
+    return probe.check(address, tls, expect, timeout_s)
 
 
 def _wait_healthy(paths: Paths, spec: ClusterSpec, ready: dict[str, dict], deadline: float) -> None:
@@ -705,10 +693,15 @@ def up(
     *,
     timeout_s: float = START_TIMEOUT_S,
 ) -> dict:
-    """Create (first time) and start the cluster; return ``status(root)``.
+    """Create (first time) and start the cluster; return ``status(root)``
+    plus ``actions``: what this call did to each process.
 
     On a directory that already holds a cluster, the stored spec is used and
-    any explicitly given size must agree with it.
+    any explicitly given size must agree with it; members that run are left
+    alone, stopped ones (killed, crashed, a stale pid file) are started on
+    their own data, and a running matcher is pointed at nodes that came back
+    on new ports. Each action is one of ``started``, ``already running``,
+    ``reconfigured`` (the matcher, given the new node addresses).
     """
     paths = Paths(root)
     if paths.spec.exists():
@@ -723,10 +716,6 @@ def up(
                     f"{paths.root} already holds a cluster with {label} = {stored}; "
                     f"use another --dir or omit --{label}."
                 )
-        running = _running(paths, spec)
-        if running:
-            names = ", ".join(f"{n} (pid {p})" for n, p in running.items())
-            raise ClusterError(f"The cluster in {paths.root} is already running: {names}; run `vaultctl cluster down` first.")
     else:
         n = DEFAULT_SHAREHOLDERS if shareholders is None else shareholders
         k = DEFAULT_THRESHOLD if threshold is None else threshold
@@ -734,22 +723,56 @@ def up(
     init(root, spec)
 
     deadline = time.monotonic() + timeout_s
-    started: dict[str, int] = {}
+    running = _running(paths, spec)
+    actions: dict[str, dict] = {}
+    started: dict[str, int] = {}  # spawned by this call: the only ones a failure stops
     try:
+        waiting: dict[str, int] = {}
+        ready: dict[str, dict] = {}
         for name in spec.nodes:
+            if name in running:
+                actions[name] = {"result": "already running", "pid": running[name]}
+                data = _read_json(paths.ready(spec, name))
+                if data and data.get("pid") == running[name] and data.get("address"):
+                    ready[name] = data
+                else:
+                    waiting[name] = running[name]  # still starting: wait for it, leave it be
+                continue
+            stale = _read_pid(paths.pid(spec, name))
             started[name] = _spawn(paths, spec, name)
-        ready = _wait_ready(paths, spec, dict(started), deadline)
-        _wait_healthy(paths, spec, ready, deadline)
-        write_peer_tables(root)
+            actions[name] = {"result": "started", "pid": started[name]}
+            if stale is not None:
+                actions[name]["stale_pid"] = stale
+        fresh = _wait_ready(paths, spec, {**waiting, **{n: started[n] for n in spec.nodes if n in started}}, deadline)
+        _wait_healthy(paths, spec, {n: d for n, d in fresh.items() if n in started}, deadline)
+        ready.update(fresh)
+        if started:
+            write_peer_tables(root)
         addresses = {name: ready[name]["address"] for name in spec.nodes}
-        _write(paths.config(spec, spec.matcher), matcher_config_text(paths, spec, addresses))
-        started[spec.matcher] = _spawn(paths, spec, spec.matcher)
-        matcher_ready = _wait_ready(paths, spec, {spec.matcher: started[spec.matcher]}, deadline)
-        _wait_healthy(paths, spec, matcher_ready, deadline)
+        text = matcher_config_text(paths, spec, addresses)
+        config = paths.config(spec, spec.matcher)
+        if spec.matcher in running:
+            pid = running[spec.matcher]
+            actions[spec.matcher] = {"result": "already running", "pid": pid}
+            _wait_ready(paths, spec, {spec.matcher: pid}, deadline)
+            if not config.exists() or config.read_text() != text:
+                switch_matcher(root, spec, addresses, timeout_s=max(0.1, deadline - time.monotonic()))
+                actions[spec.matcher]["result"] = "reconfigured"
+        else:
+            stale = _read_pid(paths.pid(spec, spec.matcher))
+            _write(config, text)
+            started[spec.matcher] = _spawn(paths, spec, spec.matcher)
+            actions[spec.matcher] = {"result": "started", "pid": started[spec.matcher]}
+            if stale is not None:
+                actions[spec.matcher]["stale_pid"] = stale
+            matcher_ready = _wait_ready(paths, spec, {spec.matcher: started[spec.matcher]}, deadline)
+            _wait_healthy(paths, spec, matcher_ready, deadline)
     except BaseException:
         _stop(paths, spec, started)
         raise
-    return status(root)
+    info = status(root)
+    info["actions"] = [{"name": name, **actions[name]} for name in (spec.matcher, *spec.nodes)]
+    return info
 
 
 def status(root: str | os.PathLike) -> dict:
@@ -856,7 +879,9 @@ def _stop(paths: Paths, spec: ClusterSpec, pids: dict[str, int], timeout_s: floa
             outcome[name] = "killed"
         _CHILDREN.pop(pids[name], None)
     for name in (spec.matcher, *spec.nodes):
-        if not _alive(pids.get(name, -1), paths.config(spec, name)):
+        # A member this call did not stop keeps its files while it runs.
+        pid = pids.get(name) or _read_pid(paths.pid(spec, name))
+        if pid is None or not _alive(pid, paths.config(spec, name)):
             paths.pid(spec, name).unlink(missing_ok=True)
             paths.ready(spec, name).unlink(missing_ok=True)
     return outcome
