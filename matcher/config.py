@@ -10,7 +10,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from vault import pki, ticket
+from vault import names, pki, ticket
 from vaultrpc import config as rpcconfig
 from vaultrpc.config import ConfigError
 from vaultrpc.tls import TlsFiles
@@ -100,8 +100,8 @@ def from_dict(data: dict[str, Any], base: pathlib.Path | None = None) -> Matcher
         cluster_id = ticket.check_audience(need(data, "matcher.cluster_id"))
     except ValueError as exc:
         raise ConfigError(f"The config value matcher.cluster_id is invalid: {exc}") from None
-    if not 0 < dimension <= 66_572:
-        raise ConfigError("The config value matcher.dimension must be between 1 and 66572.")
+    if not 0 < dimension <= names.MAX_DIMENSION:
+        raise ConfigError(f"The config value matcher.dimension must be between 1 and {names.MAX_DIMENSION}.")
     if not 50 <= call_timeout_ms <= 600_000:
         raise ConfigError("The config value matcher.call_timeout_ms must be between 50 and 600000.")
     if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -129,13 +129,13 @@ def from_dict(data: dict[str, Any], base: pathlib.Path | None = None) -> Matcher
         wrapped = {"s": raw}
         name = need(wrapped, "s.name")
         try:
-            pki.check_name(name)
+            names.check_name(name)
         except ValueError as exc:
             raise ConfigError(f"The config value shareholders[{i}].name is invalid: {exc}") from None
         index = need(wrapped, "s.index", int)
         address = need(wrapped, "s.address")
-        if not 1 <= index <= 255:
-            raise ConfigError(f"The config value shareholders[{i}].index must be between 1 and 255.")
+        if not 1 <= index <= names.MAX_SHAREHOLDERS:
+            raise ConfigError(f"The config value shareholders[{i}].index must be between 1 and {names.MAX_SHAREHOLDERS}.")
         if ":" not in address:
             raise ConfigError(f"The config value shareholders[{i}].address must be host:port.")
         nodes.append(ShareholderEndpoint(name, index, address))
@@ -156,7 +156,7 @@ def from_dict(data: dict[str, Any], base: pathlib.Path | None = None) -> Matcher
     tenants: dict[str, TenantPolicy] = {}
     for name, raw in raw_tenants.items():
         try:
-            pki.check_name(name)
+            names.check_name(name)
         except ValueError as exc:
             raise ConfigError(f"The tenant name {name!r} is invalid: {exc}") from None
         wrapped = {"t": raw}

@@ -32,7 +32,7 @@ from typing import Any
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from vault import pki, ticket
+from vault import names, pki, ticket
 from vault.envelope import KEY_BYTES, KekRing
 from vaultrpc import config as rpcconfig
 from vaultrpc.config import ConfigError
@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 KEK_ENV = "SPLITVAULT_KEK_JSON"
-MAX_INDEX = 255  # vault.sharing.MAX_SHAREHOLDERS
+MAX_INDEX = names.MAX_SHAREHOLDERS
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 
@@ -147,7 +147,7 @@ def _parse_peers(data: dict[str, Any]) -> dict[str, str]:
     peers = {}
     for name, address in table.items():
         try:
-            pki.check_name(name)
+            names.check_name(name)
         except ValueError:
             raise ConfigError(f"The peer name {name!r} in [peers] is not a valid name.") from None
         peers[name] = _host_port(address, f"peers.{name}")
@@ -173,7 +173,7 @@ def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> N
 
     name = rpcconfig.need(data, "node.name")
     try:
-        pki.check_name(name)
+        names.check_name(name)
     except ValueError as exc:
         raise ConfigError(f"The config value node.name is invalid: {exc}") from None
     try:
@@ -211,7 +211,7 @@ def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> N
     tenants: dict[str, dict[str, ed25519.Ed25519PublicKey]] = {}
     for tenant, section in tenants_raw.items():
         try:
-            pki.check_name(tenant)
+            names.check_name(tenant)
         except ValueError:
             raise ConfigError(f"The tenant id {tenant!r} in [tenants] is not a valid name.") from None
         keys = section.get("ticket_keys") if isinstance(section, dict) else None
@@ -270,7 +270,7 @@ def _witness_peers(data: dict[str, Any], own: str, base: pathlib.Path) -> dict[s
             raise ConfigError(f"The config value {where} needs a name.")
         name = item["name"]
         try:
-            pki.check_name(name)
+            names.check_name(name)
         except ValueError:
             raise ConfigError(f"The config value {where}.name is not a valid node name.") from None
         if name == own or name in peers:
@@ -292,7 +292,7 @@ def _operators(raw: dict) -> dict[str, ed25519.Ed25519PublicKey]:
     out = {}
     for node, hex_key in raw.items():
         try:
-            pki.check_name(node)
+            names.check_name(node)
             out[node] = pki.load_public_key(str(hex_key))
         except ValueError:
             raise ConfigError(
@@ -312,7 +312,7 @@ def _committee(raw: dict) -> tuple[dict[str, int], int, dict[str, str]]:
     out: dict[str, int] = {}
     for node, index in members.items():
         try:
-            pki.check_name(node)
+            names.check_name(node)
         except ValueError:
             raise ConfigError(f"The config value committee.members names an invalid node {str(node)[:64]!r}.") from None
         if isinstance(index, bool) or not isinstance(index, int) or not 1 <= index <= MAX_INDEX:

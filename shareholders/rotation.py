@@ -51,7 +51,7 @@ from shareholders import store
 from shareholders.audit_log import Tx, WriterClosed, now_ms
 from shareholders.config import KEK_ENV, ConfigError, parse_kek_json, read_secret_file
 from splitvault.v1 import shareholder_pb2
-from vault import envelope, record
+from vault import envelope, names, record
 from vault.envelope import KEY_BYTES, KekRing, SealedShare
 from vault.errors import EnvelopeError
 from vaultrpc import logs, status
@@ -60,7 +60,6 @@ KIND = "kek_rotate"
 DEFAULT_BATCH = 1000
 MAX_BATCH = 10_000
 MAX_PAUSE_MS = 60_000
-MAX_SESSION_ID = 128
 # Open and closed session states, shared with refresh and reshare sessions.
 STATE_OPEN = "begun"
 STATE_DONE = "finalized"
@@ -85,12 +84,6 @@ def rotator(service) -> "Rotator":
         if found is None:
             found = service._rotator = Rotator(service)
         return found
-
-
-def check_session_id(value: str) -> str:
-    if not value or len(value) > MAX_SESSION_ID or not value.isascii() or not value.isprintable():
-        raise status.InvalidArgument(f"The session id must be 1 to {MAX_SESSION_ID} printable ASCII characters.")
-    return value
 
 
 def current_wrap(ring: KekRing, row: tuple) -> tuple:
@@ -467,7 +460,7 @@ class Rotator:
 
     def stream(self, request, context, actor: str) -> Iterator[shareholder_pb2.RotateKekResponse]:
         svc = self.service
-        session_id = check_session_id(request.session_id)
+        session_id = status.checked(names.check_token, request.session_id, "session id")
         if svc.keys.kek_from_env or not svc.cfg.kek_file:
             raise status.FailedPrecondition(
                 f"Node {svc.name} takes its KEK from the environment variable {KEK_ENV}, which it cannot rewrite; "

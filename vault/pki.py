@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from vault.names import check_name, is_name
+
 # The roles a certificate can carry, and nothing else.
 ROLE_MATCHER = "matcher"
 ROLE_PSP = "psp"
@@ -42,7 +44,6 @@ SERVER_DNS_SUFFIX = ".splitvault.invalid"
 _DNS_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$")
 
 URI_PREFIX = "spiffe://splitvault/"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 @dataclass(frozen=True)
@@ -58,15 +59,6 @@ class Identity:
     @property
     def uri(self) -> str:
         return identity_uri(self.role, self.name)
-
-
-def check_name(name: str) -> str:
-    """Validate a node, tenant or party name (1-63 of [A-Za-z0-9._-])."""
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(
-            "A name must be 1 to 63 characters of letters, digits, '.', '_' or '-', starting with a letter or digit."
-        )
-    return name
 
 
 def server_dns_name(identity: Identity) -> str:
@@ -95,7 +87,7 @@ def parse_identity_uri(uri: str) -> Identity | None:
     if not uri.startswith(URI_PREFIX):
         return None
     parts = uri[len(URI_PREFIX):].split("/")
-    if len(parts) != 2 or parts[0] not in ROLES or not _NAME.match(parts[1]):
+    if len(parts) != 2 or parts[0] not in ROLES or not is_name(parts[1]):
         return None
     return Identity(parts[0], parts[1])
 

@@ -36,7 +36,7 @@ import pathlib
 import tomllib
 from dataclasses import dataclass, field
 
-from vault import pki
+from vault import names, pki
 from vaultrpc.tls import TlsFiles
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -153,7 +153,7 @@ def from_config(path: str | os.PathLike) -> AuditorTarget:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not isinstance(item.get("address"), str):
             raise TargetError(f"Shareholder {i} in {path} needs a name and an address.")
         index = item.get("index", i)
-        if isinstance(index, bool) or not isinstance(index, int) or not 1 <= index <= 255:
+        if isinstance(index, bool) or not isinstance(index, int) or not 1 <= index <= names.MAX_SHAREHOLDERS:
             raise TargetError(f"Shareholder {item['name']} in {path} has an invalid index.")
         key = item.get("audit_public_key")
         nodes.append(NodeRef(item["name"], index, item["address"],

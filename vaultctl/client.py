@@ -26,7 +26,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from splitvault.v1 import matcher_pb2, matcher_pb2_grpc
-from vault import pki, ticket
+from vault import names, pki, ticket
 from vaultrpc.tls import TlsFiles, TlsMaterial, secure_channel
 
 _DECISIONS = {matcher_pb2.DECISION_MATCH: "MATCH", matcher_pb2.DECISION_NO_MATCH: "NO_MATCH"}
@@ -93,7 +93,7 @@ class MatcherClient:
         ticket_ttl_ms: int = 60_000,
     ):
         self.address = address
-        self.tenant = pki.check_name(tenant)
+        self.tenant = names.check_name(tenant)
         self.key_id = key_id
         self.cluster_id = cluster_id
         self.timeout_s = timeout_s

@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from vault import pki
+from vault import names, pki
 from vault import plan as committee_plan
 from vaultrpc.tls import TlsFiles, secure_channel
 
@@ -62,8 +62,7 @@ DEFAULT_AUDITOR = "auditor"
 MATCHER_NAME = "matcher"
 # Cosine on quantised vectors above which a probe matches (dev cluster).
 DEFAULT_MATCH_THRESHOLD = 0.80
-# Shamir x-coordinates the matcher accepts are 1..255.
-MAX_SHAREHOLDERS = 255
+MAX_SHAREHOLDERS = names.MAX_SHAREHOLDERS
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 HEALTH_TIMEOUT_S = 2.0
@@ -131,7 +130,7 @@ class ClusterSpec:
             raise ClusterError("The cluster spec must name each shareholder once.")
         for name in (*self.nodes, *self.tenants, self.auditor, self.matcher):
             try:
-                pki.check_name(name)
+                names.check_name(name)
             except ValueError as exc:
                 raise ClusterError(f"The name {name!r} in the cluster spec is invalid: {exc}") from None
         for identity in (pki.Identity(pki.ROLE_MATCHER, self.matcher),
