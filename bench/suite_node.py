@@ -43,12 +43,15 @@ from concurrent import futures
 import grpc
 import numpy as np
 
-from shareholders import testing
 from splitvault.v1 import common_pb2, shareholder_pb2
 from vault import pki, ticket
 from vault.field import P
 from vault.integrity import MAC_COUNT
 from vaultrpc.tls import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, TlsFiles, identity_options
+
+# The node-file helpers are test support (tests/node_kit.py), not the product.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
+import node_kit as testing  # noqa: E402
 
 SUITE = "node"
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -54,7 +54,6 @@ from concurrent import futures
 import grpc
 import numpy as np
 
-from shareholders import testing
 from splitvault.v1 import common_pb2, matcher_pb2, shareholder_pb2
 from vault import codec, pki
 from vaultctl.client import MatcherClient
@@ -62,6 +61,10 @@ from vaultrpc import logs
 from vaultrpc import server as rpcserver
 from vaultrpc.server import caller
 from vaultrpc.tls import TlsFiles, secure_channel
+
+# The node-file helpers are test support (tests/node_kit.py), not the product.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
+import node_kit as testing  # noqa: E402
 
 SUITE = "verify"
 ROOT = pathlib.Path(__file__).resolve().parent.parent

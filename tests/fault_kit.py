@@ -38,7 +38,7 @@ import grpc
 import numpy as np
 
 from shareholders.audit_log import verify_database
-from shareholders.testing import CLUSTER_ID
+from node_kit import CLUSTER_ID
 from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
 from test_matcher_e2e import NAMES, ROOT, Processes
 from test_matcher_harness import DIM, ProxyNode, Tenant, noisy, unit

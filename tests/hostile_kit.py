@@ -29,7 +29,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import strategies as st
 
 from fault_kit import clean_details
-from shareholders.testing import CLUSTER_ID
+from node_kit import CLUSTER_ID
 from splitvault.v1 import common_pb2, shareholder_pb2, shareholder_pb2_grpc
 from vault import pki, ticket
 from vaultrpc.tls import TlsMaterial, secure_channel

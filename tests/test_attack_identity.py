@@ -32,7 +32,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from maintenance_kit import audit_events
 from shareholders.config import ConfigError, load_config, load_peers
 from shareholders.server import serve
-from shareholders.testing import CLUSTER_ID, write_node_files
+from node_kit import CLUSTER_ID, write_node_files
 from splitvault.v1 import admin_pb2, admin_pb2_grpc
 from test_matcher_e2e import NAMES, Processes
 from test_matcher_harness import Tenant, unit

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from fault_kit import DIM, NAMES, FaultProcesses, Tenant, audit_events, clean_details, noisy, unit
-from shareholders.testing import CLUSTER_ID, sample_records
+from node_kit import CLUSTER_ID, sample_records
 from splitvault.v1 import matcher_pb2, matcher_pb2_grpc, shareholder_pb2, shareholder_pb2_grpc
 from vault import pki, ticket
 from vaultctl.client import MatcherClient

@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from shareholders.testing import CLUSTER_ID
+from node_kit import CLUSTER_ID
 from test_matcher_harness import Committee, Tenant, noisy, unit
 from vault import pki
 from vaultctl.client import MatcherClient, VerifyResult

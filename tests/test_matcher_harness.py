@@ -28,7 +28,7 @@ from matcher import config as matcher_config
 from matcher.server import serve as serve_matcher
 from shareholders.config import NodeConfig, NodeKeys
 from shareholders.server import serve as serve_node
-from shareholders.testing import CLUSTER_ID
+from node_kit import CLUSTER_ID
 from splitvault.v1 import shareholder_pb2_grpc
 from vault import pki, ticket
 from vault.envelope import KekRing

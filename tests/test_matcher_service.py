@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from shareholders.testing import CLUSTER_ID
+from node_kit import CLUSTER_ID
 from splitvault.v1 import matcher_pb2, matcher_pb2_grpc, shareholder_pb2, shareholder_pb2_grpc
 from test_matcher_harness import DIM, Committee, Tenant, noisy, unit
 from vault import ticket

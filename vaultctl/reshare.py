@@ -46,12 +46,13 @@ import time
 
 from splitvault.v1 import admin_pb2
 from vault import plan as committee_plan
+from vaultctl import maintenance
 from vaultctl.cli import CliError, RemoteError, Result, command, count, seconds_or_zero
 from vaultctl.maintenance import (
-    KIND_NAMES, Admin, Faults, MaintenanceError, Node, Progress, SessionFile, SessionRecord, new_session_id,
+    KIND_NAMES, Admin, CrashSeam, MaintenanceError, Node, Progress, SessionFile, SessionRecord, new_session_id,
     progress_enabled,
 )
-from vaultctl.refresh import DEFAULT_DRAIN_S, _round, _state, kill_node_for, state_dir
+from vaultctl.refresh import DEFAULT_DRAIN_S, _round, _state, state_dir
 
 _S = admin_pb2
 
@@ -234,7 +235,7 @@ def reshare_session(
     allow_loss: bool = False,
     drain_s: float = DEFAULT_DRAIN_S,
     progress: Progress | None = None,
-    faults: Faults | None = None,
+    faults: CrashSeam | None = None,
     pace: int = 0,
     plan: dict | None = None,
 ) -> dict:
@@ -242,7 +243,7 @@ def reshare_session(
     from vaultctl.cluster import ClusterSpec
 
     progress = progress or Progress(False)
-    faults = faults or Faults(None)
+    faults = faults or CrashSeam()
     started = time.monotonic()
     timings: dict[str, float] = {}
     spec = ops.spec()
@@ -575,7 +576,7 @@ def _reshare(args) -> Result:
         report = reshare_session(
             ops, sessions, shareholders=args.shareholders, threshold=args.threshold, replace=args.replace,
             abort=args.abort, allow_loss=args.allow_loss, drain_s=args.drain, progress=progress,
-            faults=Faults.from_env(kill_node_for(args.dir)), pace=max(0, args.pace), plan=document,
+            faults=maintenance.crash_seam(args.dir), pace=max(0, args.pace), plan=document,
         )
     except cluster.ClusterError as exc:
         raise CliError(str(exc)) from None
