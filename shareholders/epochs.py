@@ -104,7 +104,7 @@ from prometheus_client import Counter
 from shareholders import store
 from shareholders.audit_log import Tx, WriterClosed, now_ms
 from shareholders.config import ConfigError, load_peers
-from splitvault.v1 import admin_pb2, admin_pb2_grpc, common_pb2
+from splitvault.v1 import admin_pb2, admin_pb2_grpc
 from vault import envelope, field, names, pki, proactive, record
 from vault import plan as committee_plan
 from vault.envelope import SealedShare

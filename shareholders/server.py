@@ -18,7 +18,7 @@ import pathlib
 from dataclasses import dataclass, field
 
 from shareholders import store
-from shareholders.audit_log import AuditWriter, Tx, now_ms
+from shareholders.audit_log import AuditWriter, now_ms
 from shareholders.config import ConfigError, NodeConfig, NodeKeys, load_keys
 from shareholders import epochs, witness
 from shareholders.service import AUDIT_HEAD, ROLES, SERVICE, ShareholderService

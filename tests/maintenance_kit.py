@@ -56,14 +56,6 @@ def prepared_rows(db: pathlib.Path) -> int:
         conn.close()
 
 
-def audit_events(db: pathlib.Path) -> list[str]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        return [r[0] for r in conn.execute("SELECT event FROM audit_log ORDER BY seq")]
-    finally:
-        conn.close()
-
-
 def vaultctl(*args, fault: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run vaultctl ARGS; with ``fault`` (``<phase>:<count>:<action>``)
     through the test-only entry point tests/crash_cli.py that crashes there."""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from node_kit import CLUSTER_ID
-from test_matcher_harness import Committee, Tenant, noisy, unit
+from matcher_kit import Committee, Tenant, noisy, unit
 from vault import pki
 from vaultctl.client import MatcherClient, VerifyResult
 

@@ -338,7 +338,6 @@ def _lines(report: dict) -> list[str]:
 
 @command("refresh", help="proactive share refresh to a new epoch (resumable)", arguments=_args, target="any")
 def _refresh(args) -> Result:
-    import os
 
     if args.check and args.no_check:
         raise CliError("--check and --no-check contradict each other.")
