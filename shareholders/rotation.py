@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pathlib
 import secrets
 import sqlite3
@@ -55,6 +54,7 @@ from vault import envelope, names, record
 from vault.envelope import KEY_BYTES, KekRing, SealedShare
 from vault.errors import EnvelopeError
 from vaultrpc import logs, status
+from vaultrpc.files import write_atomic
 
 KIND = "kek_rotate"
 DEFAULT_BATCH = 1000
@@ -118,22 +118,7 @@ def write_kek_file(path: str, keys: dict[int, bytes], active: int) -> None:
         raise ValueError("A KEK file needs its active version and 32-byte keys.")
     target = pathlib.Path(path)
     text = json.dumps({"active": active, "keys": {str(v): keys[v].hex() for v in sorted(keys)}}) + "\n"
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    folder = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a power cut
-    finally:
-        os.close(folder)
+    write_atomic(target, text, mode=0o600)
 
 
 def _same_keys(ring: KekRing, keys: dict[int, bytes]) -> list[int]:

@@ -45,7 +45,6 @@ could not be read; 1 a usage or local error (e.g. no recorded key).
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import sqlite3
 import time
@@ -54,6 +53,7 @@ from dataclasses import dataclass, field
 
 from vaultctl import auditor
 from vaultctl.cli import EXIT_LOCAL, EXIT_OK, EXIT_REMOTE, CliError, Result, command
+from vaultrpc.files import write_atomic
 
 # The check ran and found a problem (contracts.md, exit codes).
 EXIT_FINDING = 3
@@ -150,9 +150,7 @@ def _load_witness(target: auditor.AuditorTarget) -> dict:
 def _save_witness(target: auditor.AuditorTarget, data: dict) -> None:
     path = _witness_path(target)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _when(ms: int) -> str:

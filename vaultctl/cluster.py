@@ -51,6 +51,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vault import names, pki
 from vault import plan as committee_plan
+from vaultrpc.files import write_atomic
 from vaultrpc.tls import TlsFiles, secure_channel
 
 SPEC_VERSION = 1
@@ -231,20 +232,9 @@ def key_id(tenant: str) -> str:
 
 
 def _write(path: pathlib.Path, data: bytes | str, secret: bool = False) -> None:
-    """Write atomically (tmp + rename); secret files are 0600 from the start."""
+    """Write atomically (vaultrpc.files); secret files are 0600 from the start."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode() if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if secret else 0o644)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(raw)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, mode=0o600 if secret else 0o644)
 
 
 def _toml_str(value: str) -> str:

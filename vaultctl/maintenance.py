@@ -33,6 +33,7 @@ import grpc
 
 from splitvault.v1 import admin_pb2, admin_pb2_grpc, shareholder_pb2, shareholder_pb2_grpc
 from vault.pki import ROLE_SHAREHOLDER, Identity
+from vaultrpc.files import fsync_dir, write_atomic
 from vaultrpc.tls import TlsMaterial, secure_channel
 
 # Deadlines: quick calls, and the long streaming phases (per message gap is
@@ -233,28 +234,14 @@ class SessionFile:
 
     def save(self, rec: SessionRecord) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".session.{os.getpid()}.tmp")
-        with open(tmp, "w") as fh:
-            fh.write(json.dumps(asdict(rec), indent=2, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        _fsync_dir(self.folder)
+        write_atomic(self.path, json.dumps(asdict(rec), indent=2, sort_keys=True) + "\n")
 
     def clear(self) -> None:
         try:
             self.path.unlink()
         except FileNotFoundError:
             return
-        _fsync_dir(self.folder)
-
-
-def _fsync_dir(folder: pathlib.Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(self.folder)
 
 
 def new_session_id(kind: str) -> str:

@@ -11,7 +11,6 @@ elsewhere (another auditor's, named in the node's refusal).
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import sys
 import time
@@ -19,6 +18,7 @@ import uuid
 
 from vaultctl import auditor
 from vaultctl.cli import CliError, RemoteError, Result, command, remote_error
+from vaultrpc.files import write_atomic
 
 # Statuses after which the session never began: forget the saved id.
 _NEVER_BEGAN = ("FAILED_PRECONDITION", "INVALID_ARGUMENT", "PERMISSION_DENIED", "UNAUTHENTICATED", "UNIMPLEMENTED")
@@ -41,9 +41,7 @@ def session_file(target: auditor.AuditorTarget, node: str) -> pathlib.Path:
 
 def _save(path: pathlib.Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data) + "\n")
 
 
 def _saved_session(path: pathlib.Path) -> str | None:
