@@ -121,13 +121,6 @@ class NodeKeys:
     kek_from_env: bool = False
 
 
-def _abs_path(value: str, key: str, base: pathlib.Path) -> pathlib.Path:
-    if not value:
-        raise ConfigError(f"The config value {key} is empty.")
-    path = pathlib.Path(value).expanduser()
-    return path if path.is_absolute() else (base / path)
-
-
 def _positive(data: dict[str, Any], key: str, default, kind=int):
     value = rpcconfig.get(data, key, default, (int, float) if kind is float else int)
     if isinstance(value, bool) or value <= 0:
@@ -187,17 +180,13 @@ def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> N
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ConfigError("The config value node.listen must be HOST:PORT (port 0 picks a free port).")
-    data_dir = _abs_path(rpcconfig.need(data, "node.data_dir"), "node.data_dir", base)
+    data_dir = rpcconfig.resolve_path(rpcconfig.need(data, "node.data_dir"), "node.data_dir", base)
     ready = rpcconfig.get(data, "node.ready_file", None, str)
     log_level = rpcconfig.get(data, "node.log_level", "INFO").upper()
     if log_level not in _LOG_LEVELS:
         raise ConfigError(f"The config value node.log_level must be one of {sorted(_LOG_LEVELS)}.")
 
-    tls = TlsFiles(
-        str(_abs_path(rpcconfig.need(data, "tls.ca"), "tls.ca", base)),
-        str(_abs_path(rpcconfig.need(data, "tls.cert"), "tls.cert", base)),
-        str(_abs_path(rpcconfig.need(data, "tls.key"), "tls.key", base)),
-    )
+    tls = rpcconfig.tls_files(data, base)
     kek_file = rpcconfig.get(data, "keys.kek_file", None, str)
     if kek_file is None and KEK_ENV not in env:
         raise ConfigError(f"The config is missing keys.kek_file (or set the environment variable {KEK_ENV}).")
@@ -236,9 +225,9 @@ def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> N
         listen=listen,
         data_dir=data_dir,
         tls=tls,
-        kek_file=str(_abs_path(kek_file, "keys.kek_file", base)) if kek_file is not None else None,
-        audit_key_file=str(_abs_path(audit_key_file, "keys.audit_key_file", base)),
-        ready_file=_abs_path(ready, "node.ready_file", base) if ready else None,
+        kek_file=str(rpcconfig.resolve_path(kek_file, "keys.kek_file", base)) if kek_file is not None else None,
+        audit_key_file=str(rpcconfig.resolve_path(audit_key_file, "keys.audit_key_file", base)),
+        ready_file=rpcconfig.resolve_path(ready, "node.ready_file", base) if ready else None,
         log_level=log_level,
         metrics_host=rpcconfig.get(data, "metrics.host", "127.0.0.1"),
         metrics_port=metrics_port,
@@ -284,7 +273,8 @@ def _witness_peers(data: dict[str, Any], own: str, base: pathlib.Path) -> dict[s
         address, ready = item.get("address"), item.get("ready_file")
         if (address is None) == (ready is None) or not isinstance(address or ready, str):
             raise ConfigError(f"The config value {where} needs exactly one of address and ready_file.")
-        peers[name] = WitnessPeer(name, key, address, _abs_path(ready, f"{where}.ready_file", base) if ready else None)
+        ready_path = rpcconfig.resolve_path(ready, f"{where}.ready_file", base) if ready else None
+        peers[name] = WitnessPeer(name, key, address, ready_path)
     return peers
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
-import secrets
 import sqlite3
 import threading
 import time
@@ -351,12 +350,12 @@ class Rotation:
                 target, resumed = file_active, True  # a rotation cut short before its session committed
             else:
                 target, resumed = max(keys) + 1, False
-                keys[target] = secrets.token_bytes(KEY_BYTES)
+                keys[target] = envelope.new_kek()
                 new_key = True
         else:
             target, resumed = int(session.plan["to_version"]), True
             if target not in keys:  # crashed after the session was opened, before the file was written
-                keys[target] = secrets.token_bytes(KEY_BYTES)
+                keys[target] = envelope.new_kek()
                 new_key = True
         in_use = [r[0] for r in conn.execute("SELECT DISTINCT kek_version FROM shares")]
         from_versions = sorted((set(keys) | set(in_use)) - {target})

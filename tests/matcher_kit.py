@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import pathlib
-import secrets
 import signal
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from shareholders.server import serve as serve_node
 from node_kit import CLUSTER_ID
 from splitvault.v1 import shareholder_pb2_grpc
 from vault import pki, ticket
-from vault.envelope import KekRing
+from vault.envelope import KekRing, new_kek
 from vaultctl.client import MatcherClient
 from vaultrpc import server as rpcserver
 from vaultrpc.tls import secure_channel
@@ -104,7 +103,7 @@ def node_config(pki_: "DevPki", root: pathlib.Path, name: str, index: int, tenan
 
 
 def node_keys() -> NodeKeys:
-    return NodeKeys(KekRing({1: secrets.token_bytes(32)}, 1), ed25519.Ed25519PrivateKey.generate())
+    return NodeKeys(KekRing({1: new_kek()}, 1), ed25519.Ed25519PrivateKey.generate())
 
 
 def matcher_dict(pki_, endpoints, tenants, *, k: int, dim: int = DIM, call_timeout_ms: int = 2000,
@@ -343,7 +342,7 @@ class Processes:
         for index, name in enumerate(NAMES, start=1):
             d = self.root / name
             d.mkdir(parents=True)
-            _secret(d / "kek.json", json.dumps({"active": 1, "keys": {"1": secrets.token_hex(32)}}).encode())
+            _secret(d / "kek.json", json.dumps({"active": 1, "keys": {"1": new_kek().hex()}}).encode())
             _secret(d / "audit.key", pki.new_signing_key()[0])
             (d / "node.toml").write_text(
                 f'[node]\nname = "{name}"\ncluster_id = "{CLUSTER_ID}"\nindex = {index}\nlisten = "127.0.0.1:0"\ndata_dir = "{d}"\n'
