@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from splitvault.v1 import matcher_pb2, matcher_pb2_grpc
 from vault import names, pki, ticket
+from vaultctl import cluster
 from vaultrpc.tls import TlsFiles, TlsMaterial, secure_channel
 
 _DECISIONS = {matcher_pb2.DECISION_MATCH: "MATCH", matcher_pb2.DECISION_NO_MATCH: "NO_MATCH"}
@@ -105,8 +106,6 @@ class MatcherClient:
     @classmethod
     def from_cluster_dir(cls, path: str | pathlib.Path, tenant: str = "demo-psp", **kwargs) -> "MatcherClient":
         """A client for a local cluster made by ``vaultctl cluster up --dir path``."""
-        from vaultctl import cluster
-
         root = pathlib.Path(path)
         ready = root / "matcher" / "ready.json"
         try:
@@ -174,7 +173,6 @@ class MatcherClient:
         gRPC's per-message cost dominated one-template messages). The
         stream's deadline is ``timeout_s`` (default: none, bulk jobs are long).
         """
-
         operation = ticket.write_operation(replace)
 
         def message(chunk) -> matcher_pb2.EnrollBatchesRequest:

@@ -36,6 +36,7 @@ when a process failed to start, the tail of its log).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -49,8 +50,7 @@ from dataclasses import asdict, dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from vault import names, pki
-from vault import plan as committee_plan
+from vault import envelope, names, pki, plan as committee_plan
 from vaultrpc.files import write_atomic
 from vaultrpc.tls import TlsFiles, secure_channel
 
@@ -455,7 +455,7 @@ def _make_node_files(paths: Paths, spec: ClusterSpec, name: str) -> None:
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
     if not (d / "kek.json").exists():
-        kek = {"active": 1, "keys": {"1": secrets.token_bytes(32).hex()}}
+        kek = {"active": 1, "keys": {"1": envelope.new_kek().hex()}}
         _write(d / "kek.json", json.dumps(kek) + "\n", secret=True)
     if not (d / "audit.key").exists():
         private_pem, _public = pki.new_signing_key()
@@ -1015,8 +1015,6 @@ def switch_matcher(root: str | os.PathLike, spec: ClusterSpec, addresses: dict[s
                    timeout_s: float = START_TIMEOUT_S) -> dict:
     """Point the running matcher at ``spec``'s committee: rewrite matcher.toml,
     SIGHUP it, and wait until its ready file shows the new config's digest."""
-    import hashlib
-
     paths = Paths(root)
     current = load_spec(root)
     config = paths.config(current, current.matcher)

@@ -36,7 +36,7 @@ import time
 
 from splitvault.v1 import admin_pb2
 from vault import proactive
-from vaultctl import maintenance
+from vaultctl import auditor, maintenance
 from vaultctl.cli import CliError, RemoteError, Result, command, count, seconds_or_zero
 from vaultctl.maintenance import (
     KIND_NAMES, STATE_NAMES, Admin, CrashSeam, MaintenanceError, Node, Progress, SessionFile, SessionRecord,
@@ -272,8 +272,6 @@ def run_check(admin: Admin, names: list[str], sid: str, threshold: int, count: i
 def target_nodes(args) -> tuple[list[Node], int, object, pathlib.Path]:
     """The committee of ``--dir`` or ``--config``: nodes (with addresses), k,
     the auditor's TLS material and the state folder (vaultctl.auditor)."""
-    from vaultctl import auditor
-
     try:
         target = auditor.from_args(args)
     except auditor.TargetError as exc:
@@ -338,7 +336,6 @@ def _lines(report: dict) -> list[str]:
 
 @command("refresh", help="proactive share refresh to a new epoch (resumable)", arguments=_args, target="any")
 def _refresh(args) -> Result:
-
     if args.check and args.no_check:
         raise CliError("--check and --no-check contradict each other.")
     if args.abort and (args.check or args.no_check):

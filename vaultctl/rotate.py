@@ -16,6 +16,9 @@ import sys
 import time
 import uuid
 
+import grpc
+
+from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
 from vaultctl import auditor
 from vaultctl.cli import CliError, RemoteError, Result, command, remote_error
 from vaultrpc.files import write_atomic
@@ -90,10 +93,6 @@ def rotate_kek(target: auditor.AuditorTarget, node_name: str, *, session: str | 
     Python API for scripts and tests: ``on_progress(message)`` sees every
     RotateKekResponse as it arrives.
     """
-    import grpc
-
-    from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
-
     node = target.node(node_name)
     if node.address is None:
         raise RemoteError(f"Shareholder {node.name} is not running; start it, then rerun.")
@@ -152,8 +151,6 @@ def rotate_kek(target: auditor.AuditorTarget, node_name: str, *, session: str | 
 @command("rotate", "kek", help="new key-encryption key at one node: every data key re-wrapped, the old key retired",
          arguments=_arguments)
 def _rotate_kek(args) -> Result:
-    from splitvault.v1 import shareholder_pb2
-
     try:
         target = auditor.from_args(args)
         target.node(args.node)
