@@ -575,11 +575,11 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             try:
                 items = self._seal([rec for rec, _ in pending], seen)
             except (status.RpcError, InvalidShares) as exc:
-                message = exc.message if isinstance(exc, status.RpcError) else str(exc)
+                error = status.of(exc)
                 # Let the batches already queued land first, then report.
                 while inflight:
                     settle(inflight.popleft())
-                raise status.InvalidArgument(f"{message} ({totals[0]} records were stored before this batch.)") from None
+                raise type(error)(f"{error.message} ({totals[0]} records were stored before this batch.)") from None
             try:
                 checked = self._store_tickets(actor, [rec for rec, _ in pending], [t for _, t in pending],
                                               batches, bool(replace), covered)
