@@ -81,3 +81,15 @@ def test_an_invalid_name_is_invalid_argument_through_the_one_status_map():
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert status.to_status(InvalidName("The x is bad.")) == (grpc.StatusCode.INVALID_ARGUMENT, "The x is bad.")
     assert isinstance(status.error(grpc.StatusCode.NOT_FOUND, "m"), status.NotFound)
+
+
+@pytest.mark.parametrize("value, ok", [
+    ("bank-a", True), ("matcher", True), ("a.b", True), ("Bank-A", False), ("bank_a", False), ("-bank", False),
+    ("bank-", False), ("a..b", False),
+])
+def test_server_name_is_also_a_dns_name(value, ok):
+    if ok:
+        assert names.check_server_name(value) == value
+    else:
+        with pytest.raises(InvalidName):
+            names.check_server_name(value)

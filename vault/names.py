@@ -11,6 +11,7 @@ in the audit log and on the wire. docs/contracts.md states the same rules.
 | identifier (tenant, subject in a record or ticket) | 1-128 bytes of UTF-8, every character printable (``str.isprintable``: no control, format, separator other than space, surrogate or unassigned character) | ``check_id`` |
 | token (request id, KEK-rotation session id, cluster id) | 1-128 printable ASCII characters | ``check_token`` |
 | name (node, party, certificate name, tenant in a config) | 1-63 of ``[A-Za-z0-9._-]``, starting with a letter or digit | ``check_name`` |
+| server name (matcher, node) | a name that is also a DNS name: lowercase labels of ``[a-z0-9-]``, no label starting or ending with ``-`` | ``check_server_name`` |
 | plan session id (refresh, reshare) | 8-64 of ``[A-Za-z0-9_-]``, starting with a letter or digit | ``is_session_id`` |
 | shareholder index | an int from 1 to 255 (a Shamir x-coordinate, never 0) | ``check_index`` |
 """
@@ -22,7 +23,7 @@ from vault.errors import InvalidName
 
 __all__ = [
     "InvalidName", "MAX_DIMENSION", "MAX_ID_BYTES", "MAX_SHAREHOLDERS", "SESSION_ID", "check_id", "check_id_bytes", "check_index",
-    "check_name", "check_token", "is_name", "is_session_id",
+    "check_name", "check_server_name", "check_token", "is_name", "is_session_id",
 ]
 
 # Longest identifier or token, in UTF-8 bytes.
@@ -35,6 +36,9 @@ MAX_SHAREHOLDERS = 255
 MAX_DIMENSION = 66_572
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# A server name as a DNS name: lowercase labels, so that case-insensitive
+# host-name matching can never make two names one.
+_DNS_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$")
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{7,63}$")
 
 
@@ -76,6 +80,17 @@ def check_name(name: str) -> str:
     if not is_name(name):
         raise InvalidName(
             "A name must be 1 to 63 characters of letters, digits, '.', '_' or '-', starting with a letter or digit."
+        )
+    return name
+
+
+def check_server_name(name: str) -> str:
+    """A matcher's or node's name: a name that is also a lowercase DNS name."""
+    check_name(name)
+    if not _DNS_NAME.match(name):
+        raise InvalidName(
+            f"Server name {name!r} cannot be a DNS name: use lowercase letters, digits, '-' and '.' "
+            "(no '_', no label starting or ending with '-')."
         )
     return name
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -26,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from vault.names import check_name, is_name
+from vault.names import check_name, check_server_name, is_name
 
 # The roles a certificate can carry, and nothing else.
 ROLE_MATCHER = "matcher"
@@ -39,9 +38,6 @@ SERVER_ROLES = frozenset({ROLE_MATCHER, ROLE_SHAREHOLDER})
 
 # ".invalid" (RFC 2606) never resolves: the name is an identity, not a host.
 SERVER_DNS_SUFFIX = ".splitvault.invalid"
-# A server name as a DNS name: lowercase labels, so that case-insensitive
-# host-name matching can never make two names one.
-_DNS_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$")
 
 URI_PREFIX = "spiffe://splitvault/"
 
@@ -67,12 +63,7 @@ def server_dns_name(identity: Identity) -> str:
     the right (the role has no dot), it names exactly one identity."""
     if identity.role not in SERVER_ROLES:
         raise ValueError(f"Role {identity.role!r} does not serve; only {sorted(SERVER_ROLES)} have server names.")
-    check_name(identity.name)
-    if not _DNS_NAME.match(identity.name):
-        raise ValueError(
-            f"Server name {identity.name!r} cannot be a DNS name: use lowercase letters, digits, '-' and '.' "
-            "(no '_', no label starting or ending with '-')."
-        )
+    check_server_name(identity.name)
     return f"{identity.name}.{identity.role}{SERVER_DNS_SUFFIX}"
 
 
