@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 
 test: setup
 	cd proto && ../$(VENV)/bin/buf lint
+	$(VENV)/bin/ruff check --no-cache .
 	$(PY) -m pytest -q
 
 demo: setup
@@ -30,6 +31,7 @@ proto: setup
 
 lint: setup
 	cd proto && ../$(VENV)/bin/buf lint
+	$(VENV)/bin/ruff check --no-cache .
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

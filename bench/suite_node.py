@@ -43,12 +43,16 @@ from concurrent import futures
 import grpc
 import numpy as np
 
-from shareholders import testing
 from splitvault.v1 import common_pb2, shareholder_pb2
 from vault import pki, ticket
 from vault.field import P
 from vault.integrity import MAC_COUNT
+from vaultrpc.files import write_atomic
 from vaultrpc.tls import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, TlsFiles, identity_options
+
+# The node-file helpers are test support (tests/node_kit.py), not the product.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
+import node_kit as testing  # noqa: E402
 
 SUITE = "node"
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -97,9 +101,7 @@ def _echo_server(args) -> None:
     )
     port = server.add_secure_port("127.0.0.1:0", tls.server_credentials())
     server.start()
-    tmp = pathlib.Path(args.ready + ".tmp")
-    tmp.write_text(json.dumps({"port": port, "pid": os.getpid()}))
-    os.replace(tmp, args.ready)
+    write_atomic(args.ready, json.dumps({"port": port, "pid": os.getpid()}))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

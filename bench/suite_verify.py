@@ -42,7 +42,6 @@ import json
 import os
 import pathlib
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,14 +53,18 @@ from concurrent import futures
 import grpc
 import numpy as np
 
-from shareholders import testing
 from splitvault.v1 import common_pb2, matcher_pb2, shareholder_pb2
 from vault import codec, pki
 from vaultctl.client import MatcherClient
 from vaultrpc import logs
 from vaultrpc import server as rpcserver
 from vaultrpc.server import caller
+from vaultrpc.files import write_atomic
 from vaultrpc.tls import TlsFiles, secure_channel
+
+# The node-file helpers are test support (tests/node_kit.py), not the product.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
+import node_kit as testing  # noqa: E402
 
 SUITE = "verify"
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -154,10 +157,7 @@ def _serve(args) -> None:
         listen="127.0.0.1:0", tls=tls, register=(lambda s: s.add_generic_rpc_handlers((handler,)),),
         service_names=(service,), roles=roles, logger=log, max_workers=64,
     )
-    ready = pathlib.Path(args.ready)
-    tmp = ready.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"address": f"127.0.0.1:{running.port}", "pid": os.getpid()}))
-    os.replace(tmp, ready)
+    write_atomic(args.ready, json.dumps({"address": f"127.0.0.1:{running.port}", "pid": os.getpid()}))
     rpcserver.run_until_signalled(running, grace=1.0)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from vault import pki, ticket
+from vault import names, pki, ticket
 from vaultrpc import config as rpcconfig
 from vaultrpc.config import ConfigError
 from vaultrpc.tls import TlsFiles
@@ -76,13 +76,6 @@ def load(path: str | os.PathLike, env: dict[str, str] | None = None) -> MatcherC
     return from_dict(data, base=pathlib.Path(path).resolve().parent)
 
 
-def _path(value: str, base: pathlib.Path | None) -> str:
-    p = pathlib.Path(value)
-    if not p.is_absolute() and base is not None:
-        p = base / p
-    return str(p)
-
-
 def from_dict(data: dict[str, Any], base: pathlib.Path | None = None) -> MatcherConfig:
     """Build a checked MatcherConfig from parsed TOML; relative paths are
     taken relative to ``base`` (the config file's folder)."""
@@ -100,8 +93,8 @@ def from_dict(data: dict[str, Any], base: pathlib.Path | None = None) -> Matcher
         cluster_id = ticket.check_audience(need(data, "matcher.cluster_id"))
     except ValueError as exc:
         raise ConfigError(f"The config value matcher.cluster_id is invalid: {exc}") from None
-    if not 0 < dimension <= 66_572:
-        raise ConfigError("The config value matcher.dimension must be between 1 and 66572.")
+    if not 0 < dimension <= names.MAX_DIMENSION:
+        raise ConfigError(f"The config value matcher.dimension must be between 1 and {names.MAX_DIMENSION}.")
     if not 50 <= call_timeout_ms <= 600_000:
         raise ConfigError("The config value matcher.call_timeout_ms must be between 50 and 600000.")
     if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -113,36 +106,9 @@ def from_dict(data: dict[str, Any], base: pathlib.Path | None = None) -> Matcher
     if not 1 <= enroll_batch <= 8192:
         raise ConfigError("The config value matcher.enroll_batch must be between 1 and 8192.")
 
-    tls = TlsFiles(
-        ca=_path(need(data, "tls.ca"), base),
-        cert=_path(need(data, "tls.cert"), base),
-        key=_path(need(data, "tls.key"), base),
-    )
+    tls = rpcconfig.tls_files(data, base)
 
-    raw_nodes = data.get("shareholders")
-    if not isinstance(raw_nodes, list) or not raw_nodes:
-        raise ConfigError("The config needs at least one [[shareholders]] entry.")
-    nodes = []
-    for i, raw in enumerate(raw_nodes):
-        if not isinstance(raw, dict):
-            raise ConfigError(f"The config entry shareholders[{i}] is not a table.")
-        wrapped = {"s": raw}
-        name = need(wrapped, "s.name")
-        try:
-            pki.check_name(name)
-        except ValueError as exc:
-            raise ConfigError(f"The config value shareholders[{i}].name is invalid: {exc}") from None
-        index = need(wrapped, "s.index", int)
-        address = need(wrapped, "s.address")
-        if not 1 <= index <= 255:
-            raise ConfigError(f"The config value shareholders[{i}].index must be between 1 and 255.")
-        if ":" not in address:
-            raise ConfigError(f"The config value shareholders[{i}].address must be host:port.")
-        nodes.append(ShareholderEndpoint(name, index, address))
-    if len({n.name for n in nodes}) != len(nodes):
-        raise ConfigError("Two [[shareholders]] entries have the same name.")
-    if len({n.index for n in nodes}) != len(nodes):
-        raise ConfigError("Two [[shareholders]] entries have the same index.")
+    nodes = [ShareholderEndpoint(e.name, e.index, e.address) for e in rpcconfig.shareholder_table(data)]
     if sorted(n.index for n in nodes) != list(range(1, len(nodes) + 1)):
         raise ConfigError("The [[shareholders]] indices must be 1 to n, one per node (the Shamir x-coordinates).")
     if not 2 <= threshold <= len(nodes):
@@ -156,7 +122,7 @@ def from_dict(data: dict[str, Any], base: pathlib.Path | None = None) -> Matcher
     tenants: dict[str, TenantPolicy] = {}
     for name, raw in raw_tenants.items():
         try:
-            pki.check_name(name)
+            names.check_name(name)
         except ValueError as exc:
             raise ConfigError(f"The tenant name {name!r} is invalid: {exc}") from None
         wrapped = {"t": raw}
@@ -191,7 +157,7 @@ def from_dict(data: dict[str, Any], base: pathlib.Path | None = None) -> Matcher
         tenants=tenants,
         tls=tls,
         cluster_id=cluster_id,
-        ready_file=_path(ready_file, base) if ready_file else None,
+        ready_file=str(rpcconfig.resolve_path(ready_file, "matcher.ready_file", base)) if ready_file else None,
         call_timeout_ms=call_timeout_ms,
         log_level=log_level.upper(),
         metrics_host=get(data, "metrics.host", "127.0.0.1", str),

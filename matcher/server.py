@@ -16,6 +16,7 @@ from splitvault.v1 import matcher_pb2, matcher_pb2_grpc
 from vault.pki import ROLE_MATCHER, ROLE_PSP, server_identity_from_pem
 from vaultrpc import logs
 from vaultrpc import server as rpcserver
+from vaultrpc.files import write_atomic
 from vaultrpc.metrics import serve_metrics
 from vaultrpc.server import harden_process
 from vaultrpc.tls import MAX_MESSAGE_BYTES
@@ -113,9 +114,7 @@ def write_ready_file(path: str, payload: dict) -> None:
     """Write JSON atomically (tmp + rename) so a reader never sees half a file."""
     target = pathlib.Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, sort_keys=True) + "\n")
-    os.replace(tmp, target)
+    write_atomic(target, json.dumps(payload, sort_keys=True) + "\n")
 
 
 def serve(config: MatcherConfig, *, logger: logging.Logger | None = None, harden: bool = True,

@@ -35,12 +35,11 @@ from matcher import metrics
 from matcher.committee import TRANSPORT_CODES, Committee, Outcome
 from matcher.config import MatcherConfig, ShareholderEndpoint, TenantPolicy
 from splitvault.v1 import common_pb2, matcher_pb2, matcher_pb2_grpc, shareholder_pb2
-from vault import codec, integrity, record, sharing, ticket
+from vault import codec, integrity, names, record, sharing, ticket
 from vault.errors import IntegrityError, InvalidShares, InvalidTemplate, InvalidTicket
 from vaultrpc import logs, status
 from vaultrpc.server import caller
 
-MAX_ID_BYTES = 128
 # Node answers that settle a verification without k shares, in the order
 # they are considered when several apply.
 _DEFINITIVE = (
@@ -61,17 +60,6 @@ _PIPELINE_DEPTH = 2
 _NO_HEDGE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.PERMISSION_DENIED})
 # How long a node that failed at transport level is asked last.
 _DOWN_MEMORY_S = 5.0
-
-
-def check_id(value: str, what: str, *, ascii_only: bool = False) -> str:
-    """A subject (1-128 bytes of printable UTF-8) or request id (1-128 printable ASCII characters)."""
-    raw = value.encode("utf-8", "surrogatepass")
-    if not 1 <= len(raw) <= MAX_ID_BYTES:
-        raise status.InvalidArgument(f"The {what} must be 1 to {MAX_ID_BYTES} bytes long.")
-    if not value.isprintable() or (ascii_only and not value.isascii()):
-        kind = "printable ASCII" if ascii_only else "printable text"
-        raise status.InvalidArgument(f"The {what} must be {kind} without control characters.")
-    return value
 
 
 def _vector(values, dimension: int, what: str) -> np.ndarray:
@@ -150,8 +138,8 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
 
     def Enroll(self, request, context):
         tenant = self._tenant(context)
-        subject = check_id(request.subject, "subject")
-        request_id = check_id(request.request_id, "request id", ascii_only=True)
+        subject = status.checked(names.check_id, request.subject, "subject")
+        request_id = status.checked(names.check_token, request.request_id, "request id")
         vector = _vector(request.template, self.d, "template")
         try:
             self._check_write_ticket(request, tenant, subject, request_id, _write_ops(request.replace), vector)
@@ -553,7 +541,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
 
     def Verify(self, request, context):
         tenant = self._tenant(context)
-        subject = check_id(request.subject, "subject")
+        subject = status.checked(names.check_id, request.subject, "subject")
         probe = _vector(request.probe, self.d, "probe")
         codes: list[np.ndarray] = []
         decision_id = str(uuid.uuid4())
@@ -602,7 +590,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             body = ticket.verify(request.ticket, tenant.ticket_keys, tenant=tenant.name, audience=self.cfg.cluster_id,
                                  operations=operations)
         except InvalidTicket as exc:
-            raise status.PermissionDenied(str(exc)) from None
+            raise status.of(exc) from None
         if body.subject != subject or body.request_id != request_id:
             raise status.PermissionDenied("The ticket was issued for another subject or request id.")
         if template is not None and not ticket.template_matches(body, template):
@@ -616,7 +604,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             body = ticket.verify(request.ticket, tenant.ticket_keys, tenant=tenant.name, audience=self.cfg.cluster_id,
                                  operations=(ticket.VERIFY,))
         except InvalidTicket as exc:
-            raise status.PermissionDenied(str(exc)) from None
+            raise status.of(exc) from None
         if body.subject != subject:
             raise status.PermissionDenied("The verification ticket was issued for another subject.")
         if not ticket.probe_matches(body, probe):
@@ -824,12 +812,12 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         enough_to_rule_out = self.n - self.k + 1  # this many refusals leave fewer than k possible shares
         for code in _DEFINITIVE:
             if codes[code] >= enough_to_rule_out:
-                return _STATUS_BY_CODE[code](_DEFINITIVE_MESSAGE[code])
+                return status.error(code, _DEFINITIVE_MESSAGE[code])
         answered = {o.code for o in failures if o.code not in TRANSPORT_CODES}
         if best == 0 and len(answered) == 1:
             (code,) = answered
             if code in _DEFINITIVE_MESSAGE:
-                return _STATUS_BY_CODE[code](_DEFINITIVE_MESSAGE[code])
+                return status.error(code, _DEFINITIVE_MESSAGE[code])
         return status.Unavailable(
             f"Fewer than k = {self.k} shareholders answered with a share; no decision was made."
         )
@@ -838,11 +826,11 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
 
     def Delete(self, request, context):
         tenant = self._tenant(context)
-        subject = check_id(request.subject, "subject")
+        subject = status.checked(names.check_id, request.subject, "subject")
         if not request.HasField("ticket"):
             raise status.PermissionDenied("A delete needs the provider's signed ticket.")
         request_id = request.request_id or _claimed_request_id(request.ticket)
-        request_id = check_id(request_id, "request id", ascii_only=True)
+        request_id = status.checked(names.check_token, request_id, "request id")
         self._check_write_ticket(request, tenant, subject, request_id, (ticket.DELETE,), None)
         req = shareholder_pb2.DeleteSharesRequest(tenant=tenant.name, subject=subject, request_id=request_id,
                                                   ticket=request.ticket)
@@ -911,12 +899,6 @@ def _claimed_request_id(signed: common_pb2.VerificationTicket) -> str:
     return body.request_id
 
 
-_STATUS_BY_CODE = {
-    grpc.StatusCode.PERMISSION_DENIED: status.PermissionDenied,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: status.ResourceExhausted,
-    grpc.StatusCode.NOT_FOUND: status.NotFound,
-}
-
 
 def _batches(requests: Iterable, size: int, dimension: int, check_ticket) -> Iterator[list[_Item]]:
     """Read the stream of (request, batch authority) ``size`` requests at a time, checking each one."""
@@ -934,8 +916,8 @@ def _check_stream_item(position: int, req, dimension: int, check_ticket, authori
     auth = authority.batch if isinstance(authority, _BatchAuth) else req.ticket
     item = _Item(position, req.subject, req.request_id, req.replace, auth)
     try:
-        check_id(req.subject, "subject")
-        check_id(req.request_id, "request id", ascii_only=True)
+        status.checked(names.check_id, req.subject, "subject")
+        status.checked(names.check_token, req.request_id, "request id")
         item.vector = _vector(req.template, dimension, "template")
         check_ticket(req, item.vector, authority)
     except status.RpcError as exc:

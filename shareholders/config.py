@@ -32,7 +32,7 @@ from typing import Any
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from vault import pki, ticket
+from vault import names, pki, ticket
 from vault.envelope import KEY_BYTES, KekRing
 from vaultrpc import config as rpcconfig
 from vaultrpc.config import ConfigError
@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 KEK_ENV = "SPLITVAULT_KEK_JSON"
-MAX_INDEX = 255  # vault.sharing.MAX_SHAREHOLDERS
+MAX_INDEX = names.MAX_SHAREHOLDERS
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 
@@ -121,13 +121,6 @@ class NodeKeys:
     kek_from_env: bool = False
 
 
-def _abs_path(value: str, key: str, base: pathlib.Path) -> pathlib.Path:
-    if not value:
-        raise ConfigError(f"The config value {key} is empty.")
-    path = pathlib.Path(value).expanduser()
-    return path if path.is_absolute() else (base / path)
-
-
 def _positive(data: dict[str, Any], key: str, default, kind=int):
     value = rpcconfig.get(data, key, default, (int, float) if kind is float else int)
     if isinstance(value, bool) or value <= 0:
@@ -147,7 +140,7 @@ def _parse_peers(data: dict[str, Any]) -> dict[str, str]:
     peers = {}
     for name, address in table.items():
         try:
-            pki.check_name(name)
+            names.check_name(name)
         except ValueError:
             raise ConfigError(f"The peer name {name!r} in [peers] is not a valid name.") from None
         peers[name] = _host_port(address, f"peers.{name}")
@@ -173,7 +166,7 @@ def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> N
 
     name = rpcconfig.need(data, "node.name")
     try:
-        pki.check_name(name)
+        names.check_name(name)
     except ValueError as exc:
         raise ConfigError(f"The config value node.name is invalid: {exc}") from None
     try:
@@ -187,17 +180,13 @@ def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> N
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ConfigError("The config value node.listen must be HOST:PORT (port 0 picks a free port).")
-    data_dir = _abs_path(rpcconfig.need(data, "node.data_dir"), "node.data_dir", base)
+    data_dir = rpcconfig.resolve_path(rpcconfig.need(data, "node.data_dir"), "node.data_dir", base)
     ready = rpcconfig.get(data, "node.ready_file", None, str)
     log_level = rpcconfig.get(data, "node.log_level", "INFO").upper()
     if log_level not in _LOG_LEVELS:
         raise ConfigError(f"The config value node.log_level must be one of {sorted(_LOG_LEVELS)}.")
 
-    tls = TlsFiles(
-        str(_abs_path(rpcconfig.need(data, "tls.ca"), "tls.ca", base)),
-        str(_abs_path(rpcconfig.need(data, "tls.cert"), "tls.cert", base)),
-        str(_abs_path(rpcconfig.need(data, "tls.key"), "tls.key", base)),
-    )
+    tls = rpcconfig.tls_files(data, base)
     kek_file = rpcconfig.get(data, "keys.kek_file", None, str)
     if kek_file is None and KEK_ENV not in env:
         raise ConfigError(f"The config is missing keys.kek_file (or set the environment variable {KEK_ENV}).")
@@ -211,7 +200,7 @@ def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> N
     tenants: dict[str, dict[str, ed25519.Ed25519PublicKey]] = {}
     for tenant, section in tenants_raw.items():
         try:
-            pki.check_name(tenant)
+            names.check_name(tenant)
         except ValueError:
             raise ConfigError(f"The tenant id {tenant!r} in [tenants] is not a valid name.") from None
         keys = section.get("ticket_keys") if isinstance(section, dict) else None
@@ -236,9 +225,9 @@ def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> N
         listen=listen,
         data_dir=data_dir,
         tls=tls,
-        kek_file=str(_abs_path(kek_file, "keys.kek_file", base)) if kek_file is not None else None,
-        audit_key_file=str(_abs_path(audit_key_file, "keys.audit_key_file", base)),
-        ready_file=_abs_path(ready, "node.ready_file", base) if ready else None,
+        kek_file=str(rpcconfig.resolve_path(kek_file, "keys.kek_file", base)) if kek_file is not None else None,
+        audit_key_file=str(rpcconfig.resolve_path(audit_key_file, "keys.audit_key_file", base)),
+        ready_file=rpcconfig.resolve_path(ready, "node.ready_file", base) if ready else None,
         log_level=log_level,
         metrics_host=rpcconfig.get(data, "metrics.host", "127.0.0.1"),
         metrics_port=metrics_port,
@@ -270,7 +259,7 @@ def _witness_peers(data: dict[str, Any], own: str, base: pathlib.Path) -> dict[s
             raise ConfigError(f"The config value {where} needs a name.")
         name = item["name"]
         try:
-            pki.check_name(name)
+            names.check_name(name)
         except ValueError:
             raise ConfigError(f"The config value {where}.name is not a valid node name.") from None
         if name == own or name in peers:
@@ -284,7 +273,8 @@ def _witness_peers(data: dict[str, Any], own: str, base: pathlib.Path) -> dict[s
         address, ready = item.get("address"), item.get("ready_file")
         if (address is None) == (ready is None) or not isinstance(address or ready, str):
             raise ConfigError(f"The config value {where} needs exactly one of address and ready_file.")
-        peers[name] = WitnessPeer(name, key, address, _abs_path(ready, f"{where}.ready_file", base) if ready else None)
+        ready_path = rpcconfig.resolve_path(ready, f"{where}.ready_file", base) if ready else None
+        peers[name] = WitnessPeer(name, key, address, ready_path)
     return peers
 
 
@@ -292,7 +282,7 @@ def _operators(raw: dict) -> dict[str, ed25519.Ed25519PublicKey]:
     out = {}
     for node, hex_key in raw.items():
         try:
-            pki.check_name(node)
+            names.check_name(node)
             out[node] = pki.load_public_key(str(hex_key))
         except ValueError:
             raise ConfigError(
@@ -312,7 +302,7 @@ def _committee(raw: dict) -> tuple[dict[str, int], int, dict[str, str]]:
     out: dict[str, int] = {}
     for node, index in members.items():
         try:
-            pki.check_name(node)
+            names.check_name(node)
         except ValueError:
             raise ConfigError(f"The config value committee.members names an invalid node {str(node)[:64]!r}.") from None
         if isinstance(index, bool) or not isinstance(index, int) or not 1 <= index <= MAX_INDEX:

@@ -88,7 +88,6 @@ import json
 import logging
 import os
 import queue
-import re
 import sqlite3
 import threading
 import time
@@ -105,8 +104,8 @@ from prometheus_client import Counter
 from shareholders import store
 from shareholders.audit_log import Tx, WriterClosed, now_ms
 from shareholders.config import ConfigError, load_peers
-from splitvault.v1 import admin_pb2, admin_pb2_grpc, common_pb2
-from vault import envelope, field, pki, proactive, record
+from splitvault.v1 import admin_pb2, admin_pb2_grpc
+from vault import envelope, field, names, pki, proactive, record
 from vault import plan as committee_plan
 from vault.envelope import SealedShare
 from vault.errors import EnvelopeError, InvalidShares
@@ -179,7 +178,6 @@ MAX_CHALLENGES = 16
 # in the audit log (the clock may have been stepped back a little since).
 CLAIM_CLOCK_SLACK_MS = 86_400_000
 CHECKS = Counter("splitvault_node_refresh_checks_total", "Refresh check calls, by outcome.", ["node", "outcome"])
-_SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{7,63}$")
 _SEED_DOMAIN = b"splitvault/session-seed/v1\x00"
 _DIFF_DOMAIN = b"splitvault/refresh-check-diff/v1\x00"
 _log = logging.getLogger("shareholders.epochs")
@@ -367,10 +365,10 @@ def _members(items, what: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for m in items:
         try:
-            pki.check_name(m.name)
+            names.check_name(m.name)
         except ValueError:
             raise status.InvalidArgument(f"The {what} names an invalid node {m.name[:64]!r}.") from None
-        if not 1 <= m.index <= 255:
+        if not 1 <= m.index <= names.MAX_SHAREHOLDERS:
             raise status.InvalidArgument(f"The {what} gives node {m.name} index {m.index}; indices are 1 to 255.")
         if m.name in out:
             raise status.InvalidArgument(f"The {what} names node {m.name} twice.")
@@ -688,7 +686,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         message = str(exc)
 
         def job(tx: Tx):
-            tx.append("maintenance_refused", actor=actor, request_id=sid if _SESSION_ID.match(sid or "") else "",
+            tx.append("maintenance_refused", actor=actor, request_id=sid if names.is_session_id(sid) else "",
                       details={"kind": kind, "reason": reason, "message": message[:400]})
         self._commit(job)
         logs.event(_log, "maintenance refused", logging.WARNING, actor=actor, kind=kind, reason=reason)
@@ -790,7 +788,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
     def BeginSession(self, request, context):
         actor = str(caller(context))
         sid = request.session_id
-        if not _SESSION_ID.match(sid or ""):
+        if not names.is_session_id(sid):
             raise status.InvalidArgument("A session id is 8 to 64 characters: letters, digits, '-' and '_'.")
         kind = _KIND_NAME.get(request.kind)
         if kind is None:
@@ -1382,7 +1380,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         parts = []
         groups: dict[tuple[int, int], list[int]] = {}
         for i, key in enumerate(request.keys):
-            if not 2 <= key.threshold <= 255 or not 1 <= key.width <= 70_000:
+            if not 2 <= key.threshold <= names.MAX_SHAREHOLDERS or not 1 <= key.width <= 70_000:
                 raise status.InvalidArgument("A record key has an invalid threshold or width.")
             groups.setdefault((key.threshold, key.width), []).append(i)
         values = [None] * len(request.keys)

@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pathlib
-import secrets
 import sqlite3
 import threading
 import time
@@ -51,16 +49,16 @@ from shareholders import store
 from shareholders.audit_log import Tx, WriterClosed, now_ms
 from shareholders.config import KEK_ENV, ConfigError, parse_kek_json, read_secret_file
 from splitvault.v1 import shareholder_pb2
-from vault import envelope, record
+from vault import envelope, names, record
 from vault.envelope import KEY_BYTES, KekRing, SealedShare
 from vault.errors import EnvelopeError
 from vaultrpc import logs, status
+from vaultrpc.files import write_atomic
 
 KIND = "kek_rotate"
 DEFAULT_BATCH = 1000
 MAX_BATCH = 10_000
 MAX_PAUSE_MS = 60_000
-MAX_SESSION_ID = 128
 # Open and closed session states, shared with refresh and reshare sessions.
 STATE_OPEN = "begun"
 STATE_DONE = "finalized"
@@ -85,12 +83,6 @@ def rotator(service) -> "Rotator":
         if found is None:
             found = service._rotator = Rotator(service)
         return found
-
-
-def check_session_id(value: str) -> str:
-    if not value or len(value) > MAX_SESSION_ID or not value.isascii() or not value.isprintable():
-        raise status.InvalidArgument(f"The session id must be 1 to {MAX_SESSION_ID} printable ASCII characters.")
-    return value
 
 
 def current_wrap(ring: KekRing, row: tuple) -> tuple:
@@ -125,22 +117,7 @@ def write_kek_file(path: str, keys: dict[int, bytes], active: int) -> None:
         raise ValueError("A KEK file needs its active version and 32-byte keys.")
     target = pathlib.Path(path)
     text = json.dumps({"active": active, "keys": {str(v): keys[v].hex() for v in sorted(keys)}}) + "\n"
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    folder = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a power cut
-    finally:
-        os.close(folder)
+    write_atomic(target, text, mode=0o600)
 
 
 def _same_keys(ring: KekRing, keys: dict[int, bytes]) -> list[int]:
@@ -373,12 +350,12 @@ class Rotation:
                 target, resumed = file_active, True  # a rotation cut short before its session committed
             else:
                 target, resumed = max(keys) + 1, False
-                keys[target] = secrets.token_bytes(KEY_BYTES)
+                keys[target] = envelope.new_kek()
                 new_key = True
         else:
             target, resumed = int(session.plan["to_version"]), True
             if target not in keys:  # crashed after the session was opened, before the file was written
-                keys[target] = secrets.token_bytes(KEY_BYTES)
+                keys[target] = envelope.new_kek()
                 new_key = True
         in_use = [r[0] for r in conn.execute("SELECT DISTINCT kek_version FROM shares")]
         from_versions = sorted((set(keys) | set(in_use)) - {target})
@@ -467,7 +444,7 @@ class Rotator:
 
     def stream(self, request, context, actor: str) -> Iterator[shareholder_pb2.RotateKekResponse]:
         svc = self.service
-        session_id = check_session_id(request.session_id)
+        session_id = status.checked(names.check_token, request.session_id, "session id")
         if svc.keys.kek_from_env or not svc.cfg.kek_file:
             raise status.FailedPrecondition(
                 f"Node {svc.name} takes its KEK from the environment variable {KEK_ENV}, which it cannot rewrite; "

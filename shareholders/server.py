@@ -18,7 +18,7 @@ import pathlib
 from dataclasses import dataclass, field
 
 from shareholders import store
-from shareholders.audit_log import AuditWriter, Tx, now_ms
+from shareholders.audit_log import AuditWriter, now_ms
 from shareholders.config import ConfigError, NodeConfig, NodeKeys, load_keys
 from shareholders import epochs, witness
 from shareholders.service import AUDIT_HEAD, ROLES, SERVICE, ShareholderService
@@ -27,6 +27,7 @@ from vault import envelope, pki, record
 from vault.errors import EnvelopeError
 from vaultrpc import logs
 from vaultrpc import server as rpcserver
+from vaultrpc.files import write_atomic
 from vaultrpc.metrics import serve_metrics
 
 _log = logging.getLogger("shareholders")
@@ -69,9 +70,7 @@ def _advertised(listen: str, port: int) -> str:
 def write_ready_file(path: pathlib.Path, info: dict) -> None:
     """Write JSON atomically: a reader sees the old file, none, or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(info, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(info, sort_keys=True) + "\n")
 
 
 def _remove_stale(path: pathlib.Path | None) -> None:

@@ -56,7 +56,7 @@ from shareholders.epochs import committee_pins, guard_delete, guard_store, prese
 from shareholders.audit_log import AuditWriter, Tx, WriterClosed, now_ms
 from shareholders.config import NodeConfig, NodeKeys
 from splitvault.v1 import common_pb2, shareholder_pb2, shareholder_pb2_grpc
-from vault import envelope, pki, record
+from vault import envelope, names, pki, record
 from vault import ticket as tickets
 from vault.errors import EnvelopeError, InvalidShares, InvalidTicket
 from vaultrpc import logs, status
@@ -83,27 +83,12 @@ STORED = Counter("splitvault_node_stored_records_total", "Share records written.
 DELETED = Counter("splitvault_node_deleted_records_total", "Share records erased.", ["node"])
 AUDIT_HEAD = Gauge("splitvault_node_audit_head_seq", "Sequence number of the last committed audit entry.", ["node"])
 
-MAX_REQUEST_ID = 128
 # Most stream batches sealed and queued ahead of the writer (bounds memory).
 _STREAM_INFLIGHT = 2
 # Batch tickets one StoreShareStream may carry (each checked once per flush).
 _MAX_STREAM_BATCHES = 4096
 # Claimed (unverified) names are logged, cut to this length.
 _CLAIM_CHARS = 128
-
-
-def _check_request_id(value: str, what: str = "request id") -> str:
-    if not value or len(value) > MAX_REQUEST_ID or not value.isascii() or not value.isprintable():
-        raise status.InvalidArgument(f"The {what} must be 1 to {MAX_REQUEST_ID} printable ASCII characters.")
-    return value
-
-
-def _check_name(value: str, what: str) -> str:
-    try:
-        record.record_identity(value, "x", 1, 0) if what == "tenant" else record.record_identity("x", value, 1, 0)
-    except InvalidShares:
-        raise status.InvalidArgument(f"The {what} must be 1 to 128 bytes of UTF-8 without control characters.") from None
-    return value
 
 
 class WriteAuth(NamedTuple):
@@ -471,7 +456,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                 raise status.InvalidArgument(
                     f"A record for shareholder index {rec.index} was sent to node {self.name!r}, which holds index {self.index}."
                 )
-            _check_request_id(rec.request_id)
+            status.checked(names.check_token, rec.request_id, "request id")
             if rec.epoch >= 2**63:
                 raise status.InvalidArgument("The record's epoch is out of range.")
             key = (rec.tenant, rec.subject)
@@ -590,11 +575,11 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             try:
                 items = self._seal([rec for rec, _ in pending], seen)
             except (status.RpcError, InvalidShares) as exc:
-                message = exc.message if isinstance(exc, status.RpcError) else str(exc)
+                error = status.of(exc)
                 # Let the batches already queued land first, then report.
                 while inflight:
                     settle(inflight.popleft())
-                raise status.InvalidArgument(f"{message} ({totals[0]} records were stored before this batch.)") from None
+                raise type(error)(f"{error.message} ({totals[0]} records were stored before this batch.)") from None
             try:
                 checked = self._store_tickets(actor, [rec for rec, _ in pending], [t for _, t in pending],
                                               batches, bool(replace), covered)
@@ -748,9 +733,9 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
 
     def DeleteShares(self, request, context):
         actor = str(caller(context))
-        tenant = _check_name(request.tenant, "tenant")
-        subject = _check_name(request.subject, "subject")
-        request_id = _check_request_id(request.request_id)
+        tenant = status.checked(names.check_id, request.tenant, "tenant")
+        subject = status.checked(names.check_id, request.subject, "subject")
+        request_id = status.checked(names.check_token, request.request_id, "request id")
         if request.HasField("batch") and request.batch.ticket.body:
             # The batch ticket of a failed bulk enrolment: undoes that one item.
             body, items = self._check_batch(actor, request.batch, tickets.WRITES, "delete")
@@ -801,8 +786,8 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             logs.event(self._log, f"{what} checkpoint failed", logging.WARNING, error=str(exc))
 
     def DescribeRecords(self, request, context):
-        tenant = _check_name(request.tenant, "tenant")
-        subject = _check_name(request.subject, "subject")
+        tenant = status.checked(names.check_id, request.tenant, "tenant")
+        subject = status.checked(names.check_id, request.subject, "subject")
         rows = store.subject_rows(self._reader(), tenant, subject)
         return shareholder_pb2.DescribeRecordsResponse(records=[r.info() for r in rows])
 

@@ -3,7 +3,9 @@ mTLS on loopback)."""
 from __future__ import annotations
 
 import pathlib
+import zlib
 
+import numpy as np
 import pytest
 
 from vault import pki
@@ -36,3 +38,27 @@ class DevPki:
 @pytest.fixture(scope="session")
 def dev_pki(tmp_path_factory) -> DevPki:
     return DevPki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture()
+def committee(dev_pki, tmp_path):
+    """A fresh in-process matcher committee per test (tests/matcher_kit.py),
+    for tests that stop or replace nodes."""
+    from matcher_kit import Committee
+
+    made = []
+
+    def make(**kw):
+        c = Committee(dev_pki, tmp_path / f"c{len(made)}", **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+@pytest.fixture()
+def rng(request):
+    """A generator seeded by the test's name: reproducible, different per test."""
+    return np.random.default_rng(zlib.crc32(request.node.name.encode()))

@@ -24,7 +24,6 @@ import json
 import os
 import pathlib
 import re
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -38,15 +37,15 @@ import grpc
 import numpy as np
 
 from shareholders.audit_log import verify_database
-from shareholders.testing import CLUSTER_ID
+from node_kit import CLUSTER_ID, audit_entries
 from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
-from test_matcher_e2e import NAMES, ROOT, Processes
-from test_matcher_harness import DIM, ProxyNode, Tenant, noisy, unit
+from matcher_kit import NAMES, ROOT, Processes
+from matcher_kit import DIM, ProxyNode, Tenant, noisy, unit
 from vault import codec, pki, record, ticket
 from vaultrpc.tls import secure_channel
 
 __all__ = [
-    "DIM", "NAMES", "FaultProcesses", "GateProxy", "LoadResult", "Tenant", "audit_events", "chain_ok",
+    "DIM", "NAMES", "FaultProcesses", "GateProxy", "LoadResult", "Tenant", "chain_ok",
     "clean_details", "holdings", "wait_until_used", "noisy", "rejoin_everywhere", "run_load", "unit",
 ]
 
@@ -228,7 +227,7 @@ def wait_until_used(p: "FaultProcesses", client, name: str, gallery: dict[str, n
     when one of those fails. Returns how many verifications it took."""
     rng = np.random.default_rng(0)
     db = db or p.db(name)
-    seen = len(audit_events(db))
+    seen = len(audit_entries(db))
     subjects = sorted(gallery)
     deadline = time.monotonic() + timeout_s
     tries = 0
@@ -236,29 +235,13 @@ def wait_until_used(p: "FaultProcesses", client, name: str, gallery: dict[str, n
         subject = subjects[tries % len(subjects)]
         tries += 1
         assert client.verify(subject, noisy(gallery[subject], rng)).decision == "MATCH"
-        if any(e["event"] == "release" for e in audit_events(db)[seen:]):
+        if any(e["event"] == "release" for e in audit_entries(db)[seen:]):
             return tries
         time.sleep(0.05)
     raise AssertionError(f"the matcher did not use {name} again within {timeout_s} s")
 
 
 # --- audit logs ------------------------------------------------------------------
-
-
-def audit_events(db: pathlib.Path) -> list[dict]:
-    """Every entry of a node's stored audit log (read-only, the node may run)."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        rows = conn.execute(
-            "SELECT seq, event, actor, request_id, tenant, subject, details_json FROM audit_log ORDER BY seq"
-        ).fetchall()
-    finally:
-        conn.close()
-    return [
-        {"seq": r[0], "event": r[1], "actor": r[2], "request_id": r[3], "tenant": r[4], "subject": r[5],
-         **{f"d_{k}": v for k, v in json.loads(r[6]).items()}}
-        for r in rows
-    ]
 
 
 def chain_ok(db: pathlib.Path, public_key: bytes, node: str) -> bool:

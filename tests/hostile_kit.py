@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import datetime
 import math
+import threading
 import uuid
+from concurrent import futures
 
 import grpc
 import numpy as np
@@ -29,7 +31,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import strategies as st
 
 from fault_kit import clean_details
-from shareholders.testing import CLUSTER_ID
+from node_kit import CLUSTER_ID
 from splitvault.v1 import common_pb2, shareholder_pb2, shareholder_pb2_grpc
 from vault import pki, ticket
 from vaultrpc.tls import TlsMaterial, secure_channel
@@ -259,3 +261,41 @@ class Snapshot:
     def close(self) -> None:
         for ch in self._channels.values():
             ch.close()
+
+
+# --- an impostor server ---------------------------------------------------------------
+
+
+class _Recorder(grpc.GenericRpcHandler):
+    """Takes every method (unary or streaming alike on the wire), notes it, refuses it."""
+
+    def __init__(self, impostor: "Impostor"):
+        self.impostor = impostor
+
+    def service(self, details):
+        with self.impostor._lock:
+            self.impostor.calls.append(details.method)
+
+        def refuse(requests, context):
+            context.abort(grpc.StatusCode.UNAVAILABLE, "impostor")
+
+        return grpc.stream_stream_rpc_method_handler(refuse)
+
+
+class Impostor:
+    """A gRPC server presenting someone's certificate; it accepts any client,
+    records every call that reaches it and answers UNAVAILABLE."""
+
+    def __init__(self, dev_pki, role: str, name: str):
+        self.calls: list[str] = []
+        self._lock = threading.Lock()
+        tls = dev_pki.tls(role, name)
+        self.server = grpc.server(futures.ThreadPoolExecutor(4))
+        self.server.add_generic_rpc_handlers((_Recorder(self),))
+        creds = grpc.ssl_server_credentials([(tls.key, tls.cert)], root_certificates=tls.ca, require_client_auth=False)
+        self.port = self.server.add_secure_port("127.0.0.1:0", creds)
+        self.address = f"127.0.0.1:{self.port}"
+        self.server.start()
+
+    def close(self) -> None:
+        self.server.stop(0)

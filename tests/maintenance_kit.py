@@ -14,7 +14,7 @@ import uuid
 import grpc
 import numpy as np
 
-from shareholders.testing import CLUSTER_ID
+from node_kit import CLUSTER_ID
 from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
 from vault import ticket
 from vault.pki import Identity
@@ -56,21 +56,12 @@ def prepared_rows(db: pathlib.Path) -> int:
         conn.close()
 
 
-def audit_events(db: pathlib.Path) -> list[str]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        return [r[0] for r in conn.execute("SELECT event FROM audit_log ORDER BY seq")]
-    finally:
-        conn.close()
-
-
-def vaultctl(*args, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    import os
-
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("VAULTCTL_FAULT", None) if not env or "VAULTCTL_FAULT" not in env else None
-    return subprocess.run([sys.executable, "-m", "vaultctl", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=str(ROOT))
+def vaultctl(*args, fault: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run vaultctl ARGS; with ``fault`` (``<phase>:<count>:<action>``)
+    through the test-only entry point tests/crash_cli.py that crashes there."""
+    entry = [str(ROOT / "tests" / "crash_cli.py"), fault] if fault else ["-m", "vaultctl"]
+    return subprocess.run([sys.executable, *entry, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=str(ROOT))
 
 
 def json_out(result: subprocess.CompletedProcess) -> dict:

@@ -18,9 +18,9 @@ import pytest
 
 from fault_kit import clean_details
 from shareholders.store import connect
-from shareholders.testing import CLUSTER_ID
+from node_kit import CLUSTER_ID
 from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
-from test_matcher_harness import DIM, Committee, Tenant, noisy, unit
+from matcher_kit import DIM, Committee, Tenant, noisy, unit
 from vault import ticket
 from vault.pki import Identity
 from vaultrpc.tls import secure_channel

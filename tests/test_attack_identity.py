@@ -19,9 +19,7 @@ import json
 import os
 import sqlite3
 import stat
-import threading
 import time
-from concurrent import futures
 
 import grpc
 import numpy as np
@@ -29,13 +27,12 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from maintenance_kit import audit_events
 from shareholders.config import ConfigError, load_config, load_peers
 from shareholders.server import serve
-from shareholders.testing import CLUSTER_ID, write_node_files
+from node_kit import audit_events, CLUSTER_ID, write_node_files
 from splitvault.v1 import admin_pb2, admin_pb2_grpc
-from test_matcher_e2e import NAMES, Processes
-from test_matcher_harness import Tenant, unit
+from hostile_kit import Impostor
+from matcher_kit import NAMES, Processes, Tenant, unit
 from vault import pki
 from vaultctl import cluster
 from vaultctl.client import MatcherClient
@@ -44,41 +41,6 @@ from vaultrpc.tls import secure_channel
 pytestmark = pytest.mark.e2e
 
 ACME = Tenant("acme")
-
-
-class _Recorder(grpc.GenericRpcHandler):
-    """Takes every method (unary or streaming alike on the wire), notes it, refuses it."""
-
-    def __init__(self, impostor: "Impostor"):
-        self.impostor = impostor
-
-    def service(self, details):
-        with self.impostor._lock:
-            self.impostor.calls.append(details.method)
-
-        def refuse(requests, context):
-            context.abort(grpc.StatusCode.UNAVAILABLE, "impostor")
-
-        return grpc.stream_stream_rpc_method_handler(refuse)
-
-
-class Impostor:
-    """A gRPC server presenting someone's certificate; it accepts any client,
-    records every call that reaches it and answers UNAVAILABLE."""
-
-    def __init__(self, dev_pki, role: str, name: str):
-        self.calls: list[str] = []
-        self._lock = threading.Lock()
-        tls = dev_pki.tls(role, name)
-        self.server = grpc.server(futures.ThreadPoolExecutor(4))
-        self.server.add_generic_rpc_handlers((_Recorder(self),))
-        creds = grpc.ssl_server_credentials([(tls.key, tls.cert)], root_certificates=tls.ca, require_client_auth=False)
-        self.port = self.server.add_secure_port("127.0.0.1:0", creds)
-        self.address = f"127.0.0.1:{self.port}"
-        self.server.start()
-
-    def close(self) -> None:
-        self.server.stop(0)
 
 
 @pytest.fixture()

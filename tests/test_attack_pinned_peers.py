@@ -23,6 +23,7 @@ import sqlite3
 import grpc
 import pytest
 
+from hostile_kit import Impostor
 from maintenance_kit import enrolled_cluster, json_out, vaultctl
 from shareholders.config import load_config
 from splitvault.v1 import admin_pb2, admin_pb2_grpc
@@ -196,7 +197,7 @@ def test_commit_records_the_pins(refreshing):
 
 
 class _Minted:
-    """A dev_pki stand-in for test_attack_identity.Impostor: serves a CA-minted certificate."""
+    """A dev_pki stand-in for hostile_kit.Impostor: serves a CA-minted certificate."""
 
     def __init__(self, paths):
         self.paths = paths
@@ -214,8 +215,6 @@ def test_a_new_member_dials_senders_only_where_its_table_or_the_plan_says(tmp_pa
     CA-minted certificate named like a sender. With the sender missing from the
     joiner's [peers] table, the joiner takes the approved plan's address (and
     refuses the request's); a member neither names is not dialled at all."""
-    from test_attack_identity import Impostor
-
     root = tmp_path_factory.mktemp("pinned-reshare") / "cluster"
     try:
         info = cluster.up(root, shareholders=3, threshold=2, dim=DIM)
@@ -229,7 +228,6 @@ def test_a_new_member_dials_senders_only_where_its_table_or_the_plan_says(tmp_pa
         p = committee_plan.parse(body)
         newcomer = next(m.name for m in p.new_committee if m.name not in old)
         addresses[newcomer] = p.member(newcomer).address
-        state = {"addresses": addresses}
         auditor_tls = cluster.Paths(root).tls(pki.ROLE_AUDITOR, "auditor").load()
         request = admin_pb2.BeginSessionRequest(
             session_id=p.session_id, kind=admin_pb2.SESSION_KIND_RESHARE, from_epoch=p.from_epoch,
@@ -288,7 +286,7 @@ def test_a_committee_without_pins_warns_at_start(dev_pki, tmp_path, caplog):
     """An old config (no [committee] pins) keeps name-only checking, and says so when the node starts."""
     import logging
 
-    from test_matcher_harness import Committee, Tenant
+    from matcher_kit import Committee, Tenant
 
     with caplog.at_level(logging.WARNING, logger="shareholders.epochs"):
         c = Committee(dev_pki, tmp_path, n=3, k=2, tenants=[Tenant("acme")])

@@ -24,8 +24,8 @@ import grpc
 import numpy as np
 import pytest
 
-from fault_kit import DIM, NAMES, FaultProcesses, Tenant, audit_events, clean_details, noisy, unit
-from shareholders.testing import CLUSTER_ID, sample_records
+from fault_kit import DIM, NAMES, FaultProcesses, Tenant, clean_details, noisy, unit
+from node_kit import CLUSTER_ID, audit_entries, sample_records
 from splitvault.v1 import matcher_pb2, matcher_pb2_grpc, shareholder_pb2, shareholder_pb2_grpc
 from vault import pki, ticket
 from vaultctl.client import MatcherClient
@@ -67,9 +67,9 @@ def alice_unchanged(p, address, alice, attacker_face, rng) -> None:
         assert provider.verify("alice", attacker_face).decision == "NO_MATCH"
         assert provider.verify("alice", noisy(attacker_face, rng)).decision == "NO_MATCH"
     for name in NAMES:
-        stores = [e for e in audit_events(p.db(name)) if e["subject"] == "alice" and e["event"] == "store"]
+        stores = [e for e in audit_entries(p.db(name)) if e["subject"] == "alice" and e["event"] == "store"]
         assert [e["request_id"] for e in stores] == ["enrol-alice"], (name, stores)
-        assert not [e for e in audit_events(p.db(name)) if e["subject"] == "alice" and e["event"] == "delete"]
+        assert not [e for e in audit_entries(p.db(name)) if e["subject"] == "alice" and e["event"] == "delete"]
 
 
 def node_stubs(p, dev_pki):
@@ -113,7 +113,7 @@ def deliver_to_every_node(p, dev_pki, *, store_ticket, delete_ticket, request_id
 
 def refusals(p, name: str, request_id: str) -> list[dict]:
     """The node's committed deny entries for writes naming this request id (claimed or verified)."""
-    return [e for e in audit_events(p.db(name)) if e["event"] == "deny" and e.get("d_call") in ("store", "delete", "erase")
+    return [e for e in audit_entries(p.db(name)) if e["event"] == "deny" and e.get("d_call") in ("store", "delete", "erase")
             and request_id in (e["request_id"], e.get("d_claimed_request_id"))]
 
 
@@ -230,7 +230,7 @@ def test_the_provider_itself_still_replaces_and_deletes(world, dev_pki):
         assert provider.verify("bob", noisy(new_alice, rng)).decision == "MATCH"
         assert provider.delete("bob", request_id="erase-bob").complete
     for name in NAMES:
-        writes = [e for e in audit_events(p.db(name)) if e["subject"] == "bob" and e["event"] in ("store", "delete")]
+        writes = [e for e in audit_entries(p.db(name)) if e["subject"] == "bob" and e["event"] in ("store", "delete")]
         assert [(e["event"], e["d_operation"]) for e in writes] == [
             ("store", "enroll"), ("store", "replace"), ("delete", "delete")], (name, writes)
         for e in writes:

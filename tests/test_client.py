@@ -10,8 +10,8 @@ import grpc
 import numpy as np
 import pytest
 
-from shareholders.testing import CLUSTER_ID
-from test_matcher_harness import Committee, Tenant, noisy, unit
+from node_kit import CLUSTER_ID
+from matcher_kit import Committee, Tenant, noisy, unit
 from vault import pki
 from vaultctl.client import MatcherClient, VerifyResult
 

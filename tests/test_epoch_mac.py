@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from seeded_rng import SeededBytes
-from test_sharing import _chi2_critical, _two_sample_chi2
+from stats_kit import chi2_critical, two_sample_chi2
 
 from vault import codec, epoch_mac, field, proactive, rng, sharing
 from vault.errors import InvalidShares
@@ -425,15 +425,15 @@ def _record_shares_view(k: int, n: int, secret: int, xs) -> list[np.ndarray]:
 def test_k_minus_1_record_shares_are_independent_of_the_template(seeded):
     a = _record_shares_view(3, 5, 0, (2, 4))
     b = _record_shares_view(3, 5, 2**30 + 12_345, (2, 4))
-    stat, df = _two_sample_chi2(_hist(*a), _hist(*b))
-    assert stat < _chi2_critical(df), (stat, df)
+    stat, df = two_sample_chi2(_hist(*a), _hist(*b))
+    assert stat < chi2_critical(df), (stat, df)
 
 
 def test_the_privacy_statistic_sees_k_shares(seeded):
     a = _record_shares_view(2, 3, 0, (1, 2))
     b = _record_shares_view(2, 3, 2**30 + 12_345, (1, 2))
-    stat, df = _two_sample_chi2(_hist(a[0], a[2]), _hist(b[0], b[2]))
-    assert stat > 10 * _chi2_critical(df), (stat, df)
+    stat, df = two_sample_chi2(_hist(a[0], a[2]), _hist(b[0], b[2]))
+    assert stat > 10 * chi2_critical(df), (stat, df)
 
 
 def _renewal_view(secret: int) -> list[np.ndarray]:
@@ -462,8 +462,8 @@ def _renewal_view(secret: int) -> list[np.ndarray]:
 def test_renewal_reveals_nothing_to_one_node(seeded):
     a = _renewal_view(0)
     b = _renewal_view(2**30 + 12_345)
-    stat, df = _two_sample_chi2(_hist(a[0], a[1], a[2]), _hist(b[0], b[1], b[2]))
-    assert stat < _chi2_critical(df), (stat, df)
+    stat, df = two_sample_chi2(_hist(a[0], a[1], a[2]), _hist(b[0], b[1], b[2]))
+    assert stat < chi2_critical(df), (stat, df)
 
 
 # --- the attacks -------------------------------------------------------------------

@@ -24,8 +24,9 @@ import grpc
 import numpy as np
 import pytest
 
+from node_kit import audit_entries
 from fault_kit import (
-    NAMES, FaultProcesses, Tenant, audit_events, chain_ok, clean_details, holdings, noisy, rejoin_everywhere,
+    NAMES, FaultProcesses, Tenant, chain_ok, clean_details, holdings, noisy, rejoin_everywhere,
     template_intact, unit, wait_until_used,
 )
 
@@ -139,7 +140,7 @@ def test_disk_full(cluster, dev_pki):
     db = disk / "shares.db"
     with p.client(address) as client:
         wait_until_used(p, client, "bank-c", live(gallery), db=db)
-        seen = len(audit_events(db))
+        seen = len(audit_entries(db))
         with disk_full(disk):
             # Verifications: still decided by the two other nodes; bank-c
             # cannot log a release, so it releases nothing.
@@ -157,7 +158,7 @@ def test_disk_full(cluster, dev_pki):
             assert codes == {"bank-a": 0, "bank-b": 0, "bank-c": grpc.StatusCode.UNAVAILABLE.value[0]}
             failed = [e for e in p.matcher_log() if e.get("msg") == "shareholder call failed" and e.get("node") == "bank-c"]
             assert failed and {e["code"] for e in failed[-3:]} == {"UNAVAILABLE"}
-            assert audit_events(db)[seen:] == []            # nothing released, stored or erased unlogged
+            assert audit_entries(db)[seen:] == []            # nothing released, stored or erased unlogged
         # Room again: the node carries on without a restart.
         wait_until_used(p, client, "bank-c", live(gallery), db=db)
         assert client.delete("cust-002").complete             # the provider's retry completes the erasure
@@ -180,7 +181,7 @@ def test_database_read_only_while_running(cluster, dev_pki):
     db = p.db("bank-b")
     with p.client(address) as client:
         wait_until_used(p, client, "bank-b", live(gallery), db=db)
-        seen = len(audit_events(db))
+        seen = len(audit_entries(db))
         with immutable(db, db.with_name("shares.db-wal")):
             for subject in ("cust-006", "cust-007"):
                 assert client.verify(subject, noisy(gallery[subject], rng)).decision == "MATCH"
@@ -188,7 +189,7 @@ def test_database_read_only_while_running(cluster, dev_pki):
             with pytest.raises(grpc.RpcError) as err:
                 client.enroll("while-ro", unit(rng))
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE and clean_details(err.value.details())
-            assert audit_events(db)[seen:] == []
+            assert audit_entries(db)[seen:] == []
         wait_until_used(p, client, "bank-b", live(gallery), db=db)
         client.enroll("after-ro", gallery["cust-006"] * -1)
     assert any(e.get("msg") == "audit commit failed" and "I/O error" in e.get("error", "")

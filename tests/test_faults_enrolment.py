@@ -10,14 +10,14 @@ share of ONE split (all n shares rejoin together and pass the MACs).
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import numpy as np
 import pytest
 
+from node_kit import audit_entries, wait_until
 from fault_kit import (
-    NAMES, FaultProcesses, GateProxy, Tenant, audit_events, clean_details, holdings, noisy, rejoin_everywhere,
+    NAMES, FaultProcesses, GateProxy, Tenant, clean_details, holdings, noisy, rejoin_everywhere,
     template_intact, unit,
 )
 
@@ -47,13 +47,6 @@ def real_addresses(p):
     return {name: p.real(name) for name in NAMES}
 
 
-def wait_for(predicate, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize("stored_before_kill", [["bank-a", "bank-b"], ["bank-a"]], ids=["k-of-n-written", "one-written"])
 def test_matcher_killed_mid_enrolment_then_retry_with_the_same_request_id(cluster, dev_pki, stored_before_kill):
     p, proxies, address = cluster
@@ -76,7 +69,7 @@ def test_matcher_killed_mid_enrolment_then_retry_with_the_same_request_id(cluste
     t.start()
     for name in held_back:
         assert proxies[name].store_arrived.wait(10)
-    wait_for(lambda: all(holdings(dev_pki, {n: p.real(n)}, TENANT.name, ["mid"])[n]["mid"] for n in stored_before_kill))
+    wait_until(lambda: all(holdings(dev_pki, {n: p.real(n)}, TENANT.name, ["mid"])[n]["mid"] for n in stored_before_kill))
     p.kill("matcher")                       # SIGKILL with the enrolment half written
     for name in held_back:
         proxies[name].store_gate.set()
@@ -109,7 +102,7 @@ def test_matcher_killed_mid_enrolment_then_retry_with_the_same_request_id(cluste
     # The audit logs tell the story: the first write at the nodes that got
     # it, then the retry's write (a replacement of our own leftover) everywhere.
     for name in NAMES:
-        stores = [e for e in audit_events(p.db(name)) if e["subject"] == "mid" and e["event"] == "store"]
+        stores = [e for e in audit_entries(p.db(name)) if e["subject"] == "mid" and e["event"] == "store"]
         assert len(stores) == (2 if name in stored_before_kill else 1), (name, stores)
         assert all(e["request_id"] == "enrol-mid-1" for e in stores)
         assert stores[-1]["d_retry"] is (name in stored_before_kill)
@@ -131,7 +124,7 @@ def test_write_that_lands_after_the_matcher_gave_up(cluster, dev_pki):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and clean_details(err.value.details())
         slow.hang_store = False
         slow.store_gate.set()             # the held write now reaches bank-c
-        wait_for(lambda: any(e["event"] == "deny" and e["subject"] == "late" for e in audit_events(p.db("bank-c"))))
+        wait_until(lambda: any(e["event"] == "deny" and e["subject"] == "late" for e in audit_entries(p.db("bank-c"))))
         held = holdings(dev_pki, real_addresses(p), TENANT.name, ["late"])
         assert not any(held[n]["late"] for n in NAMES)   # nothing left behind
         with pytest.raises(grpc.RpcError) as verr:
@@ -147,7 +140,7 @@ def test_write_that_lands_after_the_matcher_gave_up(cluster, dev_pki):
     # bank-c's audit log shows the race: the matcher's compensating delete
     # (nothing to erase yet), the late write refused, then the new enrolment.
     story = [(e["event"], e["request_id"], e.get("d_deleted"), e.get("d_reason"))
-             for e in audit_events(p.db("bank-c"))
+             for e in audit_entries(p.db("bank-c"))
              if e["subject"] == "late" and (e["event"] in ("store", "delete") or e.get("d_call") == "store")]
     assert story == [("delete", "enrol-late-1", 0, None), ("deny", "enrol-late-1", None, "undone"),
                      ("store", "enrol-late-2", None, None)], story

@@ -19,8 +19,9 @@ import grpc
 import numpy as np
 import pytest
 
+from node_kit import audit_entries
 from fault_kit import (
-    NAMES, FaultProcesses, Tenant, audit_events, chain_ok, clean_details, holdings, noisy, rejoin_everywhere,
+    NAMES, FaultProcesses, Tenant, chain_ok, clean_details, holdings, noisy, rejoin_everywhere,
     run_load, template_intact, unit, wait_until_used,
 )
 
@@ -56,7 +57,7 @@ def test_kill_9_a_shareholder_under_load_then_restart(cluster, dev_pki):
         load = threading.Thread(target=lambda: box.setdefault("r", run_load(client, gallery, 7.0, seed=1, stop=stop)))
         load.start()
         time.sleep(1.5)
-        before_kill = len(audit_events(p.db("bank-b")))
+        before_kill = len(audit_entries(p.db("bank-b")))
         p.kill("bank-b")                                  # SIGKILL, mid-load
         # While it is down: a verification still needs only k = 2 nodes; an
         # enrolment needs all n and must leave nothing anywhere.
@@ -99,7 +100,7 @@ def test_kill_9_a_shareholder_under_load_then_restart(cluster, dev_pki):
     # The killed node's audit log: every entry committed before the kill is
     # there, the chain verifies, the restart is a new "start" with no "stop"
     # before it (a crash, not a shutdown), and releases resumed after it.
-    events = audit_events(p.db("bank-b"))
+    events = audit_entries(p.db("bank-b"))
     assert chain_ok(p.db("bank-b"), p.audit_public_key("bank-b"), "bank-b")
     starts = [e["seq"] for e in events if e["event"] == "start"]
     assert len(starts) == 2 and starts[1] > before_kill
@@ -108,7 +109,7 @@ def test_kill_9_a_shareholder_under_load_then_restart(cluster, dev_pki):
     # The enrolments during the outage never reached it, nor (the matcher
     # asks every node first) any other node: no store, no delete anywhere.
     for name in NAMES:
-        assert not any(e["subject"].startswith("outage-") for e in audit_events(p.db(name))), name
+        assert not any(e["subject"].startswith("outage-") for e in audit_entries(p.db(name))), name
 
 
 def test_node_restarted_with_another_kek_refuses_to_start(cluster, dev_pki):
@@ -132,7 +133,7 @@ def test_node_restarted_with_another_kek_refuses_to_start(cluster, dev_pki):
         wait_until_used(p, client, "bank-a", gallery)
         assert client.verify(subject, noisy(gallery[subject], rng)).decision == "MATCH"
         assert client.verify(subject, gallery["cust-008"]).decision == "NO_MATCH"
-    events = audit_events(p.db("bank-c"))
+    events = audit_entries(p.db("bank-c"))
     assert events[-1]["event"] != "start"  # the refused start wrote nothing
     p.restart_node("bank-c", kek_json=right_kek)
     assert template_intact(rejoin_everywhere(dev_pki, real_addresses(p), TENANT, subject), gallery[subject])
@@ -150,7 +151,7 @@ def test_stored_share_damaged_at_rest_is_data_loss_never_a_wrong_share(cluster, 
         others = {s: t for s, t in gallery.items() if s != subject}
         with p.client(address) as client:
             wait_until_used(p, client, "bank-c", others)
-        seen = len(audit_events(p.db("bank-c")))
+        seen = len(audit_entries(p.db("bank-c")))
         with db:
             db.execute("UPDATE shares SET ciphertext = ? WHERE tenant = ? AND subject = ?", (damaged, TENANT.name, subject))
         with p.client(address) as client:
@@ -172,7 +173,7 @@ def test_stored_share_damaged_at_rest_is_data_loss_never_a_wrong_share(cluster, 
         # one fails, so bank-c heard of the two-node verifications only if it
         # is a first node of this subject; with bank-a down it heard of all.
         # Whatever it heard, it released NOTHING from the damaged record.
-        after = [e for e in audit_events(p.db("bank-c"))[seen:] if e["subject"] == subject]
+        after = [e for e in audit_entries(p.db("bank-c"))[seen:] if e["subject"] == subject]
         assert len(after) >= 2 and {e["event"] for e in after} == {"deny"}
         assert {e["d_reason"] for e in after} == {"data_loss"}
         saw = [e for e in p.matcher_log() if e.get("msg") == "shareholder call failed" and e.get("node") == "bank-c"

@@ -16,8 +16,9 @@ import grpc
 import numpy as np
 import pytest
 
+from node_kit import audit_entries, wait_until
 from fault_kit import (
-    NAMES, FaultProcesses, GateProxy, Tenant, audit_events, clean_details, holdings, noisy, rejoin_everywhere,
+    NAMES, FaultProcesses, GateProxy, Tenant, clean_details, holdings, noisy, rejoin_everywhere,
     template_intact, unit,
 )
 
@@ -90,7 +91,7 @@ def test_two_nodes_never_answer_fail_closed_within_the_deadline(honest):
     for name in ("bank-a", "bank-b"):
         proxies[name].release_gate.clear()
         proxies[name].hang_release = True
-    seen_before = {name: len(audit_events(p.db(name))) for name in NAMES}
+    seen_before = {name: len(audit_entries(p.db(name))) for name in NAMES}
     for probe in (noisy(gallery["cust-003"], rng), gallery["cust-003"]):
         err, seconds = timed(lambda: client.verify("cust-003", probe))
         assert isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.UNAVAILABLE, err
@@ -102,9 +103,12 @@ def test_two_nodes_never_answer_fail_closed_within_the_deadline(honest):
     for name in ("bank-a", "bank-b"):
         proxies[name].hang_release = False
         proxies[name].release_gate.set()
-    time.sleep(0.5)
+    def late_releases(name):
+        return [e["event"] for e in audit_entries(p.db(name))[seen_before[name]:] if e["subject"] == "cust-003"]
+
     for name in NAMES:
-        new = [e for e in audit_events(p.db(name))[seen_before[name]:] if e["subject"] == "cust-003"]
+        wait_until(lambda: len(late_releases(name)) >= 2)
+        new = [e for e in audit_entries(p.db(name))[seen_before[name]:] if e["subject"] == "cust-003"]
         assert [e["event"] for e in new] == ["release", "release"], (name, new)
 
 

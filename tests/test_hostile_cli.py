@@ -28,8 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hostile_kit import Snapshot, hostile_ids, request_id_ok, subject_ok, valid_subjects, vector_ok
-from shareholders.testing import CLUSTER_ID
-from test_matcher_harness import DIM, Committee, Tenant, noisy, unit
+from node_kit import CLUSTER_ID
+from matcher_kit import DIM, Committee, Tenant, noisy, unit
 from vaultctl import cli
 
 SETTINGS = settings(max_examples=50, deadline=None, derandomize=True, database=None,

@@ -1,7 +1,7 @@
 """Hostile input on every public RPC of the Matcher, Hypothesis-driven.
 
 One committee (three real nodes and the matcher, in-process, real mTLS on
-loopback: tests/test_matcher_harness.py) serves the whole module. Every
+loopback: tests/matcher_kit.py) serves the whole module. Every
 request gets the EXACT status the contract gives it (``hostile_kit``'s
 oracles restate docs/contracts.md and matcher.proto), its message is a
 sentence (no traceback, no Python repr), and a refused request changes no
@@ -30,7 +30,7 @@ from hostile_kit import (
 )
 from matcher.server import max_receive_bytes
 from splitvault.v1 import matcher_pb2, matcher_pb2_grpc
-from test_matcher_harness import DIM, Committee, Tenant, noisy, unit
+from matcher_kit import DIM, Committee, Tenant, noisy, unit
 from vault import codec
 from vault.pki import Identity
 from vaultrpc.tls import secure_channel
@@ -262,7 +262,7 @@ def test_messages_over_the_size_limit_and_huge_vectors(world, dev_pki):
             floats = np.ones(size // 4, dtype="<f4").tobytes()
             message = b"\x0a\x05alice" + b"\x12" + varint(len(floats)) + floats + b"\x1a\x02r1"
             started = time.perf_counter()
-            code, details = status_of(lambda: raw_call(ch, "/splitvault.v1.Matcher/Enroll", message))
+            code, details = status_of(lambda m=message: raw_call(ch, "/splitvault.v1.Matcher/Enroll", m))
             assert code == expected, (size, code, details)
             assert clean_details(details)
             # Refused on its length before any conversion (matcher._vector).

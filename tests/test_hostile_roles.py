@@ -19,7 +19,7 @@ from matcher.server import ROLES as MATCHER_ROLES
 from shareholders.epochs import ROLES as ADMIN_ROLES
 from shareholders.service import ROLES as NODE_ROLES
 from splitvault.v1 import admin_pb2, matcher_pb2, shareholder_pb2
-from test_matcher_harness import Committee, Tenant
+from matcher_kit import Committee, Tenant
 from vault import pki
 from vaultrpc.tls import secure_channel
 

@@ -1,7 +1,7 @@
 """Hostile input on the Shareholder RPCs, called with the MATCHER's
 certificate (the one role that can store and release): what a compromised
 or buggy matcher could send. Hypothesis-driven, one node for the module
-(shareholders.testing.NodeHarness, real mTLS on loopback).
+(node_kit.NodeHarness, real mTLS on loopback).
 
 Each request gets the exact status the node's contract gives it, never a
 traceback or repr, and never a changed record: the node's record count and
@@ -12,7 +12,6 @@ granted one returns exactly the stored share.
 from __future__ import annotations
 
 import sqlite3
-import unicodedata
 
 import grpc
 import numpy as np
@@ -21,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hostile_kit import (
-    TICKET_MUTATIONS, clean_details, hostile_ids, mutate_ticket, raw_call, status_of, valid_request_ids,
+    TICKET_MUTATIONS, clean_details, hostile_ids, mutate_ticket, raw_call, status_of, subject_ok, valid_request_ids,
     valid_subjects, varint,
 )
-from shareholders.testing import NodeHarness, Provider, sample_records
+from node_kit import NodeHarness, Provider, sample_records
 from splitvault.v1 import shareholder_pb2 as pb
 from vault.field import P
 
@@ -37,8 +36,8 @@ VICTIMS = ["victim-0", "victim-1"]
 
 
 def name_ok(s: str) -> bool:
-    """A node's tenant or subject: 1-128 bytes of UTF-8 without control characters (vault.record)."""
-    return bool(s) and len(s.encode("utf-8")) <= 128 and not any(unicodedata.category(c) == "Cc" for c in s)
+    """A node's tenant or subject: the one identifier rule, as at the matcher (vault.names)."""
+    return subject_ok(s)
 
 
 class Node:

@@ -3,136 +3,17 @@ and ``python -m matcher``, configured from TOML files as in
 docs/contracts.md, driven by the payment provider's client."""
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import secrets
 import signal
-import subprocess
-import sys
-import time
 
 import grpc
 import numpy as np
 import pytest
 
-from shareholders.testing import CLUSTER_ID
-from test_matcher_harness import DIM, ProxyNode, Tenant, noisy, unit
-from vault import codec, pki
-from vaultctl.client import MatcherClient
+from matcher_kit import DIM, Processes, ProxyNode, Tenant, noisy, unit
+from vault import codec
 
 pytestmark = pytest.mark.e2e
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-NAMES = ("bank-a", "bank-b", "bank-c")
-
-
-def _secret(path: pathlib.Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-
-
-def _tls(files) -> str:
-    return f'[tls]\nca = "{files.ca}"\ncert = "{files.cert}"\nkey = "{files.key}"\n'
-
-
-class Processes:
-    """Real node and matcher processes under one folder; ``close()`` stops them all."""
-
-    def __init__(self, dev_pki, root: pathlib.Path, tenant: Tenant):
-        self.pki, self.root, self.tenant = dev_pki, root, tenant
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.logs: dict[str, pathlib.Path] = {}
-        self.addresses: dict[str, str] = {}
-
-    def _spawn(self, name: str, module: str, config: pathlib.Path) -> None:
-        log = config.parent / f"{name}.log"
-        self.logs[name] = log
-        with open(log, "wb") as fh:
-            self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", module, "--config", str(config)], cwd=ROOT, stdout=fh, stderr=fh,
-                env={k: v for k, v in os.environ.items() if not k.startswith("SPLITVAULT_")},
-            )
-
-    def _ready(self, name: str, path: pathlib.Path, timeout_s: float = 30.0) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if path.exists():
-                return json.loads(path.read_text())
-            if self.procs[name].poll() is not None:
-                raise AssertionError(f"{name} exited: {self.logs[name].read_text()[-2000:]}")
-            time.sleep(0.05)
-        raise AssertionError(f"{name} did not become ready")
-
-    def start_nodes(self) -> None:
-        tenant = self.tenant
-        for index, name in enumerate(NAMES, start=1):
-            d = self.root / name
-            d.mkdir(parents=True)
-            _secret(d / "kek.json", json.dumps({"active": 1, "keys": {"1": secrets.token_hex(32)}}).encode())
-            _secret(d / "audit.key", pki.new_signing_key()[0])
-            (d / "node.toml").write_text(
-                f'[node]\nname = "{name}"\ncluster_id = "{CLUSTER_ID}"\nindex = {index}\nlisten = "127.0.0.1:0"\ndata_dir = "{d}"\n'
-                f'ready_file = "{d / "ready.json"}"\n\n' + _tls(self.pki.files("shareholder", name))
-                + f'\n[keys]\nkek_file = "{d / "kek.json"}"\naudit_key_file = "{d / "audit.key"}"\n'
-                + '\n[metrics]\nport = -1\n\n[limits]\nattempts_per_subject = 100\nattempt_window_s = 60\n'
-                + f'\n[tenants.{tenant.name}]\nticket_keys = {{ "{tenant.key_id}" = "{tenant.public_hex}" }}\n'
-                + '\n[committee]\nthreshold = 2\nmembers = { '
-                + ", ".join(f'"{n}" = {i}' for i, n in enumerate(NAMES, start=1)) + ' }\n'
-            )
-            self._spawn(name, "shareholders", d / "node.toml")
-        for name in NAMES:
-            self.addresses[name] = self._ready(name, self.root / name / "ready.json")["address"]
-
-    def start_matcher(self, call_timeout_ms: int = 2000) -> str:
-        d = self.root / "matcher"
-        d.mkdir()
-        t = self.tenant
-        nodes = "".join(
-            f'\n[[shareholders]]\nname = "{n}"\nindex = {i}\naddress = "{self.addresses[n]}"\n'
-            for i, n in enumerate(NAMES, start=1)
-        )
-        (d / "matcher.toml").write_text(
-            f'[matcher]\nlisten = "127.0.0.1:0"\nready_file = "{d / "ready.json"}"\ndimension = {DIM}\n'
-            f'threshold = 2\ncall_timeout_ms = {call_timeout_ms}\nlog_level = "INFO"\ncluster_id = "{CLUSTER_ID}"\n\n'
-            + _tls(self.pki.files("matcher", "matcher")) + '\n[metrics]\nport = -1\n' + nodes
-            + f'\n[tenants.{t.name}]\nmatch_threshold = {t.match_threshold}\nscore_allowed = false\n'
-            f'ticket_keys = {{ "{t.key_id}" = "{t.public_hex}" }}\n'
-        )
-        self._spawn("matcher", "matcher", d / "matcher.toml")
-        return self._ready("matcher", d / "ready.json")["address"]
-
-    def client(self, address: str) -> MatcherClient:
-        t = self.tenant
-        return MatcherClient(address, self.pki.tls("psp", t.name), tenant=t.name, ticket_key=t.key, key_id=t.key_id,
-                             cluster_id=CLUSTER_ID, matcher="matcher")
-
-    def kill(self, name: str) -> None:
-        proc = self.procs[name]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-
-    def matcher_log(self) -> list[dict]:
-        out = []
-        for line in self.logs["matcher"].read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-        return out
-
-    def close(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 @pytest.fixture()
 def processes(dev_pki, tmp_path):
     made = []

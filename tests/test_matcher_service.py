@@ -1,20 +1,19 @@
 """The matcher over real gRPC and mutual TLS, with real shareholder nodes
-in-process (tests/test_matcher_harness.py): decisions, idempotency,
+in-process (tests/matcher_kit.py): decisions, idempotency,
 fail-closed behaviour, corrupt shareholders, tickets, roles and tenants."""
 from __future__ import annotations
 
 import logging
 import time
-import zlib
 
 import grpc
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from shareholders.testing import CLUSTER_ID
+from node_kit import CLUSTER_ID
 from splitvault.v1 import matcher_pb2, matcher_pb2_grpc, shareholder_pb2, shareholder_pb2_grpc
-from test_matcher_harness import DIM, Committee, Tenant, noisy, unit
+from matcher_kit import DIM, Committee, Tenant, noisy, unit
 from vault import ticket
 from vault.pki import Identity
 from vaultrpc.tls import secure_channel
@@ -32,26 +31,6 @@ def shared(dev_pki, tmp_path_factory):
     c.start_matcher()
     yield c
     c.close()
-
-
-@pytest.fixture()
-def committee(dev_pki, tmp_path):
-    """A fresh committee per test, for tests that stop or replace nodes."""
-    made = []
-
-    def make(**kw):
-        c = Committee(dev_pki, tmp_path / f"c{len(made)}", **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
-
-
-@pytest.fixture()
-def rng(request):
-    return np.random.default_rng(zlib.crc32(request.node.name.encode()))
 
 
 def records_at(c: Committee, tenant: str, subject: str) -> dict[str, int]:

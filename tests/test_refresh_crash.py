@@ -4,14 +4,13 @@ completes (or, with --abort, rolls back); every enrolled template still
 verifies (genuine -> MATCH, impostor -> NO_MATCH); no template is lost and
 none is left in two epochs.
 
-The crash points come from the CLI's test seam VAULTCTL_FAULT
+The crash points come from the test-only entry point tests/crash_cli.py
 ("<phase>:<count>:<action>": after <count> nodes finished <phase>, kill -9
 the CLI itself, or node=<name>)."""
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from maintenance_kit import enrolled_cluster, epochs_held, fresh_subjects, json_out, prepared_rows, vaultctl, verify_all
@@ -44,8 +43,7 @@ def _assert_whole(state, note=""):
 
 
 def _refresh(state, fault=None):
-    env = {"VAULTCTL_FAULT": fault} if fault else None
-    return vaultctl("refresh", "--dir", state["root"], "--format", "json", "--drain", "0.2", env=env)
+    return vaultctl("refresh", "--dir", state["root"], "--format", "json", "--drain", "0.2", fault=fault)
 
 
 @pytest.mark.parametrize("fault", [
@@ -139,8 +137,7 @@ def test_refresh_with_an_auditor_config(running, tmp_path):
         lines += ["[[shareholders]]", f'name = "{n["name"]}"', f'index = {n["index"]}', f'address = "{n["address"]}"', ""]
     config = tmp_path / "auditor.toml"
     config.write_text("\n".join(lines))
-    env = {"VAULTCTL_FAULT": "commit:1:self"}
-    first = vaultctl("refresh", "--config", config, "--format", "json", "--drain", "0", env=env)
+    first = vaultctl("refresh", "--config", config, "--format", "json", "--drain", "0", fault="commit:1:self")
     assert first.returncode == -9
     assert (tmp_path / "state" / "epoch-session.json").exists()
     done = vaultctl("refresh", "--config", config, "--format", "json", "--drain", "0")

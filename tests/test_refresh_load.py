@@ -45,7 +45,7 @@ class Verifiers:
                     ok = result.decision == ("MATCH" if genuine else "NO_MATCH")
                     note = f"s{i:05d} {'genuine' if genuine else 'impostor'} -> {result.decision}"
                 except Exception as exc:  # noqa: BLE001 - every failure counts
-                    ok, note, result = False, f"s{i:05d}: {type(exc).__name__}: {getattr(exc, 'details', lambda: exc)()}", None
+                    ok, note, result = False, f"s{i:05d}: {type(exc).__name__}: {exc.details() if hasattr(exc, 'details') else exc}", None
                 with self.lock:
                     self.done += 1
                     if not ok:

@@ -9,9 +9,10 @@ import grpc
 import numpy as np
 import pytest
 
-from maintenance_kit import audit_events, epochs_held, prepared_rows, release, verify_all
+from maintenance_kit import epochs_held, prepared_rows, release, verify_all
 from splitvault.v1 import admin_pb2, admin_pb2_grpc
-from test_matcher_harness import Committee, Tenant, unit
+from node_kit import audit_events
+from matcher_kit import Committee, Tenant, unit
 from vault import envelope, record
 from vault.errors import IntegrityError
 from vault.field import P

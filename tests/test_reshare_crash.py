@@ -26,10 +26,9 @@ def running(tmp_path_factory):
 
 
 def _reshare(state, *args, fault=None):
-    env = {"VAULTCTL_FAULT": fault} if fault else None
     # The dev operators approve every plan here; tests/test_committee_approval.py plays the attacker.
     return vaultctl("reshare", "--dir", state["root"], *args, "--approve-with-dev-operators", "--format", "json",
-                    "--drain", "0.2", env=env)
+                    "--drain", "0.2", fault=fault)
 
 
 def _assert_committee(state, nodes: list[str], k: int, gone: list[str], note=""):

@@ -18,7 +18,7 @@ import pytest
 
 from shareholders import rotation, store
 from shareholders.config import KEK_ENV
-from shareholders.testing import NodeHarness, Provider, kek_json, sample_records
+from node_kit import NodeHarness, Provider, kek_json, sample_records
 from splitvault.v1 import shareholder_pb2 as pb
 from vault import envelope, record
 from vault.envelope import KekRing

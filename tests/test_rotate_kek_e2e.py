@@ -24,6 +24,7 @@ import pytest
 from shareholders import store
 from shareholders.config import parse_kek_json
 from vault import codec, envelope, record
+from node_kit import wait_until
 from vaultctl import cluster
 from vaultctl.client import MatcherClient
 from vaultctl.demo import noisy_copy, synthetic_templates
@@ -69,16 +70,6 @@ def versions(root, node: str) -> dict[int, int]:
 
 def kek(root, node: str) -> dict:
     return json.loads((cluster.Paths(root).node_dir(node) / "kek.json").read_text())
-
-
-def wait_for(predicate, timeout: float = 20.0, every: float = 0.005):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("condition not reached in time")
 
 
 def node_records(root, node: str) -> dict[str, object]:
@@ -142,9 +133,9 @@ def test_kill_the_node_during_a_rotation_then_rerun(gallery, node, when):
     proc = vaultctl("rotate", "kek", "--dir", str(root), "--node", node, "--batch-size", "50", "--pause-ms", "40")
     try:
         if when == "mid-rewrap":
-            wait_for(lambda: versions(root, node).get(start + 1, 0) >= 300)
+            wait_until(lambda: versions(root, node).get(start + 1, 0) >= 300, every_s=0.005)
         else:
-            wait_for(lambda: len(kek(root, node)["keys"]) == 2, every=0.001)
+            wait_until(lambda: len(kek(root, node)["keys"]) == 2, every_s=0.001)
         cluster.kill_node(root, node, signal.SIGKILL)
         code, out = finish(proc)
     finally:
@@ -171,7 +162,7 @@ def test_kill_the_cli_during_a_rotation_then_rerun(gallery):
     start = kek(root, node)["active"]
     proc = vaultctl("rotate", "kek", "--dir", str(root), "--node", node, "--batch-size", "50", "--pause-ms", "40")
     try:
-        wait_for(lambda: versions(root, node).get(start + 1, 0) >= 200)
+        wait_until(lambda: versions(root, node).get(start + 1, 0) >= 200, every_s=0.005)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=10)

@@ -9,7 +9,7 @@ import pytest
 
 from shareholders import config
 from shareholders.config import ConfigError, load_config, load_keys
-from shareholders.testing import Provider, kek_json, write_node_files
+from node_kit import Provider, kek_json, write_node_files
 from vault import envelope
 
 ACME = Provider.new("acme")

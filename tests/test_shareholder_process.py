@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shareholders.audit_log import verify_database
-from shareholders.testing import NodeHarness, Provider, sample_records
+from node_kit import NodeHarness, Provider, sample_records
 from splitvault.v1 import shareholder_pb2 as pb
 from splitvault.v1 import shareholder_pb2_grpc as rpc
 from vault.pki import Identity

@@ -8,7 +8,7 @@ import json
 import grpc
 import pytest
 
-from shareholders.testing import CLUSTER_ID, NodeHarness, Provider, sample_records
+from node_kit import CLUSTER_ID, NodeHarness, Provider, sample_records
 from splitvault.v1 import common_pb2
 from splitvault.v1 import shareholder_pb2 as pb
 from vault import audit

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from shareholders.audit_log import verify_database
-from shareholders.testing import NodeHarness, Provider, sample_records
+from node_kit import NodeHarness, Provider, sample_records
 from splitvault.v1 import shareholder_pb2 as pb
 from vault import audit
 from vault.errors import AuditChainError

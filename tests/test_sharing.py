@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from seeded_rng import SeededBytes
+from stats_kit import chi2_critical, two_sample_chi2
 
-from vault import errors, field, rng, sharing
+from vault import errors, rng, sharing
 from vault.errors import InvalidShares
 from vault.field import FIELD_DTYPE, P
 
@@ -253,23 +254,9 @@ def test_errors_are_value_errors_with_sentences():
 # --- privacy: k - 1 shares do not depend on the secret --------------------------------
 
 
-def _chi2_critical(df: int, z: float = 3.719) -> float:
-    # Wilson-Hilferty approximation of the chi-square quantile; z = 3.719 is
-    # the one-sided normal quantile for alpha = 1e-4.
-    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-
-
 def _pair_histogram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     # Joint histogram of two shares, each binned on its top 3 bits (8 x 8 cells).
     return np.bincount((a >> 28).astype(np.int64) * 8 + (b >> 28).astype(np.int64), minlength=64)
-
-
-def _two_sample_chi2(h1: np.ndarray, h2: np.ndarray) -> tuple[float, int]:
-    # Chi-square test of homogeneity for two histograms of equal total.
-    mask = (h1 + h2) > 0
-    h1, h2 = h1[mask].astype(float), h2[mask].astype(float)
-    stat = (((h1 - h2) ** 2) / (h1 + h2)).sum()
-    return stat, mask.sum() - 1
 
 
 def _ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
@@ -305,8 +292,8 @@ def test_k_minus_1_shares_are_independent_of_the_secret(seeded):
     # 3-of-5: shareholders 2 and 4 together see the same distribution for A and B.
     a2, a4 = _pairs(3, 5, SECRET_A, (2, 4))
     b2, b4 = _pairs(3, 5, SECRET_B, (2, 4))
-    stat, df = _two_sample_chi2(_pair_histogram(a2, a4), _pair_histogram(b2, b4))
-    assert stat < _chi2_critical(df), (stat, df)
+    stat, df = two_sample_chi2(_pair_histogram(a2, a4), _pair_histogram(b2, b4))
+    assert stat < chi2_critical(df), (stat, df)
     for a, b in ((a2, b2), (a4, b4)):
         assert _ks_statistic(a, b) < _ks_critical(a.size, b.size)
 
@@ -316,8 +303,8 @@ def test_the_privacy_test_detects_k_shares(seeded):
     # the same statistic must see it (else the test above proves nothing).
     a1, a2 = _pairs(2, 3, SECRET_A, (1, 2))
     b1, b2 = _pairs(2, 3, SECRET_B, (1, 2))
-    stat, df = _two_sample_chi2(_pair_histogram(a1, a2), _pair_histogram(b1, b2))
-    assert stat > 10 * _chi2_critical(df), (stat, df)
+    stat, df = two_sample_chi2(_pair_histogram(a1, a2), _pair_histogram(b1, b2))
+    assert stat > 10 * chi2_critical(df), (stat, df)
 
 
 def test_the_privacy_test_detects_a_broken_sharer(seeded, monkeypatch):
@@ -333,8 +320,8 @@ def test_the_privacy_test_detects_a_broken_sharer(seeded, monkeypatch):
     monkeypatch.setattr(sharing.rng, "random_field", broken)
     a2, a4 = _pairs(3, 5, SECRET_A, (2, 4))
     b2, b4 = _pairs(3, 5, SECRET_B, (2, 4))
-    stat, df = _two_sample_chi2(_pair_histogram(a2, a4), _pair_histogram(b2, b4))
-    assert stat > 10 * _chi2_critical(df), (stat, df)
+    stat, df = two_sample_chi2(_pair_histogram(a2, a4), _pair_histogram(b2, b4))
+    assert stat > 10 * chi2_critical(df), (stat, df)
 
 
 def test_shares_never_use_x_zero():

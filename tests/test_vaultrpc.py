@@ -7,7 +7,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from vault import pki
+from vault import names, pki
 from vaultrpc import server as rpcserver
 from vaultrpc import config
 from vaultrpc.tls import secure_channel
@@ -60,7 +60,7 @@ def test_identity_round_trip():
     with pytest.raises(ValueError):
         pki.identity_uri("root", "x")
     with pytest.raises(ValueError):
-        pki.check_name("../etc")
+        names.check_name("../etc")
 
 
 def test_config_env_override(tmp_path):

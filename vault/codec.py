@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vault import field
+from vault import field, names
 from vault.errors import IntegrityError, InvalidTemplate
 from vault.field import FIELD_DTYPE, P
 
@@ -36,7 +36,7 @@ CODEC_VERSION = 1
 QMAX = 127
 # d * 127**2 <= (P - 1) / 2  <=>  d <= 66,572: exact inner products in the field.
 MAX_DIMENSION = ((P - 1) // 2) // (QMAX * QMAX)
-assert MAX_DIMENSION == 66_572
+assert MAX_DIMENSION == names.MAX_DIMENSION == 66_572
 # 0-d uint32 operands for _from_canonical (uint32 arithmetic, no widening).
 _QMAX_U32 = np.array(QMAX, dtype=FIELD_DTYPE)
 _P_U32 = np.array(P, dtype=FIELD_DTYPE)

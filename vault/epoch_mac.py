@@ -76,7 +76,7 @@ import numpy as np
 
 from vault import field, proactive, sharing
 from vault.errors import InvalidShares
-from vault.field import FIELD_DTYPE, P
+from vault.field import FIELD_DTYPE
 
 # L: tags per record (each fooled with probability 1/P).
 TAG_COUNT = 3

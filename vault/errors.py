@@ -26,6 +26,10 @@ class IntegrityError(VaultError):
         self.suspects = suspects
 
 
+class InvalidName(VaultError, ValueError):
+    """An identifier, token, name or index breaks vault.names' rules."""
+
+
 class InvalidTicket(VaultError):
     """A verification ticket is malformed, forged, expired or for someone else."""
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -25,6 +24,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from vault.names import check_name, check_server_name, is_name
 
 # The roles a certificate can carry, and nothing else.
 ROLE_MATCHER = "matcher"
@@ -37,12 +38,8 @@ SERVER_ROLES = frozenset({ROLE_MATCHER, ROLE_SHAREHOLDER})
 
 # ".invalid" (RFC 2606) never resolves: the name is an identity, not a host.
 SERVER_DNS_SUFFIX = ".splitvault.invalid"
-# A server name as a DNS name: lowercase labels, so that case-insensitive
-# host-name matching can never make two names one.
-_DNS_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$")
 
 URI_PREFIX = "spiffe://splitvault/"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 @dataclass(frozen=True)
@@ -60,27 +57,13 @@ class Identity:
         return identity_uri(self.role, self.name)
 
 
-def check_name(name: str) -> str:
-    """Validate a node, tenant or party name (1-63 of [A-Za-z0-9._-])."""
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(
-            "A name must be 1 to 63 characters of letters, digits, '.', '_' or '-', starting with a letter or digit."
-        )
-    return name
-
-
 def server_dns_name(identity: Identity) -> str:
     """The DNS name that carries a server's identity in its certificate and
     that a client verifies: ``<name>.<role>.splitvault.invalid``. Parsed from
     the right (the role has no dot), it names exactly one identity."""
     if identity.role not in SERVER_ROLES:
         raise ValueError(f"Role {identity.role!r} does not serve; only {sorted(SERVER_ROLES)} have server names.")
-    check_name(identity.name)
-    if not _DNS_NAME.match(identity.name):
-        raise ValueError(
-            f"Server name {identity.name!r} cannot be a DNS name: use lowercase letters, digits, '-' and '.' "
-            "(no '_', no label starting or ending with '-')."
-        )
+    check_server_name(identity.name)
     return f"{identity.name}.{identity.role}{SERVER_DNS_SUFFIX}"
 
 
@@ -95,7 +78,7 @@ def parse_identity_uri(uri: str) -> Identity | None:
     if not uri.startswith(URI_PREFIX):
         return None
     parts = uri[len(URI_PREFIX):].split("/")
-    if len(parts) != 2 or parts[0] not in ROLES or not _NAME.match(parts[1]):
+    if len(parts) != 2 or parts[0] not in ROLES or not is_name(parts[1]):
         return None
     return Identity(parts[0], parts[1])
 

@@ -33,7 +33,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from vault import pki
+from vault import names, pki
 from vault.errors import VaultError
 
 FORMAT = "splitvault/committee-plan/v1"
@@ -47,7 +47,6 @@ DEFAULT_TTL_MS = 24 * 3600 * 1000
 CLOCK_SKEW_MS = 5 * 60 * 1000
 MAX_BODY_BYTES = 64 * 1024
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{7,63}$")
 
 
 class InvalidPlan(VaultError, ValueError):
@@ -164,7 +163,7 @@ def _str(d: dict, key: str, pattern: re.Pattern | None = None, max_len: int = 25
 
 def _name(v) -> str:
     try:
-        return pki.check_name(v)
+        return names.check_name(v)
     except ValueError:
         raise InvalidPlan("The plan names an invalid node.") from None
 
@@ -188,7 +187,7 @@ def parse(body: bytes) -> CommitteePlan:
         raise InvalidPlan("The plan's old committee must map node names to indices.")
     old = {}
     for name, index in old_raw.items():
-        if isinstance(index, bool) or not isinstance(index, int) or not 1 <= index <= 255:
+        if isinstance(index, bool) or not isinstance(index, int) or not 1 <= index <= names.MAX_SHAREHOLDERS:
             raise InvalidPlan("The plan's old committee gives an index outside 1 to 255.")
         old[_name(name)] = index
     new_raw = d.get("new_committee")
@@ -202,7 +201,7 @@ def parse(body: bytes) -> CommitteePlan:
             pki.load_public_key(_str(m, "operator_key", _HEX64))
         except ValueError:
             raise InvalidPlan("A new member's operator key is not an Ed25519 public key.") from None
-        new.append(NewMember(_name(m.get("name")), _int(m, "index", 1, 255), _str(m, "address"),
+        new.append(NewMember(_name(m.get("name")), _int(m, "index", 1, names.MAX_SHAREHOLDERS), _str(m, "address"),
                              _str(m, "spki_sha256", _HEX64), m["operator_key"]))
     for committee in (list(old.items()), [(m.name, m.index) for m in new]):
         if len({n for n, _ in committee}) != len(committee) or len({i for _, i in committee}) != len(committee):
@@ -221,7 +220,7 @@ def parse(body: bytes) -> CommitteePlan:
     new_epoch = _int(d, "new_epoch", from_epoch + 1, 2**62)
     plan = CommitteePlan(
         audience=_str(d, "audience", _HEX64), nonce=_str(d, "nonce", re.compile(r"^[0-9a-f]{32}$")),
-        session_id=_str(d, "session_id", _SESSION_ID), kind=kind, from_epoch=from_epoch, new_epoch=new_epoch,
+        session_id=_str(d, "session_id", names.SESSION_ID), kind=kind, from_epoch=from_epoch, new_epoch=new_epoch,
         old_committee=old, old_threshold=k_old, new_committee=tuple(sorted(new, key=lambda m: m.index)),
         new_threshold=k_new, senders=tuple(senders), issued_at_ms=issued, expires_at_ms=expires,
     )

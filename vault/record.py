@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import operator
-import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,14 +27,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from splitvault.v1 import common_pb2
-from vault import codec, integrity, sharing
-from vault.errors import IntegrityError, InvalidShares
+from vault import codec, integrity, names, sharing
+from vault.errors import IntegrityError, InvalidName, InvalidShares
 from vault.field import FIELD_DTYPE, P
 
 # Codec versions this code can rejoin.
 SUPPORTED_CODEC_VERSIONS = frozenset({codec.CODEC_VERSION})
-# Longest tenant or subject identifier, in UTF-8 bytes.
-MAX_NAME_BYTES = 128
 # Most k-subsets join() tries when shares are inconsistent; each try costs a
 # reconstruction and a MAC check and multiplies the forgery bound by one.
 MAX_SUBSET_TRIALS = 1024
@@ -53,11 +50,6 @@ _AGREEING_FIELDS = (
     "mac_count",
 )
 _agreeing_fields = operator.attrgetter(*_AGREEING_FIELDS)
-# Unicode general category Cc is exactly U+0000..U+001F and U+007F..U+009F
-# (an immutable property under Unicode's stability policy), so this matches
-# the characters with unicodedata.category(ch) == "Cc" without a per-character
-# Python loop (tests/test_join_fastpath.py checks every code point).
-_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True, eq=False)
@@ -309,18 +301,10 @@ def _find_consistent_subset(
 
 
 def _name_bytes(value: str, what: str) -> bytes:
-    # UTF-8 of a tenant or subject id: non-empty, <= 128 bytes, no control characters.
-    if not isinstance(value, str) or not value:
-        raise InvalidShares(f"The {what} must be a non-empty string.")
-    if _CONTROL_CHARACTER.search(value):
-        raise InvalidShares(f"The {what} must not contain control characters.")
     try:
-        raw = value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidShares(f"The {what} must be valid Unicode text.") from None
-    if len(raw) > MAX_NAME_BYTES:
-        raise InvalidShares(f"The {what} must be at most {MAX_NAME_BYTES} bytes of UTF-8.")
-    return raw
+        return names.check_id_bytes(value, what)
+    except InvalidName as exc:
+        raise InvalidShares(str(exc)) from None
 
 
 def _validate_metadata(rec: common_pb2.ShareRecord) -> None:

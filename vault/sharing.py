@@ -26,13 +26,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vault import field, rng
+from vault import field, names, rng
 from vault.errors import InvalidShares
 from vault.field import FIELD_DTYPE, P
 
-# Most shareholders a template can be split across. x-coordinates 1..n are
-# small, which keeps Horner's intermediate values < 2**43 (see _evaluate).
-MAX_SHAREHOLDERS = 255
+# Most shareholders a template can be split across (x-coordinates 1..255).
+MAX_SHAREHOLDERS = names.MAX_SHAREHOLDERS
 # Elements processed per chunk: 2**16 uint64 temporaries are 512 KiB, which
 # stays in L2 on this class of machine.
 CHUNK_ELEMENTS = 1 << 16

@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from google.protobuf.message import DecodeError
 
 from splitvault.v1 import common_pb2
-from vault.errors import InvalidTicket
+from vault import names
+from vault.errors import InvalidName, InvalidTicket
 
 SIGNATURE_CONTEXT = b"splitvault/ticket/v1\x00"
 PROBE_CONTEXT = b"splitvault/probe/v1\x00"
@@ -44,14 +45,11 @@ NONCE_BYTES = 16
 MAX_TTL_MS = 5 * 60 * 1000
 # Clock skew tolerated between provider and node.
 CLOCK_SKEW_MS = 30 * 1000
-MAX_ID_BYTES = 128
 
 
 def check_audience(value: str) -> str:
-    """A cluster id, the audience of tickets: 1 to 128 printable ASCII characters."""
-    if not isinstance(value, str) or not 1 <= len(value) <= MAX_ID_BYTES or not value.isascii() or not value.isprintable():
-        raise ValueError(f"A cluster id must be 1 to {MAX_ID_BYTES} printable ASCII characters.")
-    return value
+    """A cluster id, the audience of tickets: a token (vault.names)."""
+    return names.check_token(value, "cluster id")
 
 
 def now_ms() -> int:
@@ -221,14 +219,16 @@ def verify(
     if bool(body.batch_digest) != batch:
         raise InvalidTicket("A batch ticket stands only for the items of a bulk enrolment."
                             if body.batch_digest else "The call needs a batch ticket.")
-    names = (("tenant", body_tenant), ("request_id", body.request_id))
+    named = (("tenant", body_tenant), ("request_id", body.request_id))
     if not batch:
-        names += (("subject", body.subject),)
+        named += (("subject", body.subject),)
     elif body.subject:
         raise InvalidTicket("A batch ticket names no subject.")
-    for name, value in names:
-        if not value or len(value.encode()) > MAX_ID_BYTES:
-            raise InvalidTicket(f"The verification ticket's {name} is empty or longer than {MAX_ID_BYTES} bytes.")
+    for name, value in named:
+        try:
+            names.check_id(value, f"verification ticket's {name}")
+        except InvalidName as exc:
+            raise InvalidTicket(str(exc)) from None
     operation = body.operation
     if operation not in operations:
         raise InvalidTicket(

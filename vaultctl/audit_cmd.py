@@ -45,15 +45,22 @@ could not be read; 1 a usage or local error (e.g. no recorded key).
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import sqlite3
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+import grpc
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from shareholders import store
+from splitvault.v1 import common_pb2, shareholder_pb2, shareholder_pb2_grpc
+from vault import audit, pki, ticket as tickets
+from vault.errors import InvalidTicket
 from vaultctl import auditor
 from vaultctl.cli import EXIT_LOCAL, EXIT_OK, EXIT_REMOTE, CliError, Result, command
+from vaultrpc.files import write_atomic
 
 # The check ran and found a problem (contracts.md, exit codes).
 EXIT_FINDING = 3
@@ -81,8 +88,6 @@ class NodeLog:
 
 def read_database(path: pathlib.Path):
     """(entries, checkpoints) from a node's database file, read-only."""
-    from shareholders import store
-
     if not path.exists():
         raise FileNotFoundError(f"There is no database at {path}.")
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -93,10 +98,6 @@ def read_database(path: pathlib.Path):
 
 
 def read_node(target: auditor.AuditorTarget, node: auditor.NodeRef, db: pathlib.Path | None = None) -> NodeLog:
-    import grpc
-
-    from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
-
     log = NodeLog(node)
     offline = db or (node.db_path if node.address is None else None)
     if offline is not None:
@@ -150,9 +151,7 @@ def _load_witness(target: auditor.AuditorTarget) -> dict:
 def _save_witness(target: auditor.AuditorTarget, data: dict) -> None:
     path = _witness_path(target)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _when(ms: int) -> str:
@@ -161,8 +160,6 @@ def _when(ms: int) -> str:
 
 def verify_log(log: NodeLog, witness: dict | None) -> dict:
     """One node's verdict as a dict (``ok``, ``broken_seq``, ``reason``, ...)."""
-    from vault import audit
-
     node = log.node
     out = {"name": node.name, "retired": node.retired, "source": log.source, "ok": False, "state": "", "entries": len(log.entries),
            "checkpoints": len(log.checkpoints), "head_seq": 0, "signed_seq": 0, "unsigned_tail": 0,
@@ -232,8 +229,6 @@ def _target(args) -> auditor.AuditorTarget:
 def _witnessed(logs: dict[str, NodeLog], verdicts: dict[str, dict]) -> dict[str, list[tuple[str, object, int]]]:
     """node -> [(witness, checkpoint, time witnessed)]: the peers' checkpoints
     each chain records, from the part of it that verifies."""
-    from vault import audit
-
     out: dict[str, list] = defaultdict(list)
     for name, log in logs.items():
         verdict = verdicts[name]
@@ -252,8 +247,6 @@ def hold_to_witnesses(verdict: dict, log: NodeLog, witnessed: list) -> bool:
     """Check one node's chain against the checkpoints its peers witnessed: each
     must still be in the chain, with the same hash. Adds the findings to
     ``verdict``; True when one is a witnessed entry past the end of the log."""
-    from vault import audit
-
     if verdict["state"] not in ("ok", "broken") or log.node.audit_key is None:
         return False
     name, head, intact = log.node.name, verdict["head_seq"], verdict["ok"]
@@ -361,13 +354,6 @@ def _audit_verify(args) -> Result:
 
 def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list[dict]) -> dict:
     """Cross-check releases against provider-signed tickets (the Python API)."""
-    from cryptography.hazmat.primitives.asymmetric import ed25519
-
-    from splitvault.v1 import common_pb2
-    from vault import pki
-    from vault import ticket as tickets
-    from vault.errors import InvalidTicket
-
     # Members past and present: a node retired by a reshare released shares
     # while it was one.
     committee = {n.name for n in target.nodes}

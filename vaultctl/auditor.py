@@ -33,11 +33,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import tomllib
 from dataclasses import dataclass, field
 
 from vault import pki
-from vaultrpc.tls import TlsFiles
+from vault.pki import ROLE_SHAREHOLDER, Identity
+from vaultctl import cluster
+from vaultrpc import config as rpcconfig
+from vaultrpc.tls import TlsFiles, secure_channel
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -92,8 +94,6 @@ def _hex_key(value, what: str) -> bytes:
 
 
 def from_cluster_dir(root: str | os.PathLike) -> AuditorTarget:
-    from vaultctl import cluster
-
     try:
         spec = cluster.load_spec(root)
         trust = cluster.load_trust(root)
@@ -129,35 +129,19 @@ def from_cluster_dir(root: str | os.PathLike) -> AuditorTarget:
 def from_config(path: str | os.PathLike) -> AuditorTarget:
     path = pathlib.Path(path)
     try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise TargetError(f"Cannot read the auditor config {path}: {exc.strerror}.") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise TargetError(f"The auditor config {path} is not valid TOML: {exc}.") from None
-    base = path.resolve().parent
-
-    def file(value, key: str) -> str:
-        if not isinstance(value, str) or not value:
-            raise TargetError(f"The auditor config {path} is missing {key}.")
-        return str(base / pathlib.Path(value).expanduser())
-
-    tls_section = data.get("tls") if isinstance(data.get("tls"), dict) else {}
-    tls = TlsFiles(file(tls_section.get("ca"), "tls.ca"), file(tls_section.get("cert"), "tls.cert"),
-                   file(tls_section.get("key"), "tls.key"))
+        data = rpcconfig.read(path)
+        tls = rpcconfig.tls_files(data, path.resolve().parent)
+    except rpcconfig.ConfigError as exc:
+        raise TargetError(f"{exc} ({path})") from None
     section = data.get("auditor") if isinstance(data.get("auditor"), dict) else {}
-    raw_nodes = data.get("shareholders")
-    if not isinstance(raw_nodes, list) or not raw_nodes:
-        raise TargetError(f"The auditor config {path} lists no [[shareholders]].")
+    try:
+        table = rpcconfig.shareholder_table(data, index_required=False)
+    except rpcconfig.ConfigError as exc:
+        raise TargetError(f"{exc} ({path})") from None
     nodes = []
-    for i, item in enumerate(raw_nodes, start=1):
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not isinstance(item.get("address"), str):
-            raise TargetError(f"Shareholder {i} in {path} needs a name and an address.")
-        index = item.get("index", i)
-        if isinstance(index, bool) or not isinstance(index, int) or not 1 <= index <= 255:
-            raise TargetError(f"Shareholder {item['name']} in {path} has an invalid index.")
-        key = item.get("audit_public_key")
-        nodes.append(NodeRef(item["name"], index, item["address"],
-                             _hex_key(key, f"audit_public_key of {item['name']}") if key else None))
+    for e in table:
+        key = e.entry.get("audit_public_key")
+        nodes.append(NodeRef(e.name, e.index, e.address, _hex_key(key, f"audit_public_key of {e.name}") if key else None))
     threshold = section.get("threshold", 2)
     if isinstance(threshold, bool) or not isinstance(threshold, int) or not 1 <= threshold <= len(nodes):
         raise TargetError(f"The value auditor.threshold in {path} must be from 1 to the number of shareholders.")
@@ -170,8 +154,11 @@ def from_config(path: str | os.PathLike) -> AuditorTarget:
         if not isinstance(keys, dict):
             raise TargetError(f"The value tenants.{tenant}.ticket_keys in {path} must map key ids to public keys.")
         tickets[tenant] = {str(k): _hex_key(v, f"ticket key tenants.{tenant}.{k}") for k, v in keys.items()}
-    state = section.get("state_dir")
-    state_dir = pathlib.Path(file(state, "auditor.state_dir")) if state else (
+    try:
+        state = rpcconfig.get(data, "auditor.state_dir", None, str)
+    except rpcconfig.ConfigError as exc:
+        raise TargetError(f"{exc} ({path})") from None
+    state_dir = rpcconfig.resolve_path(state, "auditor.state_dir", path.resolve().parent) if state else (
         pathlib.Path(os.environ.get("XDG_STATE_HOME") or pathlib.Path.home() / ".local" / "state") / "vaultctl"
     )
     return AuditorTarget(
@@ -187,9 +174,6 @@ def from_args(args) -> AuditorTarget:
 
 def channel(target: AuditorTarget, node: NodeRef):
     """An mTLS channel to ``node`` with the auditor's certificate."""
-    from vault.pki import ROLE_SHAREHOLDER, Identity
-    from vaultrpc.tls import secure_channel
-
     if node.address is None:
         raise TargetError(f"Shareholder {node.name} is not running.")
     return secure_channel(node.address, target.tls.load(), expect=Identity(ROLE_SHAREHOLDER, node.name))

@@ -28,10 +28,18 @@ import os
 import pathlib
 import sys
 import traceback
-import tomllib
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from vault import pki
+from vaultctl import cluster
+from vaultctl.client import MatcherClient
+from vaultrpc import config as rpcconfig
+from vaultrpc.tls import TlsFiles
 
 EXIT_OK = 0
 EXIT_LOCAL = 1
@@ -162,8 +170,6 @@ def remote_error(exc: Exception) -> RemoteError:
 
 def load_vector(path: pathlib.Path):
     """A template or probe file: ``.npy`` (float, 1-D) or ``.json`` (a list of numbers)."""
-    import numpy as np
-
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".json"):
         raise CliError(f"The template file {path} must be .npy (float32, 1-D) or .json (a list of numbers).")
@@ -215,47 +221,33 @@ class ClientConfig:
 
 def load_client_config(path: pathlib.Path) -> ClientConfig:
     try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise CliError(f"Cannot read the config file {path}: {exc.strerror}.") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise CliError(f"The config file {path} is not valid TOML: {exc}.") from None
-    base = path.resolve().parent
-
-    def need(section: str, key: str, is_path: bool = False) -> str:
-        value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
-        if not isinstance(value, str) or not value:
-            raise CliError(f"The config file {path} is missing {section}.{key}.")
-        return str(base / pathlib.Path(value).expanduser()) if is_path else value
-
-    timeout = data.get("matcher", {}).get("timeout_s", 10.0) if isinstance(data.get("matcher"), dict) else 10.0
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise CliError(f"The config value matcher.timeout_s in {path} must be a positive number.")
-    address = need("matcher", "address")
-    ca, cert, key = need("tls", "ca", True), need("tls", "cert", True), need("tls", "key", True)
-    matcher = need("matcher", "name")  # the identity the matcher's certificate must carry
-    tenant = need("tenant", "id")
-    return ClientConfig(
-        address=address,
-        matcher=matcher,
-        ca=ca,
-        cert=cert,
-        key=key,
-        tenant=tenant,
-        ticket_key=need("tenant", "ticket_key", True),
-        key_id=data.get("tenant", {}).get("key_id") or f"{tenant}-1",
-        cluster_id=need("matcher", "cluster_id"),
-        timeout_s=float(timeout),
-    )
+        data = rpcconfig.read(path)
+        base = path.resolve().parent
+        timeout = rpcconfig.get(data, "matcher.timeout_s", 10.0, (int, float))
+        if isinstance(timeout, bool) or timeout <= 0:
+            raise rpcconfig.ConfigError("The config value matcher.timeout_s must be a positive number.")
+        address = rpcconfig.text(data, "matcher.address")
+        tls = rpcconfig.tls_files(data, base)
+        matcher = rpcconfig.text(data, "matcher.name")  # the identity the matcher's certificate must carry
+        tenant = rpcconfig.text(data, "tenant.id")
+        return ClientConfig(
+            address=address,
+            matcher=matcher,
+            ca=tls.ca,
+            cert=tls.cert,
+            key=tls.key,
+            tenant=tenant,
+            ticket_key=rpcconfig.file_path(data, "tenant.ticket_key", base),
+            key_id=rpcconfig.get(data, "tenant.key_id", "") or f"{tenant}-1",
+            cluster_id=rpcconfig.text(data, "matcher.cluster_id"),
+            timeout_s=float(timeout),
+        )
+    except rpcconfig.ConfigError as exc:
+        raise CliError(f"{exc} ({path})") from None
 
 
 def client_from_args(args: argparse.Namespace):
     """A ``MatcherClient`` for ``--dir`` (the dev cluster) or ``--config``."""
-    from vault import pki
-    from vaultctl import cluster
-    from vaultctl.client import MatcherClient
-    from vaultrpc.tls import TlsFiles
-
     timeout = getattr(args, "timeout", None)
     try:
         if args.dir is not None:
@@ -297,8 +289,6 @@ def _close(client) -> None:
 
 def _call(fn, *a, **kw):
     """Call the matcher; turn its gRPC failure into a RemoteError (exit 2)."""
-    import grpc
-
     try:
         return fn(*a, **kw)
     except grpc.RpcError as exc:
@@ -308,7 +298,6 @@ def _call(fn, *a, **kw):
 def _check_dimension(args, vector, what: str) -> None:
     if args.dir is None:
         return
-    from vaultctl import cluster
 
     dim = cluster.load_spec(args.dir).dim
     if vector.size != dim:
@@ -387,8 +376,6 @@ def _cluster_size(p: argparse.ArgumentParser) -> None:
 
 @command("cluster", "up", help="create (first time) and start a local cluster in the background", arguments=_cluster_size, target="dir")
 def _cluster_up(args) -> Result:
-    from vaultctl import cluster
-
     kwargs = {"timeout_s": args.timeout} if args.timeout else {}
     try:
         info = cluster.up(args.dir, args.shareholders, args.threshold, args.dim, **kwargs)
@@ -403,8 +390,6 @@ def _cluster_up(args) -> Result:
 
 @command("cluster", "status", help="health and process id of every process of a local cluster", target="dir")
 def _cluster_status(args) -> Result:
-    from vaultctl import cluster
-
     try:
         info = cluster.status(args.dir)
     except cluster.ClusterError as exc:
@@ -420,8 +405,6 @@ def _cluster_status(args) -> Result:
 
 @command("cluster", "down", help="stop every process of a local cluster", target="dir")
 def _cluster_down(args) -> Result:
-    from vaultctl import cluster
-
     try:
         info = cluster.down(args.dir)
     except cluster.ClusterError as exc:

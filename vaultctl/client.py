@@ -26,7 +26,8 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from splitvault.v1 import matcher_pb2, matcher_pb2_grpc
-from vault import pki, ticket
+from vault import names, pki, ticket
+from vaultctl import cluster
 from vaultrpc.tls import TlsFiles, TlsMaterial, secure_channel
 
 _DECISIONS = {matcher_pb2.DECISION_MATCH: "MATCH", matcher_pb2.DECISION_NO_MATCH: "NO_MATCH"}
@@ -93,7 +94,7 @@ class MatcherClient:
         ticket_ttl_ms: int = 60_000,
     ):
         self.address = address
-        self.tenant = pki.check_name(tenant)
+        self.tenant = names.check_name(tenant)
         self.key_id = key_id
         self.cluster_id = cluster_id
         self.timeout_s = timeout_s
@@ -105,8 +106,6 @@ class MatcherClient:
     @classmethod
     def from_cluster_dir(cls, path: str | pathlib.Path, tenant: str = "demo-psp", **kwargs) -> "MatcherClient":
         """A client for a local cluster made by ``vaultctl cluster up --dir path``."""
-        from vaultctl import cluster
-
         root = pathlib.Path(path)
         ready = root / "matcher" / "ready.json"
         try:
@@ -174,7 +173,6 @@ class MatcherClient:
         gRPC's per-message cost dominated one-template messages). The
         stream's deadline is ``timeout_s`` (default: none, bulk jobs are long).
         """
-
         operation = ticket.write_operation(replace)
 
         def message(chunk) -> matcher_pb2.EnrollBatchesRequest:

@@ -38,6 +38,7 @@ when a process failed to start, the tail of its log).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -48,9 +49,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from vault import pki
-from vault import plan as committee_plan
+
+from vault import envelope, names, pki, plan as committee_plan
 from vaultrpc import probe
+from vaultrpc.files import write_atomic
 from vaultrpc.tls import TlsFiles
 
 SPEC_VERSION = 1
@@ -62,8 +64,7 @@ DEFAULT_AUDITOR = "auditor"
 MATCHER_NAME = "matcher"
 # Cosine on quantised vectors above which a probe matches (dev cluster).
 DEFAULT_MATCH_THRESHOLD = 0.80
-# Shamir x-coordinates the matcher accepts are 1..255.
-MAX_SHAREHOLDERS = 255
+MAX_SHAREHOLDERS = names.MAX_SHAREHOLDERS
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 HEALTH_TIMEOUT_S = 2.0
@@ -131,7 +132,7 @@ class ClusterSpec:
             raise ClusterError("The cluster spec must name each shareholder once.")
         for name in (*self.nodes, *self.tenants, self.auditor, self.matcher):
             try:
-                pki.check_name(name)
+                names.check_name(name)
             except ValueError as exc:
                 raise ClusterError(f"The name {name!r} in the cluster spec is invalid: {exc}") from None
         for identity in (pki.Identity(pki.ROLE_MATCHER, self.matcher),
@@ -232,20 +233,9 @@ def key_id(tenant: str) -> str:
 
 
 def _write(path: pathlib.Path, data: bytes | str, secret: bool = False) -> None:
-    """Write atomically (tmp + rename); secret files are 0600 from the start."""
+    """Write atomically (vaultrpc.files); secret files are 0600 from the start."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode() if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if secret else 0o644)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(raw)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, mode=0o600 if secret else 0o644)
 
 
 def _toml_str(value: str) -> str:
@@ -466,7 +456,7 @@ def _make_node_files(paths: Paths, spec: ClusterSpec, name: str) -> None:
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
     if not (d / "kek.json").exists():
-        kek = {"active": 1, "keys": {"1": secrets.token_bytes(32).hex()}}
+        kek = {"active": 1, "keys": {"1": envelope.new_kek().hex()}}
         _write(d / "kek.json", json.dumps(kek) + "\n", secret=True)
     if not (d / "audit.key").exists():
         private_pem, _public = pki.new_signing_key()
@@ -1051,8 +1041,6 @@ def switch_matcher(root: str | os.PathLike, spec: ClusterSpec, addresses: dict[s
                    timeout_s: float = START_TIMEOUT_S) -> dict:
     """Point the running matcher at ``spec``'s committee: rewrite matcher.toml,
     SIGHUP it, and wait until its ready file shows the new config's digest."""
-    import hashlib
-
     paths = Paths(root)
     current = load_spec(root)
     config = paths.config(current, current.matcher)

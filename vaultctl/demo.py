@@ -43,9 +43,14 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 
+from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
+from vault import audit, codec, pki
 from vaultctl import cluster
+from vaultctl.client import MatcherClient
+from vaultrpc.tls import secure_channel
 
 DEFAULT_DIR = pathlib.Path(".demo-cluster")
 # Non-overlapping windows of this many bytes of every vector are searched for.
@@ -95,8 +100,6 @@ def subject_id(i: int) -> str:
 def template_encodings(vectors: np.ndarray, dim: int) -> list[bytes]:
     """Every at-rest form a template could leak in: float32 LE bytes, the
     int8 quantised codes and their field elements (uint32 LE)."""
-    from vault import codec
-
     vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, dim)
     codes = codec.encode(vectors, dim)
     fields = np.asarray(codec.to_field(codes)).astype("<u4")
@@ -152,10 +155,6 @@ def scan_for_vectors(paths: Iterable[pathlib.Path], forms: Sequence[bytes], wind
 
 def read_audit_log(root: pathlib.Path, node: str, timeout_s: float = 10.0):
     """(entries, checkpoints) of one node, read with the auditor's certificate."""
-    from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
-    from vault import pki
-    from vaultrpc.tls import secure_channel
-
     info = cluster.status(root)
     entry = next(p for p in info["shareholders"] if p["name"] == node)
     if not entry["address"]:
@@ -178,8 +177,6 @@ def read_audit_log(root: pathlib.Path, node: str, timeout_s: float = 10.0):
 def node_audit_public_key(root: pathlib.Path, node: str) -> bytes:
     """The node's audit public key, from the key file the cluster generated
     (the auditor's trust anchor in this dev setup)."""
-    from vault import pki
-
     key = pki.load_signing_key((cluster.Paths(root).node_dir(node) / "audit.key").read_bytes())
     return pki.public_key_raw(key)
 
@@ -226,8 +223,6 @@ def _status_code(exc: BaseException) -> str:
 
 def _try_verify(client, subject: str, probe: np.ndarray, request_id: str | None = None):
     """(result, None) or (None, status name) for one verification."""
-    import grpc
-
     try:
         return client.verify(subject, probe, request_id=request_id), None
     except grpc.RpcError as exc:
@@ -235,8 +230,6 @@ def _try_verify(client, subject: str, probe: np.ndarray, request_id: str | None 
 
 
 def run(root: pathlib.Path, subjects: int, seed: int, console, debug: bool = False) -> int:
-    from vaultctl.client import MatcherClient
-
     story = Story(console)
     n, k, dim = 3, 2, 512
     templates, genuine, impostor, genuine_i = story_vectors(subjects, dim, seed)
@@ -472,8 +465,6 @@ def _close(client) -> None:
 
 
 def _show_audit(story: Story, root: pathlib.Path, info: dict, request_id: str, k: int) -> None:
-    from vault import audit
-
     if not request_id:
         story.fail("step 3 gave no request id to look up")
         return

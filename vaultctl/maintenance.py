@@ -1,6 +1,6 @@
 """What ``vaultctl refresh`` and ``vaultctl reshare`` share: the nodes'
 maintenance API seen from the auditor, the local session file, progress
-display and the test seam for crash injection.
+display and the seam where a run can be interrupted.
 
 - ``Admin``: one mTLS channel per node with the auditor's certificate;
   ``ShareholderAdmin`` and ``Shareholder.GetNodeInfo`` calls with deadlines,
@@ -12,11 +12,9 @@ display and the test seam for crash injection.
   the process, kill -9 included).
 - ``Progress``: a rich progress bar on a terminal (stderr), silent otherwise
   (``--format json`` prints one object at the end).
-- ``fault(phase, count)``: crash injection for the tests only, driven by the
-  environment variable VAULTCTL_FAULT="<phase>:<count>:<action>", e.g.
-  ``prepare:1:self`` (kill -9 this CLI once one node has prepared) or
-  ``commit:1:node=bank-b`` (kill -9 node bank-b once one node committed);
-  ``<phase>-start:1:...`` fires once, just before the phase begins anywhere.
+- ``CrashSeam``: ``step(phase)`` at every point where an interrupted run
+  leaves a distinct state. It does nothing in the product; only test code
+  (tests/crash_cli.py) replaces ``crash_seam`` to kill the CLI or a node there.
 """
 from __future__ import annotations
 
@@ -24,7 +22,6 @@ import fcntl
 import json
 import os
 import pathlib
-import signal
 import sys
 import threading
 import time
@@ -36,9 +33,9 @@ import grpc
 
 from splitvault.v1 import admin_pb2, admin_pb2_grpc, shareholder_pb2, shareholder_pb2_grpc
 from vault.pki import ROLE_SHAREHOLDER, Identity
+from vaultrpc.files import fsync_dir, write_atomic
 from vaultrpc.tls import TlsMaterial, secure_channel
 
-FAULT_ENV = "VAULTCTL_FAULT"
 # Deadlines: quick calls, and the long streaming phases (per message gap is
 # what matters there, the whole phase may take minutes).
 CALL_TIMEOUT_S = 30.0
@@ -159,7 +156,7 @@ class Admin:
         return final
 
     def phase(self, names: Iterable[str], label: str, method: str, request, progress: "Progress",
-              faults: "Faults", total: int | None = None) -> dict[str, object]:
+              faults: "CrashSeam", total: int | None = None) -> dict[str, object]:
         """Run one streaming session phase on every node in parallel: {node: final SessionStatus}.
 
         ``label`` names the phase in the progress bar and the crash-injection
@@ -237,28 +234,14 @@ class SessionFile:
 
     def save(self, rec: SessionRecord) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".session.{os.getpid()}.tmp")
-        with open(tmp, "w") as fh:
-            fh.write(json.dumps(asdict(rec), indent=2, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        _fsync_dir(self.folder)
+        write_atomic(self.path, json.dumps(asdict(rec), indent=2, sort_keys=True) + "\n")
 
     def clear(self) -> None:
         try:
             self.path.unlink()
         except FileNotFoundError:
             return
-        _fsync_dir(self.folder)
-
-
-def _fsync_dir(folder: pathlib.Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(self.folder)
 
 
 def new_session_id(kind: str) -> str:
@@ -278,7 +261,13 @@ class Progress:
         self._progress = None
         if enabled:
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress as RichProgress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
 
             self._progress = RichProgress(
                 TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -308,36 +297,20 @@ def progress_enabled(fmt: str) -> bool:
     return fmt != "json" and sys.stderr.isatty()
 
 
-# --- crash injection (tests) ---------------------------------------------------------------
+# --- the crash seam ----------------------------------------------------------------------
 
 
-class Faults:
-    """``VAULTCTL_FAULT=<phase>:<count>:<action>``; see the module docstring."""
-
-    def __init__(self, spec: str | None, kill_node: Callable[[str], None] | None = None):
-        self.phase = self.count = self.action = None
-        self.kill_node = kill_node
-        self._seen: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self._fired = False
-        if spec:
-            phase, count, action = spec.split(":", 2)
-            self.phase, self.count, self.action = phase, int(count), action
-
-    @classmethod
-    def from_env(cls, kill_node=None) -> "Faults":
-        return cls(os.environ.get(FAULT_ENV), kill_node)
+class CrashSeam:
+    """``step(phase)`` runs once before a phase begins anywhere
+    (``<phase>-start``) and after each node finishes it (``<phase>``).
+    A no-op: nothing in the product interrupts a run on purpose."""
 
     def step(self, phase: str) -> None:
-        """One node finished ``phase``; fire when the configured count is reached."""
-        if self.phase != phase:
-            return
-        with self._lock:
-            self._seen[phase] = self._seen.get(phase, 0) + 1
-            if self._fired or self._seen[phase] < self.count:
-                return
-            self._fired = True
-        if self.action == "self":
-            os.kill(os.getpid(), signal.SIGKILL)
-        elif self.action.startswith("node=") and self.kill_node is not None:
-            self.kill_node(self.action.split("=", 1)[1])
+        pass
+
+
+def crash_seam(root: pathlib.Path | None) -> CrashSeam:
+    """The seam of a run on the cluster directory ``root`` (None with
+    --config). Replaced by tests only (tests/crash_cli.py); never by an
+    environment variable."""
+    return CrashSeam()

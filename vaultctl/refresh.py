@@ -36,9 +36,10 @@ import time
 
 from splitvault.v1 import admin_pb2
 from vault import proactive
+from vaultctl import auditor, maintenance
 from vaultctl.cli import CliError, RemoteError, Result, command, count, seconds_or_zero
 from vaultctl.maintenance import (
-    KIND_NAMES, STATE_NAMES, Admin, Faults, MaintenanceError, Node, Progress, SessionFile, SessionRecord,
+    KIND_NAMES, STATE_NAMES, Admin, CrashSeam, MaintenanceError, Node, Progress, SessionFile, SessionRecord,
     new_session_id, progress_enabled,
 )
 
@@ -66,7 +67,7 @@ def refresh_session(
     challenges: int = CHECK_CHALLENGES,
     drain_s: float = DEFAULT_DRAIN_S,
     progress: Progress | None = None,
-    faults: Faults | None = None,
+    faults: CrashSeam | None = None,
     adopt: str | None = None,
     pace: int = 0,
 ) -> dict:
@@ -75,7 +76,7 @@ def refresh_session(
     ``adopt`` takes over an open session by id when this workstation has no
     session file for it (another auditor's, or a lost state folder)."""
     progress = progress or Progress(False)
-    faults = faults or Faults(None)
+    faults = faults or CrashSeam()
     names = [n.name for n in sorted(committee, key=lambda n: n.index)]
     started = time.monotonic()
     timings: dict[str, float] = {}
@@ -271,8 +272,6 @@ def run_check(admin: Admin, names: list[str], sid: str, threshold: int, count: i
 def target_nodes(args) -> tuple[list[Node], int, object, pathlib.Path]:
     """The committee of ``--dir`` or ``--config``: nodes (with addresses), k,
     the auditor's TLS material and the state folder (vaultctl.auditor)."""
-    from vaultctl import auditor
-
     try:
         target = auditor.from_args(args)
     except auditor.TargetError as exc:
@@ -295,14 +294,6 @@ def target_nodes(args) -> tuple[list[Node], int, object, pathlib.Path]:
 
 def state_dir(root: pathlib.Path) -> pathlib.Path:
     return pathlib.Path(root).expanduser().resolve() / "maintenance"
-
-
-def kill_node_for(root: pathlib.Path):
-    def kill(name: str) -> None:
-        from vaultctl import cluster
-
-        cluster.kill_node(root, name)
-    return kill
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -345,8 +336,6 @@ def _lines(report: dict) -> list[str]:
 
 @command("refresh", help="proactive share refresh to a new epoch (resumable)", arguments=_args, target="any")
 def _refresh(args) -> Result:
-    import os
-
     if args.check and args.no_check:
         raise CliError("--check and --no-check contradict each other.")
     if args.abort and (args.check or args.no_check):
@@ -365,7 +354,7 @@ def _refresh(args) -> Result:
         report = refresh_session(
             admin, nodes, k, sessions, check=not args.no_check, check_only=args.check, abort=args.abort,
             challenges=args.challenges, drain_s=args.drain, progress=progress, adopt=args.session, pace=max(0, args.pace),
-            faults=Faults.from_env(kill_node_for(args.dir) if args.dir is not None else None),
+            faults=maintenance.crash_seam(args.dir),
         )
     except MaintenanceError as exc:
         cls = RemoteError if exc.remote else CliError

@@ -41,17 +41,20 @@ has committed (new nodes are stopped; their folders stay, empty).
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import time
 
 from splitvault.v1 import admin_pb2
-from vault import plan as committee_plan
+from vault import pki, plan as committee_plan
+from vaultctl import cluster, maintenance
 from vaultctl.cli import CliError, RemoteError, Result, command, count, seconds_or_zero
+from vaultctl.cluster import ClusterSpec
 from vaultctl.maintenance import (
-    KIND_NAMES, Admin, Faults, MaintenanceError, Node, Progress, SessionFile, SessionRecord, new_session_id,
+    KIND_NAMES, Admin, CrashSeam, MaintenanceError, Node, Progress, SessionFile, SessionRecord, new_session_id,
     progress_enabled,
 )
-from vaultctl.refresh import DEFAULT_DRAIN_S, _round, _state, kill_node_for, state_dir
+from vaultctl.refresh import DEFAULT_DRAIN_S, _round, _state, state_dir
 
 _S = admin_pb2
 
@@ -59,8 +62,6 @@ _S = admin_pb2
 def plan_committee(spec, shareholders: int | None, threshold: int | None, replace: str | None,
                    taken: set[str]) -> tuple[list[str], int]:
     """The new committee (names in index order) and threshold."""
-    from vaultctl import cluster
-
     old = list(spec.nodes)
     if replace is not None:
         if replace not in old:
@@ -93,8 +94,6 @@ class LocalCluster:
     """The operations a reshare needs from a local cluster directory."""
 
     def __init__(self, root: pathlib.Path):
-        from vaultctl import cluster
-
         self.root = pathlib.Path(root)
         self.cluster = cluster
 
@@ -122,8 +121,6 @@ class LocalCluster:
             self.cluster.stop_processes(self.root, names)
 
     def auditor_tls(self):
-        from vault import pki
-
         spec = self.spec()
         return self.cluster.Paths(self.root).tls(pki.ROLE_AUDITOR, spec.auditor).load()
 
@@ -132,8 +129,6 @@ class LocalCluster:
         return committee_plan.spki_sha256(self.cluster.Paths(self.root).ca.read_bytes())
 
     def cert_fingerprint(self, name: str) -> str:
-        from vault import pki
-
         return committee_plan.spki_sha256(self.cluster.Paths(self.root).cert(pki.ROLE_SHAREHOLDER, name).read_bytes())
 
     def operator_public(self, name: str) -> str:
@@ -159,8 +154,6 @@ def propose(ops: LocalCluster, *, shareholders: int | None = None, threshold: in
 
     The new nodes are provisioned and started first: the plan pins each new
     member's certificate key and address."""
-    from vaultctl.cluster import ClusterSpec
-
     spec = ops.spec()
     new_names, k_new = plan_committee(spec, shareholders, threshold, replace, ops.taken())
     old_names = list(spec.nodes)
@@ -195,8 +188,6 @@ def propose(ops: LocalCluster, *, shareholders: int | None = None, threshold: in
 
 def approve(document: dict, operator: str, key_pem: bytes) -> dict:
     """The plan file's JSON with one more operator's approval."""
-    from vault import pki
-
     body, approvals = committee_plan.from_document(document)
     old = committee_plan.parse(body).old_committee
     if operator not in old:
@@ -234,15 +225,13 @@ def reshare_session(
     allow_loss: bool = False,
     drain_s: float = DEFAULT_DRAIN_S,
     progress: Progress | None = None,
-    faults: Faults | None = None,
+    faults: CrashSeam | None = None,
     pace: int = 0,
     plan: dict | None = None,
 ) -> dict:
     """Drive (start, resume or abort) a reshare of a local cluster; returns the report."""
-    from vaultctl.cluster import ClusterSpec
-
     progress = progress or Progress(False)
-    faults = faults or Faults(None)
+    faults = faults or CrashSeam()
     started = time.monotonic()
     timings: dict[str, float] = {}
     spec = ops.spec()
@@ -473,8 +462,6 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 
 def _read_plan(path: pathlib.Path) -> dict:
-    import json
-
     try:
         data = json.loads(pathlib.Path(path).read_text())
         committee_plan.from_document(data)
@@ -486,10 +473,6 @@ def _read_plan(path: pathlib.Path) -> dict:
 
 
 def _write_plan(path: pathlib.Path, document: dict) -> None:
-    import json
-
-    from vaultctl import cluster
-
     cluster._write(pathlib.Path(path), json.dumps(document, indent=2, sort_keys=True) + "\n")
 
 
@@ -534,8 +517,6 @@ def _lines(report: dict) -> list[str]:
 @command("reshare", help="change the committee and threshold on an operator-approved plan: propose, approve, "
                     "run (resumable)", arguments=_args, target="dir")
 def _reshare(args) -> Result:
-    from vaultctl import cluster
-
     if args.abort and (args.shareholders or args.threshold or args.replace or args.action or args.plan):
         raise CliError("--abort takes no committee option and no plan.")
     try:
@@ -575,7 +556,7 @@ def _reshare(args) -> Result:
         report = reshare_session(
             ops, sessions, shareholders=args.shareholders, threshold=args.threshold, replace=args.replace,
             abort=args.abort, allow_loss=args.allow_loss, drain_s=args.drain, progress=progress,
-            faults=Faults.from_env(kill_node_for(args.dir)), pace=max(0, args.pace), plan=document,
+            faults=maintenance.crash_seam(args.dir), pace=max(0, args.pace), plan=document,
         )
     except cluster.ClusterError as exc:
         raise CliError(str(exc)) from None

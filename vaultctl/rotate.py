@@ -11,14 +11,17 @@ elsewhere (another auditor's, named in the node's refusal).
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import sys
 import time
 import uuid
 
+import grpc
+
+from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
 from vaultctl import auditor
 from vaultctl.cli import CliError, RemoteError, Result, command, remote_error
+from vaultrpc.files import write_atomic
 
 # Statuses after which the session never began: forget the saved id.
 _NEVER_BEGAN = ("FAILED_PRECONDITION", "INVALID_ARGUMENT", "PERMISSION_DENIED", "UNAUTHENTICATED", "UNIMPLEMENTED")
@@ -41,9 +44,7 @@ def session_file(target: auditor.AuditorTarget, node: str) -> pathlib.Path:
 
 def _save(path: pathlib.Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data) + "\n")
 
 
 def _saved_session(path: pathlib.Path) -> str | None:
@@ -92,10 +93,6 @@ def rotate_kek(target: auditor.AuditorTarget, node_name: str, *, session: str | 
     Python API for scripts and tests: ``on_progress(message)`` sees every
     RotateKekResponse as it arrives.
     """
-    import grpc
-
-    from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
-
     node = target.node(node_name)
     if node.address is None:
         raise RemoteError(f"Shareholder {node.name} is not running; start it, then rerun.")
@@ -154,8 +151,6 @@ def rotate_kek(target: auditor.AuditorTarget, node_name: str, *, session: str | 
 @command("rotate", "kek", help="new key-encryption key at one node: every data key re-wrapped, the old key retired",
          arguments=_arguments)
 def _rotate_kek(args) -> Result:
-    from splitvault.v1 import shareholder_pb2
-
     try:
         target = auditor.from_args(args)
         target.node(args.node)

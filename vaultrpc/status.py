@@ -75,7 +75,13 @@ _DOMAIN = (
     (vault_errors.EnvelopeError, grpc.StatusCode.DATA_LOSS),
     (vault_errors.IntegrityError, grpc.StatusCode.DATA_LOSS),
     (vault_errors.InvalidShares, grpc.StatusCode.INVALID_ARGUMENT),
+    (vault_errors.InvalidName, grpc.StatusCode.INVALID_ARGUMENT),
 )
+
+_BY_CODE = {cls.code: cls for cls in (
+    InvalidArgument, NotFound, AlreadyExists, PermissionDenied, Unauthenticated, ResourceExhausted,
+    FailedPrecondition, Aborted, Unavailable, DeadlineExceeded, DataLoss, Internal,
+)}
 
 GENERIC_INTERNAL = "Internal error; the server log has the details."
 
@@ -88,6 +94,25 @@ def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         if isinstance(exc, cls):
             return code, str(exc)
     return grpc.StatusCode.INTERNAL, GENERIC_INTERNAL
+
+
+def error(code: grpc.StatusCode, message: str) -> RpcError:
+    """The RpcError of a status code (a code without a class here is INTERNAL)."""
+    return _BY_CODE.get(code, Internal)(message)
+
+
+def of(exc: BaseException) -> RpcError:
+    """The RpcError an exception becomes, by the same map as to_status."""
+    return error(*to_status(exc))
+
+
+def checked(check, *args):
+    """check(*args), a domain error raised as the RpcError it maps to (for
+    handlers that collect RpcErrors per item, like bulk enrolment)."""
+    try:
+        return check(*args)
+    except vault_errors.VaultError as exc:
+        raise of(exc) from None
 
 
 def code_value(code: grpc.StatusCode) -> int:

@@ -1,40 +1,46 @@
-"""The matcher test harness (shared by tests/test_matcher_*.py and
-tests/test_client.py) and the tests of the matcher's configuration.
+"""The matcher test harness, shared by the matcher, client, attack and
+fault tests (test support, not a test module).
 
 ``Committee`` starts real shareholder nodes in-process
 (``shareholders.server.serve`` on port 0, each with its own data dir and
 keys) and a real matcher (``matcher.server.serve``), all over mutual TLS on
 loopback with the session's dev PKI. ``ProxyNode`` stands in for one node:
 it forwards to a real node and can corrupt or delay what it returns.
+``Processes`` runs real ``python -m shareholders`` / ``python -m matcher``
+processes from TOML files. The ``committee`` and ``rng`` fixtures are in
+conftest.py.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pathlib
-import secrets
+import signal
 import subprocess
 import sys
-import textwrap
 import time
 from contextlib import suppress
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
-import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from matcher import config as matcher_config
 from matcher.server import serve as serve_matcher
 from shareholders.config import NodeConfig, NodeKeys
 from shareholders.server import serve as serve_node
-from shareholders.testing import CLUSTER_ID
+from node_kit import CLUSTER_ID
 from splitvault.v1 import shareholder_pb2_grpc
 from vault import pki, ticket
-from vault.envelope import KekRing
+from vault.envelope import KekRing, new_kek
 from vaultctl.client import MatcherClient
 from vaultrpc import server as rpcserver
 from vaultrpc.tls import secure_channel
+
+if TYPE_CHECKING:
+    from conftest import DevPki
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DIM = 128
@@ -97,7 +103,7 @@ def node_config(pki_: "DevPki", root: pathlib.Path, name: str, index: int, tenan
 
 
 def node_keys() -> NodeKeys:
-    return NodeKeys(KekRing({1: secrets.token_bytes(32)}, 1), ed25519.Ed25519PrivateKey.generate())
+    return NodeKeys(KekRing({1: new_kek()}, 1), ed25519.Ed25519PrivateKey.generate())
 
 
 def matcher_dict(pki_, endpoints, tenants, *, k: int, dim: int = DIM, call_timeout_ms: int = 2000,
@@ -288,90 +294,113 @@ class ProxyNode(shareholder_pb2_grpc.ShareholderServicer):
         return reply
 
 
-# --- the matcher's configuration -------------------------------------------------
+# --- real node and matcher processes -------------------------------------------------
+
+NAMES = ("bank-a", "bank-b", "bank-c")
 
 
-def _toml_for(tmp_path, pki_, **edit) -> pathlib.Path:
-    t = Tenant("acme")
-    data = matcher_dict(pki_, [("bank-a", 1, "127.0.0.1:1"), ("bank-b", 2, "127.0.0.1:2")], [t], k=2)
-    for dotted, value in edit.items():
-        section, _, key = dotted.partition("__")
-        if value is None:
-            data[section].pop(key, None)
-        else:
-            data[section][key] = value
-    lines = []
-    for section in ("matcher", "tls", "metrics"):
-        lines.append(f"[{section}]")
-        for key, value in data[section].items():
-            lines.append(f"{key} = {_toml_value(value)}")
-    for sh in data["shareholders"]:
-        lines.append("[[shareholders]]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in sh.items()]
-    for name, tenant in data["tenants"].items():
-        lines.append(f"[tenants.{name}]")
-        lines.append(f"match_threshold = {tenant['match_threshold']}")
-        lines.append(f"score_allowed = {str(tenant['score_allowed']).lower()}")
-        keys = ", ".join(f'"{k}" = "{v}"' for k, v in tenant["ticket_keys"].items())
-        lines.append(f"ticket_keys = {{ {keys} }}")
-    path = tmp_path / "matcher.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def _secret(path: pathlib.Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
 
 
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, str):
-        return f'"{value}"'
-    return str(value)
+def _tls(files) -> str:
+    return f'[tls]\nca = "{files.ca}"\ncert = "{files.cert}"\nkey = "{files.key}"\n'
 
 
-def test_config_loads_the_contract_format(tmp_path, dev_pki):
-    cfg = matcher_config.load(_toml_for(tmp_path, dev_pki))
-    assert cfg.threshold == 2 and cfg.n == 2 and cfg.dimension == DIM
-    assert [e.name for e in cfg.shareholders] == ["bank-a", "bank-b"]
-    assert cfg.tenants["acme"].match_threshold == 0.8 and not cfg.tenants["acme"].score_allowed
+class Processes:
+    """Real node and matcher processes under one folder; ``close()`` stops them all."""
 
+    def __init__(self, dev_pki, root: pathlib.Path, tenant: Tenant):
+        self.pki, self.root, self.tenant = dev_pki, root, tenant
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, pathlib.Path] = {}
+        self.addresses: dict[str, str] = {}
 
-@pytest.mark.parametrize(
-    "edit, words",
-    [
-        ({"matcher__threshold": 3}, "threshold"),
-        ({"matcher__threshold": 1}, "threshold"),
-        ({"matcher__dimension": 0}, "dimension"),
-        ({"matcher__listen": None}, "matcher.listen"),
-        ({"matcher__call_timeout_ms": "soon"}, "call_timeout_ms"),
-        ({"matcher__cluster_id": None}, "matcher.cluster_id"),
-        ({"matcher__cluster_id": "bad\tid"}, "matcher.cluster_id"),
-    ],
-)
-def test_bad_config_is_one_sentence(tmp_path, dev_pki, edit, words):
-    with pytest.raises(matcher_config.ConfigError, match=words):
-        matcher_config.load(_toml_for(tmp_path, dev_pki, **edit))
+    def _spawn(self, name: str, module: str, config: pathlib.Path) -> None:
+        log = config.parent / f"{name}.log"
+        self.logs[name] = log
+        with open(log, "wb") as fh:
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", module, "--config", str(config)], cwd=ROOT, stdout=fh, stderr=fh,
+                env={k: v for k, v in os.environ.items() if not k.startswith("SPLITVAULT_")},
+            )
 
+    def _ready(self, name: str, path: pathlib.Path, timeout_s: float = 30.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if path.exists():
+                return json.loads(path.read_text())
+            if self.procs[name].poll() is not None:
+                raise AssertionError(f"{name} exited: {self.logs[name].read_text()[-2000:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"{name} did not become ready")
 
-@pytest.mark.parametrize("threshold", [0, 0.0, -0.5, -1, 1.01, float("nan"), float("inf"), True])
-def test_match_threshold_that_would_match_everything_is_a_config_error(dev_pki, threshold):
-    # At or below 0 unrelated templates match; NaN compares false both ways; above 1 nothing can.
-    data = matcher_dict(dev_pki, [("bank-a", 1, "127.0.0.1:1"), ("bank-b", 2, "127.0.0.1:2")], [Tenant("acme")], k=2)
-    data["tenants"]["acme"]["match_threshold"] = threshold
-    with pytest.raises(matcher_config.ConfigError, match="match_threshold"):
-        matcher_config.from_dict(data)
+    def start_nodes(self) -> None:
+        tenant = self.tenant
+        for index, name in enumerate(NAMES, start=1):
+            d = self.root / name
+            d.mkdir(parents=True)
+            _secret(d / "kek.json", json.dumps({"active": 1, "keys": {"1": new_kek().hex()}}).encode())
+            _secret(d / "audit.key", pki.new_signing_key()[0])
+            (d / "node.toml").write_text(
+                f'[node]\nname = "{name}"\ncluster_id = "{CLUSTER_ID}"\nindex = {index}\nlisten = "127.0.0.1:0"\ndata_dir = "{d}"\n'
+                f'ready_file = "{d / "ready.json"}"\n\n' + _tls(self.pki.files("shareholder", name))
+                + f'\n[keys]\nkek_file = "{d / "kek.json"}"\naudit_key_file = "{d / "audit.key"}"\n'
+                + '\n[metrics]\nport = -1\n\n[limits]\nattempts_per_subject = 100\nattempt_window_s = 60\n'
+                + f'\n[tenants.{tenant.name}]\nticket_keys = {{ "{tenant.key_id}" = "{tenant.public_hex}" }}\n'
+                + '\n[committee]\nthreshold = 2\nmembers = { '
+                + ", ".join(f'"{n}" = {i}' for i, n in enumerate(NAMES, start=1)) + ' }\n'
+            )
+            self._spawn(name, "shareholders", d / "node.toml")
+        for name in NAMES:
+            self.addresses[name] = self._ready(name, self.root / name / "ready.json")["address"]
 
+    def start_matcher(self, call_timeout_ms: int = 2000) -> str:
+        d = self.root / "matcher"
+        d.mkdir()
+        t = self.tenant
+        nodes = "".join(
+            f'\n[[shareholders]]\nname = "{n}"\nindex = {i}\naddress = "{self.addresses[n]}"\n'
+            for i, n in enumerate(NAMES, start=1)
+        )
+        (d / "matcher.toml").write_text(
+            f'[matcher]\nlisten = "127.0.0.1:0"\nready_file = "{d / "ready.json"}"\ndimension = {DIM}\n'
+            f'threshold = 2\ncall_timeout_ms = {call_timeout_ms}\nlog_level = "INFO"\ncluster_id = "{CLUSTER_ID}"\n\n'
+            + _tls(self.pki.files("matcher", "matcher")) + '\n[metrics]\nport = -1\n' + nodes
+            + f'\n[tenants.{t.name}]\nmatch_threshold = {t.match_threshold}\nscore_allowed = false\n'
+            f'ticket_keys = {{ "{t.key_id}" = "{t.public_hex}" }}\n'
+        )
+        self._spawn("matcher", "matcher", d / "matcher.toml")
+        return self._ready("matcher", d / "ready.json")["address"]
 
-def test_python_m_matcher_bad_config_exits_1_without_traceback(tmp_path, dev_pki):
-    path = _toml_for(tmp_path, dev_pki, matcher__threshold=5)
-    proc = subprocess.run([sys.executable, "-m", "matcher", "--config", str(path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 1
-    assert "Traceback" not in proc.stderr
-    assert "threshold" in proc.stderr
+    def client(self, address: str) -> MatcherClient:
+        t = self.tenant
+        return MatcherClient(address, self.pki.tls("psp", t.name), tenant=t.name, ticket_key=t.key, key_id=t.key_id,
+                             cluster_id=CLUSTER_ID, matcher="matcher")
 
+    def kill(self, name: str) -> None:
+        proc = self.procs[name]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
 
-def test_python_m_matcher_missing_tls_file_exits_1(tmp_path, dev_pki):
-    path = _toml_for(tmp_path, dev_pki, tls__key=str(tmp_path / "missing.key"))
-    proc = subprocess.run([sys.executable, "-m", "matcher", "--config", str(path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 1
-    assert "Traceback" not in proc.stderr and "missing.key" in proc.stderr
+    def matcher_log(self) -> list[dict]:
+        out = []
+        for line in self.logs["matcher"].read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

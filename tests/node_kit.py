@@ -1,4 +1,4 @@
-"""Helpers to stand up throw-away nodes: for tests and benchmarks only.
+"""Helpers to stand up throw-away nodes and watch them: for tests and benchmarks only.
 
 ``write_node_files`` writes a node's KEK file, audit key and ``node.toml``
 (the docs/contracts.md format) into a folder, with key files at mode 0600;
@@ -11,6 +11,8 @@ import json
 import os
 import pathlib
 import secrets
+import sqlite3
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -253,3 +255,41 @@ class NodeHarness:
 
     def audit_public_key(self) -> bytes:
         return pki.public_key_raw(pki.load_signing_key((self.folder / "audit.key").read_bytes()))
+
+
+# --- watching a running node ---------------------------------------------------------
+
+
+def audit_entries(db: pathlib.Path) -> list[dict]:
+    """Every entry of a node's stored audit log (read-only, the node may run)."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = conn.execute(
+            "SELECT seq, event, actor, request_id, tenant, subject, details_json FROM audit_log ORDER BY seq"
+        ).fetchall()
+    finally:
+        conn.close()
+    return [
+        {"seq": r[0], "event": r[1], "actor": r[2], "request_id": r[3], "tenant": r[4], "subject": r[5],
+         **{f"d_{k}": v for k, v in json.loads(r[6]).items()}}
+        for r in rows
+    ]
+
+
+def audit_events(db: pathlib.Path) -> list[str]:
+    """The event names of a node's stored audit log, in order."""
+    return [e["event"] for e in audit_entries(db)]
+
+
+def wait_until(predicate, timeout_s: float = 20.0, every_s: float = 0.02):
+    """Poll ``predicate`` until it returns something true, and return that;
+    AssertionError after ``timeout_s`` (a bound for a hung test, not a
+    speed requirement)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"condition not reached within {timeout_s} s")
+        time.sleep(every_s)
