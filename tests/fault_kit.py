@@ -8,7 +8,7 @@ Builds on the existing harnesses instead of adding new ones:
   configs as in docs/contracts.md) plus what fault injection needs: restart
   a killed node on the SAME port and data (so the matcher's config still
   points at it), restart the matcher, give a node another KEK.
-- ``GateProxy`` is ``test_matcher_harness.ProxyNode`` (an in-test server in
+- ``GateProxy`` is ``matcher_kit.ProxyNode`` (an in-test server in
   front of a real node) that can also hang on an event instead of sleeping,
   so a "never answers" node does not keep a thread asleep after the test.
 - The checks every fault test makes: what each node holds
