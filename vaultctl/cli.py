@@ -39,7 +39,8 @@ EXIT_REMOTE = 2
 
 # Modules that register further commands with @command (imported before the
 # parser is built). The core commands live in this module.
-COMMAND_MODULES: tuple[str, ...] = ("vaultctl.refresh", "vaultctl.reshare", "vaultctl.rotate", "vaultctl.audit_cmd")
+COMMAND_MODULES: tuple[str, ...] = ("vaultctl.refresh", "vaultctl.reshare", "vaultctl.rotate", "vaultctl.audit_cmd",
+                                     "vaultctl.calibrate_cmd")
 
 
 class CliError(Exception):
