@@ -151,6 +151,8 @@ def main() -> None:
         f"it are {face.in_band_impostor_rate:.1e} and {arc.in_band_impostor_rate:.1e} of all impostor pairs, which bounds",
         "how far quantisation can move the FMR (in either direction; on average it moves it by much less, as",
         "flips go both ways). The decisions that did change are well under the 0.01 % the issue allows.",
+        "A target FMR below 1 / (impostor pairs) cannot be resolved: such a row's threshold is just above",
+        "the highest impostor score seen.",
         "",
         f"The face-dlib128 modality ships with threshold {faces.MATCH_THRESHOLD} for FMR {faces.MATCH_FMR:g}",
         f"(`vaultctl.faces.MATCH_THRESHOLD`: this run's synthetic calibration {face.threshold:.4f}, rounded up). dlib's",

@@ -173,7 +173,7 @@ def write_det_png(path: str | pathlib.Path, curves: dict[str, tuple[np.ndarray, 
     fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
     floor = 1e-6
     for label, (fmr, fnmr) in curves.items():
-        ax.plot(np.maximum(fmr, floor), np.maximum(fnmr, floor), label=label)
+        ax.plot(np.maximum(fmr, floor), np.maximum(fnmr, floor), "--" if "int8" in label else "-", label=label)
     for label, (x, y) in (marks or {}).items():
         ax.plot([max(x, floor)], [max(y, floor)], "o", label=label)
     ax.set_xscale("log")
