@@ -717,10 +717,12 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         failures: list[Outcome] = []
         tried: set[frozenset] = set()
         integrity_failed = False
-        other_modality = False
+        # Nodes whose share has another dimension than the probe: the
+        # subject's modality is another one if no node has a share of this
+        # one (the caller's mistake), else those nodes are suspects.
+        off_dimension: list[ShareholderEndpoint] = []
 
         def take(outcome: Outcome) -> None:
-            nonlocal other_modality
             node = outcome.node
             if not outcome.ok:
                 self._node_failed(outcome, "ReleaseShare")
@@ -737,9 +739,9 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
                 if share.threshold != self.k or share.shareholders != self.n:
                     # Another committee's epoch, served while a reshare switches over: not ours, not a fault.
                     continue
-                if share.dimension != dimension and share.dimension > 0:
-                    # Enrolled under another of the tenant's modalities: the caller's mistake, not a fault.
-                    other_modality = True
+                if share.dimension != dimension:
+                    off_dimension.append(node)
+                    suspected[0] += 1  # ask the other nodes, as for an unusable share
                     continue
                 problem = self._share_problem(share, node, tenant, subject, dimension)
                 if problem:
@@ -820,8 +822,11 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
                     self._by_index[index], "share outvoted by the others",
                     decision_id=decision_id, tenant=tenant, subject=subject, epoch=result.epoch,
                 )
+            for node in off_dimension:
+                self._suspect(node, "share of another dimension than the enrolled one's",
+                              decision_id=decision_id, tenant=tenant, subject=subject)
             return result
-        if other_modality and not by_epoch:
+        if off_dimension and not by_epoch:
             raise status.InvalidArgument(
                 f"The subject is enrolled under another modality than this {dimension}-value probe's.")
         if integrity_failed:

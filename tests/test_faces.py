@@ -114,11 +114,15 @@ def test_a_changed_sample_image_is_fetched_again(samples, tmp_path):
 
 
 @pytest.fixture
-def two_modalities(dev_pki, tmp_path):
+def two_modalities(dev_pki, tmp_path, request):
     """Real in-process nodes and matcher over mTLS: the tenant's default
-    modality is 512-d, face-dlib128 is 128-d with its own threshold."""
+    modality is 512-d, face-dlib128 is 128-d with its own threshold.
+    ``@pytest.mark.parametrize("two_modalities", [{"corrupt": ...}], indirect=True)``
+    puts a misbehaving proxy in front of bank-a."""
     tenant = Tenant("acme", match_threshold=0.5, score_allowed=True)
     c = Committee(dev_pki, tmp_path, tenants=[tenant])
+    if getattr(request, "param", None):
+        c.proxy("bank-a", **request.param)
     data = matcher_dict(dev_pki, c.endpoints(), [tenant], k=c.k, dim=512)
     data["tenants"]["acme"]["modalities"] = {
         faces.MODALITY: {"dimension": faces.DIMENSION, "match_threshold": T, "fmr": faces.MATCH_FMR},
@@ -164,6 +168,24 @@ def test_a_probe_of_another_modality_is_refused_clearly(two_modalities, embedded
     # The 512-d subject still verifies under its own threshold.
     palm = np.random.default_rng(1).standard_normal(512).astype(np.float32)
     assert client.verify("palm-user", palm).decision == "MATCH"
+
+
+@pytest.mark.parametrize("two_modalities", [{"corrupt": "dimension"}], indirect=True)
+def test_a_node_claiming_another_dimension_is_named_and_outvoted(two_modalities, embedded):
+    from prometheus_client import REGISTRY
+
+    def suspects() -> float:
+        return REGISTRY.get_sample_value("splitvault_matcher_share_suspects_total", {"node": "bank-a"}) or 0.0
+
+    before = suspects()
+    client = two_modalities.client()
+    # A subject's first k nodes are a hash of its id: several subjects, so
+    # that bank-a is among the first for some of them.
+    for subject in ("obama-1", "obama-2", "obama-3", "obama-4"):
+        client.enroll(subject, embedded["obama.jpg"][1])
+        assert client.verify(subject, embedded["obama2.jpg"][1]).decision == "MATCH"
+        assert client.verify(subject, embedded["biden.jpg"][1]).decision == "NO_MATCH"
+    assert suspects() > before
 
 
 # --- synthetic pairs modelled on the real scores --------------------------------
