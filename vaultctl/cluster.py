@@ -740,6 +740,8 @@ def up(
             ("modality", modalities if modalities is None else tuple(modalities), spec.modalities),
         ):
             if given is not None and given != stored:
+                if label == "modality":
+                    stored = ", ".join(f"{m.name}:{m.dimension}:{m.match_threshold}:{m.fmr}" for m in stored) or "none"
                 raise ClusterError(
                     f"{paths.root} already holds a cluster with {label} = {stored}; "
                     f"use another --dir or omit --{label}."
