@@ -739,7 +739,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
                 if share.threshold != self.k or share.shareholders != self.n:
                     # Another committee's epoch, served while a reshare switches over: not ours, not a fault.
                     continue
-                if share.dimension != dimension:
+                if share.dimension != dimension and share.tenant == tenant and share.subject == subject:
                     off_dimension.append(node)
                     suspected[0] += 1  # ask the other nodes, as for an unusable share
                     continue
