@@ -4,14 +4,14 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo bench proto lint clean
+.PHONY: setup test demo demo-faces fidelity face-samples bench proto lint clean
 
 setup: $(STAMP)
 
 # Re-install whenever the project's metadata changes.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev]' --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet -e '.[dev,faces]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
 test: setup
@@ -21,6 +21,18 @@ test: setup
 
 demo: setup
 	$(PY) -m vaultctl.demo
+
+# Real faces: image -> face -> embedding -> enrol / Verify over a local cluster.
+demo-faces: setup face-samples
+	$(PY) examples/face_pay.py
+
+# docs/fidelity.md and docs/fidelity-det.png from the shipped images and synthetic pairs.
+fidelity: setup face-samples
+	$(PY) tools/fidelity.py
+
+# The sample face images, fetched with pip into build/face-samples (ignored by git).
+face-samples: setup
+	$(PY) -m vaultctl.face_samples build/face-samples
 
 bench: setup
 	$(PY) -m bench.run

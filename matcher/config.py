@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -15,7 +15,12 @@ from vaultrpc import config as rpcconfig
 from vaultrpc.config import ConfigError
 from vaultrpc.tls import TlsFiles
 
-__all__ = ["ConfigError", "MatcherConfig", "ShareholderEndpoint", "TenantPolicy", "load", "from_dict"]
+__all__ = ["ConfigError", "MatcherConfig", "Modality", "ShareholderEndpoint", "TenantPolicy", "load", "from_dict",
+           "check_modality"]
+
+# The modality of the matcher-wide [matcher] dimension and a tenant's
+# top-level match_threshold (configs from before modalities).
+DEFAULT_MODALITY = "default"
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,34 @@ class ShareholderEndpoint:
 
 
 @dataclass(frozen=True)
+class Modality:
+    """One kind of template a tenant verifies (face 128-d, palm vein, ...):
+    its dimension and the cosine threshold, with the false-match rate the
+    threshold was chosen for (None: not calibrated)."""
+
+    name: str
+    dimension: int
+    match_threshold: float
+    fmr: float | None = None
+
+
+def check_modality(name: str, dimension, match_threshold, fmr=None) -> Modality:
+    """A checked Modality; ValueError with one sentence otherwise."""
+    if not isinstance(name, str) or not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
+        raise ValueError("a modality name is 1 to 64 letters, digits, '-', '_' or '.'")
+    if isinstance(dimension, bool) or not isinstance(dimension, int) or not 0 < dimension <= 66_572:
+        raise ValueError("its dimension must be between 1 and 66572")
+    # Cosine similarity: a threshold at or below 0 (or NaN) would let
+    # unrelated vectors match; above 1 nothing could.
+    if isinstance(match_threshold, bool) or not isinstance(match_threshold, (int, float)) \
+            or not 0.0 < float(match_threshold) <= 1.0:
+        raise ValueError("its match_threshold must be above 0 and at most 1 (cosine similarity)")
+    if fmr is not None and (isinstance(fmr, bool) or not isinstance(fmr, (int, float)) or not 0.0 < float(fmr) < 1.0):
+        raise ValueError("its fmr (the false-match rate the threshold was chosen for) must be between 0 and 1")
+    return Modality(name, dimension, float(match_threshold), None if fmr is None else float(fmr))
+
+
+@dataclass(frozen=True)
 class TenantPolicy:
     """What one payment provider is registered with."""
 
@@ -35,6 +68,17 @@ class TenantPolicy:
     match_threshold: float
     score_allowed: bool
     ticket_keys: dict[str, ed25519.Ed25519PublicKey]
+    # Every modality of the tenant by dimension: a template's length says
+    # which one it is (records carry their dimension, not a modality name),
+    # so two modalities of one tenant never share a dimension.
+    modalities: dict[int, Modality] = field(default_factory=dict)
+
+    def modality(self, dimension: int) -> Modality | None:
+        return self.modalities.get(dimension)
+
+    @property
+    def dimensions(self) -> tuple[int, ...]:
+        return tuple(sorted(self.modalities))
 
 
 @dataclass(frozen=True)
@@ -133,6 +177,7 @@ def from_dict(data: dict[str, Any], base: pathlib.Path | None = None) -> Matcher
             raise ConfigError(
                 f"The config value tenants.{name}.match_threshold must be above 0 and at most 1 (cosine similarity)."
             )
+        modalities = _modalities(wrapped, name, dimension, float(match_threshold))
         score_allowed = get(wrapped, "t.score_allowed", False, bool)
         raw_keys = get(wrapped, "t.ticket_keys", {}, dict)
         if not raw_keys:
@@ -147,7 +192,7 @@ def from_dict(data: dict[str, Any], base: pathlib.Path | None = None) -> Matcher
                 raise ConfigError(
                     f"The ticket key {key_id} of tenant {name} is not a 32-byte Ed25519 key in hex."
                 ) from None
-        tenants[name] = TenantPolicy(name, float(match_threshold), score_allowed, keys)
+        tenants[name] = TenantPolicy(name, float(match_threshold), score_allowed, keys, modalities)
 
     return MatcherConfig(
         listen=listen,
@@ -166,3 +211,33 @@ def from_dict(data: dict[str, Any], base: pathlib.Path | None = None) -> Matcher
         enroll_batch=enroll_batch,
         hedge_ms=hedge_ms,
     )
+
+
+def _modalities(wrapped: dict, tenant: str, dimension: int, match_threshold: float) -> dict[int, Modality]:
+    """A tenant's modalities by dimension: the default one ([matcher]
+    dimension, the tenant's match_threshold and optional match_fmr) and
+    every [tenants.T.modalities.NAME] table (dimension, match_threshold, fmr)."""
+    fmr = rpcconfig.get(wrapped, "t.match_fmr", None, (int, float))
+    try:
+        default = check_modality(DEFAULT_MODALITY, dimension, match_threshold, fmr)
+    except ValueError as exc:
+        raise ConfigError(f"The default modality of tenant {tenant} is invalid: {exc}.") from None
+    out = {dimension: default}
+    raw = rpcconfig.get(wrapped, "t.modalities", {}, dict)
+    for mname, table in raw.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"The config entry tenants.{tenant}.modalities.{mname} is not a table.")
+        for key in ("dimension", "match_threshold", "fmr"):
+            if key not in table:
+                raise ConfigError(f"The config is missing tenants.{tenant}.modalities.{mname}.{key}.")
+        try:
+            modality = check_modality(mname, table["dimension"], table["match_threshold"], table["fmr"])
+        except ValueError as exc:
+            raise ConfigError(f"The modality {mname} of tenant {tenant} is invalid: {exc}.") from None
+        if modality.dimension in out:
+            raise ConfigError(
+                f"The modalities {out[modality.dimension].name} and {mname} of tenant {tenant} have the same "
+                f"dimension {modality.dimension}; a template's length must say which modality it is."
+            )
+        out[modality.dimension] = modality
+    return out

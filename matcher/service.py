@@ -62,13 +62,17 @@ _NO_HEDGE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.PERMI
 _DOWN_MEMORY_S = 5.0
 
 
-def _vector(values, dimension: int, what: str) -> np.ndarray:
+def _vector(values, dimensions: tuple[int, ...], what: str) -> np.ndarray:
     # The float32 vector of a request, checked (dimension, finite, non-zero).
     # The length is checked before any conversion: a 60 MB message of
     # floats (under the 64 MiB limit) used to cost ~300 MB and 0.7 s of
     # conversion just to be refused (tests/test_hostile_matcher.py).
-    if len(values) != dimension:
-        raise status.InvalidArgument(f"The {what} must have exactly {dimension} values.")
+    # The length is one of the tenant's modalities' dimensions.
+    if len(values) not in dimensions:
+        if len(dimensions) == 1:
+            raise status.InvalidArgument(f"The {what} must have exactly {dimensions[0]} values.")
+        sizes = ", ".join(map(str, dimensions[:-1])) + f" or {dimensions[-1]}"
+        raise status.InvalidArgument(f"The {what} must have {sizes} values (one per modality of the tenant).")
     arr = np.array(values, dtype=np.float32)
     if not np.isfinite(arr).all():
         arr.fill(0)
@@ -101,8 +105,6 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         self.log = logger
         self.k = config.threshold
         self.n = config.n
-        self.d = config.dimension
-        self.width = config.dimension + 2 * integrity.MAC_COUNT
         self._by_index = {e.index: e for e in config.shareholders}
         # Hedged release: nodes recently unreachable are asked last.
         self._down_since: dict[str, float] = {}
@@ -140,7 +142,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         tenant = self._tenant(context)
         subject = status.checked(names.check_id, request.subject, "subject")
         request_id = status.checked(names.check_token, request.request_id, "request id")
-        vector = _vector(request.template, self.d, "template")
+        vector = _vector(request.template, tenant.dimensions, "template")
         try:
             self._check_write_ticket(request, tenant, subject, request_id, _write_ops(request.replace), vector)
             epoch, already = self._enrol_one(tenant.name, subject, request_id, vector, request.replace,
@@ -207,13 +209,13 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         epoch = self._cluster_epoch([o.response.epoch for o in infos])
         encoded = field_values = extended = shares = None
         try:
-            encoded = codec.encode(vector, self.d)
+            encoded = codec.encode(vector, vector.size)
             field_values = codec.to_field(encoded)
             extended = integrity.extend(field_values)
             shares = sharing.split(extended, self.k, self.n)
             records = record.make_records(
                 tenant=tenant, subject=subject, epoch=epoch, threshold=self.k, shareholders=self.n,
-                dimension=self.d, request_id=request_id, shares=shares[:, 0, :],
+                dimension=vector.size, request_id=request_id, shares=shares[:, 0, :],
             )
         finally:
             record.wipe(encoded, field_values, extended, shares)
@@ -346,7 +348,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
                 raise status.PermissionDenied(
                     f"The batch ticket authorises {ticket.OPERATION_NAMES[authority.operation]}, not this item.")
 
-        for batch in _batches(requests, self.cfg.enroll_batch, self.d, check):
+        for batch in _batches(requests, self.cfg.enroll_batch, policy.dimensions, check):
             busy = {item.subject for sent_batch, _ in in_flight for item in sent_batch}
             prepared = self._prepare_batch(tenant, batch, busy)
             in_flight.append((batch, self._send_batch(prepared)))
@@ -361,16 +363,17 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         """Check, encode, MAC and split the valid, first-in-batch items: (items, records per node)."""
         # The batch goes to the nodes as one all-or-nothing write per node,
         # with one replace flag: items with the other flag, and repeats of a
-        # subject within the batch, are enrolled one by one afterwards.
+        # subject within the batch, are enrolled one by one afterwards; so
+        # are items of another modality (dimension) than the first.
         seen: set[str] = set()
         fast: list[_Item] = []
-        replace = None
+        replace = dimension = None
         for item in batch:
             if item.code is not None or item.subject in seen or item.subject in busy:
                 continue
             if replace is None:
-                replace = item.replace
-            if item.replace != replace:
+                replace, dimension = item.replace, item.vector.size
+            if item.replace != replace or item.vector.size != dimension:
                 continue
             seen.add(item.subject)
             fast.append(item)
@@ -381,7 +384,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         vectors = np.stack([item.vector for item in fast])
         encoded = field_values = extended = shares = None
         try:
-            encoded = codec.encode(vectors, self.d)
+            encoded = codec.encode(vectors, dimension)
             field_values = codec.to_field(encoded)
             extended = integrity.extend(field_values)
             shares = sharing.split(extended, self.k, self.n)
@@ -411,7 +414,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         record.validate_record so a format drift cannot pass silently.
         """
         common = dict(
-            tenant=tenant, epoch=int(epoch), threshold=self.k, shareholders=self.n, dimension=self.d,
+            tenant=tenant, epoch=int(epoch), threshold=self.k, shareholders=self.n, dimension=fast[0].vector.size,
             codec_version=codec.CODEC_VERSION, mac_count=integrity.MAC_COUNT,
         )
         per_node: dict[int, list[common_pb2.ShareRecord]] = {}
@@ -542,7 +545,8 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
     def Verify(self, request, context):
         tenant = self._tenant(context)
         subject = status.checked(names.check_id, request.subject, "subject")
-        probe = _vector(request.probe, self.d, "probe")
+        probe = _vector(request.probe, tenant.dimensions, "probe")
+        modality = tenant.modality(probe.size)
         codes: list[np.ndarray] = []
         decision_id = str(uuid.uuid4())
         outcome_label = "INTERNAL"
@@ -550,13 +554,14 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             body = self._check_ticket(request, tenant, subject, probe)
             # The probe is encoded while the nodes work on their releases.
             joined = self._rejoin(tenant.name, subject, request.ticket, decision_id, body.request_id,
-                                  meanwhile=lambda: codes.append(codec.encode(probe, self.d)))
+                                  meanwhile=lambda: codes.append(codec.encode(probe, probe.size)),
+                                  dimension=probe.size)
             probe_code = codes[0]
             try:
                 score = codec.cosine(probe_code, joined.template)
             finally:
                 record.wipe(joined.template)
-            match = score >= tenant.match_threshold
+            match = score >= modality.match_threshold
             decision = matcher_pb2.DECISION_MATCH if match else matcher_pb2.DECISION_NO_MATCH
             outcome_label = "MATCH" if match else "NO_MATCH"
             used = [self._by_index[i].name for i in joined.used]
@@ -611,28 +616,30 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             raise status.PermissionDenied("The probe is not the one the verification ticket authorises.")
         return body
 
-    def _share_problem(self, share: common_pb2.ShareRecord, node: ShareholderEndpoint, tenant: str, subject: str):
+    def _share_problem(self, share: common_pb2.ShareRecord, node: ShareholderEndpoint, tenant: str, subject: str,
+                       dimension: int):
         # Why a released share cannot be used as node's share of this subject, or None.
         if share.tenant != tenant or share.subject != subject:
             return "share labelled for another subject"
         if share.index != node.index:
             return "share carries another shareholder's index"
-        if share.threshold != self.k or share.shareholders != self.n or share.dimension != self.d:
+        if share.threshold != self.k or share.shareholders != self.n or share.dimension != dimension:
             return "share does not fit the configured committee or dimension"
-        if share.mac_count != integrity.MAC_COUNT or len(share.values) != 4 * self.width:
+        if share.mac_count != integrity.MAC_COUNT or len(share.values) != 4 * (dimension + 2 * integrity.MAC_COUNT):
             return "share has the wrong length"
         # The values' range is checked by record.join, and by
         # validate_record only when join refuses (to name the culprit).
         return None
 
-    def _off_polynomial(self, used: list[common_pb2.ShareRecord], late: list[common_pb2.ShareRecord]) -> list[int]:
+    def _off_polynomial(self, used: list[common_pb2.ShareRecord], late: list[common_pb2.ShareRecord],
+                        width: int) -> list[int]:
         """Indices of late shares that are not on the polynomial of the shares that passed."""
         xs = [int(r.index) for r in used]
-        ys = np.empty((len(used), 1, self.width), dtype=np.uint32)
+        ys = np.empty((len(used), 1, width), dtype=np.uint32)
         scratch = [ys]
         try:
             for j, r in enumerate(used):
-                values = record.unpack_values(r.values, self.width)
+                values = record.unpack_values(r.values, width)
                 ys[j, 0] = values
                 record.wipe(values)
             off = []
@@ -640,7 +647,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
                 expected = sharing.interpolate_at(xs, ys, int(r.index))
                 scratch.append(expected)
                 try:
-                    got = record.unpack_values(r.values, self.width)
+                    got = record.unpack_values(r.values, width)
                 except InvalidShares:
                     off.append(int(r.index))
                     continue
@@ -670,7 +677,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         return tuple(ordered[: self.k]), tuple(ordered[self.k:])
 
     def _rejoin(self, tenant: str, subject: str, ticket_msg, decision_id: str, request_id: str,
-                meanwhile: Callable[[], object] | None = None) -> record.JoinResult:
+                meanwhile: Callable[[], object] | None = None, *, dimension: int) -> record.JoinResult:
         """Release shares from k nodes (more only if needed), rejoin from k consistent ones (fail closed).
 
         Hedged fan-out: k nodes are asked first, so a verification releases
@@ -698,6 +705,10 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         failures: list[Outcome] = []
         tried: set[frozenset] = set()
         integrity_failed = False
+        # Nodes whose share has another dimension than the probe: the
+        # subject's modality is another one if no node has a share of this
+        # one (the caller's mistake), else those nodes are suspects.
+        off_dimension: list[ShareholderEndpoint] = []
 
         def take(outcome: Outcome) -> None:
             node = outcome.node
@@ -716,7 +727,11 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
                 if share.threshold != self.k or share.shareholders != self.n:
                     # Another committee's epoch, served while a reshare switches over: not ours, not a fault.
                     continue
-                problem = self._share_problem(share, node, tenant, subject)
+                if share.dimension != dimension and share.tenant == tenant and share.subject == subject:
+                    off_dimension.append(node)
+                    suspected[0] += 1  # ask the other nodes, as for an unusable share
+                    continue
+                problem = self._share_problem(share, node, tenant, subject, dimension)
                 if problem:
                     self._suspect(node, problem, decision_id=decision_id, tenant=tenant, subject=subject)
                     suspected[0] += 1
@@ -787,14 +802,21 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             late = [share for index, share in used.items() if index not in result.used]
             suspects = list(result.suspects)
             if late:
-                suspects += [i for i in self._off_polynomial([used[i] for i in result.used], late)
+                suspects += [i for i in self._off_polynomial([used[i] for i in result.used], late,
+                                                             dimension + 2 * integrity.MAC_COUNT)
                              if i not in suspects]
             for index in suspects:
                 self._suspect(
                     self._by_index[index], "share outvoted by the others",
                     decision_id=decision_id, tenant=tenant, subject=subject, epoch=result.epoch,
                 )
+            for node in off_dimension:
+                self._suspect(node, "share of another dimension than the enrolled one's",
+                              decision_id=decision_id, tenant=tenant, subject=subject)
             return result
+        if off_dimension and not by_epoch:
+            raise status.InvalidArgument(
+                f"The subject is enrolled under another modality than this {dimension}-value probe's.")
         if integrity_failed:
             logs.event(
                 self.log, "inconsistent shares could not be outvoted", logging.ERROR,

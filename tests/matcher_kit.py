@@ -196,7 +196,8 @@ class ProxyNode(shareholder_pb2_grpc.ShareholderServicer):
     """A shareholder that forwards to a real node, optionally misbehaving.
 
     corrupt: "flip" adds 1 to some released share values; "range" puts a
-    value outside the field; "swap:<subject>"
+    value outside the field; "dimension" relabels the share with another
+    modality's dimension; "swap:<subject>"
     returns the share of another subject that it saw released earlier,
     relabelled as the one asked for;
     delay_s: sleep before answering ReleaseShare (a hung node);
@@ -285,6 +286,10 @@ class ProxyNode(shareholder_pb2_grpc.ShareholderServicer):
                 values = np.frombuffer(share.values, dtype="<u4").copy()
                 values[3] = 0xFFFFFFFF  # not a field element
                 share.values = values.tobytes()
+        elif self.corrupt == "dimension":
+            # The share claims another modality's dimension.
+            for share in reply.shares:
+                share.dimension = 512 if share.dimension != 512 else 128
         elif self.corrupt and self.corrupt.startswith("swap:"):
             # Another subject's share (released to an earlier verification),
             # relabelled as the one asked for.

@@ -64,7 +64,8 @@ def test_up_status_down_over_the_cli(cluster_dir):
 
     # Every endpoint, pid and the files any gRPC client needs.
     assert info["healthy"] is True and info["running"] is True
-    assert info["spec"] == {"shareholders": 3, "threshold": 2, "dim": 512, "tenants": ["demo-psp"]}
+    assert info["spec"] == {"shareholders": 3, "threshold": 2, "dim": 512, "tenants": ["demo-psp"], "modalities": [
+        {"name": "default", "dimension": 512, "match_threshold": 0.8, "fmr": None}]}
     assert info["matcher"]["address"].startswith("127.0.0.1:") and info["matcher"]["pid"] > 0
     assert [n["name"] for n in info["shareholders"]] == ["bank-a", "bank-b", "bank-c"]
     assert [n["index"] for n in info["shareholders"]] == [1, 2, 3]

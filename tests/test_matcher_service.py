@@ -476,9 +476,10 @@ def test_late_shares_are_checked_against_the_polynomial_that_passed(shared):
                                request_id="r", shares=shares[:, 0, :])
     other = record.make_records(tenant="acme", subject="s", epoch=1, threshold=2, shareholders=3, dimension=DIM,
                                 request_id="r", shares=sharing.split(integrity.extend(codec.to_field(code)), 2, 3)[:, 0, :])
-    assert service._off_polynomial(good[:2], [good[2]]) == []
-    assert service._off_polynomial(good[:2], [other[2]]) == [3]
-    assert service._off_polynomial([good[0], good[2]], [other[1]]) == [2]
+    width = DIM + 2 * integrity.MAC_COUNT
+    assert service._off_polynomial(good[:2], [good[2]], width) == []
+    assert service._off_polynomial(good[:2], [other[2]], width) == [3]
+    assert service._off_polynomial([good[0], good[2]], [other[1]], width) == [2]
 
 
 def test_enroll_stream_one_template_per_message(shared, rng):

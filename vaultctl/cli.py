@@ -47,7 +47,8 @@ EXIT_REMOTE = 2
 
 # Modules that register further commands with @command (imported before the
 # parser is built). The core commands live in this module.
-COMMAND_MODULES: tuple[str, ...] = ("vaultctl.refresh", "vaultctl.reshare", "vaultctl.rotate", "vaultctl.audit_cmd")
+COMMAND_MODULES: tuple[str, ...] = ("vaultctl.refresh", "vaultctl.reshare", "vaultctl.rotate", "vaultctl.audit_cmd",
+                                     "vaultctl.calibrate_cmd")
 
 
 class CliError(Exception):
@@ -299,9 +300,24 @@ def _check_dimension(args, vector, what: str) -> None:
     if args.dir is None:
         return
 
-    dim = cluster.load_spec(args.dir).dim
-    if vector.size != dim:
-        raise CliError(f"The {what} has {vector.size} values; this cluster's templates have {dim}.")
+    spec = cluster.load_spec(args.dir)
+    dims = sorted({spec.dim, *(m.dimension for m in spec.modalities)})
+    if vector.size not in dims:
+        sizes = " or ".join(map(str, dims))
+        raise CliError(f"The {what} has {vector.size} values; this cluster's templates have {sizes}.")
+
+
+def modality(text: str):
+    """An argparse type: NAME:DIM:THRESHOLD:FMR, a checked matcher.config.Modality."""
+    from matcher.config import check_modality
+
+    parts = text.split(":")
+    try:
+        if len(parts) != 4:
+            raise ValueError("expected NAME:DIM:THRESHOLD:FMR")
+        return check_modality(parts[0], int(parts[1]), float(parts[2]), float(parts[3]))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a modality: {exc}") from None
 
 
 def seconds(text: str) -> float:
@@ -371,6 +387,9 @@ def _cluster_size(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shareholders", type=int, default=None, metavar="N", help="number of nodes n (default 3)")
     p.add_argument("--threshold", type=int, default=None, metavar="K", help="shares needed k (default 2)")
     p.add_argument("--dim", type=int, default=None, metavar="D", help="template dimension (default 512)")
+    p.add_argument("--modality", type=modality, action="append", default=None, metavar="NAME:DIM:THRESHOLD:FMR",
+                   help="a further modality of every tenant: its dimension, cosine threshold and the false-match "
+                        "rate it was chosen for (repeatable)")
     p.add_argument("--timeout", type=seconds, default=None, metavar="S", help="start-up deadline in seconds (default 30)")
 
 
@@ -378,7 +397,7 @@ def _cluster_size(p: argparse.ArgumentParser) -> None:
 def _cluster_up(args) -> Result:
     kwargs = {"timeout_s": args.timeout} if args.timeout else {}
     try:
-        info = cluster.up(args.dir, args.shareholders, args.threshold, args.dim, **kwargs)
+        info = cluster.up(args.dir, args.shareholders, args.threshold, args.dim, modalities=args.modality, **kwargs)
     except cluster.ClusterError as exc:
         raise CliError(str(exc)) from None
     lines = _cluster_lines(info, "is up")

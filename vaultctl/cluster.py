@@ -50,6 +50,7 @@ import time
 from dataclasses import asdict, dataclass
 
 
+from matcher.config import DEFAULT_MODALITY, Modality, check_modality
 from vault import envelope, names, pki, plan as committee_plan
 from vaultrpc import probe
 from vaultrpc.files import write_atomic
@@ -111,6 +112,9 @@ class ClusterSpec:
     auditor: str = DEFAULT_AUDITOR
     matcher: str = MATCHER_NAME
     match_threshold: float = DEFAULT_MATCH_THRESHOLD
+    # Further modalities of every tenant beside the default (dim,
+    # match_threshold): matcher.config.Modality, each with its own dimension.
+    modalities: tuple[Modality, ...] = ()
 
     def __post_init__(self):
         if isinstance(self.shareholders, bool) or not isinstance(self.shareholders, int) or not 2 <= self.shareholders <= MAX_SHAREHOLDERS:
@@ -126,6 +130,16 @@ class ClusterSpec:
             raise ClusterError("A cluster needs at least one tenant.")
         if isinstance(self.match_threshold, bool) or not 0.0 < float(self.match_threshold) <= 1.0:
             raise ClusterError("The match threshold must be above 0 and at most 1 (cosine similarity).")
+        modalities = []
+        for m in self.modalities:
+            try:
+                modalities.append(check_modality(m.name, m.dimension, m.match_threshold, m.fmr))
+            except ValueError as exc:
+                raise ClusterError(f"The modality {m.name!r} is invalid: {exc}.") from None
+        dims = [self.dim, *(m.dimension for m in modalities)]
+        if len(set(dims)) != len(dims) or len({m.name for m in modalities} | {DEFAULT_MODALITY}) != len(dims):
+            raise ClusterError("Each modality needs its own name and its own dimension (the default one included).")
+        object.__setattr__(self, "modalities", tuple(modalities))
         if not self.nodes:
             object.__setattr__(self, "nodes", tuple(node_names(self.shareholders)))
         if len(self.nodes) != self.shareholders or len(set(self.nodes)) != len(self.nodes):
@@ -151,6 +165,7 @@ class ClusterSpec:
         data = asdict(self)
         data["tenants"] = list(self.tenants)
         data["nodes"] = list(self.nodes)
+        data["modalities"] = [asdict(m) for m in self.modalities]
         return {"version": SPEC_VERSION, **data}
 
     @classmethod
@@ -167,6 +182,7 @@ class ClusterSpec:
                 auditor=data.get("auditor", DEFAULT_AUDITOR),
                 matcher=data.get("matcher", MATCHER_NAME),
                 match_threshold=float(data.get("match_threshold", DEFAULT_MATCH_THRESHOLD)),
+                modalities=tuple(Modality(**m) for m in data.get("modalities", ())),
             )
         except (KeyError, TypeError, ValueError):
             raise ClusterError("The cluster spec cluster.json is missing a field or has a wrong type.") from None
@@ -266,6 +282,9 @@ def _tenants_toml(paths: Paths, spec: ClusterSpec, matcher: bool) -> str:
             out.append(f"match_threshold = {spec.match_threshold!r}")
             out.append("score_allowed = false")
         out.append(f"ticket_keys = {{ {_toml_str(key_id(tenant))} = {_toml_str(_ticket_public_hex(paths, tenant))} }}")
+        for m in spec.modalities if matcher else ():
+            out.append(f"\n[tenants.{_toml_str(tenant)}.modalities.{_toml_str(m.name)}]")
+            out.append(f"dimension = {m.dimension}\nmatch_threshold = {m.match_threshold!r}\nfmr = {m.fmr!r}")
     return "\n".join(out) + "\n"
 
 
@@ -682,6 +701,7 @@ def up(
     dim: int | None = None,
     *,
     timeout_s: float = START_TIMEOUT_S,
+    modalities: tuple[Modality, ...] | None = None,
 ) -> dict:
     """Create (first time) and start the cluster; return ``status(root)``
     plus ``actions``: what this call did to each process.
@@ -700,8 +720,11 @@ def up(
             ("shareholders", shareholders, spec.shareholders),
             ("threshold", threshold, spec.threshold),
             ("dim", dim, spec.dim),
+            ("modality", modalities if modalities is None else tuple(modalities), spec.modalities),
         ):
             if given is not None and given != stored:
+                if label == "modality":
+                    stored = ", ".join(f"{m.name}:{m.dimension}:{m.match_threshold}:{m.fmr}" for m in stored) or "none"
                 raise ClusterError(
                     f"{paths.root} already holds a cluster with {label} = {stored}; "
                     f"use another --dir or omit --{label}."
@@ -709,7 +732,8 @@ def up(
     else:
         n = DEFAULT_SHAREHOLDERS if shareholders is None else shareholders
         k = DEFAULT_THRESHOLD if threshold is None else threshold
-        spec = ClusterSpec(shareholders=n, threshold=k, dim=DEFAULT_DIMENSION if dim is None else dim)
+        spec = ClusterSpec(shareholders=n, threshold=k, dim=DEFAULT_DIMENSION if dim is None else dim,
+                           modalities=tuple(modalities or ()))
     init(root, spec)
 
     deadline = time.monotonic() + timeout_s
@@ -818,6 +842,10 @@ def status(root: str | os.PathLike) -> dict:
             "threshold": spec.threshold,
             "dim": spec.dim,
             "tenants": list(spec.tenants),
+            "modalities": [
+                {"name": DEFAULT_MODALITY, "dimension": spec.dim, "match_threshold": spec.match_threshold, "fmr": None},
+                *(asdict(m) for m in spec.modalities),
+            ],
         },
         "matcher": matcher,
         "shareholders": nodes,
