@@ -126,7 +126,9 @@ ROLES = {
     _M + "CommitSession": _AUDITOR,
     _M + "FinalizeSession": _AUDITOR,
     _M + "AbortSession": _AUDITOR,
-    _M + "GetSession": _AUDITOR,
+    # Peers too: a node asks the others how far a session got before it
+    # destroys its old epoch or rolls one back ("No node finalizes alone").
+    _M + "GetSession": _AUDITOR | _PEER,
     _M + "ListSessionKeys": _AUDITOR,
     _M + "GetRefreshDeltas": _PEER,
     _M + "GetReshareShares": _PEER,
@@ -173,6 +175,8 @@ CHECK_MMAP_BYTES = 1 << 30
 # Sealed check batches deleted per transaction (each holds up to
 # WRITE_CHUNK records' values: 8 x 128 records, like MOVE_CHUNK rows).
 DIFF_DELETE_CHUNK = 8
+# Deadline of the question "how far did this session get?" to a peer.
+PEER_STATE_TIMEOUT_S = 10.0
 # Challenges per check call.
 MAX_CHALLENGES = 16
 # How far back (ms) before a session's start its check claims are looked up
@@ -818,6 +822,9 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         return admin_pb2.BeginSessionResponse(status=self._status(s))
 
     def GetSession(self, request, context):
+        who = caller(context)
+        if who is not None and who.role == pki.ROLE_SHAREHOLDER:
+            return self._peer_session(request, context, who.name)
         conn = self._conn()
         if request.session_id:
             s = load_session(conn, request.session_id)
@@ -848,6 +855,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             raise status.FailedPrecondition(
                 f"Session {s.session_id} is already {s.state} on this node; it can only be completed, not rolled back."
             )
+        unasked = self._refuse_late_abort(s, actor)
         with self._phase_lock:
             self._delete_chunks(
                 "SELECT rowid FROM refresh_check_diffs WHERE session_id = ? LIMIT ?", (s.session_id,),
@@ -866,13 +874,100 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                     raise status.FailedPrecondition(f"Session {s.session_id} was committed meanwhile.")
                 conn.execute("DELETE FROM shares WHERE epoch = ?", (s.new_epoch,))
                 _close_session(conn, s.session_id, ABORTED)
-                tx.append("maintenance_abort", actor=actor, request_id=s.session_id, details={"kind": s.kind, "was": cur.state})
+                tx.append("maintenance_abort", actor=actor, request_id=s.session_id, details={
+                    "kind": s.kind, "was": cur.state, "members_unconfirmed": unasked})
                 return load_session(conn, s.session_id)
 
             done = self._commit(job)
         self._forget_seed(s.session_id)
         _checkpoint_wal(self.cfg.db_path)
         return admin_pb2.AbortSessionResponse(status=self._status(done))
+
+    # --- no node finalizes alone ------------------------------------------------
+    # A node's own state is not enough to destroy its old epoch or to roll a
+    # session back: an auditor who finalizes some nodes and aborts the others
+    # leaves fewer than k nodes on any one epoch. So a node finalizes only once
+    # every member of the new committee says it committed, and rolls back only
+    # while none says so (asked node to node, at addresses this node knows).
+
+    def _peer_session(self, request, context, peer: str) -> admin_pb2.GetSessionResponse:
+        """A member asking how far this node got with one session they share
+        (its kind and state only), at the certificate key pinned for it."""
+        if not request.session_id:
+            raise status.InvalidArgument("A node asks a peer about one named session.")
+        s = load_session(self._conn(), request.session_id)
+        if s is None:
+            return admin_pb2.GetSessionResponse(found=False)
+        if peer not in s.plan.old and peer not in s.plan.new:
+            raise status.PermissionDenied(f"Node {peer} is not a member of session {s.session_id}.")
+        pinned = s.plan.pins.get(peer) or self._current_pins().get(peer, "")
+        presented = presented_spki(context)
+        if pinned and presented != pinned:
+            def job(tx: Tx):
+                tx.append("deny", actor=f"shareholder/{peer}", request_id=s.session_id, details={
+                    "reason": "pin_mismatch", "peer": peer, "rpc": "GetSession", "presented_spki_sha256": presented})
+            self._commit(job)
+            raise status.PermissionDenied(
+                f"The certificate presented as node {peer} does not carry the key this node pins for it.")
+        return admin_pb2.GetSessionResponse(found=True, status=admin_pb2.SessionStatus(
+            session_id=s.session_id, kind=_KIND[s.kind], state=_STATE[s.state]))
+
+    def _member_states(self, s: Session, names) -> tuple[dict[str, int], list[str]]:
+        """The session's state (SESSION_STATE_*; 0 where the member has no such
+        session) on each named member other than this node, and the members
+        it could not ask."""
+        try:
+            table = load_peers(self.cfg)
+        except ConfigError as exc:
+            raise status.FailedPrecondition(f"This node cannot read its peer table: {exc}") from None
+        if s.kind == RESHARE:
+            table = {**s.plan.addresses(), **table}
+        calls, unasked = {}, []
+        for name in sorted(set(names) - {self.name}):
+            if name not in table:
+                unasked.append(name)
+                continue
+            calls[name] = self.peers.stub(name, table[name]).GetSession.future(
+                admin_pb2.GetSessionRequest(session_id=s.session_id), timeout=PEER_STATE_TIMEOUT_S)
+        states = {}
+        for name, call in calls.items():
+            try:
+                reply = call.result()
+                states[name] = reply.status.state if reply.found else 0
+            except grpc.RpcError:
+                unasked.append(name)
+        return states, sorted(unasked)
+
+    def _refuse_early_finalize(self, s: Session, actor: str) -> None:
+        """Raise unless every other member of the new committee has committed the session."""
+        states, unasked = self._member_states(s, s.plan.new)
+        done = (_STATE[COMMITTED], _STATE[FINALIZED])
+        behind = sorted(n for n, state in states.items() if state not in done)
+        if not behind and not unasked:
+            return
+        if behind:
+            exc = status.FailedPrecondition(
+                f"Session {s.session_id} is not committed on node(s) {', '.join(behind)}; this node keeps its old "
+                "epoch until every member of the new committee serves the new one.")
+        else:
+            exc = status.Unavailable(
+                f"This node cannot confirm that node(s) {', '.join(unasked)} committed session {s.session_id}; it "
+                "keeps its old epoch until it can. Retry when they are up.")
+        raise self._refuse(exc, actor, s.session_id, s.kind, "finalize_early")
+
+    def _refuse_late_abort(self, s: Session, actor: str) -> list[str]:
+        """Raise if any member says it committed the session; return the members not asked.
+
+        A member that cannot be asked does not block the rollback: once this
+        node has rolled back, no member can finalize (that needs every new
+        member committed), so nothing is destroyed."""
+        states, unasked = self._member_states(s, {*s.plan.old, *s.plan.new})
+        ahead = sorted(n for n, state in states.items() if state in (_STATE[COMMITTED], _STATE[FINALIZED]))
+        if ahead:
+            raise self._refuse(status.FailedPrecondition(
+                f"Session {s.session_id} is committed on node(s) {', '.join(ahead)}; it can only be completed, not "
+                "rolled back."), actor, s.session_id, s.kind, "abort_after_commit")
+        return unasked
 
     # --- prepare -----------------------------------------------------------------
 
@@ -1719,6 +1814,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         if s.state == FINALIZED:
             yield admin_pb2.FinalizeSessionResponse(status=self._status(s))
             return
+        self._refuse_early_finalize(s, actor)
         if not self._phase_lock.acquire(timeout=PEER_TIMEOUT_S):
             raise status.Aborted("Another step of this session is still running on this node; retry.")
         try:
