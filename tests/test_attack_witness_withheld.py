@@ -11,19 +11,32 @@ checkpoints, and every chain verifies: nobody outside the node saw them.
 `audit verify` must name that node: a checkpoint signed longer ago than the
 grace (audit_cmd.WITNESS_GRACE_MS, 10 minutes; 0 here, so that the test
 need not wait) that no peer witnessed is a finding, exit 3.
+
+The same operator, holding its node's audit key and certificate, can also
+sign checkpoints without end and send them to its peers, each one an audit
+entry (an fsync) there: its peers must record at most a burst and then a
+steady rate (RESOURCE_EXHAUSTED beyond).
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 import sqlite3
 import time
 from contextlib import closing
 
+import grpc
 import pytest
 
+from shareholders import witness
+from splitvault.v1 import shareholder_pb2 as pb
+from splitvault.v1 import shareholder_pb2_grpc
+from vault import audit, pki
 from vaultctl import audit_cmd, auditor, cluster
 from vaultctl.client import MatcherClient
 from vaultctl.demo import noisy_copy, synthetic_templates
+from vaultrpc.tls import secure_channel
 
 pytestmark = pytest.mark.e2e
 
@@ -88,3 +101,35 @@ def test_checkpoints_no_peer_witnessed_are_a_finding(root, monkeypatch):
     assert not a["ok"] and a["state"] == "broken", a
     assert "No peer has witnessed bank-a's checkpoints" in a["reason"] and "publishing" in a["reason"], a
     assert audit_cmd._exit_code(verdicts) == audit_cmd.EXIT_FINDING
+
+
+def _witnessed_from(root, node: str, peer: str) -> int:
+    with closing(sqlite3.connect(f"file:{cluster.Paths(root).node_dir(node) / 'shares.db'}?mode=ro", uri=True)) as c:
+        return c.execute("SELECT COUNT(*) FROM audit_log WHERE event = 'witness' AND actor = ?",
+                         (f"shareholder/{peer}",)).fetchone()[0]
+
+
+def test_a_node_cannot_flood_its_peers_logs_with_checkpoints(root):
+    paths, spec = cluster.Paths(root), cluster.load_spec(root)
+    key = pki.load_signing_key((paths.node_dir("bank-a") / "audit.key").read_bytes())
+    tls = paths.tls(pki.ROLE_SHAREHOLDER, "bank-a").load()  # bank-a's operator: its own key and certificate
+    address = json.loads(paths.ready(spec, "bank-b").read_text())["address"]
+    before = _witnessed_from(root, "bank-b", "bank-a")
+    sent, refused = 200, 0
+    start = time.monotonic()
+    with secure_channel(address, tls, expect=pki.Identity(pki.ROLE_SHAREHOLDER, "bank-b")) as channel:
+        stub = shareholder_pb2_grpc.ShareholderStub(channel)
+        for i in range(sent):
+            cp = audit.sign_checkpoint(key, "bank-a", 10_000 + i, os.urandom(32), int(time.time() * 1000))
+            try:
+                stub.WitnessCheckpoint(pb.WitnessCheckpointRequest(checkpoint=cp), timeout=10)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+                assert "faster than this node records them" in exc.details()
+                refused += 1
+    elapsed = time.monotonic() - start
+    recorded = _witnessed_from(root, "bank-b", "bank-a") - before
+    assert recorded + refused == sent
+    burst, rate = getattr(witness, "RECORD_BURST", 20), getattr(witness, "RECORD_PER_S", 2.0)
+    assert recorded <= burst + rate * elapsed + 1, (recorded, elapsed)
+    assert refused > 0
