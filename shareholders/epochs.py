@@ -447,6 +447,9 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         self._seeds: dict[str, bytes] = {}
         self._seeds_lock = threading.Lock()
         self._keys_cache: tuple | None = None  # (session id, count), keys, hashes: see _held_keys
+        # session id -> {member: address} this node dialled for it (its table's, or the
+        # request's for a member the table lacks): where it asks how far they got.
+        self._dialled: dict[str, dict[str, str]] = {}
         # One long phase (prepare, commit, finalize) at a time: a rerun whose
         # predecessor's stream was cut waits for it to notice and stop.
         self._phase_lock = threading.Lock()
@@ -600,6 +603,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         for name, index in committee.items():  # known members the request left out
             if name not in given and name in table and name != self.name:
                 given[name] = (index, table[name])
+        with self._seeds_lock:  # asked again before finalize or abort (_member_states)
+            self._dialled.setdefault(s.session_id, {}).update({n: a for n, (_, a) in given.items() if n != self.name})
         if s.kind == RESHARE:
             unknown = sorted(n for n in given if n != self.name and n not in table)
             if unknown:
@@ -894,7 +899,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         """A member asking how far this node got with one session they share
         (its kind and state only), at the certificate key pinned for it."""
         if not request.session_id:
-            raise status.InvalidArgument("A node asks a peer about one named session.")
+            raise status.PermissionDenied("A peer may ask only about a named session it shares with this node.")
         s = load_session(self._conn(), request.session_id)
         if s is None:
             return admin_pb2.GetSessionResponse(found=False)
@@ -920,6 +925,9 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             table = load_peers(self.cfg)
         except ConfigError as exc:
             raise status.FailedPrecondition(f"This node cannot read its peer table: {exc}") from None
+        with self._seeds_lock:
+            dialled = dict(self._dialled.get(s.session_id, {}))
+        table = {**dialled, **table}
         if s.kind == RESHARE:
             table = {**s.plan.addresses(), **table}
         calls, unasked = {}, []
