@@ -552,6 +552,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
     def _forget_seed(self, session_id: str) -> None:
         with self._seeds_lock:
             self._seeds.pop(session_id, None)
+            self._dialled.pop(session_id, None)
             self._keys_cache = None
 
     def _status(self, s: Session) -> admin_pb2.SessionStatus:
@@ -603,8 +604,6 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         for name, index in committee.items():  # known members the request left out
             if name not in given and name in table and name != self.name:
                 given[name] = (index, table[name])
-        with self._seeds_lock:  # asked again before finalize or abort (_member_states)
-            self._dialled.setdefault(s.session_id, {}).update({n: a for n, (_, a) in given.items() if n != self.name})
         if s.kind == RESHARE:
             unknown = sorted(n for n in given if n != self.name and n not in table)
             if unknown:
@@ -612,6 +611,12 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                     f"This node knows no address for node(s) {', '.join(unknown)}: neither its [peers] table nor "
                     "the approved plan names one, and it does not dial an address the request alone gives.")
         return given
+
+    def _remember_dialled(self, s: Session, peers: dict[str, tuple[int, str]]) -> None:
+        """Where this node dialled the session's members: where it asks them how far
+        they got before it finalizes or rolls back (_member_states)."""
+        with self._seeds_lock:
+            self._dialled.setdefault(s.session_id, {}).update({n: a for n, (_, a) in peers.items() if n != self.name})
 
     def _refuse_peer_address(self, s: Session, name: str, address: str, known: str):
         message = f"The request gives node {name} an address that is not the one in this node's peer table."
@@ -1005,6 +1010,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
 
     def _prepare_refresh(self, s: Session, request, context, actor: str):
         peers = self._check_peers(s, request.peers, s.plan.new)
+        self._remember_dialled(s, peers)
         missing = sorted(set(s.plan.new) - set(peers) - {self.name})
         if missing:
             raise status.InvalidArgument(f"The request gives no address for {', '.join(missing)}.")
@@ -1253,6 +1259,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             yield admin_pb2.PrepareSessionResponse(status=self._status(final))
             return
         peers = self._check_peers(s, request.peers, s.plan.old)
+        self._remember_dialled(s, peers)
         by_index = {idx: name for name, idx in s.plan.old.items()}
         senders = [(x, by_index[x]) for x in s.plan.senders]
         missing = [name for _, name in senders if name not in peers]
@@ -1591,6 +1598,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 "The nodes decide which records the check covers (those every member holds); a request may not "
                 "exclude records.")
         peers = self._check_peers(s, request.peers, s.plan.new)
+        self._remember_dialled(s, peers)
         missing = sorted(set(s.plan.new) - set(peers) - {self.name})
         if missing:
             raise status.InvalidArgument(f"The request gives no address for {', '.join(missing)}.")
