@@ -897,7 +897,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
     # A node's own state is not enough to destroy its old epoch or to roll a
     # session back: an auditor who finalizes some nodes and aborts the others
     # leaves fewer than k nodes on any one epoch. So a node finalizes only once
-    # every member of the new committee says it committed, and rolls back only
+    # k' members of the new committee say they committed, and rolls back only
     # while none says so (asked node to node, at addresses this node knows).
 
     def _peer_session(self, request, context, peer: str) -> admin_pb2.GetSessionResponse:
@@ -952,28 +952,36 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         return states, sorted(unasked)
 
     def _refuse_early_finalize(self, s: Session, actor: str) -> None:
-        """Raise unless every other member of the new committee has committed the session."""
+        """Raise unless at least k' members of the new committee (this node
+        included) have committed the session, so that its new epoch survives
+        whatever happens to the others. Not all of them: a member lost after
+        the commit must not keep the others from finalizing (and from a
+        reshare that replaces it)."""
         states, unasked = self._member_states(s, s.plan.new)
         done = (_STATE[COMMITTED], _STATE[FINALIZED])
-        behind = sorted(n for n, state in states.items() if state not in done)
-        if not behind and not unasked:
+        committed = {n for n, state in states.items() if state in done}
+        if self.name in s.plan.new:
+            committed.add(self.name)
+        need = s.plan.new_threshold
+        if len(committed) >= need:
             return
-        if behind:
+        behind = sorted(set(s.plan.new) - committed - set(unasked))
+        if len(committed) + len(unasked) >= need:
+            exc = status.Unavailable(
+                f"This node cannot confirm that node(s) {', '.join(unasked)} committed session {s.session_id}, and "
+                f"it keeps its old epoch until {need} members of the new committee have. Retry when they are up.")
+        else:
             exc = status.FailedPrecondition(
                 f"Session {s.session_id} is not committed on node(s) {', '.join(behind)}; this node keeps its old "
-                "epoch until every member of the new committee serves the new one.")
-        else:
-            exc = status.Unavailable(
-                f"This node cannot confirm that node(s) {', '.join(unasked)} committed session {s.session_id}; it "
-                "keeps its old epoch until it can. Retry when they are up.")
+                f"epoch until {need} members of the new committee serve the new one.")
         raise self._refuse(exc, actor, s.session_id, s.kind, "finalize_early")
 
     def _refuse_late_abort(self, s: Session, actor: str) -> list[str]:
         """Raise if any member says it committed the session; return the members not asked.
 
-        A member that cannot be asked does not block the rollback: once this
-        node has rolled back, no member can finalize (that needs every new
-        member committed), so nothing is destroyed."""
+        A member that cannot be asked does not block the rollback: a member
+        that committed meanwhile can finalize only with k' committed members
+        of the new committee, whose new epoch then survives."""
         states, unasked = self._member_states(s, {*s.plan.old, *s.plan.new})
         ahead = sorted(n for n, state in states.items() if state in (_STATE[COMMITTED], _STATE[FINALIZED]))
         if ahead:

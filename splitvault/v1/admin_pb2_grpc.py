@@ -158,8 +158,8 @@ class ShareholderAdminServicer:
 
     def FinalizeSession(self, request, context):
         """Destroy the old epoch (and, on a node leaving the committee, every
-        share) and the session's seed; release the lock. Only once every member
-        of the new committee says it committed (asked node to node). Streams
+        share) and the session's seed; release the lock. Only once k' members
+        of the new committee say they committed (asked node to node). Streams
         progress. Role: auditor.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
