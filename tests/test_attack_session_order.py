@@ -15,8 +15,9 @@ back on the others:
   roll back bank-b: one share of the old epoch and one of the new are
   left, and every template is gone.
 
-The nodes must refuse: finalize until every member of the new committee
-committed (FAILED_PRECONDITION naming it), roll back once any member did,
+The nodes must refuse: finalize until k members of the new committee
+committed (FAILED_PRECONDITION naming those behind), roll back once any
+member did,
 each refusal a `maintenance_refused` audit entry; and the session still
 completes afterwards with every template verifying.
 """
