@@ -125,7 +125,9 @@ ROLES = {
     _M + "CommitSession": _AUDITOR,
     _M + "FinalizeSession": _AUDITOR,
     _M + "AbortSession": _AUDITOR,
-    _M + "GetSession": _AUDITOR,
+    # Peers too: a node asks the others how far a session got before it
+    # destroys its old epoch or rolls one back ("No node finalizes alone").
+    _M + "GetSession": _AUDITOR | _PEER,
     _M + "ListSessionKeys": _AUDITOR,
     _M + "GetRefreshDeltas": _PEER,
     _M + "GetReshareShares": _PEER,
@@ -172,6 +174,8 @@ CHECK_MMAP_BYTES = 1 << 30
 # Sealed check batches deleted per transaction (each holds up to
 # WRITE_CHUNK records' values: 8 x 128 records, like MOVE_CHUNK rows).
 DIFF_DELETE_CHUNK = 8
+# Deadline of the question "how far did this session get?" to a peer.
+PEER_STATE_TIMEOUT_S = 10.0
 # Challenges per check call.
 MAX_CHALLENGES = 16
 # How far back (ms) before a session's start its check claims are looked up
@@ -496,6 +500,9 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         self._seeds: dict[str, bytes] = {}
         self._seeds_lock = threading.Lock()
         self._keys_cache: tuple | None = None  # (session id, count), keys, hashes: see _held_keys
+        # session id -> {member: address} this node dialled for it (its table's, or the
+        # request's for a member the table lacks): where it asks how far they got.
+        self._dialled: dict[str, dict[str, str]] = {}
         # One long phase (prepare, commit, finalize) at a time: a rerun whose
         # predecessor's stream was cut waits for it to notice and stop.
         self._phase_lock = threading.Lock()
@@ -598,6 +605,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
     def _forget_seed(self, session_id: str) -> None:
         with self._seeds_lock:
             self._seeds.pop(session_id, None)
+            self._dialled.pop(session_id, None)
             self._keys_cache = None
 
     def _status(self, s: Session) -> admin_pb2.SessionStatus:
@@ -656,6 +664,12 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                     f"This node knows no address for node(s) {', '.join(unknown)}: neither its [peers] table nor "
                     "the approved plan names one, and it does not dial an address the request alone gives.")
         return given
+
+    def _remember_dialled(self, s: Session, peers: dict[str, tuple[int, str]]) -> None:
+        """Where this node dialled the session's members: where it asks them how far
+        they got before it finalizes or rolls back (_member_states)."""
+        with self._seeds_lock:
+            self._dialled.setdefault(s.session_id, {}).update({n: a for n, (_, a) in peers.items() if n != self.name})
 
     def _refuse_peer_address(self, s: Session, name: str, address: str, known: str):
         message = f"The request gives node {name} an address that is not the one in this node's peer table."
@@ -871,6 +885,9 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         return admin_pb2.BeginSessionResponse(status=self._status(s))
 
     def GetSession(self, request, context):
+        who = caller(context)
+        if who is not None and who.role == pki.ROLE_SHAREHOLDER:
+            return self._peer_session(request, context, who.name)
         conn = self._conn()
         if request.session_id:
             s = load_session(conn, request.session_id)
@@ -901,6 +918,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             raise status.FailedPrecondition(
                 f"Session {s.session_id} is already {s.state} on this node; it can only be completed, not rolled back."
             )
+        unasked = self._refuse_late_abort(s, actor)
         with self._phase_lock:
             self._delete_chunks(
                 "SELECT rowid FROM refresh_check_diffs WHERE session_id = ? LIMIT ?", (s.session_id,),
@@ -919,13 +937,111 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                     raise status.FailedPrecondition(f"Session {s.session_id} was committed meanwhile.")
                 conn.execute("DELETE FROM shares WHERE epoch = ?", (s.new_epoch,))
                 _close_session(conn, s.session_id, ABORTED)
-                tx.append("maintenance_abort", actor=actor, request_id=s.session_id, details={"kind": s.kind, "was": cur.state})
+                tx.append("maintenance_abort", actor=actor, request_id=s.session_id, details={
+                    "kind": s.kind, "was": cur.state, "members_unconfirmed": unasked})
                 return load_session(conn, s.session_id)
 
             done = self._commit(job)
         self._forget_seed(s.session_id)
         _checkpoint_wal(self.cfg.db_path)
         return admin_pb2.AbortSessionResponse(status=self._status(done))
+
+    # --- no node finalizes alone ------------------------------------------------
+    # A node's own state is not enough to destroy its old epoch or to roll a
+    # session back: an auditor who finalizes some nodes and aborts the others
+    # leaves fewer than k nodes on any one epoch. So a node finalizes only once
+    # k' members of the new committee say they committed, and rolls back only
+    # while none says so (asked node to node, at addresses this node knows).
+
+    def _peer_session(self, request, context, peer: str) -> admin_pb2.GetSessionResponse:
+        """A member asking how far this node got with one session they share
+        (its kind and state only), at the certificate key pinned for it."""
+        if not request.session_id:
+            raise status.PermissionDenied("A peer may ask only about a named session it shares with this node.")
+        s = load_session(self._conn(), request.session_id)
+        if s is None:
+            return admin_pb2.GetSessionResponse(found=False)
+        if peer not in s.plan.old and peer not in s.plan.new:
+            raise status.PermissionDenied(f"Node {peer} is not a member of session {s.session_id}.")
+        pinned = s.plan.pins.get(peer) or self._current_pins().get(peer, "")
+        presented = presented_spki(context)
+        if pinned and presented != pinned:
+            def job(tx: Tx):
+                tx.append("deny", actor=f"shareholder/{peer}", request_id=s.session_id, details={
+                    "reason": "pin_mismatch", "peer": peer, "rpc": "GetSession", "presented_spki_sha256": presented})
+            self._commit(job)
+            raise status.PermissionDenied(
+                f"The certificate presented as node {peer} does not carry the key this node pins for it.")
+        return admin_pb2.GetSessionResponse(found=True, status=admin_pb2.SessionStatus(
+            session_id=s.session_id, kind=_KIND[s.kind], state=_STATE[s.state]))
+
+    def _member_states(self, s: Session, names) -> tuple[dict[str, int], list[str]]:
+        """The session's state (SESSION_STATE_*; 0 where the member has no such
+        session) on each named member other than this node, and the members
+        it could not ask."""
+        try:
+            table = load_peers(self.cfg)
+        except ConfigError as exc:
+            raise status.FailedPrecondition(f"This node cannot read its peer table: {exc}") from None
+        with self._seeds_lock:
+            dialled = dict(self._dialled.get(s.session_id, {}))
+        table = {**dialled, **table}
+        if s.kind == RESHARE:
+            table = {**s.plan.addresses(), **table}
+        calls, unasked = {}, []
+        for name in sorted(set(names) - {self.name}):
+            if name not in table:
+                unasked.append(name)
+                continue
+            calls[name] = self.peers.stub(name, table[name]).GetSession.future(
+                admin_pb2.GetSessionRequest(session_id=s.session_id), timeout=PEER_STATE_TIMEOUT_S)
+        states = {}
+        for name, call in calls.items():
+            try:
+                reply = call.result()
+                states[name] = reply.status.state if reply.found else 0
+            except grpc.RpcError:
+                unasked.append(name)
+        return states, sorted(unasked)
+
+    def _refuse_early_finalize(self, s: Session, actor: str) -> None:
+        """Raise unless at least k' members of the new committee (this node
+        included) have committed the session, so that its new epoch survives
+        whatever happens to the others. Not all of them: a member lost after
+        the commit must not keep the others from finalizing (and from a
+        reshare that replaces it)."""
+        states, unasked = self._member_states(s, s.plan.new)
+        done = (_STATE[COMMITTED], _STATE[FINALIZED])
+        committed = {n for n, state in states.items() if state in done}
+        if self.name in s.plan.new:
+            committed.add(self.name)
+        need = s.plan.new_threshold
+        if len(committed) >= need:
+            return
+        behind = sorted(set(s.plan.new) - committed - set(unasked))
+        if len(committed) + len(unasked) >= need:
+            exc = status.Unavailable(
+                f"This node cannot confirm that node(s) {', '.join(unasked)} committed session {s.session_id}, and "
+                f"it keeps its old epoch until {need} members of the new committee have. Retry when they are up.")
+        else:
+            exc = status.FailedPrecondition(
+                f"Session {s.session_id} is not committed on node(s) {', '.join(behind)}; this node keeps its old "
+                f"epoch until {need} members of the new committee serve the new one.")
+        raise self._refuse(exc, actor, s.session_id, s.kind, "finalize_early")
+
+    def _refuse_late_abort(self, s: Session, actor: str) -> list[str]:
+        """Raise if any member says it committed the session; return the members not asked.
+
+        A member that cannot be asked does not block the rollback: a member
+        that committed meanwhile can finalize only with k' committed members
+        of the new committee, whose new epoch then survives."""
+        states, unasked = self._member_states(s, {*s.plan.old, *s.plan.new})
+        ahead = sorted(n for n, state in states.items() if state in (_STATE[COMMITTED], _STATE[FINALIZED]))
+        if ahead:
+            raise self._refuse(status.FailedPrecondition(
+                f"Session {s.session_id} is committed on node(s) {', '.join(ahead)}; it can only be completed, not "
+                "rolled back."), actor, s.session_id, s.kind, "abort_after_commit")
+        return unasked
 
     # --- prepare -----------------------------------------------------------------
 
@@ -955,6 +1071,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
 
     def _prepare_refresh(self, s: Session, request, context, actor: str):
         peers = self._check_peers(s, request.peers, s.plan.new)
+        self._remember_dialled(s, peers)
         missing = sorted(set(s.plan.new) - set(peers) - {self.name})
         if missing:
             raise status.InvalidArgument(f"The request gives no address for {', '.join(missing)}.")
@@ -1204,6 +1321,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             yield admin_pb2.PrepareSessionResponse(status=self._status(final))
             return
         peers = self._check_peers(s, request.peers, s.plan.old)
+        self._remember_dialled(s, peers)
         by_index = {idx: name for name, idx in s.plan.old.items()}
         senders = [(x, by_index[x]) for x in s.plan.senders]
         missing = [name for _, name in senders if name not in peers]
@@ -1543,6 +1661,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 "The nodes decide which records the check covers (those every member holds); a request may not "
                 "exclude records.")
         peers = self._check_peers(s, request.peers, s.plan.new)
+        self._remember_dialled(s, peers)
         missing = sorted(set(s.plan.new) - set(peers) - {self.name})
         if missing:
             raise status.InvalidArgument(f"The request gives no address for {', '.join(missing)}.")
@@ -1774,6 +1893,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         if s.state == FINALIZED:
             yield admin_pb2.FinalizeSessionResponse(status=self._status(s))
             return
+        self._refuse_early_finalize(s, actor)
         if not self._phase_lock.acquire(timeout=PEER_TIMEOUT_S):
             raise status.Aborted("Another step of this session is still running on this node; retry.")
         try:

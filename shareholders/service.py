@@ -527,11 +527,26 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
 
         return job
 
+    def _check_epochs(self, actor: str, records) -> None:
+        """New records go to this node's current epoch only. The matcher takes
+        the epoch from the nodes (the newest any reports), so one node
+        reporting a later epoch would otherwise have every honest node store
+        rows it never serves: a silent loss of every new enrolment, and of
+        every replaced template. Refused (FAILED_PRECONDITION) with a deny entry."""
+        current = self.serving_epoch
+        wrong = [rec for rec in records if rec.epoch != current]
+        if wrong:
+            self._deny_now(actor, "wrong_epoch", status.FailedPrecondition(
+                f"The records are for epoch {wrong[0].epoch}; this node stores new records at its current epoch "
+                f"{current} only."), details={"call": "store", "counted": False, "epoch": int(wrong[0].epoch),
+                                              "current_epoch": current, "records": len(wrong)})
+
     def StoreShares(self, request, context):
         actor = str(caller(context))
         if not request.records:
             raise status.InvalidArgument("The request holds no share records.")
         items = self._seal(request.records, set())  # well-formed records first (INVALID_ARGUMENT)
+        self._check_epochs(actor, request.records)
         checked = self._store_tickets(actor, request.records, request.tickets, request.batches, request.replace)
         reserved = self._reserve(actor, checked, "store")
         try:
@@ -581,6 +596,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                     settle(inflight.popleft())
                 raise type(error)(f"{error.message} ({totals[0]} records were stored before this batch.)") from None
             try:
+                self._check_epochs(actor, [rec for rec, _ in pending])
                 checked = self._store_tickets(actor, [rec for rec, _ in pending], [t for _, t in pending],
                                               batches, bool(replace), covered)
             except status.RpcError:

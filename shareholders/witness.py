@@ -46,10 +46,20 @@ UNPUBLISHED = Gauge("splitvault_node_witness_unpublished_checkpoints",
                     "Signed audit checkpoints of this node a peer has not witnessed yet (retried).", ["node", "peer"])
 PUBLISH_FAILURES = Counter("splitvault_node_witness_publish_failures_total",
                            "Failed attempts to publish a checkpoint to a peer.", ["node", "peer"])
+THROTTLED = Counter("splitvault_node_witness_throttled_total",
+                    "Peers' checkpoints refused for coming too fast (not recorded).", ["node", "peer"])
 WITNESSED = Counter("splitvault_node_witnessed_checkpoints_total",
                     "Peers' signed checkpoints recorded in this node's audit log.", ["node", "peer"])
 
 _log = logging.getLogger("shareholders.witness")
+# Checkpoints recorded per peer: a burst, then a steady rate. Each recorded
+# one is an audit entry (an fsync) at this node, and a peer holds its own
+# audit key, so without a bound one node operator could sign checkpoints
+# without end and fill its peers' disks and writers. An honest node signs
+# one per 1000 entries or per interval and sends only the newest; refused
+# ones (RESOURCE_EXHAUSTED) are retried with a newer checkpoint.
+RECORD_BURST = 20
+RECORD_PER_S = 2.0
 # Retry after a failure: from the first delay, doubling up to the last.
 RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 30.0
@@ -76,6 +86,19 @@ class CheckpointWitness:
         self._lock = threading.Lock()
         # peer -> (seq, entry_hash, audit seq) of the last checkpoint recorded: a retry is answered, not re-recorded.
         self._last: dict[str, tuple[int, bytes, int]] = {}
+        # peer -> (tokens, monotonic time of the last refill): RECORD_BURST / RECORD_PER_S.
+        self._bucket: dict[str, tuple[float, float]] = {}
+
+    def _take(self, peer: str) -> bool:
+        """One recording for ``peer`` if its bucket allows (call under the lock)."""
+        now = time.monotonic()
+        tokens, then = self._bucket.get(peer, (float(RECORD_BURST), now))
+        tokens = min(float(RECORD_BURST), tokens + (now - then) * RECORD_PER_S)
+        if tokens < 1.0:
+            self._bucket[peer] = (tokens, now)
+            return False
+        self._bucket[peer] = (tokens - 1.0, now)
+        return True
 
     def receive(self, request: shareholder_pb2.WitnessCheckpointRequest, who: pki.Identity | None,
                 presented_spki: str = ""):
@@ -105,6 +128,10 @@ class CheckpointWitness:
             last = self._last.get(peer.name)
             if last is not None and last[:2] == (cp.seq, cp.entry_hash):
                 return shareholder_pb2.WitnessCheckpointResponse(audit_seq=last[2], already_witnessed=True)
+            if not self._take(peer.name):
+                THROTTLED.labels(self.node, peer.name).inc()
+                raise status.ResourceExhausted(
+                    f"Node {peer.name} publishes checkpoints faster than this node records them; send the newest later.")
 
             def job(tx: Tx) -> int:
                 return tx.append(audit.WITNESS_EVENT, actor=actor, details=audit.witness_details(cp)).seq

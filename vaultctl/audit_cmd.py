@@ -68,6 +68,10 @@ EXIT_FINDING = 3
 MAX_LISTED = 1000
 TEXT_LISTED = 10
 WITNESS_FILE = "audit-witness.json"
+# A node's signed checkpoint older than this must be witnessed by a peer: a
+# node that keeps its checkpoints to itself could cut them unseen. Peers
+# retry publishing at most 30 s apart, so this is ample for a live peer.
+WITNESS_GRACE_MS = 10 * 60 * 1000
 
 
 @dataclass
@@ -276,6 +280,25 @@ def hold_to_witnesses(verdict: dict, log: NodeLog, witnessed: list) -> bool:
     return beyond
 
 
+def hold_to_publication(verdict: dict, log: NodeLog, now_ms: int) -> None:
+    """A finding when the node's newest checkpoint older than WITNESS_GRACE_MS
+    is past every entry its peers witnessed: checkpoints that never left the
+    node (its operator stopped publishing them, e.g. by emptying
+    ``[[witness.peers]]``) prove nothing against a cut."""
+    if verdict["state"] not in ("ok", "broken") or log.node.retired:
+        return
+    due = [cp.seq for cp in log.checkpoints if cp.time_ms <= now_ms - WITNESS_GRACE_MS]
+    if not due or max(due) <= verdict["witnessed_seq"]:
+        return
+    seq = verdict["witnessed_seq"] + 1
+    reason = (f"No peer has witnessed {log.node.name}'s checkpoints past entry {verdict['witnessed_seq']}, although "
+              f"it signed entry {max(due)} more than {WITNESS_GRACE_MS // 60000} minutes ago: its signed entries "
+              "could be cut unseen (is it publishing its checkpoints to its peers?).")
+    merged = sorted([(p["seq"], p["reason"]) for p in verdict["problems"]] + [(seq, reason)], key=lambda p: p[0])
+    verdict.update(ok=False, state="broken", head_hash=None, unsigned_tail=0, broken_seq=merged[0][0],
+                   reason=merged[0][1], problems=[{"seq": q, "reason": r} for q, r in merged[:MAX_LISTED]])
+
+
 def verify(target: auditor.AuditorTarget, node: str | None = None, db: pathlib.Path | None = None,
            update_witness: bool = True) -> tuple[list[dict], list[NodeLog]]:
     """Verdicts and logs of the selected nodes (the Python API).
@@ -305,6 +328,8 @@ def verify(target: auditor.AuditorTarget, node: str | None = None, db: pathlib.P
         if unread and verdicts[name]["state"] in ("ok", "broken"):
             verdicts[name]["warnings"].append(
                 f"The logs of {', '.join(unread)} could not be read: what they witnessed of {name} was not checked.")
+        elif len(logs) > 1:
+            hold_to_publication(verdicts[name], logs[name], int(time.time() * 1000))
     out_verdicts, out_logs = [], []
     for name in selected:
         if name not in logs:

@@ -1,6 +1,6 @@
 """``vaultctl refresh``: proactive share refresh to a new epoch (Herzberg et al.).
 
-    vaultctl refresh --dir D [--check] [--no-check] [--abort] [--format json]
+    vaultctl refresh --dir D [--check] [--no-check] [--allow-unchecked] [--abort] [--format json]
 
 Every template keeps its value; every share changes, so shares stolen
 before the refresh are worthless after it. The steps (docs/operations.md):
@@ -16,7 +16,11 @@ before the refresh are worthless after it. The steps (docs/operations.md):
            member holds (the nodes decide); the values must lie on a
            polynomial of degree k - 1 through 0 (see vault.proactive):
            templates unchanged, nothing rejoined. A node answers a
-           challenge once, so every run (and a resumed one) draws new ones;
+           challenge once, so every run (and a resumed one) draws new ones.
+           Records some node lacks are outside the check, so the session is
+           rolled back when there are any (``--allow-unchecked`` accepts
+           them): one node could drop its share of a subject and deal it
+           wrong deltas;
 4. commit  every node serves the new epoch beside the old;
 5. finalize once ALL nodes serve it (and in-flight verifications drained),
            every node destroys the old epoch and its seed.
@@ -70,6 +74,7 @@ def refresh_session(
     faults: CrashSeam | None = None,
     adopt: str | None = None,
     pace: int = 0,
+    allow_unchecked: bool = False,
 ) -> dict:
     """Drive (start, resume, check-only or abort) a refresh; returns the report.
 
@@ -179,6 +184,13 @@ def refresh_session(
             t = time.monotonic()
             report["check"] = run_check(admin, names, sid, saved.new_threshold, challenges, peers)
             timings["check_s"] = time.monotonic() - t
+            left_out = report["check"].get("excluded", 0)
+            if report["check"]["passed"] and left_out and not allow_unchecked:
+                # Records some member lacks are outside the check: one node
+                # that dropped its own share could deal them wrong deltas.
+                report["check"].update(passed=False, reason=(
+                    f"{left_out} record(s) are not held by every node, so the check cannot cover them; repair those "
+                    "subjects (enrol again or delete), or rerun with --allow-unchecked to refresh them on trust"))
             if not report["check"]["passed"]:
                 admin.each(names, lambda name: admin.call(name, "AbortSession", _S.AbortSessionRequest(session_id=sid)))
                 sessions.clear()
@@ -300,6 +312,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check", action="store_true",
                    help="prepare (or resume), check that the templates are unchanged, and stop before the switch")
     p.add_argument("--no-check", action="store_true", help="skip the check (not recommended)")
+    p.add_argument("--allow-unchecked", action="store_true",
+                   help="switch even if the check had to leave out records some node lacks (not recommended)")
     p.add_argument("--abort", action="store_true", help="roll back the open session (only before any node committed)")
     p.add_argument("--session", default=None, metavar="ID",
                    help="take over the open session ID (another workstation's, or a lost state folder)")
@@ -355,6 +369,7 @@ def _refresh(args) -> Result:
             admin, nodes, k, sessions, check=not args.no_check, check_only=args.check, abort=args.abort,
             challenges=args.challenges, drain_s=args.drain, progress=progress, adopt=args.session, pace=max(0, args.pace),
             faults=maintenance.crash_seam(args.dir),
+            allow_unchecked=args.allow_unchecked,
         )
     except MaintenanceError as exc:
         cls = RemoteError if exc.remote else CliError

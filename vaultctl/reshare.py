@@ -400,6 +400,23 @@ def _drive(admin, ops, sessions, saved, new_spec, old_names, new_names, everyone
                 f"{skipped} record(s) are not held by every sender (half-done enrolments or deletions); the reshare "
                 "was rolled back. Repair those subjects (enrol again or delete), or rerun with --allow-loss to "
                 "drop them.", skipped=skipped)
+        # The new members receive the records the lead sender lists. A lead
+        # that leaves some out (its operator deleted its own shares of them)
+        # would have them erased everywhere at finalize, so every old member's
+        # count is held against what arrived.
+        received = next(iter(counts.values()), 0)
+        held = {n: int(admin.session(n, sid).records_old) for n in old_names}
+        missing = {n: c - received for n, c in held.items() if c > received}
+        report["not_received"] = missing
+        if missing and not allow_loss:
+            admin.each(everyone, lambda name: admin.call(name, "AbortSession", _S.AbortSessionRequest(session_id=sid)))
+            ops.retire(saved.extra.get("added", []))
+            sessions.clear()
+            raise MaintenanceError(
+                f"The new members received {received} record(s), but {', '.join(f'{n} holds {held[n]}' for n in missing)}"
+                f" (lead sender {lead} listed fewer); the reshare was rolled back. Find out why the lead lacks them "
+                "(half-done enrolments, or a damaged or tampered node), or rerun with --allow-loss to drop them.",
+                not_received=missing)
 
     # 5. commit on every node (new members start serving the new epoch)
     t = time.monotonic()

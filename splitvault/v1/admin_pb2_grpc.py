@@ -158,23 +158,27 @@ class ShareholderAdminServicer:
 
     def FinalizeSession(self, request, context):
         """Destroy the old epoch (and, on a node leaving the committee, every
-        share) and the session's seed; release the lock. Streams progress.
-        Role: auditor.
+        share) and the session's seed; release the lock. Only once k' members
+        of the new committee say they committed (asked node to node). Streams
+        progress. Role: auditor.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def AbortSession(self, request, context):
-        """Roll back a session that no node has committed: drop the prepared
-        rows and the seed, release the lock. Role: auditor.
+        """Roll back a session that no node has committed (this node's peers are
+        asked): drop the prepared rows and the seed, release the lock.
+        Role: auditor.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetSession(self, request, context):
-        """A session's state (the open one when no id is given). Role: auditor.
+        """A session's state (the open one when no id is given). Role: auditor;
+        also a member of that named session (kind and state only), which a
+        node asks before it finalizes or rolls back.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
