@@ -119,6 +119,11 @@ class ClusterSpec:
             raise ClusterError(
                 f"The threshold must be between 2 and the number of shareholders ({self.shareholders})."
             )
+        if self.shareholders < 2 * self.threshold - 1:
+            raise ClusterError(
+                f"{self.shareholders} shareholders with threshold {self.threshold} cannot renew the MAC keys at a "
+                f"refresh (that needs at least 2k - 1 = {2 * self.threshold - 1}); add shareholders or lower the "
+                "threshold.")
         if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
             raise ClusterError("The template dimension must be a positive integer.")
         if not self.tenants:
@@ -742,6 +747,7 @@ def up(
         _wait_healthy(paths, spec, ready, deadline)
         write_peer_tables(root)
         addresses = {name: ready[name]["address"] for name in spec.nodes}
+        _deal_first_key(paths, spec, addresses)
         _write(paths.config(spec, spec.matcher), matcher_config_text(paths, spec, addresses))
         started[spec.matcher] = _spawn(paths, spec, spec.matcher)
         matcher_ready = _wait_ready(paths, spec, {spec.matcher: started[spec.matcher]}, deadline)
@@ -750,6 +756,20 @@ def up(
         _stop(paths, spec, started)
         raise
     return status(root)
+
+
+def _deal_first_key(paths: "Paths", spec: ClusterSpec, addresses: dict[str, str]) -> None:
+    """The committee's first MAC key, dealt jointly by the nodes (a refresh
+    of the empty first epoch) unless every node already holds one."""
+    from vaultctl import refresh
+    from vaultctl.maintenance import MaintenanceError, Node
+
+    nodes = [Node(name, i, addresses[name]) for i, name in enumerate(spec.nodes, start=1)]
+    try:
+        refresh.deal_first_key(nodes, spec.threshold, paths.tls(pki.ROLE_AUDITOR, spec.auditor).load(),
+                               refresh.state_dir(paths.root), spec.dim)
+    except MaintenanceError as exc:
+        raise ClusterError(f"The nodes could not deal their first MAC key: {exc.message}") from None
 
 
 def status(root: str | os.PathLike) -> dict:

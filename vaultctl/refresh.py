@@ -69,6 +69,7 @@ def refresh_session(
     faults: Faults | None = None,
     adopt: str | None = None,
     pace: int = 0,
+    mac_key_width: int = 0,
 ) -> dict:
     """Drive (start, resume, check-only or abort) a refresh; returns the report.
 
@@ -137,7 +138,7 @@ def refresh_session(
     begin = _S.BeginSessionRequest(
         session_id=sid, kind=_S.SESSION_KIND_REFRESH, from_epoch=saved.from_epoch, new_epoch=saved.new_epoch,
         old_committee=plan_members, new_committee=plan_members, old_threshold=saved.old_threshold,
-        new_threshold=saved.new_threshold,
+        new_threshold=saved.new_threshold, mac_key_width=mac_key_width,
     )
 
     def state_of(name):
@@ -293,6 +294,37 @@ def target_nodes(args) -> tuple[list[Node], int, object, pathlib.Path]:
     return nodes, target.threshold, tls, pathlib.Path(target.state_dir)
 
 
+def _cluster_dim(args) -> int:
+    # A local cluster's template dimension: the width of its first MAC key.
+    if getattr(args, "dir", None) is None:
+        return 0
+    from vaultctl import cluster
+
+    try:
+        return cluster.load_spec(args.dir).dim
+    except Exception:  # noqa: BLE001 - no spec: the nodes' default
+        return 0
+
+
+def deal_first_key(nodes: list[Node], threshold: int, tls, folder: pathlib.Path, width: int) -> dict | None:
+    """Deal the committee's first MAC key if any node holds none: a refresh
+    of the (empty) first epoch, whose joint dealing is the key generation
+    (docs/operations.md). None when every node already holds a key."""
+    admin = Admin(nodes, tls)
+    sessions = SessionFile(folder)
+    try:
+        infos = admin.node_info([n.name for n in nodes])
+        if all(info.mac_key_width for info in infos.values()) and sessions.load() is None:
+            return None
+        sessions.lock()
+        try:
+            return refresh_session(admin, nodes, threshold, sessions, drain_s=0.0, mac_key_width=width)
+        finally:
+            sessions.unlock()
+    finally:
+        admin.close()
+
+
 def state_dir(root: pathlib.Path) -> pathlib.Path:
     return pathlib.Path(root).expanduser().resolve() / "maintenance"
 
@@ -315,6 +347,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--challenges", type=int, default=CHECK_CHALLENGES, metavar="N", help="check challenges (default 3)")
     p.add_argument("--pace", type=count, default=0, metavar="R",
                    help="at most R records per second per node while preparing (default: no limit)")
+    p.add_argument("--mac-key-width", type=count, default=0, metavar="W",
+                   help="width of the first MAC key, when the nodes hold none yet (default: the cluster's dimension, "
+                        "else 512; later refreshes keep the key's width)")
     p.add_argument("--drain", type=seconds_or_zero, default=DEFAULT_DRAIN_S, metavar="S",
                    help="seconds between the last commit and destroying the old epoch (default 2)")
 
@@ -366,6 +401,7 @@ def _refresh(args) -> Result:
             admin, nodes, k, sessions, check=not args.no_check, check_only=args.check, abort=args.abort,
             challenges=args.challenges, drain_s=args.drain, progress=progress, adopt=args.session, pace=max(0, args.pace),
             faults=Faults.from_env(kill_node_for(args.dir) if args.dir is not None else None),
+            mac_key_width=args.mac_key_width or _cluster_dim(args),
         )
     except MaintenanceError as exc:
         cls = RemoteError if exc.remote else CliError
