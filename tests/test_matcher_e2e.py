@@ -16,8 +16,8 @@ import grpc
 import numpy as np
 import pytest
 
-from shareholders.testing import CLUSTER_ID
-from test_matcher_harness import DIM, ProxyNode, Tenant, noisy, unit
+from shareholders.testing import CLUSTER_ID, deal_first_key
+from test_matcher_harness import DIM, KEY_WIDTH, ProxyNode, Tenant, noisy, unit
 from vault import codec, pki
 from vaultctl.client import MatcherClient
 
@@ -83,6 +83,9 @@ class Processes:
             self._spawn(name, "shareholders", d / "node.toml")
         for name in NAMES:
             self.addresses[name] = self._ready(name, self.root / name / "ready.json")["address"]
+        # The first epoch's MAC key, dealt by the nodes as `vaultctl cluster up` has them do.
+        deal_first_key([(n, i, self.addresses[n]) for i, n in enumerate(NAMES, start=1)], 2,
+                       self.pki.files("auditor", "auditor"), self.root / "maintenance", width=KEY_WIDTH)
 
     def start_matcher(self, call_timeout_ms: int = 2000) -> str:
         d = self.root / "matcher"
