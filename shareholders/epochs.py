@@ -130,9 +130,13 @@ ROLES = {
     _M + "ListSessionKeys": _AUDITOR,
     _M + "GetRefreshDeltas": _PEER,
     _M + "GetReshareShares": _PEER,
+    _M + "DealFirstMacKey": _AUDITOR,
+    _M + "GetMacKeyContribution": _PEER,
 }
 
 REFRESH, RESHARE = "refresh", "reshare"
+# The first MAC key's joint dealing (its seed's session; epoch unchanged).
+KEYGEN = "keygen"
 BEGUN, PREPARED, COMMITTED, FINALIZED, ABORTED = "begun", "prepared", "committed", "finalized", "aborted"
 OPEN_STATES = (BEGUN, PREPARED, COMMITTED)
 _KIND = {REFRESH: admin_pb2.SESSION_KIND_REFRESH, RESHARE: admin_pb2.SESSION_KIND_RESHARE}
@@ -276,6 +280,10 @@ def _session(row) -> Session:
         sealed = SealedShare(row[6], bytes(row[7]), bytes(row[8]), bytes(row[9]))
     return Session(row[0], row[1], row[2], row[3], row[4], Plan.from_json(row[5]), sealed, row[10], row[11],
                    row[12], row[13])
+
+
+# What the peer helpers (_check_peers, _check_peer_key) need of a session, for the first key's dealing.
+_KEYGEN_SESSION = Session("", KEYGEN, BEGUN, 0, 0, Plan({}, {}, 2, 2, ()), None, 0, "", 0, 0)
 
 
 def load_session(conn: sqlite3.Connection, session_id: str) -> Session | None:
@@ -1809,6 +1817,171 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 "to": peer, "to_index": x, "epoch": s.from_epoch, "width": row.width})
         self._commit(job)
         return admin_pb2.GetReshareSharesResponse(mac_key_values=values, mac_key_width=row.width)
+
+    # --- the first MAC key: a joint dealing at the current epoch ---------------------
+
+    def _keygen(self, actor: str, width: int) -> tuple[str, int, int, int, bytes]:
+        """(session id, epoch, width, threshold, seed) of this node's first-key
+        dealing, begun now if needed: a ``keygen`` session holding the sealed
+        seed (so a rerun, or a peer asking again, gets the same contribution)."""
+        members, k, _ = self._current_committee()
+        if not members or k < 2:
+            raise status.FailedPrecondition(
+                f"Node {self.name} has no committee recorded or configured ([committee]); it cannot deal a MAC key.")
+        if len(members) < 2 * k - 1:
+            raise status.FailedPrecondition(
+                f"A committee of {len(members)} nodes with threshold {k} cannot renew the MAC keys at a refresh "
+                f"(that needs at least 2k - 1 = {2 * k - 1} nodes).")
+        ring = self.sh.keys.kek
+
+        def job(tx: Tx):
+            conn = tx.conn
+            epoch = store.node_state(conn).current_epoch
+            current = store.open_session(conn)
+            if current is not None and current.kind == KEYGEN:
+                plan = current.plan
+                if width and plan["width"] != width:
+                    raise status.InvalidArgument(f"The first MAC key is being dealt at width {plan['width']}.")
+                return current.session_id, plan
+            if current is not None:
+                raise status.FailedPrecondition(
+                    f"Another maintenance session is open on this node: {_describe(current)}; finish it first.")
+            if epoch in store.mac_keys(conn):
+                return None, None
+            if not width:
+                raise status.FailedPrecondition(f"Node {self.name} has not begun dealing its first MAC key.")
+            sid = f"keygen-{epoch}-{os.urandom(6).hex()}"
+            plan = {"epoch": epoch, "width": width, "threshold": k, "committee": members}
+            seed = proactive.new_seed()
+            sealed = envelope.seal(ring, _seed_aad(self.name, sid), seed)
+            now = now_ms()
+            conn.execute(
+                f"INSERT INTO maintenance_sessions ({_SESSION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (sid, KEYGEN, BEGUN, epoch, epoch, json.dumps(plan, sort_keys=True), sealed.kek_version,
+                 sealed.wrapped_dk, sealed.nonce, sealed.ciphertext, 0, actor, now, now),
+            )
+            tx.append("maintenance_begin", actor=actor, request_id=sid, details={
+                "kind": KEYGEN, "epoch": epoch, "width": width, "threshold": k,
+                "committee": [f"{n}={i}" for n, i in sorted(members.items(), key=lambda x: x[1])]})
+            return sid, plan
+
+        sid, plan = self._commit(job)
+        if sid is None:
+            return "", store.node_state(self._conn()).current_epoch, 0, k, b""
+        row = self._conn().execute(
+            "SELECT seed_kek_version, seed_wrapped_dk, seed_nonce, seed_ciphertext FROM maintenance_sessions "
+            "WHERE session_id = ?", (sid,)).fetchone()
+        try:
+            seed = envelope.open(ring, _seed_aad(self.name, sid), SealedShare(row[0], bytes(row[1]), bytes(row[2]),
+                                                                              bytes(row[3])))
+        except (EnvelopeError, TypeError):
+            raise status.DataLoss("This node's sealed key-dealing seed does not open.") from None
+        return sid, int(plan["epoch"]), int(plan["width"]), int(plan["threshold"]), seed
+
+    def DealFirstMacKey(self, request, context):
+        actor = str(caller(context))
+        width = int(request.width)
+        if width and not 1 <= width <= 70_000:
+            raise status.InvalidArgument("The MAC key width must be from 1 to 70000.")
+        if request.finish:
+            return self._finish_keygen(actor)
+        sid, epoch, width, k, seed = self._keygen(actor, width or DEFAULT_MAC_WIDTH)
+        if not sid:
+            row = store.mac_keys(self._conn()).get(epoch)
+            return admin_pb2.DealFirstMacKeyResponse(epoch=epoch, width=row.width if row else 0, already=True)
+        if store.mac_keys(self._conn()).get(epoch) is not None:
+            return admin_pb2.DealFirstMacKeyResponse(epoch=epoch, width=width, already=True)
+        members = self._current_committee()[0]
+        probe = dataclasses.replace(_KEYGEN_SESSION, session_id=sid, actor=actor)
+        peers = self._check_peers(probe, request.peers, members)
+        missing = sorted(set(members) - set(peers) - {self.name})
+        if missing:
+            raise status.InvalidArgument(f"The request gives no address for {', '.join(missing)}.")
+        parts = [epoch_mac.key_contribution(seed, epoch, k, width, self.index)]
+        req = admin_pb2.GetMacKeyContributionRequest(epoch=epoch, width=width)
+        calls = {name: self.peers.stub(name, addr).GetMacKeyContribution.future(req, timeout=PEER_TIMEOUT_S)
+                 for name, (_, addr) in peers.items() if name != self.name}
+        key = None
+        try:
+            for name, call in calls.items():
+                try:
+                    reply = call.result()
+                except grpc.RpcError as exc:
+                    raise _peer_error(name, exc) from None
+                try:
+                    part = record.unpack_values(reply.values, epoch_mac.TAG_COUNT * width)
+                except InvalidShares:
+                    raise status.Unavailable(f"Peer {name} dealt a MAC key contribution that is not L x width field "
+                                             "elements.") from None
+                parts.append(part.reshape(epoch_mac.TAG_COUNT, width))
+            key = epoch_mac.key_share(parts)
+            row = self.sh.seal_mac_key(epoch, k, key, sid)
+        finally:
+            for call in calls.values():
+                call.cancel()
+            record.wipe(key, *parts)
+
+        def job(tx: Tx):
+            if store.node_state(tx.conn).current_epoch != epoch:
+                raise status.FailedPrecondition("The node's epoch moved on while its first MAC key was dealt.")
+            store.insert_mac_key(tx.conn, row, now_ms())
+            tx.append("mac_key_dealt", actor=actor, request_id=sid, details={
+                "kind": KEYGEN, "epoch": epoch, "width": width, "threshold": k, "from": sorted(members)})
+        self._commit(job)
+        return admin_pb2.DealFirstMacKeyResponse(epoch=epoch, width=width)
+
+    def _finish_keygen(self, actor: str):
+        def job(tx: Tx):
+            conn = tx.conn
+            current = store.open_session(conn)
+            epoch = store.node_state(conn).current_epoch
+            key = store.mac_keys(conn).get(epoch)
+            if current is None or current.kind != KEYGEN:
+                return epoch, getattr(key, "width", 0), False
+            if key is None:
+                raise status.FailedPrecondition(
+                    f"Node {self.name} holds no MAC key share yet; deal it on every node before finishing.")
+            conn.execute("PRAGMA secure_delete = ON")
+            conn.execute("UPDATE maintenance_sessions SET seed_kek_version = NULL, seed_wrapped_dk = NULL, "
+                         "seed_nonce = NULL, seed_ciphertext = NULL WHERE session_id = ?", (current.session_id,))
+            store.update_session(conn, current.session_id, now_ms(), state=FINALIZED)
+            tx.append("maintenance_finalize", actor=actor, request_id=current.session_id, details={
+                "kind": KEYGEN, "epoch": epoch, "width": key.width})
+            return epoch, key.width, True
+
+        epoch, width, finished = self._commit(job)
+        return admin_pb2.DealFirstMacKeyResponse(epoch=epoch, width=width, already=not finished, finished=finished)
+
+    def GetMacKeyContribution(self, request, context):
+        who = caller(context)
+        members = self._current_committee()[0]
+        if who is None or who.name not in members or who.name == self.name:
+            raise status.PermissionDenied(f"Node {getattr(who, 'name', '?')} is not a member of this node's committee.")
+        peer, x = who.name, members[who.name]
+        pins = self._current_pins()
+        if pins:
+            self._check_peer_key(dataclasses.replace(_KEYGEN_SESSION, plan=Plan({}, {}, 2, 2, (), pins=pins)),
+                                 peer, context)
+        if not 1 <= request.width <= 70_000:
+            raise status.InvalidArgument("The MAC key width must be from 1 to 70000.")
+        sid, epoch, width, k, seed = self._keygen(f"shareholder/{peer}", int(request.width))
+        if not sid:
+            raise status.FailedPrecondition(
+                f"Node {self.name} has finished dealing its first MAC key (or holds one already); nothing to give.")
+        if request.epoch != epoch or request.width != width:
+            raise status.FailedPrecondition(
+                f"Node {self.name} deals its first MAC key at epoch {epoch}, width {width}.")
+        beta = epoch_mac.key_contribution(seed, epoch, k, width, x)
+        try:
+            values = beta.astype("<u4").tobytes()
+        finally:
+            record.wipe(beta)
+
+        def job(tx: Tx):
+            tx.append("mac_key_deal", actor=f"shareholder/{peer}", request_id=sid, details={
+                "to": peer, "to_index": x, "epoch": epoch, "width": width})
+        self._commit(job)
+        return admin_pb2.GetMacKeyContributionResponse(values=values)
 
     # --- check ---------------------------------------------------------------------
 

@@ -724,13 +724,16 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                     values = envelope.open(ring, record.record_identity(tenant, subject, row.index, row.epoch), row.sealed)
                     if len(values) != 4 * (row.dimension + row.mac_count):
                         raise EnvelopeError("length")
-                    key = self.key_share(mac_keys.get(row.epoch), row.dimension, ring)
+                    # Without a key share for the epoch (none dealt, or narrower than the
+                    # record) the share goes alone and the matcher cannot use it (fail closed).
+                    key_row = mac_keys.get(row.epoch)
+                    if key_row is not None and row.dimension <= key_row.width:
+                        keys.append(self.key_share(key_row, row.dimension, ring))
                 except EnvelopeError:
                     entry = tx.append("deny", **who, details={**base, "reason": "data_loss", "epoch": row.epoch})
                     return Refused(status.DataLoss("This node's stored share for the subject is damaged."),
                                    "data_loss", entry.seq)
                 shares.append(row.record(values))
-                keys.append(key)
             # The ticket itself, so that `vaultctl audit reconcile` can re-verify the provider's signature.
             entry = tx.append("release", **who, details={**base, "epochs": [r.epoch for r in rows],
                                                          **tickets.audit_details(ticket)})

@@ -139,14 +139,13 @@ def sample_records(
 
 
 def deal_first_key(nodes: list[tuple[str, int, str]], threshold: int, auditor_tls: TlsFiles,
-                   state_dir: pathlib.Path, width: int = 16) -> dict | None:
+                   state_dir: pathlib.Path | None = None, width: int = 16) -> dict:
     """Have throw-away nodes ((name, index, address) each) deal their first
-    MAC key, as ``vaultctl cluster up`` does: a refresh of the empty first
-    epoch, run with the auditor's certificate."""
+    MAC key, as ``vaultctl cluster up`` does, with the auditor's certificate."""
     from vaultctl.maintenance import Node
     from vaultctl.refresh import deal_first_key as deal
 
-    return deal([Node(n, i, a) for n, i, a in nodes], threshold, auditor_tls.load(), pathlib.Path(state_dir), width)
+    return deal([Node(n, i, a) for n, i, a in nodes], threshold, auditor_tls.load(), width)
 
 
 @dataclass

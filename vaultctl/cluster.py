@@ -759,15 +759,14 @@ def up(
 
 
 def _deal_first_key(paths: "Paths", spec: ClusterSpec, addresses: dict[str, str]) -> None:
-    """The committee's first MAC key, dealt jointly by the nodes (a refresh
-    of the empty first epoch) unless every node already holds one."""
+    """The committee's first MAC key, dealt jointly by the nodes (each node
+    that holds one already just says so)."""
     from vaultctl import refresh
     from vaultctl.maintenance import MaintenanceError, Node
 
     nodes = [Node(name, i, addresses[name]) for i, name in enumerate(spec.nodes, start=1)]
     try:
-        refresh.deal_first_key(nodes, spec.threshold, paths.tls(pki.ROLE_AUDITOR, spec.auditor).load(),
-                               refresh.state_dir(paths.root), spec.dim)
+        refresh.deal_first_key(nodes, spec.threshold, paths.tls(pki.ROLE_AUDITOR, spec.auditor).load(), spec.dim)
     except MaintenanceError as exc:
         raise ClusterError(f"The nodes could not deal their first MAC key: {exc.message}") from None
 

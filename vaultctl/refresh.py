@@ -306,23 +306,27 @@ def _cluster_dim(args) -> int:
         return 0
 
 
-def deal_first_key(nodes: list[Node], threshold: int, tls, folder: pathlib.Path, width: int) -> dict | None:
-    """Deal the committee's first MAC key if any node holds none: a refresh
-    of the (empty) first epoch, whose joint dealing is the key generation
-    (docs/operations.md). None when every node already holds a key."""
+def deal_first_key(nodes: list[Node], threshold: int, tls, width: int) -> dict:
+    """Have the committee deal its first MAC key at the current epoch
+    (``DealFirstMacKey`` on every node at once, each pulling every member's
+    contribution node to node), then destroy the dealing seeds. Idempotent:
+    nodes that hold their key already say so. The report: epoch, width, and
+    which nodes dealt now."""
     admin = Admin(nodes, tls)
-    sessions = SessionFile(folder)
+    members = [n.member() for n in nodes]
+    names = [n.name for n in nodes]
     try:
-        infos = admin.node_info([n.name for n in nodes])
-        if all(info.mac_key_width for info in infos.values()) and sessions.load() is None:
-            return None
-        sessions.lock()
-        try:
-            return refresh_session(admin, nodes, threshold, sessions, drain_s=0.0, mac_key_width=width)
-        finally:
-            sessions.unlock()
+        dealt = admin.each(names, lambda name: admin.call(
+            name, "DealFirstMacKey", _S.DealFirstMacKeyRequest(peers=members, width=width)))
+        admin.each(names, lambda name: admin.call(name, "DealFirstMacKey", _S.DealFirstMacKeyRequest(finish=True)))
     finally:
         admin.close()
+    epochs = {r.epoch for r in dealt.values()}
+    widths = {r.width for r in dealt.values()}
+    if len(epochs) != 1 or len(widths) != 1:
+        raise MaintenanceError("The nodes dealt their first MAC key at different epochs or widths; "
+                               "finish the session that left them so first.")
+    return {"epoch": epochs.pop(), "width": widths.pop(), "dealt": sorted(n for n, r in dealt.items() if not r.already)}
 
 
 def state_dir(root: pathlib.Path) -> pathlib.Path:

@@ -31,6 +31,42 @@ SESSION_STATE_COMMITTED: SessionState
 SESSION_STATE_FINALIZED: SessionState
 SESSION_STATE_ABORTED: SessionState
 
+class DealFirstMacKeyRequest(_message.Message):
+    __slots__ = ("peers", "width", "finish")
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    FINISH_FIELD_NUMBER: _ClassVar[int]
+    peers: _containers.RepeatedCompositeFieldContainer[Member]
+    width: int
+    finish: bool
+    def __init__(self, peers: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., width: _Optional[int] = ..., finish: _Optional[bool] = ...) -> None: ...
+
+class DealFirstMacKeyResponse(_message.Message):
+    __slots__ = ("epoch", "width", "already", "finished")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    width: int
+    already: bool
+    finished: bool
+    def __init__(self, epoch: _Optional[int] = ..., width: _Optional[int] = ..., already: _Optional[bool] = ..., finished: _Optional[bool] = ...) -> None: ...
+
+class GetMacKeyContributionRequest(_message.Message):
+    __slots__ = ("epoch", "width")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    width: int
+    def __init__(self, epoch: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
+
+class GetMacKeyContributionResponse(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: bytes
+    def __init__(self, values: _Optional[bytes] = ...) -> None: ...
+
 class Member(_message.Message):
     __slots__ = ("name", "index", "address")
     NAME_FIELD_NUMBER: _ClassVar[int]
