@@ -1020,6 +1020,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             req = admin_pb2.GetRefreshDeltasRequest(
                 session_id=s.session_id,
                 keys=[admin_pb2.RecordKey(tenant=r.tenant, subject=r.subject, threshold=k, width=width) for r in members],
+                renew=True,
             )
             calls = {
                 name: self.peers.stub(name, addr).GetRefreshDeltas.future(req, timeout=PEER_TIMEOUT_S)
@@ -1396,7 +1397,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             for j, i in enumerate(positions):
                 values[i] = deltas[j].astype("<u4").tobytes()
             record.wipe(deltas)
-            if self.index in self._renewers(s, k):
+            if request.renew and self.index in self._renewers(s, k):
                 g = self._renewal_values(s, seed, k, width, keys, None, x)
                 for j, i in enumerate(positions):
                     renewal[i] = g[j].astype("<u4").tobytes()
@@ -1683,7 +1684,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             if row is None:
                 continue
             if row.dimension + row.mac_count != width:
-                raise self._data_loss(row)
+                raise status.InvalidArgument(
+                    f"A record key's width ({width}) is not that of the record this node holds for it.")
             values = np.frombuffer(self._open_bytes(row, 4 * width), dtype="<u4")
             if values.size and int(values.max()) >= P:
                 raise self._data_loss(row)

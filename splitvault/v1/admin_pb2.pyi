@@ -296,7 +296,7 @@ class RecordKey(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., subject: _Optional[str] = ..., threshold: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
 
 class GetRefreshDeltasRequest(_message.Message):
-    __slots__ = ("session_id", "keys", "mask_challenges", "mask_threshold", "check_challenges", "check_context", "check_count", "mac_key")
+    __slots__ = ("session_id", "keys", "mask_challenges", "mask_threshold", "check_challenges", "check_context", "check_count", "mac_key", "renew")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     MASK_CHALLENGES_FIELD_NUMBER: _ClassVar[int]
@@ -305,6 +305,7 @@ class GetRefreshDeltasRequest(_message.Message):
     CHECK_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     CHECK_COUNT_FIELD_NUMBER: _ClassVar[int]
     MAC_KEY_FIELD_NUMBER: _ClassVar[int]
+    RENEW_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     keys: _containers.RepeatedCompositeFieldContainer[RecordKey]
     mask_challenges: _containers.RepeatedScalarFieldContainer[bytes]
@@ -313,7 +314,8 @@ class GetRefreshDeltasRequest(_message.Message):
     check_context: bytes
     check_count: int
     mac_key: bool
-    def __init__(self, session_id: _Optional[str] = ..., keys: _Optional[_Iterable[_Union[RecordKey, _Mapping]]] = ..., mask_challenges: _Optional[_Iterable[bytes]] = ..., mask_threshold: _Optional[int] = ..., check_challenges: _Optional[_Iterable[bytes]] = ..., check_context: _Optional[bytes] = ..., check_count: _Optional[int] = ..., mac_key: _Optional[bool] = ...) -> None: ...
+    renew: bool
+    def __init__(self, session_id: _Optional[str] = ..., keys: _Optional[_Iterable[_Union[RecordKey, _Mapping]]] = ..., mask_challenges: _Optional[_Iterable[bytes]] = ..., mask_threshold: _Optional[int] = ..., check_challenges: _Optional[_Iterable[bytes]] = ..., check_context: _Optional[bytes] = ..., check_count: _Optional[int] = ..., mac_key: _Optional[bool] = ..., renew: _Optional[bool] = ...) -> None: ...
 
 class GetRefreshDeltasResponse(_message.Message):
     __slots__ = ("values", "masks", "contribution", "key_hashes", "renewal")
