@@ -416,3 +416,27 @@ def _refresh(args) -> Result:
         sessions.unlock()
     exit_code = 0
     return Result(report, _lines(report), exit_code)
+
+
+def _mac_key_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--width", type=count, default=0, metavar="W",
+                   help="key width: the largest template dimension served (default: the cluster's dimension, else 512)")
+
+
+def _mac_key_lines(report: dict) -> list[str]:
+    dealt = report.get("dealt") or []
+    return [f"MAC key of epoch {report['epoch']} (width {report['width']}): "
+            + (f"dealt now by {', '.join(dealt)}" if dealt else "every node already held its share")
+            + "; the dealing seeds are destroyed"]
+
+
+@command("mac-key", "deal", help="have the nodes deal the committee's first MAC key (idempotent)",
+         arguments=_mac_key_args, target="any")
+def _mac_key_deal(args) -> Result:
+    try:
+        nodes, k, tls, _folder = target_nodes(args)
+        report = deal_first_key(nodes, k, tls, args.width or _cluster_dim(args) or 512)
+    except MaintenanceError as exc:
+        raise (RemoteError if exc.remote else CliError)(exc.message, **{
+            k: v for k, v in exc.details.items() if isinstance(v, (str, int, bool, dict))}) from None
+    return Result(report, _mac_key_lines(report), 0)
