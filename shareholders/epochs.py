@@ -791,13 +791,13 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                     f"The session gives node {self.name} index {committee[self.name]}, but it holds index "
                     f"{self.index}; a node keeps its index across sessions."
                 )
+        plan = Plan(old, new, k_old, k_new, senders)
+        plan = self._authorise(request, kind, plan, actor, sid)
         if len(new) < 2 * k_new - 1:
             raise status.InvalidArgument(
                 f"A committee of {len(new)} nodes with threshold {k_new} cannot renew the MAC keys at a refresh "
                 f"(that needs at least 2k - 1 = {2 * k_new - 1} nodes); choose a larger committee or a lower "
                 "threshold.")
-        plan = Plan(old, new, k_old, k_new, senders)
-        plan = self._authorise(request, kind, plan, actor, sid)
         if kind == REFRESH:
             plan = dataclasses.replace(plan, mac_width=self._mac_width(sid, request))
         ring = self.sh.keys.kek
@@ -1845,11 +1845,11 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 if width and plan["width"] != width:
                     raise status.InvalidArgument(f"The first MAC key is being dealt at width {plan['width']}.")
                 return current.session_id, plan
+            if epoch in store.mac_keys(conn):
+                return None, None
             if current is not None:
                 raise status.FailedPrecondition(
                     f"Another maintenance session is open on this node: {_describe(current)}; finish it first.")
-            if epoch in store.mac_keys(conn):
-                return None, None
             if not width:
                 raise status.FailedPrecondition(f"Node {self.name} has not begun dealing its first MAC key.")
             sid = f"keygen-{epoch}-{os.urandom(6).hex()}"
