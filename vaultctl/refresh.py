@@ -260,7 +260,7 @@ def run_check(admin: Admin, names: list[str], sid: str, threshold: int, count: i
         "records": int(records),
         "excluded": excluded,
         "attempts": attempts,
-        "soundness": f"a wrong element survives each challenge with probability <= (d + 2L)/(2^31-1); {count} independent challenges",
+        "soundness": f"a wrong element survives each challenge with probability <= (d + L)/(2^31-1); {count} independent challenges",
         "reveals": "one uniformly random field element per node per challenge (masks bound to the check; no "
                    "challenge answered twice)",
     }
