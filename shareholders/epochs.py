@@ -466,6 +466,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         # for by peers' calls), and recent chunks' product values h_j.
         self._new_keys: dict[str, np.ndarray] = {}
         self._key_cond = threading.Condition()
+        self._deal_lock = threading.Lock()
         self._products_cache: dict[tuple, np.ndarray] = {}
         # One long phase (prepare, commit, finalize) at a time: a rerun whose
         # predecessor's stream was cut waits for it to notice and stop.
@@ -953,7 +954,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             done = reader.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
             yield admin_pb2.PrepareSessionResponse(done=done, total=total)
             seed = self._seed(s)
-            self._deal_new_key(s, seed, peers, actor)
+            with self._deal_lock:
+                self._deal_new_key(s, seed, peers, actor)
             cursor = [("", "")]
 
             def launch() -> bool:
@@ -1614,8 +1616,17 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         self._new_key(s)
 
     def _new_key(self, s: Session) -> np.ndarray:
-        """This node's share of the session's new key, (L, width); waits (up to
-        KEY_WAIT_S) while this node's own prepare is still dealing it."""
+        """This node's share of the session's new key, (L, width). When a peer
+        needs it before this node's own prepare dealt it, the node deals it now
+        if its peer table names every member (it never dials an address a
+        caller gives); otherwise it waits (up to KEY_WAIT_S) for its prepare."""
+        if (s.session_id not in self._new_keys and store.mac_keys(self._conn()).get(s.new_epoch) is None
+                and self.name in s.plan.new):
+            peers = self._check_peers(s, [], s.plan.new)
+            if set(s.plan.new) <= set(peers) | {self.name}:
+                with self._deal_lock:
+                    if store.mac_keys(self._conn()).get(s.new_epoch) is None:
+                        self._deal_new_key(s, self._seed(s), peers, s.actor)
         deadline = time.monotonic() + KEY_WAIT_S
         with self._key_cond:
             while True:
