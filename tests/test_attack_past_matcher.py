@@ -27,6 +27,7 @@ import sys
 import uuid
 import zlib
 
+import grpc
 import numpy as np
 import pytest
 
@@ -239,3 +240,53 @@ def test_key_shares_are_sealed_per_epoch_and_the_old_key_is_destroyed(world):
                                           epoch + 1)):
             with pytest.raises(Exception):
                 envelope.open(stolen.ring, other, sealed)
+
+
+def test_key_shares_go_only_to_the_matcher_for_a_provider_authorised_enrolment(world):
+    root, info, attacker = world
+    paths = cluster.Paths(root)
+    node = info["shareholders"][0]
+    rng = np.random.default_rng(7)
+    face = _unit(rng)
+
+    def ask(role: str, name: str, signed) -> tuple:
+        ch = secure_channel(node["address"], paths.tls(role, name).load(),
+                            expect=pki.Identity(pki.ROLE_SHAREHOLDER, node["name"]))
+        try:
+            reply = shareholder_pb2_grpc.ShareholderStub(ch).GetMacKeyShare(
+                shareholder_pb2.GetMacKeyShareRequest(dimension=DIM, ticket=signed), timeout=10)
+            return "OK", reply
+        except grpc.RpcError as exc:
+            return exc.code().name, exc.details()
+        finally:
+            ch.close()
+
+    with MatcherClient.from_cluster_dir(root) as provider:
+        genuine = provider.ticket(ticket.ENROLL, "carol", "enrol-carol", template=face)
+        verify_ticket = provider.ticket(ticket.VERIFY, "carol", "verify-carol", probe=face)
+    forged_key = pki.load_signing_key(pki.new_signing_key()[0])
+    forged = ticket.issue(forged_key, f"{TENANT}-1", tenant=TENANT, subject="carol", request_id="enrol-carol",
+                          audience=load_config(node["config"], env={}).cluster_id, operation=ticket.ENROLL,
+                          template=face)
+    # Only the matcher role may ask (the auditor and a PSP are refused before the handler).
+    assert ask(pki.ROLE_AUDITOR, "auditor", genuine)[0] == "PERMISSION_DENIED"
+    assert ask(pki.ROLE_PSP, TENANT, genuine)[0] == "PERMISSION_DENIED"
+    # The matcher needs the provider's write ticket: not a forged one, not a verification's.
+    for signed in (forged, verify_ticket):
+        code, details = ask(pki.ROLE_MATCHER, "matcher", signed)
+        assert code == "PERMISSION_DENIED" and details.endswith(".") and "\n" not in details
+    code, reply = ask(pki.ROLE_MATCHER, "matcher", genuine)
+    assert code == "OK" and reply.key.dimension == DIM and len(reply.key.values) == 4 * L * DIM
+    conn = sqlite3.connect(load_config(node["config"], env={}).db_path, timeout=30)
+    try:
+        events = [r[0] for r in conn.execute("SELECT event FROM audit_log WHERE seq = ?", (reply.audit_seq,))]
+    finally:
+        conn.close()
+    assert events == ["mac_key_release"]
+
+
+def test_committees_that_cannot_renew_the_key_are_refused(tmp_path):
+    for n, k in ((2, 2), (4, 3)):
+        with pytest.raises(cluster.ClusterError, match="2k - 1"):
+            cluster.up(tmp_path / f"c{n}{k}", shareholders=n, threshold=k, dim=DIM)
+        assert not (tmp_path / f"c{n}{k}" / "cluster.json").exists()
