@@ -189,8 +189,8 @@ DEFAULT_MAC_WIDTH = 512
 # How long a peer's call waits for this node's new MAC key share (dealt at
 # the start of its own prepare) before it asks the caller to retry.
 KEY_WAIT_S = 30.0
-# Product values kept per session for the peers' renewal calls (each one
-# chunk's h_j, REFRESH_CHUNK x L values).
+# Renewal values kept for the peers' calls and this node's own prepare (each
+# one chunk's g_j(x) for every member x: n x REFRESH_CHUNK x L values).
 PRODUCT_CACHE = 32
 _SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{7,63}$")
 _SEED_DOMAIN = b"splitvault/session-seed/v1\x00"
@@ -468,6 +468,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         self._key_cond = threading.Condition()
         self._deal_lock = threading.Lock()
         self._products_cache: dict[tuple, np.ndarray] = {}
+        self._computing: dict[tuple, threading.Event] = {}
         # One long phase (prepare, commit, finalize) at a time: a rerun whose
         # predecessor's stream was cut waits for it to notice and stop.
         self._phase_lock = threading.Lock()
@@ -1703,38 +1704,54 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             out[j] = values
         return out
 
-    def _products(self, s: Session, width: int, keys: list[tuple[str, str]], old: np.ndarray | None) -> np.ndarray:
-        """h_j = [t]_j + <[b']_j - [b]_j, [s]_j> for each record (B, L): computed
-        once per chunk, for this node's own prepare and its peers' calls."""
+    def _renewal_values(self, s: Session, seed: bytes, k: int, width: int, keys, old: np.ndarray | None,
+                        x: int) -> np.ndarray:
+        """g_j(x) of this node's product values h_j = [t]_j + <[b']_j - [b]_j, [s]_j>
+        for each record (B, L). Computed once per chunk for every member (one
+        coefficient derivation), for this node's own prepare and its peers'
+        calls alike; ``old`` is this node's opened old shares when it has them."""
         tag = (s.session_id, width, _key_lines(keys))
+        members = tuple(sorted(s.plan.new.values()))
         with self._seeds_lock:
             cached = self._products_cache.get(tag)
             if cached is not None:
-                return cached.copy()
+                return cached[members.index(x)].copy()
+            busy = self._computing.get(tag)
+            if busy is None:
+                self._computing[tag] = threading.Event()
+        if busy is not None:
+            # Another call computes this chunk's values: wait for it rather than open the rows again.
+            busy.wait(PEER_TIMEOUT_S)
+            with self._seeds_lock:
+                cached = self._products_cache.get(tag)
+                if cached is not None:
+                    return cached[members.index(x)].copy()
+            return self._renewal_values(s, seed, k, width, keys, old, x)
+        try:
+            return self._compute_renewal(s, seed, k, width, keys, old, x, tag, members)
+        finally:
+            with self._seeds_lock:
+                self._computing.pop(tag).set()
+
+    def _compute_renewal(self, s: Session, seed: bytes, k: int, width: int, keys, old, x: int, tag, members):
         d = width - epoch_mac.TAG_COUNT
         opened = old if old is not None else self._open_rows(s, keys, width)
         old_key = self._old_key(s)
         new_key = self._new_key(s)
         cuts = [np.array(old_key[:, :d], order="C", copy=True), np.array(new_key[:, :d], order="C", copy=True)]
+        h = None
         try:
             h = epoch_mac.product_share(opened, cuts[0], cuts[1])
+            values = epoch_mac.renewal_values_at(seed, keys, s.new_epoch, k, h, members)
         finally:
-            record.wipe(old_key, *cuts)
+            record.wipe(old_key, h, *cuts)
             if old is None:
                 record.wipe(opened)
         with self._seeds_lock:
             while len(self._products_cache) >= PRODUCT_CACHE:
                 record.wipe(self._products_cache.pop(next(iter(self._products_cache))))
-            self._products_cache[tag] = h.copy()
-        return h
-
-    def _renewal_values(self, s: Session, seed: bytes, k: int, width: int, keys, old, x: int) -> np.ndarray:
-        """g_j(x) of this node's product values for each record (B, L)."""
-        h = self._products(s, width, keys, old)
-        try:
-            return epoch_mac.renewal_values(seed, keys, s.new_epoch, k, h, x)
-        finally:
-            record.wipe(h)
+            self._products_cache[tag] = values
+            return values[members.index(x)].copy()
 
     def _renewed_tags(self, s: Session, seed: bytes, k: int, width: int, keys, old: np.ndarray, calls) -> np.ndarray:
         """This node's new tag shares (B, L): sum over T of lambda_j g_j(i)."""
