@@ -973,7 +973,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                     return False
                 share_rows = [store._share_row(r) for r in rows]
                 cursor[0] = (share_rows[-1].tenant, share_rows[-1].subject)
-                launched.append(self._launch_refresh_chunk(s, share_rows, peers))
+                launched.append(self._launch_refresh_chunk(s, seed, share_rows, peers))
                 return True
 
             more = True
@@ -1005,6 +1005,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 for group in chunk:
                     for call in group[3].values():
                         call.cancel()
+                    record.wipe(group[4])
             reader.close()
 
     def _settle(self, pending) -> int:
@@ -1013,8 +1014,11 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         except WriterClosed as exc:
             raise status.Unavailable(str(exc)) from None
 
-    def _launch_refresh_chunk(self, s: Session, rows: list[store.ShareRow], peers) -> list[tuple]:
-        """Group a chunk by (k, width) and start the peers' delta calls: [(k, width, rows, calls)]."""
+    def _launch_refresh_chunk(self, s: Session, seed: bytes, rows: list[store.ShareRow], peers) -> list[tuple]:
+        """Group a chunk by (k, width), start the peers' delta calls, then open
+        this node's old shares and compute its renewal values for every member
+        (so the peers' calls for this chunk, arriving now, find them ready
+        instead of opening the rows again): [(k, width, rows, calls, old)]."""
         groups: dict[tuple[int, int], list[store.ShareRow]] = {}
         for row in rows:
             groups.setdefault((row.threshold, row.dimension + row.mac_count), []).append(row)
@@ -1029,8 +1033,38 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 name: self.peers.stub(name, addr).GetRefreshDeltas.future(req, timeout=PEER_TIMEOUT_S)
                 for name, (_, addr) in peers.items() if name != self.name
             }
-            out.append((k, width, members, calls))
+            old = None
+            try:
+                old = self._open_chunk(members, width)
+                keys = [(r.tenant, r.subject) for r in members]
+                record.wipe(self._renewal_values(s, seed, k, width, keys, old, self.index))
+            except BaseException:
+                for call in calls.values():
+                    call.cancel()
+                record.wipe(old)
+                for group in out:
+                    record.wipe(group[4])
+                raise
+            out.append((k, width, members, calls, old))
         return out
+
+    def _open_chunk(self, rows: list[store.ShareRow], width: int) -> np.ndarray:
+        """This node's old shares of a chunk (B, width), read and range-checked
+        as one array (not one array per row); the caller wipes it."""
+        size = 4 * width
+        opened = bytearray(size * len(rows))
+        raw = np.frombuffer(opened, dtype="<u4").reshape(len(rows), width)
+        try:
+            for j, row in enumerate(rows):
+                opened[j * size : (j + 1) * size] = self._open_bytes(row, size)
+            old = raw.astype(FIELD_DTYPE)
+        finally:
+            record.wipe(raw)
+        bad = np.flatnonzero((old >= P).any(axis=1)) if old.size else ()
+        if len(bad):
+            record.wipe(old)
+            raise self._data_loss(rows[int(bad[0])])
+        return old
 
     def _finish_refresh_chunk(self, s: Session, seed: bytes, chunk: list[tuple]) -> list[tuple]:
         """New sealed rows for one chunk: y + sum of every node's delta for this
@@ -1039,23 +1073,11 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         groups: list[tuple] = []
         ring = self.sh.keys.kek
         try:
-            for k, width, rows, calls in chunk:
+            for k, width, rows, calls, old in chunk:
                 out: list[tuple] = []
                 keys = [(r.tenant, r.subject) for r in rows]
-                # The opened shares go into one buffer and are read and
-                # range-checked as one array (not one array per row).
-                size = 4 * width
-                opened = bytearray(size * len(rows))
-                raw = np.frombuffer(opened, dtype="<u4").reshape(len(rows), width)
-                scratch = [raw]
+                scratch = [old]  # opened at launch (_open_chunk)
                 try:
-                    for j, row in enumerate(rows):
-                        opened[j * size : (j + 1) * size] = self._open_bytes(row, size)
-                    old = raw.astype(FIELD_DTYPE)
-                    scratch.append(old)
-                    bad = np.flatnonzero((old >= P).any(axis=1)) if old.size else ()
-                    if len(bad):
-                        raise self._data_loss(rows[int(bad[0])])
                     deltas = [proactive.refresh_deltas(seed, keys, k, width, self.index)]
                     scratch.extend(deltas)
                     for name, call in calls.items():
@@ -1100,7 +1122,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                         call.cancel()
                     record.wipe(*scratch)
         except BaseException:
-            record.wipe(*(diff for _, diff in groups))
+            record.wipe(*(diff for _, diff in groups), *(group[4] for group in chunk))
             raise
         return groups
 
