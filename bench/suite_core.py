@@ -1,4 +1,4 @@
-"""The pure sharing core (vault.sharing, vault.integrity, vault.record)."""
+"""The pure sharing core (vault.sharing, vault.epoch_mac, vault.record)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import time
 import numpy as np
 from Crypto.Protocol.SecretSharing import Shamir
 
-from vault import codec, integrity, record, rng, sharing
+from vault import codec, epoch_mac, record, rng, sharing
+from splitvault.v1 import common_pb2
 
 METHOD = """\
 Templates are 512-d float vectors (seeded test data) encoded with codec v1 to
-int8 and mapped into GF(2^31 - 1); one template is 512 field elements (528 with
-the four MAC keys and tags). Throughput is templates per second of one process
+int8 and mapped into GF(2^31 - 1); one template is 512 field elements (515 with
+its three tags under the epoch's MAC key). Throughput is templates per second of one process
 on one core (numpy, no threads), the median of several timed repetitions after
 a warm-up, including input validation and, for split, drawing every
 coefficient from the OS CSPRNG (os.urandom). Latency is the median of
@@ -21,10 +22,11 @@ thousands of single-template calls, in microseconds. The baseline is
 pycryptodome's `Crypto.Protocol.SecretSharing.Shamir` doing the same job in the
 same run: it shares 16-byte secrets in GF(2^128), so a 512-byte int8 template
 is 32 blocks split (or combined) one by one; it is timed on a few templates
-only, since it is slow. `split + MAC` includes `vault.integrity.extend`
-(drawing keys and computing four tags per template); `reconstruct + check`
-includes `vault.integrity.check`; `join` is the matcher's entry point from
-ShareRecords (unpack, validate, reconstruct, MAC check, decode, wipe).
+only, since it is slow. `split + MAC` includes `vault.epoch_mac.extend`
+(three tags <b_l, s> per template under one epoch key); `reconstruct + check`
+includes `vault.epoch_mac.check`; `join` is the matcher's entry point from
+ShareRecords and the nodes' key shares (unpack, validate, reconstruct record
+and key, MAC check, decode, wipe).
 Ratio = our figure / baseline figure. The batch-100,000 figures include
 first-touch page faults on the n x 200 MB of fresh share buffers, which are
 expensive on this VM; on a shared machine (see the load average) every figure
@@ -33,6 +35,8 @@ can move by tens of percent between runs."""
 D = 512
 SCHEMES = ((2, 3), (3, 5))
 BASELINE = "pycryptodome Shamir GF(2^128)"
+# One epoch's MAC key (bench data; the nodes deal real ones).
+KEY = rng.random_field((epoch_mac.TAG_COUNT, D))
 
 
 def run(quick: bool) -> list[dict]:
@@ -57,11 +61,11 @@ def run(quick: bool) -> list[dict]:
             del shares, ys
             if batch == 1:
                 continue
-            rate = batch / _median_time(lambda: sharing.split(integrity.extend(secrets), k, n), min_time)
+            rate = batch / _median_time(lambda: sharing.split(epoch_mac.extend(secrets, KEY), k, n), min_time)
             results.append(_result("split + MAC", params, rate, "templates/s", base_split))
-            ext_shares = sharing.split(integrity.extend(secrets), k, n)
+            ext_shares = sharing.split(epoch_mac.extend(secrets, KEY), k, n)
             ext_ys = ext_shares[:k]
-            rate = batch / _median_time(lambda ys=ext_ys: integrity.check(sharing.reconstruct(xs, ys)), min_time)
+            rate = batch / _median_time(lambda ys=ext_ys: epoch_mac.check(sharing.reconstruct(xs, ys), KEY), min_time)
             results.append(_result("reconstruct + check", params, rate, "templates/s", base_combine))
             del ext_shares, ext_ys
         one = field_values[:1]
@@ -81,12 +85,15 @@ def run(quick: bool) -> list[dict]:
             shareholders=n,
             dimension=D,
             request_id="bench",
-            shares=sharing.split(integrity.extend(one), k, n)[:, 0, :],
+            shares=sharing.split(epoch_mac.extend(one, KEY), k, n)[:, 0, :],
         )
         chosen = recs[:k]
+        key_shares = sharing.split(KEY.reshape(1, -1), k, n)[:, 0, :]
+        keys = [common_pb2.MacKeyShare(epoch=1, index=r.index, dimension=D,
+                                       values=record.pack_values(key_shares[r.index - 1])) for r in chosen]
 
         def join_once():
-            record.wipe(record.join(chosen).template)
+            record.wipe(record.join(chosen, keys).template)
 
         results.append(_result("join latency", params, _latency_us(join_once, calls), "us", base_latency, higher=False))
     return results

@@ -46,7 +46,7 @@ import numpy as np
 from splitvault.v1 import common_pb2, shareholder_pb2
 from vault import pki, ticket
 from vault.field import P
-from vault.integrity import MAC_COUNT
+from vault.record import MAC_COUNT
 from vaultrpc.files import write_atomic
 from vaultrpc.tls import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, TlsFiles, identity_options
 
@@ -137,7 +137,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _records(subjects: list[str], index: int, rng: np.random.Generator) -> list[common_pb2.ShareRecord]:
-    values = rng.integers(0, P, size=(len(subjects), DIM + 2 * MAC_COUNT), dtype=np.uint32).astype("<u4")
+    values = rng.integers(0, P, size=(len(subjects), DIM + MAC_COUNT), dtype=np.uint32).astype("<u4")
     return [
         common_pb2.ShareRecord(
             tenant=TENANT, subject=s, index=index, epoch=1, threshold=2, shareholders=3, dimension=DIM,

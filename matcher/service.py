@@ -5,6 +5,13 @@ compare, wipe) or one Enroll (encode, split, send, wipe); everything durable
 lives, split, at the shareholders. The tenant is always the caller's
 certificate name (``vaultrpc.server.caller``), never a request field.
 
+Integrity: records are [s | t] with tags t_l = <b_l, s> under the epoch's
+MAC key b, which exists only as shares at the nodes. Enrolment gets the key
+shares of every node (``GetMacKeyShare``, under the provider's write ticket),
+rejoins b, checks that all n shares agree, computes the tags and wipes b;
+Verify gets each node's key share beside its record share and rejoins both
+from the same nodes (``record.join``).
+
 Fail closed: every path that does not end in a successful MAC check and a
 score at or above the tenant's threshold ends in NO_MATCH or an error status.
 A shareholder whose share is inconsistent is named in this process's JSON log
@@ -35,7 +42,7 @@ from matcher import metrics
 from matcher.committee import TRANSPORT_CODES, Committee, Outcome
 from matcher.config import MatcherConfig, ShareholderEndpoint, TenantPolicy
 from splitvault.v1 import common_pb2, matcher_pb2, matcher_pb2_grpc, shareholder_pb2
-from vault import codec, integrity, names, record, sharing, ticket
+from vault import codec, epoch_mac, names, record, sharing, ticket
 from vault.errors import IntegrityError, InvalidShares, InvalidTemplate, InvalidTicket
 from vaultrpc import logs, status
 from vaultrpc.server import caller
@@ -169,7 +176,8 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         describe = shareholder_pb2.DescribeRecordsRequest(tenant=tenant, subject=subject)
         gather_describe = self.committee.fan_out("DescribeRecords", describe)
         gather_info = self.committee.fan_out("GetNodeInfo", shareholder_pb2.GetNodeInfoRequest())
-        described, infos = gather_describe.all(), gather_info.all()
+        gather_key = self._gather_key(auth, vector.size)
+        described, infos, key_shares = gather_describe.all(), gather_info.all(), gather_key.all()
         failed = [o for o in described + infos if not o.ok]
         for o in failed:
             self._node_failed(o, "DescribeRecords" if o in described else "GetNodeInfo")
@@ -207,18 +215,19 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             )
         existing = any(held.values())
         epoch = self._cluster_epoch([o.response.epoch for o in infos])
-        encoded = field_values = extended = shares = None
+        encoded = field_values = extended = shares = key = None
         try:
+            key = self._mac_key(key_shares, epoch, vector.size)
             encoded = codec.encode(vector, vector.size)
             field_values = codec.to_field(encoded)
-            extended = integrity.extend(field_values)
+            extended = epoch_mac.extend(field_values, key)
             shares = sharing.split(extended, self.k, self.n)
             records = record.make_records(
                 tenant=tenant, subject=subject, epoch=epoch, threshold=self.k, shareholders=self.n,
                 dimension=vector.size, request_id=request_id, shares=shares[:, 0, :],
             )
         finally:
-            record.wipe(encoded, field_values, extended, shares)
+            record.wipe(key, encoded, field_values, extended, shares)
         by_index = {r.index: r for r in records}
         # Our own leftovers from an earlier attempt of this request are
         # overwritten by the nodes (same request id), so that all n shares
@@ -258,6 +267,60 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         else:
             msg += "; nothing was kept, so the subject is not enrolled."
         raise (status.FailedPrecondition if paused else status.Unavailable)(msg)
+
+    def _gather_key(self, auth: common_pb2.VerificationTicket | common_pb2.WriteBatch, dimension: int):
+        """Ask every node for its share of the current epoch's MAC key (its first
+        ``dimension`` columns), under the write's ticket."""
+        which = {"batch": auth} if isinstance(auth, common_pb2.WriteBatch) else {"ticket": auth}
+        return self.committee.fan_out(
+            "GetMacKeyShare", shareholder_pb2.GetMacKeyShareRequest(dimension=dimension, **which))
+
+    def _mac_key(self, outcomes: list[Outcome], epoch: int, dimension: int) -> np.ndarray:
+        """The epoch's MAC key b (L, d) from every node's share, which must all
+        lie on one polynomial of degree k - 1 (fail closed otherwise: a wrong
+        key would make the template unverifiable). The caller wipes it."""
+        failed = [o for o in outcomes if not o.ok]
+        for o in failed:
+            self._node_failed(o, "GetMacKeyShare")
+        if failed:
+            if all(o.code == grpc.StatusCode.FAILED_PRECONDITION for o in failed):
+                raise status.FailedPrecondition(
+                    "Enrolment is paused: a shareholder has no MAC key for its epoch or is in maintenance; retry "
+                    "later. Nothing was stored.")
+            if all(o.code == grpc.StatusCode.PERMISSION_DENIED for o in failed):
+                raise status.PermissionDenied("The shareholders refused the write ticket.")
+            raise status.Unavailable(
+                f"Cannot enrol: {len(failed)} of {self.n} shareholders did not give their MAC key share; "
+                "nothing was stored.")
+        size = epoch_mac.TAG_COUNT * dimension
+        xs, ys = [], np.empty((len(outcomes), 1, size), dtype=np.uint32)
+        try:
+            for o in outcomes:
+                share = o.response.key
+                if share.epoch != epoch or share.index != o.node.index or share.dimension != dimension \
+                        or len(share.values) != 4 * size:
+                    self._suspect(o.node, "MAC key share does not fit the epoch, index or dimension", epoch=epoch)
+                    raise status.Unavailable("The shareholders' MAC key shares do not agree; nothing was stored.")
+                try:
+                    values = record.unpack_values(share.values, size)
+                except InvalidShares:
+                    self._suspect(o.node, "MAC key share is malformed", epoch=epoch)
+                    raise status.Unavailable("The shareholders' MAC key shares do not agree; nothing was stored.") from None
+                ys[len(xs), 0] = values
+                record.wipe(values)
+                xs.append(o.node.index)
+            k = self.k
+            for j in range(k, len(xs)):
+                expected = sharing.interpolate_at(xs[:k], ys[:k], xs[j])
+                same = np.array_equal(expected[0], ys[j, 0])
+                record.wipe(expected)
+                if not same:
+                    logs.event(self.log, "MAC key shares inconsistent", logging.ERROR, epoch=epoch,
+                               nodes=[self._by_index[x].name for x in xs])
+                    raise status.Unavailable("The shareholders' MAC key shares do not agree; nothing was stored.")
+            return sharing.reconstruct(xs[:k], ys[:k])[0].reshape(epoch_mac.TAG_COUNT, dimension)
+        finally:
+            record.wipe(ys)
 
     def _cluster_epoch(self, epochs: list[int]) -> int:
         # New shares go to the committee's current epoch; while a refresh is
@@ -379,15 +442,14 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             fast.append(item)
         if not fast:
             return [], {}, False
-        # The nodes' epoch is asked for while the batch is being split.
+        # The nodes' epoch and key shares are asked for while the batch is encoded.
         epoch_gather = self.committee.fan_out("GetNodeInfo", shareholder_pb2.GetNodeInfoRequest())
+        key_gather = self._gather_key(fast[0].auth, dimension)
         vectors = np.stack([item.vector for item in fast])
-        encoded = field_values = extended = shares = None
+        encoded = field_values = extended = shares = key = None
         try:
             encoded = codec.encode(vectors, dimension)
             field_values = codec.to_field(encoded)
-            extended = integrity.extend(field_values)
-            shares = sharing.split(extended, self.k, self.n)
             epoch_infos = epoch_gather.all()
             if not all(o.ok for o in epoch_infos):
                 for o in epoch_infos:
@@ -399,9 +461,17 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
                     )
                 return [], {}, False
             epoch = self._cluster_epoch([o.response.epoch for o in epoch_infos])
+            try:
+                key = self._mac_key(key_gather.all(), epoch, dimension)
+            except status.RpcError as exc:
+                for item in fast:
+                    item.code, item.message = exc.code, exc.message
+                return [], {}, False
+            extended = epoch_mac.extend(field_values, key)
+            shares = sharing.split(extended, self.k, self.n)
             per_node = self._batch_records(tenant, fast, epoch, shares)
         finally:
-            record.wipe(vectors, encoded, field_values, extended, shares)
+            record.wipe(key, vectors, encoded, field_values, extended, shares)
         return fast, per_node, bool(replace)
 
     def _batch_records(self, tenant: str, fast: list[_Item], epoch: int, shares: np.ndarray):
@@ -415,7 +485,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         """
         common = dict(
             tenant=tenant, epoch=int(epoch), threshold=self.k, shareholders=self.n, dimension=fast[0].vector.size,
-            codec_version=codec.CODEC_VERSION, mac_count=integrity.MAC_COUNT,
+            codec_version=codec.CODEC_VERSION, mac_count=record.MAC_COUNT,
         )
         per_node: dict[int, list[common_pb2.ShareRecord]] = {}
         for i, node in enumerate(self.cfg.shareholders):
@@ -625,33 +695,41 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             return "share carries another shareholder's index"
         if share.threshold != self.k or share.shareholders != self.n or share.dimension != dimension:
             return "share does not fit the configured committee or dimension"
-        if share.mac_count != integrity.MAC_COUNT or len(share.values) != 4 * (dimension + 2 * integrity.MAC_COUNT):
+        if share.mac_count != record.MAC_COUNT or len(share.values) != 4 * (dimension + record.MAC_COUNT):
             return "share has the wrong length"
         # The values' range is checked by record.join, and by
         # validate_record only when join refuses (to name the culprit).
         return None
 
-    def _off_polynomial(self, used: list[common_pb2.ShareRecord], late: list[common_pb2.ShareRecord],
-                        width: int) -> list[int]:
-        """Indices of late shares that are not on the polynomial of the shares that passed."""
-        xs = [int(r.index) for r in used]
-        ys = np.empty((len(used), 1, width), dtype=np.uint32)
+    def _off_polynomial(self, used: list[tuple], late: list[tuple], dimension: int) -> list[int]:
+        """Indices of late (share, key share) pairs not on the polynomial of the pairs that passed."""
+        size = epoch_mac.TAG_COUNT * dimension
+        width = dimension + record.MAC_COUNT
+        xs = [int(r.index) for r, _ in used]
+        ys = np.empty((len(used), 1, width + size), dtype=np.uint32)
         scratch = [ys]
+
+        def unpack(r, key) -> np.ndarray:
+            values = np.empty(width + size, dtype=np.uint32)
+            scratch.append(values)
+            a = record.unpack_values(r.values, width)
+            b = record.unpack_values(key.values, size)
+            values[:width], values[width:] = a, b
+            record.wipe(a, b)
+            return values
+
         try:
-            for j, r in enumerate(used):
-                values = record.unpack_values(r.values, width)
-                ys[j, 0] = values
-                record.wipe(values)
+            for j, (r, key) in enumerate(used):
+                ys[j, 0] = unpack(r, key)
             off = []
-            for r in late:
+            for r, key in late:
                 expected = sharing.interpolate_at(xs, ys, int(r.index))
                 scratch.append(expected)
                 try:
-                    got = record.unpack_values(r.values, width)
+                    got = unpack(r, key)
                 except InvalidShares:
                     off.append(int(r.index))
                     continue
-                scratch.append(got)
                 if not np.array_equal(expected[0], got):
                     off.append(int(r.index))
             return off
@@ -723,6 +801,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             if not shares:
                 failures.append(Outcome(node, None, grpc.StatusCode.NOT_FOUND, "no share"))
                 return
+            keys = {k.epoch: k for k in outcome.response.mac_keys}
             for share in shares:
                 if share.threshold != self.k or share.shareholders != self.n:
                     # Another committee's epoch, served while a reshare switches over: not ours, not a fault.
@@ -732,11 +811,15 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
                     suspected[0] += 1  # ask the other nodes, as for an unusable share
                     continue
                 problem = self._share_problem(share, node, tenant, subject, dimension)
+                key = keys.get(share.epoch)
+                if not problem and (key is None or key.index != node.index or key.dimension != dimension
+                                    or len(key.values) != 4 * epoch_mac.TAG_COUNT * dimension):
+                    problem = "share without a fitting MAC key share"
                 if problem:
                     self._suspect(node, problem, decision_id=decision_id, tenant=tenant, subject=subject)
                     suspected[0] += 1
                     continue
-                by_epoch.setdefault(share.epoch, {})[node.index] = share
+                by_epoch.setdefault(share.epoch, {})[node.index] = (share, key)
 
         def attempt() -> record.JoinResult | None:
             # Rejoin the newest epoch with k shares in hand, if not tried yet.
@@ -751,13 +834,14 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
                     return None
                 tried.add(frozenset(group))
                 try:
-                    return record.join(list(group.values()))
+                    return record.join([s for s, _ in group.values()], [k for _, k in group.values()])
                 except InvalidShares:
                     # Out-of-range values: find the share, name its node, drop it, go on.
                     integrity_failed = True
-                    for index, share in group.items():
+                    for index, (share, key) in group.items():
                         try:
                             record.validate_record(share)
+                            record.unpack_values(key.values, epoch_mac.TAG_COUNT * dimension)
                         except InvalidShares:
                             self._suspect(self._by_index[index], "share is malformed", decision_id=decision_id,
                                           tenant=tenant, subject=subject)
@@ -802,8 +886,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             late = [share for index, share in used.items() if index not in result.used]
             suspects = list(result.suspects)
             if late:
-                suspects += [i for i in self._off_polynomial([used[i] for i in result.used], late,
-                                                             dimension + 2 * integrity.MAC_COUNT)
+                suspects += [i for i in self._off_polynomial([used[i] for i in result.used], late, dimension)
                              if i not in suspects]
             for index in suspects:
                 self._suspect(

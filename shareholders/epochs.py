@@ -105,7 +105,7 @@ from shareholders import store
 from shareholders.audit_log import Tx, WriterClosed, now_ms
 from shareholders.config import ConfigError, load_peers
 from splitvault.v1 import admin_pb2, admin_pb2_grpc
-from vault import envelope, field, names, pki, proactive, record
+from vault import envelope, epoch_mac, field, names, pki, proactive, record
 from vault import plan as committee_plan
 from vault.envelope import SealedShare
 from vault.errors import EnvelopeError, InvalidShares
@@ -131,9 +131,13 @@ ROLES = {
     _M + "ListSessionKeys": _AUDITOR,
     _M + "GetRefreshDeltas": _PEER,
     _M + "GetReshareShares": _PEER,
+    _M + "DealFirstMacKey": _AUDITOR,
+    _M + "GetMacKeyContribution": _PEER,
 }
 
 REFRESH, RESHARE = "refresh", "reshare"
+# The first MAC key's joint dealing (its seed's session; epoch unchanged).
+KEYGEN = "keygen"
 BEGUN, PREPARED, COMMITTED, FINALIZED, ABORTED = "begun", "prepared", "committed", "finalized", "aborted"
 OPEN_STATES = (BEGUN, PREPARED, COMMITTED)
 _KIND = {REFRESH: admin_pb2.SESSION_KIND_REFRESH, RESHARE: admin_pb2.SESSION_KIND_RESHARE}
@@ -182,6 +186,15 @@ MAX_CHALLENGES = 16
 # in the audit log (the clock may have been stepped back a little since).
 CLAIM_CLOCK_SLACK_MS = 86_400_000
 CHECKS = Counter("splitvault_node_refresh_checks_total", "Refresh check calls, by outcome.", ["node", "outcome"])
+# Width of a first MAC key when the auditor names none: the largest template
+# dimension it serves (tags of dimension d use its first d columns).
+DEFAULT_MAC_WIDTH = 512
+# How long a peer's call waits for this node's new MAC key share (dealt at
+# the start of its own prepare) before it asks the caller to retry.
+KEY_WAIT_S = 30.0
+# Renewal values kept for the peers' calls and this node's own prepare (each
+# one chunk's g_j(x) for every member x: n x REFRESH_CHUNK x L values).
+PRODUCT_CACHE = 32
 _SEED_DOMAIN = b"splitvault/session-seed/v1\x00"
 _DIFF_DOMAIN = b"splitvault/refresh-check-diff/v1\x00"
 _log = logging.getLogger("shareholders.epochs")
@@ -212,12 +225,14 @@ class Plan:
     pins: dict[str, str] = dc_field(default_factory=dict)
     operators: dict[str, str] = dc_field(default_factory=dict)
     approved: dict = dc_field(default_factory=dict, compare=False)
+    # A refresh: the width of the new epoch's MAC key (vault.epoch_mac).
+    mac_width: int = 0
 
     def to_json(self) -> str:
         return json.dumps(
             {"old": self.old, "new": self.new, "old_threshold": self.old_threshold,
              "new_threshold": self.new_threshold, "senders": list(self.senders), "plan_sha256": self.plan_sha256,
-             "pins": self.pins, "operators": self.operators, "approved": self.approved},
+             "pins": self.pins, "operators": self.operators, "approved": self.approved, "mac_width": self.mac_width},
             sort_keys=True,
         )
 
@@ -233,7 +248,7 @@ class Plan:
         d = json.loads(text)
         return cls(dict(d["old"]), dict(d["new"]), int(d["old_threshold"]), int(d["new_threshold"]),
                    tuple(int(x) for x in d["senders"]), str(d.get("plan_sha256", "")), dict(d.get("pins") or {}),
-                   dict(d.get("operators") or {}), dict(d.get("approved") or {}))
+                   dict(d.get("operators") or {}), dict(d.get("approved") or {}), int(d.get("mac_width") or 0))
 
 
 @dataclass(frozen=True)
@@ -267,6 +282,10 @@ def _session(row) -> Session:
         sealed = SealedShare(row[6], bytes(row[7]), bytes(row[8]), bytes(row[9]))
     return Session(row[0], row[1], row[2], row[3], row[4], Plan.from_json(row[5]), sealed, row[10], row[11],
                    row[12], row[13])
+
+
+# What the peer helpers (_check_peers, _check_peer_key) need of a session, for the first key's dealing.
+_KEYGEN_SESSION = Session("", KEYGEN, BEGUN, 0, 0, Plan({}, {}, 2, 2, ()), None, 0, "", 0, 0)
 
 
 def load_session(conn: sqlite3.Connection, session_id: str) -> Session | None:
@@ -503,6 +522,13 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         # session id -> {member: address} this node dialled for it (its table's, or the
         # request's for a member the table lacks): where it asks how far they got.
         self._dialled: dict[str, dict[str, str]] = {}
+        # MAC key renewal: each session's new key share once dealt (waited
+        # for by peers' calls), and recent chunks' product values h_j.
+        self._new_keys: dict[str, np.ndarray] = {}
+        self._key_cond = threading.Condition()
+        self._deal_lock = threading.Lock()
+        self._products_cache: dict[tuple, np.ndarray] = {}
+        self._computing: dict[tuple, threading.Event] = {}
         # One long phase (prepare, commit, finalize) at a time: a rerun whose
         # predecessor's stream was cut waits for it to notice and stop.
         self._phase_lock = threading.Lock()
@@ -607,6 +633,10 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             self._seeds.pop(session_id, None)
             self._dialled.pop(session_id, None)
             self._keys_cache = None
+            for tag in [t for t in self._products_cache if t[0] == session_id]:
+                record.wipe(self._products_cache.pop(tag))
+        with self._key_cond:
+            record.wipe(self._new_keys.pop(session_id, None))
 
     def _status(self, s: Session) -> admin_pb2.SessionStatus:
         conn = self._conn()
@@ -832,6 +862,13 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 )
         plan = Plan(old, new, k_old, k_new, senders)
         plan = self._authorise(request, kind, plan, actor, sid)
+        if len(new) < 2 * k_new - 1:
+            raise status.InvalidArgument(
+                f"A committee of {len(new)} nodes with threshold {k_new} cannot renew the MAC keys at a refresh "
+                f"(that needs at least 2k - 1 = {2 * k_new - 1} nodes); choose a larger committee or a lower "
+                "threshold.")
+        if kind == REFRESH:
+            plan = dataclasses.replace(plan, mac_width=self._mac_width(sid, request))
         ring = self.sh.keys.kek
 
         def job(tx: Tx):
@@ -863,6 +900,11 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 raise status.FailedPrecondition(
                     f"This node holds {other} share(s) outside epoch {request.from_epoch}; finish the previous session first."
                 )
+            held = conn.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (request.from_epoch,)).fetchone()[0]
+            if held and request.from_epoch not in store.mac_keys(conn):
+                raise status.FailedPrecondition(
+                    f"This node holds {held} share(s) of epoch {request.from_epoch} but no MAC key share for it; "
+                    "it cannot renew their tags.")
             seed = proactive.new_seed()
             sealed = envelope.seal(ring, _seed_aad(self.name, sid), seed)
             now = now_ms()
@@ -906,7 +948,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             "ORDER BY tenant, subject LIMIT ?",
             (s.from_epoch, request.after_tenant, request.after_subject, limit + 1),
         ).fetchall()
-        keys = [admin_pb2.RecordKey(tenant=r[0], subject=r[1], threshold=r[2], width=r[3] + 2 * r[4]) for r in rows[:limit]]
+        keys = [admin_pb2.RecordKey(tenant=r[0], subject=r[1], threshold=r[2], width=r[3] + r[4]) for r in rows[:limit]]
         return admin_pb2.ListSessionKeysResponse(keys=keys, more=len(rows) > limit)
 
     def AbortSession(self, request, context):
@@ -936,6 +978,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 if cur.state in (COMMITTED, FINALIZED):
                     raise status.FailedPrecondition(f"Session {s.session_id} was committed meanwhile.")
                 conn.execute("DELETE FROM shares WHERE epoch = ?", (s.new_epoch,))
+                conn.execute("DELETE FROM mac_keys WHERE epoch = ?", (s.new_epoch,))
                 _close_session(conn, s.session_id, ABORTED)
                 tx.append("maintenance_abort", actor=actor, request_id=s.session_id, details={
                     "kind": s.kind, "was": cur.state, "members_unconfirmed": unasked})
@@ -1082,6 +1125,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             done = reader.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
             yield admin_pb2.PrepareSessionResponse(done=done, total=total)
             seed = self._seed(s)
+            with self._deal_lock:
+                self._deal_new_key(s, seed, peers, actor)
             cursor = [("", "")]
 
             def launch() -> bool:
@@ -1098,7 +1143,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                     return False
                 share_rows = [store._share_row(r) for r in rows]
                 cursor[0] = (share_rows[-1].tenant, share_rows[-1].subject)
-                launched.append(self._launch_refresh_chunk(s, share_rows, peers))
+                launched.append(self._launch_refresh_chunk(s, seed, share_rows, peers))
                 return True
 
             more = True
@@ -1130,6 +1175,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 for group in chunk:
                     for call in group[3].values():
                         call.cancel()
+                    record.wipe(group[4])
             reader.close()
 
     def _settle(self, pending) -> int:
@@ -1138,23 +1184,57 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         except WriterClosed as exc:
             raise status.Unavailable(str(exc)) from None
 
-    def _launch_refresh_chunk(self, s: Session, rows: list[store.ShareRow], peers) -> list[tuple]:
-        """Group a chunk by (k, width) and start the peers' delta calls: [(k, width, rows, calls)]."""
+    def _launch_refresh_chunk(self, s: Session, seed: bytes, rows: list[store.ShareRow], peers) -> list[tuple]:
+        """Group a chunk by (k, width), start the peers' delta calls, then open
+        this node's old shares and compute its renewal values for every member
+        (so the peers' calls for this chunk, arriving now, find them ready
+        instead of opening the rows again): [(k, width, rows, calls, old)]."""
         groups: dict[tuple[int, int], list[store.ShareRow]] = {}
         for row in rows:
-            groups.setdefault((row.threshold, row.dimension + 2 * row.mac_count), []).append(row)
+            groups.setdefault((row.threshold, row.dimension + row.mac_count), []).append(row)
         out = []
         for (k, width), members in groups.items():
             req = admin_pb2.GetRefreshDeltasRequest(
                 session_id=s.session_id,
                 keys=[admin_pb2.RecordKey(tenant=r.tenant, subject=r.subject, threshold=k, width=width) for r in members],
+                renew=True,
             )
             calls = {
                 name: self.peers.stub(name, addr).GetRefreshDeltas.future(req, timeout=PEER_TIMEOUT_S)
                 for name, (_, addr) in peers.items() if name != self.name
             }
-            out.append((k, width, members, calls))
+            old = None
+            try:
+                old = self._open_chunk(members, width)
+                keys = [(r.tenant, r.subject) for r in members]
+                record.wipe(self._renewal_values(s, seed, k, width, keys, old, self.index))
+            except BaseException:
+                for call in calls.values():
+                    call.cancel()
+                record.wipe(old)
+                for group in out:
+                    record.wipe(group[4])
+                raise
+            out.append((k, width, members, calls, old))
         return out
+
+    def _open_chunk(self, rows: list[store.ShareRow], width: int) -> np.ndarray:
+        """This node's old shares of a chunk (B, width), read and range-checked
+        as one array (not one array per row); the caller wipes it."""
+        size = 4 * width
+        opened = bytearray(size * len(rows))
+        raw = np.frombuffer(opened, dtype="<u4").reshape(len(rows), width)
+        try:
+            for j, row in enumerate(rows):
+                opened[j * size : (j + 1) * size] = self._open_bytes(row, size)
+            old = raw.astype(FIELD_DTYPE)
+        finally:
+            record.wipe(raw)
+        bad = np.flatnonzero((old >= P).any(axis=1)) if old.size else ()
+        if len(bad):
+            record.wipe(old)
+            raise self._data_loss(rows[int(bad[0])])
+        return old
 
     def _finish_refresh_chunk(self, s: Session, seed: bytes, chunk: list[tuple]) -> list[tuple]:
         """New sealed rows for one chunk: y + sum of every node's delta for this
@@ -1163,23 +1243,11 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         groups: list[tuple] = []
         ring = self.sh.keys.kek
         try:
-            for k, width, rows, calls in chunk:
+            for k, width, rows, calls, old in chunk:
                 out: list[tuple] = []
                 keys = [(r.tenant, r.subject) for r in rows]
-                # The opened shares go into one buffer and are read and
-                # range-checked as one array (not one array per row).
-                size = 4 * width
-                opened = bytearray(size * len(rows))
-                raw = np.frombuffer(opened, dtype="<u4").reshape(len(rows), width)
-                scratch = [raw]
+                scratch = [old]  # opened at launch (_open_chunk)
                 try:
-                    for j, row in enumerate(rows):
-                        opened[j * size : (j + 1) * size] = self._open_bytes(row, size)
-                    old = raw.astype(FIELD_DTYPE)
-                    scratch.append(old)
-                    bad = np.flatnonzero((old >= P).any(axis=1)) if old.size else ()
-                    if len(bad):
-                        raise self._data_loss(rows[int(bad[0])])
                     deltas = [self._dealings.deltas(seed, s.session_id, keys, k, width, self.index,
                                                     frozenset(s.plan.new.values()))]
                     scratch.extend(deltas)
@@ -1197,7 +1265,17 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                         scratch.append(d)
                     new = proactive.add_rows(old, *deltas)
                     scratch.append(new)
-                    groups.append((out, field.sub(new, old)))
+                    # The tags are not refreshed but renewed under the new
+                    # epoch's key (BGW degree reduction, vault.epoch_mac).
+                    tags = self._renewed_tags(s, seed, k, width, keys, old, calls)
+                    scratch.append(tags)
+                    d = width - epoch_mac.TAG_COUNT
+                    new[:, d:] = tags
+                    diff = field.sub(new, old)
+                    # The check covers the template part: the renewed tags are
+                    # no zero-sharing's sum (a wrong one fails at Verify).
+                    diff[:, d:] = 0
+                    groups.append((out, diff))
                     # add_rows reduces mod P; packed once for the whole group.
                     packed = new.astype("<u4")
                     scratch.append(packed)
@@ -1215,7 +1293,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                         call.cancel()
                     record.wipe(*scratch)
         except BaseException:
-            record.wipe(*(diff for _, diff in groups))
+            record.wipe(*(diff for _, diff in groups), *(group[4] for group in chunk))
             raise
         return groups
 
@@ -1303,6 +1381,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 if left:
                     raise status.Aborted(f"{left} record(s) are not prepared yet; run the step again.")
             prepared = conn.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
+            if self.name in s.plan.new and s.new_epoch not in store.mac_keys(conn):
+                raise status.Aborted("This node's MAC key share of the new epoch is not dealt yet; run the step again.")
             conn.execute(
                 "UPDATE maintenance_sessions SET state = ?, skipped = ?, updated_ms = ? WHERE session_id = ?",
                 (PREPARED, skipped, now_ms(), s.session_id),
@@ -1340,6 +1420,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             skipped = s.skipped
             cursor = (last[0], last[1]) if last else ("", "")
             yield admin_pb2.PrepareSessionResponse(done=done)
+            self._reshare_key(s, senders, peers, actor)
             ring = self.sh.keys.kek
             inflight: list = []
             more = True
@@ -1400,7 +1481,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         for item in lead_items:
             key = (item.tenant, item.subject)
             parts = [answers[name].get(key) for _, name in senders]
-            width = item.dimension + 2 * item.mac_count
+            width = item.dimension + item.mac_count
             if any(
                 p is None or p.dimension != item.dimension or p.mac_count != item.mac_count
                 or p.codec_version != item.codec_version or p.request_id != item.request_id
@@ -1484,6 +1565,10 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         raise status.PermissionDenied(message)
 
     def GetRefreshDeltas(self, request, context):
+        if request.mac_key:
+            # Cheap and answered here (not in the worker pool), so that a node
+            # dealing its key is never queued behind calls waiting for it.
+            return self._key_deal(request, context)
         return self._background(self._get_refresh_deltas, request, context)
 
     def _get_refresh_deltas(self, request, context):
@@ -1502,6 +1587,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 raise status.InvalidArgument("A record key has an invalid threshold or width.")
             groups.setdefault((key.threshold, key.width), []).append(i)
         values = [None] * len(request.keys)
+        renewal = [b""] * len(request.keys)
         for (k, width), positions in groups.items():
             keys = [(request.keys[i].tenant, request.keys[i].subject) for i in positions]
             deltas = self._dealings.deltas(seed, s.session_id, keys, k, width, x, frozenset(s.plan.new.values()))
@@ -1509,6 +1595,11 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             for j, i in enumerate(positions):
                 values[i] = packed[j].tobytes()
             record.wipe(deltas, packed)
+            if request.renew and self.index in self._renewers(s, k):
+                g = self._renewal_values(s, seed, k, width, keys, None, x)
+                for j, i in enumerate(positions):
+                    renewal[i] = g[j].astype("<u4").tobytes()
+                record.wipe(g)
         parts = b"".join(values)
         if request.mask_challenges:
             raise status.FailedPrecondition(
@@ -1524,7 +1615,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                     "records_sha256": _key_lines((k.tenant, k.subject) for k in request.keys),
                 })
             self._commit(job)
-        return admin_pb2.GetRefreshDeltasResponse(values=parts)
+        return admin_pb2.GetRefreshDeltasResponse(values=parts, renewal=b"".join(renewal))
 
     def _check_deal(self, s: Session, request, peer: str, x: int, seed: bytes):
         """A peer's part of the check: its contribution and record hashes (step 1),
@@ -1588,6 +1679,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         peer, x = self._peer_index(s, context, s.plan.new)
         self._check_pin(s, peer, context)
         conn = self._conn()
+        if request.mac_key:
+            return self._reshare_key_deal(s, peer, x)
         if request.keys:
             if len(request.keys) > MAX_KEYS:
                 raise status.InvalidArgument(f"At most {MAX_KEYS} records per call.")
@@ -1611,7 +1704,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         items = []
         by_width: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
-            by_width.setdefault(row.dimension + 2 * row.mac_count, []).append(i)
+            by_width.setdefault(row.dimension + row.mac_count, []).append(i)
         values: list[bytes | None] = [None] * len(rows)
         for width, positions in by_width.items():
             shares = np.empty((len(positions), width), dtype=FIELD_DTYPE)
@@ -1638,6 +1731,482 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 })
             self._commit(job)
         return admin_pb2.GetReshareSharesResponse(items=items, more=more)
+
+    # --- MAC keys: dealt, renewed, reshared (vault.epoch_mac) --------------------------
+
+    def _mac_width(self, sid: str, request) -> int:
+        """The width of a refresh's new MAC key: the current key's (the
+        auditor may name it, not change it), else the one asked for."""
+        conn = self._conn()
+        existing = load_session(conn, sid)
+        if existing is not None:
+            return existing.plan.mac_width
+        current = store.mac_keys(conn).get(int(request.from_epoch))
+        asked = int(request.mac_key_width)
+        if current is not None:
+            if asked and asked != current.width:
+                raise status.InvalidArgument(
+                    f"The current MAC key has width {current.width}; a refresh renews it at that width.")
+            return current.width
+        if asked and not 1 <= asked <= 70_000:
+            raise status.InvalidArgument("The MAC key width must be from 1 to 70000.")
+        return asked or DEFAULT_MAC_WIDTH
+
+    def _renewers(self, s: Session, k: int) -> tuple[int, ...]:
+        # T: the 2k - 1 smallest indices of the committee.
+        try:
+            return epoch_mac.renewal_nodes(sorted(s.plan.new.values()), k)
+        except InvalidShares as exc:
+            raise status.FailedPrecondition(str(exc)) from None
+
+    def _deal_new_key(self, s: Session, seed: bytes, peers, actor: str) -> None:
+        """This node's share of the new epoch's key: the sum of every member's
+        contribution beta_j(i), pulled node to node (pinned like deltas), sealed
+        and stored before any record is prepared. Deterministic in the seeds,
+        so a rerun after a crash deals the same share."""
+        if store.mac_keys(self._conn()).get(s.new_epoch) is not None:
+            self._new_key(s)
+            return
+        k, width = s.plan.new_threshold, s.plan.mac_width
+        if width < 1:
+            raise status.FailedPrecondition(f"Session {s.session_id} names no MAC key width; start a new session.")
+        parts = [epoch_mac.key_contribution(seed, s.new_epoch, k, width, self.index)]
+        req = admin_pb2.GetRefreshDeltasRequest(session_id=s.session_id, mac_key=True)
+        calls = {name: self.peers.stub(name, addr).GetRefreshDeltas.future(req, timeout=PEER_TIMEOUT_S)
+                 for name, (_, addr) in peers.items() if name != self.name}
+        key = None
+        try:
+            for name, call in calls.items():
+                try:
+                    reply = call.result()
+                except grpc.RpcError as exc:
+                    raise _peer_error(name, exc) from None
+                if len(reply.renewal) != 4 * epoch_mac.TAG_COUNT * width:
+                    raise status.Unavailable(f"Peer {name} dealt a MAC key contribution of the wrong length.")
+                try:
+                    part = record.unpack_values(reply.renewal, epoch_mac.TAG_COUNT * width)
+                except InvalidShares:
+                    raise status.Unavailable(f"Peer {name} dealt values outside the field.") from None
+                parts.append(part.reshape(epoch_mac.TAG_COUNT, width))
+            key = epoch_mac.key_share(parts)
+            row = self.sh.seal_mac_key(s.new_epoch, k, key, s.session_id)
+        finally:
+            for call in calls.values():
+                call.cancel()
+            record.wipe(*parts)
+
+        def job(tx: Tx):
+            cur = load_session(tx.conn, s.session_id)
+            if cur is None or cur.state != BEGUN:
+                raise status.FailedPrecondition(f"Session {s.session_id} is no longer being prepared on this node.")
+            store.insert_mac_key(tx.conn, row, now_ms())
+            tx.append("mac_key_dealt", actor=actor, request_id=s.session_id, details={
+                "kind": s.kind, "epoch": s.new_epoch, "width": width, "threshold": k,
+                "from": sorted(set(peers) | {self.name}),
+            })
+
+        try:
+            self._commit(job)
+        finally:
+            record.wipe(key)
+        self._new_key(s)
+
+    def _new_key(self, s: Session) -> np.ndarray:
+        """This node's share of the session's new key, (L, width). When a peer
+        needs it before this node's own prepare dealt it, the node deals it now
+        if its peer table names every member (it never dials an address a
+        caller gives); otherwise it waits (up to KEY_WAIT_S) for its prepare."""
+        if (s.session_id not in self._new_keys and store.mac_keys(self._conn()).get(s.new_epoch) is None
+                and self.name in s.plan.new):
+            peers = self._check_peers(s, [], s.plan.new)
+            if set(s.plan.new) <= set(peers) | {self.name}:
+                with self._deal_lock:
+                    if store.mac_keys(self._conn()).get(s.new_epoch) is None:
+                        self._deal_new_key(s, self._seed(s), peers, s.actor)
+        deadline = time.monotonic() + KEY_WAIT_S
+        with self._key_cond:
+            while True:
+                key = self._new_keys.get(s.session_id)
+                if key is not None:
+                    return key
+                row = store.mac_keys(self._conn()).get(s.new_epoch)
+                if row is not None:
+                    try:
+                        key = self.sh.open_mac_key(row)
+                    except EnvelopeError:
+                        raise status.DataLoss("This node's sealed MAC key share does not open.") from None
+                    self._new_keys[s.session_id] = key
+                    self._key_cond.notify_all()
+                    return key
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise status.Unavailable(
+                        f"Node {self.name} has not dealt its MAC key share of epoch {s.new_epoch} yet; "
+                        "run the prepare step on every node.")
+                self._key_cond.wait(min(left, 0.5))
+
+    def _old_key(self, s: Session) -> np.ndarray:
+        row = store.mac_keys(self._conn()).get(s.from_epoch)
+        if row is None:
+            raise status.FailedPrecondition(
+                f"Node {self.name} holds no MAC key share of epoch {s.from_epoch}; it cannot renew tags.")
+        try:
+            return self.sh.open_mac_key(row)
+        except EnvelopeError:
+            raise status.DataLoss("This node's sealed MAC key share does not open.") from None
+
+    def _key_deal(self, request, context):
+        """A peer's pull of this node's key contribution beta(x) for the new epoch."""
+        s = self._session(request.session_id, states=(BEGUN, PREPARED, COMMITTED))
+        if s.kind != REFRESH:
+            raise status.FailedPrecondition(f"Session {s.session_id} is not a refresh.")
+        peer, x = self._peer_index(s, context, s.plan.new)
+        self._check_peer_key(s, peer, context)
+        if request.keys or request.check_challenges or request.check_context:
+            raise status.InvalidArgument("A MAC key request carries no record keys and no check.")
+        if s.plan.mac_width < 1:
+            raise status.FailedPrecondition(f"Session {s.session_id} names no MAC key width.")
+        beta = epoch_mac.key_contribution(self._seed(s), s.new_epoch, s.plan.new_threshold, s.plan.mac_width, x)
+        try:
+            values = beta.astype("<u4").tobytes()
+        finally:
+            record.wipe(beta)
+
+        def job(tx: Tx):
+            tx.append("mac_key_deal", actor=f"shareholder/{peer}", request_id=s.session_id, details={
+                "to": peer, "to_index": x, "epoch": s.new_epoch, "width": s.plan.mac_width})
+        self._commit(job)
+        return admin_pb2.GetRefreshDeltasResponse(renewal=values)
+
+    def _open_rows(self, s: Session, keys: list[tuple[str, str]], width: int) -> np.ndarray:
+        """This node's old-epoch shares of ``keys`` (B, width); zeros for a record
+        it no longer holds (deleted meanwhile: its renewal is never used)."""
+        lo, hi = min(keys), max(keys)
+        rows = {(r[0], r[1]): store._share_row(r) for r in self._conn().execute(
+            f"SELECT {store.SHARE_COLUMNS} FROM shares WHERE epoch = ? AND (tenant, subject) >= (?, ?) "
+            "AND (tenant, subject) <= (?, ?)", (s.from_epoch, *lo, *hi))}
+        out = np.zeros((len(keys), width), dtype=FIELD_DTYPE)
+        for j, key in enumerate(keys):
+            row = rows.get(key)
+            if row is None:
+                continue
+            if row.dimension + row.mac_count != width:
+                raise status.InvalidArgument(
+                    f"A record key's width ({width}) is not that of the record this node holds for it.")
+            values = np.frombuffer(self._open_bytes(row, 4 * width), dtype="<u4")
+            if values.size and int(values.max()) >= P:
+                raise self._data_loss(row)
+            out[j] = values
+        return out
+
+    def _renewal_values(self, s: Session, seed: bytes, k: int, width: int, keys, old: np.ndarray | None,
+                        x: int) -> np.ndarray:
+        """g_j(x) of this node's product values h_j = [t]_j + <[b']_j - [b]_j, [s]_j>
+        for each record (B, L). Computed once per chunk for every member (one
+        coefficient derivation), for this node's own prepare and its peers'
+        calls alike; ``old`` is this node's opened old shares when it has them."""
+        tag = (s.session_id, width, _key_lines(keys))
+        members = tuple(sorted(s.plan.new.values()))
+        with self._seeds_lock:
+            cached = self._products_cache.get(tag)
+            if cached is not None:
+                return cached[members.index(x)].copy()
+            busy = self._computing.get(tag)
+            if busy is None:
+                self._computing[tag] = threading.Event()
+        if busy is not None:
+            # Another call computes this chunk's values: wait for it rather than open the rows again.
+            busy.wait(PEER_TIMEOUT_S)
+            with self._seeds_lock:
+                cached = self._products_cache.get(tag)
+                if cached is not None:
+                    return cached[members.index(x)].copy()
+            return self._renewal_values(s, seed, k, width, keys, old, x)
+        try:
+            return self._compute_renewal(s, seed, k, width, keys, old, x, tag, members)
+        finally:
+            with self._seeds_lock:
+                self._computing.pop(tag).set()
+
+    def _compute_renewal(self, s: Session, seed: bytes, k: int, width: int, keys, old, x: int, tag, members):
+        d = width - epoch_mac.TAG_COUNT
+        opened = old if old is not None else self._open_rows(s, keys, width)
+        old_key = self._old_key(s)
+        new_key = self._new_key(s)
+        cuts = [np.array(old_key[:, :d], order="C", copy=True), np.array(new_key[:, :d], order="C", copy=True)]
+        h = None
+        try:
+            h = epoch_mac.product_share(opened, cuts[0], cuts[1])
+            values = epoch_mac.renewal_values_at(seed, keys, s.new_epoch, k, h, members)
+        finally:
+            record.wipe(old_key, h, *cuts)
+            if old is None:
+                record.wipe(opened)
+        with self._seeds_lock:
+            while len(self._products_cache) >= PRODUCT_CACHE:
+                record.wipe(self._products_cache.pop(next(iter(self._products_cache))))
+            self._products_cache[tag] = values
+            return values[members.index(x)].copy()
+
+    def _renewed_tags(self, s: Session, seed: bytes, k: int, width: int, keys, old: np.ndarray, calls) -> np.ndarray:
+        """This node's new tag shares (B, L): sum over T of lambda_j g_j(i)."""
+        renewers = self._renewers(s, k)
+        by_index = {idx: name for name, idx in s.plan.new.items()}
+        count = len(keys) * epoch_mac.TAG_COUNT
+        values = np.empty((len(renewers), len(keys), epoch_mac.TAG_COUNT), dtype=FIELD_DTYPE)
+        try:
+            for a, x in enumerate(renewers):
+                if x == self.index:
+                    g = self._renewal_values(s, seed, k, width, keys, old, self.index)
+                    values[a] = g
+                    record.wipe(g)
+                    continue
+                name = by_index[x]
+                try:
+                    reply = calls[name].result()
+                except grpc.RpcError as exc:
+                    raise _peer_error(name, exc) from None
+                if len(reply.renewal) != 4 * count:
+                    raise status.Unavailable(f"Peer {name} dealt renewal values of the wrong length.")
+                try:
+                    g = record.unpack_values(reply.renewal, count)
+                except InvalidShares:
+                    raise status.Unavailable(f"Peer {name} dealt values outside the field.") from None
+                values[a] = g.reshape(len(keys), epoch_mac.TAG_COUNT)
+                record.wipe(g)
+            return epoch_mac.renewed_tags(renewers, values, k)
+        finally:
+            record.wipe(values)
+
+    def _reshare_key(self, s: Session, senders, peers, actor: str) -> None:
+        """A new member's share of the key, reshared by the senders (the key
+        itself is unchanged; the next refresh renews it)."""
+        if store.mac_keys(self._conn()).get(s.new_epoch) is not None:
+            return
+        req = admin_pb2.GetReshareSharesRequest(session_id=s.session_id, mac_key=True)
+        calls = {name: self.peers.stub(name, peers[name][1]).GetReshareShares.future(req, timeout=PEER_TIMEOUT_S)
+                 for _, name in senders}
+        parts, width = [], None
+        key = None
+        try:
+            for _, name in senders:
+                try:
+                    reply = calls[name].result()
+                except grpc.RpcError as exc:
+                    raise _peer_error(name, exc) from None
+                w = int(reply.mac_key_width)
+                if width is None:
+                    width = w
+                if w != width or w < 1 or len(reply.mac_key_values) != 4 * epoch_mac.TAG_COUNT * w:
+                    raise status.Unavailable(f"Sender {name} dealt a MAC key share of the wrong width.")
+                try:
+                    part = record.unpack_values(reply.mac_key_values, epoch_mac.TAG_COUNT * w)
+                except InvalidShares:
+                    raise status.Unavailable(f"Sender {name} dealt values outside the field.") from None
+                parts.append(part.reshape(epoch_mac.TAG_COUNT, w))
+            key = proactive.combine([x for x, _ in senders], np.stack(parts))
+            row = self.sh.seal_mac_key(s.new_epoch, s.plan.new_threshold, key, s.session_id)
+        finally:
+            for call in calls.values():
+                call.cancel()
+            record.wipe(key, *parts)
+
+        def job(tx: Tx):
+            cur = load_session(tx.conn, s.session_id)
+            if cur is None or cur.state != BEGUN:
+                raise status.FailedPrecondition(f"Session {s.session_id} is no longer being prepared on this node.")
+            store.insert_mac_key(tx.conn, row, now_ms())
+            tx.append("mac_key_dealt", actor=actor, request_id=s.session_id, details={
+                "kind": s.kind, "epoch": s.new_epoch, "width": width, "threshold": s.plan.new_threshold,
+                "from": [name for _, name in senders]})
+        self._commit(job)
+
+    def _reshare_key_deal(self, s: Session, peer: str, x: int):
+        """A sender's re-sharing of its key share for new member x."""
+        row = store.mac_keys(self._conn()).get(s.from_epoch)
+        if row is None:
+            raise status.FailedPrecondition(f"Node {self.name} holds no MAC key share of epoch {s.from_epoch}.")
+        try:
+            key = self.sh.open_mac_key(row)
+        except EnvelopeError:
+            raise status.DataLoss("This node's sealed MAC key share does not open.") from None
+        dealt = None
+        try:
+            dealt = epoch_mac.reshare_key_values(self._seed(s), s.from_epoch, key, s.plan.new_threshold, x)
+            values = dealt.astype("<u4").tobytes()
+        finally:
+            record.wipe(key, dealt)
+
+        def job(tx: Tx):
+            tx.append("reshare_key_deal", actor=f"shareholder/{peer}", request_id=s.session_id, details={
+                "to": peer, "to_index": x, "epoch": s.from_epoch, "width": row.width})
+        self._commit(job)
+        return admin_pb2.GetReshareSharesResponse(mac_key_values=values, mac_key_width=row.width)
+
+    # --- the first MAC key: a joint dealing at the current epoch ---------------------
+
+    def _keygen(self, actor: str, width: int) -> tuple[str, int, int, int, bytes]:
+        """(session id, epoch, width, threshold, seed) of this node's first-key
+        dealing, begun now if needed: a ``keygen`` session holding the sealed
+        seed (so a rerun, or a peer asking again, gets the same contribution)."""
+        members, k, _ = self._current_committee()
+        if not members or k < 2:
+            raise status.FailedPrecondition(
+                f"Node {self.name} has no committee recorded or configured ([committee]); it cannot deal a MAC key.")
+        if len(members) < 2 * k - 1:
+            raise status.FailedPrecondition(
+                f"A committee of {len(members)} nodes with threshold {k} cannot renew the MAC keys at a refresh "
+                f"(that needs at least 2k - 1 = {2 * k - 1} nodes).")
+        ring = self.sh.keys.kek
+
+        def job(tx: Tx):
+            conn = tx.conn
+            epoch = store.node_state(conn).current_epoch
+            current = store.open_session(conn)
+            if current is not None and current.kind == KEYGEN:
+                plan = current.plan
+                if width and plan["width"] != width:
+                    raise status.InvalidArgument(f"The first MAC key is being dealt at width {plan['width']}.")
+                return current.session_id, plan
+            if epoch in store.mac_keys(conn):
+                return None, None
+            if current is not None:
+                raise status.FailedPrecondition(
+                    f"Another maintenance session is open on this node: {_describe(current)}; finish it first.")
+            if not width:
+                raise status.FailedPrecondition(f"Node {self.name} has not begun dealing its first MAC key.")
+            sid = f"keygen-{epoch}-{os.urandom(6).hex()}"
+            plan = {"epoch": epoch, "width": width, "threshold": k, "committee": members}
+            seed = proactive.new_seed()
+            sealed = envelope.seal(ring, _seed_aad(self.name, sid), seed)
+            now = now_ms()
+            conn.execute(
+                f"INSERT INTO maintenance_sessions ({_SESSION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (sid, KEYGEN, BEGUN, epoch, epoch, json.dumps(plan, sort_keys=True), sealed.kek_version,
+                 sealed.wrapped_dk, sealed.nonce, sealed.ciphertext, 0, actor, now, now),
+            )
+            tx.append("maintenance_begin", actor=actor, request_id=sid, details={
+                "kind": KEYGEN, "epoch": epoch, "width": width, "threshold": k,
+                "committee": [f"{n}={i}" for n, i in sorted(members.items(), key=lambda x: x[1])]})
+            return sid, plan
+
+        sid, plan = self._commit(job)
+        if sid is None:
+            return "", store.node_state(self._conn()).current_epoch, 0, k, b""
+        row = self._conn().execute(
+            "SELECT seed_kek_version, seed_wrapped_dk, seed_nonce, seed_ciphertext FROM maintenance_sessions "
+            "WHERE session_id = ?", (sid,)).fetchone()
+        try:
+            seed = envelope.open(ring, _seed_aad(self.name, sid), SealedShare(row[0], bytes(row[1]), bytes(row[2]),
+                                                                              bytes(row[3])))
+        except (EnvelopeError, TypeError):
+            raise status.DataLoss("This node's sealed key-dealing seed does not open.") from None
+        return sid, int(plan["epoch"]), int(plan["width"]), int(plan["threshold"]), seed
+
+    def DealFirstMacKey(self, request, context):
+        actor = str(caller(context))
+        width = int(request.width)
+        if width and not 1 <= width <= 70_000:
+            raise status.InvalidArgument("The MAC key width must be from 1 to 70000.")
+        if request.finish:
+            return self._finish_keygen(actor)
+        sid, epoch, width, k, seed = self._keygen(actor, width or DEFAULT_MAC_WIDTH)
+        if not sid:
+            row = store.mac_keys(self._conn()).get(epoch)
+            return admin_pb2.DealFirstMacKeyResponse(epoch=epoch, width=row.width if row else 0, already=True)
+        if store.mac_keys(self._conn()).get(epoch) is not None:
+            return admin_pb2.DealFirstMacKeyResponse(epoch=epoch, width=width, already=True)
+        members = self._current_committee()[0]
+        probe = dataclasses.replace(_KEYGEN_SESSION, session_id=sid, actor=actor)
+        peers = self._check_peers(probe, request.peers, members)
+        missing = sorted(set(members) - set(peers) - {self.name})
+        if missing:
+            raise status.InvalidArgument(f"The request gives no address for {', '.join(missing)}.")
+        parts = [epoch_mac.key_contribution(seed, epoch, k, width, self.index)]
+        req = admin_pb2.GetMacKeyContributionRequest(epoch=epoch, width=width)
+        calls = {name: self.peers.stub(name, addr).GetMacKeyContribution.future(req, timeout=PEER_TIMEOUT_S)
+                 for name, (_, addr) in peers.items() if name != self.name}
+        key = None
+        try:
+            for name, call in calls.items():
+                try:
+                    reply = call.result()
+                except grpc.RpcError as exc:
+                    raise _peer_error(name, exc) from None
+                try:
+                    part = record.unpack_values(reply.values, epoch_mac.TAG_COUNT * width)
+                except InvalidShares:
+                    raise status.Unavailable(f"Peer {name} dealt a MAC key contribution that is not L x width field "
+                                             "elements.") from None
+                parts.append(part.reshape(epoch_mac.TAG_COUNT, width))
+            key = epoch_mac.key_share(parts)
+            row = self.sh.seal_mac_key(epoch, k, key, sid)
+        finally:
+            for call in calls.values():
+                call.cancel()
+            record.wipe(key, *parts)
+
+        def job(tx: Tx):
+            if store.node_state(tx.conn).current_epoch != epoch:
+                raise status.FailedPrecondition("The node's epoch moved on while its first MAC key was dealt.")
+            store.insert_mac_key(tx.conn, row, now_ms())
+            tx.append("mac_key_dealt", actor=actor, request_id=sid, details={
+                "kind": KEYGEN, "epoch": epoch, "width": width, "threshold": k, "from": sorted(members)})
+        self._commit(job)
+        return admin_pb2.DealFirstMacKeyResponse(epoch=epoch, width=width)
+
+    def _finish_keygen(self, actor: str):
+        def job(tx: Tx):
+            conn = tx.conn
+            current = store.open_session(conn)
+            epoch = store.node_state(conn).current_epoch
+            key = store.mac_keys(conn).get(epoch)
+            if current is None or current.kind != KEYGEN:
+                return epoch, getattr(key, "width", 0), False
+            if key is None:
+                raise status.FailedPrecondition(
+                    f"Node {self.name} holds no MAC key share yet; deal it on every node before finishing.")
+            conn.execute("PRAGMA secure_delete = ON")
+            conn.execute("UPDATE maintenance_sessions SET seed_kek_version = NULL, seed_wrapped_dk = NULL, "
+                         "seed_nonce = NULL, seed_ciphertext = NULL WHERE session_id = ?", (current.session_id,))
+            store.update_session(conn, current.session_id, now_ms(), state=FINALIZED)
+            tx.append("maintenance_finalize", actor=actor, request_id=current.session_id, details={
+                "kind": KEYGEN, "epoch": epoch, "width": key.width})
+            return epoch, key.width, True
+
+        epoch, width, finished = self._commit(job)
+        return admin_pb2.DealFirstMacKeyResponse(epoch=epoch, width=width, already=not finished, finished=finished)
+
+    def GetMacKeyContribution(self, request, context):
+        who = caller(context)
+        members = self._current_committee()[0]
+        if who is None or who.name not in members or who.name == self.name:
+            raise status.PermissionDenied(f"Node {getattr(who, 'name', '?')} is not a member of this node's committee.")
+        peer, x = who.name, members[who.name]
+        pins = self._current_pins()
+        if pins:
+            self._check_peer_key(dataclasses.replace(_KEYGEN_SESSION, plan=Plan({}, {}, 2, 2, (), pins=pins)),
+                                 peer, context)
+        if not 1 <= request.width <= 70_000:
+            raise status.InvalidArgument("The MAC key width must be from 1 to 70000.")
+        sid, epoch, width, k, seed = self._keygen(f"shareholder/{peer}", int(request.width))
+        if not sid:
+            raise status.FailedPrecondition(
+                f"Node {self.name} has finished dealing its first MAC key (or holds one already); nothing to give.")
+        if request.epoch != epoch or request.width != width:
+            raise status.FailedPrecondition(
+                f"Node {self.name} deals its first MAC key at epoch {epoch}, width {width}.")
+        beta = epoch_mac.key_contribution(seed, epoch, k, width, x)
+        try:
+            values = beta.astype("<u4").tobytes()
+        finally:
+            record.wipe(beta)
+
+        def job(tx: Tx):
+            tx.append("mac_key_deal", actor=f"shareholder/{peer}", request_id=sid, details={
+                "to": peer, "to_index": x, "epoch": epoch, "width": width})
+        self._commit(job)
+        return admin_pb2.GetMacKeyContributionResponse(values=values)
 
     # --- check ---------------------------------------------------------------------
 
@@ -1926,6 +2495,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 left = c.execute("SELECT COUNT(*) FROM shares WHERE epoch < ?", (s.new_epoch,)).fetchone()[0]
                 if left:
                     raise status.Aborted("Old-epoch rows remain; run the step again.")
+                c.execute("DELETE FROM mac_keys WHERE epoch < ?", (s.new_epoch,))
                 _close_session(c, s.session_id, FINALIZED)
                 served = c.execute("SELECT COUNT(*) FROM shares").fetchone()[0]
                 tx.append("epoch_finalize", actor=actor, request_id=s.session_id, details={

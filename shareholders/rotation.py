@@ -408,12 +408,25 @@ class Rotation:
             ).fetchone()[0]
             if left:
                 return None
+            # The node's MAC key shares (a handful of rows): re-wrapped here.
+            ring = svc.keys.kek
+            for row in store.mac_keys(conn).values():
+                if row.kek_version == target:
+                    continue
+                aad = record.key_identity(svc.cfg.cluster_id, svc.name, svc.index, row.epoch)
+                try:
+                    sealed = envelope.rewrap(ring, aad, row.sealed)
+                except EnvelopeError:
+                    continue  # a damaged key share keeps its version (and the key stays in the file)
+                conn.execute("UPDATE mac_keys SET kek_version = ?, wrapped_dk = ? WHERE epoch = ?",
+                             (sealed.kek_version, sealed.wrapped_dk, row.epoch))
             keys, _active = read_kek_file(svc.cfg.kek_file)
             # Versions that still seal anything else on the node (the session
             # seed of a refresh or reshare) stay in the file. Prepared rows of
             # a new epoch are in ``shares`` and were counted above.
             still = {r[0] for r in conn.execute(
                 "SELECT DISTINCT seed_kek_version FROM maintenance_sessions WHERE seed_wrapped_dk IS NOT NULL")}
+            still |= {r[0] for r in conn.execute("SELECT DISTINCT kek_version FROM mac_keys")}
             kept = {v: k for v, k in keys.items() if v == target or v in still}
             retired = sorted(set(keys) - set(kept))
             session = store.get_session(conn, self.session_id)

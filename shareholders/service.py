@@ -56,7 +56,9 @@ from shareholders.epochs import committee_pins, guard_delete, guard_store, prese
 from shareholders.audit_log import AuditWriter, Tx, WriterClosed, now_ms
 from shareholders.config import NodeConfig, NodeKeys
 from splitvault.v1 import common_pb2, shareholder_pb2, shareholder_pb2_grpc
-from vault import envelope, names, pki, record
+import numpy as np
+
+from vault import envelope, epoch_mac, names, pki, record
 from vault import ticket as tickets
 from vault.errors import EnvelopeError, InvalidShares, InvalidTicket
 from vaultrpc import logs, status
@@ -69,6 +71,7 @@ ROLES = {
     _M + "StoreShareStream": frozenset({pki.ROLE_MATCHER}),
     _M + "ReleaseShare": frozenset({pki.ROLE_MATCHER}),
     _M + "DeleteShares": frozenset({pki.ROLE_MATCHER}),
+    _M + "GetMacKeyShare": frozenset({pki.ROLE_MATCHER}),
     _M + "DescribeRecords": frozenset({pki.ROLE_MATCHER, pki.ROLE_AUDITOR}),
     # Not the PSP: a provider has no business with node internals.
     _M + "GetNodeInfo": frozenset({pki.ROLE_MATCHER, pki.ROLE_AUDITOR, pki.ROLE_SHAREHOLDER}),
@@ -713,14 +716,20 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             if not rows:
                 entry = tx.append("deny", **who, details={**base, "reason": "not_found"})
                 return Refused(status.NotFound("No share is stored for this subject."), "not_found", entry.seq)
-            shares = []
+            shares, keys = [], []
+            mac_keys = store.mac_keys(tx.conn)
             for row in rows:
                 try:
                     if row.index != index:
                         raise EnvelopeError("index")
                     values = envelope.open(ring, record.record_identity(tenant, subject, row.index, row.epoch), row.sealed)
-                    if len(values) != 4 * (row.dimension + 2 * row.mac_count):
+                    if len(values) != 4 * (row.dimension + row.mac_count):
                         raise EnvelopeError("length")
+                    # Without a key share for the epoch (none dealt, or narrower than the
+                    # record) the share goes alone and the matcher cannot use it (fail closed).
+                    key_row = mac_keys.get(row.epoch)
+                    if key_row is not None and row.dimension <= key_row.width:
+                        keys.append(self.key_share(key_row, row.dimension, ring))
                 except EnvelopeError:
                     entry = tx.append("deny", **who, details={**base, "reason": "data_loss", "epoch": row.epoch})
                     return Refused(status.DataLoss("This node's stored share for the subject is damaged."),
@@ -729,7 +738,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             # The ticket itself, so that `vaultctl audit reconcile` can re-verify the provider's signature.
             entry = tx.append("release", **who, details={**base, "epochs": [r.epoch for r in rows],
                                                          **tickets.audit_details(ticket)})
-            return entry.seq, shares
+            return entry.seq, shares, keys
 
         try:
             result = self.writer.run(job)
@@ -741,9 +750,86 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                 logs.event(self._log, "stored share failed to open", logging.ERROR, tenant=tenant, subject=subject,
                            request_id=request_id, audit_seq=result.seq)
             raise result.error
-        seq, shares = result
+        seq, shares, keys = result
         self._releases.inc()
-        return shareholder_pb2.ReleaseShareResponse(shares=shares, audit_seq=seq)
+        return shareholder_pb2.ReleaseShareResponse(shares=shares, audit_seq=seq, mac_keys=keys)
+
+    # --- MAC key shares -----------------------------------------------------------
+
+    def open_mac_key(self, row: store.MacKeyRow, ring=None) -> np.ndarray:
+        """This node's share of an epoch's MAC key, opened: (L, width) field elements (EnvelopeError if damaged)."""
+        aad = record.key_identity(self.cfg.cluster_id, self.name, self.index, row.epoch)
+        raw = envelope.open(ring or self.keys.kek, aad, row.sealed)
+        if len(raw) != 4 * epoch_mac.TAG_COUNT * row.width:
+            raise EnvelopeError("length")
+        try:
+            return record.unpack_values(raw, epoch_mac.TAG_COUNT * row.width).reshape(epoch_mac.TAG_COUNT, row.width)
+        except InvalidShares:
+            raise EnvelopeError("range") from None
+
+    def seal_mac_key(self, epoch: int, threshold: int, key: np.ndarray, session_id: str) -> store.MacKeyRow:
+        """A key share (L, width) sealed under the active KEK, bound to cluster, node and epoch."""
+        aad = record.key_identity(self.cfg.cluster_id, self.name, self.index, epoch)
+        sealed = envelope.seal(self.keys.kek, aad, np.ascontiguousarray(key, dtype="<u4").tobytes())
+        return store.MacKeyRow(epoch, threshold, int(key.shape[1]), session_id, sealed.kek_version,
+                               sealed.wrapped_dk, sealed.nonce, sealed.ciphertext)
+
+    def key_share(self, row: store.MacKeyRow | None, dimension: int, ring=None) -> common_pb2.MacKeyShare:
+        """The key share message of one epoch cut to ``dimension`` (its first d columns: a prefix of
+        a uniform key is uniform); EnvelopeError when the node holds no usable key for it."""
+        if row is None or dimension > row.width:
+            raise EnvelopeError("no key")
+        key = self.open_mac_key(row, ring)
+        try:
+            cut = np.ascontiguousarray(key[:, :dimension], dtype="<u4")
+            return common_pb2.MacKeyShare(epoch=row.epoch, index=self.index, dimension=dimension,
+                                          values=cut.tobytes())
+        finally:
+            record.wipe(key)
+
+    def GetMacKeyShare(self, request, context):
+        actor = str(caller(context))
+        dimension = int(request.dimension)
+        if not 1 <= dimension <= 70_000:
+            raise status.InvalidArgument("The dimension must be from 1 to 70000.")
+        if request.HasField("batch") and request.batch.ticket.body:
+            body, _items = self._check_batch(actor, request.batch, tickets.WRITES, "mac_key")
+            auth = WriteAuth(request.batch.ticket, body, body.request_id)
+        else:
+            claimed = common_pb2.TicketBody()
+            try:
+                claimed.ParseFromString(request.ticket.body)
+            except DecodeError:
+                claimed = common_pb2.TicketBody()
+            if not claimed.tenant:
+                self._deny_now(actor, "malformed_ticket", status.PermissionDenied(
+                    "A MAC key share needs the enrolment's write ticket."), details={"call": "mac_key", "counted": False})
+            body = self._check_write(actor, request.ticket, tenant=claimed.tenant, subject=claimed.subject,
+                                     request_id=claimed.request_id, operations=tickets.WRITES, call="mac_key")
+            auth = WriteAuth(request.ticket, body)
+
+        def job(tx: Tx):
+            guard_store(tx.conn)  # no enrolment while a refresh or reshare is open
+            epoch = store.node_state(tx.conn).current_epoch
+            row = store.mac_keys(tx.conn).get(epoch)
+            try:
+                key = self.key_share(row, dimension)
+            except EnvelopeError:
+                entry = tx.append("deny", actor=actor, tenant=body.tenant, subject=body.subject,
+                                  request_id=auth.item or body.request_id,
+                                  details={"reason": "no_mac_key", "epoch": epoch, "dimension": dimension,
+                                           "counted": False})
+                why = ("This node holds no MAC key share for its current epoch and this dimension; "
+                       "run `vaultctl refresh` to deal one." if row is None or dimension > row.width
+                       else "This node's stored MAC key share is damaged.")
+                return Refused((status.FailedPrecondition if row is None or dimension > row.width
+                                else status.DataLoss)(why), "no_mac_key", entry.seq)
+            entry = tx.append("mac_key_release", actor=actor, tenant=body.tenant, subject=body.subject,
+                              request_id=auth.item or body.request_id,
+                              details={"epoch": epoch, "dimension": dimension, **_write_ticket_details(auth)})
+            return shareholder_pb2.GetMacKeyShareResponse(key=key, audit_seq=entry.seq)
+
+        return self._commit(job)
 
     # --- delete and describe ----------------------------------------------------
 
@@ -814,6 +900,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             name=self.name, index=state.index, epoch=state.current_epoch, kek_version=self.keys.kek.active,
             audit_public_key=self._audit_public, records=store.count_records(conn),
             audit_head_seq=self.writer.head_seq,
+            mac_key_width=getattr(store.mac_keys(conn).get(state.current_epoch), "width", 0),
         )
 
     def ReadAuditLog(self, request, context) -> Iterator[shareholder_pb2.ReadAuditLogResponse]:

@@ -117,8 +117,27 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (session_id, first_tenant, first_subject, width)
         )""",
     ),
+    (
+        # 4: records [s | t] under the epoch's MAC key (vault.epoch_mac): this
+        # node's share of each epoch's key, sealed like a share. A database
+        # of version 1-3 holding shares is in the old record format (AMD
+        # MAC) and is refused (``migrate``), not converted.
+        """CREATE TABLE mac_keys (
+            epoch INTEGER PRIMARY KEY,
+            threshold INTEGER NOT NULL,
+            width INTEGER NOT NULL,
+            session_id TEXT NOT NULL,
+            kek_version INTEGER NOT NULL,
+            wrapped_dk BLOB NOT NULL,
+            nonce BLOB NOT NULL,
+            ciphertext BLOB NOT NULL,
+            stored_ms INTEGER NOT NULL
+        )""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+# The first schema version whose records are [s | t] under an epoch MAC key.
+RECORD_FORMAT_VERSION = 4
 # A new node starts in epoch 1; a proactive refresh moves it on.
 FIRST_EPOCH = 1
 
@@ -229,6 +248,11 @@ def migrate(conn: sqlite3.Connection) -> int:
         if found > SCHEMA_VERSION:
             raise SchemaError(
                 f"The database has schema version {found}, newer than this node's {SCHEMA_VERSION}; upgrade the node."
+            )
+        if 0 < found < RECORD_FORMAT_VERSION and conn.execute("SELECT COUNT(*) FROM shares").fetchone()[0]:
+            raise SchemaError(
+                f"The database holds shares in the old record format (schema version {found}, AMD MAC); this "
+                "node reads only records under an epoch MAC key: re-enrol into a new node database."
             )
         for version in range(found + 1, SCHEMA_VERSION + 1):
             for statement in MIGRATIONS[version - 1]:
@@ -497,3 +521,41 @@ def update_session(
         sets.append("plan_json = ?")
         values.append(json.dumps(plan, sort_keys=True))
     conn.execute(f"UPDATE maintenance_sessions SET {', '.join(sets)} WHERE session_id = ?", (*values, session_id))
+
+
+# --- MAC key shares (one per epoch) --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MacKeyRow:
+    """This node's sealed share of one epoch's MAC key."""
+
+    epoch: int
+    threshold: int
+    width: int
+    session_id: str
+    kek_version: int
+    wrapped_dk: bytes
+    nonce: bytes
+    ciphertext: bytes
+
+    @property
+    def sealed(self) -> SealedShare:
+        return SealedShare(self.kek_version, self.wrapped_dk, self.nonce, self.ciphertext)
+
+
+_KEY_COLUMNS = "epoch, threshold, width, session_id, kek_version, wrapped_dk, nonce, ciphertext"
+
+
+def mac_keys(conn: sqlite3.Connection) -> dict[int, MacKeyRow]:
+    """Every epoch's key share row, by epoch."""
+    return {r[0]: MacKeyRow(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), bytes(r[6]), bytes(r[7]))
+            for r in conn.execute(f"SELECT {_KEY_COLUMNS} FROM mac_keys ORDER BY epoch")}
+
+
+def insert_mac_key(conn: sqlite3.Connection, row: MacKeyRow, now_ms: int) -> None:
+    conn.execute(
+        f"INSERT OR REPLACE INTO mac_keys ({_KEY_COLUMNS}, stored_ms) VALUES (?,?,?,?,?,?,?,?,?)",
+        (row.epoch, row.threshold, row.width, row.session_id, row.kek_version, row.wrapped_dk, row.nonce,
+         row.ciphertext, now_ms),
+    )

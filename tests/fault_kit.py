@@ -197,18 +197,19 @@ def holdings(pki_, addresses: dict[str, str], tenant: str, subjects) -> dict[str
 
 def rejoin_everywhere(pki_, addresses: dict[str, str], tenant: Tenant, subject: str) -> record.JoinResult:
     """Release the subject's share from EVERY node (matcher certificate, a
-    fresh provider ticket each) and rejoin them all together: raises unless
-    all n shares lie on one polynomial and pass the MACs."""
-    shares = []
+    fresh provider ticket each) and rejoin them all together, with the nodes'
+    MAC key shares: raises unless all n lie on one polynomial and pass the MACs."""
+    shares, keys = [], []
     for name, address in addresses.items():
         t = ticket.issue(tenant.key, tenant.key_id, tenant=tenant.name, subject=subject,
                          request_id=f"check-{uuid.uuid4().hex}", probe=np.zeros(4, np.float32), audience=CLUSTER_ID)
         with secure_channel(address, pki_.tls("matcher", "matcher"), expect=pki.Identity("shareholder", name)) as ch:
             reply = shareholder_pb2_grpc.ShareholderStub(ch).ReleaseShare(
                 shareholder_pb2.ReleaseShareRequest(ticket=t), timeout=10)
-        assert len(reply.shares) == 1, (name, len(reply.shares))
+        assert len(reply.shares) == 1 and len(reply.mac_keys) == 1, (name, len(reply.shares))
         shares.append(reply.shares[0])
-    result = record.join(shares)
+        keys.append(reply.mac_keys[0])
+    result = record.join(shares, keys)
     assert result.suspects == (), result.suspects
     assert len(result.used) >= 2
     return result

@@ -16,7 +16,7 @@ import numpy as np
 
 from node_kit import CLUSTER_ID
 from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
-from vault import ticket
+from vault import record, ticket
 from vault.pki import Identity
 from vaultrpc.tls import secure_channel
 
@@ -25,14 +25,16 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 def release(address: str, matcher_tls, tenant_key, key_id: str, tenant: str, subject: str, probe,
             audience: str = CLUSTER_ID, *, node: str) -> list:
-    """A node's share records of one subject, released for a freshly signed ticket (as the matcher asks)."""
+    """A node's (share record, MAC key share) pairs of one subject, released for a freshly signed ticket (as the matcher asks)."""
     signed = ticket.issue(tenant_key, key_id, tenant=tenant, subject=subject, request_id=str(uuid.uuid4()),
                           probe=np.asarray(probe, dtype=np.float32), audience=audience)
     channel = secure_channel(address, matcher_tls, expect=Identity("shareholder", node))
     try:
         reply = shareholder_pb2_grpc.ShareholderStub(channel).ReleaseShare(
             shareholder_pb2.ReleaseShareRequest(ticket=signed), timeout=10)
-        return list(reply.shares)
+        # Each share with the node's MAC key share of its epoch (what record.join takes).
+        keys = {k.epoch: k for k in reply.mac_keys}
+        return [(s, keys.get(s.epoch)) for s in reply.shares]
     finally:
         channel.close()
 
@@ -111,3 +113,8 @@ def fresh_subjects(state: dict, count: int = 4) -> list[str]:
     start = state["next"]
     state["next"] = start + count
     return [f"s{(start + i) * 7 % state['count']:04d}" for i in range(count)]
+
+
+def join_pairs(*pairs):
+    """record.join of released (share, key share) pairs."""
+    return record.join([s for s, _ in pairs], [k for _, k in pairs])

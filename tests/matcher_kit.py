@@ -31,7 +31,7 @@ from matcher import config as matcher_config
 from matcher.server import serve as serve_matcher
 from shareholders.config import NodeConfig, NodeKeys
 from shareholders.server import serve as serve_node
-from node_kit import CLUSTER_ID
+from node_kit import CLUSTER_ID, deal_first_key
 from splitvault.v1 import shareholder_pb2_grpc
 from vault import pki, ticket
 from vault.envelope import KekRing, new_kek
@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DIM = 128
+# The nodes' MAC key width: the largest template dimension a test uses.
+KEY_WIDTH = 2048
 SHAREHOLDER_SERVICE = "splitvault.v1.Shareholder"
 
 
@@ -152,6 +154,8 @@ class Committee:
             running = serve_node(cfg, keys=node_keys(), harden=False)
             self.nodes[name] = running
             self.addresses[name] = running.address
+        # The first epoch's MAC key, dealt by the nodes as `vaultctl cluster up` has them do.
+        deal_first_key(self.endpoints(), k, pki_.files("auditor", "auditor"), root / "maintenance", width=KEY_WIDTH)
 
     def endpoints(self):
         return [(name, i, self.addresses[name]) for i, name in enumerate(self.names, start=1)]
@@ -218,7 +222,8 @@ class ProxyNode(shareholder_pb2_grpc.ShareholderServicer):
         self._pki = pki_
         self.releases = 0
         self.captured: dict[str, bytes] = {}
-        methods = ("StoreShares", "StoreShareStream", "ReleaseShare", "DeleteShares", "DescribeRecords", "GetNodeInfo")
+        methods = ("StoreShares", "StoreShareStream", "ReleaseShare", "DeleteShares", "DescribeRecords", "GetNodeInfo",
+                   "GetMacKeyShare")
         self.running = rpcserver.start(
             listen="127.0.0.1:0", tls=pki_.tls("shareholder", name),
             register=(lambda s: shareholder_pb2_grpc.add_ShareholderServicer_to_server(self, s),),
@@ -268,6 +273,9 @@ class ProxyNode(shareholder_pb2_grpc.ShareholderServicer):
 
     def GetNodeInfo(self, request, context):
         return self._forward("GetNodeInfo", request, context)
+
+    def GetMacKeyShare(self, request, context):
+        return self._forward("GetMacKeyShare", request, context)
 
     def ReleaseShare(self, request, context):
         self.releases += 1
@@ -361,6 +369,9 @@ class Processes:
             self._spawn(name, "shareholders", d / "node.toml")
         for name in NAMES:
             self.addresses[name] = self._ready(name, self.root / name / "ready.json")["address"]
+        # The first epoch's MAC key, dealt by the nodes as `vaultctl cluster up` has them do.
+        deal_first_key([(n, i, self.addresses[n]) for i, n in enumerate(NAMES, start=1)], 2,
+                       self.pki.files("auditor", "auditor"), self.root / "maintenance", width=KEY_WIDTH)
 
     def start_matcher(self, call_timeout_ms: int = 2000) -> str:
         d = self.root / "matcher"

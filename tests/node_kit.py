@@ -21,7 +21,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from splitvault.v1 import common_pb2, shareholder_pb2, shareholder_pb2_grpc
-from vault import envelope, integrity, pki, record, rng, ticket
+from vault import envelope, pki, record, rng, ticket
 from vaultrpc.tls import TlsFiles, secure_channel
 
 # The cluster id (tickets' audience) of throw-away nodes.
@@ -128,7 +128,7 @@ def sample_records(
 ) -> list[common_pb2.ShareRecord]:
     """One well-formed record per subject for shareholder ``index`` (uniform
     field elements from the CSPRNG seam, like every share value)."""
-    width = dimension + 2 * integrity.MAC_COUNT
+    width = dimension + record.MAC_COUNT
     out = []
     for subject in subjects:
         shares = rng.random_field((shareholders, width))
@@ -138,6 +138,16 @@ def sample_records(
         )
         out.append(recs[index - 1])
     return out
+
+
+def deal_first_key(nodes: list[tuple[str, int, str]], threshold: int, auditor_tls: TlsFiles,
+                   state_dir: pathlib.Path | None = None, width: int = 16) -> dict:
+    """Have throw-away nodes ((name, index, address) each) deal their first
+    MAC key, as ``vaultctl cluster up`` does, with the auditor's certificate."""
+    from vaultctl.maintenance import Node
+    from vaultctl.refresh import deal_first_key as deal
+
+    return deal([Node(n, i, a) for n, i, a in nodes], threshold, auditor_tls.load(), width)
 
 
 @dataclass

@@ -77,7 +77,7 @@ def _keys(state, node: str) -> list[admin_pb2.RecordKey]:
                             "ORDER BY tenant, subject LIMIT 3").fetchall()
     finally:
         conn.close()
-    return [admin_pb2.RecordKey(tenant=t, subject=s, threshold=k, width=d + 2 * m) for t, s, k, d, m in rows]
+    return [admin_pb2.RecordKey(tenant=t, subject=s, threshold=k, width=d + m) for t, s, k, d, m in rows]
 
 
 def _denials(state, node: str) -> list[dict]:

@@ -154,8 +154,9 @@ def test_audit_reconcile_clean(story):
     assert out["verifications"] == 7 and out["complete"] == 6 and out["incomplete_count"] == 1
     assert out["incomplete"][0]["request_id"] == "lonely-1" and out["incomplete"][0]["nodes"] == ["bank-a"]
     assert out["denials"] == {"invalid_ticket": 1}
-    # Every store, bulk store and delete is explained by the provider's ticket too.
-    assert out["writes"] == {"delete": 3, "store": 6, "store_batch": 3}, out["writes"]
+    # Every store, bulk store, delete and MAC key share given for an enrolment
+    # (one per node per enrolment or bulk batch) is explained by the provider's ticket too.
+    assert out["writes"] == {"delete": 3, "mac_key_release": 9, "store": 6, "store_batch": 3}, out["writes"]
     # The matcher asks k nodes or all n: between k and n releases per verification.
     assert 6 * 2 + 1 <= sum(n["releases"] for n in out["nodes"]) <= 6 * 3 + 1
 

@@ -31,7 +31,8 @@ pytestmark = pytest.mark.e2e
 
 DIM = 64
 COUNT = 6
-OLD = {"bank-a": 1, "bank-b": 2, "bank-c": 3, "bank-d": 4}
+# 3-of-5: a committee keeps n >= 2k - 1 so that a refresh can renew its MAC keys.
+OLD = {"bank-a": 1, "bank-b": 2, "bank-c": 3, "bank-d": 4, "bank-e": 5}
 K = 3
 
 
@@ -39,7 +40,7 @@ K = 3
 def vault(tmp_path_factory):
     root = tmp_path_factory.mktemp("approval") / "cluster"
     try:
-        info = cluster.up(root, shareholders=4, threshold=K, dim=DIM)
+        info = cluster.up(root, shareholders=len(OLD), threshold=K, dim=DIM)
         templates = synthetic_templates(COUNT, DIM, seed=5)
         with MatcherClient.from_cluster_dir(root) as client:
             for reply in client.enroll_many({f"s{i}": templates[i] for i in range(COUNT)}.items()):
@@ -138,7 +139,7 @@ def _no_session_anywhere(vault, sessions) -> None:
 
 def test_auditor_cannot_reshare_to_members_it_minted(vault):
     paths = vault["paths"]
-    evil = {"evil-1": 5, "evil-2": 6, "evil-3": 7}
+    evil = {f"evil-{i}": 5 + i for i in range(1, 6)}
     fake = {n: _minted(paths, n) for n in evil}
     pins = {n: committee_plan.spki_sha256(t.cert) for n, t in fake.items()}
     stolen = {"bank-a": _operator(paths, "bank-a"), "bank-b": _operator(paths, "bank-b")}  # k-1 operators
@@ -196,14 +197,14 @@ def test_auditor_cannot_reshare_to_members_it_minted(vault):
 
 def test_a_minted_certificate_with_a_pinned_name_gets_no_reshare_values(vault):
     paths, root = vault["paths"], vault["root"]
-    proposed = vaultctl("reshare", "propose", "--dir", root, "--shareholders", "5", "--format", "json")
+    proposed = vaultctl("reshare", "propose", "--dir", root, "--shareholders", "6", "--format", "json")
     assert proposed.returncode == 0, proposed.stderr[-2000:]
     for name in ("bank-a", "bank-b", "bank-c"):
         assert vaultctl("reshare", "approve", "--dir", root, "--operator", name).returncode == 0
-    newcomer_approves = vaultctl("reshare", "approve", "--dir", root, "--operator", "bank-e")
+    newcomer_approves = vaultctl("reshare", "approve", "--dir", root, "--operator", "bank-f")
     assert newcomer_approves.returncode == 1 and "not a member" in newcomer_approves.stderr
     # The run refuses without a plan; the nodes would refuse one with too few approvals.
-    no_plan = vaultctl("reshare", "--dir", root, "--shareholders", "5", "--format", "json")
+    no_plan = vaultctl("reshare", "--dir", root, "--shareholders", "6", "--format", "json")
     assert no_plan.returncode == 1 and "approved by k current node operators" in no_plan.stdout + no_plan.stderr
     document = json.loads((root / "maintenance" / "reshare-plan.json").read_text())
     body, approvals = committee_plan.from_document(document)
@@ -262,7 +263,7 @@ def test_lowering_the_threshold_needs_the_operator_quorum(vault):
 
 
 def test_a_refresh_cannot_name_an_extra_member(vault):
-    committee = {**OLD, "evil-1": 5}
+    committee = {**OLD, "evil-1": 6}
     request = admin_pb2.BeginSessionRequest(
         session_id="refresh-extra-001", kind=admin_pb2.SESSION_KIND_REFRESH, from_epoch=1, new_epoch=2,
         old_committee=_members(committee), new_committee=_members(committee), old_threshold=K, new_threshold=K)

@@ -1,5 +1,7 @@
-"""vault.integrity: the shared MAC detects corrupt, swapped and mixed-epoch
-shares and survives refresh."""
+"""vault.integrity (the AMD MAC, kept for the refresh check's power tables)
+detects corrupt shares; and through record.join, the services' per-epoch MAC
+(vault.epoch_mac, with the nodes' key shares) detects corrupt, swapped and
+mixed-epoch shares and survives refresh."""
 
 from __future__ import annotations
 
@@ -14,11 +16,33 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from seeded_rng import SeededBytes
 
-from vault import codec, field, integrity, record, rng, sharing
+from splitvault.v1 import common_pb2
+from vault import codec, epoch_mac, field, integrity, record, rng, sharing
 from vault.errors import IntegrityError, InvalidShares
 from vault.field import FIELD_DTYPE, P
 
 L = integrity.MAC_COUNT
+# One epoch's MAC key for the record tests (cut to each template's dimension).
+_KEY = rng.random_field((epoch_mac.TAG_COUNT, 128))
+_KEY_SHARES: dict = {}
+
+
+def _extend(values: np.ndarray) -> np.ndarray:
+    # [s | t] under the epoch key, as the matcher enrols.
+    return epoch_mac.extend(values, np.ascontiguousarray(_KEY[:, : values.shape[1]]))
+
+
+def _join(recs):
+    # record.join with each record's node's key share (one sharing of the key per k, n, d).
+    r0 = recs[0]
+    d, k, n = r0.dimension, r0.threshold, r0.shareholders
+    if (k, n, d) not in _KEY_SHARES:
+        _KEY_SHARES[(k, n, d)] = sharing.split(np.ascontiguousarray(_KEY[:, :d]).reshape(1, -1), k, n)[:, 0, :]
+    shares = _KEY_SHARES[(k, n, d)]
+    return record.join(recs, [common_pb2.MacKeyShare(epoch=r.epoch, index=r.index, dimension=d,
+                                                     values=record.pack_values(shares[r.index - 1])) for r in recs])
+
+
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "sharing.json").read_text())
 
 
@@ -142,39 +166,39 @@ def _corrupt(rec, position: int, delta: int):
 @pytest.mark.parametrize("k,n", [(2, 3), (3, 5), (4, 7)])
 def test_with_k_plus_1_shares_the_bad_index_is_identified(k, n):
     d = 64
-    ext = integrity.extend(_template(4, d))
+    ext = _extend(_template(4, d))
     want = codec.from_field(ext[0, :d])
     recs = _records(sharing.split(ext, k, n), k=k, n=n, d=d)
     for bad_index in range(1, n + 1):
-        for pos in (0, d + 1, d + L + 3):
+        for pos in (0, d + 1, d + epoch_mac.TAG_COUNT - 1):  # template, tags
             tampered = [(_corrupt(r, pos, 99) if r.index == bad_index else r) for r in recs]
             # Give k + 1 records including the bad one, bad one first.
             chosen = [tampered[bad_index - 1]] + [r for r in tampered if r.index != bad_index][:k]
-            result = record.join(chosen)
+            result = _join(chosen)
             assert np.array_equal(result.template, want)
             assert result.suspects == (bad_index,)
             assert bad_index not in result.used
             # With only k records including the bad one: detected, not identified.
             with pytest.raises(IntegrityError) as info:
-                record.join(chosen[:k])
+                _join(chosen[:k])
             assert info.value.suspects == ()
 
 
 def test_a_swapped_share_from_another_subject_is_detected():
     d, k, n = 64, 3, 5
-    alice = _records(sharing.split(integrity.extend(_template(5, d)), k, n), k=k, n=n, d=d)
-    bob = _records(sharing.split(integrity.extend(_template(6, d)), k, n), k=k, n=n, d=d, subject="bob")
+    alice = _records(sharing.split(_extend(_template(5, d)), k, n), k=k, n=n, d=d)
+    bob = _records(sharing.split(_extend(_template(6, d)), k, n), k=k, n=n, d=d, subject="bob")
     # A shareholder returns Bob's share relabelled as Alice's.
     swapped = type(bob[1])()
     swapped.CopyFrom(bob[1])
     swapped.subject = "alice"
     with pytest.raises(IntegrityError):
-        record.join([alice[0], swapped, alice[2]])
-    result = record.join([alice[0], swapped, alice[2], alice[3]])
+        _join([alice[0], swapped, alice[2]])
+    result = _join([alice[0], swapped, alice[2], alice[3]])
     assert result.suspects == (2,)
     # Unrelabelled, the metadata alone refuses it.
     with pytest.raises(InvalidShares, match="subject"):
-        record.join([alice[0], bob[1], alice[2]])
+        _join([alice[0], bob[1], alice[2]])
 
 
 def _refresh(shares: np.ndarray, k: int) -> np.ndarray:
@@ -186,7 +210,7 @@ def _refresh(shares: np.ndarray, k: int) -> np.ndarray:
 
 def test_refresh_keeps_the_template_and_the_tags():
     d, k, n = 64, 3, 5
-    ext = integrity.extend(_template(7, d))
+    ext = _extend(_template(7, d))
     old = sharing.split(ext, k, n)
     new = _refresh(old, k)
     assert not np.array_equal(old, new)
@@ -194,30 +218,30 @@ def test_refresh_keeps_the_template_and_the_tags():
         xs = [i + 1 for i in subset]
         rejoined = sharing.reconstruct(xs, new[list(subset)])
         assert np.array_equal(rejoined, ext)
-        assert integrity.check(rejoined)[0]
-    result = record.join(_records(new, k=k, n=n, d=d, epoch=8))
+        assert epoch_mac.check(rejoined, np.ascontiguousarray(_KEY[:, :d]))[0].all()
+    result = _join(_records(new, k=k, n=n, d=d, epoch=8))
     assert np.array_equal(result.template, codec.from_field(ext[0, :d]))
     assert result.epoch == 8
 
 
 def test_shares_of_two_epochs_do_not_join():
     d, k, n = 64, 3, 5
-    old = sharing.split(integrity.extend(_template(8, d)), k, n)
+    old = sharing.split(_extend(_template(8, d)), k, n)
     new = _refresh(old, k)
     e7 = _records(old, k=k, n=n, d=d, epoch=7)
     e8 = _records(new, k=k, n=n, d=d, epoch=8)
     # Honest metadata: refused before any arithmetic.
     with pytest.raises(InvalidShares, match="epoch"):
-        record.join([e7[0], e8[1], e8[2]])
+        _join([e7[0], e8[1], e8[2]])
     # A share relabelled to the other epoch: caught by the MAC.
     relabelled = type(e7[0])()
     relabelled.CopyFrom(e7[0])
     relabelled.epoch = 8
     with pytest.raises(IntegrityError):
-        record.join([relabelled, e8[1], e8[2]])
+        _join([relabelled, e8[1], e8[2]])
     # The mixed-epoch polynomial is only the old shares' sum with a random one:
     # no k-subset containing it passes; with enough honest shares it is named.
-    result = record.join([relabelled, e8[1], e8[2], e8[3]])
+    result = _join([relabelled, e8[1], e8[2], e8[3]])
     assert result.suspects == (1,)
 
 
@@ -236,11 +260,11 @@ def test_encode_split_join_round_trip(vector, kn, data):
     k, n = kn
     d = vector.size
     codes = codec.encode(vector, d)
-    shares = sharing.split(integrity.extend(codec.to_field(codes)), k, n)
+    shares = sharing.split(_extend(codec.to_field(codes)), k, n)
     recs = _records(shares, k=k, n=n, d=d)
     order = data.draw(st.permutations(range(n)))
     size = data.draw(st.integers(k, n))
-    result = record.join([recs[i] for i in order[:size]])
+    result = _join([recs[i] for i in order[:size]])
     assert np.array_equal(result.template, codes[0])
     assert result.suspects == ()
     assert result.used == tuple(recs[i].index for i in order[:k])

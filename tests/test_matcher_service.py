@@ -466,20 +466,30 @@ def test_enroll_stream_applies_back_pressure(committee, rng):
 
 
 def test_late_shares_are_checked_against_the_polynomial_that_passed(shared):
-    # The check the matcher runs on shares that arrive after the decision's k.
-    from vault import codec, integrity, record, sharing
+    # The check the matcher runs on (share, key share) pairs that arrive after the decision's k.
+    from splitvault.v1 import common_pb2
+    from vault import codec, epoch_mac, record, rng, sharing
 
     service = shared.matcher.service
     code = codec.encode(np.linspace(-1, 1, DIM), DIM)
-    shares = sharing.split(integrity.extend(codec.to_field(code)), 2, 3)
-    good = record.make_records(tenant="acme", subject="s", epoch=1, threshold=2, shareholders=3, dimension=DIM,
-                               request_id="r", shares=shares[:, 0, :])
-    other = record.make_records(tenant="acme", subject="s", epoch=1, threshold=2, shareholders=3, dimension=DIM,
-                                request_id="r", shares=sharing.split(integrity.extend(codec.to_field(code)), 2, 3)[:, 0, :])
-    width = DIM + 2 * integrity.MAC_COUNT
-    assert service._off_polynomial(good[:2], [good[2]], width) == []
-    assert service._off_polynomial(good[:2], [other[2]], width) == [3]
-    assert service._off_polynomial([good[0], good[2]], [other[1]], width) == [2]
+    key = rng.random_field((epoch_mac.TAG_COUNT, DIM))
+    key_shares = sharing.split(key.reshape(1, -1), 2, 3)[:, 0, :]
+    keys = [common_pb2.MacKeyShare(epoch=1, index=i + 1, dimension=DIM, values=record.pack_values(key_shares[i]))
+            for i in range(3)]
+
+    def records():
+        shares = sharing.split(epoch_mac.extend(codec.to_field(code), key), 2, 3)
+        recs = record.make_records(tenant="acme", subject="s", epoch=1, threshold=2, shareholders=3, dimension=DIM,
+                                   request_id="r", shares=shares[:, 0, :])
+        return list(zip(recs, keys))
+
+    good, other = records(), records()
+    assert service._off_polynomial(good[:2], [good[2]]) == []
+    assert service._off_polynomial(good[:2], [other[2]]) == [3]
+    assert service._off_polynomial([good[0], good[2]], [other[1]]) == [2]
+    # A key share off the polynomial is named as a share is.
+    wrong_key = common_pb2.MacKeyShare(epoch=1, index=3, dimension=DIM, values=keys[0].values)
+    assert service._off_polynomial(good[:2], [(good[2][0], wrong_key)]) == [3]
 
 
 def test_enroll_stream_one_template_per_message(shared, rng):

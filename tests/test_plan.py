@@ -53,7 +53,7 @@ def test_any_change_to_the_bytes_is_refused_or_unsigned():
     assert committee_plan.approved_by(body, {"bank-a": sig}, keys) == {"bank-a"}
     # A signature under another operator's name, or over other bytes, counts for nothing.
     assert committee_plan.approved_by(body, {"bank-b": sig}, keys) == set()
-    other = _plan(new_threshold=3).body()
+    other = _plan(new_epoch=3).body()
     assert committee_plan.approved_by(other, {"bank-a": sig}, keys) == set()
     # Not canonical (spaces) -> refused even though it is the same JSON.
     with pytest.raises(InvalidPlan):
@@ -103,3 +103,9 @@ def test_window_and_file_document(dev_pki):
     cert_b, _ = pki.issue_cert(dev_pki.ca_cert, dev_pki.ca_key, "shareholder", "pin-a")
     assert committee_plan.spki_sha256(cert_a) != committee_plan.spki_sha256(cert_b)
     assert committee_plan.spki_sha256(cert_a) == committee_plan.spki_sha256(cert_a)
+
+
+def test_a_new_committee_that_cannot_renew_the_mac_keys_is_refused():
+    # 3 members with k = 3: the renewal of the MAC keys at a refresh needs 2k - 1 = 5.
+    with pytest.raises(InvalidPlan, match="2k - 1"):
+        committee_plan.parse(_plan(new_threshold=3).body())

@@ -8,22 +8,39 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from splitvault.v1 import common_pb2
-from vault import codec, integrity, record, sharing
+from vault import codec, epoch_mac, record, rng, sharing
 from vault.errors import IntegrityError, InvalidShares
 from vault.field import FIELD_DTYPE, P
 
-L = integrity.MAC_COUNT
+L = record.MAC_COUNT
 D = 16
+_KEYS: dict = {}
 
 
 def _records(k: int = 2, n: int = 3, d: int = D, seed: int = 0, **overrides):
-    # A fresh enrolment's records and its int8 code.
+    # A fresh enrolment's records (tags under an epoch key, whose shares are
+    # kept for _join) and its int8 code.
     x = np.random.default_rng(seed).normal(size=d)  # test data only
     codes = codec.encode(x, d)
-    shares = sharing.split(integrity.extend(codec.to_field(codes)), k, n)[:, 0, :]
+    key = rng.random_field((L, d))
+    shares = sharing.split(epoch_mac.extend(codec.to_field(codes), key), k, n)[:, 0, :]
     fields = dict(tenant="psp-1", subject="alice", epoch=3, threshold=k, shareholders=n, dimension=d, request_id="r-1")
     fields.update(overrides)
-    return record.make_records(shares=shares, **fields), codes[0]
+    recs = record.make_records(shares=shares, **fields)
+    key_shares = sharing.split(key.reshape(1, L * d), k, n)[:, 0, :]
+    for r in recs:
+        _KEYS[id(r)] = common_pb2.MacKeyShare(epoch=r.epoch, index=r.index, dimension=d,
+                                              values=record.pack_values(key_shares[r.index - 1]))
+    return recs, codes[0]
+
+
+def _key_of(rec):
+    # The key share of the node that holds rec (a copy made by _copy keeps its original's).
+    return _KEYS[id(rec)]
+
+
+def _join(recs):
+    return record.join(recs, [_key_of(r) for r in recs])
 
 
 def _copy(rec, **changes):
@@ -31,6 +48,7 @@ def _copy(rec, **changes):
     out.CopyFrom(rec)
     for name, value in changes.items():
         setattr(out, name, value)
+    _KEYS[id(out)] = _KEYS.get(id(rec))
     return out
 
 
@@ -106,12 +124,12 @@ def test_make_records_fields():
     for r in recs:
         assert (r.tenant, r.subject, r.epoch, r.threshold, r.shareholders, r.dimension) == ("psp-1", "alice", 3, 3, 5, D)
         assert r.codec_version == codec.CODEC_VERSION and r.mac_count == L
-        assert len(r.values) == 4 * (D + 2 * L) and r.request_id == "r-1"
+        assert len(r.values) == 4 * (D + L) and r.request_id == "r-1"
         record.validate_record(r)
 
 
 def test_make_records_rejects_wrong_shape():
-    shares = np.zeros((3, D + 2 * L), dtype=FIELD_DTYPE)
+    shares = np.zeros((3, D + L), dtype=FIELD_DTYPE)
     with pytest.raises(InvalidShares, match="shape"):
         record.make_records(
             tenant="t", subject="s", epoch=0, threshold=2, shareholders=4, dimension=D, request_id="r", shares=shares
@@ -132,10 +150,10 @@ def test_make_records_rejects_wrong_shape():
         ({"shareholders": 256, "threshold": 2}, "threshold"),
         ({"dimension": 0}, "dimension"),
         ({"dimension": codec.MAX_DIMENSION + 1}, "dimension"),
-        ({"mac_count": 3}, "MAC count"),
+        ({"mac_count": 4}, "MAC count"),
         ({"codec_version": 2}, "codec version"),
         ({"values": b"\x00" * 8}, "length"),
-        ({"values": b"\xff\xff\xff\xff" * (D + 2 * L)}, "outside the field"),
+        ({"values": b"\xff\xff\xff\xff" * (D + L)}, "outside the field"),
         ({"tenant": ""}, "tenant"),
         ({"subject": ""}, "subject"),
         ({"subject": "a\x00b"}, "control"),
@@ -161,7 +179,7 @@ def test_validate_record_accepts_limits():
 
 def test_join_basic():
     recs, codes = _records(k=3, n=5)
-    result = record.join(recs[2:])
+    result = _join(recs[2:])
     assert np.array_equal(result.template, codes)
     assert result.template.dtype == np.int8 and result.template.shape == (D,)
     assert result.used == (3, 4, 5) and result.suspects == () and result.epoch == 3
@@ -169,10 +187,10 @@ def test_join_basic():
 
 def test_join_reports_an_extra_inconsistent_share_even_when_first_k_pass():
     recs, codes = _records(k=2, n=4)
-    values = record.unpack_values(recs[3].values, D + 2 * L)
+    values = record.unpack_values(recs[3].values, D + L)
     values[0] = (int(values[0]) + 1) % P
     bad = _copy(recs[3], values=record.pack_values(values))
-    result = record.join([recs[0], recs[1], bad])
+    result = _join([recs[0], recs[1], bad])
     assert np.array_equal(result.template, codes)
     assert result.used == (1, 2) and result.suspects == (4,)
 
@@ -192,10 +210,10 @@ def test_join_requires_agreement(name, value):
     recs, _ = _records(k=2, n=3)
     other = _copy(recs[1], **{name: value})
     if getattr(recs[0], name) == value:
-        record.join([recs[0], other])
+        _join([recs[0], other])
         return
     with pytest.raises(InvalidShares) as info:
-        record.join([recs[0], other])
+        _join([recs[0], other])
     assert name.replace("_", " ") in str(info.value)
     # The message names the field, never the values.
     assert str(value) not in str(info.value).replace(name, "")
@@ -205,19 +223,19 @@ def test_join_dimension_disagreement():
     a, _ = _records(d=D)
     b, _ = _records(d=D + 1)
     with pytest.raises(InvalidShares, match="dimension"):
-        record.join([a[0], _copy(b[1], subject="alice")])
+        _join([a[0], _copy(b[1], subject="alice")])
 
 
 def test_join_bookkeeping_errors():
     recs, _ = _records(k=3, n=5)
     with pytest.raises(InvalidShares, match="No share records"):
-        record.join([])
+        _join([])
     with pytest.raises(InvalidShares, match="Fewer"):
-        record.join(recs[:2])
+        _join(recs[:2])
     with pytest.raises(InvalidShares, match="distinct"):
-        record.join([recs[0], recs[0], recs[1]])
+        _join([recs[0], recs[0], recs[1]])
     with pytest.raises(InvalidShares, match="outside the field"):
-        record.join([recs[0], recs[1], _copy(recs[2], values=b"\xff" * len(recs[2].values))])
+        _join([recs[0], recs[1], _copy(recs[2], values=b"\xff" * len(recs[2].values))])
 
 
 def test_join_with_two_bad_shares_and_enough_good_ones():
@@ -225,25 +243,25 @@ def test_join_with_two_bad_shares_and_enough_good_ones():
     tampered = []
     for r in recs:
         if r.index in (1, 3):
-            v = record.unpack_values(r.values, D + 2 * L)
+            v = record.unpack_values(r.values, D + L)
             v[D] = (int(v[D]) + 5) % P
             r = _copy(r, values=record.pack_values(v))
         tampered.append(r)
-    result = record.join(tampered)
+    result = _join(tampered)
     assert np.array_equal(result.template, codes)
     assert result.used == (2, 4) and result.suspects == (1, 3)
 
 
 def test_join_gives_up_after_max_subset_trials(monkeypatch):
     recs, _ = _records(k=2, n=5)
-    v = record.unpack_values(recs[0].values, D + 2 * L)
+    v = record.unpack_values(recs[0].values, D + L)
     v[0] = (int(v[0]) + 1) % P
     bad = _copy(recs[0], values=record.pack_values(v))
     monkeypatch.setattr(record, "MAX_SUBSET_TRIALS", 1)
     with pytest.raises(IntegrityError):
-        record.join([bad] + recs[1:])
+        _join([bad] + recs[1:])
     monkeypatch.setattr(record, "MAX_SUBSET_TRIALS", 1024)
-    assert record.join([bad] + recs[1:]).suspects == (1,)
+    assert _join([bad] + recs[1:]).suspects == (1,)
 
 
 def test_join_wipes_its_intermediates(monkeypatch):
@@ -256,10 +274,39 @@ def test_join_wipes_its_intermediates(monkeypatch):
 
     monkeypatch.setattr(record, "wipe", spy)
     recs, _ = _records(k=2, n=3)
-    record.join(recs)
+    _join(recs)
     # The stacked shares, the rejoined extended vector and every unpacked copy.
     assert len(seen) >= 3 + 2
     assert all(not a.any() for a in seen)
+
+
+def test_join_refuses_a_key_share_of_another_node_or_epoch():
+    recs, codes = _records(k=2, n=3)
+    keys = [_key_of(r) for r in recs[:2]]
+    assert np.array_equal(record.join(recs[:2], keys).template, codes)
+    with pytest.raises(InvalidShares, match="key share"):
+        record.join(recs[:2], keys[:1])
+    for change in ({"index": 3}, {"epoch": 4}, {"dimension": D + 1}, {"values": b"\x00" * 8}):
+        other = common_pb2.MacKeyShare()
+        other.CopyFrom(keys[1])
+        for name, value in change.items():
+            setattr(other, name, value)
+        with pytest.raises(InvalidShares, match="key share"):
+            record.join(recs[:2], [keys[0], other])
+
+
+def test_join_fails_when_the_key_of_the_same_nodes_does_not_fit_the_tags():
+    # A wrong key share is as bad as a wrong record share: the subset fails,
+    # another one passes and the node is named.
+    recs, codes = _records(k=2, n=4)
+    keys = [_key_of(r) for r in recs]
+    v = record.unpack_values(keys[0].values, L * D)
+    v[0] = (int(v[0]) + 1) % P
+    bad = common_pb2.MacKeyShare(epoch=keys[0].epoch, index=1, dimension=D, values=record.pack_values(v))
+    with pytest.raises(IntegrityError):
+        record.join(recs[:2], [bad, keys[1]])
+    result = record.join(recs, [bad, *keys[1:]])
+    assert np.array_equal(result.template, codes) and result.suspects == (1,)
 
 
 def test_wipe():

@@ -7,16 +7,29 @@ import itertools
 import numpy as np
 import pytest
 
-from vault import field, integrity, proactive, record, sharing
+from vault import epoch_mac, field, proactive, record, sharing
 from vault.errors import IntegrityError, InvalidShares
 from vault.field import FIELD_DTYPE, P
 
 D = 16
+# One epoch's MAC key for these records (vault.epoch_mac; test data only).
+KEY = np.random.default_rng(99).integers(0, P, (epoch_mac.TAG_COUNT, D), dtype=np.int64).astype(FIELD_DTYPE)
 
 
 def _extended(batch: int = 6, seed: int = 1) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    return integrity.extend(field.from_signed(rng.integers(-127, 128, (batch, D))))
+    return epoch_mac.extend(field.from_signed(rng.integers(-127, 128, (batch, D))), KEY)
+
+
+def _check(values: np.ndarray) -> np.ndarray:
+    return epoch_mac.check(values, KEY)
+
+
+def _join(recs, n: int):
+    # join() with the key shares of the records' nodes (one sharing of KEY over n).
+    key_shares = sharing.split(KEY.reshape(1, -1), recs[0].threshold, n)[:, 0, :]
+    return record.join(recs, [record.common_pb2.MacKeyShare(
+        epoch=r.epoch, index=r.index, dimension=D, values=record.pack_values(key_shares[r.index - 1])) for r in recs])
 
 
 def _keys(batch: int) -> list[tuple[str, str]]:
@@ -42,7 +55,7 @@ def test_refresh_keeps_the_secret_for_every_subset(k, n):
     for subset in itertools.combinations(range(1, n + 1), k):
         got = sharing.reconstruct(subset, new[[x - 1 for x in subset]])
         assert np.array_equal(got, ext)
-    assert integrity.check(sharing.reconstruct(range(1, k + 1), new[:k])).all()
+    assert _check(sharing.reconstruct(range(1, k + 1), new[:k])).all()
 
 
 def test_old_share_with_new_shares_does_not_rejoin():
@@ -53,7 +66,7 @@ def test_old_share_with_new_shares_does_not_rejoin():
     mixed = np.stack([shares[0], new[1], new[2]])  # x = 1 stolen before, 2 and 3 after
     got = sharing.reconstruct([1, 2, 3], mixed)
     assert not np.array_equal(got, ext)
-    assert not integrity.check(got).any()  # the MACs reject every record
+    assert not _check(got).any()  # the MACs reject every record
     # Control: the same indices from one epoch rejoin.
     assert np.array_equal(sharing.reconstruct([1, 2, 3], new[:3]), ext)
 
@@ -105,11 +118,11 @@ def test_reshare_to_a_new_committee_keeps_the_vector(k, n, k2, n2):
     if k2 > 2:
         # k2 - 1 new shares say nothing: they do not rejoin.
         got = sharing.reconstruct(range(1, k2), new[: k2 - 1])
-        assert not integrity.check(got).any()
+        assert not _check(got).any()
     # The records still rejoin through join(): MACs valid in the new committee.
     recs = record.make_records(tenant="acme", subject="subject-0", epoch=2, threshold=k2, shareholders=n2,
                                dimension=D, request_id="r", shares=new[:, 0, :])
-    joined = record.join(recs[:k2])
+    joined = _join(recs[:k2], n2)
     assert joined.template.shape == (D,)
 
 
@@ -124,11 +137,11 @@ def test_reshare_with_a_wrong_sender_set_fails_the_macs():
            for j in (1, 2)]
     assert values.shape[0] == 2
     got = sharing.reconstruct([1, 2], np.stack(new))
-    assert not integrity.check(got).any()
+    assert not _check(got).any()
     recs = record.make_records(tenant="acme", subject="subject-0", epoch=2, threshold=2, shareholders=2,
                                dimension=D, request_id="r", shares=np.stack(new)[:, 0, :])
     with pytest.raises(IntegrityError):
-        record.join(recs)
+        _join(recs, 2)
     with pytest.raises(InvalidShares):
         proactive.combine([1, 1], np.zeros((2, 1, 4), dtype=FIELD_DTYPE))
 

@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
-from maintenance_kit import epochs_held, prepared_rows, release, verify_all
+from maintenance_kit import epochs_held, join_pairs, prepared_rows, release, verify_all
 from splitvault.v1 import admin_pb2, admin_pb2_grpc
 from node_kit import audit_events
 from matcher_kit import Committee, Tenant, unit
@@ -98,22 +98,24 @@ def test_a_share_from_before_a_refresh_does_not_rejoin_with_shares_after(vault, 
     mtls = dev_pki.tls("matcher", "matcher")
     stolen = release(c.addresses["bank-a"], mtls, t.key, t.key_id, "acme", subject, probe, node="bank-a")
     before_b = release(c.addresses["bank-b"], mtls, t.key, t.key_id, "acme", subject, probe, node="bank-b")
-    assert [s.epoch for s in stolen] == [1]
-    assert record.join([stolen[0], before_b[0]]).epoch == 1  # control: same epoch rejoins
+    assert [s.epoch for s, _ in stolen] == [1]
+    assert join_pairs(stolen[0], before_b[0]).epoch == 1  # control: same epoch rejoins
     _refresh(c)
     after_b = release(c.addresses["bank-b"], mtls, t.key, t.key_id, "acme", subject, probe, node="bank-b")
     after_c = release(c.addresses["bank-c"], mtls, t.key, t.key_id, "acme", subject, probe, node="bank-c")
-    assert [s.epoch for s in after_b] == [2] and [s.epoch for s in after_c] == [2]
-    assert record.join([after_b[0], after_c[0]]).epoch == 2
-    assert after_b[0].values != before_b[0].values  # every share changed
-    # The thief relabels the old share with the new epoch: the MACs reject it.
-    old = type(stolen[0])()
-    old.CopyFrom(stolen[0])
-    old.epoch = 2
+    assert [s.epoch for s, _ in after_b] == [2] and [s.epoch for s, _ in after_c] == [2]
+    assert join_pairs(after_b[0], after_c[0]).epoch == 2
+    assert after_b[0][0].values != before_b[0][0].values  # every share changed
+    assert after_b[0][1].values != before_b[0][1].values  # and every key share (a new key)
+    # The thief relabels the old share and key share with the new epoch: the MACs reject them.
+    old, old_key = type(stolen[0][0])(), type(stolen[0][1])()
+    old.CopyFrom(stolen[0][0])
+    old_key.CopyFrom(stolen[0][1])
+    old.epoch = old_key.epoch = 2
     with pytest.raises(IntegrityError):
-        record.join([old, after_b[0]])
+        join_pairs((old, old_key), after_b[0])
     with pytest.raises(IntegrityError):
-        record.join([old, after_c[0]])
+        join_pairs((old, old_key), after_c[0])
     # And the old share is gone from the node that held it.
     assert epochs_held(_db(c, "bank-a")) == {2: len(SUBJECTS)}
 
@@ -139,7 +141,7 @@ def test_one_session_at_a_time_enrolment_paused_and_abort(vault):
 def test_roles_and_peer_identity(vault, dev_pki):
     c = vault
     sid = _begin(c)
-    key = admin_pb2.RecordKey(tenant="acme", subject=SUBJECTS[0], threshold=2, width=136)
+    key = admin_pb2.RecordKey(tenant="acme", subject=SUBJECTS[0], threshold=2, width=131)
     req = admin_pb2.GetRefreshDeltasRequest(session_id=sid, keys=[key])
 
     def call(role, name, method, request):
@@ -158,7 +160,7 @@ def test_roles_and_peer_identity(vault, dev_pki):
         call("shareholder", "bank-z", "GetRefreshDeltas", req)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     # Peers deal; but cannot drive sessions. The matcher can do neither.
-    assert len(call("shareholder", "bank-b", "GetRefreshDeltas", req).values) == 4 * 136
+    assert len(call("shareholder", "bank-b", "GetRefreshDeltas", req).values) == 4 * 131
     for role, name in (("shareholder", "bank-b"), ("matcher", "matcher"), ("psp", "acme")):
         with pytest.raises(grpc.RpcError) as err:
             call(role, name, "GetSession", admin_pb2.GetSessionRequest())
@@ -196,7 +198,7 @@ def test_check_catches_a_damaged_prepared_share_and_rolls_back(vault):
                        "mac_count FROM shares WHERE epoch = 2 ORDER BY subject LIMIT 1").fetchone()
     aad = record.record_identity(row[0], row[1], row[3], row[2])
     values = record.unpack_values(envelope.open(ring, aad, envelope.SealedShare(row[4], row[5], row[6], row[7])),
-                                  row[8] + 2 * row[9])
+                                  row[8] + row[9])
     values[5] = (int(values[5]) + 1) % P
     sealed = envelope.seal(ring, aad, record.pack_values(values))
     conn.execute("UPDATE shares SET kek_version=?, wrapped_dk=?, nonce=?, ciphertext=? WHERE tenant=? AND subject=? "
@@ -251,6 +253,7 @@ def test_check_leaves_out_records_not_held_everywhere(vault, dev_pki):
                                             ticket=c.tenants["acme"].delete_ticket(SUBJECTS[1], "half-done")),
         timeout=10)
     channel.close()
+    verify_all(c.client_, c.templates, SUBJECTS[1:3], c.impostor)  # 2 of 3 shares still verify
     # Left out of the check, its new shares would be taken on trust: rolled back
     # (tests/test_attack_refresh_unchecked.py), unless the auditor accepts it.
     with pytest.raises(MaintenanceError) as err:
@@ -258,7 +261,12 @@ def test_check_leaves_out_records_not_held_everywhere(vault, dev_pki):
     assert "1 record(s) are not held by every node" in err.value.message and "rolled back" in err.value.message
     report = _refresh(c, allow_unchecked=True)
     assert report["check"]["passed"] and report["check"]["excluded"] == 1
-    verify_all(c.client_, c.templates, SUBJECTS[1:3], c.impostor)  # 2 of 3 shares still verify
+    verify_all(c.client_, c.templates, SUBJECTS[2:3], c.impostor)
+    # Its tags could not be renewed (BGW needs all 2k - 1 = 3 nodes' points):
+    # after the refresh it fails closed until it is enrolled again.
+    with pytest.raises(grpc.RpcError) as err:
+        c.client_.verify(SUBJECTS[1], c.templates[SUBJECTS[1]])
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS
 
 
 @pytest.mark.parametrize("damage", ["flipped_byte", "value_outside_field"])

@@ -66,16 +66,17 @@ def _finish(state, *args):
 
 def test_grow_with_the_cli_killed_after_prepare(running):
     state = running
-    first = _reshare(state, "--shareholders", "4", "--threshold", "3", fault="prepare:2:self")
+    # Committees keep n >= 2k - 1 throughout (the MAC keys are renewed at each refresh).
+    first = _reshare(state, "--shareholders", "4", "--threshold", "2", fault="prepare:2:self")
     assert first.returncode == -9, first.stderr[-1500:]
     with MatcherClient.from_cluster_dir(state["root"]) as client:
         verify_all(client, state["templates"], fresh_subjects(state, 2), state["impostor"], noise_seed=3)
     # Another command while the session is open is refused with its name.
     other = _reshare(state, "--shareholders", "5")
     assert other.returncode == 1 and "is open" in json_out(other)["error"]["message"]
-    report = _finish(state, "--shareholders", "4", "--threshold", "3")
-    assert report["resumed"] and report["added"] == ["bank-d"] and report["new_threshold"] == 3
-    _assert_committee(state, ["bank-a", "bank-b", "bank-c", "bank-d"], 3, [], "grow")
+    report = _finish(state, "--shareholders", "4", "--threshold", "2")
+    assert report["resumed"] and report["added"] == ["bank-d"] and report["new_threshold"] == 2
+    _assert_committee(state, ["bank-a", "bank-b", "bank-c", "bank-d"], 2, [], "grow")
 
 
 def test_replace_with_the_new_node_killed_after_a_commit(running):
@@ -87,7 +88,7 @@ def test_replace_with_the_new_node_killed_after_a_commit(running):
     cluster.restart_node(state["root"], "bank-e")
     report = _finish(state, "--replace", "bank-b")
     assert report["resumed"] and report["removed"] == ["bank-b"] and report["added"] == ["bank-e"]
-    _assert_committee(state, ["bank-a", "bank-e", "bank-c", "bank-d"], 3, ["bank-b"], "replace")
+    _assert_committee(state, ["bank-a", "bank-e", "bank-c", "bank-d"], 2, ["bank-b"], "replace")
 
 
 def test_shrink_with_the_cli_killed_after_the_switch(running):
@@ -104,17 +105,20 @@ def test_shrink_with_the_cli_killed_after_the_switch(running):
 
 def test_rethreshold_with_an_old_node_killed_during_finalize(running):
     state = running
-    first = _reshare(state, "--threshold", "3", fault="finalize-start:1:node=bank-c")
+    # k = 3 on 3 nodes could not renew its MAC keys: refused before anything starts.
+    refused = _reshare(state, "--threshold", "3")
+    assert refused.returncode == 1 and "2k - 1" in json_out(refused)["error"]["message"]
+    first = _reshare(state, "--shareholders", "5", "--threshold", "3", fault="finalize-start:1:node=bank-c")
     assert first.returncode == 2, (first.returncode, first.stderr[-1500:])
     cluster.restart_node(state["root"], "bank-c")
-    report = _finish(state, "--threshold", "3")
+    report = _finish(state, "--shareholders", "5", "--threshold", "3")
     assert report["resumed"] and report["new_threshold"] == 3
-    _assert_committee(state, ["bank-a", "bank-e", "bank-c"], 3, ["bank-b", "bank-d"], "k=3")
+    _assert_committee(state, ["bank-a", "bank-e", "bank-c", "bank-f", "bank-g"], 3, ["bank-b", "bank-d"], "k=3")
 
 
 def test_abort_before_commit_and_whole_cluster_restart(running):
     state = running
-    first = _reshare(state, "--shareholders", "5", "--threshold", "2", fault="prepare:1:self")
+    first = _reshare(state, "--shareholders", "6", "--threshold", "3", fault="prepare:1:self")
     assert first.returncode == -9
     # The whole cluster goes down and up again (a power cut) before the rerun.
     cluster.down(state["root"])
@@ -122,13 +126,13 @@ def test_abort_before_commit_and_whole_cluster_restart(running):
     aborted = vaultctl("reshare", "--dir", state["root"], "--abort", "--format", "json")
     assert aborted.returncode == 0, aborted.stderr[-2000:]
     assert json_out(aborted)["state"] == "aborted"
-    _assert_committee(state, ["bank-a", "bank-e", "bank-c"], 3, ["bank-b", "bank-d"], "abort")
-    for joined in ("bank-f", "bank-g"):
+    _assert_committee(state, ["bank-a", "bank-e", "bank-c", "bank-f", "bank-g"], 3, ["bank-b", "bank-d"], "abort")
+    for joined in ("bank-h",):
         assert epochs_held(state["root"] / "nodes" / joined / "shares.db") == {}
         assert not (state["root"] / "nodes" / joined / "pid").exists()
     # Refresh works on the resulting committee too.
     done = vaultctl("refresh", "--dir", state["root"], "--format", "json", "--drain", "0")
     assert done.returncode == 0, done.stderr[-2000:]
     state["epoch"] = json_out(done)["new_epoch"]
-    _assert_committee(state, ["bank-a", "bank-e", "bank-c"], 3, [], "refresh after")
+    _assert_committee(state, ["bank-a", "bank-e", "bank-c", "bank-f", "bank-g"], 3, [], "refresh after")
     shutil.rmtree(state["root"] / "maintenance", ignore_errors=True)

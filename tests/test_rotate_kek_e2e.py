@@ -23,6 +23,7 @@ import pytest
 
 from shareholders import store
 from shareholders.config import parse_kek_json
+from splitvault.v1 import common_pb2
 from vault import codec, envelope, record
 from node_kit import wait_until
 from vaultctl import cluster
@@ -85,13 +86,26 @@ def node_records(root, node: str) -> dict[str, object]:
     }
 
 
+def node_key(root, node: str, index: int, epoch: int):
+    """The node's MAC key share of ``epoch``, opened with its KEK file as on disk (re-wrapped by the rotation too)."""
+    d = cluster.Paths(root).node_dir(node)
+    ring = parse_kek_json((d / "kek.json").read_bytes(), "kek.json")
+    with closing(sqlite3.connect(d / "shares.db", timeout=10)) as conn:
+        row = store.mac_keys(conn)[epoch]
+    raw = envelope.open(ring, record.key_identity(cluster.cluster_id(cluster.Paths(root).root), node, index, epoch),
+                        row.sealed)
+    return common_pb2.MacKeyShare(epoch=epoch, index=index, dimension=DIM, values=raw[: 4 * record.MAC_COUNT * DIM])
+
+
 def assert_every_template_rejoins(root, templates, nodes: tuple[str, str]) -> None:
     first, second = (node_records(root, n) for n in nodes)
     assert len(first) == len(second) == SUBJECTS
     codes = codec.encode(templates, DIM)
+    some = next(iter(first.values())), next(iter(second.values()))
+    keys = [node_key(root, n, r.index, r.epoch) for n, r in zip(nodes, some)]
     for i in range(SUBJECTS):
         subject = f"s{i:04d}"
-        joined = record.join([first[subject], second[subject]])
+        joined = record.join([first[subject], second[subject]], keys)
         assert np.array_equal(joined.template, codes[i]), subject
 
 

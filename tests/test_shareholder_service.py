@@ -127,7 +127,7 @@ def test_store_batch_is_all_or_nothing(node):
     lambda r: setattr(r, "index", 2),                     # another node's share
     lambda r: setattr(r, "values", r.values[:-4]),        # wrong length
     lambda r: setattr(r, "values", b"\xff" * len(r.values)),  # outside the field
-    lambda r: setattr(r, "mac_count", 3),
+    lambda r: setattr(r, "mac_count", 4),                 # the old record format (AMD, L = 4)
     lambda r: setattr(r, "threshold", 9),
     lambda r: setattr(r, "subject", ""),
     lambda r: setattr(r, "request_id", ""),

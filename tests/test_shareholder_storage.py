@@ -268,3 +268,32 @@ def test_bulk_replaced_shares_leave_the_files_when_the_stream_returns(node):
         for o in old:
             assert o not in data, name
     assert release(node, "bob").shares[0].values == recs[1].values
+
+
+def test_a_database_in_the_old_record_format_is_refused_not_converted(tmp_path):
+    # Schema 3 (records with the AMD MAC, width d + 8) holding a share: the node
+    # refuses to start on it with one sentence; an empty one is migrated.
+    from shareholders import store
+
+    for holds_share in (True, False):
+        conn = store.connect(tmp_path / f"old-{holds_share}.db")
+        saved = store.MIGRATIONS
+        try:
+            store.MIGRATIONS = saved[:3]
+            store.SCHEMA_VERSION = 3
+            store.migrate(conn)
+        finally:
+            store.MIGRATIONS, store.SCHEMA_VERSION = saved, len(saved)
+        if holds_share:
+            conn.execute("INSERT INTO shares VALUES ('acme', 'alice', 1, 1, 2, 3, 16, 1, 4, 'r', 1, x'00', x'00', "
+                         "x'00', 0)")
+        if holds_share:
+            with pytest.raises(store.SchemaError) as err:
+                store.migrate(conn)
+            message = str(err.value)
+            assert "old record format" in message and message.count(". ") == 0 and message.endswith(".")
+            assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == 3
+        else:
+            assert store.migrate(conn) == 3
+            assert conn.execute("SELECT COUNT(*) FROM mac_keys").fetchone()[0] == 0
+        conn.close()

@@ -295,6 +295,17 @@ def renewal_values(
     epoch, then the record's tenant and subject, k and L), so a retry gets
     the same polynomial.
     """
+    return renewal_values_at(seed, keys, epoch, threshold, products, (x,))[0]
+
+
+def renewal_values_at(
+    seed: bytes, keys: Sequence[tuple[str, str]], epoch: int, threshold: int, products: np.ndarray, xs: Sequence[int]
+) -> np.ndarray:
+    """``renewal_values`` for several receivers at once: (len(xs), B, L).
+
+    The coefficients are derived once for all receivers (the same polynomial
+    for each), which is most of the cost.
+    """
     h = _field_array(products, "Product values", 2)
     k, _ = _check_shape_parameters(threshold, 1)
     if h.shape != (len(keys), TAG_COUNT):
@@ -303,7 +314,7 @@ def renewal_values(
     labels = [proactive.record_label(domain, t, s, k, TAG_COUNT) for t, s in keys]
     coeffs = proactive._coefficients(seed, labels, k - 1, TAG_COUNT)
     try:
-        return proactive.evaluate_at(coeffs, h, x)
+        return np.stack([proactive.evaluate_at(coeffs, h, int(x)) for x in xs])
     finally:
         coeffs.fill(0)
 

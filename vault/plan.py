@@ -208,6 +208,8 @@ def parse(body: bytes) -> CommitteePlan:
             raise InvalidPlan("A committee of the plan names a node or an index twice.")
     k_old = _int(d, "old_threshold", 2, len(old))
     k_new = _int(d, "new_threshold", 2, len(new))
+    if len(new) < 2 * k_new - 1:
+        raise InvalidPlan("The new committee cannot renew the MAC keys at a refresh: it needs at least 2k - 1 nodes.")
     senders = d.get("senders")
     if not isinstance(senders, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in senders) \
             or len(senders) != k_old or len(set(senders)) != k_old or not set(senders) <= set(old.values()):

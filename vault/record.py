@@ -2,9 +2,10 @@
 
 ``make_records`` turns the n shares of one extended template into n
 ``splitvault.v1.ShareRecord`` messages; ``join`` is the matcher's rejoin entry
-point: it checks that the records belong together, reconstructs, verifies the
-shared MAC (``vault.integrity``), falls back to other k-subsets when a share
-is bad, and names the shareholders whose shares are inconsistent.
+point: it checks that the records belong together, reconstructs the record
+[s | t] and the epoch's MAC key b from the same nodes' shares, checks every
+tag t_l = <b_l, s> (``vault.epoch_mac``), falls back to other k-subsets when
+a share is bad, and names the shareholders whose shares are inconsistent.
 
 ``record_identity`` is the canonical byte string that binds a sealed record to
 its place (AES-GCM associated data in ``vault.envelope``).
@@ -27,17 +28,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from splitvault.v1 import common_pb2
-from vault import codec, integrity, names, sharing
+from vault import codec, epoch_mac, names, sharing
 from vault.errors import IntegrityError, InvalidName, InvalidShares
 from vault.field import FIELD_DTYPE, P
 
 # Codec versions this code can rejoin.
 SUPPORTED_CODEC_VERSIONS = frozenset({codec.CODEC_VERSION})
+# Tags per record: t_l = <b_l, s> for the epoch's key b (vault.epoch_mac).
+MAC_COUNT = epoch_mac.TAG_COUNT
 # Most k-subsets join() tries when shares are inconsistent; each try costs a
 # reconstruction and a MAC check and multiplies the forgery bound by one.
 MAX_SUBSET_TRIALS = 1024
 # Domain separation for record_identity.
 _IDENTITY_DOMAIN = b"splitvault/record/v1\x00"
+_KEY_DOMAIN = b"splitvault/mac-key/v1\x00"
 # The fields every record given to join must agree on, in the order join names them.
 _AGREEING_FIELDS = (
     "tenant",
@@ -113,6 +117,19 @@ def record_identity(tenant: str, subject: str, index: int, epoch: int) -> bytes:
     )
 
 
+def key_identity(cluster: str, node: str, index: int, epoch: int) -> bytes:
+    """Canonical bytes naming a node's MAC key share: the sealed key's associated data.
+
+    domain || len|cluster || len|node || index || epoch, as ``record_identity``.
+    """
+    c = cluster.encode("utf-8")
+    n = node.encode("utf-8")
+    if not 0 <= int(index) < 2**32 or not 0 <= int(epoch) < 2**64:
+        raise InvalidShares("The key's index or epoch is out of range.")
+    return b"".join([_KEY_DOMAIN, struct.pack(">I", len(c)), c, struct.pack(">I", len(n)), n,
+                     struct.pack(">IQ", int(index), int(epoch))])
+
+
 def make_records(
     *,
     tenant: str,
@@ -124,11 +141,11 @@ def make_records(
     request_id: str,
     shares: np.ndarray,
 ) -> list[common_pb2.ShareRecord]:
-    """The n ShareRecords of ONE template; ``shares`` has shape (n, d + 2L)."""
+    """The n ShareRecords of ONE template; ``shares`` has shape (n, d + L)."""
     arr = np.asarray(shares)
-    width = int(dimension) + 2 * integrity.MAC_COUNT
+    width = int(dimension) + MAC_COUNT
     if arr.ndim != 2 or arr.shape != (int(shareholders), width):
-        raise InvalidShares("Shares must have shape (shareholders, dimension + 2 * mac_count).")
+        raise InvalidShares("Shares must have shape (shareholders, dimension + mac_count).")
     records = []
     for i in range(int(shareholders)):
         rec = common_pb2.ShareRecord(
@@ -140,7 +157,7 @@ def make_records(
             shareholders=int(shareholders),
             dimension=int(dimension),
             codec_version=codec.CODEC_VERSION,
-            mac_count=integrity.MAC_COUNT,
+            mac_count=MAC_COUNT,
             values=pack_values(arr[i]),
             request_id=request_id,
         )
@@ -155,19 +172,27 @@ def validate_record(rec: common_pb2.ShareRecord) -> None:
     _field_view(rec)
 
 
-def join(records: Sequence[common_pb2.ShareRecord]) -> JoinResult:
-    """Rejoin one template from k or more of its share records.
+def join(records: Sequence[common_pb2.ShareRecord], keys: Sequence[common_pb2.MacKeyShare]) -> JoinResult:
+    """Rejoin one template from k or more of its share records and their nodes' key shares.
 
-    All records must agree on tenant, subject, epoch, threshold, shareholder
-    count, dimension, codec version and MAC count, and come from distinct
-    shareholders (InvalidShares otherwise). The first k are rejoined and
-    MAC-checked; if that fails and more records were given, other k-subsets
-    are tried. Records not on the polynomial of the subset that passes are
-    reported as ``suspects``. If no subset passes: IntegrityError.
+    ``keys[j]`` is the MAC key share of the node that sent ``records[j]``
+    (same index and epoch, cut to the record's dimension). All records must
+    agree on tenant, subject, epoch, threshold, shareholder count, dimension,
+    codec version and MAC count, and come from distinct shareholders
+    (InvalidShares otherwise). A node's record share and key share are
+    rejoined as one vector [s | t | b], so a subset passes only if the tags
+    hold for the key of the same nodes. The first k are rejoined and checked
+    (every tag, no early exit); if that fails and more records were given,
+    other k-subsets are tried. Records not on the polynomial of the subset
+    that passes are reported as ``suspects``. If no subset passes:
+    IntegrityError.
     """
     recs = list(records)
     if not recs:
         raise InvalidShares("No share records were given.")
+    keys = list(keys)
+    if len(keys) != len(recs):
+        raise InvalidShares("Every share record needs its node's MAC key share.")
     for rec in recs:
         _validate_metadata(rec)
     first = recs[0]
@@ -184,24 +209,27 @@ def join(records: Sequence[common_pb2.ShareRecord]) -> JoinResult:
     k = int(first.threshold)
     if len(recs) < k:
         raise InvalidShares("Fewer share records than the threshold were given.")
-    width = int(first.dimension) + 2 * int(first.mac_count)
-    if len(recs) == k:
-        return _join_exactly_k(recs, xs, int(first.dimension), int(first.epoch))
-
-    ys = np.empty((len(recs), 1, width), dtype=FIELD_DTYPE)
+    d = int(first.dimension)
+    for rec, key in zip(recs, keys):
+        _validate_key(key, rec)
+    width = d + MAC_COUNT
+    ys = np.empty((len(recs), 1, width + MAC_COUNT * d), dtype=FIELD_DTYPE)
     scratch: list[np.ndarray] = [ys]
     try:
-        for j, rec in enumerate(recs):
+        for j, (rec, key) in enumerate(zip(recs, keys)):
             # As unpack_values, with the range checked once for all records
-            # below (_validate_metadata has checked every length).
+            # below (_validate_metadata and _validate_key checked every length).
             values = np.frombuffer(rec.values, dtype="<u4").astype(FIELD_DTYPE)
-            ys[j, 0] = values
+            ys[j, 0, :width] = values
+            wipe(values)
+            values = np.frombuffer(key.values, dtype="<u4").astype(FIELD_DTYPE)
+            ys[j, 0, width:] = values
             wipe(values)
         if ys.max() >= P:
             raise InvalidShares("Share values contain values outside the field.")
         # From here on xs are distinct ints in [1, 255] and ys field elements:
         # the sharing and integrity helpers that skip re-validation are safe.
-        found = _find_consistent_subset(xs, ys, k, scratch)
+        found = _find_consistent_subset(xs, ys, k, d, scratch)
         if found is None:
             raise IntegrityError("The share records do not rejoin to a consistent template.")
         used, extended = found
@@ -218,7 +246,7 @@ def join(records: Sequence[common_pb2.ShareRecord]) -> JoinResult:
             if not np.array_equal(expected, ys[j]):
                 suspects.append(x)
         # extended is FIELD_DTYPE in [0, P) (sharing._combine's output).
-        template = codec._from_canonical(extended[0, : int(first.dimension)])
+        template = codec._from_canonical(extended[0, :d])
         return JoinResult(
             template=template,
             used=used_xs,
@@ -257,29 +285,19 @@ def _field_view(rec: common_pb2.ShareRecord) -> np.ndarray:
     return view
 
 
-def _join_exactly_k(recs: list[common_pb2.ShareRecord], xs: list[int], dimension: int, epoch: int) -> JoinResult:
-    # join() when exactly k records were given (the matcher's usual call): the
-    # only subset is all of them and there is nobody left to suspect, so this
-    # is the general path with its bookkeeping removed. Same checks in the same
-    # order, same exceptions, same result. The shares are read through
-    # read-only views of the records' bytes, so no copy of a share is made;
-    # the rejoined vector is wiped like every intermediate of the general path.
-    views = [_field_view(rec) for rec in recs]
-    # xs are distinct ints in [1, 255] and the views field elements: the
-    # sharing and integrity helpers that skip re-validation are safe.
-    extended = sharing._reconstruct_rows(tuple(xs), views)
+def _passes(extended: np.ndarray, d: int) -> bool:
+    # Every tag of the rejoined [s | t | b] holds (all L compared, no early exit).
+    # Copies (never views: they are wiped here, the rejoined vector is not).
+    ext = np.array(extended[:, : d + MAC_COUNT], dtype=FIELD_DTYPE, order="C", copy=True)
+    key = np.array(extended[0, d + MAC_COUNT :].reshape(MAC_COUNT, d), dtype=FIELD_DTYPE, order="C", copy=True)
     try:
-        if not integrity._check_valid(extended)[0]:
-            raise IntegrityError("The share records do not rejoin to a consistent template.")
-        # extended is FIELD_DTYPE in [0, P) (sharing._combine_rows' output).
-        template = codec._from_canonical(extended[0, :dimension])
-        return JoinResult(template=template, used=tuple(xs), suspects=(), epoch=epoch)
+        return bool(epoch_mac.check(ext, key).all())
     finally:
-        wipe(extended)
+        wipe(ext, key)
 
 
 def _find_consistent_subset(
-    xs: list[int], ys: np.ndarray, k: int, scratch: list[np.ndarray]
+    xs: list[int], ys: np.ndarray, k: int, d: int, scratch: list[np.ndarray]
 ) -> tuple[tuple[int, ...], np.ndarray] | None:
     # The positions of the first k-subset (in combinations order, so the first
     # k records first) whose rejoined vector passes the MAC check, and that
@@ -295,7 +313,7 @@ def _find_consistent_subset(
             scratch.append(chosen)
         extended = sharing._reconstruct_valid(tuple(xs[j] for j in subset), chosen)
         scratch.append(extended)
-        if bool(integrity._check_valid(extended)[0]):
+        if _passes(extended, d):
             return subset, extended
     return None
 
@@ -320,9 +338,19 @@ def _validate_metadata(rec: common_pb2.ShareRecord) -> None:
         raise InvalidShares("The record's shareholder index must be between 1 and the shareholder count.")
     if not 0 < rec.dimension <= codec.MAX_DIMENSION:
         raise InvalidShares(f"The record's dimension must be between 1 and {codec.MAX_DIMENSION}.")
-    if rec.mac_count != integrity.MAC_COUNT:
-        raise InvalidShares(f"The record's MAC count must be {integrity.MAC_COUNT}.")
+    if rec.mac_count != MAC_COUNT:
+        raise InvalidShares(f"The record's MAC count must be {MAC_COUNT}.")
     if rec.codec_version not in SUPPORTED_CODEC_VERSIONS:
         raise InvalidShares("The record's codec version is not supported.")
-    if len(rec.values) != 4 * (rec.dimension + 2 * rec.mac_count):
+    if len(rec.values) != 4 * (rec.dimension + rec.mac_count):
         raise InvalidShares("The record's values have the wrong length for its dimension.")
+
+
+def _validate_key(key: common_pb2.MacKeyShare, rec: common_pb2.ShareRecord) -> None:
+    # A MAC key share that belongs to this record's node and epoch, of L x d values.
+    if not isinstance(key, common_pb2.MacKeyShare):
+        raise InvalidShares("A MAC key share must be a MacKeyShare message.")
+    if key.index != rec.index or key.epoch != rec.epoch or key.dimension != rec.dimension:
+        raise InvalidShares("A MAC key share does not belong to its record's node, epoch or dimension.")
+    if len(key.values) != 4 * MAC_COUNT * rec.dimension:
+        raise InvalidShares("A MAC key share has the wrong length for its dimension.")

@@ -430,6 +430,14 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
         else:
             if e.event == "store":
                 operations = (tickets.REPLACE,) if details.get("replaced") else tickets.WRITES
+            elif e.event == "mac_key_release":
+                # A MAC key share given to the matcher for an enrolment: under that enrolment's write ticket.
+                operations = tickets.WRITES
+                if not e.actor.startswith("matcher/"):
+                    unexplained.append({"node": log.node.name, "seq": e.seq, "event": e.event, "tenant": e.tenant,
+                                        "subject": e.subject, "request_id": e.request_id, "time_ms": e.time_ms,
+                                        "reason": f"the key share went to {e.actor or 'an unnamed caller'}, not a matcher"})
+                    return
             else:
                 operations = (tickets.DELETE, *tickets.WRITES)
             batch_item = details.get("batch_item")
@@ -459,7 +467,7 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
                     denied.append({"node": log.node.name, "seq": e.seq, "tenant": e.tenant, "subject": e.subject,
                                    "request_id": e.request_id, "reason": details.get("reason")})
                 continue
-            if e.event in ("store", "store_batch", "delete"):
+            if e.event in ("store", "store_batch", "delete", "mac_key_release"):
                 check_write(log, e)
                 continue
             if e.event != "release":

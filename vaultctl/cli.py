@@ -91,6 +91,7 @@ _GROUP_HELP = {
     "cluster": "a local development cluster (start, inspect, stop)",
     "rotate": "key rotation",
     "audit": "audit-log checks",
+    "mac-key": "the committee's MAC key (dealt jointly by the nodes)",
 }
 
 

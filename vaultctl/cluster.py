@@ -124,6 +124,11 @@ class ClusterSpec:
             raise ClusterError(
                 f"The threshold must be between 2 and the number of shareholders ({self.shareholders})."
             )
+        if self.shareholders < 2 * self.threshold - 1:
+            raise ClusterError(
+                f"{self.shareholders} shareholders with threshold {self.threshold} cannot renew the MAC keys at a "
+                f"refresh (that needs at least 2k - 1 = {2 * self.threshold - 1}); add shareholders or lower the "
+                "threshold.")
         if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
             raise ClusterError("The template dimension must be a positive integer.")
         if not self.tenants:
@@ -763,6 +768,7 @@ def up(
         if started:
             write_peer_tables(root)
         addresses = {name: ready[name]["address"] for name in spec.nodes}
+        _deal_first_key(paths, spec, addresses)
         text = matcher_config_text(paths, spec, addresses)
         config = paths.config(spec, spec.matcher)
         if spec.matcher in running:
@@ -787,6 +793,21 @@ def up(
     info = status(root)
     info["actions"] = [{"name": name, **actions[name]} for name in (spec.matcher, *spec.nodes)]
     return info
+
+
+def _deal_first_key(paths: "Paths", spec: ClusterSpec, addresses: dict[str, str]) -> None:
+    """The committee's first MAC key, dealt jointly by the nodes (each node
+    that holds one already just says so)."""
+    from vaultctl import refresh
+    from vaultctl.maintenance import MaintenanceError, Node
+
+    nodes = [Node(name, i, addresses[name]) for i, name in enumerate(spec.nodes, start=1)]
+    try:
+        # One key wide enough for every modality's dimension (tags use its first d columns).
+        width = max(spec.dim, *(m.dimension for m in spec.modalities))
+        refresh.deal_first_key(nodes, spec.threshold, paths.tls(pki.ROLE_AUDITOR, spec.auditor).load(), width)
+    except MaintenanceError as exc:
+        raise ClusterError(f"The nodes could not deal their first MAC key: {exc.message}") from None
 
 
 def status(root: str | os.PathLike) -> dict:

@@ -15,7 +15,8 @@
 9. the auditor refreshes every share to a new epoch (`vaultctl refresh`,
    checked without rejoining any template) and the genuine probe still
    MATCHes;
-10. the committee grows to 4 nodes with threshold 3 (`vaultctl reshare`):
+10. the committee grows to 4 nodes, threshold 2 (`vaultctl reshare`; a
+    committee must keep n >= 2k - 1 to renew its MAC keys at a refresh):
     the auditor proposes the plan, the nodes refuse it unapproved, two node
     operators (k = 2) approve it with their own keys, and it runs; the
     genuine probe MATCHes from the new committee's shares;
@@ -419,8 +420,8 @@ def _vaultctl(root: pathlib.Path, *command: str, timeout_s: float = 300.0) -> tu
 
 def _show_reshare(story: Story, root: pathlib.Path, client, who: str, genuine) -> None:
     """Propose -> (refused unapproved) -> approve by k operators -> run."""
-    story.step("Auditor: `vaultctl reshare propose` a committee of 4 with threshold 3 (bank-d joins)")
-    proposed, err = _vaultctl(root, "reshare", "propose", "--shareholders", "4", "--threshold", "3")
+    story.step("Auditor: `vaultctl reshare propose` a committee of 4 with threshold 2 (bank-d joins)")
+    proposed, err = _vaultctl(root, "reshare", "propose", "--shareholders", "4", "--threshold", "2")
     plan = (proposed or {}).get("plan_file", "")
     story.expect(
         proposed is not None and proposed.get("approvals") == [],

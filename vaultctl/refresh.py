@@ -75,6 +75,7 @@ def refresh_session(
     adopt: str | None = None,
     pace: int = 0,
     allow_unchecked: bool = False,
+    mac_key_width: int = 0,
 ) -> dict:
     """Drive (start, resume, check-only or abort) a refresh; returns the report.
 
@@ -143,7 +144,7 @@ def refresh_session(
     begin = _S.BeginSessionRequest(
         session_id=sid, kind=_S.SESSION_KIND_REFRESH, from_epoch=saved.from_epoch, new_epoch=saved.new_epoch,
         old_committee=plan_members, new_committee=plan_members, old_threshold=saved.old_threshold,
-        new_threshold=saved.new_threshold,
+        new_threshold=saved.new_threshold, mac_key_width=mac_key_width,
     )
 
     def state_of(name):
@@ -272,7 +273,7 @@ def run_check(admin: Admin, names: list[str], sid: str, threshold: int, count: i
         "records": int(records),
         "excluded": excluded,
         "attempts": attempts,
-        "soundness": f"a wrong element survives each challenge with probability <= (d + 2L)/(2^31-1); {count} independent challenges",
+        "soundness": f"a wrong element survives each challenge with probability <= (d + L)/(2^31-1); {count} independent challenges",
         "reveals": "one uniformly random field element per node per challenge (masks bound to the check; no "
                    "challenge answered twice)",
     }
@@ -304,6 +305,46 @@ def target_nodes(args) -> tuple[list[Node], int, object, pathlib.Path]:
     return nodes, target.threshold, tls, pathlib.Path(target.state_dir)
 
 
+def _cluster_dim(args) -> int:
+    # A local cluster's template dimension: the width of its first MAC key.
+    if getattr(args, "dir", None) is None:
+        return 0
+    from vaultctl import cluster
+
+    try:
+        spec = cluster.load_spec(args.dir)
+        return max(spec.dim, *(m.dimension for m in spec.modalities))
+    except Exception:  # noqa: BLE001 - no spec: the nodes' default
+        return 0
+
+
+def deal_first_key(nodes: list[Node], threshold: int, tls, width: int) -> dict:
+    """Have the committee deal its first MAC key at the current epoch
+    (``DealFirstMacKey`` on every node at once, each pulling every member's
+    contribution node to node), then destroy the dealing seeds. Idempotent:
+    nodes that hold their key already say so. The report: epoch, width, and
+    which nodes dealt now."""
+    admin = Admin(nodes, tls)
+    members = [n.member() for n in nodes]
+    names = [n.name for n in nodes]
+    try:
+        infos = admin.node_info(names)
+        if all(info.mac_key_width for info in infos.values()) and len({i.epoch for i in infos.values()}) == 1:
+            info = next(iter(infos.values()))
+            return {"epoch": info.epoch, "width": info.mac_key_width, "dealt": []}
+        dealt = admin.each(names, lambda name: admin.call(
+            name, "DealFirstMacKey", _S.DealFirstMacKeyRequest(peers=members, width=width)))
+        admin.each(names, lambda name: admin.call(name, "DealFirstMacKey", _S.DealFirstMacKeyRequest(finish=True)))
+    finally:
+        admin.close()
+    epochs = {r.epoch for r in dealt.values()}
+    widths = {r.width for r in dealt.values()}
+    if len(epochs) != 1 or len(widths) != 1:
+        raise MaintenanceError("The nodes dealt their first MAC key at different epochs or widths; "
+                               "finish the session that left them so first.")
+    return {"epoch": epochs.pop(), "width": widths.pop(), "dealt": sorted(n for n, r in dealt.items() if not r.already)}
+
+
 def state_dir(root: pathlib.Path) -> pathlib.Path:
     return pathlib.Path(root).expanduser().resolve() / "maintenance"
 
@@ -320,6 +361,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--challenges", type=int, default=CHECK_CHALLENGES, metavar="N", help="check challenges (default 3)")
     p.add_argument("--pace", type=count, default=0, metavar="R",
                    help="at most R records per second per node while preparing (default: no limit)")
+    p.add_argument("--mac-key-width", type=count, default=0, metavar="W",
+                   help="width of the first MAC key, when the nodes hold none yet (default: the cluster's dimension, "
+                        "else 512; later refreshes keep the key's width)")
     p.add_argument("--drain", type=seconds_or_zero, default=DEFAULT_DRAIN_S, metavar="S",
                    help="seconds between the last commit and destroying the old epoch (default 2)")
 
@@ -370,6 +414,7 @@ def _refresh(args) -> Result:
             challenges=args.challenges, drain_s=args.drain, progress=progress, adopt=args.session, pace=max(0, args.pace),
             faults=maintenance.crash_seam(args.dir),
             allow_unchecked=args.allow_unchecked,
+            mac_key_width=args.mac_key_width or _cluster_dim(args),
         )
     except MaintenanceError as exc:
         cls = RemoteError if exc.remote else CliError
@@ -380,3 +425,27 @@ def _refresh(args) -> Result:
         sessions.unlock()
     exit_code = 0
     return Result(report, _lines(report), exit_code)
+
+
+def _mac_key_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--width", type=count, default=0, metavar="W",
+                   help="key width: the largest template dimension served (default: the cluster's dimension, else 512)")
+
+
+def _mac_key_lines(report: dict) -> list[str]:
+    dealt = report.get("dealt") or []
+    return [f"MAC key of epoch {report['epoch']} (width {report['width']}): "
+            + (f"dealt now by {', '.join(dealt)}" if dealt else "every node already held its share")
+            + "; the dealing seeds are destroyed"]
+
+
+@command("mac-key", "deal", help="have the nodes deal the committee's first MAC key (idempotent)",
+         arguments=_mac_key_args, target="any")
+def _mac_key_deal(args) -> Result:
+    try:
+        nodes, k, tls, _folder = target_nodes(args)
+        report = deal_first_key(nodes, k, tls, args.width or _cluster_dim(args) or 512)
+    except MaintenanceError as exc:
+        raise (RemoteError if exc.remote else CliError)(exc.message, **{
+            k: v for k, v in exc.details.items() if isinstance(v, (str, int, bool, dict))}) from None
+    return Result(report, _mac_key_lines(report), 0)

@@ -77,6 +77,10 @@ def plan_committee(spec, shareholders: int | None, threshold: int | None, replac
         raise MaintenanceError(f"The number of shareholders must be from 2 to {cluster.MAX_SHAREHOLDERS}.", remote=False)
     if not 2 <= k <= n:
         raise MaintenanceError(f"The threshold must be from 2 to the number of shareholders ({n}).", remote=False)
+    if n < 2 * k - 1:
+        raise MaintenanceError(
+            f"{n} shareholders with threshold {k} cannot renew the MAC keys at a refresh (that needs at least "
+            f"2k - 1 = {2 * k - 1}); choose more shareholders or a lower threshold.", remote=False)
     fresh = (name for name in cluster.node_names(len(old) + len(taken) + n + 1) if name not in taken and name not in old)
     if replace is not None:
         new = [next(fresh) if name == replace else name for name in old]

@@ -31,6 +31,42 @@ SESSION_STATE_COMMITTED: SessionState
 SESSION_STATE_FINALIZED: SessionState
 SESSION_STATE_ABORTED: SessionState
 
+class DealFirstMacKeyRequest(_message.Message):
+    __slots__ = ("peers", "width", "finish")
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    FINISH_FIELD_NUMBER: _ClassVar[int]
+    peers: _containers.RepeatedCompositeFieldContainer[Member]
+    width: int
+    finish: bool
+    def __init__(self, peers: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., width: _Optional[int] = ..., finish: _Optional[bool] = ...) -> None: ...
+
+class DealFirstMacKeyResponse(_message.Message):
+    __slots__ = ("epoch", "width", "already", "finished")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    width: int
+    already: bool
+    finished: bool
+    def __init__(self, epoch: _Optional[int] = ..., width: _Optional[int] = ..., already: _Optional[bool] = ..., finished: _Optional[bool] = ...) -> None: ...
+
+class GetMacKeyContributionRequest(_message.Message):
+    __slots__ = ("epoch", "width")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    width: int
+    def __init__(self, epoch: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
+
+class GetMacKeyContributionResponse(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: bytes
+    def __init__(self, values: _Optional[bytes] = ...) -> None: ...
+
 class Member(_message.Message):
     __slots__ = ("name", "index", "address")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -42,7 +78,7 @@ class Member(_message.Message):
     def __init__(self, name: _Optional[str] = ..., index: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
 
 class BeginSessionRequest(_message.Message):
-    __slots__ = ("session_id", "kind", "from_epoch", "new_epoch", "old_committee", "new_committee", "old_threshold", "new_threshold", "senders", "plan")
+    __slots__ = ("session_id", "kind", "from_epoch", "new_epoch", "old_committee", "new_committee", "old_threshold", "new_threshold", "senders", "plan", "mac_key_width")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     FROM_EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +89,7 @@ class BeginSessionRequest(_message.Message):
     NEW_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     SENDERS_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
+    MAC_KEY_WIDTH_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     kind: SessionKind
     from_epoch: int
@@ -63,7 +100,8 @@ class BeginSessionRequest(_message.Message):
     new_threshold: int
     senders: _containers.RepeatedScalarFieldContainer[int]
     plan: CommitteePlan
-    def __init__(self, session_id: _Optional[str] = ..., kind: _Optional[_Union[SessionKind, str]] = ..., from_epoch: _Optional[int] = ..., new_epoch: _Optional[int] = ..., old_committee: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., new_committee: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., old_threshold: _Optional[int] = ..., new_threshold: _Optional[int] = ..., senders: _Optional[_Iterable[int]] = ..., plan: _Optional[_Union[CommitteePlan, _Mapping]] = ...) -> None: ...
+    mac_key_width: int
+    def __init__(self, session_id: _Optional[str] = ..., kind: _Optional[_Union[SessionKind, str]] = ..., from_epoch: _Optional[int] = ..., new_epoch: _Optional[int] = ..., old_committee: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., new_committee: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., old_threshold: _Optional[int] = ..., new_threshold: _Optional[int] = ..., senders: _Optional[_Iterable[int]] = ..., plan: _Optional[_Union[CommitteePlan, _Mapping]] = ..., mac_key_width: _Optional[int] = ...) -> None: ...
 
 class CommitteePlan(_message.Message):
     __slots__ = ("body", "approvals")
@@ -258,7 +296,7 @@ class RecordKey(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., subject: _Optional[str] = ..., threshold: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
 
 class GetRefreshDeltasRequest(_message.Message):
-    __slots__ = ("session_id", "keys", "mask_challenges", "mask_threshold", "check_challenges", "check_context", "check_count")
+    __slots__ = ("session_id", "keys", "mask_challenges", "mask_threshold", "check_challenges", "check_context", "check_count", "mac_key", "renew")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     MASK_CHALLENGES_FIELD_NUMBER: _ClassVar[int]
@@ -266,6 +304,8 @@ class GetRefreshDeltasRequest(_message.Message):
     CHECK_CHALLENGES_FIELD_NUMBER: _ClassVar[int]
     CHECK_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     CHECK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MAC_KEY_FIELD_NUMBER: _ClassVar[int]
+    RENEW_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     keys: _containers.RepeatedCompositeFieldContainer[RecordKey]
     mask_challenges: _containers.RepeatedScalarFieldContainer[bytes]
@@ -273,33 +313,39 @@ class GetRefreshDeltasRequest(_message.Message):
     check_challenges: _containers.RepeatedScalarFieldContainer[bytes]
     check_context: bytes
     check_count: int
-    def __init__(self, session_id: _Optional[str] = ..., keys: _Optional[_Iterable[_Union[RecordKey, _Mapping]]] = ..., mask_challenges: _Optional[_Iterable[bytes]] = ..., mask_threshold: _Optional[int] = ..., check_challenges: _Optional[_Iterable[bytes]] = ..., check_context: _Optional[bytes] = ..., check_count: _Optional[int] = ...) -> None: ...
+    mac_key: bool
+    renew: bool
+    def __init__(self, session_id: _Optional[str] = ..., keys: _Optional[_Iterable[_Union[RecordKey, _Mapping]]] = ..., mask_challenges: _Optional[_Iterable[bytes]] = ..., mask_threshold: _Optional[int] = ..., check_challenges: _Optional[_Iterable[bytes]] = ..., check_context: _Optional[bytes] = ..., check_count: _Optional[int] = ..., mac_key: _Optional[bool] = ..., renew: _Optional[bool] = ...) -> None: ...
 
 class GetRefreshDeltasResponse(_message.Message):
-    __slots__ = ("values", "masks", "contribution", "key_hashes")
+    __slots__ = ("values", "masks", "contribution", "key_hashes", "renewal")
     VALUES_FIELD_NUMBER: _ClassVar[int]
     MASKS_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     KEY_HASHES_FIELD_NUMBER: _ClassVar[int]
+    RENEWAL_FIELD_NUMBER: _ClassVar[int]
     values: bytes
     masks: _containers.RepeatedScalarFieldContainer[int]
     contribution: bytes
     key_hashes: bytes
-    def __init__(self, values: _Optional[bytes] = ..., masks: _Optional[_Iterable[int]] = ..., contribution: _Optional[bytes] = ..., key_hashes: _Optional[bytes] = ...) -> None: ...
+    renewal: bytes
+    def __init__(self, values: _Optional[bytes] = ..., masks: _Optional[_Iterable[int]] = ..., contribution: _Optional[bytes] = ..., key_hashes: _Optional[bytes] = ..., renewal: _Optional[bytes] = ...) -> None: ...
 
 class GetReshareSharesRequest(_message.Message):
-    __slots__ = ("session_id", "after_tenant", "after_subject", "limit", "keys")
+    __slots__ = ("session_id", "after_tenant", "after_subject", "limit", "keys", "mac_key")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     AFTER_TENANT_FIELD_NUMBER: _ClassVar[int]
     AFTER_SUBJECT_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    MAC_KEY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     after_tenant: str
     after_subject: str
     limit: int
     keys: _containers.RepeatedCompositeFieldContainer[RecordKey]
-    def __init__(self, session_id: _Optional[str] = ..., after_tenant: _Optional[str] = ..., after_subject: _Optional[str] = ..., limit: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[RecordKey, _Mapping]]] = ...) -> None: ...
+    mac_key: bool
+    def __init__(self, session_id: _Optional[str] = ..., after_tenant: _Optional[str] = ..., after_subject: _Optional[str] = ..., limit: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[RecordKey, _Mapping]]] = ..., mac_key: _Optional[bool] = ...) -> None: ...
 
 class ReshareItem(_message.Message):
     __slots__ = ("tenant", "subject", "dimension", "codec_version", "mac_count", "request_id", "threshold", "values")
@@ -322,9 +368,13 @@ class ReshareItem(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., subject: _Optional[str] = ..., dimension: _Optional[int] = ..., codec_version: _Optional[int] = ..., mac_count: _Optional[int] = ..., request_id: _Optional[str] = ..., threshold: _Optional[int] = ..., values: _Optional[bytes] = ...) -> None: ...
 
 class GetReshareSharesResponse(_message.Message):
-    __slots__ = ("items", "more")
+    __slots__ = ("items", "more", "mac_key_values", "mac_key_width")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
+    MAC_KEY_VALUES_FIELD_NUMBER: _ClassVar[int]
+    MAC_KEY_WIDTH_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ReshareItem]
     more: bool
-    def __init__(self, items: _Optional[_Iterable[_Union[ReshareItem, _Mapping]]] = ..., more: _Optional[bool] = ...) -> None: ...
+    mac_key_values: bytes
+    mac_key_width: int
+    def __init__(self, items: _Optional[_Iterable[_Union[ReshareItem, _Mapping]]] = ..., more: _Optional[bool] = ..., mac_key_values: _Optional[bytes] = ..., mac_key_width: _Optional[int] = ...) -> None: ...

@@ -99,6 +99,16 @@ class ShareholderAdminStub:
                 request_serializer=splitvault_dot_v1_dot_admin__pb2.GetReshareSharesRequest.SerializeToString,
                 response_deserializer=splitvault_dot_v1_dot_admin__pb2.GetReshareSharesResponse.FromString,
                 _registered_method=True)
+        self.DealFirstMacKey = channel.unary_unary(
+                '/splitvault.v1.ShareholderAdmin/DealFirstMacKey',
+                request_serializer=splitvault_dot_v1_dot_admin__pb2.DealFirstMacKeyRequest.SerializeToString,
+                response_deserializer=splitvault_dot_v1_dot_admin__pb2.DealFirstMacKeyResponse.FromString,
+                _registered_method=True)
+        self.GetMacKeyContribution = channel.unary_unary(
+                '/splitvault.v1.ShareholderAdmin/GetMacKeyContribution',
+                request_serializer=splitvault_dot_v1_dot_admin__pb2.GetMacKeyContributionRequest.SerializeToString,
+                response_deserializer=splitvault_dot_v1_dot_admin__pb2.GetMacKeyContributionResponse.FromString,
+                _registered_method=True)
 
 
 class ShareholderAdminServicer:
@@ -210,6 +220,27 @@ class ShareholderAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DealFirstMacKey(self, request, context):
+        """The committee's first MAC key (vault.epoch_mac), dealt jointly at the
+        node's current epoch: the node draws a dealing seed (sealed, kept in a
+        `keygen` maintenance session), pulls every member's contribution beta_j(i)
+        node to node (GetMacKeyContribution; peers pinned as for a refresh) and
+        stores the sum as its key share. Idempotent; with `finish` the seed is
+        destroyed and the session closed (once every node holds its share).
+        Later keys are dealt by each refresh. Role: auditor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMacKeyContribution(self, request, context):
+        """This node's contribution beta(x) to the first key, for the calling
+        member x. Role: shareholder (a member of the node's committee).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShareholderAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -262,6 +293,16 @@ def add_ShareholderAdminServicer_to_server(servicer, server):
                     servicer.GetReshareShares,
                     request_deserializer=splitvault_dot_v1_dot_admin__pb2.GetReshareSharesRequest.FromString,
                     response_serializer=splitvault_dot_v1_dot_admin__pb2.GetReshareSharesResponse.SerializeToString,
+            ),
+            'DealFirstMacKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.DealFirstMacKey,
+                    request_deserializer=splitvault_dot_v1_dot_admin__pb2.DealFirstMacKeyRequest.FromString,
+                    response_serializer=splitvault_dot_v1_dot_admin__pb2.DealFirstMacKeyResponse.SerializeToString,
+            ),
+            'GetMacKeyContribution': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMacKeyContribution,
+                    request_deserializer=splitvault_dot_v1_dot_admin__pb2.GetMacKeyContributionRequest.FromString,
+                    response_serializer=splitvault_dot_v1_dot_admin__pb2.GetMacKeyContributionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -549,6 +590,60 @@ class ShareholderAdmin:
             '/splitvault.v1.ShareholderAdmin/GetReshareShares',
             splitvault_dot_v1_dot_admin__pb2.GetReshareSharesRequest.SerializeToString,
             splitvault_dot_v1_dot_admin__pb2.GetReshareSharesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DealFirstMacKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitvault.v1.ShareholderAdmin/DealFirstMacKey',
+            splitvault_dot_v1_dot_admin__pb2.DealFirstMacKeyRequest.SerializeToString,
+            splitvault_dot_v1_dot_admin__pb2.DealFirstMacKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMacKeyContribution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitvault.v1.ShareholderAdmin/GetMacKeyContribution',
+            splitvault_dot_v1_dot_admin__pb2.GetMacKeyContributionRequest.SerializeToString,
+            splitvault_dot_v1_dot_admin__pb2.GetMacKeyContributionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,29 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitvault/v1/common.proto\x12\rsplitvault.v1\"\xd6\x01\n\x0bShareRecord\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x11\n\tthreshold\x18\x05 \x01(\r\x12\x14\n\x0cshareholders\x18\x06 \x01(\r\x12\x11\n\tdimension\x18\x07 \x01(\r\x12\x15\n\rcodec_version\x18\x08 \x01(\r\x12\x11\n\tmac_count\x18\t \x01(\r\x12\x0e\n\x06values\x18\n \x01(\x0c\x12\x12\n\nrequest_id\x18\x0b \x01(\t\"\xc7\x01\n\nRecordInfo\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x11\n\tthreshold\x18\x05 \x01(\r\x12\x14\n\x0cshareholders\x18\x06 \x01(\r\x12\x11\n\tdimension\x18\x07 \x01(\r\x12\x15\n\rcodec_version\x18\x08 \x01(\r\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x13\n\x0bkek_version\x18\n \x01(\r\"E\n\x12VerificationTicket\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\t\"\x87\x02\n\nTicketBody\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x14\n\x0cprobe_digest\x18\x04 \x01(\x0c\x12\r\n\x05nonce\x18\x05 \x01(\x0c\x12\x14\n\x0cissued_at_ms\x18\x06 \x01(\x03\x12\x15\n\rexpires_at_ms\x18\x07 \x01(\x03\x12\x31\n\toperation\x18\x08 \x01(\x0e\x32\x1e.splitvault.v1.TicketOperation\x12\x10\n\x08\x61udience\x18\t \x01(\t\x12\x17\n\x0ftemplate_digest\x18\n \x01(\x0c\x12\x14\n\x0c\x62\x61tch_digest\x18\x0b \x01(\x0c\"I\n\tWriteItem\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x17\n\x0ftemplate_digest\x18\x03 \x01(\x0c\"h\n\nWriteBatch\x12\x31\n\x06ticket\x18\x01 \x01(\x0b\x32!.splitvault.v1.VerificationTicket\x12\'\n\x05items\x18\x02 \x03(\x0b\x32\x18.splitvault.v1.WriteItem\"\xc8\x01\n\nAuditEntry\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0f\n\x07time_ms\x18\x02 \x01(\x03\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\r\n\x05\x65vent\x18\x04 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0e\n\x06tenant\x18\x07 \x01(\t\x12\x0f\n\x07subject\x18\x08 \x01(\t\x12\x14\n\x0c\x64\x65tails_json\x18\t \x01(\t\x12\x11\n\tprev_hash\x18\n \x01(\x0c\x12\x12\n\nentry_hash\x18\x0b \x01(\x0c\"d\n\x0f\x41uditCheckpoint\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x12\n\nentry_hash\x18\x02 \x01(\x0c\x12\x0f\n\x07time_ms\x18\x03 \x01(\x03\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x11\n\tsignature\x18\x05 \x01(\x0c*\xa8\x01\n\x0fTicketOperation\x12 \n\x1cTICKET_OPERATION_UNSPECIFIED\x10\x00\x12\x1b\n\x17TICKET_OPERATION_VERIFY\x10\x01\x12\x1b\n\x17TICKET_OPERATION_ENROLL\x10\x02\x12\x1c\n\x18TICKET_OPERATION_REPLACE\x10\x03\x12\x1b\n\x17TICKET_OPERATION_DELETE\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitvault/v1/common.proto\x12\rsplitvault.v1\"\xd6\x01\n\x0bShareRecord\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x11\n\tthreshold\x18\x05 \x01(\r\x12\x14\n\x0cshareholders\x18\x06 \x01(\r\x12\x11\n\tdimension\x18\x07 \x01(\r\x12\x15\n\rcodec_version\x18\x08 \x01(\r\x12\x11\n\tmac_count\x18\t \x01(\r\x12\x0e\n\x06values\x18\n \x01(\x0c\x12\x12\n\nrequest_id\x18\x0b \x01(\t\"N\n\x0bMacKeyShare\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\tdimension\x18\x03 \x01(\r\x12\x0e\n\x06values\x18\x04 \x01(\x0c\"\xc7\x01\n\nRecordInfo\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x11\n\tthreshold\x18\x05 \x01(\r\x12\x14\n\x0cshareholders\x18\x06 \x01(\r\x12\x11\n\tdimension\x18\x07 \x01(\r\x12\x15\n\rcodec_version\x18\x08 \x01(\r\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x13\n\x0bkek_version\x18\n \x01(\r\"E\n\x12VerificationTicket\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\t\"\x87\x02\n\nTicketBody\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x14\n\x0cprobe_digest\x18\x04 \x01(\x0c\x12\r\n\x05nonce\x18\x05 \x01(\x0c\x12\x14\n\x0cissued_at_ms\x18\x06 \x01(\x03\x12\x15\n\rexpires_at_ms\x18\x07 \x01(\x03\x12\x31\n\toperation\x18\x08 \x01(\x0e\x32\x1e.splitvault.v1.TicketOperation\x12\x10\n\x08\x61udience\x18\t \x01(\t\x12\x17\n\x0ftemplate_digest\x18\n \x01(\x0c\x12\x14\n\x0c\x62\x61tch_digest\x18\x0b \x01(\x0c\"I\n\tWriteItem\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x17\n\x0ftemplate_digest\x18\x03 \x01(\x0c\"h\n\nWriteBatch\x12\x31\n\x06ticket\x18\x01 \x01(\x0b\x32!.splitvault.v1.VerificationTicket\x12\'\n\x05items\x18\x02 \x03(\x0b\x32\x18.splitvault.v1.WriteItem\"\xc8\x01\n\nAuditEntry\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0f\n\x07time_ms\x18\x02 \x01(\x03\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\r\n\x05\x65vent\x18\x04 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0e\n\x06tenant\x18\x07 \x01(\t\x12\x0f\n\x07subject\x18\x08 \x01(\t\x12\x14\n\x0c\x64\x65tails_json\x18\t \x01(\t\x12\x11\n\tprev_hash\x18\n \x01(\x0c\x12\x12\n\nentry_hash\x18\x0b \x01(\x0c\"d\n\x0f\x41uditCheckpoint\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x12\n\nentry_hash\x18\x02 \x01(\x0c\x12\x0f\n\x07time_ms\x18\x03 \x01(\x03\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x11\n\tsignature\x18\x05 \x01(\x0c*\xa8\x01\n\x0fTicketOperation\x12 \n\x1cTICKET_OPERATION_UNSPECIFIED\x10\x00\x12\x1b\n\x17TICKET_OPERATION_VERIFY\x10\x01\x12\x1b\n\x17TICKET_OPERATION_ENROLL\x10\x02\x12\x1c\n\x18TICKET_OPERATION_REPLACE\x10\x03\x12\x1b\n\x17TICKET_OPERATION_DELETE\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitvault.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TICKETOPERATION']._serialized_start=1288
-  _globals['_TICKETOPERATION']._serialized_end=1456
+  _globals['_TICKETOPERATION']._serialized_start=1368
+  _globals['_TICKETOPERATION']._serialized_end=1536
   _globals['_SHARERECORD']._serialized_start=46
   _globals['_SHARERECORD']._serialized_end=260
-  _globals['_RECORDINFO']._serialized_start=263
-  _globals['_RECORDINFO']._serialized_end=462
-  _globals['_VERIFICATIONTICKET']._serialized_start=464
-  _globals['_VERIFICATIONTICKET']._serialized_end=533
-  _globals['_TICKETBODY']._serialized_start=536
-  _globals['_TICKETBODY']._serialized_end=799
-  _globals['_WRITEITEM']._serialized_start=801
-  _globals['_WRITEITEM']._serialized_end=874
-  _globals['_WRITEBATCH']._serialized_start=876
-  _globals['_WRITEBATCH']._serialized_end=980
-  _globals['_AUDITENTRY']._serialized_start=983
-  _globals['_AUDITENTRY']._serialized_end=1183
-  _globals['_AUDITCHECKPOINT']._serialized_start=1185
-  _globals['_AUDITCHECKPOINT']._serialized_end=1285
+  _globals['_MACKEYSHARE']._serialized_start=262
+  _globals['_MACKEYSHARE']._serialized_end=340
+  _globals['_RECORDINFO']._serialized_start=343
+  _globals['_RECORDINFO']._serialized_end=542
+  _globals['_VERIFICATIONTICKET']._serialized_start=544
+  _globals['_VERIFICATIONTICKET']._serialized_end=613
+  _globals['_TICKETBODY']._serialized_start=616
+  _globals['_TICKETBODY']._serialized_end=879
+  _globals['_WRITEITEM']._serialized_start=881
+  _globals['_WRITEITEM']._serialized_end=954
+  _globals['_WRITEBATCH']._serialized_start=956
+  _globals['_WRITEBATCH']._serialized_end=1060
+  _globals['_AUDITENTRY']._serialized_start=1063
+  _globals['_AUDITENTRY']._serialized_end=1263
+  _globals['_AUDITCHECKPOINT']._serialized_start=1265
+  _globals['_AUDITCHECKPOINT']._serialized_end=1365
 # @@protoc_insertion_point(module_scope)

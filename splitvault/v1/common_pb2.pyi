@@ -46,6 +46,18 @@ class ShareRecord(_message.Message):
     request_id: str
     def __init__(self, tenant: _Optional[str] = ..., subject: _Optional[str] = ..., index: _Optional[int] = ..., epoch: _Optional[int] = ..., threshold: _Optional[int] = ..., shareholders: _Optional[int] = ..., dimension: _Optional[int] = ..., codec_version: _Optional[int] = ..., mac_count: _Optional[int] = ..., values: _Optional[bytes] = ..., request_id: _Optional[str] = ...) -> None: ...
 
+class MacKeyShare(_message.Message):
+    __slots__ = ("epoch", "index", "dimension", "values")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    index: int
+    dimension: int
+    values: bytes
+    def __init__(self, epoch: _Optional[int] = ..., index: _Optional[int] = ..., dimension: _Optional[int] = ..., values: _Optional[bytes] = ...) -> None: ...
+
 class RecordInfo(_message.Message):
     __slots__ = ("tenant", "subject", "index", "epoch", "threshold", "shareholders", "dimension", "codec_version", "request_id", "kek_version")
     TENANT_FIELD_NUMBER: _ClassVar[int]

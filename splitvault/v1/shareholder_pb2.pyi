@@ -55,12 +55,32 @@ class ReleaseShareRequest(_message.Message):
     def __init__(self, ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ...) -> None: ...
 
 class ReleaseShareResponse(_message.Message):
-    __slots__ = ("shares", "audit_seq")
+    __slots__ = ("shares", "audit_seq", "mac_keys")
     SHARES_FIELD_NUMBER: _ClassVar[int]
     AUDIT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    MAC_KEYS_FIELD_NUMBER: _ClassVar[int]
     shares: _containers.RepeatedCompositeFieldContainer[_common_pb2.ShareRecord]
     audit_seq: int
-    def __init__(self, shares: _Optional[_Iterable[_Union[_common_pb2.ShareRecord, _Mapping]]] = ..., audit_seq: _Optional[int] = ...) -> None: ...
+    mac_keys: _containers.RepeatedCompositeFieldContainer[_common_pb2.MacKeyShare]
+    def __init__(self, shares: _Optional[_Iterable[_Union[_common_pb2.ShareRecord, _Mapping]]] = ..., audit_seq: _Optional[int] = ..., mac_keys: _Optional[_Iterable[_Union[_common_pb2.MacKeyShare, _Mapping]]] = ...) -> None: ...
+
+class GetMacKeyShareRequest(_message.Message):
+    __slots__ = ("dimension", "ticket", "batch")
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    dimension: int
+    ticket: _common_pb2.VerificationTicket
+    batch: _common_pb2.WriteBatch
+    def __init__(self, dimension: _Optional[int] = ..., ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ..., batch: _Optional[_Union[_common_pb2.WriteBatch, _Mapping]] = ...) -> None: ...
+
+class GetMacKeyShareResponse(_message.Message):
+    __slots__ = ("key", "audit_seq")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    key: _common_pb2.MacKeyShare
+    audit_seq: int
+    def __init__(self, key: _Optional[_Union[_common_pb2.MacKeyShare, _Mapping]] = ..., audit_seq: _Optional[int] = ...) -> None: ...
 
 class DeleteSharesRequest(_message.Message):
     __slots__ = ("tenant", "subject", "request_id", "ticket", "batch")
@@ -101,7 +121,7 @@ class GetNodeInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetNodeInfoResponse(_message.Message):
-    __slots__ = ("name", "index", "epoch", "kek_version", "audit_public_key", "records", "audit_head_seq")
+    __slots__ = ("name", "index", "epoch", "kek_version", "audit_public_key", "records", "audit_head_seq", "mac_key_width")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +129,7 @@ class GetNodeInfoResponse(_message.Message):
     AUDIT_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     AUDIT_HEAD_SEQ_FIELD_NUMBER: _ClassVar[int]
+    MAC_KEY_WIDTH_FIELD_NUMBER: _ClassVar[int]
     name: str
     index: int
     epoch: int
@@ -116,7 +137,8 @@ class GetNodeInfoResponse(_message.Message):
     audit_public_key: bytes
     records: int
     audit_head_seq: int
-    def __init__(self, name: _Optional[str] = ..., index: _Optional[int] = ..., epoch: _Optional[int] = ..., kek_version: _Optional[int] = ..., audit_public_key: _Optional[bytes] = ..., records: _Optional[int] = ..., audit_head_seq: _Optional[int] = ...) -> None: ...
+    mac_key_width: int
+    def __init__(self, name: _Optional[str] = ..., index: _Optional[int] = ..., epoch: _Optional[int] = ..., kek_version: _Optional[int] = ..., audit_public_key: _Optional[bytes] = ..., records: _Optional[int] = ..., audit_head_seq: _Optional[int] = ..., mac_key_width: _Optional[int] = ...) -> None: ...
 
 class ReadAuditLogRequest(_message.Message):
     __slots__ = ("from_seq",)

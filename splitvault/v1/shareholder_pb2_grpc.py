@@ -53,6 +53,11 @@ class ShareholderStub:
                 request_serializer=splitvault_dot_v1_dot_shareholder__pb2.ReleaseShareRequest.SerializeToString,
                 response_deserializer=splitvault_dot_v1_dot_shareholder__pb2.ReleaseShareResponse.FromString,
                 _registered_method=True)
+        self.GetMacKeyShare = channel.unary_unary(
+                '/splitvault.v1.Shareholder/GetMacKeyShare',
+                request_serializer=splitvault_dot_v1_dot_shareholder__pb2.GetMacKeyShareRequest.SerializeToString,
+                response_deserializer=splitvault_dot_v1_dot_shareholder__pb2.GetMacKeyShareResponse.FromString,
+                _registered_method=True)
         self.DeleteShares = channel.unary_unary(
                 '/splitvault.v1.Shareholder/DeleteShares',
                 request_serializer=splitvault_dot_v1_dot_shareholder__pb2.DeleteSharesRequest.SerializeToString,
@@ -130,6 +135,19 @@ class ShareholderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetMacKeyShare(self, request, context):
+        """This node's share of the current epoch's MAC key, cut to a template
+        dimension, for an enrolment the provider authorised: the request
+        carries the enrolment's write ticket (or batch ticket), which the node
+        checks (signature, tenant, audience, expiry; PERMISSION_DENIED) without
+        using it up, and logs the release (`mac_key_release`). FAILED_PRECONDITION
+        when the node holds no key yet (run `vaultctl refresh`) or during
+        maintenance. Role: matcher.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteShares(self, request, context):
         """Erase a subject's shares (every epoch) on a provider-signed ticket. Role: matcher.
         """
@@ -202,6 +220,11 @@ def add_ShareholderServicer_to_server(servicer, server):
                     servicer.ReleaseShare,
                     request_deserializer=splitvault_dot_v1_dot_shareholder__pb2.ReleaseShareRequest.FromString,
                     response_serializer=splitvault_dot_v1_dot_shareholder__pb2.ReleaseShareResponse.SerializeToString,
+            ),
+            'GetMacKeyShare': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMacKeyShare,
+                    request_deserializer=splitvault_dot_v1_dot_shareholder__pb2.GetMacKeyShareRequest.FromString,
+                    response_serializer=splitvault_dot_v1_dot_shareholder__pb2.GetMacKeyShareResponse.SerializeToString,
             ),
             'DeleteShares': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteShares,
@@ -319,6 +342,33 @@ class Shareholder:
             '/splitvault.v1.Shareholder/ReleaseShare',
             splitvault_dot_v1_dot_shareholder__pb2.ReleaseShareRequest.SerializeToString,
             splitvault_dot_v1_dot_shareholder__pb2.ReleaseShareResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMacKeyShare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitvault.v1.Shareholder/GetMacKeyShare',
+            splitvault_dot_v1_dot_shareholder__pb2.GetMacKeyShareRequest.SerializeToString,
+            splitvault_dot_v1_dot_shareholder__pb2.GetMacKeyShareResponse.FromString,
             options,
             channel_credentials,
             insecure,
