@@ -484,12 +484,12 @@ def test_late_shares_are_checked_against_the_polynomial_that_passed(shared):
         return list(zip(recs, keys))
 
     good, other = records(), records()
-    assert service._off_polynomial(good[:2], [good[2]]) == []
-    assert service._off_polynomial(good[:2], [other[2]]) == [3]
-    assert service._off_polynomial([good[0], good[2]], [other[1]]) == [2]
+    assert service._off_polynomial(good[:2], [good[2]], DIM) == []
+    assert service._off_polynomial(good[:2], [other[2]], DIM) == [3]
+    assert service._off_polynomial([good[0], good[2]], [other[1]], DIM) == [2]
     # A key share off the polynomial is named as a share is.
     wrong_key = common_pb2.MacKeyShare(epoch=1, index=3, dimension=DIM, values=keys[0].values)
-    assert service._off_polynomial(good[:2], [(good[2][0], wrong_key)]) == [3]
+    assert service._off_polynomial(good[:2], [(good[2][0], wrong_key)], DIM) == [3]
 
 
 def test_enroll_stream_one_template_per_message(shared, rng):
