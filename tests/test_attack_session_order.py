@@ -10,7 +10,7 @@ back on the others:
   roll back bank-b and bank-c (their epoch e+1 is destroyed): bank-a's
   shares are useless from then on, every payment depends on the two others,
   and no refresh can run again;
-- reshare the operators approved (3 -> 2 members, k = 2, bank-c leaves):
+- reshare the operators approved (bank-c replaced by bank-d, k = 2):
   finalize bank-c (it destroys every share), commit and finalize bank-a,
   roll back bank-b: one share of the old epoch and one of the new are
   left, and every template is gone.
@@ -126,10 +126,10 @@ def test_the_auditor_cannot_finalize_one_node_and_roll_back_the_others_in_a_refr
 
 def test_the_auditor_cannot_destroy_every_template_through_an_approved_reshare(running):
     state, root = running, running["root"]
-    # The operators approve shrinking to two members (bank-c leaves); the
+    # The operators approve replacing bank-c by bank-d (bank-c leaves); the
     # auditor's CLI is stopped after prepare, before anything is committed.
-    out = vaultctl("reshare", "--dir", root, "--shareholders", "2", "--threshold", "2",
-                   "--approve-with-dev-operators", "--format", "json", env={"VAULTCTL_FAULT": "commit-start:1:self"})
+    out = vaultctl("reshare", "--dir", root, "--replace", "bank-c", "--approve-with-dev-operators",
+                   "--format", "json", fault="commit-start:1:self")
     assert out.returncode == -9, out.stderr[-2000:]
     sid = json.loads((root / "maintenance" / "epoch-session.json").read_text())["session_id"]
     a = _Auditor(root, ["bank-a", "bank-b", "bank-c"])
@@ -149,11 +149,11 @@ def test_the_auditor_cannot_destroy_every_template_through_an_approved_reshare(r
     assert _refusal_reasons(_db(root, "bank-c"), sid) == ["finalize_early"]
     assert _refusal_reasons(_db(root, "bank-b"), sid) == ["abort_after_commit"]
     # The approved reshare completes, and every template verifies on the new committee.
-    done = vaultctl("reshare", "--dir", root, "--shareholders", "2", "--threshold", "2",
-                    "--approve-with-dev-operators", "--format", "json")
+    done = vaultctl("reshare", "--dir", root, "--replace", "bank-c", "--approve-with-dev-operators",
+                    "--format", "json")
     assert done.returncode == 0, done.stderr[-2000:]
     assert json_out(done)["state"] == "finalized"
-    for name in ("bank-a", "bank-b"):
+    for name in ("bank-a", "bank-b", "bank-d"):
         assert epochs_held(_db(root, name)) == {3: COUNT}
     state["epoch"] = 3
     with MatcherClient.from_cluster_dir(root) as client:

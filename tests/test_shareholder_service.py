@@ -359,3 +359,16 @@ def test_a_used_write_ticket_stays_used_across_a_restart(node):
     store(node, subjects=("kim",))
     assert code_of(s.DeleteShares, erase) == grpc.StatusCode.PERMISSION_DENIED
     assert s.DescribeRecords(pb.DescribeRecordsRequest(tenant="acme", subject="kim"), timeout=10).records
+
+
+def test_a_record_for_another_epoch_than_the_nodes_is_refused_and_logged(node):
+    # New records go to this node's current epoch only (tests/test_attack_epoch.py:
+    # one node reporting a later epoch must not make the others store rows they
+    # never serve).
+    recs = sample_records("acme", ["later"], index=1, epoch=99)
+    assert code_of(node.stub("matcher").StoreShares, ACME.store_request(recs)) == grpc.StatusCode.FAILED_PRECONDITION
+    entries, _ = audit_entries(node)
+    denied = [json.loads(e.details_json) for e in entries if e.event == "deny"]
+    assert any(d.get("reason") == "wrong_epoch" and d.get("epoch") == 99 for d in denied), denied
+    assert node.stub("matcher").DescribeRecords(
+        pb.DescribeRecordsRequest(tenant="acme", subject="later"), timeout=10).records == []
