@@ -804,7 +804,7 @@ def _deal_first_key(paths: "Paths", spec: ClusterSpec, addresses: dict[str, str]
     nodes = [Node(name, i, addresses[name]) for i, name in enumerate(spec.nodes, start=1)]
     try:
         # One key wide enough for every modality's dimension (tags use its first d columns).
-        width = max(spec.dim, *(m.dimension for m in spec.modalities))
+        width = max((spec.dim, *(m.dimension for m in spec.modalities)))
         refresh.deal_first_key(nodes, spec.threshold, paths.tls(pki.ROLE_AUDITOR, spec.auditor).load(), width)
     except MaintenanceError as exc:
         raise ClusterError(f"The nodes could not deal their first MAC key: {exc.message}") from None

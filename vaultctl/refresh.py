@@ -313,7 +313,7 @@ def _cluster_dim(args) -> int:
 
     try:
         spec = cluster.load_spec(args.dir)
-        return max(spec.dim, *(m.dimension for m in spec.modalities))
+        return max((spec.dim, *(m.dimension for m in spec.modalities)))
     except Exception:  # noqa: BLE001 - no spec: the nodes' default
         return 0
 
