@@ -46,7 +46,7 @@ import pathlib
 import time
 
 from splitvault.v1 import admin_pb2
-from vault import pki, plan as committee_plan
+from vault import pki, plan as committee_plan, proactive
 from vaultctl import cluster, maintenance
 from vaultctl.cli import CliError, RemoteError, Result, command, count, seconds_or_zero
 from vaultctl.cluster import ClusterSpec
@@ -57,6 +57,8 @@ from vaultctl.maintenance import (
 from vaultctl.refresh import DEFAULT_DRAIN_S, _round, _state, state_dir
 
 _S = admin_pb2
+# The check's step 2 reads every share of one side's epoch on each node.
+CHECK_TIMEOUT_S = 600.0
 
 
 def plan_committee(spec, shareholders: int | None, threshold: int | None, replace: str | None,
@@ -321,6 +323,79 @@ def reshare_session(
         admin.close()
 
 
+CHECK_CHALLENGES = 3
+
+
+def check_reshare(admin, saved, sessions, members: list[str], k_old: int, k_new: int) -> dict:
+    """Run the reshare check on every member of both committees; the verdict
+    per challenge (``proactive.reshare_check``) and what it can name.
+
+    The auditor's challenges are drawn once per session and kept in the
+    session file, so a rerun after a crash asks the same check again (the
+    nodes answer one check context per session)."""
+    if not saved.extra.get("check_challenges"):
+        saved.extra["check_challenges"] = [proactive.new_challenge().hex() for _ in range(CHECK_CHALLENGES)]
+        sessions.save(saved)
+    challenges = [bytes.fromhex(c) for c in saved.extra["check_challenges"]]
+    sid = saved.session_id
+    step1 = admin.each(members, lambda name: admin.call(
+        name, "CheckReshare", _S.CheckReshareRequest(session_id=sid, challenges=challenges)))
+    contributions = [_S.MemberContribution(name=n, contribution=step1[n].contribution) for n in members]
+    req = _S.CheckReshareRequest(session_id=sid, challenges=challenges, contributions=contributions)
+    answers = admin.each(members, lambda name: admin.call(name, "CheckReshare", req, timeout=CHECK_TIMEOUT_S))
+    old = {a.old_index: (n, list(a.old_values)) for n, a in answers.items() if a.old_index}
+    new = {a.new_index: (n, list(a.new_values)) for n, a in answers.items() if a.new_index}
+    out: dict = {"challenges": len(challenges), "passed": False, "suspects": [],
+                 "records_old": sorted({int(a.old_records) for a in answers.values() if a.old_index}),
+                 "records_new": sorted({int(a.new_records) for a in answers.values() if a.new_index})}
+    if len({a.context_sha256 for a in answers.values()}) != 1:
+        return {**out, "reason": "the nodes checked different contexts"}
+    digests = {a.old_keys_sha256 for a in answers.values() if a.old_index} | \
+              {a.new_keys_sha256 for a in answers.values() if a.new_index}
+    if len(digests) != 1:
+        return {**out, "reason": "the members cover different records"}
+    verdicts = []
+    for c in range(len(challenges)):
+        ox, ov = sorted(old), [old[x][1][c] for x in sorted(old)]
+        nx, nv = sorted(new), [new[x][1][c] for x in sorted(new)]
+        verdict = proactive.reshare_check(ox, ov, k_old, nx, nv, k_new)
+        verdicts.append(verdict)
+        if verdict == "old_inconsistent":
+            out["suspects"] = sorted(set(out["suspects"]) | set(_odd_one(old, c, k_old)))
+        elif verdict == "new_inconsistent":
+            out["suspects"] = sorted(set(out["suspects"]) | set(_odd_one(new, c, k_new)))
+    out["verdicts"] = verdicts
+    if all(v == "ok" for v in verdicts):
+        return {**out, "passed": True, "reason": ""}
+    reason = next(v for v in verdicts if v != "ok")
+    text = {"old_inconsistent": "an old member reported a value off the old sharing",
+            "new_inconsistent": "a new member's values are off the new sharing (a sender dealt values of the wrong "
+                                "degree, or a share is damaged)",
+            "different_secret": "the new sharing holds different values (a sender dealt wrong values)"}[reason]
+    if reason == "different_secret":
+        out["senders"] = [old[x][0] for x in sorted(old) if x in saved.senders]
+    return {**out, "reason": text}
+
+
+def _odd_one(side: dict, c: int, k: int) -> list[str]:
+    # The one member whose report, left out, makes the rest consistent (named
+    # only when the rest still over-determine the polynomial: n - 1 > k).
+    xs = sorted(side)
+    if len(xs) - 1 <= k:
+        return []
+    odd = [side[x][0] for x in xs
+           if proactive.value_at_zero([y for y in xs if y != x], [side[y][1][c] for y in xs if y != x], k) is not None]
+    return odd if len(odd) == 1 else []
+
+
+def _suspects(check: dict) -> str:
+    if check.get("suspects"):
+        return f" (suspect: {', '.join(check['suspects'])})"
+    if check.get("senders"):
+        return f" (one of the senders {', '.join(check['senders'])})"
+    return ""
+
+
 def _spec_fields(spec) -> dict:
     return {k: getattr(spec, k) for k in ("shareholders", "threshold", "dim", "tenants", "nodes", "auditor", "matcher",
                                           "match_threshold")}
@@ -421,6 +496,24 @@ def _drive(admin, ops, sessions, saved, new_spec, old_names, new_names, everyone
                 f" (lead sender {lead} listed fewer); the reshare was rolled back. Find out why the lead lacks them "
                 "(half-done enrolments, or a damaged or tampered node), or rerun with --allow-loss to drop them.",
                 not_received=missing)
+
+        # The check: the new sharing holds the same templates as the old one
+        # (vault.proactive), before any node serves it.
+        t = time.monotonic()
+        check = check_reshare(admin, saved, sessions, sorted(set(old_names) | set(new_names)), saved.old_threshold,
+                              saved.new_threshold)
+        timings["check_s"] = time.monotonic() - t
+        report["check"] = check
+        if not check["passed"]:
+            why = f"reshare check failed: {check['reason']}{_suspects(check)}"
+            admin.each(everyone, lambda name: admin.call(name, "AbortSession",
+                                                         _S.AbortSessionRequest(session_id=sid, reason=why)))
+            ops.retire(saved.extra.get("added", []))
+            sessions.clear()
+            raise MaintenanceError(
+                f"The reshare check failed ({check['reason']}): the new committee's shares do not hold the same "
+                f"templates as the old ones{_suspects(check)}; the reshare was rolled back and the old committee "
+                "keeps serving. Find the faulty node in the audit logs before running it again.", check=check)
 
     # 5. commit on every node (new members start serving the new epoch)
     t = time.monotonic()

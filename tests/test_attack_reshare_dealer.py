@@ -1,0 +1,121 @@
+"""Attack: one sending node destroys every template through a reshare (red team, issue 10).
+
+bank-a's operator (index 1: a sender of every reshare from this committee)
+runs its node with every dealt reshare value off by one, so g_a(0) != y_a.
+Without a check the new members combine the values, the reshare commits and
+finalizes (the old epoch destroyed), and every template rejoins shifted:
+the MACs reject it (DATA_LOSS, never a wrong MATCH), but every template is
+lost.
+
+The reshare check (vault.proactive, "Reshare check" in docs/architecture.md)
+compares a masked random linear combination of the old and new sharings
+before any node serves the new epoch: the check fails, `vaultctl reshare`
+rolls the session back on every node (the reason in each node's audit log),
+the committee stays as it was and every template still MATCHes. The same
+node, run honestly, then reshares with the check passing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from contextlib import closing
+
+import grpc
+import pytest
+
+from maintenance_kit import enrolled_cluster, json_out, vaultctl
+from vaultctl import cluster
+from vaultctl.client import MatcherClient
+from vaultctl.demo import noisy_copy
+
+pytestmark = pytest.mark.e2e
+
+DIM = 32
+COUNT = 6
+HOOK = '''
+import os
+if os.environ.get("BAD_DEALER_HOOK"):
+    import vault.proactive as _p
+    _deal = _p.reshare_values
+    def _bad(*args, **kwargs):
+        out = _deal(*args, **kwargs)
+        return (out + 1) % _p.P  # every dealt value off by one: g_i(0) != y_i
+    _p.reshare_values = _bad
+'''
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory):
+    yield from enrolled_cluster(tmp_path_factory.mktemp("attack-dealer") / "cluster", dim=DIM, count=COUNT, seed=17)
+
+
+def _decisions(root, templates, noise: int) -> dict[str, str]:
+    out = {}
+    with MatcherClient.from_cluster_dir(root) as client:
+        for subject, template in templates.items():
+            try:
+                out[subject] = client.verify(subject, noisy_copy(template, noise)).decision
+            except grpc.RpcError as exc:
+                out[subject] = exc.code().name
+    return out
+
+
+def _restart(root, name: str, env: dict[str, str]) -> None:
+    cluster.stop_processes(root, [name])
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        cluster.restart_node(root, name)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _audit(root, name: str, event: str) -> list[dict]:
+    db = cluster.Paths(root).node_dir(name) / "shares.db"
+    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        return [json.loads(d) for (d,) in conn.execute("SELECT details_json FROM audit_log WHERE event = ?", (event,))]
+
+
+def test_a_sender_dealing_wrong_values_makes_the_reshare_roll_back(running, tmp_path):
+    root, templates = running["root"], running["templates"]
+    assert set(_decisions(root, templates, 1).values()) == {"MATCH"}
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(HOOK)
+    path = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH", "")) if p)
+    _restart(root, "bank-a", {"BAD_DEALER_HOOK": "1", "PYTHONPATH": path})
+
+    out = vaultctl("reshare", "--dir", root, "--shareholders", "4", "--threshold", "2",
+                   "--approve-with-dev-operators", "--format", "json", timeout=300)
+    assert out.returncode == 2, (out.returncode, out.stdout[-1500:], out.stderr[-1500:])
+    error = json_out(out)["error"]
+    assert "reshare check failed" in error["message"] and "rolled back" in error["message"], error
+    assert "different values" in error["message"] and "bank-a" in error["message"], error
+
+    # Nothing changed: the old committee serves, every template still MATCHes.
+    assert list(cluster.load_spec(root).nodes) == ["bank-a", "bank-b", "bank-c"]
+    assert set(_decisions(root, templates, 2).values()) == {"MATCH"}
+    # Every node of both committees answered one check and logged the rollback with its reason.
+    for name in ("bank-a", "bank-b", "bank-c", "bank-d"):
+        checks = _audit(root, name, "reshare_check")
+        assert len(checks) == 1 and checks[0]["challenges"] == 3, (name, checks)
+        aborts = _audit(root, name, "maintenance_abort")
+        assert aborts and "reshare check failed" in aborts[-1].get("reason", ""), (name, aborts)
+    assert len({c["context_sha256"] for n in ("bank-a", "bank-b", "bank-c", "bank-d")
+                for c in _audit(root, n, "reshare_check")}) == 1
+
+
+def test_the_same_node_run_honestly_reshares_with_the_check_passing(running):
+    root, templates = running["root"], running["templates"]
+    _restart(root, "bank-a", {"BAD_DEALER_HOOK": ""})
+    out = vaultctl("reshare", "--dir", root, "--shareholders", "4", "--threshold", "2",
+                   "--approve-with-dev-operators", "--format", "json", timeout=300)
+    assert out.returncode == 0, (out.returncode, out.stdout[-1500:], out.stderr[-1500:])
+    report = json_out(out)
+    assert report["state"] == "finalized" and report["check"]["passed"], report
+    assert report["check"]["verdicts"] == ["ok"] * 3
+    nodes = list(cluster.load_spec(root).nodes)  # the rolled-back bank-d's folder stays: the next free name
+    assert len(nodes) == 4 and nodes[:3] == ["bank-a", "bank-b", "bank-c"], nodes
+    assert set(_decisions(root, templates, 3).values()) == {"MATCH"}
