@@ -12,7 +12,9 @@ compares a masked random linear combination of the old and new sharings
 before any node serves the new epoch: the check fails, `vaultctl reshare`
 rolls the session back on every node (the reason in each node's audit log),
 the committee stays as it was and every template still MATCHes. The same
-node, run honestly, then reshares with the check passing.
+node, run honestly, then reshares with the check passing; the auditor
+gets one check context per session (a second is refused and logged), and a
+rerun after a crash asks the same one again.
 """
 from __future__ import annotations
 
@@ -25,9 +27,12 @@ import grpc
 import pytest
 
 from maintenance_kit import enrolled_cluster, json_out, vaultctl
-from vaultctl import cluster
+from splitvault.v1 import admin_pb2, admin_pb2_grpc
+from vault import pki
+from vaultctl import auditor, cluster
 from vaultctl.client import MatcherClient
 from vaultctl.demo import noisy_copy
+from vaultrpc.tls import secure_channel
 
 pytestmark = pytest.mark.e2e
 
@@ -107,14 +112,43 @@ def test_a_sender_dealing_wrong_values_makes_the_reshare_roll_back(running, tmp_
                 for c in _audit(root, n, "reshare_check")}) == 1
 
 
-def test_the_same_node_run_honestly_reshares_with_the_check_passing(running):
+def test_the_auditor_gets_one_check_per_session_and_a_rerun_resumes_it(running):
+    # bank-a runs honestly again. The CLI dies after the check, before any
+    # node commits: the nodes are prepared and answered one check context.
     root, templates = running["root"], running["templates"]
     _restart(root, "bank-a", {"BAD_DEALER_HOOK": ""})
-    out = vaultctl("reshare", "--dir", root, "--shareholders", "4", "--threshold", "2",
-                   "--approve-with-dev-operators", "--format", "json", timeout=300)
+    args = ("reshare", "--dir", root, "--shareholders", "4", "--threshold", "2", "--approve-with-dev-operators",
+            "--format", "json")
+    first = vaultctl(*args, fault="commit-start:1:self", timeout=300)
+    assert first.returncode == -9, first.stderr[-1500:]
+    saved = json.loads((root / "maintenance" / "epoch-session.json").read_text())
+    sid, members = saved["session_id"], sorted({n for n, _ in saved["old"]} | {n for n, _ in saved["new"]})
+    assert len(saved["extra"]["check_challenges"]) == 3
+
+    # The auditor asks bank-b again with fresh challenges (and contributions
+    # of its choosing beside bank-b's own): another context, refused.
+    target = auditor.from_cluster_dir(root)
+    known = {n.name: n.address for n in target.nodes}
+    with secure_channel(known["bank-b"], target.tls.load(), expect=pki.Identity("shareholder", "bank-b")) as ch:
+        stub = admin_pb2_grpc.ShareholderAdminStub(ch)
+        fresh = [os.urandom(16) for _ in range(3)]
+        own = stub.CheckReshare(admin_pb2.CheckReshareRequest(session_id=sid, challenges=fresh), timeout=60)
+        given = [admin_pb2.MemberContribution(name=n, contribution=own.contribution if n == "bank-b" else bytes(16))
+                 for n in members]
+        with pytest.raises(grpc.RpcError) as err:
+            stub.CheckReshare(admin_pb2.CheckReshareRequest(session_id=sid, challenges=fresh, contributions=given),
+                              timeout=60)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "one check context" in err.value.details()
+    refused = _audit(root, "bank-b", "reshare_check_refused")
+    assert [r["reason"] for r in refused] == ["second_context"]
+
+    # The rerun asks the saved challenges again (the same context: answered)
+    # and completes the reshare.
+    out = vaultctl(*args, timeout=300)
     assert out.returncode == 0, (out.returncode, out.stdout[-1500:], out.stderr[-1500:])
     report = json_out(out)
-    assert report["state"] == "finalized" and report["check"]["passed"], report
+    assert report["resumed"] and report["state"] == "finalized" and report["check"]["passed"], report
     assert report["check"]["verdicts"] == ["ok"] * 3
     nodes = list(cluster.load_spec(root).nodes)  # the rolled-back bank-d's folder stays: the next free name
     assert len(nodes) == 4 and nodes[:3] == ["bank-a", "bank-b", "bank-c"], nodes
