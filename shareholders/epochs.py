@@ -65,6 +65,14 @@ Phases (docs/operations.md):
      no longer re-derives is new = old + diff from the stored rows: that
      holds by construction (both come from one array, in one step), and an
      old row damaged after prepare is destroyed at finalize anyway.
+   **The reshare check** (``CheckReshare``; math in ``vault.proactive``):
+   at prepare every old member pulls rho_i(m) from every old member and
+   seals R_m, and every new member seals the senders' reshare of it
+   (``check_mask_deal`` / ``check_mask_reshare``, before any record); once
+   prepared, a node gives its contribution, then its L(y) + R for the
+   old share and/or L(y') + R' for the new one, over every record of that
+   epoch. It answers ONE check context per session (claimed in its audit
+   log, ``reshare_check_begin``; another refused, the same one repeated).
 3. **Commit**: one transaction moves the node's current epoch on: it serves
    both epochs (``ReleaseShare`` returns one share per epoch; the matcher
    rejoins the newest epoch with k shares).

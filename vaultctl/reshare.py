@@ -28,11 +28,15 @@ extended vector, so the MACs still verify. Steps (docs/operations.md):
             before anything else happens;
 2. provision new nodes: certificate, KEK, audit key, config; started;
 3. begin    every node of both committees takes its lock for the session;
-4. prepare  every new member pulls its values from the senders;
-5. commit   new members serve the new epoch beside the old one;
-6. switch   cluster.json and the matcher's committee change (SIGHUP; the
+4. prepare  old members deal the check's masks among themselves; every new
+            member pulls its values (and the masks' reshare) from the senders;
+5. check    every member reports a masked random combination of its shares;
+            the old sharing must hold what the new one holds, else every
+            node rolls back (vault.proactive, "the reshare check");
+6. commit   new members serve the new epoch beside the old one;
+7. switch   cluster.json and the matcher's committee change (SIGHUP; the
             matcher rejoins the new epoch from then on);
-7. finalize after the drain, every node destroys the old epoch (a node
+8. finalize after the drain, every node destroys the old epoch (a node
             leaving the committee: every share), nodes that left are stopped.
 
 A rerun resumes the open session; ``--abort`` rolls back one that no node
