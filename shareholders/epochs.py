@@ -1918,7 +1918,14 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 tx.append("reshare_check_deal", actor=actor, request_id=s.session_id,
                           details={"step": "contribution", "challenges": len(challenges)})
             self._commit(deal)
-            return admin_pb2.CheckReshareResponse(contribution=mine)
+            reply = admin_pb2.CheckReshareResponse(contribution=mine)
+            for epoch, committee, field_name in ((s.from_epoch, s.plan.old, "old_key_hashes"),
+                                                 (s.new_epoch, s.plan.new, "new_key_hashes")):
+                if self.name in committee:
+                    keys = [(r[0], r[1]) for r in self._conn().execute(
+                        "SELECT tenant, subject FROM shares WHERE epoch = ? ORDER BY tenant, subject", (epoch,))]
+                    setattr(reply, field_name, np.sort(proactive.key_hashes(keys)).astype("<u8").tobytes())
+            return reply
         members = sorted(set(s.plan.old) | set(s.plan.new))
         given = [(c.name, bytes(c.contribution)) for c in request.contributions]
         if [n for n, _ in given] != members or any(len(c) != proactive.CHALLENGE_BYTES for _, c in given):
@@ -1926,8 +1933,13 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 "The check needs one 16-byte contribution from every member of both committees, in name order.")
         if dict(given)[self.name] != mine:
             raise status.InvalidArgument("The contribution given for this node is not the one it made.")
+        raw = bytes(request.exclude_key_hashes)
+        if len(raw) % 8:
+            raise status.InvalidArgument("The excluded key hashes are 8 bytes each.")
+        exclude = set(np.frombuffer(raw, dtype="<u8").tolist())
         mixed = proactive.mixed_challenges(s.session_id, challenges, [c for _, c in given])
-        ctx = proactive.check_context(s.session_id, s.plan.new_threshold, "reshare", mixed).hex()
+        covered = "reshare/" + hashlib.sha256(np.sort(np.frombuffer(raw, dtype="<u8")).tobytes()).hexdigest()
+        ctx = proactive.check_context(s.session_id, s.plan.new_threshold, covered, mixed).hex()
         self._claim_reshare_context(s, actor, ctx)
         reply = admin_pb2.CheckReshareResponse(context_sha256=hashlib.sha256(bytes.fromhex(ctx)).hexdigest())
         for which, epoch, committee in ((_MASK_OLD, s.from_epoch, s.plan.old), (_MASK_NEW, s.new_epoch, s.plan.new)):
@@ -1936,7 +1948,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             mask = self._load_mask(s, which)
             if mask is None:
                 raise status.FailedPrecondition(f"This node holds no reshare check mask of session {s.session_id}.")
-            totals, records, digest = self._reshare_totals(epoch, mixed)
+            totals, records, digest = self._reshare_totals(epoch, mixed, exclude)
             values = [(t + int(m)) % P for t, m in zip(totals, mask)]
             record.wipe(mask)
             if which == _MASK_OLD:
@@ -1977,9 +1989,10 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 f"This node has answered another reshare check in session {s.session_id}; its masks serve one check "
                 "context. Roll the session back and run the reshare again.")
 
-    def _reshare_totals(self, epoch: int, challenges: list[bytes]) -> tuple[list[int], int, str]:
-        """sum over every record this node holds at ``epoch`` of the challenges'
-        combinations of its share (key order), the record count and the keys' digest."""
+    def _reshare_totals(self, epoch: int, challenges: list[bytes], exclude: set[int]) -> tuple[list[int], int, str]:
+        """sum over every record this node holds at ``epoch`` (but those whose key
+        hash is in ``exclude``) of the challenges' combinations of its share (key
+        order), the record count and the keys' digest."""
         totals = [0] * len(challenges)
         digest = _keys_digest([])
         records = 0
@@ -1992,6 +2005,9 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             if not rows:
                 break
             after = (rows[-1].tenant, rows[-1].subject)
+            if exclude:
+                hashes = proactive.key_hashes([(r.tenant, r.subject) for r in rows]).tolist()
+                rows = [r for r, h in zip(rows, hashes) if h not in exclude]
             records += len(rows)
             for row in rows:
                 digest.update(proactive.record_label(b"", row.tenant, row.subject))

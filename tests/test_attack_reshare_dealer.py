@@ -153,3 +153,25 @@ def test_the_auditor_gets_one_check_per_session_and_a_rerun_resumes_it(running):
     nodes = list(cluster.load_spec(root).nodes)  # the rolled-back bank-d's folder stays: the next free name
     assert len(nodes) == 4 and nodes[:3] == ["bank-a", "bank-b", "bank-c"], nodes
     assert set(_decisions(root, templates, 3).values()) == {"MATCH"}
+
+
+def test_allow_loss_leaves_the_dropped_records_out_of_the_check(running):
+    # bank-b (a sender) lost its share of one subject: without --allow-loss
+    # the reshare rolls back; with it, the subject is dropped and left out of
+    # the check (every side must cover the same records), which passes.
+    root, templates = running["root"], dict(running["templates"])
+    spec = cluster.load_spec(root)
+    sender = list(spec.nodes)[1]
+    victim = "s0002"
+    cluster.stop_processes(root, [sender])
+    with closing(sqlite3.connect(cluster.Paths(root).node_dir(sender) / "shares.db", isolation_level=None)) as conn:
+        assert conn.execute("DELETE FROM shares WHERE subject = ?", (victim,)).rowcount == 1
+    cluster.restart_node(root, sender)
+    out = vaultctl("reshare", "--dir", root, "--shareholders", "5", "--threshold", "2",
+                   "--approve-with-dev-operators", "--allow-loss", "--format", "json", timeout=300)
+    assert out.returncode == 0, (out.returncode, out.stdout[-1500:], out.stderr[-1500:])
+    report = json_out(out)
+    assert report["state"] == "finalized" and report["check"]["passed"], report
+    assert report["check"]["excluded"] == 1 and report["skipped"] == 1, report["check"]
+    del templates[victim]
+    assert set(_decisions(root, templates, 4).values()) == {"MATCH"}

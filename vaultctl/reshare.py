@@ -49,6 +49,8 @@ import json
 import pathlib
 import time
 
+import numpy as np
+
 from splitvault.v1 import admin_pb2
 from vault import pki, plan as committee_plan, proactive
 from vaultctl import cluster, maintenance
@@ -330,26 +332,39 @@ def reshare_session(
 CHECK_CHALLENGES = 3
 
 
-def check_reshare(admin, saved, sessions, members: list[str], k_old: int, k_new: int) -> dict:
+def check_reshare(admin, saved, sessions, old_names: list[str], new_names: list[str], k_old: int, k_new: int, *,
+                  allow_loss: bool = False) -> dict:
     """Run the reshare check on every member of both committees; the verdict
     per challenge (``proactive.reshare_check``) and what it can name.
 
     The auditor's challenges are drawn once per session and kept in the
     session file, so a rerun after a crash asks the same check again (the
-    nodes answer one check context per session)."""
+    nodes answer one check context per session). Every side must hold the
+    same records; with ``allow_loss`` those some side lacks (dropped by this
+    reshare) are left out of the check."""
     if not saved.extra.get("check_challenges"):
         saved.extra["check_challenges"] = [proactive.new_challenge().hex() for _ in range(CHECK_CHALLENGES)]
         sessions.save(saved)
     challenges = [bytes.fromhex(c) for c in saved.extra["check_challenges"]]
     sid = saved.session_id
+    members = sorted(set(old_names) | set(new_names))
     step1 = admin.each(members, lambda name: admin.call(
         name, "CheckReshare", _S.CheckReshareRequest(session_id=sid, challenges=challenges)))
     contributions = [_S.MemberContribution(name=n, contribution=step1[n].contribution) for n in members]
-    req = _S.CheckReshareRequest(session_id=sid, challenges=challenges, contributions=contributions)
+    held = [set(np.frombuffer(step1[n].old_key_hashes, dtype="<u8").tolist()) for n in old_names] + \
+           [set(np.frombuffer(step1[n].new_key_hashes, dtype="<u8").tolist()) for n in new_names]
+    every, some = set.intersection(*held), set.union(*held)
+    if some != every and not allow_loss:
+        return {"challenges": len(challenges), "passed": False, "suspects": [], "verdicts": [],
+                "reason": f"{len(some - every)} record(s) are not held on every side (rerun with --allow-loss to "
+                          "drop them)"}
+    exclude = np.array(sorted(some - every), dtype="<u8").tobytes()
+    req = _S.CheckReshareRequest(session_id=sid, challenges=challenges, contributions=contributions,
+                                 exclude_key_hashes=exclude)
     answers = admin.each(members, lambda name: admin.call(name, "CheckReshare", req, timeout=CHECK_TIMEOUT_S))
     old = {a.old_index: (n, list(a.old_values)) for n, a in answers.items() if a.old_index}
     new = {a.new_index: (n, list(a.new_values)) for n, a in answers.items() if a.new_index}
-    out: dict = {"challenges": len(challenges), "passed": False, "suspects": [],
+    out: dict = {"challenges": len(challenges), "passed": False, "suspects": [], "excluded": len(exclude) // 8,
                  "records_old": sorted({int(a.old_records) for a in answers.values() if a.old_index}),
                  "records_new": sorted({int(a.new_records) for a in answers.values() if a.new_index})}
     if len({a.context_sha256 for a in answers.values()}) != 1:
@@ -504,8 +519,8 @@ def _drive(admin, ops, sessions, saved, new_spec, old_names, new_names, everyone
         # The check: the new sharing holds the same templates as the old one
         # (vault.proactive), before any node serves it.
         t = time.monotonic()
-        check = check_reshare(admin, saved, sessions, sorted(set(old_names) | set(new_names)), saved.old_threshold,
-                              saved.new_threshold)
+        check = check_reshare(admin, saved, sessions, old_names, new_names, saved.old_threshold,
+                              saved.new_threshold, allow_loss=allow_loss)
         timings["check_s"] = time.monotonic() - t
         report["check"] = check
         if not check["passed"]:

@@ -190,14 +190,16 @@ class CheckRefreshRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., challenges: _Optional[_Iterable[bytes]] = ..., peers: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., exclude: _Optional[_Iterable[_Union[RecordKey, _Mapping]]] = ...) -> None: ...
 
 class CheckReshareRequest(_message.Message):
-    __slots__ = ("session_id", "challenges", "contributions")
+    __slots__ = ("session_id", "challenges", "contributions", "exclude_key_hashes")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CHALLENGES_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_KEY_HASHES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     challenges: _containers.RepeatedScalarFieldContainer[bytes]
     contributions: _containers.RepeatedCompositeFieldContainer[MemberContribution]
-    def __init__(self, session_id: _Optional[str] = ..., challenges: _Optional[_Iterable[bytes]] = ..., contributions: _Optional[_Iterable[_Union[MemberContribution, _Mapping]]] = ...) -> None: ...
+    exclude_key_hashes: bytes
+    def __init__(self, session_id: _Optional[str] = ..., challenges: _Optional[_Iterable[bytes]] = ..., contributions: _Optional[_Iterable[_Union[MemberContribution, _Mapping]]] = ..., exclude_key_hashes: _Optional[bytes] = ...) -> None: ...
 
 class MemberContribution(_message.Message):
     __slots__ = ("name", "contribution")
@@ -208,7 +210,7 @@ class MemberContribution(_message.Message):
     def __init__(self, name: _Optional[str] = ..., contribution: _Optional[bytes] = ...) -> None: ...
 
 class CheckReshareResponse(_message.Message):
-    __slots__ = ("contribution", "old_values", "new_values", "old_index", "new_index", "old_records", "new_records", "old_keys_sha256", "new_keys_sha256", "context_sha256")
+    __slots__ = ("contribution", "old_values", "new_values", "old_index", "new_index", "old_records", "new_records", "old_keys_sha256", "new_keys_sha256", "context_sha256", "old_key_hashes", "new_key_hashes")
     CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     OLD_VALUES_FIELD_NUMBER: _ClassVar[int]
     NEW_VALUES_FIELD_NUMBER: _ClassVar[int]
@@ -219,6 +221,8 @@ class CheckReshareResponse(_message.Message):
     OLD_KEYS_SHA256_FIELD_NUMBER: _ClassVar[int]
     NEW_KEYS_SHA256_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    OLD_KEY_HASHES_FIELD_NUMBER: _ClassVar[int]
+    NEW_KEY_HASHES_FIELD_NUMBER: _ClassVar[int]
     contribution: bytes
     old_values: _containers.RepeatedScalarFieldContainer[int]
     new_values: _containers.RepeatedScalarFieldContainer[int]
@@ -229,7 +233,9 @@ class CheckReshareResponse(_message.Message):
     old_keys_sha256: str
     new_keys_sha256: str
     context_sha256: str
-    def __init__(self, contribution: _Optional[bytes] = ..., old_values: _Optional[_Iterable[int]] = ..., new_values: _Optional[_Iterable[int]] = ..., old_index: _Optional[int] = ..., new_index: _Optional[int] = ..., old_records: _Optional[int] = ..., new_records: _Optional[int] = ..., old_keys_sha256: _Optional[str] = ..., new_keys_sha256: _Optional[str] = ..., context_sha256: _Optional[str] = ...) -> None: ...
+    old_key_hashes: bytes
+    new_key_hashes: bytes
+    def __init__(self, contribution: _Optional[bytes] = ..., old_values: _Optional[_Iterable[int]] = ..., new_values: _Optional[_Iterable[int]] = ..., old_index: _Optional[int] = ..., new_index: _Optional[int] = ..., old_records: _Optional[int] = ..., new_records: _Optional[int] = ..., old_keys_sha256: _Optional[str] = ..., new_keys_sha256: _Optional[str] = ..., context_sha256: _Optional[str] = ..., old_key_hashes: _Optional[bytes] = ..., new_key_hashes: _Optional[bytes] = ...) -> None: ...
 
 class CheckRefreshResponse(_message.Message):
     __slots__ = ("values", "records", "keys_sha256", "context_sha256", "excluded", "call")
