@@ -73,6 +73,8 @@ Phases (docs/operations.md):
    old share and/or L(y') + R' for the new one, over every record of that
    epoch. It answers ONE check context per session (claimed in its audit
    log, ``reshare_check_begin``; another refused, the same one repeated).
+   Before it commits a reshare, a node asks every member for its answer
+   (``check_answer``) and evaluates the check itself.
 3. **Commit**: one transaction moves the node's current epoch on: it serves
    both epochs (``ReleaseShare`` returns one share per epoch; the matcher
    rejoins the newest epoch with k shares).
@@ -1701,6 +1703,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             # Cheap and answered here, so that a sender computing its mask
             # inside a peer's call is never queued behind that call.
             return self._mask_deal(request, context)
+        if request.check_answer:
+            return self._check_answer(request, context)
         return self._background(self._get_reshare_shares, request, context)
 
     def _get_reshare_shares(self, request, context):
@@ -1959,11 +1963,91 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 reply.new_index, reply.new_records, reply.new_keys_sha256 = committee[self.name], records, digest
 
         def job(tx: Tx):
+            # The answer itself is kept (masked values: what the auditor sees),
+            # for the members that hold it against theirs before they commit.
             tx.append("reshare_check", actor=actor, request_id=s.session_id, details={
                 "context_sha256": reply.context_sha256, "old_records": reply.old_records,
-                "new_records": reply.new_records, "challenges": len(challenges)})
+                "new_records": reply.new_records, "challenges": len(challenges),
+                "old_index": reply.old_index, "new_index": reply.new_index,
+                "old_values": list(reply.old_values), "new_values": list(reply.new_values),
+                "old_keys_sha256": reply.old_keys_sha256, "new_keys_sha256": reply.new_keys_sha256})
         self._commit(job)
         return reply
+
+    def _my_check_answer(self, s: Session) -> admin_pb2.CheckReshareResponse | None:
+        row = self._conn().execute(
+            "SELECT details_json FROM audit_log WHERE time_ms >= ? AND event = 'reshare_check' AND request_id = ? "
+            "ORDER BY seq DESC LIMIT 1", (s.started_ms - CLAIM_CLOCK_SLACK_MS, s.session_id)).fetchone()
+        if row is None:
+            return None
+        d = json.loads(row[0])
+        return admin_pb2.CheckReshareResponse(
+            context_sha256=d["context_sha256"], old_index=d["old_index"], new_index=d["new_index"],
+            old_values=d["old_values"], new_values=d["new_values"], old_records=d["old_records"],
+            new_records=d["new_records"], old_keys_sha256=d["old_keys_sha256"], new_keys_sha256=d["new_keys_sha256"])
+
+    def _check_answer(self, request, context):
+        s = self._session(request.session_id, states=(PREPARED, COMMITTED))
+        if s.kind != RESHARE:
+            raise status.FailedPrecondition(f"Session {s.session_id} is not a reshare.")
+        self._peer_index(s, context, {**s.plan.old, **s.plan.new})
+        mine = self._my_check_answer(s)
+        return admin_pb2.GetReshareSharesResponse(check_answer=mine) if mine is not None \
+            else admin_pb2.GetReshareSharesResponse()
+
+    def _require_check(self, s: Session, actor: str) -> None:
+        """A reshare commits on a node only once the node itself has seen the
+        check pass: its own answer and every other member's (asked node to
+        node) for one context, the sides consistent and equal at 0."""
+        def refuse(reason: str):
+            def job(tx: Tx):
+                tx.append("reshare_commit_refused", actor=actor, request_id=s.session_id, details={"reason": reason})
+            self._commit(job)
+            logs.event(_log, "reshare commit refused", logging.WARNING, session=s.session_id, reason=reason)
+            return status.FailedPrecondition(
+                f"Session {s.session_id} has not passed the reshare check on node {self.name} ({reason}); "
+                "run the check (vaultctl reshare) or roll it back.")
+
+        mine = self._my_check_answer(s)
+        if mine is None:
+            raise refuse("this node answered no check")
+        members = {**s.plan.old, **s.plan.new}
+        peers = self._check_peers(s, [], members)
+        answers = {self.name: mine}
+        req = admin_pb2.GetReshareSharesRequest(session_id=s.session_id, check_answer=True)
+        calls = {n: self.peers.stub(n, peers[n][1]).GetReshareShares.future(req, timeout=PEER_STATE_TIMEOUT_S)
+                 for n in members if n != self.name and n in peers}
+        missing = sorted(n for n in members if n != self.name and n not in peers)
+        if missing:
+            raise refuse(f"no address for {', '.join(missing)}")
+        try:
+            for name, call in calls.items():
+                try:
+                    reply = call.result()
+                except grpc.RpcError as exc:
+                    raise _peer_error(name, exc) from None
+                if not reply.HasField("check_answer"):
+                    raise refuse(f"{name} answered no check")
+                answers[name] = reply.check_answer
+        finally:
+            for call in calls.values():
+                call.cancel()
+        if len({a.context_sha256 for a in answers.values()}) != 1:
+            raise refuse("the members answered different checks")
+        digests = {a.old_keys_sha256 for n, a in answers.items() if n in s.plan.old} | \
+                  {a.new_keys_sha256 for n, a in answers.items() if n in s.plan.new}
+        if len(digests) != 1:
+            raise refuse("the members covered different records")
+        old = {s.plan.old[n]: list(answers[n].old_values) for n in s.plan.old}
+        new = {s.plan.new[n]: list(answers[n].new_values) for n in s.plan.new}
+        counts = {len(v) for v in (*old.values(), *new.values())}
+        if len(counts) != 1 or counts == {0}:
+            raise refuse("the answers have different numbers of values")
+        for c in range(counts.pop()):
+            verdict = proactive.reshare_check(sorted(old), [old[x][c] for x in sorted(old)], s.plan.old_threshold,
+                                              sorted(new), [new[x][c] for x in sorted(new)], s.plan.new_threshold)
+            if verdict != "ok":
+                raise refuse(verdict)
 
     def _claim_reshare_context(self, s: Session, actor: str, ctx: str) -> None:
         """The masks serve ONE check context: the first claimed is recorded in
@@ -2707,6 +2791,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 self.sh.serving_epoch = max(self.sh.serving_epoch, s.new_epoch)
             yield admin_pb2.CommitSessionResponse(status=self._status(s))
             return
+        if s.kind == RESHARE:
+            self._require_check(s, actor)
         plan = s.plan
 
         def job(tx: Tx) -> Session:

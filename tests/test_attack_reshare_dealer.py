@@ -14,7 +14,8 @@ rolls the session back on every node (the reason in each node's audit log),
 the committee stays as it was and every template still MATCHes. The same
 node, run honestly, then reshares with the check passing; the auditor
 gets one check context per session (a second is refused and logged), and a
-rerun after a crash asks the same one again.
+rerun after a crash asks the same one again. No node commits a reshare
+whose check it has not seen pass, whatever the auditor does.
 """
 from __future__ import annotations
 
@@ -110,6 +111,46 @@ def test_a_sender_dealing_wrong_values_makes_the_reshare_roll_back(running, tmp_
         assert aborts and "reshare check failed" in aborts[-1].get("reason", ""), (name, aborts)
     assert len({c["context_sha256"] for n in ("bank-a", "bank-b", "bank-c", "bank-d")
                 for c in _audit(root, n, "reshare_check")}) == 1
+
+
+def test_no_node_commits_a_reshare_whose_check_failed(running):
+    # The auditor (certificate only, raw gRPC) lets the bad dealing through:
+    # its CLI stops once every node prepared, it asks the check itself and
+    # commits anyway. Each node asks every member for its answer and refuses.
+    root, templates = running["root"], running["templates"]
+    out = vaultctl("reshare", "--dir", root, "--shareholders", "4", "--threshold", "2",
+                   "--approve-with-dev-operators", "--format", "json", fault="prepare:4:self", timeout=300)
+    assert out.returncode == -9, out.stderr[-1500:]
+    saved = json.loads((root / "maintenance" / "epoch-session.json").read_text())
+    sid, members = saved["session_id"], sorted({n for n, _ in saved["old"]} | {n for n, _ in saved["new"]})
+    target = auditor.from_cluster_dir(root)
+    tls = target.tls.load()
+    addresses = {n: json.loads((cluster.Paths(root).node_dir(n) / "ready.json").read_text())["address"]
+                 for n in members}
+    channels = {n: secure_channel(addresses[n], tls, expect=pki.Identity("shareholder", n)) for n in members}
+    try:
+        stubs = {n: admin_pb2_grpc.ShareholderAdminStub(ch) for n, ch in channels.items()}
+        challenges = [os.urandom(16) for _ in range(3)]
+        given = [admin_pb2.MemberContribution(name=n, contribution=stubs[n].CheckReshare(
+            admin_pb2.CheckReshareRequest(session_id=sid, challenges=challenges), timeout=60).contribution)
+            for n in members]
+        for n in members:
+            stubs[n].CheckReshare(admin_pb2.CheckReshareRequest(session_id=sid, challenges=challenges,
+                                                                contributions=given), timeout=120)
+        for n in members:
+            with pytest.raises(grpc.RpcError) as err:
+                list(stubs[n].CommitSession(admin_pb2.CommitSessionRequest(session_id=sid), timeout=60))
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, n
+            assert "has not passed the reshare check" in err.value.details() and "different_secret" in \
+                err.value.details(), err.value.details()
+            assert [r["reason"] for r in _audit(root, n, "reshare_commit_refused")] == ["different_secret"]
+    finally:
+        for ch in channels.values():
+            ch.close()
+    aborted = vaultctl("reshare", "--dir", root, "--abort", "--format", "json", timeout=120)
+    assert aborted.returncode == 0, aborted.stderr[-1500:]
+    assert list(cluster.load_spec(root).nodes) == ["bank-a", "bank-b", "bank-c"]
+    assert set(_decisions(root, templates, 5).values()) == {"MATCH"}
 
 
 def test_the_auditor_gets_one_check_per_session_and_a_rerun_resumes_it(running):

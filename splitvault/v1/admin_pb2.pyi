@@ -382,7 +382,7 @@ class GetRefreshDeltasResponse(_message.Message):
     def __init__(self, values: _Optional[bytes] = ..., masks: _Optional[_Iterable[int]] = ..., contribution: _Optional[bytes] = ..., key_hashes: _Optional[bytes] = ..., renewal: _Optional[bytes] = ...) -> None: ...
 
 class GetReshareSharesRequest(_message.Message):
-    __slots__ = ("session_id", "after_tenant", "after_subject", "limit", "keys", "mac_key", "check_mask_deal", "check_mask_reshare")
+    __slots__ = ("session_id", "after_tenant", "after_subject", "limit", "keys", "mac_key", "check_mask_deal", "check_mask_reshare", "check_answer")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     AFTER_TENANT_FIELD_NUMBER: _ClassVar[int]
     AFTER_SUBJECT_FIELD_NUMBER: _ClassVar[int]
@@ -391,6 +391,7 @@ class GetReshareSharesRequest(_message.Message):
     MAC_KEY_FIELD_NUMBER: _ClassVar[int]
     CHECK_MASK_DEAL_FIELD_NUMBER: _ClassVar[int]
     CHECK_MASK_RESHARE_FIELD_NUMBER: _ClassVar[int]
+    CHECK_ANSWER_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     after_tenant: str
     after_subject: str
@@ -399,7 +400,8 @@ class GetReshareSharesRequest(_message.Message):
     mac_key: bool
     check_mask_deal: bool
     check_mask_reshare: bool
-    def __init__(self, session_id: _Optional[str] = ..., after_tenant: _Optional[str] = ..., after_subject: _Optional[str] = ..., limit: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[RecordKey, _Mapping]]] = ..., mac_key: _Optional[bool] = ..., check_mask_deal: _Optional[bool] = ..., check_mask_reshare: _Optional[bool] = ...) -> None: ...
+    check_answer: bool
+    def __init__(self, session_id: _Optional[str] = ..., after_tenant: _Optional[str] = ..., after_subject: _Optional[str] = ..., limit: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[RecordKey, _Mapping]]] = ..., mac_key: _Optional[bool] = ..., check_mask_deal: _Optional[bool] = ..., check_mask_reshare: _Optional[bool] = ..., check_answer: _Optional[bool] = ...) -> None: ...
 
 class ReshareItem(_message.Message):
     __slots__ = ("tenant", "subject", "dimension", "codec_version", "mac_count", "request_id", "threshold", "values")
@@ -422,15 +424,17 @@ class ReshareItem(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., subject: _Optional[str] = ..., dimension: _Optional[int] = ..., codec_version: _Optional[int] = ..., mac_count: _Optional[int] = ..., request_id: _Optional[str] = ..., threshold: _Optional[int] = ..., values: _Optional[bytes] = ...) -> None: ...
 
 class GetReshareSharesResponse(_message.Message):
-    __slots__ = ("items", "more", "mac_key_values", "mac_key_width", "check_masks")
+    __slots__ = ("items", "more", "mac_key_values", "mac_key_width", "check_masks", "check_answer")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
     MAC_KEY_VALUES_FIELD_NUMBER: _ClassVar[int]
     MAC_KEY_WIDTH_FIELD_NUMBER: _ClassVar[int]
     CHECK_MASKS_FIELD_NUMBER: _ClassVar[int]
+    CHECK_ANSWER_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ReshareItem]
     more: bool
     mac_key_values: bytes
     mac_key_width: int
     check_masks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, items: _Optional[_Iterable[_Union[ReshareItem, _Mapping]]] = ..., more: _Optional[bool] = ..., mac_key_values: _Optional[bytes] = ..., mac_key_width: _Optional[int] = ..., check_masks: _Optional[_Iterable[int]] = ...) -> None: ...
+    check_answer: CheckReshareResponse
+    def __init__(self, items: _Optional[_Iterable[_Union[ReshareItem, _Mapping]]] = ..., more: _Optional[bool] = ..., mac_key_values: _Optional[bytes] = ..., mac_key_width: _Optional[int] = ..., check_masks: _Optional[_Iterable[int]] = ..., check_answer: _Optional[_Union[CheckReshareResponse, _Mapping]] = ...) -> None: ...
