@@ -1987,7 +1987,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             new_records=d["new_records"], old_keys_sha256=d["old_keys_sha256"], new_keys_sha256=d["new_keys_sha256"])
 
     def _check_answer(self, request, context):
-        s = self._session(request.session_id, states=(PREPARED, COMMITTED))
+        s = self._session(request.session_id, states=(PREPARED, COMMITTED, FINALIZED))
         if s.kind != RESHARE:
             raise status.FailedPrecondition(f"Session {s.session_id} is not a reshare.")
         self._peer_index(s, context, {**s.plan.old, **s.plan.new})
