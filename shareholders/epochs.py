@@ -65,6 +65,16 @@ Phases (docs/operations.md):
      no longer re-derives is new = old + diff from the stored rows: that
      holds by construction (both come from one array, in one step), and an
      old row damaged after prepare is destroyed at finalize anyway.
+   **The reshare check** (``CheckReshare``; math in ``vault.proactive``):
+   at prepare every old member pulls rho_i(m) from every old member and
+   seals R_m, and every new member seals the senders' reshare of it
+   (``check_mask_deal`` / ``check_mask_reshare``, before any record); once
+   prepared, a node gives its contribution, then its L(y) + R for the
+   old share and/or L(y') + R' for the new one, over every record of that
+   epoch. It answers ONE check context per session (claimed in its audit
+   log, ``reshare_check_begin``; another refused, the same one repeated).
+   Before it commits a reshare, a node asks every member for its answer
+   (``check_answer``) and evaluates the check itself.
 3. **Commit**: one transaction moves the node's current epoch on: it serves
    both epochs (``ReleaseShare`` returns one share per epoch; the matcher
    rejoins the newest epoch with k shares).
@@ -122,6 +132,7 @@ ROLES = {
     _M + "BeginSession": _AUDITOR,
     _M + "PrepareSession": _AUDITOR,
     _M + "CheckRefresh": _AUDITOR,
+    _M + "CheckReshare": _AUDITOR,
     _M + "CommitSession": _AUDITOR,
     _M + "FinalizeSession": _AUDITOR,
     _M + "AbortSession": _AUDITOR,
@@ -185,6 +196,13 @@ MAX_CHALLENGES = 16
 # How far back (ms) before a session's start its check claims are looked up
 # in the audit log (the clock may have been stepped back a little since).
 CLAIM_CLOCK_SLACK_MS = 86_400_000
+# Mask slots of the reshare check (at most this many challenges per check),
+# dealt and sealed at prepare; one check context uses them all.
+RESHARE_CHECK_MASKS = 3
+# Rows opened per step of the reshare check's pass over one side's epoch.
+RESHARE_CHECK_PAGE = 1024
+# The sealed masks' places in refresh_check_diffs (tenant "" is never a record's).
+_MASK_OLD, _MASK_NEW = "reshare-check-mask-old", "reshare-check-mask-new"
 CHECKS = Counter("splitvault_node_refresh_checks_total", "Refresh check calls, by outcome.", ["node", "outcome"])
 # Width of a first MAC key when the auditor names none: the largest template
 # dimension it serves (tags of dimension d use its first d columns).
@@ -349,6 +367,11 @@ def _diff_aad(session_id: str, first: tuple[str, str], width: int, keys_json: st
         for v in (session_id.encode(), first[0].encode(), first[1].encode(), str(width).encode(),
                   hashlib.sha256(keys_json.encode()).digest(), hashlib.sha256(fingerprints).digest())
     )
+
+
+def _mask_aad(session_id: str, which: str) -> bytes:
+    # A sealed reshare check mask: bound to its session and side.
+    return _diff_aad(session_id, ("", which), RESHARE_CHECK_MASKS, "[]", b"")
 
 
 def _row_fingerprint(wrapped_dk: bytes, nonce: bytes, ciphertext: bytes) -> bytes:
@@ -527,6 +550,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         self._new_keys: dict[str, np.ndarray] = {}
         self._key_cond = threading.Condition()
         self._deal_lock = threading.Lock()
+        # One computation of a session's old-side check mask at a time.
+        self._mask_lock = threading.Lock()
         self._products_cache: dict[tuple, np.ndarray] = {}
         self._computing: dict[tuple, threading.Event] = {}
         # One long phase (prepare, commit, finalize) at a time: a rerun whose
@@ -981,7 +1006,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 conn.execute("DELETE FROM mac_keys WHERE epoch = ?", (s.new_epoch,))
                 _close_session(conn, s.session_id, ABORTED)
                 tx.append("maintenance_abort", actor=actor, request_id=s.session_id, details={
-                    "kind": s.kind, "was": cur.state, "members_unconfirmed": unasked})
+                    "kind": s.kind, "was": cur.state, "members_unconfirmed": unasked,
+                    **({"reason": request.reason[:200]} if request.reason else {})})
                 return load_session(conn, s.session_id)
 
             done = self._commit(job)
@@ -1395,8 +1421,12 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         return job
 
     def _prepare_reshare(self, s: Session, request, context, actor: str):
+        if self.name in s.plan.old:
+            # The check's mask shares R_m, pulled from every old member and
+            # sealed before this node deals or reports anything.
+            self._old_mask(s, self._check_peers(s, request.peers, s.plan.old), actor)
         if self.name not in s.plan.new:
-            # Leaving the committee: nothing to prepare.
+            # Leaving the committee: nothing else to prepare.
             final = self._commit(self._prepared_state_job(s, actor, check_complete=False))
             yield admin_pb2.PrepareSessionResponse(status=self._status(final))
             return
@@ -1421,6 +1451,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             cursor = (last[0], last[1]) if last else ("", "")
             yield admin_pb2.PrepareSessionResponse(done=done)
             self._reshare_key(s, senders, peers, actor)
+            self._new_mask(s, senders, peers, xs, actor)
             ring = self.sh.keys.kek
             inflight: list = []
             more = True
@@ -1668,6 +1699,12 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         return keys, hashes
 
     def GetReshareShares(self, request, context):
+        if request.check_mask_deal:
+            # Cheap and answered here, so that a sender computing its mask
+            # inside a peer's call is never queued behind that call.
+            return self._mask_deal(request, context)
+        if request.check_answer:
+            return self._check_answer(request, context)
         return self._background(self._get_reshare_shares, request, context)
 
     def _get_reshare_shares(self, request, context):
@@ -1681,6 +1718,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         conn = self._conn()
         if request.mac_key:
             return self._reshare_key_deal(s, peer, x)
+        if request.check_mask_reshare:
+            return self._mask_reshare(s, peer, x)
         if request.keys:
             if len(request.keys) > MAX_KEYS:
                 raise status.InvalidArgument(f"At most {MAX_KEYS} records per call.")
@@ -1731,6 +1770,342 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 })
             self._commit(job)
         return admin_pb2.GetReshareSharesResponse(items=items, more=more)
+
+    # --- the reshare check (vault.proactive) -------------------------------------------
+
+    def _load_mask(self, s: Session, which: str) -> np.ndarray | None:
+        """This node's sealed check mask of the session (``which`` side), or None."""
+        row = self._conn().execute(
+            "SELECT kek_version, wrapped_dk, nonce, ciphertext FROM refresh_check_diffs WHERE session_id = ? "
+            "AND first_tenant = '' AND first_subject = ? AND width = ?", (s.session_id, which, RESHARE_CHECK_MASKS),
+        ).fetchone()
+        if row is None:
+            return None
+        try:
+            raw = envelope.open(self.sh.keys.kek, _mask_aad(s.session_id, which), SealedShare(*row))
+            return record.unpack_values(raw, RESHARE_CHECK_MASKS)
+        except (EnvelopeError, InvalidShares):
+            raise status.DataLoss("This node's sealed reshare check mask does not open; abort the session.") from None
+
+    def _seal_mask(self, s: Session, which: str, values: np.ndarray, actor: str, details: dict) -> np.ndarray:
+        """Seal a check mask once: the first one sealed is the one used, even if
+        a peer answered differently to a later computation."""
+        sealed = envelope.seal(self.sh.keys.kek, _mask_aad(s.session_id, which), record.pack_values(values))
+
+        def job(tx: Tx):
+            cur = load_session(tx.conn, s.session_id)
+            if cur is None or cur.state != BEGUN:
+                raise status.FailedPrecondition(f"Session {s.session_id} is no longer being prepared on this node.")
+            done = tx.conn.execute(
+                "INSERT OR IGNORE INTO refresh_check_diffs (session_id, first_tenant, first_subject, width, keys_json, "
+                "fingerprints, kek_version, wrapped_dk, nonce, ciphertext) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (s.session_id, "", which, RESHARE_CHECK_MASKS, "[]", b"", *sealed),
+            ).rowcount
+            if done:
+                tx.append("reshare_check_mask", actor=actor, request_id=s.session_id,
+                          details={"side": which.rsplit("-", 1)[-1], "slots": RESHARE_CHECK_MASKS, **details})
+
+        try:
+            self._commit(job)
+        finally:
+            record.wipe(values)
+        return self._load_mask(s, which)
+
+    def _old_mask(self, s: Session, peers=None, actor: str = "") -> np.ndarray:
+        """R_m = sum_i rho_i(m) over every old member i (this one included),
+        pulled node to node and sealed at prepare; a sender asked for its mask
+        reshare before its own prepare computes it then, from its own peer table."""
+        have = self._load_mask(s, _MASK_OLD)
+        if have is not None:
+            return have
+        with self._mask_lock:
+            have = self._load_mask(s, _MASK_OLD)
+            if have is not None:
+                return have
+            if peers is None:
+                peers = self._check_peers(s, [], s.plan.old)
+            x = s.plan.old[self.name]
+            missing = sorted(n for n in s.plan.old if n != self.name and n not in peers)
+            if missing:
+                raise status.FailedPrecondition(f"This node knows no address for old member(s) {', '.join(missing)}.")
+            parts = [proactive.reshare_mask_deal(self._seed(s), s.session_id, RESHARE_CHECK_MASKS,
+                                                 s.plan.old_threshold, x)]
+            req = admin_pb2.GetReshareSharesRequest(session_id=s.session_id, check_mask_deal=True)
+            calls = {n: self.peers.stub(n, peers[n][1]).GetReshareShares.future(req, timeout=PEER_TIMEOUT_S)
+                     for n in s.plan.old if n != self.name}
+            try:
+                for name, call in calls.items():
+                    try:
+                        got = list(call.result().check_masks)
+                    except grpc.RpcError as exc:
+                        raise _peer_error(name, exc) from None
+                    if len(got) != RESHARE_CHECK_MASKS or any(v >= P for v in got):
+                        raise status.Unavailable(f"Peer {name} dealt a reshare check mask of the wrong shape.")
+                    parts.append(np.asarray(got, dtype=FIELD_DTYPE))
+                mask = proactive.add_rows(*parts)
+            finally:
+                for call in calls.values():
+                    call.cancel()
+                record.wipe(*parts)
+            return self._seal_mask(s, _MASK_OLD, mask, actor or f"shareholder/{self.name}",
+                                   {"from": sorted(s.plan.old)})
+
+    def _new_mask(self, s: Session, senders, peers, xs, actor: str) -> None:
+        """R'_j = sum_{i in S} lambda_i r_i(j): the senders' reshare of their mask
+        shares, combined like a record and sealed before any record is prepared."""
+        if self._load_mask(s, _MASK_NEW) is not None:
+            return
+        req = admin_pb2.GetReshareSharesRequest(session_id=s.session_id, check_mask_reshare=True)
+        calls = {name: self.peers.stub(name, peers[name][1]).GetReshareShares.future(req, timeout=PEER_TIMEOUT_S)
+                 for _, name in senders}
+        stacked = np.empty((len(senders), 1, RESHARE_CHECK_MASKS), dtype=FIELD_DTYPE)
+        try:
+            for a, (_, name) in enumerate(senders):
+                try:
+                    got = list(calls[name].result().check_masks)
+                except grpc.RpcError as exc:
+                    raise _peer_error(name, exc) from None
+                if len(got) != RESHARE_CHECK_MASKS or any(v >= P for v in got):
+                    raise status.Unavailable(f"Sender {name} dealt a reshare check mask of the wrong shape.")
+                stacked[a, 0] = got
+            mask = proactive.combine(xs, stacked)[0]
+        finally:
+            for call in calls.values():
+                call.cancel()
+            record.wipe(stacked)
+        self._seal_mask(s, _MASK_NEW, mask, actor, {"from": [name for _, name in senders]})
+
+    def _mask_deal(self, request, context):
+        s = self._session(request.session_id, states=(BEGUN, PREPARED))
+        if s.kind != RESHARE or self.name not in s.plan.old:
+            raise status.FailedPrecondition(f"Node {self.name} is not an old member of reshare {s.session_id}.")
+        peer, x = self._peer_index(s, context, s.plan.old)
+        pinned = s.plan.pins.get(peer) or self._current_pins().get(peer, "")
+        if pinned and presented_spki(context) != pinned:
+            self._check_pin(s, peer, context)  # refuses, with its audit entry
+        values = proactive.reshare_mask_deal(self._seed(s), s.session_id, RESHARE_CHECK_MASKS,
+                                             s.plan.old_threshold, x)
+
+        def job(tx: Tx):
+            tx.append("reshare_check_deal", actor=f"shareholder/{peer}", request_id=s.session_id,
+                      details={"to": peer, "to_index": x, "step": "mask", "slots": RESHARE_CHECK_MASKS})
+        self._commit(job)
+        return admin_pb2.GetReshareSharesResponse(check_masks=[int(v) for v in values])
+
+    def _mask_reshare(self, s: Session, peer: str, x: int):
+        mask = self._old_mask(s)
+        values = proactive.reshare_mask_values(self._seed(s), s.session_id, mask, s.plan.new_threshold, x)
+
+        def job(tx: Tx):
+            tx.append("reshare_check_deal", actor=f"shareholder/{peer}", request_id=s.session_id,
+                      details={"to": peer, "to_index": x, "step": "mask_reshare", "slots": RESHARE_CHECK_MASKS})
+        self._commit(job)
+        try:
+            return admin_pb2.GetReshareSharesResponse(check_masks=[int(v) for v in values])
+        finally:
+            record.wipe(mask, values)
+
+    def CheckReshare(self, request, context):
+        return self._background(self._check_reshare, request, context)
+
+    def _check_reshare(self, request, context):
+        actor = str(caller(context))
+        s = self._session(request.session_id, states=(PREPARED,))
+        if s.kind != RESHARE:
+            raise status.FailedPrecondition(f"Session {s.session_id} is not a reshare.")
+        challenges = _challenges(request.challenges)
+        if len(challenges) > RESHARE_CHECK_MASKS:
+            raise status.InvalidArgument(f"The reshare check takes at most {RESHARE_CHECK_MASKS} challenges.")
+        mine = proactive.check_contribution(self._seed(s), s.session_id, challenges)
+        if not request.contributions:
+            def deal(tx: Tx):
+                tx.append("reshare_check_deal", actor=actor, request_id=s.session_id,
+                          details={"step": "contribution", "challenges": len(challenges)})
+            self._commit(deal)
+            reply = admin_pb2.CheckReshareResponse(contribution=mine)
+            for epoch, committee, field_name in ((s.from_epoch, s.plan.old, "old_key_hashes"),
+                                                 (s.new_epoch, s.plan.new, "new_key_hashes")):
+                if self.name in committee:
+                    keys = [(r[0], r[1]) for r in self._conn().execute(
+                        "SELECT tenant, subject FROM shares WHERE epoch = ? ORDER BY tenant, subject", (epoch,))]
+                    setattr(reply, field_name, np.sort(proactive.key_hashes(keys)).astype("<u8").tobytes())
+            return reply
+        members = sorted(set(s.plan.old) | set(s.plan.new))
+        given = [(c.name, bytes(c.contribution)) for c in request.contributions]
+        if [n for n, _ in given] != members or any(len(c) != proactive.CHALLENGE_BYTES for _, c in given):
+            raise status.InvalidArgument(
+                "The check needs one 16-byte contribution from every member of both committees, in name order.")
+        if dict(given)[self.name] != mine:
+            raise status.InvalidArgument("The contribution given for this node is not the one it made.")
+        raw = bytes(request.exclude_key_hashes)
+        if len(raw) % 8:
+            raise status.InvalidArgument("The excluded key hashes are 8 bytes each.")
+        exclude = set(np.frombuffer(raw, dtype="<u8").tolist())
+        mixed = proactive.mixed_challenges(s.session_id, challenges, [c for _, c in given])
+        covered = "reshare/" + hashlib.sha256(np.sort(np.frombuffer(raw, dtype="<u8")).tobytes()).hexdigest()
+        ctx = proactive.check_context(s.session_id, s.plan.new_threshold, covered, mixed).hex()
+        self._claim_reshare_context(s, actor, ctx)
+        reply = admin_pb2.CheckReshareResponse(context_sha256=hashlib.sha256(bytes.fromhex(ctx)).hexdigest())
+        for which, epoch, committee in ((_MASK_OLD, s.from_epoch, s.plan.old), (_MASK_NEW, s.new_epoch, s.plan.new)):
+            if self.name not in committee:
+                continue
+            mask = self._load_mask(s, which)
+            if mask is None:
+                raise status.FailedPrecondition(f"This node holds no reshare check mask of session {s.session_id}.")
+            totals, records, digest = self._reshare_totals(epoch, mixed, exclude)
+            values = [(t + int(m)) % P for t, m in zip(totals, mask)]
+            record.wipe(mask)
+            if which == _MASK_OLD:
+                reply.old_values.extend(values)
+                reply.old_index, reply.old_records, reply.old_keys_sha256 = committee[self.name], records, digest
+            else:
+                reply.new_values.extend(values)
+                reply.new_index, reply.new_records, reply.new_keys_sha256 = committee[self.name], records, digest
+
+        def job(tx: Tx):
+            # The answer itself is kept (masked values: what the auditor sees),
+            # for the members that hold it against theirs before they commit.
+            tx.append("reshare_check", actor=actor, request_id=s.session_id, details={
+                "context_sha256": reply.context_sha256, "old_records": reply.old_records,
+                "new_records": reply.new_records, "challenges": len(challenges),
+                "old_index": reply.old_index, "new_index": reply.new_index,
+                "old_values": list(reply.old_values), "new_values": list(reply.new_values),
+                "old_keys_sha256": reply.old_keys_sha256, "new_keys_sha256": reply.new_keys_sha256})
+        self._commit(job)
+        return reply
+
+    def _my_check_answer(self, s: Session) -> admin_pb2.CheckReshareResponse | None:
+        row = self._conn().execute(
+            "SELECT details_json FROM audit_log WHERE time_ms >= ? AND event = 'reshare_check' AND request_id = ? "
+            "ORDER BY seq DESC LIMIT 1", (s.started_ms - CLAIM_CLOCK_SLACK_MS, s.session_id)).fetchone()
+        if row is None:
+            return None
+        d = json.loads(row[0])
+        return admin_pb2.CheckReshareResponse(
+            context_sha256=d["context_sha256"], old_index=d["old_index"], new_index=d["new_index"],
+            old_values=d["old_values"], new_values=d["new_values"], old_records=d["old_records"],
+            new_records=d["new_records"], old_keys_sha256=d["old_keys_sha256"], new_keys_sha256=d["new_keys_sha256"])
+
+    def _check_answer(self, request, context):
+        s = self._session(request.session_id, states=(PREPARED, COMMITTED, FINALIZED))
+        if s.kind != RESHARE:
+            raise status.FailedPrecondition(f"Session {s.session_id} is not a reshare.")
+        self._peer_index(s, context, {**s.plan.old, **s.plan.new})
+        mine = self._my_check_answer(s)
+        return admin_pb2.GetReshareSharesResponse(check_answer=mine) if mine is not None \
+            else admin_pb2.GetReshareSharesResponse()
+
+    def _require_check(self, s: Session, actor: str) -> None:
+        """A reshare commits on a node only once the node itself has seen the
+        check pass: its own answer and every other member's (asked node to
+        node) for one context, the sides consistent and equal at 0."""
+        def refuse(reason: str):
+            def job(tx: Tx):
+                tx.append("reshare_commit_refused", actor=actor, request_id=s.session_id, details={"reason": reason})
+            self._commit(job)
+            logs.event(_log, "reshare commit refused", logging.WARNING, session=s.session_id, reason=reason)
+            return status.FailedPrecondition(
+                f"Session {s.session_id} has not passed the reshare check on node {self.name} ({reason}); "
+                "run the check (vaultctl reshare) or roll it back.")
+
+        mine = self._my_check_answer(s)
+        if mine is None:
+            raise refuse("this node answered no check")
+        members = {**s.plan.old, **s.plan.new}
+        peers = self._check_peers(s, [], members)
+        answers = {self.name: mine}
+        req = admin_pb2.GetReshareSharesRequest(session_id=s.session_id, check_answer=True)
+        calls = {n: self.peers.stub(n, peers[n][1]).GetReshareShares.future(req, timeout=PEER_STATE_TIMEOUT_S)
+                 for n in members if n != self.name and n in peers}
+        missing = sorted(n for n in members if n != self.name and n not in peers)
+        if missing:
+            raise refuse(f"no address for {', '.join(missing)}")
+        try:
+            for name, call in calls.items():
+                try:
+                    reply = call.result()
+                except grpc.RpcError as exc:
+                    raise _peer_error(name, exc) from None
+                if not reply.HasField("check_answer"):
+                    raise refuse(f"{name} answered no check")
+                answers[name] = reply.check_answer
+        finally:
+            for call in calls.values():
+                call.cancel()
+        if len({a.context_sha256 for a in answers.values()}) != 1:
+            raise refuse("the members answered different checks")
+        digests = {a.old_keys_sha256 for n, a in answers.items() if n in s.plan.old} | \
+                  {a.new_keys_sha256 for n, a in answers.items() if n in s.plan.new}
+        if len(digests) != 1:
+            raise refuse("the members covered different records")
+        old = {s.plan.old[n]: list(answers[n].old_values) for n in s.plan.old}
+        new = {s.plan.new[n]: list(answers[n].new_values) for n in s.plan.new}
+        counts = {len(v) for v in (*old.values(), *new.values())}
+        if len(counts) != 1 or counts == {0}:
+            raise refuse("the answers have different numbers of values")
+        for c in range(counts.pop()):
+            verdict = proactive.reshare_check(sorted(old), [old[x][c] for x in sorted(old)], s.plan.old_threshold,
+                                              sorted(new), [new[x][c] for x in sorted(new)], s.plan.new_threshold)
+            if verdict != "ok":
+                raise refuse(verdict)
+
+    def _claim_reshare_context(self, s: Session, actor: str, ctx: str) -> None:
+        """The masks serve ONE check context: the first claimed is recorded in
+        the audit log; the same again is answered (the same values), another is
+        refused and the refusal logged. One writer transaction."""
+        digest = hashlib.sha256(bytes.fromhex(ctx)).hexdigest()
+
+        def job(tx: Tx):
+            seen = {json.loads(d).get("context_sha256") for (d,) in tx.conn.execute(
+                "SELECT details_json FROM audit_log WHERE time_ms >= ? AND event = 'reshare_check_begin' "
+                "AND request_id = ?", (s.started_ms - CLAIM_CLOCK_SLACK_MS, s.session_id))}
+            if seen and digest not in seen:
+                tx.append("reshare_check_refused", actor=actor, request_id=s.session_id,
+                          details={"reason": "second_context", "context_sha256": digest})
+                return False
+            tx.append("reshare_check_begin", actor=actor, request_id=s.session_id,
+                      details={"context_sha256": digest, "repeat": bool(seen)})
+            return True
+
+        if not self._commit(job):
+            logs.event(_log, "reshare check refused", session=s.session_id, reason="second_context", actor=actor)
+            raise status.FailedPrecondition(
+                f"This node has answered another reshare check in session {s.session_id}; its masks serve one check "
+                "context. Roll the session back and run the reshare again.")
+
+    def _reshare_totals(self, epoch: int, challenges: list[bytes], exclude: set[int]) -> tuple[list[int], int, str]:
+        """sum over every record this node holds at ``epoch`` (but those whose key
+        hash is in ``exclude``) of the challenges' combinations of its share (key
+        order), the record count and the keys' digest."""
+        totals = [0] * len(challenges)
+        digest = _keys_digest([])
+        records = 0
+        after = ("", "")
+        conn = self._conn()
+        while True:
+            rows = [store._share_row(r) for r in conn.execute(
+                f"SELECT {store.SHARE_COLUMNS} FROM shares WHERE epoch = ? AND (tenant, subject) > (?, ?) "
+                "ORDER BY tenant, subject LIMIT ?", (epoch, *after, RESHARE_CHECK_PAGE))]
+            if not rows:
+                break
+            after = (rows[-1].tenant, rows[-1].subject)
+            if exclude:
+                hashes = proactive.key_hashes([(r.tenant, r.subject) for r in rows]).tolist()
+                rows = [r for r, h in zip(rows, hashes) if h not in exclude]
+            records += len(rows)
+            for row in rows:
+                digest.update(proactive.record_label(b"", row.tenant, row.subject))
+            by_width: dict[int, list] = {}
+            for row in rows:
+                by_width.setdefault(row.dimension + row.mac_count, []).append(row)
+            for width, group in by_width.items():
+                shares = np.stack([self._open(row, width) for row in group])
+                try:
+                    part = proactive.check_combinations(challenges, [(r.tenant, r.subject) for r in group], shares)
+                finally:
+                    record.wipe(shares)
+                totals = [(a + b) % P for a, b in zip(totals, part)]
+        return totals, records, digest.hexdigest()
 
     # --- MAC keys: dealt, renewed, reshared (vault.epoch_mac) --------------------------
 
@@ -2416,6 +2791,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 self.sh.serving_epoch = max(self.sh.serving_epoch, s.new_epoch)
             yield admin_pb2.CommitSessionResponse(status=self._status(s))
             return
+        if s.kind == RESHARE:
+            self._require_check(s, actor)
         plan = s.plan
 
         def job(tx: Tx) -> Session:

@@ -393,3 +393,145 @@ def on_zero_polynomial(xs: Sequence[int], values: Sequence[int], threshold: int)
         if expected != v:
             return False
     return True
+
+
+# --- the reshare check ---------------------------------------------------------------
+#
+# A reshare moves f (degree k - 1, old committee) to G = sum_{i in S} lambda_i g_i
+# (degree k' - 1, new committee). A sender i that deals g_i(0) != y_i (or
+# reshares a wrong mask) makes G(0) != f(0): every template is lost once the
+# old epoch is destroyed. The check compares a random linear combination L of
+# the records (``check_combinations``) on both sides, masked:
+#
+#   mask R, C values: every OLD member i deals rho_i (degree k - 1, random
+#       constant) to every old member; member m holds R_m = sum_i rho_i(m),
+#       a degree-(k - 1) sharing of R = sum_i rho_i(0) that no k - 1 old
+#       members know anything of. The senders reshare R_m like one more
+#       record (``reshare_mask_values``), so R is shared on both sides.
+#   old member m reports  v_m  = L(y_m) + R_m          (every old member)
+#   new member j reports  v'_j = L(y'_j) + R'_j        (every new member)
+#   pass iff the v lie on one polynomial of degree <= k - 1, the v' on one of
+#   degree <= k' - 1, and both have the same value at 0.
+#
+# Soundness. Everything dealt (records and masks) is fixed before L is
+# drawn. A dealing error adds  sum_i lambda_i (L(e_i) + delta_i)  to the new
+# side's value at 0, with e_i the record error and delta_i the mask error of
+# sender i; for a non-zero record error this equals 0 with probability at
+# most w/P per challenge (the bound of ``check_combinations``, for any fixed
+# target), independently for each challenge's mask. A sender cannot fix its
+# report afterwards: the old side is checked at all n old members, so with
+# at most n - k dishonest old members (one cheat needs n >= k + 1) a report
+# off f's polynomial fails the degree test. With n = k the old side always
+# fits (k points define the polynomial) and a sender could lie in its
+# report once it knows L: the check is then not sound against a cheating
+# sender, only against bugs and damage; ``reshare_check`` says so.
+#
+# What it reveals. Per challenge, the old values are L(f) + R at the n old
+# points and the new ones L(G) + R' at the n' new points. With one honest
+# old dealer, R is uniform and its sharing (every coefficient) uniform to
+# any k - 1 old members; the senders' mask reshares r_i are uniform of degree
+# k' - 1 around R_i. So the n values are a uniform point of "degree k - 1",
+# the n' values a uniform point of "degree k' - 1 with that value at 0":
+# nothing about the templates, whatever L was. Each mask (one per
+# challenge) may be used for ONE check context only: two contexts with one
+# mask subtract to L1(f) - L2(f), a linear function of the templates. The
+# node refuses a second context (shareholders.epochs), as the refresh check
+# refuses a second answer.
+
+RESHARE_MASK_DOMAIN = b"splitvault/reshare-check-mask/v1\x00"
+RESHARE_MASK_RECORD = b"splitvault/reshare-check-mask-record/v1\x00"
+
+
+def reshare_mask_deal(seed: bytes, session_id: str, count: int, old_threshold: int, x: int) -> np.ndarray:
+    """rho_i(x) of this old member (seed) for each of ``count`` mask slots: (count,).
+
+    rho_i has degree k - 1 and a random constant; old member x keeps
+    R_x = sum_i rho_i(x) (``add_rows`` over every old member's deal).
+    """
+    if not 1 <= count <= 64 or old_threshold < 1:
+        raise ValueError("A reshare check has 1 to 64 mask slots and k >= 1.")
+    label = RESHARE_MASK_DOMAIN + _lp(session_id.encode()) + struct.pack(">I", old_threshold)
+    flat = derive_field(seed, [label], old_threshold * count)  # (1, k * count)
+    coeffs = np.ascontiguousarray(flat.reshape(old_threshold, 1, count))  # constant, c_1 .. c_{k-1}
+    try:
+        return evaluate_at(coeffs[1:], coeffs[0], x)[0]
+    finally:
+        coeffs.fill(0)
+
+
+def reshare_mask_values(seed: bytes, session_id: str, mask: np.ndarray, new_threshold: int, x: int) -> np.ndarray:
+    """r_i(x) = R_i + c_1 x + ... : sender i's reshare of its mask shares, (count,).
+
+    The same dealing as a record's (``reshare_values``) under a label that no
+    record key can take; receivers combine it with ``combine`` like a record.
+    """
+    mask = np.asarray(mask, dtype=FIELD_DTYPE).reshape(1, -1)
+    label = RESHARE_MASK_RECORD + _lp(session_id.encode()) + struct.pack(">II", new_threshold, mask.shape[1])
+    coeffs = _coefficients(seed, [label], new_threshold - 1, mask.shape[1])
+    try:
+        return evaluate_at(coeffs, mask, x)[0]
+    finally:
+        coeffs.fill(0)
+
+
+def reshare_check_values(challenges: Sequence[bytes], keys: Sequence[tuple[str, str]], shares: np.ndarray,
+                         mask: np.ndarray) -> list[int]:
+    """L_c(y) + R_c for each challenge c: what one member (old or new) reports.
+
+    ``shares`` are the member's shares of the covered records (one side's
+    epoch), ``mask`` its mask shares (at least one per challenge). Additive
+    over batches: sum ``check_combinations`` chunk by chunk, add the mask once.
+    """
+    mask = np.asarray(mask, dtype=FIELD_DTYPE).reshape(-1)
+    if mask.size < len(challenges):
+        raise ValueError("One mask share per challenge.")
+    combo = check_combinations(challenges, keys, shares)
+    return [(int(v) + int(m)) % P for v, m in zip(combo, mask)]
+
+
+def value_at_zero(xs: Sequence[int], values: Sequence[int], threshold: int) -> int | None:
+    """f(0) if the points (x_j, v_j) lie on one polynomial f of degree <= k - 1, else None.
+
+    The first k points determine f; every other point must agree with it.
+    """
+    pts = [int(x) for x in xs]
+    vals = [int(v) % P for v in values]
+    if len(pts) != len(vals) or len(set(pts)) != len(pts) or 0 in pts:
+        raise InvalidShares("The check needs distinct non-zero x-coordinates, one value each.")
+    if len(pts) < threshold:
+        raise InvalidShares("The check needs at least k values.")
+    base_x, base_y = tuple(pts[:threshold]), vals[:threshold]
+    for x, v in zip(pts[threshold:], vals[threshold:]):
+        lam = field.lagrange_at(base_x, x)
+        if sum(int(l) * y for l, y in zip(lam, base_y)) % P != v:
+            return None
+    lam0 = field.lagrange_at_zero(base_x)
+    return sum(int(l) * y for l, y in zip(lam0, base_y)) % P
+
+
+def reshare_check(old_xs: Sequence[int], old_values: Sequence[int], old_threshold: int,
+                  new_xs: Sequence[int], new_values: Sequence[int], new_threshold: int) -> str:
+    """The verdict on one challenge: "ok", or which test failed.
+
+    "old_inconsistent": the old members' reports do not lie on one
+    polynomial of degree <= k - 1 (an old member lied or dealt a bad mask
+    share); "new_inconsistent": the new members' do not lie on one of
+    degree <= k' - 1 (a sender dealt values of the wrong degree, or a new
+    member's share is damaged); "different_secret": both sides are
+    consistent but hold different values (a sender dealt a wrong constant).
+    ``reshare_check_sound`` says whether the old side can bind a sender's
+    report at all (it needs a spare old member).
+    """
+    a = value_at_zero(old_xs, old_values, old_threshold)
+    if a is None:
+        return "old_inconsistent"
+    b = value_at_zero(new_xs, new_values, new_threshold)
+    if b is None:
+        return "new_inconsistent"
+    return "ok" if a == b else "different_secret"
+
+
+def reshare_check_sound(old_members: int, old_threshold: int) -> bool:
+    """Whether the check holds against one sender lying in its report: the old
+    side needs a spare member (n >= k + 1) for its degree test to bind."""
+    return old_members >= old_threshold + 1

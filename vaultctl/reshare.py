@@ -28,11 +28,15 @@ extended vector, so the MACs still verify. Steps (docs/operations.md):
             before anything else happens;
 2. provision new nodes: certificate, KEK, audit key, config; started;
 3. begin    every node of both committees takes its lock for the session;
-4. prepare  every new member pulls its values from the senders;
-5. commit   new members serve the new epoch beside the old one;
-6. switch   cluster.json and the matcher's committee change (SIGHUP; the
+4. prepare  old members deal the check's masks among themselves; every new
+            member pulls its values (and the masks' reshare) from the senders;
+5. check    every member reports a masked random combination of its shares;
+            the old sharing must hold what the new one holds, else every
+            node rolls back (vault.proactive, "the reshare check");
+6. commit   new members serve the new epoch beside the old one;
+7. switch   cluster.json and the matcher's committee change (SIGHUP; the
             matcher rejoins the new epoch from then on);
-7. finalize after the drain, every node destroys the old epoch (a node
+8. finalize after the drain, every node destroys the old epoch (a node
             leaving the committee: every share), nodes that left are stopped.
 
 A rerun resumes the open session; ``--abort`` rolls back one that no node
@@ -45,8 +49,10 @@ import json
 import pathlib
 import time
 
+import numpy as np
+
 from splitvault.v1 import admin_pb2
-from vault import pki, plan as committee_plan
+from vault import pki, plan as committee_plan, proactive
 from vaultctl import cluster, maintenance
 from vaultctl.cli import CliError, RemoteError, Result, command, count, seconds_or_zero
 from vaultctl.cluster import ClusterSpec
@@ -57,6 +63,8 @@ from vaultctl.maintenance import (
 from vaultctl.refresh import DEFAULT_DRAIN_S, _round, _state, state_dir
 
 _S = admin_pb2
+# The check's step 2 reads every share of one side's epoch on each node.
+CHECK_TIMEOUT_S = 600.0
 
 
 def plan_committee(spec, shareholders: int | None, threshold: int | None, replace: str | None,
@@ -321,6 +329,92 @@ def reshare_session(
         admin.close()
 
 
+CHECK_CHALLENGES = 3
+
+
+def check_reshare(admin, saved, sessions, old_names: list[str], new_names: list[str], k_old: int, k_new: int, *,
+                  allow_loss: bool = False) -> dict:
+    """Run the reshare check on every member of both committees; the verdict
+    per challenge (``proactive.reshare_check``) and what it can name.
+
+    The auditor's challenges are drawn once per session and kept in the
+    session file, so a rerun after a crash asks the same check again (the
+    nodes answer one check context per session). Every side must hold the
+    same records; with ``allow_loss`` those some side lacks (dropped by this
+    reshare) are left out of the check."""
+    if not saved.extra.get("check_challenges"):
+        saved.extra["check_challenges"] = [proactive.new_challenge().hex() for _ in range(CHECK_CHALLENGES)]
+        sessions.save(saved)
+    challenges = [bytes.fromhex(c) for c in saved.extra["check_challenges"]]
+    sid = saved.session_id
+    members = sorted(set(old_names) | set(new_names))
+    step1 = admin.each(members, lambda name: admin.call(
+        name, "CheckReshare", _S.CheckReshareRequest(session_id=sid, challenges=challenges)))
+    contributions = [_S.MemberContribution(name=n, contribution=step1[n].contribution) for n in members]
+    held = [set(np.frombuffer(step1[n].old_key_hashes, dtype="<u8").tolist()) for n in old_names] + \
+           [set(np.frombuffer(step1[n].new_key_hashes, dtype="<u8").tolist()) for n in new_names]
+    every, some = set.intersection(*held), set.union(*held)
+    if some != every and not allow_loss:
+        return {"challenges": len(challenges), "passed": False, "suspects": [], "verdicts": [],
+                "reason": f"{len(some - every)} record(s) are not held on every side (rerun with --allow-loss to "
+                          "drop them)"}
+    exclude = np.array(sorted(some - every), dtype="<u8").tobytes()
+    req = _S.CheckReshareRequest(session_id=sid, challenges=challenges, contributions=contributions,
+                                 exclude_key_hashes=exclude)
+    answers = admin.each(members, lambda name: admin.call(name, "CheckReshare", req, timeout=CHECK_TIMEOUT_S))
+    old = {a.old_index: (n, list(a.old_values)) for n, a in answers.items() if a.old_index}
+    new = {a.new_index: (n, list(a.new_values)) for n, a in answers.items() if a.new_index}
+    out: dict = {"challenges": len(challenges), "passed": False, "suspects": [], "excluded": len(exclude) // 8,
+                 "records_old": sorted({int(a.old_records) for a in answers.values() if a.old_index}),
+                 "records_new": sorted({int(a.new_records) for a in answers.values() if a.new_index})}
+    if len({a.context_sha256 for a in answers.values()}) != 1:
+        return {**out, "reason": "the nodes checked different contexts"}
+    digests = {a.old_keys_sha256 for a in answers.values() if a.old_index} | \
+              {a.new_keys_sha256 for a in answers.values() if a.new_index}
+    if len(digests) != 1:
+        return {**out, "reason": "the members cover different records"}
+    verdicts = []
+    for c in range(len(challenges)):
+        ox, ov = sorted(old), [old[x][1][c] for x in sorted(old)]
+        nx, nv = sorted(new), [new[x][1][c] for x in sorted(new)]
+        verdict = proactive.reshare_check(ox, ov, k_old, nx, nv, k_new)
+        verdicts.append(verdict)
+        if verdict == "old_inconsistent":
+            out["suspects"] = sorted(set(out["suspects"]) | set(_odd_one(old, c, k_old)))
+        elif verdict == "new_inconsistent":
+            out["suspects"] = sorted(set(out["suspects"]) | set(_odd_one(new, c, k_new)))
+    out["verdicts"] = verdicts
+    if all(v == "ok" for v in verdicts):
+        return {**out, "passed": True, "reason": ""}
+    reason = next(v for v in verdicts if v != "ok")
+    text = {"old_inconsistent": "an old member reported a value off the old sharing",
+            "new_inconsistent": "a new member's values are off the new sharing (a sender dealt values of the wrong "
+                                "degree, or a share is damaged)",
+            "different_secret": "the new sharing holds different values (a sender dealt wrong values)"}[reason]
+    if reason == "different_secret":
+        out["senders"] = [old[x][0] for x in sorted(old) if x in saved.senders]
+    return {**out, "reason": text}
+
+
+def _odd_one(side: dict, c: int, k: int) -> list[str]:
+    # The one member whose report, left out, makes the rest consistent (named
+    # only when the rest still over-determine the polynomial: n - 1 > k).
+    xs = sorted(side)
+    if len(xs) - 1 <= k:
+        return []
+    odd = [side[x][0] for x in xs
+           if proactive.value_at_zero([y for y in xs if y != x], [side[y][1][c] for y in xs if y != x], k) is not None]
+    return odd if len(odd) == 1 else []
+
+
+def _suspects(check: dict) -> str:
+    if check.get("suspects"):
+        return f" (suspect: {', '.join(check['suspects'])})"
+    if check.get("senders"):
+        return f" (one of the senders {', '.join(check['senders'])})"
+    return ""
+
+
 def _spec_fields(spec) -> dict:
     return {k: getattr(spec, k) for k in ("shareholders", "threshold", "dim", "tenants", "nodes", "auditor", "matcher",
                                           "match_threshold")}
@@ -421,6 +515,24 @@ def _drive(admin, ops, sessions, saved, new_spec, old_names, new_names, everyone
                 f" (lead sender {lead} listed fewer); the reshare was rolled back. Find out why the lead lacks them "
                 "(half-done enrolments, or a damaged or tampered node), or rerun with --allow-loss to drop them.",
                 not_received=missing)
+
+        # The check: the new sharing holds the same templates as the old one
+        # (vault.proactive), before any node serves it.
+        t = time.monotonic()
+        check = check_reshare(admin, saved, sessions, old_names, new_names, saved.old_threshold,
+                              saved.new_threshold, allow_loss=allow_loss)
+        timings["check_s"] = time.monotonic() - t
+        report["check"] = check
+        if not check["passed"]:
+            why = f"reshare check failed: {check['reason']}{_suspects(check)}"
+            admin.each(everyone, lambda name: admin.call(name, "AbortSession",
+                                                         _S.AbortSessionRequest(session_id=sid, reason=why)))
+            ops.retire(saved.extra.get("added", []))
+            sessions.clear()
+            raise MaintenanceError(
+                f"The reshare check failed ({check['reason']}): the new committee's shares do not hold the same "
+                f"templates as the old ones{_suspects(check)}; the reshare was rolled back and the old committee "
+                "keeps serving. Find the faulty node in the audit logs before running it again.", check=check)
 
     # 5. commit on every node (new members start serving the new epoch)
     t = time.monotonic()

@@ -189,6 +189,54 @@ class CheckRefreshRequest(_message.Message):
     exclude: _containers.RepeatedCompositeFieldContainer[RecordKey]
     def __init__(self, session_id: _Optional[str] = ..., challenges: _Optional[_Iterable[bytes]] = ..., peers: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., exclude: _Optional[_Iterable[_Union[RecordKey, _Mapping]]] = ...) -> None: ...
 
+class CheckReshareRequest(_message.Message):
+    __slots__ = ("session_id", "challenges", "contributions", "exclude_key_hashes")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGES_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_KEY_HASHES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    challenges: _containers.RepeatedScalarFieldContainer[bytes]
+    contributions: _containers.RepeatedCompositeFieldContainer[MemberContribution]
+    exclude_key_hashes: bytes
+    def __init__(self, session_id: _Optional[str] = ..., challenges: _Optional[_Iterable[bytes]] = ..., contributions: _Optional[_Iterable[_Union[MemberContribution, _Mapping]]] = ..., exclude_key_hashes: _Optional[bytes] = ...) -> None: ...
+
+class MemberContribution(_message.Message):
+    __slots__ = ("name", "contribution")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    contribution: bytes
+    def __init__(self, name: _Optional[str] = ..., contribution: _Optional[bytes] = ...) -> None: ...
+
+class CheckReshareResponse(_message.Message):
+    __slots__ = ("contribution", "old_values", "new_values", "old_index", "new_index", "old_records", "new_records", "old_keys_sha256", "new_keys_sha256", "context_sha256", "old_key_hashes", "new_key_hashes")
+    CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    OLD_VALUES_FIELD_NUMBER: _ClassVar[int]
+    NEW_VALUES_FIELD_NUMBER: _ClassVar[int]
+    OLD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    NEW_INDEX_FIELD_NUMBER: _ClassVar[int]
+    OLD_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    NEW_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    OLD_KEYS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    NEW_KEYS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    OLD_KEY_HASHES_FIELD_NUMBER: _ClassVar[int]
+    NEW_KEY_HASHES_FIELD_NUMBER: _ClassVar[int]
+    contribution: bytes
+    old_values: _containers.RepeatedScalarFieldContainer[int]
+    new_values: _containers.RepeatedScalarFieldContainer[int]
+    old_index: int
+    new_index: int
+    old_records: int
+    new_records: int
+    old_keys_sha256: str
+    new_keys_sha256: str
+    context_sha256: str
+    old_key_hashes: bytes
+    new_key_hashes: bytes
+    def __init__(self, contribution: _Optional[bytes] = ..., old_values: _Optional[_Iterable[int]] = ..., new_values: _Optional[_Iterable[int]] = ..., old_index: _Optional[int] = ..., new_index: _Optional[int] = ..., old_records: _Optional[int] = ..., new_records: _Optional[int] = ..., old_keys_sha256: _Optional[str] = ..., new_keys_sha256: _Optional[str] = ..., context_sha256: _Optional[str] = ..., old_key_hashes: _Optional[bytes] = ..., new_key_hashes: _Optional[bytes] = ...) -> None: ...
+
 class CheckRefreshResponse(_message.Message):
     __slots__ = ("values", "records", "keys_sha256", "context_sha256", "excluded", "call")
     VALUES_FIELD_NUMBER: _ClassVar[int]
@@ -238,10 +286,12 @@ class FinalizeSessionResponse(_message.Message):
     def __init__(self, done: _Optional[int] = ..., total: _Optional[int] = ..., status: _Optional[_Union[SessionStatus, _Mapping]] = ...) -> None: ...
 
 class AbortSessionRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "reason")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    reason: str
+    def __init__(self, session_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class AbortSessionResponse(_message.Message):
     __slots__ = ("status",)
@@ -332,20 +382,26 @@ class GetRefreshDeltasResponse(_message.Message):
     def __init__(self, values: _Optional[bytes] = ..., masks: _Optional[_Iterable[int]] = ..., contribution: _Optional[bytes] = ..., key_hashes: _Optional[bytes] = ..., renewal: _Optional[bytes] = ...) -> None: ...
 
 class GetReshareSharesRequest(_message.Message):
-    __slots__ = ("session_id", "after_tenant", "after_subject", "limit", "keys", "mac_key")
+    __slots__ = ("session_id", "after_tenant", "after_subject", "limit", "keys", "mac_key", "check_mask_deal", "check_mask_reshare", "check_answer")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     AFTER_TENANT_FIELD_NUMBER: _ClassVar[int]
     AFTER_SUBJECT_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     MAC_KEY_FIELD_NUMBER: _ClassVar[int]
+    CHECK_MASK_DEAL_FIELD_NUMBER: _ClassVar[int]
+    CHECK_MASK_RESHARE_FIELD_NUMBER: _ClassVar[int]
+    CHECK_ANSWER_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     after_tenant: str
     after_subject: str
     limit: int
     keys: _containers.RepeatedCompositeFieldContainer[RecordKey]
     mac_key: bool
-    def __init__(self, session_id: _Optional[str] = ..., after_tenant: _Optional[str] = ..., after_subject: _Optional[str] = ..., limit: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[RecordKey, _Mapping]]] = ..., mac_key: _Optional[bool] = ...) -> None: ...
+    check_mask_deal: bool
+    check_mask_reshare: bool
+    check_answer: bool
+    def __init__(self, session_id: _Optional[str] = ..., after_tenant: _Optional[str] = ..., after_subject: _Optional[str] = ..., limit: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[RecordKey, _Mapping]]] = ..., mac_key: _Optional[bool] = ..., check_mask_deal: _Optional[bool] = ..., check_mask_reshare: _Optional[bool] = ..., check_answer: _Optional[bool] = ...) -> None: ...
 
 class ReshareItem(_message.Message):
     __slots__ = ("tenant", "subject", "dimension", "codec_version", "mac_count", "request_id", "threshold", "values")
@@ -368,13 +424,17 @@ class ReshareItem(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., subject: _Optional[str] = ..., dimension: _Optional[int] = ..., codec_version: _Optional[int] = ..., mac_count: _Optional[int] = ..., request_id: _Optional[str] = ..., threshold: _Optional[int] = ..., values: _Optional[bytes] = ...) -> None: ...
 
 class GetReshareSharesResponse(_message.Message):
-    __slots__ = ("items", "more", "mac_key_values", "mac_key_width")
+    __slots__ = ("items", "more", "mac_key_values", "mac_key_width", "check_masks", "check_answer")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
     MAC_KEY_VALUES_FIELD_NUMBER: _ClassVar[int]
     MAC_KEY_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    CHECK_MASKS_FIELD_NUMBER: _ClassVar[int]
+    CHECK_ANSWER_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ReshareItem]
     more: bool
     mac_key_values: bytes
     mac_key_width: int
-    def __init__(self, items: _Optional[_Iterable[_Union[ReshareItem, _Mapping]]] = ..., more: _Optional[bool] = ..., mac_key_values: _Optional[bytes] = ..., mac_key_width: _Optional[int] = ...) -> None: ...
+    check_masks: _containers.RepeatedScalarFieldContainer[int]
+    check_answer: CheckReshareResponse
+    def __init__(self, items: _Optional[_Iterable[_Union[ReshareItem, _Mapping]]] = ..., more: _Optional[bool] = ..., mac_key_values: _Optional[bytes] = ..., mac_key_width: _Optional[int] = ..., check_masks: _Optional[_Iterable[int]] = ..., check_answer: _Optional[_Union[CheckReshareResponse, _Mapping]] = ...) -> None: ...

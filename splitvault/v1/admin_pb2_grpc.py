@@ -64,6 +64,11 @@ class ShareholderAdminStub:
                 request_serializer=splitvault_dot_v1_dot_admin__pb2.CheckRefreshRequest.SerializeToString,
                 response_deserializer=splitvault_dot_v1_dot_admin__pb2.CheckRefreshResponse.FromString,
                 _registered_method=True)
+        self.CheckReshare = channel.unary_unary(
+                '/splitvault.v1.ShareholderAdmin/CheckReshare',
+                request_serializer=splitvault_dot_v1_dot_admin__pb2.CheckReshareRequest.SerializeToString,
+                response_deserializer=splitvault_dot_v1_dot_admin__pb2.CheckReshareResponse.FromString,
+                _registered_method=True)
         self.CommitSession = channel.unary_stream(
                 '/splitvault.v1.ShareholderAdmin/CommitSession',
                 request_serializer=splitvault_dot_v1_dot_admin__pb2.CommitSessionRequest.SerializeToString,
@@ -153,6 +158,18 @@ class ShareholderAdminServicer:
         record that every member holds (the nodes decide), masked by a joint
         zero sharing bound to this check; a challenge is answered once per
         session. No share or template leaves the node. Role: auditor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckReshare(self, request, context):
+        """The reshare check (vault.proactive): once prepared, step 1 gives this
+        node's contribution to the mixed challenges; step 2 (every member's
+        contribution given, in name order) gives L(y) + R for this node's old
+        share (old members) and L(y') + R' for its new one (new members), with
+        masks dealt and sealed at prepare. A node answers one check context per
+        session (the same one again gives the same values). Role: auditor.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -258,6 +275,11 @@ def add_ShareholderAdminServicer_to_server(servicer, server):
                     servicer.CheckRefresh,
                     request_deserializer=splitvault_dot_v1_dot_admin__pb2.CheckRefreshRequest.FromString,
                     response_serializer=splitvault_dot_v1_dot_admin__pb2.CheckRefreshResponse.SerializeToString,
+            ),
+            'CheckReshare': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckReshare,
+                    request_deserializer=splitvault_dot_v1_dot_admin__pb2.CheckReshareRequest.FromString,
+                    response_serializer=splitvault_dot_v1_dot_admin__pb2.CheckReshareResponse.SerializeToString,
             ),
             'CommitSession': grpc.unary_stream_rpc_method_handler(
                     servicer.CommitSession,
@@ -401,6 +423,33 @@ class ShareholderAdmin:
             '/splitvault.v1.ShareholderAdmin/CheckRefresh',
             splitvault_dot_v1_dot_admin__pb2.CheckRefreshRequest.SerializeToString,
             splitvault_dot_v1_dot_admin__pb2.CheckRefreshResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckReshare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitvault.v1.ShareholderAdmin/CheckReshare',
+            splitvault_dot_v1_dot_admin__pb2.CheckReshareRequest.SerializeToString,
+            splitvault_dot_v1_dot_admin__pb2.CheckReshareResponse.FromString,
             options,
             channel_credentials,
             insecure,
