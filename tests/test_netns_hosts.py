@@ -121,6 +121,10 @@ def committee(tmp_path_factory):
             proc = hosts.spawn(name, [sys.executable, "-m", module, "--config", str(paths.config(spec, name))],
                                paths.log(spec, name), cwd=paths.process_dir(spec, name))
             netns_kit.wait_file(paths.ready(spec, name), proc, paths.log(spec, name))
+        # The committee's first MAC key, dealt by the nodes across the hosts (the auditor's workstation asks).
+        dealt = hosts.run(OPS, [sys.executable, "-m", "vaultctl", "mac-key", "deal", "--config", str(auditor_toml),
+                                "--width", str(DIM), "--format", "json"])
+        assert dealt.returncode == 0, dealt.stderr[-2000:]
         templates = np.stack(synthetic_templates(SUBJECTS, DIM, seed=77)).astype(np.float32)
         np.save(root / "templates.npy", templates)
         (root / "enroll.py").write_text(ENROLL_DRIVER)
