@@ -1953,6 +1953,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             if mask is None:
                 raise status.FailedPrecondition(f"This node holds no reshare check mask of session {s.session_id}.")
             totals, records, digest = self._reshare_totals(epoch, mixed, exclude)
+            totals = [(a + b) % P for a, b in zip(totals, self._key_totals(epoch, mixed))]
             values = [(t + int(m)) % P for t, m in zip(totals, mask)]
             record.wipe(mask)
             if which == _MASK_OLD:
@@ -2106,6 +2107,24 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                     record.wipe(shares)
                 totals = [(a + b) % P for a, b in zip(totals, part)]
         return totals, records, digest.hexdigest()
+
+    def _key_totals(self, epoch: int, challenges: list[bytes]) -> list[int]:
+        """The challenges' combinations of this node's share of ``epoch``'s MAC
+        key, as L more records (keys ``("", "mac-key/l")``: no record's tenant
+        is empty): a sender dealing wrong key values changes the new side's
+        value at 0 as a wrong record does. Zero when the node holds no key of
+        ``epoch`` (then the other side must hold none either, or the check fails)."""
+        row = store.mac_keys(self._conn()).get(epoch)
+        if row is None:
+            return [0] * len(challenges)
+        try:
+            key = self.sh.open_mac_key(row)
+        except EnvelopeError:
+            raise status.DataLoss("This node's sealed MAC key share does not open; abort the session.") from None
+        try:
+            return proactive.check_combinations(challenges, epoch_mac.key_check_keys(), key)
+        finally:
+            record.wipe(key)
 
     # --- MAC keys: dealt, renewed, reshared (vault.epoch_mac) --------------------------
 

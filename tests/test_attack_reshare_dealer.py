@@ -48,6 +48,14 @@ if os.environ.get("BAD_DEALER_HOOK"):
         out = _deal(*args, **kwargs)
         return (out + 1) % _p.P  # every dealt value off by one: g_i(0) != y_i
     _p.reshare_values = _bad
+if os.environ.get("BAD_KEY_HOOK"):
+    import vault.epoch_mac as _m
+    import vault.field as _f
+    _deal_key = _m.reshare_key_values
+    def _bad_key(*args, **kwargs):
+        out = _deal_key(*args, **kwargs)
+        return (out + 1) % _f.P  # only the MAC key stream off by one: records dealt honestly
+    _m.reshare_key_values = _bad_key
 '''
 
 
@@ -151,6 +159,30 @@ def test_no_node_commits_a_reshare_whose_check_failed(running):
     assert aborted.returncode == 0, aborted.stderr[-1500:]
     assert list(cluster.load_spec(root).nodes) == ["bank-a", "bank-b", "bank-c"]
     assert set(_decisions(root, templates, 5).values()) == {"MATCH"}
+
+
+def test_a_sender_dealing_a_wrong_mac_key_stream_makes_the_reshare_roll_back(running, tmp_path):
+    # Records dealt honestly, only bank-a's reshare of its MAC key share off:
+    # without the key in the check the reshare would commit and every
+    # template would fail its tags in the new epoch (DATA_LOSS for all).
+    root, templates = running["root"], running["templates"]
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(HOOK)
+    path = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH", "")) if p)
+    _restart(root, "bank-a", {"BAD_DEALER_HOOK": "", "BAD_KEY_HOOK": "1", "PYTHONPATH": path})
+    before = {n: len(_audit(root, n, "maintenance_abort")) for n in ("bank-a", "bank-b", "bank-c")}
+
+    out = vaultctl("reshare", "--dir", root, "--shareholders", "4", "--threshold", "2",
+                   "--approve-with-dev-operators", "--format", "json", timeout=300)
+    assert out.returncode == 2, (out.returncode, out.stdout[-1500:], out.stderr[-1500:])
+    error = json_out(out)["error"]
+    assert "reshare check failed" in error["message"] and "rolled back" in error["message"], error
+    assert list(cluster.load_spec(root).nodes) == ["bank-a", "bank-b", "bank-c"]
+    assert set(_decisions(root, templates, 6).values()) == {"MATCH"}
+    for name in ("bank-a", "bank-b", "bank-c"):
+        aborts = _audit(root, name, "maintenance_abort")
+        assert len(aborts) == before[name] + 1 and "reshare check failed" in aborts[-1].get("reason", ""), name
 
 
 def test_the_auditor_gets_one_check_per_session_and_a_rerun_resumes_it(running):

@@ -155,6 +155,13 @@ def reshare_key_values(seed: bytes, epoch: int, key_share_values: np.ndarray, ne
         coeffs.fill(0)
 
 
+def key_check_keys() -> list[tuple[str, str]]:
+    """The record keys under which a key share's L rows enter a reshare check
+    (``proactive.check_combinations``): the empty tenant is no record's, so
+    no record's challenge coefficients can be the key's."""
+    return [("", f"mac-key/{l}") for l in range(TAG_COUNT)]
+
+
 # --- tags and the matcher's check ------------------------------------------------
 
 
