@@ -6,6 +6,11 @@
     vaultctl reshare --dir D --plan FILE [--format json]              (run the approved plan)
     vaultctl reshare --dir D --abort
 
+    vaultctl reshare propose --config auditor.toml --members committee.toml --plan FILE [--threshold K]
+    vaultctl reshare approve --config auditor.toml --plan FILE --operator NAME --key KEY
+    vaultctl reshare --config auditor.toml --plan FILE        (runs to commit; stops for the matcher)
+    vaultctl reshare --config auditor.toml --finalize         (after the matcher follows the new committee)
+
 A committee change runs only on a plan that k current node operators
 approved with their own keys (vault/plan.py); the nodes check it, not only
 this command (docs/architecture.md, "Committee changes need the operators").
@@ -48,12 +53,14 @@ import argparse
 import json
 import pathlib
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from splitvault.v1 import admin_pb2
 from vault import pki, plan as committee_plan, proactive
-from vaultctl import cluster, maintenance
+from vaultrpc import config as rpcconfig
+from vaultctl import auditor, cluster, maintenance
 from vaultctl.cli import CliError, RemoteError, Result, command, count, seconds_or_zero
 from vaultctl.cluster import ClusterSpec
 from vaultctl.maintenance import (
@@ -112,6 +119,11 @@ class LocalCluster:
     def spec(self):
         return self.cluster.load_spec(self.root)
 
+    def committee_spec(self, names: list[str], threshold: int):
+        """This cluster's spec with another committee and threshold."""
+        return ClusterSpec(**{**_spec_fields(self.spec()), "shareholders": len(names), "threshold": threshold,
+                              "nodes": tuple(names)})
+
     def taken(self) -> set[str]:
         paths = self.cluster.Paths(self.root)
         folder = paths.root / "nodes"
@@ -124,9 +136,11 @@ class LocalCluster:
         ready = self.cluster.start_processes(self.root, names)
         return {name: data["address"] for name, data in ready.items()}
 
-    def switch(self, spec, retired: list[str], addresses: dict[str, str]) -> None:
+    def switch(self, spec, retired: list[str], addresses: dict[str, str]) -> bool:
+        """cluster.json and the matcher follow the new committee; True (done)."""
         self.cluster.write_spec(self.root, spec, retired=retired)
         self.cluster.switch_matcher(self.root, spec, {n: addresses[n] for n in spec.nodes})
+        return True
 
     def retire(self, names: list[str]) -> None:
         if names:
@@ -155,6 +169,107 @@ class LocalCluster:
                                    remote=False) from None
 
 
+@dataclass(frozen=True)
+class Committee:
+    """A deployment's committee: names in index order and threshold."""
+
+    nodes: tuple[str, ...]
+    threshold: int
+
+
+class Deployment:
+    """The operations a reshare needs from a real deployment (``--config``).
+
+    The old committee, its addresses and the auditor's TLS material come from
+    the auditor config; the new members from the plan (``propose`` takes them
+    from a committee file each institution published to). Nothing is
+    provisioned, started or stopped here: each institution runs its own node.
+    The matcher belongs to its operator, so the run stops once every node has
+    committed (both epochs served) and says so; after the matcher operator
+    has switched the matcher to the new committee, the same command with
+    ``--finalize`` destroys the old epoch.
+    """
+
+    def __init__(self, target: auditor.AuditorTarget, *, plan: dict | None = None, finalize: bool = False):
+        live = sorted((n for n in target.nodes if not n.retired), key=lambda n: n.index)
+        if [n.index for n in live] != list(range(1, len(live) + 1)):
+            raise MaintenanceError(
+                f"The committee in {target.source} must have the indices 1 to {len(live)} (one per shareholder).",
+                remote=False)
+        self.target = target
+        self.finalize = finalize
+        self.addresses = {n.name: n.address for n in live if n.address}
+        self.committee = Committee(tuple(n.name for n in live), target.threshold)
+        if plan is not None:
+            for m in committee_plan.parse(committee_plan.from_document(plan)[0]).new_committee:
+                self.addresses.setdefault(m.name, m.address)
+
+    def spec(self) -> Committee:
+        return self.committee
+
+    def committee_spec(self, names: list[str], threshold: int) -> Committee:
+        return Committee(tuple(names), threshold)
+
+    def taken(self) -> set[str]:
+        return set()
+
+    def provision(self, spec) -> None:
+        """Each institution provisions its own node (docs/operations.md)."""
+
+    def start(self, names: list[str]) -> dict[str, str]:
+        missing = [n for n in names if n not in self.addresses]
+        if missing:
+            raise MaintenanceError(
+                f"No address for {', '.join(missing)}: list the old committee in {self.target.source} and the new "
+                "members in the plan.", remote=False)
+        return {n: self.addresses[n] for n in names}
+
+    def switch(self, spec, retired: list[str], addresses: dict[str, str]) -> bool:
+        """The matcher is its operator's to switch: done only once told so (``--finalize``)."""
+        return self.finalize
+
+    def retire(self, names: list[str]) -> None:
+        """Nodes that left hold nothing once finalized; their institutions stop them."""
+
+    def auditor_tls(self):
+        try:
+            return self.target.tls.load()
+        except ValueError as exc:
+            raise MaintenanceError(str(exc), remote=False) from None
+
+    def audience(self) -> str:
+        try:
+            return committee_plan.spki_sha256(pathlib.Path(self.target.tls.ca).read_bytes())
+        except OSError as exc:
+            raise MaintenanceError(f"Cannot read the CA certificate {self.target.tls.ca}: {exc.strerror}.",
+                                   remote=False) from None
+
+
+def read_members(path: pathlib.Path) -> list[committee_plan.NewMember]:
+    """The new committee from a committee file: one ``[[shareholders]]`` entry
+    per member (name, index, address as in the auditor config) with the
+    values it published: ``spki_sha256`` (its certificate key,
+    ``vault.plan.spki_sha256``) and ``operator_key`` (its Ed25519 operator
+    public key, hex)."""
+    try:
+        data = rpcconfig.read(pathlib.Path(path))
+        table = rpcconfig.shareholder_table(data)
+    except rpcconfig.ConfigError as exc:
+        raise MaintenanceError(f"{exc} ({path})", remote=False) from None
+    members = []
+    for e in table:
+        fields = {}
+        for key in ("spki_sha256", "operator_key"):
+            v = e.entry.get(key)
+            if not isinstance(v, str) or not v:
+                raise MaintenanceError(f"The member {e.name} in {path} needs {key} (the value it published).",
+                                       remote=False)
+            fields[key] = v
+        members.append(committee_plan.NewMember(e.name, e.index, e.address, fields["spki_sha256"],
+                                                fields["operator_key"]))
+    return sorted(members, key=lambda m: m.index)
+
+
 def plan_file(root) -> pathlib.Path:
     """Where ``propose`` writes the plan unless told otherwise."""
     return state_dir(root) / "reshare-plan.json"
@@ -168,14 +283,42 @@ def propose(ops: LocalCluster, *, shareholders: int | None = None, threshold: in
     member's certificate key and address."""
     spec = ops.spec()
     new_names, k_new = plan_committee(spec, shareholders, threshold, replace, ops.taken())
+    ops.provision(ops.committee_spec(new_names, k_new))
+    addresses = ops.start(list(dict.fromkeys(list(spec.nodes) + new_names)))
+    members = [committee_plan.NewMember(n, i, addresses[n], ops.cert_fingerprint(n), ops.operator_public(n))
+               for i, n in enumerate(new_names, start=1)]
+    return _make_plan(ops, members, k_new, ttl_s)
+
+
+def propose_members(ops: Deployment, members: list[committee_plan.NewMember], *, threshold: int | None = None,
+                    ttl_s: float | None = None) -> dict:
+    """A committee-change plan for a deployment: the new committee as its
+    members published it (``read_members``), checked as ``propose`` checks."""
+    spec = ops.spec()
+    n, k = len(members), spec.threshold if threshold is None else threshold
+    if [m.index for m in members] != list(range(1, n + 1)):
+        raise MaintenanceError(f"The new committee's indices must be 1 to {n}, one per member.", remote=False)
+    if not 2 <= k <= n or n < 2 * k - 1:
+        raise MaintenanceError(
+            f"A committee of {n} with threshold {k} is refused: the threshold must be from 2 to n, and n >= 2k - 1 "
+            "(the MAC keys' renewal at a refresh needs 2k - 1 nodes).", remote=False)
+    if [m.name for m in members] == list(spec.nodes) and k == spec.threshold:
+        raise MaintenanceError(
+            f"The committee already is {', '.join(spec.nodes)} with threshold {k}; nothing to reshare.", remote=False)
+    for m in members:
+        ops.addresses[m.name] = m.address
+    return _make_plan(ops, members, k, ttl_s)
+
+
+def _make_plan(ops, members: list[committee_plan.NewMember], k_new: int, ttl_s: float | None) -> dict:
+    """The plan document (no approvals yet): epochs asked of every node."""
+    spec = ops.spec()
     old_names = list(spec.nodes)
-    new_spec = ClusterSpec(**{**_spec_fields(spec), "shareholders": len(new_names), "threshold": k_new,
-                              "nodes": tuple(new_names)})
-    ops.provision(new_spec)
+    new_names = [m.name for m in members]
     everyone = list(dict.fromkeys(old_names + new_names))
     addresses = ops.start(everyone)
     index_old = {n: i for i, n in enumerate(old_names, start=1)}
-    index_new = {n: i for i, n in enumerate(new_names, start=1)}
+    index_new = {m.name: m.index for m in members}
     admin = Admin([Node(n, index_new.get(n) or index_old[n], addresses[n]) for n in everyone], ops.auditor_tls())
     try:
         infos = admin.node_info(old_names)
@@ -187,8 +330,6 @@ def propose(ops: LocalCluster, *, shareholders: int | None = None, threshold: in
         new_epoch = max(from_epoch, *(i.epoch for i in admin.node_info(everyone).values())) + 1
     finally:
         admin.close()
-    members = [committee_plan.NewMember(n, index_new[n], addresses[n], ops.cert_fingerprint(n), ops.operator_public(n))
-               for n in new_names]
     plan = committee_plan.make(
         audience=ops.audience(), session_id=new_session_id("reshare"), from_epoch=from_epoch, new_epoch=new_epoch,
         old_committee=index_old, old_threshold=spec.threshold, new_committee=members, new_threshold=k_new,
@@ -295,8 +436,7 @@ def reshare_session(
         wanted = {n for n, _ in saved.new}
         asked = None
         if shareholders is not None or threshold is not None or replace is not None:
-            old_spec = ClusterSpec(**{**_spec_fields(spec), "shareholders": len(saved.old), "threshold": saved.old_threshold,
-                                      "nodes": tuple(n for n, _ in saved.old)})
+            old_spec = ops.committee_spec([n for n, _ in saved.old], saved.old_threshold)
             try:
                 asked = plan_committee(old_spec, shareholders, threshold, replace, ops.taken() - wanted)
             except MaintenanceError:
@@ -309,8 +449,7 @@ def reshare_session(
     old_names = [n for n, _ in saved.old]
     new_names = [n for n, _ in saved.new]
     everyone = list(dict.fromkeys(old_names + new_names))
-    new_spec = ClusterSpec(**{**_spec_fields(spec), "shareholders": len(new_names), "threshold": saved.new_threshold,
-                              "nodes": tuple(new_names)})
+    new_spec = ops.committee_spec(new_names, saved.new_threshold)
     # 1-2. plan saved before anything else; new nodes provisioned and started.
     sessions.save(saved)
     ops.provision(new_spec)
@@ -541,7 +680,18 @@ def _drive(admin, ops, sessions, saved, new_spec, old_names, new_names, everyone
 
     # 6. switch: cluster.json and the matcher follow the new committee
     t = time.monotonic()
-    ops.switch(new_spec, saved.extra.get("removed", []), addresses)
+    if not ops.switch(new_spec, saved.extra.get("removed", []), addresses):
+        # A deployment's matcher is its operator's: both epochs are served
+        # until it follows the new committee, then `--finalize`.
+        report["state"] = "committed"
+        report["message"] = (
+            f"Every node committed session {sid}: the new committee ({', '.join(new_names)}, threshold "
+            f"{saved.new_threshold}) serves beside the old one. The matcher operator now lists the new committee "
+            "under [[shareholders]] and reloads the matcher; then run this command again with --finalize to "
+            "destroy the old epoch.")
+        timings["total_s"] = time.monotonic() - started
+        report["timings"] = _round(timings)
+        return report
     faults.step("switch")
     timings["switch_s"] = time.monotonic() - t
     if drain_s > 0:
@@ -592,6 +742,12 @@ def _args(p: argparse.ArgumentParser) -> None:
                    help="at most R records per second per new member while preparing (default: no limit)")
     p.add_argument("--drain", type=seconds_or_zero, default=DEFAULT_DRAIN_S, metavar="S",
                    help="seconds between the matcher's switch and destroying the old epoch (default 2)")
+    p.add_argument("--members", type=pathlib.Path, default=None, metavar="FILE",
+                   help="propose --config: the new committee, one [[shareholders]] entry per member with the "
+                        "address, spki_sha256 and operator_key it published")
+    p.add_argument("--finalize", action="store_true",
+                   help="--config: the matcher now serves the new committee; destroy the old epoch (a run without "
+                        "it stops once every node committed)")
 
 
 def _read_plan(path: pathlib.Path) -> dict:
@@ -631,6 +787,8 @@ def _propose_and_approve_dev(ops: LocalCluster, args) -> dict:
 def _lines(report: dict) -> list[str]:
     if report.get("action") == "abort":
         return [report.get("message") or f"reshare session {report['session_id']} rolled back; the old committee stays"]
+    if report.get("state") == "committed":
+        return [report["message"]]
     recs = report.get("records", {})
     lines = [
         f"reshared {max(recs.values(), default=0)} templates to {', '.join(report['new_committee'])} "
@@ -648,22 +806,42 @@ def _lines(report: dict) -> list[str]:
 
 
 @command("reshare", help="change the committee and threshold on an operator-approved plan: propose, approve, "
-                    "run (resumable)", arguments=_args, target="dir")
+                    "run (resumable)", arguments=_args, target="any")
 def _reshare(args) -> Result:
-    if args.abort and (args.shareholders or args.threshold or args.replace or args.action or args.plan):
-        raise CliError("--abort takes no committee option and no plan.")
+    if args.abort and (args.shareholders or args.threshold or args.replace or args.action or args.plan or args.finalize):
+        raise CliError("--abort takes no committee option, no plan and no --finalize.")
+    deployed = args.config is not None
+    if deployed and (args.shareholders or args.replace or args.approve_with_dev_operators):
+        raise CliError("With --config the new committee comes from --members (propose) or the plan; --shareholders, "
+                       "--replace and --approve-with-dev-operators are for a local cluster (--dir).")
+    if args.members is not None and not (deployed and args.action == "propose"):
+        raise CliError("--members goes with `reshare propose --config`.")
+    if args.finalize and (not deployed or args.action):
+        raise CliError("--finalize goes with a run of `reshare --config` (the local cluster switches by itself).")
     try:
         if args.action == "propose":
-            ops = LocalCluster(args.dir)
-            document = propose(ops, shareholders=args.shareholders, threshold=args.threshold, replace=args.replace,
-                               ttl_s=args.ttl)
-            path = args.plan or plan_file(args.dir)
+            if deployed:
+                if args.members is None:
+                    raise CliError("propose --config needs --members FILE (the new committee as its members "
+                                   "published it).")
+                if args.plan is None:
+                    raise CliError("propose --config needs --plan FILE (where to write the plan).")
+                ops = Deployment(_target(args))
+                document = propose_members(ops, read_members(args.members), threshold=args.threshold, ttl_s=args.ttl)
+                path = args.plan
+            else:
+                ops = LocalCluster(args.dir)
+                document = propose(ops, shareholders=args.shareholders, threshold=args.threshold,
+                                   replace=args.replace, ttl_s=args.ttl)
+                path = args.plan or plan_file(args.dir)
             _write_plan(path, document)
             return Result({"action": "propose", "plan_file": str(path), **_plan_summary(document),
                            "document": document}, _plan_lines(path, document, "plan written to"))
         if args.action == "approve":
             if not args.operator:
                 raise CliError("approve needs --operator NAME (the node whose operator signs).")
+            if deployed and (args.plan is None or args.key is None):
+                raise CliError("approve --config needs --plan FILE and --key FILE (the operator's own key).")
             path = args.plan or plan_file(args.dir)
             key_pem = args.key.read_bytes() if args.key else LocalCluster(args.dir).operator_key_pem(args.operator)
             document = approve(_read_plan(path), args.operator, key_pem)
@@ -677,19 +855,25 @@ def _reshare(args) -> Result:
     except MaintenanceError as exc:
         cls = RemoteError if exc.remote else CliError
         raise cls(exc.message, **{k: v for k, v in exc.details.items() if isinstance(v, (str, int, bool, dict))}) from None
-    sessions = SessionFile(state_dir(args.dir))
+    target = _target(args) if deployed else None
+    sessions = SessionFile(pathlib.Path(target.state_dir) if deployed else state_dir(args.dir))
     progress = Progress(progress_enabled(args.format))
     try:
-        ops = LocalCluster(args.dir)
-        ops.spec()
         sessions.lock()
         document = _read_plan(args.plan) if args.plan else None
-        if document is None and args.approve_with_dev_operators and not args.abort and sessions.load() is None:
-            document = _propose_and_approve_dev(ops, args)
+        if deployed:
+            saved = sessions.load()
+            known = document or (saved.extra.get("plan") if saved is not None and saved.kind == "reshare" else None)
+            ops = Deployment(target, plan=known, finalize=args.finalize)
+        else:
+            ops = LocalCluster(args.dir)
+            ops.spec()
+            if document is None and args.approve_with_dev_operators and not args.abort and sessions.load() is None:
+                document = _propose_and_approve_dev(ops, args)
         report = reshare_session(
             ops, sessions, shareholders=args.shareholders, threshold=args.threshold, replace=args.replace,
             abort=args.abort, allow_loss=args.allow_loss, drain_s=args.drain, progress=progress,
-            faults=maintenance.crash_seam(args.dir), pace=max(0, args.pace), plan=document,
+            faults=maintenance.crash_seam(args.dir) if not deployed else None, pace=max(0, args.pace), plan=document,
         )
     except cluster.ClusterError as exc:
         raise CliError(str(exc)) from None
@@ -700,3 +884,10 @@ def _reshare(args) -> Result:
         progress.close()
         sessions.unlock()
     return Result(report, _lines(report))
+
+
+def _target(args) -> auditor.AuditorTarget:
+    try:
+        return auditor.from_config(args.config)
+    except auditor.TargetError as exc:
+        raise CliError(str(exc)) from None
