@@ -538,7 +538,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         self._dealings = _Dealings(size=4 * PIPELINE)
         # The cluster a committee-change plan must name as its audience.
         with open(self.cfg.tls.ca, "rb") as fh:
-            self.audience = committee_plan.spki_sha256(fh.read())
+            self.audience = committee_plan.audience_for(fh.read(), self.cfg.cluster_id)
         self._seeds: dict[str, bytes] = {}
         self._seeds_lock = threading.Lock()
         self._keys_cache: tuple | None = None  # (session id, count), keys, hashes: see _held_keys
@@ -796,7 +796,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             raise refuse(status.PermissionDenied, "bad_plan", f"The committee-change plan is refused: {exc}")
         if approved.audience != self.audience:
             raise refuse(status.PermissionDenied, "audience",
-                         "The committee-change plan is for another cluster (its audience is not this node's CA).")
+                         "The committee-change plan is for another cluster (its audience is not this node's CA and "
+                         "cluster id).")
         differs = [name for name, same in (
             ("session id", approved.session_id == sid), ("kind", approved.kind == kind),
             ("epochs", (approved.from_epoch, approved.new_epoch) == (request.from_epoch, request.new_epoch)),

@@ -95,11 +95,14 @@ def _reshare_request(sid: str, new: dict[str, int], k_new: int, plan=None, *, k_
         senders=list(range(1, k_old + 1)), plan=plan)
 
 
-def _plan_for(vault, sid: str, new: dict[str, int], k_new: int, pins: dict[str, str]) -> bytes:
+def _plan_for(vault, sid: str, new: dict[str, int], k_new: int, pins: dict[str, str], *,
+              cluster_id: str | None = None) -> bytes:
     """The plan the attacker would like approved (its own members pinned)."""
     members = [committee_plan.NewMember(n, i, "127.0.0.1:1", pins[n], "11" * 32) for n, i in new.items()]
+    cid = cluster.cluster_id(vault["root"]) if cluster_id is None else cluster_id
     return committee_plan.make(
-        audience=committee_plan.spki_sha256(vault["paths"].ca.read_bytes()), session_id=sid, from_epoch=1,
+        audience=committee_plan.audience_for(vault["paths"].ca.read_bytes(), cid),
+        session_id=sid, from_epoch=1,
         new_epoch=2, old_committee=OLD, old_threshold=K, new_committee=members, new_threshold=k_new,
         senders=list(range(1, K + 1))).body()
 
@@ -190,6 +193,36 @@ def test_auditor_cannot_reshare_to_members_it_minted(vault):
         for reason in ("no_plan", "quorum", "plan_mismatch"):
             assert reason in reasons, (node, reasons)
         assert len(reasons) >= len(attempts) + 2, (node, reasons)
+
+
+def test_a_plan_approved_for_another_cluster_under_the_same_ca_is_refused(vault):
+    # One institution's CA and operator keys serve two clusters (production
+    # and disaster recovery, say). Every operator approved a plan for the
+    # other cluster; replayed here it would move this cluster's templates to
+    # the members it pins. Its audience names the other cluster id: refused.
+    paths = vault["paths"]
+    new = {**OLD, "evil-1": len(OLD) + 1}
+    pins = {n: committee_plan.spki_sha256(paths.cert(pki.ROLE_SHAREHOLDER, n).read_bytes()) for n in OLD}
+    pins["evil-1"] = committee_plan.spki_sha256(_minted(paths, "evil-1").cert)
+    everyone = {n: _operator(paths, n) for n in OLD}
+    sid = "other-cluster-0001"
+    request = _reshare_request(sid, new, K, _signed(_plan_for(vault, sid, new, K, pins, cluster_id="splitvault-dr"),
+                                                    everyone))
+    # The same with an audience naming the CA alone (what binds no cluster).
+    members = [committee_plan.NewMember(n, i, "127.0.0.1:1", pins[n], "11" * 32) for n, i in new.items()]
+    ca_only = committee_plan.make(
+        audience=committee_plan.spki_sha256(paths.ca.read_bytes()), session_id="other-cluster-0002", from_epoch=1,
+        new_epoch=2, old_committee=OLD, old_threshold=K, new_committee=members, new_threshold=K,
+        senders=list(range(1, K + 1))).body()
+    loose = _reshare_request("other-cluster-0002", new, K, _signed(ca_only, everyone))
+    for node in OLD:
+        for req in (request, loose):
+            code, details = _refused(vault, node, "BeginSession", req)
+            assert code == grpc.StatusCode.PERMISSION_DENIED and "another cluster" in details, (node, details)
+        refused = [d["reason"] for _, d in _events(vault, node, "maintenance_refused",
+                                                   sessions=[sid, "other-cluster-0002"])]
+        assert refused == ["audience", "audience"], (node, refused)
+    _no_session_anywhere(vault, [sid, "other-cluster-0002"])
 
 
 # --- (b) a pinned member's name on another key ---------------------------------------------

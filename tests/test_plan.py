@@ -2,6 +2,7 @@
 the checks a node relies on (pure; no network)."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -109,3 +110,18 @@ def test_a_new_committee_that_cannot_renew_the_mac_keys_is_refused():
     # 3 members with k = 3: the renewal of the MAC keys at a refresh needs 2k - 1 = 5.
     with pytest.raises(InvalidPlan, match="2k - 1"):
         committee_plan.parse(_plan(new_threshold=3).body())
+
+
+def test_the_audience_binds_the_ca_and_the_cluster_id():
+    # Two clusters under one CA (perhaps with the same operators' keys): a
+    # plan approved for one names another audience than the other's nodes
+    # expect, so they refuse it (shareholders.epochs, reason "audience").
+    ca_pem, _ = pki.make_ca()
+    other_ca, _ = pki.make_ca()
+    a = committee_plan.audience_for(ca_pem, "splitvault-prod")
+    assert a == committee_plan.audience_for(ca_pem, "splitvault-prod")
+    assert len({a, committee_plan.audience_for(ca_pem, "splitvault-dr"),
+                committee_plan.audience_for(other_ca, "splitvault-prod"), committee_plan.spki_sha256(ca_pem)}) == 4
+    expected = hashlib.sha256(committee_plan.AUDIENCE_CONTEXT + bytes.fromhex(committee_plan.spki_sha256(ca_pem))
+                              + b"splitvault-prod").hexdigest()
+    assert a == expected

@@ -49,7 +49,8 @@ def _decisions(root, templates, noise: int) -> dict[str, str]:
 def _auditor_config(root, tmp_path) -> str:
     info = cluster.status(root)
     trust = cluster.load_trust(root)
-    lines = ["[auditor]", "threshold = 2", f'state_dir = "{tmp_path / "state"}"', "",
+    lines = ["[auditor]", "threshold = 2", f'state_dir = "{tmp_path / "state"}"',
+             f'cluster_id = "{cluster.cluster_id(root)}"', "",
              "[tls]", f'ca = "{info["tls"]["ca"]}"', f'cert = "{info["tls"]["auditor"]["cert"]}"',
              f'key = "{info["tls"]["auditor"]["key"]}"', ""]
     for n in info["shareholders"]:

@@ -2,8 +2,8 @@
 operators before any node begins it.
 
 A plan is one canonical JSON document (sorted keys, no spaces, ASCII) naming
-the cluster it is for (``audience``: the SHA-256 of the cluster CA's public
-key), a random nonce, the session id it authorises, the epochs, the old
+the cluster it is for (``audience``: a SHA-256 over the cluster CA's public
+key and the cluster id, ``audience_for``), a random nonce, the session id it authorises, the epochs, the old
 committee (name -> index) and threshold, and for EVERY new member its name,
 index, address, the SHA-256 of its certificate's public key (SPKI) and its
 operator's Ed25519 key; then the new threshold, the senders and a validity
@@ -130,6 +130,18 @@ def spki_sha256(cert_pem: bytes) -> str:
         raise InvalidPlan("The certificate is not a PEM X.509 certificate.") from None
     der = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()
+
+
+AUDIENCE_CONTEXT = b"splitvault/plan-audience/v1\x00"
+
+
+def audience_for(ca_pem: bytes, cluster_id: str) -> str:
+    """The audience a plan for this cluster names: SHA-256 over the CA's
+    public key (``spki_sha256``) and the cluster id, so that a plan approved
+    for one cluster is refused by another that shares its CA (and perhaps
+    its operators' keys)."""
+    h = hashlib.sha256(AUDIENCE_CONTEXT + bytes.fromhex(spki_sha256(ca_pem)) + cluster_id.encode())
+    return h.hexdigest()
 
 
 def make(*, audience: str, session_id: str, from_epoch: int, new_epoch: int, old_committee: Mapping[str, int],

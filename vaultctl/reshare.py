@@ -151,8 +151,9 @@ class LocalCluster:
         return self.cluster.Paths(self.root).tls(pki.ROLE_AUDITOR, spec.auditor).load()
 
     def audience(self) -> str:
-        """The plan audience: the SHA-256 of the cluster CA's public key."""
-        return committee_plan.spki_sha256(self.cluster.Paths(self.root).ca.read_bytes())
+        """The plan audience: this cluster's CA and cluster id (``vault.plan.audience_for``)."""
+        return committee_plan.audience_for(self.cluster.Paths(self.root).ca.read_bytes(),
+                                           self.cluster.cluster_id(self.root))
 
     def cert_fingerprint(self, name: str) -> str:
         return committee_plan.spki_sha256(self.cluster.Paths(self.root).cert(pki.ROLE_SHAREHOLDER, name).read_bytes())
@@ -239,7 +240,7 @@ class Deployment:
 
     def audience(self) -> str:
         try:
-            return committee_plan.spki_sha256(pathlib.Path(self.target.tls.ca).read_bytes())
+            return committee_plan.audience_for(pathlib.Path(self.target.tls.ca).read_bytes(), self.target.cluster_id)
         except OSError as exc:
             raise MaintenanceError(f"Cannot read the CA certificate {self.target.tls.ca}: {exc.strerror}.",
                                    remote=False) from None
