@@ -104,16 +104,9 @@ class WriteAuth(NamedTuple):
 
     @property
     def key(self) -> str:
-        """Names the authority in the replay set and in audit entries (a
-        batch item by a hash of its request id, as a bulk store's entry
-        records it, so that a restart can rebuild it)."""
+        """Names the authority in the replay set and in audit entries."""
         digest = tickets.ticket_digest(self.ticket)
-        return f"{digest}/{item_hash(self.item)}" if self.item else digest
-
-
-def item_hash(item: str) -> str:
-    """16 hex digits naming one batch item (request id) of a batch ticket."""
-    return hashlib.sha256(item.encode()).hexdigest()[:16]
+        return f"{digest}/{self.item}" if self.item else digest
 
 
 def _write_ticket_details(auth: WriteAuth) -> dict:
@@ -137,39 +130,17 @@ _RECORDED_BATCH_TICKETS = 32
 
 def _batch_tickets(checked: list[WriteAuth]) -> dict:
     """The distinct batch tickets of a bulk store: ``batch_tickets`` (how
-    many) and, for the first _RECORDED_BATCH_TICKETS, ``batch_ticket_<i>`` =
-    [key id, signature b64, body b64 chunks...] and ``batch_items_<i>``
-    = the items stored under it (``item_hash`` each, concatenated): what a
-    restarted node needs to refuse them again (``rebuild_guard``)."""
+    many) and ``batch_ticket_<i>`` = [key id, signature b64, body b64
+    chunks...] for the first _RECORDED_BATCH_TICKETS."""
     seen: dict[bytes, common_pb2.VerificationTicket] = {}
-    items: dict[bytes, list[str]] = {}
     for a in checked:
         if a.item:
             seen.setdefault(a.ticket.signature, a.ticket)
-            items.setdefault(a.ticket.signature, []).append(item_hash(a.item))
     out: dict = {"batch_tickets": len(seen)}
-    for i, (sig, t) in enumerate(list(seen.items())[:_RECORDED_BATCH_TICKETS]):
+    for i, t in enumerate(list(seen.values())[:_RECORDED_BATCH_TICKETS]):
         d = tickets.audit_details(t)
         out[f"batch_ticket_{i}"] = [t.key_id, d["ticket_sig"], *d["ticket"]]
-        out[f"batch_items_{i}"] = "".join(sorted(items[sig]))
     return out
-
-
-def _batch_items_stored(details: dict):
-    """(ticket digest, expiry ms, item hashes) of each batch ticket a bulk store's entry records."""
-    for i in range(min(int(details.get("batch_tickets") or 0), _RECORDED_BATCH_TICKETS)):
-        raw, hashes = details.get(f"batch_ticket_{i}"), details.get(f"batch_items_{i}")
-        if not isinstance(raw, list) or len(raw) < 3 or not isinstance(hashes, str):
-            continue
-        ticket = tickets.from_audit_details({"key_id": raw[0], "ticket_sig": raw[1], "ticket": raw[2:]})
-        if ticket is None:
-            continue
-        body = common_pb2.TicketBody()
-        try:
-            body.ParseFromString(ticket.body)
-        except DecodeError:
-            continue
-        yield tickets.ticket_digest(ticket), int(body.expires_at_ms), [hashes[j:j + 16] for j in range(0, len(hashes), 16)]
 
 
 @dataclass
@@ -328,18 +299,12 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             n += 1
             tid = tickets.ticket_id(common_pb2.TicketBody(tenant=tenant, request_id=request_id))
             self.guard.record(tenant, subject, tid, int(details.get("ticket_expires_ms") or 0), time_ms)
-        # Write tickets used recently: per-record stores and deletes name
-        # theirs; a bulk store's entry names each batch ticket's items.
+        # Write tickets used recently (a bulk store's batch entry names its
+        # tickets by one digest only: those are not rebuilt).
         for _time_ms, event, _rid, _tenant, _subject, details_json in store.entries_since(
-            self._reader(), now - horizon, ("store", "delete", "store_batch")
+            self._reader(), now - horizon, ("store", "delete")
         ):
             details = json.loads(details_json)
-            if event == "store_batch":
-                for digest, expires_ms, hashes in _batch_items_stored(details):
-                    for h in hashes:
-                        self.write_guard.record(f"{digest}/{h}:store", expires_ms)
-                    n += len(hashes)
-                continue
             digest = details.get("ticket_sha256")
             if isinstance(digest, str):
                 purpose = "store" if event == "store" else "erase"

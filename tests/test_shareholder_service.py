@@ -361,27 +361,6 @@ def test_a_used_write_ticket_stays_used_across_a_restart(node):
     assert s.DescribeRecords(pb.DescribeRecordsRequest(tenant="acme", subject="kim"), timeout=10).records
 
 
-def test_used_batch_items_stay_used_across_a_restart(node):
-    # A bulk store's entry names each batch ticket's items, so a restarted
-    # node refuses them again within the ticket's lifetime: a matcher holding
-    # the batch cannot overwrite the stored shares as a "retry" after a restart.
-    s = node.stub("matcher")
-    recs = sample_records("acme", [f"rb{i}" for i in range(6)], index=1)
-    batch = _batch_for(recs)
-    assert s.StoreShareStream(iter([pb.StoreShareStreamRequest(records=recs, batches=[batch])]), timeout=10).stored == 6
-    node.stop()
-    node.start()
-    s = node.stub("matcher")
-    again = sample_records("acme", [f"rb{i}" for i in range(6)], index=1)
-    for req in (pb.StoreShareStreamRequest(records=again, batches=[batch]),
-                pb.StoreShareStreamRequest(records=again[2:3], batches=[batch])):
-        assert code_of(s.StoreShareStream, iter([req])) == grpc.StatusCode.PERMISSION_DENIED
-    stored = s.DescribeRecords(pb.DescribeRecordsRequest(tenant="acme", subject="rb2"), timeout=10).records
-    assert [r.request_id for r in stored] == [recs[2].request_id]
-    reasons = [json.loads(e.details_json).get("reason") for e in audit_entries(node)[0] if e.event == "deny"]
-    assert reasons[-2:] == ["replayed", "replayed"], reasons
-
-
 def test_a_record_for_another_epoch_than_the_nodes_is_refused_and_logged(node):
     # New records go to this node's current epoch only (tests/test_attack_epoch.py:
     # one node reporting a later epoch must not make the others store rows they
