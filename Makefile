@@ -14,10 +14,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,faces]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
+# Test modules on TEST_WORKERS workers, each module whole on one (its
+# module-scoped clusters shared); the slowest tests listed for CI's budget.
+TEST_WORKERS ?= 2
 test: setup
 	cd proto && ../$(VENV)/bin/buf lint
 	$(VENV)/bin/ruff check --no-cache .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 demo: setup
 	$(PY) -m vaultctl.demo
