@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sqlite3
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -54,7 +53,7 @@ from dataclasses import dataclass, field
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from shareholders import store
+from shareholders import storage
 from splitvault.v1 import common_pb2, shareholder_pb2, shareholder_pb2_grpc
 from vault import audit, pki, ticket as tickets
 from vault.errors import InvalidTicket
@@ -94,11 +93,11 @@ def read_database(path: pathlib.Path):
     """(entries, checkpoints) from a node's database file, read-only."""
     if not path.exists():
         raise FileNotFoundError(f"There is no database at {path}.")
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    db = storage.connect_readonly(path)
     try:
-        return store.read_chain(conn)
+        return db.read_chain()
     finally:
-        conn.close()
+        db.close()
 
 
 def read_node(target: auditor.AuditorTarget, node: auditor.NodeRef, db: pathlib.Path | None = None) -> NodeLog:
@@ -108,7 +107,7 @@ def read_node(target: auditor.AuditorTarget, node: auditor.NodeRef, db: pathlib.
         log.source = f"file {offline}"
         try:
             log.entries, log.checkpoints = read_database(pathlib.Path(offline))
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, *storage.errors()) as exc:
             log.error = f"cannot read {offline}: {exc}"
         return log
     if node.address is None:
