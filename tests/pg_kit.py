@@ -20,7 +20,6 @@ OWNER, NODE = "sv_owner", "sv_node"
 
 class PgServer:
     def __init__(self):
-        import pgserver
         import psycopg
 
         self._psycopg = psycopg
@@ -29,6 +28,8 @@ class PgServer:
         self.parent.chmod(0o755)
         with warnings.catch_warnings():  # platformdirs: no XDG_RUNTIME_DIR here, falls back to /tmp
             warnings.simplefilter("ignore")
+            import pgserver
+
             self.server = pgserver.get_server(self.parent / "pgdata", cleanup_mode="stop")
         self.socket_dir = self._socket_dir(self.server.get_uri())
         with self.admin() as c:

@@ -521,7 +521,9 @@ def start_postgres(paths: Paths) -> str:
     pgserver wheel's binaries, on a Unix socket in its data folder; as root it
     runs as pgserver's own system user); its superuser connection string."""
     try:
-        import pgserver
+        with warnings.catch_warnings():  # platformdirs, at import: no XDG_RUNTIME_DIR on a server
+            warnings.simplefilter("ignore")
+            import pgserver
     except ImportError:
         raise ClusterError("The postgres backend needs the postgres extra (pip install 'splitvault[postgres]').") from None
     pgdata = _pgdata(paths)

@@ -154,8 +154,8 @@ class PostgresDialect(Dialect):
         return f"INSERT INTO {table} ({columns}) VALUES ({marks}) ON CONFLICT DO NOTHING"
 
     def begin_write(self, conn) -> None:
-        conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.WRITE_LOCK,))
+        # One round trip (no parameters: psycopg sends both statements at once).
+        conn.execute(f"BEGIN ISOLATION LEVEL READ COMMITTED; SELECT pg_advisory_xact_lock({self.WRITE_LOCK:d})")
 
     def begin_snapshot(self, conn) -> None:
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
