@@ -291,6 +291,11 @@ class AuditWriter:
         outcomes: list[tuple[_Pending, Any, BaseException | None]] = []
         tx = Tx(db, self)
         try:
+            if db.reopen_if_lost():
+                # The last commit's outcome was not seen: the chain head is what the store holds.
+                seq, head = db.audit_head()
+                self._seq, self._hash, self._committed_seq = seq, head or audit.GENESIS_HASH, seq
+                start = (self._seq, self._hash, self._unsigned_since)
             db.begin_write()
             for pending in batch:
                 mark = (self._seq, self._hash, self._unsigned_since)

@@ -305,8 +305,14 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
     def _reader(self) -> storage.Database:
         """This thread's reading connection to the store (made on first use)."""
         db = getattr(self._local, "db", None)
-        if db is None:
-            db = storage.connect(self.cfg.store)
+        try:
+            if db is not None:
+                db.reopen_if_lost()
+            else:
+                db = storage.connect(self.cfg.store)
+        except storage.errors(self.cfg.store):
+            raise status.Unavailable("The node cannot reach its database; retry later.") from None
+        if getattr(self._local, "db", None) is None:
             self._local.db = db
             with self._readers_lock:
                 self._readers.append(db)

@@ -69,6 +69,19 @@ class PgServer:
         return (f'[store]\nbackend = "postgres"\ndsn = "{self.uri(database, NODE)}"\n'
                 f'owner_dsn = "{self.uri(database, OWNER)}"\n')
 
+    def _pg_ctl(self, *args: str) -> None:
+        import pgserver
+
+        pgserver.pg_ctl(["-w", *args], pgdata=self.server.pgdata, user=self.server.system_user)
+
+    def stop_server(self) -> None:
+        """Stop the server (fast: open connections are cut), as a crash or a failover would."""
+        self._pg_ctl("-m", "fast", "stop")
+
+    def start_server(self) -> None:
+        """Start it again on the same socket and data."""
+        self._pg_ctl("-o", '-h ""', "-o", f"-k {self.socket_dir}", "-l", str(self.server.pgdata / "log"), "start")
+
     def close(self) -> None:
         try:
             self.server.cleanup()

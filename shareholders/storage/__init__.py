@@ -70,7 +70,7 @@ def _location(where) -> Location:
 def connect(where) -> Database:
     """A read-write connection to the store at ``where`` (a Location or a SQLite path)."""
     loc = _location(where)
-    return Database(loc.dialect.connect(loc.target), loc.dialect)
+    return Database(loc.dialect.connect(loc.target), loc.dialect, loc.target)
 
 
 def migrate(where) -> int:

@@ -51,9 +51,10 @@ def _session(r) -> MaintenanceSession:
 class Database:
     """One connection (a writer's or a reader's) and the node's queries on it."""
 
-    def __init__(self, conn, dialect: Dialect):
+    def __init__(self, conn, dialect: Dialect, target=None):
         self.conn = conn
         self.dialect = dialect
+        self._target = target  # to connect again after the server restarted (None: never)
         self.errors = dialect.errors
         self._scoped: str | None = None  # the tenant scope last set (None: unknown)
 
@@ -83,6 +84,22 @@ class Database:
 
     def close(self) -> None:
         self.conn.close()
+
+    def reopen_if_lost(self) -> bool:
+        """Connect again if the connection was lost (a database server that
+        restarted or failed over); True if it did. Raises the engine's error
+        while the server is still away. A transaction in flight on the lost
+        connection either committed or was rolled back whole: callers that
+        keep state beside the store read it again (``AuditWriter``)."""
+        if self._target is None or not self.dialect.broken(self.conn):
+            return False
+        try:
+            self.conn.close()
+        except self.errors:
+            pass
+        self.conn = self.dialect.connect(self._target)
+        self._scoped = None
+        return True
 
     def begin_write(self) -> None:
         self.dialect.begin_write(self.conn)

@@ -86,6 +86,10 @@ class Dialect:
     def tune_for_scan(self, conn, nbytes: int) -> None:
         conn.execute(f"PRAGMA mmap_size = {int(nbytes)}")
 
+    def broken(self, conn) -> bool:
+        """The connection is lost (its server went away); a file's never is."""
+        return False
+
     def has_table(self, conn, name: str) -> bool:
         return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
 
@@ -173,6 +177,9 @@ class PostgresDialect(Dialect):
     # is scoped to (``scope``; "*" for the node's tenant-blind maintenance).
     # Unscoped, it sees none. Superusers and BYPASSRLS roles are not bound:
     # the node must not run as one (docs/operations.md).
+    def broken(self, conn) -> bool:
+        return conn.broken or conn.closed
+
     def has_table(self, conn, name: str) -> bool:
         return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]
 
