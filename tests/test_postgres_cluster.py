@@ -102,3 +102,15 @@ def test_cluster_up_with_its_own_postgres_server_and_down_stops_it():
     assert {"name": "postgres", "pid": None, "result": "stopped"} in json_out(down)["processes"]
     assert wait_until(lambda: not (root / "postgres" / "pgdata" / "postmaster.pid").exists())
     shutil.rmtree(top, ignore_errors=True)
+
+
+def test_audit_verify_reads_a_stopped_node_from_its_postgres_database(running):
+    state = running
+    cluster.kill_node(state["root"], "bank-b")
+    try:
+        offline = vaultctl("audit", "verify", "--dir", state["root"], "--node", "bank-b", "--format", "json")
+        assert offline.returncode == 0, offline.stdout[-2000:] + offline.stderr[-2000:]
+        nodes = {n["name"]: n for n in json_out(offline)["nodes"]}
+        assert nodes["bank-b"]["source"] == "file a PostgreSQL database" and nodes["bank-b"]["ok"], nodes
+    finally:
+        cluster.restart_node(state["root"], "bank-b")

@@ -89,11 +89,16 @@ class NodeLog:
 # ---------------------------------------------------------------- reading
 
 
-def read_database(path: pathlib.Path):
-    """(entries, checkpoints) from a node's database file, read-only."""
-    if not path.exists():
-        raise FileNotFoundError(f"There is no database at {path}.")
-    db = storage.connect_readonly(path)
+def _store_exists(where) -> bool:
+    return isinstance(where, storage.Location) or (where is not None and pathlib.Path(where).exists())
+
+
+def read_database(where):
+    """(entries, checkpoints) from a node's store (a SQLite file or a
+    storage.Location), read-only."""
+    if not _store_exists(where):
+        raise FileNotFoundError(f"There is no database at {where}.")
+    db = storage.connect_readonly(where)
     try:
         return db.read_chain()
     finally:
@@ -106,7 +111,7 @@ def read_node(target: auditor.AuditorTarget, node: auditor.NodeRef, db: pathlib.
     if offline is not None:
         log.source = f"file {offline}"
         try:
-            log.entries, log.checkpoints = read_database(pathlib.Path(offline))
+            log.entries, log.checkpoints = read_database(offline)
         except (OSError, *storage.errors()) as exc:
             log.error = f"cannot read {offline}: {exc}"
         return log
@@ -309,7 +314,7 @@ def verify(target: auditor.AuditorTarget, node: str | None = None, db: pathlib.P
     selected = [ref.name for ref in target.select(node)]
     logs: dict[str, NodeLog] = {}
     for ref in target.nodes:
-        gone = ref.address is None and not (ref.db_path and ref.db_path.exists())
+        gone = ref.address is None and not _store_exists(ref.db_path)
         if ref.retired and gone and ref.name not in selected:
             continue  # a retired node whose data is gone: nothing left to check
         logs[ref.name] = read_node(target, ref, db if ref.name in selected else None)

@@ -48,6 +48,7 @@ import stat
 import subprocess
 import sys
 import time
+import tomllib
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -503,6 +504,21 @@ def _write_node_config(paths: Paths, spec: ClusterSpec, name: str, founding: boo
             dsn, owner = postgres_store(_admin_dsn(paths, spec), cluster_id(paths.root), name)
             text += f"\n[store]\nbackend = \"postgres\"\ndsn = {_toml_str(dsn)}\nowner_dsn = {_toml_str(owner)}\n"
         _write(config, text)
+
+
+def node_store(paths: Paths, name: str):
+    """Where a dev cluster's node keeps its store: its SQLite file, or the
+    PostgreSQL database its node.toml names (a shareholders.storage.Location)."""
+    try:
+        with open(paths.node_dir(name) / "node.toml", "rb") as f:
+            section = tomllib.load(f).get("store") or {}
+    except (OSError, tomllib.TOMLDecodeError):
+        section = {}
+    if section.get("backend") == "postgres":
+        from shareholders import storage
+
+        return storage.Location("postgres", None, str(section.get("dsn", "")))
+    return paths.node_dir(name) / "shares.db"
 
 
 LOCAL_POSTGRES = "local"  # spec.postgres: the cluster's own server under D/postgres
