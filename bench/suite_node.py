@@ -14,6 +14,13 @@ over the same mTLS (the baseline each figure's ``ratio`` is taken against):
   message under one provider batch ticket (as the matcher forwards a bulk
   enrolment: one signature check per message).
 
+- ``release_per_s_postgres``, ``stream_store_per_s_postgres``: the same
+  two figures for the same node with its store in PostgreSQL (a real server
+  from the pgserver wheel, tests/pg_kit.py, on a Unix socket; the node's
+  role bound by row-level security), measured in the same run; their
+  baseline is the SQLite node's figure. Left out, saying why, where the
+  server cannot start.
+
 Each figure is the best of 1 (quick) or 3 node-then-echo rounds; every
 round's rate is listed in ``params``, with the CPU microseconds the node
 (and the echo server) spent per operation in the best round, a figure that
@@ -53,6 +60,7 @@ from vaultrpc.tls import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, TlsFiles, identity_
 # The node-file helpers are test support (tests/node_kit.py), not the product.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
 import node_kit as testing  # noqa: E402
+import pg_kit  # noqa: E402
 
 SUITE = "node"
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -252,43 +260,69 @@ def run(quick: bool) -> list[dict]:
         )
         ticket_pem, ticket_pub = pki.new_signing_key()
         ticket_key = pki.load_signing_key(ticket_pem)
-        # The attempt limit is the node's defence, not what is measured here:
-        # raised so that 2,000 subjects can take every ticket of the run.
-        cfg = testing.write_node_files(
-            root / "bank-a", name="bank-a", index=1, tls=files[("shareholder", "bank-a")],
-            tenants={TENANT: {KEY_ID: ticket_pub}}, attempts_per_subject=1_000_000,
-        )
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        node = subprocess.Popen(
-            [sys.executable, "-m", "shareholders", "--config", str(cfg)], cwd=ROOT, env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        echo_ready = root / "echo.json"
-        echo_tls = files[("shareholder", "echo")]
+        sqlite = _run_node(root / "bank-a", "", files, ticket_key, ticket_pub, rng, n_releases, n_stream, rounds,
+                           concurrency, quick)
         try:
-            node_info = _wait_ready(root / "bank-a" / "ready.json", node)
-            # One fresh set of subjects per round, so every round stores new records.
-            record_sets = [
-                _records([f"r{r}-subject-{i:06d}" for i in range(n_stream)], 1, rng) for r in range(rounds)
-            ]
-            # Payload sizes of the real calls, so the echo moves the same bytes.
-            sample_release = shareholder_pb2.ReleaseShareResponse(shares=[record_sets[0][0]], audit_seq=123456)
-            echo = subprocess.Popen(
-                [sys.executable, "-m", "bench.suite_node", "echo-server", "--ca", echo_tls.ca, "--cert",
-                 echo_tls.cert, "--key", echo_tls.key, "--ready", str(echo_ready), "--reply-bytes",
-                 str(sample_release.ByteSize())],
-                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-            try:
-                echo_info = _wait_ready(echo_ready, echo)
-                return asyncio.run(_measure(
-                    node_info, echo_info, node.pid, echo.pid, files[("matcher", "bench")].load(), ticket_key,
-                    record_sets, n_releases, concurrency, quick,
-                ))
-            finally:
-                _stop(echo)
+            server = pg_kit.server()
+        except RuntimeError as exc:
+            print(f"suite_node: no PostgreSQL figures: {exc}", file=sys.stderr)
+            return sqlite
+        try:
+            database = server.new_database("bench")
+            pg = _run_node(root / "bank-a-pg", server.store_toml(database), files, ticket_key, ticket_pub, rng,
+                           n_releases, n_stream, rounds, concurrency, quick)
         finally:
-            _stop(node)
+            pg_kit.stop()
+    by_name = {r["name"]: r for r in sqlite}
+    for r in pg:
+        base = by_name[r["name"]]
+        r["params"]["echo_baseline"] = {"value": r["baseline_value"], "name": r["baseline"]}
+        r.update(name=r["name"] + "_postgres", baseline=f"the same node on SQLite ({base['name']}), same run",
+                 baseline_value=base["value"] or 0.0, target=None,
+                 ratio=round(r["value"] / base["value"], 3) if r["value"] and base["value"] else None)
+        r["params"]["store"] = "postgres 16 (pgserver), unix socket, synchronous_commit on"
+    return sqlite + pg
+
+
+def _run_node(folder, store_toml, files, ticket_key, ticket_pub, rng, n_releases, n_stream, rounds, concurrency,
+              quick) -> list[dict]:
+    # The attempt limit is the node's defence, not what is measured here:
+    # raised so that 2,000 subjects can take every ticket of the run.
+    cfg = testing.write_node_files(
+        folder, name="bank-a", index=1, tls=files[("shareholder", "bank-a")],
+        tenants={TENANT: {KEY_ID: ticket_pub}}, attempts_per_subject=1_000_000, extra=store_toml,
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    node = subprocess.Popen(
+        [sys.executable, "-m", "shareholders", "--config", str(cfg)], cwd=ROOT, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    echo_ready = folder / "echo.json"
+    echo_tls = files[("shareholder", "echo")]
+    try:
+        node_info = _wait_ready(folder / "ready.json", node)
+        # One fresh set of subjects per round, so every round stores new records.
+        record_sets = [
+            _records([f"r{r}-subject-{i:06d}" for i in range(n_stream)], 1, rng) for r in range(rounds)
+        ]
+        # Payload sizes of the real calls, so the echo moves the same bytes.
+        sample_release = shareholder_pb2.ReleaseShareResponse(shares=[record_sets[0][0]], audit_seq=123456)
+        echo = subprocess.Popen(
+            [sys.executable, "-m", "bench.suite_node", "echo-server", "--ca", echo_tls.ca, "--cert",
+             echo_tls.cert, "--key", echo_tls.key, "--ready", str(echo_ready), "--reply-bytes",
+             str(sample_release.ByteSize())],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            echo_info = _wait_ready(echo_ready, echo)
+            return asyncio.run(_measure(
+                node_info, echo_info, node.pid, echo.pid, files[("matcher", "bench")].load(), ticket_key,
+                record_sets, n_releases, concurrency, quick,
+            ))
+        finally:
+            _stop(echo)
+    finally:
+        _stop(node)
 
 
 async def _measure(node_info, echo_info, node_pid, echo_pid, tls, ticket_key, record_sets, n_releases,

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sqlite3
 import sys
 
 from shareholders.config import ConfigError, load_config
 from shareholders.server import serve
-from shareholders.store import SchemaError
+from shareholders.storage import SchemaError, errors as storage_errors
 from vault.errors import AuditChainError
 from vaultrpc import logs
 from vaultrpc.server import run_until_signalled
@@ -34,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SchemaError, AuditChainError) as exc:
         logs.event(log, "cannot start", logging.ERROR, error=str(exc))
         return 1
-    except (OSError, ValueError, RuntimeError, sqlite3.Error) as exc:
+    except (OSError, ValueError, RuntimeError, *storage_errors()) as exc:
         # Port in use, unwritable data directory, ...: say what, not where.
         if cfg is not None and isinstance(exc, (RuntimeError, ValueError)) and "bind" in str(exc).lower() + " ":
             error = f"Cannot listen on {cfg.listen}: the address is in use or not available here."

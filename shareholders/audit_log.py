@@ -30,7 +30,6 @@ from __future__ import annotations
 import _thread
 import logging
 import pathlib
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -42,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from splitvault.v1 import common_pb2
 from vault import audit
 from vault.errors import AuditChainError
-from shareholders import store
+from shareholders import storage
 
 T = TypeVar("T")
 _log = logging.getLogger("shareholders.audit")
@@ -52,7 +51,7 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def check_tail(conn: sqlite3.Connection, public_key, node: str) -> None:
+def check_tail(db: storage.Database, public_key, node: str) -> None:
     """Refuse to extend a chain whose end contradicts the node's own last
     checkpoint (entries cut off or rewritten) or whose head does not hash.
 
@@ -60,20 +59,19 @@ def check_tail(conn: sqlite3.Connection, public_key, node: str) -> None:
     checked by ``vault.audit.verify_chain`` (``vaultctl audit verify``).
     Raises AuditChainError naming the first entry found broken.
     """
-    seq, head = store.audit_head(conn)
-    cps = store.checkpoints(conn, store.last_checkpoint_seq(conn)) if store.last_checkpoint_seq(conn) else []
-    tail = audit.load_entries(list(store.iter_entries(conn, max(1, seq - 1))))
+    seq, head = db.audit_head()
+    cps = db.checkpoints(db.last_checkpoint_seq()) if db.last_checkpoint_seq() else []
+    tail = audit.load_entries(list(db.iter_entries(max(1, seq - 1))))
     start = tail[0].seq if tail else 1
     prev = audit.GENESIS_HASH
     if start > 1:
-        row = conn.execute("SELECT entry_hash FROM audit_log WHERE seq = ?", (start - 1,)).fetchone()
-        prev = bytes(row[0]) if row else b""
+        row = db.entry_row(start - 1)
+        prev = bytes(row[10]) if row else b""
     report = audit.verify_chain(tail, [], public_key, node=node, start_seq=start, start_prev_hash=prev)
     if not report.ok:
         raise AuditChainError(f"The audit log is damaged: {report.reason} Run vaultctl audit verify.", report.broken_seq)
     for cp in cps:
-        at = conn.execute("SELECT seq, time_ms, node, event, actor, request_id, tenant, subject, details_json, "
-                          "prev_hash, entry_hash FROM audit_log WHERE seq = ?", (cp.seq,)).fetchone()
+        at = db.entry_row(cp.seq)
         entries = audit.load_entries([at]) if at else []
         check = audit.verify_chain(
             entries, [cp], public_key, node=node, start_seq=cp.seq,
@@ -92,12 +90,12 @@ class WriterClosed(RuntimeError):
 
 
 class Tx:
-    """What a job sees: the write connection and the audit chain."""
+    """What a job sees: the store on the write connection and the audit chain."""
 
-    __slots__ = ("conn", "_writer")
+    __slots__ = ("db", "_writer")
 
-    def __init__(self, conn: sqlite3.Connection, writer: "AuditWriter"):
-        self.conn = conn
+    def __init__(self, db: storage.Database, writer: "AuditWriter"):
+        self.db = db
         self._writer = writer
 
     def append(
@@ -137,7 +135,7 @@ class AuditWriter:
 
     def __init__(
         self,
-        db_path: str | pathlib.Path,
+        db_path: "str | pathlib.Path | storage.Location",
         node: str,
         audit_key: ed25519.Ed25519PrivateKey,
         *,
@@ -154,20 +152,20 @@ class AuditWriter:
         self._clock = clock
         self._on_commit = on_commit
         self._on_checkpoint = on_checkpoint
-        self._conn = store.connect(db_path)
+        storage.migrate(db_path)
+        self._db = storage.connect(db_path)
         try:
-            store.migrate(self._conn)
-            check_tail(self._conn, audit_key.public_key(), node)
+            check_tail(self._db, audit_key.public_key(), node)
         except BaseException:
-            self._conn.close()
+            self._db.close()
             raise
-        seq, head = store.audit_head(self._conn)
+        seq, head = self._db.audit_head()
         self._seq = seq
         self._hash = head or audit.GENESIS_HASH
-        self._signed_seq = store.last_checkpoint_seq(self._conn)
+        self._signed_seq = self._db.last_checkpoint_seq()
         if on_checkpoint is not None and self._signed_seq:
             # The newest signed head so far: its publishing may not have finished before the last stop.
-            on_checkpoint(store.checkpoints(self._conn, self._signed_seq)[-1])
+            on_checkpoint(self._db.checkpoints(self._signed_seq)[-1])
         self._unsigned_since: float | None = time.monotonic() if self._seq > self._signed_seq else None
         self._committed_seq = seq
         self._mutex = threading.Lock()  # guards the queue and the closed flag
@@ -229,7 +227,7 @@ class AuditWriter:
                 batch, self._queue = self._queue, []
             self._commit(batch, force_checkpoint=True)
             self._db_closed = True
-            self._conn.close()
+            self._db.close()
         self._wake.set()
         self._timer.join()
 
@@ -255,7 +253,7 @@ class AuditWriter:
             seq=self._seq + 1, prev_hash=self._hash, time_ms=self._clock(), node=self.node, event=event,
             actor=actor, request_id=request_id, tenant=tenant, subject=subject, details=details,
         )
-        store.insert_entry_row(self._conn, row)
+        self._db.insert_entry_row(row)
         self._seq = row[0]
         self._hash = row[10]
         if self._unsigned_since is None:
@@ -284,49 +282,54 @@ class AuditWriter:
             for pending in batch:
                 self._settle(pending, None, WriterClosed("The node is shutting down."))
             return
-        conn = self._conn
+        db = self._db
         start = (self._seq, self._hash, self._unsigned_since)
         # Each job runs exactly once. In a group, each job has its own
         # SAVEPOINT, so one that raises rolls back alone; a job alone needs
         # none (two statements fewer on an idle node's path).
         alone = len(batch) == 1
         outcomes: list[tuple[_Pending, Any, BaseException | None]] = []
-        tx = Tx(conn, self)
+        tx = Tx(db, self)
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            if db.reopen_if_lost():
+                # The last commit's outcome was not seen: the chain head is what the store holds.
+                seq, head = db.audit_head()
+                self._seq, self._hash, self._committed_seq = seq, head or audit.GENESIS_HASH, seq
+                start = (self._seq, self._hash, self._unsigned_since)
+            db.begin_write()
             for pending in batch:
                 mark = (self._seq, self._hash, self._unsigned_since)
                 if not alone:
-                    conn.execute("SAVEPOINT job")
+                    db.savepoint()
                 try:
                     result = pending.job(tx)
                 except Exception as exc:  # noqa: BLE001 - handed to its caller
-                    conn.execute("ROLLBACK" if alone else "ROLLBACK TO job")
+                    db.rollback() if alone else db.rollback_to()
                     if alone:
                         self._seq, self._hash, self._unsigned_since = mark
                         self._settle(pending, None, exc)
                         return
-                    conn.execute("RELEASE job")
+                    db.release()
                     self._seq, self._hash, self._unsigned_since = mark
                     outcomes.append((pending, None, exc))
                 else:
                     if not alone:
-                        conn.execute("RELEASE job")
+                        db.release()
                     outcomes.append((pending, result, None))
             signed = self._checkpoint_due(force_checkpoint)
             if signed:
                 cp = audit.sign_checkpoint(self._key, self.node, self._seq, self._hash, self._clock())
-                store.insert_checkpoint(conn, cp)
-            conn.execute("COMMIT")
+                db.insert_checkpoint(cp)
+            db.commit()
         except BaseException as exc:  # noqa: BLE001 - the whole group failed
-            # SQLite's reason ("database or disk is full", "attempt to write
-            # a readonly database", "disk I/O error") carries no data and is
-            # what the operator must act on (tests/test_faults_disk.py).
-            reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, sqlite3.Error) else type(exc).__name__
+            # The engine's reason ("database or disk is full", "attempt to
+            # write a readonly database", "disk I/O error") carries no data and
+            # is what the operator must act on (tests/test_faults_disk.py).
+            reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, db.errors) else type(exc).__name__
             _log.error("audit commit failed", exc_info=(type(exc), exc, None), extra={"fields": {"error": reason}})
             try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
+                db.rollback()
+            except db.errors:
                 pass
             self._seq, self._hash, self._unsigned_since = start
             for pending in batch:
@@ -352,11 +355,11 @@ class AuditWriter:
             pending.wake.release()
 
 
-def verify_database(db_path: str | pathlib.Path, public_key, node: str | None = None) -> audit.VerifyReport:
+def verify_database(db_path, public_key, node: str | None = None) -> audit.VerifyReport:
     """Verify a node's stored audit chain offline (the node may be stopped)."""
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    db = storage.connect_readonly(db_path)
     try:
-        entries, cps = store.read_chain(conn)
+        entries, cps = db.read_chain()
     finally:
-        conn.close()
+        db.close()
     return audit.verify_chain(entries, cps, public_key, node=node)

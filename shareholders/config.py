@@ -37,6 +37,7 @@ from vault.envelope import KEY_BYTES, KekRing
 from vaultrpc import config as rpcconfig
 from vaultrpc.config import ConfigError
 from vaultrpc.tls import TlsFiles
+from shareholders import storage
 
 __all__ = [
     "ConfigError", "NodeConfig", "NodeKeys", "WitnessPeer", "load_config", "load_keys", "load_peers", "parse_kek_json",
@@ -104,10 +105,23 @@ class NodeConfig:
     # from [committee] pins: peer-only calls are answered only to that key.
     # Empty for an old config: callers are then checked by name only.
     committee_pins: dict[str, str] = field(default_factory=dict)
+    # [store] backend = "sqlite" (default: <data_dir>/shares.db) or
+    # "postgres" with a libpq connection string (dsn, or dsn_env naming the
+    # environment variable that holds it, so a password stays out of the file).
+    store_backend: str = "sqlite"
+    store_dsn: str = field(default="", repr=False)
+    store_owner_dsn: str = field(default="", repr=False)
 
     @property
     def db_path(self) -> pathlib.Path:
         return self.data_dir / "shares.db"
+
+    @property
+    def store(self) -> storage.Location:
+        """Where this node's store is (``shareholders.storage``)."""
+        if self.store_backend == "postgres":
+            return storage.Location("postgres", None, self.store_dsn, self.store_owner_dsn)
+        return storage.Location("sqlite", self.db_path)
 
 
 @dataclass
@@ -155,6 +169,32 @@ def load_peers(cfg: NodeConfig, env: dict[str, str] | None = None) -> dict[str, 
         return dict(cfg.peers)
     env = dict(os.environ) if env is None else env
     return _parse_peers(rpcconfig.load(cfg.path, {k: v for k, v in env.items() if k != KEK_ENV}))
+
+
+def _dsn(data: dict[str, Any], env: dict[str, str], key: str) -> str:
+    # A DSN from the file (store.<key>) or from the environment variable that
+    # store.<key>_env names (so that a password stays out of the file).
+    dsn = rpcconfig.get(data, f"store.{key}", "", str)
+    dsn_env = rpcconfig.get(data, f"store.{key}_env", "", str)
+    if dsn_env:
+        if dsn:
+            raise ConfigError(f"The config section [store] takes {key} or {key}_env, not both.")
+        dsn = env.get(dsn_env, "")
+        if not dsn:
+            raise ConfigError(f"The environment variable {dsn_env} named by store.{key}_env is not set.")
+    return dsn
+
+
+def _store(data: dict[str, Any], env: dict[str, str]) -> dict[str, str]:
+    backend = rpcconfig.get(data, "store.backend", "sqlite", str)
+    if backend not in storage.BACKENDS:
+        raise ConfigError(f"The config value store.backend must be one of {list(storage.BACKENDS)}.")
+    dsn, owner = _dsn(data, env, "dsn"), _dsn(data, env, "owner_dsn")
+    if backend == "postgres" and not dsn:
+        raise ConfigError('The config value store.dsn (or store.dsn_env) is needed with store.backend = "postgres".')
+    if backend == "sqlite" and (dsn or owner):
+        raise ConfigError('The config values store.dsn and store.owner_dsn are for store.backend = "postgres" only.')
+    return {"store_backend": backend, "store_dsn": dsn, "store_owner_dsn": owner}
 
 
 def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> NodeConfig:
@@ -238,6 +278,7 @@ def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> N
         checkpoint_every=_positive(data, "audit.checkpoint_every", 1000),
         checkpoint_interval_s=_positive(data, "audit.checkpoint_interval_s", 60.0, float),
         stream_batch=_positive(data, "store.stream_batch", 1000),
+        **_store(data, env),
         max_workers=_positive(data, "node.max_workers", 32),
         peers=_parse_peers(data),
         path=pathlib.Path(path).resolve(),

@@ -98,7 +98,6 @@ import json
 import logging
 import os
 import queue
-import sqlite3
 import threading
 import time
 from collections import OrderedDict, deque
@@ -111,13 +110,13 @@ import grpc
 import numpy as np
 from prometheus_client import Counter
 
-from shareholders import store
+from shareholders import storage
+from shareholders.storage import MaintenanceSession as Session
 from shareholders.audit_log import Tx, WriterClosed, now_ms
 from shareholders.config import ConfigError, load_peers
 from splitvault.v1 import admin_pb2, admin_pb2_grpc
 from vault import envelope, epoch_mac, field, names, pki, proactive, record
 from vault import plan as committee_plan
-from vault.envelope import SealedShare
 from vault.errors import EnvelopeError, InvalidShares
 from vault.field import FIELD_DTYPE, P
 from vaultrpc import logs, status
@@ -263,65 +262,34 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
-        d = json.loads(text)
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
         return cls(dict(d["old"]), dict(d["new"]), int(d["old_threshold"]), int(d["new_threshold"]),
                    tuple(int(x) for x in d["senders"]), str(d.get("plan_sha256", "")), dict(d.get("pins") or {}),
                    dict(d.get("operators") or {}), dict(d.get("approved") or {}), int(d.get("mac_width") or 0))
-
-
-@dataclass(frozen=True)
-class Session:
-    session_id: str
-    kind: str
-    state: str
-    from_epoch: int
-    new_epoch: int
-    plan: Plan
-    sealed_seed: SealedShare | None
-    skipped: int
-    actor: str
-    started_ms: int
-    updated_ms: int
-
-    @property
-    def open(self) -> bool:
-        return self.state not in store.CLOSED_STATES
-
-
-_SESSION_COLUMNS = (
-    "session_id, kind, state, from_epoch, new_epoch, plan_json, seed_kek_version, seed_wrapped_dk, seed_nonce, "
-    "seed_ciphertext, skipped, actor, started_ms, updated_ms"
-)
-
-
-def _session(row) -> Session:
-    sealed = None
-    if row[6] is not None:
-        sealed = SealedShare(row[6], bytes(row[7]), bytes(row[8]), bytes(row[9]))
-    return Session(row[0], row[1], row[2], row[3], row[4], Plan.from_json(row[5]), sealed, row[10], row[11],
-                   row[12], row[13])
 
 
 # What the peer helpers (_check_peers, _check_peer_key) need of a session, for the first key's dealing.
 _KEYGEN_SESSION = Session("", KEYGEN, BEGUN, 0, 0, Plan({}, {}, 2, 2, ()), None, 0, "", 0, 0)
 
 
-def load_session(conn: sqlite3.Connection, session_id: str) -> Session | None:
-    """A refresh or reshare session by id (None if absent; other kinds raise)."""
-    row = conn.execute(
-        f"SELECT {_SESSION_COLUMNS} FROM maintenance_sessions WHERE session_id = ?", (session_id,)
-    ).fetchone()
-    if row is None:
+def load_session(db: storage.Database, session_id: str) -> Session | None:
+    """A refresh or reshare session by id, with its typed Plan (None if
+    absent; other kinds raise)."""
+    s = db.get_session(session_id)
+    if s is None:
         return None
-    if row[1] not in (REFRESH, RESHARE):
-        raise status.FailedPrecondition(f"Session {session_id} is a {row[1]} session, not a refresh or reshare.")
-    return _session(row)
+    if s.kind not in (REFRESH, RESHARE):
+        raise status.FailedPrecondition(f"Session {session_id} is a {s.kind} session, not a refresh or reshare.")
+    return dataclasses.replace(s, plan=Plan.from_dict(s.plan))
 
 
-def open_session(conn: sqlite3.Connection):
+def open_session(db: storage.Database) -> Session | None:
     """The session holding the node's maintenance lock (of any kind: refresh,
-    reshare, kek_rotate), as ``store.MaintenanceSession``, if any."""
-    return store.open_session(conn)
+    reshare, kek_rotate, keygen; its plan as stored), if any."""
+    return db.open_session()
 
 
 def _describe(s) -> str:
@@ -331,19 +299,19 @@ def _describe(s) -> str:
 # --- hooks for the Shareholder service (called inside its writer jobs) ------------------
 
 
-def guard_store(conn: sqlite3.Connection) -> None:
+def guard_store(db: storage.Database) -> None:
     """Refuse an enrolment while a session is open (inside the store job)."""
-    s = open_session(conn)
+    s = open_session(db)
     if s is not None and s.kind in (REFRESH, RESHARE):
         raise status.FailedPrecondition(
             f"Maintenance in progress on this node ({_describe(s)}); enrolment is paused until it ends. Retry later."
         )
 
 
-def guard_delete(conn: sqlite3.Connection, tenant: str, subject: str) -> None:
+def guard_delete(db: storage.Database, tenant: str, subject: str) -> None:
     """Inside the delete job: refused during a reshare (a new member could keep
     the subject); during a refresh the delete takes every epoch, prepared too."""
-    s = open_session(conn)
+    s = open_session(db)
     if s is not None and s.kind == RESHARE:
         raise status.FailedPrecondition(
             f"Maintenance in progress on this node ({_describe(s)}); deletion is paused until the committee "
@@ -382,19 +350,15 @@ def _row_fingerprint(wrapped_dk: bytes, nonce: bytes, ciphertext: bytes) -> byte
     ).digest()[:16]
 
 
-def _store_diff(conn: sqlite3.Connection, ring, session_id: str, items: list[tuple], diff: np.ndarray) -> None:
+def _store_diff(db: storage.Database, ring, session_id: str, items: list[storage.ShareRow], diff: np.ndarray) -> None:
     """Seal one prepared batch's new-minus-old values (for the check) beside
-    its rows (``items`` in SHARE_COLUMNS order), with the new rows' fingerprints."""
+    its rows, with the new rows' fingerprints."""
     width = int(diff.shape[1])
-    keys_json = json.dumps([[i[0], i[1]] for i in items], separators=(",", ":"))
-    prints = b"".join(_row_fingerprint(i[11], i[12], i[13]) for i in items)
-    first = (items[0][0], items[0][1])
+    keys_json = json.dumps([[i.tenant, i.subject] for i in items], separators=(",", ":"))
+    prints = b"".join(_row_fingerprint(i.wrapped_dk, i.nonce, i.ciphertext) for i in items)
+    first = items[0].key
     sealed = envelope.seal(ring, _diff_aad(session_id, first, width, keys_json, prints), diff.astype("<u4").tobytes())
-    conn.execute(
-        "INSERT OR REPLACE INTO refresh_check_diffs (session_id, first_tenant, first_subject, width, keys_json, "
-        "fingerprints, kek_version, wrapped_dk, nonce, ciphertext) VALUES (?,?,?,?,?,?,?,?,?,?)",
-        (session_id, *first, width, keys_json, prints, *sealed),
-    )
+    db.put_check_batch(storage.CheckBatch(session_id, *first, width, keys_json, prints, sealed))
 
 
 def _challenges(items) -> list[bytes]:
@@ -618,7 +582,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         finally:
             stop.set()
 
-    def _conn(self) -> sqlite3.Connection:
+    def _conn(self) -> storage.Database:
         return self.sh._reader()
 
     def _commit(self, job):
@@ -664,9 +628,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             record.wipe(self._new_keys.pop(session_id, None))
 
     def _status(self, s: Session) -> admin_pb2.SessionStatus:
-        conn = self._conn()
-        old = conn.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (s.from_epoch,)).fetchone()[0]
-        new = conn.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
+        db = self._conn()
+        old, new = db.count_epoch(s.from_epoch), db.count_epoch(s.new_epoch)
         prepared = 0
         if s.state in (BEGUN, PREPARED, ABORTED):
             prepared, new = new, 0
@@ -741,7 +704,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         """(members name -> index, threshold, operator keys hex) this node holds
         now: as recorded by its last committed session, else as its config
         founded it; ({}, 0, {}) when neither says."""
-        recorded = store.node_state(self._conn()).committee
+        recorded = self._conn().node_state().committee
         if recorded.get("members"):
             return (dict(recorded["members"]), int(recorded.get("threshold") or 0),
                     dict(recorded.get("operators") or {}))
@@ -898,8 +861,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         ring = self.sh.keys.kek
 
         def job(tx: Tx):
-            conn = tx.conn
-            existing = load_session(conn, sid)
+            db = tx.db
+            existing = load_session(db, sid)
             if existing is not None:
                 if existing.kind != kind or existing.plan != plan or existing.new_epoch != request.new_epoch \
                         or existing.from_epoch != request.from_epoch:
@@ -909,36 +872,33 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 if existing.open:
                     tx.append("maintenance_resume", actor=actor, request_id=sid, details={"kind": kind, "state": existing.state})
                 return existing
-            current = open_session(conn)
+            current = open_session(db)
             if current is not None:
                 raise status.FailedPrecondition(
                     f"Another maintenance session is open on this node: {_describe(current)}. Finish it "
                     f"(rerun the command that started it) or abort it first."
                 )
-            state = store.node_state(conn)
-            newest = conn.execute("SELECT MAX(epoch) FROM shares").fetchone()[0] or 0
+            state = db.node_state()
+            newest = db.newest_epoch()
             if request.new_epoch <= max(state.current_epoch, newest):
                 raise status.FailedPrecondition(
                     f"This node already holds epoch {max(state.current_epoch, newest)}; the new epoch must be later."
                 )
-            other = conn.execute("SELECT COUNT(*) FROM shares WHERE epoch != ?", (request.from_epoch,)).fetchone()[0]
+            other = db.count_other_epochs(request.from_epoch)
             if other:
                 raise status.FailedPrecondition(
                     f"This node holds {other} share(s) outside epoch {request.from_epoch}; finish the previous session first."
                 )
-            held = conn.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (request.from_epoch,)).fetchone()[0]
-            if held and request.from_epoch not in store.mac_keys(conn):
+            held = db.count_epoch(request.from_epoch)
+            if held and request.from_epoch not in db.mac_keys():
                 raise status.FailedPrecondition(
                     f"This node holds {held} share(s) of epoch {request.from_epoch} but no MAC key share for it; "
                     "it cannot renew their tags.")
             seed = proactive.new_seed()
             sealed = envelope.seal(ring, _seed_aad(self.name, sid), seed)
             now = now_ms()
-            conn.execute(
-                f"INSERT INTO maintenance_sessions ({_SESSION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (sid, kind, BEGUN, request.from_epoch, request.new_epoch, plan.to_json(), sealed.kek_version,
-                 sealed.wrapped_dk, sealed.nonce, sealed.ciphertext, 0, actor, now, now),
-            )
+            db.begin_session(sid, kind, actor, plan.to_json(), BEGUN, now, epoch=request.from_epoch,
+                             new_epoch=request.new_epoch, seed=sealed)
             tx.append("maintenance_begin", actor=actor, request_id=sid, details={
                 "kind": kind, "from_epoch": request.from_epoch, "new_epoch": request.new_epoch,
                 "old_committee": [f"{n}={i}" for n, i in sorted(old.items(), key=lambda x: x[1])],
@@ -947,7 +907,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 "plan_sha256": plan.plan_sha256 or None,
                 "approved_by": sorted((plan.approved or {}).get("approvals") or {}),
             })
-            return load_session(conn, sid)
+            return load_session(db, sid)
 
         s = self._commit(job)
         return admin_pb2.BeginSessionResponse(status=self._status(s))
@@ -956,12 +916,12 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         who = caller(context)
         if who is not None and who.role == pki.ROLE_SHAREHOLDER:
             return self._peer_session(request, context, who.name)
-        conn = self._conn()
+        db = self._conn()
         if request.session_id:
-            s = load_session(conn, request.session_id)
+            s = load_session(db, request.session_id)
         else:
-            current = open_session(conn)
-            s = load_session(conn, current.session_id) if current is not None else None
+            current = open_session(db)
+            s = load_session(db, current.session_id) if current is not None else None
         if s is None:
             return admin_pb2.GetSessionResponse(found=False)
         return admin_pb2.GetSessionResponse(found=True, status=self._status(s))
@@ -969,12 +929,9 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
     def ListSessionKeys(self, request, context):
         s = self._session(request.session_id)
         limit = max(1, min(int(request.limit or 1000), 10_000))
-        rows = self._conn().execute(
-            "SELECT tenant, subject, threshold, dimension, mac_count FROM shares WHERE epoch = ? AND (tenant, subject) > (?, ?) "
-            "ORDER BY tenant, subject LIMIT ?",
-            (s.from_epoch, request.after_tenant, request.after_subject, limit + 1),
-        ).fetchall()
-        keys = [admin_pb2.RecordKey(tenant=r[0], subject=r[1], threshold=r[2], width=r[3] + r[4]) for r in rows[:limit]]
+        rows = self._conn().record_keys(s.from_epoch, (request.after_tenant, request.after_subject), limit + 1)
+        keys = [admin_pb2.RecordKey(tenant=r.tenant, subject=r.subject, threshold=r.threshold,
+                                    width=r.dimension + r.mac_count) for r in rows[:limit]]
         return admin_pb2.ListSessionKeysResponse(keys=keys, more=len(rows) > limit)
 
     def AbortSession(self, request, context):
@@ -989,31 +946,29 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         unasked = self._refuse_late_abort(s, actor)
         with self._phase_lock:
             self._delete_chunks(
-                "SELECT rowid FROM refresh_check_diffs WHERE session_id = ? LIMIT ?", (s.session_id,),
-                "DELETE FROM refresh_check_diffs WHERE rowid IN ({})", "maintenance_abort_batch", s, actor,
+                lambda db, limit: db.delete_check_batches(s.session_id, limit), "maintenance_abort_batch", s, actor,
                 limit=DIFF_DELETE_CHUNK,
             )
             self._delete_chunks(
-                "SELECT rowid FROM shares WHERE epoch = ? LIMIT ?", (s.new_epoch,),
-                "DELETE FROM shares WHERE rowid IN ({})", "maintenance_abort_batch", s, actor,
+                lambda db, limit: db.delete_epoch_rows(s.new_epoch, limit), "maintenance_abort_batch", s, actor,
             )
 
             def job(tx: Tx):
-                conn = tx.conn
-                cur = load_session(conn, s.session_id)
+                db = tx.db
+                cur = load_session(db, s.session_id)
                 if cur.state in (COMMITTED, FINALIZED):
                     raise status.FailedPrecondition(f"Session {s.session_id} was committed meanwhile.")
-                conn.execute("DELETE FROM shares WHERE epoch = ?", (s.new_epoch,))
-                conn.execute("DELETE FROM mac_keys WHERE epoch = ?", (s.new_epoch,))
-                _close_session(conn, s.session_id, ABORTED)
+                db.delete_epoch(s.new_epoch)
+                db.delete_mac_keys(s.new_epoch)
+                db.close_session(s.session_id, ABORTED, now_ms())
                 tx.append("maintenance_abort", actor=actor, request_id=s.session_id, details={
                     "kind": s.kind, "was": cur.state, "members_unconfirmed": unasked,
                     **({"reason": request.reason[:200]} if request.reason else {})})
-                return load_session(conn, s.session_id)
+                return load_session(db, s.session_id)
 
             done = self._commit(job)
         self._forget_seed(s.session_id)
-        _checkpoint_wal(self.cfg.db_path)
+        _checkpoint_wal(self.cfg.store)
         return admin_pb2.AbortSessionResponse(status=self._status(done))
 
     # --- no node finalizes alone ------------------------------------------------
@@ -1145,11 +1100,11 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         missing = sorted(set(s.plan.new) - set(peers) - {self.name})
         if missing:
             raise status.InvalidArgument(f"The request gives no address for {', '.join(missing)}.")
-        reader = store.connect(self.cfg.db_path)
+        reader = storage.connect(self.cfg.store)
         launched: deque = deque()
         try:
-            total = reader.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (s.from_epoch,)).fetchone()[0]
-            done = reader.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
+            total = reader.count_epoch(s.from_epoch)
+            done = reader.count_epoch(s.new_epoch)
             yield admin_pb2.PrepareSessionResponse(done=done, total=total)
             seed = self._seed(s)
             with self._deal_lock:
@@ -1160,15 +1115,9 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 # Read the next chunk not yet prepared and ask every peer for
                 # its deltas at once; the answers arrive while earlier chunks
                 # are being sealed and written.
-                rows = reader.execute(
-                    f"SELECT {store.SHARE_COLUMNS} FROM shares s WHERE s.epoch = ? AND (s.tenant, s.subject) > (?, ?) "
-                    "AND NOT EXISTS (SELECT 1 FROM shares p WHERE p.tenant = s.tenant AND p.subject = s.subject "
-                    "AND p.epoch = ?) ORDER BY s.tenant, s.subject LIMIT ?",
-                    (s.from_epoch, *cursor[0], s.new_epoch, REFRESH_CHUNK),
-                ).fetchall()
-                if not rows:
+                share_rows = reader.unprepared_rows(s.from_epoch, s.new_epoch, cursor[0], REFRESH_CHUNK)
+                if not share_rows:
                     return False
-                share_rows = [store._share_row(r) for r in rows]
                 cursor[0] = (share_rows[-1].tenant, share_rows[-1].subject)
                 launched.append(self._launch_refresh_chunk(s, seed, share_rows, peers))
                 return True
@@ -1211,12 +1160,12 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         except WriterClosed as exc:
             raise status.Unavailable(str(exc)) from None
 
-    def _launch_refresh_chunk(self, s: Session, seed: bytes, rows: list[store.ShareRow], peers) -> list[tuple]:
+    def _launch_refresh_chunk(self, s: Session, seed: bytes, rows: list[storage.ShareRow], peers) -> list[tuple]:
         """Group a chunk by (k, width), start the peers' delta calls, then open
         this node's old shares and compute its renewal values for every member
         (so the peers' calls for this chunk, arriving now, find them ready
         instead of opening the rows again): [(k, width, rows, calls, old)]."""
-        groups: dict[tuple[int, int], list[store.ShareRow]] = {}
+        groups: dict[tuple[int, int], list[storage.ShareRow]] = {}
         for row in rows:
             groups.setdefault((row.threshold, row.dimension + row.mac_count), []).append(row)
         out = []
@@ -1245,7 +1194,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             out.append((k, width, members, calls, old))
         return out
 
-    def _open_chunk(self, rows: list[store.ShareRow], width: int) -> np.ndarray:
+    def _open_chunk(self, rows: list[storage.ShareRow], width: int) -> np.ndarray:
         """This node's old shares of a chunk (B, width), read and range-checked
         as one array (not one array per row); the caller wipes it."""
         size = 4 * width
@@ -1312,9 +1261,10 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                             ring, record.record_identity(row.tenant, row.subject, row.index, s.new_epoch),
                             packed[j].tobytes(),
                         )
-                        out.append((row.tenant, row.subject, s.new_epoch, row.index, row.threshold, row.shareholders,
-                                    row.dimension, row.codec_version, row.mac_count, row.request_id, sealed.kek_version,
-                                    sealed.wrapped_dk, sealed.nonce, sealed.ciphertext, stored_ms))
+                        out.append(storage.ShareRow(
+                            row.tenant, row.subject, s.new_epoch, row.index, row.threshold, row.shareholders,
+                            row.dimension, row.codec_version, row.mac_count, row.request_id, sealed.kek_version,
+                            sealed.wrapped_dk, sealed.nonce, sealed.ciphertext, stored_ms))
                 finally:
                     for call in calls.values():
                         call.cancel()
@@ -1324,13 +1274,13 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             raise
         return groups
 
-    def _open(self, row: store.ShareRow, width: int) -> np.ndarray:
+    def _open(self, row: storage.ShareRow, width: int) -> np.ndarray:
         try:
             return record.unpack_values(self._open_bytes(row, 4 * width), width)
         except InvalidShares:
             raise self._data_loss(row) from None
 
-    def _open_bytes(self, row: store.ShareRow, size: int) -> bytes:
+    def _open_bytes(self, row: storage.ShareRow, size: int) -> bytes:
         """The row's opened share (``size`` bytes; the caller range-checks the values)."""
         try:
             if row.index != self.index:
@@ -1345,13 +1295,13 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         return values
 
     @staticmethod
-    def _data_loss(row: store.ShareRow) -> status.RpcError:
+    def _data_loss(row: storage.ShareRow) -> status.RpcError:
         return status.DataLoss(
             f"This node's stored share of subject {row.subject!r} (tenant {row.tenant!r}) does not open; "
             "repair the node before renewing its shares."
         )
 
-    def _prepared_job(self, s: Session, items: list[tuple], actor: str, check_old: bool, diff=None):
+    def _prepared_job(self, s: Session, items: list[storage.ShareRow], actor: str, check_old: bool, diff=None):
         def job(tx: Tx) -> int:
             try:
                 return run(tx)
@@ -1359,35 +1309,29 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 record.wipe(diff)
 
         def run(tx: Tx) -> int:
-            conn = tx.conn
-            cur = load_session(conn, s.session_id)
+            db = tx.db
+            cur = load_session(db, s.session_id)
             if cur is None or cur.state != BEGUN:
                 raise status.FailedPrecondition(f"Session {s.session_id} is no longer being prepared on this node.")
             kept = items
             if check_old and items:
                 # A subject deleted meanwhile stays deleted (items are in key order).
-                alive = set(conn.execute(
-                    "SELECT tenant, subject, request_id FROM shares WHERE epoch = ? AND (tenant, subject) >= (?, ?) "
-                    "AND (tenant, subject) <= (?, ?)",
-                    (s.from_epoch, items[0][0], items[0][1], items[-1][0], items[-1][1]),
-                ))
-                kept = [item for item in items if (item[0], item[1], item[9]) in alive]
-            conn.executemany(
-                f"INSERT OR REPLACE INTO shares ({store.SHARE_COLUMNS}) VALUES ({','.join('?' * 15)})", kept
-            )
+                alive = db.live_ids_between(s.from_epoch, items[0].key, items[-1].key)
+                kept = [item for item in items if (item.tenant, item.subject, item.request_id) in alive]
+            db.insert_shares(kept)
             if diff is not None and kept:
                 values = diff
                 if len(kept) != len(items):
                     keep = {id(item) for item in kept}
                     values = diff[[i for i, item in enumerate(items) if id(item) in keep]]
                 try:
-                    _store_diff(conn, self.sh.keys.kek, s.session_id, kept, values)
+                    _store_diff(db, self.sh.keys.kek, s.session_id, kept, values)
                 finally:
                     record.wipe(values)
             if kept:
                 tx.append("epoch_prepare_batch", actor=actor, request_id=s.session_id, details={
                     "kind": s.kind, "new_epoch": s.new_epoch, "records": len(kept),
-                    "records_sha256": _key_lines((i[0], i[1]) for i in kept),
+                    "records_sha256": _key_lines(i.key for i in kept),
                 })
             return len(kept)
 
@@ -1395,29 +1339,22 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
 
     def _prepared_state_job(self, s: Session, actor: str, skipped: int = 0, check_complete: bool = True):
         def job(tx: Tx) -> Session:
-            conn = tx.conn
-            cur = load_session(conn, s.session_id)
+            db = tx.db
+            cur = load_session(db, s.session_id)
             if cur.state != BEGUN:
                 return cur
             if check_complete:
-                left = conn.execute(
-                    "SELECT COUNT(*) FROM shares s WHERE s.epoch = ? AND NOT EXISTS (SELECT 1 FROM shares p "
-                    "WHERE p.tenant = s.tenant AND p.subject = s.subject AND p.epoch = ?)",
-                    (s.from_epoch, s.new_epoch),
-                ).fetchone()[0]
+                left = db.count_unprepared(s.from_epoch, s.new_epoch)
                 if left:
                     raise status.Aborted(f"{left} record(s) are not prepared yet; run the step again.")
-            prepared = conn.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
-            if self.name in s.plan.new and s.new_epoch not in store.mac_keys(conn):
+            prepared = db.count_epoch(s.new_epoch)
+            if self.name in s.plan.new and s.new_epoch not in db.mac_keys():
                 raise status.Aborted("This node's MAC key share of the new epoch is not dealt yet; run the step again.")
-            conn.execute(
-                "UPDATE maintenance_sessions SET state = ?, skipped = ?, updated_ms = ? WHERE session_id = ?",
-                (PREPARED, skipped, now_ms(), s.session_id),
-            )
+            db.update_session(s.session_id, now_ms(), state=PREPARED, skipped=skipped)
             tx.append("epoch_prepare", actor=actor, request_id=s.session_id, details={
                 "kind": s.kind, "new_epoch": s.new_epoch, "prepared": prepared, "skipped": skipped,
             })
-            return load_session(conn, s.session_id)
+            return load_session(db, s.session_id)
 
         return job
 
@@ -1441,15 +1378,12 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         xs = [x for x, _ in senders]
         lead_name = senders[0][1]
         k_new, n_new = s.plan.new_threshold, len(s.plan.new)
-        reader = store.connect(self.cfg.db_path)
+        reader = storage.connect(self.cfg.store)
         try:
-            done = reader.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
-            last = reader.execute(
-                "SELECT tenant, subject FROM shares WHERE epoch = ? ORDER BY tenant DESC, subject DESC LIMIT 1",
-                (s.new_epoch,),
-            ).fetchone()
+            done = reader.count_epoch(s.new_epoch)
+            last = reader.last_key(s.new_epoch)
             skipped = s.skipped
-            cursor = (last[0], last[1]) if last else ("", "")
+            cursor = last or ("", "")
             yield admin_pb2.PrepareSessionResponse(done=done)
             self._reshare_key(s, senders, peers, actor)
             self._new_mask(s, senders, peers, xs, actor)
@@ -1506,8 +1440,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         finally:
             reader.close()
 
-    def _reshare_rows(self, s, lead_items, answers, senders, xs, k_new, n_new, ring) -> tuple[list[tuple], int]:
-        rows: list[tuple] = []
+    def _reshare_rows(self, s, lead_items, answers, senders, xs, k_new, n_new, ring) -> tuple[list[storage.ShareRow], int]:
+        rows: list[storage.ShareRow] = []
         skipped = 0
         groups: dict[int, list] = {}
         for item in lead_items:
@@ -1539,9 +1473,10 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                         ring, record.record_identity(item.tenant, item.subject, self.index, s.new_epoch),
                         record.pack_values(new[b]),
                     )
-                    rows.append((item.tenant, item.subject, s.new_epoch, self.index, k_new, n_new, item.dimension,
-                                 item.codec_version, item.mac_count, item.request_id, sealed.kek_version,
-                                 sealed.wrapped_dk, sealed.nonce, sealed.ciphertext, stored_ms))
+                    rows.append(storage.ShareRow(
+                        item.tenant, item.subject, s.new_epoch, self.index, k_new, n_new, item.dimension,
+                        item.codec_version, item.mac_count, item.request_id, sealed.kek_version,
+                        sealed.wrapped_dk, sealed.nonce, sealed.ciphertext, stored_ms))
             finally:
                 record.wipe(stacked, new)
         return rows, skipped
@@ -1684,15 +1619,14 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         Cached per session and row count: during a session nothing is
         enrolled, so a deletion is the only change, and it lowers the count.
         """
-        conn = self._conn()
-        total = conn.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (s.from_epoch,)).fetchone()[0]
+        db = self._conn()
+        total = db.count_epoch(s.from_epoch)
         tag = (s.session_id, total)
         with self._seeds_lock:
             cached = self._keys_cache
         if cached is not None and cached[0] == tag:
             return cached[1], cached[2]
-        keys = [(r[0], r[1]) for r in conn.execute(
-            "SELECT tenant, subject FROM shares WHERE epoch = ? ORDER BY tenant, subject", (s.from_epoch,))]
+        keys = db.epoch_keys(s.from_epoch)
         hashes = proactive.key_hashes(keys)
         if len(keys) == total:
             with self._seeds_lock:
@@ -1716,7 +1650,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             raise status.FailedPrecondition(f"Node {self.name} is not a sender of session {s.session_id}.")
         peer, x = self._peer_index(s, context, s.plan.new)
         self._check_pin(s, peer, context)
-        conn = self._conn()
+        db = self._conn()
         if request.mac_key:
             return self._reshare_key_deal(s, peer, x)
         if request.check_mask_reshare:
@@ -1726,20 +1660,15 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 raise status.InvalidArgument(f"At most {MAX_KEYS} records per call.")
             rows = []
             for key in request.keys:
-                r = conn.execute(f"SELECT {store.SHARE_COLUMNS} FROM shares WHERE tenant = ? AND subject = ? AND epoch = ?",
-                                 (key.tenant, key.subject, s.from_epoch)).fetchone()
+                r = db.share_row(key.tenant, key.subject, s.from_epoch)
                 if r is not None:
-                    rows.append(store._share_row(r))
+                    rows.append(r)
             more = False
         else:
             limit = max(1, min(int(request.limit or CHUNK), MAX_KEYS))
-            raw = conn.execute(
-                f"SELECT {store.SHARE_COLUMNS} FROM shares WHERE epoch = ? AND (tenant, subject) > (?, ?) "
-                "ORDER BY tenant, subject LIMIT ?",
-                (s.from_epoch, request.after_tenant, request.after_subject, limit + 1),
-            ).fetchall()
+            raw = db.rows_after(s.from_epoch, (request.after_tenant, request.after_subject), limit + 1)
             more = len(raw) > limit
-            rows = [store._share_row(r) for r in raw[:limit]]
+            rows = raw[:limit]
         seed = self._seed(s)
         items = []
         by_width: dict[int, list[int]] = {}
@@ -1776,14 +1705,11 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
 
     def _load_mask(self, s: Session, which: str) -> np.ndarray | None:
         """This node's sealed check mask of the session (``which`` side), or None."""
-        row = self._conn().execute(
-            "SELECT kek_version, wrapped_dk, nonce, ciphertext FROM refresh_check_diffs WHERE session_id = ? "
-            "AND first_tenant = '' AND first_subject = ? AND width = ?", (s.session_id, which, RESHARE_CHECK_MASKS),
-        ).fetchone()
-        if row is None:
+        batch = self._conn().check_batch(s.session_id, ("", which), RESHARE_CHECK_MASKS)
+        if batch is None:
             return None
         try:
-            raw = envelope.open(self.sh.keys.kek, _mask_aad(s.session_id, which), SealedShare(*row))
+            raw = envelope.open(self.sh.keys.kek, _mask_aad(s.session_id, which), batch.sealed)
             return record.unpack_values(raw, RESHARE_CHECK_MASKS)
         except (EnvelopeError, InvalidShares):
             raise status.DataLoss("This node's sealed reshare check mask does not open; abort the session.") from None
@@ -1794,14 +1720,11 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         sealed = envelope.seal(self.sh.keys.kek, _mask_aad(s.session_id, which), record.pack_values(values))
 
         def job(tx: Tx):
-            cur = load_session(tx.conn, s.session_id)
+            cur = load_session(tx.db, s.session_id)
             if cur is None or cur.state != BEGUN:
                 raise status.FailedPrecondition(f"Session {s.session_id} is no longer being prepared on this node.")
-            done = tx.conn.execute(
-                "INSERT OR IGNORE INTO refresh_check_diffs (session_id, first_tenant, first_subject, width, keys_json, "
-                "fingerprints, kek_version, wrapped_dk, nonce, ciphertext) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (s.session_id, "", which, RESHARE_CHECK_MASKS, "[]", b"", *sealed),
-            ).rowcount
+            done = tx.db.put_check_batch_once(
+                storage.CheckBatch(s.session_id, "", which, RESHARE_CHECK_MASKS, "[]", b"", sealed))
             if done:
                 tx.append("reshare_check_mask", actor=actor, request_id=s.session_id,
                           details={"side": which.rsplit("-", 1)[-1], "slots": RESHARE_CHECK_MASKS, **details})
@@ -1927,8 +1850,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             for epoch, committee, field_name in ((s.from_epoch, s.plan.old, "old_key_hashes"),
                                                  (s.new_epoch, s.plan.new, "new_key_hashes")):
                 if self.name in committee:
-                    keys = [(r[0], r[1]) for r in self._conn().execute(
-                        "SELECT tenant, subject FROM shares WHERE epoch = ? ORDER BY tenant, subject", (epoch,))]
+                    keys = self._conn().epoch_keys(epoch)
                     setattr(reply, field_name, np.sort(proactive.key_hashes(keys)).astype("<u8").tobytes())
             return reply
         members = sorted(set(s.plan.old) | set(s.plan.new))
@@ -1977,12 +1899,10 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         return reply
 
     def _my_check_answer(self, s: Session) -> admin_pb2.CheckReshareResponse | None:
-        row = self._conn().execute(
-            "SELECT details_json FROM audit_log WHERE time_ms >= ? AND event = 'reshare_check' AND request_id = ? "
-            "ORDER BY seq DESC LIMIT 1", (s.started_ms - CLAIM_CLOCK_SLACK_MS, s.session_id)).fetchone()
-        if row is None:
+        found = self._conn().event_details(s.started_ms - CLAIM_CLOCK_SLACK_MS, "reshare_check", s.session_id)
+        if not found:
             return None
-        d = json.loads(row[0])
+        d = found[-1]
         return admin_pb2.CheckReshareResponse(
             context_sha256=d["context_sha256"], old_index=d["old_index"], new_index=d["new_index"],
             old_values=d["old_values"], new_values=d["new_values"], old_records=d["old_records"],
@@ -2058,9 +1978,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         digest = hashlib.sha256(bytes.fromhex(ctx)).hexdigest()
 
         def job(tx: Tx):
-            seen = {json.loads(d).get("context_sha256") for (d,) in tx.conn.execute(
-                "SELECT details_json FROM audit_log WHERE time_ms >= ? AND event = 'reshare_check_begin' "
-                "AND request_id = ?", (s.started_ms - CLAIM_CLOCK_SLACK_MS, s.session_id))}
+            seen = {d.get("context_sha256") for d in tx.db.event_details(
+                s.started_ms - CLAIM_CLOCK_SLACK_MS, "reshare_check_begin", s.session_id)}
             if seen and digest not in seen:
                 tx.append("reshare_check_refused", actor=actor, request_id=s.session_id,
                           details={"reason": "second_context", "context_sha256": digest})
@@ -2083,11 +2002,9 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         digest = _keys_digest([])
         records = 0
         after = ("", "")
-        conn = self._conn()
+        db = self._conn()
         while True:
-            rows = [store._share_row(r) for r in conn.execute(
-                f"SELECT {store.SHARE_COLUMNS} FROM shares WHERE epoch = ? AND (tenant, subject) > (?, ?) "
-                "ORDER BY tenant, subject LIMIT ?", (epoch, *after, RESHARE_CHECK_PAGE))]
+            rows = db.rows_after(epoch, after, RESHARE_CHECK_PAGE)
             if not rows:
                 break
             after = (rows[-1].tenant, rows[-1].subject)
@@ -2132,11 +2049,11 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
     def _mac_width(self, sid: str, request) -> int:
         """The width of a refresh's new MAC key: the current key's (the
         auditor may name it, not change it), else the one asked for."""
-        conn = self._conn()
-        existing = load_session(conn, sid)
+        db = self._conn()
+        existing = load_session(db, sid)
         if existing is not None:
             return existing.plan.mac_width
-        current = store.mac_keys(conn).get(int(request.from_epoch))
+        current = db.mac_keys().get(int(request.from_epoch))
         asked = int(request.mac_key_width)
         if current is not None:
             if asked and asked != current.width:
@@ -2159,7 +2076,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         contribution beta_j(i), pulled node to node (pinned like deltas), sealed
         and stored before any record is prepared. Deterministic in the seeds,
         so a rerun after a crash deals the same share."""
-        if store.mac_keys(self._conn()).get(s.new_epoch) is not None:
+        if self._conn().mac_keys().get(s.new_epoch) is not None:
             self._new_key(s)
             return
         k, width = s.plan.new_threshold, s.plan.mac_width
@@ -2191,10 +2108,10 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             record.wipe(*parts)
 
         def job(tx: Tx):
-            cur = load_session(tx.conn, s.session_id)
+            cur = load_session(tx.db, s.session_id)
             if cur is None or cur.state != BEGUN:
                 raise status.FailedPrecondition(f"Session {s.session_id} is no longer being prepared on this node.")
-            store.insert_mac_key(tx.conn, row, now_ms())
+            tx.db.insert_mac_key(row, now_ms())
             tx.append("mac_key_dealt", actor=actor, request_id=s.session_id, details={
                 "kind": s.kind, "epoch": s.new_epoch, "width": width, "threshold": k,
                 "from": sorted(set(peers) | {self.name}),
@@ -2211,12 +2128,12 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         needs it before this node's own prepare dealt it, the node deals it now
         if its peer table names every member (it never dials an address a
         caller gives); otherwise it waits (up to KEY_WAIT_S) for its prepare."""
-        if (s.session_id not in self._new_keys and store.mac_keys(self._conn()).get(s.new_epoch) is None
+        if (s.session_id not in self._new_keys and self._conn().mac_keys().get(s.new_epoch) is None
                 and self.name in s.plan.new):
             peers = self._check_peers(s, [], s.plan.new)
             if set(s.plan.new) <= set(peers) | {self.name}:
                 with self._deal_lock:
-                    if store.mac_keys(self._conn()).get(s.new_epoch) is None:
+                    if self._conn().mac_keys().get(s.new_epoch) is None:
                         self._deal_new_key(s, self._seed(s), peers, s.actor)
         deadline = time.monotonic() + KEY_WAIT_S
         with self._key_cond:
@@ -2224,7 +2141,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 key = self._new_keys.get(s.session_id)
                 if key is not None:
                     return key
-                row = store.mac_keys(self._conn()).get(s.new_epoch)
+                row = self._conn().mac_keys().get(s.new_epoch)
                 if row is not None:
                     try:
                         key = self.sh.open_mac_key(row)
@@ -2241,7 +2158,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 self._key_cond.wait(min(left, 0.5))
 
     def _old_key(self, s: Session) -> np.ndarray:
-        row = store.mac_keys(self._conn()).get(s.from_epoch)
+        row = self._conn().mac_keys().get(s.from_epoch)
         if row is None:
             raise status.FailedPrecondition(
                 f"Node {self.name} holds no MAC key share of epoch {s.from_epoch}; it cannot renew tags.")
@@ -2277,9 +2194,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         """This node's old-epoch shares of ``keys`` (B, width); zeros for a record
         it no longer holds (deleted meanwhile: its renewal is never used)."""
         lo, hi = min(keys), max(keys)
-        rows = {(r[0], r[1]): store._share_row(r) for r in self._conn().execute(
-            f"SELECT {store.SHARE_COLUMNS} FROM shares WHERE epoch = ? AND (tenant, subject) >= (?, ?) "
-            "AND (tenant, subject) <= (?, ?)", (s.from_epoch, *lo, *hi))}
+        rows = {r.key: r for r in self._conn().rows_between(s.from_epoch, lo, hi)}
         out = np.zeros((len(keys), width), dtype=FIELD_DTYPE)
         for j, key in enumerate(keys):
             row = rows.get(key)
@@ -2376,7 +2291,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
     def _reshare_key(self, s: Session, senders, peers, actor: str) -> None:
         """A new member's share of the key, reshared by the senders (the key
         itself is unchanged; the next refresh renews it)."""
-        if store.mac_keys(self._conn()).get(s.new_epoch) is not None:
+        if self._conn().mac_keys().get(s.new_epoch) is not None:
             return
         req = admin_pb2.GetReshareSharesRequest(session_id=s.session_id, mac_key=True)
         calls = {name: self.peers.stub(name, peers[name][1]).GetReshareShares.future(req, timeout=PEER_TIMEOUT_S)
@@ -2407,10 +2322,10 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             record.wipe(key, *parts)
 
         def job(tx: Tx):
-            cur = load_session(tx.conn, s.session_id)
+            cur = load_session(tx.db, s.session_id)
             if cur is None or cur.state != BEGUN:
                 raise status.FailedPrecondition(f"Session {s.session_id} is no longer being prepared on this node.")
-            store.insert_mac_key(tx.conn, row, now_ms())
+            tx.db.insert_mac_key(row, now_ms())
             tx.append("mac_key_dealt", actor=actor, request_id=s.session_id, details={
                 "kind": s.kind, "epoch": s.new_epoch, "width": width, "threshold": s.plan.new_threshold,
                 "from": [name for _, name in senders]})
@@ -2418,7 +2333,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
 
     def _reshare_key_deal(self, s: Session, peer: str, x: int):
         """A sender's re-sharing of its key share for new member x."""
-        row = store.mac_keys(self._conn()).get(s.from_epoch)
+        row = self._conn().mac_keys().get(s.from_epoch)
         if row is None:
             raise status.FailedPrecondition(f"Node {self.name} holds no MAC key share of epoch {s.from_epoch}.")
         try:
@@ -2455,15 +2370,15 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         ring = self.sh.keys.kek
 
         def job(tx: Tx):
-            conn = tx.conn
-            epoch = store.node_state(conn).current_epoch
-            current = store.open_session(conn)
+            db = tx.db
+            epoch = db.node_state().current_epoch
+            current = db.open_session()
             if current is not None and current.kind == KEYGEN:
                 plan = current.plan
                 if width and plan["width"] != width:
                     raise status.InvalidArgument(f"The first MAC key is being dealt at width {plan['width']}.")
                 return current.session_id, plan
-            if epoch in store.mac_keys(conn):
+            if epoch in db.mac_keys():
                 return None, None
             if current is not None:
                 raise status.FailedPrecondition(
@@ -2475,11 +2390,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             seed = proactive.new_seed()
             sealed = envelope.seal(ring, _seed_aad(self.name, sid), seed)
             now = now_ms()
-            conn.execute(
-                f"INSERT INTO maintenance_sessions ({_SESSION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (sid, KEYGEN, BEGUN, epoch, epoch, json.dumps(plan, sort_keys=True), sealed.kek_version,
-                 sealed.wrapped_dk, sealed.nonce, sealed.ciphertext, 0, actor, now, now),
-            )
+            db.begin_session(sid, KEYGEN, actor, plan, BEGUN, now, epoch=epoch, seed=sealed)
             tx.append("maintenance_begin", actor=actor, request_id=sid, details={
                 "kind": KEYGEN, "epoch": epoch, "width": width, "threshold": k,
                 "committee": [f"{n}={i}" for n, i in sorted(members.items(), key=lambda x: x[1])]})
@@ -2487,13 +2398,10 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
 
         sid, plan = self._commit(job)
         if sid is None:
-            return "", store.node_state(self._conn()).current_epoch, 0, k, b""
-        row = self._conn().execute(
-            "SELECT seed_kek_version, seed_wrapped_dk, seed_nonce, seed_ciphertext FROM maintenance_sessions "
-            "WHERE session_id = ?", (sid,)).fetchone()
+            return "", self._conn().node_state().current_epoch, 0, k, b""
+        keygen = self._conn().get_session(sid)
         try:
-            seed = envelope.open(ring, _seed_aad(self.name, sid), SealedShare(row[0], bytes(row[1]), bytes(row[2]),
-                                                                              bytes(row[3])))
+            seed = envelope.open(ring, _seed_aad(self.name, sid), keygen.sealed_seed)
         except (EnvelopeError, TypeError):
             raise status.DataLoss("This node's sealed key-dealing seed does not open.") from None
         return sid, int(plan["epoch"]), int(plan["width"]), int(plan["threshold"]), seed
@@ -2507,9 +2415,9 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             return self._finish_keygen(actor)
         sid, epoch, width, k, seed = self._keygen(actor, width or DEFAULT_MAC_WIDTH)
         if not sid:
-            row = store.mac_keys(self._conn()).get(epoch)
+            row = self._conn().mac_keys().get(epoch)
             return admin_pb2.DealFirstMacKeyResponse(epoch=epoch, width=row.width if row else 0, already=True)
-        if store.mac_keys(self._conn()).get(epoch) is not None:
+        if self._conn().mac_keys().get(epoch) is not None:
             return admin_pb2.DealFirstMacKeyResponse(epoch=epoch, width=width, already=True)
         members = self._current_committee()[0]
         probe = dataclasses.replace(_KEYGEN_SESSION, session_id=sid, actor=actor)
@@ -2542,9 +2450,9 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             record.wipe(key, *parts)
 
         def job(tx: Tx):
-            if store.node_state(tx.conn).current_epoch != epoch:
+            if tx.db.node_state().current_epoch != epoch:
                 raise status.FailedPrecondition("The node's epoch moved on while its first MAC key was dealt.")
-            store.insert_mac_key(tx.conn, row, now_ms())
+            tx.db.insert_mac_key(row, now_ms())
             tx.append("mac_key_dealt", actor=actor, request_id=sid, details={
                 "kind": KEYGEN, "epoch": epoch, "width": width, "threshold": k, "from": sorted(members)})
         self._commit(job)
@@ -2552,19 +2460,17 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
 
     def _finish_keygen(self, actor: str):
         def job(tx: Tx):
-            conn = tx.conn
-            current = store.open_session(conn)
-            epoch = store.node_state(conn).current_epoch
-            key = store.mac_keys(conn).get(epoch)
+            db = tx.db
+            current = db.open_session()
+            epoch = db.node_state().current_epoch
+            key = db.mac_keys().get(epoch)
             if current is None or current.kind != KEYGEN:
                 return epoch, getattr(key, "width", 0), False
             if key is None:
                 raise status.FailedPrecondition(
                     f"Node {self.name} holds no MAC key share yet; deal it on every node before finishing.")
-            conn.execute("PRAGMA secure_delete = ON")
-            conn.execute("UPDATE maintenance_sessions SET seed_kek_version = NULL, seed_wrapped_dk = NULL, "
-                         "seed_nonce = NULL, seed_ciphertext = NULL WHERE session_id = ?", (current.session_id,))
-            store.update_session(conn, current.session_id, now_ms(), state=FINALIZED)
+            db.drop_seed(current.session_id)
+            db.update_session(current.session_id, now_ms(), state=FINALIZED)
             tx.append("maintenance_finalize", actor=actor, request_id=current.session_id, details={
                 "kind": KEYGEN, "epoch": epoch, "width": key.width})
             return epoch, key.width, True
@@ -2705,11 +2611,9 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         def job(tx: Tx):
             claimed: set[str] = set()
             calls = 0
-            for (details,) in tx.conn.execute(
-                "SELECT details_json FROM audit_log WHERE time_ms >= ? AND event = 'refresh_check_begin' "
-                "AND request_id = ?", (s.started_ms - CLAIM_CLOCK_SLACK_MS, s.session_id),
-            ):
-                claimed.update(json.loads(details).get("challenges", []))
+            for details in tx.db.event_details(s.started_ms - CLAIM_CLOCK_SLACK_MS, "refresh_check_begin",
+                                               s.session_id):
+                claimed.update(details.get("challenges", []))
                 calls += 1
             repeated = sorted(set(wanted) & claimed)
             if repeated:
@@ -2744,19 +2648,15 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         wanted = set(covered)
         found = 0
         ring = self.sh.keys.kek
-        reader = store.connect(self.cfg.db_path)
+        reader = storage.connect(self.cfg.store)
         try:
-            reader.execute(f"PRAGMA mmap_size = {CHECK_MMAP_BYTES}")
-            batches = reader.execute(
-                "SELECT first_tenant, first_subject, width, keys_json, fingerprints, kek_version, wrapped_dk, nonce, "
-                "ciphertext FROM refresh_check_diffs WHERE session_id = ? ORDER BY first_tenant, first_subject",
-                (s.session_id,),
-            )
-            for first_t, first_s, width, keys_json, prints, *sealed in batches:
+            reader.tune_for_scan(CHECK_MMAP_BYTES)
+            for batch in reader.check_batches(s.session_id):
+                width, keys_json, prints = batch.width, batch.keys_json, batch.fingerprints
                 keys = [tuple(k) for k in json.loads(keys_json)]
                 try:
-                    data = envelope.open(ring, _diff_aad(s.session_id, (first_t, first_s), width, keys_json, prints),
-                                         SealedShare(*sealed))
+                    data = envelope.open(ring, _diff_aad(s.session_id, (batch.first_tenant, batch.first_subject),
+                                                         width, keys_json, prints), batch.sealed)
                 except EnvelopeError:
                     raise status.DataLoss(
                         "This node's sealed check values do not open; abort the session and refresh again.") from None
@@ -2791,9 +2691,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
     def _check_fingerprints(self, reader, s: Session, keys: list, rows: list[int], prints: bytes) -> None:
         """DATA_LOSS unless each of these records' new rows is the one prepared."""
         lo, hi = keys[rows[0]], keys[rows[-1]]
-        stored = {(r[0], r[1]): _row_fingerprint(r[2], r[3], r[4]) for r in reader.execute(
-            "SELECT tenant, subject, wrapped_dk, nonce, ciphertext FROM shares WHERE epoch = ? "
-            "AND (tenant, subject) >= (?, ?) AND (tenant, subject) <= (?, ?)", (s.new_epoch, *lo, *hi))}
+        stored = {key: _row_fingerprint(sealed.wrapped_dk, sealed.nonce, sealed.ciphertext)
+                  for key, sealed in reader.sealed_between(s.new_epoch, lo, hi).items()}
         for i in rows:
             if stored.get(keys[i]) != prints[16 * i : 16 * i + 16]:
                 raise status.DataLoss(
@@ -2818,17 +2717,16 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         def job(tx: Tx) -> Session:
             # One transaction: the prepared rows are already in place, the
             # node's current epoch moves on and it serves both epochs.
-            c = tx.conn
-            cur = load_session(c, s.session_id)
+            db = tx.db
+            cur = load_session(db, s.session_id)
             if cur.state != PREPARED:
                 return cur
-            c.execute("UPDATE maintenance_sessions SET state = ?, updated_ms = ? WHERE session_id = ?",
-                      (COMMITTED, now_ms(), s.session_id))
+            db.update_session(s.session_id, now_ms(), state=COMMITTED)
             if serves_new:
                 committee = {"members": plan.new, "threshold": plan.new_threshold}
                 # Operator keys a committed plan introduced stay known to the
                 # members they belong to (a refresh introduces none).
-                known = dict(store.node_state(c).committee.get("operators") or {})
+                known = dict(db.node_state().committee.get("operators") or {})
                 known.update(plan.operators)
                 known = {n: key for n, key in known.items() if n in plan.new}
                 if known:
@@ -2838,14 +2736,13 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 pins = {n: plan.pins[n] for n in plan.new if n in plan.pins}
                 if pins:
                     committee["pins"] = pins
-                c.execute("UPDATE node_state SET current_epoch = ?, committee_json = ?, updated_ms = ? WHERE id = 1",
-                          (s.new_epoch, json.dumps(committee, sort_keys=True), now_ms()))
-            served = c.execute("SELECT COUNT(*) FROM shares WHERE epoch = ?", (s.new_epoch,)).fetchone()[0]
+                db.set_epoch(s.new_epoch, committee, now_ms())
+            served = db.count_epoch(s.new_epoch)
             tx.append("epoch_commit", actor=actor, request_id=s.session_id, details={
                 "kind": s.kind, "from_epoch": s.from_epoch, "new_epoch": s.new_epoch, "records_new": served,
                 "serving": [s.from_epoch, s.new_epoch] if serves_new else [s.from_epoch],
             })
-            return load_session(c, s.session_id)
+            return load_session(db, s.session_id)
 
         final = self._commit(job)
         if serves_new:
@@ -2863,20 +2760,18 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         if not self._phase_lock.acquire(timeout=PEER_TIMEOUT_S):
             raise status.Aborted("Another step of this session is still running on this node; retry.")
         try:
-            conn = self._conn()
-            total = conn.execute("SELECT COUNT(*) FROM shares WHERE epoch < ?", (s.new_epoch,)).fetchone()[0]
+            total = self._conn().count_before(s.new_epoch)
             yield admin_pb2.FinalizeSessionResponse(done=0, total=total)
             done = 0
             # The check's sealed values first (they go with the old epoch).
             for _ in self._delete_chunks(
-                "SELECT rowid FROM refresh_check_diffs WHERE session_id = ? LIMIT ?", (s.session_id,),
-                "DELETE FROM refresh_check_diffs WHERE rowid IN ({})", "epoch_destroy_batch", s, actor,
+                lambda db, limit: db.delete_check_batches(s.session_id, limit), "epoch_destroy_batch", s, actor,
                 context=context, limit=DIFF_DELETE_CHUNK,
             ):
                 pass
             for removed in self._delete_chunks(
-                "SELECT rowid FROM shares WHERE epoch < ? LIMIT ?", (s.new_epoch,),
-                "DELETE FROM shares WHERE rowid IN ({})", "epoch_destroy_batch", s, actor, context=context,
+                lambda db, limit: db.delete_epoch_rows(s.new_epoch, limit, older=True), "epoch_destroy_batch", s,
+                actor, context=context,
             ):
                 done += removed
                 yield admin_pb2.FinalizeSessionResponse(done=done, total=total)
@@ -2884,42 +2779,37 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 return
 
             def finish(tx: Tx) -> Session:
-                c = tx.conn
-                cur = load_session(c, s.session_id)
+                db = tx.db
+                cur = load_session(db, s.session_id)
                 if cur.state != COMMITTED:
                     return cur
-                c.execute("PRAGMA secure_delete = ON")
-                left = c.execute("SELECT COUNT(*) FROM shares WHERE epoch < ?", (s.new_epoch,)).fetchone()[0]
-                if left:
+                if db.count_before(s.new_epoch):
                     raise status.Aborted("Old-epoch rows remain; run the step again.")
-                c.execute("DELETE FROM mac_keys WHERE epoch < ?", (s.new_epoch,))
-                _close_session(c, s.session_id, FINALIZED)
-                served = c.execute("SELECT COUNT(*) FROM shares").fetchone()[0]
+                db.delete_mac_keys(s.new_epoch, older=True)
+                db.close_session(s.session_id, FINALIZED, now_ms())
+                served = db.count_records()
                 tx.append("epoch_finalize", actor=actor, request_id=s.session_id, details={
                     "kind": s.kind, "destroyed_epoch": s.from_epoch, "epoch": s.new_epoch, "records": served,
                     "left_committee": self.name not in s.plan.new,
                 })
-                return load_session(c, s.session_id)
+                return load_session(db, s.session_id)
 
             final = self._commit(finish)
             self._forget_seed(s.session_id)
-            _checkpoint_wal(self.cfg.db_path)
+            _checkpoint_wal(self.cfg.store)
             yield admin_pb2.FinalizeSessionResponse(done=done, total=total, status=self._status(final))
         finally:
             self._phase_lock.release()
 
-    def _delete_chunks(self, select_sql, params, delete_sql, event, s: Session, actor: str, context=None,
-                       limit: int = MOVE_CHUNK):
-        """Delete rows chunk by chunk (secure_delete on): yields how many each time."""
+    def _delete_chunks(self, delete, event, s: Session, actor: str, context=None, limit: int = MOVE_CHUNK):
+        """Delete rows chunk by chunk (``delete(db, limit)`` -> how many went;
+        erased rows are zeroed): yields how many each time."""
         def job(tx: Tx) -> int:
-            c = tx.conn
-            c.execute("PRAGMA secure_delete = ON")
-            ids = [r[0] for r in c.execute(select_sql, (*params, limit))]
-            if not ids:
+            n = delete(tx.db, limit)
+            if not n:
                 return 0
-            c.execute(delete_sql.format(",".join("?" * len(ids))), ids)
-            tx.append(event, actor=actor, request_id=s.session_id, details={"kind": s.kind, "records": len(ids)})
-            return len(ids)
+            tx.append(event, actor=actor, request_id=s.session_id, details={"kind": s.kind, "records": n})
+            return n
 
         def run():
             while True:
@@ -2937,11 +2827,11 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         return run()
 
 
-def committee_pins(conn: sqlite3.Connection, cfg) -> dict[str, str]:
+def committee_pins(db: storage.Database, cfg) -> dict[str, str]:
     """Member name -> the SHA-256 of its certificate's public key (hex), for
     the node's current committee: as its last committed session recorded it,
     else as its config founded it ([committee] pins); {} when unpinned."""
-    recorded = store.node_state(conn).committee
+    recorded = db.node_state().committee
     if recorded.get("members"):
         return dict(recorded.get("pins") or {})
     return dict(cfg.committee_pins)
@@ -2954,17 +2844,6 @@ def presented_spki(context) -> str:
         return committee_plan.spki_sha256(pems[0]) if pems else ""
     except committee_plan.InvalidPlan:
         return ""
-
-
-def _close_session(conn: sqlite3.Connection, session_id: str, state: str) -> None:
-    # The seed is overwritten, then the columns cleared (secure_delete zeroes freed space).
-    conn.execute("PRAGMA secure_delete = ON")
-    conn.execute("DELETE FROM refresh_check_diffs WHERE session_id = ?", (session_id,))
-    conn.execute(
-        "UPDATE maintenance_sessions SET state = ?, seed_kek_version = NULL, seed_wrapped_dk = NULL, seed_nonce = NULL, "
-        "seed_ciphertext = NULL, updated_ms = ? WHERE session_id = ?",
-        (state, now_ms(), session_id),
-    )
 
 
 class _Pace:
@@ -2991,14 +2870,15 @@ def _lower_priority() -> None:
         pass
 
 
-def _checkpoint_wal(db_path) -> None:
-    """Copy the WAL into the database and truncate it, so deleted rows' old
-    pages do not linger in the log (best effort: readers may hold it)."""
+def _checkpoint_wal(where) -> None:
+    """Make deleted rows' old pages unreadable on disk now (on SQLite: copy
+    the WAL into the database and truncate it; best effort: readers may hold it)."""
+    errors = storage.errors(where)
     try:
-        conn = store.connect(db_path)
+        db = storage.connect(where)
         try:
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            db.flush_erased()
         finally:
-            conn.close()
-    except sqlite3.Error as exc:
+            db.close()
+    except errors as exc:
         logs.event(_log, "wal checkpoint skipped", logging.WARNING, error=str(exc))

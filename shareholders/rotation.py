@@ -1,7 +1,7 @@
 """Key-encryption-key rotation on one node (``Shareholder.RotateKek``).
 
 A rotation is a maintenance session of kind ``kek_rotate``
-(``store.maintenance_sessions``: one open session per node, so it cannot run
+(the storage layer's maintenance sessions: one open session per node, so it cannot run
 beside a refresh or another rotation). Its steps, each durable before the next:
 
 1. **Begin** (one transaction): open the session, and append a fresh 256-bit
@@ -37,15 +37,15 @@ A node whose KEK comes from SPLITVAULT_KEK_JSON cannot rewrite it and refuses
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pathlib
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 
-from shareholders import store
+from shareholders import storage
 from shareholders.audit_log import Tx, WriterClosed, now_ms
 from shareholders.config import KEK_ENV, ConfigError, parse_kek_json, read_secret_file
 from splitvault.v1 import shareholder_pb2
@@ -85,18 +85,18 @@ def rotator(service) -> "Rotator":
         return found
 
 
-def current_wrap(ring: KekRing, row: tuple) -> tuple:
-    """A share row (``store.SHARE_COLUMNS`` order) with its data key wrapped
-    under the ring's active version: a store sealed just before a rotation
-    began is committed under the new version, never behind the rotation."""
-    if row[10] == ring.active:
+def current_wrap(ring: KekRing, row: storage.ShareRow) -> storage.ShareRow:
+    """A share row with its data key wrapped under the ring's active version:
+    a store sealed just before a rotation began is committed under the new
+    version, never behind the rotation."""
+    if row.kek_version == ring.active:
         return row
-    aad = record.record_identity(row[0], row[1], row[3], row[2])
+    aad = record.record_identity(row.tenant, row.subject, row.index, row.epoch)
     try:
-        sealed = envelope.rewrap(ring, aad, SealedShare(row[10], row[11], row[12], row[13]))
+        sealed = envelope.rewrap(ring, aad, row.sealed)
     except EnvelopeError:
         raise status.Unavailable("The node's key-encryption key changed while the request was in flight; retry.") from None
-    return row[:10] + (sealed.kek_version, sealed.wrapped_dk) + row[12:]
+    return dataclasses.replace(row, kek_version=sealed.kek_version, wrapped_dk=sealed.wrapped_dk)
 
 
 # ---------------------------------------------------------------- the KEK file
@@ -246,16 +246,12 @@ class Rotation:
         )
         logs.event(_log, "key rotation started", node=self.node, session=self.session_id, to_version=target,
                    records=began["pending"], resumed=began["resumed"])
-        conn = store.connect(svc.cfg.db_path)
+        db = storage.connect(svc.cfg.store)
         rewrapped = batches = 0
         stalled = 0
         try:
             while True:
-                rows = conn.execute(
-                    "SELECT tenant, subject, epoch, idx, kek_version, wrapped_dk FROM shares "
-                    "WHERE kek_version < ? OR kek_version > ? LIMIT ?",
-                    (target, target, self.batch),
-                ).fetchall()
+                rows = db.wrapped_not_under(target, self.batch)
                 if not rows:
                     done = writer.run(self._retire_job(target, rewrapped, batches))
                     if done is None:
@@ -271,8 +267,8 @@ class Rotation:
                     # main file and the WAL until a checkpoint; flush them
                     # (tests/test_at_rest_scan.py).
                     try:
-                        store.truncate_wal(conn)
-                    except sqlite3.Error as exc:
+                        db.flush_erased()
+                    except db.errors as exc:
                         logs.event(_log, "rotation checkpoint failed", logging.WARNING, error=str(exc))
                     return
                 updates = self._rewrap(rows, svc.keys.kek, target)
@@ -289,12 +285,11 @@ class Rotation:
                 if self.pause_s:
                     time.sleep(self.pause_s)
         finally:
-            conn.close()
+            db.close()
 
     def _rewrap(self, rows, ring: KekRing, target: int) -> list[tuple]:
         updates = []
         for tenant, subject, epoch, idx, version, wrapped in rows:
-            wrapped = bytes(wrapped)
             try:
                 sealed = envelope.rewrap(
                     ring, record.record_identity(tenant, subject, idx, epoch), SealedShare(version, wrapped, b"", b"")
@@ -314,9 +309,9 @@ class Rotation:
 
     def _begin_job(self, tx: Tx) -> dict:
         svc = self.service
-        conn = tx.conn
+        db = tx.db
         now = now_ms()
-        session = store.get_session(conn, self.session_id)
+        session = db.get_session(self.session_id)
         if session is not None and session.kind != KIND:
             raise status.FailedPrecondition(
                 f"Session {self.session_id!r} on node {self.node} is a {session.kind} session, not a key rotation."
@@ -330,9 +325,9 @@ class Rotation:
                 retired_versions=plan.get("retired", []), audit_seq=plan.get("audit_seq", 0),
             )}
         if session is None:
-            busy = store.open_session(conn)
+            busy = db.open_session()
             if busy is not None:
-                raise status.FailedPrecondition(f"Node {self.node}: {store.SessionBusy(busy)}")
+                raise status.FailedPrecondition(f"Node {self.node}: {storage.SessionBusy(busy)}")
         try:
             keys, file_active = read_kek_file(svc.cfg.kek_file)
         except ConfigError as exc:
@@ -357,17 +352,15 @@ class Rotation:
             if target not in keys:  # crashed after the session was opened, before the file was written
                 keys[target] = envelope.new_kek()
                 new_key = True
-        in_use = [r[0] for r in conn.execute("SELECT DISTINCT kek_version FROM shares")]
+        in_use = db.kek_versions_in_use()
         from_versions = sorted((set(keys) | set(in_use)) - {target})
-        pending = conn.execute(
-            "SELECT COUNT(*) FROM shares WHERE kek_version < ? OR kek_version > ?", (target, target)
-        ).fetchone()[0]
+        pending = db.count_not_under(target)
         plan = {"to_version": target, "from_versions": from_versions, "total": pending, "batch_size": self.batch}
         if session is None:
-            epoch = store.node_state(conn).current_epoch
-            store.begin_session(conn, self.session_id, KIND, self.actor, plan, STATE_OPEN, now, epoch=epoch)
+            epoch = db.node_state().current_epoch
+            db.begin_session(self.session_id, KIND, self.actor, plan, STATE_OPEN, now, epoch=epoch)
         else:
-            store.update_session(conn, self.session_id, now, plan={**session.plan, "resumed_ms": now})
+            db.update_session(self.session_id, now, plan={**session.plan, "resumed_ms": now})
         entry = tx.append(
             "kek_rotate_start", actor=self.actor, request_id=self.session_id,
             details={"session": self.session_id, "to_version": target, "from_versions": from_versions,
@@ -383,13 +376,7 @@ class Rotation:
 
     def _batch_job(self, updates: list[tuple], target: int, number: int):
         def job(tx: Tx) -> tuple[int, int]:
-            before = tx.conn.total_changes
-            tx.conn.executemany(
-                "UPDATE shares SET kek_version = ?, wrapped_dk = ? "
-                "WHERE tenant = ? AND subject = ? AND epoch = ? AND kek_version = ? AND wrapped_dk = ?",
-                updates,
-            )
-            changed = tx.conn.total_changes - before
+            changed = tx.db.rewrap_shares(updates)
             entry = tx.append(
                 "kek_rewrap", actor=self.actor, request_id=self.session_id,
                 details={"session": self.session_id, "records": changed, "to_version": target, "batch": number},
@@ -402,15 +389,12 @@ class Rotation:
         svc = self.service
 
         def job(tx: Tx):
-            conn = tx.conn
-            left = conn.execute(
-                "SELECT COUNT(*) FROM shares WHERE kek_version < ? OR kek_version > ?", (target, target)
-            ).fetchone()[0]
-            if left:
+            db = tx.db
+            if db.count_not_under(target):
                 return None
             # The node's MAC key shares (a handful of rows): re-wrapped here.
             ring = svc.keys.kek
-            for row in store.mac_keys(conn).values():
+            for row in db.mac_keys().values():
                 if row.kek_version == target:
                     continue
                 aad = record.key_identity(svc.cfg.cluster_id, svc.name, svc.index, row.epoch)
@@ -418,18 +402,15 @@ class Rotation:
                     sealed = envelope.rewrap(ring, aad, row.sealed)
                 except EnvelopeError:
                     continue  # a damaged key share keeps its version (and the key stays in the file)
-                conn.execute("UPDATE mac_keys SET kek_version = ?, wrapped_dk = ? WHERE epoch = ?",
-                             (sealed.kek_version, sealed.wrapped_dk, row.epoch))
+                db.rewrap_mac_key(row.epoch, sealed.kek_version, sealed.wrapped_dk)
             keys, _active = read_kek_file(svc.cfg.kek_file)
             # Versions that still seal anything else on the node (the session
             # seed of a refresh or reshare) stay in the file. Prepared rows of
             # a new epoch are in ``shares`` and were counted above.
-            still = {r[0] for r in conn.execute(
-                "SELECT DISTINCT seed_kek_version FROM maintenance_sessions WHERE seed_wrapped_dk IS NOT NULL")}
-            still |= {r[0] for r in conn.execute("SELECT DISTINCT kek_version FROM mac_keys")}
+            still = db.kek_versions_of_keys_and_seeds()
             kept = {v: k for v, k in keys.items() if v == target or v in still}
             retired = sorted(set(keys) - set(kept))
-            session = store.get_session(conn, self.session_id)
+            session = db.get_session(self.session_id)
             plan = dict(session.plan) if session else {}
             entry = tx.append(
                 "kek_retire", actor=self.actor, request_id=self.session_id,
@@ -438,7 +419,7 @@ class Rotation:
             )
             plan.update(rewrapped=plan.get("rewrapped", 0) + rewrapped, batches=plan.get("batches", 0) + batches,
                         retired=retired, audit_seq=entry.seq)
-            store.update_session(conn, self.session_id, now_ms(), state=STATE_DONE, plan=plan)
+            db.update_session(self.session_id, now_ms(), state=STATE_DONE, plan=plan)
             if retired:
                 write_kek_file(svc.cfg.kek_file, kept, target)
                 crash_point("retire:key_written")

@@ -17,7 +17,7 @@ import os
 import pathlib
 from dataclasses import dataclass, field
 
-from shareholders import store
+from shareholders import storage
 from shareholders.audit_log import AuditWriter, now_ms
 from shareholders.config import ConfigError, NodeConfig, NodeKeys, load_keys
 from shareholders import epochs, witness
@@ -81,7 +81,7 @@ def _remove_stale(path: pathlib.Path | None) -> None:
             pass
 
 
-def check_kek(conn, keys: NodeKeys, cfg: NodeConfig) -> None:
+def check_kek(db: storage.Database, keys: NodeKeys, cfg: NodeConfig) -> None:
     """Refuse to start on a KEK ring that opens none of the sampled stored
     shares of some KEK version in use.
 
@@ -94,7 +94,7 @@ def check_kek(conn, keys: NodeKeys, cfg: NodeConfig) -> None:
     stop a node; they stay DATA_LOSS at release. A lone row that does not
     open cannot tell a wrong key from a damaged row, so it is only logged.
     """
-    def opens(row: store.ShareRow) -> bool:
+    def opens(row: storage.ShareRow) -> bool:
         try:
             envelope.open(keys.kek, record.record_identity(row.tenant, row.subject, row.index, row.epoch), row.sealed)
         except (EnvelopeError, ValueError):
@@ -102,7 +102,7 @@ def check_kek(conn, keys: NodeKeys, cfg: NodeConfig) -> None:
         return True
 
     source = cfg.kek_file or "the environment variable SPLITVAULT_KEK_JSON"
-    for version, rows in store.sample_rows_by_kek(conn).items():
+    for version, rows in db.sample_rows_by_kek().items():
         if any(opens(row) for row in rows):
             continue
         message = (
@@ -141,18 +141,18 @@ def serve(cfg: NodeConfig, *, keys: NodeKeys | None = None, env: dict[str, str] 
         raise ConfigError(f"Cannot create the data directory {cfg.data_dir}: {exc.strerror}.") from None
 
     # Whose database is this? Checked before anything else reads it.
-    conn = store.connect(cfg.db_path)
+    storage.migrate(cfg.store)
+    db = storage.connect(cfg.store)
     try:
-        store.migrate(conn)
-        state = store.init_node_state(conn, cfg.name, cfg.index, now_ms())
-        check_kek(conn, keys, cfg)
+        state = db.init_node_state(cfg.name, cfg.index, now_ms())
+        check_kek(db, keys, cfg)
     finally:
-        conn.close()
+        db.close()
     head_gauge = AUDIT_HEAD.labels(cfg.name)
     # Signed checkpoints go to the peers as they are made (shareholders.witness).
     publisher = witness.Publisher(cfg.name, cfg.witness_peers, tls)
     writer = AuditWriter(
-        cfg.db_path, cfg.name, keys.audit_key,
+        cfg.store, cfg.name, keys.audit_key,
         checkpoint_every=cfg.checkpoint_every, checkpoint_interval_s=cfg.checkpoint_interval_s,
         on_commit=head_gauge.set, on_checkpoint=publisher.offer,
     )

@@ -40,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sqlite3
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -51,7 +50,7 @@ from typing import NamedTuple
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge
 
-from shareholders import rotation, store, witness
+from shareholders import rotation, storage, witness
 from shareholders.epochs import committee_pins, guard_delete, guard_store, presented_spki
 from shareholders.audit_log import AuditWriter, Tx, WriterClosed, now_ms
 from shareholders.config import NodeConfig, NodeKeys
@@ -150,15 +149,6 @@ class _Covered:
     items: dict = field(default_factory=dict)  # (tenant, subject, request id) -> WriteAuth
     checked: set = field(default_factory=set)  # signatures of the batch tickets checked
 
-
-class _Sealed(NamedTuple):
-    """A validated record, sealed, ready for the writer (a tuple: one per record of a bulk store)."""
-
-    tenant: str
-    subject: str
-    epoch: int
-    request_id: str
-    row: tuple
 
 
 @dataclass(frozen=True)
@@ -260,7 +250,7 @@ class WriteGuard:
 
 
 class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
-    def __init__(self, cfg: NodeConfig, keys: NodeKeys, writer: AuditWriter, state: store.NodeState):
+    def __init__(self, cfg: NodeConfig, keys: NodeKeys, writer: AuditWriter, state: storage.NodeState):
         self.cfg = cfg
         self.keys = keys
         self.writer = writer
@@ -290,7 +280,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         """Reload replay and attempt state from recent audit entries; returns how many."""
         now = now_ms() if now is None else now
         horizon = max(self.guard.window_ms, tickets.MAX_TTL_MS + tickets.CLOCK_SKEW_MS)
-        rows = store.entries_since(self._reader(), now - horizon, ("release", "deny"))
+        rows = self._reader().entries_since(now - horizon, ("release", "deny"))
         n = 0
         for time_ms, _event, request_id, tenant, subject, details_json in rows:
             details = json.loads(details_json)
@@ -301,8 +291,8 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             self.guard.record(tenant, subject, tid, int(details.get("ticket_expires_ms") or 0), time_ms)
         # Write tickets used recently (a bulk store's batch entry names its
         # tickets by one digest only: those are not rebuilt).
-        for _time_ms, event, _rid, _tenant, _subject, details_json in store.entries_since(
-            self._reader(), now - horizon, ("store", "delete")
+        for _time_ms, event, _rid, _tenant, _subject, details_json in self._reader().entries_since(
+            now - horizon, ("store", "delete")
         ):
             details = json.loads(details_json)
             digest = details.get("ticket_sha256")
@@ -312,20 +302,27 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                 n += 1
         return n
 
-    def _reader(self):
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = store.connect(self.cfg.db_path)
-            self._local.conn = conn
+    def _reader(self) -> storage.Database:
+        """This thread's reading connection to the store (made on first use)."""
+        db = getattr(self._local, "db", None)
+        try:
+            if db is not None:
+                db.reopen_if_lost()
+            else:
+                db = storage.connect(self.cfg.store)
+        except storage.errors(self.cfg.store):
+            raise status.Unavailable("The node cannot reach its database; retry later.") from None
+        if getattr(self._local, "db", None) is None:
+            self._local.db = db
             with self._readers_lock:
-                self._readers.append(conn)
-        return conn
+                self._readers.append(db)
+        return db
 
     def close_readers(self) -> None:
         with self._readers_lock:
-            for conn in self._readers:
+            for db in self._readers:
                 try:
-                    conn.close()
+                    db.close()
                 except Exception:  # noqa: BLE001 - closing at shutdown
                     pass
             self._readers.clear()
@@ -449,7 +446,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                            details={"call": purpose, "counted": False, "ticket_sha256": a.key})
         return keys
 
-    def _seal(self, records, seen: set) -> list[_Sealed]:
+    def _seal(self, records, seen: set) -> list[storage.ShareRow]:
         ring = self.keys.kek
         out = []
         stored_ms = now_ms()
@@ -469,24 +466,23 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             aad = record.record_identity(rec.tenant, rec.subject, rec.index, rec.epoch)
             sealed = envelope.seal(ring, aad, rec.values)
             out.append(
-                _Sealed(
-                    rec.tenant, rec.subject, rec.epoch, rec.request_id,
-                    (rec.tenant, rec.subject, rec.epoch, rec.index, rec.threshold, rec.shareholders, rec.dimension,
-                     rec.codec_version, rec.mac_count, rec.request_id, sealed.kek_version, sealed.wrapped_dk,
-                     sealed.nonce, sealed.ciphertext, stored_ms),
+                storage.ShareRow(
+                    rec.tenant, rec.subject, rec.epoch, rec.index, rec.threshold, rec.shareholders, rec.dimension,
+                    rec.codec_version, rec.mac_count, rec.request_id, sealed.kek_version, sealed.wrapped_dk,
+                    sealed.nonce, sealed.ciphertext, stored_ms,
                 )
             )
         return out
 
-    def _store_job(self, items: list[_Sealed], replace: bool, actor: str, per_record: bool, checked):
+    def _store_job(self, items: list[storage.ShareRow], replace: bool, actor: str, per_record: bool, checked):
         kek_version = self.keys.kek.active
 
         def job(tx: Tx) -> tuple[int, int]:
-            conn = tx.conn
-            guard_store(conn)  # no enrolment while a refresh or reshare is open
+            db = tx.db
+            guard_store(db)  # no enrolment while a refresh or reshare is open
             retries = replaced = 0
             flags = []
-            stored = store.request_ids_of(conn, [(i.tenant, i.subject) for i in items])
+            stored = db.request_ids_of([(i.tenant, i.subject) for i in items])
             for item in items:
                 existing = stored.get((item.tenant, item.subject))
                 retry = bool(existing) and existing == {item.request_id}
@@ -497,13 +493,13 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                         "request id; store with replace to overwrite it."
                     )
                 if existing:
-                    store.delete_subject(conn, item.tenant, item.subject)
+                    db.delete_subject(item.tenant, item.subject)
                 retries += retry
                 replaced += bool(existing) and not retry
                 flags.append((retry, bool(existing) and not retry))
             # Under the KEK as it is now: a rotation may have begun since sealing.
             ring = self.keys.kek
-            store.insert_shares(conn, (rotation.current_wrap(ring, i.row) for i in items))
+            db.insert_shares(rotation.current_wrap(ring, i) for i in items)
             if per_record:
                 for item, (retry, repl), auth in zip(items, flags, checked):
                     tx.append(
@@ -712,12 +708,12 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
 
         def job(tx: Tx):
             ring = self.keys.kek  # as it is now: a KEK rotation re-wraps rows as it goes
-            rows = [r for r in store.subject_rows(tx.conn, tenant, subject) if r.epoch <= self.serving_epoch]
+            rows = [r for r in tx.db.subject_rows(tenant, subject) if r.epoch <= self.serving_epoch]
             if not rows:
                 entry = tx.append("deny", **who, details={**base, "reason": "not_found"})
                 return Refused(status.NotFound("No share is stored for this subject."), "not_found", entry.seq)
             shares, keys = [], []
-            mac_keys = store.mac_keys(tx.conn)
+            mac_keys = tx.db.mac_keys()
             for row in rows:
                 try:
                     if row.index != index:
@@ -756,7 +752,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
 
     # --- MAC key shares -----------------------------------------------------------
 
-    def open_mac_key(self, row: store.MacKeyRow, ring=None) -> np.ndarray:
+    def open_mac_key(self, row: storage.MacKeyRow, ring=None) -> np.ndarray:
         """This node's share of an epoch's MAC key, opened: (L, width) field elements (EnvelopeError if damaged)."""
         aad = record.key_identity(self.cfg.cluster_id, self.name, self.index, row.epoch)
         raw = envelope.open(ring or self.keys.kek, aad, row.sealed)
@@ -767,14 +763,14 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         except InvalidShares:
             raise EnvelopeError("range") from None
 
-    def seal_mac_key(self, epoch: int, threshold: int, key: np.ndarray, session_id: str) -> store.MacKeyRow:
+    def seal_mac_key(self, epoch: int, threshold: int, key: np.ndarray, session_id: str) -> storage.MacKeyRow:
         """A key share (L, width) sealed under the active KEK, bound to cluster, node and epoch."""
         aad = record.key_identity(self.cfg.cluster_id, self.name, self.index, epoch)
         sealed = envelope.seal(self.keys.kek, aad, np.ascontiguousarray(key, dtype="<u4").tobytes())
-        return store.MacKeyRow(epoch, threshold, int(key.shape[1]), session_id, sealed.kek_version,
+        return storage.MacKeyRow(epoch, threshold, int(key.shape[1]), session_id, sealed.kek_version,
                                sealed.wrapped_dk, sealed.nonce, sealed.ciphertext)
 
-    def key_share(self, row: store.MacKeyRow | None, dimension: int, ring=None) -> common_pb2.MacKeyShare:
+    def key_share(self, row: storage.MacKeyRow | None, dimension: int, ring=None) -> common_pb2.MacKeyShare:
         """The key share message of one epoch cut to ``dimension`` (its first d columns: a prefix of
         a uniform key is uniform); EnvelopeError when the node holds no usable key for it."""
         if row is None or dimension > row.width:
@@ -809,9 +805,9 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             auth = WriteAuth(request.ticket, body)
 
         def job(tx: Tx):
-            guard_store(tx.conn)  # no enrolment while a refresh or reshare is open
-            epoch = store.node_state(tx.conn).current_epoch
-            row = store.mac_keys(tx.conn).get(epoch)
+            guard_store(tx.db)  # no enrolment while a refresh or reshare is open
+            epoch = tx.db.node_state().current_epoch
+            row = tx.db.mac_keys().get(epoch)
             try:
                 key = self.key_share(row, dimension)
             except EnvelopeError:
@@ -856,10 +852,10 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         reserved = self._reserve(actor, [auth], "erase")
 
         def job(tx: Tx) -> int:
-            guard_delete(tx.conn, tenant, subject)  # prepared rows go too; refused during a reshare
-            rows = store.subject_rows(tx.conn, tenant, subject)
+            guard_delete(tx.db, tenant, subject)  # prepared rows go too; refused during a reshare
+            rows = tx.db.subject_rows(tenant, subject)
             kept = own_only and any(r.request_id != request_id for r in rows)
-            deleted = 0 if kept else store.delete_subject(tx.conn, tenant, subject)
+            deleted = 0 if kept else tx.db.delete_subject(tenant, subject)
             tx.append("delete", actor=actor, request_id=request_id, tenant=tenant, subject=subject,
                       details={"deleted": deleted, "epochs": [r.epoch for r in rows][:64],
                                "kept_other_request": kept, **_write_ticket_details(auth)})
@@ -876,55 +872,60 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         return shareholder_pb2.DeleteSharesResponse(deleted=deleted)
 
     def _flush_erased(self, what: str, **fields) -> None:
-        # Erased or overwritten rows' bytes are zeroed (secure_delete) in the
-        # pages the write touched, but the main file and the WAL still hold
-        # the older images until a checkpoint: flush them now, so that
-        # "erased" holds for the files on disk when the caller hears it.
+        # On SQLite erased or overwritten rows' bytes are zeroed
+        # (secure_delete) in the pages the write touched, but the main file
+        # and the WAL still hold the older images until a checkpoint: flush
+        # them now, so that "erased" holds for the files on disk when the
+        # caller hears it (PostgreSQL: see docs/operations.md).
+        reader = self._reader()
         try:
-            if not store.truncate_wal(self._reader()):
+            if not reader.flush_erased():
                 logs.event(self._log, f"{what} checkpoint busy; completed by the next checkpoint",
                            logging.WARNING, **fields)
-        except sqlite3.Error as exc:
+        except reader.errors as exc:
             logs.event(self._log, f"{what} checkpoint failed", logging.WARNING, error=str(exc))
 
     def DescribeRecords(self, request, context):
         tenant = status.checked(names.check_id, request.tenant, "tenant")
         subject = status.checked(names.check_id, request.subject, "subject")
-        rows = store.subject_rows(self._reader(), tenant, subject)
+        rows = self._reader().subject_rows(tenant, subject)
         return shareholder_pb2.DescribeRecordsResponse(records=[r.info() for r in rows])
 
     def GetNodeInfo(self, request, context):
-        conn = self._reader()
-        state = store.node_state(conn)
+        db = self._reader()
+        state = db.node_state()
         return shareholder_pb2.GetNodeInfoResponse(
             name=self.name, index=state.index, epoch=state.current_epoch, kek_version=self.keys.kek.active,
-            audit_public_key=self._audit_public, records=store.count_records(conn),
+            audit_public_key=self._audit_public, records=db.count_records(),
             audit_head_seq=self.writer.head_seq,
-            mac_key_width=getattr(store.mac_keys(conn).get(state.current_epoch), "width", 0),
+            mac_key_width=getattr(db.mac_keys().get(state.current_epoch), "width", 0),
         )
 
     def ReadAuditLog(self, request, context) -> Iterator[shareholder_pb2.ReadAuditLogResponse]:
         # uint64 on the wire, int64 in SQLite: a from_seq past 2^63 - 1 used to
         # be INTERNAL (OverflowError); nothing lies beyond it anyway.
         from_seq = min(max(1, request.from_seq), 2**63 - 1)
-        conn = store.connect(self.cfg.db_path)  # its own snapshot, however long the stream takes
+        db = storage.connect(self.cfg.store)  # its own snapshot, however long the stream takes
         try:
-            conn.execute("BEGIN")
-            cps = deque(store.checkpoints(conn, from_seq))
-            for row in store.iter_entries(conn, from_seq):
-                entry = common_pb2.AuditEntry(
-                    seq=row[0], time_ms=row[1], node=row[2], event=row[3], actor=row[4], request_id=row[5],
-                    tenant=row[6], subject=row[7], details_json=row[8], prev_hash=bytes(row[9]),
-                    entry_hash=bytes(row[10]),
-                )
-                while cps and cps[0].seq < entry.seq:
-                    yield shareholder_pb2.ReadAuditLogResponse(checkpoint=cps.popleft())
-                yield shareholder_pb2.ReadAuditLogResponse(entry=entry)
-            while cps:
-                yield shareholder_pb2.ReadAuditLogResponse(checkpoint=cps.popleft())
-            conn.execute("COMMIT")
+            with db.snapshot():
+                yield from self._audit_stream(db, from_seq)
         finally:
-            conn.close()
+            db.close()
+
+    @staticmethod
+    def _audit_stream(db: storage.Database, from_seq: int) -> Iterator[shareholder_pb2.ReadAuditLogResponse]:
+        cps = deque(db.checkpoints(from_seq))
+        for row in db.iter_entries(from_seq):
+            entry = common_pb2.AuditEntry(
+                seq=row[0], time_ms=row[1], node=row[2], event=row[3], actor=row[4], request_id=row[5],
+                tenant=row[6], subject=row[7], details_json=row[8], prev_hash=bytes(row[9]),
+                entry_hash=bytes(row[10]),
+            )
+            while cps and cps[0].seq < entry.seq:
+                yield shareholder_pb2.ReadAuditLogResponse(checkpoint=cps.popleft())
+            yield shareholder_pb2.ReadAuditLogResponse(entry=entry)
+        while cps:
+            yield shareholder_pb2.ReadAuditLogResponse(checkpoint=cps.popleft())
 
     def WitnessCheckpoint(self, request, context):
         return self.witness.receive(request, caller(context), presented_spki(context))

@@ -58,6 +58,40 @@ def committee(dev_pki, tmp_path):
         c.close()
 
 
+@pytest.fixture(scope="session")
+def pg():
+    """The session's PostgreSQL server (tests/pg_kit.py); skips, saying why,
+    only where the server package cannot start."""
+    import pg_kit
+
+    try:
+        server = pg_kit.server()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    yield server
+    pg_kit.stop()
+
+
+@pytest.fixture()
+def pg_database(pg):
+    """A fresh database on the session's server, dropped after the test."""
+    name = pg.new_database()
+    yield name
+    pg.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_location(request, tmp_path):
+    """Where a node's store is, once per backend: a SQLite file, a PostgreSQL database."""
+    from shareholders import storage
+
+    if request.param == "sqlite":
+        yield storage.Location("sqlite", tmp_path / "shares.db")
+        return
+    pg = request.getfixturevalue("pg")
+    yield pg.location(request.getfixturevalue("pg_database"))
+
+
 @pytest.fixture()
 def rng(request):
     """A generator seeded by the test's name: reproducible, different per test."""

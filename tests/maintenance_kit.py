@@ -87,15 +87,16 @@ def rpc_code(exc: grpc.RpcError):
     return exc.code()
 
 
-def enrolled_cluster(root: pathlib.Path, *, dim: int, count: int, seed: int):
+def enrolled_cluster(root: pathlib.Path, *, dim: int, count: int, seed: int, postgres: str | None = None):
     """Start a local cluster in ``root`` with ``count`` enrolled synthetic
-    templates; yield the test state, stop the cluster afterwards."""
+    templates (the nodes' stores on the PostgreSQL server ``postgres`` names,
+    if given); yield the test state, stop the cluster afterwards."""
     from vaultctl import cluster
     from vaultctl.client import MatcherClient
     from vaultctl.demo import synthetic_templates
 
     try:
-        cluster.up(root, dim=dim)
+        cluster.up(root, dim=dim, postgres=postgres)
         templates = synthetic_templates(count + 1, dim, seed=seed)
         named = {f"s{i:04d}": templates[i] for i in range(count)}
         with MatcherClient.from_cluster_dir(root) as client:

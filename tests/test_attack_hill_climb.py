@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from fault_kit import clean_details
-from shareholders.store import connect
+from shareholders.storage import connect
 from node_kit import CLUSTER_ID
 from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
 from matcher_kit import DIM, Committee, Tenant, noisy, unit

@@ -22,7 +22,8 @@ from contextlib import closing
 import numpy as np
 import pytest
 
-from shareholders import store
+from shareholders import storage
+from shareholders.storage.dialect import SQLITE
 from splitvault.v1 import shareholder_pb2 as pb
 from splitvault.v1 import shareholder_pb2_grpc
 from vault import audit, pki
@@ -272,10 +273,11 @@ def test_a_cut_tail_is_caught_by_the_witness_and_not_without_it(offline, capsys)
 def _append(conn, node_key, node: str, **fields) -> int:
     """Append an entry the way a node would, and re-sign the head (an insider
     with the node's audit key): the chain and its checkpoints verify."""
-    seq, head = store.audit_head(conn)
+    db = storage.Database(conn, SQLITE)
+    seq, head = db.audit_head()
     entry = audit.make_entry(seq=seq + 1, prev_hash=head, time_ms=tickets.now_ms(), node=node, **fields)
-    store.insert_entry(conn, entry)
-    store.insert_checkpoint(conn, audit.sign_checkpoint(node_key, node, entry.seq, entry.entry_hash, entry.time_ms))
+    db.insert_entry(entry)
+    db.insert_checkpoint(audit.sign_checkpoint(node_key, node, entry.seq, entry.entry_hash, entry.time_ms))
     return entry.seq
 
 

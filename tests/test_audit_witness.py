@@ -27,7 +27,8 @@ from contextlib import closing
 import grpc
 import pytest
 
-from shareholders import store
+from shareholders import storage
+from shareholders.storage.dialect import SQLITE
 from splitvault.v1 import common_pb2
 from splitvault.v1 import shareholder_pb2 as pb
 from splitvault.v1 import shareholder_pb2_grpc
@@ -200,7 +201,7 @@ def test_only_a_pinned_peer_can_have_its_checkpoints_witnessed(root, tmp_path):
             ("shareholder/bank-a", "witness_other_node")} <= reasons
     # A genuine checkpoint sent twice (a retry whose answer was lost) is recorded once.
     with closing(sqlite3.connect(f"file:{paths.node_dir('bank-a') / 'shares.db'}?mode=ro", uri=True)) as conn:
-        genuine = store.checkpoints(conn)[0]
+        genuine = storage.Database(conn, SQLITE).checkpoints()[0]
     address = json.loads(paths.ready(spec, "bank-b").read_text())["address"]
     with secure_channel(address, own, expect=pki.Identity(pki.ROLE_SHAREHOLDER, "bank-b")) as channel:
         stub = shareholder_pb2_grpc.ShareholderStub(channel)
@@ -215,7 +216,8 @@ def test_only_a_pinned_peer_can_have_its_checkpoints_witnessed(root, tmp_path):
 def _rechain(conn, key, node: str, drop: set[int]) -> None:
     """Drop entries, re-number, re-hash and re-link the rest, and sign the new
     head with the node's own audit key: an insider's rewrite."""
-    entries, _cps = store.read_chain(conn)
+    db = storage.Database(conn, SQLITE)
+    entries, _cps = db.read_chain()
     conn.execute("BEGIN")
     conn.execute("DELETE FROM audit_log")
     conn.execute("DELETE FROM audit_checkpoints")
@@ -227,9 +229,9 @@ def _rechain(conn, key, node: str, drop: set[int]) -> None:
         entry = audit.make_entry(seq=seq, prev_hash=prev, time_ms=e.time_ms, node=node, event=e.event, actor=e.actor,
                                  request_id=e.request_id, tenant=e.tenant, subject=e.subject,
                                  details=json.loads(e.details_json))
-        store.insert_entry(conn, entry)
+        db.insert_entry(entry)
         prev = entry.entry_hash
-    store.insert_checkpoint(conn, audit.sign_checkpoint(key, node, seq, prev, entries[-1].time_ms))
+    db.insert_checkpoint(audit.sign_checkpoint(key, node, seq, prev, entries[-1].time_ms))
     conn.execute("COMMIT")
 
 
@@ -258,7 +260,7 @@ def test_signed_releases_cut_or_rewritten_are_caught_by_the_peers(root):
     keys = cluster.load_trust(root)["audit_keys"]
     for node in ("bank-a", "bank-b"):
         with closing(sqlite3.connect(paths.node_dir(node) / "shares.db")) as conn:
-            entries, cps = store.read_chain(conn)
+            entries, cps = storage.Database(conn, SQLITE).read_chain()
         assert audit.verify_chain(entries, cps, bytes.fromhex(keys[node]), node=node).ok
     # Both nodes start again on their doctored files (their own start-up check passes).
     cluster.restart_node(root, "bank-a")

@@ -16,7 +16,7 @@ from contextlib import closing
 import grpc
 import pytest
 
-from shareholders import rotation, store
+from shareholders import rotation, storage
 from shareholders.config import KEK_ENV
 from node_kit import NodeHarness, Provider, kek_json, sample_records
 from splitvault.v1 import shareholder_pb2 as pb
@@ -67,7 +67,7 @@ def every_row_opens(node) -> int:
     data = kek_file(node)
     ring = KekRing({int(v): bytes.fromhex(k) for v, k in data["keys"].items()}, data["active"])
     with closing(sqlite3.connect(node.db_path)) as conn:
-        rows = [store._share_row(r) for r in conn.execute(f"SELECT {store.SHARE_COLUMNS} FROM shares")]
+        rows = [storage.ShareRow.from_db(r) for r in conn.execute(f"SELECT {storage.SHARE_COLUMNS} FROM shares")]
     for row in rows:
         envelope.open(ring, record.record_identity(row.tenant, row.subject, row.index, row.epoch), row.sealed)
     return len(rows)
@@ -161,9 +161,8 @@ def test_a_kek_from_the_environment_is_refused(tmp_path, dev_pki):
 
 def test_another_open_session_holds_the_lock(node):
     # A refresh session is open on the node (the maintenance lock is shared).
-    with closing(sqlite3.connect(node.db_path)) as conn:
-        store.begin_session(conn, "refresh-1", "refresh", "auditor/bob", {}, "begun", 1)
-        conn.commit()
+    with closing(storage.connect(node.db_path)) as db, db.transaction():
+        db.begin_session("refresh-1", "refresh", "auditor/bob", {}, "begun", 1)
     with pytest.raises(grpc.RpcError) as err:
         rotate(node)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -231,12 +230,12 @@ def test_a_store_sealed_before_the_switch_is_committed_under_the_new_version():
     old, new = envelope.new_kek(), envelope.new_kek()
     aad = record.record_identity("acme", "alice", 1, 1)
     sealed = envelope.seal(KekRing({1: old}, 1), aad, b"share")
-    row = ("acme", "alice", 1, 1, 2, 3, 16, 1, 4, "r1", sealed.kek_version, sealed.wrapped_dk, sealed.nonce,
-           sealed.ciphertext, 0)
+    row = storage.ShareRow("acme", "alice", 1, 1, 2, 3, 16, 1, 4, "r1", sealed.kek_version, sealed.wrapped_dk,
+                           sealed.nonce, sealed.ciphertext, 0)
     ring = KekRing({1: old, 2: new}, 2)
     moved = rotation.current_wrap(ring, row)
-    assert moved[10] == 2 and moved[12:14] == row[12:14]
-    assert envelope.open(KekRing({2: new}, 2), aad, envelope.SealedShare(*moved[10:14])) == b"share"
+    assert moved.kek_version == 2 and (moved.nonce, moved.ciphertext) == (row.nonce, row.ciphertext)
+    assert envelope.open(KekRing({2: new}, 2), aad, moved.sealed) == b"share"
     assert rotation.current_wrap(ring, moved) is moved
 
 

@@ -21,7 +21,7 @@ from contextlib import closing
 import numpy as np
 import pytest
 
-from shareholders import store
+from shareholders import storage
 from shareholders.config import parse_kek_json
 from splitvault.v1 import common_pb2
 from vault import codec, envelope, record
@@ -78,7 +78,7 @@ def node_records(root, node: str) -> dict[str, object]:
     d = cluster.Paths(root).node_dir(node)
     ring = parse_kek_json((d / "kek.json").read_bytes(), "kek.json")
     with closing(sqlite3.connect(d / "shares.db", timeout=10)) as conn:
-        rows = [store._share_row(r) for r in conn.execute(f"SELECT {store.SHARE_COLUMNS} FROM shares")]
+        rows = [storage.ShareRow.from_db(r) for r in conn.execute(f"SELECT {storage.SHARE_COLUMNS} FROM shares")]
     return {
         row.subject: row.record(envelope.open(ring, record.record_identity(row.tenant, row.subject, row.index, row.epoch),
                                               row.sealed))
@@ -90,8 +90,8 @@ def node_key(root, node: str, index: int, epoch: int):
     """The node's MAC key share of ``epoch``, opened with its KEK file as on disk (re-wrapped by the rotation too)."""
     d = cluster.Paths(root).node_dir(node)
     ring = parse_kek_json((d / "kek.json").read_bytes(), "kek.json")
-    with closing(sqlite3.connect(d / "shares.db", timeout=10)) as conn:
-        row = store.mac_keys(conn)[epoch]
+    with closing(storage.connect(d / "shares.db")) as db:
+        row = db.mac_keys()[epoch]
     raw = envelope.open(ring, record.key_identity(cluster.cluster_id(cluster.Paths(root).root), node, index, epoch),
                         row.sealed)
     return common_pb2.MacKeyShare(epoch=epoch, index=index, dimension=DIM, values=raw[: 4 * record.MAC_COUNT * DIM])

@@ -1,5 +1,6 @@
 """The node's writer: group commit from many threads, a failing job rolls back
-alone, checkpoints by count, by time and on close, nothing after close."""
+alone, checkpoints by count, by time and on close, nothing after close; on
+each storage backend (a SQLite file, a PostgreSQL database)."""
 from __future__ import annotations
 
 import threading
@@ -7,7 +8,7 @@ import time
 
 import pytest
 
-from shareholders import store
+from shareholders import storage
 from shareholders.audit_log import AuditWriter, WriterClosed, check_tail, verify_database
 from vault import pki
 from vault.errors import AuditChainError
@@ -17,8 +18,8 @@ PUBLIC = pki.public_key_raw(KEY)
 
 
 @pytest.fixture()
-def db(tmp_path):
-    return tmp_path / "shares.db"
+def db(store_location):
+    return store_location
 
 
 def append(event="release", **kw):
@@ -31,7 +32,7 @@ def test_concurrent_jobs_form_one_chain_and_a_failing_job_rolls_back_alone(db):
 
     def failing(tx):
         tx.append("deny", actor="x")
-        tx.conn.execute("INSERT INTO node_state (id, name, idx, current_epoch, committee_json, updated_ms) "
+        tx.db.execute("INSERT INTO node_state (id, name, idx, current_epoch, committee_json, updated_ms) "
                         "VALUES (1, 'n', 1, 1, '{}', 0)")
         raise ValueError("refused")
 
@@ -52,7 +53,7 @@ def test_concurrent_jobs_form_one_chain_and_a_failing_job_rolls_back_alone(db):
     assert sorted(results) == list(range(1, len(results) + 1))  # no gap left by a failed job
     report = verify_database(db, PUBLIC, node="n")
     assert report.ok and report.head_seq == len(results) and report.signed_seq == len(results)
-    conn = store.connect(db)
+    conn = storage.connect(db)
     assert conn.execute("SELECT COUNT(*) FROM node_state").fetchone()[0] == 0  # every failed write undone
     assert conn.execute("SELECT COUNT(*) FROM audit_checkpoints").fetchone()[0] >= len(results) // 50
     conn.close()
@@ -77,10 +78,10 @@ def test_checkpoint_after_the_interval_on_a_quiet_log(db):
     writer = AuditWriter(db, "n", KEY, checkpoint_every=1000, checkpoint_interval_s=0.2)
     writer.run(append())
     deadline = time.monotonic() + 10
-    conn = store.connect(db)
-    while time.monotonic() < deadline and store.last_checkpoint_seq(conn) == 0:
+    conn = storage.connect(db)
+    while time.monotonic() < deadline and conn.last_checkpoint_seq() == 0:
         time.sleep(0.05)
-    assert store.last_checkpoint_seq(conn) == 1
+    assert conn.last_checkpoint_seq() == 1
     conn.close()
     writer.close()
 
@@ -116,6 +117,6 @@ def test_a_log_signed_by_another_key_is_refused(db):
     other = pki.load_signing_key(pki.new_signing_key()[0])
     with pytest.raises(AuditChainError):
         AuditWriter(db, "n", other)
-    conn = store.connect(db)
+    conn = storage.connect(db)
     check_tail(conn, KEY.public_key(), "n")
     conn.close()

@@ -204,3 +204,26 @@ def test_committee_pins(cfg_path):
         cfg_path.write_text(base + f"pins = {pins}\n")
         with pytest.raises(ConfigError, match=message):
             load_config(cfg_path, env={})
+
+
+def test_store_backend(cfg_path):
+    cfg = load_config(cfg_path, env={})
+    assert (cfg.store.backend, cfg.store.path) == ("sqlite", cfg.db_path)
+    base = cfg_path.read_text()
+    cfg_path.write_text(base + '[store]\nbackend = "postgres"\ndsn_env = "PG_NODE"\nowner_dsn = "user=owner"\n')
+    cfg = load_config(cfg_path, env={"PG_NODE": "user=node password=secret"})
+    assert (cfg.store.backend, cfg.store.dsn, cfg.store.owner_dsn) == ("postgres", "user=node password=secret", "user=owner")
+    assert "secret" not in repr(cfg) and "secret" not in str(cfg.store)  # the DSN's password stays out of messages
+
+
+@pytest.mark.parametrize("section, env, message", [
+    ('backend = "oracle"', {}, "store.backend must be one of"),
+    ('backend = "postgres"', {}, "store.dsn"),
+    ('backend = "postgres"\ndsn_env = "PG_NODE"', {}, "PG_NODE"),
+    ('backend = "postgres"\ndsn = "a"\ndsn_env = "PG_NODE"', {"PG_NODE": "b"}, "dsn or dsn_env"),
+    ('dsn = "user=node"', {}, 'for store.backend = "postgres" only'),
+])
+def test_bad_store_sections(cfg_path, section, env, message):
+    cfg_path.write_text(cfg_path.read_text() + f"[store]\n{section}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(cfg_path, env=env)

@@ -229,7 +229,7 @@ def test_database_of_another_node_is_refused(node, tmp_path, dev_pki):
     other = NodeHarness(tmp_path / "bank-b", dev_pki.files, [ACME], name="bank-a", index=2)
     (tmp_path / "bank-b" / "data").mkdir()
     (tmp_path / "bank-b" / "data" / "shares.db").write_bytes(node.db_path.read_bytes())
-    from shareholders.store import SchemaError
+    from shareholders.storage import SchemaError
 
     with pytest.raises(SchemaError, match="index 1"):
         other.start()
@@ -273,27 +273,28 @@ def test_bulk_replaced_shares_leave_the_files_when_the_stream_returns(node):
 def test_a_database_in_the_old_record_format_is_refused_not_converted(tmp_path):
     # Schema 3 (records with the AMD MAC, width d + 8) holding a share: the node
     # refuses to start on it with one sentence; an empty one is migrated.
-    from shareholders import store
+    from shareholders import storage
+    from shareholders.storage import schema
 
     for holds_share in (True, False):
-        conn = store.connect(tmp_path / f"old-{holds_share}.db")
-        saved = store.MIGRATIONS
+        conn = storage.connect(tmp_path / f"old-{holds_share}.db")
+        saved = schema.MIGRATIONS
         try:
-            store.MIGRATIONS = saved[:3]
-            store.SCHEMA_VERSION = 3
-            store.migrate(conn)
+            schema.MIGRATIONS = saved[:3]
+            schema.SCHEMA_VERSION = 3
+            conn.migrate()
         finally:
-            store.MIGRATIONS, store.SCHEMA_VERSION = saved, len(saved)
+            schema.MIGRATIONS, schema.SCHEMA_VERSION = saved, len(saved)
         if holds_share:
             conn.execute("INSERT INTO shares VALUES ('acme', 'alice', 1, 1, 2, 3, 16, 1, 4, 'r', 1, x'00', x'00', "
                          "x'00', 0)")
         if holds_share:
-            with pytest.raises(store.SchemaError) as err:
-                store.migrate(conn)
+            with pytest.raises(storage.SchemaError) as err:
+                conn.migrate()
             message = str(err.value)
             assert "old record format" in message and message.count(". ") == 0 and message.endswith(".")
             assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == 3
         else:
-            assert store.migrate(conn) == 3
+            assert conn.migrate() == 3
             assert conn.execute("SELECT COUNT(*) FROM mac_keys").fetchone()[0] == 0
         conn.close()

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sqlite3
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -54,7 +53,7 @@ from dataclasses import dataclass, field
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from shareholders import store
+from shareholders import storage
 from splitvault.v1 import common_pb2, shareholder_pb2, shareholder_pb2_grpc
 from vault import audit, pki, ticket as tickets
 from vault.errors import InvalidTicket
@@ -90,15 +89,20 @@ class NodeLog:
 # ---------------------------------------------------------------- reading
 
 
-def read_database(path: pathlib.Path):
-    """(entries, checkpoints) from a node's database file, read-only."""
-    if not path.exists():
-        raise FileNotFoundError(f"There is no database at {path}.")
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+def _store_exists(where) -> bool:
+    return isinstance(where, storage.Location) or (where is not None and pathlib.Path(where).exists())
+
+
+def read_database(where):
+    """(entries, checkpoints) from a node's store (a SQLite file or a
+    storage.Location), read-only."""
+    if not _store_exists(where):
+        raise FileNotFoundError(f"There is no database at {where}.")
+    db = storage.connect_readonly(where)
     try:
-        return store.read_chain(conn)
+        return db.read_chain()
     finally:
-        conn.close()
+        db.close()
 
 
 def read_node(target: auditor.AuditorTarget, node: auditor.NodeRef, db: pathlib.Path | None = None) -> NodeLog:
@@ -107,8 +111,8 @@ def read_node(target: auditor.AuditorTarget, node: auditor.NodeRef, db: pathlib.
     if offline is not None:
         log.source = f"file {offline}"
         try:
-            log.entries, log.checkpoints = read_database(pathlib.Path(offline))
-        except (OSError, sqlite3.Error) as exc:
+            log.entries, log.checkpoints = read_database(offline)
+        except (OSError, *storage.errors()) as exc:
             log.error = f"cannot read {offline}: {exc}"
         return log
     if node.address is None:
@@ -310,7 +314,7 @@ def verify(target: auditor.AuditorTarget, node: str | None = None, db: pathlib.P
     selected = [ref.name for ref in target.select(node)]
     logs: dict[str, NodeLog] = {}
     for ref in target.nodes:
-        gone = ref.address is None and not (ref.db_path and ref.db_path.exists())
+        gone = ref.address is None and not _store_exists(ref.db_path)
         if ref.retired and gone and ref.name not in selected:
             continue  # a retired node whose data is gone: nothing left to check
         logs[ref.name] = read_node(target, ref, db if ref.name in selected else None)

@@ -34,12 +34,16 @@ import json
 import os
 import pathlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from vault import pki
 from vault.pki import ROLE_SHAREHOLDER, Identity
 from vaultctl import cluster
 from vaultrpc import config as rpcconfig
 from vaultrpc.tls import TlsFiles, secure_channel
+
+if TYPE_CHECKING:
+    from shareholders import storage
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -54,7 +58,9 @@ class NodeRef:
     index: int
     address: str | None  # None: not running (cluster dir)
     audit_key: bytes | None  # raw Ed25519 public key recorded for it
-    db_path: pathlib.Path | None = None  # a dev cluster's database, for offline reads
+    # A dev cluster's store, for offline reads: its SQLite file, or its
+    # PostgreSQL database (a shareholders.storage.Location).
+    db_path: "pathlib.Path | storage.Location | None" = None
     retired: bool = False  # left the committee (reshare); its log stays auditable
 
 
@@ -113,7 +119,7 @@ def from_cluster_dir(root: str | os.PathLike) -> AuditorTarget:
         recorded = trust["audit_keys"].get(name)
         nodes.append(NodeRef(
             name, i, address, _hex_key(recorded, f"audit key of {name} in cluster.json") if recorded else None,
-            paths.node_dir(name) / "shares.db", retired=i == 0,
+            cluster.node_store(paths, name), retired=i == 0,
         ))
     tickets = {
         tenant: {kid: _hex_key(v, f"ticket key {kid} in cluster.json") for kid, v in keys.items()}

@@ -392,11 +392,20 @@ def _cluster_size(p: argparse.ArgumentParser) -> None:
                    help="a further modality of every tenant: its dimension, cosine threshold and the false-match "
                         "rate it was chosen for (repeatable)")
     p.add_argument("--timeout", type=seconds, default=None, metavar="S", help="start-up deadline in seconds (default 30)")
+    p.add_argument("--backend", choices=("sqlite", "postgres"), default=None,
+                   help="where the nodes keep their shares, first time only (default sqlite: one file per node; "
+                        "postgres: one database per node, on --postgres or the cluster's own server)")
+    p.add_argument("--postgres", default=None, metavar="DSN",
+                   help="with --backend postgres: a superuser connection string of a dev server to use")
 
 
 @command("cluster", "up", help="create (first time) and start a local cluster in the background", arguments=_cluster_size, target="dir")
 def _cluster_up(args) -> Result:
     kwargs = {"timeout_s": args.timeout} if args.timeout else {}
+    if args.postgres and args.backend != "postgres":
+        raise CliError("--postgres goes with --backend postgres.")
+    if args.backend == "postgres":
+        kwargs["postgres"] = args.postgres or cluster.LOCAL_POSTGRES
     try:
         info = cluster.up(args.dir, args.shareholders, args.threshold, args.dim, modalities=args.modality, **kwargs)
     except cluster.ClusterError as exc:

@@ -44,9 +44,12 @@ import os
 import pathlib
 import secrets
 import signal
+import stat
 import subprocess
 import sys
 import time
+import tomllib
+import warnings
 from dataclasses import asdict, dataclass
 
 
@@ -115,6 +118,11 @@ class ClusterSpec:
     # Further modalities of every tenant beside the default (dim,
     # match_threshold): matcher.config.Modality, each with its own dimension.
     modalities: tuple[Modality, ...] = ()
+    # Nodes' stores on PostgreSQL: a superuser connection string of a dev
+    # server (trust or peer authentication), from which each node gets its
+    # own database, an owner role and a node role (``postgres_store``).
+    # Empty: each node's store is its SQLite file.
+    postgres: str = ""
 
     def __post_init__(self):
         if isinstance(self.shareholders, bool) or not isinstance(self.shareholders, int) or not 2 <= self.shareholders <= MAX_SHAREHOLDERS:
@@ -188,6 +196,7 @@ class ClusterSpec:
                 matcher=data.get("matcher", MATCHER_NAME),
                 match_threshold=float(data.get("match_threshold", DEFAULT_MATCH_THRESHOLD)),
                 modalities=tuple(Modality(**m) for m in data.get("modalities", ())),
+                postgres=str(data.get("postgres", "")),
             )
         except (KeyError, TypeError, ValueError):
             raise ClusterError("The cluster spec cluster.json is missing a field or has a wrong type.") from None
@@ -490,7 +499,111 @@ def _make_node_files(paths: Paths, spec: ClusterSpec, name: str) -> None:
 def _write_node_config(paths: Paths, spec: ClusterSpec, name: str, founding: bool = True) -> None:
     config = paths.node_dir(name) / "node.toml"
     if not config.exists():
-        _write(config, node_config_text(paths, spec, name, founding))
+        text = node_config_text(paths, spec, name, founding)
+        if spec.postgres:
+            dsn, owner = postgres_store(_admin_dsn(paths, spec), cluster_id(paths.root), name)
+            text += f"\n[store]\nbackend = \"postgres\"\ndsn = {_toml_str(dsn)}\nowner_dsn = {_toml_str(owner)}\n"
+        _write(config, text)
+
+
+def node_store(paths: Paths, name: str):
+    """Where a dev cluster's node keeps its store: its SQLite file, or the
+    PostgreSQL database its node.toml names (a shareholders.storage.Location)."""
+    try:
+        with open(paths.node_dir(name) / "node.toml", "rb") as f:
+            section = tomllib.load(f).get("store") or {}
+    except (OSError, tomllib.TOMLDecodeError):
+        section = {}
+    if section.get("backend") == "postgres":
+        from shareholders import storage
+
+        return storage.Location("postgres", None, str(section.get("dsn", "")))
+    return paths.node_dir(name) / "shares.db"
+
+
+LOCAL_POSTGRES = "local"  # spec.postgres: the cluster's own server under D/postgres
+
+
+def _pgdata(paths: Paths) -> pathlib.Path:
+    return paths.root / "postgres" / "pgdata"
+
+
+def _admin_dsn(paths: Paths, spec: ClusterSpec) -> str:
+    return start_postgres(paths) if spec.postgres == LOCAL_POSTGRES else spec.postgres
+
+
+def start_postgres(paths: Paths) -> str:
+    """Start (or find running) the cluster's own PostgreSQL server (the
+    pgserver wheel's binaries, on a Unix socket in its data folder; as root it
+    runs as pgserver's own system user); its superuser connection string."""
+    try:
+        with warnings.catch_warnings():  # platformdirs, at import: no XDG_RUNTIME_DIR on a server
+            warnings.simplefilter("ignore")
+            import pgserver
+    except ImportError:
+        raise ClusterError("The postgres backend needs the postgres extra (pip install 'splitvault[postgres]').") from None
+    pgdata = _pgdata(paths)
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        # PostgreSQL refuses to run as root: pgserver runs it as its own user,
+        # which must be able to pass through the folders above its data
+        # (search permission only: it cannot list them).
+        for folder in pgdata.parents:
+            folder.chmod(folder.stat().st_mode | stat.S_IXOTH)
+    try:
+        with warnings.catch_warnings():  # platformdirs: no XDG_RUNTIME_DIR on a server, falls back to /tmp
+            warnings.simplefilter("ignore")
+            return pgserver.get_server(pgdata, cleanup_mode=None).get_uri()
+    except Exception as exc:  # noqa: BLE001 - pgserver raises several kinds
+        raise ClusterError(f"Cannot start the cluster's PostgreSQL server: {type(exc).__name__}: {exc}") from None
+
+
+def stop_postgres(paths: Paths) -> str:
+    """Stop the cluster's own PostgreSQL server, if it runs."""
+    pgdata = _pgdata(paths)
+    if not (pgdata / "postmaster.pid").exists():
+        return "not running"
+    import pgserver
+
+    try:
+        pgserver.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user="pgserver" if os.geteuid() == 0 else None)
+    except subprocess.CalledProcessError:
+        # pg_ctl could not do it (its user cannot reach the folder any more):
+        # a fast shutdown by signal, to the postmaster the pid file names.
+        try:
+            pid = int((pgdata / "postmaster.pid").read_text().split()[0])
+            os.kill(pid, signal.SIGINT)
+        except (OSError, ValueError, IndexError):
+            return "not running"
+    return "stopped"
+
+
+def postgres_store(admin_dsn: str, cluster: str, name: str) -> tuple[str, str]:
+    """Make (once) node ``name``'s PostgreSQL database, owned by its owner role
+    and open to its node role (neither a superuser: row-level security binds
+    the node); returns the node's and the owner's connection strings."""
+    try:
+        import psycopg
+        from psycopg import conninfo, sql
+    except ImportError:
+        raise ClusterError("The postgres backend needs the postgres extra (pip install 'splitvault[postgres]').") from None
+    tag = hashlib.sha256(cluster.encode()).hexdigest()[:10]
+    base = f"sv_{tag}_{name.replace('-', '_').lower()}"[:50]
+    database, owner, node = base, f"{base}_owner", f"{base}_node"
+    try:
+        with psycopg.connect(admin_dsn, autocommit=True) as c:
+            for role in (owner, node):
+                if not c.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+                    c.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOBYPASSRLS").format(sql.Identifier(role)))
+            if not c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone():
+                c.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(database), sql.Identifier(owner)))
+                c.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(database)))
+                c.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(database),
+                                                                               sql.Identifier(node)))
+    except psycopg.Error as exc:
+        raise ClusterError(f"Cannot prepare node {name}'s PostgreSQL database: {str(exc).strip()}") from None
+    return (conninfo.make_conninfo(admin_dsn, user=node, dbname=database, password=None),
+            conninfo.make_conninfo(admin_dsn, user=owner, dbname=database, password=None))
 
 
 def record_trust(paths: Paths, spec: ClusterSpec) -> dict:
@@ -707,6 +820,7 @@ def up(
     *,
     timeout_s: float = START_TIMEOUT_S,
     modalities: tuple[Modality, ...] | None = None,
+    postgres: str | None = None,
 ) -> dict:
     """Create (first time) and start the cluster; return ``status(root)``
     plus ``actions``: what this call did to each process.
@@ -726,6 +840,7 @@ def up(
             ("threshold", threshold, spec.threshold),
             ("dim", dim, spec.dim),
             ("modality", modalities if modalities is None else tuple(modalities), spec.modalities),
+            ("postgres", postgres, spec.postgres),
         ):
             if given is not None and given != stored:
                 if label == "modality":
@@ -738,7 +853,9 @@ def up(
         n = DEFAULT_SHAREHOLDERS if shareholders is None else shareholders
         k = DEFAULT_THRESHOLD if threshold is None else threshold
         spec = ClusterSpec(shareholders=n, threshold=k, dim=DEFAULT_DIMENSION if dim is None else dim,
-                           modalities=tuple(modalities or ()))
+                           modalities=tuple(modalities or ()), postgres=postgres or "")
+    if spec.postgres == LOCAL_POSTGRES:
+        start_postgres(paths)  # before init: a new node's config names its database
     init(root, spec)
 
     deadline = time.monotonic() + timeout_s
@@ -940,13 +1057,11 @@ def down(root: str | os.PathLike, *, timeout_s: float = STOP_TIMEOUT_S) -> dict:
     extra = [n for n in _node_dirs(paths) if n not in spec.nodes and paths.pid(spec, n).exists()]
     if extra:
         outcome.update(stop_processes(root, extra, timeout_s=timeout_s))
-    return {
-        "dir": str(paths.root),
-        "processes": [
-            {"name": name, "pid": pids.get(name), "result": outcome.get(name, "not running")}
-            for name in (spec.matcher, *spec.nodes, *extra)
-        ],
-    }
+    processes = [{"name": name, "pid": pids.get(name), "result": outcome.get(name, "not running")}
+                 for name in (spec.matcher, *spec.nodes, *extra)]
+    if spec.postgres == LOCAL_POSTGRES:  # after the nodes: they close their connections first
+        processes.append({"name": "postgres", "pid": None, "result": stop_postgres(paths)})
+    return {"dir": str(paths.root), "processes": processes}
 
 
 def kill_node(root: str | os.PathLike, name: str, sig: int = signal.SIGKILL, *, wait_s: float = 10.0) -> int:

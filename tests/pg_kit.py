@@ -1,0 +1,114 @@
+"""A real PostgreSQL server for the tests, from the ``pgserver`` wheel (the
+server binaries ship inside it; the ``postgres`` extra installs it).
+
+One server per test session (started on first use, stopped at exit), one
+database per test. Two roles, neither a superuser: ``sv_owner`` owns each
+test database and its tables (it migrates), ``sv_node`` is the node's role,
+bound by row-level security. As root, pgserver runs the server as its own
+system user (PostgreSQL refuses root), on a Unix socket only.
+"""
+from __future__ import annotations
+
+import secrets
+import shutil
+import tempfile
+import warnings
+import pathlib
+
+OWNER, NODE = "sv_owner", "sv_node"
+
+
+class PgServer:
+    def __init__(self):
+        import psycopg
+
+        self._psycopg = psycopg
+        # Under /tmp, not pytest's 0700 tmp folder: the server's own user must reach it.
+        self.parent = pathlib.Path(tempfile.mkdtemp(prefix="splitvault-pg-"))
+        self.parent.chmod(0o755)
+        with warnings.catch_warnings():  # platformdirs: no XDG_RUNTIME_DIR here, falls back to /tmp
+            warnings.simplefilter("ignore")
+            import pgserver
+
+            self.server = pgserver.get_server(self.parent / "pgdata", cleanup_mode="stop")
+        self.socket_dir = self._socket_dir(self.server.get_uri())
+        with self.admin() as c:
+            for role in (OWNER, NODE):
+                if not c.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+                    c.execute(f"CREATE ROLE {role} LOGIN NOSUPERUSER NOBYPASSRLS")
+
+    @staticmethod
+    def _socket_dir(uri: str) -> str:
+        return uri.rsplit("host=", 1)[1].split("&", 1)[0]
+
+    def uri(self, database: str = "postgres", role: str = "postgres") -> str:
+        return f"postgresql://{role}@/{database}?host={self.socket_dir}"
+
+    def admin(self):
+        return self._psycopg.connect(self.uri(), autocommit=True)
+
+    def new_database(self, prefix: str = "t") -> str:
+        name = f"{prefix}_{secrets.token_hex(6)}"
+        with self.admin() as c:
+            c.execute(f"CREATE DATABASE {name} OWNER {OWNER}")
+            c.execute(f"REVOKE ALL ON DATABASE {name} FROM PUBLIC")
+            c.execute(f"GRANT CONNECT ON DATABASE {name} TO {NODE}")
+        return name
+
+    def drop_database(self, name: str) -> None:
+        with self.admin() as c:
+            c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+    def location(self, database: str):
+        from shareholders import storage
+
+        return storage.Location("postgres", None, self.uri(database, NODE), self.uri(database, OWNER))
+
+    def store_toml(self, database: str) -> str:
+        """A node config's [store] section for ``database``."""
+        return (f'[store]\nbackend = "postgres"\ndsn = "{self.uri(database, NODE)}"\n'
+                f'owner_dsn = "{self.uri(database, OWNER)}"\n')
+
+    def _pg_ctl(self, *args: str) -> None:
+        import pgserver
+
+        pgserver.pg_ctl(["-w", *args], pgdata=self.server.pgdata, user=self.server.system_user)
+
+    def stop_server(self) -> None:
+        """Stop the server (fast: open connections are cut), as a crash or a failover would."""
+        self._pg_ctl("-m", "fast", "stop")
+
+    def start_server(self) -> None:
+        """Start it again on the same socket and data."""
+        self._pg_ctl("-o", '-h ""', "-o", f"-k {self.socket_dir}", "-l", str(self.server.pgdata / "log"), "start")
+
+    def close(self) -> None:
+        try:
+            self.server.cleanup()
+        finally:
+            shutil.rmtree(self.parent, ignore_errors=True)
+
+
+_server: PgServer | None = None
+_failure: str | None = None
+
+
+def server() -> PgServer:
+    """The session's server; raises RuntimeError (with the reason) if it cannot start here."""
+    global _server, _failure
+    if _server is None and _failure is None:
+        try:
+            _server = PgServer()
+        except Exception as exc:  # noqa: BLE001 - reported as the skip reason
+            _failure = f"{type(exc).__name__}: {exc}"
+    if _server is None:
+        raise RuntimeError(f"The PostgreSQL test server (pgserver) cannot start here: {_failure}")
+    return _server
+
+
+def stop() -> None:
+    global _server
+    if _server is not None:
+        _server.close()
+        _server = None
+

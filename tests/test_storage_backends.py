@@ -1,0 +1,196 @@
+"""The node's storage layer (shareholders.storage) on each backend: a SQLite
+file and a real PostgreSQL database (tests/pg_kit.py). The same calls give
+the same answers: schema and migrations, node identity, share rows, key
+order, chunked deletes, sessions and the node's lock, check batches, MAC key
+shares, transactions. On PostgreSQL, tenant isolation (row-level security,
+FORCEd, for a role that does not own the tables) is attacked directly."""
+from __future__ import annotations
+
+import pytest
+
+from shareholders import storage
+from vault.envelope import SealedShare
+
+
+def row(tenant="acme", subject="alice", epoch=1, *, request_id="r1", kek=1, fill=b"\x01") -> storage.ShareRow:
+    return storage.ShareRow(tenant, subject, epoch, 1, 2, 3, 16, 1, 4, request_id, kek, fill * 40, fill * 12,
+                            fill * 80, 1000)
+
+
+@pytest.fixture()
+def db(store_location):
+    storage.migrate(store_location)
+    d = storage.connect(store_location)
+    yield d
+    d.close()
+
+
+def test_a_fresh_store_migrates_once(store_location):
+    assert storage.migrate(store_location) == 0
+    assert storage.migrate(store_location) == storage.SCHEMA_VERSION
+    d = storage.connect(store_location)
+    try:
+        assert d.init_node_state("bank-a", 1, 5) == storage.NodeState("bank-a", 1, storage.FIRST_EPOCH, {})
+        assert d.init_node_state("bank-a", 1, 6).current_epoch == storage.FIRST_EPOCH
+        with pytest.raises(storage.SchemaError, match="index 1"):
+            d.init_node_state("bank-b", 2, 7)
+        with d.transaction():
+            d.set_epoch(2, {"members": {"bank-a": 1}}, 8)
+        assert d.node_state() == storage.NodeState("bank-a", 1, 2, {"members": {"bank-a": 1}})
+    finally:
+        d.close()
+
+
+def test_share_rows_round_trip_and_are_replaced_whole(db):
+    rows = [row(subject="alice"), row(subject="alice", epoch=2, request_id="r2"), row(subject="bob")]
+    with db.transaction():
+        db.insert_shares(rows)
+    assert db.subject_rows("acme", "alice") == rows[:2]
+    assert db.share_row("acme", "bob", 1) == rows[2] and db.share_row("acme", "bob", 2) is None
+    assert db.request_ids_of([("acme", "alice"), ("acme", "bob"), ("acme", "carol")]) == {
+        ("acme", "alice"): {"r1", "r2"}, ("acme", "bob"): {"r1"}}
+    newer = row(subject="bob", request_id="r9", fill=b"\x02")
+    with db.transaction():
+        db.insert_shares([newer])
+    assert db.subject_rows("acme", "bob") == [newer]
+    assert (db.count_records(), db.count_epoch(1), db.count_other_epochs(1), db.newest_epoch()) == (3, 2, 1, 2)
+    with db.transaction():
+        assert db.delete_subject("acme", "alice") == 2
+    assert db.subject_rows("acme", "alice") == [] and db.count_records() == 1
+
+
+def test_key_order_is_bytewise_on_every_backend(db):
+    # Cursors and the members' key hashes need one order on every node, whatever its engine.
+    subjects = ["a", "B", "z", "\u00e9", "A1", "a b"]
+    with db.transaction():
+        db.insert_shares([row(subject=s) for s in subjects])
+    ordered = sorted(subjects, key=lambda s: s.encode())
+    assert [k[1] for k in db.epoch_keys(1)] == ordered
+    assert [r.subject for r in db.rows_after(1, ("acme", ordered[1]), 3)] == ordered[2:5]
+    assert [r.subject for r in db.record_keys(1, ("", ""), 2)] == ordered[:2]
+    assert db.last_key(1) == ("acme", ordered[-1])
+    assert [r.subject for r in db.rows_between(1, ("acme", ordered[1]), ("acme", ordered[3]))] == ordered[1:4]
+    assert {k[1] for k in db.live_ids_between(1, ("acme", ordered[0]), ("acme", ordered[2]))} == set(ordered[:3])
+
+
+def test_prepared_rows_chunked_deletes_and_rewraps(db):
+    with db.transaction():
+        db.insert_shares([row(subject=f"s{i:02d}") for i in range(10)])
+        db.insert_shares([row(subject=f"s{i:02d}", epoch=2, kek=2) for i in range(0, 10, 3)])
+    assert db.count_unprepared(1, 2) == 6
+    assert [r.subject for r in db.unprepared_rows(1, 2, ("acme", "s03"), 3)] == ["s04", "s05", "s07"]
+    assert set(db.sealed_between(2, ("acme", "s00"), ("acme", "s09"))) == {("acme", f"s{i:02d}") for i in (0, 3, 6, 9)}
+    assert sorted(db.kek_versions_in_use()) == [1, 2] and db.count_not_under(2) == 10
+    sample = db.sample_rows_by_kek(per_version=3)
+    assert sorted(sample) == [1, 2] and all(r.kek_version == 1 for r in sample[1]) and 1 <= len(sample[1]) <= 3
+    old = db.wrapped_not_under(2, 4)
+    assert len(old) == 4
+    updates = [(2, b"\x09" * 40, t, s, e, v, w) for t, s, e, _i, v, w in old]
+    updates.append((2, b"\x09" * 40, "acme", "s01", 1, 1, b"\x07" * 40))  # changed meanwhile: left alone
+    with db.transaction():
+        assert db.rewrap_shares(updates) == 4
+    assert db.count_not_under(2) == 6
+    with db.transaction():
+        assert db.delete_epoch_rows(2, 3, older=True) == 3
+    assert db.count_before(2) == 7
+    with db.transaction():
+        assert db.delete_epoch_rows(2, 100) == 4
+        assert db.delete_epoch(1) == 7
+    assert db.count_records() == 0 and db.flush_erased()
+
+
+def test_one_open_session_holds_the_lock(db):
+    seed = SealedShare(1, b"w" * 40, b"n" * 12, b"c" * 48)
+    with db.transaction():
+        s = db.begin_session("refresh-1", "refresh", "auditor/bob", '{"x": 1}', "begun", 10, epoch=1, new_epoch=2,
+                             seed=seed)
+    assert (s.kind, s.from_epoch, s.new_epoch, s.plan, s.sealed_seed, s.open) == ("refresh", 1, 2, {"x": 1}, seed, True)
+    assert db.open_session() == s
+    with pytest.raises(storage.SessionBusy, match="refresh-1"), db.transaction():
+        db.begin_session("kek-1", "kek_rotate", "auditor/bob", {}, "open", 11)
+    batch = storage.CheckBatch("refresh-1", "acme", "alice", 20, "[]", b"p" * 16, seed)
+    with db.transaction():
+        db.put_check_batch(batch)
+        assert not db.put_check_batch_once(batch)
+        assert db.put_check_batch_once(storage.CheckBatch("refresh-1", "", "mask-old", 8, "[]", b"", seed))
+        db.update_session("refresh-1", 12, state="prepared", skipped=3, plan={"x": 2})
+    assert db.check_batch("refresh-1", ("acme", "alice"), 20) == batch
+    assert [b.first_subject for b in db.check_batches("refresh-1")] == ["mask-old", "alice"]
+    got = db.get_session("refresh-1")
+    assert (got.state, got.skipped, got.plan, got.updated_ms) == ("prepared", 3, {"x": 2}, 12)
+    with db.transaction():
+        assert db.delete_check_batches("refresh-1", 1) == 1
+        db.close_session("refresh-1", "finalized", 13)
+    closed = db.get_session("refresh-1")
+    assert not closed.open and closed.sealed_seed is None and list(db.check_batches("refresh-1")) == []
+    assert db.open_session() is None
+    with pytest.raises(ValueError, match="already used"), db.transaction():
+        db.begin_session("refresh-1", "refresh", "auditor/bob", {}, "begun", 14)
+
+
+def test_mac_keys_and_a_rolled_back_transaction(db):
+    key = storage.MacKeyRow(1, 2, 24, "keygen-1", 1, b"w" * 40, b"n" * 12, b"c" * 64)
+    with db.transaction():
+        db.insert_mac_key(key, 5)
+        db.insert_mac_key(storage.MacKeyRow(2, 2, 24, "refresh-1", 1, b"w" * 40, b"n" * 12, b"c" * 64), 5)
+    assert db.mac_keys()[1] == key
+    with pytest.raises(RuntimeError), db.transaction():
+        db.delete_mac_keys(2, older=True)
+        db.insert_shares([row()])
+        raise RuntimeError("undo")
+    assert sorted(db.mac_keys()) == [1, 2] and db.count_records() == 0
+    with db.transaction():
+        db.rewrap_mac_key(1, 3, b"x" * 40)
+        db.delete_mac_keys(2)
+    assert list(db.mac_keys()) == [1] and db.mac_keys()[1].kek_version == 3
+    assert db.kek_versions_of_keys_and_seeds() == {3}
+
+
+# --- PostgreSQL: tenant isolation, attacked ------------------------------------------------
+
+
+@pytest.fixture()
+def pg_db(pg, pg_database):
+    loc = pg.location(pg_database)
+    storage.migrate(loc)
+    d = storage.connect(loc)
+    with d.transaction():
+        d.insert_shares([row("acme", "alice"), row("acme", "bob")])
+        d.insert_shares([row("zeta", "zoe")])
+    yield d
+    d.close()
+
+
+def test_postgres_the_node_role_does_not_own_the_tables_and_rls_is_forced(pg_db):
+    owner, forced, enabled = pg_db.execute(
+        "SELECT pg_get_userbyid(relowner), relforcerowsecurity, relrowsecurity FROM pg_class WHERE relname = 'shares'"
+    ).fetchone()
+    assert (pg_db.current_role(), owner, forced, enabled) == ("sv_node", "sv_owner", True, True)
+
+
+def test_postgres_a_tenant_scoped_connection_sees_and_writes_only_its_tenant(pg, pg_database, pg_db):
+    import psycopg
+
+    # A query that forgets its tenant filter still sees one tenant's rows only.
+    pg_db._scope("acme")
+    assert sorted(r[0] for r in pg_db.execute("SELECT subject FROM shares").fetchall()) == ["alice", "bob"]
+    assert pg_db.execute("DELETE FROM shares WHERE subject = 'zoe'").rowcount == 0
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):  # WITH CHECK: no row planted for another tenant
+        pg_db.execute("INSERT INTO shares SELECT 'zeta', 'mallory', epoch, idx, threshold, n, dimension, "
+                      "codec_version, mac_count, request_id, kek_version, wrapped_dk, nonce, ciphertext, stored_ms "
+                      "FROM shares WHERE subject = 'alice'")
+    # A connection of the node's role that never scoped itself sees nothing.
+    with psycopg.connect(pg.uri(pg_database, "sv_node"), autocommit=True) as raw:
+        assert raw.execute("SELECT COUNT(*) FROM shares").fetchone()[0] == 0
+    assert pg_db.subject_rows("zeta", "zoe") == [row("zeta", "zoe")]
+
+
+def test_postgres_the_node_role_cannot_rewrite_or_cut_the_audit_chain(pg, pg_database, pg_db):
+    import psycopg
+
+    pg_db.insert_entry_row((1, 1, "n", "start", "a", "", "", "", "{}", b"\0" * 32, b"\1" * 32))
+    for attack in ("UPDATE audit_log SET actor = 'nobody'", "DELETE FROM audit_log", "TRUNCATE audit_log",
+                   "ALTER TABLE shares DISABLE ROW LEVEL SECURITY", "DROP POLICY tenant_scope ON shares"):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            pg_db.execute(attack)
+    assert pg_db.audit_head() == (1, b"\1" * 32)
