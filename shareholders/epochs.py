@@ -2032,7 +2032,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         is empty): a sender dealing wrong key values changes the new side's
         value at 0 as a wrong record does. Zero when the node holds no key of
         ``epoch`` (then the other side must hold none either, or the check fails)."""
-        row = store.mac_keys(self._conn()).get(epoch)
+        row = self._conn().mac_keys().get(epoch)
         if row is None:
             return [0] * len(challenges)
         try:
