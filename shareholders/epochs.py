@@ -2857,7 +2857,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             ).rowcount
             if done:
                 tx.append("renewal_check_mask", actor=actor, request_id=s.session_id,
-                          details={"values": which, "slots": epoch_mac.RENEWAL_CHECK_SLOTS, **details})
+                          details={"values": which, "sets": epoch_mac.RENEWAL_CHECK_SETS, **details})
 
         try:
             self._commit(job)
@@ -2881,9 +2881,9 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
 
     def _renewal_mask(self, s: Session, peers=None, actor: str = "") -> np.ndarray:
         """rho(i) = sum_j rho_j(i) over every member j (this one included),
-        (C, W): pulled node to node and sealed at prepare (or when a renewer's
-        peer needs it first, from this node's own peer table)."""
-        slots, width = epoch_mac.RENEWAL_CHECK_SLOTS, s.plan.mac_width
+        (sets x C, W): pulled node to node and sealed at prepare (or when a
+        renewer's peer needs it first, from this node's own peer table)."""
+        slots, width = epoch_mac.RENEWAL_MASK_ROWS, s.plan.mac_width
         size = slots * width
         have = self._load_check_values(s, _RENEWAL_MASK, size)
         if have is not None:
@@ -2927,7 +2927,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         return self._load_check_values(s, _RENEWAL_MASK, size).reshape(slots, width)
 
     def _renewal_mask_values(self, s: Session, x: int) -> np.ndarray:
-        """This renewer's g_j(x) of its mask tags h_j = <b'(j), rho(j)>: (C, L)."""
+        """This renewer's g_j(x) of its mask tags h_j = <b'(j), rho(j)>: (sets x C, L)."""
         mask = self._renewal_mask(s)
         key = self._new_key(s)
         h = None
@@ -2939,9 +2939,9 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             record.wipe(mask, h)
 
     def _renewal_mask_tags(self, s: Session, peers, actor: str) -> np.ndarray:
-        """t'_rho(i) = sum over T of lambda_j g_j(i) for the mask slots, (C, L),
+        """t'_rho(i) = sum over T of lambda_j g_j(i) for the mask rows, (sets x C, L),
         pulled from every renewer and sealed at prepare."""
-        slots, tags = epoch_mac.RENEWAL_CHECK_SLOTS, epoch_mac.TAG_COUNT
+        slots, tags = epoch_mac.RENEWAL_MASK_ROWS, epoch_mac.TAG_COUNT
         have = self._load_check_values(s, _RENEWAL_MASK_TAGS, slots * tags)
         if have is not None:
             return have.reshape(slots, tags)
@@ -3020,30 +3020,39 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         self._commit(job)
         return admin_pb2.GetRefreshDeltasResponse(renewal=packed)
 
-    def _claim_renewal_context(self, s: Session, actor: str, ctx: bytes) -> None:
-        """The masks serve ONE renewal check context: the first claimed is
-        recorded in the audit log; the same again is answered (the same
-        values), another is refused and the refusal logged. One writer transaction."""
+    def _claim_renewal_context(self, s: Session, actor: str, ctx: bytes) -> int:
+        """The mask set this context uses. Each set serves ONE renewal check
+        context: the first claim of a context takes the next unused set
+        (recorded in the audit log), the same context again gets its set (the
+        same values), a context beyond the last set is refused and the refusal
+        logged. One writer transaction."""
         digest = hashlib.sha256(ctx).hexdigest()
 
         def job(tx: Tx):
-            seen = {json.loads(d).get("context_sha256") for (d,) in tx.conn.execute(
+            sets: dict[str, int] = {}
+            for (d,) in tx.conn.execute(
                 "SELECT details_json FROM audit_log WHERE time_ms >= ? AND event = 'renewal_check_begin' "
-                "AND request_id = ?", (s.started_ms - CLAIM_CLOCK_SLACK_MS, s.session_id))}
-            if seen and digest not in seen:
+                "AND request_id = ? ORDER BY seq", (s.started_ms - CLAIM_CLOCK_SLACK_MS, s.session_id)):
+                entry = json.loads(d)
+                sets.setdefault(entry.get("context_sha256"), int(entry.get("set", 0)))
+            chosen = sets.get(digest, len(set(sets.values())))
+            if chosen >= epoch_mac.RENEWAL_CHECK_SETS:
                 tx.append("renewal_check_refused", actor=actor, request_id=s.session_id,
-                          details={"reason": "second_context", "context_sha256": digest})
-                return False
+                          details={"reason": "masks_used", "context_sha256": digest})
+                return None
             tx.append("renewal_check_begin", actor=actor, request_id=s.session_id,
-                      details={"context_sha256": digest, "repeat": bool(seen)})
-            return True
+                      details={"context_sha256": digest, "set": chosen, "repeat": digest in sets})
+            return chosen
 
-        if not self._commit(job):
+        chosen = self._commit(job)
+        if chosen is None:
             CHECKS.labels(self.name, "refused").inc()
-            logs.event(_log, "renewal check refused", session=s.session_id, reason="second_context", actor=actor)
+            logs.event(_log, "renewal check refused", session=s.session_id, reason="masks_used", actor=actor)
             raise status.FailedPrecondition(
-                f"This node has answered the renewal check of session {s.session_id} for other records; its masks "
-                "serve one check. Roll the session back and refresh again.")
+                f"This node has answered the renewal check of session {s.session_id} over "
+                f"{epoch_mac.RENEWAL_CHECK_SETS} other record sets; each mask serves one. Roll the session back and "
+                "refresh again.")
+        return chosen
 
     def _renewal_sums(self, s: Session, ctx: bytes, covered: list[tuple[str, str]]) -> np.ndarray:
         """[sum_r alpha_r pad(s'_r) | sum_r alpha_r t'_r] over the covered
@@ -3093,7 +3102,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         An empty w when the members' reports do not lie on one polynomial."""
         k = s.plan.new_threshold
         ctx = epoch_mac.renewal_check_context(s.session_id, k, digest, [contributions[i] for i in sorted(contributions)])
-        self._claim_renewal_context(s, actor, ctx)
+        chosen = self._claim_renewal_context(s, actor, ctx)
+        rows = slice(chosen * epoch_mac.RENEWAL_CHECK_SLOTS, (chosen + 1) * epoch_mac.RENEWAL_CHECK_SLOTS)
         key = (s.session_id, ctx)
         with self._key_cond:
             cached = self._renewal_reports.get(key)
@@ -3101,7 +3111,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             sums = self._renewal_sums(s, ctx, covered)
             mask = self._renewal_mask(s)
             try:
-                cached = (epoch_mac.renewal_report(sums, mask), sums)
+                cached = (epoch_mac.renewal_report(sums, np.ascontiguousarray(mask[rows])), sums)
             finally:
                 record.wipe(mask)
             with self._key_cond:
@@ -3133,12 +3143,13 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         if opened is None:
             logs.event(_log, "renewal check reports inconsistent", logging.WARNING, session=s.session_id)
             return [], context_hex
-        mask_tags = self._load_check_values(s, _RENEWAL_MASK_TAGS, slots * epoch_mac.TAG_COUNT)
+        mask_tags = self._load_check_values(s, _RENEWAL_MASK_TAGS, epoch_mac.RENEWAL_MASK_ROWS * epoch_mac.TAG_COUNT)
         if mask_tags is None:
             raise status.FailedPrecondition("This node holds no renewed mask tags; abort the session and refresh again.")
         new_key = self._new_key(s)
-        w = epoch_mac.renewal_answer(sums, mask_tags.reshape(slots, epoch_mac.TAG_COUNT), new_key, opened)
-        record.wipe(mask_tags)
+        mine = np.ascontiguousarray(mask_tags.reshape(epoch_mac.RENEWAL_MASK_ROWS, epoch_mac.TAG_COUNT)[rows])
+        w = epoch_mac.renewal_answer(sums, mine, new_key, opened)
+        record.wipe(mask_tags, mine)
         return [int(v) for v in w.reshape(-1)], context_hex
 
     def _wait_renewal_report(self, s: Session, ctx: bytes) -> np.ndarray:

@@ -73,11 +73,11 @@ def _run(templates, k, n, bad=None, lie=None):
             deltas[0] = _off(deltas[0])
         new[x] = epoch_mac.renew_share(old[x - 1], deltas, epoch_mac.renewed_tags(renewers, np.stack(g), k))
     # Prepare: the masks and their renewed tags.
-    mask = {x: proactive.add_rows(*(epoch_mac.renewal_mask_deal(seeds[j], SID, k, W, x) for j in xs)) for x in xs}
+    mask = {x: proactive.add_rows(*(epoch_mac.renewal_mask_deal(seeds[j], SID, k, W, x, C) for j in xs)) for x in xs}
     hm = {j: epoch_mac.renewal_mask_products(mask[j], new_key[j]) for j in renewers}
     mask_tags = {}
     for x in xs:
-        g = [epoch_mac.renewal_values(seeds[j], epoch_mac.renewal_mask_keys(), 2, k, hm[j], x) for j in renewers]
+        g = [epoch_mac.renewal_values(seeds[j], epoch_mac.renewal_mask_keys(C), 2, k, hm[j], x) for j in renewers]
         if bad == "mask_g":
             g[0] = _off(g[0], 7)
         mask_tags[x] = epoch_mac.renewed_tags(renewers, np.stack(g), k)
@@ -159,11 +159,15 @@ def test_open_reports_refuses_reports_off_one_polynomial():
 
 def test_mask_dealing_is_deterministic_separated_and_of_degree_k_minus_1():
     seed = proactive.new_seed()
-    a = epoch_mac.renewal_mask_deal(seed, SID, 3, W, 2)
+    a = epoch_mac.renewal_mask_deal(seed, SID, 3, W, 2, C)
     assert a.shape == (C, W)
-    assert np.array_equal(a, epoch_mac.renewal_mask_deal(seed, SID, 3, W, 2))
-    assert not np.array_equal(a, epoch_mac.renewal_mask_deal(seed, "other", 3, W, 2))
-    pts = [epoch_mac.renewal_mask_deal(seed, SID, 3, W, x) for x in range(1, 6)]
+    assert np.array_equal(a, epoch_mac.renewal_mask_deal(seed, SID, 3, W, 2, C))
+    assert not np.array_equal(a, epoch_mac.renewal_mask_deal(seed, "other", 3, W, 2, C))
+    # The node deals every set at once: row c is the same either way; sets differ.
+    every = epoch_mac.renewal_mask_deal(seed, SID, 3, W, 2)
+    assert every.shape == (epoch_mac.RENEWAL_MASK_ROWS, W) and np.array_equal(every[:C], a)
+    assert not np.array_equal(every[C : 2 * C], a)
+    pts = [epoch_mac.renewal_mask_deal(seed, SID, 3, W, x, C) for x in range(1, 6)]
     assert epoch_mac.open_reports(range(1, 6), np.stack(pts), 3) is not None
     assert epoch_mac.open_reports(range(1, 6), np.stack(pts), 2) is None
     assert epoch_mac.renewal_contribution(seed, SID) == epoch_mac.renewal_contribution(seed, SID)

@@ -409,6 +409,11 @@ def renew_share(old_shares: np.ndarray, deltas: Sequence[np.ndarray], new_tags: 
 # shares of -<b', delta>, and k of them open a linear function of the key.
 
 RENEWAL_CHECK_SLOTS = 3
+# Mask sets dealt at prepare: each serves ONE check context, so a session can
+# be checked over up to this many record sets (a deletion between two checks
+# changes the records covered); a further context is refused.
+RENEWAL_CHECK_SETS = 4
+RENEWAL_MASK_ROWS = RENEWAL_CHECK_SETS * RENEWAL_CHECK_SLOTS
 RENEWAL_MASK_DOMAIN = b"splitvault/renewal-check-mask/v1\x00"
 RENEWAL_CONTRIBUTION_DOMAIN = b"splitvault/renewal-check-contribution/v1\x00"
 RENEWAL_CONTEXT_DOMAIN = b"splitvault/renewal-check-context/v1\x00"
@@ -416,18 +421,23 @@ RENEWAL_ALPHA_DOMAIN = b"splitvault/renewal-check-alpha/v1\x00"
 CONTRIBUTION_BYTES = 16
 
 
-def renewal_mask_deal(seed: bytes, session_id: str, threshold: int, width: int, x: int) -> np.ndarray:
-    """rho_j(x) of this dealer for each mask slot: (C, W), random constant, degree k - 1.
+def renewal_mask_deal(seed: bytes, session_id: str, threshold: int, width: int, x: int,
+                      rows: int = RENEWAL_MASK_ROWS) -> np.ndarray:
+    """rho_j(x) of this dealer for each mask row: (rows, W), random constant, degree k - 1.
 
-    Label RENEWAL_MASK_DOMAIN || lp(session) || u32 k || u32 W || u32 slot, so a
-    rerun deals the same and no record's stream can be the mask's.
+    Rows come in sets of C slots (set s: rows s*C .. s*C + C - 1). Label
+    RENEWAL_MASK_DOMAIN || lp(session) || u32 k || u32 W || u32 row, so a rerun
+    deals the same, row c is the same whatever ``rows`` is, and no record's
+    stream can be the mask's.
     """
     k, w = _check_shape_parameters(threshold, width)
+    if not 1 <= int(rows) <= 64:
+        raise InvalidShares("A renewal check mask has 1 to 64 rows.")
     sid = session_id.encode()
     labels = [RENEWAL_MASK_DOMAIN + struct.pack(">I", len(sid)) + sid + struct.pack(">III", k, w, c)
-              for c in range(RENEWAL_CHECK_SLOTS)]
+              for c in range(int(rows))]
     flat = proactive.derive_field(seed, labels, k * w)  # constant, then c_1 .. c_{k-1}
-    coeffs = np.ascontiguousarray(flat[:, w:].reshape(RENEWAL_CHECK_SLOTS, k - 1, w).transpose(1, 0, 2))
+    coeffs = np.ascontiguousarray(flat[:, w:].reshape(int(rows), k - 1, w).transpose(1, 0, 2))
     try:
         return proactive.evaluate_at(coeffs, flat[:, :w], x)
     finally:
@@ -435,14 +445,14 @@ def renewal_mask_deal(seed: bytes, session_id: str, threshold: int, width: int, 
         coeffs.fill(0)
 
 
-def renewal_mask_keys() -> list[tuple[str, str]]:
-    """The record keys under which the mask slots' tags are renewed
+def renewal_mask_keys(rows: int = RENEWAL_MASK_ROWS) -> list[tuple[str, str]]:
+    """The record keys under which the mask rows' tags are renewed
     (``renewal_values_at``): the empty tenant is no record's."""
-    return [("", f"renewal-check-mask/{c}") for c in range(RENEWAL_CHECK_SLOTS)]
+    return [("", f"renewal-check-mask/{c}") for c in range(int(rows))]
 
 
 def renewal_mask_products(mask_share: np.ndarray, new_key_share: np.ndarray) -> np.ndarray:
-    """h_j = <[b']_j, [rho_c]_j> for each slot: (C, L), a point of a degree-2(k-1)
+    """h_j = <[b']_j, [rho_c]_j> for each mask row: (rows, L), a point of a degree-2(k-1)
     polynomial that is <b', rho_c> at 0; deal it with ``renewal_values_at``."""
     m = _field_array(mask_share, "Mask shares", 2)
     b = _key(new_key_share)
