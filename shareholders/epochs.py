@@ -65,6 +65,13 @@ Phases (docs/operations.md):
      no longer re-derives is new = old + diff from the stored rows: that
      holds by construction (both come from one array, in one step), and an
      old row damaged after prepare is destroyed at finalize anyway.
+   - *The renewed tags* (the tag part; math in ``vault.epoch_mac``, "the
+     renewal check"): masks rho and their renewed tags are dealt and sealed
+     at prepare, before any record (``renewal_mask`` /
+     ``renewal_mask_renew``); in the check each node reports u(i) over the
+     covered records' new rows, takes every member's u node to node
+     (``renewal_check_context``), opens it and answers w(i). One context
+     per mask set (``renewal_check_begin``).
    **The reshare check** (``CheckReshare``; math in ``vault.proactive``):
    at prepare every old member pulls rho_i(m) from every old member and
    seals R_m, and every new member seals the senders' reshare of it
@@ -1302,8 +1309,9 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                     d = width - epoch_mac.TAG_COUNT
                     new[:, d:] = tags
                     diff = field.sub(new, old)
-                    # The check covers the template part: the renewed tags are
-                    # no zero-sharing's sum (a wrong one fails at Verify).
+                    # The zero-sharing test covers the template part: the
+                    # renewed tags are no zero-sharing's sum (the check's tag
+                    # part covers them: _renewal_check).
                     diff[:, d:] = 0
                     groups.append((out, diff))
                     # add_rows reduces mod P; packed once for the whole group.

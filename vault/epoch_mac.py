@@ -55,9 +55,10 @@ t' = <b', s> + D and stays invalid at every later renewal unless someone who
 knows the key being left cancels D exactly.
 
 Needs n >= 2k - 1 (the product has degree 2k - 2). A malicious node can deal
-a wrong g_j or h_j: known offsets on the new tags, so the check fails (a
-denial of service it could cause by refusing anyway), never a pass with a
-changed s.
+a wrong g_j or h_j: known offsets on the new tags, so the tag check fails
+(a denial of service it could cause by refusing anyway), never a pass with
+a changed s; the refresh check's tag part ("the renewal check" below) finds
+it before the old epoch is destroyed.
 
 **Privacy** stays information-theoretic: keys, tags and the product values
 h_j exist only inside degree-(k-1) sharings; k - 1 nodes see k - 1 points of
