@@ -203,3 +203,21 @@ def test_reports_and_answers_do_not_depend_on_the_templates_or_the_key():
         assert np.abs(hist[0] - expected).max() < 6 * np.sqrt(expected)
     # w is a sharing of 0, yet each single answer is uniform: not all zero.
     assert hist_w[1][0] < hist_w[1].sum() / 2
+
+
+def test_renewal_sums_known_answer_over_several_row_chunks():
+    # Against Python integers, with more rows than one exact float64 chunk (2**11).
+    gen = np.random.default_rng(7)
+    rows = 2 * 2048 + 5
+    shares = gen.integers(0, P, (rows, D + L)).astype(FIELD_DTYPE)
+    alphas = gen.integers(0, P, (rows, C)).astype(FIELD_DTYPE)
+    out = epoch_mac.renewal_sums(alphas, shares, W)
+    assert out.shape == (C, W + L) and not out[:, D:W].any()  # padded with zeros to the key width
+    for c, m in [(0, 0), (1, D - 1), (2, D), (0, D + L - 1)]:
+        want = sum(int(alphas[r, c]) * int(shares[r, m]) for r in range(rows)) % P
+        col = m if m < D else W + (m - D)
+        assert int(out[c, col]) == want
+    with pytest.raises(InvalidShares):
+        epoch_mac.renewal_sums(alphas[:, :2], shares, W)
+    with pytest.raises(InvalidShares):
+        epoch_mac.renewal_sums(alphas, shares, D - 1)  # records wider than the key

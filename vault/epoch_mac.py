@@ -500,15 +500,44 @@ def renewal_sums(alphas: np.ndarray, shares: np.ndarray, width: int) -> np.ndarr
     d = ext.shape[1] - TAG_COUNT
     if a.shape != (ext.shape[0], RENEWAL_CHECK_SLOTS) or not 1 <= d <= int(width):
         raise InvalidShares("The coefficients or the records do not fit the renewal check.")
-    # (d + L, B) against (C, B): sum_r ext[r, m] alpha[r, c].
-    sums = inner_products(np.ascontiguousarray(ext.T), np.ascontiguousarray(a.T))
+    sums = _weighted_rows(a, ext)  # (C, d + L)
     out = np.zeros((RENEWAL_CHECK_SLOTS, int(width) + TAG_COUNT), dtype=FIELD_DTYPE)
     try:
-        out[:, :d] = sums[:d].T
-        out[:, int(width):] = sums[d:].T
+        out[:, :d] = sums[:, :d]
+        out[:, int(width):] = sums[:, d:]
     finally:
         sums.fill(0)
     return out
+
+
+def _weighted_rows(weights: np.ndarray, values: np.ndarray) -> np.ndarray:
+    # sum_r weights[r, c] * values[r, m] (mod P): (C, w). Exact float64 BLAS:
+    # the weights cut into 11-bit limbs, so each product is < 2**42 and a sum
+    # over _INNER_CHUNK (2**11) rows stays below 2**53; values are read in
+    # place (values.T @ limbs), with no transposed copy.
+    count = weights.shape[1]
+    acc = np.zeros((count, values.shape[1]), dtype=np.uint64)
+    for r0 in range(0, values.shape[0], _INNER_CHUNK):
+        r1 = min(r0 + _INNER_CHUNK, values.shape[0])
+        w = weights[r0:r1]
+        limbs = np.concatenate([(w >> np.uint32(_LIMB_BITS * q)) & _LIMB_MASK for q in range(_LIMBS)], axis=1)
+        x = values[r0:r1].astype(np.float64)
+        try:
+            part = (x.T @ limbs.astype(np.float64)).T.astype(np.uint64)  # (3C, w), each < 2**53: exact
+        finally:
+            x.fill(0)
+        field._reduce_u64_inplace(part)
+        # sum_q part_q 2**(11 q) < 2**31 + 2**42 + 2**53; acc < 2**34 before.
+        np.add(acc, part[:count], out=acc)
+        np.add(acc, part[count : 2 * count] << np.uint64(_LIMB_BITS), out=acc)
+        np.add(acc, part[2 * count :] << np.uint64(2 * _LIMB_BITS), out=acc)
+        field._fold(acc)
+        part.fill(0)
+    field._reduce_u64_inplace(acc)
+    try:
+        return acc.astype(FIELD_DTYPE)
+    finally:
+        acc.fill(0)
 
 
 def renewal_report(sums: np.ndarray, mask_share: np.ndarray) -> np.ndarray:
