@@ -11,7 +11,8 @@ template fails closed (DATA_LOSS) for good.
 
 The refresh check covers the renewal ("Refresh check" in
 docs/architecture.md, the tag part): the refresh rolls back on every node,
-the reason in each audit log, and every template still MATCHes.
+the reason in each audit log, and every template still MATCHes. The same
+holds for a node dealing one peer an inconsistent key contribution.
 """
 from __future__ import annotations
 
@@ -42,6 +43,14 @@ if os.environ.get("BAD_RENEWER_HOOK"):
         out = _deal(*args, **kwargs)
         return (out + 1) % _f.P  # every renewal value dealt off by one
     _m.renewal_values_at = _bad
+if os.environ.get("BAD_KEY_HOOK"):
+    import vault.epoch_mac as _m
+    import vault.field as _f
+    _contribution = _m.key_contribution
+    def _bad_key(seed, epoch, threshold, dimension, x):
+        out = _contribution(seed, epoch, threshold, dimension, x)
+        return (out + 1) % _f.P if x == 2 else out  # bank-b's key contribution off: shares off one polynomial
+    _m.key_contribution = _bad_key
 '''
 
 
@@ -104,3 +113,26 @@ def test_the_same_node_run_honestly_refreshes_and_every_template_matches(running
     assert out.returncode == 0, (out.returncode, out.stdout[-1500:], out.stderr[-1500:])
     assert json_out(out)["state"] == "finalized"
     assert set(_decisions(root, templates, 3).values()) == {"MATCH"}
+
+
+def test_a_node_dealing_an_inconsistent_key_contribution_makes_the_refresh_roll_back(running, tmp_path):
+    # bank-a deals bank-b a key contribution off by one (the new key shares no
+    # longer lie on one polynomial), everything else honest: every tag renewed
+    # under that key would fail at Verify once the old epoch is gone.
+    root, templates = running["root"], running["templates"]
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(HOOK)
+    path = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH", "")) if p)
+    _restart(root, "bank-a", {"BAD_KEY_HOOK": "1", "PYTHONPATH": path})
+    try:
+        out = vaultctl("refresh", "--dir", root, "--format", "json", timeout=300)
+        assert out.returncode == 2, (out.returncode, out.stdout[-1500:], out.stderr[-1500:])
+        error = json_out(out)["error"]
+        assert "check failed (tags" in error["message"] and "rolled back" in error["message"], error
+        assert set(_decisions(root, templates, 4).values()) == {"MATCH"}
+        for name in ("bank-a", "bank-b", "bank-c"):
+            aborts = _audit(root, name, "maintenance_abort")
+            assert aborts and "check failed (tags" in aborts[-1].get("reason", ""), (name, aborts)
+    finally:
+        _restart(root, "bank-a", {"BAD_KEY_HOOK": ""})
