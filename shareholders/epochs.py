@@ -65,6 +65,13 @@ Phases (docs/operations.md):
      no longer re-derives is new = old + diff from the stored rows: that
      holds by construction (both come from one array, in one step), and an
      old row damaged after prepare is destroyed at finalize anyway.
+   - *The renewed tags* (the tag part; math in ``vault.epoch_mac``, "the
+     renewal check"): masks rho and their renewed tags are dealt and sealed
+     at prepare, before any record (``renewal_mask`` /
+     ``renewal_mask_renew``); in the check each node reports u(i) over the
+     covered records' new rows, takes every member's u node to node
+     (``renewal_check_context``), opens it and answers w(i). One context
+     per mask set (``renewal_check_begin``).
    **The reshare check** (``CheckReshare``; math in ``vault.proactive``):
    at prepare every old member pulls rho_i(m) from every old member and
    seals R_m, and every new member seals the senders' reshare of it
@@ -202,6 +209,7 @@ RESHARE_CHECK_MASKS = 3
 RESHARE_CHECK_PAGE = 1024
 # The sealed masks' places in refresh_check_diffs (tenant "" is never a record's).
 _MASK_OLD, _MASK_NEW = "reshare-check-mask-old", "reshare-check-mask-new"
+_RENEWAL_MASK, _RENEWAL_MASK_TAGS = "renewal-check-mask", "renewal-check-mask-tags"
 CHECKS = Counter("splitvault_node_refresh_checks_total", "Refresh check calls, by outcome.", ["node", "outcome"])
 # Width of a first MAC key when the auditor names none: the largest template
 # dimension it serves (tags of dimension d use its first d columns).
@@ -517,6 +525,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         # One computation of a session's old-side check mask at a time.
         self._mask_lock = threading.Lock()
         self._products_cache: dict[tuple, np.ndarray] = {}
+        # Round-A reports of the renewal check, (session, context) -> (u, sums), for the peers.
+        self._renewal_reports: dict[tuple, tuple] = {}
         self._computing: dict[tuple, threading.Event] = {}
         # One long phase (prepare, commit, finalize) at a time: a rerun whose
         # predecessor's stream was cut waits for it to notice and stop.
@@ -1109,6 +1119,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             seed = self._seed(s)
             with self._deal_lock:
                 self._deal_new_key(s, seed, peers, actor)
+            self._prepare_renewal_check(s, peers, actor)
             cursor = [("", "")]
 
             def launch() -> bool:
@@ -1248,8 +1259,9 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                     d = width - epoch_mac.TAG_COUNT
                     new[:, d:] = tags
                     diff = field.sub(new, old)
-                    # The check covers the template part: the renewed tags are
-                    # no zero-sharing's sum (a wrong one fails at Verify).
+                    # The zero-sharing test covers the template part: the
+                    # renewed tags are no zero-sharing's sum (the check's tag
+                    # part covers them: _renewal_check).
                     diff[:, d:] = 0
                     groups.append((out, diff))
                     # add_rows reduces mod P; packed once for the whole group.
@@ -1536,6 +1548,8 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             # Cheap and answered here (not in the worker pool), so that a node
             # dealing its key is never queued behind calls waiting for it.
             return self._key_deal(request, context)
+        if request.renewal_mask or request.renewal_mask_renew or request.renewal_check_context:
+            return self._background(self._renewal_peer_call, request, context)
         return self._background(self._get_refresh_deltas, request, context)
 
     def _get_refresh_deltas(self, request, context):
@@ -1596,6 +1610,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             challenges = _challenges(request.check_challenges)
             reply.contribution = proactive.check_contribution(seed, s.session_id, challenges)
             reply.key_hashes = np.sort(self._held_keys(s)[1]).astype("<u8").tobytes()
+            reply.renewal_contribution = epoch_mac.renewal_contribution(seed, s.session_id)
             details = {"to": peer, "to_index": x, "step": "contribution", "challenges": len(challenges)}
         else:
             count = int(request.check_count)
@@ -2560,11 +2575,15 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         keys, hashes = self._held_keys(s)
         held_by_all = np.ones(len(keys), dtype=bool)
         contributions = {self.index: proactive.check_contribution(seed, s.session_id, challenges)}
+        renewal_contributions = {self.index: epoch_mac.renewal_contribution(seed, s.session_id)}
         for name, reply in replies.items():
             if len(reply.contribution) != proactive.CHALLENGE_BYTES or len(reply.key_hashes) % 8:
                 raise status.Unavailable(f"Peer {name} answered the check with malformed values.")
+            if len(reply.renewal_contribution) != epoch_mac.CONTRIBUTION_BYTES:
+                raise status.Unavailable(f"Peer {name} gave no renewal check contribution; it runs an older protocol.")
             held_by_all &= np.isin(hashes, np.frombuffer(reply.key_hashes, dtype="<u8"), assume_unique=False)
             contributions[others[name][0]] = bytes(reply.contribution)
+            renewal_contributions[others[name][0]] = bytes(reply.renewal_contribution)
         covered = [keys[i] for i in np.flatnonzero(held_by_all)]
         left_out = len(keys) - len(covered)
         mixed = proactive.mixed_challenges(s.session_id, challenges, [contributions[i] for i in sorted(contributions)])
@@ -2580,18 +2599,22 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
             masks = [(m + int(v)) % P for m, v in zip(masks, reply.masks)]
         values = [(t + m) % P for t, m in zip(totals, masks)]
         context_hex = hashlib.sha256(check_ctx).hexdigest()
+        # The tag part: the renewed tags against the new key (vault.epoch_mac).
+        renewal_values, renewal_hex = self._renewal_check(s, actor, covered, digest, renewal_contributions, others)
 
         def job(tx: Tx):
             tx.append("refresh_check", actor=actor, request_id=s.session_id, details={
                 "records": count, "challenges": len(challenges), "excluded": left_out, "call": call_no,
-                "context_sha256": context_hex,
+                "context_sha256": context_hex, "renewal_context_sha256": renewal_hex,
+                "renewal_answered": bool(renewal_values),
             })
         self._commit(job)
         CHECKS.labels(self.name, "answered").inc()
         logs.event(_log, "refresh check answered", session=s.session_id, call=call_no, records=count,
                    excluded=left_out)
         return admin_pb2.CheckRefreshResponse(values=values, records=count, keys_sha256=digest,
-                                              context_sha256=context_hex, excluded=left_out, call=call_no)
+                                              context_sha256=context_hex, excluded=left_out, call=call_no,
+                                              renewal_values=renewal_values, renewal_context_sha256=renewal_hex)
 
     def _refuse_check(self, s: Session, actor: str, reason: str, challenges: int) -> None:
         def job(tx: Tx):
@@ -2651,7 +2674,7 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
         reader = storage.connect(self.cfg.store)
         try:
             reader.tune_for_scan(CHECK_MMAP_BYTES)
-            for batch in reader.check_batches(s.session_id):
+            for batch in reader.check_batches(s.session_id, records_only=True):
                 width, keys_json, prints = batch.width, batch.keys_json, batch.fingerprints
                 keys = [tuple(k) for k in json.loads(keys_json)]
                 try:
@@ -2698,6 +2721,349 @@ class MaintenanceService(admin_pb2_grpc.ShareholderAdminServicer):
                 raise status.DataLoss(
                     f"The prepared share of subject {keys[i][1]!r} (tenant {keys[i][0]!r}) on this node changed "
                     "after it was prepared; the refresh cannot be trusted. Abort it and repair the node.")
+
+    # --- the renewal check (the refresh check's tag part) ----------------------------
+    # Math and why it reveals nothing: vault.epoch_mac, "the renewal check". At
+    # prepare (after the new key share, before any record) every node seals its
+    # mask shares rho(i) (C x W, pulled from every member) and their renewed tags
+    # t'_rho(i) (C x L, from the 2k - 1 renewers). In CheckRefresh it reports
+    # u(i) over the covered records' new rows (round A, kept for the peers), takes
+    # every member's u node to node, opens u and answers w(i) (round B). The
+    # masks serve one context per session (claimed in the audit log).
+
+    def _load_check_values(self, s: Session, which: str, size: int) -> np.ndarray | None:
+        """This node's sealed renewal check values ``which`` (``size`` elements), or None."""
+        batch = self._conn().check_batch(s.session_id, ("", which), size)
+        if batch is None:
+            return None
+        try:
+            raw = envelope.open(self.sh.keys.kek, _diff_aad(s.session_id, ("", which), size, "[]", b""),
+                                batch.sealed)
+            return record.unpack_values(raw, size)
+        except (EnvelopeError, InvalidShares):
+            raise status.DataLoss("This node's sealed renewal check values do not open; abort the session.") from None
+
+    def _seal_check_values(self, s: Session, which: str, values: np.ndarray, actor: str, details: dict) -> np.ndarray:
+        """Seal renewal check values once (the first sealed is the one used) and load them back."""
+        flat = np.ascontiguousarray(values).reshape(-1)
+        size = int(flat.size)
+        sealed = envelope.seal(self.sh.keys.kek, _diff_aad(s.session_id, ("", which), size, "[]", b""),
+                               record.pack_values(flat))
+
+        def job(tx: Tx):
+            cur = load_session(tx.db, s.session_id)
+            if cur is None or cur.state != BEGUN:
+                raise status.FailedPrecondition(f"Session {s.session_id} is no longer being prepared on this node.")
+            done = tx.db.put_check_batch_once(storage.CheckBatch(s.session_id, "", which, size, "[]", b"", sealed))
+            if done:
+                tx.append("renewal_check_mask", actor=actor, request_id=s.session_id,
+                          details={"values": which, "sets": epoch_mac.RENEWAL_CHECK_SETS, **details})
+
+        try:
+            self._commit(job)
+        finally:
+            record.wipe(values, flat)
+        return self._load_check_values(s, which, size)
+
+    def _wait_check_values(self, s: Session, which: str, size: int) -> np.ndarray:
+        # A peer asked before this node's own prepare sealed them, and this node
+        # knows no address for some member: wait (KEY_WAIT_S) for its prepare.
+        deadline = time.monotonic() + KEY_WAIT_S
+        while True:
+            have = self._load_check_values(s, which, size)
+            if have is not None:
+                return have
+            if time.monotonic() >= deadline:
+                raise status.Unavailable(
+                    f"Node {self.name} has not prepared its renewal check values yet; run the prepare step on "
+                    "every node.")
+            time.sleep(0.2)
+
+    def _renewal_mask(self, s: Session, peers=None, actor: str = "") -> np.ndarray:
+        """rho(i) = sum_j rho_j(i) over every member j (this one included),
+        (sets x C, W): pulled node to node and sealed at prepare (or when a
+        renewer's peer needs it first, from this node's own peer table)."""
+        slots, width = epoch_mac.RENEWAL_MASK_ROWS, s.plan.mac_width
+        size = slots * width
+        have = self._load_check_values(s, _RENEWAL_MASK, size)
+        if have is not None:
+            return have.reshape(slots, width)
+        with self._mask_lock:
+            have = self._load_check_values(s, _RENEWAL_MASK, size)
+            if have is not None:
+                return have.reshape(slots, width)
+            if peers is None:
+                peers = self._check_peers(s, [], s.plan.new)
+                if not set(s.plan.new) <= set(peers) | {self.name}:
+                    peers = None
+        if peers is None:
+            return self._wait_check_values(s, _RENEWAL_MASK, size).reshape(slots, width)
+        with self._mask_lock:
+            have = self._load_check_values(s, _RENEWAL_MASK, size)
+            if have is not None:
+                return have.reshape(slots, width)
+            k = s.plan.new_threshold
+            parts = [epoch_mac.renewal_mask_deal(self._seed(s), s.session_id, k, width, self.index)]
+            req = admin_pb2.GetRefreshDeltasRequest(session_id=s.session_id, renewal_mask=True)
+            calls = {n: self.peers.stub(n, peers[n][1]).GetRefreshDeltas.future(req, timeout=PEER_TIMEOUT_S)
+                     for n in s.plan.new if n != self.name}
+            try:
+                for name, call in calls.items():
+                    try:
+                        got = call.result().renewal
+                    except grpc.RpcError as exc:
+                        raise _peer_error(name, exc) from None
+                    try:
+                        parts.append(record.unpack_values(got, size).reshape(slots, width))
+                    except InvalidShares:
+                        raise status.Unavailable(f"Peer {name} dealt a renewal check mask of the wrong shape.") from None
+                mask = proactive.add_rows(*parts)
+            finally:
+                for call in calls.values():
+                    call.cancel()
+                record.wipe(*parts)
+            self._seal_check_values(s, _RENEWAL_MASK, mask, actor or f"shareholder/{self.name}",
+                                    {"from": sorted(s.plan.new)})
+        return self._load_check_values(s, _RENEWAL_MASK, size).reshape(slots, width)
+
+    def _renewal_mask_values(self, s: Session, x: int) -> np.ndarray:
+        """This renewer's g_j(x) of its mask tags h_j = <b'(j), rho(j)>: (sets x C, L)."""
+        mask = self._renewal_mask(s)
+        key = self._new_key(s)
+        h = None
+        try:
+            h = epoch_mac.renewal_mask_products(mask, key)
+            return epoch_mac.renewal_values_at(self._seed(s), epoch_mac.renewal_mask_keys(), s.new_epoch,
+                                               s.plan.new_threshold, h, (x,))[0]
+        finally:
+            record.wipe(mask, h)
+
+    def _renewal_mask_tags(self, s: Session, peers, actor: str) -> np.ndarray:
+        """t'_rho(i) = sum over T of lambda_j g_j(i) for the mask rows, (sets x C, L),
+        pulled from every renewer and sealed at prepare."""
+        slots, tags = epoch_mac.RENEWAL_MASK_ROWS, epoch_mac.TAG_COUNT
+        have = self._load_check_values(s, _RENEWAL_MASK_TAGS, slots * tags)
+        if have is not None:
+            return have.reshape(slots, tags)
+        k = s.plan.new_threshold
+        renewers = self._renewers(s, k)
+        by_index = {idx: name for name, idx in s.plan.new.items()}
+        req = admin_pb2.GetRefreshDeltasRequest(session_id=s.session_id, renewal_mask_renew=True)
+        calls = {by_index[x]: self.peers.stub(by_index[x], peers[by_index[x]][1]).GetRefreshDeltas.future(
+            req, timeout=PEER_TIMEOUT_S) for x in renewers if x != self.index}
+        values = np.empty((len(renewers), slots, tags), dtype=FIELD_DTYPE)
+        try:
+            for a, x in enumerate(renewers):
+                if x == self.index:
+                    g = self._renewal_mask_values(s, self.index)
+                else:
+                    name = by_index[x]
+                    try:
+                        got = calls[name].result().renewal
+                    except grpc.RpcError as exc:
+                        raise _peer_error(name, exc) from None
+                    try:
+                        g = record.unpack_values(got, slots * tags).reshape(slots, tags)
+                    except InvalidShares:
+                        raise status.Unavailable(f"Peer {name} dealt mask renewal values of the wrong shape.") from None
+                values[a] = g
+                record.wipe(g)
+            mask_tags = epoch_mac.renewed_tags(renewers, values, k)
+        finally:
+            for call in calls.values():
+                call.cancel()
+            record.wipe(values)
+        return self._seal_check_values(s, _RENEWAL_MASK_TAGS, mask_tags, actor,
+                                       {"from": sorted(by_index[x] for x in renewers)}).reshape(slots, tags)
+
+    def _prepare_renewal_check(self, s: Session, peers, actor: str) -> None:
+        """At prepare, after the new key share and before any record: the mask
+        shares and their renewed tags, sealed (a rerun loads them)."""
+        record.wipe(self._renewal_mask(s, peers, actor))
+        record.wipe(self._renewal_mask_tags(s, peers, actor))
+
+    def _renewal_peer_call(self, request, context):
+        """A peer's part of the renewal check: this node's mask dealing, its
+        renewal of its mask tags (a renewer), or its round-A report."""
+        s = self._session(request.session_id, states=(BEGUN, PREPARED, COMMITTED))
+        if s.kind != REFRESH:
+            raise status.FailedPrecondition(f"Session {s.session_id} is not a refresh.")
+        peer, x = self._peer_index(s, context, s.plan.new)
+        self._check_peer_key(s, peer, context)
+        if request.keys or request.check_challenges or request.check_context or request.mac_key:
+            raise status.InvalidArgument("A renewal check request carries nothing else.")
+        if s.plan.mac_width < 1:
+            raise status.FailedPrecondition(f"Session {s.session_id} names no MAC key width.")
+        if request.renewal_mask:
+            values = epoch_mac.renewal_mask_deal(self._seed(s), s.session_id, s.plan.new_threshold,
+                                                 s.plan.mac_width, x)
+            step = "mask"
+        elif request.renewal_mask_renew:
+            if self.index not in self._renewers(s, s.plan.new_threshold):
+                raise status.FailedPrecondition(f"Node {self.name} is not among the renewing nodes.")
+            values = self._renewal_mask_values(s, x)
+            step = "mask_renewal"
+        else:
+            ctx = bytes(request.renewal_check_context)
+            if len(ctx) != 32:
+                raise status.InvalidArgument("A renewal check context is 32 bytes.")
+            report = self._wait_renewal_report(s, ctx)
+            return admin_pb2.GetRefreshDeltasResponse(renewal_report=report.astype("<u4").tobytes())
+        try:
+            packed = values.astype("<u4").tobytes()
+        finally:
+            record.wipe(values)
+
+        def job(tx: Tx):
+            tx.append("renewal_check_deal", actor=f"shareholder/{peer}", request_id=s.session_id,
+                      details={"to": peer, "to_index": x, "step": step})
+        self._commit(job)
+        return admin_pb2.GetRefreshDeltasResponse(renewal=packed)
+
+    def _claim_renewal_context(self, s: Session, actor: str, ctx: bytes) -> int:
+        """The mask set this context uses. Each set serves ONE renewal check
+        context: the first claim of a context takes the next unused set
+        (recorded in the audit log), the same context again gets its set (the
+        same values), a context beyond the last set is refused and the refusal
+        logged. One writer transaction."""
+        digest = hashlib.sha256(ctx).hexdigest()
+
+        def job(tx: Tx):
+            sets: dict[str, int] = {}
+            for entry in tx.db.event_details(s.started_ms - CLAIM_CLOCK_SLACK_MS, "renewal_check_begin",
+                                             s.session_id):
+                sets.setdefault(entry.get("context_sha256"), int(entry.get("set", 0)))
+            chosen = sets.get(digest, len(set(sets.values())))
+            if chosen >= epoch_mac.RENEWAL_CHECK_SETS:
+                tx.append("renewal_check_refused", actor=actor, request_id=s.session_id,
+                          details={"reason": "masks_used", "context_sha256": digest})
+                return None
+            tx.append("renewal_check_begin", actor=actor, request_id=s.session_id,
+                      details={"context_sha256": digest, "set": chosen, "repeat": digest in sets})
+            return chosen
+
+        chosen = self._commit(job)
+        if chosen is None:
+            CHECKS.labels(self.name, "refused").inc()
+            logs.event(_log, "renewal check refused", session=s.session_id, reason="masks_used", actor=actor)
+            raise status.FailedPrecondition(
+                f"This node has answered the renewal check of session {s.session_id} over "
+                f"{epoch_mac.RENEWAL_CHECK_SETS} other record sets; each mask serves one. Roll the session back and "
+                "refresh again.")
+        return chosen
+
+    def _renewal_sums(self, s: Session, ctx: bytes, covered: list[tuple[str, str]]) -> np.ndarray:
+        """[sum_r alpha_r pad(s'_r) | sum_r alpha_r t'_r] over the covered
+        records' new rows, (C, W + L): one pass, one open per row."""
+        width = s.plan.mac_width
+        wanted = set(covered)
+        total = np.zeros((epoch_mac.RENEWAL_CHECK_SLOTS, width + epoch_mac.TAG_COUNT), dtype=FIELD_DTYPE)
+        found = 0
+        reader = storage.connect(self.cfg.store)
+        try:
+            reader.tune_for_scan(CHECK_MMAP_BYTES)
+            after = ("", "")
+            while True:
+                page = reader.rows_after(s.new_epoch, after, RESHARE_CHECK_PAGE)
+                if not page:
+                    break
+                after = (page[-1].tenant, page[-1].subject)
+                groups: dict[int, list[storage.ShareRow]] = {}
+                for row in page:
+                    if (row.tenant, row.subject) in wanted:
+                        groups.setdefault(row.dimension + row.mac_count, []).append(row)
+                for w, rows in groups.items():
+                    if w - epoch_mac.TAG_COUNT > width:
+                        raise status.FailedPrecondition("A record is wider than the session's MAC key.")
+                    shares = self._open_chunk(rows, w)
+                    alphas = epoch_mac.renewal_coefficients(ctx, [(r.tenant, r.subject) for r in rows])
+                    part = None
+                    try:
+                        part = epoch_mac.renewal_sums(alphas, shares, width)
+                        total = proactive.add_rows(total, part)
+                    finally:
+                        record.wipe(shares, part)
+                    found += len(rows)
+        finally:
+            reader.close()
+        if found != len(covered):
+            record.wipe(total)
+            raise status.FailedPrecondition(
+                f"{len(covered) - found} covered record(s) have no prepared share on this node in session "
+                f"{s.session_id}; abort the session and refresh again.")
+        return total
+
+    def _renewal_check(self, s: Session, actor: str, covered, digest: str, contributions: dict[int, bytes],
+                       others: dict) -> tuple[list[int], str]:
+        """Round A (this node's u, kept for its peers) and round B (every
+        member's u node to node, opened; w answered): (w values, context hex).
+        An empty w when the members' reports do not lie on one polynomial."""
+        k = s.plan.new_threshold
+        ctx = epoch_mac.renewal_check_context(s.session_id, k, digest, [contributions[i] for i in sorted(contributions)])
+        chosen = self._claim_renewal_context(s, actor, ctx)
+        rows = slice(chosen * epoch_mac.RENEWAL_CHECK_SLOTS, (chosen + 1) * epoch_mac.RENEWAL_CHECK_SLOTS)
+        key = (s.session_id, ctx)
+        with self._key_cond:
+            cached = self._renewal_reports.get(key)
+        if cached is None:
+            sums = self._renewal_sums(s, ctx, covered)
+            mask = self._renewal_mask(s)
+            try:
+                cached = (epoch_mac.renewal_report(sums, np.ascontiguousarray(mask[rows])), sums)
+            finally:
+                record.wipe(mask)
+            with self._key_cond:
+                self._renewal_reports = {k2: v for k2, v in self._renewal_reports.items() if k2[0] == s.session_id}
+                self._renewal_reports[key] = cached
+                self._key_cond.notify_all()
+        report, sums = cached
+        req = admin_pb2.GetRefreshDeltasRequest(session_id=s.session_id, renewal_check_context=ctx)
+        calls = {name: self.peers.stub(name, addr).GetRefreshDeltas.future(req, timeout=PEER_TIMEOUT_S)
+                 for name, (_, addr) in others.items()}
+        slots, width = epoch_mac.RENEWAL_CHECK_SLOTS, s.plan.mac_width
+        xs, stacked = [self.index], [report]
+        try:
+            for name, call in calls.items():
+                try:
+                    got = call.result().renewal_report
+                except grpc.RpcError as exc:
+                    raise _peer_error(name, exc) from None
+                try:
+                    stacked.append(record.unpack_values(got, slots * width).reshape(slots, width))
+                except InvalidShares:
+                    raise status.Unavailable(f"Peer {name} gave a renewal check report of the wrong shape.") from None
+                xs.append(others[name][0])
+        finally:
+            for call in calls.values():
+                call.cancel()
+        opened = epoch_mac.open_reports(xs, np.stack(stacked), k)
+        context_hex = hashlib.sha256(ctx).hexdigest()
+        if opened is None:
+            logs.event(_log, "renewal check reports inconsistent", logging.WARNING, session=s.session_id)
+            return [], context_hex
+        mask_tags = self._load_check_values(s, _RENEWAL_MASK_TAGS, epoch_mac.RENEWAL_MASK_ROWS * epoch_mac.TAG_COUNT)
+        if mask_tags is None:
+            raise status.FailedPrecondition("This node holds no renewed mask tags; abort the session and refresh again.")
+        new_key = self._new_key(s)
+        mine = np.ascontiguousarray(mask_tags.reshape(epoch_mac.RENEWAL_MASK_ROWS, epoch_mac.TAG_COUNT)[rows])
+        w = epoch_mac.renewal_answer(sums, mine, new_key, opened)
+        record.wipe(mask_tags, mine)
+        return [int(v) for v in w.reshape(-1)], context_hex
+
+    def _wait_renewal_report(self, s: Session, ctx: bytes) -> np.ndarray:
+        """This node's round-A report for ``ctx``, once its own check computed
+        it (up to PEER_TIMEOUT_S); never for a context it did not claim."""
+        deadline = time.monotonic() + PEER_TIMEOUT_S
+        with self._key_cond:
+            while True:
+                got = self._renewal_reports.get((s.session_id, ctx))
+                if got is not None:
+                    return got[0].copy()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise status.Unavailable(
+                        f"Node {self.name} has no renewal check report for this context; run the check on every node.")
+                self._key_cond.wait(min(left, 0.5))
 
     # --- commit and finalize ---------------------------------------------------------------
 

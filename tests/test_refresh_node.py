@@ -49,10 +49,13 @@ def _db(c, name):
     return c.nodes[name].cfg.db_path
 
 
-def _check_batches(c, name) -> int:
+def _check_batches(c, name, masks: bool = False) -> int:
+    # The records' sealed check batches; with masks, also the renewal check's
+    # sealed masks (tenant "", sealed at prepare before any record).
     conn = sqlite3.connect(f"file:{_db(c, name)}?mode=ro", uri=True)
     try:
-        return conn.execute("SELECT COUNT(*) FROM refresh_check_diffs").fetchone()[0]
+        where = "" if masks else " WHERE first_tenant <> ''"
+        return conn.execute(f"SELECT COUNT(*) FROM refresh_check_diffs{where}").fetchone()[0]
     finally:
         conn.close()
 
@@ -78,9 +81,10 @@ def test_refresh_keeps_every_template_and_leaves_one_epoch(vault):
     for name in c.names:
         assert epochs_held(_db(c, name)) == {2: len(SUBJECTS)}
         assert prepared_rows(_db(c, name)) == 0
-        assert _check_batches(c, name) == 0  # the check's sealed values went with the old epoch
+        assert _check_batches(c, name, masks=True) == 0  # the check's sealed values went with the old epoch
         events = audit_events(_db(c, name))
         for event in ("maintenance_begin", "epoch_prepare_batch", "epoch_prepare", "refresh_deal", "refresh_check",
+                      "renewal_check_mask", "renewal_check_deal", "renewal_check_begin",
                       "epoch_commit", "epoch_destroy_batch", "epoch_finalize"):
             assert event in events, (name, event)
     verify_all(c.client_, c.templates, SUBJECTS[:6], c.impostor)
@@ -211,7 +215,7 @@ def test_check_catches_a_damaged_prepared_share_and_rolls_back(vault):
     for name in c.names:
         assert epochs_held(_db(c, name)) == {1: len(SUBJECTS)}
         assert prepared_rows(_db(c, name)) == 0
-        assert _check_batches(c, name) == 0
+        assert _check_batches(c, name, masks=True) == 0
         st = c.admin.session(name, sid)
         assert admin_pb2.SessionState.Name(st.state) == "SESSION_STATE_ABORTED"
     verify_all(c.client_, c.templates, SUBJECTS[:3], c.impostor)
@@ -307,3 +311,47 @@ def test_prepare_refuses_a_damaged_old_share_and_writes_nothing_for_its_chunk(va
     for name in c.names:
         assert epochs_held(_db(c, name)) == {1: len(SUBJECTS)}
     verify_all(c.client_, c.templates, SUBJECTS[:3], c.impostor)
+
+
+def _check_all(c, sid):
+    # Every node's CheckRefresh answer to fresh challenges, asked at once.
+    req = admin_pb2.CheckRefreshRequest(session_id=sid, challenges=[np.random.bytes(16) for _ in range(3)],
+                                        peers=c.admin.members(c.names))
+    return c.admin.each(c.names, lambda name: c.admin.call(name, "CheckRefresh", req, timeout=120))
+
+
+def test_the_renewal_check_serves_one_record_set_per_mask_set(vault):
+    # The tag part's masks come in RENEWAL_CHECK_SETS sets, each for ONE
+    # context (the records covered): the same records again give the same
+    # answers, each new record set takes the next set, and one more is refused
+    # and logged (two contexts on one mask would open a combination of templates).
+    from vault import epoch_mac
+
+    c = vault
+    report = _refresh(c, check_only=True)
+    assert report["check"]["passed"], report
+    sid = report["session_id"]
+    first = _check_all(c, sid)
+    second = _check_all(c, sid)
+    for name in c.names:
+        assert list(first[name].renewal_values) == list(second[name].renewal_values)
+        assert first[name].renewal_context_sha256 == second[name].renewal_context_sha256
+        assert list(first[name].values) != list(second[name].values)  # the template part: fresh challenges
+    contexts = {first[c.names[0]].renewal_context_sha256}
+    for subject in SUBJECTS[: epoch_mac.RENEWAL_CHECK_SETS - 1]:
+        assert c.client_.delete(subject).complete
+        answers = _check_all(c, sid)
+        contexts.add(answers[c.names[0]].renewal_context_sha256)
+        xs = {n.name: n.index for n in c.nodes_list}
+        ordered = sorted(c.names, key=xs.get)
+        assert epoch_mac.renewal_check([xs[n] for n in ordered], [np.asarray(answers[n].renewal_values)
+                                                                  for n in ordered], 2)
+    assert len(contexts) == epoch_mac.RENEWAL_CHECK_SETS
+    assert c.client_.delete(SUBJECTS[10]).complete
+    with pytest.raises(MaintenanceError) as err:
+        _check_all(c, sid)
+    assert "FAILED_PRECONDITION" in str(err.value.details) and "each mask serves one" in err.value.message
+    for name in c.names:
+        assert "renewal_check_refused" in audit_events(_db(c, name))
+    _refresh(c, abort=True)
+    verify_all(c.client_, c.templates, SUBJECTS[11:14], c.impostor)

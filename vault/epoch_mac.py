@@ -55,9 +55,10 @@ t' = <b', s> + D and stays invalid at every later renewal unless someone who
 knows the key being left cancels D exactly.
 
 Needs n >= 2k - 1 (the product has degree 2k - 2). A malicious node can deal
-a wrong g_j or h_j: known offsets on the new tags, so the check fails (a
-denial of service it could cause by refusing anyway), never a pass with a
-changed s.
+a wrong g_j or h_j: known offsets on the new tags, so the tag check fails
+(a denial of service it could cause by refusing anyway), never a pass with
+a changed s; the refresh check's tag part ("the renewal check" below) finds
+it before the old epoch is destroyed.
 
 **Privacy** stays information-theoretic: keys, tags and the product values
 h_j exist only inside degree-(k-1) sharings; k - 1 nodes see k - 1 points of
@@ -69,6 +70,8 @@ shapes (batch, d, L, k), never on a value (``check`` compares every tag).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
 from collections.abc import Sequence
 
@@ -357,6 +360,230 @@ def renew_share(old_shares: np.ndarray, deltas: Sequence[np.ndarray], new_tags: 
         return np.concatenate([s, t], axis=1)
     finally:
         s.fill(0)
+
+
+# --- the renewal check ------------------------------------------------------------
+#
+# The refresh check (vault.proactive) shows the template part unchanged; the
+# renewed tags are no zero-sharing's sum, so it cannot see them. One renewer
+# dealing wrong g_j (or one node dealing an inconsistent key contribution)
+# would make every tag wrong once the old epoch is destroyed. This check
+# shows, for C random combinations alpha (one coefficient per record),
+#
+#     sum_r alpha_r t'_r = <b', sum_r alpha_r pad(s'_r)>        on shares,
+#
+# with s'_r padded with zeros to the key width W (tags use the key's first d
+# columns, so t'_r = <b', pad(s'_r)>):
+#
+#   mask rho_c (C slots, W elements): every node deals a random degree-(k-1)
+#       sharing of a random W-vector (``renewal_mask_deal``); node i sums what
+#       it receives, rho_c(i). Its tags are renewed like a record's
+#       (``renewal_mask_products`` dealt with ``renewal_values_at`` under the
+#       keys ``renewal_mask_keys``): t'_rho_c(i). Both sealed at prepare.
+#   round A  node i reports u_c(i) = sum_r alpha_r pad(s'_r(i)) + rho_c(i)
+#       (``renewal_report``): a uniformly random degree-(k-1) sharing.
+#   round B  node i takes EVERY member's u_c(j) node to node, requires them on
+#       one polynomial of degree k - 1 and opens u_c (``open_reports``), then
+#       reports w_c(i) = sum_r alpha_r t'_r(i) + t'_rho_c(i) - <b'(i), u_c>
+#       (``renewal_answer``): L values per slot.
+#   pass iff for every slot and tag the w lie on a polynomial of degree
+#       <= k - 1 with value 0 at 0 (``renewal_check``).
+#
+# Soundness. Renewal errors e_r (record r's new tags at 0 minus <b', s_r>) and
+# e_rho (the mask's) are fixed at prepare, before alpha is known (alpha comes
+# from every node's contribution, revealed only once prepared). w_c(0) =
+# sum_r alpha_r e_r + e_rho, which is 0 with probability 1/P per slot for any
+# non-zero error; the slots have independent alphas and masks (C = 3: P^-3).
+# A key contribution dealt inconsistently (key shares off one polynomial by
+# D(i)) adds -<D(i), u_c> to w_c(i) with u_c uniform, which breaks the degree.
+# A node's own report is its own to choose, but with n >= 2k - 1 >= k + 1 one
+# point cannot move the value at 0 of the others' polynomial.
+#
+# What it reveals. u_c is rho_c's uniformly random degree-(k-1) sharing
+# shifted by a fixed combination of the templates: uniform, whatever the
+# templates. w_c is a sharing of 0 whose other coefficients carry t'_rho_c's,
+# which the renewers' fresh g_j make uniform: a uniform zero sharing,
+# independent of u_c. So nothing about a template or the key. Each mask
+# serves ONE context (set of alphas): two contexts would subtract to
+# (alpha - alpha') applied to the templates. And u_c must reach a node from its
+# peers, never from the auditor: a node given u_c + delta would report
+# shares of -<b', delta>, and k of them open a linear function of the key.
+
+RENEWAL_CHECK_SLOTS = 3
+# Mask sets dealt at prepare: each serves ONE check context, so a session can
+# be checked over up to this many record sets (a deletion between two checks
+# changes the records covered); a further context is refused.
+RENEWAL_CHECK_SETS = 4
+RENEWAL_MASK_ROWS = RENEWAL_CHECK_SETS * RENEWAL_CHECK_SLOTS
+RENEWAL_MASK_DOMAIN = b"splitvault/renewal-check-mask/v1\x00"
+RENEWAL_CONTRIBUTION_DOMAIN = b"splitvault/renewal-check-contribution/v1\x00"
+RENEWAL_CONTEXT_DOMAIN = b"splitvault/renewal-check-context/v1\x00"
+RENEWAL_ALPHA_DOMAIN = b"splitvault/renewal-check-alpha/v1\x00"
+CONTRIBUTION_BYTES = 16
+
+
+def renewal_mask_deal(seed: bytes, session_id: str, threshold: int, width: int, x: int,
+                      rows: int = RENEWAL_MASK_ROWS) -> np.ndarray:
+    """rho_j(x) of this dealer for each mask row: (rows, W), random constant, degree k - 1.
+
+    Rows come in sets of C slots (set s: rows s*C .. s*C + C - 1). Label
+    RENEWAL_MASK_DOMAIN || lp(session) || u32 k || u32 W || u32 row, so a rerun
+    deals the same, row c is the same whatever ``rows`` is, and no record's
+    stream can be the mask's.
+    """
+    k, w = _check_shape_parameters(threshold, width)
+    if not 1 <= int(rows) <= 64:
+        raise InvalidShares("A renewal check mask has 1 to 64 rows.")
+    sid = session_id.encode()
+    labels = [RENEWAL_MASK_DOMAIN + struct.pack(">I", len(sid)) + sid + struct.pack(">III", k, w, c)
+              for c in range(int(rows))]
+    flat = proactive.derive_field(seed, labels, k * w)  # constant, then c_1 .. c_{k-1}
+    coeffs = np.ascontiguousarray(flat[:, w:].reshape(int(rows), k - 1, w).transpose(1, 0, 2))
+    try:
+        return proactive.evaluate_at(coeffs, flat[:, :w], x)
+    finally:
+        flat.fill(0)
+        coeffs.fill(0)
+
+
+def renewal_mask_keys(rows: int = RENEWAL_MASK_ROWS) -> list[tuple[str, str]]:
+    """The record keys under which the mask rows' tags are renewed
+    (``renewal_values_at``): the empty tenant is no record's."""
+    return [("", f"renewal-check-mask/{c}") for c in range(int(rows))]
+
+
+def renewal_mask_products(mask_share: np.ndarray, new_key_share: np.ndarray) -> np.ndarray:
+    """h_j = <[b']_j, [rho_c]_j> for each mask row: (rows, L), a point of a degree-2(k-1)
+    polynomial that is <b', rho_c> at 0; deal it with ``renewal_values_at``."""
+    m = _field_array(mask_share, "Mask shares", 2)
+    b = _key(new_key_share)
+    if m.shape[1] != b.shape[1]:
+        raise InvalidShares("The mask and the key must have the same width.")
+    return inner_products(m, b)
+
+
+def renewal_contribution(seed: bytes, session_id: str) -> bytes:
+    """This node's 16-byte contribution to the renewal check's coefficients:
+    a PRF of its session seed, revealed only once it is prepared."""
+    if len(seed) != proactive.SEED_BYTES:
+        raise ValueError("A session seed is 32 bytes.")
+    sid = session_id.encode()
+    return hmac.new(seed, RENEWAL_CONTRIBUTION_DOMAIN + struct.pack(">I", len(sid)) + sid,
+                    hashlib.sha256).digest()[:CONTRIBUTION_BYTES]
+
+
+def renewal_check_context(session_id: str, threshold: int, keys_sha256: str, contributions: Sequence[bytes]) -> bytes:
+    """32 bytes naming one renewal check: session, k, the records covered
+    (digest) and every node's contribution (in index order)."""
+    parts = [session_id.encode(), struct.pack(">I", int(threshold)), keys_sha256.encode(),
+             *(bytes(c) for c in contributions)]
+    return hashlib.sha256(RENEWAL_CONTEXT_DOMAIN + b"".join(struct.pack(">I", len(p)) + p for p in parts)).digest()
+
+
+def renewal_coefficients(context: bytes, keys: Sequence[tuple[str, str]]) -> np.ndarray:
+    """alpha: one uniform coefficient per record and slot, (B, C), from the context."""
+    if len(context) != 32:
+        raise ValueError("A renewal check context is 32 bytes.")
+    key = hashlib.sha256(RENEWAL_ALPHA_DOMAIN + bytes(context)).digest()
+    return proactive.derive_field(key, [proactive.record_label(RENEWAL_ALPHA_DOMAIN, t, s) for t, s in keys],
+                                  RENEWAL_CHECK_SLOTS)
+
+
+def renewal_sums(alphas: np.ndarray, shares: np.ndarray, width: int) -> np.ndarray:
+    """[sum_r alpha_r pad(s'_r) | sum_r alpha_r t'_r] of one batch: (C, W + L).
+
+    ``shares`` are this node's new record shares [s' | t'] (B, d + L) with
+    d <= W; additive over batches (``proactive.add_rows``).
+    """
+    a = _field_array(alphas, "Coefficients", 2)
+    ext = _field_array(shares, "Record shares", 2)
+    d = ext.shape[1] - TAG_COUNT
+    if a.shape != (ext.shape[0], RENEWAL_CHECK_SLOTS) or not 1 <= d <= int(width):
+        raise InvalidShares("The coefficients or the records do not fit the renewal check.")
+    sums = _weighted_rows(a, ext)  # (C, d + L)
+    out = np.zeros((RENEWAL_CHECK_SLOTS, int(width) + TAG_COUNT), dtype=FIELD_DTYPE)
+    try:
+        out[:, :d] = sums[:, :d]
+        out[:, int(width):] = sums[:, d:]
+    finally:
+        sums.fill(0)
+    return out
+
+
+def _weighted_rows(weights: np.ndarray, values: np.ndarray) -> np.ndarray:
+    # sum_r weights[r, c] * values[r, m] (mod P): (C, w). Exact float64 BLAS:
+    # the weights cut into 11-bit limbs, so each product is < 2**42 and a sum
+    # over _INNER_CHUNK (2**11) rows stays below 2**53; values are read in
+    # place (values.T @ limbs), with no transposed copy.
+    count = weights.shape[1]
+    acc = np.zeros((count, values.shape[1]), dtype=np.uint64)
+    for r0 in range(0, values.shape[0], _INNER_CHUNK):
+        r1 = min(r0 + _INNER_CHUNK, values.shape[0])
+        w = weights[r0:r1]
+        limbs = np.concatenate([(w >> np.uint32(_LIMB_BITS * q)) & _LIMB_MASK for q in range(_LIMBS)], axis=1)
+        x = values[r0:r1].astype(np.float64)
+        try:
+            part = (x.T @ limbs.astype(np.float64)).T.astype(np.uint64)  # (3C, w), each < 2**53: exact
+        finally:
+            x.fill(0)
+        field._reduce_u64_inplace(part)
+        # sum_q part_q 2**(11 q) < 2**31 + 2**42 + 2**53; acc < 2**34 before.
+        np.add(acc, part[:count], out=acc)
+        np.add(acc, part[count : 2 * count] << np.uint64(_LIMB_BITS), out=acc)
+        np.add(acc, part[2 * count :] << np.uint64(2 * _LIMB_BITS), out=acc)
+        field._fold(acc)
+        part.fill(0)
+    field._reduce_u64_inplace(acc)
+    try:
+        return acc.astype(FIELD_DTYPE)
+    finally:
+        acc.fill(0)
+
+
+def renewal_report(sums: np.ndarray, mask_share: np.ndarray) -> np.ndarray:
+    """Round A: u_c(i) = sum_r alpha_r pad(s'_r(i)) + rho_c(i), (C, W)."""
+    total = _field_array(sums, "Sums", 2)
+    m = _field_array(mask_share, "Mask shares", 2)
+    w = m.shape[1]
+    if total.shape != (RENEWAL_CHECK_SLOTS, w + TAG_COUNT) or m.shape[0] != RENEWAL_CHECK_SLOTS:
+        raise InvalidShares("The sums and the mask do not fit.")
+    return field.add(total[:, :w], m)
+
+
+def open_reports(xs: Sequence[int], reports: np.ndarray, threshold: int) -> np.ndarray | None:
+    """u_c: the value at 0 of every member's round-A reports, (C, W), or None
+    unless all of them lie on one polynomial of degree <= k - 1."""
+    pts = tuple(int(x) for x in xs)
+    stacked = _field_array(reports, "Reports", 3)
+    k = int(threshold)
+    if len(pts) != stacked.shape[0] or len(pts) < k:
+        raise InvalidShares("The renewal check needs at least k reports, one per x-coordinate.")
+    base = pts[:k]
+    for a in range(k, len(pts)):
+        if not np.array_equal(sharing.interpolate_at(base, stacked[:k], pts[a]), stacked[a]):
+            return None
+    return sharing.reconstruct(base, stacked[:k])
+
+
+def renewal_answer(sums: np.ndarray, mask_tags: np.ndarray, new_key_share: np.ndarray, opened: np.ndarray) -> np.ndarray:
+    """Round B: w_c(i) = sum_r alpha_r t'_r(i) + t'_rho_c(i) - <b'(i), u_c>, (C, L)."""
+    total = _field_array(sums, "Sums", 2)
+    t = _field_array(mask_tags, "Mask tags", 2)
+    b = _key(new_key_share)
+    u = _field_array(opened, "Opened reports", 2)
+    w = b.shape[1]
+    if (total.shape != (RENEWAL_CHECK_SLOTS, w + TAG_COUNT) or t.shape != (RENEWAL_CHECK_SLOTS, TAG_COUNT)
+            or u.shape != (RENEWAL_CHECK_SLOTS, w)):
+        raise InvalidShares("The renewal check's values do not fit the key.")
+    return field.sub(field.add(total[:, w:], t), inner_products(u, b))
+
+
+def renewal_check(xs: Sequence[int], answers: Sequence[np.ndarray], threshold: int) -> bool:
+    """Whether every slot's and tag's round-B answers lie on a polynomial of
+    degree <= k - 1 with value 0 at 0 (``answers``: one (C, L) array per x)."""
+    stacked = np.asarray(answers).reshape(len(answers), -1)
+    return all(proactive.on_zero_polynomial(xs, [int(v) for v in stacked[:, e]], threshold)
+               for e in range(stacked.shape[1]))
 
 
 # --- private helpers ----------------------------------------------------------

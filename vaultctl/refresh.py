@@ -38,8 +38,10 @@ import argparse
 import pathlib
 import time
 
+import numpy as np
+
 from splitvault.v1 import admin_pb2
-from vault import proactive
+from vault import epoch_mac, proactive
 from vaultctl import auditor, maintenance
 from vaultctl.cli import CliError, RemoteError, Result, command, count, seconds_or_zero
 from vaultctl.maintenance import (
@@ -193,7 +195,9 @@ def refresh_session(
                     f"{left_out} record(s) are not held by every node, so the check cannot cover them; repair those "
                     "subjects (enrol again or delete), or rerun with --allow-unchecked to refresh them on trust"))
             if not report["check"]["passed"]:
-                admin.each(names, lambda name: admin.call(name, "AbortSession", _S.AbortSessionRequest(session_id=sid)))
+                reason = f"refresh check failed ({report['check']['reason']})"[:200]
+                admin.each(names, lambda name: admin.call(
+                    name, "AbortSession", _S.AbortSessionRequest(session_id=sid, reason=reason)))
                 sessions.clear()
                 raise MaintenanceError(
                     f"The refresh check failed ({report['check']['reason']}); session {sid} was rolled back on every "
@@ -265,18 +269,41 @@ def run_check(admin: Admin, names: list[str], sid: str, threshold: int, count: i
         proactive.on_zero_polynomial([xs[n] for n in ordered], [answers[n].values[c] for n in ordered], threshold)
         for c in range(count)
     )
+    reason = "" if passed else "the new shares do not differ from the old by a sharing of zero"
+    tags = renewal_verdict(answers, ordered, xs, threshold)
+    if passed and tags:
+        passed, reason = False, f"tags: {tags}"
     records = answers[ordered[0]].records
     return {
         "passed": passed,
-        "reason": "" if passed else "the new shares do not differ from the old by a sharing of zero",
+        "reason": reason,
         "challenges": count,
         "records": int(records),
         "excluded": excluded,
         "attempts": attempts,
         "soundness": f"a wrong element survives each challenge with probability <= (d + L)/(2^31-1); {count} independent challenges",
         "reveals": "one uniformly random field element per node per challenge (masks bound to the check; no "
-                   "challenge answered twice)",
+                   "challenge answered twice); for the tags, a uniformly random sharing of 0 per slot and tag",
+        "tags": "renewed MAC tags checked against the new key: a wrong one survives each of "
+                f"{epoch_mac.RENEWAL_CHECK_SLOTS} slots with probability 1/(2^31-1)",
     }
+
+
+def renewal_verdict(answers: dict, ordered: list[str], xs: dict[str, int], threshold: int) -> str:
+    """The tag part (vault.epoch_mac, the renewal check): "" when every slot's
+    and tag's answers lie on a polynomial of degree k - 1 through 0, else why not."""
+    size = epoch_mac.RENEWAL_CHECK_SLOTS * epoch_mac.TAG_COUNT
+    if len({answers[n].renewal_context_sha256 for n in ordered}) != 1:
+        return "the nodes checked the renewed tags over different records"
+    short = [n for n in ordered if len(answers[n].renewal_values) != size]
+    if short:
+        return (f"the members' round-A reports do not lie on one polynomial (seen by {', '.join(short)}): a node's "
+                "new shares or mask are inconsistent")
+    answer = [np.asarray(answers[n].renewal_values, dtype=np.int64) for n in ordered]
+    if not epoch_mac.renewal_check([xs[n] for n in ordered], answer, threshold):
+        return ("the renewed MAC tags do not match the new key: a renewer dealt wrong renewal values or a node an "
+                "inconsistent key contribution")
+    return ""
 
 
 # --- the command ------------------------------------------------------------------------------

@@ -477,9 +477,11 @@ class Database:
                          (session_id, *first, width)).fetchone()
         return self._check_batch(r) if r else None
 
-    def check_batches(self, session_id: str) -> Iterator[CheckBatch]:
-        """A session's batches in key order (streamed)."""
-        for r in self.execute(f"SELECT {_CHECK_COLUMNS} FROM refresh_check_diffs WHERE session_id = ? "
+    def check_batches(self, session_id: str, *, records_only: bool = False) -> Iterator[CheckBatch]:
+        """A session's batches in key order (streamed); ``records_only``
+        leaves out the sealed check masks (tenant "", no record's)."""
+        only = " AND first_tenant <> ''" if records_only else ""
+        for r in self.execute(f"SELECT {_CHECK_COLUMNS} FROM refresh_check_diffs WHERE session_id = ?{only} "
                               "ORDER BY first_tenant, first_subject", (session_id,)):
             yield self._check_batch(r)
 

@@ -238,20 +238,24 @@ class CheckReshareResponse(_message.Message):
     def __init__(self, contribution: _Optional[bytes] = ..., old_values: _Optional[_Iterable[int]] = ..., new_values: _Optional[_Iterable[int]] = ..., old_index: _Optional[int] = ..., new_index: _Optional[int] = ..., old_records: _Optional[int] = ..., new_records: _Optional[int] = ..., old_keys_sha256: _Optional[str] = ..., new_keys_sha256: _Optional[str] = ..., context_sha256: _Optional[str] = ..., old_key_hashes: _Optional[bytes] = ..., new_key_hashes: _Optional[bytes] = ...) -> None: ...
 
 class CheckRefreshResponse(_message.Message):
-    __slots__ = ("values", "records", "keys_sha256", "context_sha256", "excluded", "call")
+    __slots__ = ("values", "records", "keys_sha256", "context_sha256", "excluded", "call", "renewal_values", "renewal_context_sha256")
     VALUES_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     KEYS_SHA256_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_SHA256_FIELD_NUMBER: _ClassVar[int]
     EXCLUDED_FIELD_NUMBER: _ClassVar[int]
     CALL_FIELD_NUMBER: _ClassVar[int]
+    RENEWAL_VALUES_FIELD_NUMBER: _ClassVar[int]
+    RENEWAL_CONTEXT_SHA256_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedScalarFieldContainer[int]
     records: int
     keys_sha256: str
     context_sha256: str
     excluded: int
     call: int
-    def __init__(self, values: _Optional[_Iterable[int]] = ..., records: _Optional[int] = ..., keys_sha256: _Optional[str] = ..., context_sha256: _Optional[str] = ..., excluded: _Optional[int] = ..., call: _Optional[int] = ...) -> None: ...
+    renewal_values: _containers.RepeatedScalarFieldContainer[int]
+    renewal_context_sha256: str
+    def __init__(self, values: _Optional[_Iterable[int]] = ..., records: _Optional[int] = ..., keys_sha256: _Optional[str] = ..., context_sha256: _Optional[str] = ..., excluded: _Optional[int] = ..., call: _Optional[int] = ..., renewal_values: _Optional[_Iterable[int]] = ..., renewal_context_sha256: _Optional[str] = ...) -> None: ...
 
 class CommitSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -346,7 +350,7 @@ class RecordKey(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., subject: _Optional[str] = ..., threshold: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
 
 class GetRefreshDeltasRequest(_message.Message):
-    __slots__ = ("session_id", "keys", "mask_challenges", "mask_threshold", "check_challenges", "check_context", "check_count", "mac_key", "renew")
+    __slots__ = ("session_id", "keys", "mask_challenges", "mask_threshold", "check_challenges", "check_context", "check_count", "mac_key", "renew", "renewal_mask", "renewal_mask_renew", "renewal_check_context")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     MASK_CHALLENGES_FIELD_NUMBER: _ClassVar[int]
@@ -356,6 +360,9 @@ class GetRefreshDeltasRequest(_message.Message):
     CHECK_COUNT_FIELD_NUMBER: _ClassVar[int]
     MAC_KEY_FIELD_NUMBER: _ClassVar[int]
     RENEW_FIELD_NUMBER: _ClassVar[int]
+    RENEWAL_MASK_FIELD_NUMBER: _ClassVar[int]
+    RENEWAL_MASK_RENEW_FIELD_NUMBER: _ClassVar[int]
+    RENEWAL_CHECK_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     keys: _containers.RepeatedCompositeFieldContainer[RecordKey]
     mask_challenges: _containers.RepeatedScalarFieldContainer[bytes]
@@ -365,21 +372,28 @@ class GetRefreshDeltasRequest(_message.Message):
     check_count: int
     mac_key: bool
     renew: bool
-    def __init__(self, session_id: _Optional[str] = ..., keys: _Optional[_Iterable[_Union[RecordKey, _Mapping]]] = ..., mask_challenges: _Optional[_Iterable[bytes]] = ..., mask_threshold: _Optional[int] = ..., check_challenges: _Optional[_Iterable[bytes]] = ..., check_context: _Optional[bytes] = ..., check_count: _Optional[int] = ..., mac_key: _Optional[bool] = ..., renew: _Optional[bool] = ...) -> None: ...
+    renewal_mask: bool
+    renewal_mask_renew: bool
+    renewal_check_context: bytes
+    def __init__(self, session_id: _Optional[str] = ..., keys: _Optional[_Iterable[_Union[RecordKey, _Mapping]]] = ..., mask_challenges: _Optional[_Iterable[bytes]] = ..., mask_threshold: _Optional[int] = ..., check_challenges: _Optional[_Iterable[bytes]] = ..., check_context: _Optional[bytes] = ..., check_count: _Optional[int] = ..., mac_key: _Optional[bool] = ..., renew: _Optional[bool] = ..., renewal_mask: _Optional[bool] = ..., renewal_mask_renew: _Optional[bool] = ..., renewal_check_context: _Optional[bytes] = ...) -> None: ...
 
 class GetRefreshDeltasResponse(_message.Message):
-    __slots__ = ("values", "masks", "contribution", "key_hashes", "renewal")
+    __slots__ = ("values", "masks", "contribution", "key_hashes", "renewal", "renewal_contribution", "renewal_report")
     VALUES_FIELD_NUMBER: _ClassVar[int]
     MASKS_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     KEY_HASHES_FIELD_NUMBER: _ClassVar[int]
     RENEWAL_FIELD_NUMBER: _ClassVar[int]
+    RENEWAL_CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    RENEWAL_REPORT_FIELD_NUMBER: _ClassVar[int]
     values: bytes
     masks: _containers.RepeatedScalarFieldContainer[int]
     contribution: bytes
     key_hashes: bytes
     renewal: bytes
-    def __init__(self, values: _Optional[bytes] = ..., masks: _Optional[_Iterable[int]] = ..., contribution: _Optional[bytes] = ..., key_hashes: _Optional[bytes] = ..., renewal: _Optional[bytes] = ...) -> None: ...
+    renewal_contribution: bytes
+    renewal_report: bytes
+    def __init__(self, values: _Optional[bytes] = ..., masks: _Optional[_Iterable[int]] = ..., contribution: _Optional[bytes] = ..., key_hashes: _Optional[bytes] = ..., renewal: _Optional[bytes] = ..., renewal_contribution: _Optional[bytes] = ..., renewal_report: _Optional[bytes] = ...) -> None: ...
 
 class GetReshareSharesRequest(_message.Message):
     __slots__ = ("session_id", "after_tenant", "after_subject", "limit", "keys", "mac_key", "check_mask_deal", "check_mask_reshare", "check_answer")
