@@ -4,7 +4,7 @@ Who may call what is decided before any handler runs (``ROLES``, enforced by
 ``vaultrpc.server``); the handlers check everything else themselves:
 
 - StoreShares / StoreShareStream: each record is validated
-  (``vault.record.validate_record``), must carry this node's index, and is
+  (``vaultrpc.wire.share``), must carry this node's index, and is
   sealed (``vault.envelope``) before it reaches the writer thread.
   StoreShares is one transaction with one audit entry per record.
   StoreShareStream commits every ``stream_batch`` records as one transaction
@@ -61,7 +61,7 @@ import numpy as np
 from vault import envelope, epoch_mac, names, pki, record
 from vault import ticket as tickets
 from vault.errors import EnvelopeError, InvalidShares, InvalidTicket
-from vaultrpc import logs, status
+from vaultrpc import logs, status, wire
 from vaultrpc.server import caller
 
 SERVICE = "splitvault.v1.Shareholder"
@@ -454,7 +454,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         out = []
         stored_ms = now_ms()
         for rec in records:
-            record.validate_record(rec)  # InvalidShares -> INVALID_ARGUMENT
+            rec = wire.share(rec)  # InvalidShares -> INVALID_ARGUMENT
             if rec.index != self.index:
                 raise status.InvalidArgument(
                     f"A record for shareholder index {rec.index} was sent to node {self.name!r}, which holds index {self.index}."

@@ -42,6 +42,7 @@ from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
 from matcher_kit import NAMES, ROOT, Processes
 from matcher_kit import DIM, ProxyNode, Tenant, noisy, unit
 from vault import codec, pki, record, ticket
+from vaultrpc import wire
 from vaultrpc.tls import secure_channel
 
 __all__ = [
@@ -209,7 +210,7 @@ def rejoin_everywhere(pki_, addresses: dict[str, str], tenant: Tenant, subject: 
         assert len(reply.shares) == 1 and len(reply.mac_keys) == 1, (name, len(reply.shares))
         shares.append(reply.shares[0])
         keys.append(reply.mac_keys[0])
-    result = record.join(shares, keys)
+    result = record.join([wire.share(s) for s in shares], [wire.key_share(k) for k in keys])
     assert result.suspects == (), result.suspects
     assert len(result.used) >= 2
     return result

@@ -18,6 +18,7 @@ from node_kit import CLUSTER_ID
 from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
 from vault import record, ticket
 from vault.pki import Identity
+from vaultrpc import wire
 from vaultrpc.tls import secure_channel
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -116,5 +117,5 @@ def fresh_subjects(state: dict, count: int = 4) -> list[str]:
 
 
 def join_pairs(*pairs):
-    """record.join of released (share, key share) pairs."""
-    return record.join([s for s, _ in pairs], [k for _, k in pairs])
+    """record.join of released (share, key share) message pairs, parsed as the matcher does."""
+    return record.join([wire.share(s) for s, _ in pairs], [wire.key_share(k) for _, k in pairs])

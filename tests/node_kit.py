@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from splitvault.v1 import common_pb2, shareholder_pb2, shareholder_pb2_grpc
 from vault import envelope, pki, record, rng, ticket
+from vaultrpc import wire
 from vaultrpc.tls import TlsFiles, secure_channel
 
 # The cluster id (tickets' audience) of throw-away nodes.
@@ -136,7 +137,7 @@ def sample_records(
             tenant=tenant, subject=subject, epoch=epoch, threshold=threshold, shareholders=shareholders,
             dimension=dimension, request_id=request_id or f"enrol-{subject}", shares=shares,
         )
-        out.append(recs[index - 1])
+        out.append(wire.share_message(recs[index - 1]))
     return out
 
 

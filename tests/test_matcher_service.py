@@ -465,33 +465,6 @@ def test_enroll_stream_applies_back_pressure(committee, rng):
     assert held_back < total / 2, held_back
 
 
-def test_late_shares_are_checked_against_the_polynomial_that_passed(shared):
-    # The check the matcher runs on (share, key share) pairs that arrive after the decision's k.
-    from splitvault.v1 import common_pb2
-    from vault import codec, epoch_mac, record, rng, sharing
-
-    service = shared.matcher.service
-    code = codec.encode(np.linspace(-1, 1, DIM), DIM)
-    key = rng.random_field((epoch_mac.TAG_COUNT, DIM))
-    key_shares = sharing.split(key.reshape(1, -1), 2, 3)[:, 0, :]
-    keys = [common_pb2.MacKeyShare(epoch=1, index=i + 1, dimension=DIM, values=record.pack_values(key_shares[i]))
-            for i in range(3)]
-
-    def records():
-        shares = sharing.split(epoch_mac.extend(codec.to_field(code), key), 2, 3)
-        recs = record.make_records(tenant="acme", subject="s", epoch=1, threshold=2, shareholders=3, dimension=DIM,
-                                   request_id="r", shares=shares[:, 0, :])
-        return list(zip(recs, keys))
-
-    good, other = records(), records()
-    assert service._off_polynomial(good[:2], [good[2]], DIM) == []
-    assert service._off_polynomial(good[:2], [other[2]], DIM) == [3]
-    assert service._off_polynomial([good[0], good[2]], [other[1]], DIM) == [2]
-    # A key share off the polynomial is named as a share is.
-    wrong_key = common_pb2.MacKeyShare(epoch=1, index=3, dimension=DIM, values=keys[0].values)
-    assert service._off_polynomial(good[:2], [(good[2][0], wrong_key)], DIM) == [3]
-
-
 def test_enroll_stream_one_template_per_message(shared, rng):
     # The plain EnrollStream (grpcurl, other languages): same results as EnrollBatches.
     templates = [unit(rng) for _ in range(300)]
