@@ -83,8 +83,8 @@ class BulkEnrolment:
     def check_batch_ticket(self, message, tenant: TenantPolicy) -> "_BatchAuth | status.RpcError":
         """The message's batch ticket, checked against its templates: its authority, or the refusal for every item."""
         try:
-            body = ticket.verify(message.batch_ticket, tenant.ticket_keys, tenant=tenant.name,
-                                 audience=self.cfg.cluster_id, operations=ticket.WRITES, batch=True)
+            body = wire.verify_ticket(message.batch_ticket, tenant.ticket_keys, tenant=tenant.name,
+                                      audience=self.cfg.cluster_id, operations=ticket.WRITES, batch=True)
         except InvalidTicket as exc:
             return status.PermissionDenied(str(exc))
         nonce = body.nonce

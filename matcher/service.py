@@ -32,7 +32,6 @@ from collections import Counter as Tally
 
 import grpc
 import numpy as np
-from google.protobuf.message import DecodeError
 
 from matcher import metrics, vectors
 from matcher.bulk import BulkEnrolment, store_auth
@@ -363,8 +362,8 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         if not request.HasField("ticket"):
             raise status.PermissionDenied("A write needs the provider's signed ticket.")
         try:
-            body = ticket.verify(request.ticket, tenant.ticket_keys, tenant=tenant.name, audience=self.cfg.cluster_id,
-                                 operations=operations)
+            body = wire.verify_ticket(request.ticket, tenant.ticket_keys, tenant=tenant.name, audience=self.cfg.cluster_id,
+                                      operations=operations)
         except InvalidTicket as exc:
             raise status.of(exc) from None
         if body.subject != subject or body.request_id != request_id:
@@ -377,8 +376,8 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         if not request.HasField("ticket"):
             raise status.PermissionDenied("A verification needs the provider's signed ticket.")
         try:
-            body = ticket.verify(request.ticket, tenant.ticket_keys, tenant=tenant.name, audience=self.cfg.cluster_id,
-                                 operations=(ticket.VERIFY,))
+            body = wire.verify_ticket(request.ticket, tenant.ticket_keys, tenant=tenant.name, audience=self.cfg.cluster_id,
+                                      operations=(ticket.VERIFY,))
         except InvalidTicket as exc:
             raise status.of(exc) from None
         if body.subject != subject:
@@ -430,11 +429,7 @@ def _write_ops(replace: bool) -> tuple[int, ...]:
 def _claimed_request_id(signed: common_pb2.VerificationTicket) -> str:
     # The request id a delete ticket names, read before it is checked (the
     # check then compares it with the signed body).
-    body = common_pb2.TicketBody()
-    try:
-        body.ParseFromString(signed.body)
-    except DecodeError:
-        return ""
-    return body.request_id
+    body = wire.ticket_body(signed.body)
+    return body.request_id if body is not None else ""
 
 

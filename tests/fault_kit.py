@@ -41,7 +41,7 @@ from node_kit import CLUSTER_ID, audit_entries
 from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
 from matcher_kit import NAMES, ROOT, Processes
 from matcher_kit import DIM, ProxyNode, Tenant, noisy, unit
-from vault import codec, pki, record, ticket
+from vault import codec, pki, record
 from vaultrpc import wire
 from vaultrpc.tls import secure_channel
 
@@ -202,8 +202,8 @@ def rejoin_everywhere(pki_, addresses: dict[str, str], tenant: Tenant, subject: 
     MAC key shares: raises unless all n lie on one polynomial and pass the MACs."""
     shares, keys = [], []
     for name, address in addresses.items():
-        t = ticket.issue(tenant.key, tenant.key_id, tenant=tenant.name, subject=subject,
-                         request_id=f"check-{uuid.uuid4().hex}", probe=np.zeros(4, np.float32), audience=CLUSTER_ID)
+        t = wire.issue_ticket(tenant.key, tenant.key_id, tenant=tenant.name, subject=subject,
+                              request_id=f"check-{uuid.uuid4().hex}", probe=np.zeros(4, np.float32), audience=CLUSTER_ID)
         with secure_channel(address, pki_.tls("matcher", "matcher"), expect=pki.Identity("shareholder", name)) as ch:
             reply = shareholder_pb2_grpc.ShareholderStub(ch).ReleaseShare(
                 shareholder_pb2.ReleaseShareRequest(ticket=t), timeout=10)

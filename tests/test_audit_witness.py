@@ -35,6 +35,7 @@ from vault import audit, pki
 from vaultctl import audit_cmd, auditor, cluster
 from vaultctl.client import MatcherClient
 from vaultctl.demo import noisy_copy, synthetic_templates
+from vaultrpc import wire
 from vaultrpc.tls import TlsFiles, secure_channel
 
 DIM = 16
@@ -167,7 +168,7 @@ def _witness_call(root, node: str, tls, cp) -> grpc.RpcError:
     with secure_channel(address, tls, expect=pki.Identity(pki.ROLE_SHAREHOLDER, node)) as channel:
         with pytest.raises(grpc.RpcError) as info:
             shareholder_pb2_grpc.ShareholderStub(channel).WitnessCheckpoint(
-                pb.WitnessCheckpointRequest(checkpoint=cp), timeout=10)
+                pb.WitnessCheckpointRequest(checkpoint=wire.checkpoint_message(cp)), timeout=10)
     return info.value
 
 

@@ -16,6 +16,7 @@ from splitvault.v1 import matcher_pb2, matcher_pb2_grpc, shareholder_pb2, shareh
 from matcher_kit import DIM, Committee, Tenant, noisy, unit
 from vault import ticket
 from vault.pki import Identity
+from vaultrpc import wire
 from vaultrpc.tls import secure_channel
 
 MATCHER = Identity("matcher", "matcher")
@@ -144,8 +145,8 @@ def test_never_enrolled_is_not_found(shared, rng):
 
 def _raw_verify(c: Committee, tenant: str, subject: str, probe, signed_over, *, subject_in_ticket=None, key=None):
     t = c.tenants[tenant]
-    signed = ticket.issue(key or t.key, t.key_id, tenant=tenant, subject=subject_in_ticket or subject,
-                          request_id=f"raw-{time.monotonic_ns()}", probe=signed_over, audience=CLUSTER_ID)
+    signed = wire.issue_ticket(key or t.key, t.key_id, tenant=tenant, subject=subject_in_ticket or subject,
+                               request_id=f"raw-{time.monotonic_ns()}", probe=signed_over, audience=CLUSTER_ID)
     with secure_channel(f"127.0.0.1:{c.matcher.port}", c.pki.tls("psp", tenant), expect=MATCHER) as ch:
         return matcher_pb2_grpc.MatcherStub(ch).Verify(
             matcher_pb2.VerifyRequest(subject=subject, probe=probe, ticket=signed), timeout=10
@@ -182,8 +183,8 @@ def test_replayed_ticket_is_refused_by_the_nodes(shared, rng):
     client.enroll("replay", template)
     probe = noisy(template, rng)
     t = shared.tenants["acme"]
-    signed = ticket.issue(t.key, t.key_id, tenant="acme", subject="replay", request_id="once", probe=probe,
-                          audience=CLUSTER_ID)
+    signed = wire.issue_ticket(t.key, t.key_id, tenant="acme", subject="replay", request_id="once", probe=probe,
+                               audience=CLUSTER_ID)
     request = matcher_pb2.VerifyRequest(subject="replay", probe=probe, ticket=signed)
     with secure_channel(f"127.0.0.1:{shared.matcher.port}", shared.pki.tls("psp", "acme"), expect=MATCHER) as ch:
         stub = matcher_pb2_grpc.MatcherStub(ch)
@@ -543,8 +544,8 @@ def test_a_delete_needs_the_providers_delete_ticket(shared, rng):
 
 def _batch_message(t, items, op=None, key=None, replace=False):
     """An EnrollBatchesRequest of (subject, request id, template) items under one batch ticket."""
-    signed = ticket.issue_batch(key or t.key, t.key_id, tenant=t.name, audience=CLUSTER_ID, batch_id="b-1",
-                                operation=op or ticket.write_operation(replace), items=items)
+    signed = wire.issue_batch(key or t.key, t.key_id, tenant=t.name, audience=CLUSTER_ID, batch_id="b-1",
+                              operation=op or ticket.write_operation(replace), items=items)
     return matcher_pb2.EnrollBatchesRequest(
         items=[matcher_pb2.EnrollStreamRequest(subject=s, request_id=r, template=v.tolist(), replace=replace)
                for s, r, v in items],
