@@ -398,8 +398,11 @@ def _find_consistent_subset(
     for trial, subset in enumerate(itertools.combinations(range(len(xs)), k)):
         if trial >= MAX_SUBSET_TRIALS:
             break
-        chosen = ys[list(subset)]
-        scratch.append(chosen)
+        if subset[-1] == k - 1:
+            chosen = ys[:k]  # the first k shares: a view of ys, which is wiped anyway
+        else:
+            chosen = ys[list(subset)]
+            scratch.append(chosen)
         extended = sharing.reconstruct([xs[j] for j in subset], chosen)
         scratch.append(extended)
         if _passes(extended, d):
