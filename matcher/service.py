@@ -23,6 +23,10 @@ share is overwritten (``record.wipe``) before the answer leaves. Protobuf's
 byte strings (the request's floats, the shares' ``values``) are immutable and
 cannot be overwritten from Python; they are dropped as soon as possible, and
 core dumps are disabled for the process (``matcher.server.harden_process``).
+
+Size: most of this file is one enrolment (its clean-up after a partial
+write, the epoch MAC key rejoined from every node's share), which bulk
+enrolment reuses; it stays one unit with the servicer it belongs to.
 """
 from __future__ import annotations
 

@@ -129,7 +129,7 @@ class StolenNode:
 
 def first_pair(info: dict, subject: str, k: int) -> list[dict]:
     # The k nodes the matcher asks first for this subject (hedged release:
-    # matcher.service._release_order; no node has been down).
+    # matcher.release.release_order; no node has been down).
     nodes = info["shareholders"]
     start = zlib.crc32(f"{TENANT}\x00{subject}".encode()) % len(nodes)
     return (nodes[start:] + nodes[:start])[:k]
