@@ -9,7 +9,6 @@ import numpy as np
 from Crypto.Protocol.SecretSharing import Shamir
 
 from vault import codec, epoch_mac, record, rng, sharing
-from splitvault.v1 import common_pb2
 
 METHOD = """\
 Templates are 512-d float vectors (seeded test data) encoded with codec v1 to
@@ -89,8 +88,8 @@ def run(quick: bool) -> list[dict]:
         )
         chosen = recs[:k]
         key_shares = sharing.split(KEY.reshape(1, -1), k, n)[:, 0, :]
-        keys = [common_pb2.MacKeyShare(epoch=1, index=r.index, dimension=D,
-                                       values=record.pack_values(key_shares[r.index - 1])) for r in chosen]
+        keys = [record.KeyShare(epoch=1, index=r.index, dimension=D,
+                                values=record.pack_values(key_shares[r.index - 1])) for r in chosen]
 
         def join_once():
             record.wipe(record.join(chosen, keys).template)

@@ -54,6 +54,7 @@ from splitvault.v1 import common_pb2, shareholder_pb2
 from vault import pki, ticket
 from vault.field import P
 from vault.record import MAC_COUNT
+from vaultrpc import wire
 from vaultrpc.files import write_atomic
 from vaultrpc.tls import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, TlsFiles, identity_options
 
@@ -162,7 +163,7 @@ def _stream_messages(records, ticket_key, per_message: int = 100) -> list[bytes]
     out = []
     for i in range(0, len(records), per_message):
         chunk = records[i : i + per_message]
-        batch = ticket.issue_batch(
+        batch = wire.issue_batch(
             ticket_key, KEY_ID, tenant=TENANT, audience=testing.CLUSTER_ID, batch_id=f"batch-{i}",
             operation=ticket.ENROLL, items=[(r.subject, r.request_id, np.zeros(4, np.float32)) for r in chunk],
             ttl_ms=240_000,
@@ -355,7 +356,7 @@ async def _measure(node_info, echo_info, node_pid, echo_pid, tls, ticket_key, re
 
         def tickets(n):
             return [
-                shareholder_pb2.ReleaseShareRequest(ticket=ticket.issue(
+                shareholder_pb2.ReleaseShareRequest(ticket=wire.issue_ticket(
                     ticket_key, KEY_ID, tenant=TENANT, subject=subjects[i % len(subjects)],
                     request_id=f"verify-{i}", probe=probe, ttl_ms=240_000, audience=testing.CLUSTER_ID,
                 )).SerializeToString()

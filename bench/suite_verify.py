@@ -189,7 +189,7 @@ class Processes:
         self.procs: dict[str, subprocess.Popen] = {}
         self.files = testing.write_dev_pki(
             root / "pki",
-            [("shareholder", n) for n in NODES] + [("matcher", "matcher"), ("psp", TENANT),
+            [("shareholder", n) for n in NODES] + [("matcher", "matcher"), ("psp", TENANT), ("auditor", "auditor"),
                                                   ("shareholder", "store"), ("matcher", "memory")],
         )
         self.ticket_key = pki.load_signing_key(pki.new_signing_key()[0])
@@ -212,10 +212,13 @@ class Processes:
 
     def start(self) -> dict[str, str]:
         public = pki.public_key_raw(self.ticket_key)
+        members = ", ".join(f'"{n}" = {i}' for i, n in enumerate(NODES, start=1))
+        committee = f"\n[committee]\nthreshold = {K}\nmembers = {{ {members} }}\n"
         for index, name in enumerate(NODES, start=1):
             cfg = testing.write_node_files(
                 self.root / name, name=name, index=index, tls=self.files[("shareholder", name)],
                 tenants={TENANT: {KEY_ID: public}}, attempts_per_subject=ATTEMPTS_PER_SUBJECT,
+                extra=committee,
             )
             self._spawn(name, ["-m", "shareholders", "--config", str(cfg)])
         for kind in ("store", "memory"):
@@ -223,6 +226,9 @@ class Processes:
             self._spawn(kind, ["-m", "bench.suite_verify", "serve", "--kind", kind, "--ca", files.ca, "--cert",
                                files.cert, "--key", files.key, "--ready", str(self.root / f"{kind}.ready")])
         addresses = {name: self._ready(name, self.root / name / "ready.json") for name in NODES}
+        # The first epoch's MAC key, dealt by the nodes as `vaultctl cluster up` has them do.
+        testing.deal_first_key([(n, i, addresses[n]) for i, n in enumerate(NODES, start=1)], K,
+                               self.files[("auditor", "auditor")], width=DIM)
         addresses["store"] = self._ready("store", self.root / "store.ready")
         addresses["memory"] = self._ready("memory", self.root / "memory.ready")
         # The single-custody verifier uses the matcher's certificate to reach its store.

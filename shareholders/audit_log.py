@@ -38,7 +38,6 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from splitvault.v1 import common_pb2
 from vault import audit
 from vault.errors import AuditChainError
 from shareholders import storage
@@ -107,7 +106,7 @@ class Tx:
         tenant: str = "",
         subject: str = "",
         details: dict | None = None,
-    ) -> common_pb2.AuditEntry:
+    ) -> audit.AuditEntry:
         return self._writer._append(event, actor, request_id, tenant, subject, details)
 
 
@@ -143,7 +142,7 @@ class AuditWriter:
         checkpoint_interval_s: float = 60.0,
         clock: Callable[[], int] = now_ms,
         on_commit: Callable[[int], None] | None = None,
-        on_checkpoint: Callable[[common_pb2.AuditCheckpoint], None] | None = None,
+        on_checkpoint: Callable[[audit.AuditCheckpoint], None] | None = None,
     ):
         self.node = node
         self._key = audit_key
@@ -248,7 +247,7 @@ class AuditWriter:
             else:
                 self._leading = False
 
-    def _append(self, event, actor, request_id, tenant, subject, details) -> common_pb2.AuditEntry:
+    def _append(self, event, actor, request_id, tenant, subject, details) -> audit.AuditEntry:
         entry, row = audit.make_entry_row(
             seq=self._seq + 1, prev_hash=self._hash, time_ms=self._clock(), node=self.node, event=event,
             actor=actor, request_id=request_id, tenant=tenant, subject=subject, details=details,

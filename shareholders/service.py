@@ -4,7 +4,7 @@ Who may call what is decided before any handler runs (``ROLES``, enforced by
 ``vaultrpc.server``); the handlers check everything else themselves:
 
 - StoreShares / StoreShareStream: each record is validated
-  (``vault.record.validate_record``), must carry this node's index, and is
+  (``vaultrpc.wire.share``), must carry this node's index, and is
   sealed (``vault.envelope``) before it reaches the writer thread.
   StoreShares is one transaction with one audit entry per record.
   StoreShareStream commits every ``stream_batch`` records as one transaction
@@ -47,7 +47,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge
 
 from shareholders import rotation, storage, witness
@@ -60,7 +59,7 @@ import numpy as np
 from vault import envelope, epoch_mac, names, pki, record
 from vault import ticket as tickets
 from vault.errors import EnvelopeError, InvalidShares, InvalidTicket
-from vaultrpc import logs, status
+from vaultrpc import logs, status, wire
 from vaultrpc.server import caller
 
 SERVICE = "splitvault.v1.Shareholder"
@@ -98,7 +97,7 @@ class WriteAuth(NamedTuple):
     a batch ticket and the item (request id) of it that the write is."""
 
     ticket: common_pb2.VerificationTicket
-    body: common_pb2.TicketBody
+    body: tickets.TicketBody
     item: str = ""
 
     @property
@@ -287,7 +286,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             if not details.get("counted"):
                 continue
             n += 1
-            tid = tickets.ticket_id(common_pb2.TicketBody(tenant=tenant, request_id=request_id))
+            tid = tickets.ticket_id(tickets.TicketBody(tenant=tenant, request_id=request_id))
             self.guard.record(tenant, subject, tid, int(details.get("ticket_expires_ms") or 0), time_ms)
         # Write tickets used recently (a bulk store's batch entry names its
         # tickets by one digest only: those are not rebuilt).
@@ -342,7 +341,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
     # --- write tickets --------------------------------------------------------------
 
     def _check_write(self, actor: str, ticket, *, tenant: str, subject: str, request_id: str,
-                     operations: tuple[int, ...], call: str) -> common_pb2.TicketBody:
+                     operations: tuple[int, ...], call: str) -> tickets.TicketBody:
         """The provider's write ticket, checked (PERMISSION_DENIED with a committed deny entry otherwise)."""
         keys = self.cfg.tenants.get(tenant)
         why = None
@@ -350,7 +349,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             why = ("unknown_tenant", "The ticket names a tenant not registered at this node.")
         else:
             try:
-                body = tickets.verify(ticket, keys, tenant=tenant, audience=self.cfg.cluster_id, operations=operations)
+                body = wire.verify_ticket(ticket, keys, tenant=tenant, audience=self.cfg.cluster_id, operations=operations)
             except InvalidTicket as exc:
                 why = ("invalid_ticket", str(exc))
             else:
@@ -365,22 +364,18 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         return body
 
     def _check_batch(self, actor: str, batch: common_pb2.WriteBatch, operations: tuple[int, ...],
-                     call: str) -> tuple[common_pb2.TicketBody, dict[tuple[str, str], str]]:
+                     call: str) -> tuple[tickets.TicketBody, dict[tuple[str, str], str]]:
         """A batch ticket and its items, checked once: (body, {(subject, request id): request id})."""
         ticket = batch.ticket
-        claimed = common_pb2.TicketBody()
-        try:
-            claimed.ParseFromString(ticket.body)
-        except DecodeError:
-            claimed = common_pb2.TicketBody()
+        claimed = wire.ticket_body(ticket.body) or tickets.TicketBody()
         keys = self.cfg.tenants.get(claimed.tenant)
         why = None
         if keys is None:
             why = ("unknown_tenant", "The batch ticket names a tenant not registered at this node.")
         else:
             try:
-                body = tickets.verify(ticket, keys, tenant=claimed.tenant, audience=self.cfg.cluster_id,
-                                      operations=operations, batch=True)
+                body = wire.verify_ticket(ticket, keys, tenant=claimed.tenant, audience=self.cfg.cluster_id,
+                                          operations=operations, batch=True)
             except InvalidTicket as exc:
                 why = ("invalid_ticket", str(exc))
             else:
@@ -451,7 +446,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         out = []
         stored_ms = now_ms()
         for rec in records:
-            record.validate_record(rec)  # InvalidShares -> INVALID_ARGUMENT
+            rec = wire.share(rec)  # InvalidShares -> INVALID_ARGUMENT
             if rec.index != self.index:
                 raise status.InvalidArgument(
                     f"A record for shareholder index {rec.index} was sent to node {self.name!r}, which holds index {self.index}."
@@ -660,11 +655,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
     def ReleaseShare(self, request, context):
         actor = str(caller(context))
         ticket = request.ticket
-        body = common_pb2.TicketBody()
-        try:
-            body.ParseFromString(ticket.body)
-        except DecodeError:
-            body = None
+        body = wire.ticket_body(ticket.body)
         if body is None or not body.tenant:
             self._deny_now(actor, "malformed_ticket",
                            status.PermissionDenied("The verification ticket is missing or cannot be parsed."),
@@ -687,8 +678,8 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                            status.PermissionDenied("The verification ticket names a tenant not registered at this node."),
                            details=claimed())
         try:
-            body = tickets.verify(ticket, keys, tenant=body.tenant, audience=self.cfg.cluster_id,
-                                  operations=(tickets.VERIFY,))
+            body = wire.verify_ticket(ticket, keys, tenant=body.tenant, audience=self.cfg.cluster_id,
+                                      operations=(tickets.VERIFY,))
         except InvalidTicket as exc:
             self._deny_now(actor, "invalid_ticket", status.PermissionDenied(str(exc)), details=claimed(why=str(exc)))
         tenant, subject, request_id = body.tenant, body.subject, body.request_id
@@ -792,11 +783,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             body, _items = self._check_batch(actor, request.batch, tickets.WRITES, "mac_key")
             auth = WriteAuth(request.batch.ticket, body, body.request_id)
         else:
-            claimed = common_pb2.TicketBody()
-            try:
-                claimed.ParseFromString(request.ticket.body)
-            except DecodeError:
-                claimed = common_pb2.TicketBody()
+            claimed = wire.ticket_body(request.ticket.body) or tickets.TicketBody()
             if not claimed.tenant:
                 self._deny_now(actor, "malformed_ticket", status.PermissionDenied(
                     "A MAC key share needs the enrolment's write ticket."), details={"call": "mac_key", "counted": False})
@@ -922,10 +909,10 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                 entry_hash=bytes(row[10]),
             )
             while cps and cps[0].seq < entry.seq:
-                yield shareholder_pb2.ReadAuditLogResponse(checkpoint=cps.popleft())
+                yield shareholder_pb2.ReadAuditLogResponse(checkpoint=wire.checkpoint_message(cps.popleft()))
             yield shareholder_pb2.ReadAuditLogResponse(entry=entry)
         while cps:
-            yield shareholder_pb2.ReadAuditLogResponse(checkpoint=cps.popleft())
+            yield shareholder_pb2.ReadAuditLogResponse(checkpoint=wire.checkpoint_message(cps.popleft()))
 
     def WitnessCheckpoint(self, request, context):
         return self.witness.receive(request, caller(context), presented_spki(context))

@@ -37,9 +37,9 @@ from prometheus_client import Counter, Gauge
 
 from shareholders.audit_log import Tx
 from shareholders.config import WitnessPeer
-from splitvault.v1 import common_pb2, shareholder_pb2, shareholder_pb2_grpc
+from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
 from vault import audit, pki
-from vaultrpc import logs, status
+from vaultrpc import logs, status, wire
 from vaultrpc.tls import TlsMaterial, secure_channel
 
 UNPUBLISHED = Gauge("splitvault_node_witness_unpublished_checkpoints",
@@ -153,7 +153,7 @@ class Publisher:
         self._peers = peers
         self._tls = tls
         self._cond = threading.Condition()
-        self._latest: common_pb2.AuditCheckpoint | None = None
+        self._latest: audit.AuditCheckpoint | None = None
         self._made = 0  # checkpoints offered so far
         self._acked: dict[str, int] = {name: 0 for name in peers}  # peer -> _made when it witnessed the newest
         self._closing = False
@@ -161,7 +161,7 @@ class Publisher:
         for name in peers:
             UNPUBLISHED.labels(node, name).set(0)
 
-    def offer(self, cp: common_pb2.AuditCheckpoint) -> None:
+    def offer(self, cp: audit.AuditCheckpoint) -> None:
         """Note a new signed checkpoint (never blocks: called under the commit lock)."""
         with self._cond:
             self._latest = cp
@@ -218,7 +218,7 @@ class Publisher:
                         channel = secure_channel(now, self._tls, expect=pki.Identity(pki.ROLE_SHAREHOLDER, peer.name))
                         address = now
                     stub = shareholder_pb2_grpc.ShareholderStub(channel)
-                    stub.WitnessCheckpoint(shareholder_pb2.WitnessCheckpointRequest(checkpoint=cp),
+                    stub.WitnessCheckpoint(shareholder_pb2.WitnessCheckpointRequest(checkpoint=wire.checkpoint_message(cp)),
                                            timeout=CALL_TIMEOUT_S)
                 except grpc.RpcError as exc:
                     error = exc.code().name

@@ -41,7 +41,8 @@ from node_kit import CLUSTER_ID, audit_entries
 from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
 from matcher_kit import NAMES, ROOT, Processes
 from matcher_kit import DIM, ProxyNode, Tenant, noisy, unit
-from vault import codec, pki, record, ticket
+from vault import codec, pki, record
+from vaultrpc import wire
 from vaultrpc.tls import secure_channel
 
 __all__ = [
@@ -201,15 +202,15 @@ def rejoin_everywhere(pki_, addresses: dict[str, str], tenant: Tenant, subject: 
     MAC key shares: raises unless all n lie on one polynomial and pass the MACs."""
     shares, keys = [], []
     for name, address in addresses.items():
-        t = ticket.issue(tenant.key, tenant.key_id, tenant=tenant.name, subject=subject,
-                         request_id=f"check-{uuid.uuid4().hex}", probe=np.zeros(4, np.float32), audience=CLUSTER_ID)
+        t = wire.issue_ticket(tenant.key, tenant.key_id, tenant=tenant.name, subject=subject,
+                              request_id=f"check-{uuid.uuid4().hex}", probe=np.zeros(4, np.float32), audience=CLUSTER_ID)
         with secure_channel(address, pki_.tls("matcher", "matcher"), expect=pki.Identity("shareholder", name)) as ch:
             reply = shareholder_pb2_grpc.ShareholderStub(ch).ReleaseShare(
                 shareholder_pb2.ReleaseShareRequest(ticket=t), timeout=10)
         assert len(reply.shares) == 1 and len(reply.mac_keys) == 1, (name, len(reply.shares))
         shares.append(reply.shares[0])
         keys.append(reply.mac_keys[0])
-    result = record.join(shares, keys)
+    result = record.join([wire.share(s) for s in shares], [wire.key_share(k) for k in keys])
     assert result.suspects == (), result.suspects
     assert len(result.used) >= 2
     return result

@@ -34,6 +34,7 @@ from fault_kit import clean_details
 from node_kit import CLUSTER_ID
 from splitvault.v1 import common_pb2, shareholder_pb2, shareholder_pb2_grpc
 from vault import pki, ticket
+from vaultrpc import wire
 from vaultrpc.tls import TlsMaterial, secure_channel
 
 __all__ = [
@@ -129,7 +130,7 @@ def mutate_ticket(kind: str, *, key, key_id: str, tenant: str, subject: str, pro
         args = dict(tenant=tenant, subject=subject, request_id=f"hostile-{uuid.uuid4().hex}", probe=probe,
                     audience=CLUSTER_ID)
         args.update(kw)
-        return ticket.issue(key, key_id, **args)
+        return wire.issue_ticket(key, key_id, **args)
 
     if kind == "missing":
         return None

@@ -16,8 +16,9 @@ import numpy as np
 
 from node_kit import CLUSTER_ID
 from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
-from vault import record, ticket
+from vault import record
 from vault.pki import Identity
+from vaultrpc import wire
 from vaultrpc.tls import secure_channel
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -26,8 +27,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def release(address: str, matcher_tls, tenant_key, key_id: str, tenant: str, subject: str, probe,
             audience: str = CLUSTER_ID, *, node: str) -> list:
     """A node's (share record, MAC key share) pairs of one subject, released for a freshly signed ticket (as the matcher asks)."""
-    signed = ticket.issue(tenant_key, key_id, tenant=tenant, subject=subject, request_id=str(uuid.uuid4()),
-                          probe=np.asarray(probe, dtype=np.float32), audience=audience)
+    signed = wire.issue_ticket(tenant_key, key_id, tenant=tenant, subject=subject, request_id=str(uuid.uuid4()),
+                               probe=np.asarray(probe, dtype=np.float32), audience=audience)
     channel = secure_channel(address, matcher_tls, expect=Identity("shareholder", node))
     try:
         reply = shareholder_pb2_grpc.ShareholderStub(channel).ReleaseShare(
@@ -117,5 +118,5 @@ def fresh_subjects(state: dict, count: int = 4) -> list[str]:
 
 
 def join_pairs(*pairs):
-    """record.join of released (share, key share) pairs."""
-    return record.join([s for s, _ in pairs], [k for _, k in pairs])
+    """record.join of released (share, key share) message pairs, parsed as the matcher does."""
+    return record.join([wire.share(s) for s, _ in pairs], [wire.key_share(k) for _, k in pairs])

@@ -37,6 +37,7 @@ from vault import pki, ticket
 from vault.envelope import KekRing, new_kek
 from vaultctl.client import MatcherClient
 from vaultrpc import server as rpcserver
+from vaultrpc import wire
 from vaultrpc.tls import secure_channel
 
 if TYPE_CHECKING:
@@ -78,8 +79,8 @@ class Tenant:
         if template is not None:
             with np.errstate(over="ignore", invalid="ignore"):
                 template = np.asarray(template, dtype=np.float32)
-        return ticket.issue(key or self.key, self.key_id, tenant=self.name, subject=subject, request_id=request_id,
-                            audience=audience, operation=operation, template=template)
+        return wire.issue_ticket(key or self.key, self.key_id, tenant=self.name, subject=subject, request_id=request_id,
+                                 audience=audience, operation=operation, template=template)
 
     def enroll_ticket(self, subject: str, request_id: str, template, replace: bool = False, **kw):
         return self.write_ticket(ticket.write_operation(replace), subject, request_id, template, **kw)

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from splitvault.v1 import common_pb2, shareholder_pb2, shareholder_pb2_grpc
 from vault import envelope, pki, record, rng, ticket
+from vaultrpc import wire
 from vaultrpc.tls import TlsFiles, secure_channel
 
 # The cluster id (tickets' audience) of throw-away nodes.
@@ -136,7 +137,7 @@ def sample_records(
             tenant=tenant, subject=subject, epoch=epoch, threshold=threshold, shareholders=shareholders,
             dimension=dimension, request_id=request_id or f"enrol-{subject}", shares=shares,
         )
-        out.append(recs[index - 1])
+        out.append(wire.share_message(recs[index - 1]))
     return out
 
 
@@ -168,7 +169,7 @@ class Provider:
         self, subject: str, request_id: str | None = None, *, tenant: str | None = None, ttl_ms: int = 60_000,
         issued_at_ms: int | None = None, audience: str = CLUSTER_ID,
     ) -> common_pb2.VerificationTicket:
-        return ticket.issue(
+        return wire.issue_ticket(
             self.key, self.key_id, tenant=tenant or self.tenant, subject=subject,
             request_id=request_id or f"verify-{secrets.token_hex(8)}", probe=np.zeros(4, dtype=np.float32),
             ttl_ms=ttl_ms, issued_at_ms=issued_at_ms, audience=audience,
@@ -181,7 +182,7 @@ class Provider:
         """An ENROLL / REPLACE (binding ``template``, zeros by default) or DELETE ticket."""
         if operation in ticket.WRITES and template is None:
             template = np.zeros(4, dtype=np.float32)
-        return ticket.issue(
+        return wire.issue_ticket(
             self.key, self.key_id, tenant=self.tenant if tenant is None else tenant, subject=subject,
             request_id=request_id, audience=audience, operation=operation, template=template, ttl_ms=ttl_ms,
         )

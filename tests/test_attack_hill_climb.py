@@ -21,8 +21,8 @@ from shareholders.storage import connect
 from node_kit import CLUSTER_ID
 from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
 from matcher_kit import DIM, Committee, Tenant, noisy, unit
-from vault import ticket
 from vault.pki import Identity
+from vaultrpc import wire
 from vaultrpc.tls import secure_channel
 
 LIMIT = 8           # attempts per subject per window, at every node
@@ -129,8 +129,8 @@ def test_a_compromised_matcher_going_straight_to_the_nodes_is_stopped_at_each(co
             stub = shareholder_pb2_grpc.ShareholderStub(ch)
             codes = []
             for i in range(LIMIT + EXTRA):
-                t = ticket.issue(acme.key, acme.key_id, tenant="acme", subject="carol", request_id=f"direct-{name}-{i}",
-                                 probe=np.zeros(4, np.float32), audience=CLUSTER_ID)
+                t = wire.issue_ticket(acme.key, acme.key_id, tenant="acme", subject="carol", request_id=f"direct-{name}-{i}",
+                                      probe=np.zeros(4, np.float32), audience=CLUSTER_ID)
                 try:
                     stub.ReleaseShare(shareholder_pb2.ReleaseShareRequest(ticket=t), timeout=10)
                     codes.append(grpc.StatusCode.OK)

@@ -38,6 +38,7 @@ from vault.envelope import SealedShare
 from vault.field import FIELD_DTYPE
 from vaultctl import cluster
 from vaultctl.client import MatcherClient
+from vaultrpc import wire
 from vaultrpc.tls import secure_channel
 
 pytestmark = pytest.mark.e2e
@@ -128,7 +129,7 @@ class StolenNode:
 
 def first_pair(info: dict, subject: str, k: int) -> list[dict]:
     # The k nodes the matcher asks first for this subject (hedged release:
-    # matcher.service._release_order; no node has been down).
+    # matcher.release.release_order; no node has been down).
     nodes = info["shareholders"]
     start = zlib.crc32(f"{TENANT}\x00{subject}".encode()) % len(nodes)
     return (nodes[start:] + nodes[:start])[:k]
@@ -265,9 +266,9 @@ def test_key_shares_go_only_to_the_matcher_for_a_provider_authorised_enrolment(w
         genuine = provider.ticket(ticket.ENROLL, "carol", "enrol-carol", template=face)
         verify_ticket = provider.ticket(ticket.VERIFY, "carol", "verify-carol", probe=face)
     forged_key = pki.load_signing_key(pki.new_signing_key()[0])
-    forged = ticket.issue(forged_key, f"{TENANT}-1", tenant=TENANT, subject="carol", request_id="enrol-carol",
-                          audience=load_config(node["config"], env={}).cluster_id, operation=ticket.ENROLL,
-                          template=face)
+    forged = wire.issue_ticket(forged_key, f"{TENANT}-1", tenant=TENANT, subject="carol", request_id="enrol-carol",
+                               audience=load_config(node["config"], env={}).cluster_id, operation=ticket.ENROLL,
+                               template=face)
     # Only the matcher role may ask (the auditor and a PSP are refused before the handler).
     assert ask(pki.ROLE_AUDITOR, "auditor", genuine)[0] == "PERMISSION_DENIED"
     assert ask(pki.ROLE_PSP, TENANT, genuine)[0] == "PERMISSION_DENIED"

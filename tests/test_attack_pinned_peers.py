@@ -30,6 +30,7 @@ from splitvault.v1 import admin_pb2, admin_pb2_grpc
 from vault import pki
 from vault import plan as committee_plan
 from vaultctl import auditor, cluster
+from vaultrpc import wire
 from vaultrpc.tls import TlsMaterial, secure_channel
 
 pytestmark = pytest.mark.e2e
@@ -154,7 +155,7 @@ def test_a_minted_member_cannot_publish_checkpoints(refreshing):
         channel = secure_channel(state["addresses"][target], tls, expect=pki.Identity(pki.ROLE_SHAREHOLDER, target))
         try:
             return shareholder_pb2_grpc.ShareholderStub(channel).WitnessCheckpoint(
-                shareholder_pb2.WitnessCheckpointRequest(checkpoint=genuine), timeout=30)
+                shareholder_pb2.WitnessCheckpointRequest(checkpoint=wire.checkpoint_message(genuine)), timeout=30)
         finally:
             channel.close()
 

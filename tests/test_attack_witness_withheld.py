@@ -36,6 +36,7 @@ from vault import audit, pki
 from vaultctl import audit_cmd, auditor, cluster
 from vaultctl.client import MatcherClient
 from vaultctl.demo import noisy_copy, synthetic_templates
+from vaultrpc import wire
 from vaultrpc.tls import secure_channel
 
 pytestmark = pytest.mark.e2e
@@ -122,7 +123,7 @@ def test_a_node_cannot_flood_its_peers_logs_with_checkpoints(root):
         for i in range(sent):
             cp = audit.sign_checkpoint(key, "bank-a", 10_000 + i, os.urandom(32), int(time.time() * 1000))
             try:
-                stub.WitnessCheckpoint(pb.WitnessCheckpointRequest(checkpoint=cp), timeout=10)
+                stub.WitnessCheckpoint(pb.WitnessCheckpointRequest(checkpoint=wire.checkpoint_message(cp)), timeout=10)
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
                 assert "faster than this node records them" in exc.details()

@@ -29,6 +29,7 @@ from node_kit import CLUSTER_ID, audit_entries, sample_records
 from splitvault.v1 import matcher_pb2, matcher_pb2_grpc, shareholder_pb2, shareholder_pb2_grpc
 from vault import pki, ticket
 from vaultctl.client import MatcherClient
+from vaultrpc import wire
 from vaultrpc.tls import secure_channel
 
 pytestmark = pytest.mark.e2e
@@ -134,11 +135,11 @@ def test_a_psp_certificate_and_a_random_ticket_key_cannot_replace_or_delete(worl
     forged = dict(tenant="acme", subject="alice", audience=CLUSTER_ID)
     deliver_to_every_node(
         p, dev_pki, request_id="swap-3",
-        store_ticket=ticket.issue(rogue_key, TENANT.key_id, **forged, request_id="swap-3",
-                                  operation=ticket.REPLACE, template=attacker_face),
-        delete_ticket=ticket.issue(rogue_key, TENANT.key_id, **forged, request_id="swap-3", operation=ticket.DELETE),
-        batch=ticket.issue_batch(rogue_key, TENANT.key_id, tenant="acme", audience=CLUSTER_ID, batch_id="swap-3",
-                                 operation=ticket.REPLACE, items=[("alice", "swap-3", attacker_face)]),
+        store_ticket=wire.issue_ticket(rogue_key, TENANT.key_id, **forged, request_id="swap-3",
+                                       operation=ticket.REPLACE, template=attacker_face),
+        delete_ticket=wire.issue_ticket(rogue_key, TENANT.key_id, **forged, request_id="swap-3", operation=ticket.DELETE),
+        batch=wire.issue_batch(rogue_key, TENANT.key_id, tenant="acme", audience=CLUSTER_ID, batch_id="swap-3",
+                               operation=ticket.REPLACE, items=[("alice", "swap-3", attacker_face)]),
     )
     for name in NAMES:
         entries = refusals(p, name, "swap-3")
@@ -154,8 +155,8 @@ def test_a_genuine_verify_ticket_cannot_delete_or_replace(world, dev_pki):
     p, address, alice, attacker_face, rng = world
     probe = noisy(alice, rng)
     # A ticket the provider really signed, for a verification of alice (captured, say, from a checkout).
-    verify_ticket = ticket.issue(TENANT.key, TENANT.key_id, tenant="acme", subject="alice", request_id="pay-77",
-                                 probe=probe, audience=CLUSTER_ID)
+    verify_ticket = wire.issue_ticket(TENANT.key, TENANT.key_id, tenant="acme", subject="alice", request_id="pay-77",
+                                      probe=probe, audience=CLUSTER_ID)
     with secure_channel(address, dev_pki.tls("psp", "acme"), expect=pki.Identity("matcher", "matcher")) as channel:
         stub = matcher_pb2_grpc.MatcherStub(channel)
         why = denied(lambda: stub.Delete(matcher_pb2.DeleteRequest(subject="alice", ticket=verify_ticket), timeout=10))
@@ -200,16 +201,16 @@ def test_a_ticket_for_another_cluster_is_refused(world, dev_pki):
     genuine = dict(tenant="acme", subject="alice", audience=other)
     deliver_to_every_node(
         p, dev_pki, request_id="aud-3",
-        store_ticket=ticket.issue(TENANT.key, TENANT.key_id, **genuine, request_id="aud-3",
-                                  operation=ticket.REPLACE, template=attacker_face),
-        delete_ticket=ticket.issue(TENANT.key, TENANT.key_id, **genuine, request_id="aud-3",
-                                   operation=ticket.DELETE),
+        store_ticket=wire.issue_ticket(TENANT.key, TENANT.key_id, **genuine, request_id="aud-3",
+                                       operation=ticket.REPLACE, template=attacker_face),
+        delete_ticket=wire.issue_ticket(TENANT.key, TENANT.key_id, **genuine, request_id="aud-3",
+                                        operation=ticket.DELETE),
     )
     # A verification ticket for the other cluster does not release a share either.
     with secure_channel(p.real("bank-b"), dev_pki.tls("matcher", "matcher"),
                         expect=pki.Identity("shareholder", "bank-b")) as channel:
         stub = shareholder_pb2_grpc.ShareholderStub(channel)
-        release = shareholder_pb2.ReleaseShareRequest(ticket=ticket.issue(
+        release = shareholder_pb2.ReleaseShareRequest(ticket=wire.issue_ticket(
             TENANT.key, TENANT.key_id, **genuine, request_id=f"aud-{uuid.uuid4().hex}", probe=alice))
         assert "another cluster" in denied(lambda: stub.ReleaseShare(release, timeout=10))
     for name in NAMES:
@@ -235,7 +236,7 @@ def test_the_provider_itself_still_replaces_and_deletes(world, dev_pki):
             ("store", "enroll"), ("store", "replace"), ("delete", "delete")], (name, writes)
         for e in writes:
             t = ticket.from_audit_details({k[2:]: v for k, v in e.items() if k.startswith("d_")})
-            body = ticket.verify(t, {TENANT.key_id: TENANT.key.public_key()}, tenant="acme", audience=CLUSTER_ID,
-                                 operations=(ticket.ENROLL, ticket.REPLACE, ticket.DELETE),
-                                 at_ms=e["d_ticket_expires_ms"] - 1)
+            body = wire.verify_ticket(t, {TENANT.key_id: TENANT.key.public_key()}, tenant="acme", audience=CLUSTER_ID,
+                                      operations=(ticket.ENROLL, ticket.REPLACE, ticket.DELETE),
+                                      at_ms=e["d_ticket_expires_ms"] - 1)
             assert (body.subject, body.request_id) == ("bob", e["request_id"])

@@ -2,10 +2,11 @@
 first broken entry."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from splitvault.v1 import common_pb2
 from vault import audit
 from vault.errors import AuditChainError
 from vault.pki import public_key_raw
@@ -33,13 +34,9 @@ def build(key, n=10, every=4):
     return entries, checkpoints
 
 
-def clone(entries):
-    out = []
-    for e in entries:
-        c = common_pb2.AuditEntry()
-        c.CopyFrom(e)
-        out.append(c)
-    return out
+def edit(entry, **changes):
+    # A copy of an entry (or checkpoint) with some fields changed, as a forger would write it.
+    return dataclasses.replace(entry, **changes)
 
 
 def test_intact_chain_verifies(key):
@@ -68,8 +65,8 @@ def test_genesis_and_link(key):
     ("actor", "matcher/m2"), ("tenant", "globex"), ("request_id", "x"), ("node", "bank-b"),
 ])
 def test_edited_entry_is_named(key, field, value):
-    entries, cps = clone(build(key)[0]), build(key)[1]
-    setattr(entries[4], field, value)
+    entries, cps = build(key)
+    entries[4] = edit(entries[4], **{field: value})
     report = audit.verify_chain(entries, cps, key.public_key())
     assert not report.ok and report.broken_seq == 5
     assert "altered" in report.reason
@@ -87,10 +84,8 @@ def test_removed_entry_is_named(key):
 
 def test_removed_and_renumbered_entry_is_named(key):
     entries, cps = build(key)
-    entries = clone(entries)
     del entries[5]
-    for e in entries[5:]:
-        e.seq -= 1
+    entries[5:] = [edit(e, seq=e.seq - 1) for e in entries[5:]]
     assert audit.verify_chain(entries, cps, key.public_key()).broken_seq == 6
 
 
@@ -102,9 +97,8 @@ def test_reordered_entries_are_named(key):
 
 
 def test_reordered_and_renumbered_entries_are_named(key):
-    entries = clone(build(key)[0])
-    entries[2], entries[3] = entries[3], entries[2]
-    entries[2].seq, entries[3].seq = 3, 4
+    entries = build(key)[0]
+    entries[2], entries[3] = edit(entries[3], seq=3), edit(entries[2], seq=4)
     assert audit.verify_chain(entries, [], key.public_key()).broken_seq == 3
 
 
@@ -133,9 +127,7 @@ def test_rewritten_chain_contradicts_a_checkpoint(key):
 
 def test_bad_checkpoint_signature(key):
     entries, cps = build(key)
-    bad = common_pb2.AuditCheckpoint()
-    bad.CopyFrom(cps[0])
-    bad.time_ms += 1
+    bad = edit(cps[0], time_ms=cps[0].time_ms + 1)
     report = audit.verify_chain(entries, [bad, cps[1]], key.public_key())
     assert report.broken_seq == 4 and "signature" in report.reason
     other = ed25519.Ed25519PrivateKey.generate()
@@ -156,9 +148,8 @@ def test_checkpoint_for_another_node(key):
 
 def test_first_break_wins(key):
     entries, cps = build(key)
-    entries = clone(entries)
-    entries[7].subject = "x"
-    entries[2].subject = "y"
+    entries[7] = edit(entries[7], subject="x")
+    entries[2] = edit(entries[2], subject="y")
     assert audit.verify_chain(entries, cps, key.public_key()).broken_seq == 3
 
 

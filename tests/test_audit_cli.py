@@ -32,6 +32,7 @@ from vaultctl import cluster
 from vaultctl.cli import main
 from vaultctl.client import MatcherClient
 from vaultctl.demo import noisy_copy, synthetic_templates
+from vaultrpc import wire
 from vaultrpc.tls import secure_channel
 
 DIM = 16
@@ -56,7 +57,7 @@ def run(capsys, *args: str) -> tuple[int, dict]:
 
 def psp_ticket(root, subject: str, request_id: str, key=None):
     key = key or pki.load_signing_key(cluster.Paths(root).ticket_key(TENANT).read_bytes())
-    return tickets.issue(key, cluster.key_id(TENANT), tenant=TENANT, subject=subject, request_id=request_id,
+    return wire.issue_ticket(key, cluster.key_id(TENANT), tenant=TENANT, subject=subject, request_id=request_id,
                          probe=np.zeros(DIM, dtype=np.float32), audience=cluster.cluster_id(root))
 
 
@@ -335,7 +336,7 @@ def test_forged_writes_pass_the_chain_but_not_reconciliation(offline, capsys):
     who = dict(actor="matcher/matcher", tenant=TENANT)
 
     def signed(subject, request_id, operation, audience=aud, **vectors):
-        t = tickets.issue(provider, cluster.key_id(TENANT), tenant=TENANT, subject=subject, request_id=request_id,
+        t = wire.issue_ticket(provider, cluster.key_id(TENANT), tenant=TENANT, subject=subject, request_id=request_id,
                           audience=audience, operation=operation, **vectors)
         return {"key_id": cluster.key_id(TENANT), **tickets.audit_details(t)}
 
@@ -343,8 +344,8 @@ def test_forged_writes_pass_the_chain_but_not_reconciliation(offline, capsys):
 
     def forged_batch():
         stranger = pki.load_signing_key(pki.new_signing_key()[0])
-        b = tickets.issue_batch(stranger, cluster.key_id(TENANT), tenant=TENANT, audience=aud, batch_id="b-x",
-                                operation=tickets.ENROLL, items=[("s7", "plant-3", zeros)])
+        b = wire.issue_batch(stranger, cluster.key_id(TENANT), tenant=TENANT, audience=aud, batch_id="b-x",
+                             operation=tickets.ENROLL, items=[("s7", "plant-3", zeros)])
         d = tickets.audit_details(b.ticket)
         return [b.ticket.key_id, d["ticket_sig"], *d["ticket"]]
     with db(root, "bank-a") as conn:

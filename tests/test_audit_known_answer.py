@@ -1,19 +1,22 @@
 """The audit entry encoding does not drift: known-answer hashes computed with
-the original construction (``vault/audit.py`` before the release-path speed-up)
-and a randomised comparison against a copy of that construction, so logs
-written by any version keep verifying."""
+the original construction (``vault/audit.py`` before the release-path speed-up),
+a whole chain with signed checkpoints written before the typed boundary
+(``tests/vectors/audit_chain.json``), and a randomised comparison against a
+copy of the documented construction, so logs written by any version keep
+verifying."""
 from __future__ import annotations
 
 import hashlib
 import json
+import pathlib
 import struct
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitvault.v1 import common_pb2
 from vault import audit
+from vaultrpc import wire
 
 # (make_entry arguments, details_json, entry_hash hex), from the original code.
 KNOWN = [
@@ -71,7 +74,7 @@ def _old_lps(text: str) -> bytes:
     return _U32.pack(len(data)) + data
 
 
-def _old_entry_hash(e: common_pb2.AuditEntry) -> bytes:
+def _old_entry_hash(e: audit.AuditEntry) -> bytes:
     return hashlib.sha256(b"".join((
         b"splitvault/audit/entry/v1\x00", _U64.pack(e.seq), _I64.pack(e.time_ms), _old_lps(e.node),
         _old_lps(e.event), _old_lps(e.actor), _old_lps(e.request_id), _old_lps(e.tenant), _old_lps(e.subject),
@@ -124,3 +127,40 @@ def test_argument_types_the_message_converts_hash_as_stored():
     b, row_b = audit.make_entry_row(seq=1, prev_hash=bytes(32), time_ms=1, node="n", event="e")
     assert a == b and row_a == row_b
     assert type(row_a[0]) is int and type(row_a[2]) is str and type(row_a[9]) is bytes
+
+
+# --- a chain written before the typed boundary ---------------------------------------
+
+CHAIN = json.loads((pathlib.Path(__file__).parent / "vectors" / "audit_chain.json").read_text(encoding="utf-8"))
+
+
+def _chain_rows():
+    return [(*r[:9], bytes.fromhex(r[9]), bytes.fromhex(r[10])) for r in CHAIN["rows"]]
+
+
+def _chain_checkpoints():
+    return [audit.AuditCheckpoint(seq=c["seq"], entry_hash=bytes.fromhex(c["entry_hash"]), time_ms=c["time_ms"],
+                                  node=c["node"], signature=bytes.fromhex(c["signature"])) for c in CHAIN["checkpoints"]]
+
+
+def test_a_chain_written_before_the_typed_boundary_still_verifies():
+    entries, cps = audit.load_entries(_chain_rows()), _chain_checkpoints()
+    report = audit.verify_chain(entries, cps, bytes.fromhex(CHAIN["public_key"]), node="bank-a")
+    assert report.ok and report.head_seq == report.signed_seq == len(entries) == 5, report.reason
+    # The same entries through the wire messages (as `vaultctl audit verify` reads a live node).
+    again = [wire.audit_entry(wire.audit_entry_message(e)) for e in entries]
+    cps_again = [wire.checkpoint(wire.checkpoint_message(c)) for c in cps]
+    assert again == entries and cps_again == cps
+    assert audit.verify_chain(again, cps_again, bytes.fromhex(CHAIN["public_key"]), node="bank-a").ok
+    # One changed byte anywhere still breaks it.
+    forged = list(entries)
+    forged[2] = audit.AuditEntry(**{**{n: getattr(entries[2], n) for n, _ in audit.ENTRY_FIELDS}, "subject": "bob"})
+    assert audit.verify_chain(forged, cps, bytes.fromhex(CHAIN["public_key"])).broken_seq == 3
+
+
+def test_todays_code_writes_the_same_chain_byte_for_byte():
+    prev = audit.GENESIS_HASH
+    for seq, (args, want) in enumerate(zip(CHAIN["make_entry"], _chain_rows()), start=1):
+        entry, row = audit.make_entry_row(seq=seq, prev_hash=prev, **args)
+        assert row == want and entry.entry_hash == want[10]
+        prev = entry.entry_hash

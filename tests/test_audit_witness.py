@@ -36,6 +36,7 @@ from vault import audit, pki
 from vaultctl import audit_cmd, auditor, cluster
 from vaultctl.client import MatcherClient
 from vaultctl.demo import noisy_copy, synthetic_templates
+from vaultrpc import wire
 from vaultrpc.tls import TlsFiles, secure_channel
 
 DIM = 16
@@ -168,7 +169,7 @@ def _witness_call(root, node: str, tls, cp) -> grpc.RpcError:
     with secure_channel(address, tls, expect=pki.Identity(pki.ROLE_SHAREHOLDER, node)) as channel:
         with pytest.raises(grpc.RpcError) as info:
             shareholder_pb2_grpc.ShareholderStub(channel).WitnessCheckpoint(
-                pb.WitnessCheckpointRequest(checkpoint=cp), timeout=10)
+                pb.WitnessCheckpointRequest(checkpoint=wire.checkpoint_message(cp)), timeout=10)
     return info.value
 
 
@@ -201,7 +202,7 @@ def test_only_a_pinned_peer_can_have_its_checkpoints_witnessed(root, tmp_path):
             ("shareholder/bank-a", "witness_other_node")} <= reasons
     # A genuine checkpoint sent twice (a retry whose answer was lost) is recorded once.
     with closing(sqlite3.connect(f"file:{paths.node_dir('bank-a') / 'shares.db'}?mode=ro", uri=True)) as conn:
-        genuine = storage.Database(conn, SQLITE).checkpoints()[0]
+        genuine = wire.checkpoint_message(storage.Database(conn, SQLITE).checkpoints()[0])
     address = json.loads(paths.ready(spec, "bank-b").read_text())["address"]
     with secure_channel(address, own, expect=pki.Identity(pki.ROLE_SHAREHOLDER, "bank-b")) as channel:
         stub = shareholder_pb2_grpc.ShareholderStub(channel)

@@ -265,7 +265,7 @@ def test_messages_over_the_size_limit_and_huge_vectors(world, dev_pki):
             code, details = status_of(lambda m=message: raw_call(ch, "/splitvault.v1.Matcher/Enroll", m))
             assert code == expected, (size, code, details)
             assert clean_details(details)
-            # Refused on its length before any conversion (matcher._vector).
+            # Refused on its length before any conversion (matcher.vectors.checked).
             assert time.perf_counter() - started < 5
         del floats, message
     finally:

@@ -5,6 +5,7 @@ mixed-epoch shares and survives refresh."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -16,7 +17,6 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from seeded_rng import SeededBytes
 
-from splitvault.v1 import common_pb2
 from vault import codec, epoch_mac, field, integrity, record, rng, sharing
 from vault.errors import IntegrityError, InvalidShares
 from vault.field import FIELD_DTYPE, P
@@ -39,8 +39,8 @@ def _join(recs):
     if (k, n, d) not in _KEY_SHARES:
         _KEY_SHARES[(k, n, d)] = sharing.split(np.ascontiguousarray(_KEY[:, :d]).reshape(1, -1), k, n)[:, 0, :]
     shares = _KEY_SHARES[(k, n, d)]
-    return record.join(recs, [common_pb2.MacKeyShare(epoch=r.epoch, index=r.index, dimension=d,
-                                                     values=record.pack_values(shares[r.index - 1])) for r in recs])
+    return record.join(recs, [record.KeyShare(epoch=r.epoch, index=r.index, dimension=d,
+                                              values=record.pack_values(shares[r.index - 1])) for r in recs])
 
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "sharing.json").read_text())
@@ -155,12 +155,9 @@ def _records(ext_shares: np.ndarray, *, k: int, n: int, d: int, subject: str = "
 
 def _corrupt(rec, position: int, delta: int):
     # A copy of rec whose value at position is shifted by delta (mod P).
-    out = type(rec)()
-    out.CopyFrom(rec)
     values = record.unpack_values(rec.values, len(rec.values) // 4)
     values[position] = (int(values[position]) + delta) % P
-    out.values = record.pack_values(values)
-    return out
+    return dataclasses.replace(rec, values=record.pack_values(values))
 
 
 @pytest.mark.parametrize("k,n", [(2, 3), (3, 5), (4, 7)])
@@ -189,9 +186,7 @@ def test_a_swapped_share_from_another_subject_is_detected():
     alice = _records(sharing.split(_extend(_template(5, d)), k, n), k=k, n=n, d=d)
     bob = _records(sharing.split(_extend(_template(6, d)), k, n), k=k, n=n, d=d, subject="bob")
     # A shareholder returns Bob's share relabelled as Alice's.
-    swapped = type(bob[1])()
-    swapped.CopyFrom(bob[1])
-    swapped.subject = "alice"
+    swapped = dataclasses.replace(bob[1], subject="alice")
     with pytest.raises(IntegrityError):
         _join([alice[0], swapped, alice[2]])
     result = _join([alice[0], swapped, alice[2], alice[3]])
@@ -234,9 +229,7 @@ def test_shares_of_two_epochs_do_not_join():
     with pytest.raises(InvalidShares, match="epoch"):
         _join([e7[0], e8[1], e8[2]])
     # A share relabelled to the other epoch: caught by the MAC.
-    relabelled = type(e7[0])()
-    relabelled.CopyFrom(e7[0])
-    relabelled.epoch = 8
+    relabelled = dataclasses.replace(e7[0], epoch=8)
     with pytest.raises(IntegrityError):
         _join([relabelled, e8[1], e8[2]])
     # The mixed-epoch polynomial is only the old shares' sum with a random one:

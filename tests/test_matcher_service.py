@@ -16,6 +16,7 @@ from splitvault.v1 import matcher_pb2, matcher_pb2_grpc, shareholder_pb2, shareh
 from matcher_kit import DIM, Committee, Tenant, noisy, unit
 from vault import ticket
 from vault.pki import Identity
+from vaultrpc import wire
 from vaultrpc.tls import secure_channel
 
 MATCHER = Identity("matcher", "matcher")
@@ -144,8 +145,8 @@ def test_never_enrolled_is_not_found(shared, rng):
 
 def _raw_verify(c: Committee, tenant: str, subject: str, probe, signed_over, *, subject_in_ticket=None, key=None):
     t = c.tenants[tenant]
-    signed = ticket.issue(key or t.key, t.key_id, tenant=tenant, subject=subject_in_ticket or subject,
-                          request_id=f"raw-{time.monotonic_ns()}", probe=signed_over, audience=CLUSTER_ID)
+    signed = wire.issue_ticket(key or t.key, t.key_id, tenant=tenant, subject=subject_in_ticket or subject,
+                               request_id=f"raw-{time.monotonic_ns()}", probe=signed_over, audience=CLUSTER_ID)
     with secure_channel(f"127.0.0.1:{c.matcher.port}", c.pki.tls("psp", tenant), expect=MATCHER) as ch:
         return matcher_pb2_grpc.MatcherStub(ch).Verify(
             matcher_pb2.VerifyRequest(subject=subject, probe=probe, ticket=signed), timeout=10
@@ -182,8 +183,8 @@ def test_replayed_ticket_is_refused_by_the_nodes(shared, rng):
     client.enroll("replay", template)
     probe = noisy(template, rng)
     t = shared.tenants["acme"]
-    signed = ticket.issue(t.key, t.key_id, tenant="acme", subject="replay", request_id="once", probe=probe,
-                          audience=CLUSTER_ID)
+    signed = wire.issue_ticket(t.key, t.key_id, tenant="acme", subject="replay", request_id="once", probe=probe,
+                               audience=CLUSTER_ID)
     request = matcher_pb2.VerifyRequest(subject="replay", probe=probe, ticket=signed)
     with secure_channel(f"127.0.0.1:{shared.matcher.port}", shared.pki.tls("psp", "acme"), expect=MATCHER) as ch:
         stub = matcher_pb2_grpc.MatcherStub(ch)
@@ -465,33 +466,6 @@ def test_enroll_stream_applies_back_pressure(committee, rng):
     assert held_back < total / 2, held_back
 
 
-def test_late_shares_are_checked_against_the_polynomial_that_passed(shared):
-    # The check the matcher runs on (share, key share) pairs that arrive after the decision's k.
-    from splitvault.v1 import common_pb2
-    from vault import codec, epoch_mac, record, rng, sharing
-
-    service = shared.matcher.service
-    code = codec.encode(np.linspace(-1, 1, DIM), DIM)
-    key = rng.random_field((epoch_mac.TAG_COUNT, DIM))
-    key_shares = sharing.split(key.reshape(1, -1), 2, 3)[:, 0, :]
-    keys = [common_pb2.MacKeyShare(epoch=1, index=i + 1, dimension=DIM, values=record.pack_values(key_shares[i]))
-            for i in range(3)]
-
-    def records():
-        shares = sharing.split(epoch_mac.extend(codec.to_field(code), key), 2, 3)
-        recs = record.make_records(tenant="acme", subject="s", epoch=1, threshold=2, shareholders=3, dimension=DIM,
-                                   request_id="r", shares=shares[:, 0, :])
-        return list(zip(recs, keys))
-
-    good, other = records(), records()
-    assert service._off_polynomial(good[:2], [good[2]], DIM) == []
-    assert service._off_polynomial(good[:2], [other[2]], DIM) == [3]
-    assert service._off_polynomial([good[0], good[2]], [other[1]], DIM) == [2]
-    # A key share off the polynomial is named as a share is.
-    wrong_key = common_pb2.MacKeyShare(epoch=1, index=3, dimension=DIM, values=keys[0].values)
-    assert service._off_polynomial(good[:2], [(good[2][0], wrong_key)], DIM) == [3]
-
-
 def test_enroll_stream_one_template_per_message(shared, rng):
     # The plain EnrollStream (grpcurl, other languages): same results as EnrollBatches.
     templates = [unit(rng) for _ in range(300)]
@@ -570,8 +544,8 @@ def test_a_delete_needs_the_providers_delete_ticket(shared, rng):
 
 def _batch_message(t, items, op=None, key=None, replace=False):
     """An EnrollBatchesRequest of (subject, request id, template) items under one batch ticket."""
-    signed = ticket.issue_batch(key or t.key, t.key_id, tenant=t.name, audience=CLUSTER_ID, batch_id="b-1",
-                                operation=op or ticket.write_operation(replace), items=items)
+    signed = wire.issue_batch(key or t.key, t.key_id, tenant=t.name, audience=CLUSTER_ID, batch_id="b-1",
+                              operation=op or ticket.write_operation(replace), items=items)
     return matcher_pb2.EnrollBatchesRequest(
         items=[matcher_pb2.EnrollStreamRequest(subject=s, request_id=r, template=v.tolist(), replace=replace)
                for s, r, v in items],

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from splitvault.v1 import common_pb2
 from vault import codec, epoch_mac, record, rng, sharing
 from vault.errors import IntegrityError, InvalidShares
 from vault.field import FIELD_DTYPE, P
+from vaultrpc import wire
 
 L = record.MAC_COUNT
 D = 16
@@ -29,8 +31,8 @@ def _records(k: int = 2, n: int = 3, d: int = D, seed: int = 0, **overrides):
     recs = record.make_records(shares=shares, **fields)
     key_shares = sharing.split(key.reshape(1, L * d), k, n)[:, 0, :]
     for r in recs:
-        _KEYS[id(r)] = common_pb2.MacKeyShare(epoch=r.epoch, index=r.index, dimension=d,
-                                              values=record.pack_values(key_shares[r.index - 1]))
+        _KEYS[id(r)] = record.KeyShare(epoch=r.epoch, index=r.index, dimension=d,
+                                       values=record.pack_values(key_shares[r.index - 1]))
     return recs, codes[0]
 
 
@@ -44,12 +46,18 @@ def _join(recs):
 
 
 def _copy(rec, **changes):
-    out = common_pb2.ShareRecord()
-    out.CopyFrom(rec)
-    for name, value in changes.items():
-        setattr(out, name, value)
+    # A Share like rec with some fields changed (InvalidShares if that makes it invalid).
+    out = dataclasses.replace(rec, **changes)
     _KEYS[id(out)] = _KEYS.get(id(rec))
     return out
+
+
+def _message(rec, **changes):
+    # rec's wire message with some fields changed, as a node or the matcher may receive it.
+    msg = wire.share_message(rec)
+    for name, value in changes.items():
+        setattr(msg, name, value)
+    return msg
 
 
 # --- packing ----------------------------------------------------------------------------
@@ -115,7 +123,7 @@ def test_record_identity_rejects(tenant, subject, index, epoch):
         record.record_identity(tenant, subject, index, epoch)
 
 
-# --- make_records / validate_record -----------------------------------------------------
+# --- make_records / Share -----------------------------------------------------
 
 
 def test_make_records_fields():
@@ -125,7 +133,7 @@ def test_make_records_fields():
         assert (r.tenant, r.subject, r.epoch, r.threshold, r.shareholders, r.dimension) == ("psp-1", "alice", 3, 3, 5, D)
         assert r.codec_version == codec.CODEC_VERSION and r.mac_count == L
         assert len(r.values) == 4 * (D + L) and r.request_id == "r-1"
-        record.validate_record(r)
+        assert isinstance(wire.share(wire.share_message(r)), record.Share)
 
 
 def test_make_records_rejects_wrong_shape():
@@ -161,17 +169,21 @@ def test_make_records_rejects_wrong_shape():
         ({"subject": "é" * 65}, "128 bytes"),
     ],
 )
-def test_validate_record_rejects(changes, message):
+def test_share_rejects(changes, message):
+    # The type refuses to hold it, and so does the wire parse of its message.
     recs, _ = _records()
     with pytest.raises(InvalidShares, match=message):
-        record.validate_record(_copy(recs[0], **changes))
+        _copy(recs[0], **changes)
+    with pytest.raises(InvalidShares, match=message):
+        wire.share(_message(recs[0], **changes))
 
 
-def test_validate_record_accepts_limits():
+def test_share_accepts_limits():
     recs, _ = _records()
-    record.validate_record(_copy(recs[0], subject="é" * 64, tenant="x" * 128))
+    _copy(recs[0], subject="é" * 64, tenant="x" * 128)
+    wire.share(_message(recs[0], subject="é" * 64, tenant="x" * 128))
     with pytest.raises(InvalidShares):
-        record.validate_record("not a record")
+        wire.share("not a record")
 
 
 # --- join ---------------------------------------------------------------------------------
@@ -287,12 +299,8 @@ def test_join_refuses_a_key_share_of_another_node_or_epoch():
     with pytest.raises(InvalidShares, match="key share"):
         record.join(recs[:2], keys[:1])
     for change in ({"index": 3}, {"epoch": 4}, {"dimension": D + 1}, {"values": b"\x00" * 8}):
-        other = common_pb2.MacKeyShare()
-        other.CopyFrom(keys[1])
-        for name, value in change.items():
-            setattr(other, name, value)
         with pytest.raises(InvalidShares, match="key share"):
-            record.join(recs[:2], [keys[0], other])
+            record.join(recs[:2], [keys[0], dataclasses.replace(keys[1], **change)])
 
 
 def test_join_fails_when_the_key_of_the_same_nodes_does_not_fit_the_tags():
@@ -302,7 +310,7 @@ def test_join_fails_when_the_key_of_the_same_nodes_does_not_fit_the_tags():
     keys = [_key_of(r) for r in recs]
     v = record.unpack_values(keys[0].values, L * D)
     v[0] = (int(v[0]) + 1) % P
-    bad = common_pb2.MacKeyShare(epoch=keys[0].epoch, index=1, dimension=D, values=record.pack_values(v))
+    bad = record.KeyShare(epoch=keys[0].epoch, index=1, dimension=D, values=record.pack_values(v))
     with pytest.raises(IntegrityError):
         record.join(recs[:2], [bad, keys[1]])
     result = record.join(recs, [bad, *keys[1:]])
@@ -317,3 +325,26 @@ def test_wipe():
     record.wipe(np.frombuffer(b"\x01\x02", dtype=np.uint8))  # read-only: skipped
     with pytest.raises(TypeError):
         record.wipe([1, 2])
+
+
+def test_late_shares_are_checked_against_the_polynomial_that_passed():
+    # The check the matcher runs on (share, key share) pairs that arrive after the decision's k.
+    code = codec.encode(np.linspace(-1, 1, D), D)
+    key = rng.random_field((epoch_mac.TAG_COUNT, D))
+    key_shares = sharing.split(key.reshape(1, -1), 2, 3)[:, 0, :]
+    keys = [record.KeyShare(epoch=1, index=i + 1, dimension=D, values=record.pack_values(key_shares[i]))
+            for i in range(3)]
+
+    def records():
+        shares = sharing.split(epoch_mac.extend(codec.to_field(code), key), 2, 3)
+        recs = record.make_records(tenant="acme", subject="s", epoch=1, threshold=2, shareholders=3, dimension=D,
+                                   request_id="r", shares=shares[:, 0, :])
+        return list(zip(recs, keys))
+
+    good, other = records(), records()
+    assert list(record.off_polynomial(good[:2], [good[2]])) == []
+    assert list(record.off_polynomial(good[:2], [other[2]])) == [3]
+    assert list(record.off_polynomial([good[0], good[2]], [other[1]])) == [2]
+    # A key share off the polynomial is named as a share is.
+    wrong_key = record.KeyShare(epoch=1, index=3, dimension=D, values=keys[0].values)
+    assert list(record.off_polynomial(good[:2], [(good[2][0], wrong_key)])) == [3]

@@ -28,7 +28,7 @@ def _check(values: np.ndarray) -> np.ndarray:
 def _join(recs, n: int):
     # join() with the key shares of the records' nodes (one sharing of KEY over n).
     key_shares = sharing.split(KEY.reshape(1, -1), recs[0].threshold, n)[:, 0, :]
-    return record.join(recs, [record.common_pb2.MacKeyShare(
+    return record.join(recs, [record.KeyShare(
         epoch=r.epoch, index=r.index, dimension=D, values=record.pack_values(key_shares[r.index - 1])) for r in recs])
 
 

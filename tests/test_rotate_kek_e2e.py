@@ -23,8 +23,8 @@ import pytest
 
 from shareholders import storage
 from shareholders.config import parse_kek_json
-from splitvault.v1 import common_pb2
 from vault import codec, envelope, record
+from vaultrpc import wire
 from node_kit import wait_until
 from vaultctl import cluster
 from vaultctl.client import MatcherClient
@@ -94,7 +94,7 @@ def node_key(root, node: str, index: int, epoch: int):
         row = db.mac_keys()[epoch]
     raw = envelope.open(ring, record.key_identity(cluster.cluster_id(cluster.Paths(root).root), node, index, epoch),
                         row.sealed)
-    return common_pb2.MacKeyShare(epoch=epoch, index=index, dimension=DIM, values=raw[: 4 * record.MAC_COUNT * DIM])
+    return record.KeyShare(epoch=epoch, index=index, dimension=DIM, values=raw[: 4 * record.MAC_COUNT * DIM])
 
 
 def assert_every_template_rejoins(root, templates, nodes: tuple[str, str]) -> None:
@@ -105,7 +105,7 @@ def assert_every_template_rejoins(root, templates, nodes: tuple[str, str]) -> No
     keys = [node_key(root, n, r.index, r.epoch) for n, r in zip(nodes, some)]
     for i in range(SUBJECTS):
         subject = f"s{i:04d}"
-        joined = record.join([first[subject], second[subject]], keys)
+        joined = record.join([wire.share(first[subject]), wire.share(second[subject])], keys)
         assert np.array_equal(joined.template, codes[i]), subject
 
 

@@ -12,6 +12,7 @@ from node_kit import CLUSTER_ID, NodeHarness, Provider, sample_records
 from splitvault.v1 import common_pb2
 from splitvault.v1 import shareholder_pb2 as pb
 from vault import audit
+from vaultrpc import wire
 
 ACME = Provider.new("acme")
 GLOBEX = Provider.new("globex")
@@ -309,9 +310,9 @@ def audit_now() -> int:
 
 def _batch_for(records, provider=ACME, op=None):
     from vault import ticket
-    return ticket.issue_batch(provider.key, provider.key_id, tenant=provider.tenant, audience=CLUSTER_ID,
-                              batch_id="b-1", operation=op or ticket.ENROLL,
-                              items=[(r.subject, r.request_id, [0.0] * 4) for r in records])
+    return wire.issue_batch(provider.key, provider.key_id, tenant=provider.tenant, audience=CLUSTER_ID,
+                            batch_id="b-1", operation=op or ticket.ENROLL,
+                            items=[(r.subject, r.request_id, [0.0] * 4) for r in records])
 
 
 def test_a_stream_store_under_a_batch_ticket(node):

@@ -1,12 +1,15 @@
 """Verification tickets: signed by the provider, checked by every node."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from vault import ticket
 from vault.errors import InvalidTicket
+from vaultrpc import wire
 
 PROBE = np.linspace(-1, 1, 16, dtype=np.float32)
 AUD = "cluster-1"
@@ -20,12 +23,12 @@ def key():
 def make(key, **kw):
     args = dict(tenant="acme", subject="alice", request_id="r1", probe=PROBE, issued_at_ms=1_000_000, audience=AUD)
     args.update(kw)
-    return ticket.issue(key, "k1", **args)
+    return wire.issue_ticket(key, "k1", **args)
 
 
 def test_round_trip(key):
     t = make(key)
-    body = ticket.verify(t, {"k1": key.public_key()}, tenant="acme", audience=AUD, at_ms=1_000_500)
+    body = wire.verify_ticket(t, {"k1": key.public_key()}, tenant="acme", audience=AUD, at_ms=1_000_500)
     assert (body.subject, body.request_id) == ("alice", "r1")
     assert ticket.probe_matches(body, PROBE)
     assert not ticket.probe_matches(body, PROBE + np.float32(1e-6))
@@ -45,22 +48,22 @@ def test_refusals(key, mutate, at_ms):
     t = make(key)
     mutate(t, key)
     with pytest.raises(InvalidTicket):
-        ticket.verify(t, {"k1": key.public_key()}, tenant="acme", audience=AUD, at_ms=at_ms)
+        wire.verify_ticket(t, {"k1": key.public_key()}, tenant="acme", audience=AUD, at_ms=at_ms)
 
 
 def test_wrong_tenant_and_signer(key):
     t = make(key)
     with pytest.raises(InvalidTicket, match="another tenant"):
-        ticket.verify(t, {"k1": key.public_key()}, tenant="globex", audience=AUD, at_ms=1_000_500)
+        wire.verify_ticket(t, {"k1": key.public_key()}, tenant="globex", audience=AUD, at_ms=1_000_500)
     other = ed25519.Ed25519PrivateKey.generate()
     with pytest.raises(InvalidTicket, match="signature"):
-        ticket.verify(t, {"k1": other.public_key()}, tenant="acme", audience=AUD, at_ms=1_000_500)
+        wire.verify_ticket(t, {"k1": other.public_key()}, tenant="acme", audience=AUD, at_ms=1_000_500)
 
 
 def test_overlong_validity_refused(key):
     t = make(key, ttl_ms=ticket.MAX_TTL_MS + 1)
     with pytest.raises(InvalidTicket, match="too long"):
-        ticket.verify(t, {"k1": key.public_key()}, tenant="acme", audience=AUD, at_ms=1_000_500)
+        wire.verify_ticket(t, {"k1": key.public_key()}, tenant="acme", audience=AUD, at_ms=1_000_500)
 
 
 # --- provider-signed writes: operation, audience, template digest -------------
@@ -68,7 +71,7 @@ def test_overlong_validity_refused(key):
 def check(t, key, **kw):
     args = dict(tenant="acme", audience=AUD, at_ms=1_000_500)
     args.update(kw)
-    return ticket.verify(t, {"k1": key.public_key()}, **args)
+    return wire.verify_ticket(t, {"k1": key.public_key()}, **args)
 
 
 def test_write_tickets_round_trip(key):
@@ -110,7 +113,7 @@ def test_probe_digest_does_not_stand_for_a_template(key):
     # moved into the template slot would not match the same vector.
     t = make(key)
     body = check(t, key)
-    body.template_digest = body.probe_digest
+    body = dataclasses.replace(body, template_digest=body.probe_digest)
     assert not ticket.template_matches(body, PROBE)
 
 
@@ -125,8 +128,8 @@ def test_issue_refuses_a_vector_in_the_wrong_slot(key):
 
 def make_batch(key, items=None, op=ticket.ENROLL, **kw):
     items = items or [("alice", "r1", PROBE), ("bob", "r2", PROBE * 2)]
-    return ticket.issue_batch(key, "k1", tenant="acme", audience=AUD, batch_id="b1", operation=op, items=items,
-                              issued_at_ms=1_000_000, **kw)
+    return wire.issue_batch(key, "k1", tenant="acme", audience=AUD, batch_id="b1", operation=op, items=items,
+                            issued_at_ms=1_000_000, **kw)
 
 
 def test_batch_ticket_round_trip(key):
@@ -166,3 +169,21 @@ def test_batch_and_single_tickets_do_not_stand_for_each_other(key):
         check(make_batch(key, op=ticket.ENROLL).ticket, key, operations=(ticket.REPLACE,), batch=True)
     with pytest.raises(ValueError):
         make_batch(key, op=ticket.DELETE)
+
+
+def test_operations_are_numbered_as_the_wire_enum():
+    # vault.ticket owns the numbers; the wire's TicketOperation enum must carry the same ones.
+    from splitvault.v1 import common_pb2
+
+    assert (ticket.VERIFY, ticket.ENROLL, ticket.REPLACE, ticket.DELETE) == (
+        common_pb2.TICKET_OPERATION_VERIFY, common_pb2.TICKET_OPERATION_ENROLL,
+        common_pb2.TICKET_OPERATION_REPLACE, common_pb2.TICKET_OPERATION_DELETE)
+
+
+def test_a_body_that_does_not_parse_is_refused_after_its_signature():
+    key = ed25519.Ed25519PrivateKey.generate()
+    raw = b"\xff\xff\xff"
+    signed = ticket.SignedTicket(body=raw, signature=ticket.sign(key, raw), key_id="k1")
+    assert wire.ticket_body(raw) is None
+    with pytest.raises(InvalidTicket, match="cannot be parsed"):
+        wire.verify_ticket(signed, {"k1": key.public_key()}, tenant="acme", audience=AUD)

@@ -1,6 +1,8 @@
 """The audit-chain format (pure: no I/O).
 
-Each node keeps its own append-only log of ``AuditEntry`` messages. Entry
+Each node keeps its own append-only log of ``AuditEntry`` values (frozen,
+checked when built; ``vaultrpc.wire`` converts them to and from the
+``splitvault.v1.AuditEntry`` message, field for field). Entry
 ``seq`` (1, 2, ...) carries the hash of entry ``seq - 1`` (32 zero bytes for
 the first), and its own hash over every other field:
 
@@ -29,6 +31,7 @@ of them, so share, template or key bytes cannot slip in by accident.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import struct
@@ -38,7 +41,6 @@ from dataclasses import dataclass, field
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from splitvault.v1 import common_pb2
 from vault.errors import AuditChainError
 
 GENESIS_HASH = bytes(32)
@@ -54,6 +56,69 @@ MAX_DETAIL_CHARS = 512
 MAX_DETAIL_ITEMS = 64
 
 Details = Mapping[str, "str | int | bool | None | list"]
+
+
+def _plain(cls, value, what: str):
+    # value as a plain int, str or bytes (a subclass is converted, as a
+    # protobuf field would hold it); ValueError for anything else.
+    if cls is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"An audit entry's {what} must be an integer.")
+    if cls is not int and not isinstance(value, cls):
+        raise ValueError(f"An audit entry's {what} must be {cls.__name__}.")
+    return cls(value)
+
+
+# AuditEntry's fields and their types, in the order of the wire message.
+ENTRY_FIELDS = (
+    ("seq", int), ("time_ms", int), ("node", str), ("event", str), ("actor", str), ("request_id", str),
+    ("tenant", str), ("subject", str), ("details_json", str), ("prev_hash", bytes), ("entry_hash", bytes),
+)
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One entry of a node's chain, as stored and as hashed (fields of the wire message).
+
+    Built only with seq a u64, time_ms an i64, the names and details text,
+    and the hashes bytes (ValueError otherwise); subclasses are stored as
+    their plain type, which is what the hash covers.
+    """
+
+    seq: int
+    time_ms: int
+    node: str
+    event: str
+    actor: str = ""
+    request_id: str = ""
+    tenant: str = ""
+    subject: str = ""
+    details_json: str = ""
+    prev_hash: bytes = b""
+    entry_hash: bytes = b""
+
+    def __post_init__(self) -> None:
+        for name, cls in ENTRY_FIELDS:
+            object.__setattr__(self, name, _plain(cls, getattr(self, name), name.replace("_", " ")))
+        if not 0 <= self.seq < 2**64 or not -(2**63) <= self.time_ms < 2**63:
+            raise ValueError("An audit entry's sequence number or time is out of range.")
+
+
+@dataclass(frozen=True)
+class AuditCheckpoint:
+    """A node's signature over its chain head at ``seq`` (fields of the wire message)."""
+
+    seq: int
+    entry_hash: bytes
+    time_ms: int
+    node: str
+    signature: bytes = b""
+
+    def __post_init__(self) -> None:
+        for name, cls in (("seq", int), ("entry_hash", bytes), ("time_ms", int), ("node", str), ("signature", bytes)):
+            object.__setattr__(self, name, _plain(cls, getattr(self, name), name.replace("_", " ")))
+        if not 0 <= self.seq < 2**64 or not -(2**63) <= self.time_ms < 2**63:
+            raise ValueError("A checkpoint's sequence number or time is out of range.")
+
 
 
 def _lp(data: bytes) -> bytes:
@@ -113,7 +178,7 @@ def _encode_entry(seq, time_ms, node, event, actor, request_id, tenant, subject,
     return b"".join(parts)
 
 
-def entry_bytes(entry: common_pb2.AuditEntry) -> bytes:
+def entry_bytes(entry: AuditEntry) -> bytes:
     """The canonical encoding hashed into ``entry_hash`` (every field but it)."""
     return _encode_entry(
         entry.seq, entry.time_ms, entry.node, entry.event, entry.actor, entry.request_id, entry.tenant,
@@ -121,7 +186,7 @@ def entry_bytes(entry: common_pb2.AuditEntry) -> bytes:
     )
 
 
-def entry_hash(entry: common_pb2.AuditEntry) -> bytes:
+def entry_hash(entry: AuditEntry) -> bytes:
     return hashlib.sha256(entry_bytes(entry)).digest()
 
 
@@ -137,7 +202,7 @@ def make_entry(
     tenant: str = "",
     subject: str = "",
     details: Details | None = None,
-) -> common_pb2.AuditEntry:
+) -> AuditEntry:
     """A new entry, hashed and linked to ``prev_hash``."""
     return make_entry_row(
         seq=seq, prev_hash=prev_hash, time_ms=time_ms, node=node, event=event, actor=actor, request_id=request_id,
@@ -157,7 +222,7 @@ def make_entry_row(
     tenant: str = "",
     subject: str = "",
     details: Details | None = None,
-) -> tuple[common_pb2.AuditEntry, tuple]:
+) -> tuple[AuditEntry, tuple]:
     """``make_entry``, and the entry as a stored row: (seq, time_ms, node,
     event, actor, request_id, tenant, subject, details_json, prev_hash,
     entry_hash), the values the message holds (``load_entries`` order)."""
@@ -168,8 +233,8 @@ def make_entry_row(
     if not event:
         raise ValueError("An audit entry needs an event name.")
     details_json = canonical_details(details)
-    # The message first: it refuses what it cannot hold, as it always has.
-    entry = common_pb2.AuditEntry(
+    # The entry first: it refuses what the chain cannot hold.
+    entry = AuditEntry(
         seq=seq,
         time_ms=time_ms,
         node=node,
@@ -181,12 +246,11 @@ def make_entry_row(
         details_json=details_json,
         prev_hash=prev_hash,
     )
-    # Hashed and stored as the message holds them (what a reader loads back).
+    # Hashed and stored as the entry holds them (what a reader loads back).
     row = (entry.seq, entry.time_ms, entry.node, entry.event, entry.actor, entry.request_id, entry.tenant,
            entry.subject, entry.details_json, entry.prev_hash)
     digest = hashlib.sha256(_encode_entry(*row)).digest()
-    entry.entry_hash = digest
-    return entry, row + (digest,)
+    return dataclasses.replace(entry, entry_hash=digest), row + (digest,)
 
 
 def checkpoint_message(node: str, seq: int, entry_hash: bytes, time_ms: int) -> bytes:
@@ -196,8 +260,8 @@ def checkpoint_message(node: str, seq: int, entry_hash: bytes, time_ms: int) -> 
 
 def sign_checkpoint(
     key: ed25519.Ed25519PrivateKey, node: str, seq: int, entry_hash: bytes, time_ms: int
-) -> common_pb2.AuditCheckpoint:
-    return common_pb2.AuditCheckpoint(
+) -> AuditCheckpoint:
+    return AuditCheckpoint(
         seq=seq,
         entry_hash=entry_hash,
         time_ms=time_ms,
@@ -211,23 +275,23 @@ def sign_checkpoint(
 WITNESS_EVENT = "witness"
 
 
-def witness_details(cp: common_pb2.AuditCheckpoint) -> dict:
+def witness_details(cp: AuditCheckpoint) -> dict:
     """A witness entry's details: the peer's checkpoint, enough to verify it again."""
     return {"node": cp.node, "seq": cp.seq, "entry_hash": cp.entry_hash.hex(), "time_ms": cp.time_ms,
             "signature": cp.signature.hex()}
 
 
-def witnessed_checkpoint(details_json: str) -> common_pb2.AuditCheckpoint | None:
+def witnessed_checkpoint(details_json: str) -> AuditCheckpoint | None:
     """The checkpoint a witness entry records, or None when it is malformed."""
     try:
         d = json.loads(details_json or "{}")
-        return common_pb2.AuditCheckpoint(node=d["node"], seq=int(d["seq"]), entry_hash=bytes.fromhex(d["entry_hash"]),
-                                          time_ms=int(d["time_ms"]), signature=bytes.fromhex(d["signature"]))
+        return AuditCheckpoint(node=d["node"], seq=int(d["seq"]), entry_hash=bytes.fromhex(d["entry_hash"]),
+                               time_ms=int(d["time_ms"]), signature=bytes.fromhex(d["signature"]))
     except (ValueError, KeyError, TypeError, OverflowError, AttributeError):
         return None
 
 
-def checkpoint_valid(cp: common_pb2.AuditCheckpoint, public_key: ed25519.Ed25519PublicKey | bytes) -> bool:
+def checkpoint_valid(cp: AuditCheckpoint, public_key: ed25519.Ed25519PublicKey | bytes) -> bool:
     """Whether ``cp`` carries a valid signature under ``public_key``."""
     if isinstance(public_key, (bytes, bytearray)):
         public_key = ed25519.Ed25519PublicKey.from_public_bytes(bytes(public_key))
@@ -277,8 +341,8 @@ class VerifyReport:
 
 
 def verify_chain(
-    entries: Iterable[common_pb2.AuditEntry],
-    checkpoints: Iterable[common_pb2.AuditCheckpoint],
+    entries: Iterable[AuditEntry],
+    checkpoints: Iterable[AuditCheckpoint],
     public_key: ed25519.Ed25519PublicKey | bytes,
     *,
     node: str | None = None,
@@ -386,11 +450,11 @@ def verify_chain(
     )
 
 
-def load_entries(rows: Sequence[tuple]) -> list[common_pb2.AuditEntry]:
+def load_entries(rows: Sequence[tuple]) -> list[AuditEntry]:
     """Entries from (seq, time_ms, node, event, actor, request_id, tenant,
     subject, details_json, prev_hash, entry_hash) rows, as a node stores them."""
     return [
-        common_pb2.AuditEntry(
+        AuditEntry(
             seq=r[0], time_ms=r[1], node=r[2], event=r[3], actor=r[4], request_id=r[5],
             tenant=r[6], subject=r[7], details_json=r[8], prev_hash=bytes(r[9]), entry_hash=bytes(r[10]),
         )

@@ -37,7 +37,7 @@ QMAX = 127
 # d * 127**2 <= (P - 1) / 2  <=>  d <= 66,572: exact inner products in the field.
 MAX_DIMENSION = ((P - 1) // 2) // (QMAX * QMAX)
 assert MAX_DIMENSION == names.MAX_DIMENSION == 66_572
-# 0-d uint32 operands for _from_canonical (uint32 arithmetic, no widening).
+# 0-d uint32 operands for from_field (uint32 arithmetic, no widening).
 _QMAX_U32 = np.array(QMAX, dtype=FIELD_DTYPE)
 _P_U32 = np.array(P, dtype=FIELD_DTYPE)
 _QMAX_U32.setflags(write=False)
@@ -120,24 +120,13 @@ def from_field(values: np.ndarray) -> np.ndarray:
     if arr.dtype.kind not in "iu" or (arr.size and (arr.min() < 0 or arr.max() >= P)):
         raise IntegrityError("The rejoined vector is not made of field elements.")
     cast = arr.astype(FIELD_DTYPE, copy=False)
-    try:
-        return _from_canonical(cast)
-    finally:
-        if cast is not arr:
-            cast.fill(0)
-
-
-def _from_canonical(values: np.ndarray) -> np.ndarray:
-    # from_field for a FIELD_DTYPE array already known to hold values in
-    # [0, P) (vault.record.join passes the rejoined vector straight here).
-    #
     # Shift by QMAX in the field: w = (v + 127) mod P. The codes c in
     # [-127, 127] are exactly the v with w in [0, 254] (c >= 0: v = c, w =
     # c + 127; c < 0: v = P + c, w = c + 127), and then c = w - 127.
     # v + 127 < P + 127 < 2**32 fits in uint32; the conditional subtract is
     # branch-free as in vault.field (w - P wraps to > 2**31 when w < P).
-    w = np.add(values, _QMAX_U32, out=np.empty(values.shape, dtype=FIELD_DTYPE))
-    tmp = np.subtract(w, _P_U32, out=np.empty(values.shape, dtype=FIELD_DTYPE))
+    w = np.add(cast, _QMAX_U32, out=np.empty(cast.shape, dtype=FIELD_DTYPE))
+    tmp = np.subtract(w, _P_U32, out=np.empty(cast.shape, dtype=FIELD_DTYPE))
     try:
         np.minimum(w, tmp, out=w)
         if w.size and w.max() > 2 * QMAX:
@@ -149,6 +138,8 @@ def _from_canonical(values: np.ndarray) -> np.ndarray:
     finally:
         w.fill(0)
         tmp.fill(0)
+        if cast is not arr:
+            cast.fill(0)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -27,8 +27,7 @@ _P64 = np.uint64(P)
 _S31 = np.uint64(31)
 _ONE64 = np.uint64(1)
 # The same constants as 0-d uint64 arrays: as ufunc operands they cost about
-# half the per-call overhead of numpy scalars, which dominates on the small
-# arrays of a single-template join. Read-only; used by the private helpers.
+# half the per-call overhead of numpy scalars. Read-only.
 _P0 = np.array(P, dtype=np.uint64)
 _S31_0 = np.array(31, dtype=np.uint64)
 _P0.setflags(write=False)
@@ -53,24 +52,6 @@ def _fold(x: np.ndarray) -> np.ndarray:
     hi = x >> _S31_0
     np.bitwise_and(x, _P0, out=x)
     np.add(x, hi, out=x)
-    return x
-
-
-def _fold_with(x: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    # _fold with a caller-owned scratch buffer of x's shape (uint64) for the
-    # high part instead of a fresh temporary; the caller wipes it. Same bounds.
-    np.right_shift(x, _S31_0, scratch)
-    np.bitwise_and(x, _P0, x)
-    np.add(x, scratch, x)
-    return x
-
-
-def _canon_with(x: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    # _canon (x <= 2**62 - 2 -> x mod P) with a caller-owned scratch buffer of
-    # x's shape (uint64), which the caller wipes: no temporaries are allocated.
-    _fold_with(x, scratch)  # x <= (P - 1) + P < 2P
-    np.subtract(x, _P0, scratch)  # wraps to > 2**63 when x < P
-    np.minimum(x, scratch, out=x)
     return x
 
 

@@ -49,8 +49,6 @@ public shapes (d, L, batch size).
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
 from vault import field, rng
@@ -61,14 +59,6 @@ from vault.field import FIELD_DTYPE, P
 MAC_COUNT = 4
 # Elements of the key-power table processed per chunk (about 2 MiB of uint64).
 _CHUNK_ELEMENTS = 1 << 18
-# Largest d + 3 (coefficients of one tag polynomial) the single-row path takes:
-# it keeps the baby-step block b <= 2**10, which bounds its sums (_tags_one).
-_ONE_ROW_MAX_COEFFS = 1 << 20
-
-_M16 = np.array(0xFFFF, dtype=np.uint64)
-_S16 = np.array(16, dtype=np.uint64)
-_M16.setflags(write=False)
-_S16.setflags(write=False)
 
 
 def extend(template: np.ndarray) -> np.ndarray:
@@ -85,7 +75,13 @@ def extend(template: np.ndarray) -> np.ndarray:
 
 def check(extended: np.ndarray) -> np.ndarray:
     """Recompute the tags of each rejoined row; True where they all match, shape (B,)."""
-    return _check_valid(_check_field(extended, "Extended values"))
+    ext = _check_field(extended, "Extended values")
+    d = _template_width(ext)
+    keys = ext[:, d : d + MAC_COUNT]
+    tags = _tags(ext[:, :d], keys)
+    ok = (tags == ext[:, d + MAC_COUNT :]).all(axis=1)
+    tags.fill(0)
+    return ok
 
 
 def template_part(extended: np.ndarray) -> np.ndarray:
@@ -97,18 +93,6 @@ def template_part(extended: np.ndarray) -> np.ndarray:
 
 
 # --- private helpers ----------------------------------------------------------
-
-
-def _check_valid(ext: np.ndarray) -> np.ndarray:
-    # check() on an array already known to be a contiguous 2-D FIELD_DTYPE
-    # array of field elements (what _check_field returns, or what
-    # sharing._combine returns to vault.record.join).
-    d = _template_width(ext)
-    keys = ext[:, d : d + MAC_COUNT]
-    tags = _tags(ext[:, :d], keys)
-    ok = (tags == ext[:, d + MAC_COUNT :]).all(axis=1)
-    tags.fill(0)
-    return ok
 
 
 def _template_width(ext: np.ndarray) -> int:
@@ -129,6 +113,13 @@ def _check_field(values: np.ndarray, what: str) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=FIELD_DTYPE)
 
 
+def _bsgs_shape(d: int) -> tuple[int, int]:
+    # (b, blocks) for d template values: b a power of two >= 8 near sqrt(d + 3),
+    # blocks * b >= d + 3 coefficients.
+    b = max(8, 1 << (int(np.ceil(np.sqrt(d + 3))) - 1).bit_length())
+    return b, -(-(d + 3) // b)
+
+
 def _tags(s: np.ndarray, keys: np.ndarray) -> np.ndarray:
     # t_l = a_l^(d+2) + sum_{m=1..d} s_m a_l^m (mod P) for each row, (B, L).
     #
@@ -137,167 +128,13 @@ def _tags(s: np.ndarray, keys: np.ndarray) -> np.ndarray:
     # steps"): with m = i b + j,
     #     t = sum_i (a^b)^i * (sum_j c_{ib+j} a^j)
     # which needs only the powers a^0..a^(b-1) and (a^b)^0..(a^b)^(blocks-1)
-    # (about 2 sqrt(d) of them instead of d), and the same d products.
-    #
-    # One row (the matcher's join, one enrolment) takes _tags_one, which costs
-    # far fewer numpy calls; batches take _tags_chunked. Both are exact mod P,
-    # so they return the same tags (tests/test_join_fastpath.py checks it).
-    batch, d = s.shape
-    if batch == 1 and d + 3 <= _ONE_ROW_MAX_COEFFS:
-        return _tags_one(s[0], keys[0])
-    return _tags_chunked(s, keys)
-
-
-def _bsgs_shape(d: int) -> tuple[int, int]:
-    # (b, blocks) for d template values: b a power of two >= 8 near sqrt(d + 3),
-    # blocks * b >= d + 3 coefficients.
-    b = max(8, 1 << (int(np.ceil(np.sqrt(d + 3))) - 1).bit_length())
-    return b, -(-(d + 3) // b)
-
-
-class _OneRowPlan:
-    """The workspace of _tags_one for one d, with every view it uses made once.
-
-    One uint64 workspace holds a (rows, L) table -- baby powers a^0..a^b,
-    giant powers (a^b)^0..(a^b)^(blocks-1), scratch rows, the matrix product
-    (2 blocks rows) and the tag accumulator and its scratch -- followed by the
-    (2 blocks, b) coefficient limbs. Slicing is a large part of what a numpy
-    call costs on arrays this small, so the views (including those of every
-    doubling step) are made here, once per thread and d, not per call. The
-    workspace holds zeros between calls: _tags_one wipes it before returning.
-    """
-
-    def __init__(self, d: int) -> None:
-        L = MAC_COUNT
-        b, blocks = _bsgs_shape(d)
-        scratch_rows = max(b + 1, blocks)
-        rows = (b + 1) + blocks + scratch_rows + 2 * blocks + 2
-        self.busy = False
-        self.ws = np.zeros(rows * L + 2 * blocks * b, dtype=np.uint64)
-        table = self.ws[: rows * L].reshape(rows, L)
-        baby = table[: b + 1]
-        giant = table[b + 1 : b + 1 + blocks]
-        tmp = table[b + 1 + blocks : b + 1 + blocks + scratch_rows]
-        top = b + 1 + blocks + scratch_rows
-        self.baby_1, self.baby_b, self.baby_head = baby[1], baby[b], baby[:b]
-        self.giant, self.giant_1 = giant, giant[1:2]
-        self.ones = (baby[0], giant[0])
-        self.baby_steps = _doubling_views(baby, tmp)
-        self.giant_steps = _doubling_views(giant, tmp)
-        self.coeffs = self.ws[rows * L :].reshape(2 * blocks, b)
-        limbs = self.ws[rows * L :]
-        self.lo_limbs = limbs[1 : d + 1]  # c_1..c_d = s, low 16 bits
-        self.hi_limbs = limbs[blocks * b + 1 : blocks * b + d + 1]  # high 15 bits
-        self.lead = rows * L + d + 2  # c_{d+2} = 1 (its low limb)
-        self.prods = table[top : top + 2 * blocks]
-        self.lo, self.hi = table[top : top + blocks], table[top + blocks : top + 2 * blocks]
-        self.t = tmp[:blocks]
-        self.acc, self.acc_tmp = table[rows - 2], table[rows - 1]
-
-
-def _doubling_views(out: np.ndarray, tmp: np.ndarray) -> list[tuple[np.ndarray, ...]]:
-    # The views of each step of _powers' doubling on a (count, L) table:
-    # (out[1..step], out[have-1], out[have..have+step-1], scratch of that shape).
-    steps = []
-    have, count = 2, out.shape[0]
-    while have < count:
-        step = min(have - 1, count - have)
-        steps.append((out[1 : step + 1], out[have - 1], out[have : have + step], tmp[:step]))
-        have += step
-    return steps
-
-
-_plans = threading.local()
-# Widest d whose plan is kept between calls (about 16 d bytes of workspace).
-_PLAN_CACHE_MAX_WIDTH = 1 << 12
-
-
-def _one_row_plan(d: int) -> _OneRowPlan:
-    # This thread's cached plan for d (a few kept); a fresh one if it is in
-    # use (re-entry from a signal handler), so no two calls share a workspace.
-    if d > _PLAN_CACHE_MAX_WIDTH:
-        return _OneRowPlan(d)  # large: allocation is cheap next to the work
-    cache = getattr(_plans, "by_width", None)
-    if cache is None:
-        cache = _plans.by_width = {}
-    plan = cache.get(d)
-    if plan is None:
-        if len(cache) >= 4:
-            cache.clear()
-        plan = cache[d] = _OneRowPlan(d)
-    elif plan.busy:
-        plan = _OneRowPlan(d)
-    return plan
-
-
-def _tags_one(s: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    # _tags for ONE row: s (d,) and keys (L,) of field elements; returns (1, L).
-    #
-    # Same baby-step/giant-step split as _tags_chunked, laid out so that each
-    # numpy call works on a small contiguous array, with few calls (per-call
-    # overhead, not arithmetic, is what a single template costs):
-    #   * powers in (exponent, key) tables, built by _powers' doubling, each
-    #     step reduced to [0, P) in place with a scratch row block (as
-    #     field._canon_with, inlined: products of two values < P are < 2**62);
-    #   * the inner sums sum_j c_{ib+j} a^j for all blocks i and keys at once as
-    #     one integer matrix product (2 blocks, b) @ (b, L), with c split into
-    #     16-bit limbs so that no sum can overflow (bounds below);
-    #   * the outer sum over blocks with one fold per product.
-    # All of it in the plan's workspace, wiped before returning.
-    p = _one_row_plan(s.shape[0])
-    p.busy = True
-    mul, shr, band, add, sub, low = np.multiply, np.right_shift, np.bitwise_and, np.add, np.subtract, np.minimum
-    p64, s31 = field._P0, field._S31_0
-    try:
-        for one in p.ones:
-            one.fill(1)  # a^0 = (a^b)^0 = 1
-        p.baby_1[...] = keys
-        for src, m, dst, t in p.baby_steps:
-            mul(src, m, dst)  # < 2**62
-            shr(dst, s31, t)
-            band(dst, p64, dst)
-            add(dst, t, dst)  # <= 2P - 1
-            sub(dst, p64, t)
-            low(dst, t, out=dst)  # [0, P)
-        p.giant_1[...] = p.baby_b
-        for src, m, dst, t in p.giant_steps:
-            mul(src, m, dst)
-            shr(dst, s31, t)
-            band(dst, p64, dst)
-            add(dst, t, dst)
-            sub(dst, p64, t)
-            low(dst, t, out=dst)
-        # c = [0, s_1..s_d, 0, 1, 0 ...] as limbs c = lo + 2**16 hi, lo < 2**16
-        # and hi < 2**15 (s < P < 2**31); the padding is the workspace's zeros.
-        band(s, _M16, p.lo_limbs)
-        shr(s, _S16, p.hi_limbs)
-        p.ws[p.lead] = 1
-        # Inner sums over j < b <= 2**10 of limb * a^j (a^j < 2**31): each
-        # product < 2**47, so lo sums < 2**57 and hi sums < 2**56: exact.
-        np.matmul(p.coeffs, p.baby_head, out=p.prods)
-        lo, hi, t = p.lo, p.hi, p.t
-        field._fold_with(hi, t)  # < 2**31 + 2**25
-        np.left_shift(hi, _S16, hi)  # 2**16 hi < 2**48
-        add(lo, hi, lo)  # = inner_i (mod P), < 2**57 + 2**48 < 2**58
-        field._fold_with(lo, t)  # < 2**31 + 2**27 < 2**32
-        # Outer sum: inner_i (a^b)^i < 2**32 * 2**31 = 2**63, one fold each
-        # leaves < 2**31 + 2**32 < 2**33, and blocks <= 2**10 of them sum to
-        # < 2**43; then to [0, P).
-        mul(lo, p.giant, lo)
-        field._fold_with(lo, t)
-        add.reduce(lo, axis=0, out=p.acc)
-        field._canon_with(p.acc, p.acc_tmp)
-        return p.acc.astype(FIELD_DTYPE)[np.newaxis, :]
-    finally:
-        p.ws.fill(0)
-        p.busy = False
-
-
-def _tags_chunked(s: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    # _tags for a batch, in chunks of rows so the key-power table stays small.
+    # (about 2 sqrt(d) of them instead of d), and the same d products, in
+    # chunks of rows so the key-power table stays small.
     batch, d = s.shape
     b, blocks = _bsgs_shape(d)
     rows = max(1, _CHUNK_ELEMENTS // (MAC_COUNT * blocks * b))
+
+
     out = np.empty((batch, MAC_COUNT), dtype=FIELD_DTYPE)
     coeffs = np.zeros((min(rows, batch), blocks * b), dtype=FIELD_DTYPE)
     prod = np.empty((min(rows, batch), MAC_COUNT, blocks, b), dtype=np.uint64)

@@ -179,45 +179,6 @@ def _evaluate(coeffs: np.ndarray, secret: np.ndarray, x: int, acc: np.ndarray, o
     out[...] = acc
 
 
-def _reconstruct_valid(key: tuple[int, ...], stacked: np.ndarray) -> np.ndarray:
-    # reconstruct() for inputs already validated by the caller (vault.record.join):
-    # key distinct ints in [1, P), stacked a (len(key), B, m) FIELD_DTYPE array
-    # of field elements. Skips _check_shares; same result.
-    return _combine(stacked, _lagrange_u64(key, 0))
-
-
-def _interpolate_valid(key: tuple[int, ...], stacked: np.ndarray, x: int) -> np.ndarray:
-    # interpolate_at() for inputs already validated by the caller, as above.
-    return _combine(stacked, _lagrange_u64(key, int(x)))
-
-
-def _reconstruct_rows(key: tuple[int, ...], rows: Sequence[np.ndarray]) -> np.ndarray:
-    # reconstruct() of ONE vector from k already validated 1-D shares (read-only
-    # views are fine: nothing is written to them): shape (1, m), FIELD_DTYPE.
-    return _combine_rows(rows, _lagrange_u64(key, 0))[np.newaxis, :]
-
-
-def _combine_rows(rows: Sequence[np.ndarray], lam: Sequence[np.ndarray]) -> np.ndarray:
-    # sum_j lam_j * rows[j] (mod P) for k equal-length 1-D arrays of field
-    # elements, as _combine does it for one chunk (same bounds: three raw
-    # products < 3 * 2**62 fit, acc is folded before every third one); returns
-    # a new (m,) FIELD_DTYPE array. Its uint64 temporaries are wiped.
-    acc = np.multiply(rows[0], lam[0], dtype=np.uint64)
-    prod = np.empty(acc.shape, dtype=np.uint64)
-    try:
-        for j in range(1, len(rows)):
-            if j % 3 == 0:
-                field._fold_with(acc, prod)  # acc < 2**64 -> < 2**34
-            np.multiply(rows[j], lam[j], prod, dtype=np.uint64)
-            np.add(acc, prod, acc)
-        field._fold_with(acc, prod)  # < 2**34
-        field._canon_with(acc, prod)  # [0, P)
-        return acc.astype(FIELD_DTYPE)
-    finally:
-        acc.fill(0)
-        prod.fill(0)
-
-
 @functools.lru_cache(maxsize=4096)
 def _lagrange_u64(key: tuple[int, ...], x: int) -> tuple[np.ndarray, ...]:
     # field.lagrange_at(key, x) as read-only 0-d uint64 arrays, the cheapest
@@ -241,23 +202,18 @@ def _combine(stacked: np.ndarray, lam: np.ndarray | Sequence[np.ndarray]) -> np.
     k, batch, width = stacked.shape
     flat = stacked.reshape(k, -1)
     total = flat.shape[1]
-    if total <= CHUNK_ELEMENTS:
-        # One chunk (e.g. one template): the same sums without the slicing.
-        return _combine_rows(flat, lam).reshape(batch, width)
     out = np.empty(total, dtype=FIELD_DTYPE)
-    lam64 = lam
-    size0 = CHUNK_ELEMENTS
-    acc = np.empty(size0, dtype=np.uint64)
-    prod = np.empty(size0, dtype=np.uint64)
+    acc = np.empty(min(total, CHUNK_ELEMENTS), dtype=np.uint64)
+    prod = np.empty(acc.shape, dtype=np.uint64)
     for start in range(0, total, CHUNK_ELEMENTS):
         stop = min(start + CHUNK_ELEMENTS, total)
         size = stop - start
         a, p = acc[:size], prod[:size]
-        np.multiply(flat[0, start:stop], lam64[0], out=a, dtype=np.uint64)
+        np.multiply(flat[0, start:stop], lam[0], out=a, dtype=np.uint64)
         for j in range(1, k):
             if j % 3 == 0:
                 field._fold(a)  # a < 2**64 -> < 2**34, so two more products still fit
-            np.multiply(flat[j, start:stop], lam64[j], out=p, dtype=np.uint64)
+            np.multiply(flat[j, start:stop], lam[j], out=p, dtype=np.uint64)
             np.add(a, p, out=a)
         field._reduce_u64_inplace(a)
         out[start:stop] = a

@@ -8,22 +8,26 @@ operation, audience (the cluster id), expiry and replay itself before it
 releases, stores or erases anything, so neither a compromised matcher nor a
 holder of the provider's TLS certificate alone can act without the provider's
 ticket key.
+
+This module holds the types (``SignedTicket``, ``TicketBody``, ``WriteItem``)
+and the checks; the body's encoding is the wire's (``TicketBody`` message,
+deterministic serialization), so ``vaultrpc.wire`` issues tickets, parses
+them as they arrive and runs ``check_signature`` then ``check_body``
+(``wire.verify_ticket``).
 """
 from __future__ import annotations
 
 import base64
 import hashlib
 import hmac
-import secrets
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from google.protobuf.message import DecodeError
 
-from splitvault.v1 import common_pb2
 from vault import names
 from vault.errors import InvalidName, InvalidTicket
 
@@ -34,10 +38,11 @@ BATCH_CONTEXT = b"splitvault/batch/v1\x00"
 # Most templates one batch ticket may cover (bounds a node's work per batch).
 MAX_BATCH_ITEMS = 10_000
 
-VERIFY = common_pb2.TICKET_OPERATION_VERIFY
-ENROLL = common_pb2.TICKET_OPERATION_ENROLL
-REPLACE = common_pb2.TICKET_OPERATION_REPLACE
-DELETE = common_pb2.TICKET_OPERATION_DELETE
+# The operations, numbered as the wire's TicketOperation enum (tests/test_ticket.py checks they agree).
+VERIFY = 1
+ENROLL = 2
+REPLACE = 3
+DELETE = 4
 WRITES = (ENROLL, REPLACE)
 OPERATION_NAMES = {VERIFY: "verify", ENROLL: "enroll", REPLACE: "replace", DELETE: "delete"}
 NONCE_BYTES = 16
@@ -45,6 +50,42 @@ NONCE_BYTES = 16
 MAX_TTL_MS = 5 * 60 * 1000
 # Clock skew tolerated between provider and node.
 CLOCK_SKEW_MS = 30 * 1000
+
+
+@dataclass(frozen=True)
+class SignedTicket:
+    """A ticket as it arrives: the encoded body, the provider's signature over it, and the key id."""
+
+    body: bytes
+    signature: bytes
+    key_id: str
+
+
+@dataclass(frozen=True)
+class TicketBody:
+    """What a provider signs (the fields of the wire's TicketBody): trusted only
+    once its ticket passed ``check_signature`` and ``check_body``."""
+
+    tenant: str = ""
+    subject: str = ""
+    request_id: str = ""
+    nonce: bytes = b""
+    issued_at_ms: int = 0
+    expires_at_ms: int = 0
+    operation: int = 0
+    audience: str = ""
+    probe_digest: bytes = b""
+    template_digest: bytes = b""
+    batch_digest: bytes = b""
+
+
+@dataclass(frozen=True)
+class WriteItem:
+    """One template of a batch ticket: subject, request id and salted template digest."""
+
+    subject: str
+    request_id: str
+    template_digest: bytes
 
 
 def check_audience(value: str) -> str:
@@ -92,112 +133,27 @@ def _vector_digest(context: bytes, vector, nonce: bytes) -> bytes:
     return hashlib.sha256(context + nonce + data.tobytes()).digest()
 
 
-def issue(
-    signing_key: ed25519.Ed25519PrivateKey,
-    key_id: str,
-    *,
-    tenant: str,
-    subject: str,
-    request_id: str,
-    audience: str,
-    probe=None,
-    template=None,
-    operation: int = VERIFY,
-    ttl_ms: int = 60_000,
-    issued_at_ms: int | None = None,
-) -> common_pb2.VerificationTicket:
-    """Sign a ticket for one operation (the provider's side).
+def sign(signing_key: ed25519.Ed25519PrivateKey, raw_body: bytes) -> bytes:
+    """The provider's Ed25519 signature over a ticket's encoded body (``vaultrpc.wire`` encodes it)."""
+    return signing_key.sign(SIGNATURE_CONTEXT + raw_body)
 
-    VERIFY binds ``probe``, ENROLL and REPLACE bind ``template``, DELETE
-    binds no vector; ``audience`` is the cluster id of the committee.
-    """
+
+def check_issue(operation: int, probe, template) -> None:
+    """ValueError unless ``operation`` is known and binds exactly the vector it must."""
     if operation not in OPERATION_NAMES:
         raise ValueError("The ticket operation must be VERIFY, ENROLL, REPLACE or DELETE.")
     if (probe is not None) != (operation == VERIFY) or (template is not None) != (operation in WRITES):
         raise ValueError("A VERIFY ticket binds a probe, an ENROLL or REPLACE ticket a template, a DELETE ticket neither.")
-    issued = now_ms() if issued_at_ms is None else issued_at_ms
-    nonce = secrets.token_bytes(NONCE_BYTES)
-    body = common_pb2.TicketBody(
-        tenant=tenant,
-        subject=subject,
-        request_id=request_id,
-        nonce=nonce,
-        issued_at_ms=issued,
-        expires_at_ms=issued + ttl_ms,
-        operation=operation,
-        audience=audience,
-    )
-    if probe is not None:
-        body.probe_digest = probe_digest(probe, nonce)
-    if template is not None:
-        body.template_digest = template_digest(template, nonce)
-    raw = body.SerializeToString(deterministic=True)
-    return common_pb2.VerificationTicket(
-        body=raw, signature=signing_key.sign(SIGNATURE_CONTEXT + raw), key_id=key_id
-    )
 
 
-def issue_batch(
-    signing_key: ed25519.Ed25519PrivateKey,
-    key_id: str,
-    *,
-    tenant: str,
-    audience: str,
-    batch_id: str,
-    operation: int,
-    items,
-    ttl_ms: int = 60_000,
-    issued_at_ms: int | None = None,
-) -> common_pb2.WriteBatch:
-    """Sign one ticket for a bulk enrolment of ``items`` ((subject, request id,
-    template) triples, in order): ENROLL or REPLACE for all of them."""
-    if operation not in WRITES:
-        raise ValueError("A batch ticket authorises ENROLL or REPLACE.")
-    issued = now_ms() if issued_at_ms is None else issued_at_ms
-    nonce = secrets.token_bytes(NONCE_BYTES)
-    write_items = [
-        common_pb2.WriteItem(subject=subject, request_id=request_id,
-                             template_digest=item_digest(template, nonce, request_id))
-        for subject, request_id, template in items
-    ]
-    if not 1 <= len(write_items) <= MAX_BATCH_ITEMS:
-        raise ValueError(f"A batch ticket covers 1 to {MAX_BATCH_ITEMS} templates.")
-    body = common_pb2.TicketBody(
-        tenant=tenant, request_id=batch_id, nonce=nonce, issued_at_ms=issued, expires_at_ms=issued + ttl_ms,
-        operation=operation, audience=audience, batch_digest=batch_digest(write_items),
-    )
-    raw = body.SerializeToString(deterministic=True)
-    signed = common_pb2.VerificationTicket(body=raw, signature=signing_key.sign(SIGNATURE_CONTEXT + raw), key_id=key_id)
-    return common_pb2.WriteBatch(ticket=signed, items=write_items)
-
-
-def batch_matches(body: common_pb2.TicketBody, items) -> bool:
+def batch_matches(body: TicketBody, items: Sequence[WriteItem]) -> bool:
     """Whether ``items`` are exactly the ones the batch ticket signs (constant-time compare)."""
     return len(items) <= MAX_BATCH_ITEMS and hmac.compare_digest(batch_digest(items), body.batch_digest)
 
 
-def verify(
-    ticket: common_pb2.VerificationTicket,
-    keys: Mapping[str, ed25519.Ed25519PublicKey],
-    *,
-    tenant: str | None = None,
-    audience: str,
-    operations: Collection[int] = (VERIFY,),
-    batch: bool = False,
-    at_ms: int | None = None,
-) -> common_pb2.TicketBody:
-    """Check a ticket's signature, shape, operation, audience and validity
-    window; return its body.
-
-    ``keys`` maps key ids to the public keys registered for ``tenant`` (or, if
-    tenant is None, to all tenants' keys: the key id then decides the tenant
-    and the body must name it). ``audience`` is the checker's cluster id (an
-    empty one accepts nothing); ``operations`` the operations the call may
-    perform; ``batch`` whether the call takes a batch ticket (which names
-    no subject) instead of a single one. Raises InvalidTicket with a short
-    reason.
-    """
-    # Each field read once: a protobuf bytes field is a fresh copy per read.
+def check_signature(ticket: SignedTicket, keys: Mapping[str, ed25519.Ed25519PublicKey]) -> None:
+    """InvalidTicket unless the ticket is complete and its signature verifies
+    under the key its key id names in ``keys``."""
     raw, signature, key_id = ticket.body, ticket.signature, ticket.key_id
     if not raw or not signature or not key_id:
         raise InvalidTicket("The verification ticket is missing its body, signature or key id.")
@@ -208,11 +164,30 @@ def verify(
         key.verify(signature, SIGNATURE_CONTEXT + raw)
     except InvalidSignature:
         raise InvalidTicket("The verification ticket's signature does not verify.") from None
-    body = common_pb2.TicketBody()
-    try:
-        body.ParseFromString(raw)
-    except DecodeError:
-        raise InvalidTicket("The verification ticket's body cannot be parsed.") from None
+
+
+def check_body(
+    body: TicketBody | None,
+    *,
+    tenant: str | None = None,
+    audience: str,
+    operations: Collection[int] = (VERIFY,),
+    batch: bool = False,
+    at_ms: int | None = None,
+) -> TicketBody:
+    """Check a signed ticket's body: shape, operation, audience and validity window; return it.
+
+    ``body`` is the parsed body of a ticket whose signature verified
+    (``check_signature``; None when the signed bytes do not parse). ``tenant``
+    the caller's tenant (None: any, the body names it); ``audience`` the
+    checker's cluster id (an empty one accepts nothing); ``operations`` the
+    operations the call may perform; ``batch`` whether the call takes a
+    batch ticket (which names no subject) instead of a single one. Raises
+    InvalidTicket with a short reason. ``vaultrpc.wire.verify_ticket`` runs
+    both checks on a ticket as it arrives.
+    """
+    if body is None:
+        raise InvalidTicket("The verification ticket's body cannot be parsed.")
     body_tenant = body.tenant
     if tenant is not None and body_tenant != tenant:
         raise InvalidTicket("The verification ticket was issued for another tenant.")
@@ -252,12 +227,12 @@ def verify(
     return body
 
 
-def probe_matches(body: common_pb2.TicketBody, probe) -> bool:
+def probe_matches(body: TicketBody, probe) -> bool:
     """Whether the probe is the one the provider authorised (constant-time compare)."""
     return hmac.compare_digest(probe_digest(probe, body.nonce), body.probe_digest)
 
 
-def template_matches(body: common_pb2.TicketBody, template) -> bool:
+def template_matches(body: TicketBody, template) -> bool:
     """Whether the template is the one the provider authorised (constant-time compare)."""
     return hmac.compare_digest(template_digest(template, body.nonce), body.template_digest)
 
@@ -267,13 +242,13 @@ def write_operation(replace: bool) -> int:
     return REPLACE if replace else ENROLL
 
 
-def ticket_digest(ticket: common_pb2.VerificationTicket) -> str:
+def ticket_digest(ticket: SignedTicket) -> str:
     """Hex SHA-256 over the signed body and signature: names one write
     ticket in audit entries and in a node's replay set."""
     return hashlib.sha256(SIGNATURE_CONTEXT + ticket.body + b"\x00" + ticket.signature).hexdigest()
 
 
-def ticket_id(body: common_pb2.TicketBody) -> str:
+def ticket_id(body: TicketBody) -> str:
     """Replay key: one ticket is honoured once per shareholder."""
     return f"{body.tenant}\x00{body.request_id}"
 
@@ -286,7 +261,7 @@ def ticket_id(body: common_pb2.TicketBody) -> str:
 _AUDIT_CHUNK = 480
 
 
-def audit_details(ticket: common_pb2.VerificationTicket) -> dict:
+def audit_details(ticket: SignedTicket) -> dict:
     """``{"ticket": [base64 chunks of the body], "ticket_sig": base64}``."""
     body = base64.b64encode(ticket.body).decode("ascii")
     return {
@@ -295,7 +270,7 @@ def audit_details(ticket: common_pb2.VerificationTicket) -> dict:
     }
 
 
-def from_audit_details(details: Mapping) -> common_pb2.VerificationTicket | None:
+def from_audit_details(details: Mapping) -> SignedTicket | None:
     """The ticket a release entry's details record, or None if they hold none."""
     chunks, sig, key_id = details.get("ticket"), details.get("ticket_sig"), details.get("key_id")
     if not isinstance(chunks, list) or not all(isinstance(c, str) for c in chunks) or not isinstance(sig, str):
@@ -305,4 +280,4 @@ def from_audit_details(details: Mapping) -> common_pb2.VerificationTicket | None
         signature = base64.b64decode(sig, validate=True)
     except (ValueError, TypeError):
         return None
-    return common_pb2.VerificationTicket(body=body, signature=signature, key_id=key_id if isinstance(key_id, str) else "")
+    return SignedTicket(body=body, signature=signature, key_id=key_id if isinstance(key_id, str) else "")

@@ -59,6 +59,7 @@ from vault import audit, pki, ticket as tickets
 from vault.errors import InvalidTicket
 from vaultctl import auditor
 from vaultctl.cli import EXIT_LOCAL, EXIT_OK, EXIT_REMOTE, CliError, Result, command
+from vaultrpc import wire
 from vaultrpc.files import write_atomic
 
 # The check ran and found a problem (contracts.md, exit codes).
@@ -131,9 +132,9 @@ def read_node(target: auditor.AuditorTarget, node: auditor.NodeRef, db: pathlib.
         # Taken after the head: the streamed log must reach at least that far.
         for item in stub.ReadAuditLog(shareholder_pb2.ReadAuditLogRequest(from_seq=1), timeout=max(600.0, target.timeout_s)):
             if item.WhichOneof("item") == "entry":
-                log.entries.append(item.entry)
+                log.entries.append(wire.audit_entry(item.entry))
             else:
-                log.checkpoints.append(item.checkpoint)
+                log.checkpoints.append(wire.checkpoint(item.checkpoint))
     except grpc.RpcError as exc:
         log.error = f"{exc.code().name}: {exc.details()}"
     finally:
@@ -406,8 +407,8 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
         if tenant_keys is None:
             return f"no ticket key is recorded for tenant {e.tenant!r}", None
         try:
-            body = tickets.verify(ticket, tenant_keys, tenant=e.tenant, audience=target.cluster_id,
-                                  operations=operations, batch=batch, at_ms=e.time_ms)
+            body = wire.verify_ticket(ticket, tenant_keys, tenant=e.tenant, audience=target.cluster_id,
+                                      operations=operations, batch=batch, at_ms=e.time_ms)
         except InvalidTicket as exc:
             return str(exc).rstrip(".").lower(), None
         if not batch and (body.subject, body.request_id) != (e.subject, e.request_id):

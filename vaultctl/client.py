@@ -6,7 +6,7 @@
         client.delete("alice")
 
 Every call carries a fresh ticket signed with the provider's Ed25519 ticket
-key (``vault.ticket.issue``) for this cluster (its audience, the cluster id):
+key (``vaultrpc.wire.issue_ticket``) for this cluster (its audience, the cluster id):
 the matcher and every shareholder check it. A verification's ticket binds
 its probe; an enrolment's binds the template and says ENROLL or REPLACE; a
 deletion's says DELETE (docs/contracts.md, "Provider-signed writes"). The tenant is the name
@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from splitvault.v1 import matcher_pb2, matcher_pb2_grpc
 from vault import names, pki, ticket
 from vaultctl import cluster
+from vaultrpc import wire
 from vaultrpc.tls import TlsFiles, TlsMaterial, secure_channel
 
 _DECISIONS = {matcher_pb2.DECISION_MATCH: "MATCH", matcher_pb2.DECISION_NO_MATCH: "NO_MATCH"}
@@ -135,7 +136,7 @@ class MatcherClient:
 
     def ticket(self, operation: int, subject: str, request_id: str, *, probe=None, template=None):
         """A fresh ticket of this provider for this cluster."""
-        return ticket.issue(
+        return wire.issue_ticket(
             self._ticket_key, self.key_id, tenant=self.tenant, subject=subject, request_id=request_id,
             audience=self.cluster_id, operation=operation, probe=probe, template=template, ttl_ms=self.ticket_ttl_ms,
         )
@@ -178,7 +179,7 @@ class MatcherClient:
         def message(chunk) -> matcher_pb2.EnrollBatchesRequest:
             # One batch ticket signs the message's templates (one Ed25519
             # signature, and one check per node, instead of one per template).
-            signed = ticket.issue_batch(
+            signed = wire.issue_batch(
                 self._ticket_key, self.key_id, tenant=self.tenant, audience=self.cluster_id,
                 batch_id=str(uuid.uuid4()), operation=operation, ttl_ms=self.ticket_ttl_ms,
                 items=[(r.subject, r.request_id, vector) for r, vector in chunk],

@@ -51,6 +51,7 @@ from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
 from vault import audit, codec, pki
 from vaultctl import cluster
 from vaultctl.client import MatcherClient
+from vaultrpc import wire
 from vaultrpc.tls import secure_channel
 
 DEFAULT_DIR = pathlib.Path(".demo-cluster")
@@ -169,9 +170,9 @@ def read_audit_log(root: pathlib.Path, node: str, timeout_s: float = 10.0):
         for item in stub.ReadAuditLog(shareholder_pb2.ReadAuditLogRequest(from_seq=1), timeout=timeout_s):
             which = item.WhichOneof("item")
             if which == "entry":
-                entries.append(item.entry)
+                entries.append(wire.audit_entry(item.entry))
             elif which == "checkpoint":
-                checkpoints.append(item.checkpoint)
+                checkpoints.append(wire.checkpoint(item.checkpoint))
     return entries, checkpoints
 
 

@@ -16,7 +16,7 @@ import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
-from splitvault.v1 import common_pb2
+from vault import audit
 from vault.envelope import SealedShare
 from shareholders.storage import schema
 from shareholders.storage.dialect import Dialect
@@ -511,7 +511,7 @@ class Database:
 
     # --- the audit chain ---------------------------------------------------------------------
 
-    def insert_entry(self, e: common_pb2.AuditEntry) -> None:
+    def insert_entry(self, e: audit.AuditEntry) -> None:
         self.insert_entry_row((e.seq, e.time_ms, e.node, e.event, e.actor, e.request_id, e.tenant, e.subject,
                                e.details_json, e.prev_hash, e.entry_hash))
 
@@ -519,7 +519,7 @@ class Database:
         """Insert an entry given as a row in AUDIT_COLUMNS order (``vault.audit.make_entry_row``)."""
         self.execute(f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
 
-    def insert_checkpoint(self, cp: common_pb2.AuditCheckpoint) -> None:
+    def insert_checkpoint(self, cp: audit.AuditCheckpoint) -> None:
         self.execute(self.dialect.upsert("audit_checkpoints", "seq, entry_hash, time_ms, node, signature", "seq"),
                      (cp.seq, cp.entry_hash, cp.time_ms, cp.node, cp.signature))
 
@@ -548,9 +548,9 @@ class Database:
             yield from rows
             seq = rows[-1][0]
 
-    def checkpoints(self, from_seq: int = 1) -> list[common_pb2.AuditCheckpoint]:
+    def checkpoints(self, from_seq: int = 1) -> list[audit.AuditCheckpoint]:
         return [
-            common_pb2.AuditCheckpoint(seq=r[0], entry_hash=bytes(r[1]), time_ms=r[2], node=r[3], signature=bytes(r[4]))
+            audit.AuditCheckpoint(seq=r[0], entry_hash=bytes(r[1]), time_ms=r[2], node=r[3], signature=bytes(r[4]))
             for r in self.execute(
                 "SELECT seq, entry_hash, time_ms, node, signature FROM audit_checkpoints WHERE seq >= ? ORDER BY seq",
                 (from_seq,),
@@ -572,8 +572,6 @@ class Database:
             "SELECT details_json FROM audit_log WHERE time_ms >= ? AND event = ? AND request_id = ? ORDER BY seq",
             (since_ms, event, request_id))]
 
-    def read_chain(self) -> tuple[list[common_pb2.AuditEntry], list[common_pb2.AuditCheckpoint]]:
+    def read_chain(self) -> tuple[list[audit.AuditEntry], list[audit.AuditCheckpoint]]:
         """The whole stored audit log and its checkpoints, as stored."""
-        from vault.audit import load_entries
-
-        return load_entries(list(self.iter_entries())), self.checkpoints()
+        return audit.load_entries(list(self.iter_entries())), self.checkpoints()

@@ -1,11 +1,12 @@
-"""The single-template fast paths under join: vault.integrity._tags_one,
-vault.sharing._combine_rows and vault.codec._from_canonical, each checked
-against the general path it replaces; and join itself (one path, records
-[s | t] with the epoch key's shares) against plain Python integers, on random
-inputs including tampered and out-of-field shares."""
+"""join and the pieces under it against plain Python integers: integrity.check
+per row and in batches, sharing.reconstruct in one chunk and in many,
+codec.from_field against the reference decoder, and join itself (records
+[s | t] with the epoch key's shares) on random inputs including tampered and
+out-of-field shares."""
 
 from __future__ import annotations
 
+import dataclasses
 from unittest import mock
 
 import numpy as np
@@ -13,14 +14,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitvault.v1 import common_pb2
 from vault import codec, epoch_mac, field, integrity, record, sharing
 from vault.errors import IntegrityError, InvalidShares
 from vault.field import FIELD_DTYPE, P
 
 L = integrity.MAC_COUNT
 # Widths around the baby-step/giant-step shape changes (d + 3 = 64, 65, 256,
-# 257, 1024, 1025), the matcher's 512, and beyond the per-thread plan cache.
+# 257, 1024, 1025), the matcher's 512, and a wide one.
 EDGE_WIDTHS = (1, 2, 5, 61, 62, 253, 254, 512, 1021, 1022, 4097)
 
 
@@ -39,52 +39,26 @@ def _python_tags(s: list[int], keys: list[int]) -> list[int]:
 field_values = st.one_of(st.integers(0, P - 1), st.sampled_from([0, 1, 2, 127, P - 127, P - 2, P - 1]))
 
 
-# --- _tags_one against _tags_chunked and Python --------------------------------------
-
-
-@settings(max_examples=150, deadline=None)
-@given(d=st.integers(1, 300), data=st.data())
-def test_tags_one_matches_the_chunked_path_and_python(d, data):
-    s = np.array(data.draw(st.lists(field_values, min_size=d, max_size=d)), dtype=FIELD_DTYPE)[np.newaxis, :]
-    keys = np.array(data.draw(st.lists(field_values, min_size=L, max_size=L)), dtype=FIELD_DTYPE)[np.newaxis, :]
-    fast = integrity._tags(s, keys)  # batch 1: the fast path
-    slow = integrity._tags_chunked(s, keys)
-    assert fast.shape == slow.shape == (1, L) and fast.dtype == slow.dtype == FIELD_DTYPE
-    assert fast.tolist() == slow.tolist() == [_python_tags(s[0].tolist(), keys[0].tolist())]
+# --- integrity.check, sharing.reconstruct and codec.from_field against Python ------------
 
 
 @pytest.mark.parametrize("d", EDGE_WIDTHS)
 @pytest.mark.parametrize("fill", [0, 1, P - 1, None])
-def test_tags_one_at_shape_edges_and_extreme_values(d, fill):
-    gen = np.random.default_rng(d)
-    s = gen.integers(0, P, size=(1, d), dtype=np.uint64).astype(FIELD_DTYPE)
+def test_tags_at_shape_edges_and_extreme_values_match_python(d, fill):
+    gen = np.random.default_rng(d)  # test data only
+    s = gen.integers(0, P, size=(2, d), dtype=np.uint64).astype(FIELD_DTYPE)
     if fill is not None:
         s[:] = fill
-    for keys in ([[0, 1, P - 1, 2]], [[P - 1] * L], gen.integers(0, P, size=(1, L))):
-        keys = np.array(keys, dtype=FIELD_DTYPE)
-        fast = integrity._tags_one(s[0], keys[0])
-        assert fast.tolist() == integrity._tags_chunked(s, keys).tolist()
-        if d <= 254:
-            assert fast.tolist() == [_python_tags(s[0].tolist(), keys[0].tolist())]
+    ext = integrity.extend(s)
+    assert integrity.check(ext).tolist() == [True, True]
+    assert integrity.check(ext[1:]).tolist() == [True]
+    if d <= 254:
+        for row in range(2):
+            keys, tags = ext[row, d : d + L].tolist(), ext[row, d + L :].tolist()
+            assert tags == _python_tags(s[row].tolist(), keys)
 
 
-def test_tags_one_wipes_its_workspace_and_does_not_share_a_busy_one():
-    s = np.arange(1, 513, dtype=FIELD_DTYPE)
-    keys = np.array([3, 5, 7, 11], dtype=FIELD_DTYPE)
-    want = integrity._tags_chunked(s[np.newaxis, :], keys[np.newaxis, :]).tolist()
-    assert integrity._tags_one(s, keys).tolist() == want
-    plan = integrity._one_row_plan(512)
-    assert not plan.busy and not plan.ws.any()  # zeros between calls
-    plan.busy = True  # as if a call were in progress on this thread
-    try:
-        assert integrity._one_row_plan(512) is not plan
-        assert integrity._tags_one(s, keys).tolist() == want
-        assert not plan.ws.any()  # the busy workspace was not touched
-    finally:
-        plan.busy = False
-
-
-def test_check_uses_the_fast_path_for_one_row_and_agrees_with_batches():
+def test_check_one_row_agrees_with_batches():
     ext = integrity.extend(np.arange(40, dtype=FIELD_DTYPE).reshape(4, 10))
     assert integrity.check(ext).tolist() == [True] * 4
     for row in range(4):
@@ -92,28 +66,16 @@ def test_check_uses_the_fast_path_for_one_row_and_agrees_with_batches():
         bad = ext[row : row + 1].copy()
         bad[0, 3] = (int(bad[0, 3]) + 1) % P
         assert integrity.check(bad).tolist() == [False]
-        assert integrity._tags_chunked(bad[:, :10], bad[:, 10 : 10 + L]).tolist() != bad[:, 10 + L :].tolist()
 
-
-# --- field helpers, _combine_rows, _from_canonical ------------------------------------
-
-
-@settings(max_examples=100, deadline=None)
-@given(st.lists(st.integers(0, (1 << 62) - 2), min_size=1, max_size=40))
-def test_canon_with_and_fold_with_match_the_allocating_versions(values):
-    x = np.array(values, dtype=np.uint64)
-    scratch = np.empty_like(x)
-    assert field._canon_with(x.copy(), scratch).tolist() == [v % P for v in values]
-    assert field._fold_with(x.copy(), scratch).tolist() == field._fold(x.copy()).tolist()
 
 
 @settings(max_examples=100, deadline=None)
 @given(k=st.integers(2, 7), width=st.integers(1, 30), data=st.data())
-def test_combine_rows_matches_the_chunked_combine(k, width, data):
+def test_reconstruct_in_one_chunk_and_in_many_matches_python(k, width, data):
     xs = tuple(data.draw(st.lists(st.integers(1, 255), min_size=k, max_size=k, unique=True)))
     ys = np.array(data.draw(st.lists(field_values, min_size=k * width, max_size=k * width)), dtype=np.uint64)
     ys = ys.reshape(k, 1, width).astype(FIELD_DTYPE)
-    fast = sharing.reconstruct(xs, ys)  # one chunk: _combine_rows
+    fast = sharing.reconstruct(xs, ys)  # one chunk
     with mock.patch.object(sharing, "CHUNK_ELEMENTS", 7):  # the chunked loop
         slow = sharing.reconstruct(xs, ys)
     assert fast.dtype == slow.dtype == FIELD_DTYPE
@@ -121,13 +83,10 @@ def test_combine_rows_matches_the_chunked_combine(k, width, data):
     lam = [int(v) for v in field.lagrange_at_zero(xs)]
     want = [sum(lam[j] * int(ys[j, 0, i]) for j in range(k)) % P for i in range(width)]
     assert fast[0].tolist() == want
-    assert sharing._reconstruct_rows(xs, list(ys[:, 0, :])).tolist() == [want]
-    # vault.proactive passes field.lagrange_at's int64 array, not the 0-d tuple.
-    assert sharing._combine(ys, field.lagrange_at_zero(xs)).tolist() == [want]
 
 
 def _old_from_field(values: np.ndarray) -> np.ndarray:
-    # The decoder before the fast path: centred signed values, then int8.
+    # The reference decoder: centred signed values, then int8.
     signed = field.to_signed(values)
     if signed.size and (signed.min() < -codec.QMAX or signed.max() > codec.QMAX):
         raise IntegrityError("The rejoined vector is not a valid template encoding.")
@@ -135,34 +94,31 @@ def _old_from_field(values: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("v", [0, 1, 126, 127, 128, 129, 254, 255, P // 2, P - 129, P - 128, P - 127, P - 126, P - 1])
-def test_from_canonical_at_the_code_boundaries(v):
+def test_from_field_at_the_code_boundaries(v):
     arr = np.array([v, 3], dtype=FIELD_DTYPE)
     try:
         want = _old_from_field(arr)
     except IntegrityError:
         with pytest.raises(IntegrityError, match="not a valid template encoding"):
-            codec._from_canonical(arr)
-        with pytest.raises(IntegrityError, match="not a valid template encoding"):
             codec.from_field(arr)
     else:
-        got = codec._from_canonical(arr)
+        got = codec.from_field(arr)
         assert got.dtype == np.int8 and got.tolist() == want.tolist()
-        assert codec.from_field(arr).tolist() == want.tolist()
 
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.integers(-127, 127), max_size=50), st.lists(field_values, max_size=3))
-def test_from_canonical_matches_the_old_decoder(codes, noise):
+def test_from_field_matches_the_reference_decoder(codes, noise):
     arr = codec.to_field(np.array(codes + [0], dtype=np.int8))
-    assert codec._from_canonical(arr).tolist() == _old_from_field(arr).tolist() == codes + [0]
+    assert codec.from_field(arr).tolist() == _old_from_field(arr).tolist() == codes + [0]
     mixed = np.concatenate([arr, np.array(noise, dtype=FIELD_DTYPE)])
     try:
         want = _old_from_field(mixed).tolist()
     except IntegrityError:
         with pytest.raises(IntegrityError):
-            codec._from_canonical(mixed)
+            codec.from_field(mixed)
     else:
-        assert codec._from_canonical(mixed).tolist() == want
+        assert codec.from_field(mixed).tolist() == want
 
 
 # --- join (one path) against plain Python integers -----------------------------------
@@ -178,17 +134,13 @@ def _records(seed: int, k: int, n: int, d: int):
         tenant="psp-1", subject="alice", epoch=7, threshold=k, shareholders=n, dimension=d, request_id="r", shares=shares
     )
     key_shares = sharing.split(key.reshape(1, -1), k, n)[:, 0, :]
-    keys = [common_pb2.MacKeyShare(epoch=7, index=i + 1, dimension=d, values=record.pack_values(key_shares[i]))
+    keys = [record.KeyShare(epoch=7, index=i + 1, dimension=d, values=record.pack_values(key_shares[i]))
             for i in range(n)]
     return recs, keys, codes[0]
 
 
 def _copy(rec, **changes):
-    out = common_pb2.ShareRecord()
-    out.CopyFrom(rec)
-    for name, value in changes.items():
-        setattr(out, name, value)
-    return out
+    return dataclasses.replace(rec, **changes)
 
 
 def _python_join(recs, keys) -> list[int]:
@@ -244,7 +196,7 @@ def test_join_rejects_a_tampered_share_as_python_does(seed, scheme, d, part, del
     if part == "key":
         v = record.unpack_values(keys[0].values, epoch_mac.TAG_COUNT * d)
         v[position] = (int(v[position]) + delta) % P
-        keys = [common_pb2.MacKeyShare(epoch=7, index=1, dimension=d, values=record.pack_values(v)), *keys[1:]]
+        keys = [record.KeyShare(epoch=7, index=1, dimension=d, values=record.pack_values(v)), *keys[1:]]
     else:
         v = record.unpack_values(recs[0].values, d + epoch_mac.TAG_COUNT)
         v[position] = (int(v[position]) + delta) % P
@@ -266,9 +218,8 @@ def test_join_rejects_out_of_field_shares():
 def test_join_agreement_errors_name_the_first_disagreeing_field():
     recs, keys, _ = _records(3, 2, 3, 16)
     for name, value in (("subject", "bob"), ("epoch", 8), ("dimension", 17)):
-        changed = _copy(recs[1], **{name: value})
-        if name == "dimension":
-            changed = _copy(changed, values=changed.values + b"\x00" * 4)
+        extra = {"values": recs[1].values + b"\x00" * 4} if name == "dimension" else {}
+        changed = _copy(recs[1], **{name: value}, **extra)
         with pytest.raises(InvalidShares, match=f"disagree on the {name}"):
             record.join([recs[0], changed], keys[:2])
     both = _copy(recs[1], epoch=8, subject="bob")  # subject comes first
