@@ -38,7 +38,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from matcher import metrics
+from matcher import identify, metrics
 from matcher.committee import TRANSPORT_CODES, Committee, Outcome
 from matcher.config import MatcherConfig, ShareholderEndpoint, TenantPolicy
 from splitvault.v1 import common_pb2, matcher_pb2, matcher_pb2_grpc, shareholder_pb2
@@ -654,6 +654,10 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         finally:
             record.wipe(probe, *codes)
             metrics.VERIFICATIONS.labels(outcome_label).inc()
+
+    def Identify(self, request, context):
+        # 1:N on shares: matcher.identify (no template is rejoined).
+        return identify.identify(self, request, context)
 
     def _check_write_ticket(self, request, tenant: TenantPolicy, subject: str, request_id: str,
                             operations: tuple[int, ...], template: np.ndarray | None):

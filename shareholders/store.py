@@ -297,6 +297,26 @@ def subject_rows(conn: sqlite3.Connection, tenant: str, subject: str) -> list[Sh
     return [_share_row(r) for r in rows]
 
 
+def tenant_row_versions(conn: sqlite3.Connection, tenant: str, dimension: int, max_epoch: int) -> list[tuple]:
+    """(subject, epoch, stored_ms, request_id) of one tenant's rows of one dimension up to ``max_epoch``
+    (no share values): what Identify's gallery cache compares to see what changed."""
+    return conn.execute(
+        "SELECT subject, epoch, stored_ms, request_id FROM shares WHERE tenant = ? AND dimension = ? AND epoch <= ?",
+        (tenant, int(dimension), int(max_epoch)),
+    ).fetchall()
+
+
+def tenant_rows(conn: sqlite3.Connection, tenant: str, dimension: int, max_epoch: int) -> Iterator[ShareRow]:
+    """Every row of one tenant of one dimension up to ``max_epoch``, in pages (Identify's gallery load)."""
+    cur = conn.execute(
+        f"SELECT {SHARE_COLUMNS} FROM shares WHERE tenant = ? AND dimension = ? AND epoch <= ?",
+        (tenant, int(dimension), int(max_epoch)),
+    )
+    while page := cur.fetchmany(PAGE_SIZE):
+        for r in page:
+            yield _share_row(r)
+
+
 def subject_request_ids(conn: sqlite3.Connection, tenant: str, subject: str) -> set[str]:
     return {r[0] for r in conn.execute(
         "SELECT request_id FROM shares WHERE tenant = ? AND subject = ?", (tenant, subject))}

@@ -166,3 +166,19 @@ def test_batch_and_single_tickets_do_not_stand_for_each_other(key):
         check(make_batch(key, op=ticket.ENROLL).ticket, key, operations=(ticket.REPLACE,), batch=True)
     with pytest.raises(ValueError):
         make_batch(key, op=ticket.DELETE)
+
+
+def test_identify_ticket_binds_a_probe_and_names_no_subject(key):
+    keys = {"k1": key.public_key()}
+    t = make(key, subject="", operation=ticket.IDENTIFY)
+    body = ticket.verify(t, keys, tenant="acme", audience=AUD, operations=(ticket.IDENTIFY,), at_ms=1_000_500)
+    assert body.subject == "" and ticket.probe_matches(body, PROBE)
+    # an identify ticket is not a verification, nor the other way round
+    with pytest.raises(InvalidTicket, match="identify, not this call"):
+        ticket.verify(t, keys, tenant="acme", audience=AUD, at_ms=1_000_500)
+    with pytest.raises(InvalidTicket, match="verify, not this call"):
+        ticket.verify(make(key), keys, tenant="acme", audience=AUD, operations=(ticket.IDENTIFY,), at_ms=1_000_500)
+    with pytest.raises(ValueError, match="names no subject"):
+        make(key, operation=ticket.IDENTIFY)
+    with pytest.raises(ValueError, match="binds a probe"):
+        make(key, subject="", operation=ticket.IDENTIFY, probe=None)

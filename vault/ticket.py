@@ -38,8 +38,11 @@ VERIFY = common_pb2.TICKET_OPERATION_VERIFY
 ENROLL = common_pb2.TICKET_OPERATION_ENROLL
 REPLACE = common_pb2.TICKET_OPERATION_REPLACE
 DELETE = common_pb2.TICKET_OPERATION_DELETE
+IDENTIFY = common_pb2.TICKET_OPERATION_IDENTIFY
 WRITES = (ENROLL, REPLACE)
-OPERATION_NAMES = {VERIFY: "verify", ENROLL: "enroll", REPLACE: "replace", DELETE: "delete"}
+# Operations whose ticket binds a probe (and IDENTIFY names no subject).
+PROBES = (VERIFY, IDENTIFY)
+OPERATION_NAMES = {VERIFY: "verify", ENROLL: "enroll", REPLACE: "replace", DELETE: "delete", IDENTIFY: "identify"}
 NONCE_BYTES = 16
 # Longest validity a node accepts, whatever the ticket says.
 MAX_TTL_MS = 5 * 60 * 1000
@@ -112,9 +115,12 @@ def issue(
     binds no vector; ``audience`` is the cluster id of the committee.
     """
     if operation not in OPERATION_NAMES:
-        raise ValueError("The ticket operation must be VERIFY, ENROLL, REPLACE or DELETE.")
-    if (probe is not None) != (operation == VERIFY) or (template is not None) != (operation in WRITES):
-        raise ValueError("A VERIFY ticket binds a probe, an ENROLL or REPLACE ticket a template, a DELETE ticket neither.")
+        raise ValueError("The ticket operation must be VERIFY, ENROLL, REPLACE, DELETE or IDENTIFY.")
+    if (operation == IDENTIFY) == bool(subject):
+        raise ValueError("An IDENTIFY ticket names no subject; every other ticket names one.")
+    if (probe is not None) != (operation in PROBES) or (template is not None) != (operation in WRITES):
+        raise ValueError("A VERIFY or IDENTIFY ticket binds a probe, an ENROLL or REPLACE ticket a template, "
+                         "a DELETE ticket neither.")
     issued = now_ms() if issued_at_ms is None else issued_at_ms
     nonce = secrets.token_bytes(NONCE_BYTES)
     body = common_pb2.TicketBody(
@@ -220,23 +226,25 @@ def verify(
         raise InvalidTicket("A batch ticket stands only for the items of a bulk enrolment."
                             if body.batch_digest else "The call needs a batch ticket.")
     named = (("tenant", body_tenant), ("request_id", body.request_id))
-    if not batch:
+    operation = body.operation
+    if operation == IDENTIFY and body.subject:
+        raise InvalidTicket("An identify ticket names no subject.")
+    if not batch and operation != IDENTIFY:
         named += (("subject", body.subject),)
-    elif body.subject:
+    elif batch and body.subject:
         raise InvalidTicket("A batch ticket names no subject.")
     for name, value in named:
         try:
             names.check_id(value, f"verification ticket's {name}")
         except InvalidName as exc:
             raise InvalidTicket(str(exc)) from None
-    operation = body.operation
     if operation not in operations:
         raise InvalidTicket(
             f"The ticket authorises {OPERATION_NAMES.get(operation, 'no known operation')}, not this call."
         )
     if not audience or body.audience != audience:
         raise InvalidTicket("The ticket was issued for another cluster (its audience is not this cluster id).")
-    want_probe = 32 if operation == VERIFY else 0
+    want_probe = 32 if operation in PROBES else 0
     want_template = 32 if operation in WRITES and not batch else 0
     if (len(body.nonce) != NONCE_BYTES or len(body.probe_digest) != want_probe
             or len(body.template_digest) != want_template or len(body.batch_digest) != (32 if batch else 0)):
