@@ -20,8 +20,8 @@ position order. This node, at position j:
    candidates' pair comparisons, and the subject of one row.
 
 The gallery is kept in memory in compute form per (tenant, dimension):
-the template part of each record share (d field elements, 4 d bytes per
-template: 2 KiB at d = 512), rows sorted by subject, the newest epoch up
+the template part of each record share as float64 (``mpc.compute_form``:
+8 d bytes per template, 4 KiB at d = 512), rows sorted by subject, the newest epoch up
 to the serving epoch per subject. Before every query the rows' versions
 (subject, epoch, stored time, request id; no share values) are read and
 compared with the cache, and only rows that changed are opened again: so
@@ -130,7 +130,7 @@ class Gallery:
 
     subjects: tuple[str, ...]
     versions: tuple[tuple, ...]  # (epoch, stored_ms, request_id) per row
-    values: np.ndarray  # (G, d) field elements: this node's shares of the templates
+    values: np.ndarray  # (G, d) this node's shares of the templates, in mpc.compute_form (float64)
     threshold: int  # the records' k (0 when empty)
     digest: bytes
 
@@ -164,7 +164,7 @@ class Galleries:
                 return old
             have = {} if old is None else {s: (i, v) for i, (s, v) in enumerate(zip(old.subjects, old.versions))}
             changed = [s for s in subjects if have.get(s, (None, None))[1] != newest[s]]
-            values = np.empty((len(subjects), dimension), dtype=np.uint32)
+            values = np.empty((len(subjects), dimension), dtype=np.float64)  # mpc.compute_form
             thresholds: set[int] = set() if old is None or not old.subjects else {old.threshold}
             fresh: dict[str, np.ndarray] = {}
             ring = sh.keys.kek

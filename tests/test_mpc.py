@@ -51,6 +51,10 @@ def shares_of(codes: np.ndarray, committee=(1, 2, 3), n: int = 3):
     return [full[x - 1] for x in committee]
 
 
+def gallery_of(codes: np.ndarray, committee=(1, 2, 3), n: int = 3):
+    return [mpc.compute_form(s) for s in shares_of(codes, committee, n)]
+
+
 # --- the arithmetic layer --------------------------------------------------------
 
 
@@ -59,7 +63,7 @@ def test_score_shares_add_up_to_the_scores(committee):
     gen = np.random.default_rng(7)
     codes = gen.integers(-127, 128, (300, D)).astype(np.int8)
     probe = gen.integers(-127, 128, D).astype(np.int8)
-    t = shares_of(codes, committee, n=5)
+    t = gallery_of(codes, committee, n=5)
     q = shares_of(probe[np.newaxis, :], committee, n=5)
     ys = [mpc.score_shares(t[j], q[j][0], mpc.lagrange(committee, j)) for j in range(3)]
     total = field.add(field.add(ys[0], ys[1]), ys[2])
@@ -69,10 +73,29 @@ def test_score_shares_add_up_to_the_scores(committee):
 def test_extreme_scores_are_exact():
     codes = np.array([[127] * D, [-127] * D, [127, -127] * (D // 2)], dtype=np.int8)
     probe = np.full(D, 127, dtype=np.int8)
-    t, q = shares_of(codes), shares_of(probe[np.newaxis, :])
+    t, q = gallery_of(codes), shares_of(probe[np.newaxis, :])
     ys = [mpc.score_shares(t[j], q[j][0], mpc.lagrange((1, 2, 3), j)) for j in range(3)]
     total = field.to_signed(field.add(field.add(ys[0], ys[1]), ys[2]))
     assert total.tolist() == [MAX, -MAX, 0]
+
+
+def test_score_shares_are_exact_past_2048_columns():
+    gen = np.random.default_rng(9)
+    d = 5000
+    codes = gen.integers(-127, 128, (20, d)).astype(np.int8)
+    codes[0] = 127
+    probe = np.full(d, 127, dtype=np.int8)
+    t, q = gallery_of(codes), shares_of(probe[np.newaxis, :])
+    ys = [mpc.score_shares(t[j], q[j][0], mpc.lagrange((1, 2, 3), j)) for j in range(3)]
+    total = field.to_signed(field.add(field.add(ys[0], ys[1]), ys[2]))
+    assert total.tolist() == (codes.astype(np.int64) @ probe.astype(np.int64)).tolist()
+
+
+def test_score_shares_need_the_compute_form():
+    with pytest.raises(ValueError, match="compute form"):
+        mpc.score_shares(rng.random_field((3, 4)), rng.random_field(4), 1)
+    with pytest.raises(ValueError, match="field elements"):
+        mpc.compute_form(np.full((1, 2), P, dtype=np.uint32))
 
 
 def test_rerandomised_shares_keep_the_sum_and_change_every_share():
@@ -193,7 +216,7 @@ def test_identify_matches_plaintext_exhaustive_search_on_2000_rows():
     floats[1:5] = floats[0] + 0.05 * gen.standard_normal((4, D))
     floats[11] = floats[10] + 0.6 * gen.standard_normal(D)
     codes = codec.encode(floats, D)
-    t = shares_of(codes)
+    t = gallery_of(codes)
     threshold, margin = 400_000, 50_000
     probes = [floats[g] + 0.3 * gen.standard_normal(D) for g in gen.choice(rows, 12, replace=False)]  # genuine
     probes += [gen.standard_normal(D) for _ in range(8)]  # impostors
@@ -216,7 +239,7 @@ def _views(codes: np.ndarray, probe: np.ndarray, runs: int, position: int) -> tu
     received = np.zeros(256, dtype=np.int64)
     opened = np.zeros(256, dtype=np.int64)
     for _ in range(runs):
-        t = shares_of(codes)
+        t = gallery_of(codes)
         q = [s[0] for s in shares_of(probe[np.newaxis, :])]
         views: list = []
         trio = mpc.LocalTrio(views)

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from vault import epoch_mac, field, proactive
+from vault import field, proactive
 from vault.errors import InvalidShares
 from vault.field import FIELD_DTYPE, P
 
@@ -125,18 +125,56 @@ def lagrange(committee: Sequence[int], position: int) -> int:
     return int(field.lagrange_at_zero(xs)[position])
 
 
+def compute_form(gallery: np.ndarray) -> np.ndarray:
+    """A node's gallery shares (G, d) as float64, the form ``score_shares`` reads.
+
+    Every share is < 2^31, exact in float64; kept this way (8 bytes per
+    element) so that a query costs three BLAS matrix-vector products and no
+    conversion of the gallery.
+    """
+    g = np.asarray(gallery)
+    if g.ndim != 2 or g.dtype.kind not in "iu" or (g.size and int(g.max()) >= P):
+        raise InvalidShares("Gallery shares are a 2-D array of field elements.")
+    return np.ascontiguousarray(g, dtype=np.float64)
+
+
+# 11-bit limbs of the probe share: a product share * limb is < 2^42 and a
+# sum of 2^11 of them stays below 2^53, where float64 integers are exact.
+_LIMB_BITS = 11
+_LIMB_COLUMNS = 1 << 11
+
+
 def score_shares(gallery: np.ndarray, probe: np.ndarray, coefficient: int) -> np.ndarray:
     """y[g] = coefficient * <gallery[g], probe>  (mod P) for every row: (G,) field elements.
 
-    ``gallery`` (G, d) and ``probe`` (d,) are field elements (a node's
-    shares). Exact: ``epoch_mac.inner_products`` (float64 BLAS on 11-bit limbs
-    of the probe, every partial sum < 2^53).
+    ``gallery`` is a node's shares in ``compute_form`` (G, d), ``probe`` its
+    share of the probe (d,). Exact: the probe is cut into three 11-bit limbs,
+    each a float64 BLAS matrix-vector product over at most 2^11 columns
+    (every partial sum < 2^53), reduced mod P and recombined in uint64.
     """
+    g = np.asarray(gallery)
     q = np.asarray(probe)
-    if q.ndim != 1:
-        raise InvalidShares("A probe share is one vector.")
-    dots = epoch_mac.inner_products(gallery, q[np.newaxis, :])[:, 0]
-    return field.mul(dots, np.full(dots.shape, int(coefficient) % P, dtype=FIELD_DTYPE))
+    if g.dtype != np.float64 or g.ndim != 2:
+        raise InvalidShares("Gallery shares must be in compute form (mpc.compute_form).")
+    if q.ndim != 1 or q.shape[0] != g.shape[1]:
+        raise InvalidShares("A probe share is one vector of the gallery's dimension.")
+    q32 = q.astype(np.uint32)
+    acc = np.zeros(g.shape[0], dtype=np.uint64)
+    for c0 in range(0, g.shape[1], _LIMB_COLUMNS):
+        c1 = min(c0 + _LIMB_COLUMNS, g.shape[1])
+        block = g[:, c0:c1]
+        for limb in range(3):
+            part = ((q32[c0:c1] >> np.uint32(_LIMB_BITS * limb)) & np.uint32((1 << _LIMB_BITS) - 1))
+            dots = (block @ part.astype(np.float64)).astype(np.uint64)  # < 2^53: exact
+            field._reduce_u64_inplace(dots)  # [0, P)
+            np.add(acc, dots << np.uint64(_LIMB_BITS * limb), out=acc)  # < 2^53 each term
+            field._fold(acc)
+            dots.fill(0)
+    field._reduce_u64_inplace(acc)
+    out = field.mul(acc.astype(FIELD_DTYPE), np.full(acc.shape, int(coefficient) % P, dtype=FIELD_DTYPE))
+    acc.fill(0)
+    q32.fill(0)
+    return out
 
 
 def pair_field_stream(key: bytes, label: bytes, count: int) -> np.ndarray:
@@ -505,8 +543,8 @@ def identify_local(gallery_shares: Sequence[np.ndarray], probe_shares: Sequence[
                    views: list | None = None) -> tuple[str, int | None]:
     """Identify with the three parties as threads of this process (tests, bench).
 
-    ``gallery_shares[j]`` (G, d) and ``probe_shares[j]`` (d,) are the shares
-    of the node at ``committee[j]``.
+    ``gallery_shares[j]`` (G, d, in ``compute_form``) and ``probe_shares[j]``
+    (d,) are the shares of the node at ``committee[j]``.
     """
     trio = LocalTrio(views)
     rows, dimension = np.shape(gallery_shares[0])
