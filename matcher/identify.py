@@ -67,7 +67,13 @@ class _Stream:
         return next(self._call)
 
     def close(self) -> None:
+        """End the request stream and read the node's end of the call (no cancellation logged)."""
         self._steps.put(None)
+        try:
+            for _ in self._call:
+                raise status.Internal("A shareholder sent more than the identification asked for.")
+        except grpc.RpcError:
+            pass
 
     def cancel(self) -> None:
         self._steps.put(None)
@@ -159,7 +165,7 @@ def identify(service, request, context) -> matcher_pb2.IdentifyResponse:
         for s in streams:
             s.cancel()
         record.wipe(probe, *(a for a in (code, qf, shares) if a is not None))
-        metrics.VERIFICATIONS.labels(f"IDENTIFY_{label}").inc()
+        metrics.IDENTIFICATIONS.labels(label).inc()
 
 
 def _check_ticket(request, tenant, cluster_id: str, probe: np.ndarray):
