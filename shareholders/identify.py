@@ -23,10 +23,11 @@ The gallery is kept in memory in compute form per (tenant, dimension):
 the template part of each record share as float64 (``mpc.compute_form``:
 8 d bytes per template, 4 KiB at d = 512), rows sorted by subject, the newest epoch up
 to the serving epoch per subject. Before every query the rows' versions
-(subject, epoch, stored time, request id; no share values) are read and
+(subject, epoch, envelope nonce; no share values) are read and
 compared with the cache, and only rows that changed are opened again: so
 enrolments, deletes, replaces, refreshes and reshares are seen at the next
-query without hooks in their write paths. A KEK rotation re-wraps data keys
+query without hooks in their write paths (every seal draws a fresh nonce,
+so (epoch, nonce) names a row's values). A KEK rotation re-wraps data keys
 and leaves share values unchanged: nothing to reload.
 
 Fail closed: any error, a peer that does not answer within
@@ -129,16 +130,17 @@ class Gallery:
     """One tenant's templates of one dimension in compute form (a snapshot: never changed in place)."""
 
     subjects: tuple[str, ...]
-    versions: tuple[tuple, ...]  # (epoch, stored_ms, request_id) per row
+    versions: tuple[tuple, ...]  # (epoch, request id, envelope nonce) per row: the nonce names the sealed values
     values: np.ndarray  # (G, d) this node's shares of the templates, in mpc.compute_form (float64)
     threshold: int  # the records' k (0 when empty)
     digest: bytes
+    listed: list  # the store's version listing (tenant_row_versions) this snapshot was built from
 
 
 def _digest(subjects, versions) -> bytes:
     h = hashlib.sha256(b"splitvault/identify-gallery/v1\x00")
     for subject, version in zip(subjects, versions, strict=True):
-        h.update(f"{subject}\x00{version[0]}\n".encode())
+        h.update(f"{subject}\x00{version[0]}\x00{version[1]}\n".encode())
     return h.digest()
 
 
@@ -153,15 +155,14 @@ class Galleries:
         with self._lock:  # one loader at a time; readers of old snapshots go on
             key = (tenant, dimension)
             old = self._cache.get(key)
-            newest: dict[str, tuple] = {}
-            for subject, epoch, stored, request_id in store.tenant_row_versions(conn, tenant, dimension,
-                                                                                sh.serving_epoch):
-                if subject not in newest or epoch > newest[subject][0]:
-                    newest[subject] = (epoch, stored, request_id)
-            subjects = tuple(sorted(newest))
-            versions = tuple(newest[s] for s in subjects)
-            if old is not None and old.subjects == subjects and old.versions == versions:
+            listed = store.tenant_row_versions(conn, tenant, dimension, sh.serving_epoch)
+            if old is not None and old.listed == listed:  # one compare in C: nothing changed
                 return old
+            newest: dict[str, tuple] = {}
+            for subject, epoch, request_id, nonce in listed:  # by subject, then epoch: the newest wins
+                newest[subject] = (epoch, request_id, bytes(nonce))
+            subjects = tuple(newest)
+            versions = tuple(newest[s] for s in subjects)
             have = {} if old is None else {s: (i, v) for i, (s, v) in enumerate(zip(old.subjects, old.versions))}
             changed = [s for s in subjects if have.get(s, (None, None))[1] != newest[s]]
             values = np.empty((len(subjects), dimension), dtype=np.float64)  # mpc.compute_form
@@ -176,19 +177,21 @@ class Galleries:
                 rows = (r for s in changed for r in store.subject_rows(conn, tenant, s)
                         if r.epoch == newest[s][0] and r.dimension == dimension)
             for row in rows:
+                if (row.epoch, row.request_id, bytes(row.nonce)) != newest[row.subject]:
+                    raise status.Unavailable("The gallery changed while it was loaded; try again.")
                 fresh[row.subject] = self._open(sh, ring, row)
                 thresholds.add(row.threshold)
             for i, s in enumerate(subjects):
                 if s in fresh:
                     values[i] = fresh.pop(s)
-                elif s in have:
+                elif s in have and have[s][1] == newest[s]:
                     values[i] = old.values[have[s][0]]
                 else:  # deleted between the two reads: the next query sees it
                     raise status.Unavailable("The gallery changed while it was loaded; try again.")
             if len(thresholds) > 1:
                 raise status.FailedPrecondition("The tenant's records have different thresholds.")
             gallery = Gallery(subjects, versions, values, thresholds.pop() if thresholds else 0,
-                              _digest(subjects, versions))
+                              _digest(subjects, versions), listed)
             self._cache[key] = gallery
             return gallery
 

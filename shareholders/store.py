@@ -134,6 +134,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             stored_ms INTEGER NOT NULL
         )""",
     ),
+    (
+        # 5: Identify's gallery cache reads every row's version before each
+        # query (tenant_row_versions): a covering index, so that read never
+        # touches the ~2 KB rows themselves.
+        "CREATE INDEX shares_identify ON shares (tenant, dimension, subject, epoch, request_id, nonce)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # The first schema version whose records are [s | t] under an epoch MAC key.
@@ -298,10 +304,13 @@ def subject_rows(conn: sqlite3.Connection, tenant: str, subject: str) -> list[Sh
 
 
 def tenant_row_versions(conn: sqlite3.Connection, tenant: str, dimension: int, max_epoch: int) -> list[tuple]:
-    """(subject, epoch, stored_ms, request_id) of one tenant's rows of one dimension up to ``max_epoch``
-    (no share values): what Identify's gallery cache compares to see what changed."""
+    """(subject, epoch, request id, nonce) of one tenant's rows of one dimension up to ``max_epoch``, by subject (no share
+    values): what Identify's gallery cache compares to see what changed. Every seal draws a fresh
+    nonce, so it names the sealed values (a KEK rotation re-wraps the data key and keeps it); it is
+    read from the row's head, not past the ciphertext."""
     return conn.execute(
-        "SELECT subject, epoch, stored_ms, request_id FROM shares WHERE tenant = ? AND dimension = ? AND epoch <= ?",
+        "SELECT subject, epoch, request_id, nonce FROM shares INDEXED BY shares_identify "
+        "WHERE tenant = ? AND dimension = ? AND epoch <= ? ORDER BY subject, epoch",
         (tenant, int(dimension), int(max_epoch)),
     ).fetchall()
 

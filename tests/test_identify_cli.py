@@ -36,6 +36,12 @@ def test_identify_command(tmp_path):
         assert r.returncode == 0 and r.stdout.startswith("MATCH alice")
         r = vaultctl("identify", "--dir", root, "--probe", tmp_path / "alice-probe.npy", "--group", "store-1")
         assert r.returncode == 1 and "not supported yet" in r.stderr
+        # Every node logged each query once, under a provider-signed IDENTIFY ticket.
+        r = vaultctl("audit", "reconcile", "--dir", root, "--format", "json")
+        assert r.returncode == 0, r.stdout + r.stderr
+        body = json_out(r)
+        assert body["identifications"] == 3 and body["identifications_by_nodes"] == {"3": 3}
+        assert body["unexplained_count"] == 0
     finally:
         if (root / "cluster.json").exists():
             cluster.down(root)

@@ -80,3 +80,17 @@ def test_a_round_from_a_node_that_is_not_the_successor_is_refused():
     mail.put("query-12345678", 3, "bank-c", b"payload")
     with pytest.raises(Exception, match="not this node's successor"):
         mail.take("query-12345678", 3, "bank-b", threading.Event())
+
+
+def test_the_gallery_follows_a_replace(committee):
+    c = committee()
+    c.start_matcher()
+    rng = np.random.default_rng(8)
+    client = c.client()
+    old, new = unit(rng), unit(rng)
+    client.enroll("alice", old)
+    client.enroll("bob", unit(rng))
+    assert client.identify(old).subject == "alice"
+    client.enroll("alice", new, replace=True)
+    assert client.identify(old).decision == "NO_MATCH"
+    assert client.identify(new).subject == "alice"
