@@ -291,11 +291,11 @@ class Party:
         rnd = self._next_round()
         c = (x.mine & y.mine) ^ (x.mine & y.nxt) ^ (x.nxt & y.mine)
         c ^= self._zero_bits(rnd, c.shape)
-        got = self._exchange(rnd, c.tobytes())
-        nxt = np.frombuffer(got, dtype=np.uint64)
+        got = self._exchange(rnd, c.astype("<u8").tobytes())
+        nxt = np.frombuffer(got, dtype="<u8").astype(np.uint64)
         if nxt.size != c.size:
             raise InvalidShares("A peer sent a round of the wrong size.")
-        return Bits(c, nxt.reshape(c.shape).copy())
+        return Bits(c, nxt.reshape(c.shape))
 
     # -- inputs --
 
