@@ -227,6 +227,9 @@ def _failure(service, errors) -> status.RpcError:
                code=code.name, detail=(exc.details() if exc is not None else "stream ended")[:200])
     if code in _PASS_ON:
         return _PASS_ON[code] or status.error(code, exc.details() or "The shareholders refused the identification.")
+    if code == grpc.StatusCode.ABORTED:
+        return status.Unavailable("The shareholders' galleries differ (an enrolment, delete or refresh is in flight); "
+                                  "try again.")
     if code == grpc.StatusCode.DATA_LOSS:
         return status.DataLoss("A shareholder's stored share is damaged; the identification cannot complete.")
     return status.Unavailable("Fewer than three shareholders completed the identification; try again.")

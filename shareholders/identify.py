@@ -9,8 +9,9 @@ position order. This node, at position j:
    entry for the query (event ``identify``; never one per row);
 2. round 0: sends its predecessor a fresh pairwise key (from the OS CSPRNG)
    and the digest of its gallery, and takes its successor's: the three
-   galleries must be the same rows at the same epochs, else
-   FAILED_PRECONDITION (an enrolment, delete or refresh is in flight);
+   galleries must be the same rows at the same epochs, else ABORTED (an
+   enrolment, delete or refresh is in flight; the matcher answers
+   UNAVAILABLE: try again);
 3. computes its score shares and runs ``vault.mpc.Party`` with its
    neighbours: every round is one ``IdentifyRound`` call to the predecessor
    (at the address of this node's own [peers] table, certificate pinned to
@@ -379,7 +380,7 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
             raise status.InvalidArgument("A peer sent a malformed first round.")
         key_next, digest_next, rows_next = _HELLO.unpack(got)
         if digest_next != gallery.digest or rows_next != len(gallery.subjects):
-            raise status.FailedPrecondition(
+            raise status.Aborted(
                 "The identify committee's galleries differ (an enrolment, delete or refresh is in flight).")
         query.party = party = mpc.Party(position, key_next, key_prev, query.query_id.encode(), query.exchange)
         rows = len(gallery.subjects)

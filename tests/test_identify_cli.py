@@ -42,6 +42,13 @@ def test_identify_command(tmp_path):
         body = json_out(r)
         assert body["identifications"] == 3 and body["identifications_by_nodes"] == {"3": 3}
         assert body["unexplained_count"] == 0
+        # The nodes' galleries follow a proactive refresh (new epoch, new shares) and a KEK rotation.
+        for command in (("refresh", "--dir", root), ("rotate", "kek", "--dir", root, "--node", "bank-a")):
+            r = vaultctl(*command, "--format", "json", timeout=300)
+            assert r.returncode == 0, r.stdout + r.stderr
+            r = vaultctl("identify", "--dir", root, "--probe", tmp_path / "alice-probe.npy", "--format", "json")
+            assert r.returncode == 0, r.stderr
+            assert (json_out(r)["decision"], json_out(r)["subject"]) == ("MATCH", "alice"), command
     finally:
         if (root / "cluster.json").exists():
             cluster.down(root)
