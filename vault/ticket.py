@@ -116,8 +116,8 @@ def issue(
     """
     if operation not in OPERATION_NAMES:
         raise ValueError("The ticket operation must be VERIFY, ENROLL, REPLACE, DELETE or IDENTIFY.")
-    if (operation == IDENTIFY) == bool(subject):
-        raise ValueError("An IDENTIFY ticket names no subject; every other ticket names one.")
+    if operation == IDENTIFY and subject:
+        raise ValueError("An IDENTIFY ticket names no subject.")
     if (probe is not None) != (operation in PROBES) or (template is not None) != (operation in WRITES):
         raise ValueError("A VERIFY or IDENTIFY ticket binds a probe, an ENROLL or REPLACE ticket a template, "
                          "a DELETE ticket neither.")
