@@ -15,8 +15,8 @@
    that is not an image;
 6. stop the cluster.
 
-Identify among the enrolled faces (1:N, "pay with your face alone") is the
-step to add once MatcherClient.identify exists: see ``identify_step``.
+Between 4 and 5, ``identify_step``: obama3.jpg alone, searched among the
+enrolled faces on shares (1:N, "pay with your face alone") -> MATCH obama.
 Exit status 0 only if every step behaved as expected.
 """
 from __future__ import annotations
@@ -48,13 +48,10 @@ def side_by_side(left: pathlib.Path, right: pathlib.Path) -> np.ndarray:
     return canvas
 
 
-def identify_step(client: MatcherClient, embedder: faces.FaceEmbedder, image) -> None:
-    """The 1:N step, once the matcher serves Identify: the probe alone names the enrolled subject."""
-    if not hasattr(client, "identify"):
-        print("  (identify: not served by this matcher yet; the 1:1 steps above cover enrol and verify)")
-        return
+def identify_step(client: MatcherClient, embedder: faces.FaceEmbedder, image) -> str:
+    """The 1:N step: the probe alone names the enrolled subject ("DECISION subject")."""
     result = client.identify(embedder.embed(image))
-    print(f"  identify {pathlib.Path(image).name}: {result.decision} {getattr(result, 'subject', '')}")
+    return f"{result.decision} {result.subject or ''}".strip()
 
 
 def run(cluster_dir: pathlib.Path, images: pathlib.Path) -> int:
@@ -85,7 +82,8 @@ def run(cluster_dir: pathlib.Path, images: pathlib.Path) -> int:
             expect("biden.jpg as obama", client.verify("obama", embedder.embed(paths["biden.jpg"])).decision, "NO_MATCH")
             expect("astronaut.png as biden", client.verify("biden", embedder.embed(paths["astronaut.png"])).decision,
                    "NO_MATCH")
-            identify_step(client, embedder, paths["obama3.jpg"])
+            print("4b. a face alone, searched among the enrolled ones on shares (1:N)")
+            expect("identify obama3.jpg", identify_step(client, embedder, paths["obama3.jpg"]), "MATCH obama")
         print("5. images the pipeline refuses")
         with tempfile.TemporaryDirectory() as tmp:
             junk = pathlib.Path(tmp) / "receipt.jpg"

@@ -148,6 +148,10 @@ class Committee:
     def __len__(self) -> int:
         return len(self.endpoints)
 
+    def channel(self, name: str) -> grpc.Channel:
+        """The long-lived channel to one node (for services other than Shareholder)."""
+        return self._channels[name]
+
     def by_index(self, index: int) -> ShareholderEndpoint | None:
         for e in self.endpoints:
             if e.index == index:

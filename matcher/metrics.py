@@ -9,6 +9,11 @@ VERIFICATIONS = Counter(
     "Verifications by outcome: MATCH, NO_MATCH, or the status code of a verification that ended without a decision.",
     ["decision"],
 )
+IDENTIFICATIONS = Counter(
+    "splitvault_matcher_identifications_total",
+    "Identifications (1:N on shares) by outcome: MATCH, NO_MATCH, AMBIGUOUS, or the status code of one without a decision.",
+    ["decision"],
+)
 ENROLMENTS = Counter(
     "splitvault_matcher_enrolments_total",
     "Templates enrolled (Enroll and EnrollStream), by outcome: enrolled, already_enrolled or the failure code.",

@@ -37,7 +37,7 @@ from collections import Counter as Tally
 import grpc
 import numpy as np
 
-from matcher import metrics, vectors
+from matcher import identify, metrics, vectors
 from matcher.bulk import BulkEnrolment, store_auth
 from matcher.committee import TRANSPORT_CODES, Committee, Outcome
 from matcher.config import MatcherConfig, ShareholderEndpoint, TenantPolicy
@@ -358,6 +358,10 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         finally:
             record.wipe(probe, *codes)
             metrics.VERIFICATIONS.labels(outcome_label).inc()
+
+    def Identify(self, request, context):
+        # 1:N on shares: matcher.identify (no template is rejoined).
+        return identify.identify(self, request, context)
 
     def check_write_ticket(self, request, tenant: TenantPolicy, subject: str, request_id: str,
                             operations: tuple[int, ...], template: np.ndarray | None):

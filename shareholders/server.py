@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from shareholders import storage
 from shareholders.audit_log import AuditWriter, now_ms
 from shareholders.config import ConfigError, NodeConfig, NodeKeys, load_keys
-from shareholders import epochs, witness
+from shareholders import epochs, identify, witness
 from shareholders.service import AUDIT_HEAD, ROLES, SERVICE, ShareholderService
-from splitvault.v1 import admin_pb2_grpc, shareholder_pb2_grpc
+from splitvault.v1 import admin_pb2_grpc, identify_pb2_grpc, shareholder_pb2_grpc
 from vault import envelope, pki, record
 from vault.errors import EnvelopeError
 from vaultrpc import logs
@@ -169,15 +169,19 @@ def serve(cfg: NodeConfig, *, keys: NodeKeys | None = None, env: dict[str, str] 
         head_gauge.set(writer.head_seq)
         # Refresh and reshare sessions (shareholders.epochs): auditor and peer RPCs.
         maintenance = epochs.MaintenanceService(service)
+        # Identify on shares (shareholders.identify): matcher queries and peer rounds.
+        ident = identify.IdentifyService(service)
+        ident.rebuild_guard()
         rpc = rpcserver.start(
             listen=cfg.listen,
             tls=tls,
             register=(
                 lambda s: shareholder_pb2_grpc.add_ShareholderServicer_to_server(service, s),
                 lambda s: admin_pb2_grpc.add_ShareholderAdminServicer_to_server(maintenance, s),
+                lambda s: identify_pb2_grpc.add_ShareholderIdentifyServicer_to_server(ident, s),
             ),
-            service_names=(SERVICE, epochs.SERVICE),
-            roles={**ROLES, **epochs.ROLES},
+            service_names=(SERVICE, epochs.SERVICE, identify.SERVICE),
+            roles={**ROLES, **epochs.ROLES, **identify.ROLES},
             logger=_log,
             max_workers=cfg.max_workers,
         )
@@ -190,6 +194,7 @@ def serve(cfg: NodeConfig, *, keys: NodeKeys | None = None, env: dict[str, str] 
 
     def close_log() -> None:
         maintenance.close()
+        ident.close()
         writer.close(final=lambda tx: tx.append("stop", actor=actor))
         publisher.close()  # the head signed just now, if the peers answer within a moment
         service.close_readers()

@@ -175,9 +175,9 @@ def test_operations_are_numbered_as_the_wire_enum():
     # vault.ticket owns the numbers; the wire's TicketOperation enum must carry the same ones.
     from splitvault.v1 import common_pb2
 
-    assert (ticket.VERIFY, ticket.ENROLL, ticket.REPLACE, ticket.DELETE) == (
+    assert (ticket.VERIFY, ticket.ENROLL, ticket.REPLACE, ticket.DELETE, ticket.IDENTIFY) == (
         common_pb2.TICKET_OPERATION_VERIFY, common_pb2.TICKET_OPERATION_ENROLL,
-        common_pb2.TICKET_OPERATION_REPLACE, common_pb2.TICKET_OPERATION_DELETE)
+        common_pb2.TICKET_OPERATION_REPLACE, common_pb2.TICKET_OPERATION_DELETE, common_pb2.TICKET_OPERATION_IDENTIFY)
 
 
 def test_a_body_that_does_not_parse_is_refused_after_its_signature():
@@ -187,3 +187,19 @@ def test_a_body_that_does_not_parse_is_refused_after_its_signature():
     assert wire.ticket_body(raw) is None
     with pytest.raises(InvalidTicket, match="cannot be parsed"):
         wire.verify_ticket(signed, {"k1": key.public_key()}, tenant="acme", audience=AUD)
+
+
+def test_identify_ticket_binds_a_probe_and_names_no_subject(key):
+    keys = {"k1": key.public_key()}
+    t = make(key, subject="", operation=ticket.IDENTIFY)
+    body = wire.verify_ticket(t, keys, tenant="acme", audience=AUD, operations=(ticket.IDENTIFY,), at_ms=1_000_500)
+    assert body.subject == "" and ticket.probe_matches(body, PROBE)
+    # an identify ticket is not a verification, nor the other way round
+    with pytest.raises(InvalidTicket, match="identify, not this call"):
+        wire.verify_ticket(t, keys, tenant="acme", audience=AUD, at_ms=1_000_500)
+    with pytest.raises(InvalidTicket, match="verify, not this call"):
+        wire.verify_ticket(make(key), keys, tenant="acme", audience=AUD, operations=(ticket.IDENTIFY,), at_ms=1_000_500)
+    with pytest.raises(ValueError, match="names no subject"):
+        make(key, operation=ticket.IDENTIFY)
+    with pytest.raises(ValueError, match="binds a probe"):
+        make(key, subject="", operation=ticket.IDENTIFY, probe=None)

@@ -13,7 +13,7 @@ from grpc_tools import protoc
 import grpc_tools
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PROTO_FILES = ("common.proto", "matcher.proto", "shareholder.proto", "admin.proto")
+PROTO_FILES = ("common.proto", "matcher.proto", "shareholder.proto", "admin.proto", "identify.proto")
 
 
 def generate(out_dir: pathlib.Path) -> None:

@@ -43,8 +43,11 @@ VERIFY = 1
 ENROLL = 2
 REPLACE = 3
 DELETE = 4
+IDENTIFY = 5
 WRITES = (ENROLL, REPLACE)
-OPERATION_NAMES = {VERIFY: "verify", ENROLL: "enroll", REPLACE: "replace", DELETE: "delete"}
+# Operations whose ticket binds a probe (and IDENTIFY names no subject).
+PROBES = (VERIFY, IDENTIFY)
+OPERATION_NAMES = {VERIFY: "verify", ENROLL: "enroll", REPLACE: "replace", DELETE: "delete", IDENTIFY: "identify"}
 NONCE_BYTES = 16
 # Longest validity a node accepts, whatever the ticket says.
 MAX_TTL_MS = 5 * 60 * 1000
@@ -138,12 +141,15 @@ def sign(signing_key: ed25519.Ed25519PrivateKey, raw_body: bytes) -> bytes:
     return signing_key.sign(SIGNATURE_CONTEXT + raw_body)
 
 
-def check_issue(operation: int, probe, template) -> None:
+def check_issue(operation: int, probe, template, subject: str = "") -> None:
     """ValueError unless ``operation`` is known and binds exactly the vector it must."""
     if operation not in OPERATION_NAMES:
-        raise ValueError("The ticket operation must be VERIFY, ENROLL, REPLACE or DELETE.")
-    if (probe is not None) != (operation == VERIFY) or (template is not None) != (operation in WRITES):
-        raise ValueError("A VERIFY ticket binds a probe, an ENROLL or REPLACE ticket a template, a DELETE ticket neither.")
+        raise ValueError("The ticket operation must be VERIFY, ENROLL, REPLACE, DELETE or IDENTIFY.")
+    if operation == IDENTIFY and subject:
+        raise ValueError("An IDENTIFY ticket names no subject.")
+    if (probe is not None) != (operation in PROBES) or (template is not None) != (operation in WRITES):
+        raise ValueError("A VERIFY or IDENTIFY ticket binds a probe, an ENROLL or REPLACE ticket a template, "
+                         "a DELETE ticket neither.")
 
 
 def batch_matches(body: TicketBody, items: Sequence[WriteItem]) -> bool:
@@ -195,23 +201,25 @@ def check_body(
         raise InvalidTicket("A batch ticket stands only for the items of a bulk enrolment."
                             if body.batch_digest else "The call needs a batch ticket.")
     named = (("tenant", body_tenant), ("request_id", body.request_id))
-    if not batch:
+    operation = body.operation
+    if operation == IDENTIFY and body.subject:
+        raise InvalidTicket("An identify ticket names no subject.")
+    if not batch and operation != IDENTIFY:
         named += (("subject", body.subject),)
-    elif body.subject:
+    elif batch and body.subject:
         raise InvalidTicket("A batch ticket names no subject.")
     for name, value in named:
         try:
             names.check_id(value, f"verification ticket's {name}")
         except InvalidName as exc:
             raise InvalidTicket(str(exc)) from None
-    operation = body.operation
     if operation not in operations:
         raise InvalidTicket(
             f"The ticket authorises {OPERATION_NAMES.get(operation, 'no known operation')}, not this call."
         )
     if not audience or body.audience != audience:
         raise InvalidTicket("The ticket was issued for another cluster (its audience is not this cluster id).")
-    want_probe = 32 if operation == VERIFY else 0
+    want_probe = 32 if operation in PROBES else 0
     want_template = 32 if operation in WRITES and not batch else 0
     if (len(body.nonce) != NONCE_BYTES or len(body.probe_digest) != want_probe
             or len(body.template_digest) != want_template or len(body.batch_digest) != (32 if batch else 0)):

@@ -458,6 +458,7 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
 
     denials: Counter = Counter()
     denied: list[dict] = []
+    identifications: dict[tuple[str, str], set] = defaultdict(set)
     per_node = []
     for log, verdict in zip(logs, verdicts):
         # Only what the chain vouches for: entries up to the first break.
@@ -474,6 +475,15 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
                 continue
             if e.event in ("store", "store_batch", "delete", "mac_key_release"):
                 check_write(log, e)
+                continue
+            if e.event == "identify":
+                # One entry per query per node: under a provider-signed IDENTIFY ticket, asked by a matcher.
+                why, _ = check_ticket(e, json.loads(e.details_json or "{}"), (tickets.IDENTIFY,))
+                identifications[(e.tenant, e.request_id)].add(log.node.name)
+                if why is not None:
+                    unexplained.append({"node": log.node.name, "seq": e.seq, "event": e.event, "tenant": e.tenant,
+                                        "subject": e.subject, "request_id": e.request_id, "time_ms": e.time_ms,
+                                        "reason": why})
                 continue
             if e.event != "release":
                 continue
@@ -528,6 +538,9 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
         "denials": dict(sorted(denials.items())),
         "denied": denied,
         "writes": dict(sorted(writes.items())),
+        # Identify queries (each logged once by every node of its three), by how many nodes logged them.
+        "identifications": len(identifications),
+        "identifications_by_nodes": dict(sorted(Counter(len(v) for v in identifications.values()).items())),
         # Writes of one request signed as several tickets (a provider's retry re-signs: a note, not a finding).
         "write_tickets_differ": [{"event": ev, "tenant": t, "request_id": r, "tickets": len(d)}
                                  for (ev, t, r), d in sorted(write_tickets.items()) if len(d) > 1][:MAX_LISTED],
@@ -559,6 +572,9 @@ def _audit_reconcile(args) -> Result:
         lines.append(f"  note: request {item['tenant']}/{item['request_id']} was signed as {item['tickets']} different tickets")
     if data["writes"]:
         lines.append("writes: " + ", ".join(f"{ev} {c}" for ev, c in data["writes"].items()))
+    if data["identifications"]:
+        lines.append(f"identifications: {data['identifications']} (by nodes that logged them: "
+                     + ", ".join(f"{n}: {c}" for n, c in data["identifications_by_nodes"].items()) + ")")
     lines.append(f"unexplained releases and writes: {data['unexplained_count']}")
     for u in data["unexplained"][:TEXT_LISTED]:
         what = f"{u['event']} " if u.get("event") else ""

@@ -501,6 +501,32 @@ def _verify(args) -> Result:
     return Result(data, [f"{decision} for {args.subject} (decision {reply.decision_id}, epoch {reply.epoch}{score})"])
 
 
+def _identify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--probe", required=True, type=pathlib.Path, help=".npy float32 1-D or .json list of numbers")
+    p.add_argument("--group", default=None, help="narrow the gallery to one enrolment group (not supported yet)")
+    _tenant_and_timeout(p)
+
+
+@command("identify", help="search the gallery for a probe on shares (1:N): MATCH, NO_MATCH or AMBIGUOUS",
+         arguments=_identify_args)
+def _identify(args) -> Result:
+    if args.group is not None:
+        raise CliError("Identify groups (--group) are not supported yet.")
+    probe = load_vector(args.probe)
+    _check_dimension(args, probe, "probe")
+    client = client_from_args(args)
+    try:
+        reply = _call(client.identify, probe)
+    finally:
+        _close(client)
+    decision = str(reply.decision)
+    if decision not in ("MATCH", "NO_MATCH", "AMBIGUOUS"):  # fail closed on anything unexpected
+        raise RemoteError(f"The matcher returned no decision ({decision}).")
+    data = {"decision": decision, "subject": reply.subject, "decision_id": reply.decision_id}
+    who = f" {reply.subject}" if reply.subject else ""
+    return Result(data, [f"{decision}{who} (decision {reply.decision_id})"])
+
+
 def _delete_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subject", required=True, help="subject (customer) id")
     _tenant_and_timeout(p)

@@ -31,7 +31,8 @@ from vaultctl import cluster
 from vaultrpc import wire
 from vaultrpc.tls import TlsFiles, TlsMaterial, secure_channel
 
-_DECISIONS = {matcher_pb2.DECISION_MATCH: "MATCH", matcher_pb2.DECISION_NO_MATCH: "NO_MATCH"}
+_DECISIONS = {matcher_pb2.DECISION_MATCH: "MATCH", matcher_pb2.DECISION_NO_MATCH: "NO_MATCH",
+              matcher_pb2.DECISION_AMBIGUOUS: "AMBIGUOUS"}
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,15 @@ def _floats(vector, what: str) -> np.ndarray:
     if arr.ndim != 1:
         raise ValueError(f"The {what} must be a 1-D vector of numbers.")
     return arr
+
+
+@dataclass(frozen=True)
+class IdentifyResult:
+    """The outcome of one identification (1:N on shares)."""
+
+    decision: str  # "MATCH", "NO_MATCH" or "AMBIGUOUS"
+    subject: str | None  # the matched subject (MATCH only)
+    decision_id: str
 
 
 class _Flatten:
@@ -215,6 +225,18 @@ class MatcherClient:
             score=reply.score if reply.HasField("score") else None,
             epoch=reply.epoch,
         )
+
+    def identify(self, probe, group: str | None = None, *, request_id: str | None = None) -> IdentifyResult:
+        """Search the tenant's gallery for the probe on shares, with a freshly signed IDENTIFY ticket."""
+        if group is not None:
+            raise ValueError("Identify groups are not supported yet.")
+        vector = _floats(probe, "probe")
+        signed = self.ticket(ticket.IDENTIFY, "", request_id or str(uuid.uuid4()), probe=vector)
+        reply = self._stub.Identify(matcher_pb2.IdentifyRequest(probe=vector.tolist(), ticket=signed),
+                                    timeout=self.timeout_s)
+        decision = _DECISIONS.get(reply.decision, "NO_MATCH")
+        return IdentifyResult(decision=decision, subject=reply.subject if decision == "MATCH" else None,
+                              decision_id=reply.decision_id)
 
     def delete(self, subject: str, *, request_id: str | None = None) -> matcher_pb2.DeleteResponse:
         """Erase the subject on every shareholder; ``complete`` says whether all confirmed."""

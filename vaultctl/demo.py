@@ -278,6 +278,18 @@ def run(root: pathlib.Path, subjects: int, seed: int, console, debug: bool = Fal
             f"expected NO_MATCH, got {err or result.decision}",
         )
 
+        story.step("Identify the customer from the genuine probe alone (1:N on shares: no template is rejoined)")
+        t0 = time.perf_counter()
+        try:
+            found, err = client.identify(genuine), None
+        except grpc.RpcError as exc:
+            found, err = None, _status_code(exc)
+        story.expect(
+            found is not None and found.decision == "MATCH" and found.subject == who,
+            f"MATCH {who} among {subjects} in {time.perf_counter() - t0:.2f} s; only match bits were opened",
+            f"expected MATCH {who}, got {err or (found.decision, found.subject)}",
+        )
+
         victim1, victim2 = info["shareholders"][2]["name"], info["shareholders"][1]["name"]
         story.step(f"kill -9 shareholder {victim1}, then verify the genuine probe again")
         cluster.kill_node(root, victim1, signal.SIGKILL)

@@ -142,10 +142,10 @@ def issue_ticket(
 ) -> common_pb2.VerificationTicket:
     """Sign a ticket for one operation (the provider's side).
 
-    VERIFY binds ``probe``, ENROLL and REPLACE bind ``template``, DELETE
-    binds no vector; ``audience`` is the cluster id of the committee.
+    VERIFY and IDENTIFY (no subject) bind ``probe``, ENROLL and REPLACE bind
+    ``template``, DELETE binds no vector; ``audience`` is the cluster id of the committee.
     """
-    ticket.check_issue(operation, probe, template)
+    ticket.check_issue(operation, probe, template, subject)
     issued = ticket.now_ms() if issued_at_ms is None else issued_at_ms
     nonce = secrets.token_bytes(ticket.NONCE_BYTES)
     body = common_pb2.TicketBody(

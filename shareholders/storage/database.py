@@ -205,6 +205,26 @@ class Database:
                          (tenant, subject, epoch)).fetchone()
         return ShareRow.from_db(r) if r is not None else None
 
+    def tenant_row_versions(self, tenant: str, dimension: int, max_epoch: int) -> list[tuple]:
+        """(subject, epoch, request id, nonce) of one tenant's rows of one
+        dimension up to ``max_epoch``, by subject (no share values): what
+        Identify's gallery cache compares to see what changed. Every seal draws
+        a fresh nonce, so it names the sealed values (a KEK rotation re-wraps
+        the data key and keeps it); the ``shares_identify`` index covers it."""
+        self._scope(tenant)
+        return [(r[0], r[1], r[2], bytes(r[3])) for r in self.execute(
+            "SELECT subject, epoch, request_id, nonce FROM shares WHERE tenant = ? AND dimension = ? AND epoch <= ? "
+            "ORDER BY subject, epoch", (tenant, int(dimension), int(max_epoch)))]
+
+    def tenant_rows(self, tenant: str, dimension: int, max_epoch: int, page: int = 1000) -> Iterator[ShareRow]:
+        """Every row of one tenant of one dimension up to ``max_epoch``, in pages (Identify's gallery load)."""
+        self._scope(tenant)
+        cur = self.execute(f"SELECT {SHARE_COLUMNS} FROM shares WHERE tenant = ? AND dimension = ? AND epoch <= ?",
+                           (tenant, int(dimension), int(max_epoch)))
+        while rows := cur.fetchmany(page):
+            for r in rows:
+                yield ShareRow.from_db(r)
+
     def request_ids_of(self, keys: list[tuple[str, str]], chunk: int = 400) -> dict[tuple[str, str], set[str]]:
         """The stored request ids of many (tenant, subject) pairs at once (only
         pairs that have rows appear): one query per ``chunk`` pairs, not one each."""

@@ -14,11 +14,13 @@ class TicketOperation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TICKET_OPERATION_ENROLL: _ClassVar[TicketOperation]
     TICKET_OPERATION_REPLACE: _ClassVar[TicketOperation]
     TICKET_OPERATION_DELETE: _ClassVar[TicketOperation]
+    TICKET_OPERATION_IDENTIFY: _ClassVar[TicketOperation]
 TICKET_OPERATION_UNSPECIFIED: TicketOperation
 TICKET_OPERATION_VERIFY: TicketOperation
 TICKET_OPERATION_ENROLL: TicketOperation
 TICKET_OPERATION_REPLACE: TicketOperation
 TICKET_OPERATION_DELETE: TicketOperation
+TICKET_OPERATION_IDENTIFY: TicketOperation
 
 class ShareRecord(_message.Message):
     __slots__ = ("tenant", "subject", "index", "epoch", "threshold", "shareholders", "dimension", "codec_version", "mac_count", "values", "request_id")

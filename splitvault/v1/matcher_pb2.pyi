@@ -13,9 +13,11 @@ class Decision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DECISION_UNSPECIFIED: _ClassVar[Decision]
     DECISION_MATCH: _ClassVar[Decision]
     DECISION_NO_MATCH: _ClassVar[Decision]
+    DECISION_AMBIGUOUS: _ClassVar[Decision]
 DECISION_UNSPECIFIED: Decision
 DECISION_MATCH: Decision
 DECISION_NO_MATCH: Decision
+DECISION_AMBIGUOUS: Decision
 
 class EnrollRequest(_message.Message):
     __slots__ = ("subject", "template", "request_id", "replace", "ticket")
@@ -134,3 +136,21 @@ class DeleteResponse(_message.Message):
     complete: bool
     outcomes: _containers.RepeatedCompositeFieldContainer[ShareholderOutcome]
     def __init__(self, subject: _Optional[str] = ..., complete: _Optional[bool] = ..., outcomes: _Optional[_Iterable[_Union[ShareholderOutcome, _Mapping]]] = ...) -> None: ...
+
+class IdentifyRequest(_message.Message):
+    __slots__ = ("probe", "ticket")
+    PROBE_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    probe: _containers.RepeatedScalarFieldContainer[float]
+    ticket: _common_pb2.VerificationTicket
+    def __init__(self, probe: _Optional[_Iterable[float]] = ..., ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ...) -> None: ...
+
+class IdentifyResponse(_message.Message):
+    __slots__ = ("decision", "subject", "decision_id")
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    DECISION_ID_FIELD_NUMBER: _ClassVar[int]
+    decision: Decision
+    subject: str
+    decision_id: str
+    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., subject: _Optional[str] = ..., decision_id: _Optional[str] = ...) -> None: ...

@@ -62,6 +62,11 @@ class MatcherStub:
                 request_serializer=splitvault_dot_v1_dot_matcher__pb2.DeleteRequest.SerializeToString,
                 response_deserializer=splitvault_dot_v1_dot_matcher__pb2.DeleteResponse.FromString,
                 _registered_method=True)
+        self.Identify = channel.unary_unary(
+                '/splitvault.v1.Matcher/Identify',
+                request_serializer=splitvault_dot_v1_dot_matcher__pb2.IdentifyRequest.SerializeToString,
+                response_deserializer=splitvault_dot_v1_dot_matcher__pb2.IdentifyResponse.FromString,
+                _registered_method=True)
 
 
 class MatcherServicer:
@@ -110,6 +115,16 @@ class MatcherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Identify(self, request, context):
+        """Search the tenant's gallery for the probe on shares (1:N): MATCH with
+        the one subject that scores at or above the threshold and beats every
+        other such subject by the margin, NO_MATCH, or AMBIGUOUS. No template is
+        rejoined; only match bits are opened (docs/architecture.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MatcherServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +152,11 @@ def add_MatcherServicer_to_server(servicer, server):
                     servicer.Delete,
                     request_deserializer=splitvault_dot_v1_dot_matcher__pb2.DeleteRequest.FromString,
                     response_serializer=splitvault_dot_v1_dot_matcher__pb2.DeleteResponse.SerializeToString,
+            ),
+            'Identify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Identify,
+                    request_deserializer=splitvault_dot_v1_dot_matcher__pb2.IdentifyRequest.FromString,
+                    response_serializer=splitvault_dot_v1_dot_matcher__pb2.IdentifyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -277,6 +297,33 @@ class Matcher:
             '/splitvault.v1.Matcher/Delete',
             splitvault_dot_v1_dot_matcher__pb2.DeleteRequest.SerializeToString,
             splitvault_dot_v1_dot_matcher__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Identify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitvault.v1.Matcher/Identify',
+            splitvault_dot_v1_dot_matcher__pb2.IdentifyRequest.SerializeToString,
+            splitvault_dot_v1_dot_matcher__pb2.IdentifyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,171 @@
+"""Identify (1:N) on shares: vault.mpc beside a plaintext exhaustive search."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+from vault import codec, mpc, sharing
+
+METHOD = """\
+Gallery: G seeded 512-d float templates encoded to int8 (codec v1) and
+Shamir-split 2-of-3; probes: half genuine (a template plus noise), half
+impostors. Per query, vault.mpc runs the whole protocol with the three
+parties as threads of ONE process on this 2-core machine, joined by
+in-memory mailboxes (`mpc.identify_local`): score shares (float64 BLAS on
+11-bit limbs), re-randomisation, the carry-save / end-around comparison
+circuit bit-sliced over all rows, opening, and the candidates' pair
+comparisons when there are two or more. Network rounds are not included there:
+over the nodes' mTLS channels each query adds 10 round trips (round 0 with
+keys and gallery digest, input, 8 circuit rounds) plus 8 for a pair
+comparison. The `over real processes` figures are end to end: a local
+cluster from `vaultctl cluster up` (three node processes and the matcher on
+this machine), the gallery enrolled through the matcher, then
+`MatcherClient.identify` per probe (ticket signing, the matcher, three
+nodes, every round over mTLS); the first query after start, which loads
+(opens) every node's gallery, is reported on its own. `scoring` is one party's score
+shares alone (comparisons per second on one core). The baseline is a
+plaintext exhaustive search with numpy over the same int8 codes in the same
+run (int codes as float32, one matrix-vector product, threshold and margin
+rule of `mpc.plaintext_decision`). `exact` counts queries whose decision and
+subject equal the plaintext search's; `bytes/comparison` is what one node
+sends per gallery row per query (measured on the in-memory channel)."""
+
+D = 512
+BASELINE = "numpy plaintext exhaustive search (int8 codes as float32)"
+
+
+def run(quick: bool) -> list[dict]:
+    rows = 5_000 if quick else 100_000
+    queries = 40 if quick else 20
+    gen = np.random.default_rng(2026)
+    floats = gen.standard_normal((rows, D)).astype(np.float32)
+    codes = codec.encode(floats, D)
+    shares = sharing.split(codec.to_field(codes), 2, 3)
+    t_shares = [mpc.compute_form(shares[j]) for j in range(3)]
+    del shares
+    code_f32 = codes.astype(np.float32)
+    results = []
+
+    # One party's scoring alone.
+    probe = codec.encode(floats[0] + 0.5 * gen.standard_normal(D).astype(np.float32), D)
+    q = sharing.split(codec.to_field(probe), 2, 3)[:, 0, :]
+    lam = mpc.lagrange((1, 2, 3), 0)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        mpc.score_shares(t_shares[0], q[0], lam)
+        times.append(time.perf_counter() - t0)
+    score_rate = rows / statistics.median(times)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        code_f32 @ probe[0].astype(np.float32)
+        times.append(time.perf_counter() - t0)
+    plain_rate = rows / statistics.median(times)
+    params = {"d": D, "gallery": rows, "k": 2, "n": 3}
+    results.append(_result("scoring (one party)", params, score_rate, "comparisons/s", plain_rate))
+
+    exact = 0
+    mpc_ms, plain_ms = [], []
+    sent = []
+    for i in range(queries):
+        g = int(gen.integers(rows))
+        p = floats[g] + 0.5 * gen.standard_normal(D).astype(np.float32) if i % 2 == 0 else \
+            gen.standard_normal(D).astype(np.float32)
+        code = codec.encode(p, D)
+        norm_sq = int(code[0].astype(np.int64) @ code[0].astype(np.int64))
+        threshold, margin = int(np.ceil(0.5 * norm_sq)), int(np.ceil(0.02 * norm_sq))
+        qs = sharing.split(codec.to_field(code), 2, 3)[:, 0, :]
+        views: list = []
+        t0 = time.perf_counter()
+        got = mpc.identify_local(t_shares, list(qs), (1, 2, 3), threshold, margin, views=views)
+        mpc_ms.append(1000 * (time.perf_counter() - t0))
+        sent.append(sum(len(v[2]) for v in views if v[0] == 0))
+        t0 = time.perf_counter()
+        scores = code_f32 @ code[0].astype(np.float32)
+        cands = np.flatnonzero(scores >= threshold)
+        plain_ms.append(1000 * (time.perf_counter() - t0))
+        want = mpc.plaintext_decision(codes[cands], code[0], threshold, margin) if cands.size else (mpc.NO_MATCH, None)
+        want = (want[0], None if want[1] is None else int(cands[want[1]]))
+        exact += got == want
+    lat, base = statistics.median(mpc_ms), statistics.median(plain_ms)
+    results.append(_result("identify latency (3 parties in one process)", {**params, "queries": queries}, lat, "ms",
+                           base, higher=False))
+    results.append(_result("identify throughput (3 parties in one process)", {**params, "queries": queries},
+                           rows / (lat / 1000), "comparisons/s", rows / (base / 1000)))
+    results.append(_result("exact decisions", {**params, "queries": queries}, exact, "queries", queries))
+    results.append(_result("bytes sent per comparison per node (baseline: one field element)", params, statistics.median(sent) / rows, "bytes",
+                           4.0, higher=False))
+    del t_shares
+    results += _end_to_end(2_000 if quick else 5_000, 10 if quick else 20)
+    return results
+
+
+def _end_to_end(rows: int, queries: int) -> list[dict]:
+    """Identify over real processes: a local cluster (3 nodes, k = 2) from ``vaultctl cluster up``."""
+    import tempfile
+
+    from vaultctl import cluster
+    from vaultctl.client import MatcherClient
+
+    gen = np.random.default_rng(77)
+    floats = gen.standard_normal((rows, D)).astype(np.float32)
+    floats /= np.linalg.norm(floats, axis=1, keepdims=True)
+    codes = codec.encode(floats, D).astype(np.float32)
+    names = [f"s-{i:06d}" for i in range(rows)]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = f"{tmp}/cluster"
+        try:
+            cluster.up(root, 3, 2, D)
+            with MatcherClient.from_cluster_dir(root) as client:
+                todo = list(range(rows))
+                for _attempt in range(3):  # a loaded machine times some batches out: enrol those again
+                    replies = list(client.enroll_many((names[i], floats[i]) for i in todo))
+                    failed = [(i, r) for i, r in zip(todo, replies, strict=True) if r.code != 0]
+                    todo = [i for i, _ in failed]
+                    if not todo:
+                        break
+                else:
+                    raise RuntimeError(f"The bench gallery did not enrol: {failed[0][1].message}")
+                t0 = time.perf_counter()
+                client.identify(floats[0])  # the first query loads every node's gallery
+                load_ms = 1000 * (time.perf_counter() - t0)
+                ms, base, matched = [], [], 0
+                for i in range(queries):
+                    g = int(gen.integers(rows))
+                    noise = gen.standard_normal(D).astype(np.float32) * 0.3 / np.sqrt(D)
+                    probe = floats[g] + noise if i % 2 == 0 else gen.standard_normal(D).astype(np.float32)
+                    t0 = time.perf_counter()
+                    got = client.identify(probe)
+                    ms.append(1000 * (time.perf_counter() - t0))
+                    t0 = time.perf_counter()
+                    codes @ codec.encode(probe, D)[0].astype(np.float32)
+                    base.append(1000 * (time.perf_counter() - t0))
+                    matched += i % 2 == 0 and got.subject == names[g]
+        finally:
+            cluster.down(root)
+    params = {"d": D, "gallery": rows, "k": 2, "n": 3, "queries": queries, "genuine_matched": matched}
+    lat, plain = statistics.median(ms), statistics.median(base)
+    results.append(_result("identify p50 over real processes (mTLS, all on this machine)", params, lat, "ms", plain,
+                           higher=False))
+    results.append(_result("first identify after start (loads the galleries)", {"d": D, "gallery": rows}, load_ms,
+                           "ms", plain, higher=False))
+    return results
+
+
+def _result(name: str, params: dict, value: float, unit: str, baseline_value: float, higher: bool = True) -> dict:
+    return {
+        "suite": "identify",
+        "name": name,
+        "params": dict(params),
+        "value": float(f"{value:.4g}"),
+        "unit": unit,
+        "baseline": BASELINE,
+        "baseline_value": float(f"{baseline_value:.4g}"),
+        "ratio": float(f"{value / baseline_value:.4g}"),
+        "higher_is_better": higher,
+    }

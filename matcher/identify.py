@@ -1,0 +1,235 @@
+"""``Matcher.Identify``: 1:N search of the tenant's gallery on shares.
+
+The matcher checks the provider's IDENTIFY ticket and that it binds this
+probe, quantises the probe (``vault.codec``), Shamir-splits it with degree 1
+at the x-coordinates of three nodes S and streams each node its share
+(``ShareholderIdentify.IdentifyQuery``). The nodes score their shares of the
+gallery, compare in a 3-party computation (``vault.mpc``) and send back their
+XOR components of the match bits; the matcher opens them and, with two or
+more candidates, asks for the candidates' pairwise comparisons, then for
+the winner's subject. No template and no score reaches the matcher.
+
+Scores are integer inner products of int8 codes, s = <t, q>. The threshold
+in score units is T = ceil(tau * |q|^2) for the modality's cosine threshold
+tau: for a genuine probe |t| ~ |q|, so s >= T approximates cos >= tau; it is
+exact for the integer rule, which the plaintext reference applies too
+(docs/architecture.md states the difference to Verify's cosine). The
+margin is M = ceil(MARGIN * |q|^2).
+
+Fail closed: any node error, timeout, or disagreement between the nodes'
+galleries or answers ends in an error status, never a MATCH.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+import uuid
+
+import grpc
+import numpy as np
+
+from matcher import metrics
+from matcher.committee import TRANSPORT_CODES
+from splitvault.v1 import identify_pb2, identify_pb2_grpc, matcher_pb2
+from vault import codec, mpc, record, sharing, ticket
+from vault.errors import InvalidShares, InvalidTicket
+from vaultrpc import logs, status, wire
+
+# The winner must beat every other candidate by this much (cosine units, times |q|^2).
+MARGIN = 0.02
+# Answers a node's refusal stands for (not worked around with other nodes).
+_PASS_ON = {
+    grpc.StatusCode.PERMISSION_DENIED: status.PermissionDenied("The shareholders refused the identify ticket."),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: status.ResourceExhausted(
+        "Too many identifications for this tenant; try again later."),
+    grpc.StatusCode.FAILED_PRECONDITION: None,  # the node's own sentence
+    grpc.StatusCode.INVALID_ARGUMENT: None,
+}
+_DECISIONS = {mpc.MATCH: matcher_pb2.DECISION_MATCH, mpc.NO_MATCH: matcher_pb2.DECISION_NO_MATCH,
+              mpc.AMBIGUOUS: matcher_pb2.DECISION_AMBIGUOUS}
+
+
+class _Stream:
+    """One node's IdentifyQuery stream: steps go in through a queue, openings come back in order."""
+
+    def __init__(self, node, stub: identify_pb2_grpc.ShareholderIdentifyStub, timeout_s: float):
+        self.node = node
+        self._steps: queue.SimpleQueue = queue.SimpleQueue()
+        self._call = stub.IdentifyQuery(iter(self._steps.get, None), timeout=timeout_s)
+
+    def send(self, step: identify_pb2.IdentifyQueryRequest) -> None:
+        self._steps.put(step)
+
+    def receive(self) -> identify_pb2.IdentifyQueryResponse:
+        return next(self._call)
+
+    def close(self) -> None:
+        """End the request stream and read the node's end of the call (no cancellation logged)."""
+        self._steps.put(None)
+        try:
+            for _ in self._call:
+                raise status.Internal("A shareholder sent more than the identification asked for.")
+        except grpc.RpcError:
+            pass
+
+    def cancel(self) -> None:
+        self._steps.put(None)
+        self._call.cancel()
+
+
+def committee_for_identify(service) -> tuple:
+    """Three nodes S, lowest index first among those not recently down; UNAVAILABLE if fewer."""
+    if service.k != mpc.THRESHOLD:
+        raise status.FailedPrecondition(
+            f"Identify on shares runs with threshold 2 only; this committee's threshold is {service.k}.")
+    now = time.monotonic()
+    ordered = sorted(service.cfg.shareholders,
+                     key=lambda e: (now - service.down_since.get(e.name, -1e9) < 5.0, e.index))
+    if len(ordered) < mpc.PARTIES:
+        raise status.FailedPrecondition("Identify on shares needs a committee of at least three nodes.")
+    return tuple(ordered[: mpc.PARTIES])
+
+
+def identify(service, request, context) -> matcher_pb2.IdentifyResponse:
+    tenant = service._tenant(context)
+    from matcher.service import _vector
+
+    probe = _vector(request.probe, tenant.dimensions, "probe")
+    dimension = probe.size
+    modality = tenant.modality(dimension)
+    decision_id = str(uuid.uuid4())
+    label = "INTERNAL"
+    code = shares = qf = None
+    streams: list[_Stream] = []
+    try:
+        body = _check_ticket(request, tenant, service.cfg.cluster_id, probe)
+        nodes = committee_for_identify(service)
+        code = codec.encode(probe, dimension)
+        norm_sq = int(np.dot(code[0].astype(np.int64), code[0].astype(np.int64)))
+        threshold = math.ceil(modality.match_threshold * norm_sq)
+        margin = math.ceil(MARGIN * norm_sq)
+        qf = codec.to_field(code)
+        shares = sharing.split(qf, mpc.THRESHOLD, max(e.index for e in nodes))
+        names = [e.name for e in nodes]
+        timeout = service.cfg.call_timeout_s * 4
+        for e in nodes:
+            stub = identify_pb2_grpc.ShareholderIdentifyStub(service.committee.channel(e.name))
+            streams.append(_Stream(e, stub, timeout))
+        for e, s in zip(nodes, streams, strict=True):
+            s.send(identify_pb2.IdentifyQueryRequest(start=identify_pb2.IdentifyStart(
+                ticket=request.ticket, query_id=decision_id, committee=names, addresses=[n.address for n in nodes],
+                probe_share=np.ascontiguousarray(shares[e.index - 1, 0], dtype="<u4").tobytes(),
+                dimension=dimension, threshold=threshold, margin=margin)))
+        record.wipe(shares, qf, code)
+        first = _all(service, streams)
+        rows = first[0].rows
+        if any(o.rows != rows or o.gallery_digest != first[0].gallery_digest for o in first):
+            raise status.Unavailable("The shareholders' galleries differ; try again.")
+        if rows == 0:
+            decision, row = mpc.NO_MATCH, None
+        else:
+            cands = [int(g) for g in np.flatnonzero(_open([o.bits for o in first], rows))]
+            if 2 <= len(cands) <= mpc.MAX_CANDIDATES:
+                pairs = mpc.candidate_pairs(cands)
+                step = identify_pb2.IdentifyQueryRequest(pairs=identify_pb2.IdentifyPairs(
+                    first=[a for a, _ in pairs], second=[b for _, b in pairs]))
+                for s in streams:
+                    s.send(step)
+                decision, row = mpc.decide(cands, _open([o.bits for o in _all(service, streams)], len(pairs)))
+            else:
+                decision, row = mpc.decide(cands)
+        subject = ""
+        if decision == mpc.MATCH:
+            step = identify_pb2.IdentifyQueryRequest(resolve=identify_pb2.IdentifyResolve(row=row))
+            for s in streams:
+                s.send(step)
+            named = {o.subject for o in _all(service, streams)}
+            if len(named) != 1:
+                raise status.DataLoss("The shareholders disagree on the matched row.")
+            subject = named.pop()
+        for s in streams:
+            s.close()
+        label = decision
+        logs.event(service.log, "identified", decision=decision, decision_id=decision_id, tenant=tenant.name,
+                   request_id=body.request_id, nodes_used=names, rows=rows)
+        return matcher_pb2.IdentifyResponse(decision=_DECISIONS[decision], subject=subject, decision_id=decision_id)
+    except status.RpcError as exc:
+        label = exc.code.name
+        logs.event(service.log, "identification without decision", logging.WARNING, code=exc.code.name,
+                   decision_id=decision_id, tenant=tenant.name)
+        raise
+    finally:
+        for s in streams:
+            s.cancel()
+        record.wipe(probe, *(a for a in (code, qf, shares) if a is not None))
+        metrics.IDENTIFICATIONS.labels(label).inc()
+
+
+def _check_ticket(request, tenant, cluster_id: str, probe: np.ndarray):
+    if not request.HasField("ticket"):
+        raise status.PermissionDenied("An identification needs the provider's signed ticket.")
+    try:
+        body = wire.verify_ticket(request.ticket, tenant.ticket_keys, tenant=tenant.name, audience=cluster_id,
+                             operations=(ticket.IDENTIFY,))
+    except InvalidTicket as exc:
+        raise status.of(exc) from None
+    if not ticket.probe_matches(body, probe):
+        raise status.PermissionDenied("The probe is not the one the identify ticket authorises.")
+    return body
+
+
+def _open(components: list[bytes], rows: int) -> np.ndarray:
+    try:
+        return mpc.open_bits(components, rows)
+    except InvalidShares:
+        raise status.DataLoss("A shareholder sent an opening of the wrong size.") from None
+
+
+def _all(service, streams: list[_Stream]) -> list[identify_pb2.IdentifyQueryResponse]:
+    """The next opening of every stream, read in parallel; the first failure ends the query."""
+    out: list = [None] * len(streams)
+    errors: list = []
+
+    def read(i: int, s: _Stream) -> None:
+        try:
+            out[i] = s.receive()
+        except grpc.RpcError as exc:
+            errors.append((s, exc))
+            for other in streams:  # fail fast: the others would wait for this one's rounds
+                other.cancel()
+        except StopIteration:
+            errors.append((s, None))
+
+    threads = [threading.Thread(target=read, args=(i, s)) for i, s in enumerate(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise _failure(service, errors)
+    return out
+
+
+def _failure(service, errors) -> status.RpcError:
+    # The first real answer among the failures decides (a cancellation we caused is not one).
+    real = [(s, e) for s, e in errors if e is not None and e.code() != grpc.StatusCode.CANCELLED] or errors
+    for s, exc in real:
+        code = exc.code() if exc is not None else grpc.StatusCode.UNAVAILABLE
+        metrics.NODE_ERRORS.labels(s.node.name, "IdentifyQuery", code.name).inc()
+        if code in TRANSPORT_CODES:
+            service.down_since[s.node.name] = time.monotonic()
+    s, exc = real[0]
+    code = exc.code() if exc is not None else grpc.StatusCode.UNAVAILABLE
+    logs.event(service.log, "shareholder call failed", logging.WARNING, node=s.node.name, method="IdentifyQuery",
+               code=code.name, detail=(exc.details() if exc is not None else "stream ended")[:200])
+    if code in _PASS_ON:
+        return _PASS_ON[code] or status.error(code, exc.details() or "The shareholders refused the identification.")
+    if code == grpc.StatusCode.ABORTED:
+        return status.Unavailable("The shareholders' galleries differ (an enrolment, delete or refresh is in flight); "
+                                  "try again.")
+    if code == grpc.StatusCode.DATA_LOSS:
+        return status.DataLoss("A shareholder's stored share is damaged; the identification cannot complete.")
+    return status.Unavailable("Fewer than three shareholders completed the identification; try again.")

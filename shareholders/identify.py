@@ -1,0 +1,445 @@
+"""Identify on shares at one node: the ``splitvault.v1.ShareholderIdentify`` servicer.
+
+A query (``IdentifyQuery``, from the matcher) names three nodes S in
+position order. This node, at position j:
+
+1. checks the provider's IDENTIFY ticket itself (tenant registered here,
+   signature, audience, expiry, replay, the per-tenant attempt limit
+   ``IDENTIFY_ATTEMPTS`` per ``attempt_window_s``) and commits ONE audit
+   entry for the query (event ``identify``; never one per row);
+2. round 0: sends its predecessor a fresh pairwise key (from the OS CSPRNG)
+   and the digest of its gallery, and takes its successor's: the three
+   galleries must be the same rows at the same epochs, else ABORTED (an
+   enrolment, delete or refresh is in flight; the matcher answers
+   UNAVAILABLE: try again);
+3. computes its score shares and runs ``vault.mpc.Party`` with its
+   neighbours: every round is one ``IdentifyRound`` call to the predecessor
+   (at the address of this node's own [peers] table, certificate pinned to
+   ``shareholder/<name>``) and one message taken from the mailbox its
+   successor fills;
+4. answers its XOR component of the match bits; then, if asked, of the
+   candidates' pair comparisons, and the subject of one row.
+
+The gallery is kept in memory in compute form per (tenant, dimension):
+the template part of each record share as float64 (``mpc.compute_form``:
+8 d bytes per template, 4 KiB at d = 512), rows sorted by subject, the newest epoch up
+to the serving epoch per subject. Before every query the rows' versions
+(subject, epoch, envelope nonce; no share values) are read and
+compared with the cache, and only rows that changed are opened again: so
+enrolments, deletes, replaces, refreshes and reshares are seen at the next
+query without hooks in their write paths (every seal draws a fresh nonce,
+so (epoch, nonce) names a row's values). A KEK rotation re-wraps data keys
+and leaves share values unchanged: nothing to reload.
+
+Fail closed: any error, a peer that does not answer within
+``ROUND_TIMEOUT_S``, or a cancelled stream ends the query with an error
+status; nothing is ever answered but the bits of a completed circuit.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from shareholders.audit_log import Tx, now_ms
+from shareholders.config import load_peers
+from shareholders.epochs import committee_pins, presented_spki
+from splitvault.v1 import common_pb2, identify_pb2, identify_pb2_grpc
+from vault import envelope, mpc, pki, record
+from vault import ticket as tickets
+from vault.errors import EnvelopeError, InvalidShares, InvalidTicket
+from vaultrpc import logs, status, wire
+from vaultrpc.server import caller
+from vaultrpc.tls import secure_channel
+
+SERVICE = "splitvault.v1.ShareholderIdentify"
+_M = f"/{SERVICE}/"
+ROLES = {
+    _M + "IdentifyQuery": frozenset({pki.ROLE_MATCHER}),
+    _M + "IdentifyRound": frozenset({pki.ROLE_SHAREHOLDER}),
+}
+
+# Identify queries per tenant per attempt window (a gallery search is a
+# stronger oracle than one verification). A module attribute: tests set it.
+IDENTIFY_ATTEMPTS = 600
+# How long a node waits for its successor's message of one round, and the
+# deadline of each message it sends.
+ROUND_TIMEOUT_S = 20.0
+# Messages held for queries this node has not reached yet (or never will).
+_MAILBOX_LIMIT = 4096
+_MAILBOX_TTL_S = 60.0
+# Rounds of one query: round 0 (keys), 1 input, 8 per circuit, 2 openings.
+_MAX_ROUND = 64
+# Rows re-read one by one before a whole reload is cheaper.
+_INCREMENTAL_LIMIT = 2048
+# The round-0 message: pairwise key, gallery digest, row count.
+_HELLO = struct.Struct(">32s32sQ")
+
+
+class Mailboxes:
+    """Messages from successors, by (query id, round): they may arrive before the query starts here."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._items: dict[tuple[str, int], tuple[str, bytes, float]] = {}
+
+    def put(self, query_id: str, rnd: int, sender: str, payload: bytes) -> None:
+        now = time.monotonic()
+        with self._cond:
+            if len(self._items) >= _MAILBOX_LIMIT:
+                for key in [k for k, v in self._items.items() if now - v[2] > _MAILBOX_TTL_S]:
+                    del self._items[key]
+                if len(self._items) >= _MAILBOX_LIMIT:
+                    raise status.ResourceExhausted("Too many identify messages are waiting at this node.")
+            if (query_id, rnd) in self._items:
+                raise status.AlreadyExists("This round of the query was already delivered.")
+            self._items[(query_id, rnd)] = (sender, payload, now)
+            self._cond.notify_all()
+
+    def take(self, query_id: str, rnd: int, sender: str, cancelled: threading.Event) -> bytes:
+        deadline = time.monotonic() + ROUND_TIMEOUT_S
+        with self._cond:
+            while True:
+                item = self._items.pop((query_id, rnd), None)
+                if item is not None:
+                    if item[0] != sender:
+                        raise status.PermissionDenied("A round came from a node that is not this node's successor.")
+                    return item[1]
+                left = deadline - time.monotonic()
+                if cancelled.is_set():
+                    raise status.Unavailable("The identification was cancelled.")
+                if left <= 0:
+                    raise status.Unavailable("A node of the identify committee did not answer in time.")
+                self._cond.wait(min(left, 0.25))
+
+    def drop(self, query_id: str) -> None:
+        with self._cond:
+            for key in [k for k in self._items if k[0] == query_id]:
+                del self._items[key]
+
+
+@dataclass(frozen=True)
+class Gallery:
+    """One tenant's templates of one dimension in compute form (a snapshot: never changed in place)."""
+
+    subjects: tuple[str, ...]
+    versions: tuple[tuple, ...]  # (epoch, request id, envelope nonce) per row: the nonce names the sealed values
+    values: np.ndarray  # (G, d) this node's shares of the templates, in mpc.compute_form (float64)
+    threshold: int  # the records' k (0 when empty)
+    digest: bytes
+    listed: list  # the store's version listing (tenant_row_versions) this snapshot was built from
+
+
+def _digest(subjects, versions) -> bytes:
+    h = hashlib.sha256(b"splitvault/identify-gallery/v1\x00")
+    for subject, version in zip(subjects, versions, strict=True):
+        h.update(f"{subject}\x00{version[0]}\x00{version[1]}\n".encode())
+    return h.digest()
+
+
+class Galleries:
+    """The compute-form galleries of this node, checked against the store before every query."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[str, int], Gallery] = {}
+
+    def get(self, sh, conn, tenant: str, dimension: int) -> Gallery:
+        with self._lock:  # one loader at a time; readers of old snapshots go on
+            key = (tenant, dimension)
+            old = self._cache.get(key)
+            listed = conn.tenant_row_versions(tenant, dimension, sh.serving_epoch)
+            if old is not None and old.listed == listed:  # one compare in C: nothing changed
+                return old
+            newest: dict[str, tuple] = {}
+            for subject, epoch, request_id, nonce in listed:  # by subject, then epoch: the newest wins
+                newest[subject] = (epoch, request_id, bytes(nonce))
+            subjects = tuple(newest)
+            versions = tuple(newest[s] for s in subjects)
+            have = {} if old is None else {s: (i, v) for i, (s, v) in enumerate(zip(old.subjects, old.versions))}
+            changed = [s for s in subjects if have.get(s, (None, None))[1] != newest[s]]
+            values = np.empty((len(subjects), dimension), dtype=np.float64)  # mpc.compute_form
+            thresholds: set[int] = set() if old is None or not old.subjects else {old.threshold}
+            fresh: dict[str, np.ndarray] = {}
+            ring = sh.keys.kek
+            if len(changed) > _INCREMENTAL_LIMIT:
+                wanted = set(changed)
+                rows = (r for r in conn.tenant_rows(tenant, dimension, sh.serving_epoch)
+                        if r.subject in wanted and r.epoch == newest[r.subject][0])
+            else:
+                rows = (r for s in changed for r in conn.subject_rows(tenant, s)
+                        if r.epoch == newest[s][0] and r.dimension == dimension)
+            for row in rows:
+                if (row.epoch, row.request_id, bytes(row.nonce)) != newest[row.subject]:
+                    raise status.Unavailable("The gallery changed while it was loaded; try again.")
+                fresh[row.subject] = self._open(sh, ring, row)
+                thresholds.add(row.threshold)
+            for i, s in enumerate(subjects):
+                if s in fresh:
+                    values[i] = fresh.pop(s)
+                elif s in have and have[s][1] == newest[s]:
+                    values[i] = old.values[have[s][0]]
+                else:  # deleted between the two reads: the next query sees it
+                    raise status.Unavailable("The gallery changed while it was loaded; try again.")
+            if len(thresholds) > 1:
+                raise status.FailedPrecondition("The tenant's records have different thresholds.")
+            gallery = Gallery(subjects, versions, values, thresholds.pop() if thresholds else 0,
+                              _digest(subjects, versions), listed)
+            self._cache[key] = gallery
+            return gallery
+
+    @staticmethod
+    def _open(sh, ring, row) -> np.ndarray:
+        try:
+            if row.index != sh.index:
+                raise EnvelopeError("index")
+            raw = envelope.open(ring, record.record_identity(row.tenant, row.subject, row.index, row.epoch),
+                                row.sealed)
+            if len(raw) != 4 * (row.dimension + row.mac_count):
+                raise EnvelopeError("length")
+            values = record.unpack_values(raw, row.dimension + row.mac_count)[: row.dimension]
+            return values
+        except (EnvelopeError, InvalidShares):
+            raise status.DataLoss("A stored share of the tenant's gallery is damaged at this node.") from None
+
+
+class _Query:
+    """One query's state at this node: its party, gallery snapshot and neighbours."""
+
+    def __init__(self, service: IdentifyService, start: identify_pb2.IdentifyStart, context):
+        self.svc = service
+        self.start = start
+        self.query_id = start.query_id
+        self.cancelled = threading.Event()
+        context.add_callback(self.cancelled.set)
+        self.party: mpc.Party | None = None
+        self.gallery: Gallery | None = None
+        self.pred = self.succ = self.pred_address = ""
+        self.margin = 0
+
+    def exchange(self, rnd: int, payload: bytes) -> bytes:
+        self.svc.send(self.pred, self.query_id, rnd, payload, self.pred_address)
+        return self.svc.mail.take(self.query_id, rnd, self.succ, self.cancelled)
+
+
+class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
+    def __init__(self, sh):
+        self.sh = sh
+        self.cfg = sh.cfg
+        self.mail = Mailboxes()
+        self.galleries = Galleries()
+        from shareholders.service import ReleaseGuard  # the same replay set and counters as releases
+
+        self.guard = ReleaseGuard(IDENTIFY_ATTEMPTS, int(self.cfg.attempt_window_s * 1000))
+        self._tls = self.cfg.tls.load()
+        self._lock = threading.Lock()
+        self._stubs: dict[tuple[str, str], tuple[grpc.Channel, identify_pb2_grpc.ShareholderIdentifyStub]] = {}
+        self._log = logging.getLogger("shareholders")
+
+    # --- plumbing -------------------------------------------------------------------
+
+    def rebuild_guard(self, now: int | None = None) -> int:
+        """Replay recent identify entries (ticket ids and attempts) after a restart."""
+        now = now_ms() if now is None else now
+        horizon = max(self.guard.window_ms, tickets.MAX_TTL_MS + tickets.CLOCK_SKEW_MS)
+        n = 0
+        for time_ms, _event, request_id, tenant, _subject, _details in self.sh._reader().entries_since(now - horizon, ("identify",)):
+            tid = tickets.ticket_id(common_pb2.TicketBody(tenant=tenant, request_id=request_id))
+            self.guard.record(tenant, "", tid, now + tickets.MAX_TTL_MS, time_ms)
+            n += 1
+        return n
+
+    def _stub(self, name: str, offered: str = "") -> identify_pb2_grpc.ShareholderIdentifyStub:
+        # [peers] first; else the matcher's address (the certificate identity is checked either way).
+        address = load_peers(self.cfg).get(name) or offered
+        if not address:
+            raise status.FailedPrecondition(f"This node has no address for committee member {name} in [peers].")
+        with self._lock:
+            entry = self._stubs.get((name, address))
+            if entry is None:
+                channel = secure_channel(address, self._tls, expect=pki.Identity(pki.ROLE_SHAREHOLDER, name))
+                entry = (channel, identify_pb2_grpc.ShareholderIdentifyStub(channel))
+                self._stubs[(name, address)] = entry
+            return entry[1]
+
+    def send(self, name: str, query_id: str, rnd: int, payload: bytes, offered: str = "") -> None:
+        try:
+            self._stub(name, offered).IdentifyRound(
+                identify_pb2.IdentifyRoundRequest(query_id=query_id, round=rnd, payload=payload),
+                timeout=ROUND_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            code = exc.code() if callable(getattr(exc, "code", None)) else None
+            raise status.Unavailable(
+                f"Committee member {name} did not take a round of the identification "
+                f"({getattr(code, 'name', 'UNKNOWN')}).") from None
+
+    def close(self) -> None:
+        with self._lock:
+            for channel, _ in self._stubs.values():
+                channel.close()
+            self._stubs.clear()
+
+    def _committee(self) -> tuple[dict[str, int], int]:
+        recorded = self.sh._reader().node_state().committee
+        if recorded.get("members"):
+            return dict(recorded["members"]), int(recorded.get("threshold") or 0)
+        return dict(self.cfg.committee), int(self.cfg.committee_threshold)
+
+    # --- peer rounds ----------------------------------------------------------------
+
+    def IdentifyRound(self, request, context):
+        who = caller(context)
+        pins = committee_pins(self.sh._reader(), self.cfg)
+        if who is None or (pins and pins.get(who.name) != presented_spki(context)):
+            raise status.PermissionDenied("The caller is not a pinned member of this node's committee.")
+        if not _is_query_id(request.query_id):
+            raise status.InvalidArgument("The query id is not a valid identifier.")
+        if request.round > _MAX_ROUND:
+            raise status.InvalidArgument("The round number is out of range.")
+        self.mail.put(request.query_id, int(request.round), who.name, request.payload)
+        return identify_pb2.IdentifyRoundResponse()
+
+    # --- queries ----------------------------------------------------------------------
+
+    def IdentifyQuery(self, request_iterator, context):
+        actor = str(caller(context))
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("step") != "start":
+            raise status.InvalidArgument("An identification starts with its start step.")
+        query = _Query(self, first.start, context)
+        try:
+            yield self._run(query, actor)
+            for step in request_iterator:
+                kind = step.WhichOneof("step")
+                if kind == "pairs":
+                    yield self._pairs(query, step.pairs)
+                elif kind == "resolve":
+                    row = int(step.resolve.row)
+                    if not 0 <= row < len(query.gallery.subjects):
+                        raise status.InvalidArgument("The row is outside the gallery.")
+                    yield identify_pb2.IdentifyQueryResponse(subject=query.gallery.subjects[row])
+                else:
+                    raise status.InvalidArgument("An identification step must be pairs or resolve.")
+        finally:
+            if query.party is not None:
+                query.party.wipe()
+            self.mail.drop(query.query_id)
+
+    def _run(self, query: _Query, actor: str) -> identify_pb2.IdentifyQueryResponse:
+        start = query.start
+        if not _is_query_id(start.query_id):
+            raise status.InvalidArgument("The query id must be 8 to 64 letters, digits or '-'.")
+        committee = list(start.committee)
+        members, k = self._committee()
+        if k != mpc.THRESHOLD:
+            raise status.FailedPrecondition(
+                f"Identify on shares runs with threshold 2 only; this committee's threshold is {k}.")
+        if len(committee) != mpc.PARTIES or len(set(committee)) != mpc.PARTIES:
+            raise status.InvalidArgument("An identification names three distinct nodes.")
+        if any(name not in members for name in committee):
+            raise status.FailedPrecondition("The identification names a node outside this node's committee.")
+        if committee.count(self.sh.name) != 1:
+            raise status.InvalidArgument("The identification does not name this node.")
+        position = committee.index(self.sh.name)
+        xs = tuple(int(members[name]) for name in committee)
+        query.pred = committee[(position - 1) % mpc.PARTIES]
+        query.succ = committee[(position + 1) % mpc.PARTIES]
+        if len(start.addresses) == mpc.PARTIES:
+            query.pred_address = start.addresses[(position - 1) % mpc.PARTIES]
+        dimension = int(start.dimension)
+        if len(start.probe_share) != 4 * dimension or dimension <= 0:
+            raise status.InvalidArgument("The probe share does not have the named dimension.")
+        try:
+            mpc.offset_bit(dimension)
+            query.margin = mpc.check_margin(start.margin, dimension)
+        except ValueError as exc:
+            raise status.InvalidArgument(str(exc)) from None
+        body, seq = self._authorise(actor, start, committee)
+        gallery = self.galleries.get(self.sh, self.sh._reader(), body.tenant, dimension)
+        if gallery.subjects and gallery.threshold != mpc.THRESHOLD:
+            raise status.FailedPrecondition("The tenant's records are not shared with threshold 2.")
+        query.gallery = gallery
+        try:
+            probe = record.unpack_values(start.probe_share, dimension)
+        except InvalidShares:
+            raise status.InvalidArgument("The probe share holds a value outside the field.") from None
+        # Round 0: a fresh key for the pair (predecessor, this node), and the gallery digest.
+        key_prev = mpc.new_pair_key()
+        hello = _HELLO.pack(key_prev, gallery.digest, len(gallery.subjects))
+        got = query.exchange(0, hello)
+        if len(got) != _HELLO.size:
+            raise status.InvalidArgument("A peer sent a malformed first round.")
+        key_next, digest_next, rows_next = _HELLO.unpack(got)
+        if digest_next != gallery.digest or rows_next != len(gallery.subjects):
+            raise status.Aborted(
+                "The identify committee's galleries differ (an enrolment, delete or refresh is in flight).")
+        query.party = party = mpc.Party(position, key_next, key_prev, query.query_id.encode(), query.exchange)
+        rows = len(gallery.subjects)
+        if rows == 0:
+            return identify_pb2.IdentifyQueryResponse(bits=b"", rows=0, gallery_digest=gallery.digest, audit_seq=seq)
+        y = mpc.score_shares(gallery.values, probe, mpc.lagrange(xs, position))
+        z = mpc.rerandomise(y, key_next, key_prev, query.query_id.encode())
+        record.wipe(y, probe)
+        party.share_input(z)
+        record.wipe(z)
+        bits = party.threshold_bits(int(start.threshold), dimension)
+        return identify_pb2.IdentifyQueryResponse(bits=bits, rows=rows, gallery_digest=gallery.digest, audit_seq=seq)
+
+    def _pairs(self, query: _Query, pairs: identify_pb2.IdentifyPairs) -> identify_pb2.IdentifyQueryResponse:
+        if query.party is None or query.gallery is None or not query.gallery.subjects:
+            raise status.FailedPrecondition("Pairs come after the match bits of a non-empty gallery.")
+        first, second = list(pairs.first), list(pairs.second)
+        most = mpc.MAX_CANDIDATES * (mpc.MAX_CANDIDATES - 1)
+        if not first or len(first) != len(second) or len(first) > most:
+            raise status.InvalidArgument(f"Pairs come as 1 to {most} (first, second) rows.")
+        try:
+            bits = query.party.pair_bits(list(zip(first, second, strict=True)), query.margin, int(query.start.dimension))
+        except ValueError as exc:
+            raise status.InvalidArgument(str(exc)) from None
+        return identify_pb2.IdentifyQueryResponse(bits=bits)
+
+    def _authorise(self, actor: str, start, committee: list[str]) -> tuple[tickets.TicketBody, int]:
+        """The IDENTIFY ticket checked here and the query's one audit entry committed."""
+        ticket = start.ticket
+        claimed = wire.ticket_body(ticket.body) or tickets.TicketBody()
+        keys = self.cfg.tenants.get(claimed.tenant)
+        why = None
+        if keys is None:
+            why = ("unknown_tenant", status.PermissionDenied("The identify ticket names a tenant not registered here."))
+        else:
+            try:
+                body = wire.verify_ticket(ticket, keys, tenant=claimed.tenant, audience=self.cfg.cluster_id,
+                                      operations=(tickets.IDENTIFY,))
+            except InvalidTicket as exc:
+                why = ("invalid_ticket", status.PermissionDenied(str(exc)))
+        if why is None:
+            verdict = self.guard.admit(body.tenant, "", tickets.ticket_id(body), body.expires_at_ms, now_ms())
+            if verdict == "replayed":
+                why = (verdict, status.PermissionDenied("The identify ticket was already used at this node."))
+            elif verdict == "rate_limited":
+                why = (verdict, status.ResourceExhausted("Too many identifications for this tenant; try again later."))
+        details = {"query_id": start.query_id, "committee": committee, "dimension": int(start.dimension)}
+        if why is not None:
+            self.sh._deny_now(actor, why[0], why[1], details={
+                "call": "identify", "counted": False, "claimed_tenant": claimed.tenant[:128], **details})
+
+        def job(tx: Tx):
+            return tx.append("identify", actor=actor, request_id=body.request_id, tenant=body.tenant,
+                             details={**details, "ticket_expires_ms": body.expires_at_ms, "key_id": ticket.key_id,
+                                      **tickets.audit_details(ticket)}).seq
+
+        seq = self.sh._commit(job)
+        logs.event(self._log, "identify", tenant=body.tenant, request_id=body.request_id, query_id=start.query_id,
+                   audit_seq=seq)
+        return body, seq
+
+
+def _is_query_id(value: str) -> bool:
+    return isinstance(value, str) and 8 <= len(value) <= 64 and all(c.isalnum() or c == "-" for c in value)
+

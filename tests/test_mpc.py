@@ -1,0 +1,280 @@
+"""vault.mpc: Identify on shares, the math (score shares, zero-sharing, the
+replicated binary sharing, the comparison circuit), run in-process."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from stats_kit import chi2_critical, two_sample_chi2
+
+from vault import codec, field, mpc, rng, sharing
+from vault.field import FIELD_DTYPE, P
+
+D = 512
+MAX = mpc.max_score(D)
+
+
+def additive(values, pattern: str = "random") -> list[np.ndarray]:
+    """Three additive shares (mod P) of the integers ``values``."""
+    v = np.asarray([int(x) % P for x in values], dtype=FIELD_DTYPE)
+    if pattern == "random":
+        a, b = rng.random_field(v.size), rng.random_field(v.size)
+    elif pattern == "max":  # z_0 = z_1 = P - 1: the largest sums, every carry
+        a = b = np.full(v.size, P - 1, dtype=FIELD_DTYPE)
+    elif pattern == "zero":
+        a = b = np.zeros(v.size, dtype=FIELD_DTYPE)
+    else:
+        raise ValueError(pattern)
+    c = field.sub(field.sub(v, a), b)
+    return [a, b, c]
+
+
+def open_with(trio: mpc.LocalTrio, work, rows: int) -> np.ndarray:
+    return mpc.open_bits(trio.run(work), rows)
+
+
+def threshold_bits(scores, threshold: int, pattern: str = "random", dimension: int = D) -> np.ndarray:
+    z = additive(scores, pattern)
+    trio = mpc.LocalTrio()
+
+    def work(j, party):
+        party.share_input(z[j])
+        return party.threshold_bits(threshold, dimension)
+
+    return open_with(trio, work, len(scores))
+
+
+def shares_of(codes: np.ndarray, committee=(1, 2, 3), n: int = 3):
+    full = sharing.split(codec.to_field(codes), 2, n)
+    return [full[x - 1] for x in committee]
+
+
+def gallery_of(codes: np.ndarray, committee=(1, 2, 3), n: int = 3):
+    return [mpc.compute_form(s) for s in shares_of(codes, committee, n)]
+
+
+# --- the arithmetic layer --------------------------------------------------------
+
+
+@pytest.mark.parametrize("committee", [(1, 2, 3), (2, 4, 5), (1, 3, 5)])
+def test_score_shares_add_up_to_the_scores(committee):
+    gen = np.random.default_rng(7)
+    codes = gen.integers(-127, 128, (300, D)).astype(np.int8)
+    probe = gen.integers(-127, 128, D).astype(np.int8)
+    t = gallery_of(codes, committee, n=5)
+    q = shares_of(probe[np.newaxis, :], committee, n=5)
+    ys = [mpc.score_shares(t[j], q[j][0], mpc.lagrange(committee, j)) for j in range(3)]
+    total = field.add(field.add(ys[0], ys[1]), ys[2])
+    assert field.to_signed(total).tolist() == (codes.astype(np.int64) @ probe.astype(np.int64)).tolist()
+
+
+def test_extreme_scores_are_exact():
+    codes = np.array([[127] * D, [-127] * D, [127, -127] * (D // 2)], dtype=np.int8)
+    probe = np.full(D, 127, dtype=np.int8)
+    t, q = gallery_of(codes), shares_of(probe[np.newaxis, :])
+    ys = [mpc.score_shares(t[j], q[j][0], mpc.lagrange((1, 2, 3), j)) for j in range(3)]
+    total = field.to_signed(field.add(field.add(ys[0], ys[1]), ys[2]))
+    assert total.tolist() == [MAX, -MAX, 0]
+
+
+def test_score_shares_are_exact_past_2048_columns():
+    gen = np.random.default_rng(9)
+    d = 5000
+    codes = gen.integers(-127, 128, (20, d)).astype(np.int8)
+    codes[0] = 127
+    probe = np.full(d, 127, dtype=np.int8)
+    t, q = gallery_of(codes), shares_of(probe[np.newaxis, :])
+    ys = [mpc.score_shares(t[j], q[j][0], mpc.lagrange((1, 2, 3), j)) for j in range(3)]
+    total = field.to_signed(field.add(field.add(ys[0], ys[1]), ys[2]))
+    assert total.tolist() == (codes.astype(np.int64) @ probe.astype(np.int64)).tolist()
+
+
+def test_score_shares_need_the_compute_form():
+    with pytest.raises(ValueError, match="compute form"):
+        mpc.score_shares(rng.random_field((3, 4)), rng.random_field(4), 1)
+    with pytest.raises(ValueError, match="field elements"):
+        mpc.compute_form(np.full((1, 2), P, dtype=np.uint32))
+
+
+def test_rerandomised_shares_keep_the_sum_and_change_every_share():
+    y = [rng.random_field(100) for _ in range(3)]
+    keys = [mpc.new_pair_key() for _ in range(3)]
+    z = [mpc.rerandomise(y[j], keys[j], keys[(j - 1) % 3], b"q1") for j in range(3)]
+    assert np.array_equal(field.add(field.add(*z[:2]), z[2]), field.add(field.add(*y[:2]), y[2]))
+    assert all((z[j] != y[j]).mean() > 0.99 for j in range(3))
+
+
+def test_committee_other_than_three_is_refused():
+    with pytest.raises(ValueError, match="exactly 3 nodes"):
+        mpc.lagrange((1, 2), 0)
+
+
+def test_offset_bit_for_512_is_25_and_large_dimensions_are_refused():
+    assert mpc.offset_bit(512) == 25
+    assert mpc.offset_bit(16_643) == 30
+    with pytest.raises(ValueError, match="16,643"):
+        mpc.offset_bit(16_644)
+
+
+# --- the comparison circuit ------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", ["random", "max", "zero"])
+def test_end_around_adder_gives_every_bit_of_v_for_v_from_1_to_p_minus_1(pattern):
+    # W = S + rot1(C) + carry_out (mod 2^31) equals v for every v in [1, P - 1]:
+    # the edges, every power of two and its neighbours, and random values.
+    edges = {1, 2, 3, P - 1, P - 2, (P - 1) // 2}
+    for e in range(31):
+        edges |= {max(1, (1 << e) - 1), 1 << e, min(P - 1, (1 << e) + 1)}
+    values = sorted(edges) + [int(x) for x in rng.random_field(200) if x]
+    z = additive(values, pattern)
+    for bit in (0, 12, 25, 30):
+        trio = mpc.LocalTrio()
+        got = open_with(trio, lambda j, p: p.compare_shifted(z[j], z[(j + 1) % 3], 0, bit), len(values))
+        assert got.tolist() == [bool((v >> bit) & 1) for v in values], bit
+
+
+def test_v_zero_is_the_one_value_the_adder_gets_wrong():
+    # Why the circuit needs v >= 1: shares of 0 that sum to exactly P give W = P
+    # (every bit set), shares that sum to 0 or 2P give W = 0.
+    z = [np.array([P - 1, 0], dtype=FIELD_DTYPE), np.array([1, 0], dtype=FIELD_DTYPE),
+         np.array([0, 0], dtype=FIELD_DTYPE)]
+    trio = mpc.LocalTrio()
+    got = open_with(trio, lambda j, p: p.compare_shifted(z[j], z[(j + 1) % 3], 0, 25), 2)
+    assert got.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("pattern", ["random", "max", "zero"])
+@pytest.mark.parametrize("threshold", [0, 1, -1, 1_000_000, -1_000_000, MAX, -MAX, MAX + 1, -MAX - 1])
+def test_threshold_edges(threshold, pattern):
+    scores = [threshold, threshold - 1, threshold + 1, MAX, -MAX, 0, 1, -1]
+    scores = [s for s in scores if -MAX <= s <= MAX]
+    got = threshold_bits(scores, threshold, pattern)
+    assert got.tolist() == [s >= threshold for s in scores]
+
+
+def test_thresholds_beyond_the_largest_score_are_clamped():
+    assert threshold_bits([MAX, -MAX], 10**9).tolist() == [False, False]
+    assert threshold_bits([MAX, -MAX], -(10**9)).tolist() == [True, True]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(st.integers(-MAX, MAX), min_size=1, max_size=130),
+    st.integers(-MAX - 2, MAX + 2),
+)
+def test_threshold_bits_property(scores, threshold):
+    assert threshold_bits(scores, threshold).tolist() == [s >= threshold for s in scores]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(st.integers(-MAX, MAX), min_size=2, max_size=6, unique=True),
+    st.integers(0, 2 * MAX),
+)
+def test_pair_bits_property(scores, margin):
+    z = additive(scores)
+    pairs = mpc.candidate_pairs(range(len(scores)))
+    trio = mpc.LocalTrio()
+
+    def work(j, party):
+        party.share_input(z[j])
+        return party.pair_bits(pairs, margin, D)
+
+    got = open_with(trio, work, len(pairs))
+    assert got.tolist() == [scores[a] - scores[b] >= margin for a, b in pairs]
+
+
+def test_pair_bits_refuse_rows_outside_the_gallery():
+    z = additive([1, 2])
+    trio = mpc.LocalTrio()
+    with pytest.raises(ValueError, match="outside the gallery"):
+        trio.run(lambda j, p: (p.share_input(z[j]), p.pair_bits([(0, 2)], 0, D))[1])
+
+
+# --- decisions -------------------------------------------------------------------
+
+
+def test_decide():
+    assert mpc.decide([]) == (mpc.NO_MATCH, None)
+    assert mpc.decide([7]) == (mpc.MATCH, 7)
+    assert mpc.decide([3, 9], np.array([True, False])) == (mpc.MATCH, 3)
+    assert mpc.decide([3, 9], np.array([False, True])) == (mpc.MATCH, 9)
+    assert mpc.decide([3, 9], np.array([False, False])) == (mpc.AMBIGUOUS, None)
+    # margin 0 and equal scores: both "beat" each other, so no single winner
+    assert mpc.decide([3, 9], np.array([True, True])) == (mpc.AMBIGUOUS, None)
+    assert mpc.decide(list(range(mpc.MAX_CANDIDATES + 1))) == (mpc.AMBIGUOUS, None)
+
+
+def test_identify_matches_plaintext_exhaustive_search_on_2000_rows():
+    gen = np.random.default_rng(12)
+    rows = 2000
+    floats = gen.standard_normal((rows, D)).astype(np.float32)
+    # near-duplicates: rows 1..4 are close to row 0, row 11 is somewhat close to row 10
+    floats[1:5] = floats[0] + 0.05 * gen.standard_normal((4, D))
+    floats[11] = floats[10] + 0.6 * gen.standard_normal(D)
+    codes = codec.encode(floats, D)
+    t = gallery_of(codes)
+    threshold, margin = 400_000, 50_000
+    probes = [floats[g] + 0.3 * gen.standard_normal(D) for g in gen.choice(rows, 12, replace=False)]  # genuine
+    probes += [gen.standard_normal(D) for _ in range(8)]  # impostors
+    probes += [floats[0] + 0.02 * gen.standard_normal(D), floats[10] + 0.05 * gen.standard_normal(D)]
+    seen = set()
+    for probe in probes:
+        q = codec.encode(np.asarray(probe, dtype=np.float32), D)
+        got = mpc.identify_local(t, [s[0] for s in shares_of(q)], (1, 2, 3), threshold, margin)
+        want = mpc.plaintext_decision(codes, q[0], threshold, margin)
+        assert got == want
+        seen.add(got[0])
+    assert seen == {mpc.MATCH, mpc.NO_MATCH, mpc.AMBIGUOUS}
+
+
+# --- what each party sees --------------------------------------------------------
+
+
+def _views(codes: np.ndarray, probe: np.ndarray, runs: int, position: int) -> tuple[np.ndarray, np.ndarray]:
+    """Histograms of the bytes party ``position`` receives, and of the matcher's openings from parties 0 and 1."""
+    received = np.zeros(256, dtype=np.int64)
+    opened = np.zeros(256, dtype=np.int64)
+    for _ in range(runs):
+        t = gallery_of(codes)
+        q = [s[0] for s in shares_of(probe[np.newaxis, :])]
+        views: list = []
+        trio = mpc.LocalTrio(views)
+
+        def work(j, party):
+            y = mpc.score_shares(t[j], q[j], mpc.lagrange((1, 2, 3), j))
+            party.share_input(mpc.rerandomise(y, trio.keys[j], trio.keys[(j - 1) % 3], trio.label))
+            return party.threshold_bits(0, codes.shape[1])
+
+        comps = trio.run(work)
+        for pos, rnd, data in views:
+            if pos == position:
+                arr = np.frombuffer(data, dtype=np.uint8)
+                if rnd == 1:  # field elements: the top byte has 7 random bits
+                    arr = arr.reshape(-1, 4)[:, :3].reshape(-1)
+                received += np.bincount(arr, minlength=256)
+        opened += np.bincount(np.frombuffer(comps[0] + comps[1], dtype=np.uint8), minlength=256)
+    return received, opened
+
+
+@pytest.mark.parametrize("position", [0, 1, 2])
+def test_a_node_view_and_the_matcher_openings_are_independent_of_probe_and_templates(position):
+    gen = np.random.default_rng(position)
+    d = 32
+    # A: every row matches (score > 0); B: different templates and probe, no row matches.
+    probe_a = np.full(d, 100, dtype=np.int8)
+    codes_a = gen.integers(1, 128, (64, d)).astype(np.int8)
+    probe_b = gen.integers(-127, 128, d).astype(np.int8)
+    codes_b = (-np.sign(probe_b)[np.newaxis, :] * gen.integers(1, 128, (64, d))).astype(np.int8)
+    assert (codes_a.astype(int) @ probe_a > 0).all() and (codes_b.astype(int) @ probe_b < 0).all()
+    recv_a, open_a = _views(codes_a, probe_a, 60, position)
+    recv_b, open_b = _views(codes_b, probe_b, 60, position)
+    for h1, h2 in ((recv_a, recv_b), (open_a, open_b)):
+        stat, df = two_sample_chi2(h1, h2)
+        assert stat < chi2_critical(df)
+    # and uniform: each byte value about equally often
+    expected = recv_a.sum() / 256
+    assert ((recv_a - expected) ** 2 / expected).sum() < chi2_critical(255)

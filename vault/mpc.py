@@ -1,0 +1,568 @@
+"""1:N identification on shares: a semi-honest 3-party computation (honest majority).
+
+No template and no score is ever rejoined. Three nodes S = (x_0, x_1, x_2)
+hold degree-1 Shamir shares t_i[g] of every gallery template (k = 2) and
+degree-1 shares q_i of the probe. Party j (position j in S) computes
+
+    y_j[g] = lambda_j^S * <t_j[g], q_j>  (mod P)           (score_shares)
+
+and, since <t(X), q(X)> has degree 2, y_0 + y_1 + y_2 = <t_g, q> = s_g. It
+re-randomises with pairwise streams, z_j = y_j + r(j, j+1) - r(j-1, j)
+(rerandomise), so (z_0, z_1, z_2) is a uniform additive sharing of s_g.
+
+The comparison runs in the replicated XOR sharing of Araki, Furukawa,
+Lindell, Nof and Ohara (CCS 2016): a bit x = x_0 ^ x_1 ^ x_2, party j holds
+(x_j, x_{j+1}); an AND costs one round in which every party sends one bit per
+gate to its predecessor, masked by a zero-sharing from the pairwise keys.
+Bits are sliced over all gallery rows (uint64 words), so one round carries
+every row. Party j's arithmetic share z_j is its own XOR component (its
+predecessor learns it too: any one party then sees two of the three uniform
+additive shares, which say nothing about s_g).
+
+The circuit (``Party.compare``), for v = s - T + 2^B with |s - T| < 2^B
+(B = ``offset_bit(d)``), so v in [1, 2^(B+1)) and the match bit is bit B:
+
+    z_0 + z_1 + z_2                          a carry-save adder:  = S + 2 C
+    2 C = rot1(C)  (mod P)                   2^31 = 1 (mod P): a rotation, free
+    W = S + rot1(C) + carry_out   (mod 2^31) one's-complement (end-around) add:
+                                             W = v unless v = 0 (never here)
+    bit B of W = p_B ^ G[B-1:0] ^ (P[B-1:0] & G[30:0])
+
+with (G, P) the generate/propagate prefixes computed by a log-depth tree.
+Rounds: 1 (inputs) + 1 (carry-save) + 1 (generate) + 5 (prefix tree) + 1
+(final carry) = 9 node-to-node rounds, then one opening to the matcher.
+The same circuit on s_a - s_b - M decides whether candidate a beats
+candidate b by the margin M (``Party.compare_pairs``; inputs local, 8 rounds).
+
+Security model: semi-honest, one corrupted party of three. A party that
+deviates can flip any output bit (a wrong MATCH is possible with a lying
+node); docs/architecture.md states it. Randomness: the pairwise keys come
+from the OS CSPRNG (``new_pair_key``); every mask is AES-256-CTR under such a
+key, with a label naming the query and the round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from vault import field, proactive
+from vault.errors import InvalidShares
+from vault.field import FIELD_DTYPE, P
+
+PARTIES = 3
+# Identify on shares runs with k = 2 only: 2k - 1 = 3 parties.
+THRESHOLD = 2
+KEY_BYTES = 32
+# Bits of a field element.
+FIELD_BITS = 31
+# Largest |code| of the int8 codec, so |<t, q>| <= d * QMAX^2.
+_QMAX_SQ = 127 * 127
+# Most candidates compared pairwise; more is AMBIGUOUS without comparing.
+MAX_CANDIDATES = 16
+# Pairwise-stream labels (domain separation).
+_ARITH_DOMAIN = b"splitvault/identify-zero/v1\x00"
+_BIT_DOMAIN = b"splitvault/identify-and/v1\x00"
+
+MATCH = "MATCH"
+NO_MATCH = "NO_MATCH"
+AMBIGUOUS = "AMBIGUOUS"
+
+
+# --- parameters ------------------------------------------------------------------
+
+
+def max_score(dimension: int) -> int:
+    """The largest |<t, q>| of two int8 codes of this dimension."""
+    return int(dimension) * _QMAX_SQ
+
+
+def offset_bit(dimension: int) -> int:
+    """B such that every compared difference delta has |delta| < 2^B.
+
+    Differences are s - T (|T| clamped to max_score + 1) and s_a - s_b - M
+    (0 <= M <= 2 max_score): |delta| <= 4 max_score + 1. v = delta + 2^B then
+    lies in [1, 2^(B+1)) and must stay below 2^31: B <= 30.
+    """
+    b = (4 * max_score(dimension) + 2).bit_length()
+    if b > FIELD_BITS - 1:
+        raise ValueError("Identify on shares supports templates of at most 16,643 dimensions.")
+    return b
+
+
+def clamp_threshold(threshold: int, dimension: int) -> int:
+    """T clamped to [-(max+1), max+1]: outside it every or no row matches anyway."""
+    m = max_score(dimension) + 1
+    return max(-m, min(m, int(threshold)))
+
+
+def check_margin(margin: int, dimension: int) -> int:
+    m = int(margin)
+    if not 0 <= m <= 2 * max_score(dimension):
+        raise ValueError("The identify margin must be between 0 and twice the largest score.")
+    return m
+
+
+def new_pair_key() -> bytes:
+    """A fresh pairwise key (per query, per neighbouring pair) from the OS CSPRNG."""
+    return os.urandom(KEY_BYTES)
+
+
+# --- arithmetic layer ------------------------------------------------------------
+
+
+def lagrange(committee: Sequence[int], position: int) -> int:
+    """lambda_position^S at 0 for the committee's x-coordinates."""
+    xs = tuple(int(x) for x in committee)
+    if len(xs) != PARTIES:
+        raise InvalidShares("Identify on shares needs a committee of exactly 3 nodes.")
+    return int(field.lagrange_at_zero(xs)[position])
+
+
+def compute_form(gallery: np.ndarray) -> np.ndarray:
+    """A node's gallery shares (G, d) as float64, the form ``score_shares`` reads.
+
+    Every share is < 2^31, exact in float64; kept this way (8 bytes per
+    element) so that a query costs three BLAS matrix-vector products and no
+    conversion of the gallery.
+    """
+    g = np.asarray(gallery)
+    if g.ndim != 2 or g.dtype.kind not in "iu" or (g.size and int(g.max()) >= P):
+        raise InvalidShares("Gallery shares are a 2-D array of field elements.")
+    return np.ascontiguousarray(g, dtype=np.float64)
+
+
+# 11-bit limbs of the probe share: a product share * limb is < 2^42 and a
+# sum of 2^11 of them stays below 2^53, where float64 integers are exact.
+_LIMB_BITS = 11
+_LIMB_COLUMNS = 1 << 11
+
+
+def score_shares(gallery: np.ndarray, probe: np.ndarray, coefficient: int) -> np.ndarray:
+    """y[g] = coefficient * <gallery[g], probe>  (mod P) for every row: (G,) field elements.
+
+    ``gallery`` is a node's shares in ``compute_form`` (G, d), ``probe`` its
+    share of the probe (d,). Exact: the probe is cut into three 11-bit limbs,
+    each a float64 BLAS matrix-vector product over at most 2^11 columns
+    (every partial sum < 2^53), reduced mod P and recombined in uint64.
+    """
+    g = np.asarray(gallery)
+    q = np.asarray(probe)
+    if g.dtype != np.float64 or g.ndim != 2:
+        raise InvalidShares("Gallery shares must be in compute form (mpc.compute_form).")
+    if q.ndim != 1 or q.shape[0] != g.shape[1]:
+        raise InvalidShares("A probe share is one vector of the gallery's dimension.")
+    q32 = q.astype(np.uint32)
+    acc = np.zeros(g.shape[0], dtype=np.uint64)
+    for c0 in range(0, g.shape[1], _LIMB_COLUMNS):
+        c1 = min(c0 + _LIMB_COLUMNS, g.shape[1])
+        block = g[:, c0:c1]
+        for limb in range(3):
+            part = ((q32[c0:c1] >> np.uint32(_LIMB_BITS * limb)) & np.uint32((1 << _LIMB_BITS) - 1))
+            dots = (block @ part.astype(np.float64)).astype(np.uint64)  # < 2^53: exact
+            field._reduce_u64_inplace(dots)  # [0, P)
+            np.add(acc, dots << np.uint64(_LIMB_BITS * limb), out=acc)  # < 2^53 each term
+            field._fold(acc)
+            dots.fill(0)
+    field._reduce_u64_inplace(acc)
+    out = field.mul(acc.astype(FIELD_DTYPE), np.full(acc.shape, int(coefficient) % P, dtype=FIELD_DTYPE))
+    acc.fill(0)
+    q32.fill(0)
+    return out
+
+
+def pair_field_stream(key: bytes, label: bytes, count: int) -> np.ndarray:
+    """``count`` uniform field elements of the pairwise stream (key, label)."""
+    return proactive.derive_field(key, [_ARITH_DOMAIN + label], count)[0]
+
+
+def rerandomise(y: np.ndarray, key_next: bytes, key_prev: bytes, label: bytes) -> np.ndarray:
+    """z = y + r(j, j+1) - r(j-1, j)  (mod P): the three z sum to the three y."""
+    r_next = pair_field_stream(key_next, label, y.size)
+    r_prev = pair_field_stream(key_prev, label, y.size)
+    return field.sub(field.add(y, r_next), r_prev)
+
+
+# --- bit slicing -----------------------------------------------------------------
+
+
+def words_for(rows: int) -> int:
+    return max(1, -(-int(rows) // 64))
+
+
+def slice_bits(values: np.ndarray, bits: int = FIELD_BITS) -> np.ndarray:
+    """(G,) integers < 2^bits -> (bits, W) uint64: bit j of row g is bit g % 64 of word g // 64."""
+    v = np.ascontiguousarray(np.asarray(values, dtype=np.uint32))
+    rows = v.size
+    padded = np.zeros(words_for(rows) * 64, dtype=np.uint32)
+    padded[:rows] = v
+    # (G, 32) bits little-endian per element, then packed along the rows.
+    unpacked = np.unpackbits(padded.view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
+    packed = np.packbits(np.ascontiguousarray(unpacked[:, :bits].T), axis=1, bitorder="little")
+    padded.fill(0)
+    unpacked.fill(0)
+    return packed.view("<u8").astype(np.uint64)
+
+
+def unslice_bit(words: np.ndarray, rows: int) -> np.ndarray:
+    """(W,) uint64 -> (rows,) bool."""
+    w = np.ascontiguousarray(np.asarray(words, dtype="<u8"))
+    return np.unpackbits(w.view(np.uint8), bitorder="little")[:rows].astype(bool)
+
+
+def bit_stream(key: bytes, label: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    """Uniform uint64 words of the pairwise bit stream (key, label): AES-256-CTR."""
+    count = int(np.prod(shape))
+    nonce = hashlib.sha256(_BIT_DOMAIN + label).digest()[:16]
+    enc = Cipher(algorithms.AES(key), modes.CTR(nonce)).encryptor()
+    raw = enc.update(bytes(8 * count)) + enc.finalize()
+    return np.frombuffer(raw, dtype="<u8").astype(np.uint64).reshape(shape)
+
+
+# --- the replicated binary sharing -------------------------------------------------
+
+
+@dataclass
+class Bits:
+    """One party's replicated shares of bit-sliced values: (mine, nxt), each (m, W)."""
+
+    mine: np.ndarray
+    nxt: np.ndarray
+
+    def __xor__(self, other: Bits) -> Bits:
+        return Bits(self.mine ^ other.mine, self.nxt ^ other.nxt)
+
+    def __getitem__(self, idx) -> Bits:
+        return Bits(self.mine[idx], self.nxt[idx])
+
+    def wipe(self) -> None:
+        self.mine.fill(0)
+        self.nxt.fill(0)
+
+
+# exchange(round, payload to the predecessor) -> payload from the successor.
+Exchange = Callable[[int, bytes], bytes]
+
+
+class Party:
+    """Party ``position`` of the three: its pairwise keys and its channel.
+
+    ``key_next`` is shared with party position + 1, ``key_prev`` with
+    position - 1 (mod 3); ``exchange`` sends bytes to the predecessor and
+    returns the successor's bytes of the same round. ``label`` names the
+    query (unique per query: the streams must never repeat).
+    """
+
+    def __init__(self, position: int, key_next: bytes, key_prev: bytes, label: bytes, exchange: Exchange):
+        if position not in range(PARTIES):
+            raise ValueError("A party's position is 0, 1 or 2.")
+        if len(key_next) != KEY_BYTES or len(key_prev) != KEY_BYTES:
+            raise ValueError("Pairwise keys are 32 bytes.")
+        self.position = position
+        self._key_next = key_next
+        self._key_prev = key_prev
+        self._label = bytes(label)
+        self._exchange = exchange
+        self._round = 0
+        self.rows = 0
+        # The successor's z (arithmetic share) after the input round.
+        self._z_next: np.ndarray | None = None
+        self._z: np.ndarray | None = None
+
+    # -- one round --
+
+    def _next_round(self) -> int:
+        self._round += 1
+        return self._round
+
+    def _zero_bits(self, rnd: int, shape: tuple[int, ...]) -> np.ndarray:
+        # alpha_j = F(k_{j,j+1}) ^ F(k_{j-1,j}): the three XOR to zero.
+        lab = self._label + struct.pack(">I", rnd)
+        return bit_stream(self._key_next, lab, shape) ^ bit_stream(self._key_prev, lab, shape)
+
+    def and_(self, x: Bits, y: Bits) -> Bits:
+        """x & y for every (row-sliced) bit: one round."""
+        rnd = self._next_round()
+        c = (x.mine & y.mine) ^ (x.mine & y.nxt) ^ (x.nxt & y.mine)
+        c ^= self._zero_bits(rnd, c.shape)
+        got = self._exchange(rnd, c.astype("<u8").tobytes())
+        nxt = np.frombuffer(got, dtype="<u8").astype(np.uint64)
+        if nxt.size != c.size:
+            raise InvalidShares("A peer sent a round of the wrong size.")
+        return Bits(c, nxt.reshape(c.shape))
+
+    # -- inputs --
+
+    def share_input(self, z: np.ndarray) -> None:
+        """Take this party's additive shares z (G,) and send them to the predecessor: one round."""
+        self._z = np.asarray(z, dtype=FIELD_DTYPE).copy()
+        self.rows = self._z.size
+        rnd = self._next_round()
+        got = self._exchange(rnd, self._z.astype("<u4").tobytes())
+        nxt = np.frombuffer(got, dtype="<u4")
+        if nxt.size != self._z.size:
+            raise InvalidShares("A peer sent a round of the wrong size.")
+        self._z_next = nxt.astype(FIELD_DTYPE)
+
+    def _operands(self, mine: np.ndarray, nxt: np.ndarray) -> tuple[Bits, Bits, Bits]:
+        # X_j = z_j as component j alone: party j holds (z_j, 0) of X_j,
+        # (0, z_{j+1}) of X_{j+1} and (0, 0) of X_{j+2}.
+        a = slice_bits(mine)
+        b = slice_bits(nxt)
+        zero = np.zeros_like(a)
+        own = Bits(a, zero)
+        succ = Bits(zero, b)
+        other = Bits(zero, zero)
+        return {0: (own, succ, other), 1: (other, own, succ), 2: (succ, other, own)}[self.position]
+
+    # -- the circuit --
+
+    def _circuit(self, x0: Bits, x1: Bits, x2: Bits, bit: int) -> Bits:
+        # Carry-save: x0 + x1 + x2 = S + 2 C, C = maj = ((x0^x2) & (x1^x2)) ^ x2.
+        s = x0 ^ x1 ^ x2
+        carry = self.and_(x0 ^ x2, x1 ^ x2) ^ x2
+        # 2 C mod P: bit 30 wraps to bit 0 (2^31 = 1 mod P).
+        r = Bits(np.roll(carry.mine, 1, axis=0), np.roll(carry.nxt, 1, axis=0))
+        p = s ^ r
+        g = self.and_(s, r)
+        # Prefix (G, P) over [0, bit-1] and [0, 30] by pairwise tree reduction.
+        # (bit 0's carry-in is G[30:0] itself: the empty prefix propagates.)
+        targets = [list(range(max(bit, 1))), list(range(FIELD_BITS))]
+        segs = [[(g[j], p[j]) for j in t] for t in targets]
+        while any(len(t) > 1 for t in segs):
+            left, right, slots = [], [], []
+            for ti, t in enumerate(segs):
+                for k in range(0, len(t) - 1, 2):
+                    lo, hi = t[k], t[k + 1]
+                    # (G, P) of hi above lo: G = G_hi ^ (P_hi & G_lo), P = P_hi & P_lo.
+                    left += [hi[1], hi[1]]
+                    right += [lo[0], lo[1]]
+                    slots.append((ti, k))
+            prods = self.and_(_stack1(left), _stack1(right))
+            out = []
+            for ti, t in enumerate(segs):
+                merged = []
+                for k in range(0, len(t), 2):
+                    if k + 1 < len(t):
+                        i = slots.index((ti, k))
+                        hi = t[k + 1]
+                        merged.append((hi[0] ^ prods[2 * i], prods[2 * i + 1]))
+                    else:
+                        merged.append(t[k])
+                out.append(merged)
+            segs = out
+        (g_low, p_low), (g_all, _) = segs[0][0], segs[1][0]
+        if bit == 0:
+            return p[0] ^ g_all
+        # Carry into bit B with carry-in G[30:0] (end-around): G[B-1:0] ^ (P[B-1:0] & G[30:0]).
+        carry_in = self.and_(p_low, g_all)
+        return p[bit] ^ g_low ^ carry_in
+
+    def open_to(self, result: Bits) -> bytes:
+        """This party's XOR component of the result, re-masked by a fresh zero-sharing: for the matcher."""
+        rnd = self._next_round()
+        return (result.mine ^ self._zero_bits(rnd, result.mine.shape)).astype("<u8").tobytes()
+
+    def threshold_bits(self, threshold: int, dimension: int) -> bytes:
+        """[s_g >= T] for every row, as this party's opening component (W * 8 bytes)."""
+        if self._z is None or self._z_next is None:
+            raise ValueError("share_input must come first.")
+        bit = offset_bit(dimension)
+        shift = ((1 << bit) - clamp_threshold(threshold, dimension)) % P
+        return self.compare_shifted(self._z, self._z_next, shift, bit)
+
+    def pair_bits(self, pairs: Sequence[tuple[int, int]], margin: int, dimension: int) -> bytes:
+        """[s_a - s_b >= M] for every (a, b), as this party's opening component."""
+        if self._z is None or self._z_next is None:
+            raise ValueError("share_input must come first.")
+        if not pairs:
+            raise ValueError("No pairs to compare.")
+        a = np.array([p[0] for p in pairs], dtype=np.int64)
+        b = np.array([p[1] for p in pairs], dtype=np.int64)
+        if a.min() < 0 or b.min() < 0 or max(a.max(), b.max()) >= self.rows:
+            raise ValueError("A pair names a row outside the gallery.")
+        bit = offset_bit(dimension)
+        shift = ((1 << bit) - check_margin(margin, dimension)) % P
+        mine = field.sub(self._z[a], self._z[b])
+        nxt = field.sub(self._z_next[a], self._z_next[b])
+        return self.compare_shifted(mine, nxt, shift, bit)
+
+    def compare_shifted(self, mine: np.ndarray, nxt: np.ndarray, shift: int, bit: int) -> bytes:
+        """Bit ``bit`` of ((z_0 + shift) + z_1 + z_2 mod P) per row, as this party's opening.
+
+        ``mine`` and ``nxt`` are this party's and its successor's additive
+        shares. Correct when the value v lies in [1, 2^31 - 1) (v = 0 is the
+        one value the end-around adder gives as P).
+        """
+        mine, nxt = self._shifted(mine, nxt, shift)
+        return self.open_to(self._circuit(*self._operands(mine, nxt), bit))
+
+    def _shifted(self, mine: np.ndarray, nxt: np.ndarray, shift: int) -> tuple[np.ndarray, np.ndarray]:
+        # The public shift goes into component 0: party 0's own share and party 2's copy of it.
+        add = np.full(mine.shape, shift, dtype=FIELD_DTYPE)
+        if self.position == 0:
+            mine = field.add(mine, add)
+        elif self.position == PARTIES - 1:
+            nxt = field.add(nxt, add)
+        return mine, nxt
+
+    def wipe(self) -> None:
+        for arr in (self._z, self._z_next):
+            if arr is not None:
+                arr.fill(0)
+
+
+def _stack1(parts: Sequence[Bits]) -> Bits:
+    return Bits(np.stack([p.mine for p in parts]), np.stack([p.nxt for p in parts]))
+
+
+
+# --- the matcher's side ----------------------------------------------------------
+
+
+def open_bits(components: Sequence[bytes], rows: int) -> np.ndarray:
+    """XOR the three parties' components: (rows,) bool."""
+    if len(components) != PARTIES:
+        raise InvalidShares("Opening needs the three parties' components.")
+    words = words_for(rows)
+    acc = np.zeros(words, dtype=np.uint64)
+    for comp in components:
+        arr = np.frombuffer(comp, dtype="<u8")
+        if arr.size != words:
+            raise InvalidShares("A party sent an opening of the wrong size.")
+        acc ^= arr.astype(np.uint64)
+    return unslice_bit(acc, rows)
+
+
+def candidate_pairs(candidates: Sequence[int]) -> list[tuple[int, int]]:
+    """Every ordered pair (a, b), a != b, of the candidate rows."""
+    return [(a, b) for a in candidates for b in candidates if a != b]
+
+
+def decide(candidates: Sequence[int], pair_bits: np.ndarray | None = None) -> tuple[str, int | None]:
+    """The decision from the candidate rows and, for two or more, their pair bits.
+
+    MATCH (row) when exactly one candidate beats every other by the margin;
+    NO_MATCH with none; AMBIGUOUS otherwise (also with more than
+    MAX_CANDIDATES candidates, which are not compared).
+    """
+    cands = list(candidates)
+    if not cands:
+        return NO_MATCH, None
+    if len(cands) == 1:
+        return MATCH, cands[0]
+    if len(cands) > MAX_CANDIDATES or pair_bits is None:
+        return AMBIGUOUS, None
+    pairs = candidate_pairs(cands)
+    beats = dict(zip(pairs, (bool(b) for b in pair_bits), strict=True))
+    winners = [a for a in cands if all(beats[(a, b)] for b in cands if b != a)]
+    if len(winners) == 1:
+        return MATCH, winners[0]
+    return AMBIGUOUS, None
+
+
+def plaintext_decision(codes: np.ndarray, probe: np.ndarray, threshold: int, margin: int) -> tuple[str, int | None]:
+    """The same decision by exhaustive search on plaintext int8 codes (the reference)."""
+    scores = np.asarray(codes, dtype=np.int64) @ np.asarray(probe, dtype=np.int64)
+    cands = [int(g) for g in np.flatnonzero(scores >= int(threshold))]
+    if len(cands) < 2 or len(cands) > MAX_CANDIDATES:
+        return decide(cands)
+    bits = np.array([scores[a] - scores[b] >= int(margin) for a, b in candidate_pairs(cands)])
+    return decide(cands, bits)
+
+
+# --- an in-process run of the three parties (tests, bench) -----------------------
+
+
+class LocalTrio:
+    """The three parties as threads of this process, joined by in-memory mailboxes.
+
+    With ``views`` (a list), every byte string a party receives from its
+    successor is appended as (position, round, bytes).
+    """
+
+    def __init__(self, views: list | None = None):
+        import queue
+
+        self.keys = [new_pair_key() for _ in range(PARTIES)]  # keys[j]: pair (j, j+1)
+        self.label = os.urandom(16)
+        self._boxes = [queue.Queue() for _ in range(PARTIES)]
+        self._views = views
+        self.parties = [
+            Party(j, self.keys[j], self.keys[(j - 1) % PARTIES], self.label, self._exchange_for(j))
+            for j in range(PARTIES)
+        ]
+
+    def _exchange_for(self, j: int) -> Exchange:
+        def exchange(rnd: int, payload: bytes) -> bytes:
+            self._boxes[(j - 1) % PARTIES].put((rnd, payload))
+            got_rnd, got = self._boxes[j].get(timeout=60)
+            if got_rnd != rnd:
+                raise RuntimeError("Rounds out of step.")
+            if self._views is not None:
+                self._views.append((j, rnd, got))
+            return got
+
+        return exchange
+
+    def run(self, work: Callable[[int, Party], bytes]) -> list[bytes]:
+        """work(position, party) in three threads; their results in position order."""
+        import threading
+
+        out: list = [None] * PARTIES
+        errors: list = []
+
+        def run(j: int) -> None:
+            try:
+                out[j] = work(j, self.parties[j])
+            except BaseException as exc:  # re-raised in the caller
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(j,)) for j in range(PARTIES)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return out
+
+    def wipe(self) -> None:
+        for p in self.parties:
+            p.wipe()
+
+
+def identify_local(gallery_shares: Sequence[np.ndarray], probe_shares: Sequence[np.ndarray],
+                   committee: Sequence[int], threshold: int, margin: int,
+                   views: list | None = None) -> tuple[str, int | None]:
+    """Identify with the three parties as threads of this process (tests, bench).
+
+    ``gallery_shares[j]`` (G, d, in ``compute_form``) and ``probe_shares[j]``
+    (d,) are the shares of the node at ``committee[j]``.
+    """
+    trio = LocalTrio(views)
+    rows, dimension = np.shape(gallery_shares[0])
+
+    def phase1(j: int, party: Party) -> bytes:
+        y = score_shares(gallery_shares[j], probe_shares[j], lagrange(committee, j))
+        z = rerandomise(y, trio.keys[j], trio.keys[(j - 1) % PARTIES], trio.label)
+        y.fill(0)
+        party.share_input(z)
+        z.fill(0)
+        return party.threshold_bits(threshold, dimension)
+
+    try:
+        cands = [int(g) for g in np.flatnonzero(open_bits(trio.run(phase1), rows))]
+        if len(cands) < 2 or len(cands) > MAX_CANDIDATES:
+            return decide(cands)
+        pairs = candidate_pairs(cands)
+        comps = trio.run(lambda j, party: party.pair_bits(pairs, margin, dimension))
+        return decide(cands, open_bits(comps, len(pairs)))
+    finally:
+        trio.wipe()
