@@ -50,7 +50,7 @@ import numpy as np
 from shareholders.audit_log import Tx, now_ms
 from shareholders.config import load_peers
 from shareholders.epochs import committee_pins, presented_spki
-from splitvault.v1 import common_pb2, identify_pb2, identify_pb2_grpc
+from splitvault.v1 import identify_pb2, identify_pb2_grpc
 from vault import envelope, mpc, pki, record
 from vault import ticket as tickets
 from vault.errors import EnvelopeError, InvalidShares, InvalidTicket
@@ -250,7 +250,7 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
         horizon = max(self.guard.window_ms, tickets.MAX_TTL_MS + tickets.CLOCK_SKEW_MS)
         n = 0
         for time_ms, _event, request_id, tenant, _subject, _details in self.sh._reader().entries_since(now - horizon, ("identify",)):
-            tid = tickets.ticket_id(common_pb2.TicketBody(tenant=tenant, request_id=request_id))
+            tid = tickets.ticket_id(tickets.TicketBody(tenant=tenant, request_id=request_id))
             self.guard.record(tenant, "", tid, now + tickets.MAX_TTL_MS, time_ms)
             n += 1
         return n
