@@ -31,7 +31,7 @@ import uuid
 import grpc
 import numpy as np
 
-from matcher import metrics
+from matcher import metrics, vectors
 from matcher.committee import TRANSPORT_CODES
 from splitvault.v1 import identify_pb2, identify_pb2_grpc, matcher_pb2
 from vault import codec, mpc, record, sharing, ticket
@@ -95,9 +95,8 @@ def committee_for_identify(service) -> tuple:
 
 def identify(service, request, context) -> matcher_pb2.IdentifyResponse:
     tenant = service._tenant(context)
-    from matcher.service import _vector
 
-    probe = _vector(request.probe, tenant.dimensions, "probe")
+    probe = vectors.checked(request.probe, tenant.dimensions, "probe")
     dimension = probe.size
     modality = tenant.modality(dimension)
     decision_id = str(uuid.uuid4())

@@ -4,13 +4,13 @@ driven by the payment provider's client. No template is rejoined anywhere."""
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import grpc
 import numpy as np
 import pytest
 
 from matcher_kit import DIM, NAMES, Processes, Tenant, noisy, unit
-from shareholders import store
 from vault import codec, mpc
 
 pytestmark = pytest.mark.e2e
@@ -29,9 +29,8 @@ def cluster(dev_pki, tmp_path):
 
 
 def _identify_entries(root, name: str) -> list[dict]:
-    conn = store.connect(root / name / "shares.db") if (root / name / "shares.db").exists() else None
-    if conn is None:
-        conn = store.connect(next((root / name).glob("*.db")))
+    db = root / name / "shares.db"
+    conn = sqlite3.connect(f"file:{db if db.exists() else next((root / name).glob('*.db'))}?mode=ro", uri=True)
     try:
         rows = conn.execute("SELECT event, details_json FROM audit_log WHERE event = 'identify'").fetchall()
     finally:
