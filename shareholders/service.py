@@ -102,9 +102,25 @@ class WriteAuth(NamedTuple):
 
     @property
     def key(self) -> str:
-        """Names the authority in the replay set and in audit entries."""
+        """Names the authority in the replay set and in audit entries (a batch
+        item by the hash of its request id that ``used_batch_items`` keeps)."""
         digest = tickets.ticket_digest(self.ticket)
-        return f"{digest}/{self.item}" if self.item else digest
+        return f"{digest}/{item_hash(self.item).hex()}" if self.item else digest
+
+
+def item_hash(item: str) -> bytes:
+    """8 bytes naming one batch item (its request id) of a batch ticket."""
+    return hashlib.sha256(b"splitvault/batch-item/v1\x00" + item.encode()).digest()[:8]
+
+
+def _used_items(checked: list["WriteAuth"]) -> dict[str, tuple[int, bytes]]:
+    """Per batch ticket of a store: (expiry, the packed hashes of the items it authorised)."""
+    out: dict[str, tuple[int, list[bytes]]] = {}
+    for a in checked:
+        if a.item:
+            digest = tickets.ticket_digest(a.ticket)
+            out.setdefault(digest, (a.body.expires_at_ms, []))[1].append(item_hash(a.item))
+    return {d: (e, b"".join(sorted(h))) for d, (e, h) in out.items()}
 
 
 def _write_ticket_details(auth: WriteAuth) -> dict:
@@ -288,8 +304,13 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             n += 1
             tid = tickets.ticket_id(tickets.TicketBody(tenant=tenant, request_id=request_id))
             self.guard.record(tenant, subject, tid, int(details.get("ticket_expires_ms") or 0), time_ms)
-        # Write tickets used recently (a bulk store's batch entry names its
-        # tickets by one digest only: those are not rebuilt).
+        # Batch items honoured by bulk stores (their entry names the tickets,
+        # not each item): kept in the store until their tickets expire.
+        for digest, expires, hashes in self._reader().used_batch_items(now):
+            for j in range(0, len(hashes), 8):
+                self.write_guard.record(f"{digest}/{hashes[j:j + 8].hex()}:store", expires)
+                n += 1
+        # Write tickets used recently by single writes and deletes.
         for _time_ms, event, _rid, _tenant, _subject, details_json in self._reader().entries_since(
             now - horizon, ("store", "delete")
         ):
@@ -495,6 +516,10 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             # Under the KEK as it is now: a rotation may have begun since sealing.
             ring = self.keys.kek
             db.insert_shares(rotation.current_wrap(ring, i) for i in items)
+            # The batch items honoured, kept until their tickets expire (rebuild_guard).
+            stored_at = now_ms()
+            for digest, (expires, hashes) in _used_items(checked).items():
+                db.add_used_batch_items(digest, expires, hashes, stored_at)
             if per_record:
                 for item, (retry, repl), auth in zip(items, flags, checked):
                     tx.append(

@@ -362,6 +362,28 @@ def test_a_used_write_ticket_stays_used_across_a_restart(node):
     assert s.DescribeRecords(pb.DescribeRecordsRequest(tenant="acme", subject="kim"), timeout=10).records
 
 
+def test_used_batch_items_stay_used_across_a_restart(node):
+    # A bulk store's audit entry names its batch tickets, not each item; the
+    # node keeps the items it honoured until their tickets expire, so after a
+    # restart a matcher holding the batch cannot store them again (as a
+    # "retry" overwriting the shares) within the ticket's lifetime.
+    s = node.stub("matcher")
+    recs = sample_records("acme", [f"rb{i:03d}" for i in range(300)], index=1)
+    batch = _batch_for(recs)
+    assert s.StoreShareStream(iter([pb.StoreShareStreamRequest(records=recs, batches=[batch])]), timeout=30).stored == 300
+    node.stop()
+    node.start()
+    s = node.stub("matcher")
+    again = sample_records("acme", [f"rb{i:03d}" for i in range(300)], index=1)
+    for req in (pb.StoreShareStreamRequest(records=again, batches=[batch]),
+                pb.StoreShareStreamRequest(records=again[200:201], batches=[batch])):
+        assert code_of(s.StoreShareStream, iter([req])) == grpc.StatusCode.PERMISSION_DENIED
+    stored = s.DescribeRecords(pb.DescribeRecordsRequest(tenant="acme", subject="rb200"), timeout=10).records
+    assert [r.request_id for r in stored] == [recs[200].request_id]
+    reasons = [json.loads(e.details_json).get("reason") for e in audit_entries(node)[0] if e.event == "deny"]
+    assert reasons[-2:] == ["replayed", "replayed"], reasons
+
+
 def test_a_record_for_another_epoch_than_the_nodes_is_refused_and_logged(node):
     # New records go to this node's current epoch only (tests/test_attack_epoch.py:
     # one node reporting a later epoch must not make the others store rows they

@@ -511,6 +511,20 @@ class Database:
         return self.execute(f"DELETE FROM refresh_check_diffs WHERE {rid} IN (SELECT {rid} FROM refresh_check_diffs "
                             "WHERE session_id = ? LIMIT ?)", (session_id, limit)).rowcount
 
+    # --- batch items honoured (the write guard's part the audit log cannot rebuild) -----------
+
+    def add_used_batch_items(self, digest: str, expires_ms: int, items: bytes, now_ms: int) -> None:
+        """Record the items (packed 8-byte hashes) one bulk store honoured under
+        one batch ticket; rows of expired tickets go at the same time."""
+        self.execute("DELETE FROM used_batch_items WHERE expires_ms < ?", (now_ms,))
+        self.execute("INSERT INTO used_batch_items (digest, stored_ms, expires_ms, items) VALUES (?,?,?,?)",
+                     (digest, now_ms, expires_ms, items))
+
+    def used_batch_items(self, now_ms: int) -> list[tuple[str, int, bytes]]:
+        """(ticket digest, expiry, packed item hashes) of every batch ticket not yet expired."""
+        return [(r[0], r[1], bytes(r[2])) for r in self.execute(
+            "SELECT digest, expires_ms, items FROM used_batch_items WHERE expires_ms >= ?", (now_ms,))]
+
     # --- MAC key shares (one per epoch) ---------------------------------------------------
 
     def mac_keys(self) -> dict[int, MacKeyRow]:

@@ -202,7 +202,8 @@ class PostgresDialect(Dialect):
         conn.execute(sql.SQL("GRANT SELECT, INSERT ON audit_log TO {}").format(r))
         conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE ON audit_checkpoints TO {}").format(r))
         conn.execute(sql.SQL("GRANT SELECT ON schema_version TO {}").format(r))
-        for table in ("node_state", "shares", "maintenance_sessions", "refresh_check_diffs", "mac_keys"):
+        for table in ("node_state", "shares", "maintenance_sessions", "refresh_check_diffs", "mac_keys",
+                      "used_batch_items"):
             conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(sql.Identifier(table), r))
 
     def scope(self, conn, tenant: str) -> None:

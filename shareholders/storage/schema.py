@@ -124,6 +124,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # touches the ~2 KB rows themselves.
         "CREATE INDEX shares_identify ON shares (tenant, dimension, subject, epoch, request_id, nonce)",
     ),
+    (
+        # 6: the batch items a bulk store honoured, per batch ticket and store
+        # (8-byte hashes of their request ids, packed), until the ticket
+        # expires: a restarted node refuses them again (the audit entry of a
+        # bulk store names its tickets, not each item).
+        """CREATE TABLE used_batch_items (
+            digest TEXT NOT NULL,
+            stored_ms {int} NOT NULL,
+            expires_ms {int} NOT NULL,
+            items {blob} NOT NULL
+        )""",
+        "CREATE INDEX used_batch_items_by_expiry ON used_batch_items (expires_ms)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # The first schema version whose records are [s | t] under an epoch MAC key.
