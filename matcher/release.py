@@ -1,4 +1,5 @@
-"""One Verify's hedged release of shares, as an explicit object.
+"""One Verify's hedged release of shares, as an explicit object (also
+Identify's confirmation of a candidate, under the query's IDENTIFY ticket).
 
 ``Release.run`` asks k nodes first, so a verification releases only the
 shares it needs; the other nodes are asked as soon as one of the first fails
@@ -75,10 +76,13 @@ class Release:
     node health and its ``node_failed`` / ``suspect`` reports).
     """
 
-    def __init__(self, matcher, *, tenant: str, subject: str, dimension: int, decision_id: str, ticket) -> None:
+    def __init__(self, matcher, *, tenant: str, subject: str, dimension: int, decision_id: str, ticket,
+                 identify_query_id: str = "") -> None:
         self.m = matcher
         self.tenant, self.subject, self.dimension, self.decision_id = tenant, subject, dimension, decision_id
-        self.request = shareholder_pb2.ReleaseShareRequest(ticket=ticket)
+        # Under an IDENTIFY ticket (confirmation of a query's candidate): the query and the subject.
+        self.request = shareholder_pb2.ReleaseShareRequest(
+            ticket=ticket, identify_query_id=identify_query_id, subject=subject if identify_query_id else "")
         self.k, self.n = matcher.k, matcher.n
         # (share, key share) pairs in hand, per epoch and node index.
         self.by_epoch: dict[int, dict[int, tuple[record.Share, record.KeyShare]]] = {}
