@@ -7,7 +7,8 @@ at the x-coordinates of three nodes S and streams each node its share
 gallery, compare in a 3-party computation (``vault.mpc``) and send back their
 XOR components of the match bits; the matcher opens them and, with two or
 more candidates, asks for the candidates' pairwise comparisons, then for
-the winner's subject. No template and no score reaches the matcher.
+the winner's subject. No score reaches the matcher, and no template
+unless confirmation (below) rejoins the candidates'.
 
 Scores are integer inner products of int8 codes, s = <t, q>. The threshold
 in score units is T = ceil(tau * |q|^2) for the modality's cosine threshold
