@@ -6,7 +6,8 @@ tests/test_attack_reshare_dealer.py). The opened bits then name row 0 for an
 impostor probe. With confirmation off (the stated limit) that is a wrong
 MATCH; with it on the matcher rejoins row 0's template through Verify's
 MAC-checked release under the query's IDENTIFY ticket and applies the cosine
-rule: NO_MATCH. Near the threshold, Identify with confirmation decides as
+rule: NO_MATCH (and a node naming other subjects for the candidates makes
+the query DATA_LOSS). Near the threshold, Identify with confirmation decides as
 Verify does, also where the integer screening rule says MATCH and the cosine
 rule does not.
 """
@@ -18,6 +19,7 @@ import os
 import sqlite3
 from contextlib import closing
 
+import grpc
 import numpy as np
 import pytest
 
@@ -43,6 +45,14 @@ if os.environ.get("LYING_BITS_HOOK"):
         words[0] ^= _np.uint64(1)  # flip this node's component of row 0's match bit
         return words.astype("<u8").tobytes()
     _m.Party.threshold_bits = _lying
+if os.environ.get("LYING_SUBJECTS_HOOK"):
+    import shareholders.identify as _i
+    _honest_confirm = _i.IdentifyService._confirm
+    def _lying_confirm(self, query, rows):
+        out = _honest_confirm(self, query, rows)
+        out.subjects[:] = [query.gallery.subjects[0]] * len(out.subjects)  # name row 0 for every candidate
+        return out
+    _i.IdentifyService._confirm = _lying_confirm
 '''
 
 
@@ -55,14 +65,14 @@ def _start(root, confirm: bool) -> dict:
     return {"templates": named, "impostor": templates[COUNT]}
 
 
-def _lie(root, tmp_path, name: str = "bank-b") -> None:
+def _lie(root, tmp_path, name: str = "bank-b", hook: str = "LYING_BITS_HOOK") -> None:
     hooks = tmp_path / "hooks"
     hooks.mkdir(exist_ok=True)
     (hooks / "sitecustomize.py").write_text(HOOK)
     path = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH", "")) if p)
     cluster.stop_processes(root, [name])
     saved = dict(os.environ)
-    os.environ.update({"LYING_BITS_HOOK": "1", "PYTHONPATH": path})
+    os.environ.update({hook: "1", "PYTHONPATH": path})
     try:
         cluster.restart_node(root, name)
     finally:
@@ -123,6 +133,15 @@ def test_confirmation_stops_a_lying_nodes_wrong_match_and_follows_verify(tmp_pat
             genuine = sorted(templates)[5]
             res = client.identify(noisy_copy(templates[genuine], 7, sigma=0.02))
             assert (res.decision, res.subject) == ("MATCH", genuine)
+            # What the lie can still do: hide row 0's own match (NO_MATCH, never another subject).
+            res = client.identify(noisy_copy(templates[row0], 8, sigma=0.02))
+            assert (res.decision, res.subject) == ("NO_MATCH", None)
+
+            # A node naming other subjects for the candidates: DATA_LOSS, before any release.
+            _lie(root, tmp_path, hook="LYING_SUBJECTS_HOOK")
+            with pytest.raises(grpc.RpcError) as err:
+                client.identify(noisy_copy(templates[genuine], 9, sigma=0.02))
+            assert err.value.code() == grpc.StatusCode.DATA_LOSS
 
         # The confirmations are in every releasing node's log as releases under the query's ticket.
         releases = [(s, d) for name in cluster.load_spec(root).nodes for s, d in _audit(root, name, "release")
