@@ -155,7 +155,7 @@ def identify(service, request, context) -> matcher_pb2.IdentifyResponse:
                 for s in streams:
                     s.close()
                 decision, confirmed = _confirmed(service, tenant, request.ticket, probe, decision_id,
-                                                 list(next(iter(named))))
+                                                 list(next(iter(named))), nodes)
         else:
             cands = [int(g) for g in np.flatnonzero(_open([o.bits for o in first], rows))]
             if 2 <= len(cands) <= mpc.MAX_CANDIDATES:
@@ -195,7 +195,7 @@ def identify(service, request, context) -> matcher_pb2.IdentifyResponse:
 
 
 def _confirmed(service, tenant, ticket, probe: np.ndarray, decision_id: str,
-               subjects: list[str]) -> tuple[str, str | None]:
+               subjects: list[str], nodes: tuple) -> tuple[str, str | None]:
     """The decision by Verify's path on each candidate: MAC-checked rejoin, then the cosine rule.
 
     MATCH when exactly one candidate reaches the threshold, or the best beats
@@ -209,7 +209,7 @@ def _confirmed(service, tenant, ticket, probe: np.ndarray, decision_id: str,
     try:
         for subject in subjects:
             release = Release(service, tenant=tenant.name, subject=subject, dimension=probe.size,
-                              decision_id=decision_id, ticket=ticket, identify_query_id=decision_id)
+                              decision_id=decision_id, ticket=ticket, identify_query_id=decision_id, nodes=nodes)
             try:
                 joined = release.run()
             except status.RpcError as exc:

@@ -142,3 +142,17 @@ def test_an_identify_ticket_releases_only_the_confirmed_candidates_once(committe
     with pytest.raises(grpc.RpcError) as err:
         _release(c, next(iter(c.addresses)), verify_ticket, res.decision_id, "bob")
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_confirmation_asks_only_the_querys_three_nodes(committee):
+    # With n = 4 the fourth node holds no confirmation for the query: the release must not depend on it.
+    c = committee(n=4, k=2)
+    c.start_matcher()
+    rng = np.random.default_rng(12)
+    client = c.client()
+    people = {f"p{i}": unit(rng) for i in range(6)}
+    for name, template in people.items():
+        client.enroll(name, template)
+    for name, template in people.items():
+        res = client.identify(template)
+        assert (res.decision, res.subject) == ("MATCH", name)
