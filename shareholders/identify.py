@@ -143,8 +143,10 @@ class Confirmations:
               now: int) -> None:
         with self._lock:
             self._open = {q: v for q, v in self._open.items() if v[2] > now}
-            if query_id in self._open or len(self._open) >= _MAILBOX_LIMIT:
+            if query_id in self._open:
                 raise status.FailedPrecondition("This query's candidates were already named for confirmation.")
+            if len(self._open) >= _MAILBOX_LIMIT:
+                raise status.ResourceExhausted("Too many identifications await confirmation at this node.")
             self._open[query_id] = (tenant, ticket_id, expires_ms, set(subjects))
 
     def take(self, query_id: str, tenant: str, ticket_id: str, subject: str, now: int) -> bool:
