@@ -104,8 +104,9 @@ def run(quick: bool) -> list[dict]:
     return results
 
 
-def _end_to_end(rows: int, queries: int) -> list[dict]:
-    """Identify over real processes: a local cluster (3 nodes, k = 2) from ``vaultctl cluster up``."""
+def _end_to_end(rows: int, queries: int, confirm: bool = True) -> list[dict]:
+    """Identify over real processes: a local cluster (3 nodes, k = 2) from ``vaultctl cluster up``,
+    with the tenant's identify_confirm as given (genuine probes then also rejoin their candidate)."""
     import tempfile
 
     from vaultctl import cluster
@@ -120,7 +121,7 @@ def _end_to_end(rows: int, queries: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         root = f"{tmp}/cluster"
         try:
-            cluster.up(root, 3, 2, D)
+            cluster.up(root, 3, 2, D, identify_confirm=confirm)
             with MatcherClient.from_cluster_dir(root) as client:
                 todo = list(range(rows))
                 for _attempt in range(3):  # a loaded machine times some batches out: enrol those again
@@ -148,7 +149,8 @@ def _end_to_end(rows: int, queries: int) -> list[dict]:
                     matched += i % 2 == 0 and got.subject == names[g]
         finally:
             cluster.down(root)
-    params = {"d": D, "gallery": rows, "k": 2, "n": 3, "queries": queries, "genuine_matched": matched}
+    params = {"d": D, "gallery": rows, "k": 2, "n": 3, "queries": queries, "genuine_matched": matched,
+              "identify_confirm": confirm}
     lat, plain = statistics.median(ms), statistics.median(base)
     results.append(_result("identify p50 over real processes (mTLS, all on this machine)", params, lat, "ms", plain,
                            higher=False))

@@ -72,6 +72,11 @@ class TenantPolicy:
     # which one it is (records carry their dimension, not a modality name),
     # so two modalities of one tenant never share a dimension.
     modalities: dict[int, Modality] = field(default_factory=dict)
+    # Identify's MATCH / AMBIGUOUS candidates are confirmed by Verify's
+    # MAC-checked rejoin and cosine rule (matcher.identify): a lying node can
+    # then hide a match but never make one; the matcher sees the candidates'
+    # templates as in Verify. Off: it sees only bits.
+    identify_confirm: bool = True
 
     def modality(self, dimension: int) -> Modality | None:
         return self.modalities.get(dimension)
@@ -179,6 +184,7 @@ def from_dict(data: dict[str, Any], base: pathlib.Path | None = None) -> Matcher
             )
         modalities = _modalities(wrapped, name, dimension, float(match_threshold))
         score_allowed = get(wrapped, "t.score_allowed", False, bool)
+        identify_confirm = get(wrapped, "t.identify_confirm", True, bool)
         raw_keys = get(wrapped, "t.ticket_keys", {}, dict)
         if not raw_keys:
             raise ConfigError(f"The tenant {name} has no ticket_keys.")
@@ -192,7 +198,8 @@ def from_dict(data: dict[str, Any], base: pathlib.Path | None = None) -> Matcher
                 raise ConfigError(
                     f"The ticket key {key_id} of tenant {name} is not a 32-byte Ed25519 key in hex."
                 ) from None
-        tenants[name] = TenantPolicy(name, float(match_threshold), score_allowed, keys, modalities)
+        tenants[name] = TenantPolicy(name, float(match_threshold), score_allowed, keys, modalities,
+                                     identify_confirm)
 
     return MatcherConfig(
         listen=listen,

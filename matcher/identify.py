@@ -7,7 +7,8 @@ at the x-coordinates of three nodes S and streams each node its share
 gallery, compare in a 3-party computation (``vault.mpc``) and send back their
 XOR components of the match bits; the matcher opens them and, with two or
 more candidates, asks for the candidates' pairwise comparisons, then for
-the winner's subject. No template and no score reaches the matcher.
+the winner's subject. No score reaches the matcher, and no template
+unless confirmation (below) rejoins the candidates'.
 
 Scores are integer inner products of int8 codes, s = <t, q>. The threshold
 in score units is T = ceil(tau * |q|^2) for the modality's cosine threshold
@@ -15,6 +16,15 @@ tau: for a genuine probe |t| ~ |q|, so s >= T approximates cos >= tau; it is
 exact for the integer rule, which the plaintext reference applies too
 (docs/architecture.md states the difference to Verify's cosine). The
 margin is M = ceil(MARGIN * |q|^2).
+
+Confirmation (the tenant's ``identify_confirm``, default on): the protocol
+is semi-honest, so one lying node can flip opened bits. When the bits name
+1 to ``mpc.CONFIRM_CANDIDATES`` candidates, the matcher asks the nodes for
+their subjects (``confirm``) and decides with Verify's own path on each:
+``matcher.release.Release`` (hedged, MAC-checked rejoin) under the query's
+IDENTIFY ticket, then Verify's cosine rule (``_confirmed``). A lying node
+can then hide a match (NO_MATCH) or stop the query (UNAVAILABLE,
+DATA_LOSS), never make a MATCH the cosine rule does not give.
 
 Fail closed: any node error, timeout, or disagreement between the nodes'
 galleries or answers ends in an error status, never a MATCH.
@@ -33,6 +43,7 @@ import numpy as np
 
 from matcher import metrics, vectors
 from matcher.committee import TRANSPORT_CODES
+from matcher.release import Release
 from splitvault.v1 import identify_pb2, identify_pb2_grpc, matcher_pb2
 from vault import codec, mpc, record, sharing, ticket
 from vault.errors import InvalidShares, InvalidTicket
@@ -127,8 +138,24 @@ def identify(service, request, context) -> matcher_pb2.IdentifyResponse:
         rows = first[0].rows
         if any(o.rows != rows or o.gallery_digest != first[0].gallery_digest for o in first):
             raise status.Unavailable("The shareholders' galleries differ; try again.")
+        confirmed = None
         if rows == 0:
             decision, row = mpc.NO_MATCH, None
+        elif tenant.identify_confirm:
+            cands = [int(g) for g in np.flatnonzero(_open([o.bits for o in first], rows))]
+            decision, row = (mpc.decide(cands) if not cands or len(cands) > mpc.CONFIRM_CANDIDATES
+                             else (None, None))
+            if decision is None:  # 1 to CONFIRM_CANDIDATES candidates: Verify's path decides
+                step = identify_pb2.IdentifyQueryRequest(confirm=identify_pb2.IdentifyConfirm(rows=cands))
+                for s in streams:
+                    s.send(step)
+                named = {tuple(o.subjects) for o in _all(service, streams)}
+                if len(named) != 1 or len(next(iter(named))) != len(cands):
+                    raise status.DataLoss("The shareholders disagree on the candidates' subjects.")
+                for s in streams:
+                    s.close()
+                decision, confirmed = _confirmed(service, tenant, request.ticket, probe, decision_id,
+                                                 list(next(iter(named))), nodes)
         else:
             cands = [int(g) for g in np.flatnonzero(_open([o.bits for o in first], rows))]
             if 2 <= len(cands) <= mpc.MAX_CANDIDATES:
@@ -140,8 +167,8 @@ def identify(service, request, context) -> matcher_pb2.IdentifyResponse:
                 decision, row = mpc.decide(cands, _open([o.bits for o in _all(service, streams)], len(pairs)))
             else:
                 decision, row = mpc.decide(cands)
-        subject = ""
-        if decision == mpc.MATCH:
+        subject = confirmed or ""
+        if decision == mpc.MATCH and confirmed is None:
             step = identify_pb2.IdentifyQueryRequest(resolve=identify_pb2.IdentifyResolve(row=row))
             for s in streams:
                 s.send(step)
@@ -165,6 +192,48 @@ def identify(service, request, context) -> matcher_pb2.IdentifyResponse:
             s.cancel()
         record.wipe(probe, *(a for a in (code, qf, shares) if a is not None))
         metrics.IDENTIFICATIONS.labels(label).inc()
+
+
+def _confirmed(service, tenant, ticket, probe: np.ndarray, decision_id: str,
+               subjects: list[str], nodes: tuple) -> tuple[str, str | None]:
+    """The decision by Verify's path on each candidate: MAC-checked rejoin, then the cosine rule.
+
+    MATCH when exactly one candidate reaches the threshold, or the best beats
+    the second by MARGIN (cosine units); AMBIGUOUS when two or more reach it
+    within MARGIN; NO_MATCH when none does. Any release failure is the
+    query's error (fail closed).
+    """
+    threshold = tenant.modality(probe.size).match_threshold
+    code = codec.encode(probe, probe.size)
+    passing: list[tuple[float, str]] = []
+    try:
+        for subject in subjects:
+            release = Release(service, tenant=tenant.name, subject=subject, dimension=probe.size,
+                              decision_id=decision_id, ticket=ticket, identify_query_id=decision_id, nodes=nodes)
+            try:
+                joined = release.run()
+            except status.RpcError as exc:
+                if exc.code == grpc.StatusCode.NOT_FOUND:  # deleted since the gallery was read
+                    raise status.Unavailable("The gallery changed during the identification; try again.") from None
+                raise
+            try:
+                score = codec.cosine(code, joined.template)
+            finally:
+                record.wipe(joined.template)
+            if score >= threshold:
+                passing.append((score, subject))
+            del score
+    finally:
+        record.wipe(code)
+    passing.sort(reverse=True)
+    try:
+        if not passing:
+            return mpc.NO_MATCH, None
+        if len(passing) == 1 or passing[0][0] - passing[1][0] >= MARGIN:
+            return mpc.MATCH, passing[0][1]
+        return mpc.AMBIGUOUS, None
+    finally:
+        passing.clear()
 
 
 def _check_ticket(request, tenant, cluster_id: str, probe: np.ndarray):

@@ -1,4 +1,5 @@
-"""One Verify's hedged release of shares, as an explicit object.
+"""One Verify's hedged release of shares, as an explicit object (also
+Identify's confirmation of a candidate, under the query's IDENTIFY ticket).
 
 ``Release.run`` asks k nodes first, so a verification releases only the
 shares it needs; the other nodes are asked as soon as one of the first fails
@@ -75,11 +76,16 @@ class Release:
     node health and its ``node_failed`` / ``suspect`` reports).
     """
 
-    def __init__(self, matcher, *, tenant: str, subject: str, dimension: int, decision_id: str, ticket) -> None:
+    def __init__(self, matcher, *, tenant: str, subject: str, dimension: int, decision_id: str, ticket,
+                 identify_query_id: str = "", nodes: tuple[ShareholderEndpoint, ...] | None = None) -> None:
         self.m = matcher
         self.tenant, self.subject, self.dimension, self.decision_id = tenant, subject, dimension, decision_id
-        self.request = shareholder_pb2.ReleaseShareRequest(ticket=ticket)
+        # Under an IDENTIFY ticket (confirmation of a query's candidate): the query and the subject.
+        self.request = shareholder_pb2.ReleaseShareRequest(
+            ticket=ticket, identify_query_id=identify_query_id, subject=subject if identify_query_id else "")
         self.k, self.n = matcher.k, matcher.n
+        # The nodes that may release: every node, or an identify query's three (only they hold its confirmation).
+        self.nodes = tuple(matcher.cfg.shareholders if nodes is None else nodes)
         # (share, key share) pairs in hand, per epoch and node index.
         self.by_epoch: dict[int, dict[int, tuple[record.Share, record.KeyShare]]] = {}
         self.failures: list[Outcome] = []
@@ -100,7 +106,7 @@ class Release:
         ``meanwhile`` runs once the first calls are on their way.
         """
         cfg = self.m.cfg
-        first, self.rest = release_order(cfg.shareholders, self.k, cfg.hedge_ms, self.tenant, self.subject,
+        first, self.rest = release_order(self.nodes, self.k, cfg.hedge_ms, self.tenant, self.subject,
                                          self.m.down_since)
         self.gather = self.m.committee.fan_out("ReleaseShare", self.request, nodes=first)
         if meanwhile is not None:
@@ -254,7 +260,7 @@ class Release:
     def _no_quorum(self, best: int) -> status.RpcError:
         # Fewer than k usable shares: say why, as definitely as the answers allow.
         codes = Tally(o.code for o in self.failures)
-        enough_to_rule_out = self.n - self.k + 1  # this many refusals leave fewer than k possible shares
+        enough_to_rule_out = len(self.nodes) - self.k + 1  # this many refusals leave fewer than k possible shares
         for code in DEFINITIVE:
             if codes[code] >= enough_to_rule_out:
                 return status.error(code, _DEFINITIVE_MESSAGE[code])

@@ -18,7 +18,14 @@ position order. This node, at position j:
    ``shareholder/<name>``) and one message taken from the mailbox its
    successor fills;
 4. answers its XOR component of the match bits; then, if asked, of the
-   candidates' pair comparisons, and the subject of one row.
+   candidates' pair comparisons, and the subject of one row;
+5. confirmation (``confirm``, once per query, at most
+   ``mpc.CONFIRM_CANDIDATES`` rows): answers the rows' subjects and records
+   them in ``Confirmations``, so that ``ReleaseShare`` releases each one's
+   share once under this query's IDENTIFY ticket (audited as ``release``
+   entries naming the query). The node cannot check that the rows are the
+   ones the opened bits named (its component is masked to it): the bound is
+   the count, once per ticket, and the subjects' own attempt limits.
 
 The gallery is kept in memory in compute form per (tenant, dimension):
 the template part of each record share as float64 (``mpc.compute_form``:
@@ -124,6 +131,34 @@ class Mailboxes:
                 del self._items[key]
 
 
+class Confirmations:
+    """Subjects a query named for confirmation, releasable once each under its IDENTIFY ticket."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        # query id -> (tenant, ticket id, expiry ms, subjects not released yet)
+        self._open: dict[str, tuple[str, str, int, set[str]]] = {}
+
+    def offer(self, query_id: str, tenant: str, ticket_id: str, expires_ms: int, subjects: list[str],
+              now: int) -> None:
+        with self._lock:
+            self._open = {q: v for q, v in self._open.items() if v[2] > now}
+            if query_id in self._open:
+                raise status.FailedPrecondition("This query's candidates were already named for confirmation.")
+            if len(self._open) >= _MAILBOX_LIMIT:
+                raise status.ResourceExhausted("Too many identifications await confirmation at this node.")
+            self._open[query_id] = (tenant, ticket_id, expires_ms, set(subjects))
+
+    def take(self, query_id: str, tenant: str, ticket_id: str, subject: str, now: int) -> bool:
+        """Whether the query named this subject and it was not released for it yet (then it is used up)."""
+        with self._lock:
+            entry = self._open.get(query_id)
+            if entry is None or entry[:2] != (tenant, ticket_id) or entry[2] <= now or subject not in entry[3]:
+                return False
+            entry[3].discard(subject)
+            return True
+
+
 @dataclass(frozen=True)
 class Gallery:
     """One tenant's templates of one dimension in compute form (a snapshot: never changed in place)."""
@@ -222,6 +257,8 @@ class _Query:
         self.gallery: Gallery | None = None
         self.pred = self.succ = self.pred_address = ""
         self.margin = 0
+        self.body: tickets.TicketBody | None = None
+        self.confirmed = False
 
     def exchange(self, rnd: int, payload: bytes) -> bytes:
         self.svc.send(self.pred, self.query_id, rnd, payload, self.pred_address)
@@ -319,13 +356,15 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
                 kind = step.WhichOneof("step")
                 if kind == "pairs":
                     yield self._pairs(query, step.pairs)
+                elif kind == "confirm":
+                    yield self._confirm(query, list(step.confirm.rows))
                 elif kind == "resolve":
                     row = int(step.resolve.row)
                     if not 0 <= row < len(query.gallery.subjects):
                         raise status.InvalidArgument("The row is outside the gallery.")
                     yield identify_pb2.IdentifyQueryResponse(subject=query.gallery.subjects[row])
                 else:
-                    raise status.InvalidArgument("An identification step must be pairs or resolve.")
+                    raise status.InvalidArgument("An identification step must be pairs, resolve or confirm.")
         finally:
             if query.party is not None:
                 query.party.wipe()
@@ -361,6 +400,7 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
         except ValueError as exc:
             raise status.InvalidArgument(str(exc)) from None
         body, seq = self._authorise(actor, start, committee)
+        query.body = body
         gallery = self.galleries.get(self.sh, self.sh._reader(), body.tenant, dimension)
         if gallery.subjects and gallery.threshold != mpc.THRESHOLD:
             raise status.FailedPrecondition("The tenant's records are not shared with threshold 2.")
@@ -403,6 +443,24 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
         except ValueError as exc:
             raise status.InvalidArgument(str(exc)) from None
         return identify_pb2.IdentifyQueryResponse(bits=bits)
+
+    def _confirm(self, query: _Query, rows: list[int]) -> identify_pb2.IdentifyQueryResponse:
+        """The subjects of the named candidate rows, made releasable once each under this query's ticket."""
+        if query.party is None or query.gallery is None or not query.gallery.subjects or query.body is None:
+            raise status.FailedPrecondition("Confirmation comes after the match bits of a non-empty gallery.")
+        if query.confirmed:
+            raise status.FailedPrecondition("This query's candidates were already named for confirmation.")
+        if not 1 <= len(rows) <= mpc.CONFIRM_CANDIDATES or len(set(rows)) != len(rows):
+            raise status.InvalidArgument(
+                f"Confirmation names 1 to {mpc.CONFIRM_CANDIDATES} distinct rows.")
+        if any(not 0 <= r < len(query.gallery.subjects) for r in rows):
+            raise status.InvalidArgument("The row is outside the gallery.")
+        subjects = [query.gallery.subjects[r] for r in rows]
+        body = query.body
+        self.sh.confirmations.offer(query.query_id, body.tenant, tickets.ticket_id(body), body.expires_at_ms,
+                                    subjects, now_ms())
+        query.confirmed = True
+        return identify_pb2.IdentifyQueryResponse(subjects=subjects)
 
     def _authorise(self, actor: str, start, committee: list[str]) -> tuple[tickets.TicketBody, int]:
         """The IDENTIFY ticket checked here and the query's one audit entry committed."""

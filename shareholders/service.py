@@ -50,6 +50,7 @@ from typing import NamedTuple
 from prometheus_client import Counter, Gauge
 
 from shareholders import rotation, storage, witness
+from shareholders.identify import Confirmations
 from shareholders.epochs import committee_pins, guard_delete, guard_store, presented_spki
 from shareholders.audit_log import AuditWriter, Tx, WriterClosed, now_ms
 from shareholders.config import NodeConfig, NodeKeys
@@ -282,6 +283,8 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         self._readers: list = []
         self._readers_lock = threading.Lock()
         self.guard = ReleaseGuard(cfg.attempts_per_subject, int(cfg.attempt_window_s * 1000))
+        # Candidates of identify queries the matcher confirms (shareholders.identify).
+        self.confirmations = Confirmations()
         self.write_guard = WriteGuard()
         self._releases = RELEASES.labels(cfg.name)
         self._stored = STORED.labels(cfg.name)
@@ -702,15 +705,26 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             self._deny_now(actor, "unknown_tenant",
                            status.PermissionDenied("The verification ticket names a tenant not registered at this node."),
                            details=claimed())
+        query_id = request.identify_query_id
         try:
             body = wire.verify_ticket(ticket, keys, tenant=body.tenant, audience=self.cfg.cluster_id,
-                                      operations=(tickets.VERIFY,))
+                                      operations=(tickets.IDENTIFY,) if query_id else (tickets.VERIFY,))
         except InvalidTicket as exc:
             self._deny_now(actor, "invalid_ticket", status.PermissionDenied(str(exc)), details=claimed(why=str(exc)))
         tenant, subject, request_id = body.tenant, body.subject, body.request_id
         now = now_ms()
-        verdict = self.guard.admit(tenant, subject, tickets.ticket_id(body), body.expires_at_ms, now)
+        replay_key = tickets.ticket_id(body)
         base = {"counted": True, "ticket_expires_ms": body.expires_at_ms, "key_id": ticket.key_id}
+        if query_id:
+            # Confirmation of an identify query: only a subject that query named, once.
+            subject = request.subject
+            if not self.confirmations.take(query_id, tenant, replay_key, subject, now):
+                self._deny_now(actor, "not_a_candidate", status.PermissionDenied(
+                    "The identify ticket does not authorise a release of this subject."),
+                    tenant=tenant, request_id=request_id, details=claimed(identify_query=query_id[:_CLAIM_CHARS]))
+            replay_key = f"{replay_key}\x00confirm\x00{subject}"
+            base["identify_query"] = query_id
+        verdict = self.guard.admit(tenant, subject, replay_key, body.expires_at_ms, now)
         who = dict(actor=actor, tenant=tenant, subject=subject, request_id=request_id)
         if verdict == "replayed":
             self._deny_now(actor, verdict, status.PermissionDenied("The verification ticket was already used at this node."),

@@ -94,3 +94,65 @@ def test_the_gallery_follows_a_replace(committee):
     client.enroll("alice", new, replace=True)
     assert client.identify(old).decision == "NO_MATCH"
     assert client.identify(new).subject == "alice"
+
+
+def _release(c, node: str, signed, query_id: str, subject: str):
+    from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
+
+    channel = secure_channel(c.addresses[node], c.pki.tls("matcher", "matcher"),
+                             expect=pki.Identity(pki.ROLE_SHAREHOLDER, node))
+    try:
+        return shareholder_pb2_grpc.ShareholderStub(channel).ReleaseShare(
+            shareholder_pb2.ReleaseShareRequest(ticket=signed, identify_query_id=query_id, subject=subject),
+            timeout=10)
+    finally:
+        channel.close()
+
+
+def test_an_identify_ticket_releases_only_the_confirmed_candidates_once(committee):
+    # A matcher's certificate holder cannot turn an IDENTIFY ticket into releases
+    # of subjects the query did not name, nor release a named one twice.
+    c = committee()
+    c.start_matcher()
+    rng = np.random.default_rng(8)
+    client = c.client()
+    alice, bob = unit(rng), unit(rng)
+    client.enroll("alice", alice)
+    client.enroll("bob", bob)
+    probe = alice
+    signed = client.ticket(ticket.IDENTIFY, "", "query-confirm-1", probe=probe)
+    res = client._stub.Identify(matcher_pb2.IdentifyRequest(probe=probe.tolist(), ticket=signed), timeout=10)
+    assert res.decision == matcher_pb2.DECISION_MATCH and res.subject == "alice"
+    released = 0
+    for node in c.addresses:
+        # The matcher asked k = 2 nodes (hedged): a node it did not ask still releases alice once.
+        try:
+            _release(c, node, signed, res.decision_id, "alice")
+            released += 1
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.PERMISSION_DENIED
+        for subject, query in (("alice", res.decision_id), ("bob", res.decision_id), ("bob", "query-other-123")):
+            with pytest.raises(grpc.RpcError) as err:
+                _release(c, node, signed, query, subject)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, (node, subject)
+            assert "does not authorise a release of this subject" in err.value.details()
+    assert released == 1
+    # A VERIFY ticket's release does not accept a query id in place of the IDENTIFY ticket's.
+    verify_ticket = client.ticket(ticket.VERIFY, "bob", "verify-1", probe=probe)
+    with pytest.raises(grpc.RpcError) as err:
+        _release(c, next(iter(c.addresses)), verify_ticket, res.decision_id, "bob")
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_confirmation_asks_only_the_querys_three_nodes(committee):
+    # With n = 4 the fourth node holds no confirmation for the query: the release must not depend on it.
+    c = committee(n=4, k=2)
+    c.start_matcher()
+    rng = np.random.default_rng(12)
+    client = c.client()
+    people = {f"p{i}": unit(rng) for i in range(6)}
+    for name, template in people.items():
+        client.enroll(name, template)
+    for name, template in people.items():
+        res = client.identify(template)
+        assert (res.decision, res.subject) == ("MATCH", name)

@@ -35,8 +35,10 @@ The same circuit on s_a - s_b - M decides whether candidate a beats
 candidate b by the margin M (``Party.compare_pairs``; inputs local, 8 rounds).
 
 Security model: semi-honest, one corrupted party of three. A party that
-deviates can flip any output bit (a wrong MATCH is possible with a lying
-node); docs/architecture.md states it. Randomness: the pairwise keys come
+deviates can flip any output bit; the matcher therefore confirms the
+candidates the bits name with a MAC-checked rejoin and Verify's cosine rule
+(identify_confirm, docs/architecture.md), so a lying node can hide a match
+but not make one. Randomness: the pairwise keys come
 from the OS CSPRNG (``new_pair_key``); every mask is AES-256-CTR under such a
 key, with a label naming the query and the round.
 """
@@ -66,6 +68,9 @@ FIELD_BITS = 31
 _QMAX_SQ = 127 * 127
 # Most candidates compared pairwise; more is AMBIGUOUS without comparing.
 MAX_CANDIDATES = 16
+# Most candidates whose templates are released to the matcher to confirm one
+# query (identify_confirm); with more the answer is AMBIGUOUS, nothing released.
+CONFIRM_CANDIDATES = 4
 # Pairwise-stream labels (domain separation).
 _ARITH_DOMAIN = b"splitvault/identify-zero/v1\x00"
 _BIT_DOMAIN = b"splitvault/identify-and/v1\x00"

@@ -415,6 +415,22 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
             return f"the ticket is for another subject or request than the {e.event} names", None
         return None, body
 
+    def check_identify_release(log: NodeLog, e, details: dict) -> str | None:
+        ticket = tickets.from_audit_details(details)
+        tenant_keys = keys.get(e.tenant)
+        if ticket is None or tenant_keys is None:
+            return "the identify confirmation records no ticket of a known tenant"
+        try:
+            body = wire.verify_ticket(ticket, tenant_keys, tenant=e.tenant, audience=target.cluster_id,
+                                      operations=(tickets.IDENTIFY,), at_ms=e.time_ms)
+        except InvalidTicket as exc:
+            return str(exc).rstrip(".").lower()
+        if body.request_id != e.request_id:
+            return "the ticket is for another request than the release names"
+        if log.node.name not in identifications.get((e.tenant, e.request_id), ()):
+            return "the identify confirmation follows no identify query of this node"
+        return None
+
     def check_write(log: NodeLog, e) -> None:
         details = json.loads(e.details_json or "{}")
         writes[e.event] += 1
@@ -496,6 +512,11 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
                 why = f"node {log.node.name} is not a member of the committee"
             elif not e.actor.startswith("matcher/"):
                 why = f"the share went to {e.actor or 'an unnamed caller'}, not a matcher"
+            elif details.get("identify_query"):
+                # Confirmation of an identify query's candidate: under the query's IDENTIFY
+                # ticket, after this node's own entry for that query (one share per subject).
+                why = check_identify_release(log, e, details)
+                item["request_id"] = f"{e.request_id}/{e.subject}"
             else:
                 why, body = check_ticket(e, details, (tickets.VERIFY,))
                 if why is None:
@@ -503,7 +524,7 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
             if why is not None:
                 unexplained.append({**item, "reason": why})
                 continue
-            releases[(e.tenant, e.request_id)][log.node.name].append(item)
+            releases[(e.tenant, item["request_id"])][log.node.name].append(item)
         per_node.append({"name": log.node.name, "source": log.source, "chain_ok": verdict["ok"],
                          "broken_seq": verdict["broken_seq"], "error": verdict["reason"] if verdict["state"] in
                          ("unreadable", "no_key") else None, "entries": len(log.entries), "releases": n_rel,

@@ -397,6 +397,10 @@ def _cluster_size(p: argparse.ArgumentParser) -> None:
                         "postgres: one database per node, on --postgres or the cluster's own server)")
     p.add_argument("--postgres", default=None, metavar="DSN",
                    help="with --backend postgres: a superuser connection string of a dev server to use")
+    p.add_argument("--identify-confirm", choices=("on", "off"), default=None,
+                   help="first time only: Identify confirms its candidates with Verify's MAC-checked rejoin and "
+                        "cosine rule (default on; off: the matcher sees only bits, and one lying node can make a "
+                        "wrong MATCH)")
 
 
 @command("cluster", "up", help="create (first time) and start a local cluster in the background", arguments=_cluster_size, target="dir")
@@ -406,6 +410,8 @@ def _cluster_up(args) -> Result:
         raise CliError("--postgres goes with --backend postgres.")
     if args.backend == "postgres":
         kwargs["postgres"] = args.postgres or cluster.LOCAL_POSTGRES
+    if args.identify_confirm is not None:
+        kwargs["identify_confirm"] = args.identify_confirm == "on"
     try:
         info = cluster.up(args.dir, args.shareholders, args.threshold, args.dim, modalities=args.modality, **kwargs)
     except cluster.ClusterError as exc:

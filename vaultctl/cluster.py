@@ -123,6 +123,9 @@ class ClusterSpec:
     # own database, an owner role and a node role (``postgres_store``).
     # Empty: each node's store is its SQLite file.
     postgres: str = ""
+    # Identify confirms its candidates with Verify's rejoin and cosine rule
+    # (matcher tenants' identify_confirm).
+    identify_confirm: bool = True
 
     def __post_init__(self):
         if isinstance(self.shareholders, bool) or not isinstance(self.shareholders, int) or not 2 <= self.shareholders <= MAX_SHAREHOLDERS:
@@ -197,6 +200,7 @@ class ClusterSpec:
                 match_threshold=float(data.get("match_threshold", DEFAULT_MATCH_THRESHOLD)),
                 modalities=tuple(Modality(**m) for m in data.get("modalities", ())),
                 postgres=str(data.get("postgres", "")),
+                identify_confirm=bool(data.get("identify_confirm", True)),
             )
         except (KeyError, TypeError, ValueError):
             raise ClusterError("The cluster spec cluster.json is missing a field or has a wrong type.") from None
@@ -295,6 +299,7 @@ def _tenants_toml(paths: Paths, spec: ClusterSpec, matcher: bool) -> str:
         if matcher:
             out.append(f"match_threshold = {spec.match_threshold!r}")
             out.append("score_allowed = false")
+            out.append(f"identify_confirm = {'true' if spec.identify_confirm else 'false'}")
         out.append(f"ticket_keys = {{ {_toml_str(key_id(tenant))} = {_toml_str(_ticket_public_hex(paths, tenant))} }}")
         for m in spec.modalities if matcher else ():
             out.append(f"\n[tenants.{_toml_str(tenant)}.modalities.{_toml_str(m.name)}]")
@@ -821,6 +826,7 @@ def up(
     timeout_s: float = START_TIMEOUT_S,
     modalities: tuple[Modality, ...] | None = None,
     postgres: str | None = None,
+    identify_confirm: bool | None = None,
 ) -> dict:
     """Create (first time) and start the cluster; return ``status(root)``
     plus ``actions``: what this call did to each process.
@@ -841,6 +847,7 @@ def up(
             ("dim", dim, spec.dim),
             ("modality", modalities if modalities is None else tuple(modalities), spec.modalities),
             ("postgres", postgres, spec.postgres),
+            ("identify-confirm", identify_confirm, spec.identify_confirm),
         ):
             if given is not None and given != stored:
                 if label == "modality":
@@ -853,7 +860,8 @@ def up(
         n = DEFAULT_SHAREHOLDERS if shareholders is None else shareholders
         k = DEFAULT_THRESHOLD if threshold is None else threshold
         spec = ClusterSpec(shareholders=n, threshold=k, dim=DEFAULT_DIMENSION if dim is None else dim,
-                           modalities=tuple(modalities or ()), postgres=postgres or "")
+                           modalities=tuple(modalities or ()), postgres=postgres or "",
+                           identify_confirm=True if identify_confirm is None else identify_confirm)
     if spec.postgres == LOCAL_POSTGRES:
         start_postgres(paths)  # before init: a new node's config names its database
     init(root, spec)

@@ -41,29 +41,39 @@ class IdentifyResolve(_message.Message):
     row: int
     def __init__(self, row: _Optional[int] = ...) -> None: ...
 
+class IdentifyConfirm(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, rows: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class IdentifyQueryRequest(_message.Message):
-    __slots__ = ("start", "pairs", "resolve")
+    __slots__ = ("start", "pairs", "resolve", "confirm")
     START_FIELD_NUMBER: _ClassVar[int]
     PAIRS_FIELD_NUMBER: _ClassVar[int]
     RESOLVE_FIELD_NUMBER: _ClassVar[int]
+    CONFIRM_FIELD_NUMBER: _ClassVar[int]
     start: IdentifyStart
     pairs: IdentifyPairs
     resolve: IdentifyResolve
-    def __init__(self, start: _Optional[_Union[IdentifyStart, _Mapping]] = ..., pairs: _Optional[_Union[IdentifyPairs, _Mapping]] = ..., resolve: _Optional[_Union[IdentifyResolve, _Mapping]] = ...) -> None: ...
+    confirm: IdentifyConfirm
+    def __init__(self, start: _Optional[_Union[IdentifyStart, _Mapping]] = ..., pairs: _Optional[_Union[IdentifyPairs, _Mapping]] = ..., resolve: _Optional[_Union[IdentifyResolve, _Mapping]] = ..., confirm: _Optional[_Union[IdentifyConfirm, _Mapping]] = ...) -> None: ...
 
 class IdentifyQueryResponse(_message.Message):
-    __slots__ = ("bits", "rows", "gallery_digest", "subject", "audit_seq")
+    __slots__ = ("bits", "rows", "gallery_digest", "subject", "audit_seq", "subjects")
     BITS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     GALLERY_DIGEST_FIELD_NUMBER: _ClassVar[int]
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     AUDIT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    SUBJECTS_FIELD_NUMBER: _ClassVar[int]
     bits: bytes
     rows: int
     gallery_digest: bytes
     subject: str
     audit_seq: int
-    def __init__(self, bits: _Optional[bytes] = ..., rows: _Optional[int] = ..., gallery_digest: _Optional[bytes] = ..., subject: _Optional[str] = ..., audit_seq: _Optional[int] = ...) -> None: ...
+    subjects: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, bits: _Optional[bytes] = ..., rows: _Optional[int] = ..., gallery_digest: _Optional[bytes] = ..., subject: _Optional[str] = ..., audit_seq: _Optional[int] = ..., subjects: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class IdentifyRoundRequest(_message.Message):
     __slots__ = ("query_id", "round", "payload")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from splitvault.v1 import common_pb2 as splitvault_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsplitvault/v1/shareholder.proto\x12\rsplitvault.v1\x1a\x1asplitvault/v1/common.proto\"\xb2\x01\n\x12StoreSharesRequest\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.splitvault.v1.ShareRecord\x12\x0f\n\x07replace\x18\x02 \x01(\x08\x12\x32\n\x07tickets\x18\x03 \x03(\x0b\x32!.splitvault.v1.VerificationTicket\x12*\n\x07\x62\x61tches\x18\x04 \x03(\x0b\x32\x19.splitvault.v1.WriteBatch\"=\n\x13StoreSharesResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x16\n\x0e\x61lready_stored\x18\x02 \x01(\r\"\xb7\x01\n\x17StoreShareStreamRequest\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.splitvault.v1.ShareRecord\x12\x0f\n\x07replace\x18\x02 \x01(\x08\x12\x32\n\x07tickets\x18\x03 \x03(\x0b\x32!.splitvault.v1.VerificationTicket\x12*\n\x07\x62\x61tches\x18\x04 \x03(\x0b\x32\x19.splitvault.v1.WriteBatch\"B\n\x18StoreShareStreamResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x04\x12\x16\n\x0e\x61lready_stored\x18\x02 \x01(\x04\"H\n\x13ReleaseShareRequest\x12\x31\n\x06ticket\x18\x01 \x01(\x0b\x32!.splitvault.v1.VerificationTicket\"\x83\x01\n\x14ReleaseShareResponse\x12*\n\x06shares\x18\x01 \x03(\x0b\x32\x1a.splitvault.v1.ShareRecord\x12\x11\n\taudit_seq\x18\x02 \x01(\x04\x12,\n\x08mac_keys\x18\x03 \x03(\x0b\x32\x1a.splitvault.v1.MacKeyShare\"\x87\x01\n\x15GetMacKeyShareRequest\x12\x11\n\tdimension\x18\x01 \x01(\r\x12\x31\n\x06ticket\x18\x02 \x01(\x0b\x32!.splitvault.v1.VerificationTicket\x12(\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x19.splitvault.v1.WriteBatch\"T\n\x16GetMacKeyShareResponse\x12\'\n\x03key\x18\x01 \x01(\x0b\x32\x1a.splitvault.v1.MacKeyShare\x12\x11\n\taudit_seq\x18\x02 \x01(\x04\"\xa7\x01\n\x13\x44\x65leteSharesRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x31\n\x06ticket\x18\x04 \x01(\x0b\x32!.splitvault.v1.VerificationTicket\x12(\n\x05\x62\x61tch\x18\x05 \x01(\x0b\x32\x19.splitvault.v1.WriteBatch\"\'\n\x14\x44\x65leteSharesResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"9\n\x16\x44\x65scribeRecordsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\"E\n\x17\x44\x65scribeRecordsResponse\x12*\n\x07records\x18\x01 \x03(\x0b\x32\x19.splitvault.v1.RecordInfo\"\x14\n\x12GetNodeInfoRequest\"\xb0\x01\n\x13GetNodeInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x13\n\x0bkek_version\x18\x04 \x01(\r\x12\x18\n\x10\x61udit_public_key\x18\x05 \x01(\x0c\x12\x0f\n\x07records\x18\x06 \x01(\x04\x12\x16\n\x0e\x61udit_head_seq\x18\x07 \x01(\x04\x12\x15\n\rmac_key_width\x18\x08 \x01(\r\"\'\n\x13ReadAuditLogRequest\x12\x10\n\x08\x66rom_seq\x18\x01 \x01(\x04\"\x80\x01\n\x14ReadAuditLogResponse\x12*\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x19.splitvault.v1.AuditEntryH\x00\x12\x34\n\ncheckpoint\x18\x02 \x01(\x0b\x32\x1e.splitvault.v1.AuditCheckpointH\x00\x42\x06\n\x04item\"L\n\x10RotateKekRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x10\n\x08pause_ms\x18\x03 \x01(\r\"\xf7\x02\n\x11RotateKekResponse\x12\x35\n\x05phase\x18\x01 \x01(\x0e\x32&.splitvault.v1.RotateKekResponse.Phase\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x12\n\nto_version\x18\x04 \x01(\r\x12\x15\n\rfrom_versions\x18\x05 \x03(\r\x12\r\n\x05total\x18\x06 \x01(\x04\x12\x11\n\trewrapped\x18\x07 \x01(\x04\x12\x0f\n\x07\x62\x61tches\x18\x08 \x01(\r\x12\x0f\n\x07resumed\x18\t \x01(\x08\x12\x18\n\x10retired_versions\x18\n \x03(\r\x12\x14\n\x0c\x61lready_done\x18\x0b \x01(\x08\x12\x11\n\taudit_seq\x18\x0c \x01(\x04\"W\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x11\n\rPHASE_STARTED\x10\x01\x12\x14\n\x10PHASE_REWRAPPING\x10\x02\x12\x0e\n\nPHASE_DONE\x10\x03\"N\n\x18WitnessCheckpointRequest\x12\x32\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x1e.splitvault.v1.AuditCheckpoint\"I\n\x19WitnessCheckpointResponse\x12\x11\n\taudit_seq\x18\x01 \x01(\x04\x12\x19\n\x11\x61lready_witnessed\x18\x02 \x01(\x08\x32\xa8\x07\n\x0bShareholder\x12T\n\x0bStoreShares\x12!.splitvault.v1.StoreSharesRequest\x1a\".splitvault.v1.StoreSharesResponse\x12\x65\n\x10StoreShareStream\x12&.splitvault.v1.StoreShareStreamRequest\x1a\'.splitvault.v1.StoreShareStreamResponse(\x01\x12W\n\x0cReleaseShare\x12\".splitvault.v1.ReleaseShareRequest\x1a#.splitvault.v1.ReleaseShareResponse\x12]\n\x0eGetMacKeyShare\x12$.splitvault.v1.GetMacKeyShareRequest\x1a%.splitvault.v1.GetMacKeyShareResponse\x12W\n\x0c\x44\x65leteShares\x12\".splitvault.v1.DeleteSharesRequest\x1a#.splitvault.v1.DeleteSharesResponse\x12`\n\x0f\x44\x65scribeRecords\x12%.splitvault.v1.DescribeRecordsRequest\x1a&.splitvault.v1.DescribeRecordsResponse\x12T\n\x0bGetNodeInfo\x12!.splitvault.v1.GetNodeInfoRequest\x1a\".splitvault.v1.GetNodeInfoResponse\x12Y\n\x0cReadAuditLog\x12\".splitvault.v1.ReadAuditLogRequest\x1a#.splitvault.v1.ReadAuditLogResponse0\x01\x12P\n\tRotateKek\x12\x1f.splitvault.v1.RotateKekRequest\x1a .splitvault.v1.RotateKekResponse0\x01\x12\x66\n\x11WitnessCheckpoint\x12\'.splitvault.v1.WitnessCheckpointRequest\x1a(.splitvault.v1.WitnessCheckpointResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsplitvault/v1/shareholder.proto\x12\rsplitvault.v1\x1a\x1asplitvault/v1/common.proto\"\xb2\x01\n\x12StoreSharesRequest\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.splitvault.v1.ShareRecord\x12\x0f\n\x07replace\x18\x02 \x01(\x08\x12\x32\n\x07tickets\x18\x03 \x03(\x0b\x32!.splitvault.v1.VerificationTicket\x12*\n\x07\x62\x61tches\x18\x04 \x03(\x0b\x32\x19.splitvault.v1.WriteBatch\"=\n\x13StoreSharesResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x16\n\x0e\x61lready_stored\x18\x02 \x01(\r\"\xb7\x01\n\x17StoreShareStreamRequest\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.splitvault.v1.ShareRecord\x12\x0f\n\x07replace\x18\x02 \x01(\x08\x12\x32\n\x07tickets\x18\x03 \x03(\x0b\x32!.splitvault.v1.VerificationTicket\x12*\n\x07\x62\x61tches\x18\x04 \x03(\x0b\x32\x19.splitvault.v1.WriteBatch\"B\n\x18StoreShareStreamResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x04\x12\x16\n\x0e\x61lready_stored\x18\x02 \x01(\x04\"t\n\x13ReleaseShareRequest\x12\x31\n\x06ticket\x18\x01 \x01(\x0b\x32!.splitvault.v1.VerificationTicket\x12\x19\n\x11identify_query_id\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\"\x83\x01\n\x14ReleaseShareResponse\x12*\n\x06shares\x18\x01 \x03(\x0b\x32\x1a.splitvault.v1.ShareRecord\x12\x11\n\taudit_seq\x18\x02 \x01(\x04\x12,\n\x08mac_keys\x18\x03 \x03(\x0b\x32\x1a.splitvault.v1.MacKeyShare\"\x87\x01\n\x15GetMacKeyShareRequest\x12\x11\n\tdimension\x18\x01 \x01(\r\x12\x31\n\x06ticket\x18\x02 \x01(\x0b\x32!.splitvault.v1.VerificationTicket\x12(\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x19.splitvault.v1.WriteBatch\"T\n\x16GetMacKeyShareResponse\x12\'\n\x03key\x18\x01 \x01(\x0b\x32\x1a.splitvault.v1.MacKeyShare\x12\x11\n\taudit_seq\x18\x02 \x01(\x04\"\xa7\x01\n\x13\x44\x65leteSharesRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x31\n\x06ticket\x18\x04 \x01(\x0b\x32!.splitvault.v1.VerificationTicket\x12(\n\x05\x62\x61tch\x18\x05 \x01(\x0b\x32\x19.splitvault.v1.WriteBatch\"\'\n\x14\x44\x65leteSharesResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"9\n\x16\x44\x65scribeRecordsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\"E\n\x17\x44\x65scribeRecordsResponse\x12*\n\x07records\x18\x01 \x03(\x0b\x32\x19.splitvault.v1.RecordInfo\"\x14\n\x12GetNodeInfoRequest\"\xb0\x01\n\x13GetNodeInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x13\n\x0bkek_version\x18\x04 \x01(\r\x12\x18\n\x10\x61udit_public_key\x18\x05 \x01(\x0c\x12\x0f\n\x07records\x18\x06 \x01(\x04\x12\x16\n\x0e\x61udit_head_seq\x18\x07 \x01(\x04\x12\x15\n\rmac_key_width\x18\x08 \x01(\r\"\'\n\x13ReadAuditLogRequest\x12\x10\n\x08\x66rom_seq\x18\x01 \x01(\x04\"\x80\x01\n\x14ReadAuditLogResponse\x12*\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x19.splitvault.v1.AuditEntryH\x00\x12\x34\n\ncheckpoint\x18\x02 \x01(\x0b\x32\x1e.splitvault.v1.AuditCheckpointH\x00\x42\x06\n\x04item\"L\n\x10RotateKekRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x10\n\x08pause_ms\x18\x03 \x01(\r\"\xf7\x02\n\x11RotateKekResponse\x12\x35\n\x05phase\x18\x01 \x01(\x0e\x32&.splitvault.v1.RotateKekResponse.Phase\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x12\n\nto_version\x18\x04 \x01(\r\x12\x15\n\rfrom_versions\x18\x05 \x03(\r\x12\r\n\x05total\x18\x06 \x01(\x04\x12\x11\n\trewrapped\x18\x07 \x01(\x04\x12\x0f\n\x07\x62\x61tches\x18\x08 \x01(\r\x12\x0f\n\x07resumed\x18\t \x01(\x08\x12\x18\n\x10retired_versions\x18\n \x03(\r\x12\x14\n\x0c\x61lready_done\x18\x0b \x01(\x08\x12\x11\n\taudit_seq\x18\x0c \x01(\x04\"W\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x11\n\rPHASE_STARTED\x10\x01\x12\x14\n\x10PHASE_REWRAPPING\x10\x02\x12\x0e\n\nPHASE_DONE\x10\x03\"N\n\x18WitnessCheckpointRequest\x12\x32\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x1e.splitvault.v1.AuditCheckpoint\"I\n\x19WitnessCheckpointResponse\x12\x11\n\taudit_seq\x18\x01 \x01(\x04\x12\x19\n\x11\x61lready_witnessed\x18\x02 \x01(\x08\x32\xa8\x07\n\x0bShareholder\x12T\n\x0bStoreShares\x12!.splitvault.v1.StoreSharesRequest\x1a\".splitvault.v1.StoreSharesResponse\x12\x65\n\x10StoreShareStream\x12&.splitvault.v1.StoreShareStreamRequest\x1a\'.splitvault.v1.StoreShareStreamResponse(\x01\x12W\n\x0cReleaseShare\x12\".splitvault.v1.ReleaseShareRequest\x1a#.splitvault.v1.ReleaseShareResponse\x12]\n\x0eGetMacKeyShare\x12$.splitvault.v1.GetMacKeyShareRequest\x1a%.splitvault.v1.GetMacKeyShareResponse\x12W\n\x0c\x44\x65leteShares\x12\".splitvault.v1.DeleteSharesRequest\x1a#.splitvault.v1.DeleteSharesResponse\x12`\n\x0f\x44\x65scribeRecords\x12%.splitvault.v1.DescribeRecordsRequest\x1a&.splitvault.v1.DescribeRecordsResponse\x12T\n\x0bGetNodeInfo\x12!.splitvault.v1.GetNodeInfoRequest\x1a\".splitvault.v1.GetNodeInfoResponse\x12Y\n\x0cReadAuditLog\x12\".splitvault.v1.ReadAuditLogRequest\x1a#.splitvault.v1.ReadAuditLogResponse0\x01\x12P\n\tRotateKek\x12\x1f.splitvault.v1.RotateKekRequest\x1a .splitvault.v1.RotateKekResponse0\x01\x12\x66\n\x11WitnessCheckpoint\x12\'.splitvault.v1.WitnessCheckpointRequest\x1a(.splitvault.v1.WitnessCheckpointResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,39 +41,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STORESHARESTREAMRESPONSE']._serialized_start=508
   _globals['_STORESHARESTREAMRESPONSE']._serialized_end=574
   _globals['_RELEASESHAREREQUEST']._serialized_start=576
-  _globals['_RELEASESHAREREQUEST']._serialized_end=648
-  _globals['_RELEASESHARERESPONSE']._serialized_start=651
-  _globals['_RELEASESHARERESPONSE']._serialized_end=782
-  _globals['_GETMACKEYSHAREREQUEST']._serialized_start=785
-  _globals['_GETMACKEYSHAREREQUEST']._serialized_end=920
-  _globals['_GETMACKEYSHARERESPONSE']._serialized_start=922
-  _globals['_GETMACKEYSHARERESPONSE']._serialized_end=1006
-  _globals['_DELETESHARESREQUEST']._serialized_start=1009
-  _globals['_DELETESHARESREQUEST']._serialized_end=1176
-  _globals['_DELETESHARESRESPONSE']._serialized_start=1178
-  _globals['_DELETESHARESRESPONSE']._serialized_end=1217
-  _globals['_DESCRIBERECORDSREQUEST']._serialized_start=1219
-  _globals['_DESCRIBERECORDSREQUEST']._serialized_end=1276
-  _globals['_DESCRIBERECORDSRESPONSE']._serialized_start=1278
-  _globals['_DESCRIBERECORDSRESPONSE']._serialized_end=1347
-  _globals['_GETNODEINFOREQUEST']._serialized_start=1349
-  _globals['_GETNODEINFOREQUEST']._serialized_end=1369
-  _globals['_GETNODEINFORESPONSE']._serialized_start=1372
-  _globals['_GETNODEINFORESPONSE']._serialized_end=1548
-  _globals['_READAUDITLOGREQUEST']._serialized_start=1550
-  _globals['_READAUDITLOGREQUEST']._serialized_end=1589
-  _globals['_READAUDITLOGRESPONSE']._serialized_start=1592
-  _globals['_READAUDITLOGRESPONSE']._serialized_end=1720
-  _globals['_ROTATEKEKREQUEST']._serialized_start=1722
-  _globals['_ROTATEKEKREQUEST']._serialized_end=1798
-  _globals['_ROTATEKEKRESPONSE']._serialized_start=1801
-  _globals['_ROTATEKEKRESPONSE']._serialized_end=2176
-  _globals['_ROTATEKEKRESPONSE_PHASE']._serialized_start=2089
-  _globals['_ROTATEKEKRESPONSE_PHASE']._serialized_end=2176
-  _globals['_WITNESSCHECKPOINTREQUEST']._serialized_start=2178
-  _globals['_WITNESSCHECKPOINTREQUEST']._serialized_end=2256
-  _globals['_WITNESSCHECKPOINTRESPONSE']._serialized_start=2258
-  _globals['_WITNESSCHECKPOINTRESPONSE']._serialized_end=2331
-  _globals['_SHAREHOLDER']._serialized_start=2334
-  _globals['_SHAREHOLDER']._serialized_end=3270
+  _globals['_RELEASESHAREREQUEST']._serialized_end=692
+  _globals['_RELEASESHARERESPONSE']._serialized_start=695
+  _globals['_RELEASESHARERESPONSE']._serialized_end=826
+  _globals['_GETMACKEYSHAREREQUEST']._serialized_start=829
+  _globals['_GETMACKEYSHAREREQUEST']._serialized_end=964
+  _globals['_GETMACKEYSHARERESPONSE']._serialized_start=966
+  _globals['_GETMACKEYSHARERESPONSE']._serialized_end=1050
+  _globals['_DELETESHARESREQUEST']._serialized_start=1053
+  _globals['_DELETESHARESREQUEST']._serialized_end=1220
+  _globals['_DELETESHARESRESPONSE']._serialized_start=1222
+  _globals['_DELETESHARESRESPONSE']._serialized_end=1261
+  _globals['_DESCRIBERECORDSREQUEST']._serialized_start=1263
+  _globals['_DESCRIBERECORDSREQUEST']._serialized_end=1320
+  _globals['_DESCRIBERECORDSRESPONSE']._serialized_start=1322
+  _globals['_DESCRIBERECORDSRESPONSE']._serialized_end=1391
+  _globals['_GETNODEINFOREQUEST']._serialized_start=1393
+  _globals['_GETNODEINFOREQUEST']._serialized_end=1413
+  _globals['_GETNODEINFORESPONSE']._serialized_start=1416
+  _globals['_GETNODEINFORESPONSE']._serialized_end=1592
+  _globals['_READAUDITLOGREQUEST']._serialized_start=1594
+  _globals['_READAUDITLOGREQUEST']._serialized_end=1633
+  _globals['_READAUDITLOGRESPONSE']._serialized_start=1636
+  _globals['_READAUDITLOGRESPONSE']._serialized_end=1764
+  _globals['_ROTATEKEKREQUEST']._serialized_start=1766
+  _globals['_ROTATEKEKREQUEST']._serialized_end=1842
+  _globals['_ROTATEKEKRESPONSE']._serialized_start=1845
+  _globals['_ROTATEKEKRESPONSE']._serialized_end=2220
+  _globals['_ROTATEKEKRESPONSE_PHASE']._serialized_start=2133
+  _globals['_ROTATEKEKRESPONSE_PHASE']._serialized_end=2220
+  _globals['_WITNESSCHECKPOINTREQUEST']._serialized_start=2222
+  _globals['_WITNESSCHECKPOINTREQUEST']._serialized_end=2300
+  _globals['_WITNESSCHECKPOINTRESPONSE']._serialized_start=2302
+  _globals['_WITNESSCHECKPOINTRESPONSE']._serialized_end=2375
+  _globals['_SHAREHOLDER']._serialized_start=2378
+  _globals['_SHAREHOLDER']._serialized_end=3314
 # @@protoc_insertion_point(module_scope)

@@ -49,10 +49,14 @@ class StoreShareStreamResponse(_message.Message):
     def __init__(self, stored: _Optional[int] = ..., already_stored: _Optional[int] = ...) -> None: ...
 
 class ReleaseShareRequest(_message.Message):
-    __slots__ = ("ticket",)
+    __slots__ = ("ticket", "identify_query_id", "subject")
     TICKET_FIELD_NUMBER: _ClassVar[int]
+    IDENTIFY_QUERY_ID_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
     ticket: _common_pb2.VerificationTicket
-    def __init__(self, ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ...) -> None: ...
+    identify_query_id: str
+    subject: str
+    def __init__(self, ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ..., identify_query_id: _Optional[str] = ..., subject: _Optional[str] = ...) -> None: ...
 
 class ReleaseShareResponse(_message.Message):
     __slots__ = ("shares", "audit_seq", "mac_keys")
