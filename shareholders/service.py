@@ -50,7 +50,8 @@ from typing import NamedTuple
 from prometheus_client import Counter, Gauge
 
 from shareholders import rotation, storage, witness
-from shareholders.epochs import committee_pins, guard_delete, guard_store, presented_spki
+from shareholders.maintenance.peers import committee_pins, presented_spki
+from shareholders.maintenance.sessions import guard_delete, guard_store
 from shareholders.audit_log import AuditWriter, Tx, WriterClosed, now_ms
 from shareholders.config import NodeConfig, NodeKeys
 from splitvault.v1 import common_pb2, shareholder_pb2, shareholder_pb2_grpc
@@ -255,7 +256,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         self.writer = writer
         self.state = state
         # The newest epoch this node serves. Rows of a later epoch are being
-        # prepared by a refresh or reshare (shareholders.epochs) and are not
+        # prepared by a refresh or reshare (shareholders.maintenance) and are not
         # released until that session commits, which moves this on.
         self.serving_epoch = state.current_epoch
         self.name = cfg.name
@@ -270,8 +271,8 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         self._releases = RELEASES.labels(cfg.name)
         self._stored = STORED.labels(cfg.name)
         self._deleted = DELETED.labels(cfg.name)
-        self.witness = witness.CheckpointWitness(cfg.name, cfg.witness_peers, self._commit, self._deny_now,
-                                                 pins=lambda: committee_pins(self._reader(), cfg))
+        self.witness = witness.CheckpointWitness(cfg.name, cfg.witness_peers, self.commit, self._deny_now,
+                                                 pins=lambda: committee_pins(self.reader(), cfg))
 
     # --- plumbing ---------------------------------------------------------------
 
@@ -279,7 +280,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         """Reload replay and attempt state from recent audit entries; returns how many."""
         now = now_ms() if now is None else now
         horizon = max(self.guard.window_ms, tickets.MAX_TTL_MS + tickets.CLOCK_SKEW_MS)
-        rows = self._reader().entries_since(now - horizon, ("release", "deny"))
+        rows = self.reader().entries_since(now - horizon, ("release", "deny"))
         n = 0
         for time_ms, _event, request_id, tenant, subject, details_json in rows:
             details = json.loads(details_json)
@@ -290,7 +291,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             self.guard.record(tenant, subject, tid, int(details.get("ticket_expires_ms") or 0), time_ms)
         # Write tickets used recently (a bulk store's batch entry names its
         # tickets by one digest only: those are not rebuilt).
-        for _time_ms, event, _rid, _tenant, _subject, details_json in self._reader().entries_since(
+        for _time_ms, event, _rid, _tenant, _subject, details_json in self.reader().entries_since(
             now - horizon, ("store", "delete")
         ):
             details = json.loads(details_json)
@@ -301,7 +302,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                 n += 1
         return n
 
-    def _reader(self) -> storage.Database:
+    def reader(self) -> storage.Database:
         """This thread's reading connection to the store (made on first use)."""
         db = getattr(self._local, "db", None)
         try:
@@ -317,6 +318,10 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                 self._readers.append(db)
         return db
 
+    def serve_epoch(self, epoch: int) -> None:
+        """Serve ``epoch`` too, once a session committed it here (never moves back)."""
+        self.serving_epoch = max(self.serving_epoch, epoch)
+
     def close_readers(self) -> None:
         with self._readers_lock:
             for db in self._readers:
@@ -326,7 +331,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                     pass
             self._readers.clear()
 
-    def _commit(self, job) -> object:
+    def commit(self, job) -> object:
         """Run a job in the next group commit; its result once durable."""
         try:
             result = self.writer.run(job)
@@ -544,7 +549,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         checked = self._store_tickets(actor, request.records, request.tickets, request.batches, request.replace)
         reserved = self._reserve(actor, checked, "store")
         try:
-            stored, retries = self._commit(self._store_job(items, request.replace, actor, per_record=True,
+            stored, retries = self.commit(self._store_job(items, request.replace, actor, per_record=True,
                                                            checked=checked))
         except BaseException:
             self.write_guard.release(reserved)
@@ -649,7 +654,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             tx.append("deny", actor=actor, request_id=request_id, tenant=tenant, subject=subject,
                       details={"reason": reason, **(details or {})})
 
-        self._commit(job)
+        self.commit(job)
         raise error
 
     def ReleaseShare(self, request, context):
@@ -812,7 +817,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                               details={"epoch": epoch, "dimension": dimension, **_write_ticket_details(auth)})
             return shareholder_pb2.GetMacKeyShareResponse(key=key, audit_seq=entry.seq)
 
-        return self._commit(job)
+        return self.commit(job)
 
     # --- delete and describe ----------------------------------------------------
 
@@ -849,7 +854,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             return deleted
 
         try:
-            deleted = self._commit(job)
+            deleted = self.commit(job)
         except BaseException:
             self.write_guard.release(reserved)
             raise
@@ -864,7 +869,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         # and the WAL still hold the older images until a checkpoint: flush
         # them now, so that "erased" holds for the files on disk when the
         # caller hears it (PostgreSQL: see docs/operations.md).
-        reader = self._reader()
+        reader = self.reader()
         try:
             if not reader.flush_erased():
                 logs.event(self._log, f"{what} checkpoint busy; completed by the next checkpoint",
@@ -875,11 +880,11 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
     def DescribeRecords(self, request, context):
         tenant = status.checked(names.check_id, request.tenant, "tenant")
         subject = status.checked(names.check_id, request.subject, "subject")
-        rows = self._reader().subject_rows(tenant, subject)
+        rows = self.reader().subject_rows(tenant, subject)
         return shareholder_pb2.DescribeRecordsResponse(records=[r.info() for r in rows])
 
     def GetNodeInfo(self, request, context):
-        db = self._reader()
+        db = self.reader()
         state = db.node_state()
         return shareholder_pb2.GetNodeInfoResponse(
             name=self.name, index=state.index, epoch=state.current_epoch, kek_version=self.keys.kek.active,
