@@ -40,6 +40,8 @@ CHECKS = Counter("splitvault_node_refresh_checks_total", "Refresh check calls, b
 class CheckSteps:
     """CheckRefresh / CheckReshare and the renewal check, node side."""
 
+    # --- the reshare check -------------------------------------------------------------
+
     def CheckReshare(self, request, context):
         return self._background(self._check_reshare, request, context)
 
@@ -255,7 +257,7 @@ class CheckSteps:
         finally:
             record.wipe(key)
 
-    # --- check ---------------------------------------------------------------------
+    # --- the refresh check -------------------------------------------------------------
 
     def CheckRefresh(self, request, context):
         return self._background(self._check_refresh, request, context)

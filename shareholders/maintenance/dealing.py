@@ -84,6 +84,12 @@ class Dealings:
 class DealingAnswers:
     """GetRefreshDeltas / GetReshareShares answers and the values behind them."""
 
+    def _forget_dealt(self, session_id: str) -> None:
+        """Wipe a finished session's cached renewal values, drop the held keys (caller holds ``_seeds_lock``)."""
+        self._keys_cache = None
+        for tag in [t for t in self._products_cache if t[0] == session_id]:
+            record.wipe(self._products_cache.pop(tag))
+
     def GetRefreshDeltas(self, request, context):
         if request.mac_key:
             # Cheap and answered here (not in the worker pool), so that a node
@@ -257,7 +263,7 @@ class DealingAnswers:
             self.node.commit(job)
         return admin_pb2.GetReshareSharesResponse(items=items, more=more)
 
-    # --- the reshare check (vault.proactive) -------------------------------------------
+    # --- the reshare check's masks, dealt at prepare (vault.proactive) ------------------
 
     def _load_mask(self, s: Session, which: str) -> np.ndarray | None:
         """This node's sealed check mask of the session (``which`` side), or None."""

@@ -148,6 +148,11 @@ class MacKeySteps:
                         "run the prepare step on every node.")
                 self._key_cond.wait(min(left, 0.5))
 
+    def _forget_new_key(self, session_id: str) -> None:
+        """Wipe a finished session's new key share kept for its peers' calls."""
+        with self._key_cond:
+            record.wipe(self._new_keys.pop(session_id, None))
+
     def _old_key(self, s: Session) -> np.ndarray:
         row = self.node.reader().mac_keys().get(s.from_epoch)
         if row is None:

@@ -136,7 +136,8 @@ class PeerCalls:
 
         self.node.commit(job)
         raise status.InvalidArgument(message)
-    # --- committee changes need the operators ---------------------------------------
+
+    # --- the node's committee: as recorded, else as configured -------------------------
 
     def _current_committee(self) -> tuple[dict[str, int], int, dict[str, str]]:
         """(members name -> index, threshold, operator keys hex) this node holds

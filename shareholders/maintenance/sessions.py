@@ -16,7 +16,7 @@ from shareholders import storage
 from shareholders.storage import MaintenanceSession as Session
 from shareholders.audit_log import Tx, now_ms
 from splitvault.v1 import admin_pb2
-from vault import envelope, names, pki, proactive, record
+from vault import envelope, names, pki, proactive
 from vault import plan as committee_plan
 from vault.errors import EnvelopeError
 from vaultrpc import logs, status
@@ -323,14 +323,13 @@ class SessionSteps:
         return seed
 
     def _forget_seed(self, session_id: str) -> None:
+        """Drop what this node keeps in memory for a session that ended: its
+        seed, where it dialled, and what dealing and the MAC key kept."""
         with self._seeds_lock:
             self._seeds.pop(session_id, None)
             self._dialled.pop(session_id, None)
-            self._keys_cache = None
-            for tag in [t for t in self._products_cache if t[0] == session_id]:
-                record.wipe(self._products_cache.pop(tag))
-        with self._key_cond:
-            record.wipe(self._new_keys.pop(session_id, None))
+            self._forget_dealt(session_id)
+        self._forget_new_key(session_id)
 
     def _status(self, s: Session) -> admin_pb2.SessionStatus:
         db = self.node.reader()
