@@ -56,7 +56,7 @@ import numpy as np
 
 from shareholders.audit_log import Tx, now_ms
 from shareholders.config import load_peers
-from shareholders.epochs import committee_pins, presented_spki
+from shareholders.maintenance.peers import committee_pins, presented_spki
 from splitvault.v1 import identify_pb2, identify_pb2_grpc
 from vault import envelope, mpc, pki, record
 from vault import ticket as tickets
@@ -286,7 +286,7 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
         now = now_ms() if now is None else now
         horizon = max(self.guard.window_ms, tickets.MAX_TTL_MS + tickets.CLOCK_SKEW_MS)
         n = 0
-        for time_ms, _event, request_id, tenant, _subject, _details in self.sh._reader().entries_since(now - horizon, ("identify",)):
+        for time_ms, _event, request_id, tenant, _subject, _details in self.sh.reader().entries_since(now - horizon, ("identify",)):
             tid = tickets.ticket_id(tickets.TicketBody(tenant=tenant, request_id=request_id))
             self.guard.record(tenant, "", tid, now + tickets.MAX_TTL_MS, time_ms)
             n += 1
@@ -323,7 +323,7 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
             self._stubs.clear()
 
     def _committee(self) -> tuple[dict[str, int], int]:
-        recorded = self.sh._reader().node_state().committee
+        recorded = self.sh.reader().node_state().committee
         if recorded.get("members"):
             return dict(recorded["members"]), int(recorded.get("threshold") or 0)
         return dict(self.cfg.committee), int(self.cfg.committee_threshold)
@@ -332,7 +332,7 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
 
     def IdentifyRound(self, request, context):
         who = caller(context)
-        pins = committee_pins(self.sh._reader(), self.cfg)
+        pins = committee_pins(self.sh.reader(), self.cfg)
         if who is None or (pins and pins.get(who.name) != presented_spki(context)):
             raise status.PermissionDenied("The caller is not a pinned member of this node's committee.")
         if not _is_query_id(request.query_id):
@@ -401,7 +401,7 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
             raise status.InvalidArgument(str(exc)) from None
         body, seq = self._authorise(actor, start, committee)
         query.body = body
-        gallery = self.galleries.get(self.sh, self.sh._reader(), body.tenant, dimension)
+        gallery = self.galleries.get(self.sh, self.sh.reader(), body.tenant, dimension)
         if gallery.subjects and gallery.threshold != mpc.THRESHOLD:
             raise status.FailedPrecondition("The tenant's records are not shared with threshold 2.")
         query.gallery = gallery
@@ -492,7 +492,7 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
                              details={**details, "ticket_expires_ms": body.expires_at_ms, "key_id": ticket.key_id,
                                       **tickets.audit_details(ticket)}).seq
 
-        seq = self.sh._commit(job)
+        seq = self.sh.commit(job)
         logs.event(self._log, "identify", tenant=body.tenant, request_id=body.request_id, query_id=start.query_id,
                    audit_seq=seq)
         return body, seq

@@ -51,7 +51,8 @@ from prometheus_client import Counter, Gauge
 
 from shareholders import rotation, storage, witness
 from shareholders.identify import Confirmations
-from shareholders.epochs import committee_pins, guard_delete, guard_store, presented_spki
+from shareholders.maintenance.peers import committee_pins, presented_spki
+from shareholders.maintenance.sessions import guard_delete, guard_store
 from shareholders.audit_log import AuditWriter, Tx, WriterClosed, now_ms
 from shareholders.config import NodeConfig, NodeKeys
 from splitvault.v1 import common_pb2, shareholder_pb2, shareholder_pb2_grpc
@@ -272,7 +273,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         self.writer = writer
         self.state = state
         # The newest epoch this node serves. Rows of a later epoch are being
-        # prepared by a refresh or reshare (shareholders.epochs) and are not
+        # prepared by a refresh or reshare (shareholders.maintenance) and are not
         # released until that session commits, which moves this on.
         self.serving_epoch = state.current_epoch
         self.name = cfg.name
@@ -289,8 +290,8 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         self._releases = RELEASES.labels(cfg.name)
         self._stored = STORED.labels(cfg.name)
         self._deleted = DELETED.labels(cfg.name)
-        self.witness = witness.CheckpointWitness(cfg.name, cfg.witness_peers, self._commit, self._deny_now,
-                                                 pins=lambda: committee_pins(self._reader(), cfg))
+        self.witness = witness.CheckpointWitness(cfg.name, cfg.witness_peers, self.commit, self._deny_now,
+                                                 pins=lambda: committee_pins(self.reader(), cfg))
 
     # --- plumbing ---------------------------------------------------------------
 
@@ -298,7 +299,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         """Reload replay and attempt state from recent audit entries; returns how many."""
         now = now_ms() if now is None else now
         horizon = max(self.guard.window_ms, tickets.MAX_TTL_MS + tickets.CLOCK_SKEW_MS)
-        rows = self._reader().entries_since(now - horizon, ("release", "deny"))
+        rows = self.reader().entries_since(now - horizon, ("release", "deny"))
         n = 0
         for time_ms, _event, request_id, tenant, subject, details_json in rows:
             details = json.loads(details_json)
@@ -309,12 +310,12 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             self.guard.record(tenant, subject, tid, int(details.get("ticket_expires_ms") or 0), time_ms)
         # Batch items honoured by bulk stores (their entry names the tickets,
         # not each item): kept in the store until their tickets expire.
-        for digest, expires, hashes in self._reader().used_batch_items(now):
+        for digest, expires, hashes in self.reader().used_batch_items(now):
             for j in range(0, len(hashes), 8):
                 self.write_guard.record(f"{digest}/{hashes[j:j + 8].hex()}:store", expires)
                 n += 1
         # Write tickets used recently by single writes and deletes.
-        for _time_ms, event, _rid, _tenant, _subject, details_json in self._reader().entries_since(
+        for _time_ms, event, _rid, _tenant, _subject, details_json in self.reader().entries_since(
             now - horizon, ("store", "delete")
         ):
             details = json.loads(details_json)
@@ -325,7 +326,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                 n += 1
         return n
 
-    def _reader(self) -> storage.Database:
+    def reader(self) -> storage.Database:
         """This thread's reading connection to the store (made on first use)."""
         db = getattr(self._local, "db", None)
         try:
@@ -341,6 +342,10 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                 self._readers.append(db)
         return db
 
+    def serve_epoch(self, epoch: int) -> None:
+        """Serve ``epoch`` too, once a session committed it here (never moves back)."""
+        self.serving_epoch = max(self.serving_epoch, epoch)
+
     def close_readers(self) -> None:
         with self._readers_lock:
             for db in self._readers:
@@ -350,7 +355,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                     pass
             self._readers.clear()
 
-    def _commit(self, job) -> object:
+    def commit(self, job) -> object:
         """Run a job in the next group commit; its result once durable."""
         try:
             result = self.writer.run(job)
@@ -572,7 +577,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         checked = self._store_tickets(actor, request.records, request.tickets, request.batches, request.replace)
         reserved = self._reserve(actor, checked, "store")
         try:
-            stored, retries = self._commit(self._store_job(items, request.replace, actor, per_record=True,
+            stored, retries = self.commit(self._store_job(items, request.replace, actor, per_record=True,
                                                            checked=checked))
         except BaseException:
             self.write_guard.release(reserved)
@@ -677,7 +682,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             tx.append("deny", actor=actor, request_id=request_id, tenant=tenant, subject=subject,
                       details={"reason": reason, **(details or {})})
 
-        self._commit(job)
+        self.commit(job)
         raise error
 
     def ReleaseShare(self, request, context):
@@ -851,7 +856,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                               details={"epoch": epoch, "dimension": dimension, **_write_ticket_details(auth)})
             return shareholder_pb2.GetMacKeyShareResponse(key=key, audit_seq=entry.seq)
 
-        return self._commit(job)
+        return self.commit(job)
 
     # --- delete and describe ----------------------------------------------------
 
@@ -888,7 +893,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
             return deleted
 
         try:
-            deleted = self._commit(job)
+            deleted = self.commit(job)
         except BaseException:
             self.write_guard.release(reserved)
             raise
@@ -903,7 +908,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         # and the WAL still hold the older images until a checkpoint: flush
         # them now, so that "erased" holds for the files on disk when the
         # caller hears it (PostgreSQL: see docs/operations.md).
-        reader = self._reader()
+        reader = self.reader()
         try:
             if not reader.flush_erased():
                 logs.event(self._log, f"{what} checkpoint busy; completed by the next checkpoint",
@@ -914,11 +919,11 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
     def DescribeRecords(self, request, context):
         tenant = status.checked(names.check_id, request.tenant, "tenant")
         subject = status.checked(names.check_id, request.subject, "subject")
-        rows = self._reader().subject_rows(tenant, subject)
+        rows = self.reader().subject_rows(tenant, subject)
         return shareholder_pb2.DescribeRecordsResponse(records=[r.info() for r in rows])
 
     def GetNodeInfo(self, request, context):
-        db = self._reader()
+        db = self.reader()
         state = db.node_state()
         return shareholder_pb2.GetNodeInfoResponse(
             name=self.name, index=state.index, epoch=state.current_epoch, kek_version=self.keys.kek.active,

@@ -81,7 +81,7 @@ class CheckpointWitness:
         # The committee's certificate-key pins (name -> SPKI SHA-256), read per call.
         self._pins = pins
         self._peers = peers
-        self._commit = commit  # ShareholderService._commit
+        self._commit = commit  # ShareholderService.commit
         self._deny = deny  # ShareholderService._deny_now: commits a deny entry, raises
         self._lock = threading.Lock()
         # peer -> (seq, entry_hash, audit seq) of the last checkpoint recorded: a retry is answered, not re-recorded.

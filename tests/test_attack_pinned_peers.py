@@ -302,6 +302,7 @@ def test_a_sender_neither_table_nor_plan_names_is_not_dialled(tmp_path):
     import types
 
     from shareholders import epochs
+    from shareholders.maintenance import sessions
     from shareholders.config import NodeConfig
     from vaultrpc import status
     from vaultrpc.tls import TlsFiles
@@ -309,9 +310,9 @@ def test_a_sender_neither_table_nor_plan_names_is_not_dialled(tmp_path):
     body = json.dumps({"new_committee": [
         {"name": "bank-a", "index": 1, "address": "127.0.0.1:7001"},
         {"name": "bank-e", "index": 5, "address": "127.0.0.1:7005"}]})
-    plan = epochs.Plan({"bank-a": 1, "bank-b": 2}, {"bank-a": 1, "bank-e": 5}, 2, 2, (1, 2),
-                       approved={"body": body, "approvals": {}})
-    s = epochs.Session("reshare-unit-0001", epochs.RESHARE, epochs.BEGUN, 1, 2, plan, None, 0, "auditor", 0, 0)
+    plan = sessions.Plan({"bank-a": 1, "bank-b": 2}, {"bank-a": 1, "bank-e": 5}, 2, 2, (1, 2),
+                         approved={"body": body, "approvals": {}})
+    s = sessions.Session("reshare-unit-0001", sessions.RESHARE, sessions.BEGUN, 1, 2, plan, None, 0, "auditor", 0, 0)
     cfg = NodeConfig(name="bank-e", index=5, listen="127.0.0.1:0", data_dir=tmp_path, tls=TlsFiles("", "", ""),
                      audit_key_file="", peers={})
     node = types.SimpleNamespace(cfg=cfg, name="bank-e")

@@ -507,7 +507,7 @@ def test_enrolment_paused_by_node_maintenance_is_failed_precondition(committee, 
 
 
 def test_delete_outcomes_do_not_show_node_internals_to_the_provider(committee, rng):
-    # A node in maintenance refuses the delete naming its session (epochs.guard_delete);
+    # A node in maintenance refuses the delete naming its session (maintenance.sessions.guard_delete);
     # the provider is told the node is in maintenance, not which session, state or actor.
     c = committee()
     internal = ("Maintenance in progress on this node (reshare session sess-7f3a (state prepared, begun by "
