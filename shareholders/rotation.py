@@ -153,6 +153,7 @@ class Rotation:
         self.node = service.name
         self._cond = threading.Condition()
         self._latest: shareholder_pb2.RotateKekResponse | None = None
+        self._first: shareholder_pb2.RotateKekResponse | None = None  # PHASE_STARTED: every follower gets it first
         self._published = 0
         self.finished = False
         self.error: BaseException | None = None
@@ -178,6 +179,8 @@ class Rotation:
             latest = shareholder_pb2.RotateKekResponse()
             latest.CopyFrom(self.progress)
             self._latest = latest
+            if self._first is None:
+                self._first = latest
             self._published += 1
             self._cond.notify_all()
 
@@ -188,9 +191,11 @@ class Rotation:
             self._cond.notify_all()
 
     def follow(self, context) -> Iterator[shareholder_pb2.RotateKekResponse]:
-        """Progress messages until the job ends (the latest one at each wake-up);
-        raises the job's error. Stops quietly when the caller goes away."""
+        """Progress messages until the job ends: the job's first message (what it
+        rotates), then the latest one at each wake-up; raises the job's error.
+        Stops quietly when the caller goes away."""
         seen = 0
+        first_sent = False
         while True:
             with self._cond:
                 while self._published == seen and not self.finished:
@@ -198,8 +203,12 @@ class Rotation:
                     if context is not None and not context.is_active():
                         return
                 latest = self._latest if self._published != seen else None
+                first = self._first if not first_sent and self._first is not latest else None
                 seen = self._published
                 finished, error = self.finished, self.error
+            if first is not None:
+                yield first
+            first_sent = first_sent or self._first is not None
             if latest is not None:
                 yield latest
             if finished:
