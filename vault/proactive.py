@@ -376,23 +376,10 @@ def weighted_sum(coefficients: np.ndarray, values: np.ndarray) -> int:
 def on_zero_polynomial(xs: Sequence[int], values: Sequence[int], threshold: int) -> bool:
     """Whether the points (x_j, v_j) lie on a polynomial of degree <= k - 1 with value 0 at 0.
 
-    The point (0, 0) and the first k - 1 points determine the polynomial;
-    every other point must agree with it (n - k + 1 independent checks).
+    That is: the points lie on one polynomial of degree <= k - 1
+    (``value_at_zero``) and its value at 0 is 0.
     """
-    pts = [int(x) for x in xs]
-    vals = [int(v) % P for v in values]
-    if len(pts) != len(vals) or len(set(pts)) != len(pts) or 0 in pts:
-        raise InvalidShares("The check needs distinct non-zero x-coordinates, one value each.")
-    if len(pts) < threshold:
-        raise InvalidShares("The check needs at least k values.")
-    base_x = (0, *pts[: threshold - 1])
-    base_y = (0, *vals[: threshold - 1])
-    for x, v in zip(pts[threshold - 1 :], vals[threshold - 1 :]):
-        lam = field.lagrange_at(base_x, x)
-        expected = sum(int(l) * y for l, y in zip(lam, base_y)) % P
-        if expected != v:
-            return False
-    return True
+    return value_at_zero(xs, values, threshold) == 0
 
 
 # --- the reshare check ---------------------------------------------------------------
