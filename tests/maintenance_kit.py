@@ -120,3 +120,58 @@ def fresh_subjects(state: dict, count: int = 4) -> list[str]:
 def join_pairs(*pairs):
     """record.join of released (share, key share) message pairs, parsed as the matcher does."""
     return record.join([wire.share(s) for s, _ in pairs], [wire.key_share(k) for _, k in pairs])
+
+
+def decisions(root: pathlib.Path, templates: dict[str, np.ndarray], noise: int) -> dict[str, str]:
+    """Verify of a noisy copy of every template: subject -> decision, or the
+    status code's name when the call fails."""
+    from vaultctl.client import MatcherClient
+    from vaultctl.demo import noisy_copy
+
+    out = {}
+    with MatcherClient.from_cluster_dir(root) as client:
+        for subject, template in templates.items():
+            try:
+                out[subject] = client.verify(subject, noisy_copy(template, noise)).decision
+            except grpc.RpcError as exc:
+                out[subject] = exc.code().name
+    return out
+
+
+def restart_with(root: pathlib.Path, name: str, env: dict[str, str]) -> None:
+    """Stop one node and start it again with ``env`` added to its environment."""
+    import os
+
+    from vaultctl import cluster
+
+    cluster.stop_processes(root, [name])
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        cluster.restart_node(root, name)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def hook_env(folder: pathlib.Path, sitecustomize: str, **switches: str) -> dict[str, str]:
+    """The environment of a node that runs ``sitecustomize`` at start (a test-only
+    hook in ``folder``), with ``switches`` set."""
+    import os
+
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(sitecustomize)
+    path = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)
+    return {**switches, "PYTHONPATH": path}
+
+
+def audit_details(root: pathlib.Path, name: str, event: str) -> list[dict]:
+    """The details of every audit entry ``event`` of one node of a local cluster (read-only)."""
+    from vaultctl import cluster
+
+    db = cluster.Paths(root).node_dir(name) / "shares.db"
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        return [json.loads(d) for (d,) in conn.execute("SELECT details_json FROM audit_log WHERE event = ?", (event,))]
+    finally:
+        conn.close()

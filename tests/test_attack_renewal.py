@@ -16,18 +16,10 @@ holds for a node dealing one peer an inconsistent key contribution.
 """
 from __future__ import annotations
 
-import json
-import os
-import sqlite3
-from contextlib import closing
 
-import grpc
 import pytest
 
-from maintenance_kit import enrolled_cluster, json_out, vaultctl
-from vaultctl import cluster
-from vaultctl.client import MatcherClient
-from vaultctl.demo import noisy_copy
+from maintenance_kit import audit_details, decisions, enrolled_cluster, hook_env, json_out, restart_with, vaultctl
 
 pytestmark = pytest.mark.e2e
 
@@ -59,60 +51,34 @@ def running(tmp_path_factory):
     yield from enrolled_cluster(tmp_path_factory.mktemp("attack-renewal") / "cluster", dim=DIM, count=COUNT, seed=23)
 
 
-def _decisions(root, templates, noise: int) -> dict[str, str]:
-    out = {}
-    with MatcherClient.from_cluster_dir(root) as client:
-        for subject, template in templates.items():
-            try:
-                out[subject] = client.verify(subject, noisy_copy(template, noise)).decision
-            except grpc.RpcError as exc:
-                out[subject] = exc.code().name
-    return out
 
 
-def _restart(root, name: str, env: dict[str, str]) -> None:
-    cluster.stop_processes(root, [name])
-    saved = dict(os.environ)
-    os.environ.update(env)
-    try:
-        cluster.restart_node(root, name)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
-def _audit(root, name: str, event: str) -> list[dict]:
-    db = cluster.Paths(root).node_dir(name) / "shares.db"
-    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-        return [json.loads(d) for (d,) in conn.execute("SELECT details_json FROM audit_log WHERE event = ?", (event,))]
 
 
 def test_a_renewer_dealing_wrong_renewal_values_makes_the_refresh_roll_back(running, tmp_path):
     root, templates = running["root"], running["templates"]
-    assert set(_decisions(root, templates, 1).values()) == {"MATCH"}
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(HOOK)
-    path = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH", "")) if p)
-    _restart(root, "bank-a", {"BAD_RENEWER_HOOK": "1", "PYTHONPATH": path})
+    assert set(decisions(root, templates, 1).values()) == {"MATCH"}
+    restart_with(root, "bank-a", hook_env(tmp_path / "hooks", HOOK, BAD_RENEWER_HOOK="1"))
 
     out = vaultctl("refresh", "--dir", root, "--format", "json", timeout=300)
     assert out.returncode == 2, (out.returncode, out.stdout[-1500:], out.stderr[-1500:])
     error = json_out(out)["error"]
     assert "check failed" in error["message"] and "rolled back" in error["message"], error
-    assert set(_decisions(root, templates, 2).values()) == {"MATCH"}
+    assert set(decisions(root, templates, 2).values()) == {"MATCH"}
     for name in ("bank-a", "bank-b", "bank-c"):
-        aborts = _audit(root, name, "maintenance_abort")
+        aborts = audit_details(root, name, "maintenance_abort")
         assert aborts and "check failed" in aborts[-1].get("reason", ""), (name, aborts)
 
 
 def test_the_same_node_run_honestly_refreshes_and_every_template_matches(running):
     root, templates = running["root"], running["templates"]
-    _restart(root, "bank-a", {"BAD_RENEWER_HOOK": ""})
+    restart_with(root, "bank-a", {"BAD_RENEWER_HOOK": ""})
     out = vaultctl("refresh", "--dir", root, "--format", "json", timeout=300)
     assert out.returncode == 0, (out.returncode, out.stdout[-1500:], out.stderr[-1500:])
     assert json_out(out)["state"] == "finalized"
-    assert set(_decisions(root, templates, 3).values()) == {"MATCH"}
+    assert set(decisions(root, templates, 3).values()) == {"MATCH"}
 
 
 def test_a_node_dealing_an_inconsistent_key_contribution_makes_the_refresh_roll_back(running, tmp_path):
@@ -120,19 +86,15 @@ def test_a_node_dealing_an_inconsistent_key_contribution_makes_the_refresh_roll_
     # longer lie on one polynomial), everything else honest: every tag renewed
     # under that key would fail at Verify once the old epoch is gone.
     root, templates = running["root"], running["templates"]
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(HOOK)
-    path = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH", "")) if p)
-    _restart(root, "bank-a", {"BAD_KEY_HOOK": "1", "PYTHONPATH": path})
+    restart_with(root, "bank-a", hook_env(tmp_path / "hooks", HOOK, BAD_KEY_HOOK="1"))
     try:
         out = vaultctl("refresh", "--dir", root, "--format", "json", timeout=300)
         assert out.returncode == 2, (out.returncode, out.stdout[-1500:], out.stderr[-1500:])
         error = json_out(out)["error"]
         assert "check failed (tags" in error["message"] and "rolled back" in error["message"], error
-        assert set(_decisions(root, templates, 4).values()) == {"MATCH"}
+        assert set(decisions(root, templates, 4).values()) == {"MATCH"}
         for name in ("bank-a", "bank-b", "bank-c"):
-            aborts = _audit(root, name, "maintenance_abort")
+            aborts = audit_details(root, name, "maintenance_abort")
             assert aborts and "check failed (tags" in aborts[-1].get("reason", ""), (name, aborts)
     finally:
-        _restart(root, "bank-a", {"BAD_KEY_HOOK": ""})
+        restart_with(root, "bank-a", {"BAD_KEY_HOOK": ""})

@@ -27,12 +27,10 @@ from contextlib import closing
 import grpc
 import pytest
 
-from maintenance_kit import enrolled_cluster, json_out, vaultctl
+from maintenance_kit import audit_details, decisions, enrolled_cluster, hook_env, json_out, restart_with, vaultctl
 from splitvault.v1 import admin_pb2, admin_pb2_grpc
 from vault import pki
 from vaultctl import auditor, cluster
-from vaultctl.client import MatcherClient
-from vaultctl.demo import noisy_copy
 from vaultrpc.tls import secure_channel
 
 pytestmark = pytest.mark.e2e
@@ -64,42 +62,16 @@ def running(tmp_path_factory):
     yield from enrolled_cluster(tmp_path_factory.mktemp("attack-dealer") / "cluster", dim=DIM, count=COUNT, seed=17)
 
 
-def _decisions(root, templates, noise: int) -> dict[str, str]:
-    out = {}
-    with MatcherClient.from_cluster_dir(root) as client:
-        for subject, template in templates.items():
-            try:
-                out[subject] = client.verify(subject, noisy_copy(template, noise)).decision
-            except grpc.RpcError as exc:
-                out[subject] = exc.code().name
-    return out
 
 
-def _restart(root, name: str, env: dict[str, str]) -> None:
-    cluster.stop_processes(root, [name])
-    saved = dict(os.environ)
-    os.environ.update(env)
-    try:
-        cluster.restart_node(root, name)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
-def _audit(root, name: str, event: str) -> list[dict]:
-    db = cluster.Paths(root).node_dir(name) / "shares.db"
-    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-        return [json.loads(d) for (d,) in conn.execute("SELECT details_json FROM audit_log WHERE event = ?", (event,))]
 
 
 def test_a_sender_dealing_wrong_values_makes_the_reshare_roll_back(running, tmp_path):
     root, templates = running["root"], running["templates"]
-    assert set(_decisions(root, templates, 1).values()) == {"MATCH"}
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(HOOK)
-    path = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH", "")) if p)
-    _restart(root, "bank-a", {"BAD_DEALER_HOOK": "1", "PYTHONPATH": path})
+    assert set(decisions(root, templates, 1).values()) == {"MATCH"}
+    restart_with(root, "bank-a", hook_env(tmp_path / "hooks", HOOK, BAD_DEALER_HOOK="1"))
 
     out = vaultctl("reshare", "--dir", root, "--shareholders", "4", "--threshold", "2",
                    "--approve-with-dev-operators", "--format", "json", timeout=300)
@@ -110,15 +82,15 @@ def test_a_sender_dealing_wrong_values_makes_the_reshare_roll_back(running, tmp_
 
     # Nothing changed: the old committee serves, every template still MATCHes.
     assert list(cluster.load_spec(root).nodes) == ["bank-a", "bank-b", "bank-c"]
-    assert set(_decisions(root, templates, 2).values()) == {"MATCH"}
+    assert set(decisions(root, templates, 2).values()) == {"MATCH"}
     # Every node of both committees answered one check and logged the rollback with its reason.
     for name in ("bank-a", "bank-b", "bank-c", "bank-d"):
-        checks = _audit(root, name, "reshare_check")
+        checks = audit_details(root, name, "reshare_check")
         assert len(checks) == 1 and checks[0]["challenges"] == 3, (name, checks)
-        aborts = _audit(root, name, "maintenance_abort")
+        aborts = audit_details(root, name, "maintenance_abort")
         assert aborts and "reshare check failed" in aborts[-1].get("reason", ""), (name, aborts)
     assert len({c["context_sha256"] for n in ("bank-a", "bank-b", "bank-c", "bank-d")
-                for c in _audit(root, n, "reshare_check")}) == 1
+                for c in audit_details(root, n, "reshare_check")}) == 1
 
 
 def test_no_node_commits_a_reshare_whose_check_failed(running):
@@ -151,14 +123,14 @@ def test_no_node_commits_a_reshare_whose_check_failed(running):
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, n
             assert "has not passed the reshare check" in err.value.details() and "different_secret" in \
                 err.value.details(), err.value.details()
-            assert [r["reason"] for r in _audit(root, n, "reshare_commit_refused")] == ["different_secret"]
+            assert [r["reason"] for r in audit_details(root, n, "reshare_commit_refused")] == ["different_secret"]
     finally:
         for ch in channels.values():
             ch.close()
     aborted = vaultctl("reshare", "--dir", root, "--abort", "--format", "json", timeout=120)
     assert aborted.returncode == 0, aborted.stderr[-1500:]
     assert list(cluster.load_spec(root).nodes) == ["bank-a", "bank-b", "bank-c"]
-    assert set(_decisions(root, templates, 5).values()) == {"MATCH"}
+    assert set(decisions(root, templates, 5).values()) == {"MATCH"}
 
 
 def test_a_sender_dealing_a_wrong_mac_key_stream_makes_the_reshare_roll_back(running, tmp_path):
@@ -166,12 +138,8 @@ def test_a_sender_dealing_a_wrong_mac_key_stream_makes_the_reshare_roll_back(run
     # without the key in the check the reshare would commit and every
     # template would fail its tags in the new epoch (DATA_LOSS for all).
     root, templates = running["root"], running["templates"]
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(HOOK)
-    path = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH", "")) if p)
-    _restart(root, "bank-a", {"BAD_DEALER_HOOK": "", "BAD_KEY_HOOK": "1", "PYTHONPATH": path})
-    before = {n: len(_audit(root, n, "maintenance_abort")) for n in ("bank-a", "bank-b", "bank-c")}
+    restart_with(root, "bank-a", hook_env(tmp_path / "hooks", HOOK, BAD_DEALER_HOOK="", BAD_KEY_HOOK="1"))
+    before = {n: len(audit_details(root, n, "maintenance_abort")) for n in ("bank-a", "bank-b", "bank-c")}
 
     out = vaultctl("reshare", "--dir", root, "--shareholders", "4", "--threshold", "2",
                    "--approve-with-dev-operators", "--format", "json", timeout=300)
@@ -179,9 +147,9 @@ def test_a_sender_dealing_a_wrong_mac_key_stream_makes_the_reshare_roll_back(run
     error = json_out(out)["error"]
     assert "reshare check failed" in error["message"] and "rolled back" in error["message"], error
     assert list(cluster.load_spec(root).nodes) == ["bank-a", "bank-b", "bank-c"]
-    assert set(_decisions(root, templates, 6).values()) == {"MATCH"}
+    assert set(decisions(root, templates, 6).values()) == {"MATCH"}
     for name in ("bank-a", "bank-b", "bank-c"):
-        aborts = _audit(root, name, "maintenance_abort")
+        aborts = audit_details(root, name, "maintenance_abort")
         assert len(aborts) == before[name] + 1 and "reshare check failed" in aborts[-1].get("reason", ""), name
 
 
@@ -189,7 +157,7 @@ def test_the_auditor_gets_one_check_per_session_and_a_rerun_resumes_it(running):
     # bank-a runs honestly again. The CLI dies after the check, before any
     # node commits: the nodes are prepared and answered one check context.
     root, templates = running["root"], running["templates"]
-    _restart(root, "bank-a", {"BAD_DEALER_HOOK": ""})
+    restart_with(root, "bank-a", {"BAD_DEALER_HOOK": ""})
     args = ("reshare", "--dir", root, "--shareholders", "4", "--threshold", "2", "--approve-with-dev-operators",
             "--format", "json")
     first = vaultctl(*args, fault="commit-start:1:self", timeout=300)
@@ -213,7 +181,7 @@ def test_the_auditor_gets_one_check_per_session_and_a_rerun_resumes_it(running):
                               timeout=60)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "one check context" in err.value.details()
-    refused = _audit(root, "bank-b", "reshare_check_refused")
+    refused = audit_details(root, "bank-b", "reshare_check_refused")
     assert [r["reason"] for r in refused] == ["second_context"]
 
     # The rerun asks the saved challenges again (the same context: answered)
@@ -225,7 +193,7 @@ def test_the_auditor_gets_one_check_per_session_and_a_rerun_resumes_it(running):
     assert report["check"]["verdicts"] == ["ok"] * 3
     nodes = list(cluster.load_spec(root).nodes)  # the rolled-back bank-d's folder stays: the next free name
     assert len(nodes) == 4 and nodes[:3] == ["bank-a", "bank-b", "bank-c"], nodes
-    assert set(_decisions(root, templates, 3).values()) == {"MATCH"}
+    assert set(decisions(root, templates, 3).values()) == {"MATCH"}
 
 
 def test_allow_loss_leaves_the_dropped_records_out_of_the_check(running):
@@ -247,4 +215,4 @@ def test_allow_loss_leaves_the_dropped_records_out_of_the_check(running):
     assert report["state"] == "finalized" and report["check"]["passed"], report
     assert report["check"]["excluded"] == 1 and report["skipped"] == 1, report["check"]
     del templates[victim]
-    assert set(_decisions(root, templates, 4).values()) == {"MATCH"}
+    assert set(decisions(root, templates, 4).values()) == {"MATCH"}

@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import json
 
-import grpc
 import pytest
 
-from maintenance_kit import enrolled_cluster, epochs_held, json_out, vaultctl
+from maintenance_kit import decisions, enrolled_cluster, epochs_held, json_out, vaultctl
 from vault import plan as committee_plan
 from vaultctl import cluster
-from vaultctl.client import MatcherClient
-from vaultctl.demo import noisy_copy
 from vaultctl.reshare import LocalCluster
 
 pytestmark = pytest.mark.e2e
@@ -35,15 +32,6 @@ def running(tmp_path_factory):
     yield from enrolled_cluster(tmp_path_factory.mktemp("reshare-config") / "cluster", dim=DIM, count=COUNT, seed=31)
 
 
-def _decisions(root, templates, noise: int) -> dict[str, str]:
-    out = {}
-    with MatcherClient.from_cluster_dir(root) as client:
-        for subject, template in templates.items():
-            try:
-                out[subject] = client.verify(subject, noisy_copy(template, noise)).decision
-            except grpc.RpcError as exc:
-                out[subject] = exc.code().name
-    return out
 
 
 def _auditor_config(root, tmp_path) -> str:
@@ -111,7 +99,7 @@ def test_a_new_institution_joins_through_the_deployment_form(running, tmp_path):
     report = json_out(run)
     assert report["state"] == "committed" and "--finalize" in report["message"], report
     assert report["check"]["passed"] and report["check"]["verdicts"] == ["ok"] * 3, report["check"]
-    assert set(_decisions(root, templates, 1).values()) == {"MATCH"}
+    assert set(decisions(root, templates, 1).values()) == {"MATCH"}
     assert epochs_held(paths.node_dir("bank-d") / "shares.db") == {report["new_epoch"]: COUNT}
 
     # The matcher operator lists the new committee and reloads; then the auditor finalizes.
@@ -123,6 +111,6 @@ def test_a_new_institution_joins_through_the_deployment_form(running, tmp_path):
     assert final["state"] == "finalized" and final["resumed"] and final["records"] == {n: COUNT for n in new}, final
     for name in new:
         assert epochs_held(paths.node_dir(name) / "shares.db") == {final["new_epoch"]: COUNT}, name
-    assert set(_decisions(root, templates, 2).values()) == {"MATCH"}
+    assert set(decisions(root, templates, 2).values()) == {"MATCH"}
     assert not list((tmp_path / "state").glob("*.json")), "the finished session leaves nothing to resume"
     assert json.loads(plan.read_text())["plan"]["new_threshold"] == 2
