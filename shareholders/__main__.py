@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from shareholders.config import ConfigError, load_config
-from shareholders.server import serve
-from shareholders.storage import SchemaError, errors as storage_errors
-from vault.errors import AuditChainError
-from vaultrpc import logs
-from vaultrpc.server import run_until_signalled
+# One BLAS thread per calling thread unless the operator sets otherwise: the
+# node runs its heavy steps on its own worker threads, and BLAS's threads,
+# spinning between the many mid-sized products of a refresh, cost about a
+# fifth of a node's CPU in one (docs/benchmarks.md). Set before numpy loads.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+from shareholders.config import ConfigError, load_config  # noqa: E402 - after the thread settings
+from shareholders.server import serve  # noqa: E402 - after the thread settings
+from shareholders.storage import SchemaError, errors as storage_errors  # noqa: E402 - after the thread settings
+from vault.errors import AuditChainError  # noqa: E402 - after the thread settings
+from vaultrpc import logs  # noqa: E402 - after the thread settings
+from vaultrpc.server import run_until_signalled  # noqa: E402 - after the thread settings
 
 
 def main(argv: list[str] | None = None) -> int:

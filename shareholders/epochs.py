@@ -180,6 +180,9 @@ class MaintenanceService(SessionSteps, PeerCalls, PrepareSteps, DealingAnswers, 
         # One computation of a session's old-side check mask at a time.
         self._mask_lock = threading.Lock()
         self._products_cache: dict[tuple, np.ndarray] = {}
+        # The old shares a renewal computation opened, kept (PRODUCT_CACHE at
+        # most, wiped when evicted) until this node's own prepare takes them.
+        self._opened_rows: dict[tuple, np.ndarray] = {}
         # Round-A reports of the renewal check, (session, context) -> (u, sums), for the peers.
         self._renewal_reports: dict[tuple, tuple] = {}
         self._computing: dict[tuple, threading.Event] = {}

@@ -320,7 +320,13 @@ class CheckSteps:
         covered = [keys[i] for i in np.flatnonzero(held_by_all)]
         left_out = len(keys) - len(covered)
         mixed = proactive.mixed_challenges(s.session_id, challenges, [contributions[i] for i in sorted(contributions)])
-        totals, count, digest = self._check_totals(s, mixed, covered)
+        digest = keys_digest(covered).hexdigest()
+        # The tag part's context is known now: its sums come from the same
+        # read of the new rows as the template part's fingerprints.
+        renewal_ctx, chosen = self._renewal_context(s, actor, digest, renewal_contributions)
+        with self._key_cond:
+            reported = self._renewal_reports.get((s.session_id, renewal_ctx))
+        totals, count, sums = self._check_totals(s, mixed, covered, None if reported else renewal_ctx)
         # Step 2: the masks, bound to this check's context.
         check_ctx = proactive.check_context(s.session_id, k, digest, mixed)
         masks = [int(v) for v in proactive.check_masks(seed, check_ctx, len(mixed), k, self.index)]
@@ -333,7 +339,7 @@ class CheckSteps:
         values = [(t + m) % P for t, m in zip(totals, masks)]
         context_hex = hashlib.sha256(check_ctx).hexdigest()
         # The tag part: the renewed tags against the new key (vault.epoch_mac).
-        renewal_values, renewal_hex = self._renewal_check(s, actor, covered, digest, renewal_contributions, others)
+        renewal_values, renewal_hex = self._renewal_check(s, renewal_ctx, chosen, sums, others)
 
         def job(tx: Tx):
             tx.append("refresh_check", actor=actor, request_id=s.session_id, details={
@@ -391,69 +397,96 @@ class CheckSteps:
                 "answered once. Draw fresh ones.")
         return call_no
 
-    def _check_totals(self, s: Session, challenges: list[bytes], covered: list[tuple[str, str]]) -> tuple[list[int], int, str]:
+    def _check_totals(self, s: Session, challenges: list[bytes], covered: list[tuple[str, str]],
+                      renewal_ctx: bytes | None = None) -> tuple[list[int], int, np.ndarray | None]:
         """The challenge combinations of (new - old) over exactly the covered
-        records, the count and the digest of the covered keys.
+        records and their count; with ``renewal_ctx``, also the renewal
+        check's sums over the same records' new rows (``renewal_sums``).
 
         The values come from the batches of new-minus-old sealed when the
         records were prepared, computed from the very arrays sealed into the
         new rows (one open per batch instead of two per record); each new row
         must still be exactly the one prepared (its fingerprint), so a share
-        damaged or replaced since fails the check (DATA_LOSS)."""
+        damaged or replaced since fails the check (DATA_LOSS). The renewal
+        sums open those same new rows, read once for both."""
         totals = [0] * len(challenges)
         wanted = set(covered)
         found = 0
         ring = self.node.keys.kek
+        width = s.plan.mac_width
+        sums = None
+        if renewal_ctx is not None:
+            sums = np.zeros((epoch_mac.RENEWAL_CHECK_SLOTS, width + epoch_mac.TAG_COUNT), dtype=FIELD_DTYPE)
+        pending: list[storage.ShareRow] = []  # new rows of one width, not yet summed
         reader = storage.connect(self.cfg.store)
         try:
             reader.tune_for_scan(CHECK_MMAP_BYTES)
             for batch in reader.check_batches(s.session_id, records_only=True):
-                width, keys_json, prints = batch.width, batch.keys_json, batch.fingerprints
+                keys_json, prints = batch.keys_json, batch.fingerprints
                 keys = [tuple(k) for k in json.loads(keys_json)]
                 try:
                     data = envelope.open(ring, diff_aad(s.session_id, (batch.first_tenant, batch.first_subject),
-                                                         width, keys_json, prints), batch.sealed)
+                                                         batch.width, keys_json, prints), batch.sealed)
                 except EnvelopeError:
                     raise status.DataLoss(
                         "This node's sealed check values do not open; abort the session and refresh again.") from None
-                if len(data) != 4 * width * len(keys) or len(prints) != 16 * len(keys):
+                if len(data) != 4 * batch.width * len(keys) or len(prints) != 16 * len(keys):
                     raise status.DataLoss("This node's sealed check values have the wrong length.")
-                diff = np.frombuffer(bytearray(data), dtype="<u4").reshape(len(keys), width)
+                diff = np.frombuffer(bytearray(data), dtype="<u4").reshape(len(keys), batch.width)
                 try:
                     if diff.size and int(diff.max()) >= P:
                         raise status.DataLoss("This node's sealed check values hold values outside the field.")
                     rows = [i for i, k in enumerate(keys) if k in wanted]
                     if not rows:
                         continue
-                    self._check_fingerprints(reader, s, keys, rows, prints)
+                    new_rows = self._check_fingerprints(reader, s, keys, rows, prints, full=sums is not None)
                     if len(rows) != len(keys):  # deleted since, or held by some members only
                         diff = diff[rows]
                     for c, v in enumerate(proactive.check_combinations(challenges, [keys[i] for i in rows], diff)):
                         totals[c] = (totals[c] + v) % P
+                    if sums is not None:
+                        if pending and pending[0].dimension + pending[0].mac_count != batch.width:
+                            sums = self._add_renewal_sums(sums, renewal_ctx, pending, width)
+                            pending = []
+                        pending.extend(new_rows)
+                        if len(pending) >= RESHARE_CHECK_PAGE:  # a few large products, not one per batch
+                            sums = self._add_renewal_sums(sums, renewal_ctx, pending, width)
+                            pending = []
                     found += len(rows)
                 finally:
                     record.wipe(diff)
+            if sums is not None and pending:
+                sums = self._add_renewal_sums(sums, renewal_ctx, pending, width)
+        except BaseException:
+            record.wipe(sums)
+            raise
         finally:
             reader.close()
         if found != len(covered):
+            record.wipe(sums)
             raise status.FailedPrecondition(
                 f"{len(covered) - found} record(s) of this node have no prepared check values in session "
                 f"{s.session_id}; abort the session and refresh again.")
-        digest = hashlib.sha256()
-        for tenant, subject in covered:
-            digest.update(proactive.record_label(b"", tenant, subject))
-        return totals, found, digest.hexdigest()
+        return totals, found, sums
 
-    def _check_fingerprints(self, reader, s: Session, keys: list, rows: list[int], prints: bytes) -> None:
-        """DATA_LOSS unless each of these records' new rows is the one prepared."""
+    def _check_fingerprints(self, reader, s: Session, keys: list, rows: list[int], prints: bytes,
+                            full: bool = False) -> list[storage.ShareRow]:
+        """DATA_LOSS unless each of these records' new rows is the one prepared;
+        with ``full``, those rows (in ``rows`` order) for the caller to open."""
         lo, hi = keys[rows[0]], keys[rows[-1]]
-        stored = {key: row_fingerprint(sealed.wrapped_dk, sealed.nonce, sealed.ciphertext)
-                  for key, sealed in reader.sealed_between(s.new_epoch, lo, hi).items()}
+        if full:
+            by_key = {row.key: row for row in reader.rows_between(s.new_epoch, lo, hi)}
+            stored = {key: row_fingerprint(row.wrapped_dk, row.nonce, row.ciphertext) for key, row in by_key.items()}
+        else:
+            by_key = {}
+            stored = {key: row_fingerprint(sealed.wrapped_dk, sealed.nonce, sealed.ciphertext)
+                      for key, sealed in reader.sealed_between(s.new_epoch, lo, hi).items()}
         for i in rows:
             if stored.get(keys[i]) != prints[16 * i : 16 * i + 16]:
                 raise status.DataLoss(
                     f"The prepared share of subject {keys[i][1]!r} (tenant {keys[i][0]!r}) on this node changed "
                     "after it was prepared; the refresh cannot be trusted. Abort it and repair the node.")
+        return [by_key[keys[i]] for i in rows] if full else []
 
     # --- the renewal check (the refresh check's tag part) ----------------------------
     # Math and why it reveals nothing: vault.epoch_mac, "the renewal check". At
@@ -685,61 +718,42 @@ class CheckSteps:
                 "refresh again.")
         return chosen
 
-    def _renewal_sums(self, s: Session, ctx: bytes, covered: list[tuple[str, str]]) -> np.ndarray:
-        """[sum_r alpha_r pad(s'_r) | sum_r alpha_r t'_r] over the covered
-        records' new rows, (C, W + L): one pass, one open per row."""
-        width = s.plan.mac_width
-        wanted = set(covered)
-        total = np.zeros((epoch_mac.RENEWAL_CHECK_SLOTS, width + epoch_mac.TAG_COUNT), dtype=FIELD_DTYPE)
-        found = 0
-        reader = storage.connect(self.cfg.store)
+    def _add_renewal_sums(self, total: np.ndarray, ctx: bytes, rows: list[storage.ShareRow], width: int) -> np.ndarray:
+        """``total`` plus [sum_r alpha_r pad(s'_r) | sum_r alpha_r t'_r] over
+        ``rows`` (new rows of one width, opened here and wiped)."""
+        row_width = rows[0].dimension + rows[0].mac_count
+        if row_width - epoch_mac.TAG_COUNT > width:
+            raise status.FailedPrecondition("A record is wider than the session's MAC key.")
+        shares = self._open_chunk(rows, row_width)
+        alphas = epoch_mac.renewal_coefficients(ctx, [(r.tenant, r.subject) for r in rows])
+        part = None
         try:
-            reader.tune_for_scan(CHECK_MMAP_BYTES)
-            after = ("", "")
-            while True:
-                page = reader.rows_after(s.new_epoch, after, RESHARE_CHECK_PAGE)
-                if not page:
-                    break
-                after = (page[-1].tenant, page[-1].subject)
-                groups: dict[int, list[storage.ShareRow]] = {}
-                for row in page:
-                    if (row.tenant, row.subject) in wanted:
-                        groups.setdefault(row.dimension + row.mac_count, []).append(row)
-                for w, rows in groups.items():
-                    if w - epoch_mac.TAG_COUNT > width:
-                        raise status.FailedPrecondition("A record is wider than the session's MAC key.")
-                    shares = self._open_chunk(rows, w)
-                    alphas = epoch_mac.renewal_coefficients(ctx, [(r.tenant, r.subject) for r in rows])
-                    part = None
-                    try:
-                        part = epoch_mac.renewal_sums(alphas, shares, width)
-                        total = proactive.add_rows(total, part)
-                    finally:
-                        record.wipe(shares, part)
-                    found += len(rows)
+            part = epoch_mac.renewal_sums(alphas, shares, width)
+            return proactive.add_rows(total, part)
         finally:
-            reader.close()
-        if found != len(covered):
-            record.wipe(total)
-            raise status.FailedPrecondition(
-                f"{len(covered) - found} covered record(s) have no prepared share on this node in session "
-                f"{s.session_id}; abort the session and refresh again.")
-        return total
+            record.wipe(shares, part, total)
 
-    def _renewal_check(self, s: Session, actor: str, covered, digest: str, contributions: dict[int, bytes],
-                       others: dict) -> tuple[list[int], str]:
-        """Round A (this node's u, kept for its peers) and round B (every
-        member's u node to node, opened; w answered): (w values, context hex).
-        An empty w when the members' reports do not lie on one polynomial."""
+    def _renewal_context(self, s: Session, actor: str, digest: str,
+                         contributions: dict[int, bytes]) -> tuple[bytes, int]:
+        """The renewal check's context over the covered records and the mask set it claims."""
         k = s.plan.new_threshold
         ctx = epoch_mac.renewal_check_context(s.session_id, k, digest, [contributions[i] for i in sorted(contributions)])
-        chosen = self._claim_renewal_context(s, actor, ctx)
+        return ctx, self._claim_renewal_context(s, actor, ctx)
+
+    def _renewal_check(self, s: Session, ctx: bytes, chosen: int, sums: np.ndarray | None,
+                       others: dict) -> tuple[list[int], str]:
+        """Round A (this node's u from ``sums``, kept for its peers) and round B
+        (every member's u node to node, opened; w answered): (w values,
+        context hex). An empty w when the members' reports do not lie on one
+        polynomial. ``sums`` is None when this context's report is kept already."""
+        k = s.plan.new_threshold
         rows = slice(chosen * epoch_mac.RENEWAL_CHECK_SLOTS, (chosen + 1) * epoch_mac.RENEWAL_CHECK_SLOTS)
         key = (s.session_id, ctx)
         with self._key_cond:
             cached = self._renewal_reports.get(key)
         if cached is None:
-            sums = self._renewal_sums(s, ctx, covered)
+            if sums is None:
+                raise status.Aborted("This node's renewal check report was dropped meanwhile; ask again.")
             mask = self._renewal_mask(s)
             try:
                 cached = (epoch_mac.renewal_report(sums, np.ascontiguousarray(mask[rows])), sums)
@@ -749,6 +763,8 @@ class CheckSteps:
                 self._renewal_reports = {k2: v for k2, v in self._renewal_reports.items() if k2[0] == s.session_id}
                 self._renewal_reports[key] = cached
                 self._key_cond.notify_all()
+        elif sums is not None:
+            record.wipe(sums)
         report, sums = cached
         req = admin_pb2.GetRefreshDeltasRequest(session_id=s.session_id, renewal_check_context=ctx)
         calls = {name: self.peers.stub(name, addr).GetRefreshDeltas.future(req, timeout=PEER_TIMEOUT_S)

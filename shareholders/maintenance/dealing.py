@@ -18,7 +18,8 @@ from shareholders.audit_log import Tx
 from shareholders.maintenance.peers import peer_error, presented_spki
 from shareholders.maintenance.sessions import (
     BEGUN, CHUNK, COMMITTED, MASK_NEW, MASK_OLD, MAX_CHALLENGES, MAX_KEYS, PEER_TIMEOUT_S, PREPARED,
-    PRODUCT_CACHE, REFRESH, RESHARE, RESHARE_CHECK_MASKS, checked_challenges, key_lines, load_session, mask_aad,
+    OPENED_CACHE, PRODUCT_CACHE, REFRESH, RESHARE, RESHARE_CHECK_MASKS, checked_challenges, key_lines, load_session, mask_aad,
+    renewal_tag,
 )
 from splitvault.v1 import admin_pb2
 from vault import envelope, epoch_mac, names, proactive, record
@@ -87,8 +88,9 @@ class DealingAnswers:
     def _forget_dealt(self, session_id: str) -> None:
         """Wipe a finished session's cached renewal values, drop the held keys (caller holds ``_seeds_lock``)."""
         self._keys_cache = None
-        for tag in [t for t in self._products_cache if t[0] == session_id]:
-            record.wipe(self._products_cache.pop(tag))
+        for cache in (self._products_cache, self._opened_rows):
+            for tag in [t for t in cache if t[0] == session_id]:
+                record.wipe(cache.pop(tag))
 
     def GetRefreshDeltas(self, request, context):
         if request.mac_key:
@@ -396,27 +398,40 @@ class DealingAnswers:
         it no longer holds (deleted meanwhile: its renewal is never used)."""
         lo, hi = min(keys), max(keys)
         rows = {r.key: r for r in self.node.reader().rows_between(s.from_epoch, lo, hi)}
-        out = np.zeros((len(keys), width), dtype=FIELD_DTYPE)
-        for j, key in enumerate(keys):
-            row = rows.get(key)
-            if row is None:
-                continue
-            if row.dimension + row.mac_count != width:
-                raise status.InvalidArgument(
-                    f"A record key's width ({width}) is not that of the record this node holds for it.")
-            values = np.frombuffer(self._open_bytes(row, 4 * width), dtype="<u4")
-            if values.size and int(values.max()) >= P:
-                raise self._data_loss(row)
-            out[j] = values
+        size = 4 * width
+        opened = bytearray(size * len(keys))
+        raw = np.frombuffer(opened, dtype="<u4").reshape(len(keys), width)
+        held = []
+        try:
+            for j, key in enumerate(keys):
+                row = rows.get(key)
+                if row is None:
+                    continue
+                if row.dimension + row.mac_count != width:
+                    raise status.InvalidArgument(
+                        f"A record key's width ({width}) is not that of the record this node holds for it.")
+                opened[j * size : (j + 1) * size] = self._open_bytes(row, size)
+                held.append((j, row))
+            out = raw.astype(FIELD_DTYPE)
+        finally:
+            record.wipe(raw)
+        bad = np.flatnonzero((out >= P).any(axis=1)) if out.size else ()
+        if len(bad):
+            record.wipe(out)
+            raise self._data_loss(next(row for j, row in held if j == int(bad[0])))
         return out
 
     def _renewal_values(self, s: Session, seed: bytes, k: int, width: int, keys, old: np.ndarray | None,
-                        x: int) -> np.ndarray:
+                        x: int, opener=None) -> np.ndarray:
         """g_j(x) of this node's product values h_j = [t]_j + <[b']_j - [b]_j, [s]_j>
         for each record (B, L). Computed once per chunk for every member (one
         coefficient derivation), for this node's own prepare and its peers'
-        calls alike; ``old`` is this node's opened old shares when it has them."""
-        tag = (s.session_id, width, key_lines(keys))
+        calls alike; ``old`` is this node's opened old shares when it has them,
+        else ``opener()`` (default: read and open them here) opens them, and
+        they are kept for this node's own prepare of the chunk
+        (``_take_opened``): each row is opened once per prepare, whichever
+        call comes first."""
+        tag = renewal_tag(s.session_id, width, keys)
         members = tuple(sorted(s.plan.new.values()))
         with self._seeds_lock:
             cached = self._products_cache.get(tag)
@@ -432,16 +447,20 @@ class DealingAnswers:
                 cached = self._products_cache.get(tag)
                 if cached is not None:
                     return cached[members.index(x)].copy()
-            return self._renewal_values(s, seed, k, width, keys, old, x)
+            return self._renewal_values(s, seed, k, width, keys, old, x, opener)
         try:
-            return self._compute_renewal(s, seed, k, width, keys, old, x, tag, members)
+            return self._compute_renewal(s, seed, k, width, keys, old, x, tag, members, opener)
         finally:
             with self._seeds_lock:
                 self._computing.pop(tag).set()
 
-    def _compute_renewal(self, s: Session, seed: bytes, k: int, width: int, keys, old, x: int, tag, members):
+    def _compute_renewal(self, s: Session, seed: bytes, k: int, width: int, keys, old, x: int, tag, members,
+                         opener=None):
         d = width - epoch_mac.TAG_COUNT
-        opened = old if old is not None else self._open_rows(s, keys, width)
+        if old is not None:
+            opened = old
+        else:
+            opened = opener() if opener is not None else self._open_rows(s, keys, width)
         old_key = self._old_key(s)
         new_key = self._new_key(s)
         cuts = [np.array(old_key[:, :d], order="C", copy=True), np.array(new_key[:, :d], order="C", copy=True)]
@@ -449,15 +468,28 @@ class DealingAnswers:
         try:
             h = epoch_mac.product_share(opened, cuts[0], cuts[1])
             values = epoch_mac.renewal_values_at(seed, keys, s.new_epoch, k, h, members)
-        finally:
-            record.wipe(old_key, h, *cuts)
+        except BaseException:
             if old is None:
                 record.wipe(opened)
+            raise
+        finally:
+            record.wipe(old_key, h, *cuts)
         with self._seeds_lock:
-            while len(self._products_cache) >= PRODUCT_CACHE:
-                record.wipe(self._products_cache.pop(next(iter(self._products_cache))))
-            self._products_cache[tag] = values
+            kept = ((self._products_cache, values, PRODUCT_CACHE),
+                    (self._opened_rows, opened if old is None else None, OPENED_CACHE))
+            for cache, value, limit in kept:
+                if value is None:
+                    continue
+                while len(cache) >= limit:
+                    record.wipe(cache.pop(next(iter(cache))))
+                cache[tag] = value
             return values[members.index(x)].copy()
+
+    def _take_opened(self, tag) -> np.ndarray | None:
+        """The chunk's old shares opened by whichever call computed its renewal
+        values first, handed over once (the taker wipes them), or None."""
+        with self._seeds_lock:
+            return self._opened_rows.pop(tag, None)
 
     def _renewed_tags(self, s: Session, seed: bytes, k: int, width: int, keys, old: np.ndarray, calls) -> np.ndarray:
         """This node's new tag shares (B, L): sum over T of lambda_j g_j(i)."""

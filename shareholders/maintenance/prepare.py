@@ -17,7 +17,7 @@ from shareholders.audit_log import Tx, WriterClosed, now_ms
 from shareholders.maintenance.peers import peer_error
 from shareholders.maintenance.sessions import (
     BEGUN, CHUNK, COMMITTED, FINALIZED, Pace, PEER_TIMEOUT_S, PIPELINE, PREPARED, REFRESH, REFRESH_CHUNK,
-    WRITE_CHUNK, diff_aad, key_lines, load_session, row_fingerprint,
+    WRITE_CHUNK, diff_aad, key_lines, load_session, renewal_tag, row_fingerprint,
 )
 from splitvault.v1 import admin_pb2
 from vault import envelope, epoch_mac, field, proactive, record
@@ -155,9 +155,15 @@ class PrepareSteps:
             }
             old = None
             try:
-                old = self._open_chunk(members, width)
                 keys = [(r.tenant, r.subject) for r in members]
-                record.wipe(self._renewal_values(s, seed, k, width, keys, old, self.index))
+                # The renewal values first: computed here from rows opened
+                # once, or already computed by a peer's call, which opened
+                # the same rows and left them for this prepare.
+                record.wipe(self._renewal_values(s, seed, k, width, keys, None, self.index,
+                                                 opener=lambda m=members, w=width: self._open_chunk(m, w)))
+                old = self._take_opened(renewal_tag(s.session_id, width, keys))
+                if old is None:  # evicted meanwhile: open them again
+                    old = self._open_chunk(members, width)
             except BaseException:
                 for call in calls.values():
                     call.cancel()

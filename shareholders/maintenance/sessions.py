@@ -90,6 +90,9 @@ KEY_WAIT_S = 30.0
 # Renewal values kept for the peers' calls and this node's own prepare (each
 # one chunk's g_j(x) for every member x: n x REFRESH_CHUNK x L values).
 PRODUCT_CACHE = 32
+# Chunks of opened old shares kept for this node's own prepare (8 MiB each at
+# 2,048 x 515): a peer running far ahead makes them be opened again, no more.
+OPENED_CACHE = 8
 _SEED_DOMAIN = b"splitvault/session-seed/v1\x00"
 _DIFF_DOMAIN = b"splitvault/refresh-check-diff/v1\x00"
 _log = logging.getLogger("shareholders.epochs")
@@ -258,6 +261,11 @@ def keys_digest(keys: list[tuple[str, str]]) -> hashlib._Hash:
 
 def key_lines(keys) -> str:
     return hashlib.sha256("\n".join(f"{t}\x00{s}" for t, s in keys).encode()).hexdigest()
+
+
+def renewal_tag(session_id: str, width: int, keys) -> tuple:
+    """Names one chunk's renewal values (and its opened rows) in a node's caches."""
+    return session_id, width, key_lines(keys)
 
 
 class Pace:
