@@ -13,13 +13,23 @@ The refresh check covers the renewal ("Refresh check" in
 docs/architecture.md, the tag part): the refresh rolls back on every node,
 the reason in each audit log, and every template still MATCHes. The same
 holds for a node dealing one peer an inconsistent key contribution.
+
+A hostile auditor in league with that node skips the check (the auditor's
+own certificate, driving the maintenance library with the check off) and
+commits: every member verifies the check itself, node to node, before it
+commits, so each refuses (FAILED_PRECONDITION, the reason in its audit
+log), and after the roll-back every template still MATCHes.
 """
 from __future__ import annotations
 
+import argparse
 
 import pytest
 
 from maintenance_kit import audit_details, decisions, enrolled_cluster, hook_env, json_out, restart_with, vaultctl
+from splitvault.v1 import admin_pb2
+from vaultctl.maintenance import Admin, MaintenanceError, SessionFile
+from vaultctl.refresh import refresh_session, run_check, target_nodes
 
 pytestmark = pytest.mark.e2e
 
@@ -98,3 +108,36 @@ def test_a_node_dealing_an_inconsistent_key_contribution_makes_the_refresh_roll_
             assert aborts and "check failed (tags" in aborts[-1].get("reason", ""), (name, aborts)
     finally:
         restart_with(root, "bank-a", {"BAD_KEY_HOOK": ""})
+
+
+def test_a_hostile_auditor_skipping_the_check_cannot_commit_the_lying_renewers_tags(running, tmp_path):
+    root, templates = running["root"], running["templates"]
+    restart_with(root, "bank-a", hook_env(tmp_path / "hooks", HOOK, BAD_RENEWER_HOOK="1"))
+    nodes, k, tls, _ = target_nodes(argparse.Namespace(dir=root, config=None))
+    admin = Admin(nodes, tls)
+    sessions = SessionFile(tmp_path / "hostile-auditor")
+    try:
+        with pytest.raises(MaintenanceError) as refused:
+            refresh_session(admin, nodes, k, sessions, check=False, drain_s=0)
+        assert "has not passed the refresh check" in refused.value.message, refused.value.message
+        for name in ("bank-a", "bank-b", "bank-c"):
+            refusals = audit_details(root, name, "refresh_commit_refused")
+            assert refusals and refusals[-1]["reason"] == "this node answered no check", (name, refusals)
+        # The same auditor now runs the check, which fails, and commits anyway.
+        opened = sessions.load()
+        assert opened is not None, "the hostile auditor's session is still open"
+        sid = opened.session_id
+        names = [n.name for n in nodes]
+        verdict = run_check(admin, names, sid, k, 3, admin.members(names))
+        assert not verdict["passed"], verdict
+        for name in names:
+            with pytest.raises(MaintenanceError) as again:
+                admin.stream(name, "CommitSession", admin_pb2.CommitSessionRequest(session_id=sid),
+                             lambda *progress: None)
+            assert "renewed MAC tags do not match" in again.value.message, again.value.message
+    finally:
+        admin.close()
+        restart_with(root, "bank-a", {"BAD_RENEWER_HOOK": ""})
+    out = vaultctl("refresh", "--dir", root, "--abort", "--format", "json", "--session", sid, timeout=300)
+    assert out.returncode == 0, (out.returncode, out.stdout[-1500:], out.stderr[-1500:])
+    assert set(decisions(root, templates, 5).values()) == {"MATCH"}

@@ -1,6 +1,6 @@
 """``vaultctl refresh``: proactive share refresh to a new epoch (Herzberg et al.).
 
-    vaultctl refresh --dir D [--check] [--no-check] [--allow-unchecked] [--abort] [--format json]
+    vaultctl refresh --dir D [--check] [--allow-unchecked] [--abort] [--format json]
 
 Every template keeps its value; every share changes, so shares stolen
 before the refresh are worthless after it. The steps (docs/operations.md):
@@ -10,7 +10,7 @@ before the refresh are worthless after it. The steps (docs/operations.md):
            D/maintenance/epoch-session.json first, so a rerun finds it;
 2. prepare every node pulls its zero-sharing values from every peer (node to
            node) and writes its new shares beside the old ones, unserved;
-3. check   (default on) the auditor sends fresh random challenges, which
+3. check   the auditor sends fresh random challenges, which
            the nodes mix with their own contributions; each node answers
            one masked field element per challenge over the records every
            member holds (the nodes decide); the values must lie on a
@@ -379,7 +379,6 @@ def state_dir(root: pathlib.Path) -> pathlib.Path:
 def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check", action="store_true",
                    help="prepare (or resume), check that the templates are unchanged, and stop before the switch")
-    p.add_argument("--no-check", action="store_true", help="skip the check (not recommended)")
     p.add_argument("--allow-unchecked", action="store_true",
                    help="switch even if the check had to leave out records some node lacks (not recommended)")
     p.add_argument("--abort", action="store_true", help="roll back the open session (only before any node committed)")
@@ -421,9 +420,7 @@ def _lines(report: dict) -> list[str]:
 
 @command("refresh", help="proactive share refresh to a new epoch (resumable)", arguments=_args, target="any")
 def _refresh(args) -> Result:
-    if args.check and args.no_check:
-        raise CliError("--check and --no-check contradict each other.")
-    if args.abort and (args.check or args.no_check):
+    if args.abort and args.check:
         raise CliError("--abort takes no check option.")
     if not 1 <= args.challenges <= 16:
         raise CliError("--challenges must be from 1 to 16.")
@@ -437,7 +434,7 @@ def _refresh(args) -> Result:
     try:
         sessions.lock()
         report = refresh_session(
-            admin, nodes, k, sessions, check=not args.no_check, check_only=args.check, abort=args.abort,
+            admin, nodes, k, sessions, check_only=args.check, abort=args.abort,
             challenges=args.challenges, drain_s=args.drain, progress=progress, adopt=args.session, pace=max(0, args.pace),
             faults=maintenance.crash_seam(args.dir),
             allow_unchecked=args.allow_unchecked,

@@ -130,31 +130,29 @@ class CheckSteps:
         return admin_pb2.GetReshareSharesResponse(check_answer=mine) if mine is not None \
             else admin_pb2.GetReshareSharesResponse()
 
-    def _require_check(self, s: Session, actor: str) -> None:
-        """A reshare commits on a node only once the node itself has seen the
-        check pass: its own answer and every other member's (asked node to
-        node) for one context, the sides consistent and equal at 0."""
-        def refuse(reason: str):
-            def job(tx: Tx):
-                tx.append("reshare_commit_refused", actor=actor, request_id=s.session_id, details={"reason": reason})
-            self.node.commit(job)
-            logs.event(_log, "reshare commit refused", logging.WARNING, session=s.session_id, reason=reason)
-            return status.FailedPrecondition(
-                f"Session {s.session_id} has not passed the reshare check on node {self.name} ({reason}); "
-                "run the check (vaultctl reshare) or roll it back.")
+    def _commit_refusal(self, s: Session, actor: str, reason: str) -> status.RpcError:
+        """Log and audit why this node will not commit the session unchecked."""
+        kind = "reshare" if s.kind == RESHARE else "refresh"
 
-        mine = self._my_check_answer(s)
+        def job(tx: Tx):
+            tx.append(f"{kind}_commit_refused", actor=actor, request_id=s.session_id, details={"reason": reason})
+        self.node.commit(job)
+        logs.event(_log, f"{kind} commit refused", logging.WARNING, session=s.session_id, reason=reason)
+        return status.FailedPrecondition(
+            f"Session {s.session_id} has not passed the {kind} check on node {self.name} ({reason}); "
+            f"run the check (vaultctl {kind}) or roll it back.")
+
+    def _members_answers(self, s: Session, actor: str, members: dict[str, int], mine, ask) -> dict:
+        """This node's check answer and every other member's, asked node to node
+        (``ask(stub)`` starts the call; the reply's ``check_answer``)."""
         if mine is None:
-            raise refuse("this node answered no check")
-        members = {**s.plan.old, **s.plan.new}
+            raise self._commit_refusal(s, actor, "this node answered no check")
         peers = self._check_peers(s, [], members)
-        answers = {self.name: mine}
-        req = admin_pb2.GetReshareSharesRequest(session_id=s.session_id, check_answer=True)
-        calls = {n: self.peers.stub(n, peers[n][1]).GetReshareShares.future(req, timeout=PEER_STATE_TIMEOUT_S)
-                 for n in members if n != self.name and n in peers}
         missing = sorted(n for n in members if n != self.name and n not in peers)
         if missing:
-            raise refuse(f"no address for {', '.join(missing)}")
+            raise self._commit_refusal(s, actor, f"no address for {', '.join(missing)}")
+        answers = {self.name: mine}
+        calls = {n: ask(self.peers.stub(n, peers[n][1])) for n in members if n != self.name}
         try:
             for name, call in calls.items():
                 try:
@@ -162,11 +160,24 @@ class CheckSteps:
                 except grpc.RpcError as exc:
                     raise peer_error(name, exc) from None
                 if not reply.HasField("check_answer"):
-                    raise refuse(f"{name} answered no check")
+                    raise self._commit_refusal(s, actor, f"{name} answered no check")
                 answers[name] = reply.check_answer
         finally:
             for call in calls.values():
                 call.cancel()
+        return answers
+
+    def _require_check(self, s: Session, actor: str) -> None:
+        """A reshare commits on a node only once the node itself has seen the
+        check pass: its own answer and every other member's (asked node to
+        node) for one context, the sides consistent and equal at 0."""
+        def refuse(reason: str):
+            return self._commit_refusal(s, actor, reason)
+
+        req = admin_pb2.GetReshareSharesRequest(session_id=s.session_id, check_answer=True)
+        answers = self._members_answers(
+            s, actor, {**s.plan.old, **s.plan.new}, self._my_check_answer(s),
+            lambda stub: stub.GetReshareShares.future(req, timeout=PEER_STATE_TIMEOUT_S))
         if len({a.context_sha256 for a in answers.values()}) != 1:
             raise refuse("the members answered different checks")
         digests = {a.old_keys_sha256 for n, a in answers.items() if n in s.plan.old} | \
@@ -183,6 +194,56 @@ class CheckSteps:
                                               sorted(new), [new[x][c] for x in sorted(new)], s.plan.new_threshold)
             if verdict != "ok":
                 raise refuse(verdict)
+
+    def _my_refresh_answer(self, s: Session) -> admin_pb2.CheckRefreshResponse | None:
+        """This node's last answer to the session's refresh check (from its audit log), or None."""
+        found = self.node.reader().event_details(s.started_ms - CLAIM_CLOCK_SLACK_MS, "refresh_check", s.session_id)
+        if not found or "values" not in found[-1]:
+            return None
+        d = found[-1]
+        return admin_pb2.CheckRefreshResponse(
+            values=d["values"], records=d["records"], keys_sha256=d["keys_sha256"], context_sha256=d["context_sha256"],
+            excluded=d["excluded"], call=d["call"], renewal_values=d["renewal_values"],
+            renewal_context_sha256=d["renewal_context_sha256"])
+
+    def _refresh_check_answer(self, request, context):
+        s = self._session(request.session_id, states=(PREPARED, COMMITTED, FINALIZED))
+        if s.kind != REFRESH:
+            raise status.FailedPrecondition(f"Session {s.session_id} is not a refresh.")
+        self._peer_index(s, context, s.plan.new)
+        mine = self._my_refresh_answer(s)
+        return admin_pb2.GetRefreshDeltasResponse(check_answer=mine) if mine is not None \
+            else admin_pb2.GetRefreshDeltasResponse()
+
+    def _require_refresh_check(self, s: Session, actor: str) -> None:
+        """A refresh commits on a node only once the node itself has seen the
+        check pass, whoever runs it: every member's last answer (node to
+        node) over one context and the same records, each challenge's values
+        and each renewal slot's and tag's on a polynomial of degree k - 1
+        through 0 (what ``vaultctl refresh`` verifies, here on every node)."""
+        def refuse(reason: str):
+            return self._commit_refusal(s, actor, reason)
+
+        req = admin_pb2.GetRefreshDeltasRequest(session_id=s.session_id, check_answer=True)
+        answers = self._members_answers(
+            s, actor, s.plan.new, self._my_refresh_answer(s),
+            lambda stub: stub.GetRefreshDeltas.future(req, timeout=PEER_STATE_TIMEOUT_S))
+        if len({(a.context_sha256, a.keys_sha256, a.renewal_context_sha256) for a in answers.values()}) != 1:
+            raise refuse("the members answered different checks")
+        order = sorted(answers, key=lambda n: s.plan.new[n])
+        xs = [s.plan.new[n] for n in order]
+        k = s.plan.new_threshold
+        counts = {len(answers[n].values) for n in order}
+        if len(counts) != 1 or counts == {0}:
+            raise refuse("the answers have different numbers of values")
+        for c in range(counts.pop()):
+            if not proactive.on_zero_polynomial(xs, [answers[n].values[c] for n in order], k):
+                raise refuse("the new shares do not differ from the old by a sharing of zero")
+        size = epoch_mac.RENEWAL_CHECK_SLOTS * epoch_mac.TAG_COUNT
+        if any(len(answers[n].renewal_values) != size for n in order):
+            raise refuse("the members' renewal check reports were inconsistent")
+        if not epoch_mac.renewal_check(xs, [np.asarray(answers[n].renewal_values, dtype=np.int64) for n in order], k):
+            raise refuse("the renewed MAC tags do not match the new key")
 
     def _claim_reshare_context(self, s: Session, actor: str, ctx: str) -> None:
         """The masks serve ONE check context: the first claimed is recorded in
@@ -342,10 +403,13 @@ class CheckSteps:
         renewal_values, renewal_hex = self._renewal_check(s, renewal_ctx, chosen, sums, others)
 
         def job(tx: Tx):
+            # The answer itself is kept (masked values: what the auditor sees),
+            # for the members that hold it against theirs before they commit.
             tx.append("refresh_check", actor=actor, request_id=s.session_id, details={
                 "records": count, "challenges": len(challenges), "excluded": left_out, "call": call_no,
                 "context_sha256": context_hex, "renewal_context_sha256": renewal_hex,
-                "renewal_answered": bool(renewal_values),
+                "renewal_answered": bool(renewal_values), "keys_sha256": digest, "values": values,
+                "renewal_values": renewal_values,
             })
         self.node.commit(job)
         CHECKS.labels(self.name, "answered").inc()

@@ -97,6 +97,8 @@ class DealingAnswers:
             # Cheap and answered here (not in the worker pool), so that a node
             # dealing its key is never queued behind calls waiting for it.
             return self._key_deal(request, context)
+        if request.check_answer:
+            return self._refresh_check_answer(request, context)
         if request.renewal_mask or request.renewal_mask_renew or request.renewal_check_context:
             return self._background(self._renewal_peer_call, request, context)
         return self._background(self._get_refresh_deltas, request, context)

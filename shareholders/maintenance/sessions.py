@@ -663,6 +663,8 @@ class SessionSteps:
             return
         if s.kind == RESHARE:
             self._require_check(s, actor)
+        else:
+            self._require_refresh_check(s, actor)
         plan = s.plan
 
         def job(tx: Tx) -> Session:

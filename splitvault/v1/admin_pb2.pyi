@@ -350,7 +350,7 @@ class RecordKey(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., subject: _Optional[str] = ..., threshold: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
 
 class GetRefreshDeltasRequest(_message.Message):
-    __slots__ = ("session_id", "keys", "mask_challenges", "mask_threshold", "check_challenges", "check_context", "check_count", "mac_key", "renew", "renewal_mask", "renewal_mask_renew", "renewal_check_context")
+    __slots__ = ("session_id", "keys", "mask_challenges", "mask_threshold", "check_challenges", "check_context", "check_count", "mac_key", "renew", "renewal_mask", "renewal_mask_renew", "renewal_check_context", "check_answer")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     MASK_CHALLENGES_FIELD_NUMBER: _ClassVar[int]
@@ -363,6 +363,7 @@ class GetRefreshDeltasRequest(_message.Message):
     RENEWAL_MASK_FIELD_NUMBER: _ClassVar[int]
     RENEWAL_MASK_RENEW_FIELD_NUMBER: _ClassVar[int]
     RENEWAL_CHECK_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    CHECK_ANSWER_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     keys: _containers.RepeatedCompositeFieldContainer[RecordKey]
     mask_challenges: _containers.RepeatedScalarFieldContainer[bytes]
@@ -375,10 +376,11 @@ class GetRefreshDeltasRequest(_message.Message):
     renewal_mask: bool
     renewal_mask_renew: bool
     renewal_check_context: bytes
-    def __init__(self, session_id: _Optional[str] = ..., keys: _Optional[_Iterable[_Union[RecordKey, _Mapping]]] = ..., mask_challenges: _Optional[_Iterable[bytes]] = ..., mask_threshold: _Optional[int] = ..., check_challenges: _Optional[_Iterable[bytes]] = ..., check_context: _Optional[bytes] = ..., check_count: _Optional[int] = ..., mac_key: _Optional[bool] = ..., renew: _Optional[bool] = ..., renewal_mask: _Optional[bool] = ..., renewal_mask_renew: _Optional[bool] = ..., renewal_check_context: _Optional[bytes] = ...) -> None: ...
+    check_answer: bool
+    def __init__(self, session_id: _Optional[str] = ..., keys: _Optional[_Iterable[_Union[RecordKey, _Mapping]]] = ..., mask_challenges: _Optional[_Iterable[bytes]] = ..., mask_threshold: _Optional[int] = ..., check_challenges: _Optional[_Iterable[bytes]] = ..., check_context: _Optional[bytes] = ..., check_count: _Optional[int] = ..., mac_key: _Optional[bool] = ..., renew: _Optional[bool] = ..., renewal_mask: _Optional[bool] = ..., renewal_mask_renew: _Optional[bool] = ..., renewal_check_context: _Optional[bytes] = ..., check_answer: _Optional[bool] = ...) -> None: ...
 
 class GetRefreshDeltasResponse(_message.Message):
-    __slots__ = ("values", "masks", "contribution", "key_hashes", "renewal", "renewal_contribution", "renewal_report")
+    __slots__ = ("values", "masks", "contribution", "key_hashes", "renewal", "renewal_contribution", "renewal_report", "check_answer")
     VALUES_FIELD_NUMBER: _ClassVar[int]
     MASKS_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
@@ -386,6 +388,7 @@ class GetRefreshDeltasResponse(_message.Message):
     RENEWAL_FIELD_NUMBER: _ClassVar[int]
     RENEWAL_CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     RENEWAL_REPORT_FIELD_NUMBER: _ClassVar[int]
+    CHECK_ANSWER_FIELD_NUMBER: _ClassVar[int]
     values: bytes
     masks: _containers.RepeatedScalarFieldContainer[int]
     contribution: bytes
@@ -393,7 +396,8 @@ class GetRefreshDeltasResponse(_message.Message):
     renewal: bytes
     renewal_contribution: bytes
     renewal_report: bytes
-    def __init__(self, values: _Optional[bytes] = ..., masks: _Optional[_Iterable[int]] = ..., contribution: _Optional[bytes] = ..., key_hashes: _Optional[bytes] = ..., renewal: _Optional[bytes] = ..., renewal_contribution: _Optional[bytes] = ..., renewal_report: _Optional[bytes] = ...) -> None: ...
+    check_answer: CheckRefreshResponse
+    def __init__(self, values: _Optional[bytes] = ..., masks: _Optional[_Iterable[int]] = ..., contribution: _Optional[bytes] = ..., key_hashes: _Optional[bytes] = ..., renewal: _Optional[bytes] = ..., renewal_contribution: _Optional[bytes] = ..., renewal_report: _Optional[bytes] = ..., check_answer: _Optional[_Union[CheckRefreshResponse, _Mapping]] = ...) -> None: ...
 
 class GetReshareSharesRequest(_message.Message):
     __slots__ = ("session_id", "after_tenant", "after_subject", "limit", "keys", "mac_key", "check_mask_deal", "check_mask_reshare", "check_answer")
