@@ -147,12 +147,12 @@ class CheckSteps:
         (``ask(stub)`` starts the call; the reply's ``check_answer``)."""
         if mine is None:
             raise self._commit_refusal(s, actor, "this node answered no check")
-        peers = self._check_peers(s, [], members)
-        missing = sorted(n for n in members if n != self.name and n not in peers)
+        known = self._known_addresses(s)
+        missing = sorted(n for n in members if n != self.name and n not in known)
         if missing:
             raise self._commit_refusal(s, actor, f"no address for {', '.join(missing)}")
         answers = {self.name: mine}
-        calls = {n: ask(self.peers.stub(n, peers[n][1])) for n in members if n != self.name}
+        calls = {n: ask(self.peers.stub(n, known[n])) for n in members if n != self.name}
         try:
             for name, call in calls.items():
                 try:

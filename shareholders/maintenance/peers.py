@@ -181,10 +181,10 @@ class PeerCalls:
         return admin_pb2.GetSessionResponse(found=True, status=admin_pb2.SessionStatus(
             session_id=s.session_id, kind=KIND[s.kind], state=STATE[s.state]))
 
-    def _member_states(self, s: Session, names) -> tuple[dict[str, int], list[str]]:
-        """The session's state (SESSION_STATE_*; 0 where the member has no such
-        session) on each named member other than this node, and the members
-        it could not ask."""
+    def _known_addresses(self, s: Session) -> dict[str, str]:
+        """Where this node reaches the session's members with no request to
+        name them: its peer table, else where it dialled them in this session
+        (or, in a reshare, the approved plan's address)."""
         try:
             table = load_peers(self.cfg)
         except ConfigError as exc:
@@ -194,6 +194,13 @@ class PeerCalls:
         table = {**dialled, **table}
         if s.kind == RESHARE:
             table = {**s.plan.addresses(), **table}
+        return table
+
+    def _member_states(self, s: Session, names) -> tuple[dict[str, int], list[str]]:
+        """The session's state (SESSION_STATE_*; 0 where the member has no such
+        session) on each named member other than this node, and the members
+        it could not ask."""
+        table = self._known_addresses(s)
         calls, unasked = {}, []
         for name in sorted(set(names) - {self.name}):
             if name not in table:
