@@ -112,16 +112,17 @@ class DealingAnswers:
         if len(request.keys) > MAX_KEYS:
             raise status.InvalidArgument(f"At most {MAX_KEYS} records per call.")
         seed = self._seed(s)
-        parts = []
+        # One pass over the repeated field (indexing it per key is slow).
+        asked = [(key.tenant, key.subject, key.threshold, key.width) for key in request.keys]
         groups: dict[tuple[int, int], list[int]] = {}
-        for i, key in enumerate(request.keys):
-            if not 2 <= key.threshold <= names.MAX_SHAREHOLDERS or not 1 <= key.width <= 70_000:
+        for i, (_, _, k, width) in enumerate(asked):
+            if not 2 <= k <= names.MAX_SHAREHOLDERS or not 1 <= width <= 70_000:
                 raise status.InvalidArgument("A record key has an invalid threshold or width.")
-            groups.setdefault((key.threshold, key.width), []).append(i)
-        values = [None] * len(request.keys)
-        renewal = [b""] * len(request.keys)
+            groups.setdefault((k, width), []).append(i)
+        values = [None] * len(asked)
+        renewal = [b""] * len(asked)
         for (k, width), positions in groups.items():
-            keys = [(request.keys[i].tenant, request.keys[i].subject) for i in positions]
+            keys = [asked[i][:2] for i in positions]
             deltas = self._dealings.deltas(seed, s.session_id, keys, k, width, x, frozenset(s.plan.new.values()))
             packed = deltas.astype("<u4")
             for j, i in enumerate(positions):
@@ -144,7 +145,7 @@ class DealingAnswers:
             def job(tx: Tx):
                 tx.append("refresh_deal", actor=f"shareholder/{peer}", request_id=s.session_id, details={
                     "to": peer, "to_index": x, "records": len(request.keys), "masks": 0,
-                    "records_sha256": key_lines((k.tenant, k.subject) for k in request.keys),
+                    "records_sha256": key_lines(a[:2] for a in asked),
                 })
             self.node.commit(job)
         return admin_pb2.GetRefreshDeltasResponse(values=parts, renewal=b"".join(renewal))
