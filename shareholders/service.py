@@ -292,6 +292,8 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         self._deleted = DELETED.labels(cfg.name)
         self.witness = witness.CheckpointWitness(cfg.name, cfg.witness_peers, self.commit, self._deny_now,
                                                  pins=lambda: committee_pins(self.reader(), cfg))
+        # The node's one KEK rotation job at a time (shareholders.rotation).
+        self.rotator = rotation.Rotator(self)
 
     # --- plumbing ---------------------------------------------------------------
 
@@ -964,4 +966,4 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
     # --- key rotation -------------------------------------------------------------
 
     def RotateKek(self, request, context) -> Iterator[shareholder_pb2.RotateKekResponse]:
-        return rotation.rotator(self).stream(request, context, str(caller(context)))
+        return self.rotator.stream(request, context, str(caller(context)))
