@@ -46,6 +46,7 @@ from matcher.committee import TRANSPORT_CODES
 from matcher.release import Release
 from splitvault.v1 import identify_pb2, identify_pb2_grpc, matcher_pb2
 from vault import codec, mpc, record, sharing, ticket
+from vault.names import check_group
 from vault.errors import InvalidShares, InvalidTicket
 from vaultrpc import logs, status, wire
 
@@ -107,6 +108,7 @@ def committee_for_identify(service) -> tuple:
 def identify(service, request, context) -> matcher_pb2.IdentifyResponse:
     tenant = service._tenant(context)
 
+    status.checked(check_group, request.group, "group")
     probe = vectors.checked(request.probe, tenant.dimensions, "probe")
     dimension = probe.size
     modality = tenant.modality(dimension)
@@ -132,7 +134,7 @@ def identify(service, request, context) -> matcher_pb2.IdentifyResponse:
             s.send(identify_pb2.IdentifyQueryRequest(start=identify_pb2.IdentifyStart(
                 ticket=request.ticket, query_id=decision_id, committee=names, addresses=[n.address for n in nodes],
                 probe_share=np.ascontiguousarray(shares[e.index - 1, 0], dtype="<u4").tobytes(),
-                dimension=dimension, threshold=threshold, margin=margin)))
+                dimension=dimension, threshold=threshold, margin=margin, group=request.group)))
         record.wipe(shares, qf, code)
         first = _all(service, streams)
         rows = first[0].rows

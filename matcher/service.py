@@ -93,6 +93,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         tenant = self._tenant(context)
         subject = status.checked(names.check_id, request.subject, "subject")
         request_id = status.checked(names.check_token, request.request_id, "request id")
+        status.checked(names.check_group, request.group, "group")
         vector = vectors.checked(request.template, tenant.dimensions, "template")
         try:
             self.check_write_ticket(request, tenant, subject, request_id, _write_ops(request.replace), vector)
@@ -376,6 +377,9 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             raise status.of(exc) from None
         if body.subject != subject or body.request_id != request_id:
             raise status.PermissionDenied("The ticket was issued for another subject or request id.")
+        # An enrolment's group is the ticket's (the nodes store the signed one); a delete names none.
+        if body.group != (request.group if template is not None else ""):
+            raise status.PermissionDenied("The ticket was issued for another group.")
         if template is not None and not ticket.template_matches(body, template):
             raise status.PermissionDenied("The template is not the one the ticket authorises.")
         return body

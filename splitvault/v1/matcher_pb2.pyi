@@ -20,18 +20,20 @@ DECISION_NO_MATCH: Decision
 DECISION_AMBIGUOUS: Decision
 
 class EnrollRequest(_message.Message):
-    __slots__ = ("subject", "template", "request_id", "replace", "ticket")
+    __slots__ = ("subject", "template", "request_id", "replace", "ticket", "group")
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     subject: str
     template: _containers.RepeatedScalarFieldContainer[float]
     request_id: str
     replace: bool
     ticket: _common_pb2.VerificationTicket
-    def __init__(self, subject: _Optional[str] = ..., template: _Optional[_Iterable[float]] = ..., request_id: _Optional[str] = ..., replace: _Optional[bool] = ..., ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ...) -> None: ...
+    group: str
+    def __init__(self, subject: _Optional[str] = ..., template: _Optional[_Iterable[float]] = ..., request_id: _Optional[str] = ..., replace: _Optional[bool] = ..., ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ..., group: _Optional[str] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
     __slots__ = ("subject", "request_id", "epoch", "already_enrolled")
@@ -46,18 +48,20 @@ class EnrollResponse(_message.Message):
     def __init__(self, subject: _Optional[str] = ..., request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., already_enrolled: _Optional[bool] = ...) -> None: ...
 
 class EnrollStreamRequest(_message.Message):
-    __slots__ = ("subject", "template", "request_id", "replace", "ticket")
+    __slots__ = ("subject", "template", "request_id", "replace", "ticket", "group")
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     subject: str
     template: _containers.RepeatedScalarFieldContainer[float]
     request_id: str
     replace: bool
     ticket: _common_pb2.VerificationTicket
-    def __init__(self, subject: _Optional[str] = ..., template: _Optional[_Iterable[float]] = ..., request_id: _Optional[str] = ..., replace: _Optional[bool] = ..., ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ...) -> None: ...
+    group: str
+    def __init__(self, subject: _Optional[str] = ..., template: _Optional[_Iterable[float]] = ..., request_id: _Optional[str] = ..., replace: _Optional[bool] = ..., ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ..., group: _Optional[str] = ...) -> None: ...
 
 class EnrollStreamResponse(_message.Message):
     __slots__ = ("subject", "request_id", "code", "message")
@@ -138,12 +142,14 @@ class DeleteResponse(_message.Message):
     def __init__(self, subject: _Optional[str] = ..., complete: _Optional[bool] = ..., outcomes: _Optional[_Iterable[_Union[ShareholderOutcome, _Mapping]]] = ...) -> None: ...
 
 class IdentifyRequest(_message.Message):
-    __slots__ = ("probe", "ticket")
+    __slots__ = ("probe", "ticket", "group")
     PROBE_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     probe: _containers.RepeatedScalarFieldContainer[float]
     ticket: _common_pb2.VerificationTicket
-    def __init__(self, probe: _Optional[_Iterable[float]] = ..., ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ...) -> None: ...
+    group: str
+    def __init__(self, probe: _Optional[_Iterable[float]] = ..., ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ..., group: _Optional[str] = ...) -> None: ...
 
 class IdentifyResponse(_message.Message):
     __slots__ = ("decision", "subject", "decision_id")
