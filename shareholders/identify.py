@@ -492,7 +492,7 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
             else:
                 # The group searched is the signed one; a start naming another is refused, not widened.
                 if start.group != body.group:
-                    why = ("ticket_mismatch", status.PermissionDenied(
+                    why = ("wrong_group", status.PermissionDenied(
                         "The identify ticket was issued for another group."))
         if why is None:
             verdict = self.guard.admit(body.tenant, "", tickets.ticket_id(body), body.expires_at_ms, now_ms())
