@@ -2,7 +2,7 @@
 three node processes and the matcher over mutual TLS): the provider signs a
 record's group at enrolment and the group searched in the IDENTIFY ticket;
 the nodes store the signed group, search only that group, refuse a start
-naming another, and keep the group across a proactive refresh."""
+naming another, and keep the group across a proactive refresh and a reshare."""
 from __future__ import annotations
 
 import json
@@ -24,7 +24,7 @@ from vaultrpc import wire
 DIM = 128
 
 
-def _node_dbs(root) -> dict[str, sqlite3.Connection]:
+def _node_dbs(root, nodes: int = 3) -> dict[str, sqlite3.Connection]:
     """Every node's store, read-only, by its path."""
     out = {}
     for db in sorted(root.rglob("*.db")):
@@ -33,7 +33,7 @@ def _node_dbs(root) -> dict[str, sqlite3.Connection]:
             out[str(db)] = conn
         else:
             conn.close()
-    assert len(out) == 3
+    assert len(out) == nodes
     return out
 
 
@@ -42,7 +42,7 @@ def _refused_for_group(conn: sqlite3.Connection) -> int:
     return sum(json.loads(d).get("reason") == "wrong_group" for (d,) in rows)
 
 
-def test_group_narrows_identify_and_survives_a_refresh(tmp_path):
+def test_group_narrows_identify_and_survives_a_refresh_and_a_reshare(tmp_path):
     root = tmp_path / "cluster"
     t = synthetic_templates(8, DIM, seed=41)
     cluster.up(root, dim=DIM)
@@ -115,6 +115,22 @@ def test_group_narrows_identify_and_survives_a_refresh(tmp_path):
                 rows = conn.execute("SELECT subject, epoch, grp FROM shares").fetchall()
                 assert {e for _, e, _ in rows} == {2}, name
                 assert {s: g for s, _, g in rows}["a-4"] == "store-a" and len(rows) == 7, name
+        finally:
+            for conn in dbs.values():
+                conn.close()
+
+        # A reshare to a new committee of four: every record moves with its group.
+        r = vaultctl("reshare", "--dir", root, "--shareholders", "4", "--threshold", "2",
+                     "--approve-with-dev-operators", "--format", "json", timeout=300)
+        assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-1500:]
+        with MatcherClient.from_cluster_dir(root) as client:
+            assert (client.identify(probe, "store-a").subject, client.identify(probe, "store-b").decision) == (
+                "a-2", "NO_MATCH")
+        dbs = _node_dbs(root, nodes=4)
+        try:
+            for name, conn in dbs.items():
+                stored = dict(conn.execute("SELECT subject, grp FROM shares WHERE epoch = 3").fetchall())
+                assert stored == {**{s: "store-a" for s in store_a}, "b-0": "store-b", "nobody-group": ""}, name
         finally:
             for conn in dbs.values():
                 conn.close()
