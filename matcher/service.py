@@ -364,6 +364,10 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         # 1:N on shares: matcher.identify (no template is rejoined).
         return identify.identify(self, request, context)
 
+    def IdentifyBatch(self, request, context):
+        # Several Identify queries, each on its own ticket: matcher.identify.identify_batch.
+        return identify.identify_batch(self, request, context)
+
     def check_write_ticket(self, request, tenant: TenantPolicy, subject: str, request_id: str,
                             operations: tuple[int, ...], template: np.ndarray | None):
         """The provider's write ticket of an enrolment or delete, checked here

@@ -164,3 +164,43 @@ def test_the_group_is_signed_and_only_where_it_means_something():
     assert ticket.batch_matches(body, batch.items)
     batch.items[1].group = "store-a"
     assert not ticket.batch_matches(body, batch.items)
+
+
+def test_a_batch_gives_exactly_the_single_decisions(tmp_path):
+    root = tmp_path / "cluster"
+    t = synthetic_templates(12, DIM, seed=51)
+    twin = (t[3] + 0.02 * np.random.default_rng(52).standard_normal(DIM) / np.sqrt(DIM)).astype(np.float32)
+    cluster.up(root, dim=DIM)
+    try:
+        with MatcherClient.from_cluster_dir(root) as client:
+            gallery = {f"c-{i}": t[i] for i in range(8)}
+            assert [r.code for r in client.enroll_many(gallery.items(), group="g1")] == [0] * 8
+            client.enroll("c-3-twin", twin, group="g2")
+            probes = [noisy_copy(t[i], seed=60 + i) for i in range(8)] + [t[8], t[9], noisy_copy(t[3], seed=70)]
+            for group in (None, "g1", "g2"):
+                single = [client.identify(p, group) for p in probes]
+                batch = client.identify_many(probes, group)
+                assert [(r.decision, r.subject) for r in batch] == [(r.decision, r.subject) for r in single], group
+                assert all(r.code == "OK" and r.decision_id for r in batch)
+                assert len({r.decision_id for r in batch}) == len(probes)
+            assert {r.decision for r in single} >= {"MATCH", "NO_MATCH"}
+            assert client.identify_many(probes[-1:])[0].decision == "AMBIGUOUS"  # c-3 and its twin
+            # A query that fails does not fail the others, and never reads as a MATCH.
+            mixed = client.identify_many([probes[0], np.ones(DIM + 1, dtype=np.float32), probes[1]])
+            assert [(r.decision, r.code) for r in mixed] == [("MATCH", "OK"), ("ERROR", "INVALID_ARGUMENT"),
+                                                             ("MATCH", "OK")]
+            with pytest.raises(grpc.RpcError) as err:
+                client.identify_many([probes[0]] * 33)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # Every node wrote one identify entry per query, batch or not (3 x 2 x 11, then 1 + 2).
+        dbs = _node_dbs(root)
+        try:
+            for name, conn in dbs.items():
+                n = conn.execute("SELECT COUNT(*) FROM audit_log WHERE event = 'identify'").fetchone()[0]
+                assert n == 3 * 2 * len(probes) + 1 + 2, name
+        finally:
+            for conn in dbs.values():
+                conn.close()
+    finally:
+        if (root / "cluster.json").exists():
+            cluster.down(root)

@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -31,6 +32,8 @@ from vaultctl import cluster
 from vaultrpc import wire
 from vaultrpc.tls import TlsFiles, TlsMaterial, secure_channel
 
+# google.rpc.Code values to their grpc.StatusCode.
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
 _DECISIONS = {matcher_pb2.DECISION_MATCH: "MATCH", matcher_pb2.DECISION_NO_MATCH: "NO_MATCH",
               matcher_pb2.DECISION_AMBIGUOUS: "AMBIGUOUS"}
 
@@ -62,9 +65,11 @@ def _floats(vector, what: str) -> np.ndarray:
 class IdentifyResult:
     """The outcome of one identification (1:N on shares)."""
 
-    decision: str  # "MATCH", "NO_MATCH" or "AMBIGUOUS"
+    decision: str  # "MATCH", "NO_MATCH" or "AMBIGUOUS"; "ERROR" for a failed query of identify_many
     subject: str | None  # the matched subject (MATCH only)
     decision_id: str
+    code: str = "OK"  # identify_many: the failed query's status name (grpc.StatusCode)
+    message: str = ""  # identify_many: why it failed, in one sentence
 
 
 class _Flatten:
@@ -241,6 +246,29 @@ class MatcherClient:
         decision = _DECISIONS.get(reply.decision, "NO_MATCH")
         return IdentifyResult(decision=decision, subject=reply.subject if decision == "MATCH" else None,
                               decision_id=reply.decision_id)
+
+    def identify_many(self, probes, group: str | None = None) -> list[IdentifyResult]:
+        """Identify several probes in one call (Matcher.IdentifyBatch, at most 32), each with its own
+        freshly signed IDENTIFY ticket: one result per probe, in order; a query that failed has
+        decision "ERROR" and its status in ``code`` and ``message`` (never a MATCH)."""
+        group = group or ""
+        queries = []
+        for probe in probes:
+            vector = _floats(probe, "probe")
+            signed = self.ticket(ticket.IDENTIFY, "", str(uuid.uuid4()), probe=vector, group=group)
+            queries.append(matcher_pb2.IdentifyRequest(probe=vector.tolist(), ticket=signed, group=group))
+        reply = self._stub.IdentifyBatch(matcher_pb2.IdentifyBatchRequest(queries=queries),
+                                         timeout=self.timeout_s * max(1, len(queries)))
+        out = []
+        for r in reply.results:
+            if r.code != 0:
+                out.append(IdentifyResult(decision="ERROR", subject=None, decision_id="",
+                                          code=_CODES.get(r.code, grpc.StatusCode.UNKNOWN).name, message=r.message))
+                continue
+            decision = _DECISIONS.get(r.response.decision, "NO_MATCH")
+            out.append(IdentifyResult(decision=decision, subject=r.response.subject if decision == "MATCH" else None,
+                                      decision_id=r.response.decision_id))
+        return out
 
     def delete(self, subject: str, *, request_id: str | None = None) -> matcher_pb2.DeleteResponse:
         """Erase the subject on every shareholder; ``complete`` says whether all confirmed."""

@@ -160,3 +160,25 @@ class IdentifyResponse(_message.Message):
     subject: str
     decision_id: str
     def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., subject: _Optional[str] = ..., decision_id: _Optional[str] = ...) -> None: ...
+
+class IdentifyBatchRequest(_message.Message):
+    __slots__ = ("queries",)
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    queries: _containers.RepeatedCompositeFieldContainer[IdentifyRequest]
+    def __init__(self, queries: _Optional[_Iterable[_Union[IdentifyRequest, _Mapping]]] = ...) -> None: ...
+
+class IdentifyBatchResult(_message.Message):
+    __slots__ = ("code", "message", "response")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    response: IdentifyResponse
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., response: _Optional[_Union[IdentifyResponse, _Mapping]] = ...) -> None: ...
+
+class IdentifyBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[IdentifyBatchResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[IdentifyBatchResult, _Mapping]]] = ...) -> None: ...
