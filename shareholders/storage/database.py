@@ -211,7 +211,8 @@ class Database:
         '' = all), by subject (no share values): what Identify's gallery cache
         compares to see what changed. Every seal draws a fresh nonce, so it
         names the sealed values (a KEK rotation re-wraps the data key and
-        keeps it); the ``shares_identify`` index covers it."""
+        keeps it); the ``shares_identify`` index covers it (with a group,
+        ``shares_by_group``, which seeks on (tenant, group))."""
         self._scope(tenant)
         where, args = _group_filter(tenant, dimension, max_epoch, group)
         return [(r[0], r[1], r[2], bytes(r[3])) for r in self.execute(
