@@ -28,6 +28,13 @@ DATA_LOSS), never make a MATCH the cosine rule does not give.
 
 Fail closed: any node error, timeout, or disagreement between the nodes'
 galleries or answers ends in an error status, never a MATCH.
+
+``IdentifyBatch`` runs up to ``MAX_BATCH`` queries of one call as single
+queries, ``BATCH_WORKERS`` at a time: each is exactly an ``Identify`` (its
+own ticket, attempt count and audit entry at every node) and its result,
+or its status, lands in its slot. The nodes score and compare each query
+on its own; sharing one matrix product and the circuit's rounds over the
+batch (``mpc.score_shares`` already takes a batch) is not built.
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ import queue
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -46,11 +54,15 @@ from matcher.committee import TRANSPORT_CODES
 from matcher.release import Release
 from splitvault.v1 import identify_pb2, identify_pb2_grpc, matcher_pb2
 from vault import codec, mpc, record, sharing, ticket
+from vault.names import check_group
 from vault.errors import InvalidShares, InvalidTicket
 from vaultrpc import logs, status, wire
 
 # The winner must beat every other candidate by this much (cosine units, times |q|^2).
 MARGIN = 0.02
+# Most queries one IdentifyBatch call may carry, and how many run at once.
+MAX_BATCH = 32
+BATCH_WORKERS = 4
 # Answers a node's refusal stands for (not worked around with other nodes).
 _PASS_ON = {
     grpc.StatusCode.PERMISSION_DENIED: status.PermissionDenied("The shareholders refused the identify ticket."),
@@ -107,6 +119,7 @@ def committee_for_identify(service) -> tuple:
 def identify(service, request, context) -> matcher_pb2.IdentifyResponse:
     tenant = service._tenant(context)
 
+    status.checked(check_group, request.group, "group")
     probe = vectors.checked(request.probe, tenant.dimensions, "probe")
     dimension = probe.size
     modality = tenant.modality(dimension)
@@ -132,7 +145,7 @@ def identify(service, request, context) -> matcher_pb2.IdentifyResponse:
             s.send(identify_pb2.IdentifyQueryRequest(start=identify_pb2.IdentifyStart(
                 ticket=request.ticket, query_id=decision_id, committee=names, addresses=[n.address for n in nodes],
                 probe_share=np.ascontiguousarray(shares[e.index - 1, 0], dtype="<u4").tobytes(),
-                dimension=dimension, threshold=threshold, margin=margin)))
+                dimension=dimension, threshold=threshold, margin=margin, group=request.group)))
         record.wipe(shares, qf, code)
         first = _all(service, streams)
         rows = first[0].rows
@@ -192,6 +205,24 @@ def identify(service, request, context) -> matcher_pb2.IdentifyResponse:
             s.cancel()
         record.wipe(probe, *(a for a in (code, qf, shares) if a is not None))
         metrics.IDENTIFICATIONS.labels(label).inc()
+
+
+def identify_batch(service, request, context) -> matcher_pb2.IdentifyBatchResponse:
+    """Each query of the batch as ``identify`` answers it, in order; a failed query's status in its slot."""
+    service._tenant(context)  # an unknown caller is refused for the whole call
+    queries = list(request.queries)
+    if not 1 <= len(queries) <= MAX_BATCH:
+        raise status.InvalidArgument(f"An identify batch holds 1 to {MAX_BATCH} queries.")
+
+    def one(query) -> matcher_pb2.IdentifyBatchResult:
+        try:
+            return matcher_pb2.IdentifyBatchResult(code=0, response=identify(service, query, context))
+        except status.RpcError as exc:
+            return matcher_pb2.IdentifyBatchResult(code=exc.code.value[0], message=exc.message)
+
+    with ThreadPoolExecutor(max_workers=min(BATCH_WORKERS, len(queries)), thread_name_prefix="identify-batch") as pool:
+        results = list(pool.map(one, queries))
+    return matcher_pb2.IdentifyBatchResponse(results=results)
 
 
 def _confirmed(service, tenant, ticket, probe: np.ndarray, decision_id: str,

@@ -93,6 +93,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         tenant = self._tenant(context)
         subject = status.checked(names.check_id, request.subject, "subject")
         request_id = status.checked(names.check_token, request.request_id, "request id")
+        status.checked(names.check_group, request.group, "group")
         vector = vectors.checked(request.template, tenant.dimensions, "template")
         try:
             self.check_write_ticket(request, tenant, subject, request_id, _write_ops(request.replace), vector)
@@ -363,6 +364,10 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         # 1:N on shares: matcher.identify (no template is rejoined).
         return identify.identify(self, request, context)
 
+    def IdentifyBatch(self, request, context):
+        # Several Identify queries, each on its own ticket: matcher.identify.identify_batch.
+        return identify.identify_batch(self, request, context)
+
     def check_write_ticket(self, request, tenant: TenantPolicy, subject: str, request_id: str,
                             operations: tuple[int, ...], template: np.ndarray | None):
         """The provider's write ticket of an enrolment or delete, checked here
@@ -376,6 +381,9 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             raise status.of(exc) from None
         if body.subject != subject or body.request_id != request_id:
             raise status.PermissionDenied("The ticket was issued for another subject or request id.")
+        # An enrolment's group is the ticket's (the nodes store the signed one); a delete names none.
+        if body.group != (request.group if template is not None else ""):
+            raise status.PermissionDenied("The ticket was issued for another group.")
         if template is not None and not ticket.template_matches(body, template):
             raise status.PermissionDenied("The template is not the one the ticket authorises.")
         return body

@@ -27,7 +27,11 @@ position order. This node, at position j:
    ones the opened bits named (its component is masked to it): the bound is
    the count, once per ticket, and the subjects' own attempt limits.
 
-The gallery is kept in memory in compute form per (tenant, dimension):
+The gallery is kept in memory in compute form per (tenant, dimension,
+group): the group is the IDENTIFY ticket's (signed by the provider; ''
+searches the whole tenant, a start naming another group is refused), rows
+are those enrolled under it (``shares.grp``), and the gallery digest the
+nodes compare covers it. Each gallery holds
 the template part of each record share as float64 (``mpc.compute_form``:
 8 d bytes per template, 4 KiB at d = 512), rows sorted by subject, the newest epoch up
 to the serving epoch per subject. Before every query the rows' versions
@@ -85,6 +89,9 @@ _MAILBOX_TTL_S = 60.0
 _MAX_ROUND = 64
 # Rows re-read one by one before a whole reload is cheaper.
 _INCREMENTAL_LIMIT = 2048
+# Group galleries kept (each a copy of its rows in compute form); the least
+# recently loaded goes first. Whole-tenant galleries are always kept.
+_GROUP_GALLERIES = 64
 # The round-0 message: pairwise key, gallery digest, row count.
 _HELLO = struct.Struct(">32s32sQ")
 
@@ -171,8 +178,9 @@ class Gallery:
     listed: list  # the store's version listing (tenant_row_versions) this snapshot was built from
 
 
-def _digest(subjects, versions) -> bytes:
+def _digest(group: str, subjects, versions) -> bytes:
     h = hashlib.sha256(b"splitvault/identify-gallery/v1\x00")
+    h.update(f"{group}\x00".encode())
     for subject, version in zip(subjects, versions, strict=True):
         h.update(f"{subject}\x00{version[0]}\x00{version[1]}\n".encode())
     return h.digest()
@@ -183,13 +191,14 @@ class Galleries:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._cache: dict[tuple[str, int], Gallery] = {}
+        self._cache: dict[tuple[str, int, str], Gallery] = {}
 
-    def get(self, sh, conn, tenant: str, dimension: int) -> Gallery:
+    def get(self, sh, conn, tenant: str, dimension: int, group: str = "") -> Gallery:
+        """The gallery of (tenant, dimension), narrowed to ``group`` when one is named ('' = the whole tenant)."""
         with self._lock:  # one loader at a time; readers of old snapshots go on
-            key = (tenant, dimension)
+            key = (tenant, dimension, group)
             old = self._cache.get(key)
-            listed = conn.tenant_row_versions(tenant, dimension, sh.serving_epoch)
+            listed = conn.tenant_row_versions(tenant, dimension, sh.serving_epoch, group)
             if old is not None and old.listed == listed:  # one compare in C: nothing changed
                 return old
             newest: dict[str, tuple] = {}
@@ -205,7 +214,7 @@ class Galleries:
             ring = sh.keys.kek
             if len(changed) > _INCREMENTAL_LIMIT:
                 wanted = set(changed)
-                rows = (r for r in conn.tenant_rows(tenant, dimension, sh.serving_epoch)
+                rows = (r for r in conn.tenant_rows(tenant, dimension, sh.serving_epoch, group=group)
                         if r.subject in wanted and r.epoch == newest[r.subject][0])
             else:
                 rows = (r for s in changed for r in conn.subject_rows(tenant, s)
@@ -225,8 +234,12 @@ class Galleries:
             if len(thresholds) > 1:
                 raise status.FailedPrecondition("The tenant's records have different thresholds.")
             gallery = Gallery(subjects, versions, values, thresholds.pop() if thresholds else 0,
-                              _digest(subjects, versions), listed)
-            self._cache[key] = gallery
+                              _digest(group, subjects, versions), listed)
+            self._cache.pop(key, None)
+            self._cache[key] = gallery  # last in the dict's order: the most recently loaded
+            grouped = [k for k in self._cache if k[2]]
+            for k in grouped[: max(0, len(grouped) - _GROUP_GALLERIES)]:
+                del self._cache[k]
             return gallery
 
     @staticmethod
@@ -401,7 +414,7 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
             raise status.InvalidArgument(str(exc)) from None
         body, seq = self._authorise(actor, start, committee)
         query.body = body
-        gallery = self.galleries.get(self.sh, self.sh.reader(), body.tenant, dimension)
+        gallery = self.galleries.get(self.sh, self.sh.reader(), body.tenant, dimension, body.group)
         if gallery.subjects and gallery.threshold != mpc.THRESHOLD:
             raise status.FailedPrecondition("The tenant's records are not shared with threshold 2.")
         query.gallery = gallery
@@ -476,13 +489,19 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
                                       operations=(tickets.IDENTIFY,))
             except InvalidTicket as exc:
                 why = ("invalid_ticket", status.PermissionDenied(str(exc)))
+            else:
+                # The group searched is the signed one; a start naming another is refused, not widened.
+                if start.group != body.group:
+                    why = ("wrong_group", status.PermissionDenied(
+                        "The identify ticket was issued for another group."))
         if why is None:
             verdict = self.guard.admit(body.tenant, "", tickets.ticket_id(body), body.expires_at_ms, now_ms())
             if verdict == "replayed":
                 why = (verdict, status.PermissionDenied("The identify ticket was already used at this node."))
             elif verdict == "rate_limited":
                 why = (verdict, status.ResourceExhausted("Too many identifications for this tenant; try again later."))
-        details = {"query_id": start.query_id, "committee": committee, "dimension": int(start.dimension)}
+        details = {"query_id": start.query_id, "committee": committee, "dimension": int(start.dimension),
+                   **({"group": start.group[:128]} if start.group else {})}
         if why is not None:
             self.sh._deny_now(actor, why[0], why[1], details={
                 "call": "identify", "counted": False, "claimed_tenant": claimed.tenant[:128], **details})

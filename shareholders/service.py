@@ -44,7 +44,7 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace as replace_row
 from typing import NamedTuple
 
 from prometheus_client import Counter, Gauge
@@ -101,6 +101,7 @@ class WriteAuth(NamedTuple):
     ticket: common_pb2.VerificationTicket
     body: tickets.TicketBody
     item: str = ""
+    group: str = ""  # the gallery group the provider signed for the record (ticket body or batch item)
 
     @property
     def key(self) -> str:
@@ -418,7 +419,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                 "claimed_request_id": claimed.request_id[:_CLAIM_CHARS], "key_id": ticket.key_id[:_CLAIM_CHARS],
                 "batch_items": len(batch.items),
             })
-        return body, {(i.subject, i.request_id): i.request_id for i in batch.items}
+        return body, {(i.subject, i.request_id): i.group for i in batch.items}
 
     def _store_tickets(self, actor: str, records, ticket_list, batches, replace: bool,
                        covered: "_Covered | None" = None) -> list[WriteAuth]:
@@ -435,15 +436,16 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                 continue
             body, items = self._check_batch(actor, batch, (operation,), "store")
             covered.checked.add(batch.ticket.signature)
-            for (subject, request_id) in items:
-                covered.items.setdefault((body.tenant, subject, request_id), WriteAuth(batch.ticket, body, request_id))
+            for (subject, request_id), group in items.items():
+                covered.items.setdefault((body.tenant, subject, request_id),
+                                         WriteAuth(batch.ticket, body, request_id, group))
         out = []
         for i, rec in enumerate(records):
             ticket = ticket_list[i] if ticket_list else None
             if ticket is not None and ticket.body:
                 body = self._check_write(actor, ticket, tenant=rec.tenant, subject=rec.subject,
                                          request_id=rec.request_id, operations=(operation,), call="store")
-                out.append(WriteAuth(ticket, body))
+                out.append(WriteAuth(ticket, body, group=body.group))
                 continue
             auth = covered.items.get((rec.tenant, rec.subject, rec.request_id))
             if auth is None:
@@ -502,6 +504,9 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
 
     def _store_job(self, items: list[storage.ShareRow], replace: bool, actor: str, per_record: bool, checked):
         kek_version = self.keys.kek.active
+
+        # Each record under the group its provider-signed authority names.
+        items = [replace_row(i, group=a.group) if a.group else i for i, a in zip(items, checked, strict=True)]
 
         def job(tx: Tx) -> tuple[int, int]:
             db = tx.db

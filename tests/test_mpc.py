@@ -91,6 +91,21 @@ def test_score_shares_are_exact_past_2048_columns():
     assert total.tolist() == (codes.astype(np.int64) @ probe.astype(np.int64)).tolist()
 
 
+def test_score_shares_of_a_batch_are_the_single_scores():
+    # A batch of probes is one matrix product: exactly the rows of B single products (past 2048 columns too).
+    gen = np.random.default_rng(11)
+    for d in (D, 2100):
+        codes = gen.integers(-127, 128, (40, d)).astype(np.int8)
+        probes = gen.integers(-127, 128, (5, d)).astype(np.int8)
+        t, q = gallery_of(codes), shares_of(probes)
+        lam = mpc.lagrange((1, 2, 3), 1)
+        batch = mpc.score_shares(t[1], q[1], lam)
+        assert batch.shape == (5, 40)
+        assert np.array_equal(batch, np.stack([mpc.score_shares(t[1], q[1][b], lam) for b in range(5)]))
+    with pytest.raises(ValueError, match="dimension"):
+        mpc.score_shares(t[1], q[1][:, :-1], lam)
+
+
 def test_score_shares_need_the_compute_form():
     with pytest.raises(ValueError, match="compute form"):
         mpc.score_shares(rng.random_field((3, 4)), rng.random_field(4), 1)

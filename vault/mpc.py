@@ -153,24 +153,26 @@ def score_shares(gallery: np.ndarray, probe: np.ndarray, coefficient: int) -> np
     """y[g] = coefficient * <gallery[g], probe>  (mod P) for every row: (G,) field elements.
 
     ``gallery`` is a node's shares in ``compute_form`` (G, d), ``probe`` its
-    share of the probe (d,). Exact: the probe is cut into three 11-bit limbs,
-    each a float64 BLAS matrix-vector product over at most 2^11 columns
-    (every partial sum < 2^53), reduced mod P and recombined in uint64.
+    share of the probe (d,), or of B probes (B, d), then y is (B, G): one
+    matrix product for the batch instead of B matrix-vector products. Exact:
+    the probe is cut into three 11-bit limbs, each a float64 BLAS product
+    over at most 2^11 columns (every partial sum < 2^53), reduced mod P and
+    recombined in uint64.
     """
     g = np.asarray(gallery)
     q = np.asarray(probe)
     if g.dtype != np.float64 or g.ndim != 2:
         raise InvalidShares("Gallery shares must be in compute form (mpc.compute_form).")
-    if q.ndim != 1 or q.shape[0] != g.shape[1]:
-        raise InvalidShares("A probe share is one vector of the gallery's dimension.")
+    if q.ndim not in (1, 2) or q.shape[-1] != g.shape[1]:
+        raise InvalidShares("A probe share is one vector (or a batch of vectors) of the gallery's dimension.")
     q32 = q.astype(np.uint32)
-    acc = np.zeros(g.shape[0], dtype=np.uint64)
+    acc = np.zeros(q.shape[:-1] + (g.shape[0],), dtype=np.uint64)
     for c0 in range(0, g.shape[1], _LIMB_COLUMNS):
         c1 = min(c0 + _LIMB_COLUMNS, g.shape[1])
         block = g[:, c0:c1]
         for limb in range(3):
-            part = ((q32[c0:c1] >> np.uint32(_LIMB_BITS * limb)) & np.uint32((1 << _LIMB_BITS) - 1))
-            dots = (block @ part.astype(np.float64)).astype(np.uint64)  # < 2^53: exact
+            part = ((q32[..., c0:c1] >> np.uint32(_LIMB_BITS * limb)) & np.uint32((1 << _LIMB_BITS) - 1))
+            dots = (part.astype(np.float64) @ block.T).astype(np.uint64)  # < 2^53: exact
             field._reduce_u64_inplace(dots)  # [0, P)
             np.add(acc, dots << np.uint64(_LIMB_BITS * limb), out=acc)  # < 2^53 each term
             field._fold(acc)

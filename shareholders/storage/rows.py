@@ -14,7 +14,7 @@ CLOSED_STATES = ("finalized", "aborted")
 
 SHARE_COLUMNS = (
     "tenant, subject, epoch, idx, threshold, n, dimension, codec_version, mac_count, "
-    "request_id, kek_version, wrapped_dk, nonce, ciphertext, stored_ms"
+    "request_id, kek_version, wrapped_dk, nonce, ciphertext, stored_ms, grp"
 )
 
 
@@ -37,6 +37,7 @@ class ShareRow:
     nonce: bytes
     ciphertext: bytes
     stored_ms: int
+    group: str = ""  # the gallery group the provider signed at enrolment ('' = none)
 
     @classmethod
     def from_db(cls, r) -> "ShareRow":
@@ -44,14 +45,14 @@ class ShareRow:
         # per field, a third of a row's read cost in a refresh's scans): the
         # values are the store's own, in SHARE_COLUMNS order.
         row = object.__new__(cls)
-        row.__dict__.update(zip(_SHARE_FIELDS, (*r[:11], bytes(r[11]), bytes(r[12]), bytes(r[13]), r[14])))
+        row.__dict__.update(zip(_SHARE_FIELDS, (*r[:11], bytes(r[11]), bytes(r[12]), bytes(r[13]), r[14], r[15])))
         return row
 
     def as_params(self) -> tuple:
         """The values in SHARE_COLUMNS order."""
         return (self.tenant, self.subject, self.epoch, self.index, self.threshold, self.shareholders,
                 self.dimension, self.codec_version, self.mac_count, self.request_id, self.kek_version,
-                self.wrapped_dk, self.nonce, self.ciphertext, self.stored_ms)
+                self.wrapped_dk, self.nonce, self.ciphertext, self.stored_ms, self.group)
 
     @property
     def key(self) -> tuple[str, str]:

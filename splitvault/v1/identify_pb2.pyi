@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class IdentifyStart(_message.Message):
-    __slots__ = ("ticket", "query_id", "committee", "probe_share", "dimension", "threshold", "margin", "addresses")
+    __slots__ = ("ticket", "query_id", "committee", "probe_share", "dimension", "threshold", "margin", "addresses", "group")
     TICKET_FIELD_NUMBER: _ClassVar[int]
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     COMMITTEE_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class IdentifyStart(_message.Message):
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MARGIN_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     ticket: _common_pb2.VerificationTicket
     query_id: str
     committee: _containers.RepeatedScalarFieldContainer[str]
@@ -25,7 +26,8 @@ class IdentifyStart(_message.Message):
     threshold: int
     margin: int
     addresses: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ..., query_id: _Optional[str] = ..., committee: _Optional[_Iterable[str]] = ..., probe_share: _Optional[bytes] = ..., dimension: _Optional[int] = ..., threshold: _Optional[int] = ..., margin: _Optional[int] = ..., addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+    group: str
+    def __init__(self, ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ..., query_id: _Optional[str] = ..., committee: _Optional[_Iterable[str]] = ..., probe_share: _Optional[bytes] = ..., dimension: _Optional[int] = ..., threshold: _Optional[int] = ..., margin: _Optional[int] = ..., addresses: _Optional[_Iterable[str]] = ..., group: _Optional[str] = ...) -> None: ...
 
 class IdentifyPairs(_message.Message):
     __slots__ = ("first", "second")
