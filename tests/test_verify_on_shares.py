@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 
 from matcher_kit import DIM, NAMES, Processes, Tenant, noisy, unit
+from node_kit import CLUSTER_ID
 from splitvault.v1 import matcher_pb2
-from vault import codec, ticket
+from vault import codec, pki, ticket
+from vaultctl import audit_cmd, auditor
 
 pytestmark = pytest.mark.e2e
 
@@ -103,6 +105,27 @@ def test_same_decisions_as_rejoin_and_nothing_released(cluster):
     # The rejoin tenant's releases: at least k = 2 nodes per verification.
     releases = sum(1 for name in NAMES for e in _entries(root, name) if e[0] == "release" and e[1] == "acme")
     assert releases >= 2 * len(probes)
+
+    # `audit reconcile` explains every entry: each verification on shares logged by all three nodes.
+    data = _reconcile(p, root)
+    assert data["unexplained_count"] == 0, data["unexplained"]
+    assert data["verifications_on_shares"] == len(probes)
+    assert data["verifications_on_shares_by_nodes"] == {3: len(probes)}
+    assert data["verifications"] == len(probes)  # the rejoin tenant's
+
+
+def _reconcile(p, root) -> dict:
+    """`vaultctl audit reconcile`'s Python API over the nodes' stores, read-only."""
+    nodes = tuple(
+        auditor.NodeRef(name, i, None, pki.public_key_raw(pki.load_signing_key((root / name / "audit.key").read_bytes())),
+                        db_path=root / name / "shares.db")
+        for i, name in enumerate(NAMES, start=1))
+    target = auditor.AuditorTarget(
+        source=str(root), tls=p.pki.files("auditor", "auditor"), nodes=nodes, threshold=2,
+        ticket_keys={t.name: {t.key_id: bytes.fromhex(t.public_hex)} for t in p.tenants.values()},
+        state_dir=root, cluster_id=CLUSTER_ID)
+    verdicts, logs = audit_cmd.verify(target, update_witness=False)
+    return audit_cmd.reconcile(target, logs, verdicts)
 
 
 def test_tickets_refused_replayed_and_wrong_subject(cluster):
