@@ -256,6 +256,7 @@ class _Query:
         self.party: mpc.Party | None = None
         self.gallery: Gallery | None = None
         self.pred = self.succ = self.pred_address = ""
+        self.pred_stub: identify_pb2_grpc.ShareholderIdentifyStub | None = None
         self.margin = 0
         self.body: tickets.TicketBody | None = None
         self.confirmed = False
@@ -263,7 +264,9 @@ class _Query:
         self.verify_z: np.ndarray | None = None
 
     def exchange(self, rnd: int, payload: bytes) -> bytes:
-        self.svc.send(self.pred, self.query_id, rnd, payload, self.pred_address)
+        if self.pred_stub is None:  # resolved once per query: [peers] is a file read
+            self.pred_stub = self.svc._stub(self.pred, self.pred_address)
+        self.svc.send(self.pred, self.query_id, rnd, payload, self.pred_address, stub=self.pred_stub)
         return self.svc.mail.take(self.query_id, rnd, self.succ, self.cancelled)
 
 
@@ -307,9 +310,9 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
                 self._stubs[(name, address)] = entry
             return entry[1]
 
-    def send(self, name: str, query_id: str, rnd: int, payload: bytes, offered: str = "") -> None:
+    def send(self, name: str, query_id: str, rnd: int, payload: bytes, offered: str = "", stub=None) -> None:
         try:
-            self._stub(name, offered).IdentifyRound(
+            (stub or self._stub(name, offered)).IdentifyRound(
                 identify_pb2.IdentifyRoundRequest(query_id=query_id, round=rnd, payload=payload),
                 timeout=ROUND_TIMEOUT_S)
         except grpc.RpcError as exc:
@@ -356,6 +359,8 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
             yield self._run(query, actor)
             for step in request_iterator:
                 kind = step.WhichOneof("step")
+                if query.start.verify_subject and kind != "verify_threshold":
+                    raise status.InvalidArgument("A verification on shares takes only its verify_threshold step.")
                 if kind == "pairs":
                     yield self._pairs(query, step.pairs)
                 elif kind == "confirm":

@@ -127,6 +127,9 @@ def matcher_dict(pki_, endpoints, tenants, *, k: int, dim: int = DIM, call_timeo
             for t in tenants
         },
     }
+    for t in tenants:
+        if getattr(t, "verify_on_shares", False):
+            data["tenants"][t.name]["verify_on_shares"] = True
     if ready_file:
         data["matcher"]["ready_file"] = ready_file
     if hedge_ms is not None:

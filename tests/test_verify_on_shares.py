@@ -16,6 +16,7 @@ import pytest
 from matcher_kit import DIM, NAMES, Processes, Tenant, noisy, unit
 from node_kit import CLUSTER_ID
 from splitvault.v1 import matcher_pb2
+from shareholders.audit_log import now_ms
 from vault import codec, pki, ticket
 from vaultctl import audit_cmd, auditor
 
@@ -196,6 +197,44 @@ def test_attempt_limit(cluster):
             with pytest.raises(grpc.RpcError) as err:
                 client.verify("dave", probe)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_four_nodes_one_down_still_verify_on_the_other_three(committee):
+    # In-process nodes over mTLS: with n = 4 the matcher picks three nodes not recently down.
+    c = committee(n=4, tenants=[Tenant("acme", TAU, verify_on_shares=True)])
+    c.start_matcher()
+    rng = np.random.default_rng(4)
+    template = unit(rng)
+    client = c.client()
+    client.enroll("frank", template)
+    assert client.verify("frank", noisy(template, rng, sigma=0.2)).decision == "MATCH"
+    c.stop_node("bank-a")
+    answers = []
+    for _ in range(3):
+        try:
+            answers.append(client.verify("frank", noisy(template, rng, sigma=0.2)).decision)
+        except grpc.RpcError as exc:  # the first call may still pick bank-a: fail closed, then avoided
+            answers.append(exc.code().name)
+    assert answers[-1] == "MATCH" and set(answers) <= {"MATCH", "UNAVAILABLE"}
+    assert client.verify("frank", unit(rng)).decision == "NO_MATCH"
+
+
+def test_a_restarted_node_remembers_tickets_and_attempts_used_on_shares(committee):
+    c = committee(tenants=[Tenant("acme", TAU, verify_on_shares=True)], attempts=3)
+    c.start_matcher()
+    rng = np.random.default_rng(6)
+    client = c.client()
+    client.enroll("gina", unit(rng))
+    for i in range(2):
+        assert client.verify("gina", unit(rng), request_id=f"used-{i}").decision == "NO_MATCH"
+    svc = c.nodes["bank-b"].service
+    svc.guard = type(svc.guard)(svc.guard.limit, svc.guard.window_ms)  # what a restart starts from
+    assert svc.rebuild_guard() >= 2  # from the verify_on_shares entries
+    now = now_ms()
+    used = ticket.ticket_id(ticket.TicketBody(tenant="acme", request_id="used-0"))
+    assert svc.guard.admit("acme", "gina", used, now + 60_000, now) == "replayed"  # the 3rd attempt
+    fresh = ticket.ticket_id(ticket.TicketBody(tenant="acme", request_id="fresh-1"))
+    assert svc.guard.admit("acme", "gina", fresh, now + 60_000, now) == "rate_limited"  # past 3
 
 
 def test_a_node_down_is_unavailable_never_a_match(cluster):
