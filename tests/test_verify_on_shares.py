@@ -17,7 +17,7 @@ from matcher_kit import DIM, NAMES, Processes, Tenant, noisy, unit
 from node_kit import CLUSTER_ID
 from splitvault.v1 import matcher_pb2
 from shareholders.audit_log import now_ms
-from vault import codec, pki, ticket
+from vault import codec, mpc, pki, ticket
 from vaultctl import audit_cmd, auditor
 
 pytestmark = pytest.mark.e2e
@@ -235,6 +235,30 @@ def test_a_restarted_node_remembers_tickets_and_attempts_used_on_shares(committe
     assert svc.guard.admit("acme", "gina", used, now + 60_000, now) == "replayed"  # the 3rd attempt
     fresh = ticket.ticket_id(ticket.TicketBody(tenant="acme", request_id="fresh-1"))
     assert svc.guard.admit("acme", "gina", fresh, now + 60_000, now) == "rate_limited"  # past 3
+
+
+def test_one_lying_node_can_flip_the_decision_on_shares_not_with_rejoin(committee, monkeypatch):
+    # The stated limit (docs/architecture.md, "Verify on shares"): semi-honest. The node at
+    # position 0 of S flips its opened component; the rejoin tenant's MACs are not involved.
+    c = committee(tenants=[Tenant("acme", TAU), Tenant("onshares", TAU, verify_on_shares=True)])
+    c.start_matcher()
+    rng = np.random.default_rng(11)
+    template, impostor = unit(rng), unit(rng)
+    rejoin, shares = c.client("acme"), c.client("onshares")
+    rejoin.enroll("hana", template)
+    shares.enroll("hana", template)
+    assert shares.verify("hana", impostor).decision == rejoin.verify("hana", impostor).decision == "NO_MATCH"
+    honest = mpc.Party.sign_bits
+
+    def lying(self, dimension):
+        words = np.frombuffer(honest(self, dimension), dtype="<u8").copy()
+        if self.position == 0:
+            words[0] ^= np.uint64(1)
+        return words.astype("<u8").tobytes()
+
+    monkeypatch.setattr(mpc.Party, "sign_bits", lying)
+    assert shares.verify("hana", impostor).decision == "MATCH"  # a wrong MATCH: the price of no rejoin
+    assert rejoin.verify("hana", impostor).decision == "NO_MATCH"
 
 
 def test_a_node_down_is_unavailable_never_a_match(cluster):
