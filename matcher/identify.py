@@ -26,6 +26,10 @@ IDENTIFY ticket, then Verify's cosine rule (``_confirmed``). A lying node
 can then hide a match (NO_MATCH) or stop the query (UNAVAILABLE,
 DATA_LOSS), never make a MATCH the cosine rule does not give.
 
+Verify on shares (``verify_on_shares``, a tenant's option for
+``Matcher.Verify``): the same stream on the claimed subject's one row;
+the matcher opens only |t|^2 and the decision bit, never a template.
+
 Fail closed: any node error, timeout, or disagreement between the nodes'
 galleries or answers ends in an error status, never a MATCH.
 """
@@ -247,8 +251,6 @@ def verify_on_shares(service, tenant, subject: str, probe: np.ndarray, body, tic
             threshold = mpc.verify_threshold(tau, norm_sq, norm, dimension)
         except InvalidShares:  # not the squared norm of any int8 code: a node lied or a share is damaged
             raise status.DataLoss("The shareholders' verification shares are inconsistent.") from None
-        finally:
-            norm = norm_sq = 0
         dealt = mpc.threshold_shares(threshold)
         for j, s in enumerate(streams):
             s.send(identify_pb2.IdentifyQueryRequest(verify_threshold=identify_pb2.IdentifyVerifyThreshold(

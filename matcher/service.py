@@ -1,5 +1,7 @@
 """The ``Matcher`` gRPC servicer: enrol, verify, delete (bulk enrolment:
-``matcher.bulk``; Verify's release and rejoin: ``matcher.release``).
+``matcher.bulk``; Verify's release and rejoin: ``matcher.release``; for a
+tenant with ``verify_on_shares``, Verify without a rejoin:
+``matcher.identify.verify_on_shares``).
 
 The matcher is stateless. It holds a template only inside one Verify (rejoin,
 compare, wipe) or one Enroll (encode, split, send, wipe); everything durable

@@ -27,6 +27,13 @@ position order. This node, at position j:
    ones the opened bits named (its component is masked to it): the bound is
    the count, once per ticket, and the subjects' own attempt limits.
 
+Verify on shares (``start.verify_subject`` set): the VERIFY ticket is checked
+as ``ReleaseShare`` checks it (the same replay set and per-subject attempt
+counters), only the subject's newest row is read (no gallery), and one
+``verify_on_shares`` entry is committed; the node answers its re-randomised
+share of |t|^2, then, given its additive share of -T (``verify_threshold``),
+runs the circuit on that one row and answers its share of [s >= T].
+
 The gallery is kept in memory in compute form per (tenant, dimension):
 the template part of each record share as float64 (``mpc.compute_form``:
 8 d bytes per template, 4 KiB at d = 512), rows sorted by subject, the newest epoch up

@@ -34,6 +34,12 @@ Rounds: 1 (inputs) + 1 (carry-save) + 1 (generate) + 5 (prefix tree) + 1
 The same circuit on s_a - s_b - M decides whether candidate a beats
 candidate b by the margin M (``Party.compare_pairs``; inputs local, 8 rounds).
 
+Verify on shares (1:1) is the same machinery on a one-row gallery:
+``verify_threshold`` finds the integer T with [s >= T] == Verify's
+``codec.cosine(q, t) >= tau`` from |q|^2 and the opened |t|^2,
+``threshold_shares`` deals -T additively so no node learns it, and
+``Party.sign_bits`` opens [s - T >= 0] (``verify_local``: in one process).
+
 Security model: semi-honest, one corrupted party of three. A party that
 deviates can flip any output bit; the matcher therefore confirms the
 candidates the bits name with a MAC-checked rejoin and Verify's cosine rule
