@@ -16,6 +16,10 @@ same threshold):
   baseline.
 - one hop (``verify_p50_vs_one_hop``): a verification service that holds the
   templates in memory itself.
+- Verify on shares (``verify_on_shares_p50``): the same provider's second
+  tenant, configured ``verify_on_shares = true`` (nothing rejoined), with
+  the first 1,000 templates enrolled; its baseline is today's Verify p50 of
+  the same run (issue 12's target: at most 3x), interleaved with the others.
 
 The provider (this process) signs a fresh ticket per split-custody verify
 (Ed25519, its real cost); the baselines take no ticket. Latency: sequential
