@@ -485,16 +485,18 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
         template = Galleries._open(self.sh, self.sh.keys.kek, row)
         values = mpc.compute_form(template[np.newaxis, :])
         lam = mpc.lagrange(xs, position)
+        y = n = norm = None
         try:
             # <t_j, q_j> and <t_j, t_j>, times lambda_j: additive shares of s and |t|^2 (degree 2).
             y = mpc.score_shares(values, probe, lam)
             n = mpc.score_shares(values, template, lam)
             query.verify_z = mpc.rerandomise(y, key_next, key_prev, label)
             norm = mpc.rerandomise(n, key_next, key_prev, label + b"/norm")
+            share = norm.astype("<u4").tobytes()
         finally:
-            record.wipe(values, template, probe)
+            record.wipe(values, template, probe, y, n, norm)
         return identify_pb2.IdentifyQueryResponse(rows=1, gallery_digest=gallery.digest, audit_seq=seq,
-                                                  epoch=row.epoch, norm_share=norm.astype("<u4").tobytes())
+                                                  epoch=row.epoch, norm_share=share)
 
     def _verify_bits(self, query: _Query, step: identify_pb2.IdentifyVerifyThreshold) -> identify_pb2.IdentifyQueryResponse:
         """Verify on shares, second half: [s - T >= 0] with this node's share of -T added to its score share."""
@@ -506,8 +508,9 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
             share = record.unpack_values(step.share, 1)
         except InvalidShares:
             raise status.InvalidArgument("The threshold share is not one field element.") from None
-        query.party.share_input(field.add(z, share))
-        record.wipe(z, share)
+        shifted = field.add(z, share)
+        query.party.share_input(shifted)
+        record.wipe(z, share, shifted)
         return identify_pb2.IdentifyQueryResponse(bits=query.party.sign_bits(int(query.start.dimension)))
 
     def _authorise_verify(self, actor: str, start, committee: list[str], dimension: int):
