@@ -209,7 +209,7 @@ _VERIFY_PASS_ON = {
 }
 
 
-def verify_on_shares(service, tenant, subject: str, probe: np.ndarray, body, ticket_msg,
+def verify_on_shares(service, tenant, subject: str, probe: np.ndarray, ticket_msg,
                      decision_id: str) -> tuple[bool, int, list[str]]:
     """Verify (1:1) on shares: (match, epoch, nodes used); the claimed template is never rejoined.
 

@@ -329,7 +329,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         try:
             body = self._check_ticket(request, tenant, subject, probe)
             if tenant.verify_on_shares:  # nothing is rejoined (matcher.identify.verify_on_shares)
-                match, epoch, used = identify.verify_on_shares(self, tenant, subject, probe, body, request.ticket,
+                match, epoch, used = identify.verify_on_shares(self, tenant, subject, probe, request.ticket,
                                                                decision_id)
                 outcome_label = "MATCH" if match else "NO_MATCH"
                 logs.event(self.log, "verified", decision=outcome_label, decision_id=decision_id, tenant=tenant.name,
