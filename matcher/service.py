@@ -1,5 +1,7 @@
 """The ``Matcher`` gRPC servicer: enrol, verify, delete (bulk enrolment:
-``matcher.bulk``; Verify's release and rejoin: ``matcher.release``).
+``matcher.bulk``; Verify's release and rejoin: ``matcher.release``; for a
+tenant with ``verify_on_shares``, Verify without a rejoin:
+``matcher.identify.verify_on_shares``).
 
 The matcher is stateless. It holds a template only inside one Verify (rejoin,
 compare, wipe) or one Enroll (encode, split, send, wipe); everything durable
@@ -327,6 +329,15 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         outcome_label = "INTERNAL"
         try:
             body = self._check_ticket(request, tenant, subject, probe)
+            if tenant.verify_on_shares:  # nothing is rejoined (matcher.identify.verify_on_shares)
+                match, epoch, used = identify.verify_on_shares(self, tenant, subject, probe, request.ticket,
+                                                               decision_id)
+                outcome_label = "MATCH" if match else "NO_MATCH"
+                logs.event(self.log, "verified", decision=outcome_label, decision_id=decision_id, tenant=tenant.name,
+                           subject=subject, request_id=body.request_id, epoch=epoch, nodes_used=used, on_shares=True)
+                return matcher_pb2.VerifyResponse(
+                    decision=matcher_pb2.DECISION_MATCH if match else matcher_pb2.DECISION_NO_MATCH,
+                    decision_id=decision_id, epoch=epoch)
             # The probe is encoded while the nodes work on their releases.
             release = Release(self, tenant=tenant.name, subject=subject, dimension=probe.size,
                               decision_id=decision_id, ticket=request.ticket)

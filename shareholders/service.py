@@ -302,7 +302,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         """Reload replay and attempt state from recent audit entries; returns how many."""
         now = now_ms() if now is None else now
         horizon = max(self.guard.window_ms, tickets.MAX_TTL_MS + tickets.CLOCK_SKEW_MS)
-        rows = self.reader().entries_since(now - horizon, ("release", "deny"))
+        rows = self.reader().entries_since(now - horizon, ("release", "deny", "verify_on_shares"))
         n = 0
         for time_ms, _event, request_id, tenant, subject, details_json in rows:
             details = json.loads(details_json)
