@@ -94,8 +94,13 @@ def test_group_narrows_identify_and_survives_a_refresh_and_a_reshare(tmp_path):
 
         dbs = _node_dbs(root)
         try:
+            # Each node that took the start refused it (the matcher cancels the rest at the first
+            # refusal), and no node served it: no identify entry for the wrong-group ticket anywhere.
+            assert sum(_refused_for_group(conn) for conn in dbs.values()) >= 1
             for name, conn in dbs.items():
-                assert _refused_for_group(conn) == 1, name
+                assert _refused_for_group(conn) <= 1, name
+                assert not conn.execute("SELECT COUNT(*) FROM audit_log WHERE event = 'identify' AND request_id = ?",
+                                        ("wrong-group-1",)).fetchone()[0], name
                 stored = dict(conn.execute("SELECT subject, grp FROM shares").fetchall())
                 assert stored == {**{s: "store-a" for s in store_a}, "b-0": "store-b", "nobody-group": ""}, name
         finally:
