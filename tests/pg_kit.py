@@ -47,10 +47,10 @@ class PgServer:
     def admin(self):
         return self._psycopg.connect(self.uri(), autocommit=True)
 
-    def new_database(self, prefix: str = "t") -> str:
+    def new_database(self, prefix: str = "t", tablespace: str | None = None) -> str:
         name = f"{prefix}_{secrets.token_hex(6)}"
         with self.admin() as c:
-            c.execute(f"CREATE DATABASE {name} OWNER {OWNER}")
+            c.execute(f"CREATE DATABASE {name} OWNER {OWNER}" + (f" TABLESPACE {tablespace}" if tablespace else ""))
             c.execute(f"REVOKE ALL ON DATABASE {name} FROM PUBLIC")
             c.execute(f"GRANT CONNECT ON DATABASE {name} TO {NODE}")
         return name

@@ -1,0 +1,177 @@
+"""A shareholder whose store is PostgreSQL runs out of disk, over real
+processes (tests/test_faults_disk.py is the same fault on SQLite).
+
+bank-c keeps its shares in its own database on the tests' PostgreSQL
+server (tests/pg_kit.py); that database lives in a tablespace on a small
+tmpfs of its own, while the server's WAL and log stay on the ordinary disk.
+Filling the tmpfs is then what PostgreSQL does with a full data disk: the
+statement that must extend a table or index file fails with ERROR
+``could not extend file ...: No space left on device`` (SQLSTATE 53100) and
+the server keeps running. (A full WAL disk is another fault: PostgreSQL
+PANICs and stops every process; a node over a stopped server is
+tests/test_postgres_node.py.)
+
+What the provider sees: enrolment refused with UNAVAILABLE and one
+sentence, the refused subject held nowhere, Verify still decided by the
+other nodes, never a MATCH on error; bank-c's audit chain still verifies.
+With room again the node serves without a restart, every earlier template
+intact. Needs root for ``mount`` (skipped otherwise, as the SQLite test).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import pwd
+import shutil
+import subprocess
+import tempfile
+
+import grpc
+import numpy as np
+import pytest
+
+from fault_kit import (
+    NAMES, FaultProcesses, Tenant, clean_details, holdings, noisy, rejoin_everywhere, template_intact, unit,
+)
+from node_kit import wait_until
+from test_faults_disk import disk_full
+from shareholders.audit_log import verify_database
+from shareholders.config import load_config
+from vault import pki
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+TENANT = Tenant("acme")
+# A new database copies template1 (about 8 MB on PostgreSQL 16) into the tablespace.
+DISK_BYTES = 16 * 1024 * 1024
+
+
+def _run(*cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def small_database(pg):
+    """bank-c's database, in a tablespace on a tmpfs of DISK_BYTES; skipped where mount is not allowed."""
+    if os.geteuid() != 0 or pg.server.system_user is None:
+        pytest.skip("needs root and tmpfs mounts (a small disk of its own for one node's database)")
+    # Under /tmp, not pytest's 0700 folder: the server's own user must reach it.
+    top = pathlib.Path(tempfile.mkdtemp(prefix="splitvault-pg-disk-"))
+    top.chmod(0o755)
+    mount = top / "disk"
+    mount.mkdir()
+    if _run("mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES},mode=0700", "tmpfs", str(mount)).returncode:
+        shutil.rmtree(top, ignore_errors=True)
+        pytest.skip("needs root and tmpfs mounts (a small disk of its own for one node's database)")
+    user = pwd.getpwnam(pg.server.system_user)
+    os.chown(mount, user.pw_uid, user.pw_gid)
+    space = f"small_{os.getpid()}"
+    database = None
+    try:
+        with pg.admin() as c:
+            c.execute(f"CREATE TABLESPACE {space} LOCATION '{mount}'")
+        database = pg.new_database("disk", tablespace=space)
+        yield database, mount
+    finally:
+        if database:
+            pg.drop_database(database)
+        with pg.admin() as c:
+            c.execute(f"DROP TABLESPACE IF EXISTS {space}")
+        _run("umount", "-l", str(mount))
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(dev_pki, tmp_path_factory, pg, small_database):
+    database, mount = small_database
+    p = FaultProcesses(dev_pki, tmp_path_factory.mktemp("faults-disk-pg"), TENANT)
+    p.node_extra["bank-c"] = "\n" + pg.store_toml(database)
+    try:
+        p.start_nodes()
+        address = p.start_matcher()
+        rng = np.random.default_rng(95)
+        gallery = {f"cust-{i:03d}": unit(rng) for i in range(12)}
+        with p.client(address) as client:
+            for subject, template in gallery.items():
+                client.enroll(subject, template)
+        yield p, address, gallery, database, mount
+    finally:
+        p.close()
+
+
+def audit_events(pg, database: str) -> list[tuple[str, str | None]]:
+    """(event, subject) of bank-c's stored audit log, in order (as the
+    server's superuser, whom row-level security does not bind)."""
+    with pg._psycopg.connect(pg.uri(database)) as c:
+        return [tuple(r) for r in c.execute("SELECT event, subject FROM audit_log ORDER BY seq").fetchall()]
+
+
+def used_again(pg, database: str, client, gallery: dict) -> bool:
+    """Verify subjects in turn until bank-c logs a release (the matcher asks
+    each subject's k "first" nodes, the others when one of those fails)."""
+    rng = np.random.default_rng(0)
+    seen = len(audit_events(pg, database))
+    subjects = iter(sorted(gallery) * 20)
+
+    def released() -> bool:
+        subject = next(subjects)
+        assert client.verify(subject, noisy(gallery[subject], rng)).decision == "MATCH"
+        return any(e == "release" for e, _ in audit_events(pg, database)[seen:])
+
+    return wait_until(released, timeout_s=15)
+
+
+def test_disk_full_under_a_postgres_store(cluster, dev_pki, pg):
+    p, address, gallery, database, mount = cluster
+    rng = np.random.default_rng(96)
+    real = {name: p.real(name) for name in NAMES}
+    during: list[str] = []
+    with p.client(address) as client:
+        assert used_again(pg, database, client, gallery)
+        seen = len(audit_events(pg, database))
+        with disk_full(mount):
+            # Enrol until bank-c's INSERT must extend a file (within a few
+            # records: a page holds a handful of shares). PostgreSQL fails
+            # the statement; the enrolment needs every node, so it fails
+            # closed, and nothing of it is kept anywhere.
+            for i in range(60):
+                subject, template = f"while-full-{i:02d}", unit(rng)
+                try:
+                    client.enroll(subject, template)
+                except grpc.RpcError as err:
+                    refused = subject
+                    assert err.code() == grpc.StatusCode.UNAVAILABLE, (err.code(), err.details())
+                    assert clean_details(err.details()) and err.details().count(". ") == 0, err.details()
+                    break
+                during.append((subject, template))
+            else:
+                pytest.fail("bank-c stored 60 enrolments on a full disk")
+            # The server did not stop (a full data disk is an ERROR; only a full WAL disk PANICs).
+            with pg.admin() as c:
+                assert c.execute("SELECT 1").fetchone() == (1,)
+            # Verify is decided by the other two nodes, whether or not bank-c can log a release.
+            for subject in ("cust-000", "cust-001"):
+                assert client.verify(subject, noisy(gallery[subject], rng)).decision == "MATCH"
+                assert client.verify(subject, gallery["cust-005"]).decision == "NO_MATCH"
+            logged = audit_events(pg, database)[seen:]
+            stored = [s for e, s in logged if e == "store"]
+            assert stored == [s for s, _ in during], logged      # every store it kept is logged, once
+            assert refused not in {s for _e, s in logged}
+        failed = [e for e in p.matcher_log() if e.get("msg") == "shareholder call failed" and e.get("node") == "bank-c"]
+        assert failed and {e["code"] for e in failed} == {"UNAVAILABLE"}, failed
+        # Room again: the node carries on without a restart; the refused enrolment can be retried.
+        assert used_again(pg, database, client, gallery)
+        held = holdings(dev_pki, real, TENANT.name, [refused])
+        assert all(held[n][refused] == [] for n in NAMES), held  # all or nothing: nothing
+        again = unit(rng)
+        client.enroll(refused, again)
+        assert client.verify(refused, noisy(again, rng)).decision == "MATCH"
+    for subject, template in [*during, (refused, again), ("cust-000", gallery["cust-000"]), ("cust-011", gallery["cust-011"])]:
+        assert template_intact(rejoin_everywhere(dev_pki, real, TENANT, subject), template), subject
+    report = verify_database(load_config(p.root / "bank-c" / "node.toml", env={}).store,
+                             pki.load_public_key(p.audit_public_key("bank-c")), node="bank-c")
+    assert report.ok, report.reason
+    # The operator's log names PostgreSQL's reason; the server's own log says the same.
+    assert any(e.get("msg") == "audit commit failed" and "No space left on device" in e.get("error", "")
+               for e in p.node_log("bank-c"))
+    assert "No space left on device" in (pg.server.pgdata / "log").read_text(errors="replace")
+    assert "Traceback" not in p.logs["bank-c"].read_text()
