@@ -187,6 +187,7 @@ def serve(cfg: NodeConfig, *, keys: NodeKeys | None = None, env: dict[str, str] 
             roles={**ROLES, **epochs.ROLES, **identify.ROLES},
             logger=_log,
             max_workers=cfg.max_workers,
+            unavailable=storage.unavailable_errors(cfg.store),
         )
     except BaseException:
         writer.close()
