@@ -192,6 +192,7 @@ def wal_server():
     off), so a new segment is a new file on that disk."""
     import pg_kit
 
+    pytest.importorskip("pgserver")
     if os.geteuid() != 0:
         pytest.skip("needs root and tmpfs mounts (a small disk of its own for a server's WAL)")
     top = pathlib.Path(tempfile.mkdtemp(prefix="splitvault-pg-wal-"))
@@ -203,9 +204,10 @@ def wal_server():
         pytest.skip("needs root and tmpfs mounts (a small disk of its own for a server's WAL)")
     server = None
     try:
-        user = pwd.getpwnam("pgserver") if _run("id", "pgserver").returncode == 0 else None
-        if user:
-            os.chown(mount, user.pw_uid, user.pw_gid)
+        from pgserver.utils import ensure_user_exists
+
+        user = ensure_user_exists("pgserver")  # as root the server runs as pgserver's own user (tests/pg_kit.py)
+        os.chown(mount, user.pw_uid, user.pw_gid)
         server = pg_kit.PgServer(initdb_args=("--wal-segsize=1", "-X", str(mount / "pg_wal")),
                                  settings={"wal_recycle": "off", "min_wal_size": "2MB", "max_wal_size": "4MB"})
         yield server, mount
