@@ -7,15 +7,16 @@ tmpfs of its own, while the server's WAL and log stay on the ordinary disk.
 Filling the tmpfs is then what PostgreSQL does with a full data disk: the
 statement that must extend a table or index file fails with ERROR
 ``could not extend file ...: No space left on device`` (SQLSTATE 53100) and
-the server keeps running. (A full WAL disk is another fault: PostgreSQL
-PANICs and stops every process; a node over a stopped server is
-tests/test_postgres_node.py.)
+the server keeps running. A full WAL disk is another fault, tested last on
+a server of the module's own with ``pg_wal`` on a small tmpfs: PostgreSQL
+PANICs at the next COMMIT and then shuts down.
 
 What the provider sees: enrolment refused with UNAVAILABLE and one
 sentence, the refused subject held nowhere, Verify still decided by the
-other nodes, never a MATCH on error; bank-c's audit chain still verifies.
-With room again the node serves without a restart, every earlier template
-intact. Needs root for ``mount`` (skipped otherwise, as the SQLite test).
+other nodes, never a MATCH on error, never INTERNAL; bank-c's audit chain
+still verifies. With room again (and the server started again) the node
+serves without a restart of its own, every earlier template intact. Needs
+root for ``mount`` (skipped otherwise, as the SQLite test).
 """
 from __future__ import annotations
 
