@@ -339,6 +339,7 @@ class Processes:
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, pathlib.Path] = {}
         self.addresses: dict[str, str] = {}
+        self.node_extra: dict[str, str] = {}  # name -> more of its node.toml (a [store] section, say)
 
     def _spawn(self, name: str, module: str, config: pathlib.Path) -> None:
         log = config.parent / f"{name}.log"
@@ -375,6 +376,7 @@ class Processes:
                 + registered
                 + '\n[committee]\nthreshold = 2\nmembers = { '
                 + ", ".join(f'"{n}" = {i}' for i, n in enumerate(NAMES, start=1)) + ' }\n'
+                + self.node_extra.get(name, "")
             )
             self._spawn(name, "shareholders", d / "node.toml")
         for name in NAMES:

@@ -19,7 +19,11 @@ OWNER, NODE = "sv_owner", "sv_node"
 
 
 class PgServer:
-    def __init__(self):
+    """A server of its own; ``initdb_args`` and ``settings`` (postgresql.conf)
+    for a test that needs another layout (tests/test_faults_disk_postgres.py
+    puts the WAL on a small disk)."""
+
+    def __init__(self, initdb_args: tuple[str, ...] = (), settings: dict[str, str] | None = None):
         import psycopg
 
         self._psycopg = psycopg
@@ -30,12 +34,33 @@ class PgServer:
             warnings.simplefilter("ignore")
             import pgserver
 
+            if initdb_args or settings:
+                self._initdb(self.parent / "pgdata", initdb_args, settings or {})
             self.server = pgserver.get_server(self.parent / "pgdata", cleanup_mode="stop")
         self.socket_dir = self._socket_dir(self.server.get_uri())
         with self.admin() as c:
             for role in (OWNER, NODE):
                 if not c.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
                     c.execute(f"CREATE ROLE {role} LOGIN NOSUPERUSER NOBYPASSRLS")
+
+    @staticmethod
+    def _initdb(pgdata: pathlib.Path, args: tuple[str, ...], settings: dict[str, str]) -> None:
+        """As pgserver's own initdb (which it then skips), with more arguments and settings."""
+        import os
+
+        import pgserver
+        from pgserver.utils import ensure_user_exists
+
+        pgdata.mkdir(mode=0o700)
+        user = None
+        if os.geteuid() == 0:  # PostgreSQL refuses root: pgserver's own system user, as get_server does
+            entry = ensure_user_exists("pgserver")
+            user = entry.pw_name
+            os.chown(pgdata, entry.pw_uid, entry.pw_gid)
+        pgserver.initdb(["--auth=trust", "--auth-local=trust", "--encoding=utf8", "-U", "postgres", *args],
+                        pgdata=pgdata, user=user)
+        with open(pgdata / "postgresql.conf", "a") as conf:
+            conf.writelines(f"{k} = {v}\n" for k, v in settings.items())
 
     @staticmethod
     def _socket_dir(uri: str) -> str:
@@ -47,10 +72,10 @@ class PgServer:
     def admin(self):
         return self._psycopg.connect(self.uri(), autocommit=True)
 
-    def new_database(self, prefix: str = "t") -> str:
+    def new_database(self, prefix: str = "t", tablespace: str | None = None) -> str:
         name = f"{prefix}_{secrets.token_hex(6)}"
         with self.admin() as c:
-            c.execute(f"CREATE DATABASE {name} OWNER {OWNER}")
+            c.execute(f"CREATE DATABASE {name} OWNER {OWNER}" + (f" TABLESPACE {tablespace}" if tablespace else ""))
             c.execute(f"REVOKE ALL ON DATABASE {name} FROM PUBLIC")
             c.execute(f"GRANT CONNECT ON DATABASE {name} TO {NODE}")
         return name
@@ -77,6 +102,17 @@ class PgServer:
     def stop_server(self) -> None:
         """Stop the server (fast: open connections are cut), as a crash or a failover would."""
         self._pg_ctl("-m", "fast", "stop")
+
+    def running(self) -> bool:
+        """Whether the server runs (pg_ctl status)."""
+        import pgserver
+        import subprocess
+
+        try:
+            pgserver.pg_ctl(["status"], pgdata=self.server.pgdata, user=self.server.system_user)
+        except subprocess.CalledProcessError:
+            return False
+        return True
 
     def start_server(self) -> None:
         """Start it again on the same socket and data."""
