@@ -552,14 +552,8 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
         tenant, subject, request_id = body.tenant, body.subject, body.request_id
         base = {"counted": True, "ticket_expires_ms": body.expires_at_ms, "key_id": ticket.key_id, **details}
         who = dict(actor=actor, tenant=tenant, subject=subject, request_id=request_id)
-        verdict = sh.guard.admit(tenant, subject, tickets.ticket_id(body), body.expires_at_ms, now_ms())
-        if verdict == "replayed":
-            sh._deny_now(actor, verdict, status.PermissionDenied("The verification ticket was already used at this node."),
-                         tenant=tenant, subject=subject, request_id=request_id, details=base)
-        if verdict == "rate_limited":
-            sh._deny_now(actor, verdict, status.ResourceExhausted(
-                "Too many verification attempts for this subject; try again later."),
-                tenant=tenant, subject=subject, request_id=request_id, details=base)
+        sh.admit_verification(actor, tenant, subject, request_id, tickets.ticket_id(body), body.expires_at_ms, now_ms(),
+                              base)
 
         def job(tx: Tx):
             rows = [r for r in tx.db.subject_rows(tenant, subject)

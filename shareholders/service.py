@@ -298,6 +298,20 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
 
     # --- plumbing ---------------------------------------------------------------
 
+    def admit_verification(self, actor: str, tenant: str, subject: str, request_id: str, replay_key: str,
+                           expires_at_ms: int, now: int, details: dict) -> None:
+        """A verification's ticket against the replay set and the subject's
+        attempt limit (a release, a verification on shares): a deny entry and
+        PERMISSION_DENIED / RESOURCE_EXHAUSTED when refused."""
+        verdict = self.guard.admit(tenant, subject, replay_key, expires_at_ms, now)
+        if verdict == "replayed":
+            self._deny_now(actor, verdict, status.PermissionDenied("The verification ticket was already used at this node."),
+                           tenant=tenant, subject=subject, request_id=request_id, details=details)
+        if verdict == "rate_limited":
+            self._deny_now(actor, verdict, status.ResourceExhausted(
+                "Too many verification attempts for this subject; try again later."),
+                tenant=tenant, subject=subject, request_id=request_id, details=details)
+
     def rebuild_guard(self, now: int | None = None) -> int:
         """Reload replay and attempt state from recent audit entries; returns how many."""
         now = now_ms() if now is None else now
@@ -736,15 +750,8 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                     tenant=tenant, request_id=request_id, details=claimed(identify_query=query_id[:_CLAIM_CHARS]))
             replay_key = f"{replay_key}\x00confirm\x00{subject}"
             base["identify_query"] = query_id
-        verdict = self.guard.admit(tenant, subject, replay_key, body.expires_at_ms, now)
+        self.admit_verification(actor, tenant, subject, request_id, replay_key, body.expires_at_ms, now, base)
         who = dict(actor=actor, tenant=tenant, subject=subject, request_id=request_id)
-        if verdict == "replayed":
-            self._deny_now(actor, verdict, status.PermissionDenied("The verification ticket was already used at this node."),
-                           tenant=tenant, subject=subject, request_id=request_id, details=base)
-        if verdict == "rate_limited":
-            self._deny_now(actor, verdict, status.ResourceExhausted(
-                "Too many verification attempts for this subject; try again later."),
-                tenant=tenant, subject=subject, request_id=request_id, details=base)
 
         index = self.index
 
