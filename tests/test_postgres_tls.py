@@ -133,6 +133,9 @@ def refusal(proc: subprocess.Popen) -> str:
         assert proc.wait(timeout=60) == 1
         err = proc.stderr.read()
     finally:
+        if proc.poll() is None:  # it started after all: the test fails, the node does not outlive it
+            proc.kill()
+            proc.wait(timeout=10)
         proc.stdout.close()
         proc.stderr.close()
     assert "Traceback" not in err, err[-1500:]
