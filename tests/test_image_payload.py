@@ -46,9 +46,14 @@ def test_the_image_payload_installs_and_its_commands_run_without_the_source_tree
         else:
             shutil.copy2(path, src / name)
     # The Containerfile's RUN pip install, less the downloads: dependencies come from this venv.
+    # --ignore-installed as in the image's empty build stage: without it pip would first
+    # uninstall this venv's own (editable) splitvault, whatever --prefix says.
     built = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                            f"--prefix={prefix}", str(src)], capture_output=True, text=True, timeout=300)
+                            "--ignore-installed", f"--prefix={prefix}", str(src)], capture_output=True, text=True,
+                           timeout=300)
     assert built.returncode == 0, built.stderr[-3000:]
+    # ... and this venv still imports the project from anywhere (the tests' subprocesses need it).
+    assert subprocess.run([sys.executable, "-c", "import vaultctl"], cwd=elsewhere, timeout=60).returncode == 0
     purelib = pathlib.Path(sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)}))
     assert (purelib / "shareholders" / "maintenance").is_dir() and (purelib / "shareholders" / "storage").is_dir()
     # The installed copy first on the path, the repository nowhere on it (the venv's
