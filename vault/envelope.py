@@ -26,7 +26,9 @@ A data key per record is kept in bulk paths too (refresh, reshare, bulk
 enrolment): sealing a 512-d share costs ~6 us and opening one ~4 us on the
 development machine, of which a data key shared by a batch would save ~2 us
 (one wrap and one AESGCM key schedule), against ~130 us of node CPU per record
-in a refresh. Not worth a second envelope format.
+in a refresh. Not worth a second envelope format. ``seal_many`` batches only
+what is not per record (the CSPRNG read, the KEK lookup); ``open_parts``
+opens a stored row's columns without building a ``SealedShare``.
 """
 from __future__ import annotations
 
