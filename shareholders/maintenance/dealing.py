@@ -195,20 +195,23 @@ class DealingAnswers:
 
         Cached per session and row count: during a session nothing is
         enrolled, so a deletion is the only change, and it lowers the count.
+        Listed by one call at a time: the check's calls (this node's own and
+        every peer's) arrive together, and the first one's listing serves all.
         """
-        db = self.node.reader()
-        total = db.count_epoch(s.from_epoch)
-        tag = (s.session_id, total)
-        with self._seeds_lock:
-            cached = self._keys_cache
-        if cached is not None and cached[0] == tag:
-            return cached[1], cached[2]
-        keys = db.epoch_keys(s.from_epoch)
-        hashes = proactive.key_hashes(keys)
-        if len(keys) == total:
+        with self._held_lock:
+            db = self.node.reader()
+            total = db.count_epoch(s.from_epoch)
+            tag = (s.session_id, total)
             with self._seeds_lock:
-                self._keys_cache = (tag, keys, hashes)
-        return keys, hashes
+                cached = self._keys_cache
+            if cached is not None and cached[0] == tag:
+                return cached[1], cached[2]
+            keys = db.epoch_keys(s.from_epoch)
+            hashes = proactive.key_hashes(keys)
+            if len(keys) == total:
+                with self._seeds_lock:
+                    self._keys_cache = (tag, keys, hashes)
+            return keys, hashes
 
     def GetReshareShares(self, request, context):
         if request.check_mask_deal:
