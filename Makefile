@@ -11,7 +11,7 @@ setup: $(STAMP)
 # Re-install whenever the project's metadata changes.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev,faces,postgres]' --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet -e '.[dev,faces,postgres,bench]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
 # Test modules on TEST_WORKERS workers, each module whole on one (its

@@ -1,8 +1,12 @@
-"""Identify (1:N) on shares: vault.mpc beside a plaintext exhaustive search."""
+"""Identify (1:N) on shares: vault.mpc beside a plaintext exhaustive search and faiss."""
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -31,10 +35,20 @@ plaintext exhaustive search with numpy over the same int8 codes in the same
 run (int codes as float32, one matrix-vector product, threshold and margin
 rule of `mpc.plaintext_decision`). `exact` counts queries whose decision and
 subject equal the plaintext search's; `bytes/comparison` is what one node
-sends per gallery row per query (measured on the in-memory channel)."""
+sends per gallery row per query (measured on the in-memory channel).
+
+Per core, beside faiss (the plaintext ceiling of issue 12; faiss cannot work
+on shares): a child process with BLAS and OpenMP on one thread
+(`faiss.omp_set_num_threads(1)`, OPENBLAS/OMP/MKL_NUM_THREADS=1) times one
+party's scoring on shares (`mpc.score_shares`: one query, then a batch of 32
+as one matrix product) and faiss `IndexFlatIP` over the same int8 codes as
+float32 (`search(k=2)`: the best and the runner-up the margin rule needs), one
+query and a batch of 32, in the same run. `ratio` there is shares / faiss."""
 
 D = 512
 BASELINE = "numpy plaintext exhaustive search (int8 codes as float32)"
+FAISS = "faiss IndexFlatIP (int8 codes as float32), one core"
+BATCH = 32
 
 
 def run(quick: bool) -> list[dict]:
@@ -67,6 +81,7 @@ def run(quick: bool) -> list[dict]:
     plain_rate = rows / statistics.median(times)
     params = {"d": D, "gallery": rows, "k": 2, "n": 3}
     results.append(_result("scoring (one party)", params, score_rate, "comparisons/s", plain_rate))
+    results += _beside_faiss(rows, 3 if quick else 5)
 
     exact = 0
     mpc_ms, plain_ms = [], []
@@ -159,15 +174,74 @@ def _end_to_end(rows: int, queries: int, confirm: bool = True) -> list[dict]:
     return results
 
 
-def _result(name: str, params: dict, value: float, unit: str, baseline_value: float, higher: bool = True) -> dict:
+def _beside_faiss(rows: int, repeats: int) -> list[dict]:
+    """The per-core figures, measured in a child process with every thread pool at one thread."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "bench.suite_identify", "--per-core", str(rows), str(repeats)],
+                         env=env, capture_output=True, text=True, check=True, timeout=3600)
+    m = json.loads(out.stdout)
+    params = {"d": D, "gallery": rows, "threads": 1}
+    batch = {**params, "batch": BATCH}
+    return [
+        _result("scoring on shares, one query (one party, one core)", params, m["shares_1"], "comparisons/s",
+                m["faiss_1"], baseline=FAISS),
+        _result(f"scoring on shares, batch of {BATCH} (one party, one core)", batch, m["shares_b"],
+                "comparisons/s", m["faiss_b"], baseline=FAISS),
+        _result("scoring on shares, ms per query (one party, one core)", params, 1000 * rows / m["shares_1"], "ms",
+                1000 * rows / m["faiss_1"], higher=False, baseline=FAISS),
+        _result(f"scoring on shares, ms per query in a batch of {BATCH} (one party, one core)", batch,
+                1000 * rows / m["shares_b"], "ms", 1000 * rows / m["faiss_b"], higher=False, baseline=FAISS),
+        _result("faiss IndexFlatIP, one query (one core)", params, m["faiss_1"], "comparisons/s", m["numpy_1"]),
+    ]
+
+
+def _per_core(rows: int, repeats: int) -> dict:
+    """Comparisons/s of scoring on shares and of faiss and numpy on the same codes (run with one thread)."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    gen = np.random.default_rng(2027)
+    codes = codec.encode(gen.standard_normal((rows, D)).astype(np.float32), D)
+    t_share = mpc.compute_form(sharing.split(codec.to_field(codes), 2, 3)[0])
+    probes = codec.encode(gen.standard_normal((BATCH, D)).astype(np.float32), D)
+    q = sharing.split(codec.to_field(probes), 2, 3)[0]
+    lam = mpc.lagrange((1, 2, 3), 0)
+    code_f32 = np.ascontiguousarray(codes, dtype=np.float32)
+    index = faiss.IndexFlatIP(D)
+    index.add(code_f32)
+    p32 = np.ascontiguousarray(probes, dtype=np.float32)
+
+    def rate(work, queries: int) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - t0)
+        return queries * rows / statistics.median(times)
+
+    return {
+        "shares_1": rate(lambda: mpc.score_shares(t_share, q[0], lam), 1),
+        "shares_b": rate(lambda: mpc.score_shares(t_share, q, lam), BATCH),
+        "faiss_1": rate(lambda: index.search(p32[:1], 2), 1),
+        "faiss_b": rate(lambda: index.search(p32, 2), BATCH),
+        "numpy_1": rate(lambda: code_f32 @ p32[0], 1),
+    }
+
+
+def _result(name: str, params: dict, value: float, unit: str, baseline_value: float, higher: bool = True,
+            baseline: str = BASELINE) -> dict:
     return {
         "suite": "identify",
         "name": name,
         "params": dict(params),
         "value": float(f"{value:.4g}"),
         "unit": unit,
-        "baseline": BASELINE,
+        "baseline": baseline,
         "baseline_value": float(f"{baseline_value:.4g}"),
         "ratio": float(f"{value / baseline_value:.4g}"),
         "higher_is_better": higher,
     }
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--per-core"]:
+    print(json.dumps(_per_core(int(sys.argv[2]), int(sys.argv[3]))))

@@ -16,6 +16,10 @@ same threshold):
   baseline.
 - one hop (``verify_p50_vs_one_hop``): a verification service that holds the
   templates in memory itself.
+- Verify on shares (``verify_on_shares_p50``): the same provider's second
+  tenant, configured ``verify_on_shares = true`` (nothing rejoined), with
+  the first 1,000 templates enrolled; its baseline is today's Verify p50 of
+  the same run (issue 12's target: at most 3x), interleaved with the others.
 
 The provider (this process) signs a fresh ticket per split-custody verify
 (Ed25519, its real cost); the baselines take no ticket. Latency: sequential
@@ -71,6 +75,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 DIM = 512
 TENANT = "bench-psp"
 KEY_ID = "bench-psp-1"
+# The same provider's second tenant, with verify_on_shares = true (nothing rejoined).
+SHARES_TENANT = "bench-psp-shares"
+SHARES_SUBJECTS = 1_000
 NODES = ("bank-a", "bank-b", "bank-c")
 K = 2
 MATCH_THRESHOLD = 0.8
@@ -78,7 +85,8 @@ ATTEMPTS_PER_SUBJECT = 10
 ENROLL_BATCH = 512
 BASELINE = "single custody: verifier fetches the whole template from one store over gRPC (same stack, mTLS, matching)"
 ONE_HOP = "one hop: verifier holding the templates in memory (same stack, mTLS, matching)"
-TARGETS = {"verify_p50_ratio": 1.5, "verify_per_s": 500.0, "enrol_per_s": 5000.0}
+TARGETS = {"verify_p50_ratio": 1.5, "verify_per_s": 500.0, "enrol_per_s": 5000.0,
+           "verify_on_shares_p50_ratio": 3.0}
 
 STORE_SERVICE = "bench.TemplateStore"
 VERIFIER_SERVICE = "bench.PlainVerifier"
@@ -189,7 +197,8 @@ class Processes:
         self.procs: dict[str, subprocess.Popen] = {}
         self.files = testing.write_dev_pki(
             root / "pki",
-            [("shareholder", n) for n in NODES] + [("matcher", "matcher"), ("psp", TENANT), ("auditor", "auditor"),
+            [("shareholder", n) for n in NODES] + [("matcher", "matcher"), ("psp", TENANT), ("psp", SHARES_TENANT),
+                                                  ("auditor", "auditor"),
                                                   ("shareholder", "store"), ("matcher", "memory")],
         )
         self.ticket_key = pki.load_signing_key(pki.new_signing_key()[0])
@@ -217,7 +226,8 @@ class Processes:
         for index, name in enumerate(NODES, start=1):
             cfg = testing.write_node_files(
                 self.root / name, name=name, index=index, tls=self.files[("shareholder", name)],
-                tenants={TENANT: {KEY_ID: public}}, attempts_per_subject=ATTEMPTS_PER_SUBJECT,
+                tenants={TENANT: {KEY_ID: public}, SHARES_TENANT: {KEY_ID: public}},
+                attempts_per_subject=ATTEMPTS_PER_SUBJECT,
                 extra=committee,
             )
             self._spawn(name, ["-m", "shareholders", "--config", str(cfg)])
@@ -247,7 +257,9 @@ class Processes:
             f'enroll_batch = {ENROLL_BATCH}\ncluster_id = "{testing.CLUSTER_ID}"\n\n'
             f'[tls]\nca = "{m.ca}"\ncert = "{m.cert}"\nkey = "{m.key}"\n\n[metrics]\nport = -1\n\n{nodes}'
             f'[tenants.{TENANT}]\nmatch_threshold = {MATCH_THRESHOLD}\nscore_allowed = false\n'
-            f'ticket_keys = {{ "{KEY_ID}" = "{public.hex()}" }}\n'
+            f'ticket_keys = {{ "{KEY_ID}" = "{public.hex()}" }}\n\n'
+            f'[tenants.{SHARES_TENANT}]\nmatch_threshold = {MATCH_THRESHOLD}\nscore_allowed = false\n'
+            f'verify_on_shares = true\nticket_keys = {{ "{KEY_ID}" = "{public.hex()}" }}\n'
         )
         self._spawn("matcher", ["-m", "matcher", "--config", str(matcher_toml)])
         addresses["verifier"] = self._ready("verifier", self.root / "verifier.ready")
@@ -289,6 +301,7 @@ class _CpuMeter:
     independent of how busy the machine is."""
 
     GROUPS = {"split": {"client": ("client",), "matcher": ("matcher",), "nodes": NODES},
+              "shares": {"client": ("client",), "matcher": ("matcher",), "nodes": NODES},
               "single": {"client": ("client",), "verifier": ("verifier",), "store": ("store",)},
               "one_hop": {"client": ("client",), "verifier": ("memory",)}}
 
@@ -338,6 +351,9 @@ class _Systems:
         psp = procs.files[("psp", TENANT)].load()
         self.client = MatcherClient(addresses["matcher"], psp, tenant=TENANT, ticket_key=procs.ticket_key,
                                     key_id=KEY_ID, matcher="matcher", cluster_id=testing.CLUSTER_ID, timeout_s=10.0)
+        self.on_shares = MatcherClient(addresses["matcher"], procs.files[("psp", SHARES_TENANT)].load(),
+                                       tenant=SHARES_TENANT, ticket_key=procs.ticket_key, key_id=KEY_ID,
+                                       matcher="matcher", cluster_id=testing.CLUSTER_ID, timeout_s=10.0)
         self.plain = _Stub(secure_channel(addresses["verifier"], psp, expect=pki.Identity("matcher", "matcher")),
                            VERIFIER_SERVICE, "Verify",
                            matcher_pb2.VerifyRequest, matcher_pb2.VerifyResponse)
@@ -348,6 +364,12 @@ class _Systems:
         result = self.client.verify(f"s{i}", self.probes[i])
         return 1 if result.decision == "MATCH" else 2
 
+    def shares(self, i: int) -> int:
+        # Verify on shares (the second tenant): its own, smaller, gallery.
+        i %= SHARES_SUBJECTS
+        result = self.on_shares.verify(f"s{i}", self.probes[i])
+        return 1 if result.decision == "MATCH" else 2
+
     def single(self, i: int) -> int:
         return self.plain(matcher_pb2.VerifyRequest(subject=f"s{i}", probe=self.probes[i].tolist()), 10.0).decision
 
@@ -356,6 +378,7 @@ class _Systems:
 
     def close(self) -> None:
         self.client.close()
+        self.on_shares.close()
         self.plain.channel.close()
         self.memory.channel.close()
 
@@ -461,6 +484,8 @@ def run(quick: bool) -> list[dict]:
                     put_memory(shareholder_pb2.StoreSharesRequest(records=batch), 30.0)
                 put_store.channel.close()
                 put_memory.channel.close()
+                shares_failed = sum(1 for r in systems.on_shares.enroll_many(
+                    (f"s{i}", templates[i]) for i in range(min(SHARES_SUBJECTS, subjects))) if r.code != 0)
                 results.append(_result(
                     "enrol_per_s",
                     {"templates": subjects, "dim": DIM, "n": len(NODES), "k": K, "matcher_batch": ENROLL_BATCH,
@@ -473,10 +498,10 @@ def run(quick: bool) -> list[dict]:
                 # Warm up every path (channels, caches), then latency.
                 next_i = 0
                 meter = _CpuMeter(procs)
-                _latencies(systems, ("split", "single", "one_hop"), 60, subjects, next_i)
-                next_i += 60 * 3
+                _latencies(systems, ("split", "shares", "single", "one_hop"), 60, subjects, next_i)
+                next_i += 60 * 4
                 lat, errors, matches, next_i, cpu = _latencies(
-                    systems, ("split", "single", "one_hop"), latency_calls, subjects, next_i, meter)
+                    systems, ("split", "shares", "single", "one_hop"), latency_calls, subjects, next_i, meter)
                 p = {name: (_percentile(v, 50) * 1000, _percentile(v, 99) * 1000) for name, v in lat.items()}
                 common = {"n": len(NODES), "k": K, "dim": DIM, "calls": latency_calls, "concurrency": 1,
                           "subjects": subjects, "attempts_per_subject": ATTEMPTS_PER_SUBJECT,
@@ -489,6 +514,17 @@ def run(quick: bool) -> list[dict]:
                 results.append(_result("verify_p99", common, p["split"][1], "ms", BASELINE, p["single"][1], False))
                 results.append(_result("verify_p50_vs_one_hop", common, p["split"][0], "ms", ONE_HOP,
                                        p["one_hop"][0], False))
+                # Verify on shares against today's Verify (rejoin in the matcher), same run, same probes.
+                results.append(_result(
+                    "verify_on_shares_p50",
+                    {**common, "subjects": min(SHARES_SUBJECTS, subjects), "enrol_failed": shares_failed,
+                     "errors": errors["shares"], "baseline_errors": errors["split"],
+                     "genuine_match_rate": round(matches["shares"] / max(1, len(lat["shares"])), 4),
+                     "cpu_us_per_verify": cpu["shares"], "baseline_cpu_us_per_verify": cpu["split"],
+                     "p99_ms": round(p["shares"][1], 2), "baseline_p99_ms": round(p["split"][1], 2),
+                     "target": "<= 3x baseline"},
+                    p["shares"][0], "ms", "today's Verify: hedged MAC-checked release, rejoin in the matcher",
+                    p["split"][0], False))
                 results.append(_result("single_custody_p50_vs_one_hop", common, p["single"][0], "ms", ONE_HOP,
                                        p["one_hop"][0], False))
 

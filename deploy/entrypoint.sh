@@ -1,7 +1,8 @@
 #!/bin/sh
 # Start one splitvault server in its container: `splitvault-entrypoint shareholders`
-# or `splitvault-entrypoint matcher`. The config is always /etc/splitvault/config.toml
-# (so the image's HEALTHCHECK and the Kubernetes probes find it).
+# or `splitvault-entrypoint matcher` (or `migrate`: a node's store schema, then exit).
+# The config is always /etc/splitvault/config.toml (so the image's HEALTHCHECK and
+# the Kubernetes probes find it).
 #
 # A node refuses key files other users could read (mode & 077); a mounted Secret
 # is group-readable (fsGroup), so the node's keys are installed 0600 here:
@@ -21,8 +22,13 @@ case "$role" in
     ;;
   matcher)
     ;;
+  migrate)
+    # The init container of a node on PostgreSQL: the owner role migrates and
+    # grants the node's role, then exits (deploy/render.py).
+    exec python -m shareholders --config /etc/splitvault/migrate.toml --migrate
+    ;;
   *)
-    echo "splitvault-entrypoint: the role must be shareholders or matcher." >&2
+    echo "splitvault-entrypoint: the role must be shareholders, matcher or migrate." >&2
     exit 1
     ;;
 esac

@@ -14,12 +14,24 @@ probes run ``python -m vaultrpc.probe`` (grpc.health.v1 over the server's own
 mTLS). Secrets are never rendered: the institution creates them itself
 (names in ``[secrets]``) from its own key material; this script only refers
 to them by name. Errors are one sentence on stderr, exit 1.
+
+A node's store is SQLite on its data volume unless its values have a
+``[store]`` with ``backend = "postgres"``: then the node uses its own
+institution's PostgreSQL database (``host``, ``port``, ``database``) as the
+role ``role`` (not the tables' owner, bound by row-level security), over
+TLS with ``sslmode=verify-full`` against the database's CA, authenticated
+by a client certificate (the Secret ``secrets.store``: ca.pem, tls.crt,
+tls.key); no password, no DSN in the values. An init container
+(``migrate``) runs ``python -m shareholders --migrate`` as ``owner_role``
+(its certificate in ``secrets.store_owner``, mounted there only) before
+each start: it migrates the schema and grants the node's role.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import pathlib
+import re
 import sys
 import tomllib
 
@@ -31,6 +43,9 @@ USER_ID = 10001
 CONFIG_PATH = "/etc/splitvault/config.toml"
 TLS_DIR = "/etc/splitvault/tls"
 NODE_KEYS_DIR = "/etc/splitvault/node-keys"
+MIGRATE_CONFIG_PATH = "/etc/splitvault/migrate.toml"
+PG_DIR = "/etc/splitvault/pg"              # the node role's client certificate and the database CA
+PG_OWNER_DIR = "/etc/splitvault/pg-owner"  # the owner role's, in the migrate init container only
 DATA_DIR = "/var/lib/splitvault"
 KEYS_DIR = "/var/lib/splitvault-keys"
 RUN_DIR = "/run/splitvault"
@@ -76,8 +91,64 @@ def _tls_toml() -> str:
     return f"\n[tls]\nca = {_q(TLS_DIR + '/ca.pem')}\ncert = {_q(TLS_DIR + '/tls.crt')}\nkey = {_q(TLS_DIR + '/tls.key')}\n"
 
 
-def node_config(values: dict) -> str:
-    """The node's config.toml (docs/contracts.md, "Node config") for its container."""
+_STORE_KEYS = {"backend", "host", "port", "database", "role", "owner_role"}
+_PG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+_PG_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+
+
+def postgres_store(values: dict) -> dict | None:
+    """The node's [store] on PostgreSQL, checked; None for SQLite (the default)."""
+    store = values.get("store", {})
+    if not isinstance(store, dict):
+        raise ValuesError("The value store has the wrong type.")
+    if store.get("backend", "sqlite") == "sqlite" and set(store) <= {"backend"}:
+        return None
+    if store.get("backend") != "postgres":
+        raise ValuesError('The value store.backend must be "sqlite" or "postgres".')
+    extra = sorted(set(store) - _STORE_KEYS)
+    if extra:
+        # A password or a whole DSN would land in the ConfigMap: the roles
+        # authenticate with their client certificates from the Secrets.
+        raise ValuesError(f"The values file's [store] takes no {extra[0]}: the roles sign in with the client "
+                          f"certificates in secrets.store and secrets.store_owner.")
+    host, database = _need(values, "store.host"), _need(values, "store.database")
+    role, owner = _need(values, "store.role"), _need(values, "store.owner_role")
+    port = _need(values, "store.port", int) if "port" in store else 5432
+    if not _PG_HOST.fullmatch(host):
+        raise ValuesError("The value store.host must be a host name.")
+    for key, value in (("database", database), ("role", role), ("owner_role", owner)):
+        if not _PG_NAME.fullmatch(value):
+            raise ValuesError(f"The value store.{key} must be a plain PostgreSQL name.")
+    if role == owner:
+        raise ValuesError("The values store.role and store.owner_role must differ: the node's role must not own the tables.")
+    if not 0 < port < 65536:
+        raise ValuesError("The value store.port must be a TCP port.")
+    secrets = _need(values, "secrets", dict)
+    _need(secrets, "store"), _need(secrets, "store_owner")
+    return {"host": host, "port": port, "database": database, "role": role, "owner_role": owner}
+
+
+def _dsn(store: dict, role: str, certs: str) -> str:
+    """A libpq connection string with no password: TLS to the institution's
+    own database, its server certificate checked against the database's CA
+    and its host name (verify-full), the role signing in with its certificate."""
+    return (f"host={store['host']} port={store['port']} dbname={store['database']} user={role} "
+            f"sslmode=verify-full sslrootcert={certs}/ca.pem sslcert={certs}/tls.crt sslkey={certs}/tls.key")
+
+
+def _store_toml(values: dict, *, owner: bool) -> str:
+    store = postgres_store(values)
+    if store is None:
+        return ""
+    out = f"\n[store]\nbackend = \"postgres\"\ndsn = {_q(_dsn(store, store['role'], PG_DIR))}\n"
+    if owner:
+        out += f"owner_dsn = {_q(_dsn(store, store['owner_role'], PG_OWNER_DIR))}\n"
+    return out
+
+
+def node_config(values: dict, *, migrate: bool = False) -> str:
+    """The node's config.toml (docs/contracts.md, "Node config") for its
+    container; with ``migrate``, the init container's (the owner's DSN too)."""
     name = _need(values, "institution.name")
     # A founding member names the committee; a node joining by a reshare has
     # none of its own yet (it learns it from the approved plan).
@@ -92,8 +163,9 @@ def node_config(values: dict) -> str:
     witness = "".join(
         f"\n[[witness.peers]]\nname = {_q(_need(w, 'name'))}\naudit_public_key = {_q(_need(w, 'audit_public_key'))}\n"
         f"address = {_q(_need(w, 'address'))}\n" for w in values.get("witness", []))
+    what = "Migrate init container of shareholder node" if migrate else "Shareholder node"
     return (
-        f"# Shareholder node {name}; rendered by deploy/render.py from its values file.\n"
+        f"# {what} {name}; rendered by deploy/render.py from its values file.\n"
         f"[node]\nname = {_q(name)}\ncluster_id = {_q(_need(values, 'node.cluster_id'))}\n"
         f"index = {_need(values, 'node.index', int)}\nlisten = {_q(f'0.0.0.0:{GRPC_PORT}')}\n"
         f"data_dir = {_q(DATA_DIR)}\nlog_level = {_q(values.get('node', {}).get('log_level', 'INFO'))}\n"
@@ -107,6 +179,7 @@ def node_config(values: dict) -> str:
         + _table("operators", _need(values, "operators", dict))
         + committee_toml
         + _table("peers", _need(values, "peers", dict))
+        + _store_toml(values, owner=migrate)
     )
 
 
@@ -147,6 +220,10 @@ def render(values: dict) -> list[dict]:
         raise ValuesError("A values file describes either a [node] or a [matcher], not both or neither.")
     role = "shareholders" if is_node else "matcher"
     config = node_config(values) if is_node else matcher_config(values)
+    store = postgres_store(values) if is_node else None
+    config_files = {"config.toml": config}
+    if store:
+        config_files["migrate.toml"] = node_config(values, migrate=True)
     secrets = _need(values, "secrets", dict)
     labels = {"app.kubernetes.io/name": "splitvault", "app.kubernetes.io/component": role,
               "splitvault.io/institution": name}
@@ -165,6 +242,12 @@ def render(values: dict) -> list[dict]:
                    {"name": "keys", "mountPath": KEYS_DIR}]
         volumes += [_secret_volume("node-keys", _need(secrets, "node_keys")),
                     {"name": "run", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}]
+    if store:
+        # libpq takes a key file owned by root with mode 0640 or less (a Secret's, 0440 here).
+        mounts.append({"name": "pg", "mountPath": PG_DIR, "readOnly": True})
+        volumes += [_secret_volume("pg", _need(secrets, "store")),
+                    _secret_volume("pg-owner", _need(secrets, "store_owner"))]
+    security = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
     container = {
         "name": "node" if is_node else "matcher",
         "image": image,
@@ -175,14 +258,14 @@ def render(values: dict) -> list[dict]:
         "readinessProbe": _probe(10, 2),
         "livenessProbe": _probe(20, 3),
         "resources": values.get("resources", {"requests": {"cpu": "500m", "memory": "512Mi"}}),
-        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                            "capabilities": {"drop": ["ALL"]}},
+        "securityContext": security,
     }
     pod = {
         # A changed config changes the pod template, so `kubectl apply` rolls
         # the server (a subPath-mounted file is not updated in a running pod).
         "metadata": {"labels": labels,
-                     "annotations": {"splitvault.io/config-sha256": hashlib.sha256(config.encode()).hexdigest()}},
+                     "annotations": {"splitvault.io/config-sha256": hashlib.sha256(
+                         "".join(config_files.values()).encode()).hexdigest()}},
         "spec": {
             "serviceAccountName": "splitvault",
             "automountServiceAccountToken": False,
@@ -192,6 +275,20 @@ def render(values: dict) -> list[dict]:
             "volumes": volumes,
         },
     }
+    if store:
+        # Before every start: the owner brings the schema up to date and
+        # grants the node's role (a no-op when current); the owner's
+        # certificate is mounted here only, never in the serving container.
+        pod["spec"]["initContainers"] = [{
+            "name": "migrate", "image": image, "args": ["migrate"],
+            "volumeMounts": [{"name": "config", "mountPath": MIGRATE_CONFIG_PATH, "subPath": "migrate.toml",
+                              "readOnly": True},
+                             {"name": "pg", "mountPath": PG_DIR, "readOnly": True},
+                             {"name": "pg-owner", "mountPath": PG_OWNER_DIR, "readOnly": True},
+                             {"name": "tmp", "mountPath": "/tmp"}],
+            "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
+            "securityContext": security,
+        }]
     selector = {"matchLabels": labels}
     if is_node:
         node = values["node"]
@@ -214,7 +311,7 @@ def render(values: dict) -> list[dict]:
     return [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels}},
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta("splitvault"), "automountServiceAccountToken": False},
-        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta("splitvault-config"), "data": {"config.toml": config}},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta("splitvault-config"), "data": config_files},
         {"apiVersion": "v1", "kind": "Service", "metadata": meta("splitvault"),
          "spec": {"type": service.get("type", "ClusterIP"), "selector": labels,
                   "ports": [{"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc"}]}},

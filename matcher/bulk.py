@@ -90,7 +90,7 @@ class BulkEnrolment:
         nonce = body.nonce
         with np.errstate(over="ignore", invalid="ignore"):
             items = [
-                common_pb2.WriteItem(subject=i.subject, request_id=i.request_id,
+                common_pb2.WriteItem(subject=i.subject, request_id=i.request_id, group=i.group,
                                      template_digest=ticket.item_digest(np.array(i.template, dtype=np.float32),
                                                                         nonce, i.request_id))
                 for i in message.items
@@ -340,6 +340,7 @@ def _check_stream_item(position: int, req, dimension: int, check_ticket, authori
     try:
         status.checked(names.check_id, req.subject, "subject")
         status.checked(names.check_token, req.request_id, "request id")
+        status.checked(names.check_group, req.group, "group")
         item.vector = vectors.checked(req.template, dimension, "template")
         check_ticket(req, item.vector, authority)
     except status.RpcError as exc:

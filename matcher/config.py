@@ -77,6 +77,10 @@ class TenantPolicy:
     # then hide a match but never make one; the matcher sees the candidates'
     # templates as in Verify. Off: it sees only bits.
     identify_confirm: bool = True
+    # Verify runs on shares (matcher.identify.verify_on_shares): the claimed
+    # template is never rejoined and the matcher learns the decision and
+    # |t|^2 only; semi-honest (docs/architecture.md, "Verify on shares").
+    verify_on_shares: bool = False
 
     def modality(self, dimension: int) -> Modality | None:
         return self.modalities.get(dimension)
@@ -185,6 +189,13 @@ def from_dict(data: dict[str, Any], base: pathlib.Path | None = None) -> Matcher
         modalities = _modalities(wrapped, name, dimension, float(match_threshold))
         score_allowed = get(wrapped, "t.score_allowed", False, bool)
         identify_confirm = get(wrapped, "t.identify_confirm", True, bool)
+        verify_on_shares = get(wrapped, "t.verify_on_shares", False, bool)
+        if verify_on_shares and score_allowed:
+            raise ConfigError(f"The tenant {name} cannot set both verify_on_shares and score_allowed: "
+                              "Verify on shares opens the decision only, never a score.")
+        if verify_on_shares and (threshold != 2 or len(nodes) < 3):
+            raise ConfigError(f"The tenant {name} sets verify_on_shares, which needs matcher.threshold = 2 "
+                              "and at least three shareholders.")
         raw_keys = get(wrapped, "t.ticket_keys", {}, dict)
         if not raw_keys:
             raise ConfigError(f"The tenant {name} has no ticket_keys.")
@@ -199,7 +210,7 @@ def from_dict(data: dict[str, Any], base: pathlib.Path | None = None) -> Matcher
                     f"The ticket key {key_id} of tenant {name} is not a 32-byte Ed25519 key in hex."
                 ) from None
         tenants[name] = TenantPolicy(name, float(match_threshold), score_allowed, keys, modalities,
-                                     identify_confirm)
+                                     identify_confirm, verify_on_shares)
 
     return MatcherConfig(
         listen=listen,

@@ -26,8 +26,19 @@ IDENTIFY ticket, then Verify's cosine rule (``_confirmed``). A lying node
 can then hide a match (NO_MATCH) or stop the query (UNAVAILABLE,
 DATA_LOSS), never make a MATCH the cosine rule does not give.
 
+Verify on shares (``verify_on_shares``, a tenant's option for
+``Matcher.Verify``): the same stream on the claimed subject's one row;
+the matcher opens only |t|^2 and the decision bit, never a template.
+
 Fail closed: any node error, timeout, or disagreement between the nodes'
 galleries or answers ends in an error status, never a MATCH.
+
+``IdentifyBatch`` runs up to ``MAX_BATCH`` queries of one call as single
+queries, ``BATCH_WORKERS`` at a time: each is exactly an ``Identify`` (its
+own ticket, attempt count and audit entry at every node) and its result,
+or its status, lands in its slot. The nodes score and compare each query
+on its own; sharing one matrix product and the circuit's rounds over the
+batch (``mpc.score_shares`` already takes a batch) is not built.
 """
 from __future__ import annotations
 
@@ -37,6 +48,7 @@ import queue
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -46,11 +58,15 @@ from matcher.committee import TRANSPORT_CODES
 from matcher.release import Release
 from splitvault.v1 import identify_pb2, identify_pb2_grpc, matcher_pb2
 from vault import codec, mpc, record, sharing, ticket
+from vault.names import check_group
 from vault.errors import InvalidShares, InvalidTicket
 from vaultrpc import logs, status, wire
 
 # The winner must beat every other candidate by this much (cosine units, times |q|^2).
 MARGIN = 0.02
+# Most queries one IdentifyBatch call may carry, and how many run at once.
+MAX_BATCH = 32
+BATCH_WORKERS = 4
 # Answers a node's refusal stands for (not worked around with other nodes).
 _PASS_ON = {
     grpc.StatusCode.PERMISSION_DENIED: status.PermissionDenied("The shareholders refused the identify ticket."),
@@ -107,6 +123,7 @@ def committee_for_identify(service) -> tuple:
 def identify(service, request, context) -> matcher_pb2.IdentifyResponse:
     tenant = service._tenant(context)
 
+    status.checked(check_group, request.group, "group")
     probe = vectors.checked(request.probe, tenant.dimensions, "probe")
     dimension = probe.size
     modality = tenant.modality(dimension)
@@ -132,7 +149,7 @@ def identify(service, request, context) -> matcher_pb2.IdentifyResponse:
             s.send(identify_pb2.IdentifyQueryRequest(start=identify_pb2.IdentifyStart(
                 ticket=request.ticket, query_id=decision_id, committee=names, addresses=[n.address for n in nodes],
                 probe_share=np.ascontiguousarray(shares[e.index - 1, 0], dtype="<u4").tobytes(),
-                dimension=dimension, threshold=threshold, margin=margin)))
+                dimension=dimension, threshold=threshold, margin=margin, group=request.group)))
         record.wipe(shares, qf, code)
         first = _all(service, streams)
         rows = first[0].rows
@@ -192,6 +209,92 @@ def identify(service, request, context) -> matcher_pb2.IdentifyResponse:
             s.cancel()
         record.wipe(probe, *(a for a in (code, qf, shares) if a is not None))
         metrics.IDENTIFICATIONS.labels(label).inc()
+
+
+def identify_batch(service, request, context) -> matcher_pb2.IdentifyBatchResponse:
+    """Each query of the batch as ``identify`` answers it, in order; a failed query's status in its slot."""
+    service._tenant(context)  # an unknown caller is refused for the whole call
+    queries = list(request.queries)
+    if not 1 <= len(queries) <= MAX_BATCH:
+        raise status.InvalidArgument(f"An identify batch holds 1 to {MAX_BATCH} queries.")
+
+    def one(query) -> matcher_pb2.IdentifyBatchResult:
+        try:
+            return matcher_pb2.IdentifyBatchResult(code=0, response=identify(service, query, context))
+        except status.RpcError as exc:
+            return matcher_pb2.IdentifyBatchResult(code=exc.code.value[0], message=exc.message)
+
+    with ThreadPoolExecutor(max_workers=min(BATCH_WORKERS, len(queries)), thread_name_prefix="identify-batch") as pool:
+        results = list(pool.map(one, queries))
+    return matcher_pb2.IdentifyBatchResponse(results=results)
+
+
+# A node's considered refusal of a verification on shares, in Verify's own words.
+_VERIFY_PASS_ON = {
+    grpc.StatusCode.PERMISSION_DENIED: status.PermissionDenied("The shareholders refused the verification ticket."),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: status.ResourceExhausted(
+        "Too many verification attempts for this subject; try again later."),
+    grpc.StatusCode.NOT_FOUND: status.NotFound("The subject is not enrolled."),
+    grpc.StatusCode.FAILED_PRECONDITION: None,
+    grpc.StatusCode.INVALID_ARGUMENT: None,
+}
+
+
+def verify_on_shares(service, tenant, subject: str, probe: np.ndarray, ticket_msg,
+                     decision_id: str) -> tuple[bool, int, list[str]]:
+    """Verify (1:1) on shares: (match, epoch, nodes used); the claimed template is never rejoined.
+
+    The Identify protocol on a one-row gallery (docs/architecture.md, "Verify
+    on shares"): every node of S checks the VERIFY ticket as for a release
+    and writes one ``verify_on_shares`` entry; their re-randomised shares of
+    |t|^2 are opened here; T = mpc.verify_threshold(tau, |q|^2, |t|^2) makes
+    [s >= T] exactly Verify's ``codec.cosine(probe, template) >= tau``; each
+    node gets an additive share of -T and the circuit opens [s - T >= 0].
+    """
+    dimension = probe.size
+    tau = tenant.modality(dimension).match_threshold
+    code = qf = shares = None
+    streams: list[_Stream] = []
+    try:
+        nodes = committee_for_identify(service)
+        code = codec.encode(probe, dimension)
+        norm_sq = int(np.dot(code[0].astype(np.int64), code[0].astype(np.int64)))
+        qf = codec.to_field(code)
+        shares = sharing.split(qf, mpc.THRESHOLD, max(e.index for e in nodes))
+        names = [e.name for e in nodes]
+        for e in nodes:
+            stub = identify_pb2_grpc.ShareholderIdentifyStub(service.committee.channel(e.name))
+            streams.append(_Stream(e, stub, service.cfg.call_timeout_s * 4))
+        for e, s in zip(nodes, streams, strict=True):
+            s.send(identify_pb2.IdentifyQueryRequest(start=identify_pb2.IdentifyStart(
+                ticket=ticket_msg, query_id=decision_id, committee=names, addresses=[n.address for n in nodes],
+                probe_share=np.ascontiguousarray(shares[e.index - 1, 0], dtype="<u4").tobytes(),
+                dimension=dimension, verify_subject=subject)))
+        record.wipe(shares, qf, code)
+        first = _all(service, streams, _VERIFY_PASS_ON)
+        if any(o.rows != 1 or o.gallery_digest != first[0].gallery_digest or o.epoch != first[0].epoch
+               for o in first):
+            raise status.Unavailable("The shareholders hold different records of the subject; try again.")
+        if any(len(o.norm_share) != 4 for o in first):
+            raise status.DataLoss("A shareholder sent a malformed verification share.")
+        norm = mpc.open_sum([int.from_bytes(o.norm_share, "little") for o in first])
+        try:
+            threshold = mpc.verify_threshold(tau, norm_sq, norm, dimension)
+        except InvalidShares:  # not the squared norm of any int8 code: a node lied or a share is damaged
+            raise status.DataLoss("The shareholders' verification shares are inconsistent.") from None
+        dealt = mpc.threshold_shares(threshold)
+        for j, s in enumerate(streams):
+            s.send(identify_pb2.IdentifyQueryRequest(verify_threshold=identify_pb2.IdentifyVerifyThreshold(
+                share=int(dealt[j]).to_bytes(4, "little"))))
+        dealt = threshold = None
+        match = bool(_open([o.bits for o in _all(service, streams, _VERIFY_PASS_ON)], 1)[0])
+        for s in streams:
+            s.close()
+        return match, int(first[0].epoch), names
+    finally:
+        for s in streams:
+            s.cancel()
+        record.wipe(*(a for a in (code, qf, shares) if a is not None))
 
 
 def _confirmed(service, tenant, ticket, probe: np.ndarray, decision_id: str,
@@ -256,7 +359,7 @@ def _open(components: list[bytes], rows: int) -> np.ndarray:
         raise status.DataLoss("A shareholder sent an opening of the wrong size.") from None
 
 
-def _all(service, streams: list[_Stream]) -> list[identify_pb2.IdentifyQueryResponse]:
+def _all(service, streams: list[_Stream], pass_on: dict | None = None) -> list[identify_pb2.IdentifyQueryResponse]:
     """The next opening of every stream, read in parallel; the first failure ends the query."""
     out: list = [None] * len(streams)
     errors: list = []
@@ -277,11 +380,11 @@ def _all(service, streams: list[_Stream]) -> list[identify_pb2.IdentifyQueryResp
     for t in threads:
         t.join()
     if errors:
-        raise _failure(service, errors)
+        raise _failure(service, errors, _PASS_ON if pass_on is None else pass_on)
     return out
 
 
-def _failure(service, errors) -> status.RpcError:
+def _failure(service, errors, pass_on: dict) -> status.RpcError:
     # The first real answer among the failures decides (a cancellation we caused is not one).
     real = [(s, e) for s, e in errors if e is not None and e.code() != grpc.StatusCode.CANCELLED] or errors
     for s, exc in real:
@@ -293,8 +396,8 @@ def _failure(service, errors) -> status.RpcError:
     code = exc.code() if exc is not None else grpc.StatusCode.UNAVAILABLE
     logs.event(service.log, "shareholder call failed", logging.WARNING, node=s.node.name, method="IdentifyQuery",
                code=code.name, detail=(exc.details() if exc is not None else "stream ended")[:200])
-    if code in _PASS_ON:
-        return _PASS_ON[code] or status.error(code, exc.details() or "The shareholders refused the identification.")
+    if code in pass_on:
+        return pass_on[code] or status.error(code, exc.details() or "The shareholders refused the request.")
     if code == grpc.StatusCode.ABORTED:
         return status.Unavailable("The shareholders' galleries differ (an enrolment, delete or refresh is in flight); "
                                   "try again.")

@@ -38,7 +38,7 @@ def max_receive_bytes(dimension: int) -> int:
 # Deny by default: only payment providers call the matcher.
 ROLES = {
     f"/{SERVICE_NAME}/{method}": frozenset({ROLE_PSP})
-    for method in ("Enroll", "EnrollStream", "EnrollBatches", "Verify", "Delete", "Identify")
+    for method in ("Enroll", "EnrollStream", "EnrollBatches", "Verify", "Delete", "Identify", "IdentifyBatch")
 }
 
 

@@ -1,5 +1,7 @@
 """The ``Matcher`` gRPC servicer: enrol, verify, delete (bulk enrolment:
-``matcher.bulk``; Verify's release and rejoin: ``matcher.release``).
+``matcher.bulk``; Verify's release and rejoin: ``matcher.release``; for a
+tenant with ``verify_on_shares``, Verify without a rejoin:
+``matcher.identify.verify_on_shares``).
 
 The matcher is stateless. It holds a template only inside one Verify (rejoin,
 compare, wipe) or one Enroll (encode, split, send, wipe); everything durable
@@ -93,6 +95,7 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         tenant = self._tenant(context)
         subject = status.checked(names.check_id, request.subject, "subject")
         request_id = status.checked(names.check_token, request.request_id, "request id")
+        status.checked(names.check_group, request.group, "group")
         vector = vectors.checked(request.template, tenant.dimensions, "template")
         try:
             self.check_write_ticket(request, tenant, subject, request_id, _write_ops(request.replace), vector)
@@ -326,6 +329,15 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         outcome_label = "INTERNAL"
         try:
             body = self._check_ticket(request, tenant, subject, probe)
+            if tenant.verify_on_shares:  # nothing is rejoined (matcher.identify.verify_on_shares)
+                match, epoch, used = identify.verify_on_shares(self, tenant, subject, probe, request.ticket,
+                                                               decision_id)
+                outcome_label = "MATCH" if match else "NO_MATCH"
+                logs.event(self.log, "verified", decision=outcome_label, decision_id=decision_id, tenant=tenant.name,
+                           subject=subject, request_id=body.request_id, epoch=epoch, nodes_used=used, on_shares=True)
+                return matcher_pb2.VerifyResponse(
+                    decision=matcher_pb2.DECISION_MATCH if match else matcher_pb2.DECISION_NO_MATCH,
+                    decision_id=decision_id, epoch=epoch)
             # The probe is encoded while the nodes work on their releases.
             release = Release(self, tenant=tenant.name, subject=subject, dimension=probe.size,
                               decision_id=decision_id, ticket=request.ticket)
@@ -363,6 +375,10 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
         # 1:N on shares: matcher.identify (no template is rejoined).
         return identify.identify(self, request, context)
 
+    def IdentifyBatch(self, request, context):
+        # Several Identify queries, each on its own ticket: matcher.identify.identify_batch.
+        return identify.identify_batch(self, request, context)
+
     def check_write_ticket(self, request, tenant: TenantPolicy, subject: str, request_id: str,
                             operations: tuple[int, ...], template: np.ndarray | None):
         """The provider's write ticket of an enrolment or delete, checked here
@@ -376,6 +392,9 @@ class MatcherService(matcher_pb2_grpc.MatcherServicer):
             raise status.of(exc) from None
         if body.subject != subject or body.request_id != request_id:
             raise status.PermissionDenied("The ticket was issued for another subject or request id.")
+        # An enrolment's group is the ticket's (the nodes store the signed one); a delete names none.
+        if body.group != (request.group if template is not None else ""):
+            raise status.PermissionDenied("The ticket was issued for another group.")
         if template is not None and not ticket.template_matches(body, template):
             raise status.PermissionDenied("The template is not the one the ticket authorises.")
         return body

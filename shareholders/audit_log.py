@@ -84,6 +84,9 @@ def check_tail(db: storage.Database, public_key, node: str) -> None:
             )
 
 
+_COULD_NOT_COMMIT = "The node could not commit to its database."
+
+
 class WriterClosed(RuntimeError):
     """The writer has stopped or cannot commit; nothing more is committed."""
 
@@ -304,6 +307,12 @@ class AuditWriter:
                     result = pending.job(tx)
                 except Exception as exc:  # noqa: BLE001 - handed to its caller
                     db.rollback() if alone else db.rollback_to()
+                    if isinstance(exc, db.errors):
+                        # The store refused a statement (PostgreSQL: a full
+                        # data disk fails the INSERT that extends a file, not
+                        # the commit): the node could not write, as below.
+                        closed = self._store_failed(exc, db.errors)
+                        closed.__cause__, exc = exc, closed
                     if alone:
                         self._seq, self._hash, self._unsigned_since = mark
                         self._settle(pending, None, exc)
@@ -321,11 +330,7 @@ class AuditWriter:
                 db.insert_checkpoint(cp)
             db.commit()
         except BaseException as exc:  # noqa: BLE001 - the whole group failed
-            # The engine's reason ("database or disk is full", "attempt to
-            # write a readonly database", "disk I/O error") carries no data and
-            # is what the operator must act on (tests/test_faults_disk.py).
-            reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, db.errors) else type(exc).__name__
-            _log.error("audit commit failed", exc_info=(type(exc), exc, None), extra={"fields": {"error": reason}})
+            self._store_failed(exc, db.errors)
             try:
                 db.rollback()
             except db.errors:
@@ -333,7 +338,7 @@ class AuditWriter:
             self._seq, self._hash, self._unsigned_since = start
             for pending in batch:
                 if not pending.done:
-                    self._settle(pending, None, WriterClosed("The node could not commit to its database."))
+                    self._settle(pending, None, WriterClosed(_COULD_NOT_COMMIT))
             return
         if signed:
             self._signed_seq = self._seq
@@ -345,6 +350,17 @@ class AuditWriter:
             self._on_commit(self._seq)
         for pending, result, exc in outcomes:
             self._settle(pending, result, exc)
+
+    @staticmethod
+    def _store_failed(exc: BaseException, errors: tuple[type[BaseException], ...] = ()) -> WriterClosed:
+        """Log why the store refused a write; the caller's error (UNAVAILABLE)."""
+        # The engine's reason ("database or disk is full", "attempt to write
+        # a readonly database", "disk I/O error", PostgreSQL's "could not
+        # extend file ...: No space left on device") carries no data and is
+        # what the operator must act on (tests/test_faults_disk*.py).
+        reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, errors) else type(exc).__name__
+        _log.error("audit commit failed", exc_info=(type(exc), exc, None), extra={"fields": {"error": reason}})
+        return WriterClosed(_COULD_NOT_COMMIT)
 
     @staticmethod
     def _settle(pending: _Pending, result, error: BaseException | None) -> None:

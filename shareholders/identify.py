@@ -27,7 +27,18 @@ position order. This node, at position j:
    ones the opened bits named (its component is masked to it): the bound is
    the count, once per ticket, and the subjects' own attempt limits.
 
-The gallery is kept in memory in compute form per (tenant, dimension):
+Verify on shares (``start.verify_subject`` set): the VERIFY ticket is checked
+as ``ReleaseShare`` checks it (the same replay set and per-subject attempt
+counters), only the subject's newest row is read (no gallery), and one
+``verify_on_shares`` entry is committed; the node answers its re-randomised
+share of |t|^2, then, given its additive share of -T (``verify_threshold``),
+runs the circuit on that one row and answers its share of [s >= T].
+
+The gallery is kept in memory in compute form per (tenant, dimension,
+group): the group is the IDENTIFY ticket's (signed by the provider; ''
+searches the whole tenant, a start naming another group is refused), rows
+are those enrolled under it (``shares.grp``), and the gallery digest the
+nodes compare covers it. Each gallery holds
 the template part of each record share as float64 (``mpc.compute_form``:
 8 d bytes per template, 4 KiB at d = 512), rows sorted by subject, the newest epoch up
 to the serving epoch per subject. Before every query the rows' versions
@@ -54,11 +65,11 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from shareholders.audit_log import Tx, now_ms
+from shareholders.audit_log import Tx, WriterClosed, now_ms
 from shareholders.config import load_peers
 from shareholders.maintenance.peers import committee_pins, presented_spki
 from splitvault.v1 import identify_pb2, identify_pb2_grpc
-from vault import envelope, mpc, pki, record
+from vault import envelope, field, mpc, pki, record
 from vault import ticket as tickets
 from vault.errors import EnvelopeError, InvalidShares, InvalidTicket
 from vaultrpc import logs, status, wire
@@ -85,6 +96,9 @@ _MAILBOX_TTL_S = 60.0
 _MAX_ROUND = 64
 # Rows re-read one by one before a whole reload is cheaper.
 _INCREMENTAL_LIMIT = 2048
+# Group galleries kept (each a copy of its rows in compute form); the least
+# recently loaded goes first. Whole-tenant galleries are always kept.
+_GROUP_GALLERIES = 64
 # The round-0 message: pairwise key, gallery digest, row count.
 _HELLO = struct.Struct(">32s32sQ")
 
@@ -171,8 +185,9 @@ class Gallery:
     listed: list  # the store's version listing (tenant_row_versions) this snapshot was built from
 
 
-def _digest(subjects, versions) -> bytes:
+def _digest(group: str, subjects, versions) -> bytes:
     h = hashlib.sha256(b"splitvault/identify-gallery/v1\x00")
+    h.update(f"{group}\x00".encode())
     for subject, version in zip(subjects, versions, strict=True):
         h.update(f"{subject}\x00{version[0]}\x00{version[1]}\n".encode())
     return h.digest()
@@ -183,13 +198,14 @@ class Galleries:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._cache: dict[tuple[str, int], Gallery] = {}
+        self._cache: dict[tuple[str, int, str], Gallery] = {}
 
-    def get(self, sh, conn, tenant: str, dimension: int) -> Gallery:
+    def get(self, sh, conn, tenant: str, dimension: int, group: str = "") -> Gallery:
+        """The gallery of (tenant, dimension), narrowed to ``group`` when one is named ('' = the whole tenant)."""
         with self._lock:  # one loader at a time; readers of old snapshots go on
-            key = (tenant, dimension)
+            key = (tenant, dimension, group)
             old = self._cache.get(key)
-            listed = conn.tenant_row_versions(tenant, dimension, sh.serving_epoch)
+            listed = conn.tenant_row_versions(tenant, dimension, sh.serving_epoch, group)
             if old is not None and old.listed == listed:  # one compare in C: nothing changed
                 return old
             newest: dict[str, tuple] = {}
@@ -205,7 +221,7 @@ class Galleries:
             ring = sh.keys.kek
             if len(changed) > _INCREMENTAL_LIMIT:
                 wanted = set(changed)
-                rows = (r for r in conn.tenant_rows(tenant, dimension, sh.serving_epoch)
+                rows = (r for r in conn.tenant_rows(tenant, dimension, sh.serving_epoch, group=group)
                         if r.subject in wanted and r.epoch == newest[r.subject][0])
             else:
                 rows = (r for s in changed for r in conn.subject_rows(tenant, s)
@@ -225,8 +241,12 @@ class Galleries:
             if len(thresholds) > 1:
                 raise status.FailedPrecondition("The tenant's records have different thresholds.")
             gallery = Gallery(subjects, versions, values, thresholds.pop() if thresholds else 0,
-                              _digest(subjects, versions), listed)
-            self._cache[key] = gallery
+                              _digest(group, subjects, versions), listed)
+            self._cache.pop(key, None)
+            self._cache[key] = gallery  # last in the dict's order: the most recently loaded
+            grouped = [k for k in self._cache if k[2]]
+            for k in grouped[: max(0, len(grouped) - _GROUP_GALLERIES)]:
+                del self._cache[k]
             return gallery
 
     @staticmethod
@@ -256,12 +276,17 @@ class _Query:
         self.party: mpc.Party | None = None
         self.gallery: Gallery | None = None
         self.pred = self.succ = self.pred_address = ""
+        self.pred_stub: identify_pb2_grpc.ShareholderIdentifyStub | None = None
         self.margin = 0
         self.body: tickets.TicketBody | None = None
         self.confirmed = False
+        # Verify on shares: this node's score share until the matcher's share of -T comes.
+        self.verify_z: np.ndarray | None = None
 
     def exchange(self, rnd: int, payload: bytes) -> bytes:
-        self.svc.send(self.pred, self.query_id, rnd, payload, self.pred_address)
+        if self.pred_stub is None:  # resolved once per query: [peers] is a file read
+            self.pred_stub = self.svc._stub(self.pred, self.pred_address)
+        self.svc.send(self.pred, self.query_id, rnd, payload, self.pred_address, stub=self.pred_stub)
         return self.svc.mail.take(self.query_id, rnd, self.succ, self.cancelled)
 
 
@@ -305,9 +330,9 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
                 self._stubs[(name, address)] = entry
             return entry[1]
 
-    def send(self, name: str, query_id: str, rnd: int, payload: bytes, offered: str = "") -> None:
+    def send(self, name: str, query_id: str, rnd: int, payload: bytes, offered: str = "", stub=None) -> None:
         try:
-            self._stub(name, offered).IdentifyRound(
+            (stub or self._stub(name, offered)).IdentifyRound(
                 identify_pb2.IdentifyRoundRequest(query_id=query_id, round=rnd, payload=payload),
                 timeout=ROUND_TIMEOUT_S)
         except grpc.RpcError as exc:
@@ -354,20 +379,27 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
             yield self._run(query, actor)
             for step in request_iterator:
                 kind = step.WhichOneof("step")
+                if query.start.verify_subject and kind != "verify_threshold":
+                    raise status.InvalidArgument("A verification on shares takes only its verify_threshold step.")
                 if kind == "pairs":
                     yield self._pairs(query, step.pairs)
                 elif kind == "confirm":
                     yield self._confirm(query, list(step.confirm.rows))
+                elif kind == "verify_threshold":
+                    yield self._verify_bits(query, step.verify_threshold)
                 elif kind == "resolve":
                     row = int(step.resolve.row)
                     if not 0 <= row < len(query.gallery.subjects):
                         raise status.InvalidArgument("The row is outside the gallery.")
                     yield identify_pb2.IdentifyQueryResponse(subject=query.gallery.subjects[row])
                 else:
-                    raise status.InvalidArgument("An identification step must be pairs, resolve or confirm.")
+                    raise status.InvalidArgument(
+                        "An identification step must be pairs, resolve, confirm or verify_threshold.")
         finally:
             if query.party is not None:
                 query.party.wipe()
+            if query.verify_z is not None:
+                record.wipe(query.verify_z)
             self.mail.drop(query.query_id)
 
     def _run(self, query: _Query, actor: str) -> identify_pb2.IdentifyQueryResponse:
@@ -399,9 +431,11 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
             query.margin = mpc.check_margin(start.margin, dimension)
         except ValueError as exc:
             raise status.InvalidArgument(str(exc)) from None
+        if start.verify_subject:
+            return self._start_verify(query, actor, committee, xs, position, dimension)
         body, seq = self._authorise(actor, start, committee)
         query.body = body
-        gallery = self.galleries.get(self.sh, self.sh.reader(), body.tenant, dimension)
+        gallery = self.galleries.get(self.sh, self.sh.reader(), body.tenant, dimension, body.group)
         if gallery.subjects and gallery.threshold != mpc.THRESHOLD:
             raise status.FailedPrecondition("The tenant's records are not shared with threshold 2.")
         query.gallery = gallery
@@ -430,6 +464,120 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
         record.wipe(z)
         bits = party.threshold_bits(int(start.threshold), dimension)
         return identify_pb2.IdentifyQueryResponse(bits=bits, rows=rows, gallery_digest=gallery.digest, audit_seq=seq)
+
+    # --- Verify on shares ---------------------------------------------------------------
+
+    def _start_verify(self, query: _Query, actor: str, committee: list[str], xs: tuple, position: int,
+                      dimension: int) -> identify_pb2.IdentifyQueryResponse:
+        """Verify on shares, first half: the claimed subject's row as a one-row gallery.
+
+        Answers this node's re-randomised additive share of |t|^2; the score
+        share waits (``query.verify_z``) for the matcher's share of -T.
+        """
+        start = query.start
+        body, seq, row = self._authorise_verify(actor, start, committee, dimension)
+        query.body = body
+        try:
+            probe = record.unpack_values(start.probe_share, dimension)
+        except InvalidShares:
+            raise status.InvalidArgument("The probe share holds a value outside the field.") from None
+        versions = ((row.epoch, row.request_id, bytes(row.nonce)),)
+        query.gallery = gallery = Gallery((row.subject,), versions, np.empty((0, dimension)), row.threshold,
+                                          _digest("", (row.subject,), versions), [])
+        if row.threshold != mpc.THRESHOLD:
+            raise status.FailedPrecondition("The subject's record is not shared with threshold 2.")
+        key_prev = mpc.new_pair_key()
+        got = query.exchange(0, _HELLO.pack(key_prev, gallery.digest, 1))
+        if len(got) != _HELLO.size:
+            raise status.InvalidArgument("A peer sent a malformed first round.")
+        key_next, digest_next, rows_next = _HELLO.unpack(got)
+        if digest_next != gallery.digest or rows_next != 1:
+            raise status.Aborted("The committee holds different records of the subject (a refresh is in flight).")
+        label = query.query_id.encode()
+        query.party = mpc.Party(position, key_next, key_prev, label, query.exchange)
+        template = Galleries._open(self.sh, self.sh.keys.kek, row)
+        values = mpc.compute_form(template[np.newaxis, :])
+        lam = mpc.lagrange(xs, position)
+        y = n = norm = None
+        try:
+            # <t_j, q_j> and <t_j, t_j>, times lambda_j: additive shares of s and |t|^2 (degree 2).
+            y = mpc.score_shares(values, probe, lam)
+            n = mpc.score_shares(values, template, lam)
+            query.verify_z = mpc.rerandomise(y, key_next, key_prev, label)
+            norm = mpc.rerandomise(n, key_next, key_prev, label + b"/norm")
+            share = norm.astype("<u4").tobytes()
+        finally:
+            record.wipe(values, template, probe, y, n, norm)
+        return identify_pb2.IdentifyQueryResponse(rows=1, gallery_digest=gallery.digest, audit_seq=seq,
+                                                  epoch=row.epoch, norm_share=share)
+
+    def _verify_bits(self, query: _Query, step: identify_pb2.IdentifyVerifyThreshold) -> identify_pb2.IdentifyQueryResponse:
+        """Verify on shares, second half: [s - T >= 0] with this node's share of -T added to its score share."""
+        z = query.verify_z
+        if z is None or query.party is None:
+            raise status.FailedPrecondition("The verify threshold comes once, after the start of a verification.")
+        query.verify_z = None
+        try:
+            share = record.unpack_values(step.share, 1)
+        except InvalidShares:
+            raise status.InvalidArgument("The threshold share is not one field element.") from None
+        shifted = field.add(z, share)
+        query.party.share_input(shifted)
+        record.wipe(z, share, shifted)
+        return identify_pb2.IdentifyQueryResponse(bits=query.party.sign_bits(int(query.start.dimension)))
+
+    def _authorise_verify(self, actor: str, start, committee: list[str], dimension: int):
+        """The provider's VERIFY ticket checked here as ReleaseShare checks it (same replay set and
+        per-subject attempt counters), and one ``verify_on_shares`` entry committed with the row it reads."""
+        from shareholders.service import _CLAIM_CHARS, DENIALS, Refused  # service imports this module
+
+        sh = self.sh
+        ticket = start.ticket
+        claimed = wire.ticket_body(ticket.body) or tickets.TicketBody()
+        keys = self.cfg.tenants.get(claimed.tenant)
+        details = {"query_id": start.query_id, "committee": committee, "dimension": dimension}
+        unverified = {"call": "verify_on_shares", "counted": False, "claimed_tenant": claimed.tenant[:_CLAIM_CHARS],
+                      "claimed_subject": claimed.subject[:_CLAIM_CHARS], **details}
+        if keys is None:
+            sh._deny_now(actor, "unknown_tenant", status.PermissionDenied(
+                "The verification ticket names a tenant not registered at this node."), details=unverified)
+        try:
+            body = wire.verify_ticket(ticket, keys, tenant=claimed.tenant, audience=self.cfg.cluster_id,
+                                      operations=(tickets.VERIFY,))
+        except InvalidTicket as exc:
+            sh._deny_now(actor, "invalid_ticket", status.PermissionDenied(str(exc)), details=unverified)
+        if body.subject != start.verify_subject:
+            sh._deny_now(actor, "invalid_ticket", status.PermissionDenied(
+                "The verification ticket was issued for another subject."), details=unverified)
+        tenant, subject, request_id = body.tenant, body.subject, body.request_id
+        base = {"counted": True, "ticket_expires_ms": body.expires_at_ms, "key_id": ticket.key_id, **details}
+        who = dict(actor=actor, tenant=tenant, subject=subject, request_id=request_id)
+        sh.admit_verification(actor, tenant, subject, request_id, tickets.ticket_id(body), body.expires_at_ms, now_ms(),
+                              base)
+
+        def job(tx: Tx):
+            rows = [r for r in tx.db.subject_rows(tenant, subject)
+                    if r.epoch <= sh.serving_epoch and r.dimension == dimension]
+            if not rows:
+                entry = tx.append("deny", **who, details={**base, "reason": "not_found"})
+                return Refused(status.NotFound("No share of this dimension is stored for this subject."),
+                               "not_found", entry.seq)
+            row = rows[-1]  # the newest epoch this node serves
+            entry = tx.append("verify_on_shares", **who, details={**base, "epoch": row.epoch,
+                                                                   **tickets.audit_details(ticket)})
+            return entry.seq, row
+
+        try:
+            result = sh.writer.run(job)
+        except WriterClosed as exc:
+            raise status.Unavailable(str(exc)) from None
+        if isinstance(result, Refused):
+            DENIALS.labels(sh.name, result.reason).inc()
+            raise result.error
+        seq, row = result
+        logs.event(self._log, "verify_on_shares", tenant=tenant, request_id=request_id, query_id=start.query_id,
+                   audit_seq=seq)
+        return body, seq, row
 
     def _pairs(self, query: _Query, pairs: identify_pb2.IdentifyPairs) -> identify_pb2.IdentifyQueryResponse:
         if query.party is None or query.gallery is None or not query.gallery.subjects:
@@ -476,13 +624,19 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
                                       operations=(tickets.IDENTIFY,))
             except InvalidTicket as exc:
                 why = ("invalid_ticket", status.PermissionDenied(str(exc)))
+            else:
+                # The group searched is the signed one; a start naming another is refused, not widened.
+                if start.group != body.group:
+                    why = ("wrong_group", status.PermissionDenied(
+                        "The identify ticket was issued for another group."))
         if why is None:
             verdict = self.guard.admit(body.tenant, "", tickets.ticket_id(body), body.expires_at_ms, now_ms())
             if verdict == "replayed":
                 why = (verdict, status.PermissionDenied("The identify ticket was already used at this node."))
             elif verdict == "rate_limited":
                 why = (verdict, status.ResourceExhausted("Too many identifications for this tenant; try again later."))
-        details = {"query_id": start.query_id, "committee": committee, "dimension": int(start.dimension)}
+        details = {"query_id": start.query_id, "committee": committee, "dimension": int(start.dimension),
+                   **({"group": start.group[:128]} if start.group else {})}
         if why is not None:
             self.sh._deny_now(actor, why[0], why[1], details={
                 "call": "identify", "counted": False, "claimed_tenant": claimed.tenant[:128], **details})

@@ -65,7 +65,6 @@ STATE_DONE = "finalized"
 
 Phase = shareholder_pb2.RotateKekResponse.Phase
 _log = logging.getLogger("shareholders.rotation")
-_attach_lock = threading.Lock()
 
 
 def crash_point(name: str) -> None:
@@ -74,15 +73,6 @@ def crash_point(name: str) -> None:
     ``retire:key_written``, ``retire:committed``). A no-op; tests replace it
     with one that raises there, which, like a kill -9, loses the open
     transaction and keeps whatever the KEK file already holds."""
-
-
-def rotator(service) -> "Rotator":
-    """The node's one Rotator (made on first use)."""
-    with _attach_lock:
-        found = service.__dict__.get("_rotator")
-        if found is None:
-            found = service._rotator = Rotator(service)
-        return found
 
 
 def current_wrap(ring: KekRing, row: storage.ShareRow) -> storage.ShareRow:

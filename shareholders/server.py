@@ -18,7 +18,7 @@ import pathlib
 from dataclasses import dataclass, field
 
 from shareholders import storage
-from shareholders.audit_log import AuditWriter, now_ms
+from shareholders.audit_log import AuditWriter, WriterClosed, now_ms
 from shareholders.config import ConfigError, NodeConfig, NodeKeys, load_keys
 from shareholders import epochs, identify, witness
 from shareholders.service import AUDIT_HEAD, ROLES, SERVICE, ShareholderService
@@ -161,11 +161,14 @@ def serve(cfg: NodeConfig, *, keys: NodeKeys | None = None, env: dict[str, str] 
         service = ShareholderService(cfg, keys, writer, state)
         rebuilt = service.rebuild_guard()
         actor = f"shareholder/{cfg.name}"
-        writer.run(lambda tx: tx.append(
-            "start", actor=actor,
-            details={"index": cfg.index, "epoch": state.current_epoch, "kek_version": keys.kek.active,
-                     "kek_versions": list(keys.kek.versions), "tenants": sorted(cfg.tenants)[:64]},
-        ))
+        try:
+            writer.run(lambda tx: tx.append(
+                "start", actor=actor,
+                details={"index": cfg.index, "epoch": state.current_epoch, "kek_version": keys.kek.active,
+                         "kek_versions": list(keys.kek.versions), "tenants": sorted(cfg.tenants)[:64]},
+            ))
+        except WriterClosed as exc:  # the store's own reason ("readonly database", ...) for "cannot start"
+            raise (exc.__cause__ or exc) from None
         head_gauge.set(writer.head_seq)
         # Refresh and reshare sessions (shareholders.epochs): auditor and peer RPCs.
         maintenance = epochs.MaintenanceService(service)
@@ -184,6 +187,7 @@ def serve(cfg: NodeConfig, *, keys: NodeKeys | None = None, env: dict[str, str] 
             roles={**ROLES, **epochs.ROLES, **identify.ROLES},
             logger=_log,
             max_workers=cfg.max_workers,
+            unavailable=storage.unavailable_errors(cfg.store),
         )
     except BaseException:
         writer.close()

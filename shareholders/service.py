@@ -44,7 +44,7 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace as replace_row
 from typing import NamedTuple
 
 from prometheus_client import Counter, Gauge
@@ -101,6 +101,7 @@ class WriteAuth(NamedTuple):
     ticket: common_pb2.VerificationTicket
     body: tickets.TicketBody
     item: str = ""
+    group: str = ""  # the gallery group the provider signed for the record (ticket body or batch item)
 
     @property
     def key(self) -> str:
@@ -292,14 +293,30 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
         self._deleted = DELETED.labels(cfg.name)
         self.witness = witness.CheckpointWitness(cfg.name, cfg.witness_peers, self.commit, self._deny_now,
                                                  pins=lambda: committee_pins(self.reader(), cfg))
+        # The node's one KEK rotation job at a time (shareholders.rotation).
+        self.rotator = rotation.Rotator(self)
 
     # --- plumbing ---------------------------------------------------------------
+
+    def admit_verification(self, actor: str, tenant: str, subject: str, request_id: str, replay_key: str,
+                           expires_at_ms: int, now: int, details: dict) -> None:
+        """A verification's ticket against the replay set and the subject's
+        attempt limit (a release, a verification on shares): a deny entry and
+        PERMISSION_DENIED / RESOURCE_EXHAUSTED when refused."""
+        verdict = self.guard.admit(tenant, subject, replay_key, expires_at_ms, now)
+        if verdict == "replayed":
+            self._deny_now(actor, verdict, status.PermissionDenied("The verification ticket was already used at this node."),
+                           tenant=tenant, subject=subject, request_id=request_id, details=details)
+        if verdict == "rate_limited":
+            self._deny_now(actor, verdict, status.ResourceExhausted(
+                "Too many verification attempts for this subject; try again later."),
+                tenant=tenant, subject=subject, request_id=request_id, details=details)
 
     def rebuild_guard(self, now: int | None = None) -> int:
         """Reload replay and attempt state from recent audit entries; returns how many."""
         now = now_ms() if now is None else now
         horizon = max(self.guard.window_ms, tickets.MAX_TTL_MS + tickets.CLOCK_SKEW_MS)
-        rows = self.reader().entries_since(now - horizon, ("release", "deny"))
+        rows = self.reader().entries_since(now - horizon, ("release", "deny", "verify_on_shares"))
         n = 0
         for time_ms, _event, request_id, tenant, subject, details_json in rows:
             details = json.loads(details_json)
@@ -416,7 +433,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                 "claimed_request_id": claimed.request_id[:_CLAIM_CHARS], "key_id": ticket.key_id[:_CLAIM_CHARS],
                 "batch_items": len(batch.items),
             })
-        return body, {(i.subject, i.request_id): i.request_id for i in batch.items}
+        return body, {(i.subject, i.request_id): i.group for i in batch.items}
 
     def _store_tickets(self, actor: str, records, ticket_list, batches, replace: bool,
                        covered: "_Covered | None" = None) -> list[WriteAuth]:
@@ -433,15 +450,16 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                 continue
             body, items = self._check_batch(actor, batch, (operation,), "store")
             covered.checked.add(batch.ticket.signature)
-            for (subject, request_id) in items:
-                covered.items.setdefault((body.tenant, subject, request_id), WriteAuth(batch.ticket, body, request_id))
+            for (subject, request_id), group in items.items():
+                covered.items.setdefault((body.tenant, subject, request_id),
+                                         WriteAuth(batch.ticket, body, request_id, group))
         out = []
         for i, rec in enumerate(records):
             ticket = ticket_list[i] if ticket_list else None
             if ticket is not None and ticket.body:
                 body = self._check_write(actor, ticket, tenant=rec.tenant, subject=rec.subject,
                                          request_id=rec.request_id, operations=(operation,), call="store")
-                out.append(WriteAuth(ticket, body))
+                out.append(WriteAuth(ticket, body, group=body.group))
                 continue
             auth = covered.items.get((rec.tenant, rec.subject, rec.request_id))
             if auth is None:
@@ -500,6 +518,9 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
 
     def _store_job(self, items: list[storage.ShareRow], replace: bool, actor: str, per_record: bool, checked):
         kek_version = self.keys.kek.active
+
+        # Each record under the group its provider-signed authority names.
+        items = [replace_row(i, group=a.group) if a.group else i for i, a in zip(items, checked, strict=True)]
 
         def job(tx: Tx) -> tuple[int, int]:
             db = tx.db
@@ -729,15 +750,8 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                     tenant=tenant, request_id=request_id, details=claimed(identify_query=query_id[:_CLAIM_CHARS]))
             replay_key = f"{replay_key}\x00confirm\x00{subject}"
             base["identify_query"] = query_id
-        verdict = self.guard.admit(tenant, subject, replay_key, body.expires_at_ms, now)
+        self.admit_verification(actor, tenant, subject, request_id, replay_key, body.expires_at_ms, now, base)
         who = dict(actor=actor, tenant=tenant, subject=subject, request_id=request_id)
-        if verdict == "replayed":
-            self._deny_now(actor, verdict, status.PermissionDenied("The verification ticket was already used at this node."),
-                           tenant=tenant, subject=subject, request_id=request_id, details=base)
-        if verdict == "rate_limited":
-            self._deny_now(actor, verdict, status.ResourceExhausted(
-                "Too many verification attempts for this subject; try again later."),
-                tenant=tenant, subject=subject, request_id=request_id, details=base)
 
         index = self.index
 
@@ -964,4 +978,4 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
     # --- key rotation -------------------------------------------------------------
 
     def RotateKek(self, request, context) -> Iterator[shareholder_pb2.RotateKekResponse]:
-        return rotation.rotator(self).stream(request, context, str(caller(context)))
+        return self.rotator.stream(request, context, str(caller(context)))

@@ -62,10 +62,12 @@ def noisy(template: np.ndarray, rng: np.random.Generator, sigma: float = 0.3) ->
 
 
 class Tenant:
-    def __init__(self, name: str, match_threshold: float = 0.8, score_allowed: bool = False):
+    def __init__(self, name: str, match_threshold: float = 0.8, score_allowed: bool = False,
+                 verify_on_shares: bool = False):
         self.name = name
         self.match_threshold = match_threshold
         self.score_allowed = score_allowed
+        self.verify_on_shares = verify_on_shares
         self.key = ed25519.Ed25519PrivateKey.generate()
         self.key_id = f"{name}-1"
 
@@ -125,6 +127,9 @@ def matcher_dict(pki_, endpoints, tenants, *, k: int, dim: int = DIM, call_timeo
             for t in tenants
         },
     }
+    for t in tenants:
+        if getattr(t, "verify_on_shares", False):
+            data["tenants"][t.name]["verify_on_shares"] = True
     if ready_file:
         data["matcher"]["ready_file"] = ready_file
     if hedge_ms is not None:
@@ -326,11 +331,15 @@ def _tls(files) -> str:
 class Processes:
     """Real node and matcher processes under one folder; ``close()`` stops them all."""
 
-    def __init__(self, dev_pki, root: pathlib.Path, tenant: Tenant):
+    def __init__(self, dev_pki, root: pathlib.Path, tenant: Tenant, others: tuple[Tenant, ...] = (),
+                 attempts: int = 100):
         self.pki, self.root, self.tenant = dev_pki, root, tenant
+        self.attempts = attempts
+        self.tenants = {t.name: t for t in (tenant, *others)}
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, pathlib.Path] = {}
         self.addresses: dict[str, str] = {}
+        self.node_extra: dict[str, str] = {}  # name -> more of its node.toml (a [store] section, say)
 
     def _spawn(self, name: str, module: str, config: pathlib.Path) -> None:
         log = config.parent / f"{name}.log"
@@ -352,7 +361,8 @@ class Processes:
         raise AssertionError(f"{name} did not become ready")
 
     def start_nodes(self) -> None:
-        tenant = self.tenant
+        registered = "".join(f'\n[tenants.{t.name}]\nticket_keys = {{ "{t.key_id}" = "{t.public_hex}" }}\n'
+                             for t in self.tenants.values())
         for index, name in enumerate(NAMES, start=1):
             d = self.root / name
             d.mkdir(parents=True)
@@ -362,10 +372,11 @@ class Processes:
                 f'[node]\nname = "{name}"\ncluster_id = "{CLUSTER_ID}"\nindex = {index}\nlisten = "127.0.0.1:0"\ndata_dir = "{d}"\n'
                 f'ready_file = "{d / "ready.json"}"\n\n' + _tls(self.pki.files("shareholder", name))
                 + f'\n[keys]\nkek_file = "{d / "kek.json"}"\naudit_key_file = "{d / "audit.key"}"\n'
-                + '\n[metrics]\nport = -1\n\n[limits]\nattempts_per_subject = 100\nattempt_window_s = 60\n'
-                + f'\n[tenants.{tenant.name}]\nticket_keys = {{ "{tenant.key_id}" = "{tenant.public_hex}" }}\n'
+                + f'\n[metrics]\nport = -1\n\n[limits]\nattempts_per_subject = {self.attempts}\nattempt_window_s = 60\n'
+                + registered
                 + '\n[committee]\nthreshold = 2\nmembers = { '
                 + ", ".join(f'"{n}" = {i}' for i, n in enumerate(NAMES, start=1)) + ' }\n'
+                + self.node_extra.get(name, "")
             )
             self._spawn(name, "shareholders", d / "node.toml")
         for name in NAMES:
@@ -377,7 +388,6 @@ class Processes:
     def start_matcher(self, call_timeout_ms: int = 2000) -> str:
         d = self.root / "matcher"
         d.mkdir()
-        t = self.tenant
         nodes = "".join(
             f'\n[[shareholders]]\nname = "{n}"\nindex = {i}\naddress = "{self.addresses[n]}"\n'
             for i, n in enumerate(NAMES, start=1)
@@ -386,14 +396,15 @@ class Processes:
             f'[matcher]\nlisten = "127.0.0.1:0"\nready_file = "{d / "ready.json"}"\ndimension = {DIM}\n'
             f'threshold = 2\ncall_timeout_ms = {call_timeout_ms}\nlog_level = "INFO"\ncluster_id = "{CLUSTER_ID}"\n\n'
             + _tls(self.pki.files("matcher", "matcher")) + '\n[metrics]\nport = -1\n' + nodes
-            + f'\n[tenants.{t.name}]\nmatch_threshold = {t.match_threshold}\nscore_allowed = false\n'
-            f'ticket_keys = {{ "{t.key_id}" = "{t.public_hex}" }}\n'
+            + "".join(f'\n[tenants.{t.name}]\nmatch_threshold = {t.match_threshold}\nscore_allowed = false\n'
+                      f'verify_on_shares = {str(t.verify_on_shares).lower()}\n'
+                      f'ticket_keys = {{ "{t.key_id}" = "{t.public_hex}" }}\n' for t in self.tenants.values())
         )
         self._spawn("matcher", "matcher", d / "matcher.toml")
         return self._ready("matcher", d / "ready.json")["address"]
 
-    def client(self, address: str) -> MatcherClient:
-        t = self.tenant
+    def client(self, address: str, tenant: str | None = None) -> MatcherClient:
+        t = self.tenants[tenant] if tenant else self.tenant
         return MatcherClient(address, self.pki.tls("psp", t.name), tenant=t.name, ticket_key=t.key, key_id=t.key_id,
                              cluster_id=CLUSTER_ID, matcher="matcher")
 

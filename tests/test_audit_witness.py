@@ -14,6 +14,7 @@ wrong-key caller against a live node's WitnessCheckpoint.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import os
@@ -236,6 +237,41 @@ def _rechain(conn, key, node: str, drop: set[int]) -> None:
     conn.execute("COMMIT")
 
 
+def test_a_peer_that_refuses_is_not_asked_again_for_the_same_checkpoint(root):
+    # bank-c's operator drops bank-a from its peers: each of bank-a's
+    # checkpoints is refused there once (a deny entry), never retried (which
+    # would fill bank-c's log), and stays counted as unpublished at bank-a.
+    config = cluster.Paths(root).node_dir("bank-c") / "node.toml"
+    original = config.read_text()
+    cluster.stop_processes(root, ["bank-c"])
+    config.write_text(re.sub(r'\n\[\[witness\.peers\]\]\nname = "bank-a"\n[^\[]*', "\n", original))
+    try:
+        cluster.restart_node(root, "bank-c")
+        deadline = time.monotonic() + 180  # a loaded 2-core machine signs slowly
+        templates = synthetic_templates(SUBJECTS, DIM, seed=11)
+        with MatcherClient.from_cluster_dir(root) as client:
+            for n in itertools.count():
+                denied = [json.loads(e.details_json) for e in _read_log(root, "bank-c")
+                          if e.event == "deny" and e.actor == "shareholder/bank-a"]
+                if len(denied) >= 2:
+                    break
+                assert time.monotonic() < deadline, denied
+                # A store moves bank-a's chain on, so it signs (and offers bank-c) a new checkpoint.
+                client.enroll(f"refused-{n}", templates[n % SUBJECTS])
+                time.sleep(0.5)
+        time.sleep(4)  # a retry would have come by now (1 s, then 2 s)
+        denied = [json.loads(e.details_json) for e in _read_log(root, "bank-c")
+                  if e.event == "deny" and e.actor == "shareholder/bank-a"]
+        assert {d["reason"] for d in denied} == {"witness_unknown_peer"}
+        seqs = [d["claimed_seq"] for d in denied]
+        assert len(seqs) == len(set(seqs)), seqs  # one try per checkpoint
+        assert metric(root, "bank-a", "splitvault_node_witness_unpublished_checkpoints", peer="bank-c") >= 1
+    finally:
+        cluster.stop_processes(root, ["bank-c"])
+        config.write_text(original)
+        cluster.restart_node(root, "bank-c")
+
+
 def test_signed_releases_cut_or_rewritten_are_caught_by_the_peers(root):
     paths = cluster.Paths(root)
     wait_witnessed(root)
@@ -287,34 +323,3 @@ def test_signed_releases_cut_or_rewritten_are_caught_by_the_peers(root):
     proc = subprocess.run([sys.executable, "-m", "vaultctl", "audit", "verify", "--dir", str(root)],
                           capture_output=True, text=True, env=ENV, timeout=120)
     assert proc.returncode == 3 and "bank-a" in proc.stdout and "witnessed" in proc.stdout
-
-
-def test_a_peer_that_refuses_is_not_asked_again_for_the_same_checkpoint(root):
-    # bank-c's operator drops bank-a from its peers: each of bank-a's
-    # checkpoints is refused there once (a deny entry), never retried (which
-    # would fill bank-c's log), and stays counted as unpublished at bank-a.
-    config = cluster.Paths(root).node_dir("bank-c") / "node.toml"
-    original = config.read_text()
-    cluster.stop_processes(root, ["bank-c"])
-    config.write_text(re.sub(r'\n\[\[witness\.peers\]\]\nname = "bank-a"\n[^\[]*', "\n", original))
-    try:
-        cluster.restart_node(root, "bank-c")
-        deadline = time.monotonic() + 180  # a loaded 2-core machine signs slowly
-        while True:
-            denied = [json.loads(e.details_json) for e in _read_log(root, "bank-c")
-                      if e.event == "deny" and e.actor == "shareholder/bank-a"]
-            if len(denied) >= 2:
-                break
-            assert time.monotonic() < deadline, denied
-            time.sleep(0.5)
-        time.sleep(4)  # a retry would have come by now (1 s, then 2 s)
-        denied = [json.loads(e.details_json) for e in _read_log(root, "bank-c")
-                  if e.event == "deny" and e.actor == "shareholder/bank-a"]
-        assert {d["reason"] for d in denied} == {"witness_unknown_peer"}
-        seqs = [d["claimed_seq"] for d in denied]
-        assert len(seqs) == len(set(seqs)), seqs  # one try per checkpoint
-        assert metric(root, "bank-a", "splitvault_node_witness_unpublished_checkpoints", peer="bank-c") >= 1
-    finally:
-        cluster.stop_processes(root, ["bank-c"])
-        config.write_text(original)
-        cluster.restart_node(root, "bank-c")

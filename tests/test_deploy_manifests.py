@@ -157,6 +157,8 @@ def test_the_image_runs_unprivileged_with_a_health_check_and_no_key_inside():
     assert not [ln for ln in copies if re.search(r"\.(key|pem)\b|kek|secret|operators|psp/", ln)]
     assert not [ln for ln in lines if ln.startswith("ENV") and "SPLITVAULT_" in ln]
     assert subprocess.run(["sh", "-n", str(DEPLOY / "entrypoint.sh")]).returncode == 0
+    # The PostgreSQL client for a node's [store] backend = "postgres".
+    assert re.search(r'^RUN pip install .* "psycopg\[binary\]', text, re.M)
 
 
 @pytest.mark.e2e
@@ -182,3 +184,96 @@ def test_the_probe_answers_for_a_running_server_and_fails_for_a_stopped_one(tmp_
         assert r.stderr.strip() == f"probe: shareholder/bank-a at {address} is UNREACHABLE."
     finally:
         cluster.down(root)
+
+
+NODE_VALUES = [v for v in VALUES if "node" in render.load_values(v)]
+
+
+def _conninfo(dsn: str) -> dict:
+    from psycopg.conninfo import conninfo_to_dict  # libpq's own parser
+
+    return conninfo_to_dict(dsn)
+
+
+@pytest.mark.parametrize("values_file", NODE_VALUES, ids=lambda p: p.stem)
+def test_a_node_on_postgres_signs_in_to_its_own_database_with_certificates_only(values_file, tmp_path):
+    pytest.importorskip("psycopg")
+    values = render.load_values(values_file)
+    store, secrets = values["store"], values["secrets"]
+    objects = rendered(values_file)
+    files = [o for o in objects if o["kind"] == "ConfigMap"][0]["data"]
+    assert "password" not in "".join(files.values()).lower()
+    pod = workload(objects)["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (container,) = pod["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    (init,) = pod["initContainers"]
+    init_mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+
+    def dsn_of(config: str, name: str, owner: bool) -> dict:
+        (tmp_path / name).write_text(config)
+        cfg = load_config(tmp_path / name, env={})  # the real node's loader
+        assert cfg.store_backend == "postgres" and bool(cfg.store_owner_dsn) == owner
+        info = _conninfo(cfg.store_owner_dsn if owner else cfg.store_dsn)
+        assert "password" not in info and "passfile" not in info
+        # TLS to the institution's own database server, its certificate checked (CA and host name).
+        assert info["sslmode"] == "verify-full"
+        assert (info["host"], int(info["port"]), info["dbname"]) == (store["host"], store.get("port", 5432), store["database"])
+        return info
+
+    # The serving node: its own role, its certificate from its own Secret; the owner's is not mounted.
+    node = dsn_of(files["config.toml"], "config.toml", owner=False)
+    assert node["user"] == store["role"]
+    assert volumes["pg"]["secret"]["secretName"] == secrets["store"]
+    assert all(node[k].startswith(mounts["pg"] + "/") for k in ("sslrootcert", "sslcert", "sslkey"))
+    assert "pg-owner" not in mounts
+    # The init container: the owner migrates and grants, with the owner's certificate.
+    assert init["name"] == "migrate" and init["args"] == ["migrate"] and init["image"] == container["image"]
+    assert init["securityContext"] == container["securityContext"]
+    owner = dsn_of(files["migrate.toml"], "migrate.toml", owner=True)
+    assert owner["user"] == store["owner_role"] != store["role"]
+    assert volumes["pg-owner"]["secret"]["secretName"] == secrets["store_owner"] != secrets["store"]
+    assert all(owner[k].startswith(init_mounts["pg-owner"] + "/") for k in ("sslrootcert", "sslcert", "sslkey"))
+    assert init_mounts["config"] == render.MIGRATE_CONFIG_PATH
+    assert render.MIGRATE_CONFIG_PATH in (DEPLOY / "entrypoint.sh").read_text()
+
+
+def test_no_two_institutions_share_a_database():
+    pytest.importorskip("psycopg")
+    seen = {}
+    for values_file in NODE_VALUES:
+        config = [o for o in rendered(values_file) if o["kind"] == "ConfigMap"][0]["data"]["config.toml"]
+        dsn = _conninfo(re.search(r'(?m)^dsn = "(.*)"$', config).group(1))
+        # Each institution runs its own database server: neither the server nor the database is shared.
+        for key in (dsn["host"], (dsn["host"], dsn["port"], dsn["dbname"])):
+            assert key not in seen, (values_file.name, seen.get(key))
+            seen[key] = values_file.name
+    assert len(seen) == 2 * len(NODE_VALUES) == 6
+
+
+@pytest.mark.parametrize("line, message", [
+    ('password = "hunter2"', "The values file's [store] takes no password: the roles sign in with the client "
+                             "certificates in secrets.store and secrets.store_owner."),
+    ('dsn = "host=pg user=splitvault_node"', "The values file's [store] takes no dsn: the roles sign in with the "
+                                             "client certificates in secrets.store and secrets.store_owner."),
+    ('owner_role = "splitvault_node"', "The values store.role and store.owner_role must differ: the node's role "
+                                       "must not own the tables."),
+], ids=["password", "dsn", "owner-is-node"])
+def test_a_store_with_a_password_or_the_owners_role_is_refused(tmp_path, line, message):
+    text = re.sub(r'(?m)^owner_role = .*$', "", (DEPLOY / "values" / "bank-a.toml").read_text())
+    broken = tmp_path / "broken.toml"
+    broken.write_text(text.replace('backend = "postgres"', f'backend = "postgres"\n{line}'))
+    if not line.startswith("owner_role"):
+        broken.write_text(broken.read_text().replace(line, f'{line}\nowner_role = "splitvault_owner"'))
+    r = subprocess.run([sys.executable, str(DEPLOY / "render.py"), str(broken)], capture_output=True, text=True)
+    assert (r.returncode, r.stdout, r.stderr.strip()) == (1, "", f"render: {message}")
+
+
+def test_a_node_without_a_store_section_stays_on_sqlite(tmp_path):
+    values = render.load_values(DEPLOY / "values" / "bank-a.toml")
+    del values["store"]
+    objects = render.render(values)
+    cfg = load_config(_config_file(objects, tmp_path / "config.toml"), env={})
+    assert cfg.store_backend == "sqlite" and cfg.store_dsn == ""
+    pod = workload(objects)["spec"]["template"]["spec"]
+    assert "initContainers" not in pod and not {"pg", "pg-owner"} & {v["name"] for v in pod["volumes"]}

@@ -211,7 +211,7 @@ def test_restart_on_a_read_only_database_is_refused_clearly(cluster, dev_pki):
     with immutable(*files):
         code, log = p.restart_node_refused("bank-b")
         assert code == 1
-        [line] = [e for e in log if e.get("level") == "error"]
+        [line] = [e for e in log if e.get("msg") == "cannot start"]  # after "audit commit failed", the reason
         assert line["msg"] == "cannot start" and "readonly" in line["error"].replace("-", "").replace(" ", "")
         assert "Traceback" not in p.logs["bank-b"].read_text()
         with p.client(address) as client:

@@ -34,13 +34,18 @@ def test_identify_command(tmp_path):
         assert json_out(r)["decision"] == "NO_MATCH" and json_out(r)["subject"] is None
         r = vaultctl("identify", "--dir", root, "--probe", tmp_path / "alice-probe.npy")
         assert r.returncode == 0 and r.stdout.startswith("MATCH alice")
-        r = vaultctl("identify", "--dir", root, "--probe", tmp_path / "alice-probe.npy", "--group", "store-1")
-        assert r.returncode == 1 and "not supported yet" in r.stderr
+        # alice was enrolled under no group: a search of group store-1 does not see her.
+        r = vaultctl("identify", "--dir", root, "--probe", tmp_path / "alice-probe.npy", "--group", "store-1",
+                     "--format", "json")
+        assert r.returncode == 0, r.stderr
+        assert json_out(r)["decision"] == "NO_MATCH"
+        r = vaultctl("identify", "--dir", root, "--probe", tmp_path / "alice-probe.npy", "--group", "x" * 65)
+        assert r.returncode == 1 and "64 bytes" in r.stderr
         # Every node logged each query once, under a provider-signed IDENTIFY ticket.
         r = vaultctl("audit", "reconcile", "--dir", root, "--format", "json")
         assert r.returncode == 0, r.stdout + r.stderr
         body = json_out(r)
-        assert body["identifications"] == 3 and body["identifications_by_nodes"] == {"3": 3}
+        assert body["identifications"] == 4 and body["identifications_by_nodes"] == {"3": 4}
         assert body["unexplained_count"] == 0
         # The nodes' galleries follow a proactive refresh (new epoch, new shares) and a KEK rotation.
         for command in (("refresh", "--dir", root), ("rotate", "kek", "--dir", root, "--node", "bank-a")):

@@ -98,3 +98,20 @@ def test_python_m_matcher_missing_tls_file_exits_1(tmp_path, dev_pki):
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr and "missing.key" in proc.stderr
+
+
+def test_verify_on_shares_is_a_tenant_option_with_its_preconditions(dev_pki):
+    t = Tenant("acme")
+    three = [("bank-a", 1, "127.0.0.1:1"), ("bank-b", 2, "127.0.0.1:2"), ("bank-c", 3, "127.0.0.1:3")]
+    data = matcher_dict(dev_pki, three, [t], k=2)
+    assert not matcher_config.from_dict(data).tenants["acme"].verify_on_shares
+    data["tenants"]["acme"]["verify_on_shares"] = True
+    assert matcher_config.from_dict(data).tenants["acme"].verify_on_shares
+    for edit, words in ((lambda d: d["tenants"]["acme"].update(score_allowed=True), "score_allowed"),
+                        (lambda d: d["matcher"].update(threshold=3), "threshold = 2"),
+                        (lambda d: d.update(shareholders=d["shareholders"][:2]), "three shareholders")):
+        bad = matcher_dict(dev_pki, three, [t], k=2)
+        bad["tenants"]["acme"]["verify_on_shares"] = True
+        edit(bad)
+        with pytest.raises(matcher_config.ConfigError, match=words):
+            matcher_config.from_dict(bad)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from stats_kit import chi2_critical, two_sample_chi2
 
 from vault import codec, field, mpc, rng, sharing
+from vault.errors import InvalidShares
 from vault.field import FIELD_DTYPE, P
 
 D = 512
@@ -89,6 +90,21 @@ def test_score_shares_are_exact_past_2048_columns():
     ys = [mpc.score_shares(t[j], q[j][0], mpc.lagrange((1, 2, 3), j)) for j in range(3)]
     total = field.to_signed(field.add(field.add(ys[0], ys[1]), ys[2]))
     assert total.tolist() == (codes.astype(np.int64) @ probe.astype(np.int64)).tolist()
+
+
+def test_score_shares_of_a_batch_are_the_single_scores():
+    # A batch of probes is one matrix product: exactly the rows of B single products (past 2048 columns too).
+    gen = np.random.default_rng(11)
+    for d in (D, 2100):
+        codes = gen.integers(-127, 128, (40, d)).astype(np.int8)
+        probes = gen.integers(-127, 128, (5, d)).astype(np.int8)
+        t, q = gallery_of(codes), shares_of(probes)
+        lam = mpc.lagrange((1, 2, 3), 1)
+        batch = mpc.score_shares(t[1], q[1], lam)
+        assert batch.shape == (5, 40)
+        assert np.array_equal(batch, np.stack([mpc.score_shares(t[1], q[1][b], lam) for b in range(5)]))
+    with pytest.raises(ValueError, match="dimension"):
+        mpc.score_shares(t[1], q[1][:, :-1], lam)
 
 
 def test_score_shares_need_the_compute_form():
@@ -278,3 +294,92 @@ def test_a_node_view_and_the_matcher_openings_are_independent_of_probe_and_templ
     # and uniform: each byte value about equally often
     expected = recv_a.sum() / 256
     assert ((recv_a - expected) ** 2 / expected).sum() < chi2_critical(255)
+
+
+# --- Verify on shares ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tau", [0.8, 0.5, 0.75, 0.36, 0.6123456789, 1.0, 0.05])
+def test_verify_threshold_is_codecs_cosine_rule_at_the_boundary(tau):
+    # Integer scores on both sides of the boundary: [s >= T] must be codec.cosine_of(s, ...) >= tau,
+    # float64 rounding included; most of these pairs have cosines within 1e-6 of tau.
+    gen = np.random.default_rng(int(tau * 1e6))
+    lo, hi = mpc.norm_bounds(D)
+    within = checked = 0
+    for _ in range(3000):
+        aa = int(gen.integers(hi // 4, hi + 1))
+        bb = int(gen.integers(lo, hi + 1))
+        t = mpc.verify_threshold(tau, aa, bb, D)
+        for s in range(t - 3, t + 3):
+            if abs(s) > MAX:
+                continue
+            cos = codec.cosine_of(s, aa, bb)
+            assert (s >= t) == (cos >= tau), (aa, bb, s, t)
+            within += abs(cos - tau) < 1e-6
+            checked += 1
+    assert checked >= 15_000 and within >= 3000
+
+
+def test_verify_threshold_exact_ties_and_refusals():
+    # cos = 3/4 exactly: a perfect square aa * bb and s = 3/4 sqrt(aa bb): a MATCH (>=), as in float.
+    aa, bb = 64 * 16129, 16129  # sqrt(aa bb) = 8 * 16129
+    s = 6 * 16129
+    assert codec.cosine_of(s, aa, bb) == 0.75
+    assert mpc.verify_threshold(0.75, aa, bb, D) == s
+    for bad in ((0.8, 0, 16129), (0.8, 16129, 16128), (0.8, 16129, MAX + 1)):
+        with pytest.raises(InvalidShares):
+            mpc.verify_threshold(*bad, D)
+    with pytest.raises(ValueError):
+        mpc.verify_threshold(0.0, 16129, 16129, D)
+
+
+def test_threshold_shares_sum_to_minus_t_and_open_sum_is_signed():
+    for t in (0, 1, -5, MAX + 1, 123456):
+        parts = mpc.threshold_shares(t)
+        assert len(parts) == 3 and all(0 <= x < P for x in parts)
+        assert mpc.open_sum(parts) == -t
+    assert len({tuple(mpc.threshold_shares(7)) for _ in range(20)}) == 20
+
+
+def _near_threshold_pairs(gen, count: int, tau: float) -> tuple[np.ndarray, np.ndarray]:
+    """(count, D) template and probe codes, half just above and half just below tau (bisection on an arc)."""
+    ts, qs = [], []
+    for i in range(count // 2):
+        t = gen.standard_normal(D)
+        t /= np.linalg.norm(t)
+        e = gen.standard_normal(D)
+        e -= (e @ t) * t
+        e /= np.linalg.norm(e)
+        tc = codec.encode(t, D)[0]
+        lo, hi = 0.0, np.pi / 2
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if codec.cosine(tc, codec.encode(np.cos(mid) * t + np.sin(mid) * e, D)[0]) >= tau:
+                lo = mid
+            else:
+                hi = mid
+        for a in (lo, hi):
+            ts.append(tc)
+            qs.append(codec.encode(np.cos(a) * t + np.sin(a) * e, D)[0])
+    return np.stack(ts), np.stack(qs)
+
+
+def test_verify_on_shares_gives_codecs_decisions_on_near_threshold_pairs():
+    gen = np.random.default_rng(2026)
+    tau = 0.8
+    tcodes, qcodes = _near_threshold_pairs(gen, 200, tau)
+    extra_t = codec.encode(gen.standard_normal((40, D)), D)
+    tcodes = np.concatenate([tcodes, extra_t, extra_t[:20]])
+    noise = gen.standard_normal((20, D)) * 0.02
+    qcodes = np.concatenate([qcodes, codec.encode(gen.standard_normal((40, D)), D),  # impostors
+                             codec.encode(extra_t[:20] / 127.0 + noise, D)])  # genuine
+    want = np.array([codec.cosine(q, t) >= tau for t, q in zip(tcodes, qcodes)])
+    committee = (1, 2, 3)
+    tsh = sharing.split(codec.to_field(tcodes).reshape(1, -1), 2, 3)[:, 0].reshape(3, *tcodes.shape)
+    qsh = sharing.split(codec.to_field(qcodes).reshape(1, -1), 2, 3)[:, 0].reshape(3, *qcodes.shape)
+    norms = [int(q.astype(np.int64) @ q.astype(np.int64)) for q in qcodes]
+    got = mpc.verify_local(tsh, qsh, committee, tau, norms)
+    assert got.tolist() == want.tolist()
+    cos = np.array([codec.cosine(q, t) for t, q in zip(tcodes, qcodes)])
+    assert np.sum(np.abs(cos[:200] - tau) < 1e-3) == 200 and want[:200].sum() == 100
+    assert want[200:240].sum() == 0 and want[240:].all()

@@ -52,8 +52,13 @@ client = MatcherClient(cfg.address, TlsFiles(cfg.ca, cfg.cert, cfg.key).load(), 
                        ticket_key=pki.load_signing_key(pathlib.Path(cfg.ticket_key).read_bytes()),
                        key_id=cfg.key_id, matcher=cfg.matcher, cluster_id=cfg.cluster_id, timeout_s=cfg.timeout_s)
 templates = np.load(sys.argv[2])
-replies = client.enroll_many((f"s{i}", templates[i]) for i in range(len(templates)))
-print(json.dumps({"failed": sum(1 for r in replies if r.code)}))
+replies = list(client.enroll_many((f"s{i}", templates[i]) for i in range(len(templates))))
+# A batch that timed out on a loaded machine stored nothing (UNAVAILABLE): enrol those subjects once more.
+again = [i for i, r in enumerate(replies) if r.code]
+codes = sorted({str(replies[i].code) for i in again})
+if again:
+    replies = list(client.enroll_many((f"s{i}", templates[i]) for i in again))
+print(json.dumps({"failed": sum(1 for r in replies if r.code), "first_try": codes}))
 client.close()
 """
 
@@ -130,7 +135,7 @@ def committee(tmp_path_factory):
         (root / "enroll.py").write_text(ENROLL_DRIVER)
         enrolled = hosts.run(OPS, [sys.executable, str(root / "enroll.py"), str(client_toml), str(root / "templates.npy")])
         assert enrolled.returncode == 0, enrolled.stderr[-2000:]
-        assert json.loads(enrolled.stdout) == {"failed": 0}
+        assert json.loads(enrolled.stdout)["failed"] == 0, enrolled.stdout
         yield {"root": root, "hosts": hosts, "client": client_toml, "auditor": auditor_toml, "templates": templates}
     finally:
         left = hosts.close()

@@ -224,3 +224,22 @@ def test_every_per_subject_lookup_seeks_on_tenant_and_subject(db):
             continue
         plan = " | ".join(str(r[-1]) for r in db.conn.execute("EXPLAIN QUERY PLAN " + sql, params).fetchall())
         assert "tenant=? AND subject=?" in plan, (sql, plan)
+
+
+def test_identify_reads_one_gallery_group(db):
+    # A record's group round-trips, and Identify's reads narrow to one group ('' = every group).
+    import dataclasses
+
+    rows = [dataclasses.replace(row(subject=f"s{i}"), group=("north", "south", "")[i % 3]) for i in range(9)]
+    with db.transaction():
+        db.insert_shares(rows)
+    assert db.subject_rows("acme", "s1") == [rows[1]] and rows[1].group == "south"
+    assert [v[0] for v in db.tenant_row_versions("acme", 16, 1, "north")] == ["s0", "s3", "s6"]
+    assert len(db.tenant_row_versions("acme", 16, 1)) == 9
+    assert [r.subject for r in db.tenant_rows("acme", 16, 1, group="south")] == ["s1", "s4", "s7"]
+    assert db.tenant_row_versions("acme", 16, 1, "west") == []
+    if db.dialect is storage.dialect.SQLITE:
+        sql = ("SELECT subject, epoch, request_id, nonce FROM shares WHERE tenant = ? AND dimension = ? "
+               "AND epoch <= ? AND grp = ? ORDER BY subject, epoch")
+        plan = " | ".join(str(r[-1]) for r in db.conn.execute("EXPLAIN QUERY PLAN " + sql, ("acme", 16, 1, "north")))
+        assert "COVERING INDEX shares_by_group (tenant=? AND grp=?" in plan, plan

@@ -121,3 +121,28 @@ def test_json_log_line_is_unchanged():
                 "method": METHOD, "caller": "matcher/m", "code": "OK", "ms": 1.25, "n": None, "who": "a/b"}
     assert line == json.dumps(expected, separators=(",", ":"), default=str)
     assert record.funcName == "event" and record.pathname == logs.__file__
+
+
+def test_a_store_out_of_reach_is_unavailable_not_internal(pems):
+    """Errors the server names as "not now" (a node's PostgreSQL away or just
+    restarted: shareholders.storage.unavailable_errors) are UNAVAILABLE with
+    one sentence; any other exception stays INTERNAL."""
+
+    class Away(Exception):
+        pass
+
+    def raising(exc):
+        def behaviour(request, context):
+            raise exc
+        return grpc.unary_unary_rpc_method_handler(behaviour)
+
+    icpt = rpcserver.RoleInterceptor({METHOD: frozenset({"matcher"})}, logging.getLogger("test"), (Away,))
+    for exc, code, message in ((Away("server closed the connection unexpectedly"), grpc.StatusCode.UNAVAILABLE,
+                                rpcserver.STORE_UNAVAILABLE),
+                               (KeyError("x"), grpc.StatusCode.INTERNAL, "Internal error; the server log has the details.")):
+        handler = raising(exc)
+        wrapped = icpt.intercept_service(lambda d: handler, details())
+        ctx = Ctx(pems["matcher"])
+        with pytest.raises(Exception) as err:
+            wrapped.unary_unary(b"x", ctx)
+        assert (ctx.code(), str(err.value)) == (code, message)

@@ -34,6 +34,12 @@ Rounds: 1 (inputs) + 1 (carry-save) + 1 (generate) + 5 (prefix tree) + 1
 The same circuit on s_a - s_b - M decides whether candidate a beats
 candidate b by the margin M (``Party.compare_pairs``; inputs local, 8 rounds).
 
+Verify on shares (1:1) is the same machinery on a one-row gallery:
+``verify_threshold`` finds the integer T with [s >= T] == Verify's
+``codec.cosine(q, t) >= tau`` from |q|^2 and the opened |t|^2,
+``threshold_shares`` deals -T additively so no node learns it, and
+``Party.sign_bits`` opens [s - T >= 0] (``verify_local``: in one process).
+
 Security model: semi-honest, one corrupted party of three. A party that
 deviates can flip any output bit; the matcher therefore confirms the
 candidates the bits name with a MAC-checked rejoin and Verify's cosine rule
@@ -46,15 +52,19 @@ key, with a label naming the query and the round.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import secrets
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from vault import field, proactive
+from vault.codec import cosine_of
 from vault.errors import InvalidShares
 from vault.field import FIELD_DTYPE, P
 
@@ -153,24 +163,26 @@ def score_shares(gallery: np.ndarray, probe: np.ndarray, coefficient: int) -> np
     """y[g] = coefficient * <gallery[g], probe>  (mod P) for every row: (G,) field elements.
 
     ``gallery`` is a node's shares in ``compute_form`` (G, d), ``probe`` its
-    share of the probe (d,). Exact: the probe is cut into three 11-bit limbs,
-    each a float64 BLAS matrix-vector product over at most 2^11 columns
-    (every partial sum < 2^53), reduced mod P and recombined in uint64.
+    share of the probe (d,), or of B probes (B, d), then y is (B, G): one
+    matrix product for the batch instead of B matrix-vector products. Exact:
+    the probe is cut into three 11-bit limbs, each a float64 BLAS product
+    over at most 2^11 columns (every partial sum < 2^53), reduced mod P and
+    recombined in uint64.
     """
     g = np.asarray(gallery)
     q = np.asarray(probe)
     if g.dtype != np.float64 or g.ndim != 2:
         raise InvalidShares("Gallery shares must be in compute form (mpc.compute_form).")
-    if q.ndim != 1 or q.shape[0] != g.shape[1]:
-        raise InvalidShares("A probe share is one vector of the gallery's dimension.")
+    if q.ndim not in (1, 2) or q.shape[-1] != g.shape[1]:
+        raise InvalidShares("A probe share is one vector (or a batch of vectors) of the gallery's dimension.")
     q32 = q.astype(np.uint32)
-    acc = np.zeros(g.shape[0], dtype=np.uint64)
+    acc = np.zeros(q.shape[:-1] + (g.shape[0],), dtype=np.uint64)
     for c0 in range(0, g.shape[1], _LIMB_COLUMNS):
         c1 = min(c0 + _LIMB_COLUMNS, g.shape[1])
         block = g[:, c0:c1]
         for limb in range(3):
-            part = ((q32[c0:c1] >> np.uint32(_LIMB_BITS * limb)) & np.uint32((1 << _LIMB_BITS) - 1))
-            dots = (block @ part.astype(np.float64)).astype(np.uint64)  # < 2^53: exact
+            part = ((q32[..., c0:c1] >> np.uint32(_LIMB_BITS * limb)) & np.uint32((1 << _LIMB_BITS) - 1))
+            dots = (part.astype(np.float64) @ block.T).astype(np.uint64)  # < 2^53: exact
             field._reduce_u64_inplace(dots)  # [0, P)
             np.add(acc, dots << np.uint64(_LIMB_BITS * limb), out=acc)  # < 2^53 each term
             field._fold(acc)
@@ -417,6 +429,18 @@ class Party:
             nxt = field.add(nxt, add)
         return mine, nxt
 
+    def sign_bits(self, dimension: int) -> bytes:
+        """[v >= 0] per row, v the value the three input shares sum to, as this party's opening.
+
+        Verify on shares: the threshold is already in the inputs (each node
+        added its additive share of -T, ``threshold_shares``), so no node
+        learns T; |v| = |s - T| <= 2 max_score + 1 < 2^B.
+        """
+        if self._z is None or self._z_next is None:
+            raise ValueError("share_input must come first.")
+        bit = offset_bit(dimension)
+        return self.compare_shifted(self._z, self._z_next, 1 << bit, bit)
+
     def wipe(self) -> None:
         for arr in (self._z, self._z_next):
             if arr is not None:
@@ -480,6 +504,107 @@ def plaintext_decision(codes: np.ndarray, probe: np.ndarray, threshold: int, mar
         return decide(cands)
     bits = np.array([scores[a] - scores[b] >= int(margin) for a, b in candidate_pairs(cands)])
     return decide(cands, bits)
+
+
+# --- Verify on shares (1:1) --------------------------------------------------------
+#
+# The claimed subject's row is a one-row gallery. Verify decides
+# codec.cosine_of(s, |q|^2, |t|^2) >= tau with s = <t, q>; that is
+# non-decreasing in s for fixed norms, so it equals [s >= T] for one integer
+# T. The nodes open |t|^2 to the matcher (a degree-2 sharing made additive
+# and re-randomised like the scores); the matcher, which holds |q|^2, finds T
+# (verify_threshold) and deals each node an additive share of -T
+# (threshold_shares); the circuit then opens only [s - T >= 0].
+
+
+def norm_bounds(dimension: int) -> tuple[int, int]:
+    """The least and largest |t|^2 of an int8 code (its largest |coordinate| is 127)."""
+    return _QMAX_SQ, max_score(dimension)
+
+
+def verify_threshold(match_threshold: float, probe_norm_sq: int, template_norm_sq: int, dimension: int) -> int:
+    """The least integer T with codec.cosine_of(T, |q|^2, |t|^2) >= tau, clamped like ``clamp_threshold``.
+
+    Then for every integer score s, [s >= T] == [codec.cosine_of(s, ...) >= tau]:
+    float64 rounding included, because the float expression itself is
+    inverted (a correctly rounded s / c is monotone in s). Start: the real
+    boundary from tau's exact rational value, T0 = ceil(tau sqrt(aa bb))
+    (integer square root), then stepped to where the float expression turns
+    (one step at most at d <= 16,643).
+    """
+    tau = float(match_threshold)
+    aa, bb = int(probe_norm_sq), int(template_norm_sq)
+    lo, hi = norm_bounds(dimension)
+    if not 0.0 < tau <= 1.0:
+        raise ValueError("The match threshold must be above 0 and at most 1.")
+    if not (1 <= aa <= hi and lo <= bb <= hi):
+        raise InvalidShares("A squared norm is outside the range of int8 codes of this dimension.")
+    frac = Fraction(tau)
+    # s >= tau sqrt(aa bb)  <=>  s >= 0 and s^2 >= N^2 aa bb / D^2 (tau = N / D > 0).
+    need = -((-(frac.numerator ** 2) * aa * bb) // (frac.denominator ** 2))  # ceil
+    t = 0 if need <= 0 else math.isqrt(need - 1) + 1
+    top = max_score(dimension) + 1
+    while t > -top and cosine_of(t - 1, aa, bb) >= tau:
+        t -= 1
+    while t < top and cosine_of(t, aa, bb) < tau:
+        t += 1
+    return clamp_threshold(t, dimension)
+
+
+def threshold_shares(threshold: int, count: int = PARTIES) -> list[int]:
+    """``count`` uniform additive shares of -threshold (mod P), from the OS CSPRNG."""
+    parts = [secrets.randbelow(P) for _ in range(count - 1)]
+    parts.append((-int(threshold) - sum(parts)) % P)
+    return parts
+
+
+def open_sum(components: Sequence[int]) -> int:
+    """The signed value in (-P/2, P/2) that additive shares sum to."""
+    if len(components) != PARTIES:
+        raise InvalidShares("Opening needs the three parties' components.")
+    v = sum(int(c) for c in components) % P
+    return v - P if v > P // 2 else v
+
+
+def verify_local(template_shares: Sequence[np.ndarray], probe_shares: Sequence[np.ndarray],
+                 committee: Sequence[int], match_threshold: float, probe_norms_sq: Sequence[int]) -> np.ndarray:
+    """Verify on shares with the three parties as threads of this process (tests).
+
+    Row g is one verification: ``template_shares[j][g]`` and
+    ``probe_shares[j][g]`` (d field elements) are the node at ``committee[j]``'s
+    shares of the claimed template and of the probe. Returns the decisions
+    (G,) bool; every row runs the nodes' steps (shareholders.identify), sliced
+    into one circuit.
+    """
+    trio = LocalTrio()
+    rows, dimension = np.shape(template_shares[0])
+    norms_z: list = [None] * PARTIES
+    z: list = [None] * PARTIES
+
+    def own_products(j: int) -> tuple[np.ndarray, np.ndarray]:
+        lam = lagrange(committee, j)
+        t = np.asarray(template_shares[j])
+        q = np.asarray(probe_shares[j])
+        y = np.array([score_shares(compute_form(t[g:g + 1]), q[g], lam)[0] for g in range(rows)], dtype=FIELD_DTYPE)
+        n = np.array([score_shares(compute_form(t[g:g + 1]), t[g], lam)[0] for g in range(rows)], dtype=FIELD_DTYPE)
+        return y, n
+
+    for j in range(PARTIES):
+        y, n = own_products(j)
+        z[j] = rerandomise(y, trio.keys[j], trio.keys[(j - 1) % PARTIES], trio.label)
+        norms_z[j] = rerandomise(n, trio.keys[j], trio.keys[(j - 1) % PARTIES], trio.label + b"/norm")
+    norms = [open_sum([int(norms_z[j][g]) for j in range(PARTIES)]) for g in range(rows)]
+    thresholds = [verify_threshold(match_threshold, probe_norms_sq[g], norms[g], dimension) for g in range(rows)]
+    dealt = np.array([threshold_shares(t) for t in thresholds], dtype=FIELD_DTYPE)  # (G, 3)
+
+    def phase(j: int, party: Party) -> bytes:
+        party.share_input(field.add(z[j], np.ascontiguousarray(dealt[:, j])))
+        return party.sign_bits(dimension)
+
+    try:
+        return open_bits(trio.run(phase), rows)
+    finally:
+        trio.wipe()
 
 
 # --- an in-process run of the three parties (tests, bench) -----------------------

@@ -9,6 +9,7 @@ in the audit log and on the wire. docs/contracts.md states the same rules.
 | kind | rule | where |
 |---|---|---|
 | identifier (tenant, subject in a record or ticket) | 1-128 bytes of UTF-8, every character printable (``str.isprintable``: no control, format, separator other than space, surrogate or unassigned character) | ``check_id`` |
+| gallery group (Identify's narrowing, set at enrolment) | empty (no group), or up to 64 bytes of UTF-8, every character printable | ``check_group`` |
 | token (request id, KEK-rotation session id, cluster id) | 1-128 printable ASCII characters | ``check_token`` |
 | name (node, party, certificate name, tenant in a config) | 1-63 of ``[A-Za-z0-9._-]``, starting with a letter or digit | ``check_name`` |
 | server name (matcher, node) | a name that is also a DNS name: lowercase labels of ``[a-z0-9-]``, no label starting or ending with ``-`` | ``check_server_name`` |
@@ -23,11 +24,13 @@ from vault.errors import InvalidName
 
 __all__ = [
     "InvalidName", "MAX_DIMENSION", "MAX_ID_BYTES", "MAX_SHAREHOLDERS", "SESSION_ID", "check_id", "check_id_bytes", "check_index",
-    "check_name", "check_server_name", "check_token", "is_name", "is_session_id",
+    "check_group", "check_name", "check_server_name", "check_token", "is_name", "is_session_id",
 ]
 
 # Longest identifier or token, in UTF-8 bytes.
 MAX_ID_BYTES = 128
+# Longest gallery group, in UTF-8 bytes.
+MAX_GROUP_BYTES = 64
 # Most shareholders: x-coordinates 1..255 stay small, which keeps Horner's
 # intermediate values < 2**43 (vault.sharing._evaluate).
 MAX_SHAREHOLDERS = 255
@@ -59,6 +62,15 @@ def check_id_bytes(value: str, what: str) -> bytes:
 def check_id(value: str, what: str) -> str:
     """An identifier (tenant or subject): see the table above."""
     check_id_bytes(value, what)
+    return value
+
+
+def check_group(value: str, what: str = "group") -> str:
+    """A gallery group: empty (none), or 1-64 bytes of printable UTF-8."""
+    if not isinstance(value, str):
+        raise InvalidName(f"The {what} must be a string.")
+    if value and (not value.isprintable() or len(value.encode("utf-8")) > MAX_GROUP_BYTES):
+        raise InvalidName(f"The {what} must be at most {MAX_GROUP_BYTES} bytes of printable text.")
     return value
 
 

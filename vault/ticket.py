@@ -80,15 +80,17 @@ class TicketBody:
     probe_digest: bytes = b""
     template_digest: bytes = b""
     batch_digest: bytes = b""
+    group: str = ""
 
 
 @dataclass(frozen=True)
 class WriteItem:
-    """One template of a batch ticket: subject, request id and salted template digest."""
+    """One template of a batch ticket: subject, request id, salted template digest and group."""
 
     subject: str
     request_id: str
     template_digest: bytes
+    group: str = ""
 
 
 def check_audience(value: str) -> str:
@@ -122,10 +124,10 @@ def item_digest(template, nonce: bytes, request_id: str) -> bytes:
 
 
 def batch_digest(items) -> bytes:
-    """SHA-256 over a batch's WriteItems in order (each field length-prefixed)."""
+    """SHA-256 over a batch's WriteItems in order (each field length-prefixed; the group too)."""
     h = hashlib.sha256(BATCH_CONTEXT)
     for item in items:
-        for part in (item.subject.encode(), item.request_id.encode(), item.template_digest):
+        for part in (item.subject.encode(), item.request_id.encode(), item.template_digest, item.group.encode()):
             h.update(len(part).to_bytes(4, "big"))
             h.update(part)
     return h.digest()
@@ -213,6 +215,12 @@ def check_body(
             names.check_id(value, f"verification ticket's {name}")
         except InvalidName as exc:
             raise InvalidTicket(str(exc)) from None
+    if body.group and (operation not in (*WRITES, IDENTIFY) or batch):
+        raise InvalidTicket("Only an enrolment or identify ticket names a group (a batch ticket's items do).")
+    try:
+        names.check_group(body.group, "verification ticket's group")
+    except InvalidName as exc:
+        raise InvalidTicket(str(exc)) from None
     if operation not in operations:
         raise InvalidTicket(
             f"The ticket authorises {OPERATION_NAMES.get(operation, 'no known operation')}, not this call."

@@ -28,7 +28,9 @@ ticket naming the same tenant, subject and request id, valid at the time of
 the release, the node a member of the committee, the caller a matcher, and
 one release per node per verification. Verifications (tenant + request id)
 that released fewer than k shares are reported (a verification that could
-not complete), as are denials; neither is an error.
+not complete), as are denials; neither is an error. A ``verify_on_shares``
+entry (Verify on shares: nothing released) is held to the same ticket
+check; its ticket must not also appear in a release, nor twice at one node.
 
 Writes are held to the same standard (docs/contracts.md, "Provider-signed
 writes"): every ``store`` and ``delete`` entry must record a provider ticket
@@ -475,6 +477,7 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
     denials: Counter = Counter()
     denied: list[dict] = []
     identifications: dict[tuple[str, str], set] = defaultdict(set)
+    on_shares: dict[tuple[str, str], list] = defaultdict(list)
     per_node = []
     for log, verdict in zip(logs, verdicts):
         # Only what the chain vouches for: entries up to the first break.
@@ -496,6 +499,18 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
                 # One entry per query per node: under a provider-signed IDENTIFY ticket, asked by a matcher.
                 why, _ = check_ticket(e, json.loads(e.details_json or "{}"), (tickets.IDENTIFY,))
                 identifications[(e.tenant, e.request_id)].add(log.node.name)
+                if why is not None:
+                    unexplained.append({"node": log.node.name, "seq": e.seq, "event": e.event, "tenant": e.tenant,
+                                        "subject": e.subject, "request_id": e.request_id, "time_ms": e.time_ms,
+                                        "reason": why})
+                continue
+            if e.event == "verify_on_shares":
+                # One entry per verification per node of its three, under the provider's VERIFY
+                # ticket for this subject, asked by a matcher; nothing was released.
+                details = json.loads(e.details_json or "{}")
+                why = (f"node {log.node.name} is not a member of the committee" if log.node.name not in committee
+                       else check_ticket(e, details, (tickets.VERIFY,))[0])
+                on_shares[(e.tenant, e.request_id)].append(log.node.name)
                 if why is not None:
                     unexplained.append({"node": log.node.name, "seq": e.seq, "event": e.event, "tenant": e.tenant,
                                         "subject": e.subject, "request_id": e.request_id, "time_ms": e.time_ms,
@@ -530,6 +545,15 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
                          ("unreadable", "no_key") else None, "entries": len(log.entries), "releases": n_rel,
                          "denials": n_deny})
 
+    for (tenant, request_id), nodes in sorted(on_shares.items()):
+        if (tenant, request_id) in releases:  # also released (a node logged it before the other's release)
+            unexplained.append({"node": nodes[0], "seq": 0, "event": "verify_on_shares", "tenant": tenant,
+                                "subject": "", "request_id": request_id, "time_ms": 0,
+                                "reason": "a verification ticket was used both on shares and for releases"})
+        for node in sorted({n for n in nodes if nodes.count(n) > 1}):
+            unexplained.append({"node": node, "seq": 0, "event": "verify_on_shares", "tenant": tenant, "subject": "",
+                                "request_id": request_id, "time_ms": 0,
+                                "reason": f"node {node} logged one verification on shares twice"})
     incomplete, conflicting = [], []
     complete = 0
     for (tenant, request_id), by_node in sorted(releases.items()):
@@ -562,6 +586,9 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
         # Identify queries (each logged once by every node of its three), by how many nodes logged them.
         "identifications": len(identifications),
         "identifications_by_nodes": dict(sorted(Counter(len(v) for v in identifications.values()).items())),
+        # Verifications on shares (each logged once by every node of its three; nothing released).
+        "verifications_on_shares": len(on_shares),
+        "verifications_on_shares_by_nodes": dict(sorted(Counter(len(set(v)) for v in on_shares.values()).items())),
         # Writes of one request signed as several tickets (a provider's retry re-signs: a note, not a finding).
         "write_tickets_differ": [{"event": ev, "tenant": t, "request_id": r, "tickets": len(d)}
                                  for (ev, t, r), d in sorted(write_tickets.items()) if len(d) > 1][:MAX_LISTED],
@@ -596,6 +623,10 @@ def _audit_reconcile(args) -> Result:
     if data["identifications"]:
         lines.append(f"identifications: {data['identifications']} (by nodes that logged them: "
                      + ", ".join(f"{n}: {c}" for n, c in data["identifications_by_nodes"].items()) + ")")
+    if data["verifications_on_shares"]:
+        lines.append(f"verifications on shares: {data['verifications_on_shares']} (by nodes that logged them: "
+                     + ", ".join(f"{n}: {c}" for n, c in data["verifications_on_shares_by_nodes"].items())
+                     + "; nothing released)")
     lines.append(f"unexplained releases and writes: {data['unexplained_count']}")
     for u in data["unexplained"][:TEXT_LISTED]:
         what = f"{u['event']} " if u.get("event") else ""

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from vault import pki
+from vault import names, pki
 from vaultctl import cluster
 from vaultctl.client import MatcherClient
 from vaultrpc import config as rpcconfig
@@ -458,6 +458,7 @@ def _enroll_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template", required=True, type=pathlib.Path, help=".npy float32 1-D or .json list of numbers")
     p.add_argument("--request-id", default=None, help="idempotency key (default: a fresh one)")
     p.add_argument("--replace", action="store_true", help="overwrite an enrolled subject")
+    p.add_argument("--group", default="", help="gallery group identify can narrow to (a store, a phone-number suffix)")
     _tenant_and_timeout(p)
 
 
@@ -468,7 +469,8 @@ def _enroll(args) -> Result:
     request_id = args.request_id or f"enroll-{uuid.uuid4().hex}"
     client = client_from_args(args)
     try:
-        reply = _call(client.enroll, args.subject, template, request_id=request_id, replace=args.replace)
+        reply = _call(client.enroll, args.subject, template, request_id=request_id, replace=args.replace,
+                      group=_group(args))
     finally:
         _close(client)
     data = {
@@ -477,6 +479,7 @@ def _enroll(args) -> Result:
         "enrolled": True,
         "epoch": getattr(reply, "epoch", None),
         "already_enrolled": bool(getattr(reply, "already_enrolled", False)),
+        **({"group": args.group} if args.group else {}),
     }
     note = " (already enrolled by this request id)" if data["already_enrolled"] else ""
     return Result(data, [f"enrolled {args.subject}{note}, epoch {data['epoch']}, request {data['request_id']}"])
@@ -507,22 +510,29 @@ def _verify(args) -> Result:
     return Result(data, [f"{decision} for {args.subject} (decision {reply.decision_id}, epoch {reply.epoch}{score})"])
 
 
+def _group(args) -> str:
+    """The --group value, checked here (a usage error) before any call."""
+    try:
+        return names.check_group(args.group, "group (--group)")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
 def _identify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe", required=True, type=pathlib.Path, help=".npy float32 1-D or .json list of numbers")
-    p.add_argument("--group", default=None, help="narrow the gallery to one enrolment group (not supported yet)")
+    p.add_argument("--group", default="", help="search only the subjects enrolled under this group")
     _tenant_and_timeout(p)
 
 
 @command("identify", help="search the gallery for a probe on shares (1:N): MATCH, NO_MATCH or AMBIGUOUS",
          arguments=_identify_args)
 def _identify(args) -> Result:
-    if args.group is not None:
-        raise CliError("Identify groups (--group) are not supported yet.")
+    group = _group(args)
     probe = load_vector(args.probe)
     _check_dimension(args, probe, "probe")
     client = client_from_args(args)
     try:
-        reply = _call(client.identify, probe)
+        reply = _call(client.identify, probe, group or None)
     finally:
         _close(client)
     decision = str(reply.decision)

@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -31,6 +32,8 @@ from vaultctl import cluster
 from vaultrpc import wire
 from vaultrpc.tls import TlsFiles, TlsMaterial, secure_channel
 
+# google.rpc.Code values to their grpc.StatusCode.
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
 _DECISIONS = {matcher_pb2.DECISION_MATCH: "MATCH", matcher_pb2.DECISION_NO_MATCH: "NO_MATCH",
               matcher_pb2.DECISION_AMBIGUOUS: "AMBIGUOUS"}
 
@@ -62,9 +65,11 @@ def _floats(vector, what: str) -> np.ndarray:
 class IdentifyResult:
     """The outcome of one identification (1:N on shares)."""
 
-    decision: str  # "MATCH", "NO_MATCH" or "AMBIGUOUS"
+    decision: str  # "MATCH", "NO_MATCH" or "AMBIGUOUS"; "ERROR" for a failed query of identify_many
     subject: str | None  # the matched subject (MATCH only)
     decision_id: str
+    code: str = "OK"  # identify_many: the failed query's status name (grpc.StatusCode)
+    message: str = ""  # identify_many: why it failed, in one sentence
 
 
 class _Flatten:
@@ -144,19 +149,20 @@ class MatcherClient:
         return cls(address, tls, tenant=tenant, ticket_key=key, key_id=f"{tenant}-1", cluster_id=cluster_id, matcher=matcher,
                    **kwargs)
 
-    def ticket(self, operation: int, subject: str, request_id: str, *, probe=None, template=None):
+    def ticket(self, operation: int, subject: str, request_id: str, *, probe=None, template=None, group: str = ""):
         """A fresh ticket of this provider for this cluster."""
         return wire.issue_ticket(
             self._ticket_key, self.key_id, tenant=self.tenant, subject=subject, request_id=request_id,
             audience=self.cluster_id, operation=operation, probe=probe, template=template, ttl_ms=self.ticket_ttl_ms,
+            group=group,
         )
 
     # --- calls ----------------------------------------------------------------
 
     def enroll(
-        self, subject: str, template, *, request_id: str | None = None, replace: bool = False
+        self, subject: str, template, *, request_id: str | None = None, replace: bool = False, group: str = "",
     ) -> matcher_pb2.EnrollResponse:
-        """Enrol one template; idempotent per request id (pass the same one to retry)."""
+        """Enrol one template (under a gallery ``group`` Identify can narrow to); idempotent per request id."""
         vector = _floats(template, "template")
         request_id = request_id or str(uuid.uuid4())
         request = matcher_pb2.EnrollRequest(
@@ -164,7 +170,8 @@ class MatcherClient:
             template=vector.tolist(),
             request_id=request_id,
             replace=replace,
-            ticket=self.ticket(ticket.write_operation(replace), subject, request_id, template=vector),
+            ticket=self.ticket(ticket.write_operation(replace), subject, request_id, template=vector, group=group),
+            group=group,
         )
         return self._stub.Enroll(request, timeout=self.timeout_s)
 
@@ -175,8 +182,9 @@ class MatcherClient:
         replace: bool = False,
         timeout_s: float | None = None,
         per_message: int = 128,
+        group: str = "",
     ) -> Iterator[matcher_pb2.EnrollStreamResponse]:
-        """Bulk enrolment: one EnrollStreamResponse per (subject, template), in order.
+        """Bulk enrolment: one EnrollStreamResponse per (subject, template), in order, all under ``group``.
 
         Requests are produced lazily from ``items`` as gRPC flow control
         allows, so a gallery of any size streams in bounded memory. They go
@@ -192,7 +200,7 @@ class MatcherClient:
             signed = wire.issue_batch(
                 self._ticket_key, self.key_id, tenant=self.tenant, audience=self.cluster_id,
                 batch_id=str(uuid.uuid4()), operation=operation, ttl_ms=self.ticket_ttl_ms,
-                items=[(r.subject, r.request_id, vector) for r, vector in chunk],
+                items=[(r.subject, r.request_id, vector, r.group) for r, vector in chunk],
             )
             return matcher_pb2.EnrollBatchesRequest(items=[r for r, _ in chunk], batch_ticket=signed.ticket)
 
@@ -202,6 +210,7 @@ class MatcherClient:
                 vector = _floats(template, "template")
                 chunk.append((matcher_pb2.EnrollStreamRequest(
                     subject=subject, template=vector.tolist(), request_id=str(uuid.uuid4()), replace=replace,
+                    group=group,
                 ), vector))
                 if len(chunk) >= per_message:
                     yield message(chunk)
@@ -227,16 +236,39 @@ class MatcherClient:
         )
 
     def identify(self, probe, group: str | None = None, *, request_id: str | None = None) -> IdentifyResult:
-        """Search the tenant's gallery for the probe on shares, with a freshly signed IDENTIFY ticket."""
-        if group is not None:
-            raise ValueError("Identify groups are not supported yet.")
+        """Search the tenant's gallery (or only the subjects enrolled under ``group``) for the
+        probe on shares, with a freshly signed IDENTIFY ticket naming the group."""
         vector = _floats(probe, "probe")
-        signed = self.ticket(ticket.IDENTIFY, "", request_id or str(uuid.uuid4()), probe=vector)
-        reply = self._stub.Identify(matcher_pb2.IdentifyRequest(probe=vector.tolist(), ticket=signed),
+        group = group or ""
+        signed = self.ticket(ticket.IDENTIFY, "", request_id or str(uuid.uuid4()), probe=vector, group=group)
+        reply = self._stub.Identify(matcher_pb2.IdentifyRequest(probe=vector.tolist(), ticket=signed, group=group),
                                     timeout=self.timeout_s)
         decision = _DECISIONS.get(reply.decision, "NO_MATCH")
         return IdentifyResult(decision=decision, subject=reply.subject if decision == "MATCH" else None,
                               decision_id=reply.decision_id)
+
+    def identify_many(self, probes, group: str | None = None) -> list[IdentifyResult]:
+        """Identify several probes in one call (Matcher.IdentifyBatch, at most 32), each with its own
+        freshly signed IDENTIFY ticket: one result per probe, in order; a query that failed has
+        decision "ERROR" and its status in ``code`` and ``message`` (never a MATCH)."""
+        group = group or ""
+        queries = []
+        for probe in probes:
+            vector = _floats(probe, "probe")
+            signed = self.ticket(ticket.IDENTIFY, "", str(uuid.uuid4()), probe=vector, group=group)
+            queries.append(matcher_pb2.IdentifyRequest(probe=vector.tolist(), ticket=signed, group=group))
+        reply = self._stub.IdentifyBatch(matcher_pb2.IdentifyBatchRequest(queries=queries),
+                                         timeout=self.timeout_s * max(1, len(queries)))
+        out = []
+        for r in reply.results:
+            if r.code != 0:
+                out.append(IdentifyResult(decision="ERROR", subject=None, decision_id="",
+                                          code=_CODES.get(r.code, grpc.StatusCode.UNKNOWN).name, message=r.message))
+                continue
+            decision = _DECISIONS.get(r.response.decision, "NO_MATCH")
+            out.append(IdentifyResult(decision=decision, subject=r.response.subject if decision == "MATCH" else None,
+                                      decision_id=r.response.decision_id))
+        return out
 
     def delete(self, subject: str, *, request_id: str | None = None) -> matcher_pb2.DeleteResponse:
         """Erase the subject on every shareholder; ``complete`` says whether all confirmed."""

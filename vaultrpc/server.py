@@ -107,9 +107,12 @@ class RoleInterceptor(grpc.ServerInterceptor):
     # Bounds the cache; only methods a registered handler answers are cached.
     _MAX_CACHED = 1024
 
-    def __init__(self, roles: Mapping[str, frozenset[str]], logger: logging.Logger):
+    def __init__(self, roles: Mapping[str, frozenset[str]], logger: logging.Logger,
+                 unavailable: tuple[type[BaseException], ...] = ()):
         self._roles = roles
         self._log = logger
+        # Errors that mean "not now" (a node's store out of reach): UNAVAILABLE, not INTERNAL.
+        self._unavailable = unavailable
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def intercept_service(self, continuation, handler_call_details):
@@ -129,6 +132,7 @@ class RoleInterceptor(grpc.ServerInterceptor):
         allowed = self._roles.get(method)
         open_method = method in OPEN_METHODS
         log = self._log
+        unavailable = self._unavailable
         short_name = method.rsplit("/", 1)[-1]
         # This method's metric children, made on first use (labels() takes the
         # metric's lock and builds a key on every call).
@@ -150,6 +154,11 @@ class RoleInterceptor(grpc.ServerInterceptor):
         def finish(context, who, started, exc):
             if exc is None:
                 code = ok
+            elif unavailable and isinstance(exc, unavailable):
+                code, message = grpc.StatusCode.UNAVAILABLE, STORE_UNAVAILABLE
+                # The engine's reason (no data in it) for the operator.
+                log.error("store unavailable", exc_info=(type(exc), exc, None),
+                          extra={"fields": {"method": method, "error": f"{type(exc).__name__}: {exc}"}})
             else:
                 code, message = status.to_status(exc)
                 if code == grpc.StatusCode.INTERNAL and not isinstance(exc, status.RpcError):
@@ -223,6 +232,9 @@ class RoleInterceptor(grpc.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(stream_response(handler.stream_stream, True), **kwargs)
 
 
+STORE_UNAVAILABLE = "The node cannot reach its database; retry later."
+
+
 def _is_abort(exc: BaseException, context) -> bool:
     # context.abort() raises a bare Exception after setting the status; let it through.
     return type(exc) is Exception and context.code() is not None
@@ -269,6 +281,7 @@ def start(
     logger: logging.Logger,
     max_workers: int = 32,
     max_receive_bytes: int = MAX_MESSAGE_BYTES,
+    unavailable: tuple[type[BaseException], ...] = (),
 ) -> Running:
     """Build, bind and start a server; ``listen`` may use port 0.
 
@@ -278,7 +291,7 @@ def start(
     (docs/operations.md, "Server identity and exposure")."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-        interceptors=[RoleInterceptor(roles, logger)],
+        interceptors=[RoleInterceptor(roles, logger, unavailable)],
         options=(
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", min(max_receive_bytes, MAX_MESSAGE_BYTES)),

@@ -139,11 +139,13 @@ def issue_ticket(
     operation: int = ticket.VERIFY,
     ttl_ms: int = 60_000,
     issued_at_ms: int | None = None,
+    group: str = "",
 ) -> common_pb2.VerificationTicket:
     """Sign a ticket for one operation (the provider's side).
 
     VERIFY and IDENTIFY (no subject) bind ``probe``, ENROLL and REPLACE bind
-    ``template``, DELETE binds no vector; ``audience`` is the cluster id of the committee.
+    ``template``, DELETE binds no vector; ``audience`` is the cluster id of the
+    committee; ``group`` the gallery group of an enrolment or identification.
     """
     ticket.check_issue(operation, probe, template, subject)
     issued = ticket.now_ms() if issued_at_ms is None else issued_at_ms
@@ -157,6 +159,7 @@ def issue_ticket(
         expires_at_ms=issued + ttl_ms,
         operation=operation,
         audience=audience,
+        group=group,
     )
     if probe is not None:
         body.probe_digest = ticket.probe_digest(probe, nonce)
@@ -179,15 +182,16 @@ def issue_batch(
     issued_at_ms: int | None = None,
 ) -> common_pb2.WriteBatch:
     """Sign one ticket for a bulk enrolment of ``items`` ((subject, request id,
-    template) triples, in order): ENROLL or REPLACE for all of them."""
+    template) triples, or with a fourth element, the gallery group; in order):
+    ENROLL or REPLACE for all of them."""
     if operation not in ticket.WRITES:
         raise ValueError("A batch ticket authorises ENROLL or REPLACE.")
     issued = ticket.now_ms() if issued_at_ms is None else issued_at_ms
     nonce = secrets.token_bytes(ticket.NONCE_BYTES)
     write_items = [
-        common_pb2.WriteItem(subject=subject, request_id=request_id,
-                             template_digest=ticket.item_digest(template, nonce, request_id))
-        for subject, request_id, template in items
+        common_pb2.WriteItem(subject=item[0], request_id=item[1], group=item[3] if len(item) > 3 else "",
+                             template_digest=ticket.item_digest(item[2], nonce, item[1]))
+        for item in items
     ]
     if not 1 <= len(write_items) <= ticket.MAX_BATCH_ITEMS:
         raise ValueError(f"A batch ticket covers 1 to {ticket.MAX_BATCH_ITEMS} templates.")

@@ -271,6 +271,7 @@ class DealingAnswers:
             items.append(admin_pb2.ReshareItem(
                 tenant=row.tenant, subject=row.subject, dimension=row.dimension, codec_version=row.codec_version,
                 mac_count=row.mac_count, request_id=row.request_id, threshold=row.threshold, values=v,
+                group=row.group,
             ))
         if items:
             def job(tx: Tx):

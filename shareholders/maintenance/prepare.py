@@ -244,7 +244,7 @@ class PrepareSteps:
                     make = storage.ShareRow.of
                     out.extend(make((row.tenant, row.subject, s.new_epoch, row.index, row.threshold, row.shareholders,
                                      row.dimension, row.codec_version, row.mac_count, row.request_id, *sealed,
-                                     stored_ms))
+                                     stored_ms, row.group))
                                for row, sealed in zip(rows, sealed_rows))
                 finally:
                     for call in calls.values():
@@ -433,7 +433,7 @@ class PrepareSteps:
             if any(
                 p is None or p.dimension != item.dimension or p.mac_count != item.mac_count
                 or p.codec_version != item.codec_version or p.request_id != item.request_id
-                or p.threshold > len(senders) or len(p.values) != 4 * width
+                or p.group != item.group or p.threshold > len(senders) or len(p.values) != 4 * width
                 for p in parts
             ):
                 skipped += 1
@@ -458,7 +458,7 @@ class PrepareSteps:
                     rows.append(storage.ShareRow(
                         item.tenant, item.subject, s.new_epoch, self.index, k_new, n_new, item.dimension,
                         item.codec_version, item.mac_count, item.request_id, sealed.kek_version,
-                        sealed.wrapped_dk, sealed.nonce, sealed.ciphertext, stored_ms))
+                        sealed.wrapped_dk, sealed.nonce, sealed.ciphertext, stored_ms, item.group))
             finally:
                 record.wipe(stacked, new)
         return rows, skipped

@@ -115,6 +115,12 @@ def errors(where=None) -> tuple[type[BaseException], ...]:
     return _location(where).dialect.errors
 
 
+def unavailable_errors(where) -> tuple[type[BaseException], ...]:
+    """The errors of a store at ``where`` that mean "not now" rather than a
+    bug: a caller's UNAVAILABLE (retry), never INTERNAL (vaultrpc.server)."""
+    return _location(where).dialect.unavailable
+
+
 __all__ = [
     "AUDIT_COLUMNS", "BACKENDS", "CLOSED_STATES", "FIRST_EPOCH", "RECORD_FORMAT_VERSION", "SCHEMA_VERSION",
     "SHARE_COLUMNS", "CheckBatch", "Database", "Location", "MacKeyRow", "MaintenanceSession", "NodeState",

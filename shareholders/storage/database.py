@@ -205,22 +205,26 @@ class Database:
                          (tenant, subject, epoch)).fetchone()
         return ShareRow.from_db(r) if r is not None else None
 
-    def tenant_row_versions(self, tenant: str, dimension: int, max_epoch: int) -> list[tuple]:
+    def tenant_row_versions(self, tenant: str, dimension: int, max_epoch: int, group: str = "") -> list[tuple]:
         """(subject, epoch, request id, nonce) of one tenant's rows of one
-        dimension up to ``max_epoch``, by subject (no share values): what
-        Identify's gallery cache compares to see what changed. Every seal draws
-        a fresh nonce, so it names the sealed values (a KEK rotation re-wraps
-        the data key and keeps it); the ``shares_identify`` index covers it."""
+        dimension up to ``max_epoch`` (of one gallery group when ``group``;
+        '' = all), by subject (no share values): what Identify's gallery cache
+        compares to see what changed. Every seal draws a fresh nonce, so it
+        names the sealed values (a KEK rotation re-wraps the data key and
+        keeps it); the ``shares_identify`` index covers it (with a group,
+        ``shares_by_group``, which seeks on (tenant, group))."""
         self._scope(tenant)
+        where, args = _group_filter(tenant, dimension, max_epoch, group)
         return [(r[0], r[1], r[2], bytes(r[3])) for r in self.execute(
-            "SELECT subject, epoch, request_id, nonce FROM shares WHERE tenant = ? AND dimension = ? AND epoch <= ? "
-            "ORDER BY subject, epoch", (tenant, int(dimension), int(max_epoch)))]
+            f"SELECT subject, epoch, request_id, nonce FROM shares WHERE {where} ORDER BY subject, epoch", args)]
 
-    def tenant_rows(self, tenant: str, dimension: int, max_epoch: int, page: int = 1000) -> Iterator[ShareRow]:
-        """Every row of one tenant of one dimension up to ``max_epoch``, in pages (Identify's gallery load)."""
+    def tenant_rows(self, tenant: str, dimension: int, max_epoch: int, page: int = 1000,
+                    group: str = "") -> Iterator[ShareRow]:
+        """Every row of one tenant of one dimension up to ``max_epoch`` (of one
+        group when ``group``), in pages (Identify's gallery load)."""
         self._scope(tenant)
-        cur = self.execute(f"SELECT {SHARE_COLUMNS} FROM shares WHERE tenant = ? AND dimension = ? AND epoch <= ?",
-                           (tenant, int(dimension), int(max_epoch)))
+        where, args = _group_filter(tenant, dimension, max_epoch, group)
+        cur = self.execute(f"SELECT {SHARE_COLUMNS} FROM shares WHERE {where}", args)
         while rows := cur.fetchmany(page):
             for r in rows:
                 yield ShareRow.from_db(r)
@@ -609,3 +613,10 @@ class Database:
     def read_chain(self) -> tuple[list[audit.AuditEntry], list[audit.AuditCheckpoint]]:
         """The whole stored audit log and its checkpoints, as stored."""
         return audit.load_entries(list(self.iter_entries())), self.checkpoints()
+
+
+def _group_filter(tenant: str, dimension: int, max_epoch: int, group: str) -> tuple[str, tuple]:
+    """Identify's row filter: one tenant's rows of one dimension up to an epoch, of one group if named."""
+    where = "tenant = ? AND dimension = ? AND epoch <= ?"
+    args: tuple = (tenant, int(dimension), int(max_epoch))
+    return (where + " AND grp = ?", (*args, group)) if group else (where, args)

@@ -36,6 +36,12 @@ class Dialect:
     def errors(self) -> tuple[type[BaseException], ...]:
         return (sqlite3.Error,)
 
+    @property
+    def unavailable(self) -> tuple[type[BaseException], ...]:
+        """Errors of the store being out of reach for now: none for a file in
+        the process (its OperationalError also means a schema bug: INTERNAL)."""
+        return ()
+
     def connect(self, target):
         conn = sqlite3.connect(str(target), isolation_level=None, check_same_thread=False, timeout=30.0)
         conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
@@ -129,6 +135,13 @@ class PostgresDialect(Dialect):
         import psycopg
 
         return (sqlite3.Error, psycopg.Error)
+
+    @property
+    def unavailable(self) -> tuple[type[BaseException], ...]:
+        """The server away, a connection cut by its restart, a full disk (psycopg's OperationalError)."""
+        import psycopg
+
+        return (psycopg.OperationalError,)
 
     def connect(self, target):
         import psycopg

@@ -14,7 +14,7 @@ CLOSED_STATES = ("finalized", "aborted")
 
 SHARE_COLUMNS = (
     "tenant, subject, epoch, idx, threshold, n, dimension, codec_version, mac_count, "
-    "request_id, kek_version, wrapped_dk, nonce, ciphertext, stored_ms"
+    "request_id, kek_version, wrapped_dk, nonce, ciphertext, stored_ms, grp"
 )
 
 
@@ -37,6 +37,7 @@ class ShareRow:
     nonce: bytes
     ciphertext: bytes
     stored_ms: int
+    group: str = ""  # the gallery group the provider signed at enrolment ('' = none)
 
     @classmethod
     def from_db(cls, r) -> "ShareRow":
@@ -44,29 +45,32 @@ class ShareRow:
         # per field, a third of a row's read cost in a refresh's scans): the
         # values are the store's own, in SHARE_COLUMNS order.
         row = object.__new__(cls)
+        row = object.__new__(cls)
         d = row.__dict__
         (d["tenant"], d["subject"], d["epoch"], d["index"], d["threshold"], d["shareholders"], d["dimension"],
          d["codec_version"], d["mac_count"], d["request_id"], d["kek_version"]) = r[:11]
-        d["wrapped_dk"], d["nonce"], d["ciphertext"], d["stored_ms"] = bytes(r[11]), bytes(r[12]), bytes(r[13]), r[14]
+        d["wrapped_dk"], d["nonce"], d["ciphertext"] = bytes(r[11]), bytes(r[12]), bytes(r[13])
+        d["stored_ms"], d["group"] = r[14], r[15]
         return row
 
     @classmethod
     def of(cls, values: tuple) -> "ShareRow":
-        """``ShareRow(*values)`` for values already of the right types, in
-        SHARE_COLUMNS order (a bulk path's new rows): the same fast build as
-        ``from_db``, at half the frozen ``__init__``'s cost."""
+        """``ShareRow(*values)`` for all 16 values already of the right types,
+        in SHARE_COLUMNS order (a bulk path's new rows): the same fast build
+        as ``from_db``, at half the frozen ``__init__``'s cost."""
         row = object.__new__(cls)
         d = row.__dict__
         (d["tenant"], d["subject"], d["epoch"], d["index"], d["threshold"], d["shareholders"], d["dimension"],
          d["codec_version"], d["mac_count"], d["request_id"], d["kek_version"], d["wrapped_dk"], d["nonce"],
-         d["ciphertext"], d["stored_ms"]) = values
+         d["ciphertext"], d["stored_ms"], d["group"]) = values
+        return row
         return row
 
     def as_params(self) -> tuple:
         """The values in SHARE_COLUMNS order."""
         return (self.tenant, self.subject, self.epoch, self.index, self.threshold, self.shareholders,
                 self.dimension, self.codec_version, self.mac_count, self.request_id, self.kek_version,
-                self.wrapped_dk, self.nonce, self.ciphertext, self.stored_ms)
+                self.wrapped_dk, self.nonce, self.ciphertext, self.stored_ms, self.group)
 
     @property
     def key(self) -> tuple[str, str]:

@@ -140,6 +140,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX used_batch_items_by_expiry ON used_batch_items (expires_ms)",
     ),
+    (
+        # 7: the gallery group a record was enrolled under (the provider signs
+        # it in the write ticket; '' = none), and a covering index for
+        # Identify's per-(tenant, group) version read: it seeks on the group
+        # and never touches the rows. A per-subject lookup still takes the
+        # primary key or shares_identify (two equal columns beat one).
+        "ALTER TABLE shares ADD COLUMN grp TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX shares_by_group ON shares (tenant, grp, subject, epoch, dimension, request_id, nonce)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # The first schema version whose records are [s | t] under an epoch MAC key.

@@ -422,7 +422,7 @@ class GetReshareSharesRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., after_tenant: _Optional[str] = ..., after_subject: _Optional[str] = ..., limit: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[RecordKey, _Mapping]]] = ..., mac_key: _Optional[bool] = ..., check_mask_deal: _Optional[bool] = ..., check_mask_reshare: _Optional[bool] = ..., check_answer: _Optional[bool] = ...) -> None: ...
 
 class ReshareItem(_message.Message):
-    __slots__ = ("tenant", "subject", "dimension", "codec_version", "mac_count", "request_id", "threshold", "values")
+    __slots__ = ("tenant", "subject", "dimension", "codec_version", "mac_count", "request_id", "threshold", "values", "group")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
@@ -431,6 +431,7 @@ class ReshareItem(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     subject: str
     dimension: int
@@ -439,7 +440,8 @@ class ReshareItem(_message.Message):
     request_id: str
     threshold: int
     values: bytes
-    def __init__(self, tenant: _Optional[str] = ..., subject: _Optional[str] = ..., dimension: _Optional[int] = ..., codec_version: _Optional[int] = ..., mac_count: _Optional[int] = ..., request_id: _Optional[str] = ..., threshold: _Optional[int] = ..., values: _Optional[bytes] = ...) -> None: ...
+    group: str
+    def __init__(self, tenant: _Optional[str] = ..., subject: _Optional[str] = ..., dimension: _Optional[int] = ..., codec_version: _Optional[int] = ..., mac_count: _Optional[int] = ..., request_id: _Optional[str] = ..., threshold: _Optional[int] = ..., values: _Optional[bytes] = ..., group: _Optional[str] = ...) -> None: ...
 
 class GetReshareSharesResponse(_message.Message):
     __slots__ = ("items", "more", "mac_key_values", "mac_key_width", "check_masks", "check_answer")

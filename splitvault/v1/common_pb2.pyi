@@ -95,7 +95,7 @@ class VerificationTicket(_message.Message):
     def __init__(self, body: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., key_id: _Optional[str] = ...) -> None: ...
 
 class TicketBody(_message.Message):
-    __slots__ = ("tenant", "subject", "request_id", "probe_digest", "nonce", "issued_at_ms", "expires_at_ms", "operation", "audience", "template_digest", "batch_digest")
+    __slots__ = ("tenant", "subject", "request_id", "probe_digest", "nonce", "issued_at_ms", "expires_at_ms", "operation", "audience", "template_digest", "batch_digest", "group")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,7 @@ class TicketBody(_message.Message):
     AUDIENCE_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     BATCH_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     subject: str
     request_id: str
@@ -118,17 +119,20 @@ class TicketBody(_message.Message):
     audience: str
     template_digest: bytes
     batch_digest: bytes
-    def __init__(self, tenant: _Optional[str] = ..., subject: _Optional[str] = ..., request_id: _Optional[str] = ..., probe_digest: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., issued_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., operation: _Optional[_Union[TicketOperation, str]] = ..., audience: _Optional[str] = ..., template_digest: _Optional[bytes] = ..., batch_digest: _Optional[bytes] = ...) -> None: ...
+    group: str
+    def __init__(self, tenant: _Optional[str] = ..., subject: _Optional[str] = ..., request_id: _Optional[str] = ..., probe_digest: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., issued_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., operation: _Optional[_Union[TicketOperation, str]] = ..., audience: _Optional[str] = ..., template_digest: _Optional[bytes] = ..., batch_digest: _Optional[bytes] = ..., group: _Optional[str] = ...) -> None: ...
 
 class WriteItem(_message.Message):
-    __slots__ = ("subject", "request_id", "template_digest")
+    __slots__ = ("subject", "request_id", "template_digest", "group")
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     subject: str
     request_id: str
     template_digest: bytes
-    def __init__(self, subject: _Optional[str] = ..., request_id: _Optional[str] = ..., template_digest: _Optional[bytes] = ...) -> None: ...
+    group: str
+    def __init__(self, subject: _Optional[str] = ..., request_id: _Optional[str] = ..., template_digest: _Optional[bytes] = ..., group: _Optional[str] = ...) -> None: ...
 
 class WriteBatch(_message.Message):
     __slots__ = ("ticket", "items")

@@ -67,7 +67,10 @@ class ShareholderIdentifyServicer:
         subject of a row), each answered by one opening; the stream then ends.
         The node checks the provider's IDENTIFY ticket itself (signature,
         tenant, audience, expiry, replay, per-tenant attempt limit) and writes
-        one audit entry per query. Role: matcher.
+        one audit entry per query. Verify on shares: `start` with
+        `verify_subject` (a VERIFY ticket, the subject's attempt limit, one
+        `verify_on_shares` entry) answers `norm_share`, then one
+        `verify_threshold` answers the bit. Role: matcher.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

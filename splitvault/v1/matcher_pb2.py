@@ -25,41 +25,47 @@ _sym_db = _symbol_database.Default()
 from splitvault.v1 import common_pb2 as splitvault_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitvault/v1/matcher.proto\x12\rsplitvault.v1\x1a\x1asplitvault/v1/common.proto\"\x8a\x01\n\rEnrollRequest\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x10\n\x08template\x18\x02 \x03(\x02\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0f\n\x07replace\x18\x04 \x01(\x08\x12\x31\n\x06ticket\x18\x05 \x01(\x0b\x32!.splitvault.v1.VerificationTicket\"^\n\x0e\x45nrollResponse\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x18\n\x10\x61lready_enrolled\x18\x04 \x01(\x08\"\x90\x01\n\x13\x45nrollStreamRequest\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x10\n\x08template\x18\x02 \x03(\x02\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0f\n\x07replace\x18\x04 \x01(\x08\x12\x31\n\x06ticket\x18\x05 \x01(\x0b\x32!.splitvault.v1.VerificationTicket\"Z\n\x14\x45nrollStreamResponse\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x82\x01\n\x14\x45nrollBatchesRequest\x12\x31\n\x05items\x18\x01 \x03(\x0b\x32\".splitvault.v1.EnrollStreamRequest\x12\x37\n\x0c\x62\x61tch_ticket\x18\x02 \x01(\x0b\x32!.splitvault.v1.VerificationTicket\"M\n\x15\x45nrollBatchesResponse\x12\x34\n\x07results\x18\x01 \x03(\x0b\x32#.splitvault.v1.EnrollStreamResponse\"b\n\rVerifyRequest\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\r\n\x05probe\x18\x02 \x03(\x02\x12\x31\n\x06ticket\x18\x03 \x01(\x0b\x32!.splitvault.v1.VerificationTicket\"}\n\x0eVerifyResponse\x12)\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x17.splitvault.v1.Decision\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x02 \x01(\t\x12\x12\n\x05score\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x42\x08\n\x06_score\"g\n\rDeleteRequest\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x31\n\x06ticket\x18\x03 \x01(\x0b\x32!.splitvault.v1.VerificationTicket\"H\n\x12ShareholderOutcome\x12\x13\n\x0bshareholder\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"h\n\x0e\x44\x65leteResponse\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x12\x33\n\x08outcomes\x18\x03 \x03(\x0b\x32!.splitvault.v1.ShareholderOutcome\"S\n\x0fIdentifyRequest\x12\r\n\x05probe\x18\x01 \x03(\x02\x12\x31\n\x06ticket\x18\x02 \x01(\x0b\x32!.splitvault.v1.VerificationTicket\"c\n\x10IdentifyResponse\x12)\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x17.splitvault.v1.Decision\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x03 \x01(\t*g\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_MATCH\x10\x01\x12\x15\n\x11\x44\x45\x43ISION_NO_MATCH\x10\x02\x12\x16\n\x12\x44\x45\x43ISION_AMBIGUOUS\x10\x03\x32\xe8\x03\n\x07Matcher\x12\x45\n\x06\x45nroll\x12\x1c.splitvault.v1.EnrollRequest\x1a\x1d.splitvault.v1.EnrollResponse\x12[\n\x0c\x45nrollStream\x12\".splitvault.v1.EnrollStreamRequest\x1a#.splitvault.v1.EnrollStreamResponse(\x01\x30\x01\x12^\n\rEnrollBatches\x12#.splitvault.v1.EnrollBatchesRequest\x1a$.splitvault.v1.EnrollBatchesResponse(\x01\x30\x01\x12\x45\n\x06Verify\x12\x1c.splitvault.v1.VerifyRequest\x1a\x1d.splitvault.v1.VerifyResponse\x12\x45\n\x06\x44\x65lete\x12\x1c.splitvault.v1.DeleteRequest\x1a\x1d.splitvault.v1.DeleteResponse\x12K\n\x08Identify\x12\x1e.splitvault.v1.IdentifyRequest\x1a\x1f.splitvault.v1.IdentifyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitvault/v1/matcher.proto\x12\rsplitvault.v1\x1a\x1asplitvault/v1/common.proto\"\x99\x01\n\rEnrollRequest\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x10\n\x08template\x18\x02 \x03(\x02\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0f\n\x07replace\x18\x04 \x01(\x08\x12\x31\n\x06ticket\x18\x05 \x01(\x0b\x32!.splitvault.v1.VerificationTicket\x12\r\n\x05group\x18\x06 \x01(\t\"^\n\x0e\x45nrollResponse\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x18\n\x10\x61lready_enrolled\x18\x04 \x01(\x08\"\x9f\x01\n\x13\x45nrollStreamRequest\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x10\n\x08template\x18\x02 \x03(\x02\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0f\n\x07replace\x18\x04 \x01(\x08\x12\x31\n\x06ticket\x18\x05 \x01(\x0b\x32!.splitvault.v1.VerificationTicket\x12\r\n\x05group\x18\x06 \x01(\t\"Z\n\x14\x45nrollStreamResponse\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x82\x01\n\x14\x45nrollBatchesRequest\x12\x31\n\x05items\x18\x01 \x03(\x0b\x32\".splitvault.v1.EnrollStreamRequest\x12\x37\n\x0c\x62\x61tch_ticket\x18\x02 \x01(\x0b\x32!.splitvault.v1.VerificationTicket\"M\n\x15\x45nrollBatchesResponse\x12\x34\n\x07results\x18\x01 \x03(\x0b\x32#.splitvault.v1.EnrollStreamResponse\"b\n\rVerifyRequest\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\r\n\x05probe\x18\x02 \x03(\x02\x12\x31\n\x06ticket\x18\x03 \x01(\x0b\x32!.splitvault.v1.VerificationTicket\"}\n\x0eVerifyResponse\x12)\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x17.splitvault.v1.Decision\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x02 \x01(\t\x12\x12\n\x05score\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x42\x08\n\x06_score\"g\n\rDeleteRequest\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x31\n\x06ticket\x18\x03 \x01(\x0b\x32!.splitvault.v1.VerificationTicket\"H\n\x12ShareholderOutcome\x12\x13\n\x0bshareholder\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"h\n\x0e\x44\x65leteResponse\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x12\x33\n\x08outcomes\x18\x03 \x03(\x0b\x32!.splitvault.v1.ShareholderOutcome\"b\n\x0fIdentifyRequest\x12\r\n\x05probe\x18\x01 \x03(\x02\x12\x31\n\x06ticket\x18\x02 \x01(\x0b\x32!.splitvault.v1.VerificationTicket\x12\r\n\x05group\x18\x03 \x01(\t\"c\n\x10IdentifyResponse\x12)\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x17.splitvault.v1.Decision\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x03 \x01(\t\"G\n\x14IdentifyBatchRequest\x12/\n\x07queries\x18\x01 \x03(\x0b\x32\x1e.splitvault.v1.IdentifyRequest\"g\n\x13IdentifyBatchResult\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x31\n\x08response\x18\x03 \x01(\x0b\x32\x1f.splitvault.v1.IdentifyResponse\"L\n\x15IdentifyBatchResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".splitvault.v1.IdentifyBatchResult*g\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_MATCH\x10\x01\x12\x15\n\x11\x44\x45\x43ISION_NO_MATCH\x10\x02\x12\x16\n\x12\x44\x45\x43ISION_AMBIGUOUS\x10\x03\x32\xc4\x04\n\x07Matcher\x12\x45\n\x06\x45nroll\x12\x1c.splitvault.v1.EnrollRequest\x1a\x1d.splitvault.v1.EnrollResponse\x12[\n\x0c\x45nrollStream\x12\".splitvault.v1.EnrollStreamRequest\x1a#.splitvault.v1.EnrollStreamResponse(\x01\x30\x01\x12^\n\rEnrollBatches\x12#.splitvault.v1.EnrollBatchesRequest\x1a$.splitvault.v1.EnrollBatchesResponse(\x01\x30\x01\x12\x45\n\x06Verify\x12\x1c.splitvault.v1.VerifyRequest\x1a\x1d.splitvault.v1.VerifyResponse\x12\x45\n\x06\x44\x65lete\x12\x1c.splitvault.v1.DeleteRequest\x1a\x1d.splitvault.v1.DeleteResponse\x12K\n\x08Identify\x12\x1e.splitvault.v1.IdentifyRequest\x1a\x1f.splitvault.v1.IdentifyResponse\x12Z\n\rIdentifyBatch\x12#.splitvault.v1.IdentifyBatchRequest\x1a$.splitvault.v1.IdentifyBatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitvault.v1.matcher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DECISION']._serialized_start=1460
-  _globals['_DECISION']._serialized_end=1563
+  _globals['_DECISION']._serialized_start=1761
+  _globals['_DECISION']._serialized_end=1864
   _globals['_ENROLLREQUEST']._serialized_start=75
-  _globals['_ENROLLREQUEST']._serialized_end=213
-  _globals['_ENROLLRESPONSE']._serialized_start=215
-  _globals['_ENROLLRESPONSE']._serialized_end=309
-  _globals['_ENROLLSTREAMREQUEST']._serialized_start=312
-  _globals['_ENROLLSTREAMREQUEST']._serialized_end=456
-  _globals['_ENROLLSTREAMRESPONSE']._serialized_start=458
-  _globals['_ENROLLSTREAMRESPONSE']._serialized_end=548
-  _globals['_ENROLLBATCHESREQUEST']._serialized_start=551
-  _globals['_ENROLLBATCHESREQUEST']._serialized_end=681
-  _globals['_ENROLLBATCHESRESPONSE']._serialized_start=683
-  _globals['_ENROLLBATCHESRESPONSE']._serialized_end=760
-  _globals['_VERIFYREQUEST']._serialized_start=762
-  _globals['_VERIFYREQUEST']._serialized_end=860
-  _globals['_VERIFYRESPONSE']._serialized_start=862
-  _globals['_VERIFYRESPONSE']._serialized_end=987
-  _globals['_DELETEREQUEST']._serialized_start=989
-  _globals['_DELETEREQUEST']._serialized_end=1092
-  _globals['_SHAREHOLDEROUTCOME']._serialized_start=1094
-  _globals['_SHAREHOLDEROUTCOME']._serialized_end=1166
-  _globals['_DELETERESPONSE']._serialized_start=1168
-  _globals['_DELETERESPONSE']._serialized_end=1272
-  _globals['_IDENTIFYREQUEST']._serialized_start=1274
-  _globals['_IDENTIFYREQUEST']._serialized_end=1357
-  _globals['_IDENTIFYRESPONSE']._serialized_start=1359
-  _globals['_IDENTIFYRESPONSE']._serialized_end=1458
-  _globals['_MATCHER']._serialized_start=1566
-  _globals['_MATCHER']._serialized_end=2054
+  _globals['_ENROLLREQUEST']._serialized_end=228
+  _globals['_ENROLLRESPONSE']._serialized_start=230
+  _globals['_ENROLLRESPONSE']._serialized_end=324
+  _globals['_ENROLLSTREAMREQUEST']._serialized_start=327
+  _globals['_ENROLLSTREAMREQUEST']._serialized_end=486
+  _globals['_ENROLLSTREAMRESPONSE']._serialized_start=488
+  _globals['_ENROLLSTREAMRESPONSE']._serialized_end=578
+  _globals['_ENROLLBATCHESREQUEST']._serialized_start=581
+  _globals['_ENROLLBATCHESREQUEST']._serialized_end=711
+  _globals['_ENROLLBATCHESRESPONSE']._serialized_start=713
+  _globals['_ENROLLBATCHESRESPONSE']._serialized_end=790
+  _globals['_VERIFYREQUEST']._serialized_start=792
+  _globals['_VERIFYREQUEST']._serialized_end=890
+  _globals['_VERIFYRESPONSE']._serialized_start=892
+  _globals['_VERIFYRESPONSE']._serialized_end=1017
+  _globals['_DELETEREQUEST']._serialized_start=1019
+  _globals['_DELETEREQUEST']._serialized_end=1122
+  _globals['_SHAREHOLDEROUTCOME']._serialized_start=1124
+  _globals['_SHAREHOLDEROUTCOME']._serialized_end=1196
+  _globals['_DELETERESPONSE']._serialized_start=1198
+  _globals['_DELETERESPONSE']._serialized_end=1302
+  _globals['_IDENTIFYREQUEST']._serialized_start=1304
+  _globals['_IDENTIFYREQUEST']._serialized_end=1402
+  _globals['_IDENTIFYRESPONSE']._serialized_start=1404
+  _globals['_IDENTIFYRESPONSE']._serialized_end=1503
+  _globals['_IDENTIFYBATCHREQUEST']._serialized_start=1505
+  _globals['_IDENTIFYBATCHREQUEST']._serialized_end=1576
+  _globals['_IDENTIFYBATCHRESULT']._serialized_start=1578
+  _globals['_IDENTIFYBATCHRESULT']._serialized_end=1681
+  _globals['_IDENTIFYBATCHRESPONSE']._serialized_start=1683
+  _globals['_IDENTIFYBATCHRESPONSE']._serialized_end=1759
+  _globals['_MATCHER']._serialized_start=1867
+  _globals['_MATCHER']._serialized_end=2447
 # @@protoc_insertion_point(module_scope)

@@ -20,18 +20,20 @@ DECISION_NO_MATCH: Decision
 DECISION_AMBIGUOUS: Decision
 
 class EnrollRequest(_message.Message):
-    __slots__ = ("subject", "template", "request_id", "replace", "ticket")
+    __slots__ = ("subject", "template", "request_id", "replace", "ticket", "group")
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     subject: str
     template: _containers.RepeatedScalarFieldContainer[float]
     request_id: str
     replace: bool
     ticket: _common_pb2.VerificationTicket
-    def __init__(self, subject: _Optional[str] = ..., template: _Optional[_Iterable[float]] = ..., request_id: _Optional[str] = ..., replace: _Optional[bool] = ..., ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ...) -> None: ...
+    group: str
+    def __init__(self, subject: _Optional[str] = ..., template: _Optional[_Iterable[float]] = ..., request_id: _Optional[str] = ..., replace: _Optional[bool] = ..., ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ..., group: _Optional[str] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
     __slots__ = ("subject", "request_id", "epoch", "already_enrolled")
@@ -46,18 +48,20 @@ class EnrollResponse(_message.Message):
     def __init__(self, subject: _Optional[str] = ..., request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., already_enrolled: _Optional[bool] = ...) -> None: ...
 
 class EnrollStreamRequest(_message.Message):
-    __slots__ = ("subject", "template", "request_id", "replace", "ticket")
+    __slots__ = ("subject", "template", "request_id", "replace", "ticket", "group")
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     subject: str
     template: _containers.RepeatedScalarFieldContainer[float]
     request_id: str
     replace: bool
     ticket: _common_pb2.VerificationTicket
-    def __init__(self, subject: _Optional[str] = ..., template: _Optional[_Iterable[float]] = ..., request_id: _Optional[str] = ..., replace: _Optional[bool] = ..., ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ...) -> None: ...
+    group: str
+    def __init__(self, subject: _Optional[str] = ..., template: _Optional[_Iterable[float]] = ..., request_id: _Optional[str] = ..., replace: _Optional[bool] = ..., ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ..., group: _Optional[str] = ...) -> None: ...
 
 class EnrollStreamResponse(_message.Message):
     __slots__ = ("subject", "request_id", "code", "message")
@@ -138,12 +142,14 @@ class DeleteResponse(_message.Message):
     def __init__(self, subject: _Optional[str] = ..., complete: _Optional[bool] = ..., outcomes: _Optional[_Iterable[_Union[ShareholderOutcome, _Mapping]]] = ...) -> None: ...
 
 class IdentifyRequest(_message.Message):
-    __slots__ = ("probe", "ticket")
+    __slots__ = ("probe", "ticket", "group")
     PROBE_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     probe: _containers.RepeatedScalarFieldContainer[float]
     ticket: _common_pb2.VerificationTicket
-    def __init__(self, probe: _Optional[_Iterable[float]] = ..., ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ...) -> None: ...
+    group: str
+    def __init__(self, probe: _Optional[_Iterable[float]] = ..., ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ..., group: _Optional[str] = ...) -> None: ...
 
 class IdentifyResponse(_message.Message):
     __slots__ = ("decision", "subject", "decision_id")
@@ -154,3 +160,25 @@ class IdentifyResponse(_message.Message):
     subject: str
     decision_id: str
     def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., subject: _Optional[str] = ..., decision_id: _Optional[str] = ...) -> None: ...
+
+class IdentifyBatchRequest(_message.Message):
+    __slots__ = ("queries",)
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    queries: _containers.RepeatedCompositeFieldContainer[IdentifyRequest]
+    def __init__(self, queries: _Optional[_Iterable[_Union[IdentifyRequest, _Mapping]]] = ...) -> None: ...
+
+class IdentifyBatchResult(_message.Message):
+    __slots__ = ("code", "message", "response")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    response: IdentifyResponse
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., response: _Optional[_Union[IdentifyResponse, _Mapping]] = ...) -> None: ...
+
+class IdentifyBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[IdentifyBatchResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[IdentifyBatchResult, _Mapping]]] = ...) -> None: ...

@@ -67,6 +67,11 @@ class MatcherStub:
                 request_serializer=splitvault_dot_v1_dot_matcher__pb2.IdentifyRequest.SerializeToString,
                 response_deserializer=splitvault_dot_v1_dot_matcher__pb2.IdentifyResponse.FromString,
                 _registered_method=True)
+        self.IdentifyBatch = channel.unary_unary(
+                '/splitvault.v1.Matcher/IdentifyBatch',
+                request_serializer=splitvault_dot_v1_dot_matcher__pb2.IdentifyBatchRequest.SerializeToString,
+                response_deserializer=splitvault_dot_v1_dot_matcher__pb2.IdentifyBatchResponse.FromString,
+                _registered_method=True)
 
 
 class MatcherServicer:
@@ -125,6 +130,16 @@ class MatcherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IdentifyBatch(self, request, context):
+        """Several identifications in one call (at most 32): one result per query,
+        in order, each exactly what Identify answers for it (its own ticket,
+        attempt count and audit entry at every node). A query that fails does
+        not fail the others: its result carries the status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MatcherServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +172,11 @@ def add_MatcherServicer_to_server(servicer, server):
                     servicer.Identify,
                     request_deserializer=splitvault_dot_v1_dot_matcher__pb2.IdentifyRequest.FromString,
                     response_serializer=splitvault_dot_v1_dot_matcher__pb2.IdentifyResponse.SerializeToString,
+            ),
+            'IdentifyBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.IdentifyBatch,
+                    request_deserializer=splitvault_dot_v1_dot_matcher__pb2.IdentifyBatchRequest.FromString,
+                    response_serializer=splitvault_dot_v1_dot_matcher__pb2.IdentifyBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -324,6 +344,33 @@ class Matcher:
             '/splitvault.v1.Matcher/Identify',
             splitvault_dot_v1_dot_matcher__pb2.IdentifyRequest.SerializeToString,
             splitvault_dot_v1_dot_matcher__pb2.IdentifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IdentifyBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitvault.v1.Matcher/IdentifyBatch',
+            splitvault_dot_v1_dot_matcher__pb2.IdentifyBatchRequest.SerializeToString,
+            splitvault_dot_v1_dot_matcher__pb2.IdentifyBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
