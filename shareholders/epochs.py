@@ -169,6 +169,7 @@ class MaintenanceService(SessionSteps, PeerCalls, PrepareSteps, DealingAnswers, 
         self._seeds: dict[str, bytes] = {}
         self._seeds_lock = threading.Lock()
         self._keys_cache: tuple | None = None  # (session id, count), keys, hashes: see _held_keys
+        self._held_lock = threading.Lock()  # one listing of the held keys at a time (the others wait for it)
         # session id -> {member: address} this node dialled for it (its table's, or the
         # request's for a member the table lacks): where it asks how far they got.
         self._dialled: dict[str, dict[str, str]] = {}

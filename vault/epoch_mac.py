@@ -321,7 +321,7 @@ def renewal_values_at(
     if h.shape != (len(keys), TAG_COUNT):
         raise InvalidShares(f"Product values must have shape (records, {TAG_COUNT}).")
     domain = RENEW_DOMAIN + struct.pack(">Q", _epoch(epoch))
-    labels = [proactive.record_label(domain, t, s, k, TAG_COUNT) for t, s in keys]
+    labels = proactive.record_labels(domain, keys, k, TAG_COUNT)
     coeffs = proactive._coefficients(seed, labels, k - 1, TAG_COUNT)
     try:
         return np.stack([proactive.evaluate_at(coeffs, h, int(x)) for x in xs])
@@ -485,7 +485,7 @@ def renewal_coefficients(context: bytes, keys: Sequence[tuple[str, str]]) -> np.
     if len(context) != 32:
         raise ValueError("A renewal check context is 32 bytes.")
     key = hashlib.sha256(RENEWAL_ALPHA_DOMAIN + bytes(context)).digest()
-    return proactive.derive_field(key, [proactive.record_label(RENEWAL_ALPHA_DOMAIN, t, s) for t, s in keys],
+    return proactive.derive_field(key, proactive.record_labels(RENEWAL_ALPHA_DOMAIN, keys),
                                   RENEWAL_CHECK_SLOTS)
 
 

@@ -47,6 +47,8 @@ MAC_COUNT = epoch_mac.TAG_COUNT
 MAX_SUBSET_TRIALS = 1024
 # Domain separation for record_identity.
 _IDENTITY_DOMAIN = b"splitvault/record/v1\x00"
+_U32 = struct.Struct(">I")
+_INDEX_EPOCH = struct.Struct(">IQ")
 _KEY_DOMAIN = b"splitvault/mac-key/v1\x00"
 # The fields every share given to join must agree on, in the order join names them.
 _AGREEING_FIELDS = (
@@ -191,18 +193,10 @@ def record_identity(tenant: str, subject: str, index: int, epoch: int) -> bytes:
     """
     t = _name_bytes(tenant, "tenant")
     s = _name_bytes(subject, "subject")
-    if not 0 <= int(index) < 2**32 or not 0 <= int(epoch) < 2**64:
+    index, epoch = int(index), int(epoch)
+    if not 0 <= index < 2**32 or not 0 <= epoch < 2**64:
         raise InvalidShares("The record index or epoch is out of range.")
-    return b"".join(
-        [
-            _IDENTITY_DOMAIN,
-            struct.pack(">I", len(t)),
-            t,
-            struct.pack(">I", len(s)),
-            s,
-            struct.pack(">IQ", int(index), int(epoch)),
-        ]
-    )
+    return b"".join((_IDENTITY_DOMAIN, _U32.pack(len(t)), t, _U32.pack(len(s)), s, _INDEX_EPOCH.pack(index, epoch)))
 
 
 def key_identity(cluster: str, node: str, index: int, epoch: int) -> bytes:

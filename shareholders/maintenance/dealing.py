@@ -121,18 +121,28 @@ class DealingAnswers:
             groups.setdefault((k, width), []).append(i)
         values = [None] * len(asked)
         renewal = [b""] * len(asked)
+        # One group (every key of one shape, the usual case): each answer is
+        # the whole array's bytes, not one bytes object per record.
+        whole = len(groups) == 1
         for (k, width), positions in groups.items():
             keys = [asked[i][:2] for i in positions]
             deltas = self._dealings.deltas(seed, s.session_id, keys, k, width, x, frozenset(s.plan.new.values()))
             packed = deltas.astype("<u4")
-            for j, i in enumerate(positions):
-                values[i] = packed[j].tobytes()
+            if whole:
+                values = [packed.tobytes()]
+            else:
+                for j, i in enumerate(positions):
+                    values[i] = packed[j].tobytes()
             record.wipe(deltas, packed)
             if request.renew and self.index in self._renewers(s, k):
                 g = self._renewal_values(s, seed, k, width, keys, None, x)
-                for j, i in enumerate(positions):
-                    renewal[i] = g[j].astype("<u4").tobytes()
-                record.wipe(g)
+                packed = g.astype("<u4")
+                if whole:
+                    renewal = [packed.tobytes()]
+                else:
+                    for j, i in enumerate(positions):
+                        renewal[i] = packed[j].tobytes()
+                record.wipe(g, packed)
         parts = b"".join(values)
         if request.mask_challenges:
             raise status.FailedPrecondition(
@@ -185,20 +195,23 @@ class DealingAnswers:
 
         Cached per session and row count: during a session nothing is
         enrolled, so a deletion is the only change, and it lowers the count.
+        Listed by one call at a time: the check's calls (this node's own and
+        every peer's) arrive together, and the first one's listing serves all.
         """
-        db = self.node.reader()
-        total = db.count_epoch(s.from_epoch)
-        tag = (s.session_id, total)
-        with self._seeds_lock:
-            cached = self._keys_cache
-        if cached is not None and cached[0] == tag:
-            return cached[1], cached[2]
-        keys = db.epoch_keys(s.from_epoch)
-        hashes = proactive.key_hashes(keys)
-        if len(keys) == total:
+        with self._held_lock:
+            db = self.node.reader()
+            total = db.count_epoch(s.from_epoch)
+            tag = (s.session_id, total)
             with self._seeds_lock:
-                self._keys_cache = (tag, keys, hashes)
-        return keys, hashes
+                cached = self._keys_cache
+            if cached is not None and cached[0] == tag:
+                return cached[1], cached[2]
+            keys = db.epoch_keys(s.from_epoch)
+            hashes = proactive.key_hashes(keys)
+            if len(keys) == total:
+                with self._seeds_lock:
+                    self._keys_cache = (tag, keys, hashes)
+            return keys, hashes
 
     def GetReshareShares(self, request, context):
         if request.check_mask_deal:

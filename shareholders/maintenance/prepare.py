@@ -237,15 +237,15 @@ class PrepareSteps:
                     packed = new.astype("<u4")
                     scratch.append(packed)
                     stored_ms = now_ms()
-                    for j, row in enumerate(rows):
-                        sealed = envelope.seal(
-                            ring, record.record_identity(row.tenant, row.subject, row.index, s.new_epoch),
-                            packed[j].tobytes(),
-                        )
-                        out.append(storage.ShareRow(
-                            row.tenant, row.subject, s.new_epoch, row.index, row.threshold, row.shareholders,
-                            row.dimension, row.codec_version, row.mac_count, row.request_id, sealed.kek_version,
-                            sealed.wrapped_dk, sealed.nonce, sealed.ciphertext, stored_ms, row.group))
+                    identity = record.record_identity
+                    sealed_rows = envelope.seal_many(
+                        ring, [identity(row.tenant, row.subject, row.index, s.new_epoch) for row in rows],
+                        list(packed))  # row views: each copied to bytes only as it is sealed
+                    make = storage.ShareRow.of
+                    out.extend(make((row.tenant, row.subject, s.new_epoch, row.index, row.threshold, row.shareholders,
+                                     row.dimension, row.codec_version, row.mac_count, row.request_id, *sealed,
+                                     stored_ms, row.group))
+                               for row, sealed in zip(rows, sealed_rows))
                 finally:
                     for call in calls.values():
                         call.cancel()
@@ -266,8 +266,9 @@ class PrepareSteps:
         try:
             if row.index != self.index:
                 raise EnvelopeError("index")
-            values = envelope.open(
-                self.node.keys.kek, record.record_identity(row.tenant, row.subject, row.index, row.epoch), row.sealed
+            values = envelope.open_parts(
+                self.node.keys.kek, record.record_identity(row.tenant, row.subject, row.index, row.epoch),
+                row.kek_version, row.wrapped_dk, row.nonce, row.ciphertext,
             )
         except EnvelopeError:
             raise self._data_loss(row) from None

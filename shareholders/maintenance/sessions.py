@@ -220,9 +220,9 @@ def mask_aad(session_id: str, which: str) -> bytes:
 def row_fingerprint(wrapped_dk: bytes, nonce: bytes, ciphertext: bytes) -> bytes:
     # 16 bytes naming one sealed row exactly: any later change of it (bit rot,
     # a reseal) changes them.
-    return hashlib.sha256(
-        len(wrapped_dk).to_bytes(4, "big") + wrapped_dk + len(nonce).to_bytes(4, "big") + nonce + ciphertext
-    ).digest()[:16]
+    return hashlib.sha256(b"".join(
+        (len(wrapped_dk).to_bytes(4, "big"), wrapped_dk, len(nonce).to_bytes(4, "big"), nonce, ciphertext)
+    )).digest()[:16]
 
 
 def checked_challenges(items) -> list[bytes]:

@@ -45,7 +45,25 @@ class ShareRow:
         # per field, a third of a row's read cost in a refresh's scans): the
         # values are the store's own, in SHARE_COLUMNS order.
         row = object.__new__(cls)
-        row.__dict__.update(zip(_SHARE_FIELDS, (*r[:11], bytes(r[11]), bytes(r[12]), bytes(r[13]), r[14], r[15])))
+        row = object.__new__(cls)
+        d = row.__dict__
+        (d["tenant"], d["subject"], d["epoch"], d["index"], d["threshold"], d["shareholders"], d["dimension"],
+         d["codec_version"], d["mac_count"], d["request_id"], d["kek_version"]) = r[:11]
+        d["wrapped_dk"], d["nonce"], d["ciphertext"] = bytes(r[11]), bytes(r[12]), bytes(r[13])
+        d["stored_ms"], d["group"] = r[14], r[15]
+        return row
+
+    @classmethod
+    def of(cls, values: tuple) -> "ShareRow":
+        """``ShareRow(*values)`` for all 16 values already of the right types,
+        in SHARE_COLUMNS order (a bulk path's new rows): the same fast build
+        as ``from_db``, at half the frozen ``__init__``'s cost."""
+        row = object.__new__(cls)
+        d = row.__dict__
+        (d["tenant"], d["subject"], d["epoch"], d["index"], d["threshold"], d["shareholders"], d["dimension"],
+         d["codec_version"], d["mac_count"], d["request_id"], d["kek_version"], d["wrapped_dk"], d["nonce"],
+         d["ciphertext"], d["stored_ms"], d["group"]) = values
+        return row
         return row
 
     def as_params(self) -> tuple:
