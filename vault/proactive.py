@@ -110,8 +110,7 @@ def new_seed() -> bytes:
 
 def record_label(domain: bytes, tenant: str, subject: str, *params: int) -> bytes:
     """Canonical label of one record's stream: domain || lp(tenant) || lp(subject) || u32 params."""
-    t, s = tenant.encode("utf-8"), subject.encode("utf-8")
-    return b"".join((domain, _U32.pack(len(t)), t, _U32.pack(len(s)), s, struct.pack(f">{len(params)}I", *params)))
+    return record_labels(domain, ((tenant, subject),), *params)[0]
 
 
 def record_labels(domain: bytes, keys: Sequence[tuple[str, str]], *params: int) -> list[bytes]:
