@@ -13,10 +13,11 @@ position order. This node, at position j:
    enrolment, delete or refresh is in flight; the matcher answers
    UNAVAILABLE: try again);
 3. computes its score shares and runs ``vault.mpc.Party`` with its
-   neighbours: every round is one ``IdentifyRound`` call to the predecessor
-   (at the address of this node's own [peers] table, certificate pinned to
-   ``shareholder/<name>``) and one message taken from the mailbox its
-   successor fills;
+   neighbours: every round is one message on this query's ``IdentifyRound``
+   stream to the predecessor (opened at the first round, at the address of
+   this node's own [peers] table, certificate pinned to
+   ``shareholder/<name>``; sent without waiting for an answer) and one
+   message taken from the mailbox its successor's stream fills;
 4. answers its XOR component of the match bits; then, if asked, of the
    candidates' pair comparisons, and the subject of one row;
 5. confirmation (``confirm``, once per query, at most
@@ -57,6 +58,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import struct
 import threading
 import time
@@ -89,6 +91,9 @@ IDENTIFY_ATTEMPTS = 600
 # How long a node waits for its successor's message of one round, and the
 # deadline of each message it sends.
 ROUND_TIMEOUT_S = 20.0
+# The deadline of one query's stream of rounds (each round still waits at
+# most ROUND_TIMEOUT_S for its message).
+_STREAM_TIMEOUT_S = 600.0
 # Messages held for queries this node has not reached yet (or never will).
 _MAILBOX_LIMIT = 4096
 _MAILBOX_TTL_S = 60.0
@@ -276,7 +281,7 @@ class _Query:
         self.party: mpc.Party | None = None
         self.gallery: Gallery | None = None
         self.pred = self.succ = self.pred_address = ""
-        self.pred_stub: identify_pb2_grpc.ShareholderIdentifyStub | None = None
+        self.rounds: _RoundStream | None = None
         self.margin = 0
         self.body: tickets.TicketBody | None = None
         self.confirmed = False
@@ -284,10 +289,65 @@ class _Query:
         self.verify_z: np.ndarray | None = None
 
     def exchange(self, rnd: int, payload: bytes) -> bytes:
-        if self.pred_stub is None:  # resolved once per query: [peers] is a file read
-            self.pred_stub = self.svc._stub(self.pred, self.pred_address)
-        self.svc.send(self.pred, self.query_id, rnd, payload, self.pred_address, stub=self.pred_stub)
-        return self.svc.mail.take(self.query_id, rnd, self.succ, self.cancelled)
+        if self.rounds is None:  # one stream per query to the predecessor; [peers] is read once
+            self.rounds = _RoundStream(self.svc._stub(self.pred, self.pred_address), self.pred, self.cancelled)
+        self.rounds.send(identify_pb2.IdentifyRoundRequest(query_id=self.query_id, round=rnd, payload=payload))
+        try:
+            return self.svc.mail.take(self.query_id, rnd, self.succ, self.cancelled)
+        except status.Unavailable:
+            self.rounds.check()  # a stream that failed says so rather than "cancelled"
+            raise
+
+    def close(self, failed: bool) -> None:
+        if self.rounds is not None:
+            self.rounds.close(failed)
+
+
+class _RoundStream:
+    """This node's messages of one query to its predecessor: one client stream, sent without waiting.
+
+    The predecessor's handler puts each message in its mailbox as it comes;
+    a stream that fails (the peer down, its identity check refused, a
+    malformed round) ends this query at its next round (UNAVAILABLE), and
+    the predecessor's own round timeout ends its side.
+    """
+
+    _END = object()
+
+    def __init__(self, stub: identify_pb2_grpc.ShareholderIdentifyStub, name: str, cancelled: threading.Event):
+        self._name = name
+        self._out: queue.SimpleQueue = queue.SimpleQueue()
+        self._cancelled = cancelled
+        self._call = stub.IdentifyRound.future(self._messages(), timeout=_STREAM_TIMEOUT_S)
+        self._call.add_done_callback(self._done)
+
+    def _messages(self):
+        while True:
+            item = self._out.get()
+            if item is self._END:
+                return
+            yield item
+
+    def _done(self, call) -> None:
+        if not call.cancelled() and call.exception() is not None:
+            self._cancelled.set()  # the take waiting on the successor stops at once
+
+    def send(self, request: identify_pb2.IdentifyRoundRequest) -> None:
+        self.check()
+        self._out.put(request)
+
+    def check(self) -> None:
+        if self._call.done() and not self._call.cancelled() and self._call.exception() is not None:
+            code = self._call.exception().code() if callable(getattr(self._call.exception(), "code", None)) else None
+            raise status.Unavailable(
+                f"Committee member {self._name} did not take a round of the identification "
+                f"({getattr(code, 'name', 'UNKNOWN')}).")
+
+    def close(self, failed: bool) -> None:
+        """Half-close after the last round (the predecessor still takes what is in flight); cancel on failure."""
+        self._out.put(self._END)
+        if failed:
+            self._call.cancel()
 
 
 class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
@@ -330,17 +390,6 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
                 self._stubs[(name, address)] = entry
             return entry[1]
 
-    def send(self, name: str, query_id: str, rnd: int, payload: bytes, offered: str = "", stub=None) -> None:
-        try:
-            (stub or self._stub(name, offered)).IdentifyRound(
-                identify_pb2.IdentifyRoundRequest(query_id=query_id, round=rnd, payload=payload),
-                timeout=ROUND_TIMEOUT_S)
-        except grpc.RpcError as exc:
-            code = exc.code() if callable(getattr(exc, "code", None)) else None
-            raise status.Unavailable(
-                f"Committee member {name} did not take a round of the identification "
-                f"({getattr(code, 'name', 'UNKNOWN')}).") from None
-
     def close(self) -> None:
         with self._lock:
             for channel, _ in self._stubs.values():
@@ -355,16 +404,22 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
 
     # --- peer rounds ----------------------------------------------------------------
 
-    def IdentifyRound(self, request, context):
+    def IdentifyRound(self, request_iterator, context):
         who = caller(context)
         pins = committee_pins(self.sh.reader(), self.cfg)
         if who is None or (pins and pins.get(who.name) != presented_spki(context)):
             raise status.PermissionDenied("The caller is not a pinned member of this node's committee.")
-        if not _is_query_id(request.query_id):
-            raise status.InvalidArgument("The query id is not a valid identifier.")
-        if request.round > _MAX_ROUND:
-            raise status.InvalidArgument("The round number is out of range.")
-        self.mail.put(request.query_id, int(request.round), who.name, request.payload)
+        query_id = None
+        for request in request_iterator:
+            if query_id is None:
+                if not _is_query_id(request.query_id):
+                    raise status.InvalidArgument("The query id is not a valid identifier.")
+                query_id = request.query_id
+            elif request.query_id != query_id:
+                raise status.InvalidArgument("A stream of rounds carries one query.")
+            if request.round > _MAX_ROUND:
+                raise status.InvalidArgument("The round number is out of range.")
+            self.mail.put(query_id, int(request.round), who.name, request.payload)
         return identify_pb2.IdentifyRoundResponse()
 
     # --- queries ----------------------------------------------------------------------
@@ -375,6 +430,7 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
         if first is None or first.WhichOneof("step") != "start":
             raise status.InvalidArgument("An identification starts with its start step.")
         query = _Query(self, first.start, context)
+        failed = True
         try:
             yield self._run(query, actor)
             for step in request_iterator:
@@ -395,7 +451,9 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
                 else:
                     raise status.InvalidArgument(
                         "An identification step must be pairs, resolve, confirm or verify_threshold.")
+            failed = False
         finally:
+            query.close(failed)
             if query.party is not None:
                 query.party.wipe()
             if query.verify_z is not None:
