@@ -32,8 +32,10 @@ Verify on shares (``start.verify_subject`` set): the VERIFY ticket is checked
 as ``ReleaseShare`` checks it (the same replay set and per-subject attempt
 counters), only the subject's newest row is read (no gallery), and one
 ``verify_on_shares`` entry is committed; the node answers its re-randomised
-share of |t|^2, then, given its additive share of -T (``verify_threshold``),
-runs the circuit on that one row and answers its share of [s >= T].
+share of |t|^2; while the matcher finds T it runs the input round (its score
+share to its predecessor); then, given its and its successor's additive
+shares of -T (``verify_threshold``), runs the circuit on that one row and
+answers its share of [s >= T].
 
 The gallery is kept in memory in compute form per (tenant, dimension,
 group): the group is the IDENTIFY ticket's (signed by the provider; ''
@@ -71,7 +73,7 @@ from shareholders.audit_log import Tx, WriterClosed, now_ms
 from shareholders.config import load_peers
 from shareholders.maintenance.peers import committee_pins, presented_spki
 from splitvault.v1 import identify_pb2, identify_pb2_grpc
-from vault import envelope, field, mpc, pki, record
+from vault import envelope, mpc, pki, record
 from vault import ticket as tickets
 from vault.errors import EnvelopeError, InvalidShares, InvalidTicket
 from vaultrpc import logs, status, wire
@@ -287,6 +289,7 @@ class _Query:
         self.confirmed = False
         # Verify on shares: this node's score share until the matcher's share of -T comes.
         self.verify_z: np.ndarray | None = None
+        self.verify_pending = False  # the input round is done; the shares of -T are awaited
 
     def exchange(self, rnd: int, payload: bytes) -> bytes:
         if self.rounds is None:  # one stream per query to the predecessor; [peers] is read once
@@ -433,6 +436,11 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
         failed = True
         try:
             yield self._run(query, actor)
+            if query.verify_z is not None:  # Verify on shares: the input round overlaps the matcher's T
+                query.party.share_input(query.verify_z)
+                record.wipe(query.verify_z)
+                query.verify_z = None
+                query.verify_pending = True
             for step in request_iterator:
                 kind = step.WhichOneof("step")
                 if query.start.verify_subject and kind != "verify_threshold":
@@ -570,18 +578,18 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
                                                   epoch=row.epoch, norm_share=share)
 
     def _verify_bits(self, query: _Query, step: identify_pb2.IdentifyVerifyThreshold) -> identify_pb2.IdentifyQueryResponse:
-        """Verify on shares, second half: [s - T >= 0] with this node's share of -T added to its score share."""
-        z = query.verify_z
-        if z is None or query.party is None:
+        """Verify on shares, second half: [s - T >= 0], this node's and its successor's shares of -T added to
+        its score share and its copy of the successor's (exchanged in the input round)."""
+        if not query.verify_pending or query.party is None:
             raise status.FailedPrecondition("The verify threshold comes once, after the start of a verification.")
-        query.verify_z = None
+        query.verify_pending = False
         try:
             share = record.unpack_values(step.share, 1)
+            succ = record.unpack_values(step.next_share, 1)
         except InvalidShares:
-            raise status.InvalidArgument("The threshold share is not one field element.") from None
-        shifted = field.add(z, share)
-        query.party.share_input(shifted)
-        record.wipe(z, share, shifted)
+            raise status.InvalidArgument("The threshold shares are not one field element each.") from None
+        query.party.add_inputs(share, succ)
+        record.wipe(share, succ)
         return identify_pb2.IdentifyQueryResponse(bits=query.party.sign_bits(int(query.start.dimension)))
 
     def _authorise_verify(self, actor: str, start, committee: list[str], dimension: int):
