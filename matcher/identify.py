@@ -285,7 +285,8 @@ def verify_on_shares(service, tenant, subject: str, probe: np.ndarray, ticket_ms
         dealt = mpc.threshold_shares(threshold)
         for j, s in enumerate(streams):
             s.send(identify_pb2.IdentifyQueryRequest(verify_threshold=identify_pb2.IdentifyVerifyThreshold(
-                share=int(dealt[j]).to_bytes(4, "little"))))
+                share=int(dealt[j]).to_bytes(4, "little"),
+                next_share=int(dealt[(j + 1) % mpc.PARTIES]).to_bytes(4, "little"))))
         dealt = threshold = None
         match = bool(_open([o.bits for o in _all(service, streams, _VERIFY_PASS_ON)], 1)[0])
         for s in streams:

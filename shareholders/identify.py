@@ -13,10 +13,11 @@ position order. This node, at position j:
    enrolment, delete or refresh is in flight; the matcher answers
    UNAVAILABLE: try again);
 3. computes its score shares and runs ``vault.mpc.Party`` with its
-   neighbours: every round is one ``IdentifyRound`` call to the predecessor
-   (at the address of this node's own [peers] table, certificate pinned to
-   ``shareholder/<name>``) and one message taken from the mailbox its
-   successor fills;
+   neighbours: every round is one message on this query's ``IdentifyRound``
+   stream to the predecessor (opened at the first round, at the address of
+   this node's own [peers] table, certificate pinned to
+   ``shareholder/<name>``; sent without waiting for an answer) and one
+   message taken from the mailbox its successor's stream fills;
 4. answers its XOR component of the match bits; then, if asked, of the
    candidates' pair comparisons, and the subject of one row;
 5. confirmation (``confirm``, once per query, at most
@@ -31,8 +32,10 @@ Verify on shares (``start.verify_subject`` set): the VERIFY ticket is checked
 as ``ReleaseShare`` checks it (the same replay set and per-subject attempt
 counters), only the subject's newest row is read (no gallery), and one
 ``verify_on_shares`` entry is committed; the node answers its re-randomised
-share of |t|^2, then, given its additive share of -T (``verify_threshold``),
-runs the circuit on that one row and answers its share of [s >= T].
+share of |t|^2; while the matcher finds T it runs the input round (its score
+share to its predecessor); then, given its and its successor's additive
+shares of -T (``verify_threshold``), runs the circuit on that one row and
+answers its share of [s >= T].
 
 The gallery is kept in memory in compute form per (tenant, dimension,
 group): the group is the IDENTIFY ticket's (signed by the provider; ''
@@ -57,6 +60,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import struct
 import threading
 import time
@@ -69,7 +73,7 @@ from shareholders.audit_log import Tx, WriterClosed, now_ms
 from shareholders.config import load_peers
 from shareholders.maintenance.peers import committee_pins, presented_spki
 from splitvault.v1 import identify_pb2, identify_pb2_grpc
-from vault import envelope, field, mpc, pki, record
+from vault import envelope, mpc, pki, record
 from vault import ticket as tickets
 from vault.errors import EnvelopeError, InvalidShares, InvalidTicket
 from vaultrpc import logs, status, wire
@@ -89,6 +93,9 @@ IDENTIFY_ATTEMPTS = 600
 # How long a node waits for its successor's message of one round, and the
 # deadline of each message it sends.
 ROUND_TIMEOUT_S = 20.0
+# The deadline of one query's stream of rounds (each round still waits at
+# most ROUND_TIMEOUT_S for its message).
+_STREAM_TIMEOUT_S = 600.0
 # Messages held for queries this node has not reached yet (or never will).
 _MAILBOX_LIMIT = 4096
 _MAILBOX_TTL_S = 60.0
@@ -276,18 +283,74 @@ class _Query:
         self.party: mpc.Party | None = None
         self.gallery: Gallery | None = None
         self.pred = self.succ = self.pred_address = ""
-        self.pred_stub: identify_pb2_grpc.ShareholderIdentifyStub | None = None
+        self.rounds: _RoundStream | None = None
         self.margin = 0
         self.body: tickets.TicketBody | None = None
         self.confirmed = False
         # Verify on shares: this node's score share until the matcher's share of -T comes.
         self.verify_z: np.ndarray | None = None
+        self.verify_pending = False  # the input round is done; the shares of -T are awaited
 
     def exchange(self, rnd: int, payload: bytes) -> bytes:
-        if self.pred_stub is None:  # resolved once per query: [peers] is a file read
-            self.pred_stub = self.svc._stub(self.pred, self.pred_address)
-        self.svc.send(self.pred, self.query_id, rnd, payload, self.pred_address, stub=self.pred_stub)
-        return self.svc.mail.take(self.query_id, rnd, self.succ, self.cancelled)
+        if self.rounds is None:  # one stream per query to the predecessor; [peers] is read once
+            self.rounds = _RoundStream(self.svc._stub(self.pred, self.pred_address), self.pred, self.cancelled)
+        self.rounds.send(identify_pb2.IdentifyRoundRequest(query_id=self.query_id, round=rnd, payload=payload))
+        try:
+            return self.svc.mail.take(self.query_id, rnd, self.succ, self.cancelled)
+        except status.Unavailable:
+            self.rounds.check()  # a stream that failed says so rather than "cancelled"
+            raise
+
+    def close(self, failed: bool) -> None:
+        if self.rounds is not None:
+            self.rounds.close(failed)
+
+
+class _RoundStream:
+    """This node's messages of one query to its predecessor: one client stream, sent without waiting.
+
+    The predecessor's handler puts each message in its mailbox as it comes;
+    a stream that fails (the peer down, its identity check refused, a
+    malformed round) ends this query at its next round (UNAVAILABLE), and
+    the predecessor's own round timeout ends its side.
+    """
+
+    _END = object()
+
+    def __init__(self, stub: identify_pb2_grpc.ShareholderIdentifyStub, name: str, cancelled: threading.Event):
+        self._name = name
+        self._out: queue.SimpleQueue = queue.SimpleQueue()
+        self._cancelled = cancelled
+        self._call = stub.IdentifyRound.future(self._messages(), timeout=_STREAM_TIMEOUT_S)
+        self._call.add_done_callback(self._done)
+
+    def _messages(self):
+        while True:
+            item = self._out.get()
+            if item is self._END:
+                return
+            yield item
+
+    def _done(self, call) -> None:
+        if not call.cancelled() and call.exception() is not None:
+            self._cancelled.set()  # the take waiting on the successor stops at once
+
+    def send(self, request: identify_pb2.IdentifyRoundRequest) -> None:
+        self.check()
+        self._out.put(request)
+
+    def check(self) -> None:
+        if self._call.done() and not self._call.cancelled() and self._call.exception() is not None:
+            code = self._call.exception().code() if callable(getattr(self._call.exception(), "code", None)) else None
+            raise status.Unavailable(
+                f"Committee member {self._name} did not take a round of the identification "
+                f"({getattr(code, 'name', 'UNKNOWN')}).")
+
+    def close(self, failed: bool) -> None:
+        """Half-close after the last round (the predecessor still takes what is in flight); cancel on failure."""
+        self._out.put(self._END)
+        if failed:
+            self._call.cancel()
 
 
 class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
@@ -330,17 +393,6 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
                 self._stubs[(name, address)] = entry
             return entry[1]
 
-    def send(self, name: str, query_id: str, rnd: int, payload: bytes, offered: str = "", stub=None) -> None:
-        try:
-            (stub or self._stub(name, offered)).IdentifyRound(
-                identify_pb2.IdentifyRoundRequest(query_id=query_id, round=rnd, payload=payload),
-                timeout=ROUND_TIMEOUT_S)
-        except grpc.RpcError as exc:
-            code = exc.code() if callable(getattr(exc, "code", None)) else None
-            raise status.Unavailable(
-                f"Committee member {name} did not take a round of the identification "
-                f"({getattr(code, 'name', 'UNKNOWN')}).") from None
-
     def close(self) -> None:
         with self._lock:
             for channel, _ in self._stubs.values():
@@ -355,16 +407,22 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
 
     # --- peer rounds ----------------------------------------------------------------
 
-    def IdentifyRound(self, request, context):
+    def IdentifyRound(self, request_iterator, context):
         who = caller(context)
         pins = committee_pins(self.sh.reader(), self.cfg)
         if who is None or (pins and pins.get(who.name) != presented_spki(context)):
             raise status.PermissionDenied("The caller is not a pinned member of this node's committee.")
-        if not _is_query_id(request.query_id):
-            raise status.InvalidArgument("The query id is not a valid identifier.")
-        if request.round > _MAX_ROUND:
-            raise status.InvalidArgument("The round number is out of range.")
-        self.mail.put(request.query_id, int(request.round), who.name, request.payload)
+        query_id = None
+        for request in request_iterator:
+            if query_id is None:
+                if not _is_query_id(request.query_id):
+                    raise status.InvalidArgument("The query id is not a valid identifier.")
+                query_id = request.query_id
+            elif request.query_id != query_id:
+                raise status.InvalidArgument("A stream of rounds carries one query.")
+            if request.round > _MAX_ROUND:
+                raise status.InvalidArgument("The round number is out of range.")
+            self.mail.put(query_id, int(request.round), who.name, request.payload)
         return identify_pb2.IdentifyRoundResponse()
 
     # --- queries ----------------------------------------------------------------------
@@ -375,8 +433,14 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
         if first is None or first.WhichOneof("step") != "start":
             raise status.InvalidArgument("An identification starts with its start step.")
         query = _Query(self, first.start, context)
+        failed = True
         try:
             yield self._run(query, actor)
+            if query.verify_z is not None:  # Verify on shares: the input round overlaps the matcher's T
+                query.party.share_input(query.verify_z)
+                record.wipe(query.verify_z)
+                query.verify_z = None
+                query.verify_pending = True
             for step in request_iterator:
                 kind = step.WhichOneof("step")
                 if query.start.verify_subject and kind != "verify_threshold":
@@ -395,7 +459,9 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
                 else:
                     raise status.InvalidArgument(
                         "An identification step must be pairs, resolve, confirm or verify_threshold.")
+            failed = False
         finally:
+            query.close(failed)
             if query.party is not None:
                 query.party.wipe()
             if query.verify_z is not None:
@@ -512,18 +578,18 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
                                                   epoch=row.epoch, norm_share=share)
 
     def _verify_bits(self, query: _Query, step: identify_pb2.IdentifyVerifyThreshold) -> identify_pb2.IdentifyQueryResponse:
-        """Verify on shares, second half: [s - T >= 0] with this node's share of -T added to its score share."""
-        z = query.verify_z
-        if z is None or query.party is None:
+        """Verify on shares, second half: [s - T >= 0], this node's and its successor's shares of -T added to
+        its score share and its copy of the successor's (exchanged in the input round)."""
+        if not query.verify_pending or query.party is None:
             raise status.FailedPrecondition("The verify threshold comes once, after the start of a verification.")
-        query.verify_z = None
+        query.verify_pending = False
         try:
             share = record.unpack_values(step.share, 1)
+            succ = record.unpack_values(step.next_share, 1)
         except InvalidShares:
-            raise status.InvalidArgument("The threshold share is not one field element.") from None
-        shifted = field.add(z, share)
-        query.party.share_input(shifted)
-        record.wipe(z, share, shifted)
+            raise status.InvalidArgument("The threshold shares are not one field element each.") from None
+        query.party.add_inputs(share, succ)
+        record.wipe(share, succ)
         return identify_pb2.IdentifyQueryResponse(bits=query.party.sign_bits(int(query.start.dimension)))
 
     def _authorise_verify(self, actor: str, start, committee: list[str], dimension: int):

@@ -43,12 +43,13 @@ def test_threshold_other_than_two_is_refused(committee):
     assert "threshold 2 only" in err.value.details()
 
 
-def _round(c, as_role: str, as_name: str, node: str):
+def _round(c, as_role: str, as_name: str, node: str, query_ids=("query-12345678",)):
     channel = secure_channel(c.addresses[node], c.pki.tls(as_role, as_name),
                              expect=pki.Identity(pki.ROLE_SHAREHOLDER, node))
     try:
-        return identify_pb2_grpc.ShareholderIdentifyStub(channel).IdentifyRound(
-            identify_pb2.IdentifyRoundRequest(query_id="query-12345678", round=1, payload=b"x"), timeout=10)
+        return identify_pb2_grpc.ShareholderIdentifyStub(channel).IdentifyRound(iter([
+            identify_pb2.IdentifyRoundRequest(query_id=q, round=1 + i, payload=b"x")
+            for i, q in enumerate(query_ids)]), timeout=10)
     finally:
         channel.close()
 
@@ -62,6 +63,10 @@ def test_only_shareholders_send_rounds_and_only_the_matcher_starts_queries(commi
         _round(c, "psp", "acme", "bank-a")
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert _round(c, "shareholder", "bank-b", "bank-a") is not None
+    # One stream carries the rounds of one query: a second query id on it is refused.
+    with pytest.raises(grpc.RpcError) as err:
+        _round(c, "shareholder", "bank-b", "bank-a", ("query-23456789", "query-34567890"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     channel = secure_channel(c.addresses["bank-a"], c.pki.tls("shareholder", "bank-b"),
                              expect=pki.Identity(pki.ROLE_SHAREHOLDER, "bank-a"))
     try:

@@ -37,8 +37,10 @@ candidate b by the margin M (``Party.compare_pairs``; inputs local, 8 rounds).
 Verify on shares (1:1) is the same machinery on a one-row gallery:
 ``verify_threshold`` finds the integer T with [s >= T] == Verify's
 ``codec.cosine(q, t) >= tau`` from |q|^2 and the opened |t|^2,
-``threshold_shares`` deals -T additively so no node learns it, and
-``Party.sign_bits`` opens [s - T >= 0] (``verify_local``: in one process).
+``threshold_shares`` deals -T additively so no node learns it (each node
+gets its share and its successor's, after the input round, which runs while
+the matcher finds T: ``Party.add_inputs``), and ``Party.sign_bits`` opens
+[s - T >= 0] (``verify_local``: in one process).
 
 Security model: semi-honest, one corrupted party of three. A party that
 deviates can flip any output bit; the matcher therefore confirms the
@@ -327,6 +329,17 @@ class Party:
             raise InvalidShares("A peer sent a round of the wrong size.")
         self._z_next = nxt.astype(FIELD_DTYPE)
 
+    def add_inputs(self, own: np.ndarray, succ: np.ndarray) -> None:
+        """Add a replicated additive sharing to the inputs: ``own`` to this party's share, ``succ`` to its
+        copy of its successor's (Verify on shares: -T, dealt after the input round)."""
+        if self._z is None or self._z_next is None:
+            raise ValueError("share_input must come first.")
+        z, z_next = self._z, self._z_next
+        self._z = field.add(z, np.asarray(own, dtype=FIELD_DTYPE))
+        self._z_next = field.add(z_next, np.asarray(succ, dtype=FIELD_DTYPE))
+        z.fill(0)
+        z_next.fill(0)
+
     def _operands(self, mine: np.ndarray, nxt: np.ndarray) -> tuple[Bits, Bits, Bits]:
         # X_j = z_j as component j alone: party j holds (z_j, 0) of X_j,
         # (0, z_{j+1}) of X_{j+1} and (0, 0) of X_{j+2}.
@@ -598,7 +611,8 @@ def verify_local(template_shares: Sequence[np.ndarray], probe_shares: Sequence[n
     dealt = np.array([threshold_shares(t) for t in thresholds], dtype=FIELD_DTYPE)  # (G, 3)
 
     def phase(j: int, party: Party) -> bytes:
-        party.share_input(field.add(z[j], np.ascontiguousarray(dealt[:, j])))
+        party.share_input(z[j])
+        party.add_inputs(dealt[:, j], dealt[:, (j + 1) % PARTIES])
         return party.sign_bits(dimension)
 
     try:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from splitvault.v1 import common_pb2 as splitvault_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csplitvault/v1/identify.proto\x12\rsplitvault.v1\x1a\x1asplitvault/v1/common.proto\"\xec\x01\n\rIdentifyStart\x12\x31\n\x06ticket\x18\x01 \x01(\x0b\x32!.splitvault.v1.VerificationTicket\x12\x10\n\x08query_id\x18\x02 \x01(\t\x12\x11\n\tcommittee\x18\x03 \x03(\t\x12\x13\n\x0bprobe_share\x18\x04 \x01(\x0c\x12\x11\n\tdimension\x18\x05 \x01(\r\x12\x11\n\tthreshold\x18\x06 \x01(\x03\x12\x0e\n\x06margin\x18\x07 \x01(\x03\x12\x11\n\taddresses\x18\x08 \x03(\t\x12\r\n\x05group\x18\t \x01(\t\x12\x16\n\x0everify_subject\x18\x14 \x01(\t\"(\n\x17IdentifyVerifyThreshold\x12\r\n\x05share\x18\x01 \x01(\x0c\".\n\rIdentifyPairs\x12\r\n\x05\x66irst\x18\x01 \x03(\r\x12\x0e\n\x06second\x18\x02 \x03(\r\"\x1e\n\x0fIdentifyResolve\x12\x0b\n\x03row\x18\x01 \x01(\r\"\x1f\n\x0fIdentifyConfirm\x12\x0c\n\x04rows\x18\x01 \x03(\r\"\xa6\x02\n\x14IdentifyQueryRequest\x12-\n\x05start\x18\x01 \x01(\x0b\x32\x1c.splitvault.v1.IdentifyStartH\x00\x12-\n\x05pairs\x18\x02 \x01(\x0b\x32\x1c.splitvault.v1.IdentifyPairsH\x00\x12\x31\n\x07resolve\x18\x03 \x01(\x0b\x32\x1e.splitvault.v1.IdentifyResolveH\x00\x12\x31\n\x07\x63onfirm\x18\x04 \x01(\x0b\x32\x1e.splitvault.v1.IdentifyConfirmH\x00\x12\x42\n\x10verify_threshold\x18\x14 \x01(\x0b\x32&.splitvault.v1.IdentifyVerifyThresholdH\x00\x42\x06\n\x04step\"\xa4\x01\n\x15IdentifyQueryResponse\x12\x0c\n\x04\x62its\x18\x01 \x01(\x0c\x12\x0c\n\x04rows\x18\x02 \x01(\x04\x12\x16\n\x0egallery_digest\x18\x03 \x01(\x0c\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x11\n\taudit_seq\x18\x05 \x01(\x04\x12\x10\n\x08subjects\x18\x06 \x03(\t\x12\x12\n\nnorm_share\x18\x14 \x01(\x0c\x12\r\n\x05\x65poch\x18\x15 \x01(\x04\"H\n\x14IdentifyRoundRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"\x17\n\x15IdentifyRoundResponse2\xd1\x01\n\x13ShareholderIdentify\x12^\n\rIdentifyQuery\x12#.splitvault.v1.IdentifyQueryRequest\x1a$.splitvault.v1.IdentifyQueryResponse(\x01\x30\x01\x12Z\n\rIdentifyRound\x12#.splitvault.v1.IdentifyRoundRequest\x1a$.splitvault.v1.IdentifyRoundResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csplitvault/v1/identify.proto\x12\rsplitvault.v1\x1a\x1asplitvault/v1/common.proto\"\xec\x01\n\rIdentifyStart\x12\x31\n\x06ticket\x18\x01 \x01(\x0b\x32!.splitvault.v1.VerificationTicket\x12\x10\n\x08query_id\x18\x02 \x01(\t\x12\x11\n\tcommittee\x18\x03 \x03(\t\x12\x13\n\x0bprobe_share\x18\x04 \x01(\x0c\x12\x11\n\tdimension\x18\x05 \x01(\r\x12\x11\n\tthreshold\x18\x06 \x01(\x03\x12\x0e\n\x06margin\x18\x07 \x01(\x03\x12\x11\n\taddresses\x18\x08 \x03(\t\x12\r\n\x05group\x18\t \x01(\t\x12\x16\n\x0everify_subject\x18\x14 \x01(\t\"<\n\x17IdentifyVerifyThreshold\x12\r\n\x05share\x18\x01 \x01(\x0c\x12\x12\n\nnext_share\x18\x02 \x01(\x0c\".\n\rIdentifyPairs\x12\r\n\x05\x66irst\x18\x01 \x03(\r\x12\x0e\n\x06second\x18\x02 \x03(\r\"\x1e\n\x0fIdentifyResolve\x12\x0b\n\x03row\x18\x01 \x01(\r\"\x1f\n\x0fIdentifyConfirm\x12\x0c\n\x04rows\x18\x01 \x03(\r\"\xa6\x02\n\x14IdentifyQueryRequest\x12-\n\x05start\x18\x01 \x01(\x0b\x32\x1c.splitvault.v1.IdentifyStartH\x00\x12-\n\x05pairs\x18\x02 \x01(\x0b\x32\x1c.splitvault.v1.IdentifyPairsH\x00\x12\x31\n\x07resolve\x18\x03 \x01(\x0b\x32\x1e.splitvault.v1.IdentifyResolveH\x00\x12\x31\n\x07\x63onfirm\x18\x04 \x01(\x0b\x32\x1e.splitvault.v1.IdentifyConfirmH\x00\x12\x42\n\x10verify_threshold\x18\x14 \x01(\x0b\x32&.splitvault.v1.IdentifyVerifyThresholdH\x00\x42\x06\n\x04step\"\xa4\x01\n\x15IdentifyQueryResponse\x12\x0c\n\x04\x62its\x18\x01 \x01(\x0c\x12\x0c\n\x04rows\x18\x02 \x01(\x04\x12\x16\n\x0egallery_digest\x18\x03 \x01(\x0c\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x11\n\taudit_seq\x18\x05 \x01(\x04\x12\x10\n\x08subjects\x18\x06 \x03(\t\x12\x12\n\nnorm_share\x18\x14 \x01(\x0c\x12\r\n\x05\x65poch\x18\x15 \x01(\x04\"H\n\x14IdentifyRoundRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"\x17\n\x15IdentifyRoundResponse2\xd3\x01\n\x13ShareholderIdentify\x12^\n\rIdentifyQuery\x12#.splitvault.v1.IdentifyQueryRequest\x1a$.splitvault.v1.IdentifyQueryResponse(\x01\x30\x01\x12\\\n\rIdentifyRound\x12#.splitvault.v1.IdentifyRoundRequest\x1a$.splitvault.v1.IdentifyRoundResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,21 +35,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IDENTIFYSTART']._serialized_start=76
   _globals['_IDENTIFYSTART']._serialized_end=312
   _globals['_IDENTIFYVERIFYTHRESHOLD']._serialized_start=314
-  _globals['_IDENTIFYVERIFYTHRESHOLD']._serialized_end=354
-  _globals['_IDENTIFYPAIRS']._serialized_start=356
-  _globals['_IDENTIFYPAIRS']._serialized_end=402
-  _globals['_IDENTIFYRESOLVE']._serialized_start=404
-  _globals['_IDENTIFYRESOLVE']._serialized_end=434
-  _globals['_IDENTIFYCONFIRM']._serialized_start=436
-  _globals['_IDENTIFYCONFIRM']._serialized_end=467
-  _globals['_IDENTIFYQUERYREQUEST']._serialized_start=470
-  _globals['_IDENTIFYQUERYREQUEST']._serialized_end=764
-  _globals['_IDENTIFYQUERYRESPONSE']._serialized_start=767
-  _globals['_IDENTIFYQUERYRESPONSE']._serialized_end=931
-  _globals['_IDENTIFYROUNDREQUEST']._serialized_start=933
-  _globals['_IDENTIFYROUNDREQUEST']._serialized_end=1005
-  _globals['_IDENTIFYROUNDRESPONSE']._serialized_start=1007
-  _globals['_IDENTIFYROUNDRESPONSE']._serialized_end=1030
-  _globals['_SHAREHOLDERIDENTIFY']._serialized_start=1033
-  _globals['_SHAREHOLDERIDENTIFY']._serialized_end=1242
+  _globals['_IDENTIFYVERIFYTHRESHOLD']._serialized_end=374
+  _globals['_IDENTIFYPAIRS']._serialized_start=376
+  _globals['_IDENTIFYPAIRS']._serialized_end=422
+  _globals['_IDENTIFYRESOLVE']._serialized_start=424
+  _globals['_IDENTIFYRESOLVE']._serialized_end=454
+  _globals['_IDENTIFYCONFIRM']._serialized_start=456
+  _globals['_IDENTIFYCONFIRM']._serialized_end=487
+  _globals['_IDENTIFYQUERYREQUEST']._serialized_start=490
+  _globals['_IDENTIFYQUERYREQUEST']._serialized_end=784
+  _globals['_IDENTIFYQUERYRESPONSE']._serialized_start=787
+  _globals['_IDENTIFYQUERYRESPONSE']._serialized_end=951
+  _globals['_IDENTIFYROUNDREQUEST']._serialized_start=953
+  _globals['_IDENTIFYROUNDREQUEST']._serialized_end=1025
+  _globals['_IDENTIFYROUNDRESPONSE']._serialized_start=1027
+  _globals['_IDENTIFYROUNDRESPONSE']._serialized_end=1050
+  _globals['_SHAREHOLDERIDENTIFY']._serialized_start=1053
+  _globals['_SHAREHOLDERIDENTIFY']._serialized_end=1264
 # @@protoc_insertion_point(module_scope)

@@ -32,10 +32,12 @@ class IdentifyStart(_message.Message):
     def __init__(self, ticket: _Optional[_Union[_common_pb2.VerificationTicket, _Mapping]] = ..., query_id: _Optional[str] = ..., committee: _Optional[_Iterable[str]] = ..., probe_share: _Optional[bytes] = ..., dimension: _Optional[int] = ..., threshold: _Optional[int] = ..., margin: _Optional[int] = ..., addresses: _Optional[_Iterable[str]] = ..., group: _Optional[str] = ..., verify_subject: _Optional[str] = ...) -> None: ...
 
 class IdentifyVerifyThreshold(_message.Message):
-    __slots__ = ("share",)
+    __slots__ = ("share", "next_share")
     SHARE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_SHARE_FIELD_NUMBER: _ClassVar[int]
     share: bytes
-    def __init__(self, share: _Optional[bytes] = ...) -> None: ...
+    next_share: bytes
+    def __init__(self, share: _Optional[bytes] = ..., next_share: _Optional[bytes] = ...) -> None: ...
 
 class IdentifyPairs(_message.Message):
     __slots__ = ("first", "second")

@@ -44,7 +44,7 @@ class ShareholderIdentifyStub:
                 request_serializer=splitvault_dot_v1_dot_identify__pb2.IdentifyQueryRequest.SerializeToString,
                 response_deserializer=splitvault_dot_v1_dot_identify__pb2.IdentifyQueryResponse.FromString,
                 _registered_method=True)
-        self.IdentifyRound = channel.unary_unary(
+        self.IdentifyRound = channel.stream_unary(
                 '/splitvault.v1.ShareholderIdentify/IdentifyRound',
                 request_serializer=splitvault_dot_v1_dot_identify__pb2.IdentifyRoundRequest.SerializeToString,
                 response_deserializer=splitvault_dot_v1_dot_identify__pb2.IdentifyRoundResponse.FromString,
@@ -76,9 +76,10 @@ class ShareholderIdentifyServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def IdentifyRound(self, request, context):
-        """One round of a query from this node's successor in S (its certificate
-        must be that member's). Role: shareholder.
+    def IdentifyRound(self, request_iterator, context):
+        """The rounds of one query from this node's successor in S, one stream per
+        query (its certificate must be that member's, checked once at the
+        stream's start; every message names the same query). Role: shareholder.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,7 +93,7 @@ def add_ShareholderIdentifyServicer_to_server(servicer, server):
                     request_deserializer=splitvault_dot_v1_dot_identify__pb2.IdentifyQueryRequest.FromString,
                     response_serializer=splitvault_dot_v1_dot_identify__pb2.IdentifyQueryResponse.SerializeToString,
             ),
-            'IdentifyRound': grpc.unary_unary_rpc_method_handler(
+            'IdentifyRound': grpc.stream_unary_rpc_method_handler(
                     servicer.IdentifyRound,
                     request_deserializer=splitvault_dot_v1_dot_identify__pb2.IdentifyRoundRequest.FromString,
                     response_serializer=splitvault_dot_v1_dot_identify__pb2.IdentifyRoundResponse.SerializeToString,
@@ -141,7 +142,7 @@ class ShareholderIdentify:
             _registered_method=True)
 
     @staticmethod
-    def IdentifyRound(request,
+    def IdentifyRound(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -151,8 +152,8 @@ class ShareholderIdentify:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_unary(
+            request_iterator,
             target,
             '/splitvault.v1.ShareholderIdentify/IdentifyRound',
             splitvault_dot_v1_dot_identify__pb2.IdentifyRoundRequest.SerializeToString,
