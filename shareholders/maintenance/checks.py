@@ -10,14 +10,13 @@ import json
 import logging
 import time
 
-import grpc
 import numpy as np
 from prometheus_client import Counter
 
 from shareholders import storage
 from shareholders.storage import MaintenanceSession as Session
 from shareholders.audit_log import Tx
-from shareholders.maintenance.peers import peer_error
+from shareholders.maintenance.peers import Gathered
 from shareholders.maintenance.sessions import (
     BEGUN, CHECK_MMAP_BYTES, CLAIM_CLOCK_SLACK_MS, COMMITTED, FINALIZED, KEY_WAIT_S, MASK_NEW, MASK_OLD,
     PEER_STATE_TIMEOUT_S, PEER_TIMEOUT_S, PREPARED, REFRESH, RENEWAL_MASK, RENEWAL_MASK_TAGS, RESHARE,
@@ -152,19 +151,11 @@ class CheckSteps:
         if missing:
             raise self._commit_refusal(s, actor, f"no address for {', '.join(missing)}")
         answers = {self.name: mine}
-        calls = {n: ask(self.peers.stub(n, known[n])) for n in members if n != self.name}
-        try:
-            for name, call in calls.items():
-                try:
-                    reply = call.result()
-                except grpc.RpcError as exc:
-                    raise peer_error(name, exc) from None
+        with Gathered({n: ask(self.peers.stub(n, known[n])) for n in members if n != self.name}) as replies:
+            for name, reply in replies:
                 if not reply.HasField("check_answer"):
                     raise self._commit_refusal(s, actor, f"{name} answered no check")
                 answers[name] = reply.check_answer
-        finally:
-            for call in calls.values():
-                call.cancel()
         return answers
 
     def _require_check(self, s: Session, actor: str) -> None:
@@ -350,19 +341,9 @@ class CheckSteps:
         others = {name: idx_addr for name, idx_addr in peers.items() if name != self.name}
 
         def ask(req) -> dict[str, admin_pb2.GetRefreshDeltasResponse]:
-            calls = {name: self.peers.stub(name, addr).GetRefreshDeltas.future(req, timeout=PEER_TIMEOUT_S)
-                     for name, (_, addr) in others.items()}
-            try:
-                out = {}
-                for name, call in calls.items():
-                    try:
-                        out[name] = call.result()
-                    except grpc.RpcError as exc:
-                        raise peer_error(name, exc) from None
-                return out
-            finally:
-                for call in calls.values():
-                    call.cancel()
+            with Gathered({name: self.peers.stub(name, addr).GetRefreshDeltas.future(req, timeout=PEER_TIMEOUT_S)
+                           for name, (_, addr) in others.items()}) as replies:
+                return dict(replies)
 
         # Step 1: every node's contribution and the records every member holds.
         replies = ask(admin_pb2.GetRefreshDeltasRequest(session_id=s.session_id, check_challenges=challenges))
@@ -635,22 +616,17 @@ class CheckSteps:
             k = s.plan.new_threshold
             parts = [epoch_mac.renewal_mask_deal(self._seed(s), s.session_id, k, width, self.index)]
             req = admin_pb2.GetRefreshDeltasRequest(session_id=s.session_id, renewal_mask=True)
-            calls = {n: self.peers.stub(n, peers[n][1]).GetRefreshDeltas.future(req, timeout=PEER_TIMEOUT_S)
-                     for n in s.plan.new if n != self.name}
             try:
-                for name, call in calls.items():
-                    try:
-                        got = call.result().renewal
-                    except grpc.RpcError as exc:
-                        raise peer_error(name, exc) from None
-                    try:
-                        parts.append(record.unpack_values(got, size).reshape(slots, width))
-                    except InvalidShares:
-                        raise status.Unavailable(f"Peer {name} dealt a renewal check mask of the wrong shape.") from None
+                with Gathered({n: self.peers.stub(n, peers[n][1]).GetRefreshDeltas.future(req, timeout=PEER_TIMEOUT_S)
+                               for n in s.plan.new if n != self.name}) as replies:
+                    for name, reply in replies:
+                        try:
+                            parts.append(record.unpack_values(reply.renewal, size).reshape(slots, width))
+                        except InvalidShares:
+                            raise status.Unavailable(
+                                f"Peer {name} dealt a renewal check mask of the wrong shape.") from None
                 mask = proactive.add_rows(*parts)
             finally:
-                for call in calls.values():
-                    call.cancel()
                 record.wipe(*parts)
             self._seal_check_values(s, RENEWAL_MASK, mask, actor or f"shareholder/{self.name}",
                                     {"from": sorted(s.plan.new)})
@@ -679,29 +655,24 @@ class CheckSteps:
         renewers = self._renewers(s, k)
         by_index = {idx: name for name, idx in s.plan.new.items()}
         req = admin_pb2.GetRefreshDeltasRequest(session_id=s.session_id, renewal_mask_renew=True)
-        calls = {by_index[x]: self.peers.stub(by_index[x], peers[by_index[x]][1]).GetRefreshDeltas.future(
-            req, timeout=PEER_TIMEOUT_S) for x in renewers if x != self.index}
         values = np.empty((len(renewers), slots, tags), dtype=FIELD_DTYPE)
         try:
-            for a, x in enumerate(renewers):
-                if x == self.index:
-                    g = self._renewal_mask_values(s, self.index)
-                else:
-                    name = by_index[x]
-                    try:
-                        got = calls[name].result().renewal
-                    except grpc.RpcError as exc:
-                        raise peer_error(name, exc) from None
-                    try:
-                        g = record.unpack_values(got, slots * tags).reshape(slots, tags)
-                    except InvalidShares:
-                        raise status.Unavailable(f"Peer {name} dealt mask renewal values of the wrong shape.") from None
-                values[a] = g
-                record.wipe(g)
+            with Gathered({by_index[x]: self.peers.stub(by_index[x], peers[by_index[x]][1]).GetRefreshDeltas.future(
+                    req, timeout=PEER_TIMEOUT_S) for x in renewers if x != self.index}) as calls:
+                for a, x in enumerate(renewers):
+                    if x == self.index:
+                        g = self._renewal_mask_values(s, self.index)
+                    else:
+                        name = by_index[x]
+                        try:
+                            g = record.unpack_values(calls.result(name).renewal, slots * tags).reshape(slots, tags)
+                        except InvalidShares:
+                            raise status.Unavailable(
+                                f"Peer {name} dealt mask renewal values of the wrong shape.") from None
+                    values[a] = g
+                    record.wipe(g)
             mask_tags = epoch_mac.renewed_tags(renewers, values, k)
         finally:
-            for call in calls.values():
-                call.cancel()
             record.wipe(values)
         return self._seal_check_values(s, RENEWAL_MASK_TAGS, mask_tags, actor,
                                        {"from": sorted(by_index[x] for x in renewers)}).reshape(slots, tags)
@@ -831,24 +802,16 @@ class CheckSteps:
             record.wipe(sums)
         report, sums = cached
         req = admin_pb2.GetRefreshDeltasRequest(session_id=s.session_id, renewal_check_context=ctx)
-        calls = {name: self.peers.stub(name, addr).GetRefreshDeltas.future(req, timeout=PEER_TIMEOUT_S)
-                 for name, (_, addr) in others.items()}
         slots, width = epoch_mac.RENEWAL_CHECK_SLOTS, s.plan.mac_width
         xs, stacked = [self.index], [report]
-        try:
-            for name, call in calls.items():
+        with Gathered({name: self.peers.stub(name, addr).GetRefreshDeltas.future(req, timeout=PEER_TIMEOUT_S)
+                       for name, (_, addr) in others.items()}) as replies:
+            for name, reply in replies:
                 try:
-                    got = call.result().renewal_report
-                except grpc.RpcError as exc:
-                    raise peer_error(name, exc) from None
-                try:
-                    stacked.append(record.unpack_values(got, slots * width).reshape(slots, width))
+                    stacked.append(record.unpack_values(reply.renewal_report, slots * width).reshape(slots, width))
                 except InvalidShares:
                     raise status.Unavailable(f"Peer {name} gave a renewal check report of the wrong shape.") from None
                 xs.append(others[name][0])
-        finally:
-            for call in calls.values():
-                call.cancel()
         opened = epoch_mac.open_reports(xs, np.stack(stacked), k)
         context_hex = hashlib.sha256(ctx).hexdigest()
         if opened is None:

@@ -9,13 +9,12 @@ import hashlib
 import threading
 from collections import OrderedDict
 
-import grpc
 import numpy as np
 
 from shareholders import storage
 from shareholders.storage import MaintenanceSession as Session
 from shareholders.audit_log import Tx
-from shareholders.maintenance.peers import peer_error, presented_spki
+from shareholders.maintenance.peers import Gathered, presented_spki
 from shareholders.maintenance.sessions import (
     BEGUN, CHUNK, COMMITTED, MASK_NEW, MASK_OLD, MAX_CHALLENGES, MAX_KEYS, PEER_TIMEOUT_S, PREPARED,
     OPENED_CACHE, PRODUCT_CACHE, REFRESH, RESHARE, RESHARE_CHECK_MASKS, checked_challenges, key_lines, load_session, mask_aad,
@@ -336,21 +335,16 @@ class DealingAnswers:
             parts = [proactive.reshare_mask_deal(self._seed(s), s.session_id, RESHARE_CHECK_MASKS,
                                                  s.plan.old_threshold, x)]
             req = admin_pb2.GetReshareSharesRequest(session_id=s.session_id, check_mask_deal=True)
-            calls = {n: self.peers.stub(n, peers[n][1]).GetReshareShares.future(req, timeout=PEER_TIMEOUT_S)
-                     for n in s.plan.old if n != self.name}
             try:
-                for name, call in calls.items():
-                    try:
-                        got = list(call.result().check_masks)
-                    except grpc.RpcError as exc:
-                        raise peer_error(name, exc) from None
-                    if len(got) != RESHARE_CHECK_MASKS or any(v >= P for v in got):
-                        raise status.Unavailable(f"Peer {name} dealt a reshare check mask of the wrong shape.")
-                    parts.append(np.asarray(got, dtype=FIELD_DTYPE))
+                with Gathered({n: self.peers.stub(n, peers[n][1]).GetReshareShares.future(req, timeout=PEER_TIMEOUT_S)
+                               for n in s.plan.old if n != self.name}) as replies:
+                    for name, reply in replies:
+                        got = list(reply.check_masks)
+                        if len(got) != RESHARE_CHECK_MASKS or any(v >= P for v in got):
+                            raise status.Unavailable(f"Peer {name} dealt a reshare check mask of the wrong shape.")
+                        parts.append(np.asarray(got, dtype=FIELD_DTYPE))
                 mask = proactive.add_rows(*parts)
             finally:
-                for call in calls.values():
-                    call.cancel()
                 record.wipe(*parts)
             return self._seal_mask(s, MASK_OLD, mask, actor or f"shareholder/{self.name}",
                                    {"from": sorted(s.plan.old)})
@@ -361,22 +355,17 @@ class DealingAnswers:
         if self._load_mask(s, MASK_NEW) is not None:
             return
         req = admin_pb2.GetReshareSharesRequest(session_id=s.session_id, check_mask_reshare=True)
-        calls = {name: self.peers.stub(name, peers[name][1]).GetReshareShares.future(req, timeout=PEER_TIMEOUT_S)
-                 for _, name in senders}
         stacked = np.empty((len(senders), 1, RESHARE_CHECK_MASKS), dtype=FIELD_DTYPE)
         try:
-            for a, (_, name) in enumerate(senders):
-                try:
-                    got = list(calls[name].result().check_masks)
-                except grpc.RpcError as exc:
-                    raise peer_error(name, exc) from None
-                if len(got) != RESHARE_CHECK_MASKS or any(v >= P for v in got):
-                    raise status.Unavailable(f"Sender {name} dealt a reshare check mask of the wrong shape.")
-                stacked[a, 0] = got
+            with Gathered({name: self.peers.stub(name, peers[name][1]).GetReshareShares.future(
+                    req, timeout=PEER_TIMEOUT_S) for _, name in senders}) as calls:
+                for a, (_, name) in enumerate(senders):
+                    got = list(calls.result(name).check_masks)
+                    if len(got) != RESHARE_CHECK_MASKS or any(v >= P for v in got):
+                        raise status.Unavailable(f"Sender {name} dealt a reshare check mask of the wrong shape.")
+                    stacked[a, 0] = got
             mask = proactive.combine(xs, stacked)[0]
         finally:
-            for call in calls.values():
-                call.cancel()
             record.wipe(stacked)
         self._seal_mask(s, MASK_NEW, mask, actor, {"from": [name for _, name in senders]})
 
@@ -522,10 +511,7 @@ class DealingAnswers:
                     record.wipe(g)
                     continue
                 name = by_index[x]
-                try:
-                    reply = calls[name].result()
-                except grpc.RpcError as exc:
-                    raise peer_error(name, exc) from None
+                reply = Gathered(calls).result(name)  # the caller cancels the calls
                 if len(reply.renewal) != 4 * count:
                     raise status.Unavailable(f"Peer {name} dealt renewal values of the wrong length.")
                 try:

@@ -8,13 +8,12 @@ import os
 import time
 import dataclasses
 
-import grpc
 import numpy as np
 
 from shareholders import storage
 from shareholders.storage import MaintenanceSession as Session
 from shareholders.audit_log import Tx, now_ms
-from shareholders.maintenance.peers import peer_error
+from shareholders.maintenance.peers import Gathered
 from shareholders.maintenance.sessions import (
     BEGUN, COMMITTED, DEFAULT_MAC_WIDTH, FINALIZED, KEY_WAIT_S, KEYGEN, KEYGEN_SESSION, PEER_TIMEOUT_S, Plan,
     PREPARED, REFRESH, describe, load_session, seed_aad,
@@ -91,27 +90,22 @@ class MacKeySteps:
         peer's beta_j(i) (``pull`` makes a peer's call from its stub, ``read`` takes the values
         from its reply). The calls are cancelled and every part wiped, whatever happens."""
         parts = [epoch_mac.key_contribution(seed, epoch, k, width, self.index)]
-        calls = {name: pull(self.peers.stub(name, addr)) for name, (_, addr) in peers.items() if name != self.name}
         key = None
         try:
-            for name, call in calls.items():
-                try:
-                    reply = call.result()
-                except grpc.RpcError as exc:
-                    raise peer_error(name, exc) from None
-                values = read(reply)
-                if len(values) != 4 * epoch_mac.TAG_COUNT * width:
-                    raise status.Unavailable(f"Peer {name} dealt a MAC key contribution of the wrong length.")
-                try:
-                    part = record.unpack_values(values, epoch_mac.TAG_COUNT * width)
-                except InvalidShares:
-                    raise status.Unavailable(f"Peer {name} dealt values outside the field.") from None
-                parts.append(part.reshape(epoch_mac.TAG_COUNT, width))
+            with Gathered({name: pull(self.peers.stub(name, addr))
+                           for name, (_, addr) in peers.items() if name != self.name}) as replies:
+                for name, reply in replies:
+                    values = read(reply)
+                    if len(values) != 4 * epoch_mac.TAG_COUNT * width:
+                        raise status.Unavailable(f"Peer {name} dealt a MAC key contribution of the wrong length.")
+                    try:
+                        part = record.unpack_values(values, epoch_mac.TAG_COUNT * width)
+                    except InvalidShares:
+                        raise status.Unavailable(f"Peer {name} dealt values outside the field.") from None
+                    parts.append(part.reshape(epoch_mac.TAG_COUNT, width))
             key = epoch_mac.key_share(parts)
             return self.node.seal_mac_key(epoch, k, key, session_id)
         finally:
-            for call in calls.values():
-                call.cancel()
             record.wipe(key, *parts)
 
     def _new_key(self, s: Session) -> np.ndarray:
@@ -192,31 +186,26 @@ class MacKeySteps:
         if self.node.reader().mac_keys().get(s.new_epoch) is not None:
             return
         req = admin_pb2.GetReshareSharesRequest(session_id=s.session_id, mac_key=True)
-        calls = {name: self.peers.stub(name, peers[name][1]).GetReshareShares.future(req, timeout=PEER_TIMEOUT_S)
-                 for _, name in senders}
         parts, width = [], None
         key = None
         try:
-            for _, name in senders:
-                try:
-                    reply = calls[name].result()
-                except grpc.RpcError as exc:
-                    raise peer_error(name, exc) from None
-                w = int(reply.mac_key_width)
-                if width is None:
-                    width = w
-                if w != width or w < 1 or len(reply.mac_key_values) != 4 * epoch_mac.TAG_COUNT * w:
-                    raise status.Unavailable(f"Sender {name} dealt a MAC key share of the wrong width.")
-                try:
-                    part = record.unpack_values(reply.mac_key_values, epoch_mac.TAG_COUNT * w)
-                except InvalidShares:
-                    raise status.Unavailable(f"Sender {name} dealt values outside the field.") from None
-                parts.append(part.reshape(epoch_mac.TAG_COUNT, w))
+            with Gathered({name: self.peers.stub(name, peers[name][1]).GetReshareShares.future(
+                    req, timeout=PEER_TIMEOUT_S) for _, name in senders}) as calls:
+                for _, name in senders:
+                    reply = calls.result(name)
+                    w = int(reply.mac_key_width)
+                    if width is None:
+                        width = w
+                    if w != width or w < 1 or len(reply.mac_key_values) != 4 * epoch_mac.TAG_COUNT * w:
+                        raise status.Unavailable(f"Sender {name} dealt a MAC key share of the wrong width.")
+                    try:
+                        part = record.unpack_values(reply.mac_key_values, epoch_mac.TAG_COUNT * w)
+                    except InvalidShares:
+                        raise status.Unavailable(f"Sender {name} dealt values outside the field.") from None
+                    parts.append(part.reshape(epoch_mac.TAG_COUNT, w))
             key = proactive.combine([x for x, _ in senders], np.stack(parts))
             row = self.node.seal_mac_key(s.new_epoch, s.plan.new_threshold, key, s.session_id)
         finally:
-            for call in calls.values():
-                call.cancel()
             record.wipe(key, *parts)
 
         def job(tx: Tx):

@@ -57,6 +57,32 @@ def peer_error(name: str, exc: grpc.RpcError) -> status.RpcError:
     return cls(f"Peer {name} did not deal its values ({getattr(code, 'name', 'UNKNOWN')}: {details.rstrip('.')}).")
 
 
+class Gathered:
+    """Calls started on peers (name -> future), taken one by one: a peer's
+    gRPC error becomes ``peer_error``; leaving the ``with`` cancels every
+    call still running (an early refusal stops the rest)."""
+
+    def __init__(self, calls: dict):
+        self.calls = calls
+
+    def result(self, name: str):
+        try:
+            return self.calls[name].result()
+        except grpc.RpcError as exc:
+            raise peer_error(name, exc) from None
+
+    def __iter__(self):
+        for name in self.calls:
+            yield name, self.result(name)
+
+    def __enter__(self) -> "Gathered":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for call in self.calls.values():
+            call.cancel()
+
+
 def committee_pins(db: storage.Database, cfg) -> dict[str, str]:
     """Member name -> the SHA-256 of its certificate's public key (hex), for
     the node's current committee: as its last committed session recorded it,

@@ -14,7 +14,7 @@ import numpy as np
 from shareholders import storage
 from shareholders.storage import MaintenanceSession as Session
 from shareholders.audit_log import Tx, WriterClosed, now_ms
-from shareholders.maintenance.peers import peer_error
+from shareholders.maintenance.peers import Gathered, peer_error
 from shareholders.maintenance.sessions import (
     BEGUN, CHUNK, COMMITTED, FINALIZED, Pace, PEER_TIMEOUT_S, PIPELINE, PREPARED, REFRESH, REFRESH_CHUNK,
     WRITE_CHUNK, diff_aad, key_lines, load_session, renewal_tag, row_fingerprint,
@@ -207,11 +207,7 @@ class PrepareSteps:
                     deltas = [self._dealings.deltas(seed, s.session_id, keys, k, width, self.index,
                                                     frozenset(s.plan.new.values()))]
                     scratch.extend(deltas)
-                    for name, call in calls.items():
-                        try:
-                            reply = call.result()
-                        except grpc.RpcError as exc:
-                            raise peer_error(name, exc) from None
+                    for name, reply in Gathered(calls):  # cancelled with the chunk, below
                         if len(reply.values) != 4 * width * len(keys):
                             raise status.Unavailable(f"Peer {name} dealt values of the wrong length.")
                         d = np.frombuffer(reply.values, dtype="<u4").astype(FIELD_DTYPE).reshape(len(keys), width)
@@ -390,21 +386,14 @@ class PrepareSteps:
                 if not page.items:
                     break
                 keys = [admin_pb2.RecordKey(tenant=i.tenant, subject=i.subject) for i in page.items]
-                calls = {
+                answers = {lead_name: {(i.tenant, i.subject): i for i in page.items}}
+                with Gathered({
                     name: self.peers.stub(name, peers[name][1]).GetReshareShares.future(
                         admin_pb2.GetReshareSharesRequest(session_id=s.session_id, keys=keys), timeout=PEER_TIMEOUT_S)
                     for _, name in senders[1:]
-                }
-                answers = {lead_name: {(i.tenant, i.subject): i for i in page.items}}
-                try:
-                    for name, call in calls.items():
-                        try:
-                            answers[name] = {(i.tenant, i.subject): i for i in call.result().items}
-                        except grpc.RpcError as exc:
-                            raise peer_error(name, exc) from None
-                finally:
-                    for call in calls.values():
-                        call.cancel()
+                }) as replies:
+                    for name, reply in replies:
+                        answers[name] = {(i.tenant, i.subject): i for i in reply.items}
                 cursor = (page.items[-1].tenant, page.items[-1].subject)
                 pace.count += len(page.items)
                 rows, chunk_skipped = self._reshare_rows(s, page.items, answers, senders, xs, k_new, n_new, ring)
