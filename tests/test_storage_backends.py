@@ -146,6 +146,54 @@ def test_mac_keys_and_a_rolled_back_transaction(db):
     assert db.kek_versions_of_keys_and_seeds() == {3}
 
 
+
+def test_every_write_to_a_tenants_rows_moves_its_share_version(db):
+    # Identify's gallery cache skips its listing while the counter stands
+    # still: every write path must move it, in its own transaction (triggers,
+    # on PostgreSQL as the node's role under row-level security).
+    def moved(tenant="acme"):
+        nonlocal last
+        now = (db.share_version(tenant), db.share_version("zeta"))
+        changed, last = now[0] > last[0], now
+        return changed
+
+    last = (db.share_version("acme"), db.share_version("zeta"))
+    assert last == (0, 0)
+    with db.transaction():  # store
+        db.insert_shares([row(subject=f"s{i}") for i in range(4)])
+    assert moved() and last[1] == 0
+    with db.transaction():  # replace (same key, new values)
+        db.insert_shares([row(subject="s0", request_id="r2", fill=b"\x02")])
+    assert moved()
+    with db.transaction():  # a refresh's prepared rows of the next epoch
+        db.insert_shares([row(subject=f"s{i}", epoch=2, kek=2) for i in range(4)])
+    assert moved()
+    old = db.wrapped_not_under(2, 10)
+    with db.transaction():  # KEK rotation's re-wrap (need not move it; it does)
+        assert db.rewrap_shares([(2, b"\x09" * 40, t, s, e, v, w) for t, s, e, _i, v, w in old]) == 4
+    assert moved()
+    with db.transaction():  # a refresh's finalize: the old epoch dropped
+        assert db.delete_epoch_rows(2, 2, older=True) == 2
+    assert moved()
+    with db.transaction():
+        assert db.delete_epoch(1) == 2
+    assert moved()
+    with db.transaction():  # delete (erasure)
+        assert db.delete_subject("acme", "s3") == 1
+    assert moved()
+    with pytest.raises(RuntimeError), db.transaction():  # rolled back: nothing moved
+        db.insert_shares([row(subject="s9")])
+        db.delete_subject("acme", "s0")
+        raise RuntimeError("undo")
+    assert not moved()
+    with db.transaction():  # nothing written: nothing moved
+        assert db.delete_subject("acme", "nobody") == 0
+    assert not moved()
+    with db.transaction():  # another tenant's write moves only its own counter
+        db.insert_shares([row("zeta", "zoe")])
+    assert not moved() and last[1] > 0
+
+
 # --- PostgreSQL: tenant isolation, attacked ------------------------------------------------
 
 
