@@ -194,6 +194,34 @@ def test_every_write_to_a_tenants_rows_moves_its_share_version(db):
     assert not moved() and last[1] > 0
 
 
+
+def test_schema_8_counts_from_1_for_tenants_already_stored(store_location, monkeypatch):
+    # A store of schema 7 holding rows: migration 8 gives each stored tenant
+    # version 1 (a gallery cached at 0 is listed again), and the triggers run.
+    from shareholders.storage import schema
+
+    loc = storage._location(store_location)
+    owner = storage.Database(loc.dialect.connect(loc.owner_dsn or loc.target), loc.dialect)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:7])
+            m.setattr(schema, "SCHEMA_VERSION", 7)
+            assert owner.migrate() == 0
+        with owner.transaction():  # the owner, scoped to every tenant by migrate
+            owner.insert_shares([row(subject="alice"), row("zeta", "zoe")])
+        assert storage.migrate(store_location) == 7
+    finally:
+        owner.close()
+    d = storage.connect(store_location)
+    try:
+        assert (d.share_version("acme"), d.share_version("zeta"), d.share_version("none")) == (1, 1, 0)
+        with d.transaction():
+            d.delete_subject("acme", "alice")
+        assert (d.share_version("acme"), d.share_version("zeta")) == (2, 1)
+    finally:
+        d.close()
+
+
 # --- PostgreSQL: tenant isolation, attacked ------------------------------------------------
 
 
@@ -223,6 +251,9 @@ def test_postgres_a_tenant_scoped_connection_sees_and_writes_only_its_tenant(pg,
     pg_db._scope("acme")
     assert sorted(r[0] for r in pg_db.execute("SELECT subject FROM shares").fetchall()) == ["alice", "bob"]
     assert pg_db.execute("DELETE FROM shares WHERE subject = 'zoe'").rowcount == 0
+    # The change counters (schema 8) under the same policy: one tenant's only.
+    assert [r[0] for r in pg_db.execute("SELECT tenant FROM share_versions").fetchall()] == ["acme"]
+    assert pg_db.execute("UPDATE share_versions SET version = 0 WHERE tenant = 'zeta'").rowcount == 0
     with pytest.raises(psycopg.errors.InsufficientPrivilege):  # WITH CHECK: no row planted for another tenant
         pg_db.execute("INSERT INTO shares SELECT 'zeta', 'mallory', epoch, idx, threshold, n, dimension, "
                       "codec_version, mac_count, request_id, kek_version, wrapped_dk, nonce, ciphertext, stored_ms "
@@ -238,7 +269,8 @@ def test_postgres_the_node_role_cannot_rewrite_or_cut_the_audit_chain(pg, pg_dat
 
     pg_db.insert_entry_row((1, 1, "n", "start", "a", "", "", "", "{}", b"\0" * 32, b"\1" * 32))
     for attack in ("UPDATE audit_log SET actor = 'nobody'", "DELETE FROM audit_log", "TRUNCATE audit_log",
-                   "ALTER TABLE shares DISABLE ROW LEVEL SECURITY", "DROP POLICY tenant_scope ON shares"):
+                   "ALTER TABLE shares DISABLE ROW LEVEL SECURITY", "DROP POLICY tenant_scope ON shares",
+                   "DELETE FROM share_versions", "DROP TRIGGER shares_version ON shares"):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             pg_db.execute(attack)
     assert pg_db.audit_head() == (1, b"\1" * 32)

@@ -211,6 +211,8 @@ class PostgresDialect(Dialect):
         # share_versions (schema 8) under the same policy: a tenant's counter
         # is read and moved only by a connection scoped to it (or "*").
         for table in ("shares", "share_versions"):
+            if not self.has_table(conn, table):  # before schema 8
+                continue
             conn.execute(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
             conn.execute(f"ALTER TABLE {table} FORCE ROW LEVEL SECURITY")
             conn.execute(f"DROP POLICY IF EXISTS tenant_scope ON {table}")
