@@ -44,13 +44,16 @@ are those enrolled under it (``shares.grp``), and the gallery digest the
 nodes compare covers it. Each gallery holds
 the template part of each record share as float64 (``mpc.compute_form``:
 8 d bytes per template, 4 KiB at d = 512), rows sorted by subject, the newest epoch up
-to the serving epoch per subject. Before every query the rows' versions
-(subject, epoch, envelope nonce; no share values) are read and
+to the serving epoch per subject. Before every query the tenant's change
+counter is read (``share_versions``, one row, moved by triggers on every
+write to its share rows, schema 8); while it and the serving epoch are those
+the gallery was built at, the gallery is used as it is. Otherwise the rows'
+versions (subject, epoch, envelope nonce; no share values) are listed and
 compared with the cache, and only rows that changed are opened again: so
 enrolments, deletes, replaces, refreshes and reshares are seen at the next
 query without hooks in their write paths (every seal draws a fresh nonce,
 so (epoch, nonce) names a row's values). A KEK rotation re-wraps data keys
-and leaves share values unchanged: nothing to reload.
+(moving the counter) and leaves share values unchanged: nothing to reload.
 
 Fail closed: any error, a peer that does not answer within
 ``ROUND_TIMEOUT_S``, or a cancelled stream ends the query with an error
@@ -204,7 +207,7 @@ def _digest(group: str, subjects, versions) -> bytes:
 
 
 class Galleries:
-    """The compute-form galleries of this node, checked against the store before every query."""
+    """The compute-form galleries of this node, checked against the store's change counter before every query."""
 
     def __init__(self):
         self._lock = threading.Lock()
