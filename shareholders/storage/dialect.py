@@ -223,19 +223,32 @@ class PostgresDialect(Dialect):
             )
 
     def share_version_triggers(self) -> tuple[str, ...]:
-        # One row trigger for the three events. The function runs as the
-        # writer (not SECURITY DEFINER): the node's role may write
-        # share_versions, under the same tenant policy as shares (``secure``).
+        # Statement triggers over the transition table, and one bump per
+        # tenant per transaction: the tenants already moved are kept in a
+        # transaction-local setting (undone with an aborted savepoint, as the
+        # bump is). Updating the one counter row per row (a row trigger) made
+        # a 20,000-row delete 40x slower and an insert's cost grow with its
+        # transaction. The function runs as the writer (not SECURITY
+        # DEFINER): the node's role may write share_versions, under the same
+        # tenant policy as shares (``secure``). Doubled braces: ``ddl`` formats.
         return (
             """CREATE OR REPLACE FUNCTION shares_version_bump() RETURNS trigger LANGUAGE plpgsql AS $$
+            DECLARE
+                done text[] := coalesce(nullif(current_setting('splitvault.bumped', true), ''), '{{}}')::text[];
+                fresh text[];
             BEGIN
-                INSERT INTO share_versions AS v (tenant, version)
-                VALUES (CASE WHEN TG_OP = 'DELETE' THEN OLD.tenant ELSE NEW.tenant END, 1)
+                SELECT array_agg(DISTINCT tenant) INTO fresh FROM changed WHERE NOT (tenant = ANY (done));
+                IF fresh IS NULL THEN
+                    RETURN NULL;
+                END IF;
+                INSERT INTO share_versions AS v (tenant, version) SELECT t, 1 FROM unnest(fresh) AS t
                 ON CONFLICT (tenant) DO UPDATE SET version = v.version + 1;
+                PERFORM set_config('splitvault.bumped', (done || fresh)::text, true);
                 RETURN NULL;
             END $$""",
-            "CREATE TRIGGER shares_version AFTER INSERT OR UPDATE OR DELETE ON shares "
-            "FOR EACH ROW EXECUTE FUNCTION shares_version_bump()",
+            *(f"CREATE TRIGGER shares_version_{event.lower()} AFTER {event} ON shares "
+              f"REFERENCING {table} TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION shares_version_bump()"
+              for event, table in (("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD"))),
         )
 
     def grant(self, conn, role: str) -> None:
