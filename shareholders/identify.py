@@ -44,13 +44,16 @@ are those enrolled under it (``shares.grp``), and the gallery digest the
 nodes compare covers it. Each gallery holds
 the template part of each record share as float64 (``mpc.compute_form``:
 8 d bytes per template, 4 KiB at d = 512), rows sorted by subject, the newest epoch up
-to the serving epoch per subject. Before every query the rows' versions
-(subject, epoch, envelope nonce; no share values) are read and
+to the serving epoch per subject. Before every query the tenant's change
+counter is read (``share_versions``, one row, moved by triggers on every
+write to its share rows, schema 8); while it and the serving epoch are those
+the gallery was built at, the gallery is used as it is. Otherwise the rows'
+versions (subject, epoch, envelope nonce; no share values) are listed and
 compared with the cache, and only rows that changed are opened again: so
 enrolments, deletes, replaces, refreshes and reshares are seen at the next
 query without hooks in their write paths (every seal draws a fresh nonce,
 so (epoch, nonce) names a row's values). A KEK rotation re-wraps data keys
-and leaves share values unchanged: nothing to reload.
+(moving the counter) and leaves share values unchanged: nothing to reload.
 
 Fail closed: any error, a peer that does not answer within
 ``ROUND_TIMEOUT_S``, or a cancelled stream ends the query with an error
@@ -64,6 +67,7 @@ import queue
 import struct
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass
 
 import grpc
@@ -190,6 +194,8 @@ class Gallery:
     threshold: int  # the records' k (0 when empty)
     digest: bytes
     listed: list  # the store's version listing (tenant_row_versions) this snapshot was built from
+    version: int = -1  # the tenant's change counter (share_version) read before that listing
+    epoch: int = -1  # the serving epoch it was listed up to
 
 
 def _digest(group: str, subjects, versions) -> bytes:
@@ -201,7 +207,7 @@ def _digest(group: str, subjects, versions) -> bytes:
 
 
 class Galleries:
-    """The compute-form galleries of this node, checked against the store before every query."""
+    """The compute-form galleries of this node, checked against the store's change counter before every query."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -212,8 +218,16 @@ class Galleries:
         with self._lock:  # one loader at a time; readers of old snapshots go on
             key = (tenant, dimension, group)
             old = self._cache.get(key)
-            listed = conn.tenant_row_versions(tenant, dimension, sh.serving_epoch, group)
+            epoch = sh.serving_epoch
+            # Read before the listing: a write between the two moves the
+            # counter past the one kept, so the next query lists again.
+            version = conn.share_version(tenant)
+            if old is not None and old.version == version and old.epoch == epoch:
+                return old  # one small read: no write to the tenant's rows since
+            listed = conn.tenant_row_versions(tenant, dimension, epoch, group)
             if old is not None and old.listed == listed:  # one compare in C: nothing changed
+                old = dataclasses.replace(old, version=version, epoch=epoch)
+                self._cache[key] = old
                 return old
             newest: dict[str, tuple] = {}
             for subject, epoch, request_id, nonce in listed:  # by subject, then epoch: the newest wins
@@ -228,7 +242,7 @@ class Galleries:
             ring = sh.keys.kek
             if len(changed) > _INCREMENTAL_LIMIT:
                 wanted = set(changed)
-                rows = (r for r in conn.tenant_rows(tenant, dimension, sh.serving_epoch, group=group)
+                rows = (r for r in conn.tenant_rows(tenant, dimension, epoch, group=group)
                         if r.subject in wanted and r.epoch == newest[r.subject][0])
             else:
                 rows = (r for s in changed for r in conn.subject_rows(tenant, s)
@@ -248,7 +262,7 @@ class Galleries:
             if len(thresholds) > 1:
                 raise status.FailedPrecondition("The tenant's records have different thresholds.")
             gallery = Gallery(subjects, versions, values, thresholds.pop() if thresholds else 0,
-                              _digest(group, subjects, versions), listed)
+                              _digest(group, subjects, versions), listed, version, epoch)
             self._cache.pop(key, None)
             self._cache[key] = gallery  # last in the dict's order: the most recently loaded
             grouped = [k for k in self._cache if k[2]]

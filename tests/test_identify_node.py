@@ -101,6 +101,42 @@ def test_the_gallery_follows_a_replace(committee):
     assert client.identify(new).subject == "alice"
 
 
+
+def test_an_unchanged_gallery_is_not_listed_again_and_a_change_is_seen(committee, monkeypatch):
+    # Each node reads the tenant's change counter before a query and lists its
+    # rows' versions only when the counter (or the serving epoch) moved.
+    from shareholders import storage
+
+    listed = []
+    real = storage.Database.tenant_row_versions
+
+    def counted(self, *args, **kwargs):
+        listed.append(args[0])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(storage.Database, "tenant_row_versions", counted)
+    c = committee()
+    c.start_matcher()
+    rng = np.random.default_rng(12)
+    client = c.client()
+    alice, bob, carol = unit(rng), unit(rng), unit(rng)
+    client.enroll("alice", alice)
+    client.enroll("bob", bob)
+    assert client.identify(alice).subject == "alice"
+    first = len(listed)
+    assert first >= 3  # the three nodes' first loads
+    for probe, subject in ((bob, "bob"), (alice, "alice")):
+        assert client.identify(probe).subject == subject
+    assert len(listed) == first  # unchanged: one counter read per node, no listing
+    client.enroll("carol", carol)  # an enrolment between two queries is seen at the next
+    assert client.identify(carol).subject == "carol"
+    assert len(listed) > first
+    client.delete("bob")  # and so is a delete
+    assert client.identify(bob).decision == "NO_MATCH"
+    again = len(listed)
+    assert client.identify(alice).subject == "alice" and len(listed) == again
+
+
 def _release(c, node: str, signed, query_id: str, subject: str):
     from splitvault.v1 import shareholder_pb2, shareholder_pb2_grpc
 

@@ -146,6 +146,91 @@ def test_mac_keys_and_a_rolled_back_transaction(db):
     assert db.kek_versions_of_keys_and_seeds() == {3}
 
 
+
+def test_every_write_to_a_tenants_rows_moves_its_share_version(db):
+    # Identify's gallery cache skips its listing while the counter stands
+    # still: every write path must move it, in its own transaction (triggers,
+    # on PostgreSQL as the node's role under row-level security).
+    def moved(tenant="acme"):
+        nonlocal last
+        now = (db.share_version(tenant), db.share_version("zeta"))
+        changed, last = now[0] > last[0], now
+        return changed
+
+    last = (db.share_version("acme"), db.share_version("zeta"))
+    assert last == (0, 0)
+    with db.transaction():  # store
+        db.insert_shares([row(subject=f"s{i}") for i in range(4)])
+    assert moved() and last[1] == 0
+    with db.transaction():  # replace (same key, new values)
+        db.insert_shares([row(subject="s0", request_id="r2", fill=b"\x02")])
+    assert moved()
+    with db.transaction():  # a refresh's prepared rows of the next epoch
+        db.insert_shares([row(subject=f"s{i}", epoch=2, kek=2) for i in range(4)])
+    assert moved()
+    old = db.wrapped_not_under(2, 10)
+    with db.transaction():  # KEK rotation's re-wrap (need not move it; it does)
+        assert db.rewrap_shares([(2, b"\x09" * 40, t, s, e, v, w) for t, s, e, _i, v, w in old]) == 4
+    assert moved()
+    with db.transaction():  # a refresh's finalize: the old epoch dropped
+        assert db.delete_epoch_rows(2, 2, older=True) == 2
+    assert moved()
+    with db.transaction():
+        assert db.delete_epoch(1) == 2
+    assert moved()
+    with db.transaction():  # delete (erasure)
+        assert db.delete_subject("acme", "s3") == 1
+    assert moved()
+    with pytest.raises(RuntimeError), db.transaction():  # rolled back: nothing moved
+        db.insert_shares([row(subject="s9")])
+        db.delete_subject("acme", "s0")
+        raise RuntimeError("undo")
+    assert not moved()
+    with db.transaction():  # a job rolled back to its savepoint, then another write (the audit writer's batches)
+        db.savepoint()
+        db.insert_shares([row(subject="s8")])
+        db.rollback_to()
+        db.release()
+        db.savepoint()
+        db.delete_subject("acme", "s0")
+        db.release()
+    assert moved() and db.subject_rows("acme", "s0") == [] and db.subject_rows("acme", "s8") == []
+    with db.transaction():  # nothing written: nothing moved
+        assert db.delete_subject("acme", "nobody") == 0
+    assert not moved()
+    with db.transaction():  # another tenant's write moves only its own counter
+        db.insert_shares([row("zeta", "zoe")])
+    assert not moved() and last[1] > 0
+
+
+
+def test_schema_8_counts_from_1_for_tenants_already_stored(store_location, monkeypatch):
+    # A store of schema 7 holding rows: migration 8 gives each stored tenant
+    # version 1 (a gallery cached at 0 is listed again), and the triggers run.
+    from shareholders.storage import schema
+
+    loc = storage._location(store_location)
+    owner = storage.Database(loc.dialect.connect(loc.owner_dsn or loc.target), loc.dialect)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:7])
+            m.setattr(schema, "SCHEMA_VERSION", 7)
+            assert owner.migrate() == 0
+        with owner.transaction():  # the owner, scoped to every tenant by migrate
+            owner.insert_shares([row(subject="alice"), row("zeta", "zoe")])
+        assert storage.migrate(store_location) == 7
+    finally:
+        owner.close()
+    d = storage.connect(store_location)
+    try:
+        assert (d.share_version("acme"), d.share_version("zeta"), d.share_version("none")) == (1, 1, 0)
+        with d.transaction():
+            d.delete_subject("acme", "alice")
+        assert (d.share_version("acme"), d.share_version("zeta")) == (2, 1)
+    finally:
+        d.close()
+
+
 # --- PostgreSQL: tenant isolation, attacked ------------------------------------------------
 
 
@@ -175,6 +260,9 @@ def test_postgres_a_tenant_scoped_connection_sees_and_writes_only_its_tenant(pg,
     pg_db._scope("acme")
     assert sorted(r[0] for r in pg_db.execute("SELECT subject FROM shares").fetchall()) == ["alice", "bob"]
     assert pg_db.execute("DELETE FROM shares WHERE subject = 'zoe'").rowcount == 0
+    # The change counters (schema 8) under the same policy: one tenant's only.
+    assert [r[0] for r in pg_db.execute("SELECT tenant FROM share_versions").fetchall()] == ["acme"]
+    assert pg_db.execute("UPDATE share_versions SET version = 0 WHERE tenant = 'zeta'").rowcount == 0
     with pytest.raises(psycopg.errors.InsufficientPrivilege):  # WITH CHECK: no row planted for another tenant
         pg_db.execute("INSERT INTO shares SELECT 'zeta', 'mallory', epoch, idx, threshold, n, dimension, "
                       "codec_version, mac_count, request_id, kek_version, wrapped_dk, nonce, ciphertext, stored_ms "
@@ -190,7 +278,8 @@ def test_postgres_the_node_role_cannot_rewrite_or_cut_the_audit_chain(pg, pg_dat
 
     pg_db.insert_entry_row((1, 1, "n", "start", "a", "", "", "", "{}", b"\0" * 32, b"\1" * 32))
     for attack in ("UPDATE audit_log SET actor = 'nobody'", "DELETE FROM audit_log", "TRUNCATE audit_log",
-                   "ALTER TABLE shares DISABLE ROW LEVEL SECURITY", "DROP POLICY tenant_scope ON shares"):
+                   "ALTER TABLE shares DISABLE ROW LEVEL SECURITY", "DROP POLICY tenant_scope ON shares",
+                   "DELETE FROM share_versions", "DROP TRIGGER shares_version_delete ON shares"):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             pg_db.execute(attack)
     assert pg_db.audit_head() == (1, b"\1" * 32)

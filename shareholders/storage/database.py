@@ -205,6 +205,13 @@ class Database:
                          (tenant, subject, epoch)).fetchone()
         return ShareRow.from_db(r) if r is not None else None
 
+    def share_version(self, tenant: str) -> int:
+        """The tenant's change counter (``share_versions``, schema 8): moved by
+        every write to its share rows, in the write's transaction; 0 before the first."""
+        self._scope(tenant)
+        row = self.execute("SELECT version FROM share_versions WHERE tenant = ?", (tenant,)).fetchone()
+        return 0 if row is None else row[0]
+
     def tenant_row_versions(self, tenant: str, dimension: int, max_epoch: int, group: str = "") -> list[tuple]:
         """(subject, epoch, request id, nonce) of one tenant's rows of one
         dimension up to ``max_epoch`` (of one gallery group when ``group``;

@@ -8,7 +8,7 @@ before.
 from __future__ import annotations
 
 # Each migration takes the schema from version i-1 to i, in one transaction.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
+MIGRATIONS: tuple[tuple, ...] = (
     (
         """CREATE TABLE node_state (
             id {int} PRIMARY KEY CHECK (id = 1),
@@ -149,6 +149,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE shares ADD COLUMN grp TEXT NOT NULL DEFAULT ''",
         "CREATE INDEX shares_by_group ON shares (tenant, grp, subject, epoch, dimension, request_id, nonce)",
     ),
+    (
+        # 8: a per-tenant change counter that every write to ``shares``
+        # (insert, replace, update, delete) moves in its own transaction, by
+        # triggers (the dialect's: no write path can forget it). Identify's
+        # gallery cache reads this one row before a query and lists the rows'
+        # versions only when it moved. A tenant without a row has version 0.
+        """CREATE TABLE share_versions (
+            tenant {key} PRIMARY KEY,
+            version {int} NOT NULL
+        )""",
+        "INSERT INTO share_versions (tenant, version) SELECT DISTINCT tenant, 1 FROM shares",
+        lambda dialect: dialect.share_version_triggers(),
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # The first schema version whose records are [s | t] under an epoch MAC key.
@@ -182,8 +195,10 @@ def migrate(db) -> int:
                 "node reads only records under an epoch MAC key: re-enrol into a new node database."
             )
         for version in range(found + 1, SCHEMA_VERSION + 1):
-            for statement in MIGRATIONS[version - 1]:
-                db.execute(statement, ddl=True)
+            for step in MIGRATIONS[version - 1]:
+                # A step is a statement, or a function of the dialect giving its own (triggers).
+                for statement in (step(db.dialect) if callable(step) else (step,)):
+                    db.execute(statement, ddl=True)
             db.execute("UPDATE schema_version SET version = ?", (version,))
         if found < SCHEMA_VERSION:
             db.dialect.secure(db.conn)
