@@ -384,6 +384,12 @@ def _audit_verify(args) -> Result:
 # ---------------------------------------------------------------- reconcile
 
 
+def _finding(log, e, why: str) -> dict:
+    """An entry ``audit reconcile`` cannot explain, as it reports it."""
+    return {"node": log.node.name, "seq": e.seq, "event": e.event, "tenant": e.tenant, "subject": e.subject,
+            "request_id": e.request_id, "time_ms": e.time_ms, "reason": why}
+
+
 def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list[dict]) -> dict:
     """Cross-check releases against provider-signed tickets (the Python API)."""
     # Members past and present: a node retired by a reshare released shares
@@ -457,9 +463,8 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
                 # A MAC key share given to the matcher for an enrolment: under that enrolment's write ticket.
                 operations = tickets.WRITES
                 if not e.actor.startswith("matcher/"):
-                    unexplained.append({"node": log.node.name, "seq": e.seq, "event": e.event, "tenant": e.tenant,
-                                        "subject": e.subject, "request_id": e.request_id, "time_ms": e.time_ms,
-                                        "reason": f"the key share went to {e.actor or 'an unnamed caller'}, not a matcher"})
+                    unexplained.append(_finding(
+                        log, e, f"the key share went to {e.actor or 'an unnamed caller'}, not a matcher"))
                     return
             else:
                 operations = (tickets.DELETE, *tickets.WRITES)
@@ -470,9 +475,7 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
             if why is None:
                 write_tickets[(e.event, e.tenant, e.request_id)].add(tickets.ticket_digest(tickets.from_audit_details(details)))
         if why is not None:
-            unexplained.append({"node": log.node.name, "seq": e.seq, "event": e.event, "tenant": e.tenant,
-                                "subject": e.subject, "request_id": e.request_id, "time_ms": e.time_ms,
-                                "reason": why})
+            unexplained.append(_finding(log, e, why))
 
     denials: Counter = Counter()
     denied: list[dict] = []
@@ -500,9 +503,7 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
                 why, _ = check_ticket(e, json.loads(e.details_json or "{}"), (tickets.IDENTIFY,))
                 identifications[(e.tenant, e.request_id)].add(log.node.name)
                 if why is not None:
-                    unexplained.append({"node": log.node.name, "seq": e.seq, "event": e.event, "tenant": e.tenant,
-                                        "subject": e.subject, "request_id": e.request_id, "time_ms": e.time_ms,
-                                        "reason": why})
+                    unexplained.append(_finding(log, e, why))
                 continue
             if e.event == "verify_on_shares":
                 # One entry per verification per node of its three, under the provider's VERIFY
@@ -512,9 +513,7 @@ def reconcile(target: auditor.AuditorTarget, logs: list[NodeLog], verdicts: list
                        else check_ticket(e, details, (tickets.VERIFY,))[0])
                 on_shares[(e.tenant, e.request_id)].append(log.node.name)
                 if why is not None:
-                    unexplained.append({"node": log.node.name, "seq": e.seq, "event": e.event, "tenant": e.tenant,
-                                        "subject": e.subject, "request_id": e.request_id, "time_ms": e.time_ms,
-                                        "reason": why})
+                    unexplained.append(_finding(log, e, why))
                 continue
             if e.event != "release":
                 continue
