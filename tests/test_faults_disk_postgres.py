@@ -26,7 +26,6 @@ import pathlib
 import pwd
 import re
 import shutil
-import subprocess
 import tempfile
 
 import grpc
@@ -37,7 +36,7 @@ from fault_kit import (
     NAMES, FaultProcesses, Tenant, clean_details, holdings, noisy, rejoin_everywhere, template_intact, unit,
 )
 from node_kit import wait_until
-from test_faults_disk import disk_full
+from test_faults_disk import _run, disk_full
 from shareholders.audit_log import verify_database
 from shareholders.config import load_config
 from vault import pki
@@ -46,10 +45,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 TENANT = Tenant("acme")
 # A new database copies template1 (about 8 MB on PostgreSQL 16) into the tablespace.
 DISK_BYTES = 16 * 1024 * 1024
-
-
-def _run(*cmd: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -89,16 +84,21 @@ def cluster(dev_pki, tmp_path_factory, pg, small_database):
     p = FaultProcesses(dev_pki, tmp_path_factory.mktemp("faults-disk-pg"), TENANT)
     p.node_extra["bank-c"] = "\n" + pg.store_toml(database)
     try:
-        p.start_nodes()
-        address = p.start_matcher()
-        rng = np.random.default_rng(95)
-        gallery = {f"cust-{i:03d}": unit(rng) for i in range(12)}
-        with p.client(address) as client:
-            for subject, template in gallery.items():
-                client.enroll(subject, template)
-        yield p, address, gallery, database, mount
+        yield (p, *_enrolled(p, seed=95), database, mount)
     finally:
         p.close()
+
+
+def _enrolled(p: FaultProcesses, seed: int) -> tuple[str, dict]:
+    """Start the nodes and the matcher and enrol 12 subjects: (matcher address, gallery)."""
+    p.start_nodes()
+    address = p.start_matcher()
+    rng = np.random.default_rng(seed)
+    gallery = {f"cust-{i:03d}": unit(rng) for i in range(12)}
+    with p.client(address) as client:
+        for subject, template in gallery.items():
+            client.enroll(subject, template)
+    return address, gallery
 
 
 def audit_events(pg, database: str) -> list[tuple[str, str | None]]:
@@ -227,14 +227,7 @@ def wal_cluster(dev_pki, tmp_path_factory, wal_server):
     p = FaultProcesses(dev_pki, tmp_path_factory.mktemp("faults-wal-pg"), TENANT)
     p.node_extra["bank-c"] = "\n" + server.store_toml(database)
     try:
-        p.start_nodes()
-        address = p.start_matcher()
-        rng = np.random.default_rng(97)
-        gallery = {f"cust-{i:03d}": unit(rng) for i in range(12)}
-        with p.client(address) as client:
-            for subject, template in gallery.items():
-                client.enroll(subject, template)
-        yield p, address, gallery, database
+        yield (p, *_enrolled(p, seed=97), database)
     finally:
         p.close()
 
