@@ -19,6 +19,7 @@ from splitvault.v1 import matcher_pb2
 from shareholders.audit_log import now_ms
 from vault import codec, mpc, pki, ticket
 from vaultctl import audit_cmd, auditor
+from vaultrpc import wire
 
 pytestmark = pytest.mark.e2e
 
@@ -174,8 +175,6 @@ def test_ticket_refused_by_the_nodes(cluster):
     with p.client(address, "onshares") as client:
         client.enroll("carol", template)
         probe = noisy(template, rng, sigma=0.2)
-        from vaultrpc import wire
-
         t = p.tenants["onshares"]
         foreign = wire.issue_ticket(t.key, t.key_id, tenant=t.name, subject="carol", request_id=str(uuid.uuid4()),
                                     audience="another-cluster", operation=ticket.VERIFY, probe=probe)
