@@ -73,7 +73,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from shareholders.audit_log import Tx, WriterClosed, now_ms
+from shareholders.audit_log import Tx, now_ms
 from shareholders.config import load_peers
 from shareholders.maintenance.peers import committee_pins, presented_spki
 from splitvault.v1 import identify_pb2, identify_pb2_grpc
@@ -609,7 +609,7 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
     def _authorise_verify(self, actor: str, start, committee: list[str], dimension: int):
         """The provider's VERIFY ticket checked here as ReleaseShare checks it (same replay set and
         per-subject attempt counters), and one ``verify_on_shares`` entry committed with the row it reads."""
-        from shareholders.service import _CLAIM_CHARS, DENIALS, Refused  # service imports this module
+        from shareholders.service import _CLAIM_CHARS, Refused  # service imports this module
 
         sh = self.sh
         ticket = start.ticket
@@ -647,14 +647,7 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
                                                                    **tickets.audit_details(ticket)})
             return entry.seq, row
 
-        try:
-            result = sh.writer.run(job)
-        except WriterClosed as exc:
-            raise status.Unavailable(str(exc)) from None
-        if isinstance(result, Refused):
-            DENIALS.labels(sh.name, result.reason).inc()
-            raise result.error
-        seq, row = result
+        seq, row = sh.commit(job)
         logs.event(self._log, "verify_on_shares", tenant=tenant, request_id=request_id, query_id=start.query_id,
                    audit_seq=seq)
         return body, seq, row

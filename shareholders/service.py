@@ -372,13 +372,18 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                     pass
             self._readers.clear()
 
-    def commit(self, job) -> object:
-        """Run a job in the next group commit; its result once durable."""
+    def commit(self, job, **who) -> object:
+        """Run a job in the next group commit; its result once durable. A
+        committed refusal is counted by reason and raised; a share that did
+        not open is also logged, with ``who`` (tenant, subject, request id)."""
         try:
             result = self.writer.run(job)
         except WriterClosed as exc:
             raise status.Unavailable(str(exc)) from None
         if isinstance(result, Refused):
+            DENIALS.labels(self.name, result.reason).inc()
+            if result.reason == "data_loss":
+                logs.event(self._log, "stored share failed to open", logging.ERROR, **who, audit_seq=result.seq)
             raise result.error
         return result
 
@@ -785,17 +790,7 @@ class ShareholderService(shareholder_pb2_grpc.ShareholderServicer):
                                                          **tickets.audit_details(ticket)})
             return entry.seq, shares, keys
 
-        try:
-            result = self.writer.run(job)
-        except WriterClosed as exc:
-            raise status.Unavailable(str(exc)) from None
-        if isinstance(result, Refused):
-            DENIALS.labels(self.name, result.reason).inc()
-            if result.reason == "data_loss":
-                logs.event(self._log, "stored share failed to open", logging.ERROR, tenant=tenant, subject=subject,
-                           request_id=request_id, audit_seq=result.seq)
-            raise result.error
-        seq, shares, keys = result
+        seq, shares, keys = self.commit(job, tenant=tenant, subject=subject, request_id=request_id)
         self._releases.inc()
         return shareholder_pb2.ReleaseShareResponse(shares=shares, audit_seq=seq, mac_keys=keys)
 
