@@ -163,12 +163,25 @@ def _parse_peers(data: dict[str, Any]) -> dict[str, str]:
     return peers
 
 
+# Config path -> ((file text, overrides), peer table): the file is read on
+# every call, parsed only when its text or the overrides changed.
+_PEER_TABLES: dict[str, tuple[tuple, dict[str, str]]] = {}
+
+
 def load_peers(cfg: NodeConfig, env: dict[str, str] | None = None) -> dict[str, str]:
     """The node's peer table as its config file holds it now (peer name -> HOST:PORT)."""
     if cfg.path is None:
         return dict(cfg.peers)
-    env = dict(os.environ) if env is None else env
-    return _parse_peers(rpcconfig.load(cfg.path, {k: v for k, v in env.items() if k != KEK_ENV}))
+    env = os.environ if env is None else env
+    overrides = tuple(sorted((k, v) for k, v in env.items() if k.startswith(rpcconfig.ENV_PREFIX) and k != KEK_ENV))
+    key = (rpcconfig.read_text(cfg.path), overrides)
+    cached = _PEER_TABLES.get(str(cfg.path))
+    if cached is None or cached[0] != key:
+        data = rpcconfig.parse(key[0], cfg.path)
+        rpcconfig.apply_env(data, dict(overrides))
+        cached = (key, _parse_peers(data))
+        _PEER_TABLES[str(cfg.path)] = cached
+    return dict(cached[1])
 
 
 def _dsn(data: dict[str, Any], env: dict[str, str], key: str) -> str:

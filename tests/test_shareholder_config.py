@@ -131,6 +131,12 @@ def test_peer_table(cfg_path):
     assert cfg.peers == {"bank-b": "127.0.0.1:7001"}
     cfg_path.write_text(text + '\n[peers]\n"bank-b" = "127.0.0.1:7002"\n"bank-c" = "10.0.0.3:7443"\n')
     assert config.load_peers(cfg, env={}) == {"bank-b": "127.0.0.1:7002", "bank-c": "10.0.0.3:7443"}
+    # The table is parsed once per text: a rewrite of the same size at once,
+    # and an override in the environment, are each seen at the next call.
+    cfg_path.write_text(text + '\n[peers]\n"bank-b" = "127.0.0.1:7003"\n"bank-c" = "10.0.0.3:7443"\n')
+    assert config.load_peers(cfg, env={})["bank-b"] == "127.0.0.1:7003"
+    assert config.load_peers(cfg, env={"SPLITVAULT_PEERS__BANK-C": "10.0.0.4:7443"})["bank-c"] == "10.0.0.4:7443"
+    assert config.load_peers(cfg, env={})["bank-c"] == "10.0.0.3:7443"
     for bad, message in (('"bank-b" = "nowhere"', "peers.bank-b"), ('"bank-b" = "127.0.0.1:0"', "real port"),
                          ('"../x" = "127.0.0.1:1"', "peer name")):
         cfg_path.write_text(text + f"\n[peers]\n{bad}\n")

@@ -34,15 +34,23 @@ def load(path: str | os.PathLike, env: dict[str, str] | None = None) -> dict[str
 
 def read(path: str | os.PathLike) -> dict[str, Any]:
     """The TOML of ``path``, as written (ConfigError if unreadable or not TOML)."""
+    return parse(read_text(path), path)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The text of the config file ``path`` (ConfigError if unreadable)."""
     try:
-        text = pathlib.Path(path).read_text()
+        return pathlib.Path(path).read_text()
     except OSError as exc:
         raise ConfigError(f"Cannot read the config file {path}: {exc.strerror}.") from None
+
+
+def parse(text: str, path: str | os.PathLike) -> dict[str, Any]:
+    """The TOML ``text`` of the config file ``path`` (ConfigError if not TOML)."""
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"The config file {path} is not valid TOML: {exc}.") from None
-    return data
 
 
 def _parse(value: str) -> Any:
