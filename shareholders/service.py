@@ -81,7 +81,8 @@ ROLES = {
 }
 
 RELEASES = Counter("splitvault_node_releases_total", "Shares released for a verification.", ["node"])
-DENIALS = Counter("splitvault_node_denials_total", "Release attempts refused, by reason.", ["node", "reason"])
+DENIALS = Counter("splitvault_node_denials_total", "Requests refused with a deny entry in the audit log, by reason.",
+                  ["node", "reason"])
 STORED = Counter("splitvault_node_stored_records_total", "Share records written.", ["node"])
 DELETED = Counter("splitvault_node_deleted_records_total", "Share records erased.", ["node"])
 AUDIT_HEAD = Gauge("splitvault_node_audit_head_seq", "Sequence number of the last committed audit entry.", ["node"])
