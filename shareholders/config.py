@@ -87,6 +87,9 @@ class NodeConfig:
     # Records per transaction (and per audit entry) for StoreShareStream.
     stream_batch: int = 1000
     max_workers: int = 32
+    # [identify] preload: tenants whose Identify galleries the node loads
+    # into memory at start (in the background), not at their first query.
+    identify_preload: tuple[str, ...] = ()
     # peer node name -> "HOST:PORT", from [peers]; see load_peers.
     peers: dict[str, str] = field(default_factory=dict)
     # The file this came from: load_peers reads its [peers] again.
@@ -182,6 +185,17 @@ def load_peers(cfg: NodeConfig, env: dict[str, str] | None = None) -> dict[str, 
         cached = (key, _parse_peers(data))
         _PEER_TABLES[str(cfg.path)] = cached
     return dict(cached[1])
+
+
+def _preload(data: dict[str, Any], tenants: dict) -> tuple[str, ...]:
+    """[identify] preload: registered tenants, each named once."""
+    names_ = rpcconfig.get(data, "identify.preload", [], list)
+    if not all(isinstance(t, str) for t in names_) or len(set(names_)) != len(names_):
+        raise ConfigError("The config value identify.preload must be a list of distinct tenant names.")
+    unknown = [t for t in names_ if t not in tenants]
+    if unknown:
+        raise ConfigError(f"identify.preload names {unknown[0]!r}, which is not a tenant in [tenants].")
+    return tuple(names_)
 
 
 def _dsn(data: dict[str, Any], env: dict[str, str], key: str) -> str:
@@ -293,6 +307,7 @@ def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> N
         stream_batch=_positive(data, "store.stream_batch", 1000),
         **_store(data, env),
         max_workers=_positive(data, "node.max_workers", 32),
+        identify_preload=_preload(data, tenants),
         peers=_parse_peers(data),
         path=pathlib.Path(path).resolve(),
         witness_peers=_witness_peers(data, name, base),

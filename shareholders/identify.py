@@ -388,6 +388,30 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
 
     # --- plumbing -------------------------------------------------------------------
 
+    def preload(self) -> threading.Thread | None:
+        """Load the galleries of ``[identify] preload``'s tenants (every
+        dimension they hold), in the background: the node serves meanwhile,
+        and a query of a tenant still loading waits for it (its peers' round
+        timeout may end it first, UNAVAILABLE). One log line per gallery."""
+        if not self.cfg.identify_preload:
+            return None
+        thread = threading.Thread(target=self._preload, name="identify-preload", daemon=True)
+        thread.start()
+        return thread
+
+    def _preload(self) -> None:
+        for tenant in self.cfg.identify_preload:
+            try:
+                for dimension in self.sh.reader().tenant_dimensions(tenant, self.sh.serving_epoch):
+                    t0 = time.monotonic()
+                    gallery = self.galleries.get(self.sh, self.sh.reader(), tenant, dimension)
+                    logs.event(self._log, "identify gallery loaded", tenant=tenant, dimension=dimension,
+                               rows=len(gallery.subjects), seconds=round(time.monotonic() - t0, 3))
+            except Exception as exc:  # noqa: BLE001 - the first query loads it instead
+                message = exc.message if isinstance(exc, status.RpcError) else type(exc).__name__
+                logs.event(self._log, "identify gallery preload failed", logging.WARNING, tenant=tenant,
+                           error=message)
+
     def rebuild_guard(self, now: int | None = None) -> int:
         """Replay recent identify entries (ticket ids and attempts) after a restart."""
         now = now_ms() if now is None else now

@@ -207,6 +207,7 @@ def serve(cfg: NodeConfig, *, keys: NodeKeys | None = None, env: dict[str, str] 
 
     rpc.on_stop.append(close_log)
     publisher.start()
+    ident.preload()
     try:
         metrics_port = serve_metrics(cfg.metrics_host, cfg.metrics_port)
     except OSError as exc:

@@ -413,14 +413,30 @@ class Processes:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
 
-    def matcher_log(self) -> list[dict]:
+    def restart(self, name: str) -> None:
+        """Stop a node (SIGTERM) and start it again on the same port, as the matcher knows it."""
+        proc = self.procs[name]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        d = self.root / name
+        (d / "ready.json").unlink(missing_ok=True)
+        config = d / "node.toml"
+        config.write_text(config.read_text().replace('listen = "127.0.0.1:0"', f'listen = "{self.addresses[name]}"'))
+        self._spawn(name, "shareholders", config)
+        assert self._ready(name, d / "ready.json")["address"] == self.addresses[name]
+
+    def log_events(self, name: str) -> list[dict]:
+        """The process's JSON log lines."""
         out = []
-        for line in self.logs["matcher"].read_text().splitlines():
+        for line in self.logs[name].read_text().splitlines():
             try:
                 out.append(json.loads(line))
             except ValueError:
                 pass
         return out
+
+    def matcher_log(self) -> list[dict]:
+        return self.log_events("matcher")
 
     def close(self) -> None:
         for proc in self.procs.values():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 
 import grpc
 import numpy as np
@@ -99,3 +100,29 @@ def test_identify_refuses_a_verify_ticket_and_a_wrong_probe(cluster):
             with pytest.raises(grpc.RpcError) as err:
                 client._stub.Identify(matcher_pb2.IdentifyRequest(probe=probe.tolist(), ticket=signed), timeout=10)
             assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_node_loads_its_gallery_at_start_before_any_query(dev_pki, tmp_path):
+    # [identify] preload: a restarted node opens the tenant's gallery in the
+    # background at start, so the first query after a restart finds it in memory.
+    p = Processes(dev_pki, tmp_path, Tenant("acme"))
+    p.node_extra = {name: '\n[identify]\npreload = ["acme"]\n' for name in NAMES}
+    try:
+        p.start_nodes()
+        address = p.start_matcher(call_timeout_ms=5000)
+        assert not [e for e in p.log_events("bank-a") if e.get("msg") == "identify gallery loaded"]  # nothing yet
+        rng = np.random.default_rng(8)
+        gallery = {f"customer-{i:02d}": unit(rng) for i in range(40)}
+        with p.client(address) as client:
+            assert [r.code for r in client.enroll_many(gallery.items())] == [0] * len(gallery)
+            p.restart("bank-a")
+            deadline = time.monotonic() + 30
+            while not (loaded := [e for e in p.log_events("bank-a") if e.get("msg") == "identify gallery loaded"]):
+                assert time.monotonic() < deadline, p.logs["bank-a"].read_text()[-2000:]
+                time.sleep(0.1)
+            assert [(e["tenant"], e["dimension"], e["rows"]) for e in loaded] == [("acme", DIM, 40)]
+            assert _identify_entries(tmp_path, "bank-a") == []  # loaded with no query asked
+            got = client.identify(noisy(gallery["customer-05"], rng, sigma=0.2))
+            assert (got.decision, got.subject) == ("MATCH", "customer-05")
+    finally:
+        p.close()

@@ -233,3 +233,17 @@ def test_bad_store_sections(cfg_path, section, env, message):
     cfg_path.write_text(cfg_path.read_text() + f"[store]\n{section}\n")
     with pytest.raises(ConfigError, match=message):
         load_config(cfg_path, env=env)
+
+
+def test_identify_preload_names_registered_tenants(cfg_path):
+    assert load_config(cfg_path, env={}).identify_preload == ()
+    text = cfg_path.read_text()
+    cfg_path.write_text(text + '\n[identify]\npreload = ["acme"]\n')
+    assert load_config(cfg_path, env={}).identify_preload == ("acme",)
+    for bad, message in (('preload = ["acme", "other"]', "'other', which is not a tenant"),
+                         ('preload = "acme"', "identify.preload has the wrong type"),
+                         ('preload = ["acme", "acme"]', "distinct tenant names"),
+                         ("preload = [1]", "distinct tenant names")):
+        cfg_path.write_text(text + f"\n[identify]\n{bad}\n")
+        with pytest.raises(ConfigError, match=message):
+            load_config(cfg_path, env={})

@@ -349,6 +349,17 @@ def test_every_key_range_read_seeks_on_the_key_range(db):
         assert "(tenant,subject)>" in plan and "tenant>? AND tenant<?" not in plan, (sql, plan)
 
 
+def test_tenant_dimensions_lists_what_a_preload_loads(db):
+    import dataclasses
+
+    with db.transaction():
+        db.insert_shares([row(subject="a"), dataclasses.replace(row(subject="b"), dimension=512),
+                          dataclasses.replace(row(subject="c", epoch=3), dimension=128), row(tenant="other")])
+    assert db.tenant_dimensions("acme", 1) == [16, 512]
+    assert db.tenant_dimensions("acme", 3) == [16, 128, 512]
+    assert db.tenant_dimensions("nobody", 3) == []
+
+
 def test_identify_reads_one_gallery_group(db):
     # A record's group round-trips, and Identify's reads narrow to one group ('' = every group).
     import dataclasses

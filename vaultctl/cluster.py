@@ -365,7 +365,9 @@ def node_config_text(paths: Paths, spec: ClusterSpec, name: str, founding: bool 
         "port = 0\n\n"
         "[limits]\n"
         "attempts_per_subject = 10\n"
-        "attempt_window_s = 60\n"
+        "attempt_window_s = 60\n\n"
+        "[identify]\n"
+        f"preload = [{', '.join(_toml_str(t) for t in spec.tenants)}]\n"
         + _tenants_toml(paths, spec, matcher=False)
         + _witness_toml(paths, spec, name)
         + _operators_toml(paths, spec, founding)

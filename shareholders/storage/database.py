@@ -212,6 +212,13 @@ class Database:
         row = self.execute("SELECT version FROM share_versions WHERE tenant = ?", (tenant,)).fetchone()
         return 0 if row is None else row[0]
 
+    def tenant_dimensions(self, tenant: str, max_epoch: int) -> list[int]:
+        """The template dimensions one tenant has rows of, up to an epoch (a gallery preload's list)."""
+        self._scope(tenant)
+        return [r[0] for r in self.execute(
+            "SELECT DISTINCT dimension FROM shares WHERE tenant = ? AND epoch <= ? ORDER BY dimension",
+            (tenant, int(max_epoch)))]
+
     def tenant_row_versions(self, tenant: str, dimension: int, max_epoch: int, group: str = "") -> list[tuple]:
         """(subject, epoch, request id, nonce) of one tenant's rows of one
         dimension up to ``max_epoch`` (of one gallery group when ``group``;
