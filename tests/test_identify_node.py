@@ -197,3 +197,35 @@ def test_confirmation_asks_only_the_querys_three_nodes(committee):
     for name, template in people.items():
         res = client.identify(template)
         assert (res.decision, res.subject) == ("MATCH", name)
+
+
+def test_a_gallery_of_several_pages_loads_exactly_and_a_damaged_share_fails_closed(committee):
+    # The load opens shares into pages of node_identify._PAGE_ROWS rows: a
+    # gallery over two pages gives the same decisions, and one share that
+    # does not open at one node ends the query, never in a MATCH.
+    import sqlite3
+
+    rows = 2 * node_identify._PAGE_ROWS + 37
+    c = committee()
+    c.start_matcher()
+    rng = np.random.default_rng(31)
+    gallery = {f"s{i:05d}": unit(rng) for i in range(rows)}
+    client = c.client()
+    assert [r.code for r in client.enroll_many(gallery.items())] == [0] * rows
+    db = sqlite3.connect(c.root / "bank-a" / "shares.db")
+    try:
+        [(original,)] = db.execute("SELECT ciphertext FROM shares WHERE subject = 's00700'").fetchall()
+        with db:
+            db.execute("UPDATE shares SET ciphertext = ? WHERE subject = 's00700'",
+                       (bytes([original[0] ^ 1]) + original[1:],))
+        for probe in (gallery["s00700"], gallery[f"s{rows - 1:05d}"], unit(rng)):
+            with pytest.raises(grpc.RpcError) as err:
+                client.identify(probe)
+            assert err.value.code() in (grpc.StatusCode.DATA_LOSS, grpc.StatusCode.UNAVAILABLE)
+        with db:
+            db.execute("UPDATE shares SET ciphertext = ? WHERE subject = 's00700'", (original,))
+    finally:
+        db.close()
+    for subject in ("s00003", "s00700", f"s{rows - 1:05d}"):
+        assert client.identify(gallery[subject]).subject == subject
+    assert client.identify(unit(rng)).decision == "NO_MATCH"
