@@ -37,6 +37,17 @@ _CHECK_COLUMNS = (
 )
 # The (tenant, subject) range of one epoch, bounds included.
 _RANGE = "epoch = ? AND (tenant, subject) >= (?, ?) AND (tenant, subject) <= (?, ?)"
+# The same range within one tenant (the usual chunk): PostgreSQL serves the
+# row-value form above with a scan of the whole table (its estimate of the
+# range is far too wide), and this one with the primary key's index.
+_TENANT_RANGE = "epoch = ? AND tenant = ? AND subject >= ? AND subject <= ?"
+
+
+def _range(epoch: int, lo: tuple[str, str], hi: tuple[str, str]) -> tuple[str, tuple]:
+    """The WHERE clause and parameters of one epoch's rows from key ``lo`` to ``hi``."""
+    if lo[0] == hi[0]:
+        return _TENANT_RANGE, (epoch, lo[0], lo[1], hi[1])
+    return _RANGE, (epoch, *lo, *hi)
 _NOT_PREPARED = ("NOT EXISTS (SELECT 1 FROM shares p WHERE p.tenant = s.tenant AND p.subject = s.subject "
                  "AND p.epoch = ?)")
 
@@ -322,25 +333,28 @@ class Database:
     def rows_between(self, epoch: int, lo: tuple[str, str], hi: tuple[str, str]) -> list[ShareRow]:
         """The rows of one epoch from key ``lo`` to ``hi`` (both included)."""
         self._scope()
+        where, args = _range(epoch, lo, hi)
         return [ShareRow.from_db(r) for r in self.execute(
-            f"SELECT {SHARE_COLUMNS} FROM shares WHERE {_RANGE}", (epoch, *lo, *hi))]
+            f"SELECT {SHARE_COLUMNS} FROM shares WHERE {where}", args)]
 
     def live_ids_between(self, epoch: int, lo: tuple[str, str], hi: tuple[str, str]) -> set[tuple[str, str, str]]:
         """(tenant, subject, request_id) of the rows of one epoch from ``lo`` to ``hi``."""
         self._scope()
+        where, args = _range(epoch, lo, hi)
         # idx is in no secondary index: with only the three key columns,
         # SQLite takes the covering shares_by_group index, which serves the
         # row-value range by tenant alone and scans the whole tenant per call
         # (a refresh's prepare grew quadratic in the gallery). With idx the
         # primary key's range is the plan (test_storage_backends checks it).
         return {(r[0], r[1], r[2]) for r in self.execute(
-            f"SELECT tenant, subject, request_id, idx FROM shares WHERE {_RANGE}", (epoch, *lo, *hi))}
+            f"SELECT tenant, subject, request_id, idx FROM shares WHERE {where}", args)}
 
     def sealed_between(self, epoch: int, lo: tuple[str, str], hi: tuple[str, str]) -> dict[tuple[str, str], SealedShare]:
         """The sealed shares of one epoch from ``lo`` to ``hi``, by key (for fingerprints)."""
         self._scope()
+        where, args = _range(epoch, lo, hi)
         return {(r[0], r[1]): SealedShare(0, bytes(r[2]), bytes(r[3]), bytes(r[4])) for r in self.execute(
-            f"SELECT tenant, subject, wrapped_dk, nonce, ciphertext FROM shares WHERE {_RANGE}", (epoch, *lo, *hi))}
+            f"SELECT tenant, subject, wrapped_dk, nonce, ciphertext FROM shares WHERE {where}", args)}
 
     def unprepared_rows(self, from_epoch: int, new_epoch: int, after: tuple[str, str], limit: int) -> list[ShareRow]:
         """Rows of ``from_epoch`` after ``after`` with no row in ``new_epoch`` yet, in key order."""
