@@ -287,16 +287,28 @@ class Galleries:
     def _open(sh, ring, row) -> np.ndarray:
         """One stored row's template share (d,) field elements (DATA_LOSS if it does not open)."""
         try:
-            if row.index != sh.index:
-                raise EnvelopeError("index")
-            raw = envelope.open(ring, record.record_identity(row.tenant, row.subject, row.index, row.epoch),
-                                row.sealed)
-            if len(raw) != 4 * (row.dimension + row.mac_count):
-                raise EnvelopeError("length")
-            values = record.unpack_values(raw, row.dimension + row.mac_count)[: row.dimension]
-            return values
-        except (EnvelopeError, InvalidShares):
-            raise status.DataLoss("A stored share of the tenant's gallery is damaged at this node.") from None
+            return record.unpack_values(_opened(sh, ring, row), row.dimension + row.mac_count)[: row.dimension]
+        except InvalidShares:
+            raise _damaged() from None
+
+
+def _damaged() -> status.RpcError:
+    return status.DataLoss("A stored share of the tenant's gallery is damaged at this node.")
+
+
+def _opened(sh, ring, row) -> bytes:
+    """A stored row's opened share (template part and tags), checked to be this
+    node's and of the row's width; DATA_LOSS if it does not open."""
+    try:
+        if row.index != sh.index:
+            raise EnvelopeError("index")
+        raw = envelope.open_parts(ring, record.record_identity(row.tenant, row.subject, row.index, row.epoch),
+                                  row.kek_version, row.wrapped_dk, row.nonce, row.ciphertext)
+    except EnvelopeError:
+        raise _damaged() from None
+    if len(raw) != 4 * (row.dimension + row.mac_count):
+        raise _damaged()
+    return raw
 
 
 class _Page:
@@ -310,15 +322,9 @@ class _Page:
         self.slots: list[int] = []
 
     def add(self, sh, ring, row, slot: int) -> None:
-        try:
-            if row.index != sh.index:
-                raise EnvelopeError("index")
-            raw = envelope.open_parts(ring, record.record_identity(row.tenant, row.subject, row.index, row.epoch),
-                                      row.kek_version, row.wrapped_dk, row.nonce, row.ciphertext)
-            if len(raw) != 4 * (row.dimension + row.mac_count) or row.dimension * 4 != self.size:
-                raise EnvelopeError("length")
-        except EnvelopeError:
-            raise status.DataLoss("A stored share of the tenant's gallery is damaged at this node.") from None
+        raw = _opened(sh, ring, row)
+        if 4 * row.dimension != self.size:
+            raise _damaged()
         j = len(self.slots)
         self.buf[j * self.size : (j + 1) * self.size] = memoryview(raw)[: self.size]
         self.slots.append(slot)
@@ -332,7 +338,7 @@ class _Page:
         n = len(self.slots)
         shares = np.frombuffer(self.buf, dtype="<u4", count=n * self.size // 4).reshape(n, self.size // 4)
         if int(shares.max()) >= P:
-            raise status.DataLoss("A stored share of the tenant's gallery is damaged at this node.")
+            raise _damaged()
         at = np.asarray(self.slots)
         values[at] = shares  # float64: every share < 2^31 is exact (mpc.compute_form)
         opened[at] = True
