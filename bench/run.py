@@ -60,6 +60,23 @@ def machine_info() -> dict:
     }
 
 
+def result(suite: str, name: str, params: dict, value: float, unit: str, baseline: str, baseline_value: float,
+           higher_is_better: bool) -> dict:
+    """One result with the keys of ``RESULT_KEYS``: figures to four significant
+    figures, the ratio figure / baseline (None when the baseline is 0)."""
+    return {
+        "suite": suite,
+        "name": name,
+        "params": dict(params),
+        "value": float(f"{value:.4g}"),
+        "unit": unit,
+        "baseline": baseline,
+        "baseline_value": float(f"{baseline_value:.4g}"),
+        "ratio": float(f"{value / baseline_value:.4g}") if baseline_value else None,
+        "higher_is_better": higher_is_better,
+    }
+
+
 def run_suite(name: str, quick: bool) -> dict:
     """Run one suite, check its results, write bench/results/<name>.json; return the document."""
     module = importlib.import_module(f"bench.suite_{name}")

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from bench.run import result
 from vault import codec, mpc, sharing
 
 METHOD = """\
@@ -238,17 +239,7 @@ def _per_core(rows: int, repeats: int) -> dict:
 
 def _result(name: str, params: dict, value: float, unit: str, baseline_value: float, higher: bool = True,
             baseline: str = BASELINE) -> dict:
-    return {
-        "suite": "identify",
-        "name": name,
-        "params": dict(params),
-        "value": float(f"{value:.4g}"),
-        "unit": unit,
-        "baseline": baseline,
-        "baseline_value": float(f"{baseline_value:.4g}"),
-        "ratio": float(f"{value / baseline_value:.4g}"),
-        "higher_is_better": higher,
-    }
+    return result("identify", name, params, value, unit, baseline, baseline_value, higher)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--per-core"]:

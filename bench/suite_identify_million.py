@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 
+from bench.run import result
 from vault import codec
 
 METHOD = """\
@@ -162,17 +163,7 @@ def _wait_for_loads(root: pathlib.Path, deadline: float) -> dict[str, tuple[int,
 
 
 def _result(name: str, params: dict, value: float, unit: str, baseline: str, baseline_value: float) -> dict:
-    return {
-        "suite": "identify_million",
-        "name": name,
-        "params": dict(params),
-        "value": float(f"{value:.4g}"),
-        "unit": unit,
-        "baseline": baseline,
-        "baseline_value": float(f"{baseline_value:.4g}"),
-        "ratio": float(f"{value / baseline_value:.4g}"),
-        "higher_is_better": False,
-    }
+    return result("identify_million", name, params, value, unit, baseline, baseline_value, False)
 
 
 if __name__ == "__main__":

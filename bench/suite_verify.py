@@ -57,6 +57,7 @@ from concurrent import futures
 import grpc
 import numpy as np
 
+from bench.run import result as bench_result
 from splitvault.v1 import common_pb2, matcher_pb2, shareholder_pb2
 from vault import codec, pki
 from vaultctl.client import MatcherClient
@@ -330,17 +331,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _result(name, params, value, unit, baseline, baseline_value, higher) -> dict:
-    return {
-        "suite": SUITE,
-        "name": name,
-        "params": dict(params),
-        "value": float(f"{value:.4g}"),
-        "unit": unit,
-        "baseline": baseline,
-        "baseline_value": float(f"{baseline_value:.4g}"),
-        "ratio": float(f"{value / baseline_value:.4g}") if baseline_value else None,
-        "higher_is_better": higher,
-    }
+    return bench_result(SUITE, name, params, value, unit, baseline, baseline_value, higher)
 
 
 class _Systems:
