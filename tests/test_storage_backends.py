@@ -285,15 +285,11 @@ def test_postgres_the_node_role_cannot_rewrite_or_cut_the_audit_chain(pg, pg_dat
     assert pg_db.audit_head() == (1, b"\1" * 32)
 
 
-def test_every_per_subject_lookup_seeks_on_tenant_and_subject(db):
-    # The per-record lookups of a store (request_ids_of, subject_rows) must
-    # seek on (tenant, subject) whatever index the planner takes: an index
-    # leading with another column made every store scan a tenant's index
-    # (bulk enrolment of 10,000 ten times slower, most batches timed out).
-    if db.dialect is not storage.dialect.SQLITE:
-        pytest.skip("the plan is SQLite's (PostgreSQL plans from its statistics)")
+def _capture_queries(db, count):
+    """Fill the store with `count` rows of acme and return (seen, stop): every
+    query the store runs until stop() is called is kept as (sql, params)."""
     with db.transaction():
-        db.insert_shares(row(subject=f"s{i:05d}", epoch=1 + i % 2) for i in range(2000))
+        db.insert_shares(row(subject=f"s{i:05d}", epoch=1 + i % 2) for i in range(count))
     seen: list[tuple[str, tuple]] = []
     execute = db.execute
 
@@ -301,13 +297,27 @@ def test_every_per_subject_lookup_seeks_on_tenant_and_subject(db):
         seen.append((sql, tuple(params)))
         return execute(sql, params)
 
+    def stop():
+        db.execute = execute
+
     db.execute = capture
+    return seen, stop
+
+
+def test_every_per_subject_lookup_seeks_on_tenant_and_subject(db):
+    # The per-record lookups of a store (request_ids_of, subject_rows) must
+    # seek on (tenant, subject) whatever index the planner takes: an index
+    # leading with another column made every store scan a tenant's index
+    # (bulk enrolment of 10,000 ten times slower, most batches timed out).
+    if db.dialect is not storage.dialect.SQLITE:
+        pytest.skip("the plan is SQLite's (PostgreSQL plans from its statistics)")
+    seen, stop = _capture_queries(db, 2000)
     try:
         assert db.request_ids_of([("acme", "s00007"), ("acme", "s01999")]) == {
             ("acme", "s00007"): {"r1"}, ("acme", "s01999"): {"r1"}}
         assert [r.subject for r in db.subject_rows("acme", "s00042")] == ["s00042"]
     finally:
-        db.execute = execute
+        stop()
     for sql, params in seen:
         if "shares" not in sql:
             continue
@@ -323,17 +333,8 @@ def test_every_key_range_read_seeks_on_the_key_range(db):
     # quadratic (27 ms per call at 100,000 rows against 0.3 ms).
     if db.dialect is not storage.dialect.SQLITE:
         pytest.skip("the plan is SQLite's (PostgreSQL plans from its statistics)")
-    with db.transaction():
-        db.insert_shares(row(subject=f"s{i:05d}", epoch=1 + i % 2) for i in range(2000))
-    seen: list[tuple[str, tuple]] = []
-    execute = db.execute
-
-    def capture(sql, params=()):
-        seen.append((sql, tuple(params)))
-        return execute(sql, params)
-
     lo, hi = ("acme", "s00100"), ("acme", "s00199")
-    db.execute = capture
+    seen, stop = _capture_queries(db, 2000)
     try:
         assert len(db.live_ids_between(1, lo, hi)) == 50
         assert len(db.rows_between(1, lo, hi)) == 50
@@ -342,7 +343,7 @@ def test_every_key_range_read_seeks_on_the_key_range(db):
         assert len(db.record_keys(1, lo, 10)) == 10
         assert len(db.unprepared_rows(1, 2, lo, 10)) == 10
     finally:
-        db.execute = execute
+        stop()
     assert len(seen) == 6
     for sql, params in seen:
         plan = " | ".join(str(r[-1]) for r in db.conn.execute("EXPLAIN QUERY PLAN " + sql, params).fetchall())
@@ -356,23 +357,14 @@ def test_key_range_reads_of_one_tenant_use_an_index_on_postgresql(db):
     # per chunk of a refresh; within one tenant the reads now name it.
     if db.dialect is storage.dialect.SQLITE:
         pytest.skip("PostgreSQL's plans")
-    with db.transaction():
-        db.insert_shares(row(subject=f"s{i:05d}", epoch=1 + i % 2) for i in range(4000))
-    seen: list[tuple[str, tuple]] = []
-    execute = db.execute
-
-    def capture(sql, params=()):
-        seen.append((sql, tuple(params)))
-        return execute(sql, params)
-
     lo, hi = ("acme", "s00100"), ("acme", "s00199")
-    db.execute = capture
+    seen, stop = _capture_queries(db, 4000)
     try:
         assert len(db.live_ids_between(1, lo, hi)) == 50
         assert len(db.rows_between(1, lo, hi)) == 50
         assert len(db.sealed_between(2, lo, hi)) == 50
     finally:
-        db.execute = execute
+        stop()
     for sql, params in seen:
         plan = " | ".join(r[0] for r in db.execute("EXPLAIN " + sql, params).fetchall())
         assert "Index" in plan and "Seq Scan" not in plan and "(tenant = " in plan, (sql, plan)
