@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 import uuid
 
 import grpc
@@ -161,10 +162,19 @@ def test_tickets_refused_replayed_and_wrong_subject(cluster):
         with pytest.raises(grpc.RpcError) as err:
             client.verify("nobody", probe)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    # The replay was refused at every node as a counted denial of alice.
+    # The replay was refused as a counted denial of alice by every node it
+    # reached (the matcher cancels the other calls at the first refusal, so a
+    # node may never see it), and no node scored alice a second time.
+    deadline = time.monotonic() + 10
+    while True:
+        denied = {name: [d["reason"] for e, _t, s, d in _entries(root, name) if e == "deny" and s == "alice"]
+                  for name in NAMES}
+        if all(denied.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert any(denied.values()) and all(v in ([], ["replayed"]) for v in denied.values()), denied
     for name in NAMES:
-        denied = [d["reason"] for e, _t, s, d in _entries(root, name) if e == "deny" and s == "alice"]
-        assert denied == ["replayed"]
+        assert sum(1 for e, _t, s, _d in _entries(root, name) if e == "verify_on_shares" and s == "alice") == 1
 
 
 def test_ticket_refused_by_the_nodes(cluster):
