@@ -146,8 +146,8 @@ def compute_form(gallery: np.ndarray) -> np.ndarray:
     """A node's gallery shares (G, d) as float64, the form ``score_shares`` reads.
 
     Every share is < 2^31, exact in float64; kept this way (8 bytes per
-    element) so that a query costs three BLAS matrix-vector products and no
-    conversion of the gallery.
+    element) so that a query reads the gallery once, in BLAS products, with
+    no conversion of it.
     """
     g = np.asarray(gallery)
     if g.ndim != 2 or g.dtype.kind not in "iu" or (g.size and int(g.max()) >= P):
@@ -161,15 +161,27 @@ _LIMB_BITS = 11
 _LIMB_COLUMNS = 1 << 11
 
 
+# Rows per BLAS call: a block of the gallery is read from memory once and
+# multiplied by every limb of every probe while it sits in cache (a
+# matrix-vector product per limb read the whole gallery three times). The
+# best block depends on how many limb columns there are (measured with
+# OpenBLAS on one core, docs/identify.md).
+_FEW_LIMBS = 24
+_ROWS_FEW = 64
+_ROWS_MANY = 256
+# Rows reduced at a time: bounds the float64 products held at once.
+_CHUNK_ROWS = 1 << 11
+
+
 def score_shares(gallery: np.ndarray, probe: np.ndarray, coefficient: int) -> np.ndarray:
     """y[g] = coefficient * <gallery[g], probe>  (mod P) for every row: (G,) field elements.
 
     ``gallery`` is a node's shares in ``compute_form`` (G, d), ``probe`` its
-    share of the probe (d,), or of B probes (B, d), then y is (B, G): one
-    matrix product for the batch instead of B matrix-vector products. Exact:
-    the probe is cut into three 11-bit limbs, each a float64 BLAS product
-    over at most 2^11 columns (every partial sum < 2^53), reduced mod P and
-    recombined in uint64.
+    share of the probe (d,), or of B probes (B, d), then y is (B, G). Exact:
+    each probe is cut into three 11-bit limbs, the 3B limb vectors are the
+    columns of one float64 matrix L, and the gallery is multiplied by L a
+    block of rows at a time (every partial sum over at most 2^11 columns is
+    < 2^53); the products are reduced mod P and recombined in uint64.
     """
     g = np.asarray(gallery)
     q = np.asarray(probe)
@@ -177,23 +189,45 @@ def score_shares(gallery: np.ndarray, probe: np.ndarray, coefficient: int) -> np
         raise InvalidShares("Gallery shares must be in compute form (mpc.compute_form).")
     if q.ndim not in (1, 2) or q.shape[-1] != g.shape[1]:
         raise InvalidShares("A probe share is one vector (or a batch of vectors) of the gallery's dimension.")
-    q32 = q.astype(np.uint32)
-    acc = np.zeros(q.shape[:-1] + (g.shape[0],), dtype=np.uint64)
-    for c0 in range(0, g.shape[1], _LIMB_COLUMNS):
-        c1 = min(c0 + _LIMB_COLUMNS, g.shape[1])
-        block = g[:, c0:c1]
-        for limb in range(3):
-            part = ((q32[..., c0:c1] >> np.uint32(_LIMB_BITS * limb)) & np.uint32((1 << _LIMB_BITS) - 1))
-            dots = (part.astype(np.float64) @ block.T).astype(np.uint64)  # < 2^53: exact
-            field._reduce_u64_inplace(dots)  # [0, P)
-            np.add(acc, dots << np.uint64(_LIMB_BITS * limb), out=acc)  # < 2^53 each term
-            field._fold(acc)
-            dots.fill(0)
-    field._reduce_u64_inplace(acc)
-    out = field.mul(acc.astype(FIELD_DTYPE), np.full(acc.shape, int(coefficient) % P, dtype=FIELD_DTYPE))
-    acc.fill(0)
-    q32.fill(0)
-    return out
+    # coefficient * <g, q> = <g, coefficient * q>: scale the probe (d values), not the scores (G).
+    q32 = np.atleast_2d(q).astype(np.uint32)
+    if q32.size and int(q32.max()) >= P:
+        raise InvalidShares("A probe share is a vector of field elements.")
+    q32 = field.mul(q32, np.full(q32.shape, int(coefficient) % P, dtype=FIELD_DTYPE)).astype(np.uint32)
+    batch, (rows, dim) = q32.shape[0], g.shape
+    mask = np.uint32((1 << _LIMB_BITS) - 1)
+    # L[c, limb * B + b] = limb `limb` of probe b's column c.
+    limbs = np.concatenate([(q32 >> np.uint32(_LIMB_BITS * limb)) & mask for limb in range(3)]).T.astype(np.float64)
+    step = _ROWS_FEW if 3 * batch <= _FEW_LIMBS else _ROWS_MANY
+    chunk = min(rows, _CHUNK_ROWS)
+    products = np.empty((chunk, 3 * batch), dtype=np.float64)
+    words = np.empty((chunk, 3 * batch), dtype=np.uint64)
+    acc = np.empty((chunk, batch), dtype=np.uint64)
+    out = np.empty((batch, rows), dtype=FIELD_DTYPE)
+    blocks = [(c0, min(c0 + _LIMB_COLUMNS, dim)) for c0 in range(0, dim, _LIMB_COLUMNS)]
+    columns = [np.ascontiguousarray(limbs[c0:c1]) for c0, c1 in blocks]
+    try:
+        for r0 in range(0, rows, chunk):
+            n = min(chunk, rows - r0)
+            acc[:n] = 0
+            for (c0, c1), lc in zip(blocks, columns):
+                for b0 in range(0, n, step):
+                    b1 = min(b0 + step, n)
+                    np.matmul(g[r0 + b0:r0 + b1, c0:c1], lc, out=products[b0:b1])  # < 2^53: exact
+                w, a = words[:n], acc[:n]
+                np.copyto(w, products[:n], casting="unsafe")
+                np.add(a, w[:, :batch], out=a)  # limb 0: < 2^53 (+ a < 2^34)
+                for limb in (1, 2):
+                    x = field._fold(w[:, limb * batch:(limb + 1) * batch])  # < 2^34
+                    np.left_shift(x, np.uint64(_LIMB_BITS * limb), out=x)  # < 2^56
+                    np.add(a, x, out=a)  # in all < 2^57
+                field._fold(a)  # < 2^34, so the next column block adds safely
+            field._reduce_u64_inplace(acc[:n])
+            out[:, r0:r0 + n] = acc[:n].T
+    finally:
+        for buffer in (products, words, acc, limbs, q32, *columns):
+            buffer.fill(0)
+    return out[0] if q.ndim == 1 else out
 
 
 def pair_field_stream(key: bytes, label: bytes, count: int) -> np.ndarray:
