@@ -59,6 +59,20 @@ def gallery_of(codes: np.ndarray, committee=(1, 2, 3), n: int = 3):
 # --- the arithmetic layer --------------------------------------------------------
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, P - 1), max_size=200), st.integers(1, 31))
+def test_slice_bits_puts_bit_j_of_row_g_at_word_g_over_64(values, bits):
+    v = np.array(values, dtype=np.uint32) >> np.uint32(31 - bits)  # < 2^bits
+    words = mpc.slice_bits(v, bits)
+    assert words.shape == (bits, mpc.words_for(len(values))) and words.dtype == np.uint64
+    for j in range(bits):
+        want = [0] * words.shape[1]
+        for g, x in enumerate(v.tolist()):
+            want[g // 64] |= ((x >> j) & 1) << (g % 64)
+        assert words[j].tolist() == want
+        assert mpc.unslice_bit(words[j], len(values)).tolist() == [bool((x >> j) & 1) for x in v.tolist()]
+
+
 @pytest.mark.parametrize("committee", [(1, 2, 3), (2, 4, 5), (1, 3, 5)])
 def test_score_shares_add_up_to_the_scores(committee):
     gen = np.random.default_rng(7)
@@ -224,27 +238,49 @@ def test_decide():
     assert mpc.decide(list(range(mpc.MAX_CANDIDATES + 1))) == (mpc.AMBIGUOUS, None)
 
 
-def test_identify_matches_plaintext_exhaustive_search_on_2000_rows():
-    gen = np.random.default_rng(12)
-    rows = 2000
+def _near_duplicates(gen, rows: int = 2000):
+    """Seeded codes with near-duplicates (rows 1..4 close to row 0, row 11 somewhat close to row 10)
+    and probes that give every decision: genuine, impostors, and two that hit the near-duplicates."""
     floats = gen.standard_normal((rows, D)).astype(np.float32)
-    # near-duplicates: rows 1..4 are close to row 0, row 11 is somewhat close to row 10
     floats[1:5] = floats[0] + 0.05 * gen.standard_normal((4, D))
     floats[11] = floats[10] + 0.6 * gen.standard_normal(D)
-    codes = codec.encode(floats, D)
-    t = gallery_of(codes)
-    threshold, margin = 400_000, 50_000
     probes = [floats[g] + 0.3 * gen.standard_normal(D) for g in gen.choice(rows, 12, replace=False)]  # genuine
     probes += [gen.standard_normal(D) for _ in range(8)]  # impostors
     probes += [floats[0] + 0.02 * gen.standard_normal(D), floats[10] + 0.05 * gen.standard_normal(D)]
+    return codec.encode(floats, D), [codec.encode(np.asarray(p, dtype=np.float32), D)[0] for p in probes]
+
+
+def test_identify_matches_plaintext_exhaustive_search_on_2000_rows():
+    codes, probes = _near_duplicates(np.random.default_rng(12))
+    t = gallery_of(codes)
+    threshold, margin = 400_000, 50_000
     seen = set()
-    for probe in probes:
-        q = codec.encode(np.asarray(probe, dtype=np.float32), D)
-        got = mpc.identify_local(t, [s[0] for s in shares_of(q)], (1, 2, 3), threshold, margin)
-        want = mpc.plaintext_decision(codes, q[0], threshold, margin)
+    for q in probes:
+        got = mpc.identify_local(t, [s[0] for s in shares_of(q[np.newaxis, :])], (1, 2, 3), threshold, margin)
+        want = mpc.plaintext_decision(codes, q, threshold, margin)
         assert got == want
         seen.add(got[0])
     assert seen == {mpc.MATCH, mpc.NO_MATCH, mpc.AMBIGUOUS}
+
+
+def test_identify_of_a_batch_is_each_query_alone():
+    # One circuit over B galleries' rows, each query with its own threshold
+    # and margin, and one pair round over every query's candidates: each
+    # decision is the plaintext search's (and a margin too wide for the
+    # near-duplicates turns a MATCH into AMBIGUOUS within the same batch).
+    codes, probes = _near_duplicates(np.random.default_rng(13))
+    t = gallery_of(codes)
+    probes += [probes[-1], probes[-1]]  # two candidates, 185,000 apart
+    thresholds = [400_000 if i % 3 else 380_000 for i in range(len(probes))]
+    margins = [50_000] * (len(probes) - 1) + [2 * mpc.max_score(D)]
+    q = shares_of(np.stack(probes))
+    got = mpc.identify_local(t, q, (1, 2, 3), thresholds, margins)
+    want = [mpc.plaintext_decision(codes, p, th, m) for p, th, m in zip(probes, thresholds, margins, strict=True)]
+    assert got == want
+    assert {g[0] for g in got} == {mpc.MATCH, mpc.NO_MATCH, mpc.AMBIGUOUS}
+    assert got[-2][0] == mpc.MATCH and got[-1] == (mpc.AMBIGUOUS, None)
+    with pytest.raises(ValueError, match="per probe"):
+        mpc.identify_local(t, q, (1, 2, 3), thresholds[:-1], margins)
 
 
 # --- what each party sees --------------------------------------------------------

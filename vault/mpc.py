@@ -253,14 +253,18 @@ def slice_bits(values: np.ndarray, bits: int = FIELD_BITS) -> np.ndarray:
     """(G,) integers < 2^bits -> (bits, W) uint64: bit j of row g is bit g % 64 of word g // 64."""
     v = np.ascontiguousarray(np.asarray(values, dtype=np.uint32))
     rows = v.size
-    padded = np.zeros(words_for(rows) * 64, dtype=np.uint32)
-    padded[:rows] = v
-    # (G, 32) bits little-endian per element, then packed along the rows.
-    unpacked = np.unpackbits(padded.view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
-    packed = np.packbits(np.ascontiguousarray(unpacked[:, :bits].T), axis=1, bitorder="little")
-    padded.fill(0)
-    unpacked.fill(0)
-    return packed.view("<u8").astype(np.uint64)
+    out = np.zeros((bits, words_for(rows) * 8), dtype=np.uint8)
+    masked = np.empty(rows, dtype=np.uint32)
+    flags = np.empty(rows, dtype=bool)
+    try:
+        for j in range(bits):  # one bit plane at a time: two passes over the rows and a pack
+            np.bitwise_and(v, np.uint32(1 << j), out=masked)
+            np.not_equal(masked, 0, out=flags)
+            out[j, : -(-rows // 8)] = np.packbits(flags, bitorder="little")
+    finally:
+        masked.fill(0)
+        flags.fill(False)
+    return out.view("<u8").astype(np.uint64, copy=False)
 
 
 def unslice_bit(words: np.ndarray, rows: int) -> np.ndarray:
@@ -433,16 +437,20 @@ class Party:
         rnd = self._next_round()
         return (result.mine ^ self._zero_bits(rnd, result.mine.shape)).astype("<u8").tobytes()
 
-    def threshold_bits(self, threshold: int, dimension: int) -> bytes:
-        """[s_g >= T] for every row, as this party's opening component (W * 8 bytes)."""
+    def threshold_bits(self, threshold: int | Sequence[int], dimension: int) -> bytes:
+        """[s_g >= T] for every row, as this party's opening component (W * 8 bytes).
+
+        A batch of B queries is B galleries' rows one after the other, with
+        one T per query (``threshold`` a sequence of B).
+        """
         if self._z is None or self._z_next is None:
             raise ValueError("share_input must come first.")
         bit = offset_bit(dimension)
-        shift = ((1 << bit) - clamp_threshold(threshold, dimension)) % P
+        shift = _shifts(threshold, clamp_threshold, dimension, self.rows)
         return self.compare_shifted(self._z, self._z_next, shift, bit)
 
-    def pair_bits(self, pairs: Sequence[tuple[int, int]], margin: int, dimension: int) -> bytes:
-        """[s_a - s_b >= M] for every (a, b), as this party's opening component."""
+    def pair_bits(self, pairs: Sequence[tuple[int, int]], margin: int | Sequence[int], dimension: int) -> bytes:
+        """[s_a - s_b >= M] for every (a, b), as this party's opening component (one M, or one per pair)."""
         if self._z is None or self._z_next is None:
             raise ValueError("share_input must come first.")
         if not pairs:
@@ -452,12 +460,12 @@ class Party:
         if a.min() < 0 or b.min() < 0 or max(a.max(), b.max()) >= self.rows:
             raise ValueError("A pair names a row outside the gallery.")
         bit = offset_bit(dimension)
-        shift = ((1 << bit) - check_margin(margin, dimension)) % P
+        shift = _shifts(margin, check_margin, dimension, len(pairs))
         mine = field.sub(self._z[a], self._z[b])
         nxt = field.sub(self._z_next[a], self._z_next[b])
         return self.compare_shifted(mine, nxt, shift, bit)
 
-    def compare_shifted(self, mine: np.ndarray, nxt: np.ndarray, shift: int, bit: int) -> bytes:
+    def compare_shifted(self, mine: np.ndarray, nxt: np.ndarray, shift: int | np.ndarray, bit: int) -> bytes:
         """Bit ``bit`` of ((z_0 + shift) + z_1 + z_2 mod P) per row, as this party's opening.
 
         ``mine`` and ``nxt`` are this party's and its successor's additive
@@ -467,9 +475,9 @@ class Party:
         mine, nxt = self._shifted(mine, nxt, shift)
         return self.open_to(self._circuit(*self._operands(mine, nxt), bit))
 
-    def _shifted(self, mine: np.ndarray, nxt: np.ndarray, shift: int) -> tuple[np.ndarray, np.ndarray]:
-        # The public shift goes into component 0: party 0's own share and party 2's copy of it.
-        add = np.full(mine.shape, shift, dtype=FIELD_DTYPE)
+    def _shifted(self, mine: np.ndarray, nxt: np.ndarray, shift: int | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # The public shift (one, or one per row) goes into component 0: party 0's own share and party 2's copy.
+        add = np.broadcast_to(np.asarray(shift, dtype=FIELD_DTYPE), mine.shape)
         if self.position == 0:
             mine = field.add(mine, add)
         elif self.position == PARTIES - 1:
@@ -492,6 +500,19 @@ class Party:
         for arr in (self._z, self._z_next):
             if arr is not None:
                 arr.fill(0)
+
+
+def _shifts(values: int | Sequence[int], check: Callable[[int, int], int], dimension: int,
+            rows: int) -> int | np.ndarray:
+    """The public shift 2^B - v of a comparison with v (a threshold or a margin, checked by ``check``):
+    one int for one v, or one per row for a sequence of v over equal consecutive blocks of ``rows``."""
+    top = 1 << offset_bit(dimension)
+    if np.ndim(values) == 0:
+        return (top - check(int(values), dimension)) % P
+    per = [(top - check(int(v), dimension)) % P for v in values]
+    if not per or rows % len(per):
+        raise ValueError("One value per query (or per pair) of the batch.")
+    return np.repeat(np.array(per, dtype=FIELD_DTYPE), rows // len(per))
 
 
 def _stack1(parts: Sequence[Bits]) -> Bits:
@@ -717,30 +738,54 @@ class LocalTrio:
 
 
 def identify_local(gallery_shares: Sequence[np.ndarray], probe_shares: Sequence[np.ndarray],
-                   committee: Sequence[int], threshold: int, margin: int,
-                   views: list | None = None) -> tuple[str, int | None]:
+                   committee: Sequence[int], threshold: int | Sequence[int], margin: int | Sequence[int],
+                   views: list | None = None):
     """Identify with the three parties as threads of this process (tests, bench).
 
     ``gallery_shares[j]`` (G, d, in ``compute_form``) and ``probe_shares[j]``
-    (d,) are the shares of the node at ``committee[j]``.
+    (d,) are the shares of the node at ``committee[j]``: one decision. With
+    B probes, ``probe_shares[j]`` is (B, d) and ``threshold`` and ``margin``
+    are sequences of B: a list of B decisions from one run of the circuit
+    over B * G rows (and one of the pair comparisons over every query's
+    candidate pairs).
     """
+    single = np.ndim(probe_shares[0]) == 1
+    batch = 1 if single else len(probe_shares[0])
+    thresholds = [threshold] if single else [int(t) for t in threshold]
+    margins = [margin] if single else [int(m) for m in margin]
+    if len(thresholds) != batch or len(margins) != batch:
+        raise ValueError("One threshold and one margin per probe of the batch.")
     trio = LocalTrio(views)
     rows, dimension = np.shape(gallery_shares[0])
 
     def phase1(j: int, party: Party) -> bytes:
-        y = score_shares(gallery_shares[j], probe_shares[j], lagrange(committee, j))
+        y = score_shares(gallery_shares[j], probe_shares[j], lagrange(committee, j)).reshape(-1)
         z = rerandomise(y, trio.keys[j], trio.keys[(j - 1) % PARTIES], trio.label)
         y.fill(0)
         party.share_input(z)
         z.fill(0)
-        return party.threshold_bits(threshold, dimension)
+        return party.threshold_bits(thresholds[0] if single else thresholds, dimension)
 
     try:
-        cands = [int(g) for g in np.flatnonzero(open_bits(trio.run(phase1), rows))]
-        if len(cands) < 2 or len(cands) > MAX_CANDIDATES:
-            return decide(cands)
-        pairs = candidate_pairs(cands)
-        comps = trio.run(lambda j, party: party.pair_bits(pairs, margin, dimension))
-        return decide(cands, open_bits(comps, len(pairs)))
+        bits = open_bits(trio.run(phase1), batch * rows).reshape(batch, rows)
+        cands = [[int(g) for g in np.flatnonzero(bits[b])] for b in range(batch)]
+        pairs: list[tuple[int, int]] = []
+        pair_margins: list[int] = []
+        spans: list[tuple[int, int] | None] = []
+        for b, c in enumerate(cands):
+            if 2 <= len(c) <= MAX_CANDIDATES:
+                mine = candidate_pairs(c)
+                spans.append((len(pairs), len(pairs) + len(mine)))
+                pairs += [(b * rows + x, b * rows + y) for x, y in mine]
+                pair_margins += [margins[b]] * len(mine)
+            else:
+                spans.append(None)
+        pair_bits = None
+        if pairs:
+            comps = trio.run(lambda j, party: party.pair_bits(pairs, pair_margins, dimension))
+            pair_bits = open_bits(comps, len(pairs))
+        out = [decide(c) if span is None else decide(c, pair_bits[span[0]:span[1]])
+               for c, span in zip(cands, spans, strict=True)]
+        return out[0] if single else out
     finally:
         trio.wipe()
