@@ -119,6 +119,10 @@ def test_score_shares_of_a_batch_are_the_single_scores():
         assert np.array_equal(batch, np.stack([mpc.score_shares(t[1], q[1][b], lam) for b in range(5)]))
     with pytest.raises(ValueError, match="dimension"):
         mpc.score_shares(t[1], q[1][:, :-1], lam)
+    # An empty gallery scores to nothing, for one probe or a batch.
+    empty = np.zeros((0, D))
+    assert mpc.score_shares(empty, q[1][0, :D], lam).shape == (0,)
+    assert mpc.score_shares(empty, q[1][:, :D], lam).shape == (5, 0)
 
 
 def test_score_shares_need_the_compute_form():

@@ -199,7 +199,7 @@ def score_shares(gallery: np.ndarray, probe: np.ndarray, coefficient: int) -> np
     # L[c, limb * B + b] = limb `limb` of probe b's column c.
     limbs = np.concatenate([(q32 >> np.uint32(_LIMB_BITS * limb)) & mask for limb in range(3)]).T.astype(np.float64)
     step = _ROWS_FEW if 3 * batch <= _FEW_LIMBS else _ROWS_MANY
-    chunk = min(rows, _CHUNK_ROWS)
+    chunk = max(1, min(rows, _CHUNK_ROWS))
     products = np.empty((chunk, 3 * batch), dtype=np.float64)
     words = np.empty((chunk, 3 * batch), dtype=np.uint64)
     acc = np.empty((chunk, batch), dtype=np.uint64)
