@@ -290,6 +290,7 @@ def test_wal_disk_full_stops_the_server_and_the_node_fails_closed(wal_cluster, w
                     break
                 during.append((subject, template))
             assert refused, "bank-c's server took 20 enrolments on a full WAL disk"
+            # Down for good: the postmaster gone, after the recovery it tried failed too.
             assert wait_until(lambda: not server.running(), timeout_s=60)
             text = log.read_text(errors="replace")
             assert re.search(r"PANIC: .*pg_wal/.*No space left on device", text), text[-2000:]
