@@ -128,6 +128,8 @@ def test_score_shares_of_a_batch_are_the_single_scores():
 def test_score_shares_need_the_compute_form():
     with pytest.raises(ValueError, match="compute form"):
         mpc.score_shares(rng.random_field((3, 4)), rng.random_field(4), 1)
+    with pytest.raises(ValueError, match="field elements"):  # a probe share outside the field
+        mpc.score_shares(mpc.compute_form(rng.random_field((3, 4))), np.full(4, P, dtype=np.uint32), 1)
     with pytest.raises(ValueError, match="field elements"):
         mpc.compute_form(np.full((1, 2), P, dtype=np.uint32))
 

@@ -190,10 +190,13 @@ def score_shares(gallery: np.ndarray, probe: np.ndarray, coefficient: int) -> np
     if q.ndim not in (1, 2) or q.shape[-1] != g.shape[1]:
         raise InvalidShares("A probe share is one vector (or a batch of vectors) of the gallery's dimension.")
     # coefficient * <g, q> = <g, coefficient * q>: scale the probe (d values), not the scores (G).
-    q32 = np.atleast_2d(q).astype(np.uint32)
-    if q32.size and int(q32.max()) >= P:
-        raise InvalidShares("A probe share is a vector of field elements.")
-    q32 = field.mul(q32, np.full(q32.shape, int(coefficient) % P, dtype=FIELD_DTYPE)).astype(np.uint32)
+    raw = np.atleast_2d(q).astype(np.uint32)
+    try:
+        if raw.size and int(raw.max()) >= P:
+            raise InvalidShares("A probe share is a vector of field elements.")
+        q32 = field.mul(raw, np.full(raw.shape, int(coefficient) % P, dtype=FIELD_DTYPE)).astype(np.uint32, copy=False)
+    finally:
+        raw.fill(0)
     batch, (rows, dim) = q32.shape[0], g.shape
     mask = np.uint32((1 << _LIMB_BITS) - 1)
     # L[c, limb * B + b] = limb `limb` of probe b's column c.
