@@ -304,6 +304,15 @@ def _capture_queries(db, count):
     return seen, stop
 
 
+def _read_a_chunk(db) -> None:
+    """The three range reads of one chunk of a refresh (prepare, deal, check)
+    over acme s00100..s00199 of a store filled by ``_capture_queries``."""
+    lo, hi = ("acme", "s00100"), ("acme", "s00199")
+    assert len(db.live_ids_between(1, lo, hi)) == 50
+    assert len(db.rows_between(1, lo, hi)) == 50
+    assert len(db.sealed_between(2, lo, hi)) == 50
+
+
 def test_every_per_subject_lookup_seeks_on_tenant_and_subject(db):
     # The per-record lookups of a store (request_ids_of, subject_rows) must
     # seek on (tenant, subject) whatever index the planner takes: an index
@@ -333,12 +342,10 @@ def test_every_key_range_read_seeks_on_the_key_range(db):
     # quadratic (27 ms per call at 100,000 rows against 0.3 ms).
     if db.dialect is not storage.dialect.SQLITE:
         pytest.skip("the plan is SQLite's (PostgreSQL plans from its statistics)")
-    lo, hi = ("acme", "s00100"), ("acme", "s00199")
+    lo = ("acme", "s00100")
     seen, stop = _capture_queries(db, 2000)
     try:
-        assert len(db.live_ids_between(1, lo, hi)) == 50
-        assert len(db.rows_between(1, lo, hi)) == 50
-        assert len(db.sealed_between(2, lo, hi)) == 50
+        _read_a_chunk(db)
         assert len(db.rows_after(1, lo, 10)) == 10
         assert len(db.record_keys(1, lo, 10)) == 10
         assert len(db.unprepared_rows(1, 2, lo, 10)) == 10
@@ -357,12 +364,9 @@ def test_key_range_reads_of_one_tenant_use_an_index_on_postgresql(db):
     # per chunk of a refresh; within one tenant the reads now name it.
     if db.dialect is storage.dialect.SQLITE:
         pytest.skip("PostgreSQL's plans")
-    lo, hi = ("acme", "s00100"), ("acme", "s00199")
     seen, stop = _capture_queries(db, 4000)
     try:
-        assert len(db.live_ids_between(1, lo, hi)) == 50
-        assert len(db.rows_between(1, lo, hi)) == 50
-        assert len(db.sealed_between(2, lo, hi)) == 50
+        _read_a_chunk(db)
     finally:
         stop()
     for sql, params in seen:

@@ -41,6 +41,8 @@ _RANGE = "epoch = ? AND (tenant, subject) >= (?, ?) AND (tenant, subject) <= (?,
 # row-value form above with a scan of the whole table (its estimate of the
 # range is far too wide), and this one with the primary key's index.
 _TENANT_RANGE = "epoch = ? AND tenant = ? AND subject >= ? AND subject <= ?"
+_NOT_PREPARED = ("NOT EXISTS (SELECT 1 FROM shares p WHERE p.tenant = s.tenant AND p.subject = s.subject "
+                 "AND p.epoch = ?)")
 
 
 def _range(epoch: int, lo: tuple[str, str], hi: tuple[str, str]) -> tuple[str, tuple]:
@@ -48,8 +50,6 @@ def _range(epoch: int, lo: tuple[str, str], hi: tuple[str, str]) -> tuple[str, t
     if lo[0] == hi[0]:
         return _TENANT_RANGE, (epoch, lo[0], lo[1], hi[1])
     return _RANGE, (epoch, *lo, *hi)
-_NOT_PREPARED = ("NOT EXISTS (SELECT 1 FROM shares p WHERE p.tenant = s.tenant AND p.subject = s.subject "
-                 "AND p.epoch = ?)")
 
 
 def _session(r) -> MaintenanceSession:
