@@ -23,8 +23,8 @@ in-memory mailboxes (`mpc.identify_local`): score shares (float64 BLAS on
 11-bit limbs), re-randomisation, the carry-save / end-around comparison
 circuit bit-sliced over all rows, opening, and the candidates' pair
 comparisons when there are two or more. Network rounds are not included there:
-over the nodes' mTLS channels each query adds 10 round trips (round 0 with
-keys and gallery digest, input, 8 circuit rounds) plus 8 for a pair
+over the nodes' mTLS channels each query adds 9 round trips (round 0 with
+keys and gallery digest, input, 7 circuit rounds) plus 7 for a pair
 comparison. The `over real processes` figures are end to end: a local
 cluster from `vaultctl cluster up` (three node processes and the matcher on
 this machine), the gallery enrolled through the matcher, then

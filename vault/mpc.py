@@ -19,7 +19,7 @@ every row. Party j's arithmetic share z_j is its own XOR component (its
 predecessor learns it too: any one party then sees two of the three uniform
 additive shares, which say nothing about s_g).
 
-The circuit (``Party.compare``), for v = s - T + 2^B with |s - T| < 2^B
+The circuit (``Party.compare_shifted``), for v = s - T + 2^B with |s - T| < 2^B
 (B = ``offset_bit(d)``), so v in [1, 2^(B+1)) and the match bit is bit B:
 
     z_0 + z_1 + z_2                          a carry-save adder:  = S + 2 C
@@ -27,12 +27,15 @@ The circuit (``Party.compare``), for v = s - T + 2^B with |s - T| < 2^B
     W = S + rot1(C) + carry_out   (mod 2^31) one's-complement (end-around) add:
                                              W = v unless v = 0 (never here)
     bit B of W = p_B ^ G[B-1:0] ^ (P[B-1:0] & G[30:0])
+               = p_B ^ G(B..30, 0..B-1)
 
-with (G, P) the generate/propagate prefixes computed by a log-depth tree.
-Rounds: 1 (inputs) + 1 (carry-save) + 1 (generate) + 5 (prefix tree) + 1
-(final carry) = 9 node-to-node rounds, then one opening to the matcher.
+with (G, P) group generate/propagate. The end-around carry into bit B is
+the group generate of the 31 bits taken cyclically from B (bits B..30 low,
+0..B-1 high; equal because P[B-1:0] & G[B-1:0] = 0), so one log-depth tree
+of 31 leaves gives it. Rounds: 1 (inputs) + 1 (carry-save) + 1 (generate)
++ 5 (the tree) = 8 node-to-node rounds, then one opening to the matcher.
 The same circuit on s_a - s_b - M decides whether candidate a beats
-candidate b by the margin M (``Party.compare_pairs``; inputs local, 8 rounds).
+candidate b by the margin M (``Party.pair_bits``; inputs local, 7 rounds).
 
 Verify on shares (1:1) is the same machinery on a one-row gallery:
 ``verify_threshold`` finds the integer T with [s >= T] == Verify's
@@ -402,38 +405,29 @@ class Party:
         r = Bits(np.roll(carry.mine, 1, axis=0), np.roll(carry.nxt, 1, axis=0))
         p = s ^ r
         g = self.and_(s, r)
-        # Prefix (G, P) over [0, bit-1] and [0, 30] by pairwise tree reduction.
-        # (bit 0's carry-in is G[30:0] itself: the empty prefix propagates.)
-        targets = [list(range(max(bit, 1))), list(range(FIELD_BITS))]
-        segs = [[(g[j], p[j]) for j in t] for t in targets]
-        while any(len(t) > 1 for t in segs):
-            left, right, slots = [], [], []
-            for ti, t in enumerate(segs):
-                for k in range(0, len(t) - 1, 2):
-                    lo, hi = t[k], t[k + 1]
-                    # (G, P) of hi above lo: G = G_hi ^ (P_hi & G_lo), P = P_hi & P_lo.
-                    left += [hi[1], hi[1]]
-                    right += [lo[0], lo[1]]
-                    slots.append((ti, k))
-            prods = self.and_(_stack1(left), _stack1(right))
-            out = []
-            for ti, t in enumerate(segs):
-                merged = []
-                for k in range(0, len(t), 2):
-                    if k + 1 < len(t):
-                        i = slots.index((ti, k))
-                        hi = t[k + 1]
-                        merged.append((hi[0] ^ prods[2 * i], prods[2 * i + 1]))
-                    else:
-                        merged.append(t[k])
-                out.append(merged)
-            segs = out
-        (g_low, p_low), (g_all, _) = segs[0][0], segs[1][0]
-        if bit == 0:
-            return p[0] ^ g_all
-        # Carry into bit B with carry-in G[30:0] (end-around): G[B-1:0] ^ (P[B-1:0] & G[30:0]).
-        carry_in = self.and_(p_low, g_all)
-        return p[bit] ^ g_low ^ carry_in
+        # The end-around carry into bit B is the group generate of the 31
+        # bits taken cyclically from B: B..30 (low), then 0..B-1 (high).
+        # (With carry-in G[30:0] it is G[B-1:0] ^ (P[B-1:0] & G[30:0]), and
+        # G[30:0] = G[30:B] ^ (P[30:B] & G[B-1:0]), and P[B-1:0] & G[B-1:0]
+        # = 0.) One tree of 31 leaves: 5 rounds, pairs merged a level at a time.
+        order = np.r_[bit:FIELD_BITS, 0:bit]
+        gg, pp = g[order], p[order]
+        while len(gg.mine) > 1:
+            n = len(gg.mine)
+            half = n // 2
+            lo, hi = slice(0, 2 * half, 2), slice(1, 2 * half, 2)
+            top = n == 2  # the last merge needs no group propagate
+            # (G, P) of hi above lo: G = G_hi ^ (P_hi & G_lo), P = P_hi & P_lo.
+            left = pp[hi] if top else _concat(pp[hi], pp[hi])
+            right = gg[lo] if top else _concat(gg[lo], pp[lo])
+            prods = self.and_(left, right)
+            merged_g = gg[hi] ^ prods[:half]
+            merged_p = prods[half:]
+            if n % 2:  # the odd top leaf passes up as it is
+                merged_g = _concat(merged_g, gg[n - 1 :])
+                merged_p = _concat(merged_p, pp[n - 1 :])
+            gg, pp = merged_g, merged_p
+        return p[bit] ^ gg[0]
 
     def open_to(self, result: Bits) -> bytes:
         """This party's XOR component of the result, re-masked by a fresh zero-sharing: for the matcher."""
@@ -518,8 +512,8 @@ def _shifts(values: int | Sequence[int], check: Callable[[int, int], int], dimen
     return np.repeat(np.array(per, dtype=FIELD_DTYPE), rows // len(per))
 
 
-def _stack1(parts: Sequence[Bits]) -> Bits:
-    return Bits(np.stack([p.mine for p in parts]), np.stack([p.nxt for p in parts]))
+def _concat(a: Bits, b: Bits) -> Bits:
+    return Bits(np.concatenate([a.mine, b.mine]), np.concatenate([a.nxt, b.nxt]))
 
 
 
