@@ -63,9 +63,12 @@ def test_only_shareholders_send_rounds_and_only_the_matcher_starts_queries(commi
         _round(c, "psp", "acme", "bank-a")
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert _round(c, "shareholder", "bank-b", "bank-a") is not None
-    # One stream carries the rounds of one query: a second query id on it is refused.
+    # One stream carries the rounds of many queries (a node's link to its
+    # predecessor; the pins are checked at each new query) ...
+    assert _round(c, "shareholder", "bank-b", "bank-a", ("query-23456789", "query-34567890")) is not None
+    # ... and a message naming no valid query ends it.
     with pytest.raises(grpc.RpcError) as err:
-        _round(c, "shareholder", "bank-b", "bank-a", ("query-23456789", "query-34567890"))
+        _round(c, "shareholder", "bank-b", "bank-a", ("query-45678901", "not a query id"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     channel = secure_channel(c.addresses["bank-a"], c.pki.tls("shareholder", "bank-b"),
                              expect=pki.Identity(pki.ROLE_SHAREHOLDER, "bank-a"))
@@ -76,6 +79,36 @@ def test_only_shareholders_send_rounds_and_only_the_matcher_starts_queries(commi
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     finally:
         channel.close()
+
+
+def test_one_round_stream_per_node_pair_carries_many_queries_and_an_idle_one_is_replaced(committee, monkeypatch):
+    # Each node sends its rounds to its predecessor over one IdentifyRound
+    # stream (shareholders.identify._Link), not one per query; a stream idle
+    # for _LINK_IDLE_S half-closes and the next query opens another.
+    monkeypatch.setattr(node_identify, "_LINK_IDLE_S", 2.0)
+    opened = []
+    real_init = node_identify._RoundStream.__init__
+
+    def counting(self, stub, name):
+        opened.append(name)
+        real_init(self, stub, name)
+
+    monkeypatch.setattr(node_identify._RoundStream, "__init__", counting)
+    c = committee()
+    c.start_matcher()
+    rng = np.random.default_rng(12)
+    client = c.client()
+    alice = unit(rng)
+    client.enroll("alice", alice)
+    for _ in range(4):
+        assert client.identify(alice).subject == "alice"
+    assert sorted(opened) == ["bank-a", "bank-b", "bank-c"]  # each node's predecessor, once
+    import time
+
+    time.sleep(2.6)  # every stream idles out
+    assert client.identify(unit(rng)).decision == "NO_MATCH"
+    assert client.identify(alice).subject == "alice"
+    assert sorted(opened) == ["bank-a", "bank-a", "bank-b", "bank-b", "bank-c", "bank-c"]
 
 
 def test_a_round_from_a_node_that_is_not_the_successor_is_refused():

@@ -270,6 +270,27 @@ def test_one_lying_node_can_flip_the_decision_on_shares_not_with_rejoin(committe
     assert rejoin.verify("hana", impostor).decision == "NO_MATCH"
 
 
+def test_a_restarted_peer_gets_a_new_round_stream(cluster):
+    # Each node's rounds go to its predecessor over one long-lived stream
+    # (shareholders.identify._Link). bank-b restarts: bank-c's stream to it
+    # ends with the old process, and the next verification opens a new one.
+    p, address, _root = cluster
+    rng = np.random.default_rng(13)
+    template = unit(rng)
+    with p.client(address, "onshares") as shares:
+        shares.enroll("ivan", template)
+        assert shares.verify("ivan", noisy(template, rng, sigma=0.2)).decision == "MATCH"
+        p.restart("bank-b")
+        answers = []
+        for _ in range(3):
+            try:
+                answers.append(shares.verify("ivan", noisy(template, rng, sigma=0.2)).decision)
+            except grpc.RpcError as exc:  # only ever fail closed
+                answers.append(exc.code().name)
+        assert answers[1:] == ["MATCH", "MATCH"] and answers[0] in ("MATCH", "UNAVAILABLE")
+        assert shares.verify("ivan", unit(rng)).decision == "NO_MATCH"
+
+
 def test_a_node_down_is_unavailable_never_a_match(cluster):
     # Runs last: it stops a node. The circuit needs three nodes (k = 2, 2k - 1 = 3);
     # with n = 3 one node down leaves two, so Verify on shares is UNAVAILABLE

@@ -77,9 +77,10 @@ class ShareholderIdentifyServicer:
         raise NotImplementedError('Method not implemented!')
 
     def IdentifyRound(self, request_iterator, context):
-        """The rounds of one query from this node's successor in S, one stream per
-        query (its certificate must be that member's, checked once at the
-        stream's start; every message names the same query). Role: shareholder.
+        """The rounds from this node's successor in S: one stream carries the
+        rounds of many queries, each message naming its query (the caller's
+        certificate key is checked against the committee pins at each new query
+        on the stream). Role: shareholder.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
