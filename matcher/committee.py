@@ -18,7 +18,7 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ import grpc
 from matcher.config import ShareholderEndpoint
 from splitvault.v1 import shareholder_pb2_grpc
 from vault.pki import ROLE_SHAREHOLDER, Identity
+from vaultrpc import status
 from vaultrpc.tls import TlsMaterial, secure_channel
 
 # Reconnect quickly to a node that comes back (gRPC's default backoff grows
@@ -189,6 +190,14 @@ class Committee:
             except RuntimeError:  # the pool is shut down: the matcher is stopping
                 gather._put(Outcome(node, None, grpc.StatusCode.UNAVAILABLE, "The matcher is stopping."))
         return gather
+
+    def submit(self, fn, *args) -> Future:
+        """Run ``fn(*args)`` on the node-call pool (the readers of Identify's
+        streams: no thread is started per read); UNAVAILABLE once the matcher stops."""
+        try:
+            return self._pool.submit(fn, *args)
+        except RuntimeError:
+            raise status.Unavailable("The matcher is stopping.") from None
 
     def call_all(self, method: str, request_for, **kw) -> list[Outcome]:
         """Fan out and wait for every answer; results in committee order."""

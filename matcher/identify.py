@@ -45,7 +45,6 @@ from __future__ import annotations
 import logging
 import math
 import queue
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -375,11 +374,8 @@ def _all(service, streams: list[_Stream], pass_on: dict | None = None) -> list[i
         except StopIteration:
             errors.append((s, None))
 
-    threads = [threading.Thread(target=read, args=(i, s)) for i, s in enumerate(streams)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    for future in [service.committee.submit(read, i, s) for i, s in enumerate(streams)]:
+        future.result()
     if errors:
         raise _failure(service, errors, _PASS_ON if pass_on is None else pass_on)
     return out
