@@ -10,6 +10,8 @@ from matcher_kit import unit
 from shareholders import identify as node_identify
 from splitvault.v1 import identify_pb2, identify_pb2_grpc, matcher_pb2
 from vault import pki, ticket
+from vaultrpc import status
+from vaultrpc.server import caller
 from vaultrpc.tls import secure_channel
 
 
@@ -109,6 +111,45 @@ def test_one_round_stream_per_node_pair_carries_many_queries_and_an_idle_one_is_
     assert client.identify(unit(rng)).decision == "NO_MATCH"
     assert client.identify(alice).subject == "alice"
     assert sorted(opened) == ["bank-a", "bank-a", "bank-b", "bank-b", "bank-c", "bank-c"]
+
+
+def test_a_round_stream_that_fails_ends_its_queries_at_once_and_the_next_query_opens_another(committee, monkeypatch,
+                                                                                              caplog):
+    # bank-a refuses bank-b's stream of rounds once, at its second query. The
+    # query that sent on it ends UNAVAILABLE naming the refusal (not the 20 s
+    # round timeout), and the next query's rounds go on a new stream.
+    import logging
+
+    monkeypatch.setattr(node_identify, "ROUND_TIMEOUT_S", 60.0)
+    real = node_identify.IdentifyService.IdentifyRound
+    first, refused = [], []
+
+    def handler(self, request_iterator, context):
+        if self.sh.name != "bank-a" or refused:
+            return real(self, request_iterator, context)
+        for request in request_iterator:
+            first[:] = first or [request.query_id]
+            if request.query_id != first[0]:
+                refused.append(request.query_id)
+                raise status.PermissionDenied("Refused for the test.")
+            self.mail.put(request.query_id, int(request.round), caller(context).name, request.payload)
+        return identify_pb2.IdentifyRoundResponse()
+
+    monkeypatch.setattr(node_identify.IdentifyService, "IdentifyRound", handler)
+    c = committee()
+    c.start_matcher()
+    rng = np.random.default_rng(14)
+    client = c.client()
+    alice = unit(rng)
+    client.enroll("alice", alice)
+    assert client.identify(alice).subject == "alice"
+    with caplog.at_level(logging.WARNING, logger="matcher"):
+        with pytest.raises(grpc.RpcError) as err:
+            client.identify(alice)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and refused
+    details = [r.fields.get("detail", "") for r in caplog.records if r.getMessage() == "shareholder call failed"]
+    assert any("did not take a round" in d and "PERMISSION_DENIED" in d for d in details), details
+    assert client.identify(alice).subject == "alice"
 
 
 def test_a_round_from_a_node_that_is_not_the_successor_is_refused():
