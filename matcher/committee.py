@@ -136,12 +136,15 @@ class Committee:
     """Channels and stubs to every shareholder, opened once and reused."""
 
     def __init__(self, endpoints: tuple[ShareholderEndpoint, ...], tls: TlsMaterial, timeout_s: float,
-                 max_in_flight: int = 192):
+                 max_in_flight: int = 192, readers: int = 0):
         self.endpoints = endpoints
         self.timeout_s = timeout_s
         # One thread per outgoing call in flight; a hung node holds its
         # threads only until the call's deadline.
         self._pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="node-call")
+        # Readers of Identify's streams, apart: they wait as long as the
+        # nodes compute, and must not queue the release calls above.
+        self._readers = ThreadPoolExecutor(max_workers=readers or max_in_flight, thread_name_prefix="identify-read")
         self._channels = {e.name: secure_channel(e.address, tls, expect=Identity(ROLE_SHAREHOLDER, e.name),
                                                    extra_options=_CHANNEL_OPTIONS) for e in endpoints}
         self._stubs = {name: shareholder_pb2_grpc.ShareholderStub(ch) for name, ch in self._channels.items()}
@@ -191,11 +194,11 @@ class Committee:
                 gather._put(Outcome(node, None, grpc.StatusCode.UNAVAILABLE, "The matcher is stopping."))
         return gather
 
-    def submit(self, fn, *args) -> Future:
-        """Run ``fn(*args)`` on the node-call pool (the readers of Identify's
-        streams: no thread is started per read); UNAVAILABLE once the matcher stops."""
+    def read_later(self, fn, *args) -> Future:
+        """Run ``fn(*args)``, a reader of an Identify stream, on the readers'
+        pool (no thread started per read); UNAVAILABLE once the matcher stops."""
         try:
-            return self._pool.submit(fn, *args)
+            return self._readers.submit(fn, *args)
         except RuntimeError:
             raise status.Unavailable("The matcher is stopping.") from None
 
@@ -209,6 +212,7 @@ class Committee:
         for ch in self._channels.values():
             ch.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._readers.shutdown(wait=False, cancel_futures=True)
 
 
 def _call(gather: Gather, node: ShareholderEndpoint, rpc, request, timeout: float) -> None:

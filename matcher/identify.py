@@ -47,7 +47,7 @@ import math
 import queue
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -374,8 +374,13 @@ def _all(service, streams: list[_Stream], pass_on: dict | None = None) -> list[i
         except StopIteration:
             errors.append((s, None))
 
-    for future in [service.committee.submit(read, i, s) for i, s in enumerate(streams)]:
-        future.result()
+    later = [(s, service.committee.read_later(read, i, s)) for i, s in enumerate(streams) if i]
+    read(0, streams[0])  # on this thread: a failure of any stream cancels them all, this one too
+    for s, future in later:
+        try:
+            future.result()
+        except CancelledError:  # the committee closed (a reload's old one, or the matcher stopping)
+            errors.append((s, None))
     if errors:
         raise _failure(service, errors, _PASS_ON if pass_on is None else pass_on)
     return out

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from matcher.committee import Committee
 from matcher.config import MatcherConfig
+from matcher.identify import BATCH_WORKERS
 from matcher.service import MatcherService
 from splitvault.v1 import matcher_pb2, matcher_pb2_grpc
 from vault.pki import ROLE_MATCHER, ROLE_PSP, server_identity_from_pem
@@ -85,7 +86,8 @@ class MatcherRunning(rpcserver.Running):
         with self._reload_lock:
             tls = config.tls.load()
             committee = Committee(
-                config.shareholders, tls, config.call_timeout_s, max_in_flight=min(512, config.max_workers * config.n)
+                config.shareholders, tls, config.call_timeout_s, max_in_flight=min(512, config.max_workers * config.n),
+                readers=_readers(config),
             )
             new = MatcherService(config, committee, log)
             old = self._switch.current
@@ -100,6 +102,13 @@ class MatcherRunning(rpcserver.Running):
                 write_ready_file(config.ready_file, self._ready)
         logs.event(log, "matcher reloaded", threshold=config.threshold,
                    shareholders=[e.name for e in config.shareholders], config_sha256=config_sha256)
+
+
+def _readers(config) -> int:
+    """Identify stream readers one matcher may need at once: every handler
+    thread in an IdentifyBatch, its BATCH_WORKERS queries reading two of
+    their three streams on the pool (the third on the query's own thread)."""
+    return config.max_workers * BATCH_WORKERS * 2
 
 
 def _committee_fields(config: MatcherConfig, config_sha256: str | None) -> dict:
@@ -131,7 +140,8 @@ def serve(config: MatcherConfig, *, logger: logging.Logger | None = None, harden
             f"and serverAuth): clients would refuse it (docs/operations.md, Server identity)."
         )
     committee = Committee(
-        config.shareholders, tls, config.call_timeout_s, max_in_flight=min(512, config.max_workers * config.n)
+        config.shareholders, tls, config.call_timeout_s, max_in_flight=min(512, config.max_workers * config.n),
+        readers=_readers(config),
     )
     service = MatcherService(config, committee, log)
     switch = _Switch(service)

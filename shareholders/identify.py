@@ -7,8 +7,9 @@ position order. This node, at position j:
    signature, audience, expiry, replay, the per-tenant attempt limit
    ``IDENTIFY_ATTEMPTS`` per ``attempt_window_s``) and commits ONE audit
    entry for the query (event ``identify``; never one per row);
-2. round 0: sends its predecessor a fresh pairwise key (from the OS CSPRNG)
-   and the digest of its gallery, and takes its successor's: the three
+2. round 0: sends its predecessor the protocol version, a fresh pairwise
+   key (from the OS CSPRNG) and the digest of its gallery, and takes its
+   successor's (another version: FAILED_PRECONDITION): the three
    galleries must be the same rows at the same epochs, else ABORTED (an
    enrolment, delete or refresh is in flight; the matcher answers
    UNAVAILABLE: try again);
@@ -97,8 +98,7 @@ ROLES = {
 # Identify queries per tenant per attempt window (a gallery search is a
 # stronger oracle than one verification). A module attribute: tests set it.
 IDENTIFY_ATTEMPTS = 600
-# How long a node waits for its successor's message of one round, and the
-# deadline of each message it sends.
+# How long a node waits for its successor's message of one round.
 ROUND_TIMEOUT_S = 20.0
 # The deadline of one stream of rounds to a predecessor (each round still
 # waits at most ROUND_TIMEOUT_S for its message); a stream older than
@@ -118,16 +118,47 @@ _PAGE_ROWS = 512
 # Group galleries kept (each a copy of its rows in compute form); the least
 # recently loaded goes first. Whole-tenant galleries are always kept.
 _GROUP_GALLERIES = 64
-# The round-0 message: pairwise key, gallery digest, row count.
-_HELLO = struct.Struct(">32s32sQ")
+# The round-0 message: protocol version, pairwise key, gallery digest, row
+# count. Version 2: the 7-round circuit (mpc, one prefix tree) and many
+# queries per IdentifyRound stream; version 1 (72 bytes, no version field)
+# ran 8 rounds and one query per stream.
+_PROTOCOL = 2
+_HELLO = struct.Struct(">I32s32sQ")
+_HELLO_V1_SIZE = 72
+
+
+def _hello(key: bytes, digest: bytes, rows: int) -> bytes:
+    return _HELLO.pack(_PROTOCOL, key, digest, rows)
+
+
+def _unhello(got: bytes) -> tuple[bytes, bytes, int]:
+    """The successor's round 0: (pair key, gallery digest, rows); a peer of
+    another protocol version is FAILED_PRECONDITION, never a computation."""
+    if len(got) == _HELLO_V1_SIZE:
+        version = 1
+    elif len(got) == _HELLO.size:
+        version, key, digest, rows = _HELLO.unpack(got)
+        if version == _PROTOCOL:
+            return key, digest, rows
+    else:
+        raise status.InvalidArgument("A peer sent a malformed first round.")
+    raise status.FailedPrecondition(
+        f"A committee member runs identify protocol version {version}, this node {_PROTOCOL}: "
+        "upgrade the committee's nodes together.")
 
 
 class Mailboxes:
-    """Messages from successors, by (query id, round): they may arrive before the query starts here."""
+    """Messages from successors, by (query id, round): they may arrive before the query starts here.
+
+    A message refused for its query (a round delivered twice, or too many
+    waiting) fails that query alone at its next take: one stream carries the
+    rounds of many queries (``_Link``), and the others go on.
+    """
 
     def __init__(self):
         self._cond = threading.Condition()
         self._items: dict[tuple[str, int], tuple[str, bytes, float]] = {}
+        self._failed: dict[str, tuple[status.RpcError, float]] = {}
 
     def put(self, query_id: str, rnd: int, sender: str, payload: bytes) -> None:
         now = time.monotonic()
@@ -135,17 +166,30 @@ class Mailboxes:
             if len(self._items) >= _MAILBOX_LIMIT:
                 for key in [k for k, v in self._items.items() if now - v[2] > _MAILBOX_TTL_S]:
                     del self._items[key]
-                if len(self._items) >= _MAILBOX_LIMIT:
-                    raise status.ResourceExhausted("Too many identify messages are waiting at this node.")
-            if (query_id, rnd) in self._items:
-                raise status.AlreadyExists("This round of the query was already delivered.")
-            self._items[(query_id, rnd)] = (sender, payload, now)
+            if len(self._items) >= _MAILBOX_LIMIT:
+                self._fail(query_id, status.ResourceExhausted("Too many identify messages are waiting at this node."),
+                           now)
+            elif (query_id, rnd) in self._items:
+                self._fail(query_id, status.Unavailable("A round of the identification was delivered twice."), now)
+            else:
+                self._items[(query_id, rnd)] = (sender, payload, now)
             self._cond.notify_all()
+
+    def _fail(self, query_id: str, error: status.RpcError, now: float) -> None:
+        # Bounded as the messages are; a failure dropped here only makes the
+        # query wait for its round timeout instead (it still fails).
+        if len(self._failed) >= _MAILBOX_LIMIT:
+            self._failed = {q: v for q, v in self._failed.items() if now - v[1] <= _MAILBOX_TTL_S}
+        if len(self._failed) < _MAILBOX_LIMIT:
+            self._failed.setdefault(query_id, (error, now))
 
     def take(self, query_id: str, rnd: int, sender: str, cancelled: threading.Event) -> bytes:
         deadline = time.monotonic() + ROUND_TIMEOUT_S
         with self._cond:
             while True:
+                failed = self._failed.get(query_id)
+                if failed is not None:
+                    raise failed[0]
                 item = self._items.pop((query_id, rnd), None)
                 if item is not None:
                     if item[0] != sender:
@@ -162,6 +206,7 @@ class Mailboxes:
         with self._cond:
             for key in [k for k in self._items if k[0] == query_id]:
                 del self._items[key]
+            self._failed.pop(query_id, None)
 
 
 class Confirmations:
@@ -410,8 +455,9 @@ class _RoundStream:
     sent on it at its next round (UNAVAILABLE: the queries watch it), and
     the predecessor's own round timeout ends its side. A stream that carried
     nothing for ``_LINK_IDLE_S`` half-closes itself (its handler at the
-    predecessor then ends, so neither node's shutdown waits on it); a later
-    message goes on a new one (``_Link``).
+    predecessor then ends: a stopping node waits for it at most that long
+    after its last message, within the stop's grace); a later message goes
+    on a new one (``_Link``).
     """
 
     _END = object()
@@ -451,10 +497,12 @@ class _RoundStream:
         return self._call.done() and not self._call.cancelled() and self._call.exception() is not None
 
     def try_send(self, request: identify_pb2.IdentifyRoundRequest, watcher: threading.Event) -> bool:
-        """Queue a message (False if this stream takes no more: send it on a new one)."""
-        self.check()
+        """Queue a message (False if this stream takes no more: send it on a new one).
+        UNAVAILABLE if it failed after this query sent on it."""
         with self._lock:
-            if self._ended:
+            if self.failed() and watcher in self._watchers:
+                self.check()
+            if self._ended or self._call.done():
                 return False
             self._watchers.add(watcher)
             self._out.put(request)
@@ -481,7 +529,7 @@ class _RoundStream:
 
     def usable(self) -> bool:
         with self._lock:
-            return not self._ended and time.monotonic() - self.opened < _LINK_RENEW_S
+            return not self._ended and not self._call.done() and time.monotonic() - self.opened < _LINK_RENEW_S
 
 
 class _Link:
@@ -700,11 +748,8 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
             raise status.InvalidArgument("The probe share holds a value outside the field.") from None
         # Round 0: a fresh key for the pair (predecessor, this node), and the gallery digest.
         key_prev = mpc.new_pair_key()
-        hello = _HELLO.pack(key_prev, gallery.digest, len(gallery.subjects))
-        got = query.exchange(0, hello)
-        if len(got) != _HELLO.size:
-            raise status.InvalidArgument("A peer sent a malformed first round.")
-        key_next, digest_next, rows_next = _HELLO.unpack(got)
+        key_next, digest_next, rows_next = _unhello(
+            query.exchange(0, _hello(key_prev, gallery.digest, len(gallery.subjects))))
         if digest_next != gallery.digest or rows_next != len(gallery.subjects):
             raise status.Aborted(
                 "The identify committee's galleries differ (an enrolment, delete or refresh is in flight).")
@@ -731,22 +776,30 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
         """
         start = query.start
         sent: list = []
+        unsent: list[status.RpcError] = []
 
         def hello(row) -> None:
             # Round 0 goes out before the audit entry commits (a fresh key and
             # the row's digest: nothing of the template), so the hop to the
-            # peer overlaps the commit; the peer's is taken after it.
+            # peer overlaps the commit; the peer's is taken after it. A link
+            # that fails here fails the query after the entry is committed.
             if row is None or row.threshold != mpc.THRESHOLD:
                 return
             versions = ((row.epoch, row.request_id, bytes(row.nonce)),)
             gallery = Gallery((row.subject,), versions, np.empty((0, dimension)), row.threshold,
                               _digest("", (row.subject,), versions), [])
             key_prev = mpc.new_pair_key()
-            query.send(0, _HELLO.pack(key_prev, gallery.digest, 1))
+            try:
+                query.send(0, _hello(key_prev, gallery.digest, 1))
+            except status.RpcError as exc:
+                unsent.append(exc)
+                return
             sent.append((gallery, key_prev))
 
         body, seq, row = self._authorise_verify(actor, start, committee, dimension, hello)
         query.body = body
+        if unsent:
+            raise unsent[0]
         if row.threshold != mpc.THRESHOLD:
             raise status.FailedPrecondition("The subject's record is not shared with threshold 2.")
         if not sent or sent[0][0].versions != ((row.epoch, row.request_id, bytes(row.nonce)),):
@@ -767,10 +820,7 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
             # computed while the successor's round 0 is on its way.
             y = mpc.score_shares(values, probe, lam)
             n = mpc.score_shares(values, template, lam)
-            got = query.take(0)
-            if len(got) != _HELLO.size:
-                raise status.InvalidArgument("A peer sent a malformed first round.")
-            key_next, digest_next, rows_next = _HELLO.unpack(got)
+            key_next, digest_next, rows_next = _unhello(query.take(0))
             if digest_next != gallery.digest or rows_next != 1:
                 raise status.Aborted("The committee holds different records of the subject (a refresh is in flight).")
             query.party = mpc.Party(position, key_next, key_prev, label, query.exchange)

@@ -45,13 +45,14 @@ def test_threshold_other_than_two_is_refused(committee):
     assert "threshold 2 only" in err.value.details()
 
 
-def _round(c, as_role: str, as_name: str, node: str, query_ids=("query-12345678",)):
+def _round(c, as_role: str, as_name: str, node: str, query_ids=("query-12345678",), rounds=None):
     channel = secure_channel(c.addresses[node], c.pki.tls(as_role, as_name),
                              expect=pki.Identity(pki.ROLE_SHAREHOLDER, node))
+    rounds = rounds or [1 + i for i in range(len(query_ids))]
     try:
         return identify_pb2_grpc.ShareholderIdentifyStub(channel).IdentifyRound(iter([
-            identify_pb2.IdentifyRoundRequest(query_id=q, round=1 + i, payload=b"x")
-            for i, q in enumerate(query_ids)]), timeout=10)
+            identify_pb2.IdentifyRoundRequest(query_id=q, round=r, payload=b"x")
+            for q, r in zip(query_ids, rounds, strict=True)]), timeout=10)
     finally:
         channel.close()
 
@@ -150,6 +151,73 @@ def test_a_round_stream_that_fails_ends_its_queries_at_once_and_the_next_query_o
     details = [r.fields.get("detail", "") for r in caplog.records if r.getMessage() == "shareholder call failed"]
     assert any("did not take a round" in d and "PERMISSION_DENIED" in d for d in details), details
     assert client.identify(alice).subject == "alice"
+
+
+def test_a_refused_round_fails_its_query_alone_and_the_stream_goes_on(committee, monkeypatch):
+    # One stream carries many queries' rounds: a round delivered twice, or one
+    # that finds the mailbox full, fails that query at its next take; the
+    # stream (and the other queries on it) go on.
+    import threading
+
+    mail = node_identify.Mailboxes()
+    never = threading.Event()
+    mail.put("query-aaaaaaaa", 1, "bank-b", b"first")
+    mail.put("query-aaaaaaaa", 1, "bank-b", b"again")
+    mail.put("query-bbbbbbbb", 1, "bank-b", b"other")
+    monkeypatch.setattr(node_identify, "ROUND_TIMEOUT_S", 2.0)
+    with pytest.raises(status.RpcError, match="delivered twice"):
+        mail.take("query-aaaaaaaa", 1, "bank-b", never)
+    mail.drop("query-aaaaaaaa")  # as the node does when the query ends
+    assert mail.take("query-bbbbbbbb", 1, "bank-b", never) == b"other"
+    monkeypatch.setattr(node_identify, "_MAILBOX_LIMIT", 2)
+    mail.put("query-cccccccc", 1, "bank-b", b"1")
+    mail.put("query-cccccccc", 2, "bank-b", b"2")
+    mail.put("query-dddddddd", 1, "bank-b", b"3")  # full: this query fails, the waiting ones stay
+    with pytest.raises(status.RpcError, match="Too many"):
+        mail.take("query-dddddddd", 1, "bank-b", never)
+    assert mail.take("query-cccccccc", 2, "bank-b", never) == b"2"
+    mail.drop("query-dddddddd")
+    # Over mTLS: the node's handler takes the duplicate without ending the stream.
+    c = committee()
+    assert _round(c, "shareholder", "bank-b", "bank-a",
+                  ("query-eeeeeeee", "query-eeeeeeee", "query-ffffffff"), rounds=(1, 1, 1)) is not None
+
+
+def test_round_zero_names_the_protocol_version():
+    key, digest = bytes(range(32)), bytes(32)
+    assert node_identify._unhello(node_identify._hello(key, digest, 7)) == (key, digest, 7)
+    with pytest.raises(status.RpcError, match="version 1, this node 2") as err:
+        node_identify._unhello(key + digest + (7).to_bytes(8, "big"))  # an earlier node's 72 bytes
+    assert err.value.code.name == "FAILED_PRECONDITION"
+    with pytest.raises(status.RpcError, match="version 3"):
+        node_identify._unhello((3).to_bytes(4, "big") + key + digest + (7).to_bytes(8, "big"))
+    with pytest.raises(status.RpcError, match="malformed"):
+        node_identify._unhello(b"short")
+
+
+def test_a_verification_whose_round_zero_cannot_be_sent_is_still_audited(committee, monkeypatch):
+    # Round 0 goes out before the node commits its verify_on_shares entry; a
+    # link that fails there fails the verification after the entry is durable.
+    from matcher_kit import Tenant
+
+    real = node_identify._Link.send
+
+    def failing(self, request, watcher):
+        if self._name == "bank-c":  # bank-a's predecessor
+            raise status.Unavailable("Committee member bank-c did not take a round of the identification.")
+        return real(self, request, watcher)
+
+    c = committee(tenants=[Tenant("acme", verify_on_shares=True)])
+    c.start_matcher()
+    client = c.client()
+    alice = unit(np.random.default_rng(15))
+    client.enroll("alice", alice)
+    monkeypatch.setattr(node_identify._Link, "send", failing)
+    with pytest.raises(grpc.RpcError) as err:
+        client.verify("alice", alice, request_id="audited-1")
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    entries = c.nodes["bank-a"].service.reader().entries_since(0, ("verify_on_shares",))
+    assert [e[2] for e in entries] == ["audited-1"]
 
 
 def test_a_round_from_a_node_that_is_not_the_successor_is_refused():
