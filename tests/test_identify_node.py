@@ -84,6 +84,17 @@ def test_only_shareholders_send_rounds_and_only_the_matcher_starts_queries(commi
         channel.close()
 
 
+def _with_alice(committee, seed: int, **kw):
+    """An in-process committee and matcher with alice enrolled: (committee, client, her template, rng)."""
+    c = committee(**kw)
+    c.start_matcher()
+    rng = np.random.default_rng(seed)
+    client = c.client()
+    alice = unit(rng)
+    client.enroll("alice", alice)
+    return c, client, alice, rng
+
+
 def test_one_round_stream_per_node_pair_carries_many_queries_and_an_idle_one_is_replaced(committee, monkeypatch):
     # Each node sends its rounds to its predecessor over one IdentifyRound
     # stream (shareholders.identify._Link), not one per query; a stream idle
@@ -97,12 +108,7 @@ def test_one_round_stream_per_node_pair_carries_many_queries_and_an_idle_one_is_
         real_init(self, stub, name)
 
     monkeypatch.setattr(node_identify._RoundStream, "__init__", counting)
-    c = committee()
-    c.start_matcher()
-    rng = np.random.default_rng(12)
-    client = c.client()
-    alice = unit(rng)
-    client.enroll("alice", alice)
+    _c, client, alice, rng = _with_alice(committee, 12)
     for _ in range(4):
         assert client.identify(alice).subject == "alice"
     assert sorted(opened) == ["bank-a", "bank-b", "bank-c"]  # each node's predecessor, once
@@ -137,12 +143,7 @@ def test_a_round_stream_that_fails_ends_its_queries_at_once_and_the_next_query_o
         return identify_pb2.IdentifyRoundResponse()
 
     monkeypatch.setattr(node_identify.IdentifyService, "IdentifyRound", handler)
-    c = committee()
-    c.start_matcher()
-    rng = np.random.default_rng(14)
-    client = c.client()
-    alice = unit(rng)
-    client.enroll("alice", alice)
+    _c, client, alice, _rng = _with_alice(committee, 14)
     assert client.identify(alice).subject == "alice"
     with caplog.at_level(logging.WARNING, logger="matcher"):
         with pytest.raises(grpc.RpcError) as err:
@@ -207,11 +208,7 @@ def test_a_verification_whose_round_zero_cannot_be_sent_is_still_audited(committ
             raise status.Unavailable("Committee member bank-c did not take a round of the identification.")
         return real(self, request, watcher)
 
-    c = committee(tenants=[Tenant("acme", verify_on_shares=True)])
-    c.start_matcher()
-    client = c.client()
-    alice = unit(np.random.default_rng(15))
-    client.enroll("alice", alice)
+    c, client, alice, _rng = _with_alice(committee, 15, tenants=[Tenant("acme", verify_on_shares=True)])
     monkeypatch.setattr(node_identify._Link, "send", failing)
     with pytest.raises(grpc.RpcError) as err:
         client.verify("alice", alice, request_id="audited-1")
