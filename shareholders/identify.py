@@ -306,7 +306,7 @@ class Galleries:
             page = _Page(dimension)
             try:
                 for row in rows:
-                    if (row.epoch, row.request_id, bytes(row.nonce)) != newest[row.subject]:
+                    if _row_version(row) != newest[row.subject]:
                         raise status.Unavailable("The gallery changed while it was loaded; try again.")
                     page.add(sh, ring, row, slot[row.subject])
                     thresholds.add(row.threshold)
@@ -340,6 +340,18 @@ class Galleries:
             return record.unpack_values(_opened(sh, ring, row), row.dimension + row.mac_count)[: row.dimension]
         except InvalidShares:
             raise _damaged() from None
+
+
+def _row_version(row) -> tuple:
+    """(epoch, request id, envelope nonce): names a stored row's values (every seal draws a fresh nonce)."""
+    return row.epoch, row.request_id, bytes(row.nonce)
+
+
+def _one_row(row, dimension: int) -> Gallery:
+    """A verification's gallery: the claimed subject's one row (its values are not kept here)."""
+    versions = (_row_version(row),)
+    return Gallery((row.subject,), versions, np.empty((0, dimension)), row.threshold,
+                   _digest("", (row.subject,), versions), [])
 
 
 def _damaged() -> status.RpcError:
@@ -775,36 +787,26 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
         share waits (``query.verify_z``) for the matcher's share of -T.
         """
         start = query.start
-        sent: list = []
-        unsent: list[status.RpcError] = []
-
-        def hello(row) -> None:
+        body, ahead, commit = self._authorise_verify(actor, start, committee, dimension)
+        query.body = body
+        gallery = key_prev = unsent = None
+        if ahead is not None and ahead.threshold == mpc.THRESHOLD:
             # Round 0 goes out before the audit entry commits (a fresh key and
             # the row's digest: nothing of the template), so the hop to the
             # peer overlaps the commit; the peer's is taken after it. A link
             # that fails here fails the query after the entry is committed.
-            if row is None or row.threshold != mpc.THRESHOLD:
-                return
-            versions = ((row.epoch, row.request_id, bytes(row.nonce)),)
-            gallery = Gallery((row.subject,), versions, np.empty((0, dimension)), row.threshold,
-                              _digest("", (row.subject,), versions), [])
-            key_prev = mpc.new_pair_key()
+            gallery, key_prev = _one_row(ahead, dimension), mpc.new_pair_key()
             try:
                 query.send(0, _hello(key_prev, gallery.digest, 1))
             except status.RpcError as exc:
-                unsent.append(exc)
-                return
-            sent.append((gallery, key_prev))
-
-        body, seq, row = self._authorise_verify(actor, start, committee, dimension, hello)
-        query.body = body
-        if unsent:
-            raise unsent[0]
+                unsent = exc
+        seq, row = commit()
+        if unsent is not None:
+            raise unsent
         if row.threshold != mpc.THRESHOLD:
             raise status.FailedPrecondition("The subject's record is not shared with threshold 2.")
-        if not sent or sent[0][0].versions != ((row.epoch, row.request_id, bytes(row.nonce)),):
+        if gallery is None or gallery.versions != (_row_version(row),):
             raise status.Aborted("The subject's record changed during the verification; try again.")
-        gallery, key_prev = sent[0]
         query.gallery = gallery
         try:
             probe = record.unpack_values(start.probe_share, dimension)
@@ -847,12 +849,11 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
         record.wipe(share, succ)
         return identify_pb2.IdentifyQueryResponse(bits=query.party.sign_bits(int(query.start.dimension)))
 
-    def _authorise_verify(self, actor: str, start, committee: list[str], dimension: int, read_ahead):
+    def _authorise_verify(self, actor: str, start, committee: list[str], dimension: int):
         """The provider's VERIFY ticket checked here as ReleaseShare checks it (same replay set and
-        per-subject attempt counters), and one ``verify_on_shares`` entry committed with the row it reads.
-
-        ``read_ahead(row)`` is called with the newest row as read before the
-        commit (None if none): the caller compares it with the committed one."""
+        per-subject attempt counters): (ticket body, the subject's newest row as read now or None,
+        ``commit``). ``commit()`` commits one ``verify_on_shares`` entry with the newest row it reads
+        then and gives (its seq, that row), or raises the refusal it committed."""
         from shareholders.service import _CLAIM_CHARS, Refused  # service imports this module
 
         sh = self.sh
@@ -883,7 +884,6 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
             rows = [r for r in db.subject_rows(tenant, subject) if r.epoch <= sh.serving_epoch and r.dimension == dimension]
             return rows[-1] if rows else None  # the newest epoch this node serves
 
-        read_ahead(newest(sh.reader()))
 
         def job(tx: Tx):
             row = newest(tx.db)
@@ -895,10 +895,13 @@ class IdentifyService(identify_pb2_grpc.ShareholderIdentifyServicer):
                                                                    **tickets.audit_details(ticket)})
             return entry.seq, row
 
-        seq, row = sh.commit(job)
-        logs.event(self._log, "verify_on_shares", tenant=tenant, request_id=request_id, query_id=start.query_id,
-                   audit_seq=seq)
-        return body, seq, row
+        def commit() -> tuple[int, object]:
+            seq, row = sh.commit(job)
+            logs.event(self._log, "verify_on_shares", tenant=tenant, request_id=request_id,
+                       query_id=start.query_id, audit_seq=seq)
+            return seq, row
+
+        return body, newest(sh.reader()), commit
 
     def _pairs(self, query: _Query, pairs: identify_pb2.IdentifyPairs) -> identify_pb2.IdentifyQueryResponse:
         if query.party is None or query.gallery is None or not query.gallery.subjects:
